@@ -1,0 +1,66 @@
+"""taskmill: background jobs for Python.
+
+>>> from taskmill import App
+>>> app = App("memory://")
+>>> @app.task(retries=3)
+... def add(a: int, b: int) -> int:
+...     return a + b
+>>> job = add.send(1, 2)
+>>> app.run_until_idle()
+1
+>>> job.result(timeout=5)
+3
+>>> app.close()
+"""
+
+from taskmill.app import App
+from taskmill.context import JobContext, current_job
+from taskmill.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    DuplicateJobError,
+    JobCancelledError,
+    JobFailedError,
+    JobNotFoundError,
+    PayloadTooLargeError,
+    SerializationError,
+    TaskmillError,
+    TaskTimeoutError,
+    UnknownTaskError,
+    WorkerLostError,
+)
+from taskmill.handle import JobHandle
+from taskmill.job import Job, JobState
+from taskmill.retry import Backoff, Cancel, Retry
+from taskmill.settings import Settings
+from taskmill.task import BoundTask, Task
+
+__all__ = [
+    "App",
+    "Backoff",
+    "BoundTask",
+    "BrokerError",
+    "BrokerUnavailableError",
+    "Cancel",
+    "ConfigurationError",
+    "DuplicateJobError",
+    "Job",
+    "JobCancelledError",
+    "JobContext",
+    "JobFailedError",
+    "JobHandle",
+    "JobNotFoundError",
+    "JobState",
+    "PayloadTooLargeError",
+    "Retry",
+    "SerializationError",
+    "Settings",
+    "Task",
+    "TaskTimeoutError",
+    "TaskmillError",
+    "UnknownTaskError",
+    "WorkerLostError",
+    "current_job",
+]
+__version__ = "0.1.0"

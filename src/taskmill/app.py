@@ -1,0 +1,306 @@
+"""The app: a registry of tasks, the broker its URL names, and the settings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from types import TracebackType
+from typing import Any, ParamSpec, Protocol, TypeVar, overload
+from urllib.parse import parse_qsl, urlsplit
+
+from taskmill.brokers import Broker, EnqueueResult, broker_from_url
+from taskmill.errors import ConfigurationError, UnknownTaskError
+from taskmill.handle import JobHandle
+from taskmill.job import Job, NewJob
+from taskmill.portal import Portal
+from taskmill.retry import Backoff, RetryPolicy, as_backoff, exception_types
+from taskmill.settings import Settings
+from taskmill.task import KeyFunc, Seconds, SendOptions, Task, _attempts, seconds
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+DEFAULT_URL = "sqlite:///taskmill.db"
+
+
+class TaskDecorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+
+class App:
+    """Tasks, a broker and settings. Declaring tasks does no I/O; the broker is connected on
+    first use, and closed by ``close()`` (or the ``with`` block).
+
+    >>> app = App("memory://")
+    >>> @app.task(queue="mail", retries=5, backoff=Backoff(base=2, cap=300))
+    ... async def send_welcome(user_id: int) -> None: ...
+    >>> sorted(app.tasks)
+    ['taskmill.app.send_welcome']
+
+    The URL comes from the argument, else ``TASKMILL_URL``, else ``sqlite:///taskmill.db``.
+    Other keyword arguments are ``Settings`` fields (``lease_s``, ``result_ttl_s``, …).
+    """
+
+    def __init__(self, url: str | None = None, **settings: Any) -> None:
+        self.url = url or os.environ.get("TASKMILL_URL") or DEFAULT_URL
+        self.settings = Settings.build(settings)
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.eager = _eager_flag(self.url)
+        self._broker: Broker | None = None
+        self._opened = False
+        self._open_lock = threading.Lock()
+        self._aopen_lock: asyncio.Lock | None = None
+        self._portal: Portal | None = None
+        self._portal_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<App {self.url} tasks={len(self.tasks)}>"
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+    @overload
+    def task(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        retries: int = 3,
+        backoff: float | Backoff | None = None,
+        retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
+        dont_retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
+        timeout: Seconds | None = None,
+        key: str | KeyFunc | None = None,
+    ) -> TaskDecorator: ...
+
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        retries: int = 3,
+        backoff: float | Backoff | None = None,
+        retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
+        dont_retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
+        timeout: Seconds | None = None,
+        key: str | KeyFunc | None = None,
+    ) -> Any:
+        """Register a function as a task (``@app.task`` or ``@app.task(...)``).
+
+        - ``retries``: extra attempts after the first (default 3); ``backoff``: seconds
+          between attempts, or a ``Backoff`` policy (default exponential from 1 s, jittered,
+          capped at 1 h).
+        - ``retry_on`` / ``dont_retry_on``: which exceptions are retried (default: every
+          ``Exception``); a ``dont_retry_on`` match fails the job at once.
+        - ``timeout``: seconds a run may take (async: cancelled; ``--pool process``: the
+          child is killed; thread pool: the job is failed and the thread left to finish).
+        - ``key``: a unique key (or a function of the task's arguments returning one): while a
+          job with that key is pending, sending again returns the pending job.
+        """
+        policy = RetryPolicy(
+            backoff=as_backoff(backoff) if backoff is not None else Backoff(),
+            retry_on=exception_types(retry_on) or (Exception,),
+            dont_retry_on=exception_types(dont_retry_on),
+        )
+        defaults = SendOptions(
+            queue=queue or self.settings.default_queue,
+            priority=int(priority),
+            max_attempts=_attempts(retries),
+            timeout_s=seconds(timeout, "timeout"),
+            key=key,
+        )
+
+        def register(f: Callable[..., Any]) -> Task[Any, Any]:
+            task_name = name or f"{f.__module__}.{f.__qualname__}"
+            if "<locals>" in task_name and name is None:
+                task_name = task_name.replace(".<locals>", "")
+            if task_name in self.tasks and self.tasks[task_name].fn is not f:
+                raise ConfigurationError(f"two tasks are named {task_name!r}; give one a name=")
+            t: Task[Any, Any] = Task(self, f, name=task_name, defaults=defaults, policy=policy)
+            self.tasks[task_name] = t
+            return t
+
+        return register(fn) if fn is not None else register
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise UnknownTaskError(
+                f"no task named {name!r} is registered in this app (known: {known})"
+            ) from None
+
+    def queues(self) -> list[str]:
+        """Every queue a registered task sends to by default."""
+        return sorted({t.defaults.queue for t in self.tasks.values()} | {self.settings.default_queue})
+
+    # --- broker -----------------------------------------------------------------------------
+
+    @property
+    def broker(self) -> Broker:
+        """The broker object (made on first access, not yet connected)."""
+        if self._broker is None:
+            self._broker = broker_from_url(self.url)
+        return self._broker
+
+    async def abroker(self) -> Broker:
+        """The broker, connected."""
+        broker = self.broker
+        if not self._opened:
+            if self._aopen_lock is None:
+                self._aopen_lock = asyncio.Lock()
+            async with self._aopen_lock:
+                if not self._opened:
+                    await broker.open()
+                    self._opened = True
+        return broker
+
+    def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the app's private loop thread and wait for it."""
+        if self._portal is None:
+            with self._portal_lock:
+                if self._portal is None:
+                    self._portal = Portal()
+        return self._portal.run(coro)
+
+    def open(self) -> App:
+        with self._open_lock:
+            if not self._opened:
+                self.run_sync(self.abroker())
+        return self
+
+    async def aopen(self) -> App:
+        await self.abroker()
+        return self
+
+    def close(self) -> None:
+        if self._opened and self._broker is not None:
+            self.run_sync(self._broker.close())
+            self._opened = False
+        if self._portal is not None:
+            self._portal.close()
+            self._portal = None
+
+    async def aclose(self) -> None:
+        if self._opened and self._broker is not None:
+            await self._broker.close()
+            self._opened = False
+        if self._portal is not None:
+            self._portal.close()
+            self._portal = None
+
+    def __enter__(self) -> App:
+        return self.open()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> App:
+        return await self.aopen()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # --- enqueue (used by tasks) ----------------------------------------------------------------
+
+    def enqueue_sync(self, jobs: Sequence[NewJob], opts: SendOptions) -> EnqueueResult:
+        broker = self.broker
+        result = broker.enqueue_blocking(
+            jobs, on_conflict=opts.on_conflict, connection=opts.connection
+        )
+        if result is None:
+            if opts.connection is not None:
+                raise ConfigurationError(f"{self.url}: this broker has no transactional enqueue")
+            result = self.run_sync(self._enqueue(jobs, opts))
+        else:
+            self._opened = True
+        if self.eager:
+            self.run_until_idle()
+        return result
+
+    async def enqueue_async(self, jobs: Sequence[NewJob], opts: SendOptions) -> EnqueueResult:
+        if opts.connection is not None:
+            raise ConfigurationError("connection= is for send(); asend() has no transaction")
+        result = await self._enqueue(jobs, opts)
+        if self.eager:
+            await self.arun_until_idle()
+        return result
+
+    async def _enqueue(self, jobs: Sequence[NewJob], opts: SendOptions) -> EnqueueResult:
+        broker = await self.abroker()
+        return await broker.enqueue(jobs, on_conflict=opts.on_conflict)
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> JobHandle[Any]:
+        """A handle for a job id (no I/O)."""
+        return JobHandle(self, job_id)
+
+    def get_job(self, job_id: str) -> Job:
+        """The stored job record; ``JobNotFoundError`` if there is none."""
+        return JobHandle[Any](self, job_id).info()
+
+    async def aget_job(self, job_id: str) -> Job:
+        return await JobHandle[Any](self, job_id).ainfo()
+
+    # --- in-process running (tests, eager mode) -----------------------------------------------
+
+    async def arun_until_idle(self, queues: Sequence[str] | None = None) -> int:
+        """Run jobs in this process until none is due and none is running; how many ran."""
+        from taskmill.worker import Worker
+
+        worker = Worker(self, queues=queues or self.queues(), concurrency=8, register=False)
+        return await worker.run(until_idle=True)
+
+    def run_until_idle(self, queues: Sequence[str] | None = None) -> int:
+        """Blocking ``arun_until_idle`` (on a helper thread if this thread runs a loop)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.arun_until_idle(queues))
+        box: list[int] = []
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                box.append(asyncio.run(self.arun_until_idle(queues)))
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=target, name="taskmill-run-until-idle")
+        thread.start()
+        thread.join()
+        if errors:
+            raise errors[0]
+        return box[0]
+
+
+def _eager_flag(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme != "memory":
+        return False
+    value = dict(parse_qsl(parts.query)).get("eager", "")
+    return value.lower() in {"1", "true", "yes"}
+
+
+__all__ = ["App", "TaskDecorator", "Task"]

@@ -1,0 +1,28 @@
+"""Brokers by URL scheme. Each module is imported only when its scheme is used."""
+
+from __future__ import annotations
+
+from taskmill.brokers.base import Broker, Capabilities, EnqueueResult, HeartbeatReply
+from taskmill.errors import ConfigurationError
+
+__all__ = ["Broker", "Capabilities", "EnqueueResult", "HeartbeatReply", "broker_from_url"]
+
+
+def broker_from_url(url: str) -> Broker:
+    """Make (but do not connect) the broker a URL names.
+
+    >>> broker_from_url("memory://").capabilities.shared_across_processes
+    False
+    """
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "memory":
+        from taskmill.brokers.memory import MemoryBroker
+
+        return MemoryBroker(url)
+    if scheme == "sqlite":
+        from taskmill.brokers.sqlite import SQLiteBroker
+
+        return SQLiteBroker(url)
+    raise ConfigurationError(
+        f"no broker for URL {url!r}; supported schemes: memory://, sqlite:///path"
+    )

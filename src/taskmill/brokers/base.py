@@ -1,0 +1,184 @@
+"""The broker contract: the one seam between taskmill and a storage engine.
+
+A broker stores and hands out jobs; it never decides what a failure means (that is
+``taskmill.retry.decide``). Every operation is one atomic step on the engine. Implementations
+live one per module beside this file and must pass ``tests/conformance`` unchanged.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from taskmill.job import (
+    Claim,
+    Finish,
+    Job,
+    JobState,
+    NewJob,
+    Progress,
+    QueueStats,
+    WorkerInfo,
+)
+
+OnConflict = Literal["return", "raise"]
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What differs between brokers; the docs' capability table is generated from these."""
+
+    shared_across_processes: bool
+    """Producers and workers in different processes see the same jobs."""
+    server_clock: bool
+    """Time comes from the broker (so skewed worker clocks agree), not from each process."""
+    transactional_enqueue: bool
+    """``send(..., connection=conn)`` enqueues inside the caller's own transaction."""
+    push_wakeups: bool
+    """Idle workers are woken by the broker rather than by polling."""
+
+
+@dataclass(slots=True)
+class EnqueueResult:
+    """Ids in the order of the request; ``existing`` lists positions that matched a pending key."""
+
+    ids: list[str]
+    existing: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class HeartbeatReply:
+    lost: set[str] = field(default_factory=set)
+    """Jobs this worker no longer holds (the lease token is stale): stop reporting on them."""
+    cancel_requested: set[str] = field(default_factory=set)
+    """Jobs someone asked to cancel while they run."""
+
+
+class Broker(abc.ABC):
+    """Abstract broker. All methods are coroutines except the ``*_blocking`` fast paths."""
+
+    url: str
+    capabilities: Capabilities
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect and create or upgrade storage. Called once before first use."""
+
+    async def close(self) -> None:
+        """Release connections. The broker may not be used after."""
+
+    # --- producers ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def enqueue(
+        self, jobs: Sequence[NewJob], *, on_conflict: OnConflict = "return"
+    ) -> EnqueueResult:
+        """Store a batch atomically.
+
+        A job whose ``key`` matches a job still scheduled, queued or running is not stored: its
+        position in the result holds the existing id (``on_conflict="return"``), or the whole
+        batch is rejected with ``DuplicateJobError`` (``"raise"``). Jobs with ``run_at`` in the
+        future are ``scheduled``; the others ``queued``.
+        """
+
+    def enqueue_blocking(
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        on_conflict: OnConflict = "return",
+        connection: Any = None,
+    ) -> EnqueueResult | None:
+        """Optional synchronous fast path for ``send()``; None means "use ``enqueue``".
+
+        ``connection`` is the caller's own database connection for transactional enqueue;
+        brokers without ``capabilities.transactional_enqueue`` raise if it is given.
+        """
+        return None
+
+    # --- workers ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim(
+        self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
+    ) -> list[Job]:
+        """Take up to ``limit`` due jobs: highest priority first, then oldest ``run_at``, then
+        enqueue order; skip paused queues. Each becomes ``running`` with attempt + 1, a fresh
+        lease token and ``lease_expires_at = now + lease_s``."""
+
+    @abc.abstractmethod
+    async def heartbeat(
+        self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
+    ) -> HeartbeatReply:
+        """Extend the leases this worker holds and record the worker as alive, in one step."""
+
+    @abc.abstractmethod
+    async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
+        """Apply outcomes; for each, False if its token was stale (nothing written)."""
+
+    @abc.abstractmethod
+    async def record_progress(self, items: Sequence[Progress]) -> None:
+        """Store the latest progress of running jobs (stale tokens are ignored)."""
+
+    @abc.abstractmethod
+    async def recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
+        """Jobs whose lease expired: back to ``queued`` (an attempt was spent), or ``failed``
+        once they have lost ``max_lost_leases`` leases, or ``cancelled`` if a cancel was asked.
+        Returns (id, new state) for each."""
+
+    @abc.abstractmethod
+    async def wait(self, queues: Sequence[str], timeout: float) -> None:
+        """Return when work may be due in ``queues`` (a notification, or the next scheduled job
+        coming due), or after ``timeout`` seconds. Spurious returns are allowed."""
+
+    @abc.abstractmethod
+    async def unregister_worker(self, worker_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def prune(self, finished_before: float, limit: int = 1000) -> int:
+        """Delete up to ``limit`` finished jobs whose ``finished_at`` is older than given."""
+
+    # --- inspection and management --------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def now(self) -> float:
+        """The broker's clock, in seconds since the epoch."""
+
+    @abc.abstractmethod
+    async def get(self, job_id: str) -> Job | None: ...
+
+    @abc.abstractmethod
+    async def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    async def stats(self) -> list[QueueStats]: ...
+
+    @abc.abstractmethod
+    async def list_workers(self) -> list[WorkerInfo]: ...
+
+    @abc.abstractmethod
+    async def retry(self, job_ids: Sequence[str] | None) -> list[str]:
+        """Put failed or cancelled jobs back to ``queued`` with a fresh attempt budget;
+        ``None`` means every failed job. Returns the ids that were requeued."""
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str) -> JobState | None:
+        """Scheduled or queued: ``cancelled`` at once. Running: a cancel is requested and the
+        worker ends it. Returns the state after the call, or None if no such job."""
+
+    @abc.abstractmethod
+    async def purge(self, queue: str) -> int:
+        """Delete the queue's scheduled and queued jobs. Returns how many."""
+
+    @abc.abstractmethod
+    async def pause(self, queue: str, paused: bool) -> None: ...

@@ -1,0 +1,211 @@
+-- Named queries of the SQLite broker, loaded once by taskmill.brokers.sqlite.
+-- Each query starts with a "-- name: NAME" line. Times are seconds since the epoch (REAL).
+
+-- name: schema_v1
+CREATE TABLE IF NOT EXISTS taskmill_jobs (
+    seq              INTEGER PRIMARY KEY,
+    id               TEXT    NOT NULL UNIQUE,
+    task             TEXT    NOT NULL,
+    queue            TEXT    NOT NULL,
+    state            TEXT    NOT NULL,
+    payload          BLOB    NOT NULL,
+    priority         INTEGER NOT NULL DEFAULT 0,
+    attempt          INTEGER NOT NULL DEFAULT 0,
+    max_attempts     INTEGER NOT NULL DEFAULT 1,
+    run_at           REAL    NOT NULL,
+    enqueued_at      REAL    NOT NULL,
+    started_at       REAL,
+    finished_at      REAL,
+    timeout_s        REAL,
+    key              TEXT,
+    lease_token      TEXT,
+    lease_expires_at REAL,
+    worker_id        TEXT,
+    lost_leases      INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    result           BLOB,
+    error            TEXT,
+    progress         REAL,
+    progress_message TEXT
+);
+-- Claim walks this index in order: O(log n) to find the next job of a queue.
+CREATE INDEX IF NOT EXISTS taskmill_jobs_ready
+    ON taskmill_jobs (queue, priority DESC, run_at, seq) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS taskmill_jobs_scheduled
+    ON taskmill_jobs (run_at) WHERE state = 'scheduled';
+CREATE INDEX IF NOT EXISTS taskmill_jobs_leases
+    ON taskmill_jobs (lease_expires_at) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS taskmill_jobs_finished
+    ON taskmill_jobs (finished_at) WHERE state IN ('succeeded', 'failed', 'cancelled');
+CREATE INDEX IF NOT EXISTS taskmill_jobs_state ON taskmill_jobs (state, queue);
+CREATE UNIQUE INDEX IF NOT EXISTS taskmill_jobs_pending_key
+    ON taskmill_jobs (key) WHERE key IS NOT NULL AND state IN ('scheduled', 'queued', 'running');
+CREATE TABLE IF NOT EXISTS taskmill_queues (
+    name   TEXT PRIMARY KEY,
+    paused INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS taskmill_workers (
+    id           TEXT PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    queues       TEXT NOT NULL,
+    concurrency  INTEGER NOT NULL,
+    started_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    running      TEXT NOT NULL
+);
+
+-- name: insert
+INSERT INTO taskmill_jobs
+    (id, task, queue, state, payload, priority, max_attempts, run_at, enqueued_at, timeout_s, key)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: insert_keyed
+INSERT OR IGNORE INTO taskmill_jobs
+    (id, task, queue, state, payload, priority, max_attempts, run_at, enqueued_at, timeout_s, key)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: pending_by_key
+SELECT id FROM taskmill_jobs
+WHERE key = ? AND state IN ('scheduled', 'queued', 'running');
+
+-- name: promote_due
+UPDATE taskmill_jobs SET state = 'queued' WHERE state = 'scheduled' AND run_at <= ?;
+
+-- name: paused_queues
+SELECT name FROM taskmill_queues WHERE paused = 1;
+
+-- name: candidates
+SELECT seq, priority, run_at FROM taskmill_jobs
+WHERE state = 'queued' AND queue = ?
+ORDER BY priority DESC, run_at, seq LIMIT ?;
+
+-- name: claim
+UPDATE taskmill_jobs
+SET state = 'running', attempt = attempt + 1, lease_token = ?, lease_expires_at = ?,
+    worker_id = ?, started_at = ?, cancel_requested = 0
+WHERE seq IN ({candidates})
+RETURNING {columns};
+
+-- name: extend_lease
+UPDATE taskmill_jobs SET lease_expires_at = ?
+WHERE id = ? AND lease_token = ? AND state = 'running';
+
+-- name: held_leases
+SELECT id, lease_token, state, cancel_requested FROM taskmill_jobs WHERE id IN ({ids});
+
+-- name: upsert_worker
+INSERT INTO taskmill_workers
+    (id, host, pid, queues, concurrency, started_at, heartbeat_at, running)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running;
+
+-- name: delete_worker
+DELETE FROM taskmill_workers WHERE id = ?;
+
+-- name: prune_workers
+DELETE FROM taskmill_workers WHERE heartbeat_at < ?;
+
+-- name: finish_succeeded
+UPDATE taskmill_jobs
+SET state = 'succeeded', result = ?, finished_at = ?, lease_token = NULL, lease_expires_at = NULL
+WHERE id = ? AND lease_token = ? AND state = 'running';
+
+-- name: finish_failed
+UPDATE taskmill_jobs
+SET state = 'failed', error = ?, finished_at = ?, lease_token = NULL, lease_expires_at = NULL
+WHERE id = ? AND lease_token = ? AND state = 'running';
+
+-- name: finish_cancelled
+UPDATE taskmill_jobs
+SET state = 'cancelled', finished_at = ?, lease_token = NULL, lease_expires_at = NULL
+WHERE id = ? AND lease_token = ? AND state = 'running';
+
+-- name: finish_retry
+UPDATE taskmill_jobs
+SET state = CASE WHEN ? <= ? THEN 'queued' ELSE 'scheduled' END, run_at = ?, error = ?,
+    lease_token = NULL, lease_expires_at = NULL, worker_id = NULL
+WHERE id = ? AND lease_token = ? AND state = 'running';
+
+-- name: finish_released
+UPDATE taskmill_jobs
+SET state = 'queued', attempt = max(attempt - 1, 0), lease_token = NULL,
+    lease_expires_at = NULL, worker_id = NULL, started_at = NULL
+WHERE id = ? AND lease_token = ? AND state = 'running';
+
+-- name: progress
+UPDATE taskmill_jobs SET progress = ?, progress_message = ?
+WHERE id = ? AND lease_token = ? AND state = 'running';
+
+-- name: recover
+UPDATE taskmill_jobs
+SET state = CASE
+        WHEN cancel_requested = 1 THEN 'cancelled'
+        WHEN lost_leases + 1 >= ? THEN 'failed'
+        ELSE 'queued' END,
+    finished_at = CASE WHEN cancel_requested = 1 OR lost_leases + 1 >= ? THEN ? END,
+    lost_leases = lost_leases + 1,
+    error = json_object(
+        'type', 'taskmill.errors.WorkerLostError',
+        'message', printf('lease expired on attempt %d (worker %s stopped heartbeating); '
+                          || 'lost leases: %d', attempt, worker_id, lost_leases + 1),
+        'traceback', ''),
+    lease_token = NULL, lease_expires_at = NULL, worker_id = NULL
+WHERE state = 'running' AND lease_expires_at < ?
+RETURNING id, state;
+
+-- name: next_scheduled
+SELECT min(run_at) FROM taskmill_jobs WHERE state = 'scheduled';
+
+-- name: prune
+DELETE FROM taskmill_jobs WHERE seq IN (
+    SELECT seq FROM taskmill_jobs
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?
+    LIMIT ?);
+
+-- name: get
+SELECT {columns} FROM taskmill_jobs WHERE id = ?;
+
+-- name: stats
+SELECT queue, state, count(*) FROM taskmill_jobs GROUP BY queue, state;
+
+-- name: oldest_waiting
+SELECT queue, min(run_at) FROM taskmill_jobs WHERE state = 'queued' GROUP BY queue;
+
+-- name: all_queues
+SELECT name, paused FROM taskmill_queues;
+
+-- name: workers
+SELECT id, host, pid, queues, concurrency, started_at, heartbeat_at, running
+FROM taskmill_workers ORDER BY started_at;
+
+-- name: retry
+UPDATE OR IGNORE taskmill_jobs
+SET state = 'queued', attempt = 0, lost_leases = 0, run_at = ?, finished_at = NULL,
+    started_at = NULL, cancel_requested = 0
+WHERE id = ? AND state IN ('failed', 'cancelled')
+RETURNING id;
+
+-- name: retry_all_failed
+UPDATE OR IGNORE taskmill_jobs
+SET state = 'queued', attempt = 0, lost_leases = 0, run_at = ?, finished_at = NULL,
+    started_at = NULL, cancel_requested = 0
+WHERE state = 'failed'
+RETURNING id;
+
+-- name: cancel_waiting
+UPDATE taskmill_jobs SET state = 'cancelled', finished_at = ?
+WHERE id = ? AND state IN ('scheduled', 'queued');
+
+-- name: cancel_running
+UPDATE taskmill_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running';
+
+-- name: state_of
+SELECT state FROM taskmill_jobs WHERE id = ?;
+
+-- name: purge
+DELETE FROM taskmill_jobs WHERE queue = ? AND state IN ('scheduled', 'queued');
+
+-- name: pause
+INSERT INTO taskmill_queues (name, paused) VALUES (?, ?)
+ON CONFLICT (name) DO UPDATE SET paused = excluded.paused;

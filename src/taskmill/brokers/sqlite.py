@@ -1,0 +1,670 @@
+"""The default broker: one SQLite file in WAL mode, shared by every process on the machine.
+
+Each operation is one short write transaction (``BEGIN IMMEDIATE``) on a connection owned by a
+single thread. Async callers reach it through a one-thread executor per broker, so a lock wait
+never blocks the event loop; synchronous producers use a connection of their own thread.
+Idle workers are woken by Unix datagrams (``taskmill.brokers.wakeup``), with a cheap
+``PRAGMA data_version`` check as the fallback for writers that cannot notify (a caller's own
+transaction, another tool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+import msgspec
+
+from taskmill.brokers._sql import load_queries
+from taskmill.brokers.base import (
+    Broker,
+    Capabilities,
+    EnqueueResult,
+    HeartbeatReply,
+    OnConflict,
+)
+from taskmill.brokers.wakeup import WakeListener, WakeSender, channel_dir
+from taskmill.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    DuplicateJobError,
+)
+from taskmill.job import (
+    Cancelled,
+    Claim,
+    ErrorInfo,
+    Failed,
+    Finish,
+    Job,
+    JobState,
+    NewJob,
+    Progress,
+    QueueStats,
+    Released,
+    RetryAt,
+    Succeeded,
+    WorkerInfo,
+)
+
+log = logging.getLogger("taskmill.brokers.sqlite")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+Q = load_queries("sqlite.sql")
+SCHEMA_VERSION = 1
+COLUMNS = (
+    "id, task, queue, state, payload, priority, attempt, max_attempts, run_at, enqueued_at, "
+    "started_at, finished_at, timeout_s, key, lease_token, lease_expires_at, worker_id, "
+    "lost_leases, cancel_requested, result, error, progress, progress_message"
+)
+_error_decoder = msgspec.json.Decoder(ErrorInfo)
+_error_encoder = msgspec.json.Encoder()
+
+
+def parse_url(url: str) -> tuple[str, dict[str, str]]:
+    """``sqlite:///relative.db`` or ``sqlite:////absolute/path.db`` → (path, options)."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise ConfigurationError(f"not a sqlite URL: {url!r}")
+    path = parts.path
+    if parts.netloc:
+        raise ConfigurationError(
+            f"sqlite URL {url!r} has a host; use sqlite:///relative.db or sqlite:////abs.db"
+        )
+    path = path[1:] if path.startswith("/") else path
+    if not path or path == ":memory:":
+        raise ConfigurationError(
+            f"sqlite URL {url!r} names no file; workers in other processes need a shared file "
+            "(use memory:// for tests)"
+        )
+    return path, dict(parse_qsl(parts.query))
+
+
+def _row_to_job(r: Sequence[Any]) -> Job:
+    error = None
+    if r[20] is not None:
+        try:
+            error = _error_decoder.decode(r[20])
+        except msgspec.DecodeError:
+            error = ErrorInfo("unknown", str(r[20]))
+    return Job(
+        id=r[0],
+        task=r[1],
+        queue=r[2],
+        state=JobState(r[3]),
+        payload=bytes(r[4]) if not isinstance(r[4], bytes) else r[4],
+        priority=r[5],
+        attempt=r[6],
+        max_attempts=r[7],
+        run_at=r[8],
+        enqueued_at=r[9],
+        started_at=r[10],
+        finished_at=r[11],
+        timeout_s=r[12],
+        key=r[13],
+        lease_token=r[14],
+        lease_expires_at=r[15],
+        worker_id=r[16],
+        lost_leases=r[17],
+        cancel_requested=bool(r[18]),
+        result=r[19],
+        error=error,
+        progress=r[21],
+        progress_message=r[22],
+    )
+
+
+class SQLiteBroker(Broker):
+    capabilities = Capabilities(
+        shared_across_processes=True,
+        server_clock=False,
+        transactional_enqueue=True,
+        push_wakeups=True,
+    )
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path, options = parse_url(url)
+        unknown = set(options) - {"busy_timeout_ms", "synchronous", "poll_ms"}
+        if unknown:
+            raise ConfigurationError(
+                f"unknown sqlite URL option(s) {sorted(unknown)}; "
+                "known: busy_timeout_ms, synchronous, poll_ms"
+            )
+        self.busy_timeout_ms = int(options.get("busy_timeout_ms", 5000))
+        self.synchronous = options.get("synchronous", "normal").upper()
+        if self.synchronous not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ConfigurationError(f"synchronous must be off/normal/full/extra, not {url!r}")
+        self.poll_s = int(options.get("poll_ms", 200)) / 1000
+        self._local = threading.local()
+        self._generation = 0
+        self._inode: int | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._opened = False
+        self._open_lock = threading.Lock()
+        self._wake_dir = channel_dir(self.path)
+        self._sender: WakeSender | None = None
+        self._listener: WakeListener | None = None
+        self._claim_sql: dict[int, str] = {}
+
+    # --- connections ----------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout_ms / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection; reopened if the file was deleted or replaced under us."""
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        try:
+            inode = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            inode = None
+        if inode != self._inode:
+            with self._open_lock:
+                if inode != self._inode:
+                    if self._inode is not None:
+                        log.error(
+                            "SQLite file %s was deleted or replaced under this process; "
+                            "reopening it (jobs stored in the old file are gone with it)",
+                            self.path,
+                        )
+                    self._setup_file()
+                    self._generation += 1
+        if conn is None or local.generation != self._generation:
+            if conn is not None:
+                conn.close()
+            conn = self._connect()
+            local.conn = conn
+            local.generation = self._generation
+        return conn
+
+    def _setup_file(self) -> None:
+        """Create the schema (idempotent) and switch the file to WAL. Caller holds the lock."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise BrokerError(f"cannot open SQLite database {self.path}: {directory} does not exist")
+        with self._errors():
+            conn = self._connect()
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode != "wal":
+                    raise BrokerError(f"SQLite database {self.path} could not switch to WAL mode")
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                if version < SCHEMA_VERSION:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        for statement in Q["schema_v1"].split(";"):
+                            if statement.strip():
+                                conn.execute(statement)
+                        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+            finally:
+                conn.close()
+        self._inode = os.stat(self.path).st_ino
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                raise BrokerUnavailableError(
+                    f"SQLite database {self.path} stayed locked for more than "
+                    f"{self.busy_timeout_ms} ms ({text}); nothing was written"
+                ) from exc
+            if "readonly" in text or "read-only" in text:
+                raise BrokerError(
+                    f"SQLite database {self.path} is read-only ({text}); nothing was written"
+                ) from exc
+            if "unable to open" in text or "disk I/O" in text:
+                raise BrokerUnavailableError(f"SQLite database {self.path}: {text}") from exc
+            raise BrokerError(f"SQLite database {self.path}: {text}") from exc
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise
+            raise BrokerError(f"SQLite database {self.path}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        with self._errors():
+            conn = conn or self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _read(self) -> sqlite3.Connection:
+        return self._conn()
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._executor is None:
+            raise BrokerError("the SQLite broker is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def open(self) -> None:
+        self.open_blocking()
+
+    def open_blocking(self) -> None:
+        if self._opened:
+            return
+        with self._errors():
+            self._conn()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="taskmill-sqlite")
+        self._sender = WakeSender(self._wake_dir)
+        self._opened = True
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_thread)
+            executor.shutdown(wait=True)
+        self._close_thread()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        self._opened = False
+
+    def _close_thread(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _notify(self) -> None:
+        if self._sender is not None:
+            self._sender.notify()
+
+    # --- producers ------------------------------------------------------------------------
+
+    async def enqueue(
+        self, jobs: Sequence[NewJob], *, on_conflict: OnConflict = "return"
+    ) -> EnqueueResult:
+        return await self._run(self._enqueue, jobs, on_conflict, None)
+
+    def enqueue_blocking(
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        on_conflict: OnConflict = "return",
+        connection: Any = None,
+    ) -> EnqueueResult:
+        if not self._opened:
+            self.open_blocking()
+        return self._enqueue(jobs, on_conflict, connection)
+
+    def _enqueue(
+        self, jobs: Sequence[NewJob], on_conflict: OnConflict, connection: Any
+    ) -> EnqueueResult:
+        now = time.time()
+        result = EnqueueResult(ids=[j.id for j in jobs])
+        plain: list[tuple[Any, ...]] = []
+        keyed: list[tuple[int, tuple[Any, ...]]] = []
+        due = False
+        for i, j in enumerate(jobs):
+            run_at = j.run_at if j.run_at is not None else now + j.delay_s
+            queued = run_at <= now
+            due = due or queued
+            row = (
+                j.id, j.task, j.queue, "queued" if queued else "scheduled", j.payload,
+                j.priority, j.max_attempts, run_at, now, j.timeout_s, j.key,
+            )  # fmt: skip
+            if j.key is None:
+                plain.append(row)
+            else:
+                keyed.append((i, row))
+        if connection is not None:
+            conn = connection.connection if isinstance(connection, sqlite3.Cursor) else connection
+            if not isinstance(conn, sqlite3.Connection):
+                raise TypeError(
+                    "connection= takes a sqlite3.Connection or Cursor on the broker's own file"
+                )
+            with self._errors():
+                self._insert(conn, plain, keyed, result, on_conflict)
+        else:
+            with self._write() as conn:
+                self._insert(conn, plain, keyed, result, on_conflict)
+        if due:
+            self._notify()
+        return result
+
+    @staticmethod
+    def _insert(
+        conn: sqlite3.Connection,
+        plain: list[tuple[Any, ...]],
+        keyed: list[tuple[int, tuple[Any, ...]]],
+        result: EnqueueResult,
+        on_conflict: OnConflict,
+    ) -> None:
+        if plain:
+            conn.executemany(Q["insert"], plain)
+        for i, row in keyed:
+            if conn.execute(Q["insert_keyed"], row).rowcount == 0:
+                key = row[-1]
+                existing = conn.execute(Q["pending_by_key"], (key,)).fetchone()
+                if existing is None:  # the row was ignored for another reason: a duplicate id
+                    raise BrokerError(f"job id {row[0]} already exists")
+                if on_conflict == "raise":
+                    raise DuplicateJobError(key, existing[0])
+                result.ids[i] = existing[0]
+                result.existing.add(i)
+
+    # --- workers --------------------------------------------------------------------------
+
+    async def claim(
+        self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
+    ) -> list[Job]:
+        return await self._run(self._claim, queues, limit, worker_id, lease_s)
+
+    def _claim_statement(self, n_queues: int) -> str:
+        sql = self._claim_sql.get(n_queues)
+        if sql is None:
+            one = Q["candidates"]
+            if n_queues == 1:
+                candidates = one.replace("SELECT seq, priority, run_at", "SELECT seq")
+            else:
+                union = " UNION ALL ".join(f"SELECT * FROM ({one})" for _ in range(n_queues))
+                candidates = (
+                    f"SELECT seq FROM ({union}) ORDER BY priority DESC, run_at, seq LIMIT ?"
+                )
+            sql = Q["claim"].format(candidates=candidates, columns="seq, " + COLUMNS)
+            self._claim_sql[n_queues] = sql
+        return sql
+
+    def _claim(
+        self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
+    ) -> list[Job]:
+        now = time.time()
+        token = os.urandom(8).hex()
+        with self._write() as c:
+            c.execute(Q["promote_due"], (now,))
+            paused = {r[0] for r in c.execute(Q["paused_queues"])}
+            active = [q for q in queues if q not in paused] if paused else list(queues)
+            if not active:
+                return []
+            params: list[Any] = [token, now + lease_s, worker_id, now]
+            for q in active:
+                params += (q, limit)
+            if len(active) > 1:
+                params.append(limit)
+            rows = c.execute(self._claim_statement(len(active)), params).fetchall()
+        rows.sort(key=lambda r: (-r[6], r[9], r[0]))  # priority desc, run_at, enqueue order
+        return [_row_to_job(r[1:]) for r in rows]
+
+    async def heartbeat(
+        self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
+    ) -> HeartbeatReply:
+        return await self._run(self._heartbeat, worker, claims, lease_s)
+
+    def _heartbeat(
+        self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
+    ) -> HeartbeatReply:
+        now = time.time()
+        reply = HeartbeatReply()
+        with self._write() as c:
+            if claims:
+                expires = now + lease_s
+                c.executemany(Q["extend_lease"], [(expires, cl.job_id, cl.token) for cl in claims])
+                held: dict[str, tuple[str | None, str, int]] = {}
+                for start in range(0, len(claims), 500):
+                    ids = [cl.job_id for cl in claims[start : start + 500]]
+                    sql = Q["held_leases"].format(ids=",".join("?" * len(ids)))
+                    for job_id, token, state, cancel in c.execute(sql, ids):
+                        held[job_id] = (token, state, cancel)
+                for cl in claims:
+                    row = held.get(cl.job_id)
+                    if row is None or row[0] != cl.token or row[1] != "running":
+                        reply.lost.add(cl.job_id)
+                    elif row[2]:
+                        reply.cancel_requested.add(cl.job_id)
+            c.execute(
+                Q["upsert_worker"],
+                (
+                    worker.id, worker.host, worker.pid, _error_encoder.encode(worker.queues),
+                    worker.concurrency, worker.started_at, now,
+                    _error_encoder.encode(worker.running),
+                ),
+            )  # fmt: skip
+        return reply
+
+    async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
+        return await self._run(self._finish, finishes)
+
+    def _finish(self, finishes: Sequence[Finish]) -> list[bool]:
+        now = time.time()
+        applied: list[bool] = []
+        notify = False
+        with self._write() as c:
+            for f in finishes:
+                o, job_id, token = f.outcome, f.claim.job_id, f.claim.token
+                if isinstance(o, Succeeded):
+                    cur = c.execute(Q["finish_succeeded"], (o.result, now, job_id, token))
+                elif isinstance(o, RetryAt):
+                    err = _error_encoder.encode(o.error)
+                    cur = c.execute(Q["finish_retry"], (o.run_at, now, o.run_at, err, job_id, token))
+                    notify = notify or o.run_at <= now
+                elif isinstance(o, Failed):
+                    err = _error_encoder.encode(o.error)
+                    cur = c.execute(Q["finish_failed"], (err, now, job_id, token))
+                elif isinstance(o, Cancelled):
+                    cur = c.execute(Q["finish_cancelled"], (now, job_id, token))
+                elif isinstance(o, Released):
+                    cur = c.execute(Q["finish_released"], (job_id, token))
+                    notify = True
+                else:  # pragma: no cover - the outcome set is closed
+                    raise TypeError(f"unknown outcome {o!r}")
+                applied.append(cur.rowcount == 1)
+        if notify:
+            self._notify()
+        return applied
+
+    async def record_progress(self, items: Sequence[Progress]) -> None:
+        rows = [(p.fraction, p.message, p.claim.job_id, p.claim.token) for p in items]
+        await self._run(self._executemany_write, Q["progress"], rows)
+
+    def _executemany_write(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        with self._write() as c:
+            c.executemany(sql, rows)
+
+    async def recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
+        return await self._run(self._recover, max_lost_leases)
+
+    def _recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
+        now = time.time()
+        with self._write() as c:
+            rows = c.execute(Q["recover"], (max_lost_leases, max_lost_leases, now, now)).fetchall()
+        recovered = [(job_id, JobState(state)) for job_id, state in rows]
+        if any(state is JobState.QUEUED for _, state in recovered):
+            self._notify()
+        return recovered
+
+    async def wait(self, queues: Sequence[str], timeout: float) -> None:
+        if self._listener is None:
+            self._listener = WakeListener(self._wake_dir)
+            self._sender = self._sender or WakeSender(self._wake_dir)
+        next_due = await self._run(self._next_scheduled)
+        now = time.time()
+        if next_due is not None:
+            timeout = min(timeout, max(0.0, next_due - now))
+        deadline = now + timeout
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                return
+            if await self._listener.wait(min(remaining, self.poll_s)):
+                return
+            if await self._run(self._data_changed):
+                return
+
+    def _next_scheduled(self) -> float | None:
+        with self._errors():
+            (value,) = self._read().execute(Q["next_scheduled"]).fetchone()
+        self._data_changed()  # take the current version as the baseline for the wait
+        return value  # type: ignore[no-any-return]
+
+    def _data_changed(self) -> bool:
+        with self._errors():
+            (version,) = self._read().execute("PRAGMA data_version").fetchone()
+        changed = version != getattr(self._local, "data_version", None)
+        self._local.data_version = version
+        return changed  # type: ignore[no-any-return]
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        await self._run(self._executemany_write, Q["delete_worker"], [(worker_id,)])
+
+    async def prune(self, finished_before: float, limit: int = 1000) -> int:
+        return await self._run(self._prune, finished_before, limit)
+
+    def _prune(self, finished_before: float, limit: int) -> int:
+        with self._write() as c:
+            deleted = c.execute(Q["prune"], (finished_before, limit)).rowcount
+            c.execute(Q["prune_workers"], (time.time() - 3600,))
+        return deleted  # type: ignore[no-any-return]
+
+    # --- inspection and management ----------------------------------------------------------
+
+    async def now(self) -> float:
+        return time.time()
+
+    async def get(self, job_id: str) -> Job | None:
+        return await self._run(self._get, job_id)
+
+    def _get(self, job_id: str) -> Job | None:
+        with self._errors():
+            row = self._read().execute(Q["get"].format(columns=COLUMNS), (job_id,)).fetchone()
+        return None if row is None else _row_to_job(row)
+
+    async def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        return await self._run(self._list_jobs, state, queue, task, limit)
+
+    def _list_jobs(
+        self, state: JobState | None, queue: str | None, task: str | None, limit: int
+    ) -> list[Job]:
+        where, params = [], []
+        for column, value in (("state", state), ("queue", queue), ("task", task)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(str(value))
+        sql = f"SELECT {COLUMNS} FROM taskmill_jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        with self._errors():
+            rows = self._read().execute(sql, [*params, limit]).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    async def stats(self) -> list[QueueStats]:
+        return await self._run(self._stats)
+
+    def _stats(self) -> list[QueueStats]:
+        now = time.time()
+        with self._errors():
+            c = self._read()
+            c.execute("BEGIN")  # one snapshot for the three reads
+            try:
+                counts = c.execute(Q["stats"]).fetchall()
+                oldest = dict(c.execute(Q["oldest_waiting"]).fetchall())
+                paused = dict(c.execute(Q["all_queues"]).fetchall())
+            finally:
+                c.execute("COMMIT")
+        by_queue: dict[str, QueueStats] = {}
+        for queue in {q for q, _, _ in counts} | set(paused):
+            by_queue[queue] = QueueStats(
+                queue=queue,
+                counts={s.value: 0 for s in JobState},
+                oldest_waiting_s=None if oldest.get(queue) is None else max(0.0, now - oldest[queue]),
+                paused=bool(paused.get(queue, 0)),
+            )
+        for queue, state, n in counts:
+            by_queue[queue].counts[state] = n
+        return [by_queue[q] for q in sorted(by_queue)]
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        return await self._run(self._list_workers)
+
+    def _list_workers(self) -> list[WorkerInfo]:
+        with self._errors():
+            rows = self._read().execute(Q["workers"]).fetchall()
+        return [
+            WorkerInfo(
+                id=r[0], host=r[1], pid=r[2], queues=msgspec.json.decode(r[3]),
+                concurrency=r[4], started_at=r[5], heartbeat_at=r[6],
+                running=msgspec.json.decode(r[7]),
+            )  # fmt: skip
+            for r in rows
+        ]
+
+    async def retry(self, job_ids: Sequence[str] | None) -> list[str]:
+        return await self._run(self._retry, job_ids)
+
+    def _retry(self, job_ids: Sequence[str] | None) -> list[str]:
+        now = time.time()
+        with self._write() as c:
+            if job_ids is None:
+                ids = [r[0] for r in c.execute(Q["retry_all_failed"], (now,)).fetchall()]
+            else:
+                ids = []
+                for job_id in job_ids:
+                    ids += [r[0] for r in c.execute(Q["retry"], (now, job_id)).fetchall()]
+        if ids:
+            self._notify()
+        return ids
+
+    async def cancel(self, job_id: str) -> JobState | None:
+        return await self._run(self._cancel, job_id)
+
+    def _cancel(self, job_id: str) -> JobState | None:
+        with self._write() as c:
+            c.execute(Q["cancel_waiting"], (time.time(), job_id))
+            c.execute(Q["cancel_running"], (job_id,))
+            row = c.execute(Q["state_of"], (job_id,)).fetchone()
+        return None if row is None else JobState(row[0])
+
+    async def purge(self, queue: str) -> int:
+        return await self._run(self._purge, queue)
+
+    def _purge(self, queue: str) -> int:
+        with self._write() as c:
+            return c.execute(Q["purge"], (queue,)).rowcount  # type: ignore[no-any-return]
+
+    async def pause(self, queue: str, paused: bool) -> None:
+        await self._run(self._executemany_write, Q["pause"], [(queue, int(paused))])
+        if not paused:
+            self._notify()

@@ -1,0 +1,62 @@
+"""``current_job()``: what a running task knows about its own job."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class JobContext:
+    """The running job, as seen from inside the task.
+
+    >>> from taskmill import current_job
+    >>> def resize(path: str) -> None:
+    ...     job = current_job()
+    ...     job.progress(0.5, "halfway")
+    ...     if job.cancelled:
+    ...         return
+    """
+
+    id: str
+    task: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    _report: Callable[[str, float | None, str | None], None] = field(repr=False)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _last_progress: float = field(default=0.0, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once someone asked to cancel this job: a sync task should return soon."""
+        return self._cancelled.is_set()
+
+    def progress(self, fraction: float | None = None, message: str | None = None) -> None:
+        """Record progress (0.0-1.0) and an optional message; stored within ~100 ms."""
+        if fraction is not None and not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"progress fraction must be between 0 and 1, not {fraction}")
+        self._last_progress = time.monotonic()
+        self._report(self.id, fraction, message)
+
+
+_current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("taskmill_current_job")
+
+
+def current_job() -> JobContext:
+    """The job the calling task is running as. Raises ``RuntimeError`` outside a job."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("current_job() was called outside a running taskmill job") from None
+
+
+def set_current(ctx: JobContext) -> contextvars.Token[JobContext]:
+    return _current.set(ctx)
+
+
+def reset_current(token: contextvars.Token[JobContext]) -> None:
+    _current.reset(token)

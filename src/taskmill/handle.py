@@ -1,0 +1,108 @@
+"""``JobHandle``: what ``send`` returns — the id, plus ways to look at and wait for the job."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from taskmill.errors import JobCancelledError, JobFailedError, JobNotFoundError
+from taskmill.job import Job, JobState
+from taskmill.serialization import decode
+
+if TYPE_CHECKING:
+    from taskmill.app import App
+
+R = TypeVar("R")
+
+_POLL_START_S = 0.002
+_POLL_MAX_S = 0.1
+
+
+class JobHandle(Generic[R]):
+    """A reference to a stored job.
+
+    ``existing`` is True when ``send`` found a pending job with the same unique ``key`` and
+    returned it instead of storing a new one.
+    """
+
+    __slots__ = ("_app", "existing", "id")
+
+    def __init__(self, app: App, job_id: str, *, existing: bool = False) -> None:
+        self._app = app
+        self.id = job_id
+        self.existing = existing
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JobHandle) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    # --- async ------------------------------------------------------------------------------
+
+    async def ainfo(self) -> Job:
+        job = await (await self._app.abroker()).get(self.id)
+        if job is None:
+            raise JobNotFoundError(f"job {self.id} does not exist (or was pruned)")
+        return job
+
+    async def astatus(self) -> JobState:
+        return (await self.ainfo()).state
+
+    async def acancel(self) -> JobState:
+        broker = await self._app.abroker()
+        state = await broker.cancel(self.id)
+        if state is None:
+            raise JobNotFoundError(f"job {self.id} does not exist (or was pruned)")
+        return state
+
+    async def aresult(self, timeout: float | None = None) -> R:
+        """Wait until the job finishes; its result, or ``JobFailedError`` /
+        ``JobCancelledError``; ``TimeoutError`` if it has not finished after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _POLL_START_S
+        while True:
+            job = await self.ainfo()
+            if job.state.finished:
+                return self._outcome(job)
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"job {self.id} ({job.task}) is still {job.state.value} after {timeout} s"
+                    )
+                delay = min(delay, remaining)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_S)
+
+    def _outcome(self, job: Job) -> R:
+        if job.state is JobState.SUCCEEDED:
+            result: Any = decode(job.result) if job.result is not None else None
+            return result  # type: ignore[no-any-return]
+        if job.state is JobState.CANCELLED:
+            raise JobCancelledError(f"job {self.id} ({job.task}) was cancelled")
+        err = job.error
+        if err is None:
+            raise JobFailedError(self.id, "unknown", "failed without a recorded error")
+        raise JobFailedError(self.id, err.type, err.message, err.traceback)
+
+    # --- sync -------------------------------------------------------------------------------
+
+    def info(self) -> Job:
+        """The stored job record (a snapshot)."""
+        return self._app.run_sync(self.ainfo())
+
+    def status(self) -> JobState:
+        return self._app.run_sync(self.astatus())
+
+    def cancel(self) -> JobState:
+        """Cancel: a waiting job never runs; a running one is asked to stop. The state after."""
+        return self._app.run_sync(self.acancel())
+
+    def result(self, timeout: float | None = None) -> R:
+        """Block until the job finishes (see ``aresult``)."""
+        return self._app.run_sync(self.aresult(timeout))

@@ -1,0 +1,38 @@
+"""Finding an app from a ``module:attribute`` path (the CLI, worker children)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from taskmill.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from taskmill.app import App
+
+
+def load_app(path: str) -> App:
+    """Import ``package.module:app`` (``:app`` may be left out) and return the App there."""
+    from taskmill.app import App
+
+    module_name, _, attr = path.partition(":")
+    attr = attr or "app"
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: the working directory is importable
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigurationError(f"cannot import {module_name!r} (from app path {path!r})") from None
+        raise
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, App):
+        raise ConfigurationError(f"{path!r} is a {type(obj).__name__}, not a taskmill App")
+    return obj

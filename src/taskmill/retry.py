@@ -1,0 +1,139 @@
+"""Retry policy and the one function that decides how a run ended."""
+
+from __future__ import annotations
+
+import random
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from taskmill.job import Cancelled, ErrorInfo, Failed, Outcome, RetryAt, Succeeded
+
+
+class Retry(Exception):  # noqa: N818 - an intent signal a task raises, not an error
+    """Raise inside a task to ask for another attempt, optionally after ``delay`` seconds.
+
+    >>> raise Retry(delay=30)  # doctest: +SKIP
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class RemoteError(Exception):
+    """An error raised in a child process, carried back as data (``--pool process``).
+
+    The child applies the task's retry policy itself, since the exception object stays there.
+    """
+
+    def __init__(self, info: ErrorInfo, *, retryable: bool, delay: float | None = None) -> None:
+        super().__init__(info.message)
+        self.info = info
+        self.retryable = retryable
+        self.delay = delay
+
+
+class Cancel(Exception):  # noqa: N818 - an intent signal a task raises, not an error
+    """Raise inside a task to end the job as ``cancelled`` rather than failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with jitter and a cap.
+
+    The delay before attempt ``n + 1`` is ``min(cap, base * factor ** (n - 1))``, then with
+    ``jitter`` a random value between half of that and all of it (so a crowd of failures that
+    happened together does not retry together).
+
+    >>> Backoff(base=1, factor=2, cap=60, jitter=False).delay(4)
+    8.0
+    """
+
+    base: float = 1.0
+    factor: float = 2.0
+    cap: float = 3600.0
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.base < 0 or self.factor < 1 or self.cap < 0:
+            raise ValueError("Backoff needs base >= 0, factor >= 1 and cap >= 0")
+
+    def delay(self, attempt: int) -> float:
+        raw = min(self.cap, self.base * self.factor ** max(0, attempt - 1))
+        if self.jitter:
+            return raw / 2 + random.random() * raw / 2
+        return float(raw)
+
+    @classmethod
+    def constant(cls, seconds: float) -> Backoff:
+        return cls(base=seconds, factor=1.0, cap=seconds, jitter=False)
+
+
+def as_backoff(value: float | Backoff) -> Backoff:
+    return value if isinstance(value, Backoff) else Backoff.constant(float(value))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    backoff: Backoff
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    dont_retry_on: tuple[type[BaseException], ...] = ()
+
+    def retryable(self, exc: BaseException) -> bool:
+        if isinstance(exc, Retry):
+            return True
+        if isinstance(exc, RemoteError):
+            return exc.retryable
+        if self.dont_retry_on and isinstance(exc, self.dont_retry_on):
+            return False
+        return isinstance(exc, self.retry_on)
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    if isinstance(exc, RemoteError):
+        return exc.info
+    tb = "".join(traceback.format_exception(exc))
+    return ErrorInfo(type=_qualified_name(type(exc)), message=str(exc), traceback=tb)
+
+
+def _qualified_name(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def decide(
+    *,
+    attempt: int,
+    max_attempts: int,
+    policy: RetryPolicy | None,
+    now: float,
+    result: bytes | None = None,
+    exc: BaseException | None = None,
+) -> Outcome:
+    """The outcome of one run: the only place that maps what happened to what the job becomes.
+
+    ``policy`` is None when the task is unknown to this worker: nothing to retry with.
+    """
+    if exc is None:
+        assert result is not None
+        return Succeeded(result)
+    if isinstance(exc, Cancel):
+        return Cancelled(str(exc) or "cancelled by the task")
+    info = error_info(exc)
+    if policy is None or not policy.retryable(exc) or attempt >= max_attempts:
+        return Failed(info)
+    delay = exc.delay if isinstance(exc, Retry | RemoteError) else None
+    if delay is None:
+        delay = policy.backoff.delay(attempt)
+    return RetryAt(run_at=now + max(0.0, delay), error=info)
+
+
+def exception_types(value: Sequence[type[BaseException]] | type[BaseException] | None) -> tuple[
+    type[BaseException], ...
+]:
+    if value is None:
+        return ()
+    if isinstance(value, type):
+        return (value,)
+    return tuple(value)

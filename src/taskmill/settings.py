@@ -1,0 +1,59 @@
+"""The one settings object. Units are in the names; unknown options are an error."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from taskmill.errors import ConfigurationError
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    lease_s: float = 30.0
+    """How long a claim is valid without a heartbeat; a dead worker's jobs return after this."""
+    heartbeat_s: float | None = None
+    """How often a worker renews its leases (default: a third of ``lease_s``, at most 2 s)."""
+    max_lost_leases: int = 3
+    """A job whose lease expired this many times is failed as a poison job, not run again."""
+    recover_interval_s: float | None = None
+    """How often each worker looks for expired leases (default: ``lease_s / 2``, at most 5 s)."""
+    result_ttl_s: float = 7 * 24 * 3600.0
+    """Finished jobs (with results and errors) are pruned this long after they finish."""
+    prune_interval_s: float = 60.0
+    max_payload_bytes: int = 1 << 20
+    """Largest JSON of a job's arguments accepted at enqueue."""
+    default_queue: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.lease_s <= 0:
+            raise ConfigurationError("lease_s must be > 0")
+        if self.heartbeat_s is not None and not 0 < self.heartbeat_s < self.lease_s:
+            raise ConfigurationError("heartbeat_s must be > 0 and shorter than lease_s")
+        if self.max_lost_leases < 1:
+            raise ConfigurationError("max_lost_leases must be >= 1")
+        if self.max_payload_bytes < 64:
+            raise ConfigurationError("max_payload_bytes must be >= 64")
+        if self.result_ttl_s < 0 or self.prune_interval_s <= 0:
+            raise ConfigurationError("result_ttl_s must be >= 0 and prune_interval_s > 0")
+
+    @property
+    def effective_heartbeat_s(self) -> float:
+        return self.heartbeat_s if self.heartbeat_s is not None else min(self.lease_s / 3, 2.0)
+
+    @property
+    def effective_recover_interval_s(self) -> float:
+        if self.recover_interval_s is not None:
+            return self.recover_interval_s
+        return min(self.lease_s / 2, 5.0)
+
+    @classmethod
+    def build(cls, options: dict[str, Any]) -> Settings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown App option(s) {unknown}; known options: {', '.join(sorted(known))}"
+            )
+        return cls(**options)

@@ -1,0 +1,247 @@
+"""The decorator's product: a task with options, and the ways to send it."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from taskmill._ids import uuid7
+from taskmill.brokers.base import EnqueueResult, OnConflict
+from taskmill.errors import ConfigurationError
+from taskmill.handle import JobHandle
+from taskmill.job import NewJob
+from taskmill.retry import RetryPolicy
+from taskmill.serialization import encode_payload
+
+if TYPE_CHECKING:
+    from taskmill.app import App
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+KeyFunc = Callable[..., str]
+Seconds = float | timedelta
+
+
+def seconds(value: Seconds | None, what: str) -> float | None:
+    if value is None:
+        return None
+    s = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if s < 0 or math.isnan(s):
+        raise ConfigurationError(f"{what} must be a non-negative number of seconds, not {value!r}")
+    return s
+
+
+@dataclass(frozen=True, slots=True)
+class SendOptions:
+    """Per-send options; ``Task.options(...)`` makes a copy with some of them changed."""
+
+    queue: str
+    priority: int = 0
+    delay_s: float = 0.0
+    run_at: float | None = None
+    key: str | KeyFunc | None = None
+    on_conflict: OnConflict = "return"
+    max_attempts: int = 1
+    timeout_s: float | None = None
+    connection: Any = None
+
+
+class Task(Generic[P, R]):
+    """A function registered with an app. Call it to run it here; ``send`` it to run it in a
+    worker.
+
+    >>> from taskmill import App
+    >>> app = App("memory://")
+    >>> @app.task(retries=2)
+    ... def add(a: int, b: int) -> int:
+    ...     return a + b
+    >>> add(1, 2)
+    3
+    >>> add.name
+    'taskmill.task.add'
+    """
+
+    def __init__(
+        self,
+        app: App,
+        fn: Callable[P, Any],
+        *,
+        name: str,
+        defaults: SendOptions,
+        policy: RetryPolicy,
+    ) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.defaults = defaults
+        self.policy = policy
+        self.signature = inspect.signature(fn)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.defaults.queue!r}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return self.fn(*args, **kwargs)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: Seconds | None = None,
+        run_at: datetime | float | None = None,
+        key: str | None = None,
+        on_conflict: OnConflict | None = None,
+        retries: int | None = None,
+        timeout: Seconds | None = None,
+        connection: Any = None,
+    ) -> BoundTask[P, R]:
+        """The same task with some send options changed.
+
+        ``connection`` enqueues inside the caller's open transaction (brokers that support it):
+        the job exists if and only if that transaction commits.
+        """
+        opts = self.defaults
+        changes: dict[str, Any] = {}
+        if queue is not None:
+            changes["queue"] = queue
+        if priority is not None:
+            changes["priority"] = int(priority)
+        if delay is not None:
+            changes["delay_s"] = seconds(delay, "delay")
+        if run_at is not None:
+            changes["run_at"] = run_at.timestamp() if isinstance(run_at, datetime) else run_at
+        if key is not None:
+            changes["key"] = key
+        if on_conflict is not None:
+            if on_conflict not in ("return", "raise"):
+                raise ConfigurationError("on_conflict must be 'return' or 'raise'")
+            changes["on_conflict"] = on_conflict
+        if retries is not None:
+            changes["max_attempts"] = _attempts(retries)
+        if timeout is not None:
+            changes["timeout_s"] = seconds(timeout, "timeout")
+        if connection is not None:
+            changes["connection"] = connection
+        return BoundTask(self, replace(opts, **changes) if changes else opts)
+
+    def send(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
+        """Enqueue one job and return its handle at once."""
+        return BoundTask(self, self.defaults).send(*args, **kwargs)
+
+    async def asend(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
+        return await BoundTask(self, self.defaults).asend(*args, **kwargs)
+
+    def send_many(
+        self, calls: Iterable[Sequence[Any] | Mapping[str, Any]], *, connection: Any = None
+    ) -> list[JobHandle[R]]:
+        """Enqueue many jobs in one broker call. Each item is a tuple of positional arguments
+        or a mapping of keyword arguments.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def add(a: int, b: int) -> int:
+        ...     return a + b
+        >>> len(add.send_many([(1, 2), {"a": 3, "b": 4}]))
+        2
+        """
+        return self.options(connection=connection).send_many(calls)
+
+    async def asend_many(
+        self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]
+    ) -> list[JobHandle[R]]:
+        return await BoundTask(self, self.defaults).asend_many(calls)
+
+    # --- building jobs ----------------------------------------------------------------------
+
+    def bind_check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"task {self.name!r}: {exc}") from None
+
+    def build(self, opts: SendOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> NewJob:
+        self.bind_check(args, kwargs)
+        key = opts.key
+        if key is not None and not isinstance(key, str):
+            key = key(*args, **kwargs)
+        return NewJob(
+            id=uuid7(),
+            task=self.name,
+            queue=opts.queue,
+            payload=encode_payload(self.name, args, kwargs, self.app.settings.max_payload_bytes),
+            priority=opts.priority,
+            run_at=opts.run_at,
+            delay_s=opts.delay_s,
+            max_attempts=opts.max_attempts,
+            timeout_s=opts.timeout_s,
+            key=key,
+        )
+
+
+class BoundTask(Generic[P, R]):
+    """A task with its send options fixed: what ``Task.options(...)`` returns."""
+
+    __slots__ = ("opts", "task")
+
+    def __init__(self, task: Task[P, R], opts: SendOptions) -> None:
+        self.task = task
+        self.opts = opts
+
+    def _jobs(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[NewJob]:
+        jobs = []
+        for call in calls:
+            if isinstance(call, Mapping):
+                jobs.append(self.task.build(self.opts, (), dict(call)))
+            elif isinstance(call, Sequence) and not isinstance(call, str | bytes):
+                jobs.append(self.task.build(self.opts, tuple(call), {}))
+            else:
+                raise TypeError(
+                    f"send_many of task {self.task.name!r} takes tuples of positional arguments "
+                    f"or mappings of keyword arguments, not {type(call).__name__}"
+                )
+        return jobs
+
+    def _handles(self, result: EnqueueResult) -> list[JobHandle[R]]:
+        app = self.task.app
+        return [JobHandle(app, i, existing=n in result.existing) for n, i in enumerate(result.ids)]
+
+    def send(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
+        job = self.task.build(self.opts, args, kwargs)
+        result = self.task.app.enqueue_sync([job], self.opts)
+        return JobHandle(self.task.app, result.ids[0], existing=bool(result.existing))
+
+    async def asend(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
+        job = self.task.build(self.opts, args, kwargs)
+        result = await self.task.app.enqueue_async([job], self.opts)
+        return JobHandle(self.task.app, result.ids[0], existing=bool(result.existing))
+
+    def send_many(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[JobHandle[R]]:
+        jobs = self._jobs(calls)
+        return self._handles(self.task.app.enqueue_sync(jobs, self.opts)) if jobs else []
+
+    async def asend_many(
+        self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]
+    ) -> list[JobHandle[R]]:
+        jobs = self._jobs(calls)
+        return self._handles(await self.task.app.enqueue_async(jobs, self.opts)) if jobs else []
+
+
+def _attempts(retries: int) -> int:
+    if retries < 0:
+        raise ConfigurationError(f"retries must be >= 0, not {retries}")
+    return int(retries) + 1
+
+
+TaskFunction = Callable[P, Awaitable[R]] | Callable[P, R]

@@ -1,0 +1,95 @@
+"""Running one job, as a short pipeline of named steps:
+
+resolve the task → read and bind the arguments → call it within its time limit → decide the
+outcome. Recording started/finished is the worker's (claim and finish batches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from taskmill.context import JobContext
+from taskmill.errors import SerializationError, UnknownTaskError
+from taskmill.job import Cancelled, Job, Outcome, Released, Succeeded
+from taskmill.retry import decide
+from taskmill.serialization import decode_payload, encode
+from taskmill.task import Task
+
+if TYPE_CHECKING:
+    from taskmill.app import App
+    from taskmill.worker.pools import Runner
+
+
+class Interrupt:
+    """Why the worker interrupted a running job (set before cancelling its asyncio task)."""
+
+    CANCEL = "cancel"  # someone cancelled the job
+    SHUTDOWN = "shutdown"  # the worker is stopping: hand the job back
+    LOST = "lost"  # the lease went to another worker
+
+
+def fail_now(job: Job, exc: BaseException) -> Outcome:
+    """An error no retry can fix (unknown task, unreadable or unbindable arguments)."""
+    return decide(
+        attempt=job.attempt, max_attempts=job.max_attempts, policy=None, now=time.time(), exc=exc
+    )
+
+
+def resolve(app: App, job: Job) -> Task[Any, Any]:
+    task = app.tasks.get(job.task)
+    if task is None:
+        known = ", ".join(sorted(app.tasks)) or "none"
+        raise UnknownTaskError(
+            f"no task named {job.task!r} is registered in this worker's app (known: {known}); "
+            "was it renamed, or is the worker running older code?"
+        )
+    return task
+
+
+def arguments(task: Task[Any, Any], job: Job) -> tuple[list[Any], dict[str, Any]]:
+    args, kwargs = decode_payload(job.payload)
+    try:
+        task.signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(
+            f"stored arguments no longer fit task {task.name!r} (did its signature change "
+            f"since the job was sent?): {exc}"
+        ) from None
+    return args, kwargs
+
+
+async def execute(
+    app: App, job: Job, ctx: JobContext, runner: Runner, interrupted: list[str]
+) -> Outcome:
+    """Run the job; ``interrupted`` holds the reason if the worker cancels this coroutine."""
+    try:
+        task = resolve(app, job)
+        args, kwargs = arguments(task, job)
+    except (UnknownTaskError, SerializationError, TypeError) as exc:
+        return fail_now(job, exc)
+    try:
+        value = await runner.call(task, args, kwargs, ctx, job.timeout_s)
+        result = encode(value, what=f"result of task {task.name!r}")
+    except asyncio.CancelledError:
+        if interrupted and interrupted[0] == Interrupt.CANCEL:
+            return Cancelled("cancelled on request")
+        if interrupted:
+            return Released()
+        raise
+    except SerializationError as exc:
+        return fail_now(job, exc)
+    except BaseException as exc:  # noqa: BLE001 - a task's SystemExit must not stop the worker
+        if interrupted and interrupted[0] == Interrupt.CANCEL:
+            return Cancelled("cancelled on request")
+        return decide(
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            policy=task.policy,
+            now=time.time(),
+            exc=exc,
+        )
+    if interrupted and interrupted[0] == Interrupt.CANCEL:
+        return Cancelled("cancelled on request (the task returned after the request)")
+    return Succeeded(result)

@@ -1,0 +1,449 @@
+"""The worker: one asyncio loop that claims jobs in batches, runs them, and reports back.
+
+Four concurrent loops share the state below:
+- claim: take up to as many due jobs as there are free slots, in one broker call;
+- flush: write finished outcomes (and coalesced progress) in one broker call per batch;
+- heartbeat: extend every held lease, learn of cancels and lost leases;
+- maintenance: recover expired leases (anyone's), prune old finished jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from taskmill.brokers.base import Broker
+from taskmill.context import JobContext
+from taskmill.job import Claim, Failed, Finish, Job, JobState, Outcome, Progress, WorkerInfo
+from taskmill.retry import error_info
+from taskmill.worker.execution import Interrupt, execute
+from taskmill.worker.pools import Runner, ThreadRunner
+
+if TYPE_CHECKING:
+    from taskmill.app import App
+
+log = logging.getLogger("taskmill.worker")
+
+PoolKind = Literal["thread", "process"]
+_PROGRESS_INTERVAL_S = 0.1
+
+
+@dataclass(eq=False)
+class _Running:
+    job: Job
+    claim: Claim
+    ctx: JobContext
+    is_async: bool
+    interrupted: list[str] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+    lost: bool = False
+
+
+class Worker:
+    """Runs an app's jobs. ``taskmill worker`` builds one per process; tests may run one
+    in-process (``await worker.run()`` and ``worker.stop()`` from any thread)."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 16,
+        pool: PoolKind = "thread",
+        app_path: str | None = None,
+        max_tasks_per_child: int | None = None,
+        drain_timeout_s: float = 30.0,
+        idle_poll_s: float = 5.0,
+        register: bool = True,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if pool == "process" and app_path is None:
+            raise ValueError("pool='process' needs app_path ('module:app') for the children")
+        self.app = app
+        self.queues = list(queues) if queues else [app.settings.default_queue]
+        self.concurrency = concurrency
+        self.pool: PoolKind = pool
+        self.app_path = app_path
+        self.max_tasks_per_child = max_tasks_per_child
+        self.drain_timeout_s = drain_timeout_s
+        self.idle_poll_s = idle_poll_s
+        self.register = register
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.started_at = time.time()
+        self.jobs_done = 0
+        settings = app.settings
+        self.lease_s = settings.lease_s
+        self.heartbeat_s = settings.effective_heartbeat_s
+        self._running: dict[str, _Running] = {}
+        self._pending: list[Finish] = []
+        self._flushing: list[Finish] = []
+        self._progress: dict[str, Progress] = {}
+        self._progress_lock = threading.Lock()
+        self._progress_wake_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested = False
+        self._stop_now = False
+        self._stop_event: asyncio.Event | None = None
+        self._progressed: asyncio.Event | None = None
+        self._flush_wake: asyncio.Event | None = None
+        self._idle_task: asyncio.Task[None] | None = None
+        self._broker: Broker | None = None
+
+    # --- control (thread-safe) ----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming; running jobs get ``drain_timeout_s`` to finish. Call again to stop
+        at once (running jobs are handed back without spending an attempt)."""
+        if self._stop_requested:
+            self._stop_now = True
+        self._stop_requested = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake_for_stop)
+
+    def _wake_for_stop(self) -> None:
+        assert self._stop_event and self._progressed
+        self._stop_event.set()
+        self._progressed.set()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+
+    # --- main -------------------------------------------------------------------------------
+
+    async def run(self, *, until_idle: bool = False) -> int:
+        """Run until stopped (or, with ``until_idle``, until nothing is due or running).
+        Returns how many jobs this worker finished."""
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        self._progressed = asyncio.Event()
+        self._flush_wake = asyncio.Event()
+        if self._stop_requested:
+            self._stop_event.set()
+        self._broker = await self.app.abroker()
+        runner = self._make_runner()
+        background = [
+            asyncio.create_task(self._flush_loop(), name="taskmill-flush"),
+            asyncio.create_task(self._heartbeat_loop(), name="taskmill-heartbeat"),
+        ]
+        if not until_idle:
+            background.append(asyncio.create_task(self._maintenance_loop(), name="taskmill-maint"))
+        self._runner = runner
+        if self.register:
+            await self._heartbeat_once()
+            log.info(
+                "worker %s started: queues=%s concurrency=%d pool=%s broker=%s",
+                self.id, ",".join(self.queues), self.concurrency, self.pool, self.app.url,
+            )  # fmt: skip
+        try:
+            await self._claim_loop(until_idle)
+            await self._drain()
+            await self._flush_all()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if self._pending:  # a flush that failed on the way out: one last try
+                with contextlib.suppress(Exception):
+                    await self._flush_all()
+            if self.register:
+                with contextlib.suppress(Exception):
+                    await self._broker.unregister_worker(self.id)
+            runner.close()
+            if self.register:
+                log.info("worker %s stopped after %d jobs", self.id, self.jobs_done)
+        return self.jobs_done
+
+    def _make_runner(self) -> Runner:
+        if self.pool == "process":
+            from taskmill.worker.process_pool import ProcessRunner
+
+            assert self.app_path is not None
+            return ProcessRunner(self.app_path, self.concurrency, self.max_tasks_per_child)
+        return ThreadRunner(self.concurrency)
+
+    # --- claiming ---------------------------------------------------------------------------
+
+    async def _claim_loop(self, until_idle: bool) -> None:
+        assert self._broker and self._stop_event and self._progressed
+        broker, stop, progressed = self._broker, self._stop_event, self._progressed
+        backoff = 0.05
+        while not stop.is_set():
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                progressed.clear()
+                await progressed.wait()
+                if len(self._running) > self.concurrency * 3 // 4:
+                    await asyncio.sleep(0)  # let completions that are ready land: bigger batches
+                continue
+            try:
+                jobs = await broker.claim(self.queues, free, self.id, self.lease_s)
+                backoff = 0.05
+            except Exception as exc:
+                log.error("worker %s: claim failed, retrying in %.2f s: %s", self.id, backoff, exc)
+                await self._sleep_unless_stopped(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            for job in jobs:
+                self._start(job)
+            if len(jobs) >= free:
+                continue
+            if until_idle:
+                if not jobs and not self._running and not self._pending and not self._flushing:
+                    return
+                progressed.clear()
+                await self._idle_wait(progressed)
+            elif not jobs:
+                await self._idle_wait(None)
+
+    async def _idle_wait(self, also: asyncio.Event | None) -> None:
+        assert self._broker
+        self._idle_task = asyncio.create_task(self._broker.wait(self.queues, self.idle_poll_s))
+        waiters: list[asyncio.Future[object]] = [self._idle_task]  # type: ignore[list-item]
+        extra = None
+        if also is not None:
+            extra = asyncio.create_task(also.wait())
+            waiters.append(extra)  # type: ignore[arg-type]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in waiters:
+                t.cancel()
+            self._idle_task = None
+        if not self._idle_task_ok(waiters[0]):
+            await self._sleep_unless_stopped(0.5)
+
+    @staticmethod
+    def _idle_task_ok(task: asyncio.Future[object]) -> bool:
+        if not task.done() or task.cancelled():
+            return True
+        exc = task.exception()
+        if exc is not None:
+            log.error("waiting for work failed: %s", exc)
+            return False
+        return True
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        assert self._stop_event
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+
+    def _start(self, job: Job) -> None:
+        assert job.lease_token is not None and self._loop is not None
+        claim = Claim(job.id, job.lease_token)
+        ctx = JobContext(
+            id=job.id, task=job.task, queue=job.queue, attempt=job.attempt,
+            max_attempts=job.max_attempts, _report=self._report_progress,
+        )  # fmt: skip
+        task = self.app.tasks.get(job.task)
+        running = _Running(job, claim, ctx, is_async=task is not None and task.is_async)
+        self._running[job.id] = running
+        running.task = self._loop.create_task(self._run_one(running))
+
+    async def _run_one(self, r: _Running) -> None:
+        try:
+            outcome: Outcome = await execute(self.app, r.job, r.ctx, self._runner, r.interrupted)
+        except asyncio.CancelledError:
+            if not r.interrupted:
+                raise
+            outcome = await execute_interrupted(r)
+        except Exception as exc:  # a bug of ours: fail the attempt loudly, keep the worker
+            log.exception("job %s (%s): the worker failed running it", r.job.id, r.job.task)
+            outcome = Failed(error_info(exc))
+        del self._running[r.job.id]
+        self.jobs_done += 1
+        if r.lost:
+            log.warning(
+                "job %s (%s): dropped its outcome %s: the lease was lost to another worker",
+                r.job.id, r.job.task, type(outcome).__name__,
+            )  # fmt: skip
+        else:
+            self._pending.append(Finish(r.claim, outcome))
+            assert self._flush_wake
+            self._flush_wake.set()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("job %s (%s): %s", r.job.id, r.job.task, type(outcome).__name__)
+        assert self._progressed
+        self._progressed.set()
+
+    # --- flushing ---------------------------------------------------------------------------
+
+    def _report_progress(self, job_id: str, fraction: float | None, message: str | None) -> None:
+        r = self._running.get(job_id)
+        if r is None:
+            return
+        with self._progress_lock:
+            self._progress[job_id] = Progress(r.claim, fraction, message)
+            if self._progress_wake_scheduled or self._loop is None:
+                return
+            self._progress_wake_scheduled = True
+        # coalesce: at most one progress write per interval, whatever the task reports
+        self._loop.call_soon_threadsafe(
+            self._loop.call_later, _PROGRESS_INTERVAL_S, self._wake_flush
+        )
+
+    def _wake_flush(self) -> None:
+        if self._flush_wake is not None:
+            self._flush_wake.set()
+
+    async def _flush_loop(self) -> None:
+        assert self._flush_wake
+        wake = self._flush_wake
+        while True:
+            await wake.wait()
+            wake.clear()
+            await self._flush_once()
+
+    async def _flush_once(self) -> bool:
+        """Write pending progress and outcomes; False if the broker refused (kept for later)."""
+        assert self._broker and self._progressed and self._flush_wake
+        with self._progress_lock:
+            progress = list(self._progress.values())
+            self._progress.clear()
+            self._progress_wake_scheduled = False
+        try:
+            if progress:
+                await self._broker.record_progress(progress)
+        except Exception as exc:
+            log.error("worker %s: recording progress failed: %s", self.id, exc)
+        if not self._pending:
+            return True
+        batch, self._pending = self._pending, []
+        self._flushing = batch
+        try:
+            applied = await self._broker.finish(batch)
+        except Exception as exc:
+            self._pending[:0] = batch
+            log.error(
+                "worker %s: recording %d outcomes failed, will retry (leases are still held): %s",
+                self.id, len(batch), exc,
+            )  # fmt: skip
+            await self._sleep_unless_stopped(0.5)
+            self._flush_wake.set()
+            return False
+        finally:
+            self._flushing = []
+        for finish, ok in zip(batch, applied, strict=True):
+            if not ok:
+                log.warning(
+                    "job %s: outcome %s rejected: lease token %s is stale (the job was recovered "
+                    "and handed to another attempt)",
+                    finish.claim.job_id, type(finish.outcome).__name__, finish.claim.token,
+                )  # fmt: skip
+        self._progressed.set()
+        return True
+
+    async def _flush_all(self) -> None:
+        for _ in range(20):
+            if not self._pending and not self._progress:
+                return
+            if not await self._flush_once() and self._stop_now:
+                return
+
+    # --- heartbeats -------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            await self._heartbeat_once()
+
+    async def _heartbeat_once(self) -> None:
+        assert self._broker
+        claims = [r.claim for r in self._running.values()]
+        claims += [f.claim for f in self._pending] + [f.claim for f in self._flushing]
+        info = WorkerInfo(
+            id=self.id, host=socket.gethostname(), pid=os.getpid(), queues=self.queues,
+            concurrency=self.concurrency, started_at=self.started_at, heartbeat_at=time.time(),
+            running=list(self._running),
+        )  # fmt: skip
+        try:
+            reply = await self._broker.heartbeat(info, claims, self.lease_s)
+        except Exception as exc:
+            log.error("worker %s: heartbeat failed: %s", self.id, exc)
+            return
+        for job_id in reply.lost:
+            r = self._running.get(job_id)
+            if r is not None and not r.lost:
+                log.warning("job %s (%s): lease lost; stopping it here", job_id, r.job.task)
+                r.lost = True
+                self._interrupt(r, Interrupt.LOST)
+        for job_id in reply.cancel_requested:
+            r = self._running.get(job_id)
+            if r is not None and not r.interrupted:
+                log.info("job %s (%s): cancel requested", job_id, r.job.task)
+                self._interrupt(r, Interrupt.CANCEL)
+
+    def _interrupt(self, r: _Running, reason: str) -> None:
+        r.interrupted.append(reason)
+        r.ctx._cancelled.set()
+        # a sync task in a thread cannot be stopped from outside: a cancel is cooperative
+        # (current_job().cancelled); shutdown and lost leases stop waiting for it
+        if r.task is not None and (r.is_async or reason != Interrupt.CANCEL):
+            r.task.cancel()
+
+    # --- maintenance ------------------------------------------------------------------------
+
+    async def _maintenance_loop(self) -> None:
+        assert self._broker
+        settings = self.app.settings
+        interval = settings.effective_recover_interval_s
+        next_prune = time.monotonic() + random.uniform(0, settings.prune_interval_s)
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+            try:
+                for job_id, state in await self._broker.recover(settings.max_lost_leases):
+                    log.warning("job %s: lease expired, recovered to %s", job_id, state.value)
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + settings.prune_interval_s
+                    cutoff = await self._broker.now() - settings.result_ttl_s
+                    while await self._broker.prune(cutoff, 1000) == 1000:
+                        await asyncio.sleep(0)
+            except Exception as exc:
+                log.error("worker %s: maintenance failed: %s", self.id, exc)
+
+    # --- stopping ---------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        assert self._progressed
+        deadline = time.monotonic() + self.drain_timeout_s
+        if self._running:
+            log.info(
+                "worker %s: draining %d running jobs (up to %.0f s)",
+                self.id, len(self._running), self.drain_timeout_s,
+            )  # fmt: skip
+        while self._running and not self._stop_now:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._progressed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progressed.wait(), remaining)
+        leftovers = list(self._running.values())
+        for r in leftovers:
+            log.warning("job %s (%s): still running at shutdown; handing it back", r.job.id, r.job.task)
+            self._interrupt(r, Interrupt.SHUTDOWN)
+        tasks = [r.task for r in leftovers if r.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def execute_interrupted(r: _Running) -> Outcome:
+    """The outcome of a job cancelled before ``execute`` could handle it."""
+    from taskmill.job import Cancelled, Released
+
+    if r.interrupted[0] == Interrupt.CANCEL:
+        return Cancelled("cancelled on request")
+    return Released()
+
+
+__all__ = ["JobState", "Worker"]
