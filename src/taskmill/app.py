@@ -148,7 +148,9 @@ class App:
 
     def queues(self) -> list[str]:
         """Every queue a registered task sends to by default."""
-        return sorted({t.defaults.queue for t in self.tasks.values()} | {self.settings.default_queue})
+        return sorted(
+            {t.defaults.queue for t in self.tasks.values()} | {self.settings.default_queue}
+        )
 
     # --- broker -----------------------------------------------------------------------------
 
@@ -303,4 +305,4 @@ def _eager_flag(url: str) -> bool:
     return value.lower() in {"1", "true", "yes"}
 
 
-__all__ = ["App", "TaskDecorator", "Task"]
+__all__ = ["App", "Task", "TaskDecorator"]

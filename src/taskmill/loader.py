@@ -25,7 +25,9 @@ def load_app(path: str) -> App:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise ConfigurationError(f"cannot import {module_name!r} (from app path {path!r})") from None
+            raise ConfigurationError(
+                f"cannot import {module_name!r} (from app path {path!r})"
+            ) from None
         raise
     obj = module
     for part in attr.split("."):

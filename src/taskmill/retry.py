@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from taskmill.job import Cancelled, ErrorInfo, Failed, Outcome, RetryAt, Succeeded
 
 
-class Retry(Exception):  # noqa: N818 - an intent signal a task raises, not an error
+class Retry(Exception):
     """Raise inside a task to ask for another attempt, optionally after ``delay`` seconds.
 
     >>> raise Retry(delay=30)  # doctest: +SKIP
@@ -34,7 +34,7 @@ class RemoteError(Exception):
         self.delay = delay
 
 
-class Cancel(Exception):  # noqa: N818 - an intent signal a task raises, not an error
+class Cancel(Exception):
     """Raise inside a task to end the job as ``cancelled`` rather than failed."""
 
 
@@ -129,9 +129,9 @@ def decide(
     return RetryAt(run_at=now + max(0.0, delay), error=info)
 
 
-def exception_types(value: Sequence[type[BaseException]] | type[BaseException] | None) -> tuple[
-    type[BaseException], ...
-]:
+def exception_types(
+    value: Sequence[type[BaseException]] | type[BaseException] | None,
+) -> tuple[type[BaseException], ...]:
     if value is None:
         return ()
     if isinstance(value, type):

@@ -14,10 +14,10 @@ def load_queries(filename: str) -> dict[str, str]:
     for line in text.splitlines():
         if line.startswith("-- name:"):
             if name:
-                queries[name] = "\n".join(lines).strip()
+                queries[name] = "\n".join(lines).strip().rstrip(";")
             name, lines = line.removeprefix("-- name:").strip(), []
         elif name is not None:
             lines.append(line)
     if name:
-        queries[name] = "\n".join(lines).strip()
+        queries[name] = "\n".join(lines).strip().rstrip(";")
     return queries

@@ -144,11 +144,18 @@ class MemoryBroker(Broker):
                 if i in result.existing:
                     continue
                 job = Job(
-                    id=j.id, task=j.task, queue=j.queue, state=JobState.QUEUED,
-                    payload=j.payload, priority=j.priority, max_attempts=j.max_attempts,
+                    id=j.id,
+                    task=j.task,
+                    queue=j.queue,
+                    state=JobState.QUEUED,
+                    payload=j.payload,
+                    priority=j.priority,
+                    max_attempts=j.max_attempts,
                     run_at=j.run_at if j.run_at is not None else now + j.delay_s,
-                    enqueued_at=now, timeout_s=j.timeout_s, key=j.key,
-                )  # fmt: skip
+                    enqueued_at=now,
+                    timeout_s=j.timeout_s,
+                    key=j.key,
+                )
                 self._jobs[job.id] = job
                 self._seq[job.id] = next(self._counter)
                 if job.key is not None:
@@ -342,9 +349,9 @@ class MemoryBroker(Broker):
                 if j.state is JobState.QUEUED:
                     age = max(0.0, now - j.run_at)
                     qs.oldest_waiting_s = max(qs.oldest_waiting_s or 0.0, age)
-            for q in out.values():
-                q.paused = q.queue in self._paused
-        return [out[q] for q in sorted(out)]
+            for stats in out.values():
+                stats.paused = stats.queue in self._paused
+        return [out[name] for name in sorted(out)]
 
     async def list_workers(self) -> list[WorkerInfo]:
         with self._lock:

@@ -202,7 +202,9 @@ class SQLiteBroker(Broker):
         """Create the schema (idempotent) and switch the file to WAL. Caller holds the lock."""
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
-            raise BrokerError(f"cannot open SQLite database {self.path}: {directory} does not exist")
+            raise BrokerError(
+                f"cannot open SQLite database {self.path}: {directory} does not exist"
+            )
         with self._errors():
             conn = self._connect()
             try:
@@ -336,9 +338,18 @@ class SQLiteBroker(Broker):
             queued = run_at <= now
             due = due or queued
             row = (
-                j.id, j.task, j.queue, "queued" if queued else "scheduled", j.payload,
-                j.priority, j.max_attempts, run_at, now, j.timeout_s, j.key,
-            )  # fmt: skip
+                j.id,
+                j.task,
+                j.queue,
+                "queued" if queued else "scheduled",
+                j.payload,
+                j.priority,
+                j.max_attempts,
+                run_at,
+                now,
+                j.timeout_s,
+                j.key,
+            )
             if j.key is None:
                 plain.append(row)
             else:
@@ -450,11 +461,16 @@ class SQLiteBroker(Broker):
             c.execute(
                 Q["upsert_worker"],
                 (
-                    worker.id, worker.host, worker.pid, _error_encoder.encode(worker.queues),
-                    worker.concurrency, worker.started_at, now,
+                    worker.id,
+                    worker.host,
+                    worker.pid,
+                    _error_encoder.encode(worker.queues),
+                    worker.concurrency,
+                    worker.started_at,
+                    now,
                     _error_encoder.encode(worker.running),
                 ),
-            )  # fmt: skip
+            )
         return reply
 
     async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
@@ -471,7 +487,9 @@ class SQLiteBroker(Broker):
                     cur = c.execute(Q["finish_succeeded"], (o.result, now, job_id, token))
                 elif isinstance(o, RetryAt):
                     err = _error_encoder.encode(o.error)
-                    cur = c.execute(Q["finish_retry"], (o.run_at, now, o.run_at, err, job_id, token))
+                    cur = c.execute(
+                        Q["finish_retry"], (o.run_at, now, o.run_at, err, job_id, token)
+                    )
                     notify = notify or o.run_at <= now
                 elif isinstance(o, Failed):
                     err = _error_encoder.encode(o.error)
@@ -549,7 +567,7 @@ class SQLiteBroker(Broker):
         with self._write() as c:
             deleted = c.execute(Q["prune"], (finished_before, limit)).rowcount
             c.execute(Q["prune_workers"], (time.time() - 3600,))
-        return deleted  # type: ignore[no-any-return]
+        return deleted
 
     # --- inspection and management ----------------------------------------------------------
 
@@ -609,7 +627,9 @@ class SQLiteBroker(Broker):
             by_queue[queue] = QueueStats(
                 queue=queue,
                 counts={s.value: 0 for s in JobState},
-                oldest_waiting_s=None if oldest.get(queue) is None else max(0.0, now - oldest[queue]),
+                oldest_waiting_s=None
+                if oldest.get(queue) is None
+                else max(0.0, now - oldest[queue]),
                 paused=bool(paused.get(queue, 0)),
             )
         for queue, state, n in counts:
@@ -624,10 +644,15 @@ class SQLiteBroker(Broker):
             rows = self._read().execute(Q["workers"]).fetchall()
         return [
             WorkerInfo(
-                id=r[0], host=r[1], pid=r[2], queues=msgspec.json.decode(r[3]),
-                concurrency=r[4], started_at=r[5], heartbeat_at=r[6],
+                id=r[0],
+                host=r[1],
+                pid=r[2],
+                queues=msgspec.json.decode(r[3]),
+                concurrency=r[4],
+                started_at=r[5],
+                heartbeat_at=r[6],
                 running=msgspec.json.decode(r[7]),
-            )  # fmt: skip
+            )
             for r in rows
         ]
 
@@ -662,7 +687,7 @@ class SQLiteBroker(Broker):
 
     def _purge(self, queue: str) -> int:
         with self._write() as c:
-            return c.execute(Q["purge"], (queue,)).rowcount  # type: ignore[no-any-return]
+            return c.execute(Q["purge"], (queue,)).rowcount
 
     async def pause(self, queue: str, paused: bool) -> None:
         await self._run(self._executemany_write, Q["pause"], [(queue, int(paused))])

@@ -84,7 +84,7 @@ class WakeListener:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         fd = self._sock.fileno()
-        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        loop.add_reader(fd, _resolve, fut)
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
@@ -97,3 +97,8 @@ class WakeListener:
         self._sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -80,7 +80,7 @@ async def execute(
         raise
     except SerializationError as exc:
         return fail_now(job, exc)
-    except BaseException as exc:  # noqa: BLE001 - a task's SystemExit must not stop the worker
+    except BaseException as exc:
         if interrupted and interrupted[0] == Interrupt.CANCEL:
             return Cancelled("cancelled on request")
         return decide(

@@ -38,9 +38,12 @@ def _in_thread(ctx: JobContext, fn: Callable[..., Any], args: list[Any], kw: dic
 
 
 async def call_async(
-    task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], ctx: JobContext,
+    task: Task[Any, Any],
+    args: list[Any],
+    kwargs: dict[str, Any],
+    ctx: JobContext,
     timeout_s: float | None,
-) -> Any:  # fmt: skip
+) -> Any:
     """Run an async task on this loop (each job runs in its own asyncio task and context)."""
     set_current(ctx)
     if timeout_s is None:

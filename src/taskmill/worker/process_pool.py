@@ -10,6 +10,7 @@ the attempt with ``WorkerLostError``. A child is replaced after ``max_tasks_per_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import queue
@@ -49,11 +50,17 @@ class _Child:
         return self.proc.is_alive()
 
     def run(
-        self, task: str, args: list[Any], kwargs: dict[str, Any], ctx: JobContext,
+        self,
+        task: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        ctx: JobContext,
         timeout_s: float | None,
-    ) -> Any:  # fmt: skip
+    ) -> Any:
         self.jobs_done += 1
-        self.conn.send(("run", ctx.id, task, ctx.queue, ctx.attempt, ctx.max_attempts, args, kwargs))
+        self.conn.send(
+            ("run", ctx.id, task, ctx.queue, ctx.attempt, ctx.max_attempts, args, kwargs)
+        )
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         cancel_sent = False
         while True:
@@ -95,10 +102,8 @@ class _Child:
         self.proc.join(5)
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.conn.send(("stop",))
-        except OSError:
-            pass
         self.proc.join(2)
         if self.proc.is_alive():
             self.kill()
@@ -183,11 +188,14 @@ def child_main(app_path: str, conn: Connection) -> None:
         _, job_id, task_name, queue_name, attempt, max_attempts, args, kwargs = msg
         cancelled.clear()
         ctx = JobContext(
-            id=job_id, task=task_name, queue=queue_name, attempt=attempt,
+            id=job_id,
+            task=task_name,
+            queue=queue_name,
+            attempt=attempt,
             max_attempts=max_attempts,
             _report=lambda _id, f, m: conn.send(("progress", f, m)),
             _cancelled=cancelled,
-        )  # fmt: skip
+        )
         token = set_current(ctx)
         try:
             task = app.get_task(task_name)

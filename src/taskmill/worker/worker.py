@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -112,8 +113,25 @@ class Worker:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._wake_for_stop)
 
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: the first drains (see ``stop``), the second stops at once.
+        Call from inside ``run``'s loop, before or while it runs (the CLI does)."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self._stop_requested:
+            log.warning("worker %s: %s again: stopping now", self.id, name)
+        else:
+            log.warning("worker %s: %s: draining (send again to stop at once)", self.id, name)
+        self.stop()
+
     def _wake_for_stop(self) -> None:
-        assert self._stop_event and self._progressed
+        if self._stop_event is None or self._progressed is None:
+            return  # not running yet: run() sees _stop_requested
         self._stop_event.set()
         self._progressed.set()
         if self._idle_task is not None:
@@ -143,8 +161,12 @@ class Worker:
             await self._heartbeat_once()
             log.info(
                 "worker %s started: queues=%s concurrency=%d pool=%s broker=%s",
-                self.id, ",".join(self.queues), self.concurrency, self.pool, self.app.url,
-            )  # fmt: skip
+                self.id,
+                ",".join(self.queues),
+                self.concurrency,
+                self.pool,
+                self.app.url,
+            )
         try:
             await self._claim_loop(until_idle)
             await self._drain()
@@ -242,9 +264,13 @@ class Worker:
         assert job.lease_token is not None and self._loop is not None
         claim = Claim(job.id, job.lease_token)
         ctx = JobContext(
-            id=job.id, task=job.task, queue=job.queue, attempt=job.attempt,
-            max_attempts=job.max_attempts, _report=self._report_progress,
-        )  # fmt: skip
+            id=job.id,
+            task=job.task,
+            queue=job.queue,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            _report=self._report_progress,
+        )
         task = self.app.tasks.get(job.task)
         running = _Running(job, claim, ctx, is_async=task is not None and task.is_async)
         self._running[job.id] = running
@@ -265,8 +291,10 @@ class Worker:
         if r.lost:
             log.warning(
                 "job %s (%s): dropped its outcome %s: the lease was lost to another worker",
-                r.job.id, r.job.task, type(outcome).__name__,
-            )  # fmt: skip
+                r.job.id,
+                r.job.task,
+                type(outcome).__name__,
+            )
         else:
             self._pending.append(Finish(r.claim, outcome))
             assert self._flush_wake
@@ -326,8 +354,10 @@ class Worker:
             self._pending[:0] = batch
             log.error(
                 "worker %s: recording %d outcomes failed, will retry (leases are still held): %s",
-                self.id, len(batch), exc,
-            )  # fmt: skip
+                self.id,
+                len(batch),
+                exc,
+            )
             await self._sleep_unless_stopped(0.5)
             self._flush_wake.set()
             return False
@@ -338,8 +368,10 @@ class Worker:
                 log.warning(
                     "job %s: outcome %s rejected: lease token %s is stale (the job was recovered "
                     "and handed to another attempt)",
-                    finish.claim.job_id, type(finish.outcome).__name__, finish.claim.token,
-                )  # fmt: skip
+                    finish.claim.job_id,
+                    type(finish.outcome).__name__,
+                    finish.claim.token,
+                )
         self._progressed.set()
         return True
 
@@ -362,10 +394,15 @@ class Worker:
         claims = [r.claim for r in self._running.values()]
         claims += [f.claim for f in self._pending] + [f.claim for f in self._flushing]
         info = WorkerInfo(
-            id=self.id, host=socket.gethostname(), pid=os.getpid(), queues=self.queues,
-            concurrency=self.concurrency, started_at=self.started_at, heartbeat_at=time.time(),
+            id=self.id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=self.queues,
+            concurrency=self.concurrency,
+            started_at=self.started_at,
+            heartbeat_at=time.time(),
             running=list(self._running),
-        )  # fmt: skip
+        )
         try:
             reply = await self._broker.heartbeat(info, claims, self.lease_s)
         except Exception as exc:
@@ -419,8 +456,10 @@ class Worker:
         if self._running:
             log.info(
                 "worker %s: draining %d running jobs (up to %.0f s)",
-                self.id, len(self._running), self.drain_timeout_s,
-            )  # fmt: skip
+                self.id,
+                len(self._running),
+                self.drain_timeout_s,
+            )
         while self._running and not self._stop_now:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -430,7 +469,9 @@ class Worker:
                 await asyncio.wait_for(self._progressed.wait(), remaining)
         leftovers = list(self._running.values())
         for r in leftovers:
-            log.warning("job %s (%s): still running at shutdown; handing it back", r.job.id, r.job.task)
+            log.warning(
+                "job %s (%s): still running at shutdown; handing it back", r.job.id, r.job.task
+            )
             self._interrupt(r, Interrupt.SHUTDOWN)
         tasks = [r.task for r in leftovers if r.task is not None]
         if tasks:
