@@ -252,6 +252,40 @@ class App:
         broker = await self.abroker()
         return await broker.enqueue(jobs, on_conflict=opts.on_conflict)
 
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> JobHandle[Any]:
+        """Enqueue by task name (CLI, HTTP API, other languages' producers).
+
+        With the task registered here, arguments are checked against its signature and its
+        defaults apply; otherwise the job is stored as given (``queue`` defaults to the app's
+        default queue) and a worker that has the task checks it.
+        ``options`` are those of ``Task.options``.
+        """
+        return self.run_sync(self.asend_task(name, args, kwargs, **options))
+
+    async def asend_task(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> JobHandle[Any]:
+        task = self.tasks.get(name)
+        if task is None:
+            task = Task(
+                self,
+                _unregistered,
+                name=name,
+                defaults=SendOptions(queue=self.settings.default_queue),
+                policy=RetryPolicy(backoff=Backoff()),
+            )
+        return await task.options(**options).asend(*args, **(kwargs or {}))
+
     # --- jobs -------------------------------------------------------------------------------
 
     def job(self, job_id: str) -> JobHandle[Any]:
@@ -295,6 +329,11 @@ class App:
         if errors:
             raise errors[0]
         return box[0]
+
+
+def _unregistered(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for a task this process does not have: any arguments bind."""
+    raise UnknownTaskError("this task is not registered in this process")
 
 
 def _eager_flag(url: str) -> bool:

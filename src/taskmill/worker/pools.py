@@ -57,6 +57,26 @@ async def call_async(
         raise
 
 
+class InlineRunner:
+    """``--pool async``: sync tasks are called on the event loop thread itself. Fastest for
+    tiny functions; only for tasks that never block (a blocking one stalls the whole worker)."""
+
+    async def call(
+        self,
+        task: Task[Any, Any],
+        args: list[Any],
+        kwargs: dict[str, Any],
+        ctx: JobContext,
+        timeout_s: float | None,
+    ) -> Any:
+        if task.is_async:
+            return await call_async(task, args, kwargs, ctx, timeout_s)
+        return _in_thread(ctx, task.fn, args, kwargs)
+
+    def close(self) -> None:
+        pass
+
+
 class ThreadRunner:
     """Sync tasks in a thread pool. A timeout fails the job and sets ``cancelled``; the thread
     itself cannot be stopped, so it finishes in the background (use the process pool for hard

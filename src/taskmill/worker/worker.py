@@ -27,14 +27,14 @@ from taskmill.context import JobContext
 from taskmill.job import Claim, Failed, Finish, Job, JobState, Outcome, Progress, WorkerInfo
 from taskmill.retry import error_info
 from taskmill.worker.execution import Interrupt, execute
-from taskmill.worker.pools import Runner, ThreadRunner
+from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
 
 if TYPE_CHECKING:
     from taskmill.app import App
 
 log = logging.getLogger("taskmill.worker")
 
-PoolKind = Literal["thread", "process"]
+PoolKind = Literal["async", "thread", "process"]
 _PROGRESS_INTERVAL_S = 0.1
 
 
@@ -192,6 +192,8 @@ class Worker:
 
             assert self.app_path is not None
             return ProcessRunner(self.app_path, self.concurrency, self.max_tasks_per_child)
+        if self.pool == "async":
+            return InlineRunner()
         return ThreadRunner(self.concurrency)
 
     # --- claiming ---------------------------------------------------------------------------
