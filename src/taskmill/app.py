@@ -55,7 +55,6 @@ class App:
         self._broker: Broker | None = None
         self._opened = False
         self._open_lock = threading.Lock()
-        self._aopen_lock: asyncio.Lock | None = None
         self._portal: Portal | None = None
         self._portal_lock = threading.Lock()
 
@@ -158,19 +157,18 @@ class App:
     def broker(self) -> Broker:
         """The broker object (made on first access, not yet connected)."""
         if self._broker is None:
-            self._broker = broker_from_url(self.url)
+            with self._open_lock:  # two threads' first use must not make two brokers
+                if self._broker is None:
+                    self._broker = broker_from_url(self.url)
         return self._broker
 
     async def abroker(self) -> Broker:
-        """The broker, connected."""
+        """The broker, connected. ``Broker.open`` is idempotent, so loops on two threads
+        opening at once is harmless."""
         broker = self.broker
         if not self._opened:
-            if self._aopen_lock is None:
-                self._aopen_lock = asyncio.Lock()
-            async with self._aopen_lock:
-                if not self._opened:
-                    await broker.open()
-                    self._opened = True
+            await broker.open()
+            self._opened = True
         return broker
 
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -182,9 +180,8 @@ class App:
         return self._portal.run(coro)
 
     def open(self) -> App:
-        with self._open_lock:
-            if not self._opened:
-                self.run_sync(self.abroker())
+        if not self._opened:
+            self.run_sync(self.abroker())
         return self
 
     async def aopen(self) -> App:

@@ -64,6 +64,10 @@ class MemoryBroker(Broker):
         self._paused: set[str] = set()
         self._workers: dict[str, WorkerInfo] = {}
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        # bumped on every notify; a loop's wait returns at once if it changed since that loop's
+        # last claim, so a notify between an empty claim and the wait is not missed
+        self._version = 0
+        self._seen: dict[asyncio.AbstractEventLoop, int] = {}
 
     # --- internals (lock held) --------------------------------------------------------------
 
@@ -92,6 +96,7 @@ class MemoryBroker(Broker):
             del self._keys[job.key]
 
     def _notify(self) -> None:
+        self._version += 1
         waiters, self._waiters = self._waiters, []
         for loop, fut in waiters:
             loop.call_soon_threadsafe(_resolve, fut)
@@ -172,7 +177,9 @@ class MemoryBroker(Broker):
         now = time.time()
         token = os.urandom(8).hex()
         claimed: list[Job] = []
+        loop = asyncio.get_running_loop()
         with self._lock:
+            self._seen[loop] = self._version
             self._promote(now)
             heaps = [self._ready[q] for q in queues if q not in self._paused and q in self._ready]
             while len(claimed) < limit:
@@ -281,6 +288,9 @@ class MemoryBroker(Broker):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         with self._lock:
+            if self._seen.get(loop, -1) != self._version:
+                self._seen[loop] = self._version
+                return
             if self._scheduled:
                 timeout = min(timeout, max(0.0, self._scheduled[0][0] - time.time()))
             self._waiters.append((loop, fut))

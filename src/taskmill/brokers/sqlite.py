@@ -153,6 +153,7 @@ class SQLiteBroker(Broker):
         self._executor: ThreadPoolExecutor | None = None
         self._opened = False
         self._open_lock = threading.Lock()
+        self._start_lock = threading.Lock()
         self._wake_dir = channel_dir(self.path)
         self._sender: WakeSender | None = None
         self._listener: WakeListener | None = None
@@ -275,13 +276,14 @@ class SQLiteBroker(Broker):
         self.open_blocking()
 
     def open_blocking(self) -> None:
-        if self._opened:
-            return
-        with self._errors():
-            self._conn()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="taskmill-sqlite")
-        self._sender = WakeSender(self._wake_dir)
-        self._opened = True
+        with self._start_lock:
+            if self._opened:
+                return
+            with self._errors():
+                self._conn()
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="taskmill-sqlite")
+            self._sender = WakeSender(self._wake_dir)
+            self._opened = True
 
     async def close(self) -> None:
         if self._executor is not None:
@@ -395,6 +397,9 @@ class SQLiteBroker(Broker):
     async def claim(
         self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
     ) -> list[Job]:
+        if self._listener is None:
+            # listen before the first claim, so a notify after an empty claim is not missed
+            self._listener = WakeListener(self._wake_dir)
         return await self._run(self._claim, queues, limit, worker_id, lease_s)
 
     def _claim_statement(self, n_queues: int) -> str:
@@ -415,6 +420,7 @@ class SQLiteBroker(Broker):
     def _claim(
         self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
     ) -> list[Job]:
+        self._data_changed()  # the baseline for wait(): any commit after this wakes it
         now = time.time()
         token = os.urandom(8).hex()
         with self._write() as c:
@@ -529,7 +535,6 @@ class SQLiteBroker(Broker):
     async def wait(self, queues: Sequence[str], timeout: float) -> None:
         if self._listener is None:
             self._listener = WakeListener(self._wake_dir)
-            self._sender = self._sender or WakeSender(self._wake_dir)
         next_due = await self._run(self._next_scheduled)
         now = time.time()
         if next_due is not None:
@@ -547,7 +552,6 @@ class SQLiteBroker(Broker):
     def _next_scheduled(self) -> float | None:
         with self._errors():
             (value,) = self._read().execute(Q["next_scheduled"]).fetchone()
-        self._data_changed()  # take the current version as the baseline for the wait
         return value  # type: ignore[no-any-return]
 
     def _data_changed(self) -> bool:

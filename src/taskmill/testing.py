@@ -1,0 +1,99 @@
+"""Helpers for testing code that uses taskmill (also a pytest plugin, loaded automatically).
+
+- ``App("memory://")``: an in-process broker; ``App("memory://?eager=1")`` runs each job as
+  soon as it is sent.
+- ``app.run_until_idle()``: run due jobs in this process until none is left.
+- ``running_worker(app)``: a real worker on a background thread for the duration of a block.
+- the ``taskmill_memory`` fixture: swaps an app's broker for a fresh memory broker.
+
+>>> from taskmill import App
+>>> app = App("memory://")
+>>> @app.task()
+... def double(x: int) -> int:
+...     return 2 * x
+>>> with running_worker(app):
+...     double.send(21).result(timeout=5)
+42
+>>> app.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from taskmill.worker import Worker
+
+if TYPE_CHECKING:
+    from taskmill.app import App
+
+
+@contextlib.contextmanager
+def running_worker(
+    app: App,
+    *,
+    queues: Sequence[str] | None = None,
+    concurrency: int = 8,
+    join_timeout_s: float = 30.0,
+    **worker_options: Any,
+) -> Iterator[Worker]:
+    """Run a worker for ``app`` on a background thread; stop it (draining) on exit.
+
+    ``queues`` defaults to every queue the app's tasks use.
+    """
+    worker = Worker(app, queues=queues or app.queues(), concurrency=concurrency, **worker_options)
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    async def main() -> None:
+        started.set()
+        await worker.run()
+
+    def target() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            errors.append(exc)
+            started.set()
+
+    thread = threading.Thread(target=target, name="taskmill-test-worker", daemon=True)
+    thread.start()
+    started.wait(join_timeout_s)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(join_timeout_s)
+        if thread.is_alive():
+            raise RuntimeError(f"the worker did not stop within {join_timeout_s} s")
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def taskmill_memory() -> Iterator[Callable[[App], App]]:
+    """Point apps at a fresh memory broker for one test; restored afterwards.
+
+    ``def test_signup(taskmill_memory): taskmill_memory(myapp.app); ...``
+    """
+    from taskmill.brokers.memory import MemoryBroker
+
+    swapped: list[tuple[App, Any, Any, bool]] = []
+
+    def use(app: App) -> App:
+        swapped.append((app, app._broker, app.url, app._opened))
+        app._broker = MemoryBroker()
+        app.url = "memory://"
+        app._opened = False
+        return app
+
+    yield use
+    for app, broker, url, opened in reversed(swapped):
+        with contextlib.suppress(Exception):
+            app.close()
+        app._broker, app.url, app._opened = broker, url, opened
