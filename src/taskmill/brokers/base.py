@@ -108,6 +108,19 @@ class Broker(abc.ABC):
         enqueue order; skip paused queues. Each becomes ``running`` with attempt + 1, a fresh
         lease token and ``lease_expires_at = now + lease_s``."""
 
+    async def finish_and_claim(
+        self,
+        finishes: Sequence[Finish],
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_s: float,
+    ) -> tuple[list[bool], list[Job]]:
+        """``finish`` then ``claim``; brokers override it to do both in one round trip, which
+        is what lets a busy worker spend one transaction per batch rather than two."""
+        applied = await self.finish(finishes) if finishes else []
+        return applied, await self.claim(queues, limit, worker_id, lease_s)
+
     @abc.abstractmethod
     async def heartbeat(
         self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float

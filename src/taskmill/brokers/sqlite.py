@@ -91,6 +91,11 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
     return path, dict(parse_qsl(parts.query))
 
 
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
 def _row_to_job(r: Sequence[Any]) -> Job:
     error = None
     if r[20] is not None:
@@ -161,16 +166,38 @@ class SQLiteBroker(Broker):
 
     # --- connections ----------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, busy_timeout_ms: int = 0) -> sqlite3.Connection:
+        # Working connections have no SQLite busy handler: its sleeps start at 1 ms and grow,
+        # far longer than our transactions last, so two busy workers would mostly sleep.
+        # ``_begin`` retries on a finer schedule instead. WAL readers never wait for writers.
         conn = sqlite3.connect(
             self.path,
-            timeout=self.busy_timeout_ms / 1000,
+            timeout=busy_timeout_ms / 1000,
             isolation_level=None,
             check_same_thread=False,
         )
-        conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         return conn
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``, retried every 50 µs-2 ms until ``busy_timeout_ms``."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        delay = 50e-6
+        while True:
+            time.sleep(delay)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise
+            delay = min(delay * 1.5, 0.002)
 
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection; reopened if the file was deleted or replaced under us."""
@@ -207,7 +234,7 @@ class SQLiteBroker(Broker):
                 f"cannot open SQLite database {self.path}: {directory} does not exist"
             )
         with self._errors():
-            conn = self._connect()
+            conn = self._connect(self.busy_timeout_ms)
             try:
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if mode != "wal":
@@ -255,7 +282,7 @@ class SQLiteBroker(Broker):
     def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         with self._errors():
             conn = conn or self._conn()
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             try:
                 yield conn
             except BaseException:
@@ -417,26 +444,75 @@ class SQLiteBroker(Broker):
             self._claim_sql[n_queues] = sql
         return sql
 
+    async def finish_and_claim(
+        self,
+        finishes: Sequence[Finish],
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_s: float,
+    ) -> tuple[list[bool], list[Job]]:
+        if self._listener is None:
+            self._listener = WakeListener(self._wake_dir)
+        return await self._run(self._finish_and_claim, finishes, queues, limit, worker_id, lease_s)
+
+    def _finish_and_claim(
+        self,
+        finishes: Sequence[Finish],
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_s: float,
+    ) -> tuple[list[bool], list[Job]]:
+        applied: list[bool] = []
+        jobs = self._claim(queues, limit, worker_id, lease_s, finishes, applied)
+        return applied, jobs
+
     def _claim(
-        self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_s: float,
+        finishes: Sequence[Finish] = (),
+        applied: list[bool] | None = None,
     ) -> list[Job]:
         self._data_changed()  # the baseline for wait(): any commit after this wakes it
         now = time.time()
         token = os.urandom(8).hex()
+        notify = False
         with self._write() as c:
+            if finishes:
+                assert applied is not None
+                notify = self._apply_finishes(c, finishes, now, applied)
             c.execute(Q["promote_due"], (now,))
             paused = {r[0] for r in c.execute(Q["paused_queues"])}
             active = [q for q in queues if q not in paused] if paused else list(queues)
             if not active:
-                return []
-            params: list[Any] = [token, now + lease_s, worker_id, now]
-            for q in active:
-                params += (q, limit)
-            if len(active) > 1:
-                params.append(limit)
-            rows = c.execute(self._claim_statement(len(active)), params).fetchall()
+                rows = []
+            else:
+                rows = self._claim_rows(c, active, limit, token, now + lease_s, worker_id, now)
+        if notify:
+            self._notify()
         rows.sort(key=lambda r: (-r[6], r[9], r[0]))  # priority desc, run_at, enqueue order
         return [_row_to_job(r[1:]) for r in rows]
+
+    def _claim_rows(
+        self,
+        c: sqlite3.Connection,
+        active: list[str],
+        limit: int,
+        token: str,
+        expires: float,
+        worker_id: str,
+        now: float,
+    ) -> list[Any]:
+        params: list[Any] = [token, expires, worker_id, now]
+        for q in active:
+            params += (q, limit)
+        if len(active) > 1:
+            params.append(limit)
+        return c.execute(self._claim_statement(len(active)), params).fetchall()
 
     async def heartbeat(
         self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
@@ -483,34 +559,39 @@ class SQLiteBroker(Broker):
         return await self._run(self._finish, finishes)
 
     def _finish(self, finishes: Sequence[Finish]) -> list[bool]:
-        now = time.time()
         applied: list[bool] = []
-        notify = False
         with self._write() as c:
-            for f in finishes:
-                o, job_id, token = f.outcome, f.claim.job_id, f.claim.token
-                if isinstance(o, Succeeded):
-                    cur = c.execute(Q["finish_succeeded"], (o.result, now, job_id, token))
-                elif isinstance(o, RetryAt):
-                    err = _error_encoder.encode(o.error)
-                    cur = c.execute(
-                        Q["finish_retry"], (o.run_at, now, o.run_at, err, job_id, token)
-                    )
-                    notify = notify or o.run_at <= now
-                elif isinstance(o, Failed):
-                    err = _error_encoder.encode(o.error)
-                    cur = c.execute(Q["finish_failed"], (err, now, job_id, token))
-                elif isinstance(o, Cancelled):
-                    cur = c.execute(Q["finish_cancelled"], (now, job_id, token))
-                elif isinstance(o, Released):
-                    cur = c.execute(Q["finish_released"], (job_id, token))
-                    notify = True
-                else:  # pragma: no cover - the outcome set is closed
-                    raise TypeError(f"unknown outcome {o!r}")
-                applied.append(cur.rowcount == 1)
+            notify = self._apply_finishes(c, finishes, time.time(), applied)
         if notify:
             self._notify()
         return applied
+
+    @staticmethod
+    def _apply_finishes(
+        c: sqlite3.Connection, finishes: Sequence[Finish], now: float, applied: list[bool]
+    ) -> bool:
+        """Write outcomes inside the caller's transaction; True if a job became due now."""
+        notify = False
+        for f in finishes:
+            o, job_id, token = f.outcome, f.claim.job_id, f.claim.token
+            if isinstance(o, Succeeded):
+                cur = c.execute(Q["finish_succeeded"], (o.result, now, job_id, token))
+            elif isinstance(o, RetryAt):
+                err = _error_encoder.encode(o.error)
+                cur = c.execute(Q["finish_retry"], (o.run_at, now, o.run_at, err, job_id, token))
+                notify = notify or o.run_at <= now
+            elif isinstance(o, Failed):
+                err = _error_encoder.encode(o.error)
+                cur = c.execute(Q["finish_failed"], (err, now, job_id, token))
+            elif isinstance(o, Cancelled):
+                cur = c.execute(Q["finish_cancelled"], (now, job_id, token))
+            elif isinstance(o, Released):
+                cur = c.execute(Q["finish_released"], (job_id, token))
+                notify = True
+            else:  # pragma: no cover - the outcome set is closed
+                raise TypeError(f"unknown outcome {o!r}")
+            applied.append(cur.rowcount == 1)
+        return notify
 
     async def record_progress(self, items: Sequence[Progress]) -> None:
         rows = [(p.fraction, p.message, p.claim.job_id, p.claim.token) for p in items]

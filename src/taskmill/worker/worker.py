@@ -210,14 +210,23 @@ class Worker:
                 if len(self._running) > self.concurrency * 3 // 4:
                     await asyncio.sleep(0)  # let completions that are ready land: bigger batches
                 continue
+            # outcomes waiting to be written ride along with the claim: one transaction
+            batch, self._pending = self._pending, []
+            self._flushing = batch
             try:
-                jobs = await broker.claim(self.queues, free, self.id, self.lease_s)
+                applied, jobs = await broker.finish_and_claim(
+                    batch, self.queues, free, self.id, self.lease_s
+                )
                 backoff = 0.05
             except Exception as exc:
+                self._pending[:0] = batch
                 log.error("worker %s: claim failed, retrying in %.2f s: %s", self.id, backoff, exc)
                 await self._sleep_unless_stopped(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            finally:
+                self._flushing = []
+            self._log_rejected(batch, applied)
             for job in jobs:
                 self._start(job)
             if len(jobs) >= free:
@@ -231,8 +240,10 @@ class Worker:
                 await self._idle_wait(None)
 
     async def _idle_wait(self, also: asyncio.Event | None) -> None:
-        assert self._broker
+        assert self._broker and self._flush_wake
         self._idle_task = asyncio.create_task(self._broker.wait(self.queues, self.idle_poll_s))
+        if self._pending:
+            self._flush_wake.set()
         waiters: list[asyncio.Future[object]] = [self._idle_task]  # type: ignore[list-item]
         extra = None
         if also is not None:
@@ -299,8 +310,11 @@ class Worker:
             )
         else:
             self._pending.append(Finish(r.claim, outcome))
-            assert self._flush_wake
-            self._flush_wake.set()
+            # a claim loop about to claim carries the outcome in its transaction; only an
+            # idle or stopping one leaves it to the flusher
+            if self._idle_task is not None or self._stop_requested:
+                assert self._flush_wake
+                self._flush_wake.set()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s (%s): %s", r.job.id, r.job.task, type(outcome).__name__)
         assert self._progressed
@@ -365,6 +379,12 @@ class Worker:
             return False
         finally:
             self._flushing = []
+        self._log_rejected(batch, applied)
+        self._progressed.set()
+        return True
+
+    @staticmethod
+    def _log_rejected(batch: list[Finish], applied: list[bool]) -> None:
         for finish, ok in zip(batch, applied, strict=True):
             if not ok:
                 log.warning(
@@ -374,8 +394,6 @@ class Worker:
                     type(finish.outcome).__name__,
                     finish.claim.token,
                 )
-        self._progressed.set()
-        return True
 
     async def _flush_all(self) -> None:
         for _ in range(20):

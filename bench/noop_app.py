@@ -1,0 +1,19 @@
+"""The benchmark's app: no-op tasks, so what is measured is taskmill's own cost."""
+
+from __future__ import annotations
+
+import os
+
+from taskmill import App
+
+app = App(os.environ.get("TASKMILL_URL", "sqlite:///bench.db"))
+
+
+@app.task(name="noop", retries=0)
+def noop() -> None:
+    """A sync no-op: runs in the worker's thread pool (the default pool)."""
+
+
+@app.task(name="anoop", retries=0)
+async def anoop() -> None:
+    """An async no-op: runs on the worker's event loop."""

@@ -1,0 +1,190 @@
+"""Throughput and latency of taskmill on one broker (default: a fresh SQLite file).
+
+    python -m bench.throughput                 # every mode, 20,000 jobs, 2 worker processes
+    python -m bench.throughput --mode drain --jobs 50000 --task anoop
+
+Modes:
+- enqueue: bulk ``send_many`` in batches of 1,000, and a plain ``send()`` loop;
+- drain: N no-op jobs enqueued first, then 2 worker processes (``taskmill worker -p 2``) run
+  them; jobs/s from the first start to the last finish, read back from the stored timestamps;
+- latency: jobs sent at a steady rate (default 200/s) to idle workers; enqueue→start latency
+  percentiles from the stored ``enqueued_at`` and ``started_at`` (one machine, one clock).
+
+Prints a table; the figures go to docs/benchmarks.md. Timings are wall clock on a noisy
+machine: compare ratios taken in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+@contextmanager
+def workers(url: str, processes: int, concurrency: int, pool: str) -> Iterator[None]:
+    env = {**os.environ, "TASKMILL_URL": url, "PYTHONPATH": ROOT}
+    cmd = [
+        sys.executable, "-m", "taskmill", "worker", "bench.noop_app:app",
+        "-p", str(processes), "-c", str(concurrency), "--pool", pool, "--log-level", "warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark did not finish in time")
+        time.sleep(interval)
+
+
+def db_path(url: str) -> str:
+    return url.removeprefix("sqlite:///")
+
+
+def count_finished(path: str) -> int:
+    with sqlite3.connect(path) as conn:
+        (n,) = conn.execute(
+            "SELECT count(*) FROM taskmill_jobs WHERE state IN ('succeeded','failed')"
+        ).fetchone()
+    return int(n)
+
+
+def fresh_url(tmp: str, name: str) -> str:
+    path = os.path.join(tmp, f"{name}.db")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.unlink(path + suffix)
+    return f"sqlite:///{path}"
+
+
+def run_enqueue(tmp: str, jobs: int) -> dict[str, float]:
+    from taskmill import App
+
+    url = fresh_url(tmp, "enqueue")
+    app = App(url)
+    task = app.task(name="noop", retries=0)(lambda: None)
+    task.send()  # open the broker and create the schema outside the timed part
+    t0 = time.perf_counter()
+    for start in range(0, jobs, 1000):
+        task.send_many([()] * min(1000, jobs - start))
+    bulk = jobs / (time.perf_counter() - t0)
+    loop_jobs = max(1000, jobs // 4)
+    t0 = time.perf_counter()
+    for _ in range(loop_jobs):
+        task.send()
+    single = loop_jobs / (time.perf_counter() - t0)
+    app.close()
+    return {"bulk send_many jobs/s": bulk, "send() loop jobs/s": single}
+
+
+def run_drain(tmp: str, jobs: int, task_name: str, processes: int, conc: int, pool: str) -> float:
+    from taskmill import App
+
+    url = fresh_url(tmp, f"drain-{task_name}-{pool}")
+    app = App(url)
+    task = app.task(name=task_name, retries=0)(lambda: None)
+    for start in range(0, jobs, 5000):
+        task.send_many([()] * min(5000, jobs - start))
+    app.close()
+    path = db_path(url)
+    with workers(url, processes, conc, pool):
+        wait_until(lambda: count_finished(path) >= jobs, timeout=600, interval=0.2)
+    with sqlite3.connect(path) as conn:
+        first, last = conn.execute(
+            "SELECT min(started_at), max(finished_at) FROM taskmill_jobs"
+        ).fetchone()
+    return jobs / (last - first)
+
+
+def run_latency(tmp: str, rate: float, seconds: float, processes: int, conc: int) -> list[float]:
+    from taskmill import App
+
+    url = fresh_url(tmp, "latency")
+    app = App(url)
+    task = app.task(name="anoop", retries=0)(lambda: None)
+    task.send()  # schema
+    path = db_path(url)
+    total = int(rate * seconds)
+    with workers(url, processes, conc, "thread"):
+        wait_until(lambda: count_finished(path) >= 1, timeout=30)
+        time.sleep(1.0)  # let both worker processes reach their idle wait
+        interval = 1.0 / rate
+        next_at = time.perf_counter()
+        for _ in range(total):
+            now = time.perf_counter()
+            if next_at > now:
+                time.sleep(next_at - now)
+            task.send()
+            next_at += interval
+        wait_until(lambda: count_finished(path) >= total + 1, timeout=60)
+    app.close()
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(
+            "SELECT (started_at - enqueued_at) * 1000 FROM taskmill_jobs ORDER BY seq"
+        ).fetchall()
+    return [r[0] for r in rows[1:]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=["all", "enqueue", "drain", "latency"], default="all")
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--task", choices=["noop", "anoop"], default=None)
+    parser.add_argument("--pool", choices=["async", "thread", "process"], default="thread")
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="taskmill-bench-") as tmp:
+        if args.mode in ("all", "enqueue"):
+            for name, value in run_enqueue(tmp, args.jobs).items():
+                rows.append((name, f"{value:,.0f}"))
+        if args.mode in ("all", "drain"):
+            for task_name in [args.task] if args.task else ["noop", "anoop"]:
+                rate = run_drain(
+                    tmp, args.jobs, task_name, args.processes, args.concurrency, args.pool
+                )
+                label = f"drain jobs/s ({task_name}, -p {args.processes} -c {args.concurrency})"
+                rows.append((label, f"{rate:,.0f}"))
+        if args.mode in ("all", "latency"):
+            lat = run_latency(tmp, args.rate, args.seconds, args.processes, args.concurrency)
+            for q in (50, 95, 99):
+                rows.append((f"latency p{q} ms at {args.rate:.0f} jobs/s", f"{percentile(lat, q):.2f}"))
+            rows.append(("latency mean ms", f"{statistics.fmean(lat):.2f}"))
+    width = max(len(r[0]) for r in rows)
+    print(f"\ntaskmill on SQLite, {args.jobs:,} jobs, python {sys.version.split()[0]}")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value:>10}")
+
+
+if __name__ == "__main__":
+    main()
