@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 
 _lock = threading.Lock()
 _last_ms = 0
 _counter = 0
+# Ids need to be unique, not secret: a PRNG seeded from the OS avoids a syscall per id, and a
+# fork reseeds it so a child does not repeat its parent's sequence.
+_random = random.Random(random.SystemRandom().getrandbits(128))
 
 
 def uuid7() -> str:
@@ -23,10 +27,17 @@ def uuid7() -> str:
                 ms += 1
                 _counter = 0
         else:
-            _counter = int.from_bytes(os.urandom(1)) & 0x3F
+            _counter = _random.getrandbits(6)
         _last_ms = ms
         counter = _counter
-    rand = int.from_bytes(os.urandom(8)) & 0x3FFF_FFFF_FFFF_FFFF
+        rand = _random.getrandbits(62)
     value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0x2 << 62) | rand
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _reseed() -> None:
+    _random.seed(random.SystemRandom().getrandbits(128))
+
+
+os.register_at_fork(after_in_child=_reseed)

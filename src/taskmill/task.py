@@ -81,6 +81,7 @@ class Task(Generic[P, R]):
         self.defaults = defaults
         self.policy = policy
         self.signature = inspect.signature(fn)
+        self._bound_shapes: set[object] = set()
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
@@ -166,10 +167,17 @@ class Task(Generic[P, R]):
     # --- building jobs ----------------------------------------------------------------------
 
     def bind_check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        # Whether a call binds depends only on how many positional arguments there are and
+        # which keywords: remember the shapes that bound, so send_many checks each shape once.
+        shape = (len(args), frozenset(kwargs)) if kwargs else len(args)
+        if shape in self._bound_shapes:
+            return
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"task {self.name!r}: {exc}") from None
+        if len(self._bound_shapes) < 64:
+            self._bound_shapes.add(shape)
 
     def build(self, opts: SendOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> NewJob:
         self.bind_check(args, kwargs)

@@ -243,7 +243,12 @@ class SQLiteBroker(Broker):
                 if version < SCHEMA_VERSION:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
-                        for statement in Q["schema_v1"].split(";"):
+                        schema = "\n".join(
+                            line
+                            for line in Q["schema_v1"].splitlines()
+                            if not line.startswith("--")
+                        )
+                        for statement in schema.split(";"):
                             if statement.strip():
                                 conn.execute(statement)
                         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
