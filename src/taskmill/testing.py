@@ -25,9 +25,12 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import pytest
-
 from taskmill.worker import Worker
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - the fixture is only for pytest users
+    pytest = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from taskmill.app import App
@@ -75,7 +78,6 @@ def running_worker(
             raise errors[0]
 
 
-@pytest.fixture
 def taskmill_memory() -> Iterator[Callable[[App], App]]:
     """Point apps at a fresh memory broker for one test; restored afterwards.
 
@@ -97,3 +99,7 @@ def taskmill_memory() -> Iterator[Callable[[App], App]]:
         with contextlib.suppress(Exception):
             app.close()
         app._broker, app.url, app._opened = broker, url, opened
+
+
+if pytest is not None:
+    taskmill_memory = pytest.fixture(taskmill_memory)
