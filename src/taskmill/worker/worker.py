@@ -99,6 +99,7 @@ class Worker:
         self._flush_wake: asyncio.Event | None = None
         self._idle_task: asyncio.Task[None] | None = None
         self._broker: Broker | None = None
+        self._registered = False
 
     # --- control (thread-safe) ----------------------------------------------------------------
 
@@ -178,7 +179,7 @@ class Worker:
             if self._pending:  # a flush that failed on the way out: one last try
                 with contextlib.suppress(Exception):
                     await self._flush_all()
-            if self.register:
+            if self._registered:
                 with contextlib.suppress(Exception):
                     await self._broker.unregister_worker(self.id)
             runner.close()
@@ -413,6 +414,8 @@ class Worker:
         assert self._broker
         claims = [r.claim for r in self._running.values()]
         claims += [f.claim for f in self._pending] + [f.claim for f in self._flushing]
+        if not claims and not self.register:
+            return  # an unregistered (in-process test) worker has nothing to report
         info = WorkerInfo(
             id=self.id,
             host=socket.gethostname(),
@@ -425,6 +428,7 @@ class Worker:
         )
         try:
             reply = await self._broker.heartbeat(info, claims, self.lease_s)
+            self._registered = True
         except Exception as exc:
             log.error("worker %s: heartbeat failed: %s", self.id, exc)
             return
