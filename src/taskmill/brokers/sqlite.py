@@ -163,6 +163,9 @@ class SQLiteBroker(Broker):
         self._sender: WakeSender | None = None
         self._listener: WakeListener | None = None
         self._claim_sql: dict[int, str] = {}
+        # commits on this process's own connection do not change its PRAGMA data_version, so
+        # wait() also watches this count of our own writes that may schedule work
+        self._own_writes = 0
 
     # --- connections ----------------------------------------------------------------------
 
@@ -172,11 +175,14 @@ class SQLiteBroker(Broker):
         # ``_begin`` retries on a finer schedule instead. WAL readers never wait for writers.
         conn = sqlite3.connect(
             self.path,
-            timeout=busy_timeout_ms / 1000,
+            timeout=self.busy_timeout_ms / 1000,
             isolation_level=None,
             check_same_thread=False,
         )
+        # Opening reads the schema, which waits out another connection's close (the last one
+        # to close checkpoints the WAL under an exclusive lock); only then drop the handler.
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
         return conn
 
     def _begin(self, conn: sqlite3.Connection) -> None:
@@ -207,9 +213,9 @@ class SQLiteBroker(Broker):
             inode = os.stat(self.path).st_ino
         except FileNotFoundError:
             inode = None
-        if inode != self._inode:
+        if inode is None or inode != self._inode:
             with self._open_lock:
-                if inode != self._inode:
+                if inode is None or inode != self._inode:
                     if self._inode is not None:
                         log.error(
                             "SQLite file %s was deleted or replaced under this process; "
@@ -399,6 +405,7 @@ class SQLiteBroker(Broker):
         else:
             with self._write() as conn:
                 self._insert(conn, plain, keyed, result, on_conflict)
+        self._own_writes += 1
         if due:
             self._notify()
         return result
@@ -567,6 +574,7 @@ class SQLiteBroker(Broker):
         applied: list[bool] = []
         with self._write() as c:
             notify = self._apply_finishes(c, finishes, time.time(), applied)
+        self._own_writes += 1  # a retry scheduled here must shorten our own wait()
         if notify:
             self._notify()
         return applied
@@ -643,6 +651,7 @@ class SQLiteBroker(Broker):
     def _data_changed(self) -> bool:
         with self._errors():
             (version,) = self._read().execute("PRAGMA data_version").fetchone()
+        version = (version, self._own_writes)
         changed = version != getattr(self._local, "data_version", None)
         self._local.data_version = version
         return changed  # type: ignore[no-any-return]
