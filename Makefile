@@ -1,26 +1,47 @@
 # The two set-up commands are `make demo` and `make test`; CI runs `make test` (.ci/run).
+# Both work from a fresh clone on a machine with only python3 (>= 3.11): the virtualenv and every
+# dependency are created here. `make PY=python3.12 test` picks another interpreter.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Reinstall only when the project's metadata changes (the install is editable: code changes
+# need none). Deleting .venv starts over.
+INSTALLED := $(VENV)/.installed
+BENCH_ARGS ?=
+# the folders that exist (a fresh clone has no empty ones, and ruff fails on a missing path)
+PY_PATHS := $(wildcard src tests bench examples)
 
-.PHONY: demo test lint typecheck unit install
+.PHONY: demo test lint typecheck unit install bench
 
 $(BIN)/python:
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "taskmill needs Python >= 3.11; '$(PY)' is $$($(PY) -V 2>/dev/null || echo 'not found')." \
+	       "Run e.g. 'make PY=python3.11 $(MAKECMDGOALS)'." >&2; exit 1; }
+	@$(PY) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "'$(PY) -m venv' failed; on Debian/Ubuntu install python3-venv first." >&2; exit 1; }
+	$(BIN)/python -m pip install -q --upgrade pip
 
-install: $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+install: $(INSTALLED)
 
 demo: install
 	$(BIN)/python -m examples.demo
 
 lint: install
-	$(BIN)/ruff check src tests bench examples
-	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/ruff check $(PY_PATHS)
+	$(BIN)/ruff format --check $(PY_PATHS)
 
 typecheck: install
 	$(BIN)/mypy
 
+unit: install
+	$(BIN)/pytest -q tests/unit
+
 test: install lint typecheck
 	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
