@@ -97,6 +97,7 @@ class Worker:
         self._stop_event: asyncio.Event | None = None
         self._progressed: asyncio.Event | None = None
         self._flush_wake: asyncio.Event | None = None
+        self._flush_lock = asyncio.Lock()  # one flush at a time (see _flush_all)
         self._idle_task: asyncio.Task[None] | None = None
         self._broker: Broker | None = None
         self._registered = False
@@ -241,7 +242,9 @@ class Worker:
                 await self._idle_wait(None)
 
     async def _idle_wait(self, also: asyncio.Event | None) -> None:
-        assert self._broker and self._flush_wake
+        assert self._broker and self._flush_wake and self._stop_event
+        if self._stop_event.is_set():
+            return  # stop() came during the claim: there was no idle task for it to cancel
         self._idle_task = asyncio.create_task(self._broker.wait(self.queues, self.idle_poll_s))
         if self._pending:
             self._flush_wake.set()
@@ -347,7 +350,8 @@ class Worker:
         while True:
             await wake.wait()
             wake.clear()
-            await self._flush_once()
+            async with self._flush_lock:
+                await self._flush_once()
 
     async def _flush_once(self) -> bool:
         """Write pending progress and outcomes; False if the broker refused (kept for later)."""
@@ -397,11 +401,14 @@ class Worker:
                 )
 
     async def _flush_all(self) -> None:
-        for _ in range(20):
-            if not self._pending and not self._progress:
-                return
-            if not await self._flush_once() and self._stop_now:
-                return
+        # the flush loop may be writing a batch that already left _pending: wait for it to land,
+        # or cancelling the loop on the way out drops that batch
+        async with self._flush_lock:
+            for _ in range(20):
+                if not self._pending and not self._progress:
+                    return
+                if not await self._flush_once() and self._stop_now:
+                    return
 
     # --- heartbeats -------------------------------------------------------------------------
 
