@@ -654,7 +654,7 @@ class SQLiteBroker(Broker):
         version = (version, self._own_writes)
         changed = version != getattr(self._local, "data_version", None)
         self._local.data_version = version
-        return changed  # type: ignore[no-any-return]
+        return changed
 
     async def unregister_worker(self, worker_id: str) -> None:
         await self._run(self._executemany_write, Q["delete_worker"], [(worker_id,)])
