@@ -60,7 +60,10 @@ class Backoff:
             raise ValueError("Backoff needs base >= 0, factor >= 1 and cap >= 0")
 
     def delay(self, attempt: int) -> float:
-        raw = min(self.cap, self.base * self.factor ** max(0, attempt - 1))
+        try:
+            raw = min(self.cap, self.base * self.factor ** max(0, attempt - 1))
+        except OverflowError:  # factor ** attempt beyond a float: far past the cap
+            raw = self.cap if self.base > 0 else 0.0
         if self.jitter:
             return raw / 2 + random.random() * raw / 2
         return float(raw)

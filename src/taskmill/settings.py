@@ -27,6 +27,15 @@ class Settings:
     default_queue: str = "default"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # before the comparisons below, which assume types
+            value = getattr(self, f.name)
+            if f.type == "str":
+                if not isinstance(value, str):
+                    raise ConfigurationError(f"{f.name} must be a string, not {value!r}")
+            elif not (value is None and f.default is None) and (
+                not isinstance(value, int | float) or isinstance(value, bool)
+            ):
+                raise ConfigurationError(f"{f.name} must be a number, not {value!r}")
         if self.lease_s <= 0:
             raise ConfigurationError("lease_s must be > 0")
         if self.heartbeat_s is not None and not 0 < self.heartbeat_s < self.lease_s:

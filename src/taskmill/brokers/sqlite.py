@@ -278,6 +278,9 @@ class SQLiteBroker(Broker):
                     f"{self.busy_timeout_ms} ms ({text}); nothing was written"
                 ) from exc
             if "readonly" in text or "read-only" in text:
+                # SQLite keeps a connection opened on a read-only file read-only for good:
+                # drop it, so a retry after the file is writable again reopens it writable
+                self._close_thread()
                 raise BrokerError(
                     f"SQLite database {self.path} is read-only ({text}); nothing was written"
                 ) from exc

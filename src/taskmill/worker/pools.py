@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from typing import Any, Protocol
 
 from taskmill.context import JobContext, reset_current, set_current
@@ -57,6 +59,56 @@ async def call_async(
         raise
 
 
+_WorkItem = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+class DaemonThreadPool(Executor):
+    """A fixed pool of daemon threads.
+
+    ``ThreadPoolExecutor`` joins its threads at interpreter exit, so one sync task that ignores
+    ``current_job().cancelled`` would keep a stopped worker's process alive after its job was
+    handed back. Daemon threads end with the process instead.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if self._closed:
+            raise RuntimeError("the task thread pool is shut down")
+        future: Future[Any] = Future()
+        call = (lambda: fn(*args, **kwargs)) if kwargs else fn
+        self._queue.put((future, call, () if kwargs else args))
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the awaiting coroutine, as an executor does
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
 class InlineRunner:
     """``--pool async``: sync tasks are called on the event loop thread itself. Fastest for
     tiny functions; only for tasks that never block (a blocking one stalls the whole worker)."""
@@ -83,7 +135,7 @@ class ThreadRunner:
     limits)."""
 
     def __init__(self, threads: int) -> None:
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="taskmill-task")
+        self._pool = DaemonThreadPool(threads, "taskmill-task")
 
     async def call(
         self,

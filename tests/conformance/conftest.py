@@ -1,0 +1,147 @@
+"""Everything broker-specific in the conformance suite lives here.
+
+A new broker joins the suite by adding a ``BROKERS`` entry (how to make its URL for one test),
+a ``CORRUPTERS`` entry (how to overwrite a stored payload behind taskmill's back) and, if it
+leaves something behind, a ``CLEANUPS`` entry. The tests
+themselves only see an ``App`` and the broker contract.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from taskmill import App
+from taskmill.brokers import broker_from_url
+from taskmill.brokers.memory import MemoryBroker
+from taskmill.brokers.sqlite import parse_url
+from taskmill.brokers.wakeup import channel_dir
+
+BAD_PAYLOAD = b"\xff{not json"
+
+DEFAULT_SETTINGS: dict[str, Any] = {"lease_s": 5.0, "heartbeat_s": 0.2, "recover_interval_s": 0.2}
+"""Fast heartbeats (cancels and lost leases are seen within 0.2 s) with a lease long enough
+that a slow machine never loses one by accident."""
+LEASE_SETTINGS: dict[str, Any] = {"lease_s": 1.0, "heartbeat_s": 0.2, "recover_interval_s": 0.2}
+"""For tests that wait for leases to expire."""
+
+
+def _memory_url(tmp_path: Path) -> str:
+    return "memory://"
+
+
+def _sqlite_url(tmp_path: Path) -> str:
+    return "sqlite:///" + str(tmp_path / "jobs.db")  # sqlite:////abs/path/jobs.db
+
+
+BROKERS: dict[str, Callable[[Path], str]] = {
+    "memory": _memory_url,
+    "sqlite": _sqlite_url,
+}
+
+
+def _corrupt_memory(app: App, job_id: str) -> None:
+    broker = app.broker
+    assert isinstance(broker, MemoryBroker)
+    with broker._lock:
+        broker._jobs[job_id].payload = BAD_PAYLOAD
+
+
+def _corrupt_sqlite(app: App, job_id: str) -> None:
+    path, _ = parse_url(app.url)
+    conn = sqlite3.connect(path, timeout=10)
+    try:
+        with conn:
+            cur = conn.execute(
+                "UPDATE taskmill_jobs SET payload = ? WHERE id = ?", (BAD_PAYLOAD, job_id)
+            )
+            assert cur.rowcount == 1
+    finally:
+        conn.close()
+
+
+def _cleanup_sqlite(url: str) -> None:
+    # the directory of wake-up sockets lives in the temp dir, not beside the database
+    shutil.rmtree(channel_dir(parse_url(url)[0]), ignore_errors=True)
+
+
+CLEANUPS: dict[str, Callable[[str], None]] = {
+    "sqlite": _cleanup_sqlite,
+}
+
+CORRUPTERS: dict[str, Callable[[App, str], None]] = {
+    "memory": _corrupt_memory,
+    "sqlite": _corrupt_sqlite,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "multiprocess: runs workers or producers in other processes; skipped for brokers that "
+        "are not shared across processes",
+    )
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def broker_url(broker_kind: str, tmp_path: Path) -> Iterator[str]:
+    url = BROKERS[broker_kind](tmp_path)
+    yield url
+    cleanup = CLEANUPS.get(broker_kind)
+    if cleanup is not None:
+        cleanup(url)
+
+
+@pytest.fixture(autouse=True)
+def _skip_multiprocess(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("multiprocess") is None:
+        return
+    url = request.getfixturevalue("broker_url")
+    if not broker_from_url(url).capabilities.shared_across_processes:
+        pytest.skip(f"{url.split(':')[0]} broker is not shared across processes")
+
+
+class AppFactory(Protocol):
+    def __call__(self, *, share: App | None = None, **settings: Any) -> App: ...
+
+
+@pytest.fixture
+def app_factory(broker_url: str) -> Iterator[AppFactory]:
+    """``make(**settings)``: an ``App`` on this test's broker (closed at teardown).
+
+    ``share=other`` makes an app that sees ``other``'s jobs: the same URL, or, for a broker
+    that lives inside one process, the same broker object.
+    """
+    apps: list[App] = []
+
+    def make(*, share: App | None = None, **settings: Any) -> App:
+        app = App(broker_url, **{**DEFAULT_SETTINGS, **settings})
+        if share is not None and not share.broker.capabilities.shared_across_processes:
+            app._broker = share.broker
+        apps.append(app)
+        return app
+
+    yield make
+    for app in reversed(apps):
+        app.close()
+
+
+@pytest.fixture
+def app(app_factory: AppFactory) -> App:
+    return app_factory()
+
+
+@pytest.fixture
+def corrupt_payload(broker_kind: str) -> Callable[[App, str], None]:
+    """``corrupt_payload(app, job_id)``: overwrite the stored arguments with invalid JSON."""
+    return CORRUPTERS[broker_kind]

@@ -1,0 +1,117 @@
+"""Unique keys: one pending job per key."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from taskmill import App, DuplicateJobError, JobState
+from taskmill.testing import running_worker
+
+from .helpers import opened
+
+
+def test_second_send_returns_the_pending_job(app: App) -> None:
+    @app.task()
+    def sync_user(user_id: int) -> int:
+        return user_id
+
+    first = sync_user.options(key="user-1").send(1)
+    second = sync_user.options(key="user-1").send(2)
+    assert first.existing is False
+    assert second.existing is True
+    assert second.id == first.id
+    other = sync_user.options(key="user-2").send(2)
+    assert other.id != first.id and not other.existing
+    jobs = app.run_sync(opened(app).list_jobs())
+    assert sorted(j.id for j in jobs) == sorted([first.id, other.id])
+    assert app.get_job(first.id).key == "user-1"
+
+
+def test_scheduled_and_running_jobs_hold_their_key(app: App) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    @app.task()
+    def hold() -> str:
+        started.set()
+        assert release.wait(20)
+        return "held"
+
+    scheduled = hold.options(key="later", delay=60).send()
+    assert hold.options(key="later").send().id == scheduled.id
+
+    running = hold.options(key="busy").send()
+    with running_worker(app):
+        assert started.wait(10)
+        again = hold.options(key="busy").send()
+        assert again.existing and again.id == running.id
+        release.set()
+        assert running.result(timeout=10) == "held"
+        # finished: the key is free again
+        fresh = hold.options(key="busy").send()
+        assert not fresh.existing and fresh.id != running.id
+        assert fresh.result(timeout=10) == "held"
+
+
+def test_on_conflict_raise(app: App) -> None:
+    @app.task()
+    def once() -> None:
+        return None
+
+    first = once.options(key="k").send()
+    with pytest.raises(DuplicateJobError) as info:
+        once.options(key="k", on_conflict="raise").send()
+    assert info.value.key == "k"
+    assert info.value.existing_id == first.id
+    assert len(app.run_sync(opened(app).list_jobs())) == 1
+
+
+async def test_on_conflict_raise_async(app: App) -> None:
+    @app.task()
+    def once() -> None:
+        return None
+
+    first = await once.options(key="k").asend()
+    again = await once.options(key="k").asend()
+    assert again.existing and again.id == first.id
+    with pytest.raises(DuplicateJobError):
+        await once.options(key="k", on_conflict="raise").asend()
+
+
+def test_keys_within_one_batch(app: App) -> None:
+    @app.task(key=lambda n: f"n-{n % 2}")
+    def parity(n: int) -> int:
+        return n
+
+    handles = parity.send_many([(1,), (2,), (3,), (4,)])
+    assert [h.existing for h in handles] == [False, False, True, True]
+    assert handles[2].id == handles[0].id and handles[3].id == handles[1].id
+    assert app.get_job(handles[0].id).key == "n-1"
+
+    # with "raise", a conflict rejects the whole batch: nothing of it is stored
+    before = len(app.run_sync(opened(app).list_jobs()))
+    with pytest.raises(DuplicateJobError):
+        parity.options(on_conflict="raise").send_many([(5,), (7,)])
+    with pytest.raises(DuplicateJobError):
+        parity.options(on_conflict="raise", key="fresh").send_many([(10,), (11,)])
+    assert len(app.run_sync(opened(app).list_jobs())) == before
+
+
+def test_key_function_and_key_freed_by_failure_and_cancel(app: App) -> None:
+    @app.task(retries=0, key=lambda order_id: f"order-{order_id}")
+    def charge(order_id: int) -> int:
+        raise RuntimeError("card declined")
+
+    first = charge.send(7)
+    assert charge.send(7).id == first.id
+    first.cancel()
+    after_cancel = charge.send(7)
+    assert after_cancel.id != first.id and not after_cancel.existing
+    with running_worker(app):
+        assert app.get_job(after_cancel.id).key == "order-7"
+        with pytest.raises(Exception, match="card declined"):
+            after_cancel.result(timeout=10)
+    assert after_cancel.status() is JobState.FAILED
+    assert not charge.send(7).existing

@@ -1,0 +1,95 @@
+"""Tasks for the ``--pool process`` tests: the worker's children import ``pool_app:app``.
+
+The test builds the same tasks on its own broker with ``build_app(url)``; names are explicit so
+both sides agree whatever this package is imported as.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from taskmill import App, Retry, current_job
+
+
+class QuotaExceededError(Exception):
+    """Raised by a task; listed in its ``dont_retry_on``."""
+
+
+def wait_for_file(path: str, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def build_app(url: str = "memory://", **settings: Any) -> App:
+    app = App(url, **settings)
+
+    @app.task(name="pool.square")
+    def square(x: int) -> int:
+        return x * x
+
+    @app.task(name="pool.pid")
+    def pid() -> int:
+        return os.getpid()
+
+    @app.task(name="pool.boom", retries=0)
+    def boom(n: int) -> None:
+        raise LookupError(f"no row {n} in child {os.getpid()}")
+
+    @app.task(name="pool.quota", retries=3, backoff=0, dont_retry_on=QuotaExceededError)
+    def quota() -> None:
+        raise QuotaExceededError("monthly quota used up")
+
+    @app.task(name="pool.flaky", retries=3, backoff=0)
+    def flaky(fail_times: int) -> list[int]:
+        job = current_job()
+        if job.attempt <= fail_times:
+            raise ConnectionError(f"attempt {job.attempt} failed")
+        return [job.attempt, os.getpid()]
+
+    @app.task(name="pool.ask_retry", retries=2, backoff=3600)
+    def ask_retry() -> int:
+        if current_job().attempt == 1:
+            raise Retry(delay=0, reason="not ready yet")
+        return current_job().attempt
+
+    @app.task(name="pool.hang", retries=0, timeout=1)
+    def hang(pid_file: str) -> None:
+        Path(pid_file).write_text(str(os.getpid()))
+        time.sleep(120)
+
+    @app.task(name="pool.exit", retries=0)
+    def exit_now(code: int) -> None:
+        os._exit(code)
+
+    @app.task(name="pool.exit_first", retries=1, backoff=0)
+    def exit_first() -> str:
+        if current_job().attempt == 1:
+            os._exit(1)
+        return "survived"
+
+    @app.task(name="pool.progress")
+    def progress(release_file: str) -> str:
+        current_job().progress(0.5, f"half done in {os.getpid()}")
+        return "released" if wait_for_file(release_file) else "not released"
+
+    @app.task(name="pool.cooperative")
+    def cooperative(marker: str) -> str:
+        job = current_job()
+        job.progress(0.0, "started")
+        deadline = time.monotonic() + 30
+        while not job.cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        Path(marker).write_text(f"{os.getpid()} cancelled={job.cancelled}")
+        return "stopped"
+
+    return app
+
+
+app = build_app()

@@ -1,0 +1,453 @@
+"""The ``taskmill`` command line, run as real subprocesses against a SQLite file per test.
+
+Workers are real ``taskmill worker`` processes; every process a test starts is killed (with
+its process group) when the test ends. Waiting is done by polling the CLI until a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+T = TypeVar("T")
+TASKS = "add, block, boom, flaky, steps"
+
+
+def poll_until(check: Callable[[], T | None], *, what: str, timeout: float = 20.0) -> T:
+    """Call ``check`` until it returns something other than None; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Cli:
+    """Runs ``python -m taskmill`` with the test's environment; owns the processes it starts."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.url = f"sqlite:///{tmp_path}/jobs.db"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMILL_")}
+        env["TASKMILL_URL"] = self.url
+        env["TASKMILL_APP"] = "cliapp:app"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+        self.env = env
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[tuple[Path, IO[bytes]]] = []
+
+    def run(
+        self,
+        *args: str,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "taskmill", *args],
+            input=input if input is not None else "",
+            capture_output=True,
+            text=True,
+            env=env or self.env,
+            cwd=self.tmp_path,
+            timeout=timeout,
+        )
+
+    def ok(self, *args: str, **kw: Any) -> str:
+        r = self.run(*args, **kw)
+        assert r.returncode == 0, f"taskmill {' '.join(args)}: rc={r.returncode}\n{r.stderr}"
+        return r.stdout
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.ok(*args, "--json"))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        info: dict[str, Any] = self.json("jobs", "show", job_id)
+        return info
+
+    def send(self, task: str, args: str, *options: str) -> str:
+        return self.ok("enqueue", task, args, *options).strip()
+
+    def spawn(self, *args: str, name: str = "worker") -> subprocess.Popen[bytes]:
+        log_path = self.tmp_path / f"{name}-{len(self.logs)}.log"
+        log = log_path.open("wb")
+        self.logs.append((log_path, log))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "taskmill", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.tmp_path,
+            start_new_session=True,  # its own process group: killing it takes its children
+        )
+        self.procs.append(proc)
+        return proc
+
+    def output(self) -> str:
+        """Everything the spawned processes printed (for assertion messages)."""
+        return "\n".join(f"--- {p.name}\n{p.read_text()}" for p, _ in self.logs)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            # the whole group, even if its leader is gone: a supervisor's children are in it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        for _, log in self.logs:
+            log.close()
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    c = Cli(tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one error line, got:\n{r.stderr}"
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def alive_workers(cli: Cli) -> list[dict[str, Any]]:
+    return [w for w in cli.json("workers") if w["status"] == "alive"]
+
+
+def wait_state(cli: Cli, job_id: str, state: str, timeout: float = 20.0) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        info = cli.job(job_id)
+        return info if info["state"] == state else None
+
+    return poll_until(check, what=f"job {job_id} to be {state}", timeout=timeout)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout)
+
+
+# --- enqueue ------------------------------------------------------------------------------------
+
+
+def test_enqueue_wait_runs_on_a_worker(cli: Cli) -> None:
+    worker = cli.spawn("worker", "-c", "4")
+
+    out = cli.ok("enqueue", "add", "[2, 3]", "--wait", "--timeout", "20").splitlines()
+    assert len(out) == 2 and json.loads(out[1]) == 5
+
+    out = cli.ok("enqueue", "steps", '{"n": 4, "pause_s": 0.01}', "--wait").splitlines()
+    assert json.loads(out[1]) == "did 4 steps"
+    info = cli.job(out[0])
+    assert info["queue"] == "urgent" and info["priority"] == 5
+    assert info["progress"] == 1.0 and info["progress_message"] == "step 4 of 4"
+
+    out = cli.ok("enqueue", "flaky", "[1]", "--wait").splitlines()
+    assert json.loads(out[1]) == 2  # the first attempt failed, the retry succeeded
+
+    r = cli.run("enqueue", "boom", '["kaput"]', "--wait")
+    assert r.returncode == 1
+    assert "ValueError: kaput" in one_error_line(r)
+    assert stop(worker) == 0, cli.output()
+
+
+def test_enqueue_options_are_stored(cli: Cli) -> None:
+    job_id = cli.send("add", "[1, 2]", "--queue", "bulk", "--priority", "7", "--delay", "60")
+    info = cli.job(job_id)
+    assert (info["queue"], info["priority"], info["state"]) == ("bulk", 7, "scheduled")
+    assert info["payload"] == [[1, 2], {}]
+
+    first = cli.send("add", "[1, 1]", "--key", "k1")
+    r = cli.run("enqueue", "add", "[5, 5]", "--key", "k1")
+    assert r.returncode == 0 and r.stdout.strip() == first
+    assert "already pending" in r.stderr
+
+
+def test_enqueue_wait_timeout(cli: Cli) -> None:
+    r = cli.run("enqueue", "add", "[1, 2]", "--wait", "--timeout", "0.2")  # no worker runs
+    assert r.returncode == 1
+    assert "still queued after 0.2 s" in one_error_line(r)
+
+
+def test_unknown_task_is_one_line(cli: Cli) -> None:
+    r = cli.run("enqueue", "nope", "[1]")
+    assert r.returncode == 1
+    assert one_error_line(r) == (
+        f"error: no task named 'nope' is registered in this app (known: {TASKS})"
+    )
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args_json", "message"),
+    [("[1,", "not valid JSON"), ("3", "JSON array"), ('"x"', "not str")],
+)
+def test_bad_args_json_is_a_usage_error(cli: Cli, args_json: str, message: str) -> None:
+    r = cli.run("enqueue", "add", args_json)
+    assert r.returncode == 2
+    line = one_error_line(r)
+    assert "ARGS_JSON" in line and message in line
+
+
+@pytest.mark.parametrize(
+    ("args_json", "message"),
+    [
+        ("[1]", "missing a required argument: 'b'"),
+        ('{"a": 1, "b": 2, "c": 3}', "unexpected keyword argument 'c'"),
+        ("[1, 2, 3]", "too many positional arguments"),
+    ],
+)
+def test_wrong_arguments_name_the_task_and_store_nothing(
+    cli: Cli, args_json: str, message: str
+) -> None:
+    r = cli.run("enqueue", "add", args_json)
+    assert r.returncode == 1
+    line = one_error_line(r)
+    assert line.startswith("error: task 'add': ") and message in line
+    assert cli.json("jobs", "list") == []
+
+
+def test_url_only_commands_and_app_required_for_worker(cli: Cli) -> None:
+    env = {k: v for k, v in cli.env.items() if k != "TASKMILL_APP"}
+    env.pop("TASKMILL_URL")
+    r = cli.run("enqueue", "elsewhere.task", "[1]", "--url", cli.url, env=env)
+    assert r.returncode == 0, r.stderr  # without the app, the job is stored as given
+    job_id = r.stdout.strip()
+    r = cli.run("--url", cli.url, "jobs", "show", job_id, "--json", env=env)
+    assert json.loads(r.stdout)["task"] == "elsewhere.task"
+
+    r = cli.run("--url", cli.url, "worker", env=env)
+    assert r.returncode == 2 and "no app given" in one_error_line(r)
+    r = cli.run("jobs", "list", env=env)
+    assert r.returncode == 2 and "no app or broker given" in one_error_line(r)
+    r = cli.run("worker", "no_such_module:app", env=env)
+    assert r.returncode == 2 and "cannot import 'no_such_module'" in one_error_line(r)
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+
+def test_jobs_list_filters_and_show(cli: Cli) -> None:
+    a = cli.send("add", "[1, 2]")
+    s = cli.send("steps", "[3]")
+    listed = cli.json("jobs", "list")
+    assert [j["id"] for j in listed] == [s, a]  # newest first
+    assert [j["id"] for j in cli.json("jobs", "list", "--queue", "urgent")] == [s]
+    assert [j["id"] for j in cli.json("jobs", "list", "--task", "add")] == [a]
+    assert cli.json("jobs", "list", "--state", "failed") == []
+    assert len(cli.json("jobs", "list", "--limit", "1")) == 1
+
+    table = cli.ok("jobs", "list")
+    assert a in table and s in table and "queued" in table
+    shown = cli.ok("jobs", "show", a)
+    assert "[1, 2]" in shown and "0 of 4" in shown
+
+    r = cli.run("jobs", "show", "no-such-id")
+    assert r.returncode == 1
+    assert one_error_line(r) == "error: job no-such-id does not exist (or was pruned)"
+    r = cli.run("jobs", "list", "--state", "nonsense")
+    assert r.returncode == 2
+    one_error_line(r)
+
+
+def test_failed_jobs_show_the_error_and_retry(cli: Cli) -> None:
+    worker = cli.spawn("worker", "-c", "2")
+    first = cli.send("boom", '["first"]')
+    second = cli.send("boom", '["second"]')
+    info = wait_state(cli, first, "failed")
+    wait_state(cli, second, "failed")
+    assert info["error"]["type"] == "ValueError" and info["error"]["message"] == "first"
+    assert "raise ValueError(message)" in info["error"]["traceback"]
+    shown = cli.ok("jobs", "show", first)
+    assert "error: ValueError: first" in shown and "Traceback" in shown
+
+    assert cli.ok("jobs", "retry", first).split() == [first]
+    assert wait_state(cli, first, "failed")["attempt"] == 1  # a fresh budget, spent again
+
+    retried = cli.ok("jobs", "retry", "--all-failed").split()
+    assert sorted(retried) == sorted([first, second])
+
+    ok = cli.send("add", "[1, 1]")
+    wait_state(cli, ok, "succeeded")
+    r = cli.run("jobs", "retry", ok, "missing-id")
+    assert r.returncode == 1
+    line = one_error_line(r)
+    assert f"job {ok} is succeeded" in line and "job missing-id does not exist" in line
+    r = cli.run("jobs", "retry")
+    assert r.returncode == 2 and "--all-failed" in one_error_line(r)
+    assert stop(worker) == 0, cli.output()
+
+
+def test_cancel_waiting_and_running_jobs(cli: Cli, tmp_path: Path) -> None:
+    waiting = cli.send("add", "[1, 2]", "--delay", "60")
+    assert cli.ok("jobs", "cancel", waiting).strip() == f"{waiting} cancelled"
+    assert cli.job(waiting)["state"] == "cancelled"
+
+    worker = cli.spawn("worker", "-c", "2")
+    running = cli.send("block", json.dumps([str(tmp_path / "never")]))
+    wait_state(cli, running, "running")
+    out = cli.ok("jobs", "cancel", running)
+    assert out.strip() == f"{running} running: cancel requested"
+    wait_state(cli, running, "cancelled")  # the sync task saw current_job().cancelled
+
+    done = cli.send("add", "[1, 2]")
+    wait_state(cli, done, "succeeded")
+    r = cli.run("jobs", "cancel", done)
+    assert r.returncode == 1 and one_error_line(r) == f"error: job {done} already succeeded"
+    r = cli.run("jobs", "cancel", "no-such-id")
+    assert r.returncode == 1 and "does not exist" in one_error_line(r)
+
+    assert cli.ok("jobs", "retry", waiting).split() == [waiting]  # cancelled jobs can retry
+    wait_state(cli, waiting, "succeeded")
+    assert stop(worker) == 0, cli.output()
+
+
+# --- queues, workers, purge -------------------------------------------------------------------
+
+
+def queue_stats(cli: Cli) -> dict[str, dict[str, Any]]:
+    return {q["queue"]: q for q in cli.json("queues")}
+
+
+def test_queues_counts_and_pause(cli: Cli) -> None:
+    assert {q: s["counts"]["queued"] for q, s in queue_stats(cli).items()} == {
+        "default": 0,
+        "urgent": 0,
+    }  # the app's queues show before any job
+    for i in range(3):
+        cli.send("add", f"[{i}, 1]")
+    cli.send("add", "[9, 9]", "--delay", "60")
+    cli.send("steps", "[1]")
+    cli.send("steps", "[2]")
+    stats = queue_stats(cli)
+    assert stats["default"]["counts"]["queued"] == 3
+    assert stats["default"]["counts"]["scheduled"] == 1
+    assert stats["urgent"]["counts"]["queued"] == 2
+    assert stats["default"]["oldest_waiting_s"] >= 0
+    table = cli.ok("queues")
+    assert "default" in table and "oldest waiting" in table
+
+    assert cli.ok("queues", "pause", "urgent").strip() == "queue urgent paused"
+    assert queue_stats(cli)["urgent"]["paused"] is True
+    worker = cli.spawn("worker", "-c", "4")
+    poll_until(
+        lambda: queue_stats(cli)["default"]["counts"]["succeeded"] == 3 or None,
+        what="the default queue to drain",
+    )
+    assert queue_stats(cli)["urgent"]["counts"]["queued"] == 2  # paused: not claimed
+    cli.ok("queues", "resume", "urgent")
+    poll_until(
+        lambda: queue_stats(cli)["urgent"]["counts"]["succeeded"] == 2 or None,
+        what="the resumed urgent queue to drain",
+    )
+    assert stop(worker) == 0, cli.output()
+
+
+def test_workers_listing_and_sigterm_drain(cli: Cli, tmp_path: Path) -> None:
+    assert cli.json("workers") == []
+    worker = cli.spawn("worker", "-c", "3", "-q", "urgent,default")
+    (w,) = poll_until(lambda: alive_workers(cli) or None, what="the worker to register")
+    assert w["pid"] == worker.pid and w["concurrency"] == 3
+    assert w["queues"] == ["urgent", "default"]
+    assert str(worker.pid) in cli.ok("workers")
+
+    release = tmp_path / "release"
+    job = cli.send("block", json.dumps([str(release)]))
+    wait_state(cli, job, "running")
+    poll_until(lambda: alive_workers(cli)[0]["running"] == 1 or None, what="the running count")
+    drain_and_release(cli, worker, release, job)
+    assert cli.json("workers") == []  # signed off
+
+
+def drain_and_release(cli: Cli, proc: subprocess.Popen[bytes], release: Path, job_id: str) -> None:
+    """SIGTERM ``proc`` while a ``block`` job runs: it must wait for the job, which then ends
+    when ``release`` appears, and exit 0 with the job succeeded (drained, not abandoned)."""
+    proc.send_signal(signal.SIGTERM)
+    poll_until(
+        lambda: "draining 1 running jobs" in cli.output() or None,
+        what="the worker to start draining",
+    )
+    assert proc.poll() is None, "the worker must wait for its running job"
+    release.touch()
+    assert proc.wait(timeout=30) == 0, cli.output()
+    info = cli.job(job_id)
+    assert (info["state"], info["result"]) == ("succeeded", "released")
+
+
+def test_worker_exits_with_a_task_thread_still_stuck(cli: Cli, tmp_path: Path) -> None:
+    worker = cli.spawn("worker", "-c", "2", "--drain-timeout", "0.3")
+    job = cli.send("block", json.dumps([str(tmp_path / "never"), 60]))
+    wait_state(cli, job, "running")
+    assert stop(worker, timeout=15) == 0, cli.output()
+    info = cli.job(job)
+    assert (info["state"], info["attempt"]) == ("queued", 0)  # handed back, attempt not spent
+    assert "still running at shutdown" in cli.output()
+
+
+def test_purge_asks_first(cli: Cli) -> None:
+    for i in range(3):
+        cli.send("add", f"[{i}, 0]")
+    r = cli.run("purge", "default", input="n\n")
+    assert r.returncode == 1 and "Delete 3 waiting job(s)" in r.stderr
+    assert len(cli.json("jobs", "list")) == 3
+    r = cli.run("purge", "default", input="y\n")
+    assert r.returncode == 0 and "purged 3 job(s)" in r.stdout
+    cli.send("add", "[1, 0]")
+    assert "purged 1 job(s)" in cli.ok("purge", "default", "--yes")
+    assert cli.json("jobs", "list") == []
+
+
+# --- supervisor -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_supervisor_restarts_a_killed_child_and_drains_on_sigterm(cli: Cli) -> None:
+    supervisor = cli.spawn("worker", "-p", "2", "-c", "2", name="supervisor")
+
+    def two_alive() -> list[dict[str, Any]] | None:
+        found = alive_workers(cli)
+        return found if len(found) == 2 else None
+
+    first = poll_until(two_alive, what="two registered workers")
+    pids = {w["pid"] for w in first}
+    assert supervisor.pid not in pids and len(pids) == 2
+
+    victim = first[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    def restarted() -> list[dict[str, Any]] | None:
+        found = two_alive()
+        if found is None or victim["pid"] in {w["pid"] for w in found}:
+            return None
+        new = {w["id"] for w in found} - {w["id"] for w in first}
+        return found if len(new) == 1 else None
+
+    replaced = poll_until(restarted, what="the supervisor to restart the killed worker")
+    assert supervisor.poll() is None
+    assert "(killed by SIGKILL); restarting in" in cli.output()
+
+    release = cli.tmp_path / "release"
+    job = cli.send("block", json.dumps([str(release)]))
+    wait_state(cli, job, "running")
+    drain_and_release(cli, supervisor, release, job)
+    remaining = {w["id"] for w in cli.json("workers")}
+    assert remaining == {victim["id"]}, "the live workers signed off; only the killed one is left"
+    assert {w["id"] for w in replaced} & remaining == set()

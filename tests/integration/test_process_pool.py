@@ -1,0 +1,215 @@
+"""``--pool process``: sync tasks run in child processes the worker owns.
+
+Results and errors travel back as data; the child makes the retry decision by the task's
+policy; a timeout kills the child; a dead child fails the attempt; children are replaced after
+``max_tasks_per_child``. Every child is gone when the worker stops.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from taskmill import App, JobFailedError, JobState
+from taskmill.testing import running_worker
+from taskmill.worker import Worker
+
+from .pool_app import build_app
+
+T = TypeVar("T")
+APP_PATH = f"{__name__.rpartition('.')[0]}.pool_app:app"
+SETTINGS = {"lease_s": 10.0, "heartbeat_s": 0.1}
+
+
+def poll_until(check: Callable[[], T | None], *, what: str, timeout: float = 20.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[App]:
+    app = build_app(f"sqlite:///{tmp_path / 'jobs.db'}", **SETTINGS)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def pool(app: App) -> Iterator[Callable[..., Any]]:
+    """Start a process-pool worker for ``app``; on exit, check no child outlived it."""
+
+    def start(**options: Any) -> Any:
+        options.setdefault("concurrency", 1)
+        return running_worker(app, pool="process", app_path=APP_PATH, **options)
+
+    yield start
+    leftovers = multiprocessing.active_children()
+    for child in leftovers:
+        child.kill()
+        child.join(5)
+    assert leftovers == [], "child processes outlived their worker"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_results_come_back_from_the_child(app: App, pool: Callable[..., Any]) -> None:
+    square, pid = app.tasks["pool.square"], app.tasks["pool.pid"]
+    with pool(concurrency=2):
+        handles = square.send_many([(n,) for n in range(6)])
+        assert [h.result(timeout=30) for h in handles] == [0, 1, 4, 9, 16, 25]
+        child = pid.send().result(timeout=30)
+    assert child != os.getpid()
+    assert not pid_alive(child)  # stopped with the worker
+
+
+def test_errors_carry_the_remote_type_message_and_traceback(
+    app: App, pool: Callable[..., Any]
+) -> None:
+    with pool():
+        handle = app.tasks["pool.boom"].send(7)
+        with pytest.raises(JobFailedError) as info:
+            handle.result(timeout=30)
+        err = info.value
+        assert err.type == "LookupError"
+        assert err.message.startswith("no row 7 in child ")
+        child_pid = int(err.message.rsplit(" ", 1)[1])
+        assert child_pid != os.getpid()
+        assert "Traceback (most recent call last):" in err.traceback
+        assert 'raise LookupError(f"no row {n} in child {os.getpid()}")' in err.traceback
+        assert "pool_app.py" in err.traceback
+        # the child survived its task's exception and runs the next job
+        assert app.tasks["pool.pid"].send().result(timeout=30) == child_pid
+        assert app.get_job(handle.id).attempt == 1
+
+
+def test_retry_decisions_are_made_by_the_tasks_policy_in_the_child(
+    app: App, pool: Callable[..., Any]
+) -> None:
+    with pool():
+        quota = app.tasks["pool.quota"].send()
+        with pytest.raises(JobFailedError) as info:
+            quota.result(timeout=30)
+        assert info.value.type.endswith("pool_app.QuotaExceededError")
+        assert info.value.message == "monthly quota used up"
+        assert app.get_job(quota.id).attempt == 1  # dont_retry_on: no second attempt
+
+        flaky = app.tasks["pool.flaky"].send(2)
+        attempt, _ = flaky.result(timeout=30)
+        assert attempt == 3
+        job = app.get_job(flaky.id)
+        assert job.error is not None and job.error.message == "attempt 2 failed"
+
+        asked = app.tasks["pool.ask_retry"].send()
+        assert asked.result(timeout=30) == 2  # Retry(delay=0), not the 1 h backoff
+
+        exhausted = app.tasks["pool.flaky"].send(10)
+        with pytest.raises(JobFailedError, match=r"ConnectionError: attempt 4 failed"):
+            exhausted.result(timeout=30)
+        assert app.get_job(exhausted.id).attempt == 4
+
+
+def test_a_timeout_kills_the_child_and_the_next_job_runs_in_a_fresh_one(
+    app: App, pool: Callable[..., Any], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "hang.pid"
+    with pool():
+        started = time.monotonic()
+        handle = app.tasks["pool.hang"].send(str(pid_file))
+        with pytest.raises(JobFailedError) as info:
+            handle.result(timeout=30)
+        assert time.monotonic() - started < 20  # not the task's 120 s sleep
+        assert info.value.type == "taskmill.errors.TaskTimeoutError"
+        assert re.fullmatch(
+            r"task pool\.hang timed out after 1(\.0)? s; its child process was killed",
+            info.value.message,
+        ), info.value.message
+        hung = int(pid_file.read_text())
+        assert not pid_alive(hung)
+        fresh = app.tasks["pool.pid"].send().result(timeout=30)
+        assert fresh != hung
+
+
+def test_max_tasks_per_child_replaces_children(app: App, pool: Callable[..., Any]) -> None:
+    pid = app.tasks["pool.pid"]
+    with pool(max_tasks_per_child=2):
+        pids = [pid.send().result(timeout=30) for _ in range(5)]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
+    assert len(set(pids)) == 3
+
+
+def test_a_child_that_exits_fails_the_attempt_and_the_worker_goes_on(
+    app: App, pool: Callable[..., Any]
+) -> None:
+    with pool():
+        handle = app.tasks["pool.exit"].send(3)
+        with pytest.raises(JobFailedError) as info:
+            handle.result(timeout=30)
+        assert info.value.type == "taskmill.errors.WorkerLostError"
+        assert info.value.message == ("the child process running task pool.exit died (exit code 3)")
+
+        retried = app.tasks["pool.exit_first"].send()
+        assert retried.result(timeout=30) == "survived"
+        job = app.get_job(retried.id)
+        assert job.attempt == 2
+        assert job.error is not None and job.error.type == "taskmill.errors.WorkerLostError"
+
+        assert app.tasks["pool.square"].send(9).result(timeout=30) == 81
+
+
+def test_progress_reported_in_the_child_is_stored(
+    app: App, pool: Callable[..., Any], tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    with pool():
+        handle = app.tasks["pool.progress"].send(str(release))
+        job = poll_until(
+            lambda: (j := app.get_job(handle.id)).progress is not None and j,
+            what="progress from the child",
+        )
+        assert job.state is JobState.RUNNING
+        assert job.progress == 0.5
+        assert job.progress_message is not None
+        assert job.progress_message.startswith("half done in ")
+        assert int(job.progress_message.rsplit(" ", 1)[1]) != os.getpid()
+        release.touch()
+        assert handle.result(timeout=30) == "released"
+
+
+def test_a_cancel_reaches_the_task_in_the_child(
+    app: App, pool: Callable[..., Any], tmp_path: Path
+) -> None:
+    marker = tmp_path / "cancelled"
+    with pool():
+        handle = app.tasks["pool.cooperative"].send(str(marker))
+        poll_until(
+            lambda: app.get_job(handle.id).progress_message == "started",
+            what="the task to start",
+        )
+        assert handle.cancel() is JobState.RUNNING  # asked; the task stops cooperatively
+        poll_until(lambda: handle.status() is JobState.CANCELLED, what="the job to be cancelled")
+        pid_text, flag = marker.read_text().split()
+        assert flag == "cancelled=True"
+        assert int(pid_text) != os.getpid()
+
+
+def test_the_process_pool_needs_an_app_path(app: App) -> None:
+    with pytest.raises(ValueError, match=r"pool='process' needs app_path \('module:app'\)"):
+        Worker(app, pool="process")
