@@ -178,7 +178,9 @@ def main() -> None:
         if args.mode in ("all", "latency"):
             lat = run_latency(tmp, args.rate, args.seconds, args.processes, args.concurrency)
             for q in (50, 95, 99):
-                rows.append((f"latency p{q} ms at {args.rate:.0f} jobs/s", f"{percentile(lat, q):.2f}"))
+                rows.append(
+                    (f"latency p{q} ms at {args.rate:.0f} jobs/s", f"{percentile(lat, q):.2f}")
+                )
             rows.append(("latency mean ms", f"{statistics.fmean(lat):.2f}"))
     width = max(len(r[0]) for r in rows)
     print(f"\ntaskmill on SQLite, {args.jobs:,} jobs, python {sys.version.split()[0]}")

@@ -189,7 +189,8 @@ class App:
         return self
 
     def close(self) -> None:
-        if self._opened and self._broker is not None:
+        # a broker opened by a send that then failed counts as open too: close it whenever made
+        if self._broker is not None:
             self.run_sync(self._broker.close())
             self._opened = False
         if self._portal is not None:
@@ -197,7 +198,7 @@ class App:
             self._portal = None
 
     async def aclose(self) -> None:
-        if self._opened and self._broker is not None:
+        if self._broker is not None:
             await self._broker.close()
             self._opened = False
         if self._portal is not None:

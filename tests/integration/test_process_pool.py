@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from taskmill import App, JobFailedError, JobState
+from taskmill import App, Backoff, Job, JobFailedError, JobState
+from taskmill.retry import RetryPolicy
 from taskmill.testing import running_worker
 from taskmill.worker import Worker
 
@@ -32,7 +33,7 @@ def poll_until(check: Callable[[], T | None], *, what: str, timeout: float = 20.
     deadline = time.monotonic() + timeout
     while True:
         value = check()
-        if value is not None and value is not False:
+        if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
@@ -103,6 +104,9 @@ def test_errors_carry_the_remote_type_message_and_traceback(
 def test_retry_decisions_are_made_by_the_tasks_policy_in_the_child(
     app: App, pool: Callable[..., Any]
 ) -> None:
+    # the worker's own copy of the task would retry (no dont_retry_on): only the child's
+    # policy, which lists QuotaExceededError, fails the job on its first attempt
+    app.tasks["pool.quota"].policy = RetryPolicy(backoff=Backoff.constant(0))
     with pool():
         quota = app.tasks["pool.quota"].send()
         with pytest.raises(JobFailedError) as info:
@@ -180,10 +184,12 @@ def test_progress_reported_in_the_child_is_stored(
     release = tmp_path / "release"
     with pool():
         handle = app.tasks["pool.progress"].send(str(release))
-        job = poll_until(
-            lambda: (j := app.get_job(handle.id)).progress is not None and j,
-            what="progress from the child",
-        )
+
+        def with_progress() -> Job | None:
+            job = app.get_job(handle.id)
+            return job if job.progress is not None else None
+
+        job = poll_until(with_progress, what="progress from the child")
         assert job.state is JobState.RUNNING
         assert job.progress == 0.5
         assert job.progress_message is not None

@@ -91,6 +91,19 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
     return path, dict(parse_qsl(parts.query))
 
 
+def _int_option(options: dict[str, str], name: str, default: int, url: str) -> int:
+    raw = options.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigurationError(f"{name} in {url!r} must be a whole number >= 0, not {raw!r}")
+    return value
+
+
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     text = str(exc)
     return "locked" in text or "busy" in text
@@ -147,11 +160,11 @@ class SQLiteBroker(Broker):
                 f"unknown sqlite URL option(s) {sorted(unknown)}; "
                 "known: busy_timeout_ms, synchronous, poll_ms"
             )
-        self.busy_timeout_ms = int(options.get("busy_timeout_ms", 5000))
+        self.busy_timeout_ms = _int_option(options, "busy_timeout_ms", 5000, url)
         self.synchronous = options.get("synchronous", "normal").upper()
         if self.synchronous not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ConfigurationError(f"synchronous must be off/normal/full/extra, not {url!r}")
-        self.poll_s = int(options.get("poll_ms", 200)) / 1000
+        self.poll_s = _int_option(options, "poll_ms", 200, url) / 1000
         self._local = threading.local()
         self._generation = 0
         self._inode: int | None = None
@@ -163,6 +176,9 @@ class SQLiteBroker(Broker):
         self._sender: WakeSender | None = None
         self._listener: WakeListener | None = None
         self._claim_sql: dict[int, str] = {}
+        # every thread's connection, so close() can close the ones of producer threads too
+        self._conns: set[sqlite3.Connection] = set()
+        self._conns_lock = threading.Lock()
         # commits on this process's own connection do not change its PRAGMA data_version, so
         # wait() also watches this count of our own writes that may schedule work
         self._own_writes = 0
@@ -183,6 +199,8 @@ class SQLiteBroker(Broker):
         # to close checkpoints the WAL under an exclusive lock); only then drop the handler.
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        with self._conns_lock:
+            self._conns.add(conn)
         return conn
 
     def _begin(self, conn: sqlite3.Connection) -> None:
@@ -227,6 +245,8 @@ class SQLiteBroker(Broker):
         if conn is None or local.generation != self._generation:
             if conn is not None:
                 conn.close()
+                with self._conns_lock:
+                    self._conns.discard(conn)
             conn = self._connect()
             local.conn = conn
             local.generation = self._generation
@@ -242,7 +262,17 @@ class SQLiteBroker(Broker):
         with self._errors():
             conn = self._connect(self.busy_timeout_ms)
             try:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                # when two processes create the file at once, switching it to WAL fails with
+                # "locked" at once (no busy handler on that path): retry within the busy timeout
+                deadline = time.monotonic() + self.busy_timeout_ms / 1000
+                while True:
+                    try:
+                        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                        break
+                    except sqlite3.OperationalError as exc:
+                        if "locked" not in str(exc) or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.005)
                 if mode != "wal":
                     raise BrokerError(f"SQLite database {self.path} could not switch to WAL mode")
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
@@ -332,6 +362,12 @@ class SQLiteBroker(Broker):
             await asyncio.get_running_loop().run_in_executor(executor, self._close_thread)
             executor.shutdown(wait=True)
         self._close_thread()
+        with self._conns_lock:
+            others, self._conns = list(self._conns), set()
+        for conn in others:  # producer threads' connections: sqlite3 allows a close from here
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._generation += 1  # a thread that sends again reconnects
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -403,6 +439,7 @@ class SQLiteBroker(Broker):
                 raise TypeError(
                     "connection= takes a sqlite3.Connection or Cursor on the broker's own file"
                 )
+            self._check_same_file(conn)
             with self._errors():
                 self._insert(conn, plain, keyed, result, on_conflict)
         else:
@@ -412,6 +449,16 @@ class SQLiteBroker(Broker):
         if due:
             self._notify()
         return result
+
+    def _check_same_file(self, conn: sqlite3.Connection) -> None:
+        with self._errors():
+            files = {row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"}
+        ours = os.path.realpath(self.path)
+        if not any(f and os.path.realpath(f) == ours for f in files):
+            raise BrokerError(
+                f"connection= is open on {sorted(files) or ['an in-memory database']}, not on "
+                f"this broker's file {ours}: the job would be stored where no worker looks"
+            )
 
     @staticmethod
     def _insert(

@@ -61,10 +61,15 @@ class WakeListener:
     """One worker's receiving end."""
 
     def __init__(self, directory: str) -> None:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
         self.path = os.path.join(directory, os.urandom(6).hex())
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(self.path)
+        for _ in range(3):  # another worker's close() may remove the empty directory meanwhile
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            try:
+                self._sock.bind(self.path)
+                break
+            except FileNotFoundError:
+                continue
         self._sock.setblocking(False)
 
     def drain(self) -> bool:
@@ -97,6 +102,8 @@ class WakeListener:
         self._sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+        with contextlib.suppress(OSError):  # the last worker out removes the directory
+            os.rmdir(os.path.dirname(self.path))
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

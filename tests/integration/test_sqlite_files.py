@@ -1,0 +1,471 @@
+"""The SQLite file under bad conditions: read-only, locked for long, deleted under a worker; and
+enqueue inside the caller's own SQLite transaction.
+
+Each case checks the error a person would read, and that no job acknowledged to a producer is
+lost: a send either raised (and stored nothing) or its job is still there and runs once the file
+is usable again. Workers run in-process (``running_worker``) against the same file a second
+``App`` sends to, as two processes would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from taskmill import App, BrokerError, BrokerUnavailableError, Job, JobNotFoundError, JobState
+from taskmill.brokers.sqlite import SQLiteBroker
+from taskmill.testing import running_worker
+
+T = TypeVar("T")
+BUSY_MS = 200
+
+
+def poll_until(check: Callable[[], T | None], *, what: str, timeout: float = 20.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def make_app(db: Path, **settings: float) -> App:
+    app = App(f"sqlite:///{db}?busy_timeout_ms={BUSY_MS}", **settings)
+    app.task(name="echo")(echo)
+    return app
+
+
+def echo(x: int) -> int:
+    return x
+
+
+def stored(app: App) -> list[Job]:
+    async def jobs() -> list[Job]:
+        return await (await app.abroker()).list_jobs(limit=10_000)
+
+    return app.run_sync(jobs())
+
+
+def count_rows(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute("SELECT count(*) FROM taskmill_jobs").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def count_done(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        sql = "SELECT count(*) FROM taskmill_jobs WHERE state = 'succeeded'"
+        return int(conn.execute(sql).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def send_from_another_process(db: Path, x: int) -> None:
+    code = (
+        "import sys\n"
+        "from taskmill import App\n"
+        "with App(sys.argv[1]) as app:\n"
+        "    app.task(name='echo')(lambda x: x).send(int(sys.argv[2]))\n"
+    )
+    subprocess.run([sys.executable, "-c", code, f"sqlite:///{db}", str(x)], check=True, timeout=60)
+
+
+def messages(caplog: pytest.LogCaptureFixture, contains: str) -> list[str]:
+    return [r.getMessage() for r in list(caplog.records) if contains in r.getMessage()]
+
+
+def retry_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
+    found = [re.search(r"claim failed, retrying in ([\d.]+) s", m) for m in messages(caplog, "")]
+    return [float(m[1]) for m in found if m]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "jobs.db"
+
+
+@pytest.fixture
+def apps(db: Path) -> Iterator[Callable[..., App]]:
+    """Make apps on ``db`` (a producer, a worker: as separate processes would); all closed after."""
+    made: list[App] = []
+
+    def make(**settings: float) -> App:
+        made.append(make_app(db, **settings))
+        return made[-1]
+
+    yield make
+    for app in made:
+        app.close()
+
+
+# --- read-only ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def read_only(*paths: Path) -> Iterator[None]:
+    """Make files (and directories) read-only for this process, root included.
+
+    Mode bits do not stop root (CI runs tests as root), so as root this uses the immutable
+    attribute (``chattr +i``, which binds root too); the test is skipped where neither works.
+    """
+    if os.geteuid() == 0:
+        chattr = shutil.which("chattr")
+        if chattr is None:
+            pytest.skip("running as root without chattr: cannot make a file read-only")
+        proc = subprocess.run([chattr, "+i", *map(str, paths)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            subprocess.run([chattr, "-i", *map(str, paths)], capture_output=True)
+            pytest.skip(f"running as root and `chattr +i` is refused: {proc.stderr.strip()}")
+
+        def undo() -> None:
+            subprocess.run([chattr, "-i", *map(str, paths)], check=True)
+
+    else:
+        modes = {p: p.stat().st_mode for p in paths}
+        for p in paths:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+
+        def undo() -> None:
+            for p, mode in modes.items():
+                p.chmod(mode)
+
+    try:
+        try:  # honesty check: the file really cannot be written by this process
+            with open(paths[0], "r+b"):
+                pass
+        except PermissionError:
+            pass
+        else:
+            pytest.skip(f"{paths[0]} is still writable after making it read-only")
+        yield
+    finally:
+        undo()
+
+
+def test_a_read_only_file_refuses_sends_with_a_clear_error_and_loses_nothing(
+    apps: Callable[..., App], db: Path
+) -> None:
+    before = apps()
+    kept = before.tasks["echo"].send(1)
+    before.close()
+    producer = apps()
+    with read_only(db):
+        with pytest.raises(BrokerError) as info:
+            producer.tasks["echo"].send(2)
+        assert str(info.value) == (
+            f"SQLite database {db} is read-only (attempt to write a readonly database); "
+            "nothing was written"
+        )
+        assert not isinstance(info.value, BrokerUnavailableError)
+        with pytest.raises(BrokerError, match=r"is read-only"):
+            producer.tasks["echo"].send_many([(3,), (4,)])
+        assert producer.get_job(kept.id).state is JobState.QUEUED  # reading still works
+    # writable again: the same producer recovers, and only the acknowledged job was stored
+    assert [j.id for j in stored(producer)] == [kept.id]
+    later = producer.tasks["echo"].send(5)
+    with running_worker(apps()):
+        assert kept.result(timeout=20) == 1
+        assert later.result(timeout=20) == 5
+    assert count_rows(db) == 2
+
+
+def test_a_read_only_directory_makes_opening_fail_clearly_and_loses_nothing(
+    apps: Callable[..., App], db: Path, tmp_path: Path
+) -> None:
+    """With the directory read-only too, SQLite cannot create the WAL's -shm file."""
+    send_from_another_process(db, 1)  # which exits cleanly: no -wal or -shm file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.db"]
+    producer = apps()
+    with read_only(db, tmp_path):
+        with pytest.raises(BrokerUnavailableError) as info:
+            producer.tasks["echo"].send(2)
+        assert str(info.value) == f"SQLite database {db}: unable to open database file"
+    later = producer.tasks["echo"].send(3)  # usable once the directory is writable again
+    assert sorted(j.payload for j in stored(producer)) == [b"[[1],{}]", b"[[3],{}]"]
+    with running_worker(apps()):
+        assert later.result(timeout=20) == 3
+        poll_until(lambda: count_done(db) == 2, what="both jobs to run")
+
+
+def test_a_worker_on_a_read_only_file_backs_off_and_runs_the_job_once_writable(
+    apps: Callable[..., App], db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    producer = apps()
+    kept = producer.tasks["echo"].send(7)
+    with contextlib.ExitStack() as file_is_read_only:
+        file_is_read_only.enter_context(read_only(db))
+        with running_worker(apps()):  # a worker process started while the file is read-only
+            poll_until(lambda: len(retry_delays(caplog)) >= 3, what="three failed claims")
+            assert kept.status() is JobState.QUEUED
+            file_is_read_only.close()  # writable again, under the same running worker
+            assert kept.result(timeout=20) == 7
+    failure = messages(caplog, "claim failed")[0]
+    assert failure.endswith(
+        f"SQLite database {db} is read-only (attempt to write a readonly database); "
+        "nothing was written"
+    )
+    delays = retry_delays(caplog)
+    assert delays[0] < delays[1] < delays[2]  # backing off, not spinning
+    assert kept.info().attempt == 1
+
+
+# --- locked for long -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def exclusive_lock(db: Path) -> Iterator[sqlite3.Connection]:
+    """Another connection holding the write lock (``BEGIN EXCLUSIVE``) until the block ends."""
+    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        yield conn
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def test_a_send_to_a_locked_file_fails_after_the_busy_timeout_and_stores_nothing(
+    apps: Callable[..., App], db: Path
+) -> None:
+    producer = apps()
+    kept = producer.tasks["echo"].send(1)
+    with exclusive_lock(db):
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailableError) as info:
+            producer.tasks["echo"].send(2)
+        waited = time.monotonic() - started
+        assert str(info.value) == (
+            f"SQLite database {db} stayed locked for more than {BUSY_MS} ms "
+            "(database is locked); nothing was written"
+        )
+        assert BUSY_MS / 1000 * 0.9 <= waited < 5.0
+        with pytest.raises(BrokerUnavailableError):
+            producer.tasks["echo"].send_many([(3,), (4,)])
+        assert producer.get_job(kept.id).state is JobState.QUEUED  # WAL readers do not wait
+    assert [j.id for j in stored(producer)] == [kept.id]
+    assert producer.tasks["echo"].send(5).status() is JobState.QUEUED  # and usable again
+
+
+def test_a_worker_on_a_locked_file_backs_off_and_runs_the_job_once_released(
+    apps: Callable[..., App], db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    producer = apps()
+    kept = producer.tasks["echo"].send(3)
+    with exclusive_lock(db) as lock, running_worker(apps()):
+        poll_until(lambda: len(retry_delays(caplog)) >= 3, what="three failed claims")
+        assert kept.status() is JobState.QUEUED
+        lock.execute("COMMIT")
+        assert kept.result(timeout=20) == 3
+        assert producer.tasks["echo"].send(4).result(timeout=20) == 4
+        lock.execute("BEGIN")  # for exclusive_lock's COMMIT
+    failure = messages(caplog, "claim failed")[0]
+    assert failure.endswith(
+        f"SQLite database {db} stayed locked for more than {BUSY_MS} ms (database is locked); "
+        "nothing was written"
+    )
+    delays = retry_delays(caplog)
+    assert delays[0] < delays[1] < delays[2]
+    assert kept.info().attempt == 1
+
+
+def test_an_outcome_that_cannot_be_written_while_locked_is_kept_and_written_later(
+    apps: Callable[..., App], db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job that finishes while the file is locked is not lost, nor run a second time."""
+    producer = apps()
+    release = threading.Event()
+    runs: list[int] = []
+
+    worker_app = apps()
+
+    @worker_app.task(name="gated")
+    def gated(x: int) -> int:
+        runs.append(x)
+        release.wait(20)
+        return x * 10
+
+    producer.task(name="gated")(lambda x: x)
+    with running_worker(worker_app):
+        handle = producer.tasks["gated"].send(4)
+        poll_until(lambda: handle.status() is JobState.RUNNING, what="the job to start")
+        with exclusive_lock(db):
+            release.set()
+            poll_until(
+                lambda: messages(caplog, "outcomes failed, will retry"), what="a failed flush"
+            )
+            assert handle.status() is JobState.RUNNING
+        assert handle.result(timeout=20) == 40
+    assert runs == [4]
+    assert handle.info().attempt == 1
+    assert "stayed locked for more than" in messages(caplog, "outcomes failed, will retry")[0]
+
+
+# --- deleted under a running worker --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_wal", [False, True], ids=["db-file-only", "db-wal-and-shm"])
+def test_a_file_deleted_under_a_running_worker_is_reopened_and_later_sends_run(
+    apps: Callable[..., App], db: Path, caplog: pytest.LogCaptureFixture, with_wal: bool
+) -> None:
+    producer = apps()
+    echo = producer.tasks["echo"]
+    with running_worker(apps()):
+        assert echo.send(1).result(timeout=20) == 1
+        for path in [db, Path(f"{db}-wal"), Path(f"{db}-shm")] if with_wal else [db]:
+            os.unlink(path)
+        after = echo.send(2)  # the producer notices, logs, and makes a fresh file
+        assert after.result(timeout=20) == 2  # the worker reopened it too
+        assert [h.result(timeout=20) for h in echo.send_many([(3,), (4,)])] == [3, 4]
+    reopened = [
+        r
+        for r in caplog.records
+        if r.getMessage()
+        == f"SQLite file {db} was deleted or replaced under this process; reopening it "
+        "(jobs stored in the old file are gone with it)"
+    ]
+    assert {r.levelno for r in reopened} == {logging.ERROR}
+    assert len(reopened) == 2  # once per broker: the producer's and the worker's
+    assert db.is_file()
+    assert count_rows(db) == 3  # the fresh file holds exactly what was sent after the deletion
+
+
+def open_at_once(brokers: list[SQLiteBroker]) -> list[BaseException]:
+    start = threading.Barrier(len(brokers))
+    errors: list[BaseException] = []
+
+    def open_one(broker: SQLiteBroker) -> None:
+        start.wait()
+        try:
+            broker.open_blocking()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(b,)) for b in brokers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_several_brokers_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """Regression: switching a brand-new file to WAL reported "locked" at once (no busy
+    handler on that path) when another connection was creating it at the same moment, so a
+    worker and a producer (or ``-p 2``) starting on a new file could fail to start."""
+    for round_ in range(25):
+        brokers = [SQLiteBroker(f"sqlite:///{tmp_path / f'new-{round_}.db'}") for _ in range(3)]
+        errors = open_at_once(brokers)
+        for broker in brokers:
+            asyncio.run(broker.close())
+        assert errors == [], f"round {round_}: {errors[0]!r}"
+
+
+# --- transactional enqueue -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_conn(db: Path, apps: Callable[..., App]) -> Iterator[sqlite3.Connection]:
+    """The caller's own connection on the broker's file, with a table of its own."""
+    apps().open()  # the file and its schema exist before the caller's transaction
+    conn = sqlite3.connect(db, timeout=10)
+    conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+    yield conn
+    conn.close()
+
+
+def test_jobs_sent_in_a_rolled_back_transaction_do_not_exist(
+    apps: Callable[..., App], own_conn: sqlite3.Connection, db: Path
+) -> None:
+    app = apps()
+    echo = app.tasks["echo"]
+    own_conn.execute("INSERT INTO orders (id) VALUES (1)")  # opens the caller's transaction
+    one = echo.options(connection=own_conn).send(1)
+    many = echo.send_many([(2,), (3,)], connection=own_conn)
+    with pytest.raises(JobNotFoundError):
+        app.get_job(one.id)  # not visible to others before the commit
+    own_conn.rollback()
+    for handle in (one, *many):
+        with pytest.raises(JobNotFoundError):
+            app.get_job(handle.id)
+    assert stored(app) == []
+    assert own_conn.execute("SELECT count(*) FROM orders").fetchone()[0] == 0
+    with running_worker(apps()) as worker:
+        assert echo.send(4).result(timeout=20) == 4
+    assert worker.jobs_done == 1
+
+
+def test_jobs_sent_in_a_committed_transaction_exist_and_run(
+    apps: Callable[..., App], own_conn: sqlite3.Connection
+) -> None:
+    app = apps()
+    echo = app.tasks["echo"]
+    own_conn.execute("INSERT INTO orders (id) VALUES (1)")
+    one = echo.options(connection=own_conn, priority=2).send(1)
+    cursor = own_conn.cursor()
+    many = echo.send_many([(2,), (3,)], connection=cursor)  # a cursor works too
+    own_conn.commit()
+    assert app.get_job(one.id).priority == 2
+    with running_worker(apps()):
+        assert [h.result(timeout=20) for h in (one, *many)] == [1, 2, 3]
+    assert own_conn.execute("SELECT count(*) FROM orders").fetchone()[0] == 1
+
+
+def test_an_explicit_transaction_on_an_autocommit_connection(
+    apps: Callable[..., App], db: Path
+) -> None:
+    app = apps()
+    app.open()
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        rolled_back = app.tasks["echo"].options(connection=conn).send(1)
+        conn.execute("ROLLBACK")
+        conn.execute("BEGIN")
+        committed = app.tasks["echo"].options(connection=conn).send(2)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    with pytest.raises(JobNotFoundError):
+        app.get_job(rolled_back.id)
+    assert app.get_job(committed.id).state is JobState.QUEUED
+
+
+def test_a_connection_that_is_not_sqlite_is_rejected(apps: Callable[..., App]) -> None:
+    app = apps()
+    with pytest.raises(TypeError, match=r"connection= takes a sqlite3\.Connection or Cursor"):
+        app.tasks["echo"].options(connection="not a connection").send(1)
+    assert stored(app) == []
+
+
+def test_a_connection_on_another_taskmill_file_is_rejected(
+    apps: Callable[..., App], tmp_path: Path
+) -> None:
+    app = apps()
+    with App(f"sqlite:///{tmp_path / 'other.db'}") as other:
+        other.open()
+    conn = sqlite3.connect(tmp_path / "other.db")
+    try:
+        with pytest.raises((BrokerError, TypeError)):
+            app.tasks["echo"].options(connection=conn).send(1)
+    finally:
+        conn.commit()
+        conn.close()
