@@ -159,7 +159,9 @@ class App:
         if self._broker is None:
             with self._open_lock:  # two threads' first use must not make two brokers
                 if self._broker is None:
-                    self._broker = broker_from_url(self.url)
+                    broker = broker_from_url(self.url)
+                    broker.configure(self.settings)
+                    self._broker = broker
         return self._broker
 
     async def abroker(self) -> Broker:

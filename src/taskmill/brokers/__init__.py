@@ -23,6 +23,15 @@ def broker_from_url(url: str) -> Broker:
         from taskmill.brokers.sqlite import SQLiteBroker
 
         return SQLiteBroker(url)
+    if scheme in ("redis", "rediss", "valkey", "valkeys"):
+        try:
+            from taskmill.brokers.redis import RedisBroker
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"{url!r} needs redis-py: pip install 'taskmill[redis]' ({exc})"
+            ) from None
+        return RedisBroker(url)
     raise ConfigurationError(
-        f"no broker for URL {url!r}; supported schemes: memory://, sqlite:///path"
+        f"no broker for URL {url!r}; supported schemes: memory://, sqlite:///path, "
+        "redis:// (rediss://, valkey://)"
     )

@@ -22,6 +22,7 @@ from taskmill.job import (
     QueueStats,
     WorkerInfo,
 )
+from taskmill.settings import Settings
 
 OnConflict = Literal["return", "raise"]
 
@@ -69,6 +70,13 @@ class Broker(abc.ABC):
 
     async def close(self) -> None:
         """Release connections. The broker may not be used after."""
+
+    def configure(self, settings: Settings) -> None:
+        """Take the app's settings that the broker applies itself (e.g. a result TTL)."""
+
+    async def detach(self) -> None:
+        """Release what is bound to the running event loop (that loop is about to end); the
+        broker stays usable from other loops. Workers call it when they stop."""
 
     # --- producers ----------------------------------------------------------------------------
 

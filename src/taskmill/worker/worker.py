@@ -184,6 +184,8 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await self._broker.unregister_worker(self.id)
             runner.close()
+            with contextlib.suppress(Exception):
+                await self._broker.detach()
             if self.register:
                 log.info("worker %s stopped after %d jobs", self.id, self.jobs_done)
         return self.jobs_done

@@ -1,0 +1,53 @@
+-- ARGV: prefix, worker_id, lease_s, limit, token, nq, queue..., then finishes as in finish.lua
+-- (result_ttl, nf, 5 fields each) so a busy worker reports and claims in one call.
+-- Returns {now, last wake id, applied finishes (0/1 each, as one string), job1 fields, ...}.
+local worker, lease, limit, token = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local nq = tonumber(ARGV[6])
+local now = now_s()
+local applied = apply_finishes(7 + nq, now)
+local paused = {}
+for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
+local candidates = {}
+for i = 1, nq do
+  local q = ARGV[6 + i]
+  if not paused[q] then
+    -- promote scheduled jobs that came due
+    local due = redis.call('ZRANGEBYSCORE', qkey(q, 'scheduled'), '-inf', now, 'LIMIT', 0, 1000)
+    for _, id in ipairs(due) do
+      local f = redis.call('HMGET', job_key(id), 'state', 'priority', 'run_at', 'seq')
+      if f[1] == 'scheduled' then
+        redis.call('HSET', job_key(id), 'state', 'queued')
+        push_ready(id, q, f[2], f[3], f[4])
+      end
+      redis.call('ZREM', qkey(q, 'scheduled'), id)
+    end
+    local top = redis.call('ZRANGE', qkey(q, 'ready'), 0, limit - 1, 'WITHSCORES')
+    for j = 1, #top, 2 do
+      candidates[#candidates + 1] = {tonumber(top[j + 1]), top[j], q}
+    end
+  end
+end
+if nq > 1 then
+  table.sort(candidates, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return a[2] < b[2]
+  end)
+end
+local last = redis.call('XREVRANGE', P .. 'wake', '+', '-', 'COUNT', 1)
+local out = {tostring(now), last[1] and last[1][1] or '0-0', applied}
+local expires = now + lease
+for i = 1, math.min(limit, #candidates) do
+  local c = candidates[i]
+  redis.call('ZREM', qkey(c[3], 'ready'), c[2])
+  local id = string.sub(c[2], 30)
+  local jk = job_key(id)
+  if redis.call('HGET', jk, 'state') == 'queued' then
+    redis.call('HINCRBY', jk, 'attempt', 1)
+    redis.call('HSET', jk, 'state', 'running', 'lease_token', token, 'lease_expires_at', expires,
+      'worker_id', worker, 'started_at', now, 'cancel_requested', 0)
+    redis.call('ZADD', P .. 'running', expires, id)
+    redis.call('SADD', qkey(c[3], 'running'), id)
+    out[#out + 1] = redis.call('HGETALL', jk)
+  end
+end
+return out

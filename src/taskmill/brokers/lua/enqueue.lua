@@ -1,0 +1,59 @@
+-- ARGV: prefix, on_conflict ('return'|'raise'), n, then 10 fields per job:
+-- id, task, queue, payload, priority, run_at ('' = none), delay_s, max_attempts, timeout_s, key
+-- Returns one entry per job: its id, or '=' .. existing id when its key matched a pending job.
+-- A job whose id already exists is not stored twice (a producer retrying after a lost reply).
+local on_conflict, n = ARGV[2], tonumber(ARGV[3])
+local F = 10
+local now = now_s()
+local existing, batch_keys = {}, {}
+for i = 0, n - 1 do
+  local b = 3 + i * F
+  local key = ARGV[b + 10]
+  if key ~= '' then
+    local ex = redis.call('GET', P .. 'key:' .. key) or batch_keys[key]
+    if ex then
+      if on_conflict == 'raise' then
+        return redis.error_reply('DUPLICATE ' .. ex .. ' ' .. key)
+      end
+      existing[i] = ex
+    else
+      batch_keys[key] = ARGV[b + 1]
+    end
+  end
+end
+local out, due = {}, false
+for i = 0, n - 1 do
+  local b = 3 + i * F
+  local id = ARGV[b + 1]
+  if existing[i] then
+    out[#out + 1] = '=' .. existing[i]
+  elseif redis.call('EXISTS', job_key(id)) == 1 then
+    out[#out + 1] = id
+  else
+    local queue, priority, key = ARGV[b + 3], ARGV[b + 5], ARGV[b + 10]
+    local run_at = now + tonumber(ARGV[b + 7])
+    if ARGV[b + 6] ~= '' then run_at = tonumber(ARGV[b + 6]) end
+    local seq = redis.call('INCR', P .. 'seq')
+    local state = 'scheduled'
+    if run_at <= now then state = 'queued' end
+    redis.call('HSET', job_key(id), 'id', id, 'task', ARGV[b + 2], 'queue', queue,
+      'state', state, 'payload', ARGV[b + 4], 'priority', priority, 'attempt', 0,
+      'max_attempts', ARGV[b + 8], 'run_at', run_at, 'enqueued_at', now, 'lost_leases', 0,
+      'cancel_requested', 0, 'seq', seq)
+    if ARGV[b + 9] ~= '' then redis.call('HSET', job_key(id), 'timeout_s', ARGV[b + 9]) end
+    if key ~= '' then
+      redis.call('HSET', job_key(id), 'key', key)
+      redis.call('SET', P .. 'key:' .. key, id)
+    end
+    redis.call('SADD', P .. 'queues', queue)
+    if state == 'queued' then
+      push_ready(id, queue, priority, run_at, seq)
+      due = true
+    else
+      redis.call('ZADD', qkey(queue, 'scheduled'), run_at, id)
+    end
+    out[#out + 1] = id
+  end
+end
+if due then wake() end
+return out

@@ -1,0 +1,585 @@
+"""The Redis broker: ``App("redis://host:6379/0")`` (also ``rediss://``, and Valkey).
+
+Every state change is one Lua script (``lua/*.lua``), run by EVALSHA and reloaded on NOSCRIPT,
+so each is atomic and costs one round trip; times inside them come from the server's ``TIME``.
+Layout under the key prefix (default ``taskmill:``):
+
+- ``job:{id}``: a hash per job; it expires ``result_ttl_s`` after the job finishes;
+- ``q:{queue}:ready``: a sorted set, score ``-priority``, members ordered by run_at then
+  enqueue order (``{run_at ms}:{seq}:{id}``), popped by the claim script;
+- ``q:{queue}:scheduled``: delayed jobs by run_at, moved to ready by the claim script;
+- ``q:{queue}:running`` and ``running`` (by lease expiry, for recovery);
+- ``q:{queue}:{succeeded|failed|cancelled}``: finished jobs by finish time (pruned by workers);
+- ``key:{key}``: the pending job holding a unique key; ``paused``, ``queues``, ``seq``;
+- ``wake``: a short stream; idle workers block on ``XREAD`` from the last id they saw, so a
+  job enqueued between a worker's empty claim and its wait still wakes it;
+- ``workers`` and ``worker:{id}``: the registry, with a TTL.
+
+redis-py's asyncio connections belong to the event loop that made them, and one broker serves
+several loops (the app's portal thread, workers): clients are kept per loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
+import redis
+import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from taskmill.brokers.base import (
+    Broker,
+    Capabilities,
+    EnqueueResult,
+    HeartbeatReply,
+    OnConflict,
+)
+from taskmill.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    DuplicateJobError,
+)
+from taskmill.job import (
+    Cancelled,
+    Claim,
+    ErrorInfo,
+    Failed,
+    Finish,
+    Job,
+    JobState,
+    NewJob,
+    Progress,
+    QueueStats,
+    Released,
+    RetryAt,
+    Succeeded,
+    WorkerInfo,
+)
+from taskmill.settings import Settings
+
+log = logging.getLogger("taskmill.brokers.redis")
+T = TypeVar("T")
+
+_OWN_OPTIONS = {"prefix", "unavailable_after_s"}
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+_error_decoder = msgspec.json.Decoder(ErrorInfo)
+_encoder = msgspec.json.Encoder()
+_FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+def _load_scripts() -> dict[str, str]:
+    lua = resources.files("taskmill.brokers").joinpath("lua")
+    common = lua.joinpath("_common.lua").read_text("utf-8")
+    finishes = lua.joinpath("_finishes.lua").read_text("utf-8")
+    scripts = {}
+    for name in ("enqueue", "claim", "finish", "heartbeat", "progress", "recover", "cancel",
+                 "retry", "purge", "prune"):  # fmt: skip
+        body = lua.joinpath(f"{name}.lua").read_text("utf-8")
+        prelude = common + (finishes if name in ("claim", "finish") else "")
+        scripts[name] = prelude + "\n" + body
+    return scripts
+
+
+SCRIPTS = _load_scripts()
+SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
+
+
+def parse_url(url: str) -> tuple[str, str, float]:
+    """(redis-py URL, key prefix, seconds a producer waits for an unreachable server)."""
+    parts = urlsplit(url)
+    scheme = {"valkey": "redis", "valkeys": "rediss"}.get(parts.scheme, parts.scheme)
+    options = dict(parse_qsl(parts.query))
+    prefix = options.pop("prefix", "taskmill:")
+    if not prefix:
+        raise ConfigurationError(f"empty prefix in {url!r}")
+    try:
+        unavailable_after_s = float(options.pop("unavailable_after_s", "5"))
+    except ValueError:
+        raise ConfigurationError(f"unavailable_after_s in {url!r} must be a number") from None
+    query = urlencode(options)
+    return urlunsplit((scheme, parts.netloc, parts.path, query, "")), prefix, unavailable_after_s
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def _num(value: bytes | None) -> float | None:
+    return None if value is None or value == b"" else float(value)
+
+
+def _job(fields: Sequence[bytes] | dict[bytes, bytes]) -> Job:
+    """A job from its hash: a dict (HGETALL) or the flat list a script returns."""
+    if isinstance(fields, dict):
+        d = fields
+    else:
+        d = {fields[i]: fields[i + 1] for i in range(0, len(fields), 2)}
+    error = d.get(b"error")
+    info = None
+    if error:
+        try:
+            info = _error_decoder.decode(error)
+        except msgspec.DecodeError:
+            info = ErrorInfo("unknown", error.decode("utf-8", "replace"))
+    return Job(
+        id=d[b"id"].decode(),
+        task=d[b"task"].decode(),
+        queue=d[b"queue"].decode(),
+        state=JobState(d[b"state"].decode()),
+        payload=d[b"payload"],
+        priority=int(d[b"priority"]),
+        attempt=int(d.get(b"attempt", 0)),
+        max_attempts=int(d.get(b"max_attempts", 1)),
+        run_at=float(d[b"run_at"]),
+        enqueued_at=float(d[b"enqueued_at"]),
+        started_at=_num(d.get(b"started_at")),
+        finished_at=_num(d.get(b"finished_at")),
+        timeout_s=_num(d.get(b"timeout_s")),
+        key=_text(d.get(b"key")),
+        lease_token=_text(d.get(b"lease_token")),
+        lease_expires_at=_num(d.get(b"lease_expires_at")),
+        worker_id=_text(d.get(b"worker_id")),
+        lost_leases=int(d.get(b"lost_leases", 0)),
+        cancel_requested=d.get(b"cancel_requested") == b"1",
+        result=d.get(b"result"),
+        error=info,
+        progress=_num(d.get(b"progress")),
+        progress_message=_text(d.get(b"progress_message")),
+    )
+
+
+def _finish_args(finishes: Sequence[Finish]) -> list[Any]:
+    args: list[Any] = [len(finishes)]
+    local_now = time.time()
+    for f in finishes:
+        o = f.outcome
+        if isinstance(o, Succeeded):
+            args += (f.claim.job_id, f.claim.token, "S", o.result, "")
+        elif isinstance(o, RetryAt):
+            # the delay, not the time: the script adds it to the server's clock
+            delay = max(0.0, o.run_at - local_now)
+            args += (f.claim.job_id, f.claim.token, "R", repr(delay), _encoder.encode(o.error))
+        elif isinstance(o, Failed):
+            args += (f.claim.job_id, f.claim.token, "F", _encoder.encode(o.error), "")
+        elif isinstance(o, Cancelled):
+            args += (f.claim.job_id, f.claim.token, "C", o.reason, "")
+        elif isinstance(o, Released):
+            args += (f.claim.job_id, f.claim.token, "L", "", "")
+        else:  # pragma: no cover - the outcome set is closed
+            raise TypeError(f"unknown outcome {o!r}")
+    return args
+
+
+def _enqueue_args(jobs: Sequence[NewJob], on_conflict: OnConflict) -> list[Any]:
+    args: list[Any] = [on_conflict, len(jobs)]
+    for j in jobs:
+        args += (
+            j.id, j.task, j.queue, j.payload, j.priority,
+            "" if j.run_at is None else repr(j.run_at), repr(j.delay_s), j.max_attempts,
+            "" if j.timeout_s is None else repr(j.timeout_s), j.key or "",
+        )  # fmt: skip
+    return args
+
+
+def _enqueue_result(jobs: Sequence[NewJob], reply: list[bytes]) -> EnqueueResult:
+    result = EnqueueResult(ids=[j.id for j in jobs])
+    for i, raw in enumerate(reply):
+        if raw.startswith(b"="):
+            result.ids[i] = raw[1:].decode()
+            result.existing.add(i)
+    return result
+
+
+def _duplicate(exc: ResponseError) -> DuplicateJobError | None:
+    text = str(exc)
+    if not text.startswith("DUPLICATE"):
+        return None
+    _, existing, key = text.split(" ", 2)
+    return DuplicateJobError(key, existing)
+
+
+class RedisBroker(Broker):
+    capabilities = Capabilities(
+        shared_across_processes=True,
+        server_clock=True,
+        transactional_enqueue=False,
+        push_wakeups=True,
+    )
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._redis_url, self.prefix, self.unavailable_after_s = parse_url(url)
+        self.result_ttl_s = Settings().result_ttl_s
+        self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._blocking: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._last_wake: dict[asyncio.AbstractEventLoop, bytes] = {}
+        self._sync: Any = None
+        self._checked = False
+
+    def configure(self, settings: Settings) -> None:
+        self.result_ttl_s = settings.result_ttl_s
+
+    # --- connections ----------------------------------------------------------------------
+
+    # Clients are typed Any here: redis-py annotates every reply as a union of what any
+    # decode_responses setting could give, so each use would need a cast. Replies are bytes.
+    def _client(self) -> Any:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = aredis.Redis.from_url(
+                self._redis_url, socket_connect_timeout=2, health_check_interval=30
+            )
+            self._clients[loop] = client
+        return client
+
+    def _blocking_client(self) -> Any:
+        # blocking XREADs get their own pool so they never hold up claims and finishes
+        loop = asyncio.get_running_loop()
+        client = self._blocking.get(loop)
+        if client is None:
+            client = aredis.Redis.from_url(self._redis_url, socket_connect_timeout=2)
+            self._blocking[loop] = client
+        return client
+
+    def _sync_client(self) -> Any:
+        if self._sync is None:
+            self._sync = redis.Redis.from_url(self._redis_url, socket_connect_timeout=2)
+        return self._sync
+
+    def _unavailable(self, exc: BaseException) -> BrokerUnavailableError:
+        where = self._redis_url.split("@")[-1]  # never print a password
+        return BrokerUnavailableError(
+            f"Redis at {where} did not answer for {self.unavailable_after_s:g} s ({exc}); "
+            "nothing was written"
+        )
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry on a lost connection with back-off for up to ``unavailable_after_s``."""
+        deadline = time.monotonic() + self.unavailable_after_s
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except _UNAVAILABLE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise self._unavailable(exc) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _eval(self, name: str, *args: Any) -> Any:
+        async def call() -> Any:
+            client = self._client()
+            try:
+                return await client.evalsha(SHAS[name], 0, self.prefix, *args)
+            except NoScriptError:  # a restarted or flushed server: load and run again
+                await client.script_load(SCRIPTS[name])
+                return await client.evalsha(SHAS[name], 0, self.prefix, *args)
+
+        try:
+            return await self._retrying(call)
+        except ResponseError as exc:
+            duplicate = _duplicate(exc)
+            if duplicate is not None:
+                raise duplicate from None
+            raise BrokerError(f"Redis refused {name}: {exc}") from exc
+
+    def _eval_blocking(self, name: str, *args: Any) -> Any:
+        client = self._sync_client()
+        deadline = time.monotonic() + self.unavailable_after_s
+        delay = 0.05
+        while True:
+            try:
+                try:
+                    return client.evalsha(SHAS[name], 0, self.prefix, *args)
+                except NoScriptError:
+                    client.script_load(SCRIPTS[name])
+                    return client.evalsha(SHAS[name], 0, self.prefix, *args)
+            except _UNAVAILABLE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise self._unavailable(exc) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except ResponseError as exc:
+                duplicate = _duplicate(exc)
+                if duplicate is not None:
+                    raise duplicate from None
+                raise BrokerError(f"Redis refused {name}: {exc}") from exc
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def open(self) -> None:
+        await self._retrying(self._client().ping)
+        if not self._checked:
+            self._checked = True
+            await self._check_server()
+
+    async def _check_server(self) -> None:
+        client = self._client()
+        try:
+            policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except ResponseError:
+            return  # CONFIG is disabled on some managed services
+        if policy and str(policy).startswith("allkeys-"):
+            log.warning(
+                "Redis runs with maxmemory-policy=%s: under memory pressure it may evict "
+                "pending jobs. Use noeviction (or a volatile-* policy) for a job queue.",
+                policy,
+            )
+
+    async def close(self) -> None:
+        await self.detach()
+        for client in [*self._clients.values(), *self._blocking.values()]:
+            # clients of loops that already ended cannot be awaited: drop their sockets
+            client.connection_pool.reset()
+        self._clients.clear()
+        self._blocking.clear()
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    async def detach(self) -> None:
+        loop = asyncio.get_running_loop()
+        for clients in (self._clients, self._blocking):
+            client = clients.pop(loop, None)
+            if client is not None:
+                await client.aclose()
+        self._last_wake.pop(loop, None)
+
+    # --- producers ------------------------------------------------------------------------
+
+    async def enqueue(
+        self, jobs: Sequence[NewJob], *, on_conflict: OnConflict = "return"
+    ) -> EnqueueResult:
+        reply = await self._eval("enqueue", *_enqueue_args(jobs, on_conflict))
+        return _enqueue_result(jobs, reply)
+
+    def enqueue_blocking(
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        on_conflict: OnConflict = "return",
+        connection: Any = None,
+    ) -> EnqueueResult:
+        if connection is not None:
+            raise TypeError("the Redis broker has no transactions: connection= is not supported")
+        reply = self._eval_blocking("enqueue", *_enqueue_args(jobs, on_conflict))
+        return _enqueue_result(jobs, reply)
+
+    # --- workers --------------------------------------------------------------------------
+
+    async def claim(
+        self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
+    ) -> list[Job]:
+        return (await self.finish_and_claim((), queues, limit, worker_id, lease_s))[1]
+
+    async def finish_and_claim(
+        self,
+        finishes: Sequence[Finish],
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_s: float,
+    ) -> tuple[list[bool], list[Job]]:
+        token = os.urandom(8).hex()
+        reply = await self._eval(
+            "claim", worker_id, repr(lease_s), limit, token, len(queues), *queues,
+            repr(self.result_ttl_s), *_finish_args(finishes),
+        )  # fmt: skip
+        self._last_wake[asyncio.get_running_loop()] = reply[1]
+        applied = [c == "1" for c in reply[2].decode()]
+        jobs = [_job(flat) for flat in reply[3:]]
+        return applied, jobs
+
+    async def heartbeat(
+        self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
+    ) -> HeartbeatReply:
+        args: list[Any] = [
+            repr(lease_s), worker.id, _encoder.encode(worker), max(30, int(lease_s * 2)),
+            len(claims),
+        ]  # fmt: skip
+        for c in claims:
+            args += (c.job_id, c.token)
+        lost, cancel = await self._eval("heartbeat", *args)
+        return HeartbeatReply(
+            lost={i.decode() for i in lost}, cancel_requested={i.decode() for i in cancel}
+        )
+
+    async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
+        reply = await self._eval("finish", repr(self.result_ttl_s), *_finish_args(finishes))
+        return [c == "1" for c in reply.decode()]
+
+    async def record_progress(self, items: Sequence[Progress]) -> None:
+        args: list[Any] = [len(items)]
+        for p in items:
+            fraction = "" if p.fraction is None else repr(p.fraction)
+            args += (p.claim.job_id, p.claim.token, fraction, p.message or "")
+        await self._eval("progress", *args)
+
+    async def recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
+        reply = await self._eval("recover", max_lost_leases, repr(self.result_ttl_s))
+        return [
+            (reply[i].decode(), JobState(reply[i + 1].decode())) for i in range(0, len(reply), 2)
+        ]
+
+    async def wait(self, queues: Sequence[str], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        client = self._client()
+
+        async def next_due() -> tuple[list[Any], tuple[int, int]]:
+            async with client.pipeline(transaction=False) as pipe:
+                for q in queues:
+                    pipe.zrange(self._key("q", q, "scheduled"), 0, 0, withscores=True)
+                pipe.time()
+                replies = await pipe.execute()
+            return replies[:-1], replies[-1]
+
+        scheduled, server_time = await self._retrying(next_due)
+        server_now = server_time[0] + server_time[1] / 1e6
+        for first in scheduled:
+            if first:
+                timeout = min(timeout, max(0.0, first[0][1] - server_now))
+        if timeout <= 0.001:
+            return
+        last = self._last_wake.get(loop, b"$")
+        blocking = self._blocking_client()
+        reply = await blocking.xread({self._key("wake"): last}, count=1, block=int(timeout * 1000))
+        if reply:
+            self._last_wake[loop] = reply[0][1][-1][0]
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        async def call() -> None:
+            client = self._client()
+            await client.delete(self._key("worker", worker_id))
+            await client.zrem(self._key("workers"), worker_id)
+
+        await self._retrying(call)
+
+    async def prune(self, finished_before: float, limit: int = 1000) -> int:
+        return int(await self._eval("prune", repr(finished_before), limit))
+
+    # --- inspection and management ----------------------------------------------------------
+
+    async def now(self) -> float:
+        seconds, micros = await self._retrying(self._client().time)
+        return float(seconds + micros / 1e6)
+
+    async def get(self, job_id: str) -> Job | None:
+        fields = await self._retrying(lambda: self._client().hgetall(self._key("job", job_id)))
+        return _job(fields) if fields else None
+
+    async def _queues(self) -> list[str]:
+        names = await self._retrying(lambda: self._client().smembers(self._key("queues")))
+        return sorted(n.decode() for n in names)
+
+    async def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        queues = [queue] if queue is not None else await self._queues()
+        states = [state] if state is not None else list(JobState)
+        client = self._client()
+        ids: list[bytes] = []
+        for q in queues:
+            for s in states:
+                ids += await self._ids_in(client, q, s, limit if task is None else 10_000)
+        jobs = []
+        for start in range(0, len(ids), 500):
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in ids[start : start + 500]:
+                    pipe.hgetall(self._key("job", job_id.decode()))
+                for flat in await pipe.execute():
+                    if flat:
+                        job = _job(flat)
+                        if (task is None or job.task == task) and (
+                            state is None or job.state == state
+                        ):
+                            jobs.append(job)
+        jobs.sort(key=lambda j: j.id, reverse=True)  # ids are time-ordered: newest first
+        return jobs[:limit]
+
+    async def _ids_in(self, client: Any, queue: str, state: JobState, limit: int) -> list[bytes]:
+        if state is JobState.QUEUED:
+            members = await client.zrange(self._key("q", queue, "ready"), 0, -1)
+            return [m[29:] for m in members][-limit:]
+        if state is JobState.SCHEDULED:
+            return list(await client.zrange(self._key("q", queue, "scheduled"), 0, limit - 1))
+        if state is JobState.RUNNING:
+            return list(await client.smembers(self._key("q", queue, "running")))[:limit]
+        return list(await client.zrevrange(self._key("q", queue, state.value), 0, limit - 1))
+
+    async def stats(self) -> list[QueueStats]:
+        queues = await self._queues()
+        client = self._client()
+        paused = {p.decode() for p in await client.smembers(self._key("paused"))}
+        server_now = await self.now()
+        out = []
+        for q in sorted(set(queues) | paused):
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.zcard(self._key("q", q, "scheduled"))
+                pipe.zcard(self._key("q", q, "ready"))
+                pipe.scard(self._key("q", q, "running"))
+                for s in _FINISHED:
+                    pipe.zcard(self._key("q", q, s.value))
+                pipe.zrange(self._key("q", q, "ready"), 0, 9999)
+                *counts, ready = await pipe.execute()
+            states = [JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING, *_FINISHED]
+            oldest = min((int(m[:15]) / 1000 for m in ready), default=None)
+            out.append(
+                QueueStats(
+                    queue=q,
+                    counts={s.value: int(n) for s, n in zip(states, counts, strict=True)},
+                    oldest_waiting_s=None if oldest is None else max(0.0, server_now - oldest),
+                    paused=q in paused,
+                )
+            )
+        return out
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        client = self._client()
+        ids = await self._retrying(lambda: client.zrange(self._key("workers"), 0, -1))
+        if not ids:
+            return []
+        raw = await client.mget([self._key("worker", i.decode()) for i in ids])
+        decoder = msgspec.json.Decoder(WorkerInfo)
+        workers = [decoder.decode(r) for r in raw if r is not None]
+        return sorted(workers, key=lambda w: w.started_at)
+
+    async def retry(self, job_ids: Sequence[str] | None) -> list[str]:
+        args: list[Any] = [-1] if job_ids is None else [len(job_ids), *job_ids]
+        return [i.decode() for i in await self._eval("retry", *args)]
+
+    async def cancel(self, job_id: str) -> JobState | None:
+        state = await self._eval("cancel", job_id, repr(self.result_ttl_s))
+        return None if state is None else JobState(state.decode())
+
+    async def purge(self, queue: str) -> int:
+        return int(await self._eval("purge", queue))
+
+    async def pause(self, queue: str, paused: bool) -> None:
+        async def call() -> None:
+            client = self._client()
+            if paused:
+                await client.sadd(self._key("paused"), queue)
+            else:
+                await client.srem(self._key("paused"), queue)
+                await client.xadd(self._key("wake"), {"w": 1}, maxlen=64, approximate=True)
+
+        await self._retrying(call)
