@@ -15,20 +15,25 @@ Layout under the key prefix (default ``taskmill:``):
   job enqueued between a worker's empty claim and its wait still wakes it;
 - ``workers`` and ``worker:{id}``: the registry, with a TTL.
 
-redis-py's asyncio connections belong to the event loop that made them, and one broker serves
-several loops (the app's portal thread, workers): clients are kept per loop.
+redis-py's asyncio connections belong to the event loop that made them, while one broker serves
+several loops (the app's portal thread, workers, a user's ``asyncio.run``). So the broker runs
+its own I/O loop on a thread and every method runs there: connections never outlive the loop
+they belong to, and ``close()`` closes all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import hashlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -67,13 +72,18 @@ from taskmill.job import (
     Succeeded,
     WorkerInfo,
 )
+from taskmill.portal import Portal
 from taskmill.settings import Settings
 
 log = logging.getLogger("taskmill.brokers.redis")
 T = TypeVar("T")
+P = ParamSpec("P")
+# the event loop of the code that called a broker method (the method itself runs on the I/O loop)
+_caller: contextvars.ContextVar[asyncio.AbstractEventLoop] = contextvars.ContextVar("caller")
 
 _OWN_OPTIONS = {"prefix", "unavailable_after_s"}
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+_MAX_BLOCK_S = 60.0  # a wait longer than this returns early (spurious returns are allowed)
 _error_decoder = msgspec.json.Decoder(ErrorInfo)
 _encoder = msgspec.json.Encoder()
 _FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
@@ -210,6 +220,27 @@ def _duplicate(exc: ResponseError) -> DuplicateJobError | None:
     return DuplicateJobError(key, existing)
 
 
+def _on_io_loop(
+    method: Callable[Concatenate[RedisBroker, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[RedisBroker, P], Coroutine[Any, Any, T]]:
+    """Run the method on the broker's I/O loop, whatever loop awaits it."""
+
+    @functools.wraps(method)
+    async def run(self: RedisBroker, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        caller = asyncio.get_running_loop()
+        io = self._io_loop()
+        if caller is io:
+            return await method(self, *args, **kwargs)
+        token = _caller.set(caller)
+        try:
+            future = asyncio.run_coroutine_threadsafe(method(self, *args, **kwargs), io)
+        finally:
+            _caller.reset(token)
+        return await asyncio.wrap_future(future)
+
+    return run
+
+
 class RedisBroker(Broker):
     capabilities = Capabilities(
         shared_across_processes=True,
@@ -222,8 +253,10 @@ class RedisBroker(Broker):
         self.url = url
         self._redis_url, self.prefix, self.unavailable_after_s = parse_url(url)
         self.result_ttl_s = Settings().result_ttl_s
-        self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
-        self._blocking: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._io: Portal | None = None
+        self._io_lock = threading.Lock()
+        self._aclient: Any = None
+        self._ablocking: Any = None
         self._last_wake: dict[asyncio.AbstractEventLoop, bytes] = {}
         self._sync: Any = None
         self._checked = False
@@ -233,30 +266,39 @@ class RedisBroker(Broker):
 
     # --- connections ----------------------------------------------------------------------
 
-    # Clients are typed Any here: redis-py annotates every reply as a union of what any
+    def _io_loop(self) -> asyncio.AbstractEventLoop:
+        io = self._io
+        if io is None:
+            with self._io_lock:  # two threads' first calls must not start two loops
+                if self._io is None:
+                    self._io = Portal(name="taskmill-redis-io")
+                io = self._io
+        return io.loop
+
+    # Clients are typed Any: redis-py annotates every reply as a union of what any
     # decode_responses setting could give, so each use would need a cast. Replies are bytes.
     def _client(self) -> Any:
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = aredis.Redis.from_url(
-                self._redis_url, socket_connect_timeout=2, health_check_interval=30
-            )
-            self._clients[loop] = client
-        return client
+        """The async client; only used on the I/O loop."""
+        if self._aclient is None:
+            self._aclient = aredis.Redis.from_url(
+                self._redis_url, socket_connect_timeout=2, socket_timeout=10,
+                health_check_interval=30,
+            )  # fmt: skip
+        return self._aclient
 
     def _blocking_client(self) -> Any:
         # blocking XREADs get their own pool so they never hold up claims and finishes
-        loop = asyncio.get_running_loop()
-        client = self._blocking.get(loop)
-        if client is None:
-            client = aredis.Redis.from_url(self._redis_url, socket_connect_timeout=2)
-            self._blocking[loop] = client
-        return client
+        if self._ablocking is None:
+            self._ablocking = aredis.Redis.from_url(
+                self._redis_url, socket_connect_timeout=2, socket_timeout=_MAX_BLOCK_S + 10
+            )
+        return self._ablocking
 
     def _sync_client(self) -> Any:
         if self._sync is None:
-            self._sync = redis.Redis.from_url(self._redis_url, socket_connect_timeout=2)
+            self._sync = redis.Redis.from_url(
+                self._redis_url, socket_connect_timeout=2, socket_timeout=10
+            )
         return self._sync
 
     def _unavailable(self, exc: BaseException) -> BrokerUnavailableError:
@@ -321,6 +363,7 @@ class RedisBroker(Broker):
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
+    @_on_io_loop
     async def open(self) -> None:
         await self._retrying(self._client().ping)
         if not self._checked:
@@ -341,26 +384,27 @@ class RedisBroker(Broker):
             )
 
     async def close(self) -> None:
-        await self.detach()
-        for client in [*self._clients.values(), *self._blocking.values()]:
-            # clients of loops that already ended cannot be awaited: drop their sockets
-            client.connection_pool.reset()
-        self._clients.clear()
-        self._blocking.clear()
+        if self._io is not None:
+            await self._close_clients()
+            self._io.close()
+            self._io = None
         if self._sync is not None:
             self._sync.close()
             self._sync = None
 
-    async def detach(self) -> None:
-        loop = asyncio.get_running_loop()
-        for clients in (self._clients, self._blocking):
-            client = clients.pop(loop, None)
+    @_on_io_loop
+    async def _close_clients(self) -> None:
+        for client in (self._aclient, self._ablocking):
             if client is not None:
                 await client.aclose()
-        self._last_wake.pop(loop, None)
+        self._aclient = self._ablocking = None
+
+    async def detach(self) -> None:
+        self._last_wake.pop(asyncio.get_running_loop(), None)
 
     # --- producers ------------------------------------------------------------------------
 
+    @_on_io_loop
     async def enqueue(
         self, jobs: Sequence[NewJob], *, on_conflict: OnConflict = "return"
     ) -> EnqueueResult:
@@ -386,6 +430,7 @@ class RedisBroker(Broker):
     ) -> list[Job]:
         return (await self.finish_and_claim((), queues, limit, worker_id, lease_s))[1]
 
+    @_on_io_loop
     async def finish_and_claim(
         self,
         finishes: Sequence[Finish],
@@ -399,11 +444,12 @@ class RedisBroker(Broker):
             "claim", worker_id, repr(lease_s), limit, token, len(queues), *queues,
             repr(self.result_ttl_s), *_finish_args(finishes),
         )  # fmt: skip
-        self._last_wake[asyncio.get_running_loop()] = reply[1]
+        self._last_wake[_caller.get(asyncio.get_running_loop())] = reply[1]
         applied = [c == "1" for c in reply[2].decode()]
         jobs = [_job(flat) for flat in reply[3:]]
         return applied, jobs
 
+    @_on_io_loop
     async def heartbeat(
         self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
     ) -> HeartbeatReply:
@@ -418,10 +464,12 @@ class RedisBroker(Broker):
             lost={i.decode() for i in lost}, cancel_requested={i.decode() for i in cancel}
         )
 
+    @_on_io_loop
     async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
         reply = await self._eval("finish", repr(self.result_ttl_s), *_finish_args(finishes))
         return [c == "1" for c in reply.decode()]
 
+    @_on_io_loop
     async def record_progress(self, items: Sequence[Progress]) -> None:
         args: list[Any] = [len(items)]
         for p in items:
@@ -429,14 +477,16 @@ class RedisBroker(Broker):
             args += (p.claim.job_id, p.claim.token, fraction, p.message or "")
         await self._eval("progress", *args)
 
+    @_on_io_loop
     async def recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
         reply = await self._eval("recover", max_lost_leases, repr(self.result_ttl_s))
         return [
             (reply[i].decode(), JobState(reply[i + 1].decode())) for i in range(0, len(reply), 2)
         ]
 
+    @_on_io_loop
     async def wait(self, queues: Sequence[str], timeout: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = _caller.get(asyncio.get_running_loop())
         client = self._client()
 
         async def next_due() -> tuple[list[Any], tuple[int, int]]:
@@ -456,10 +506,12 @@ class RedisBroker(Broker):
             return
         last = self._last_wake.get(loop, b"$")
         blocking = self._blocking_client()
-        reply = await blocking.xread({self._key("wake"): last}, count=1, block=int(timeout * 1000))
+        block_ms = int(min(timeout, _MAX_BLOCK_S) * 1000)
+        reply = await blocking.xread({self._key("wake"): last}, count=1, block=block_ms)
         if reply:
             self._last_wake[loop] = reply[0][1][-1][0]
 
+    @_on_io_loop
     async def unregister_worker(self, worker_id: str) -> None:
         async def call() -> None:
             client = self._client()
@@ -468,15 +520,18 @@ class RedisBroker(Broker):
 
         await self._retrying(call)
 
+    @_on_io_loop
     async def prune(self, finished_before: float, limit: int = 1000) -> int:
         return int(await self._eval("prune", repr(finished_before), limit))
 
     # --- inspection and management ----------------------------------------------------------
 
+    @_on_io_loop
     async def now(self) -> float:
         seconds, micros = await self._retrying(self._client().time)
         return float(seconds + micros / 1e6)
 
+    @_on_io_loop
     async def get(self, job_id: str) -> Job | None:
         fields = await self._retrying(lambda: self._client().hgetall(self._key("job", job_id)))
         return _job(fields) if fields else None
@@ -485,6 +540,7 @@ class RedisBroker(Broker):
         names = await self._retrying(lambda: self._client().smembers(self._key("queues")))
         return sorted(n.decode() for n in names)
 
+    @_on_io_loop
     async def list_jobs(
         self,
         *,
@@ -525,6 +581,7 @@ class RedisBroker(Broker):
             return list(await client.smembers(self._key("q", queue, "running")))[:limit]
         return list(await client.zrevrange(self._key("q", queue, state.value), 0, limit - 1))
 
+    @_on_io_loop
     async def stats(self) -> list[QueueStats]:
         queues = await self._queues()
         client = self._client()
@@ -552,6 +609,7 @@ class RedisBroker(Broker):
             )
         return out
 
+    @_on_io_loop
     async def list_workers(self) -> list[WorkerInfo]:
         client = self._client()
         ids = await self._retrying(lambda: client.zrange(self._key("workers"), 0, -1))
@@ -562,17 +620,21 @@ class RedisBroker(Broker):
         workers = [decoder.decode(r) for r in raw if r is not None]
         return sorted(workers, key=lambda w: w.started_at)
 
+    @_on_io_loop
     async def retry(self, job_ids: Sequence[str] | None) -> list[str]:
         args: list[Any] = [-1] if job_ids is None else [len(job_ids), *job_ids]
         return [i.decode() for i in await self._eval("retry", *args)]
 
+    @_on_io_loop
     async def cancel(self, job_id: str) -> JobState | None:
         state = await self._eval("cancel", job_id, repr(self.result_ttl_s))
         return None if state is None else JobState(state.decode())
 
+    @_on_io_loop
     async def purge(self, queue: str) -> int:
         return int(await self._eval("purge", queue))
 
+    @_on_io_loop
     async def pause(self, queue: str, paused: bool) -> None:
         async def call() -> None:
             client = self._client()

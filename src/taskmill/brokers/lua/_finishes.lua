@@ -35,6 +35,7 @@ local function apply_finishes(base, now)
           redis.call('HSET', jk, 'state', 'scheduled')
           redis.call('ZADD', qkey(queue, 'scheduled'), run_at, id)
         end
+        due = true -- idle workers must learn of the new run_at to wake for it
       else -- 'L': released unstarted
         local attempt = tonumber(redis.call('HGET', jk, 'attempt'))
         if attempt > 0 then redis.call('HSET', jk, 'attempt', attempt - 1) end

@@ -48,10 +48,11 @@ for i = 0, n - 1 do
     redis.call('SADD', P .. 'queues', queue)
     if state == 'queued' then
       push_ready(id, queue, priority, run_at, seq)
-      due = true
     else
       redis.call('ZADD', qkey(queue, 'scheduled'), run_at, id)
     end
+    -- wake idle workers for a delayed job too: they shorten their wait to its run_at
+    due = true
     out[#out + 1] = id
   end
 end
