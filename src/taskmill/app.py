@@ -17,7 +17,15 @@ from taskmill.job import Job, NewJob
 from taskmill.portal import Portal
 from taskmill.retry import Backoff, RetryPolicy, as_backoff, exception_types
 from taskmill.settings import Settings
-from taskmill.task import KeyFunc, Seconds, SendOptions, Task, _attempts, seconds
+from taskmill.task import (
+    KeyFunc,
+    Seconds,
+    SendOptions,
+    Task,
+    _attempts,
+    check_priority,
+    seconds,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -118,7 +126,7 @@ class App:
         )
         defaults = SendOptions(
             queue=queue or self.settings.default_queue,
-            priority=int(priority),
+            priority=check_priority(priority),
             max_attempts=_attempts(retries),
             timeout_s=seconds(timeout, "timeout"),
             key=key,

@@ -36,6 +36,20 @@ def seconds(value: Seconds | None, what: str) -> float | None:
     return s
 
 
+MAX_PRIORITY = 1000
+
+
+def check_priority(priority: int) -> int:
+    """Priorities are whole numbers from -1000 to 1000 (higher runs first), on every broker."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ConfigurationError(f"priority must be a whole number, not {priority!r}")
+    if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ConfigurationError(
+            f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}, not {priority}"
+        )
+    return priority
+
+
 @dataclass(frozen=True, slots=True)
 class SendOptions:
     """Per-send options; ``Task.options(...)`` makes a copy with some of them changed."""
@@ -117,7 +131,7 @@ class Task(Generic[P, R]):
         if queue is not None:
             changes["queue"] = queue
         if priority is not None:
-            changes["priority"] = int(priority)
+            changes["priority"] = check_priority(priority)
         if delay is not None:
             changes["delay_s"] = seconds(delay, "delay")
         if run_at is not None:

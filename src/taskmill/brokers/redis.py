@@ -574,7 +574,7 @@ class RedisBroker(Broker):
     async def _ids_in(self, client: Any, queue: str, state: JobState, limit: int) -> list[bytes]:
         if state is JobState.QUEUED:
             members = await client.zrange(self._key("q", queue, "ready"), 0, -1)
-            return [m[29:] for m in members][-limit:]
+            return list(members)[-limit:]
         if state is JobState.SCHEDULED:
             return list(await client.zrange(self._key("q", queue, "scheduled"), 0, limit - 1))
         if state is JobState.RUNNING:
@@ -595,10 +595,14 @@ class RedisBroker(Broker):
                 pipe.scard(self._key("q", q, "running"))
                 for s in _FINISHED:
                     pipe.zcard(self._key("q", q, s.value))
-                pipe.zrange(self._key("q", q, "ready"), 0, 9999)
+                pipe.zrange(self._key("q", q, "ready"), 0, 999)
                 *counts, ready = await pipe.execute()
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in ready:  # the oldest waiting among the first 1,000 to run
+                    pipe.hget(self._key("job", job_id.decode()), "run_at")
+                run_ats = [float(r) for r in await pipe.execute() if r is not None]
             states = [JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING, *_FINISHED]
-            oldest = min((int(m[:15]) / 1000 for m in ready), default=None)
+            oldest = min(run_ats, default=None)
             out.append(
                 QueueStats(
                     queue=q,

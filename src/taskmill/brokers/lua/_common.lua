@@ -7,16 +7,22 @@ local function now_s()
 end
 local function job_key(id) return P .. 'job:' .. id end
 local function qkey(queue, what) return P .. 'q:' .. queue .. ':' .. what end
--- ready jobs: score -priority (lowest pops first), ties ordered by the member's text, which
--- starts with run_at in ms and the enqueue sequence, zero-padded: FIFO within a priority
-local function ready_member(run_at, seq, id)
-  return string.format('%015.0f:%012.0f:', math.floor(run_at * 1000), seq) .. id
+-- ready jobs: the score orders by priority (higher first), then run_at in ms since 2025 (the
+-- taskmill epoch): -priority * 2^40 + ms, exact in a double for |priority| <= 1000 and ~34 years
+-- of run_at. Equal scores order by member, the time-ordered job id: FIFO within a priority.
+local function ready_score(priority, run_at)
+  return -tonumber(priority) * 1099511627776 + math.floor(tonumber(run_at) * 1000 - 1735689600000)
 end
-local function push_ready(id, queue, priority, run_at, seq)
-  redis.call('ZADD', qkey(queue, 'ready'), -tonumber(priority), ready_member(tonumber(run_at), tonumber(seq), id))
+local function push_ready(id, queue, priority, run_at)
+  redis.call('ZADD', qkey(queue, 'ready'), ready_score(priority, run_at), id)
 end
 local function wake()
   redis.call('XADD', P .. 'wake', 'MAXLEN', '~', 64, '*', 'w', 1)
+end
+-- enqueue wakes workers only while one may be idle: a claim that found nothing marks that for
+-- longer than any wait lasts, so a busy system (or one with no workers) skips the XADD
+local function wake_if_idle()
+  if redis.call('EXISTS', P .. 'idle') == 1 then wake() end
 end
 -- a finished job: indexed by finish time for stats, listing and pruning; its unique key freed;
 -- the hash expires after the result TTL

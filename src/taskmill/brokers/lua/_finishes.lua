@@ -6,7 +6,7 @@ local function apply_finishes(base, now)
     local b = base + 1 + i * 5
     local id, token, kind, a, bb = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
     local jk = job_key(id)
-    local f = redis.call('HMGET', jk, 'state', 'lease_token', 'queue', 'key', 'priority', 'seq')
+    local f = redis.call('HMGET', jk, 'state', 'lease_token', 'queue', 'key', 'priority')
     if f[1] ~= 'running' or f[2] ~= token then
       applied[#applied + 1] = '0'
     else
@@ -29,7 +29,7 @@ local function apply_finishes(base, now)
         redis.call('HDEL', jk, 'worker_id')
         if run_at <= now then
           redis.call('HSET', jk, 'state', 'queued')
-          push_ready(id, queue, f[5], run_at, f[6])
+          push_ready(id, queue, f[5], run_at)
           due = true
         else
           redis.call('HSET', jk, 'state', 'scheduled')
@@ -37,11 +37,11 @@ local function apply_finishes(base, now)
         end
         due = true -- idle workers must learn of the new run_at to wake for it
       else -- 'L': released unstarted
-        local attempt = tonumber(redis.call('HGET', jk, 'attempt'))
+        local attempt = tonumber(redis.call('HGET', jk, 'attempt') or 0)
         if attempt > 0 then redis.call('HSET', jk, 'attempt', attempt - 1) end
         redis.call('HDEL', jk, 'worker_id', 'started_at')
         redis.call('HSET', jk, 'state', 'queued')
-        push_ready(id, queue, f[5], redis.call('HGET', jk, 'run_at'), f[6])
+        push_ready(id, queue, f[5], redis.call('HGET', jk, 'run_at'))
         due = true
       end
       applied[#applied + 1] = '1'

@@ -14,10 +14,10 @@ for i = 1, nq do
     -- promote scheduled jobs that came due
     local due = redis.call('ZRANGEBYSCORE', qkey(q, 'scheduled'), '-inf', now, 'LIMIT', 0, 1000)
     for _, id in ipairs(due) do
-      local f = redis.call('HMGET', job_key(id), 'state', 'priority', 'run_at', 'seq')
+      local f = redis.call('HMGET', job_key(id), 'state', 'priority', 'run_at')
       if f[1] == 'scheduled' then
         redis.call('HSET', job_key(id), 'state', 'queued')
-        push_ready(id, q, f[2], f[3], f[4])
+        push_ready(id, q, f[2], f[3])
       end
       redis.call('ZREM', qkey(q, 'scheduled'), id)
     end
@@ -35,11 +35,12 @@ if nq > 1 then
 end
 local last = redis.call('XREVRANGE', P .. 'wake', '+', '-', 'COUNT', 1)
 local out = {tostring(now), last[1] and last[1][1] or '0-0', applied}
+if #candidates == 0 then redis.call('SET', P .. 'idle', 1, 'EX', 90) end
 local expires = now + lease
 for i = 1, math.min(limit, #candidates) do
   local c = candidates[i]
   redis.call('ZREM', qkey(c[3], 'ready'), c[2])
-  local id = string.sub(c[2], 30)
+  local id = c[2]
   local jk = job_key(id)
   if redis.call('HGET', jk, 'state') == 'queued' then
     redis.call('HINCRBY', jk, 'attempt', 1)

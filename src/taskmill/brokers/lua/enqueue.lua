@@ -33,13 +33,12 @@ for i = 0, n - 1 do
     local queue, priority, key = ARGV[b + 3], ARGV[b + 5], ARGV[b + 10]
     local run_at = now + tonumber(ARGV[b + 7])
     if ARGV[b + 6] ~= '' then run_at = tonumber(ARGV[b + 6]) end
-    local seq = redis.call('INCR', P .. 'seq')
     local state = 'scheduled'
     if run_at <= now then state = 'queued' end
+    -- counters that start at 0 (attempt, lost_leases, cancel_requested) are left out until set
     redis.call('HSET', job_key(id), 'id', id, 'task', ARGV[b + 2], 'queue', queue,
-      'state', state, 'payload', ARGV[b + 4], 'priority', priority, 'attempt', 0,
-      'max_attempts', ARGV[b + 8], 'run_at', run_at, 'enqueued_at', now, 'lost_leases', 0,
-      'cancel_requested', 0, 'seq', seq)
+      'state', state, 'payload', ARGV[b + 4], 'priority', priority,
+      'max_attempts', ARGV[b + 8], 'run_at', run_at, 'enqueued_at', now)
     if ARGV[b + 9] ~= '' then redis.call('HSET', job_key(id), 'timeout_s', ARGV[b + 9]) end
     if key ~= '' then
       redis.call('HSET', job_key(id), 'key', key)
@@ -47,7 +46,7 @@ for i = 0, n - 1 do
     end
     redis.call('SADD', P .. 'queues', queue)
     if state == 'queued' then
-      push_ready(id, queue, priority, run_at, seq)
+      push_ready(id, queue, priority, run_at)
     else
       redis.call('ZADD', qkey(queue, 'scheduled'), run_at, id)
     end
@@ -56,5 +55,5 @@ for i = 0, n - 1 do
     out[#out + 1] = id
   end
 end
-if due then wake() end
+if due then wake_if_idle() end
 return out

@@ -7,7 +7,7 @@ local function drop(id)
   redis.call('DEL', job_key(id))
   count = count + 1
 end
-for _, m in ipairs(redis.call('ZRANGE', qkey(queue, 'ready'), 0, -1)) do drop(string.sub(m, 30)) end
+for _, m in ipairs(redis.call('ZRANGE', qkey(queue, 'ready'), 0, -1)) do drop(m) end
 for _, id in ipairs(redis.call('ZRANGE', qkey(queue, 'scheduled'), 0, -1)) do drop(id) end
 redis.call('DEL', qkey(queue, 'ready'), qkey(queue, 'scheduled'))
 return count

@@ -7,21 +7,21 @@ local out, due = {}, false
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, 500)) do
   local jk = job_key(id)
   local f = redis.call('HMGET', jk, 'state', 'queue', 'lost_leases', 'cancel_requested',
-    'attempt', 'worker_id', 'key', 'priority', 'run_at', 'seq', 'lease_expires_at')
+    'attempt', 'worker_id', 'key', 'priority', 'run_at', 'lease_expires_at')
   redis.call('ZREM', P .. 'running', id)
-  if f[1] == 'running' and tonumber(f[11]) < now then
-    local queue, lost = f[2], tonumber(f[3]) + 1
+  if f[1] == 'running' and tonumber(f[10]) < now then
+    local queue, lost = f[2], tonumber(f[3] or 0) + 1
     redis.call('SREM', qkey(queue, 'running'), id)
     local err = cjson.encode({type = 'taskmill.errors.WorkerLostError', traceback = '',
       message = string.format('lease expired on attempt %s (worker %s stopped heartbeating); '
-        .. 'lost leases: %d', f[5], f[6] or '?', lost)})
+        .. 'lost leases: %d', f[5] or '0', f[6] or '?', lost)})
     redis.call('HSET', jk, 'lost_leases', lost, 'error', err)
     redis.call('HDEL', jk, 'lease_token', 'lease_expires_at', 'worker_id')
     local state = 'queued'
     if f[4] == '1' then state = 'cancelled' elseif lost >= max_lost then state = 'failed' end
     redis.call('HSET', jk, 'state', state)
     if state == 'queued' then
-      push_ready(id, queue, f[8], f[9], f[10])
+      push_ready(id, queue, f[8], f[9])
       due = true
     else
       redis.call('HSET', jk, 'finished_at', now)

@@ -13,7 +13,7 @@ end
 local out = {}
 for _, id in ipairs(ids) do
   local jk = job_key(id)
-  local f = redis.call('HMGET', jk, 'state', 'queue', 'key', 'priority', 'seq')
+  local f = redis.call('HMGET', jk, 'state', 'queue', 'key', 'priority')
   local state, queue, key = f[1], f[2], f[3]
   if state == 'failed' or state == 'cancelled' then
     local holder = key and redis.call('GET', P .. 'key:' .. key)
@@ -24,7 +24,7 @@ for _, id in ipairs(ids) do
       redis.call('HSET', jk, 'state', 'queued', 'attempt', 0, 'lost_leases', 0, 'run_at', now,
         'cancel_requested', 0)
       redis.call('HDEL', jk, 'finished_at', 'started_at')
-      push_ready(id, queue, f[4], now, f[5])
+      push_ready(id, queue, f[4], now)
       out[#out + 1] = id
     end
   end
