@@ -31,6 +31,7 @@ import pytest
 
 from taskmill.brokers.base import Broker, Capabilities
 from taskmill.brokers.memory import MemoryBroker
+from taskmill.brokers.redis import RedisBroker
 from taskmill.brokers.sqlite import SQLiteBroker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,7 +169,11 @@ def test_every_doc_has_tested_examples() -> None:
 
 # --- generated tables --------------------------------------------------------------------------
 
-BROKERS: dict[str, type[Broker]] = {"memory": MemoryBroker, "sqlite": SQLiteBroker}
+BROKERS: dict[str, type[Broker]] = {
+    "memory": MemoryBroker,
+    "sqlite": SQLiteBroker,
+    "redis": RedisBroker,
+}
 
 
 def capability_table() -> str:
