@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 # the folders that exist (a fresh clone has no empty ones, and ruff fails on a missing path)
 PY_PATHS := $(wildcard src tests bench examples)
 
-.PHONY: demo test lint typecheck unit install bench
+.PHONY: demo test test-deps lint typecheck unit install bench
 
 $(BIN)/python:
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -40,7 +40,11 @@ typecheck: install
 unit: install
 	$(BIN)/pytest -q tests/unit
 
-test: install lint typecheck
+# system packages the tests need (redis-server); a no-op once installed
+test-deps:
+	bash scripts/install-test-deps.sh
+
+test: install lint typecheck test-deps
 	$(BIN)/pytest -q
 
 bench: install

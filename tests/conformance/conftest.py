@@ -1,20 +1,24 @@
 """Everything broker-specific in the conformance suite lives here.
 
-A new broker joins the suite by adding a ``BROKERS`` entry (how to make its URL for one test),
-a ``CORRUPTERS`` entry (how to overwrite a stored payload behind taskmill's back) and, if it
-leaves something behind, a ``CLEANUPS`` entry. The tests
-themselves only see an ``App`` and the broker contract.
+A new broker joins the suite by adding a ``BROKERS`` entry (how to make its URL for one test,
+from the test's fixture request and temp dir), a ``CORRUPTERS`` entry (how to overwrite a
+stored payload behind taskmill's back) and, if it leaves something behind, a ``CLEANUPS``
+entry. The tests themselves only see an ``App`` and the broker contract. Server brokers use
+the servers of ``tests/conftest.py`` (Redis: one per session, a key prefix per test).
 """
 
 from __future__ import annotations
 
 import shutil
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+import redis
 
 from taskmill import App
 from taskmill.brokers import broker_from_url
@@ -31,17 +35,24 @@ LEASE_SETTINGS: dict[str, Any] = {"lease_s": 1.0, "heartbeat_s": 0.2, "recover_i
 """For tests that wait for leases to expire."""
 
 
-def _memory_url(tmp_path: Path) -> str:
+def _memory_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return "memory://"
 
 
-def _sqlite_url(tmp_path: Path) -> str:
+def _sqlite_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return "sqlite:///" + str(tmp_path / "jobs.db")  # sqlite:////abs/path/jobs.db
 
 
-BROKERS: dict[str, Callable[[Path], str]] = {
+def _redis_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    # the session's server (started on first use), under a key prefix no other test shares
+    server = request.getfixturevalue("redis_server")
+    return f"{server.url}?prefix=t{uuid.uuid4().hex[:12]}:"
+
+
+BROKERS: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
     "memory": _memory_url,
     "sqlite": _sqlite_url,
+    "redis": _redis_url,
 }
 
 
@@ -65,18 +76,50 @@ def _corrupt_sqlite(app: App, job_id: str) -> None:
         conn.close()
 
 
+def _redis_client(url: str) -> tuple[redis.Redis, str]:
+    """A client of the server a ``redis://…?prefix=…`` URL names, and the URL's key prefix."""
+    parts = urlsplit(url)
+    prefix = dict(parse_qsl(parts.query)).get("prefix")
+    assert prefix, f"a conformance URL always has its own prefix: {url}"
+    return redis.Redis.from_url(parts._replace(query="").geturl(), socket_timeout=10), prefix
+
+
+def _corrupt_redis(app: App, job_id: str) -> None:
+    client, prefix = _redis_client(app.url)
+    with client:
+        key = f"{prefix}job:{job_id}"
+        assert client.hexists(key, "payload"), f"{key} has no payload field"
+        client.hset(key, "payload", BAD_PAYLOAD)
+
+
 def _cleanup_sqlite(url: str) -> None:
     # the directory of wake-up sockets lives in the temp dir, not beside the database
     shutil.rmtree(channel_dir(parse_url(url)[0]), ignore_errors=True)
 
 
+def _cleanup_redis(url: str) -> None:
+    # the session's server outlives the test: drop every key under the test's prefix
+    client, prefix = _redis_client(url)
+    with client:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.unlink(*batch)
+                batch.clear()
+        if batch:
+            client.unlink(*batch)
+
+
 CLEANUPS: dict[str, Callable[[str], None]] = {
     "sqlite": _cleanup_sqlite,
+    "redis": _cleanup_redis,
 }
 
 CORRUPTERS: dict[str, Callable[[App, str], None]] = {
     "memory": _corrupt_memory,
     "sqlite": _corrupt_sqlite,
+    "redis": _corrupt_redis,
 }
 
 
@@ -94,8 +137,8 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def broker_url(broker_kind: str, tmp_path: Path) -> Iterator[str]:
-    url = BROKERS[broker_kind](tmp_path)
+def broker_url(broker_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    url = BROKERS[broker_kind](request, tmp_path)
     yield url
     cleanup = CLEANUPS.get(broker_kind)
     if cleanup is not None:

@@ -296,26 +296,30 @@ class RedisBroker(Broker):
 
     def _sync_client(self) -> Any:
         if self._sync is None:
+            timeout = min(10.0, self.unavailable_after_s)
             self._sync = redis.Redis.from_url(
-                self._redis_url, socket_connect_timeout=2, socket_timeout=10
+                self._redis_url, socket_connect_timeout=min(2.0, timeout), socket_timeout=timeout
             )
         return self._sync
 
     def _unavailable(self, exc: BaseException) -> BrokerUnavailableError:
         where = self._redis_url.split("@")[-1]  # never print a password
         return BrokerUnavailableError(
-            f"Redis at {where} did not answer for {self.unavailable_after_s:g} s ({exc}); "
-            "nothing was written"
+            f"Redis at {where} did not answer within {self.unavailable_after_s:g} s "
+            f"({type(exc).__name__}: {exc}). A write that was under way may still have been "
+            "applied; sending the same job again is safe (its id is checked)"
         )
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Retry on a lost connection with back-off for up to ``unavailable_after_s``."""
+        """Retry on a lost connection with back-off for up to ``unavailable_after_s`` in all:
+        each attempt gets only the time that is left, so a server that accepts connections
+        but never answers (frozen, overloaded) fails as soon as one that is down."""
         deadline = time.monotonic() + self.unavailable_after_s
         delay = 0.05
         while True:
             try:
-                return await call()
-            except _UNAVAILABLE as exc:
+                return await asyncio.wait_for(call(), max(0.01, deadline - time.monotonic()))
+            except (*_UNAVAILABLE, TimeoutError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise self._unavailable(exc) from exc
                 await asyncio.sleep(delay)
