@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 # the folders that exist (a fresh clone has no empty ones, and ruff fails on a missing path)
 PY_PATHS := $(wildcard src tests bench examples)
 
-.PHONY: demo test test-deps lint typecheck unit install bench
+.PHONY: demo test test-deps lint typecheck unit install bench bench-redis
 
 $(BIN)/python:
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -49,3 +49,8 @@ test: install lint typecheck test-deps
 
 bench: install
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
+
+# taskmill against Celery, Dramatiq, RQ and arq on one Redis (~10 min; the peers are installed
+# into bench/.peers/, not into the project's virtualenv)
+bench-redis: install test-deps
+	$(BIN)/python -m bench.compare_redis $(BENCH_ARGS)

@@ -1,0 +1,127 @@
+"""taskmill's side of bench.compare_redis (run with the project's virtualenv).
+
+Workers: ``taskmill worker bench.peers.taskmill_app:app -p 2 -c 16`` with ``TASKMILL_URL`` set
+(2 worker processes under one supervisor, 16 concurrent jobs each; sync tasks run in the thread
+pool, async ones on the worker's event loop).
+Producer: ``python -m bench.peers.taskmill_app enqueue N | pace RATE SECONDS | extras N``;
+``CMP_TASKMILL_VARIANT=async`` sends the async probes instead of the sync ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import redis
+
+from bench.peers import _common
+from taskmill import App
+
+app = App(os.environ.get("TASKMILL_URL", "redis://127.0.0.1:6379/0?prefix=bench:"))
+ASYNC = os.environ.get("CMP_TASKMILL_VARIANT", "sync") == "async"
+
+
+@app.task(name="drain_probe", retries=0)
+def drain_probe() -> None:
+    _common.drain()
+
+
+@app.task(name="lat_probe", retries=0)
+def lat_probe(sent: float) -> None:
+    _common.record_latency(sent)
+
+
+@app.task(name="adrain_probe", retries=0)
+async def adrain_probe() -> None:
+    await _common.adrain()
+
+
+@app.task(name="alat_probe", retries=0)
+async def alat_probe(sent: float) -> None:
+    await _common.arecord_latency(sent)
+
+
+def enqueue(n: int) -> str:
+    task: Any = adrain_probe if ASYNC else drain_probe
+    for start in range(0, n, 1000):
+        task.send_many([()] * min(1000, n - start))
+    return "send_many, batches of 1,000"
+
+
+def send_latency(sent: float) -> None:
+    (alat_probe if ASYNC else lat_probe).send(sent)
+
+
+_writes = [0]
+
+
+def _count_writes() -> None:
+    """Count redis-py's socket writes (one per command or pipeline sent: a round trip)."""
+    import redis.asyncio.connection
+    import redis.connection
+
+    def patch(cls: Any) -> None:
+        orig = cls.send_packed_command
+        if inspect.iscoroutinefunction(orig):
+
+            async def counted_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+                _writes[0] += 1
+                return await orig(self, *args, **kwargs)
+
+            cls.send_packed_command = counted_async
+        else:
+
+            def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+                _writes[0] += 1
+                return orig(self, *args, **kwargs)
+
+            cls.send_packed_command = counted
+
+    patch(redis.asyncio.connection.AbstractConnection)
+    patch(redis.connection.AbstractConnection)
+
+
+def extras(n: int) -> dict[str, Any]:
+    """A plain ``send()`` loop against one connection's round-trip ceiling (``INCR`` loop with
+    redis-py's sync client), measured back to back in this process, twice; and how many
+    Redis commands (server side, counting those run inside Lua scripts) and socket writes
+    (client side: round trips) one ``send()`` costs."""
+    _count_writes()
+    client = redis.Redis.from_url(_common.redis_url())
+    drain_probe.send()  # open the broker and load its scripts outside the timed part
+    client.incr("cmp:ceiling")
+    send_rates, incr_rates, per_send, writes = [], [], [], []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            client.incr("cmp:ceiling")
+        incr_rates.append(n / (time.perf_counter() - t0))
+        before = client.info("stats")["total_commands_processed"]
+        w0 = _writes[0]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            drain_probe.send()
+        send_rates.append(n / (time.perf_counter() - t0))
+        writes.append((_writes[0] - w0) / n)
+        # Redis commands per send() (nothing else talks to Redis now; minus our own INFO).
+        after = client.info("stats")["total_commands_processed"]
+        per_send.append((after - before - 1) / n)
+    client.close()
+    return {
+        "send_loop": max(send_rates),
+        "incr_loop": max(incr_rates),
+        "commands_per_send": min(per_send),
+        "writes_per_send": min(writes),
+        "n": n,
+    }
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "extras":
+        print(json.dumps(extras(int(sys.argv[2]))), flush=True)
+    else:
+        _common.run_cli(enqueue, send_latency)
