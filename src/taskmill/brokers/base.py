@@ -74,6 +74,10 @@ class Broker(abc.ABC):
     def configure(self, settings: Settings) -> None:
         """Take the app's settings that the broker applies itself (e.g. a result TTL)."""
 
+    async def attach(self) -> None:
+        """The running loop is a worker's and will call ``detach`` before it ends: a broker
+        may bind connections to it rather than hop to a loop of its own."""
+
     async def detach(self) -> None:
         """Release what is bound to the running event loop (that loop is about to end); the
         broker stays usable from other loops. Workers call it when they stop."""

@@ -11,8 +11,10 @@ Layout under the key prefix (default ``taskmill:``):
 - ``q:{queue}:running`` and ``running`` (by lease expiry, for recovery);
 - ``q:{queue}:{succeeded|failed|cancelled}``: finished jobs by finish time (pruned by workers);
 - ``key:{key}``: the pending job holding a unique key; ``paused``, ``queues``, ``seq``;
-- ``wake``: a short stream; idle workers block on ``XREAD`` from the last id they saw, so a
-  job enqueued between a worker's empty claim and its wait still wakes it;
+- ``q:{queue}:wake``: a short list of wake tokens; an idle worker ``BLPOP``s the lists of its
+  queues, so one token wakes one worker, and a token pushed between a worker's empty claim and
+  its wait is still there when it waits; ``idle`` marks that some worker recently found no work
+  (enqueues push tokens only then);
 - ``workers`` and ``worker:{id}``: the registry, with a TTL.
 
 redis-py's asyncio connections belong to the event loop that made them, while one broker serves
@@ -24,7 +26,6 @@ they belong to, and ``close()`` closes all of them.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import hashlib
 import logging
@@ -78,8 +79,6 @@ from taskmill.settings import Settings
 log = logging.getLogger("taskmill.brokers.redis")
 T = TypeVar("T")
 P = ParamSpec("P")
-# the event loop of the code that called a broker method (the method itself runs on the I/O loop)
-_caller: contextvars.ContextVar[asyncio.AbstractEventLoop] = contextvars.ContextVar("caller")
 
 _OWN_OPTIONS = {"prefix", "unavailable_after_s"}
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
@@ -203,12 +202,12 @@ def _enqueue_args(jobs: Sequence[NewJob], on_conflict: OnConflict) -> list[Any]:
     return args
 
 
-def _enqueue_result(jobs: Sequence[NewJob], reply: list[bytes]) -> EnqueueResult:
+def _enqueue_result(jobs: Sequence[NewJob], reply: list[Any]) -> EnqueueResult:
     result = EnqueueResult(ids=[j.id for j in jobs])
-    for i, raw in enumerate(reply):
-        if raw.startswith(b"="):
-            result.ids[i] = raw[1:].decode()
-            result.existing.add(i)
+    for n in range(0, len(reply), 2):  # only the jobs that matched a pending key come back
+        i = int(reply[n]) - 1
+        result.ids[i] = reply[n + 1].decode()
+        result.existing.add(i)
     return result
 
 
@@ -228,14 +227,12 @@ def _on_io_loop(
     @functools.wraps(method)
     async def run(self: RedisBroker, /, *args: P.args, **kwargs: P.kwargs) -> T:
         caller = asyncio.get_running_loop()
+        if caller in self._attached:  # a worker's loop: its own connections, no thread hop
+            return await method(self, *args, **kwargs)
         io = self._io_loop()
         if caller is io:
             return await method(self, *args, **kwargs)
-        token = _caller.set(caller)
-        try:
-            future = asyncio.run_coroutine_threadsafe(method(self, *args, **kwargs), io)
-        finally:
-            _caller.reset(token)
+        future = asyncio.run_coroutine_threadsafe(method(self, *args, **kwargs), io)
         return await asyncio.wrap_future(future)
 
     return run
@@ -255,9 +252,9 @@ class RedisBroker(Broker):
         self.result_ttl_s = Settings().result_ttl_s
         self._io: Portal | None = None
         self._io_lock = threading.Lock()
-        self._aclient: Any = None
-        self._ablocking: Any = None
-        self._last_wake: dict[asyncio.AbstractEventLoop, bytes] = {}
+        self._aclients: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._ablocking: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._attached: set[asyncio.AbstractEventLoop] = set()
         self._sync: Any = None
         self._checked = False
 
@@ -278,21 +275,25 @@ class RedisBroker(Broker):
     # Clients are typed Any: redis-py annotates every reply as a union of what any
     # decode_responses setting could give, so each use would need a cast. Replies are bytes.
     def _client(self) -> Any:
-        """The async client; only used on the I/O loop."""
-        if self._aclient is None:
-            self._aclient = aredis.Redis.from_url(
+        """The async client of the running loop: the I/O loop's, or an attached worker's."""
+        loop = asyncio.get_running_loop()
+        client = self._aclients.get(loop)
+        if client is None:
+            client = self._aclients[loop] = aredis.Redis.from_url(
                 self._redis_url, socket_connect_timeout=2, socket_timeout=10,
                 health_check_interval=30,
             )  # fmt: skip
-        return self._aclient
+        return client
 
     def _blocking_client(self) -> Any:
-        # blocking XREADs get their own pool so they never hold up claims and finishes
-        if self._ablocking is None:
-            self._ablocking = aredis.Redis.from_url(
+        # blocking reads get their own pool so they never hold up claims and finishes
+        loop = asyncio.get_running_loop()
+        client = self._ablocking.get(loop)
+        if client is None:
+            client = self._ablocking[loop] = aredis.Redis.from_url(
                 self._redis_url, socket_connect_timeout=2, socket_timeout=_MAX_BLOCK_S + 10
             )
-        return self._ablocking
+        return client
 
     def _sync_client(self) -> Any:
         if self._sync is None:
@@ -388,6 +389,7 @@ class RedisBroker(Broker):
             )
 
     async def close(self) -> None:
+        await self.detach()
         if self._io is not None:
             await self._close_clients()
             self._io.close()
@@ -398,13 +400,23 @@ class RedisBroker(Broker):
 
     @_on_io_loop
     async def _close_clients(self) -> None:
-        for client in (self._aclient, self._ablocking):
+        await self._close_loop_clients()
+
+    async def _close_loop_clients(self) -> None:
+        loop = asyncio.get_running_loop()
+        for clients in (self._aclients, self._ablocking):
+            client = clients.pop(loop, None)
             if client is not None:
                 await client.aclose()
-        self._aclient = self._ablocking = None
+
+    async def attach(self) -> None:
+        self._attached.add(asyncio.get_running_loop())
 
     async def detach(self) -> None:
-        self._last_wake.pop(asyncio.get_running_loop(), None)
+        loop = asyncio.get_running_loop()
+        if loop in self._attached:
+            self._attached.discard(loop)
+            await self._close_loop_clients()
 
     # --- producers ------------------------------------------------------------------------
 
@@ -448,9 +460,8 @@ class RedisBroker(Broker):
             "claim", worker_id, repr(lease_s), limit, token, len(queues), *queues,
             repr(self.result_ttl_s), *_finish_args(finishes),
         )  # fmt: skip
-        self._last_wake[_caller.get(asyncio.get_running_loop())] = reply[1]
-        applied = [c == "1" for c in reply[2].decode()]
-        jobs = [_job(flat) for flat in reply[3:]]
+        applied = [c == "1" for c in reply[1].decode()]
+        jobs = [_job(flat) for flat in reply[2:]]
         return applied, jobs
 
     @_on_io_loop
@@ -490,7 +501,6 @@ class RedisBroker(Broker):
 
     @_on_io_loop
     async def wait(self, queues: Sequence[str], timeout: float) -> None:
-        loop = _caller.get(asyncio.get_running_loop())
         client = self._client()
 
         async def next_due() -> tuple[list[Any], tuple[int, int]]:
@@ -508,12 +518,11 @@ class RedisBroker(Broker):
                 timeout = min(timeout, max(0.0, first[0][1] - server_now))
         if timeout <= 0.001:
             return
-        last = self._last_wake.get(loop, b"$")
-        blocking = self._blocking_client()
-        block_ms = int(min(timeout, _MAX_BLOCK_S) * 1000)
-        reply = await blocking.xread({self._key("wake"): last}, count=1, block=block_ms)
-        if reply:
-            self._last_wake[loop] = reply[0][1][-1][0]
+        # BLPOP takes whole seconds on Redis < 6, fractions since; the minimum we ask is 10 ms
+        wake_lists = [self._key("q", q, "wake") for q in queues]
+        await self._blocking_client().blpop(
+            wake_lists, timeout=max(0.01, min(timeout, _MAX_BLOCK_S))
+        )
 
     @_on_io_loop
     async def unregister_worker(self, worker_id: str) -> None:
@@ -650,6 +659,6 @@ class RedisBroker(Broker):
                 await client.sadd(self._key("paused"), queue)
             else:
                 await client.srem(self._key("paused"), queue)
-                await client.xadd(self._key("wake"), {"w": 1}, maxlen=64, approximate=True)
+                await client.lpush(self._key("q", queue, "wake"), 1)
 
         await self._retrying(call)

@@ -151,6 +151,7 @@ class Worker:
         if self._stop_requested:
             self._stop_event.set()
         self._broker = await self.app.abroker()
+        await self._broker.attach()
         runner = self._make_runner()
         background = [
             asyncio.create_task(self._flush_loop(), name="taskmill-flush"),

@@ -16,13 +16,18 @@ end
 local function push_ready(id, queue, priority, run_at)
   redis.call('ZADD', qkey(queue, 'ready'), ready_score(priority, run_at), id)
 end
-local function wake()
-  redis.call('XADD', P .. 'wake', 'MAXLEN', '~', 64, '*', 'w', 1)
+-- Wake-ups: a token in the queue's wake list; an idle worker BLPOPs the lists of its queues,
+-- so one token wakes one worker (no thundering herd), and a token pushed while nobody waits
+-- stays for the next one. A claim that leaves work behind passes a token on (claim.lua).
+local function wake(queue)
+  local list = qkey(queue, 'wake')
+  redis.call('LPUSH', list, 1)
+  redis.call('LTRIM', list, 0, 63)
 end
 -- enqueue wakes workers only while one may be idle: a claim that found nothing marks that for
--- longer than any wait lasts, so a busy system (or one with no workers) skips the XADD
-local function wake_if_idle()
-  if redis.call('EXISTS', P .. 'idle') == 1 then wake() end
+-- longer than any wait lasts, so a busy system (or one with no workers) skips the push
+local function wake_if_idle(queue)
+  if redis.call('EXISTS', P .. 'idle') == 1 then wake(queue) end
 end
 -- a finished job: indexed by finish time for stats, listing and pruning; its unique key freed;
 -- the hash expires after the result TTL

@@ -1,7 +1,7 @@
 -- apply_finishes(base, now): finishes start at ARGV[base] (result_ttl), ARGV[base+1] (n).
 local function apply_finishes(base, now)
   local ttl, n = tonumber(ARGV[base]), tonumber(ARGV[base + 1])
-  local applied, due = {}, false
+  local applied, due = {}, {}
   for i = 0, n - 1 do
     local b = base + 1 + i * 5
     local id, token, kind, a, bb = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
@@ -30,23 +30,22 @@ local function apply_finishes(base, now)
         if run_at <= now then
           redis.call('HSET', jk, 'state', 'queued')
           push_ready(id, queue, f[5], run_at)
-          due = true
         else
           redis.call('HSET', jk, 'state', 'scheduled')
           redis.call('ZADD', qkey(queue, 'scheduled'), run_at, id)
         end
-        due = true -- idle workers must learn of the new run_at to wake for it
+        due[queue] = true -- an idle worker must learn of the new run_at to wake for it
       else -- 'L': released unstarted
         local attempt = tonumber(redis.call('HGET', jk, 'attempt') or 0)
         if attempt > 0 then redis.call('HSET', jk, 'attempt', attempt - 1) end
         redis.call('HDEL', jk, 'worker_id', 'started_at')
         redis.call('HSET', jk, 'state', 'queued')
         push_ready(id, queue, f[5], redis.call('HGET', jk, 'run_at'))
-        due = true
+        due[queue] = true
       end
       applied[#applied + 1] = '1'
     end
   end
-  if due then wake() end
+  for queue in pairs(due) do wake(queue) end
   return table.concat(applied)
 end

@@ -1,6 +1,6 @@
 -- ARGV: prefix, worker_id, lease_s, limit, token, nq, queue..., then finishes as in finish.lua
 -- (result_ttl, nf, 5 fields each) so a busy worker reports and claims in one call.
--- Returns {now, last wake id, applied finishes (0/1 each, as one string), job1 fields, ...}.
+-- Returns {now, applied finishes (0/1 each, as one string), job1 fields, ...}.
 local worker, lease, limit, token = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local nq = tonumber(ARGV[6])
 local now = now_s()
@@ -33,8 +33,7 @@ if nq > 1 then
     return a[2] < b[2]
   end)
 end
-local last = redis.call('XREVRANGE', P .. 'wake', '+', '-', 'COUNT', 1)
-local out = {tostring(now), last[1] and last[1][1] or '0-0', applied}
+local out = {tostring(now), applied}
 if #candidates == 0 then redis.call('SET', P .. 'idle', 1, 'EX', 90) end
 local expires = now + lease
 for i = 1, math.min(limit, #candidates) do
@@ -51,4 +50,6 @@ for i = 1, math.min(limit, #candidates) do
     out[#out + 1] = redis.call('HGETALL', jk)
   end
 end
+-- took all it could and more is ready: pass a token on to another idle worker
+if #candidates > limit then wake(candidates[limit + 1][3]) end
 return out

@@ -1,6 +1,7 @@
 -- ARGV: prefix, on_conflict ('return'|'raise'), n, then 10 fields per job:
 -- id, task, queue, payload, priority, run_at ('' = none), delay_s, max_attempts, timeout_s, key
--- Returns one entry per job: its id, or '=' .. existing id when its key matched a pending job.
+-- Returns only the exceptions, as {position (1-based), existing id, ...}: jobs whose key matched
+-- a pending job. Every other job was stored under the id the caller chose.
 -- A job whose id already exists is not stored twice (a producer retrying after a lost reply).
 local on_conflict, n = ARGV[2], tonumber(ARGV[3])
 local F = 10
@@ -21,15 +22,14 @@ for i = 0, n - 1 do
     end
   end
 end
-local out, due = {}, false
+local out, due, seen_queues = {}, {}, {}
 for i = 0, n - 1 do
   local b = 3 + i * F
   local id = ARGV[b + 1]
   if existing[i] then
-    out[#out + 1] = '=' .. existing[i]
-  elseif redis.call('EXISTS', job_key(id)) == 1 then
-    out[#out + 1] = id
-  else
+    out[#out + 1] = i + 1
+    out[#out + 1] = existing[i]
+  elseif redis.call('EXISTS', job_key(id)) == 0 then
     local queue, priority, key = ARGV[b + 3], ARGV[b + 5], ARGV[b + 10]
     local run_at = now + tonumber(ARGV[b + 7])
     if ARGV[b + 6] ~= '' then run_at = tonumber(ARGV[b + 6]) end
@@ -44,16 +44,18 @@ for i = 0, n - 1 do
       redis.call('HSET', job_key(id), 'key', key)
       redis.call('SET', P .. 'key:' .. key, id)
     end
-    redis.call('SADD', P .. 'queues', queue)
+    if not seen_queues[queue] then
+      redis.call('SADD', P .. 'queues', queue)
+      seen_queues[queue] = true
+    end
     if state == 'queued' then
       push_ready(id, queue, priority, run_at)
     else
       redis.call('ZADD', qkey(queue, 'scheduled'), run_at, id)
     end
-    -- wake idle workers for a delayed job too: they shorten their wait to its run_at
-    due = true
-    out[#out + 1] = id
+    -- wake an idle worker for a delayed job too: it shortens its wait to the run_at
+    due[queue] = true
   end
 end
-if due then wake_if_idle() end
+for queue in pairs(due) do wake_if_idle(queue) end
 return out

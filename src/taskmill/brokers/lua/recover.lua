@@ -3,7 +3,7 @@
 -- a cancel was asked. Returns {id, new state, ...}.
 local max_lost, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_s()
-local out, due = {}, false
+local out, due = {}, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, 500)) do
   local jk = job_key(id)
   local f = redis.call('HMGET', jk, 'state', 'queue', 'lost_leases', 'cancel_requested',
@@ -22,7 +22,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LI
     redis.call('HSET', jk, 'state', state)
     if state == 'queued' then
       push_ready(id, queue, f[8], f[9])
-      due = true
+      due[queue] = true
     else
       redis.call('HSET', jk, 'finished_at', now)
       finished(id, queue, state, f[7], now, ttl)
@@ -31,5 +31,5 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LI
     out[#out + 1] = state
   end
 end
-if due then wake() end
+for queue in pairs(due) do wake(queue) end
 return out

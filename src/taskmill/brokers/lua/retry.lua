@@ -25,9 +25,9 @@ for _, id in ipairs(ids) do
         'cancel_requested', 0)
       redis.call('HDEL', jk, 'finished_at', 'started_at')
       push_ready(id, queue, f[4], now)
+      wake(queue)
       out[#out + 1] = id
     end
   end
 end
-if #out > 0 then wake() end
 return out
