@@ -1,0 +1,164 @@
+"""taskmill enqueue: send a job by task name, and optionally wait for it."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.markup import escape
+
+from taskmill.app import App
+from taskmill.cli._base import (
+    CliError,
+    Env,
+    cli,
+    dumps,
+    target_options,
+)
+from taskmill.job import Job, JobState
+from taskmill.serialization import decode
+
+if TYPE_CHECKING:
+    pass
+
+# --- enqueue ------------------------------------------------------------------------------------
+
+
+def parse_args_json(text: str | None) -> tuple[list[Any], dict[str, Any]]:
+    """ARGS_JSON: an array of positional arguments or an object of keyword arguments."""
+    if text is None or not text.strip():
+        return [], {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="ARGS_JSON") from None
+    if isinstance(value, list):
+        return value, {}
+    if isinstance(value, dict):
+        return [], value
+    raise click.BadParameter(
+        f"must be a JSON array (positional arguments) or object (keyword arguments), "
+        f"not {type(value).__name__}",
+        param_hint="ARGS_JSON",
+    )
+
+
+@cli.command()
+@click.argument("task_name", metavar="TASK")
+@click.argument("args_json", metavar="[ARGS_JSON]", required=False)
+@click.option("--queue", help="Queue (default: the task's).")
+@click.option("--priority", type=int, help="Higher runs first (default: the task's).")
+@click.option("--delay", type=click.FloatRange(min=0), help="Seconds before it may run.")
+@click.option("--key", help="Unique key: while a job with it is pending, return that job.")
+@click.option("--retries", type=click.IntRange(min=0), help="Attempts after the first.")
+@click.option("--wait", is_flag=True, help="Wait for the result (progress shown on a terminal).")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), help="With --wait: give up after S seconds."
+)
+@target_options
+@click.pass_obj
+def enqueue(
+    env: Env,
+    task_name: str,
+    args_json: str | None,
+    queue: str | None,
+    priority: int | None,
+    delay: float | None,
+    key: str | None,
+    retries: int | None,
+    wait: bool,
+    timeout: float | None,
+) -> None:
+    """Send a job of TASK. ARGS_JSON is a JSON array of positional arguments or an object of
+    keyword arguments: taskmill enqueue myapp.add '[1, 2]' or '{"a": 1, "b": 2}'.
+
+    Prints the job id; with --wait, then the result as JSON (exit 1 if the job failed or was
+    cancelled)."""
+    args, kwargs = parse_args_json(args_json)
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout is for --wait")
+    app = env.app()
+    if env.has_app:
+        app.get_task(task_name)  # an unknown name fails here, listing the known ones
+    options: dict[str, Any] = {
+        "queue": queue,
+        "priority": priority,
+        "delay": delay,
+        "key": key,
+        "retries": retries,
+    }
+    try:
+        handle = app.send_task(
+            task_name, args, kwargs, **{k: v for k, v in options.items() if v is not None}
+        )
+    except TypeError as exc:  # the arguments do not bind (the message names the task)
+        raise CliError(str(exc)) from None
+    click.echo(handle.id)
+    if handle.existing:
+        env.err.print(
+            f"note: a job with key {key!r} was already pending; that is the job above",
+            markup=False,
+            highlight=False,
+        )
+    if wait:
+        job = wait_for(env, app, handle.id, timeout)
+        finish_waiting(job)
+
+
+def wait_for(env: Env, app: App, job_id: str, timeout: float | None) -> Job:
+    """Poll the job until it finishes, with a progress bar when stderr is a terminal."""
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        SpinnerColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    handle = app.job(job_id)
+    show = env.err.is_terminal
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[message]}", markup=False),
+        console=env.err,
+        transient=True,
+        disable=not show,
+    )
+    delay = 0.02
+    with progress:
+        bar = progress.add_task("", total=None, message="")
+        while True:
+            job = handle.info()
+            progress.update(
+                bar,
+                description=escape(f"{job.task} {job.state.value}"),
+                total=None if job.progress is None else 1.0,
+                completed=job.progress or 0.0,
+                message=job.progress_message or "",
+            )
+            if job.state.finished:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CliError(f"job {job_id} is still {job.state.value} after {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+
+def finish_waiting(job: Job) -> None:
+    if job.state is JobState.SUCCEEDED:
+        result = None if job.result is None else decode(job.result)
+        click.echo(dumps(result))
+        return
+    if job.state is JobState.CANCELLED:
+        raise CliError(f"job {job.id} ({job.task}) was cancelled")
+    err = job.error
+    detail = "no error was recorded" if err is None else f"{err.type}: {err.message}"
+    raise CliError(f"job {job.id} ({job.task}) failed: {detail}")
