@@ -211,12 +211,15 @@ def _enqueue_result(jobs: Sequence[NewJob], reply: list[Any]) -> EnqueueResult:
     return result
 
 
-def _duplicate(exc: ResponseError) -> DuplicateJobError | None:
+def _refused(script: str, exc: ResponseError) -> DuplicateJobError | BrokerError:
+    """A script's error reply as ours: the enqueue script's DUPLICATE, or a plain refusal."""
     text = str(exc)
-    if not text.startswith("DUPLICATE"):
-        return None
-    _, existing, key = text.split(" ", 2)
-    return DuplicateJobError(key, existing)
+    if text.startswith("DUPLICATE"):
+        _, existing, key = text.split(" ", 2)
+        return DuplicateJobError(key, existing)
+    error = BrokerError(f"Redis refused {script}: {text}")
+    error.__cause__ = exc
+    return error
 
 
 def _on_io_loop(
@@ -338,10 +341,7 @@ class RedisBroker(Broker):
         try:
             return await self._retrying(call)
         except ResponseError as exc:
-            duplicate = _duplicate(exc)
-            if duplicate is not None:
-                raise duplicate from None
-            raise BrokerError(f"Redis refused {name}: {exc}") from exc
+            raise _refused(name, exc) from None
 
     def _eval_blocking(self, name: str, *args: Any) -> Any:
         client = self._sync_client()
@@ -360,10 +360,7 @@ class RedisBroker(Broker):
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
             except ResponseError as exc:
-                duplicate = _duplicate(exc)
-                if duplicate is not None:
-                    raise duplicate from None
-                raise BrokerError(f"Redis refused {name}: {exc}") from exc
+                raise _refused(name, exc) from None
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)

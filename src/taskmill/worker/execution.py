@@ -16,6 +16,7 @@ from taskmill.job import Cancelled, Job, Outcome, Released, Succeeded
 from taskmill.retry import decide
 from taskmill.serialization import decode_payload, encode
 from taskmill.task import Task
+from taskmill.worker.pools import call_async
 
 if TYPE_CHECKING:
     from taskmill.app import App
@@ -28,6 +29,17 @@ class Interrupt:
     CANCEL = "cancel"  # someone cancelled the job
     SHUTDOWN = "shutdown"  # the worker is stopping: hand the job back
     LOST = "lost"  # the lease went to another worker
+
+
+def cancelled_on_request(interrupted: list[str]) -> bool:
+    return bool(interrupted) and interrupted[0] == Interrupt.CANCEL
+
+
+def interrupted_outcome(interrupted: list[str]) -> Outcome:
+    """The outcome of a job the worker cancelled: cancelled on request, else handed back."""
+    if cancelled_on_request(interrupted):
+        return Cancelled("cancelled on request")
+    return Released()
 
 
 def fail_now(job: Job, exc: BaseException) -> Outcome:
@@ -70,19 +82,20 @@ async def execute(
     except (UnknownTaskError, SerializationError, TypeError) as exc:
         return fail_now(job, exc)
     try:
-        value = await runner.call(task, args, kwargs, ctx, job.timeout_s)
+        if task.is_async:  # on this loop, whatever the pool: pools are for sync functions
+            value = await call_async(task, args, kwargs, ctx, job.timeout_s)
+        else:
+            value = await runner.call(task, args, kwargs, ctx, job.timeout_s)
         result = encode(value, what=f"result of task {task.name!r}")
     except asyncio.CancelledError:
-        if interrupted and interrupted[0] == Interrupt.CANCEL:
-            return Cancelled("cancelled on request")
         if interrupted:
-            return Released()
+            return interrupted_outcome(interrupted)
         raise
     except SerializationError as exc:
         return fail_now(job, exc)
     except BaseException as exc:
-        if interrupted and interrupted[0] == Interrupt.CANCEL:
-            return Cancelled("cancelled on request")
+        if cancelled_on_request(interrupted):
+            return interrupted_outcome(interrupted)
         return decide(
             attempt=job.attempt,
             max_attempts=job.max_attempts,
@@ -90,6 +103,6 @@ async def execute(
             now=time.time(),
             exc=exc,
         )
-    if interrupted and interrupted[0] == Interrupt.CANCEL:
+    if cancelled_on_request(interrupted):
         return Cancelled("cancelled on request (the task returned after the request)")
     return Succeeded(result)

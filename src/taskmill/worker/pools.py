@@ -19,6 +19,8 @@ log = logging.getLogger("taskmill.worker")
 
 
 class Runner(Protocol):
+    """Where a sync task function runs (async ones always run on the worker's loop)."""
+
     async def call(
         self,
         task: Task[Any, Any],
@@ -121,8 +123,6 @@ class InlineRunner:
         ctx: JobContext,
         timeout_s: float | None,
     ) -> Any:
-        if task.is_async:
-            return await call_async(task, args, kwargs, ctx, timeout_s)
         return _in_thread(ctx, task.fn, args, kwargs)
 
     def close(self) -> None:
@@ -145,8 +145,6 @@ class ThreadRunner:
         ctx: JobContext,
         timeout_s: float | None,
     ) -> Any:
-        if task.is_async:
-            return await call_async(task, args, kwargs, ctx, timeout_s)
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
         fut = loop.run_in_executor(self._pool, context.run, _in_thread, ctx, task.fn, args, kwargs)

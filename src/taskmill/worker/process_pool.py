@@ -27,7 +27,6 @@ from taskmill.job import ErrorInfo
 from taskmill.retry import Cancel, RemoteError, Retry, error_info
 from taskmill.serialization import decode, encode
 from taskmill.task import Task
-from taskmill.worker.pools import call_async
 
 log = logging.getLogger("taskmill.worker")
 
@@ -126,8 +125,6 @@ class ProcessRunner:
         ctx: JobContext,
         timeout_s: float | None,
     ) -> Any:
-        if task.is_async:
-            return await call_async(task, args, kwargs, ctx, timeout_s)
         loop = asyncio.get_running_loop()
         child = self._idle.pop() if self._idle else None
         if child is None or not child.alive:

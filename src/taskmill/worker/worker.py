@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Literal
 
 from taskmill.brokers.base import Broker
 from taskmill.context import JobContext
-from taskmill.job import Claim, Failed, Finish, Job, JobState, Outcome, Progress, WorkerInfo
+from taskmill.job import Claim, Failed, Finish, Job, Outcome, Progress, WorkerInfo
 from taskmill.retry import error_info
-from taskmill.worker.execution import Interrupt, execute
+from taskmill.worker.execution import Interrupt, execute, interrupted_outcome
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
 
 if TYPE_CHECKING:
@@ -302,7 +302,7 @@ class Worker:
         except asyncio.CancelledError:
             if not r.interrupted:
                 raise
-            outcome = await execute_interrupted(r)
+            outcome = interrupted_outcome(r.interrupted)
         except Exception as exc:  # a bug of ours: fail the attempt loudly, keep the worker
             log.exception("job %s (%s): the worker failed running it", r.job.id, r.job.task)
             outcome = Failed(error_info(exc))
@@ -512,13 +512,4 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def execute_interrupted(r: _Running) -> Outcome:
-    """The outcome of a job cancelled before ``execute`` could handle it."""
-    from taskmill.job import Cancelled, Released
-
-    if r.interrupted[0] == Interrupt.CANCEL:
-        return Cancelled("cancelled on request")
-    return Released()
-
-
-__all__ = ["JobState", "Worker"]
+__all__ = ["Worker"]
