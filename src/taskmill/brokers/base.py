@@ -49,7 +49,16 @@ class EnqueueResult:
     existing: set[int] = field(default_factory=set)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """Who waits, for ``Broker.wait``: a job handed over is claimed for ``worker_id`` with a
+    lease of ``lease_s``."""
+
+    worker_id: str
+    lease_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class HeartbeatReply:
     lost: set[str] = field(default_factory=set)
     """Jobs this worker no longer holds (the lease token is stale): stop reporting on them."""
@@ -154,9 +163,17 @@ class Broker(abc.ABC):
         Returns (id, new state) for each."""
 
     @abc.abstractmethod
-    async def wait(self, queues: Sequence[str], timeout: float) -> None:
+    async def wait(
+        self, queues: Sequence[str], timeout: float, handover: HandOver | None = None
+    ) -> list[Job]:
         """Return when work may be due in ``queues`` (a notification, or the next scheduled job
-        coming due), or after ``timeout`` seconds. Spurious returns are allowed."""
+        coming due), or after ``timeout`` seconds. Spurious returns are allowed.
+
+        With ``handover``, a broker may claim a job for that worker while it waits (a producer
+        hands a new job straight to an idle worker: no claim round trip after the wake-up) and
+        return it, claimed exactly as ``claim`` would have. Brokers without hand-overs, and
+        every wait that ends otherwise, return ``[]``. A hand-over registered by a wait lasts
+        until that worker's next ``claim``, which returns any job handed over in between."""
 
     @abc.abstractmethod
     async def unregister_worker(self, worker_id: str) -> None: ...

@@ -21,6 +21,7 @@ from taskmill.brokers.base import (
     Broker,
     Capabilities,
     EnqueueResult,
+    HandOver,
     HeartbeatReply,
     OnConflict,
 )
@@ -284,13 +285,15 @@ class MemoryBroker(Broker):
                 self._notify()
         return recovered
 
-    async def wait(self, queues: Sequence[str], timeout: float) -> None:
+    async def wait(
+        self, queues: Sequence[str], timeout: float, handover: HandOver | None = None
+    ) -> list[Job]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         with self._lock:
             if self._seen.get(loop, -1) != self._version:
                 self._seen[loop] = self._version
-                return
+                return []
             if self._scheduled:
                 timeout = min(timeout, max(0.0, self._scheduled[0][0] - time.time()))
             self._waiters.append((loop, fut))
@@ -302,6 +305,7 @@ class MemoryBroker(Broker):
             with self._lock:
                 if (loop, fut) in self._waiters:
                     self._waiters.remove((loop, fut))
+        return []
 
     async def unregister_worker(self, worker_id: str) -> None:
         with self._lock:

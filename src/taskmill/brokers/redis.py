@@ -48,6 +48,7 @@ from taskmill.brokers.base import (
     Broker,
     Capabilities,
     EnqueueResult,
+    HandOver,
     HeartbeatReply,
     OnConflict,
 )
@@ -497,7 +498,9 @@ class RedisBroker(Broker):
         ]
 
     @_on_io_loop
-    async def wait(self, queues: Sequence[str], timeout: float) -> None:
+    async def wait(
+        self, queues: Sequence[str], timeout: float, handover: HandOver | None = None
+    ) -> list[Job]:
         client = self._client()
 
         async def next_due() -> tuple[list[Any], tuple[int, int]]:
@@ -514,12 +517,13 @@ class RedisBroker(Broker):
             if first:
                 timeout = min(timeout, max(0.0, first[0][1] - server_now))
         if timeout <= 0.001:
-            return
+            return []
         # BLPOP takes whole seconds on Redis < 6, fractions since; the minimum we ask is 10 ms
         wake_lists = [self._key("q", q, "wake") for q in queues]
         await self._blocking_client().blpop(
             wake_lists, timeout=max(0.01, min(timeout, _MAX_BLOCK_S))
         )
+        return []
 
     @_on_io_loop
     async def unregister_worker(self, worker_id: str) -> None:

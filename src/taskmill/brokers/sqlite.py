@@ -29,6 +29,7 @@ from taskmill.brokers.base import (
     Broker,
     Capabilities,
     EnqueueResult,
+    HandOver,
     HeartbeatReply,
     OnConflict,
 )
@@ -676,7 +677,9 @@ class SQLiteBroker(Broker):
             self._notify()
         return recovered
 
-    async def wait(self, queues: Sequence[str], timeout: float) -> None:
+    async def wait(
+        self, queues: Sequence[str], timeout: float, handover: HandOver | None = None
+    ) -> list[Job]:
         if self._listener is None:
             self._listener = WakeListener(self._wake_dir)
         next_due = await self._run(self._next_scheduled)
@@ -687,11 +690,11 @@ class SQLiteBroker(Broker):
         while True:
             remaining = deadline - time.time()
             if remaining <= 0:
-                return
+                return []
             if await self._listener.wait(min(remaining, self.poll_s)):
-                return
+                return []
             if await self._run(self._data_changed):
-                return
+                return []
 
     def _next_scheduled(self) -> float | None:
         with self._errors():

@@ -20,9 +20,9 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from taskmill.brokers.base import Broker
+from taskmill.brokers.base import Broker, HandOver
 from taskmill.context import JobContext
 from taskmill.job import Claim, Failed, Finish, Job, Outcome, Progress, WorkerInfo
 from taskmill.retry import error_info
@@ -98,7 +98,7 @@ class Worker:
         self._progressed: asyncio.Event | None = None
         self._flush_wake: asyncio.Event | None = None
         self._flush_lock = asyncio.Lock()  # one flush at a time (see _flush_all)
-        self._idle_task: asyncio.Task[None] | None = None
+        self._idle_task: asyncio.Task[list[Job]] | None = None
         self._broker: Broker | None = None
         self._registered = False
 
@@ -248,32 +248,32 @@ class Worker:
         assert self._broker and self._flush_wake and self._stop_event
         if self._stop_event.is_set():
             return  # stop() came during the claim: there was no idle task for it to cancel
-        self._idle_task = asyncio.create_task(self._broker.wait(self.queues, self.idle_poll_s))
+        # a job handed over while waiting is ours already; only a plain idle wait (no event that
+        # could cancel it mid-reply) takes hand-overs, so a cancelled wait loses none
+        handover = None if also is not None else HandOver(self.id, self.lease_s)
+        idle = self._idle_task = asyncio.create_task(
+            self._broker.wait(self.queues, self.idle_poll_s, handover)
+        )
         if self._pending:
             self._flush_wake.set()
-        waiters: list[asyncio.Future[object]] = [self._idle_task]  # type: ignore[list-item]
-        extra = None
+        waiters: list[asyncio.Future[Any]] = [idle]
         if also is not None:
-            extra = asyncio.create_task(also.wait())
-            waiters.append(extra)  # type: ignore[arg-type]
+            waiters.append(asyncio.create_task(also.wait()))
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in waiters:
                 t.cancel()
             self._idle_task = None
-        if not self._idle_task_ok(waiters[0]):
-            await self._sleep_unless_stopped(0.5)
-
-    @staticmethod
-    def _idle_task_ok(task: asyncio.Future[object]) -> bool:
-        if not task.done() or task.cancelled():
-            return True
-        exc = task.exception()
+        if not idle.done() or idle.cancelled():
+            return
+        exc = idle.exception()
         if exc is not None:
             log.error("waiting for work failed: %s", exc)
-            return False
-        return True
+            await self._sleep_unless_stopped(0.5)
+            return
+        for job in idle.result():
+            self._start(job)
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         assert self._stop_event
