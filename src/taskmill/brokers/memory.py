@@ -298,7 +298,8 @@ class MemoryBroker(Broker):
                 timeout = min(timeout, max(0.0, self._scheduled[0][0] - time.time()))
             self._waiters.append((loop, fut))
         try:
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await fut
         except TimeoutError:
             pass
         finally:

@@ -15,6 +15,9 @@ Layout under the key prefix (default ``taskmill:``):
   queues, so one token wakes one worker, and a token pushed between a worker's empty claim and
   its wait is still there when it waits; ``idle`` marks that some worker recently found no work
   (enqueues push tokens only then);
+- ``q:{queue}:idlers``, ``w:{id}:idle|inbox|handed``: hand-overs (``lua/_common.lua``): an
+  enqueue claims a job for a worker that registered before blocking and pushes it onto the
+  worker's inbox, which its BLPOP watches, so the job starts without a claim round trip;
 - ``workers`` and ``worker:{id}``: the registry, with a TTL.
 
 redis-py's asyncio connections belong to the event loop that made them, while one broker serves
@@ -95,7 +98,7 @@ def _load_scripts() -> dict[str, str]:
     finishes = lua.joinpath("_finishes.lua").read_text("utf-8")
     scripts = {}
     for name in ("enqueue", "claim", "finish", "heartbeat", "progress", "recover", "cancel",
-                 "retry", "purge", "prune"):  # fmt: skip
+                 "retry", "purge", "prune", "idle", "unregister"):  # fmt: skip
         body = lua.joinpath(f"{name}.lua").read_text("utf-8")
         prelude = common + (finishes if name in ("claim", "finish") else "")
         scripts[name] = prelude + "\n" + body
@@ -168,6 +171,18 @@ def _job(fields: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         progress=_num(d.get(b"progress")),
         progress_message=_text(d.get(b"progress_message")),
     )
+
+
+def _netstrings(packed: bytes) -> list[bytes]:
+    """``b"3:foo5:hello"`` -> ``[b"foo", b"hello"]`` (how a hand-over carries a job's hash)."""
+    fields: list[bytes] = []
+    i = 0
+    while i < len(packed):
+        colon = packed.index(b":", i)
+        end = colon + 1 + int(packed[i:colon])
+        fields.append(packed[colon + 1 : end])
+        i = end
+    return fields
 
 
 def _finish_args(finishes: Sequence[Finish]) -> list[Any]:
@@ -259,6 +274,8 @@ class RedisBroker(Broker):
         self._aclients: dict[asyncio.AbstractEventLoop, Any] = {}
         self._ablocking: dict[asyncio.AbstractEventLoop, Any] = {}
         self._attached: set[asyncio.AbstractEventLoop] = set()
+        # per worker: hand-overs its waits received ('id token'), acknowledged by its next claim
+        self._delivered: dict[str, list[str]] = {}
         self._sync: Any = None
         self._checked = False
 
@@ -323,7 +340,10 @@ class RedisBroker(Broker):
         delay = 0.05
         while True:
             try:
-                return await asyncio.wait_for(call(), max(0.01, deadline - time.monotonic()))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that lands as the call completes, and a cancelled worker task then hangs
+                async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                    return await call()
             except (*_UNAVAILABLE, TimeoutError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise self._unavailable(exc) from exc
@@ -454,10 +474,15 @@ class RedisBroker(Broker):
         lease_s: float,
     ) -> tuple[list[bool], list[Job]]:
         token = os.urandom(8).hex()
-        reply = await self._eval(
-            "claim", worker_id, repr(lease_s), limit, token, len(queues), *queues,
-            repr(self.result_ttl_s), *_finish_args(finishes),
-        )  # fmt: skip
+        acked = self._delivered.pop(worker_id, [])
+        try:
+            reply = await self._eval(
+                "claim", worker_id, repr(lease_s), limit, token, len(queues), *queues,
+                len(acked), *acked, repr(self.result_ttl_s), *_finish_args(finishes),
+            )  # fmt: skip
+        except BaseException:
+            self._delivered.setdefault(worker_id, [])[:0] = acked
+            raise
         applied = [c == "1" for c in reply[1].decode()]
         jobs = [_job(flat) for flat in reply[2:]]
         return applied, jobs
@@ -501,38 +526,37 @@ class RedisBroker(Broker):
     async def wait(
         self, queues: Sequence[str], timeout: float, handover: HandOver | None = None
     ) -> list[Job]:
-        client = self._client()
-
-        async def next_due() -> tuple[list[Any], tuple[int, int]]:
-            async with client.pipeline(transaction=False) as pipe:
-                for q in queues:
-                    pipe.zrange(self._key("q", q, "scheduled"), 0, 0, withscores=True)
-                pipe.time()
-                replies = await pipe.execute()
-            return replies[:-1], replies[-1]
-
-        scheduled, server_time = await self._retrying(next_due)
-        server_now = server_time[0] + server_time[1] / 1e6
-        for first in scheduled:
-            if first:
-                timeout = min(timeout, max(0.0, first[0][1] - server_now))
-        if timeout <= 0.001:
-            return []
-        # BLPOP takes whole seconds on Redis < 6, fractions since; the minimum we ask is 10 ms
-        wake_lists = [self._key("q", q, "wake") for q in queues]
-        await self._blocking_client().blpop(
-            wake_lists, timeout=max(0.01, min(timeout, _MAX_BLOCK_S))
+        timeout = min(timeout, _MAX_BLOCK_S)
+        if asyncio.get_running_loop() not in self._attached:
+            # a reply that reached this loop can miss a caller on another one that was
+            # cancelled meanwhile; the job would wait out its lease. Workers attach their loop.
+            handover = None
+        worker = handover.worker_id if handover else ""
+        lease_s = handover.lease_s if handover else 0.0
+        # the registration outlives the BLPOP a little: the worker's next claim ends it
+        now, next_due, ready = await self._eval(
+            "idle", worker, repr(lease_s), repr(timeout + 1.0), len(queues), *queues
         )
-        return []
+        if next_due:
+            timeout = min(timeout, max(0.0, float(next_due) - float(now)))
+        if int(ready) or timeout <= 0.001:
+            return []
+        lists = [self._key("q", q, "wake") for q in queues]
+        if handover:
+            lists.insert(0, self._key("w", worker, "inbox"))
+        # BLPOP takes whole seconds on Redis < 6, fractions since; the minimum we ask is 10 ms
+        popped = await self._blocking_client().blpop(lists, timeout=max(0.01, timeout))
+        if popped is None or not handover or popped[0].decode() != lists[0]:
+            return []
+        job_id, token, fields = popped[1].split(b" ", 2)
+        # acknowledged by the worker's next claim: until then the job stays in its `handed` set
+        self._delivered.setdefault(worker, []).append(f"{job_id.decode()} {token.decode()}")
+        return [_job(_netstrings(fields))]
 
     @_on_io_loop
     async def unregister_worker(self, worker_id: str) -> None:
-        async def call() -> None:
-            client = self._client()
-            await client.delete(self._key("worker", worker_id))
-            await client.zrem(self._key("workers"), worker_id)
-
-        await self._retrying(call)
+        acked = self._delivered.pop(worker_id, [])
+        await self._eval("unregister", worker_id, len(acked), *acked)
 
     @_on_io_loop
     async def prune(self, finished_before: float, limit: int = 1000) -> int:

@@ -91,7 +91,8 @@ class WakeListener:
         fd = self._sock.fileno()
         loop.add_reader(fd, _resolve, fut)
         try:
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await fut
         except TimeoutError:
             return False
         finally:

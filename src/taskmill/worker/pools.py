@@ -16,6 +16,7 @@ from taskmill.errors import TaskTimeoutError
 from taskmill.task import Task
 
 log = logging.getLogger("taskmill.worker")
+_HANDOFF_WAIT_S = 0.002
 
 
 class Runner(Protocol):
@@ -33,8 +34,16 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-def _in_thread(ctx: JobContext, fn: Callable[..., Any], args: list[Any], kw: dict[str, Any]) -> Any:
+def _in_thread(
+    ctx: JobContext,
+    fn: Callable[..., Any],
+    args: list[Any],
+    kw: dict[str, Any],
+    started: threading.Event | None = None,
+) -> Any:
     token = set_current(ctx)
+    if started is not None:
+        started.set()
     try:
         return fn(*args, **kw)
     finally:
@@ -136,6 +145,7 @@ class ThreadRunner:
 
     def __init__(self, threads: int) -> None:
         self._pool = DaemonThreadPool(threads, "taskmill-task")
+        self._active = 0  # jobs submitted and not yet done (only the loop thread counts)
 
     async def call(
         self,
@@ -147,11 +157,34 @@ class ThreadRunner:
     ) -> Any:
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
-        fut = loop.run_in_executor(self._pool, context.run, _in_thread, ctx, task.fn, args, kwargs)
+        if self._active:
+            fut = loop.run_in_executor(
+                self._pool, context.run, _in_thread, ctx, task.fn, args, kwargs
+            )
+        else:
+            # An idle worker's first job: the loop goes straight on to its next claim, holding
+            # the GIL for that while the woken thread waits for it (a few hundred microseconds
+            # of start latency). Let the thread begin first; a busy pool never waits here.
+            started = threading.Event()
+            fut = loop.run_in_executor(
+                self._pool, context.run, _in_thread, ctx, task.fn, args, kwargs, started
+            )
+            started.wait(_HANDOFF_WAIT_S)
+        self._active += 1
+        try:
+            return await self._result(fut, task, ctx, timeout_s)
+        finally:
+            self._active -= 1
+
+    @staticmethod
+    async def _result(
+        fut: asyncio.Future[Any], task: Task[Any, Any], ctx: JobContext, timeout_s: float | None
+    ) -> Any:
         if timeout_s is None:
             return await fut
         try:
-            return await asyncio.wait_for(fut, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await fut
         except TimeoutError:
             if fut.done() and not fut.cancelled() and fut.exception() is not None:
                 raise  # the task's own TimeoutError

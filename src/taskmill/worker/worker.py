@@ -100,7 +100,6 @@ class Worker:
         self._flush_lock = asyncio.Lock()  # one flush at a time (see _flush_all)
         self._idle_task: asyncio.Task[list[Job]] | None = None
         self._broker: Broker | None = None
-        self._registered = False
 
     # --- control (thread-safe) ----------------------------------------------------------------
 
@@ -181,9 +180,9 @@ class Worker:
             if self._pending:  # a flush that failed on the way out: one last try
                 with contextlib.suppress(Exception):
                     await self._flush_all()
-            if self._registered:
-                with contextlib.suppress(Exception):
-                    await self._broker.unregister_worker(self.id)
+            # always: it also hands back jobs handed over to this worker that it never took
+            with contextlib.suppress(Exception):
+                await self._broker.unregister_worker(self.id)
             runner.close()
             with contextlib.suppress(Exception):
                 await self._broker.detach()
@@ -272,13 +271,17 @@ class Worker:
             log.error("waiting for work failed: %s", exc)
             await self._sleep_unless_stopped(0.5)
             return
-        for job in idle.result():
+        handed = idle.result()
+        for job in handed:
             self._start(job)
+        if handed:
+            await asyncio.sleep(0)
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         assert self._stop_event
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_event.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stop_event.wait()
 
     def _start(self, job: Job) -> None:
         assert job.lease_token is not None and self._loop is not None
@@ -438,7 +441,6 @@ class Worker:
         )
         try:
             reply = await self._broker.heartbeat(info, claims, self.lease_s)
-            self._registered = True
         except Exception as exc:
             log.error("worker %s: heartbeat failed: %s", self.id, exc)
             return
@@ -500,7 +502,8 @@ class Worker:
                 break
             self._progressed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progressed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._progressed.wait()
         leftovers = list(self._running.values())
         for r in leftovers:
             log.warning(

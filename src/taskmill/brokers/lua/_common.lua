@@ -38,3 +38,40 @@ local function finished(id, queue, state, key, now, ttl)
   end
   if ttl > 0 then redis.call('EXPIRE', job_key(id), math.ceil(ttl)) end
 end
+-- a due job becomes a worker's: attempt + 1, a lease and the running indexes
+local function start_job(id, queue, worker, token, expires, now)
+  local jk = job_key(id)
+  redis.call('HINCRBY', jk, 'attempt', 1)
+  redis.call('HSET', jk, 'state', 'running', 'lease_token', token, 'lease_expires_at', expires,
+    'worker_id', worker, 'started_at', now, 'cancel_requested', 0)
+  redis.call('ZADD', P .. 'running', expires, id)
+  redis.call('SADD', qkey(queue, 'running'), id)
+end
+-- Hand-overs: a worker about to block registers in its queues' `idlers` sorted sets (score: when
+-- the registration lapses) and under `w:{id}:idle` (its lease length, same lifetime). An enqueue
+-- whose due job would be first in line claims it for such a worker, notes it in the worker's
+-- `w:{id}:handed` set and pushes a packed copy onto `w:{id}:inbox`, a list its BLPOP watches:
+-- the job starts without a claim round trip. A registration serves one job. The worker's next
+-- claim ends it, acknowledges what its BLPOP delivered, and takes every other job in `handed`:
+-- so a copy popped by a BLPOP whose reader was gone (a cancelled wait) is not a lost job.
+local function worker_key(id, what) return P .. 'w:' .. id .. ':' .. what end
+-- the job's hash as one string of netstrings ("3:foo5:hello"): byte-safe, no JSON escaping
+local function pack_fields(fields)
+  local parts = {}
+  for i = 1, #fields do parts[i] = #fields[i] .. ':' .. fields[i] end
+  return table.concat(parts)
+end
+-- jobs handed over to a worker and not acknowledged by it, still running under their hand-over
+-- token; `acked` lists 'id token' members the worker did receive (ARGV[first..first+n-1])
+local function unacknowledged(worker, first, n)
+  local handed = worker_key(worker, 'handed')
+  for i = first, first + n - 1 do redis.call('SREM', handed, ARGV[i]) end
+  local ids = {}
+  for _, member in ipairs(redis.call('SMEMBERS', handed)) do
+    local id, token = string.match(member, '^(%S+) (%S+)$')
+    local f = redis.call('HMGET', job_key(id), 'state', 'lease_token', 'worker_id')
+    if f[1] == 'running' and f[2] == token and f[3] == worker then ids[#ids + 1] = id end
+  end
+  redis.call('DEL', handed, worker_key(worker, 'inbox'))
+  return ids
+end

@@ -1,10 +1,20 @@
--- ARGV: prefix, worker_id, lease_s, limit, token, nq, queue..., then finishes as in finish.lua
--- (result_ttl, nf, 5 fields each) so a busy worker reports and claims in one call.
+-- ARGV: prefix, worker_id, lease_s, limit, token, nq, queue..., na, acknowledged hand-overs
+-- ('id token' each), then finishes as in finish.lua (result_ttl, nf, 5 fields each) so a busy
+-- worker reports and claims in one call.
 -- Returns {now, applied finishes (0/1 each, as one string), job1 fields, ...}.
 local worker, lease, limit, token = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local nq = tonumber(ARGV[6])
+local na = tonumber(ARGV[7 + nq])
 local now = now_s()
-local applied = apply_finishes(7 + nq, now)
+local applied = apply_finishes(8 + nq + na, now)
+local out = {tostring(now), applied}
+-- busy now: the hand-over registration ends, and jobs handed over that the worker's wait did
+-- not deliver (they raced its wake-up, or the wait was cancelled) are its claims
+redis.call('DEL', worker_key(worker, 'idle'))
+for _, id in ipairs(unacknowledged(worker, 8 + nq, na)) do
+  out[#out + 1] = redis.call('HGETALL', job_key(id))
+  limit = limit - 1
+end
 local paused = {}
 for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
 local candidates = {}
@@ -21,9 +31,11 @@ for i = 1, nq do
       end
       redis.call('ZREM', qkey(q, 'scheduled'), id)
     end
-    local top = redis.call('ZRANGE', qkey(q, 'ready'), 0, limit - 1, 'WITHSCORES')
-    for j = 1, #top, 2 do
-      candidates[#candidates + 1] = {tonumber(top[j + 1]), top[j], q}
+    if limit > 0 then  -- (0 - 1 would read the whole set)
+      local top = redis.call('ZRANGE', qkey(q, 'ready'), 0, limit - 1, 'WITHSCORES')
+      for j = 1, #top, 2 do
+        candidates[#candidates + 1] = {tonumber(top[j + 1]), top[j], q}
+      end
     end
   end
 end
@@ -33,8 +45,7 @@ if nq > 1 then
     return a[2] < b[2]
   end)
 end
-local out = {tostring(now), applied}
-if #candidates == 0 then redis.call('SET', P .. 'idle', 1, 'EX', 90) end
+if limit > 0 and #candidates == 0 then redis.call('SET', P .. 'idle', 1, 'EX', 90) end
 local expires = now + lease
 for i = 1, math.min(limit, #candidates) do
   local c = candidates[i]
@@ -42,11 +53,7 @@ for i = 1, math.min(limit, #candidates) do
   local id = c[2]
   local jk = job_key(id)
   if redis.call('HGET', jk, 'state') == 'queued' then
-    redis.call('HINCRBY', jk, 'attempt', 1)
-    redis.call('HSET', jk, 'state', 'running', 'lease_token', token, 'lease_expires_at', expires,
-      'worker_id', worker, 'started_at', now, 'cancel_requested', 0)
-    redis.call('ZADD', P .. 'running', expires, id)
-    redis.call('SADD', qkey(c[3], 'running'), id)
+    start_job(id, c[3], worker, token, expires, now)
     out[#out + 1] = redis.call('HGETALL', jk)
   end
 end

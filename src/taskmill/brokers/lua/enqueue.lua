@@ -23,6 +23,39 @@ for i = 0, n - 1 do
   end
 end
 local out, due, seen_queues = {}, {}, {}
+-- hand-overs per queue: only while nothing is ready or overdue there (the new job is first in
+-- line) and the queue is not paused; false once that stops being true for this call
+local can_hand = {}
+local function hand_over(id, queue)
+  if can_hand[queue] == nil then
+    can_hand[queue] = redis.call('SISMEMBER', P .. 'paused', queue) == 0
+      and redis.call('ZCARD', qkey(queue, 'ready')) == 0
+      and #redis.call('ZRANGEBYSCORE', qkey(queue, 'scheduled'), '-inf', now, 'LIMIT', 0, 1) == 0
+  end
+  if not can_hand[queue] then return false end
+  local idlers = qkey(queue, 'idlers')
+  while true do
+    local top = redis.call('ZPOPMAX', idlers)
+    if #top == 0 then
+      can_hand[queue] = false
+      return false
+    end
+    local worker = top[1]
+    local lease = tonumber(top[2]) > now and redis.call('GET', worker_key(worker, 'idle'))
+    if lease then
+      redis.call('DEL', worker_key(worker, 'idle'))
+      local token = string.format('h%.6f', now)
+      start_job(id, queue, worker, token, now + tonumber(lease), now)
+      local handed, inbox = worker_key(worker, 'handed'), worker_key(worker, 'inbox')
+      local ttl = math.ceil(tonumber(lease)) + 60
+      redis.call('SADD', handed, id .. ' ' .. token)
+      redis.call('RPUSH', inbox, id .. ' ' .. token .. ' ' .. pack_fields(redis.call('HGETALL', job_key(id))))
+      redis.call('EXPIRE', handed, ttl)
+      redis.call('EXPIRE', inbox, ttl)
+      return true
+    end
+  end
+end
 for i = 0, n - 1 do
   local b = 3 + i * F
   local id = ARGV[b + 1]
@@ -48,13 +81,14 @@ for i = 0, n - 1 do
       redis.call('SADD', P .. 'queues', queue)
       seen_queues[queue] = true
     end
-    if state == 'queued' then
-      push_ready(id, queue, priority, run_at)
-    else
+    if state ~= 'queued' then
       redis.call('ZADD', qkey(queue, 'scheduled'), run_at, id)
+      due[queue] = true  -- an idle worker learns of it and shortens its wait to the run_at
+    elseif not hand_over(id, queue) then
+      push_ready(id, queue, priority, run_at)
+      can_hand[queue] = false
+      due[queue] = true
     end
-    -- wake an idle worker for a delayed job too: it shortens its wait to the run_at
-    due[queue] = true
   end
 end
 for queue in pairs(due) do wake_if_idle(queue) end

@@ -1,0 +1,233 @@
+"""Hand-overs on Redis: a producer gives a new job straight to an idle worker's inbox.
+
+A worker about to block registers for hand-overs (``Broker.wait`` with a ``HandOver``); an
+enqueue whose job would be first in line claims it for that worker, so the job starts without
+a claim round trip. These tests drive ``wait``, ``claim`` and ``unregister_worker`` directly on
+a real server (the session's, a key prefix per test) to reach the races a running worker only
+meets by chance: a hand-over that lands after the worker stopped waiting, a worker that leaves,
+one that dies, and jobs that must not be overtaken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from servers import RedisServer
+from taskmill import App, JobState, current_job
+from taskmill.brokers.base import HandOver
+from taskmill.job import Job
+from taskmill.testing import running_worker
+
+pytestmark = pytest.mark.timeout(60)
+
+QUEUES = ["default"]
+WORKER = "w-handover-test"
+
+
+@pytest.fixture
+def app(redis_server: RedisServer) -> Iterator[App]:
+    prefix = f"ho{uuid.uuid4().hex[:10]}:"
+    app = App(f"{redis_server.url}?prefix={prefix}", lease_s=30.0)
+
+    @app.task(name="echo", retries=0)
+    def echo(n: int) -> int:
+        return n
+
+    app.open()
+    yield app
+    app.close()
+
+
+def send(app: App, n: int, priority: int = 0) -> str:
+    return app.tasks["echo"].options(priority=priority).send(n).id
+
+
+async def registered(app: App, worker: str, *, timeout: float = 10.0) -> None:
+    """Poll until ``worker`` is registered for hand-overs."""
+    client = redis.asyncio.Redis.from_url(app.url.split("?")[0])
+    key = f"{app.broker.prefix}w:{worker}:idle"  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    try:
+        while not await client.exists(key):
+            assert time.monotonic() < deadline, f"{worker} never registered for hand-overs"
+            await asyncio.sleep(0.01)
+    finally:
+        await client.aclose()
+
+
+async def register_then_stop_waiting(app: App, lease_s: float = 30.0) -> None:
+    """A worker that registered, then stopped blocking before any job came (it is claiming,
+    or it died): its registration stands until it lapses or the worker claims."""
+    await app.broker.attach()  # hand-overs are for waits on a worker's (attached) loop
+    waiter = asyncio.create_task(app.broker.wait(QUEUES, 5.0, HandOver(WORKER, lease_s)))
+    await registered(app, WORKER)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+
+def get(app: App, job_id: str) -> Job:
+    job = app.run_sync(app.broker.get(job_id))
+    assert job is not None
+    return job
+
+
+def test_a_waiting_worker_gets_the_new_job_claimed_for_it(app: App) -> None:
+    async def scenario() -> tuple[list[Job], str]:
+        await app.broker.attach()
+        waiter = asyncio.create_task(app.broker.wait(QUEUES, 10.0, HandOver(WORKER, 30.0)))
+        await registered(app, WORKER)
+        job_id = await asyncio.to_thread(send, app, 7)
+        return await asyncio.wait_for(waiter, 10), job_id
+
+    handed, job_id = app.run_sync(scenario())
+    assert [j.id for j in handed] == [job_id]
+    (job,) = handed
+    assert (job.state, job.worker_id, job.attempt) == (JobState.RUNNING, WORKER, 1)
+    assert job.lease_token and job.lease_expires_at is not None
+    assert job.lease_expires_at - job.started_at == pytest.approx(30.0, abs=0.01)  # type: ignore[operator]
+    stored = get(app, job_id)
+    assert (stored.state, stored.lease_token) == (JobState.RUNNING, job.lease_token)
+
+
+def test_a_running_worker_starts_a_job_handed_over_and_finishes_it(app: App) -> None:
+    seen: list[str | None] = []
+    client = redis.Redis.from_url(app.url.split("?")[0])
+    prefix = app.broker.prefix  # type: ignore[attr-defined]
+
+    @app.task(name="token", retries=0)
+    def token() -> None:  # the lease token a hand-over sets starts with "h"
+        raw = client.hget(f"{prefix}job:{current_job().id}", "lease_token")
+        seen.append(raw.decode() if raw else None)
+
+    with running_worker(app, concurrency=4) as worker:
+        app.run_sync(registered(app, worker.id))
+        token.send().result(timeout=10)
+    assert len(seen) == 1 and seen[0] is not None and seen[0].startswith("h"), seen
+    client.close()
+
+
+def test_a_claim_takes_a_job_handed_over_after_its_worker_stopped_waiting(app: App) -> None:
+    app.run_sync(register_then_stop_waiting(app))
+    job_id = send(app, 1)
+    assert get(app, job_id).state is JobState.RUNNING  # handed over: claimed for WORKER
+    claimed = app.run_sync(app.broker.claim(QUEUES, 8, WORKER, 30.0))
+    assert [j.id for j in claimed] == [job_id]
+    assert claimed[0].lease_token == get(app, job_id).lease_token
+    assert app.run_sync(app.broker.claim(QUEUES, 8, WORKER, 30.0)) == []  # once only
+
+
+def test_a_copy_popped_by_a_reader_that_is_gone_loses_no_job(app: App) -> None:
+    # a cancelled wait's BLPOP can still be blocked on the server and pop the inbox copy
+    app.run_sync(register_then_stop_waiting(app))
+    job_id = send(app, 1)
+    client = redis.Redis.from_url(app.url.split("?")[0])
+    inbox = f"{app.broker.prefix}w:{WORKER}:inbox"  # type: ignore[attr-defined]
+    assert client.lpop(inbox) is not None
+    client.close()
+    claimed = app.run_sync(app.broker.claim(QUEUES, 8, WORKER, 30.0))
+    assert [j.id for j in claimed] == [job_id]
+
+
+def test_a_claim_ends_the_registration(app: App) -> None:
+    app.run_sync(register_then_stop_waiting(app))
+    assert app.run_sync(app.broker.claim(QUEUES, 8, WORKER, 30.0)) == []
+    job_id = send(app, 1)
+    assert get(app, job_id).state is JobState.QUEUED
+
+
+def test_a_worker_that_leaves_hands_back_what_it_never_took(app: App) -> None:
+    app.run_sync(register_then_stop_waiting(app))
+    job_id = send(app, 1)
+    assert get(app, job_id).state is JobState.RUNNING
+    app.run_sync(app.broker.unregister_worker(WORKER))
+    back = get(app, job_id)
+    assert (back.state, back.attempt, back.worker_id, back.lease_token) == (
+        JobState.QUEUED, 0, None, None,
+    )  # fmt: skip
+    with running_worker(app):
+        assert app.job(job_id).result(timeout=10) == 1
+
+
+def test_a_job_handed_to_a_dead_worker_comes_back_when_its_lease_expires(app: App) -> None:
+    app.run_sync(register_then_stop_waiting(app, lease_s=0.3))
+    job_id = send(app, 1)
+    assert get(app, job_id).state is JobState.RUNNING
+
+    def recovered() -> list[tuple[str, JobState]]:
+        return app.run_sync(app.broker.recover(3))
+
+    deadline = time.monotonic() + 10
+    while not (back := recovered()):
+        assert time.monotonic() < deadline, "the handed-over job was never recovered"
+        time.sleep(0.05)
+    assert back == [(job_id, JobState.QUEUED)]
+    assert get(app, job_id).lost_leases == 1
+
+
+def test_no_hand_over_in_a_paused_queue(app: App) -> None:
+    app.run_sync(register_then_stop_waiting(app))
+    app.run_sync(app.broker.pause("default", True))
+    job_id = send(app, 1)
+    assert get(app, job_id).state is JobState.QUEUED
+
+
+def test_a_new_job_is_not_handed_over_past_a_waiting_one(app: App) -> None:
+    app.run_sync(register_then_stop_waiting(app))
+    app.run_sync(app.broker.pause("default", True))
+    first = send(app, 1)  # paused: ready, not handed over
+    app.run_sync(app.broker.pause("default", False))
+    second = send(app, 2, priority=9)  # the claim orders by priority, not the hand-over
+    assert get(app, second).state is JobState.QUEUED
+    claimed = app.run_sync(app.broker.claim(QUEUES, 8, "other", 30.0))
+    assert [j.id for j in claimed] == [second, first]
+
+
+def test_no_hand_over_to_a_wait_on_a_loop_that_is_not_attached(app: App) -> None:
+    async def scenario() -> list[Job]:
+        blocked_before = await blocked_clients(app)
+        waiter = asyncio.create_task(app.broker.wait(QUEUES, 1.0, HandOver(WORKER, 30.0)))
+        deadline = time.monotonic() + 10
+        while await blocked_clients(app) <= blocked_before:  # its BLPOP is under way
+            assert time.monotonic() < deadline, "the wait never blocked"
+            await asyncio.sleep(0.01)
+        job_id = await asyncio.to_thread(send, app, 1)
+        assert get_async_state(app, job_id) is JobState.QUEUED
+        return await asyncio.wait_for(waiter, 10)
+
+    assert app.run_sync(scenario()) == []
+
+
+async def blocked_clients(app: App) -> int:
+    client = redis.asyncio.Redis.from_url(app.url.split("?")[0])
+    try:
+        return int((await client.info("clients"))["blocked_clients"])
+    finally:
+        await client.aclose()
+
+
+def get_async_state(app: App, job_id: str) -> JobState:
+    client = redis.Redis.from_url(app.url.split("?")[0])
+    raw = client.hget(f"{app.broker.prefix}job:{job_id}", "state")  # type: ignore[attr-defined]
+    client.close()
+    assert raw is not None
+    return JobState(raw.decode())
+
+
+def test_a_worker_with_ready_work_does_not_block(app: App) -> None:
+    send(app, 1)
+
+    async def wait_briefly() -> tuple[list[Job], float]:
+        await app.broker.attach()
+        t0 = time.monotonic()
+        jobs = await app.broker.wait(QUEUES, 5.0, HandOver(WORKER, 30.0))
+        return jobs, time.monotonic() - t0
+
+    jobs, took = app.run_sync(wait_briefly())
+    assert jobs == [] and took < 2.0  # returned at once: the worker should claim, not block
