@@ -24,11 +24,9 @@ local function wake(queue)
   redis.call('LPUSH', list, 1)
   redis.call('LTRIM', list, 0, 63)
 end
--- enqueue wakes workers only while one may be idle: a claim that found nothing marks that for
--- longer than any wait lasts, so a busy system (or one with no workers) skips the push
-local function wake_if_idle(queue)
-  if redis.call('EXISTS', P .. 'idle') == 1 then wake(queue) end
-end
+-- Enqueues wake workers only while one may be idle: a claim that found nothing (and a worker
+-- about to block) sets `idle` for longer than any wait lasts, so a busy system (or one with no
+-- workers) skips the push (enqueue.lua).
 -- a finished job: indexed by finish time for stats, listing and pruning; its unique key freed;
 -- the hash expires after the result TTL
 local function finished(id, queue, state, key, now, ttl)

@@ -26,7 +26,11 @@ local out, due, seen_queues = {}, {}, {}
 -- hand-overs per queue: only while nothing is ready or overdue there (the new job is first in
 -- line) and the queue is not paused; false once that stops being true for this call
 local can_hand = {}
+-- a worker registers for hand-overs only after a claim that found nothing, which sets `idle`:
+-- without it (a busy system, or no workers) an enqueue neither hands over nor wakes anyone
+local idle = redis.call('EXISTS', P .. 'idle') == 1
 local function hand_over(id, queue)
+  if not idle then return false end
   if can_hand[queue] == nil then
     can_hand[queue] = redis.call('SISMEMBER', P .. 'paused', queue) == 0
       and redis.call('ZCARD', qkey(queue, 'ready')) == 0
@@ -91,5 +95,7 @@ for i = 0, n - 1 do
     end
   end
 end
-for queue in pairs(due) do wake_if_idle(queue) end
+if idle then
+  for queue in pairs(due) do wake(queue) end
+end
 return out

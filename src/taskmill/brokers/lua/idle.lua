@@ -16,6 +16,7 @@ for i = 1, nq do
   if not paused[q] and redis.call('ZCARD', qkey(q, 'ready')) > 0 then ready = 1 end
 end
 if worker ~= '' and ready == 0 then
+  redis.call('SET', P .. 'idle', 1, 'EX', 90)  -- what enqueues check before looking for idlers
   redis.call('SET', worker_key(worker, 'idle'), lease, 'PX', math.ceil(ttl * 1000))
   for i = 1, nq do
     local idlers = qkey(ARGV[5 + i], 'idlers')
