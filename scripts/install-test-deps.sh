@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond Python: redis-server (>= 6.2) for the Redis broker
-# tests. Idempotent: does nothing when a recent enough redis-server is already on PATH.
+# tests, and PostgreSQL's server binaries (initdb, postgres) for the PostgreSQL broker tests.
+# Idempotent: does nothing when a recent enough redis-server is on PATH and initdb is found
+# (`pg_config --bindir`, or /usr/lib/postgresql/*/bin, where Debian keeps it off PATH).
 # `make test` runs it; CI runs as root, a developer gets sudo (or a clear error).
 #
-# The tests start their own redis-server on free loopback ports; the system service that the
-# Debian package starts on 6379 is stopped and disabled right after installing it, so nothing
-# else answers there.
+# The tests start their own servers on free loopback ports (PostgreSQL: a cluster made by initdb
+# in a temporary directory). The system services the Debian packages start (redis on 6379, the
+# "main" PostgreSQL cluster on 5432) are stopped and disabled right after installing them, so
+# nothing else answers there.
 set -euo pipefail
 
 MIN_MAJOR=6
@@ -39,17 +42,69 @@ stop_system_service() {
   fi
 }
 
-install_redis() {
+APT_UPDATED=0
+apt_install() {
+  # apt_install PACKAGE WHAT: install one Debian package (the package lists fetched once)
   if ! command -v apt-get >/dev/null 2>&1; then
-    say "redis-server is not on PATH and this is not a Debian/Ubuntu system (no apt-get):" \
-        "install redis-server >= $MIN_MAJOR.$MIN_MINOR with your package manager."
+    say "$2 is missing and this is not a Debian/Ubuntu system (no apt-get):" \
+        "install $2 with your package manager."
     exit 1
   fi
-  say "installing redis-server with apt-get"
-  as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -q --no-install-recommends redis-server
+  say "installing $1 with apt-get"
+  if [ "$APT_UPDATED" -eq 0 ]; then
+    as_root apt-get update -q
+    APT_UPDATED=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1"
+}
+
+install_redis() {
+  apt_install redis-server "redis-server >= $MIN_MAJOR.$MIN_MINOR"
   stop_system_service
+}
+
+postgres_bindir() {
+  # prints the directory holding initdb and postgres, or nothing
+  local dir
+  if command -v pg_config >/dev/null 2>&1; then
+    dir="$(pg_config --bindir 2>/dev/null || true)"
+    if [ -n "$dir" ] && [ -x "$dir/initdb" ] && [ -x "$dir/postgres" ]; then
+      echo "$dir"
+      return
+    fi
+  fi
+  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5 -V -r); do
+    if [ -x "$dir/initdb" ] && [ -x "$dir/postgres" ]; then
+      echo "$dir"
+      return
+    fi
+  done
+}
+
+stop_postgres_service() {
+  # Debian's postinst creates and starts the "main" cluster; the tests make their own.
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    as_root systemctl disable --now postgresql.service >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/postgresql ]; then
+    as_root /etc/init.d/postgresql stop >/dev/null 2>&1 || true
+  fi
+  if command -v pg_lsclusters >/dev/null 2>&1; then
+    # clusters started without systemd (containers): stop each, and keep it from autostarting
+    pg_lsclusters -h 2>/dev/null | while read -r version cluster _port status _rest; do
+      if [ "$status" = "online" ]; then
+        as_root pg_ctlcluster "$version" "$cluster" stop >/dev/null 2>&1 || true
+      fi
+      conf="/etc/postgresql/$version/$cluster/start.conf"
+      if [ -f "$conf" ] && grep -qx auto "$conf"; then
+        echo manual | as_root tee "$conf" >/dev/null || true
+      fi
+    done
+  fi
+}
+
+install_postgres() {
+  apt_install postgresql "PostgreSQL's server (initdb, postgres)"
+  stop_postgres_service
 }
 
 check_version() {
@@ -78,3 +133,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 check_version
+
+if [ -z "$(postgres_bindir)" ]; then
+  install_postgres
+  if [ -z "$(postgres_bindir)" ]; then
+    say "apt-get installed postgresql but initdb is not in pg_config --bindir" \
+        "nor in /usr/lib/postgresql/*/bin."
+    exit 1
+  fi
+fi
+echo "postgresql: $("$(postgres_bindir)/postgres" --version): $(postgres_bindir)"

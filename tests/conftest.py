@@ -1,7 +1,7 @@
 """Fixtures every tier may use: real servers on free loopback ports (see ``servers.py``).
 
-A missing ``redis-server`` fails the tests that need it (it never skips them): CI must run them,
-and ``scripts/install-test-deps.sh`` (called by ``make test``) installs it.
+A missing ``redis-server`` or PostgreSQL fails the tests that need it (it never skips them): CI
+must run them, and ``scripts/install-test-deps.sh`` (called by ``make test``) installs both.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import RedisServer, ServerMissingError
+from servers import PostgresServer, RedisServer, ServerMissingError
 
 
 def _redis_server(directory: Path, *, appendonly: bool) -> RedisServer:
@@ -42,3 +42,40 @@ def redis_server_aof(tmp_path: Path) -> Iterator[RedisServer]:
     server = _redis_server(tmp_path / "redis-aof", appendonly=True)
     yield server
     server.kill()
+
+
+def _postgres_server() -> PostgresServer:
+    try:
+        server = PostgresServer()
+    except ServerMissingError as exc:
+        missing = str(exc)
+    else:
+        return _started(server)
+    pytest.fail(missing, pytrace=False)  # outside the except: no chained traceback
+
+
+def _started(server: PostgresServer) -> PostgresServer:
+    try:
+        server.start()
+    except BaseException:
+        server.cleanup()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the whole session. Tests share it, so each uses a schema
+    (conformance) or a database of its own; tests that stop or restart a server use
+    ``postgres_server_own`` instead."""
+    server = _postgres_server()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_server_own() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of this test's own, to stop, kill or restart."""
+    server = _postgres_server()
+    yield server
+    server.cleanup()

@@ -4,7 +4,8 @@ A new broker joins the suite by adding a ``BROKERS`` entry (how to make its URL 
 from the test's fixture request and temp dir), a ``CORRUPTERS`` entry (how to overwrite a
 stored payload behind taskmill's back) and, if it leaves something behind, a ``CLEANUPS``
 entry. The tests themselves only see an ``App`` and the broker contract. Server brokers use
-the servers of ``tests/conftest.py`` (Redis: one per session, a key prefix per test).
+the servers of ``tests/conftest.py`` (Redis: one per session, a key prefix per test;
+PostgreSQL: one per session, a schema per test).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
+import psycopg
 import pytest
 import redis
 
 from taskmill import App
 from taskmill.brokers import broker_from_url
+from taskmill.brokers import postgres as pg
 from taskmill.brokers.memory import MemoryBroker
 from taskmill.brokers.sqlite import parse_url
 from taskmill.brokers.wakeup import channel_dir
@@ -49,10 +52,17 @@ def _redis_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"{server.url}?prefix=t{uuid.uuid4().hex[:12]}:"
 
 
+def _postgres_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    # the session's server (started on first use), in a schema no other test shares
+    server = request.getfixturevalue("postgres_server")
+    return f"{server.url}?schema=t{uuid.uuid4().hex[:12]}"
+
+
 BROKERS: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
     "memory": _memory_url,
     "sqlite": _sqlite_url,
     "redis": _redis_url,
+    "postgres": _postgres_url,
 }
 
 
@@ -92,6 +102,22 @@ def _corrupt_redis(app: App, job_id: str) -> None:
         client.hset(key, "payload", BAD_PAYLOAD)
 
 
+def _postgres_connection(url: str) -> tuple[psycopg.Connection[Any], str]:
+    """An autocommit connection to the database a ``postgresql://…?schema=…`` URL names, and
+    the URL's schema."""
+    config = pg.parse_url(url)
+    return psycopg.connect(config.conninfo, autocommit=True), config.schema
+
+
+def _corrupt_postgres(app: App, job_id: str) -> None:
+    conn, schema = _postgres_connection(app.url)
+    with conn:
+        cur = conn.execute(
+            f"UPDATE {schema}.jobs SET payload = %s WHERE id = %s", (BAD_PAYLOAD, job_id)
+        )
+        assert cur.rowcount == 1
+
+
 def _cleanup_sqlite(url: str) -> None:
     # the directory of wake-up sockets lives in the temp dir, not beside the database
     shutil.rmtree(channel_dir(parse_url(url)[0]), ignore_errors=True)
@@ -111,15 +137,24 @@ def _cleanup_redis(url: str) -> None:
             client.unlink(*batch)
 
 
+def _cleanup_postgres(url: str) -> None:
+    # the session's server outlives the test: drop the test's schema and everything in it
+    conn, schema = _postgres_connection(url)
+    with conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
 CLEANUPS: dict[str, Callable[[str], None]] = {
     "sqlite": _cleanup_sqlite,
     "redis": _cleanup_redis,
+    "postgres": _cleanup_postgres,
 }
 
 CORRUPTERS: dict[str, Callable[[App, str], None]] = {
     "memory": _corrupt_memory,
     "sqlite": _corrupt_sqlite,
     "redis": _corrupt_redis,
+    "postgres": _corrupt_postgres,
 }
 
 

@@ -1,5 +1,6 @@
 """The ``taskmill`` command line, run as real subprocesses against a SQLite file per test.
 
+
 Workers are real ``taskmill worker`` processes; every process a test starts is killed (with
 its process group) when the test ends. Waiting is done by polling the CLI until a deadline.
 """
@@ -12,28 +13,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import pytest
 
+from .support import poll_until
+
 HERE = Path(__file__).resolve().parent
 T = TypeVar("T")
 TASKS = "add, block, boom, flaky, steps"
-
-
-def poll_until(check: Callable[[], T | None], *, what: str, timeout: float = 20.0) -> T:
-    """Call ``check`` until it returns something other than None; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value is not None:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Cli:

@@ -23,21 +23,11 @@ from taskmill.testing import running_worker
 from taskmill.worker import Worker
 
 from .pool_app import build_app
+from .support import poll_until
 
 T = TypeVar("T")
 APP_PATH = f"{__name__.rpartition('.')[0]}.pool_app:app"
 SETTINGS = {"lease_s": 10.0, "heartbeat_s": 0.1}
-
-
-def poll_until(check: Callable[[], T | None], *, what: str, timeout: float = 20.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture

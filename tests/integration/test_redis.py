@@ -10,49 +10,34 @@ deadline; the only sleeps are an outage's length and a producer's pacing.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any
 
 import pytest
 import redis
 
 from servers import RedisServer
 from taskmill import App, BrokerUnavailableError, JobNotFoundError, JobState, current_job
-from taskmill.job import Job
 from taskmill.testing import running_worker
 
 from .redis_app import SETTINGS, work
+from .support import (
+    Workers,
+    all_jobs,
+    poll_until,
+    run_at_once,
+    state_counts,
+    wait_registered,
+)
 
-HERE = Path(__file__).resolve().parent
-T = TypeVar("T")
 BOUNDED_WAIT_S = 10.0
 """A producer facing an unreachable Redis must hear so within this long."""
 RESUME_S = 5.0
 """A worker whose connections were killed must run a new job within this long."""
-
-
-def poll_until(
-    check: Callable[[], T | None], *, what: str | Callable[[], str], timeout: float = 20.0
-) -> T:
-    """Call ``check`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout} s waiting for {text}")
-        time.sleep(0.02)
 
 
 def unique_prefix(tag: str) -> str:
@@ -68,18 +53,6 @@ def make_app(url: str, **settings: Any) -> App:
     app = App(url, **{**SETTINGS, **settings})
     app.task(name="work", retries=5, backoff=0.05)(work)
     return app
-
-
-def all_jobs(app: App, state: JobState | None = None) -> dict[str, Job]:
-    app.open()
-    jobs = app.run_sync(app.broker.list_jobs(state=state, limit=1_000_000))
-    return {j.id: j for j in jobs}
-
-
-def state_counts(app: App) -> dict[str, int]:
-    app.open()
-    (stats,) = app.run_sync(app.broker.stats())
-    return stats.counts
 
 
 def keys_under(client: redis.Redis, prefix: str) -> list[str]:
@@ -107,59 +80,13 @@ def persistent_keys(client: redis.Redis, prefix: str) -> dict[str, tuple[str, in
     return out
 
 
-class Workers:
-    """``taskmill worker`` processes (``redis_app:app``), each in its own process group."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.procs: list[tuple[subprocess.Popen[bytes], Path, IO[bytes]]] = []
-
-    def start(self, url: str, *args: str) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMILL_")}
-        env["TASKMILL_URL"] = url
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        log_path = self.tmp_path / f"worker-{len(self.procs)}.log"
-        log = log_path.open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "taskmill", "worker", "--app", "redis_app:app", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.tmp_path,
-            start_new_session=True,
-        )
-        self.procs.append((proc, log_path, log))
-        return proc
-
-    def output(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()}" for _, p, _ in self.procs)
-
-    def close(self) -> None:
-        for proc, _, log in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-            log.close()
-
-
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:
-    w = Workers(tmp_path)
+    w = Workers(tmp_path, "redis_app:app")
     try:
         yield w
     finally:
         w.close()
-
-
-def wait_registered(app: App, proc: subprocess.Popen[bytes], workers: Workers) -> None:
-    app.open()
-
-    def registered() -> bool:
-        assert proc.poll() is None, f"the worker exited early:\n{workers.output()}"
-        return any(w.pid == proc.pid for w in app.run_sync(app.broker.list_workers()))
-
-    poll_until(registered, what=f"worker {proc.pid} to register", timeout=30)
 
 
 # --- (a) a restart of redis-server during a run --------------------------------------------------
@@ -462,35 +389,6 @@ def test_apps_with_different_prefixes_do_not_see_each_others_jobs(
 
 
 # --- (e) a producer whose Redis is unreachable ---------------------------------------------------
-
-
-def run_at_once(
-    calls: dict[str, Callable[[], object]], *, limit: float
-) -> dict[str, tuple[BaseException | None, float]]:
-    """Run each call on a thread of its own, all at once; name -> (what it raised, seconds it
-    took). Fails if one is still blocked after ``limit`` s (its thread is left to finish)."""
-    results: dict[str, tuple[BaseException | None, float]] = {}
-    started = time.monotonic()
-
-    def target(name: str, call: Callable[[], object]) -> None:
-        error: BaseException | None = None
-        try:
-            call()
-        except BaseException as exc:
-            error = exc
-        results[name] = (error, time.monotonic() - started)
-
-    threads = [
-        threading.Thread(target=target, args=item, name=f"call-{item[0]}", daemon=True)
-        for item in calls.items()
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(max(0.0, started + limit - time.monotonic()))
-    blocked = [name for name in calls if name not in results]
-    assert not blocked, f"{blocked} still blocked after {limit} s: the wait is not bounded"
-    return results
 
 
 @pytest.mark.timeout(120)

@@ -1,6 +1,7 @@
 """The SQLite file under bad conditions: read-only, locked for long, deleted under a worker; and
 enqueue inside the caller's own SQLite transaction.
 
+
 Each case checks the error a person would read, and that no job acknowledged to a producer is
 lost: a send either raised (and stored nothing) or its job is still there and runs once the file
 is usable again. Workers run in-process (``running_worker``) against the same file a second
@@ -30,19 +31,10 @@ from taskmill import App, BrokerError, BrokerUnavailableError, Job, JobNotFoundE
 from taskmill.brokers.sqlite import SQLiteBroker
 from taskmill.testing import running_worker
 
+from .support import poll_until
+
 T = TypeVar("T")
 BUSY_MS = 200
-
-
-def poll_until(check: Callable[[], T | None], *, what: str, timeout: float = 20.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def make_app(db: Path, **settings: float) -> App:

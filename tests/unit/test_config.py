@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
 from taskmill import App, ConfigurationError, Settings
 from taskmill.brokers import broker_from_url
 from taskmill.brokers.memory import MemoryBroker
+from taskmill.brokers.postgres import PostgresBroker, migrations
+from taskmill.brokers.postgres import parse_url as parse_postgres_url
 from taskmill.brokers.sqlite import SQLiteBroker, parse_url
 
 # --- Settings --------------------------------------------------------------------------------
@@ -178,3 +181,64 @@ def test_an_app_with_an_unknown_scheme_fails_on_first_use_not_at_construction() 
     app = App("amqp://localhost:5672/")  # declaring an app does no I/O and no validation
     with pytest.raises(ConfigurationError, match=r"no broker for URL 'amqp://localhost"):
         app.broker  # noqa: B018
+
+
+def test_parse_postgres_url_separates_taskmills_options_from_libpqs() -> None:
+    config = parse_postgres_url(
+        "postgres://app:s%40cret@db.internal:6432/jobs?schema=queue_1&migrate=false"
+        "&unavailable_after_s=2.5&pool_size=4&sslmode=require&options=-c%20statement_timeout%3D5s"
+    )
+    assert (config.schema, config.migrate, config.unavailable_after_s, config.pool_size) == (
+        "queue_1",
+        False,
+        2.5,
+        4,
+    )
+    assert config.where == "db.internal:6432/jobs"  # never the password
+    parts = urlsplit(config.conninfo)
+    assert parts.scheme == "postgresql" and parts.netloc == "app:s%40cret@db.internal:6432"
+    assert dict(parse_qsl(parts.query)) == {
+        "sslmode": "require",
+        "options": "-c statement_timeout=5s",
+        "application_name": "taskmill",
+        "connect_timeout": "3",
+    }
+    assert "%20" in parts.query and "+" not in parts.query  # libpq does not decode "+"
+    defaults = parse_postgres_url("postgresql:///jobs")
+    assert (defaults.schema, defaults.migrate, defaults.unavailable_after_s) == (
+        "taskmill",
+        True,
+        5.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://db/x?schema=Jobs", "schema in .* must be a lowercase identifier"),
+        ("postgresql://db/x?schema=a;drop", "must be a lowercase identifier"),
+        ("postgresql://db/x?schema=" + "s" * 49, "at most 48 characters"),
+        ("postgresql://db/x?migrate=maybe", "migrate in .* must be true or false"),
+        ("postgresql://db/x?unavailable_after_s=soon", "must be numbers"),
+        ("postgresql://db/x?unavailable_after_s=0", "unavailable_after_s > 0"),
+        ("postgresql://db/x?pool_size=1", "pool_size >= 2"),
+        ("mysql://db/x", "not a PostgreSQL URL"),
+    ],
+)
+def test_bad_postgres_urls(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        parse_postgres_url(url)
+
+
+def test_broker_from_url_makes_a_postgres_broker_without_connecting() -> None:
+    for url in ("postgresql://nowhere.invalid/x", "postgres://nowhere.invalid/x?schema=s"):
+        broker = broker_from_url(url)
+        assert isinstance(broker, PostgresBroker)
+        assert broker.capabilities.server_clock and broker.capabilities.transactional_enqueue
+    assert PostgresBroker("postgres://h/x?schema=s").channel == "s_wake"
+
+
+def test_postgres_migrations_are_numbered_from_one_without_gaps() -> None:
+    found = migrations()
+    assert [m.version for m in found] == list(range(1, len(found) + 1))
+    assert found[0].name == "0001_initial" and "{schema}.jobs" in found[0].sql

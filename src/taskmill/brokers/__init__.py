@@ -31,7 +31,15 @@ def broker_from_url(url: str) -> Broker:
                 f"{url!r} needs redis-py: pip install 'taskmill[redis]' ({exc})"
             ) from None
         return RedisBroker(url)
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from taskmill.brokers.postgres import PostgresBroker
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"{url!r} needs psycopg 3: pip install 'taskmill[postgres]' ({exc})"
+            ) from None
+        return PostgresBroker(url)
     raise ConfigurationError(
         f"no broker for URL {url!r}; supported schemes: memory://, sqlite:///path, "
-        "redis:// (rediss://, valkey://)"
+        "redis:// (rediss://, valkey://), postgresql:// (postgres://)"
     )

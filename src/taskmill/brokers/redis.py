@@ -29,15 +29,14 @@ they belong to, and ``close()`` closes all of them.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -47,6 +46,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from taskmill.brokers._io import on_io_loop
 from taskmill.brokers.base import (
     Broker,
     Capabilities,
@@ -238,25 +238,6 @@ def _refused(script: str, exc: ResponseError) -> DuplicateJobError | BrokerError
     return error
 
 
-def _on_io_loop(
-    method: Callable[Concatenate[RedisBroker, P], Coroutine[Any, Any, T]],
-) -> Callable[Concatenate[RedisBroker, P], Coroutine[Any, Any, T]]:
-    """Run the method on the broker's I/O loop, whatever loop awaits it."""
-
-    @functools.wraps(method)
-    async def run(self: RedisBroker, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        caller = asyncio.get_running_loop()
-        if caller in self._attached:  # a worker's loop: its own connections, no thread hop
-            return await method(self, *args, **kwargs)
-        io = self._io_loop()
-        if caller is io:
-            return await method(self, *args, **kwargs)
-        future = asyncio.run_coroutine_threadsafe(method(self, *args, **kwargs), io)
-        return await asyncio.wrap_future(future)
-
-    return run
-
-
 class RedisBroker(Broker):
     capabilities = Capabilities(
         shared_across_processes=True,
@@ -404,7 +385,7 @@ class RedisBroker(Broker):
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    @_on_io_loop
+    @on_io_loop
     async def open(self) -> None:
         await self._retrying(self._client().ping)
         if not self._checked:
@@ -439,7 +420,7 @@ class RedisBroker(Broker):
             self._sync.close()
             self._sync = None
 
-    @_on_io_loop
+    @on_io_loop
     async def _close_clients(self) -> None:
         await self._close_loop_clients()
 
@@ -461,7 +442,7 @@ class RedisBroker(Broker):
 
     # --- producers ------------------------------------------------------------------------
 
-    @_on_io_loop
+    @on_io_loop
     async def enqueue(
         self, jobs: Sequence[NewJob], *, on_conflict: OnConflict = "return"
     ) -> EnqueueResult:
@@ -487,7 +468,7 @@ class RedisBroker(Broker):
     ) -> list[Job]:
         return (await self.finish_and_claim((), queues, limit, worker_id, lease_s))[1]
 
-    @_on_io_loop
+    @on_io_loop
     async def finish_and_claim(
         self,
         finishes: Sequence[Finish],
@@ -510,7 +491,7 @@ class RedisBroker(Broker):
         jobs = [_job(flat) for flat in reply[2:]]
         return applied, jobs
 
-    @_on_io_loop
+    @on_io_loop
     async def heartbeat(
         self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
     ) -> HeartbeatReply:
@@ -525,12 +506,12 @@ class RedisBroker(Broker):
             lost={i.decode() for i in lost}, cancel_requested={i.decode() for i in cancel}
         )
 
-    @_on_io_loop
+    @on_io_loop
     async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
         reply = await self._eval("finish", repr(self.result_ttl_s), *_finish_args(finishes))
         return [c == "1" for c in reply.decode()]
 
-    @_on_io_loop
+    @on_io_loop
     async def record_progress(self, items: Sequence[Progress]) -> None:
         args: list[Any] = [len(items)]
         for p in items:
@@ -538,14 +519,14 @@ class RedisBroker(Broker):
             args += (p.claim.job_id, p.claim.token, fraction, p.message or "")
         await self._eval("progress", *args)
 
-    @_on_io_loop
+    @on_io_loop
     async def recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
         reply = await self._eval("recover", max_lost_leases, repr(self.result_ttl_s))
         return [
             (reply[i].decode(), JobState(reply[i + 1].decode())) for i in range(0, len(reply), 2)
         ]
 
-    @_on_io_loop
+    @on_io_loop
     async def wait(
         self, queues: Sequence[str], timeout: float, handover: HandOver | None = None
     ) -> list[Job]:
@@ -576,23 +557,23 @@ class RedisBroker(Broker):
         self._delivered.setdefault(worker, []).append(f"{job_id.decode()} {token.decode()}")
         return [_job(_netstrings(fields))]
 
-    @_on_io_loop
+    @on_io_loop
     async def unregister_worker(self, worker_id: str) -> None:
         acked = self._delivered.pop(worker_id, [])
         await self._eval("unregister", worker_id, len(acked), *acked)
 
-    @_on_io_loop
+    @on_io_loop
     async def prune(self, finished_before: float, limit: int = 1000) -> int:
         return int(await self._eval("prune", repr(finished_before), limit))
 
     # --- inspection and management ----------------------------------------------------------
 
-    @_on_io_loop
+    @on_io_loop
     async def now(self) -> float:
         seconds, micros = await self._retrying(self._client().time)
         return float(seconds + micros / 1e6)
 
-    @_on_io_loop
+    @on_io_loop
     async def get(self, job_id: str) -> Job | None:
         fields = await self._retrying(lambda: self._client().hgetall(self._key("job", job_id)))
         return _job(fields) if fields else None
@@ -601,7 +582,7 @@ class RedisBroker(Broker):
         names = await self._retrying(lambda: self._client().smembers(self._key("queues")))
         return sorted(n.decode() for n in names)
 
-    @_on_io_loop
+    @on_io_loop
     async def list_jobs(
         self,
         *,
@@ -642,7 +623,7 @@ class RedisBroker(Broker):
             return list(await client.smembers(self._key("q", queue, "running")))[:limit]
         return list(await client.zrevrange(self._key("q", queue, state.value), 0, limit - 1))
 
-    @_on_io_loop
+    @on_io_loop
     async def stats(self) -> list[QueueStats]:
         queues = await self._queues()
         client = self._client()
@@ -674,7 +655,7 @@ class RedisBroker(Broker):
             )
         return out
 
-    @_on_io_loop
+    @on_io_loop
     async def list_workers(self) -> list[WorkerInfo]:
         client = self._client()
         ids = await self._retrying(lambda: client.zrange(self._key("workers"), 0, -1))
@@ -685,21 +666,21 @@ class RedisBroker(Broker):
         workers = [decoder.decode(r) for r in raw if r is not None]
         return sorted(workers, key=lambda w: w.started_at)
 
-    @_on_io_loop
+    @on_io_loop
     async def retry(self, job_ids: Sequence[str] | None) -> list[str]:
         args: list[Any] = [-1] if job_ids is None else [len(job_ids), *job_ids]
         return [i.decode() for i in await self._eval("retry", *args)]
 
-    @_on_io_loop
+    @on_io_loop
     async def cancel(self, job_id: str) -> JobState | None:
         state = await self._eval("cancel", job_id, repr(self.result_ttl_s))
         return None if state is None else JobState(state.decode())
 
-    @_on_io_loop
+    @on_io_loop
     async def purge(self, queue: str) -> int:
         return int(await self._eval("purge", queue))
 
-    @_on_io_loop
+    @on_io_loop
     async def pause(self, queue: str, paused: bool) -> None:
         async def call() -> None:
             client = self._client()

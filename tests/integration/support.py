@@ -1,0 +1,126 @@
+"""What the integration tests share: waiting until a deadline, ``taskmill worker`` processes,
+reading an app's jobs back, and calls run all at once to show a wait is bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TypeVar
+
+from taskmill import App, JobState
+from taskmill.job import Job
+
+HERE = Path(__file__).resolve().parent
+T = TypeVar("T")
+
+
+def poll_until(
+    check: Callable[[], T | None], *, what: str | Callable[[], str], timeout: float = 20.0
+) -> T:
+    """Call ``check`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {text}")
+        time.sleep(0.02)
+
+
+class Workers:
+    """``taskmill worker --app APP`` processes, each in a process group of its own (killed
+    with its children on close) and logging to a file of its own."""
+
+    def __init__(self, tmp_path: Path, app: str) -> None:
+        self.tmp_path = tmp_path
+        self.app = app
+        self.procs: list[tuple[subprocess.Popen[bytes], Path, IO[bytes]]] = []
+
+    def start(self, url: str, *args: str, **env_vars: str) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMILL_")}
+        env.update(env_vars)
+        env["TASKMILL_URL"] = url
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        log_path = self.tmp_path / f"worker-{len(self.procs)}.log"
+        log = log_path.open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "taskmill", "worker", "--app", self.app, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.tmp_path,
+            start_new_session=True,
+        )
+        self.procs.append((proc, log_path, log))
+        return proc
+
+    def output(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()}" for _, p, _ in self.procs)
+
+    def close(self) -> None:
+        for proc, _, log in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            log.close()
+
+
+def wait_registered(app: App, proc: subprocess.Popen[bytes], workers: Workers) -> None:
+    app.open()
+
+    def registered() -> bool:
+        assert proc.poll() is None, f"the worker exited early:\n{workers.output()}"
+        return any(w.pid == proc.pid for w in app.run_sync(app.broker.list_workers()))
+
+    poll_until(registered, what=f"worker {proc.pid} to register", timeout=30)
+
+
+def all_jobs(app: App, state: JobState | None = None) -> dict[str, Job]:
+    app.open()
+    jobs = app.run_sync(app.broker.list_jobs(state=state, limit=1_000_000))
+    return {j.id: j for j in jobs}
+
+
+def state_counts(app: App) -> dict[str, int]:
+    app.open()
+    stats = app.run_sync(app.broker.stats())
+    return stats[0].counts if stats else {}
+
+
+def run_at_once(
+    calls: dict[str, Callable[[], object]], *, limit: float
+) -> dict[str, tuple[BaseException | None, float]]:
+    """Run each call on a thread of its own, all at once; name -> (what it raised, seconds it
+    took). Fails if one is still blocked after ``limit`` s (its thread is left to finish)."""
+    results: dict[str, tuple[BaseException | None, float]] = {}
+    started = time.monotonic()
+
+    def target(name: str, call: Callable[[], object]) -> None:
+        error: BaseException | None = None
+        try:
+            call()
+        except BaseException as exc:
+            error = exc
+        results[name] = (error, time.monotonic() - started)
+
+    threads = [
+        threading.Thread(target=target, args=item, name=f"call-{item[0]}", daemon=True)
+        for item in calls.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, started + limit - time.monotonic()))
+    blocked = [name for name in calls if name not in results]
+    assert not blocked, f"{blocked} still blocked after {limit} s: the wait is not bounded"
+    return results
