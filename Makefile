@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 # the folders that exist (a fresh clone has no empty ones, and ruff fails on a missing path)
 PY_PATHS := $(wildcard src tests bench examples)
 
-.PHONY: demo test test-deps lint typecheck unit install bench bench-redis
+.PHONY: demo test test-deps lint typecheck unit install bench bench-redis bench-postgres
 
 $(BIN)/python:
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -40,7 +40,7 @@ typecheck: install
 unit: install
 	$(BIN)/pytest -q tests/unit
 
-# system packages the tests need (redis-server); a no-op once installed
+# system packages the tests need (redis-server, PostgreSQL's server); a no-op once installed
 test-deps:
 	bash scripts/install-test-deps.sh
 
@@ -54,3 +54,8 @@ bench: install
 # into bench/.peers/, not into the project's virtualenv)
 bench-redis: install test-deps
 	$(BIN)/python -m bench.compare_redis $(BENCH_ARGS)
+
+# taskmill against Procrastinate on one PostgreSQL server that it starts (initdb in a temporary
+# directory); Procrastinate is installed into bench/.peers/, not into the project's virtualenv
+bench-postgres: install test-deps
+	$(BIN)/python -m bench.compare_postgres $(BENCH_ARGS)

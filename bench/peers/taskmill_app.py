@@ -1,9 +1,11 @@
-"""taskmill's side of bench.compare_redis (run with the project's virtualenv).
+"""taskmill's side of bench.compare_redis and bench.compare_postgres (run with the project's
+virtualenv); the broker is whatever ``TASKMILL_URL`` says.
 
 Workers: ``taskmill worker bench.peers.taskmill_app:app -p 2 -c 16`` with ``TASKMILL_URL`` set
 (2 worker processes under one supervisor, 16 concurrent jobs each; sync tasks run in the thread
 pool, async ones on the worker's event loop).
-Producer: ``python -m bench.peers.taskmill_app enqueue N | pace RATE SECONDS | extras N``;
+Producer: ``python -m bench.peers.taskmill_app enqueue N | pace RATE SECONDS | extras N |
+extras-postgres N``;
 ``CMP_TASKMILL_VARIANT=async`` sends the async probes instead of the sync ones.
 """
 
@@ -54,6 +56,15 @@ def enqueue(n: int) -> str:
 
 def send_latency(sent: float) -> None:
     (alat_probe if ASYNC else lat_probe).send(sent)
+
+
+def paced(rate: float, seconds: float) -> dict[str, Any]:
+    """The steady send loop. ``CMP_OPEN_FIRST=1`` (bench.compare_postgres) opens the app
+    first, as Procrastinate's producer opens its own: the first ``send()`` would otherwise
+    connect (and import the broker) inside the timed loop."""
+    if os.environ.get("CMP_OPEN_FIRST") == "1":
+        app.open()
+    return _common.pace(rate, seconds, send_latency)
 
 
 _writes = [0]
@@ -120,8 +131,43 @@ def extras(n: int) -> dict[str, Any]:
     }
 
 
+def extras_postgres(n: int) -> dict[str, Any]:
+    """For a PostgreSQL broker: a plain ``send()`` loop against two ceilings of one psycopg
+    connection (autocommit), measured back to back in this process, twice: a ``SELECT 1`` loop
+    (a round trip) and a loop of one-row ``INSERT``s (a round trip and a durable commit: with
+    ``synchronous_commit`` on, each waits for its WAL flush, as every ``send()`` does)."""
+    import psycopg
+
+    drain_probe.send()  # open the broker (pool, schema check) outside the timed part
+    conn = psycopg.connect(os.environ["TASKMILL_URL"].split("?")[0], autocommit=True)
+    conn.execute("CREATE TABLE IF NOT EXISTS cmp_ceiling (id bigint)")
+    send_rates, select_rates, commit_rates = [], [], []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            conn.execute("SELECT 1")
+        select_rates.append(n / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for i in range(n):
+            conn.execute("INSERT INTO cmp_ceiling VALUES (%s)", (i,))
+        commit_rates.append(n / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            drain_probe.send()
+        send_rates.append(n / (time.perf_counter() - t0))
+    conn.close()
+    return {
+        "send_loop": max(send_rates),
+        "select_loop": max(select_rates),
+        "commit_loop": max(commit_rates),
+        "n": n,
+    }
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "extras":
         print(json.dumps(extras(int(sys.argv[2]))), flush=True)
+    elif sys.argv[1] == "extras-postgres":
+        print(json.dumps(extras_postgres(int(sys.argv[2]))), flush=True)
     else:
-        _common.run_cli(enqueue, send_latency)
+        _common.run_cli(enqueue, paced=paced)

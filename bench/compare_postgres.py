@@ -1,0 +1,326 @@
+"""taskmill and Procrastinate side by side on one PostgreSQL server.
+
+    python -m bench.compare_postgres [--jobs 20000] [--rate 200] [--seconds 10] [--markdown]
+    python -m bench.compare_postgres --only taskmill,procrastinate   # a subset (table names)
+
+What it does, in one invocation (the harness is `bench/_harness.py`, shared with
+`bench.compare_redis`; the phases and figures are the same as there):
+
+1. Creates, once, Procrastinate's virtualenv under ``bench/.peers/`` (git-ignored) and installs
+   it there, pinned (`PEER_VENVS`): not a taskmill dependency. psycopg with its C build
+   (``psycopg[binary]``), the same version as taskmill's, so both drive PostgreSQL through the
+   same client library; redis-py for the measuring probes.
+2. Starts its own PostgreSQL server: ``initdb`` in a temporary directory, a free loopback port,
+   the server's default durability (``fsync`` and ``synchronous_commit`` on: every commit waits
+   for its WAL flush), as the ``postgres`` system user when run as root (`tests/servers.py`'s
+   ``PostgresServer``, the test suite's). Before each library: a fresh database (the previous
+   one dropped), its schema applied by the library's own command (``taskmill migrate``,
+   ``procrastinate schema --apply``), then a ``CHECKPOINT``.
+3. Starts a ``redis-server`` for the measurements only (no job goes through it): the task
+   bodies and producers record into it with the same code for every library
+   (`bench/peers/_common.py`, as in `bench.compare_redis`), so no library is measured by
+   its own bookkeeping.
+4. For each library: ``--jobs`` no-op jobs are enqueued first (timed, with each library's bulk
+   API: taskmill ``send_many``, Procrastinate ``batch_defer``, batches of 1,000), then 2 worker
+   processes are started and drain them (drain = jobs / (latest - earliest task body start),
+   so worker start-up is not counted).
+5. Latency, on the same (now idle) workers: ``--seconds`` of jobs sent at a steady ``--rate``
+   by a timed loop, after a 20-job warm-up and a 1 s pause; each body pushes
+   ``time.time() - sent`` (the producer's clock just before the send call) to Redis. Both
+   producers open their app (connection pool) before the loop: Procrastinate's
+   ``with app.open()``, taskmill's ``app.open()`` (``CMP_OPEN_FIRST``), so the first send
+   does not connect inside the timed loop. Procrastinate's sync pool checks a connection
+   (one more round trip) each time it hands it out: its default.
+
+Worker configurations (logging at WARNING for all: per-job INFO lines would measure the logger):
+
+- taskmill: ``taskmill worker bench.peers.taskmill_app:app -p 2 -c 16`` (a supervisor and 2
+  worker processes), with a sync task (thread pool; the reference row) and an async task.
+- Procrastinate: 2 ``procrastinate --app bench.peers.procrastinate_app.app worker`` processes
+  with its defaults (concurrency 1: "by default, each worker only takes one job at a time";
+  more throughput is "multiple workers, each using their own process"), LISTEN/NOTIFY on, a
+  sync task (its usual style: Procrastinate runs it in a thread). Also with
+  ``--concurrency 16`` (taskmill's ``-c``), sync and async task.
+
+taskmill only, also: the bulk enqueue rate, and a plain ``send()`` loop against one psycopg
+connection's ceilings (a ``SELECT 1`` loop, and a loop of one-row ``INSERT`` commits, each
+waiting for its WAL flush as a ``send()`` does), measured back to back in one process.
+
+Robustness: every phase has a timeout, a drain that makes no progress for 30 s fails early,
+every subprocess runs in its own process group and is killed at the end (the PostgreSQL server
+is shut down and its directory removed), and a library that fails is reported as
+"failed: reason" while the others still run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+
+from bench._harness import (
+    PEERS_DIR,
+    ROOT,
+    Lib,
+    Row,
+    arg_parser,
+    ensure_venv,
+    exit_on_sigterm,
+    git_describe,
+    log,
+    pins,
+    print_report,
+    redis_server,
+    run_json,
+    run_lib,
+    select,
+    stop_all,
+    versus_fastest_peer,
+)
+
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from servers import PostgresServer, ServerMissingError  # tests/servers.py
+
+# Pinned to the current releases (checked with `pip index versions` on 2026-11-23); psycopg,
+# psycopg-pool, redis-py and hiredis at the versions of the project's virtualenv.
+PEER_VENVS: dict[str, list[str]] = {
+    "venv-procrastinate": [
+        "procrastinate==3.10.0",
+        "psycopg[binary,pool]==3.3.9",
+        "psycopg-pool==3.3.3",
+        "redis==8.1.0",
+        "hiredis==3.5.0",
+    ],
+}
+
+# Issue #4's targets, checked at the end of the report.
+TARGET_DRAIN_X = 8.0  # taskmill sync drain ÷ Procrastinate's
+TARGET_P50_MS, TARGET_P99_MS = 3.0, 20.0
+TARGET_BULK = 30_000.0
+
+
+def dbname(lib: Lib) -> str:
+    return "cmp_" + "".join(c if c.isalnum() else "_" for c in lib.name)
+
+
+@contextmanager
+def postgres_server() -> Iterator[tuple[PostgresServer, dict[str, str]]]:
+    """The server, started, and its version and durability settings; shut down and removed
+    at the end."""
+    try:
+        server = PostgresServer()
+    except ServerMissingError as exc:
+        raise SystemExit(f"{exc} (make test-deps)") from None
+    try:
+        server.start()
+        settings = {}
+        with server.connect() as conn:
+            for name in ("server_version", "fsync", "synchronous_commit"):
+                row = conn.execute(f"SHOW {name}").fetchone()
+                settings[name] = str(row[0]) if row else "?"
+        yield server, settings
+    finally:
+        server.cleanup()
+
+
+def fresh_database(server: PostgresServer, lib: Lib) -> None:
+    """Drop the earlier libraries' databases, create this one's, and checkpoint, so each
+    library starts from an empty store and no checkpoint is owed for the one before."""
+    with server.connect() as conn:
+        for (name,) in conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'cmp\\_%'"
+        ).fetchall():
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{dbname(lib)}"')
+        conn.execute("CHECKPOINT")
+
+
+def libraries(server: PostgresServer, procrastinate_py: str) -> list[Lib]:
+    tm_worker = [
+        sys.executable, "-m", "taskmill", "worker", "bench.peers.taskmill_app:app",
+        "-p", "2", "-c", "16", "--pool", "thread", "--log-level", "warning",
+    ]  # fmt: skip
+    tm_migrate = [sys.executable, "-m", "taskmill", "migrate"]
+    pc_bin = os.path.join(os.path.dirname(procrastinate_py), "procrastinate")
+    pc_cli = [pc_bin, "--app", "bench.peers.procrastinate_app.app", "--log-level", "warning"]
+    pc_schema = [*pc_cli, "schema", "--apply"]
+    libs = [
+        Lib(
+            "taskmill",
+            "`taskmill worker -p 2 -c 16`, sync task in the thread pool",
+            sys.executable,
+            "bench.peers.taskmill_app",
+            [tm_worker],
+            {"CMP_TASKMILL_VARIANT": "sync"},
+            [tm_migrate],
+        ),
+        Lib(
+            "taskmill async",
+            "`taskmill worker -p 2 -c 16`, async task on the event loop",
+            sys.executable,
+            "bench.peers.taskmill_app",
+            [tm_worker],
+            {"CMP_TASKMILL_VARIANT": "async"},
+            [tm_migrate],
+        ),
+        Lib(
+            "procrastinate",
+            "2 x `procrastinate worker` (default concurrency 1), sync task (run in a thread)",
+            procrastinate_py,
+            "bench.peers.procrastinate_app",
+            [[*pc_cli, "worker"]] * 2,
+            {"CMP_PROCRASTINATE_VARIANT": "sync"},
+            [pc_schema],
+        ),
+        Lib(
+            "procrastinate c16",
+            "2 x `procrastinate worker --concurrency 16`, sync task (run in a thread)",
+            procrastinate_py,
+            "bench.peers.procrastinate_app",
+            [[*pc_cli, "worker", "--concurrency", "16"]] * 2,
+            {"CMP_PROCRASTINATE_VARIANT": "sync"},
+            [pc_schema],
+        ),
+        Lib(
+            "procrastinate async c16",
+            "2 x `procrastinate worker --concurrency 16`, async task on the event loop",
+            procrastinate_py,
+            "bench.peers.procrastinate_app",
+            [[*pc_cli, "worker", "--concurrency", "16"]] * 2,
+            {"CMP_PROCRASTINATE_VARIANT": "async"},
+            [pc_schema],
+        ),
+    ]
+    for lib in libs:
+        url = server.url_for(dbname(lib))
+        if lib.name.startswith("taskmill"):
+            lib.env.update(TASKMILL_URL=url, CMP_OPEN_FIRST="1")  # open before the send loop
+        else:
+            lib.env["CMP_PG_URL"] = url
+    return libs
+
+
+def taskmill_extras(
+    server: PostgresServer, redis_port: int, tmp: str, n: int, timeout: float
+) -> dict[str, Any]:
+    lib = Lib("extras", "", sys.executable, "", [])
+    fresh_database(server, lib)
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "CMP_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "TASKMILL_URL": server.url_for(dbname(lib)),
+    }
+    redis.Redis(port=redis_port).flushall()
+    cmd = [sys.executable, "-m", "bench.peers.taskmill_app", "extras-postgres", str(n)]
+    return run_json(cmd, env, timeout, os.path.join(tmp, "taskmill-extras.log"))
+
+
+def extras_lines(extras: dict[str, Any] | str, rows: list[Row]) -> list[str]:
+    tm = next((r for r in rows if r.lib.name == "taskmill"), None)
+    lines = []
+    if tm and tm.enqueue:
+        lines.append(f"- taskmill bulk enqueue ({tm.enqueue_api}): {tm.enqueue:,.0f} jobs/s")
+    if isinstance(extras, str):
+        lines.append(f"- taskmill send() loop vs one connection's ceilings: failed: {extras}")
+    else:
+        lines.append(
+            f"- taskmill plain send() loop: {extras['send_loop']:,.0f} jobs/s; one psycopg "
+            f"connection's loop of one-row INSERT commits: {extras['commit_loop']:,.0f}/s "
+            f"(ratio {extras['send_loop'] / extras['commit_loop']:.0%}), of SELECT 1: "
+            f"{extras['select_loop']:,.0f}/s (best of 2 rounds of {extras['n']:,} each, "
+            "back to back)"
+        )
+    return lines + versus_fastest_peer(rows)
+
+
+def target_lines(rows: list[Row]) -> list[str]:
+    """Issue #4's targets against this run (the sync taskmill row, as for the ratio)."""
+    tm = next((r for r in rows if r.lib.name == "taskmill" and not r.error), None)
+    if tm is None or tm.drain is None:
+        return []
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    lines = ["", "Targets (issue #4), taskmill sync row:"]
+    for r in rows:
+        if r.lib.name.startswith("procrastinate") and r.drain:
+            x = tm.drain / r.drain
+            lines.append(
+                f"- drain ÷ {r.lib.name}: {x:.1f}x (≥ {TARGET_DRAIN_X:.0f}x: "
+                f"{met(x >= TARGET_DRAIN_X)})"
+            )
+    if tm.p50 is not None and tm.p99 is not None:
+        lines.append(
+            f"- latency p50 {tm.p50:.2f} ms (≤ {TARGET_P50_MS:.0f}: {met(tm.p50 <= TARGET_P50_MS)})"
+            f", p99 {tm.p99:.2f} ms (≤ {TARGET_P99_MS:.0f}: {met(tm.p99 <= TARGET_P99_MS)})"
+        )
+    if tm.enqueue:
+        lines.append(
+            f"- bulk enqueue {tm.enqueue:,.0f} jobs/s (≥ {TARGET_BULK:,.0f}: "
+            f"{met(tm.enqueue >= TARGET_BULK)})"
+        )
+    return lines
+
+
+def main() -> None:
+    args = arg_parser((__doc__ or "").split("\n")[0]).parse_args()
+    exit_on_sigterm()
+
+    t_start = time.monotonic()
+    os.makedirs(PEERS_DIR, exist_ok=True)
+    procrastinate_py = ensure_venv("venv-procrastinate", PEER_VENVS["venv-procrastinate"])
+    rows: list[Row] = []
+    extras: dict[str, Any] | str = "not run"
+    settings: dict[str, str] = {}
+    redis_version = "?"
+    with tempfile.TemporaryDirectory(prefix="taskmill-cmp-") as tmp:
+        try:
+            with postgres_server() as (server, settings), redis_server(tmp) as (port, rv):
+                redis_version = rv
+                log(
+                    f"PostgreSQL {settings['server_version']} on {server.host}:{server.port} "
+                    f"(fsync {settings['fsync']}, synchronous_commit "
+                    f"{settings['synchronous_commit']}); measuring through redis-server "
+                    f"{redis_version} on 127.0.0.1:{port}"
+                )
+                libs = select(libraries(server, procrastinate_py), args.only)
+                for lib in libs:
+                    rows.append(
+                        run_lib(lib, port, tmp, args, lambda lib: fresh_database(server, lib))
+                    )
+                if any(lib.name == "taskmill" for lib in libs):
+                    try:
+                        extras = taskmill_extras(
+                            server, port, tmp, args.send_loop_jobs, args.timeout
+                        )
+                    except Exception as exc:
+                        extras = str(exc)
+        finally:
+            stop_all()
+            if os.environ.get("CMP_KEEP_LOGS"):
+                shutil.copytree(tmp, os.environ["CMP_KEEP_LOGS"], dirs_exist_ok=True)
+
+    title = (
+        f"{args.jobs:,} no-op jobs, 2 worker processes, latency at {args.rate:.0f} jobs/s for "
+        f"{args.seconds:.0f} s; PostgreSQL {settings.get('server_version', '?')} "
+        f"(fsync {settings.get('fsync', '?')}, synchronous_commit "
+        f"{settings.get('synchronous_commit', '?')}), measured through redis-server "
+        f"{redis_version}; Python {platform.python_version()}, {os.cpu_count()} CPUs; "
+        f"{time.strftime('%Y-%m-%d')}, {time.monotonic() - t_start:.0f} s\n"
+        f"taskmill {git_describe() or '?'}; peers: {pins(PEER_VENVS)}"
+    )
+    print_report(title, rows, extras_lines(extras, rows), args.markdown, target_lines(rows))
+
+
+if __name__ == "__main__":
+    main()
