@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.pq import TransactionStatus
 
 from servers import PostgresServer
 from taskmill import (
@@ -736,3 +737,33 @@ def test_a_send_retried_after_a_lost_reply_is_not_stored_twice(database: Databas
             assert conn.execute("SELECT count(*) FROM taskmill.jobs").fetchone() == (3,)
     finally:
         asyncio.run(broker.close())
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_statement_rolls_back_the_whole_pipelined_transaction(database: Database) -> None:
+    """The broker's one-round-trip transactions (claims, heartbeats): a statement that fails
+    mid-way raises, undoes the statements before it, and leaves the connection idle for the
+    pool's next user."""
+    with database.connect(autocommit=True) as setup:
+        setup.execute("CREATE TABLE public.marks (n int)")
+
+    async def scenario() -> tuple[list[int], TransactionStatus]:
+        conn = await psycopg.AsyncConnection.connect(database.url, autocommit=True)
+        async with conn:
+
+            async def insert_then_fail() -> None:
+                async with pg._pipelined_transaction(conn):
+                    await conn.execute("INSERT INTO public.marks VALUES (1)")
+                    await conn.execute("SELECT 1 / 0")
+
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                await insert_then_fail()
+            status = conn.info.transaction_status
+            async with pg._pipelined_transaction(conn, durable=False):
+                await conn.execute("INSERT INTO public.marks VALUES (2)")
+            rows = await (await conn.execute("SELECT n FROM public.marks")).fetchall()
+        return [r[0] for r in rows], status
+
+    rows, status = asyncio.run(scenario())
+    assert status == TransactionStatus.IDLE
+    assert rows == [2]
