@@ -63,6 +63,7 @@ class SendOptions:
     max_attempts: int = 1
     timeout_s: float | None = None
     connection: Any = None
+    job_id: str | None = None
 
 
 class Task(Generic[P, R]):
@@ -120,11 +121,25 @@ class Task(Generic[P, R]):
         retries: int | None = None,
         timeout: Seconds | None = None,
         connection: Any = None,
+        job_id: str | None = None,
     ) -> BoundTask[P, R]:
         """The same task with some send options changed.
 
         ``connection`` enqueues inside the caller's open transaction (brokers that support it):
         the job exists if and only if that transaction commits.
+
+        ``job_id`` names the job instead of a fresh id: a send whose id is stored already (in
+        any state, until it is pruned) stores nothing and returns that job's handle with
+        ``existing`` set, so a send repeated after a crash or a timeout runs once.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def charge(order: int) -> None: ...
+        >>> first = charge.options(job_id="charge-42").send(42)
+        >>> again = charge.options(job_id="charge-42").send(42)
+        >>> (again.id, first.existing, again.existing)
+        ('charge-42', False, True)
         """
         opts = self.defaults
         changes: dict[str, Any] = {}
@@ -148,6 +163,12 @@ class Task(Generic[P, R]):
             changes["timeout_s"] = seconds(timeout, "timeout")
         if connection is not None:
             changes["connection"] = connection
+        if job_id is not None:
+            if not isinstance(job_id, str) or not job_id or len(job_id) > 200:
+                raise ConfigurationError(
+                    f"job_id must be a string of 1 to 200 characters: {job_id!r}"
+                )
+            changes["job_id"] = job_id
         return BoundTask(self, replace(opts, **changes) if changes else opts)
 
     def send(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
@@ -199,7 +220,7 @@ class Task(Generic[P, R]):
         if key is not None and not isinstance(key, str):
             key = key(*args, **kwargs)
         return NewJob(
-            id=uuid7(),
+            id=opts.job_id or uuid7(),
             task=self.name,
             queue=opts.queue,
             payload=encode_payload(self.name, args, kwargs, self.app.settings.max_payload_bytes),
@@ -222,6 +243,10 @@ class BoundTask(Generic[P, R]):
         self.opts = opts
 
     def _jobs(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[NewJob]:
+        if self.opts.job_id is not None:
+            raise ConfigurationError(
+                f"task {self.task.name!r}: job_id names one job; send_many would give it to each"
+            )
         jobs = []
         for call in calls:
             if isinstance(call, Mapping):

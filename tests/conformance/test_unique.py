@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import msgspec
 import pytest
 
-from taskmill import App, DuplicateJobError, JobState
+from taskmill import App, ConfigurationError, DuplicateJobError, JobState
 from taskmill.testing import running_worker
 
 from .helpers import opened
@@ -115,3 +116,57 @@ def test_key_function_and_key_freed_by_failure_and_cancel(app: App) -> None:
             after_cancel.result(timeout=10)
     assert after_cancel.status() is JobState.FAILED
     assert not charge.send(7).existing
+
+
+def test_a_stored_job_id_is_never_stored_again(app: App) -> None:
+    """``job_id``: a send repeated under a stored id stores nothing, before the job ran, after
+    it succeeded, and within one batch of the broker contract."""
+    runs: list[int] = []
+
+    @app.task()
+    def charge(order: int) -> int:
+        runs.append(order)
+        return order
+
+    first = charge.options(job_id="charge-1").send(1)
+    again = charge.options(job_id="charge-1").send(1)
+    assert (first.id, first.existing) == ("charge-1", False)
+    assert (again.id, again.existing) == ("charge-1", True)
+    with running_worker(app):
+        assert first.result(timeout=10) == 1
+    after = charge.options(job_id="charge-1").send(1)
+    assert after.existing and after.status() is JobState.SUCCEEDED
+    with running_worker(app):
+        fresh = charge.send(2)
+        assert fresh.result(timeout=10) == 2
+    assert sorted(runs) == [1, 2]
+
+    broker = opened(app)
+    batch = [charge.build(charge.defaults, (n,), {}) for n in (3, 4)]
+    batch[1] = msgspec.structs.replace(batch[1], id="charge-1")
+    result = app.run_sync(broker.enqueue(batch))
+    assert result.ids == [batch[0].id, "charge-1"] and result.existing == {1}
+    assert len(app.run_sync(broker.list_jobs())) == 3
+
+
+def test_a_stored_job_id_wins_over_its_own_key(app: App) -> None:
+    """A job repeated under its id and its unique key is the same job, not a key conflict."""
+
+    @app.task()
+    def once() -> None:
+        return None
+
+    first = once.options(job_id="j-1", key="k").send()
+    again = once.options(job_id="j-1", key="k", on_conflict="raise").send()
+    assert again.existing and again.id == first.id == "j-1"
+
+
+def test_job_id_is_for_one_job(app: App) -> None:
+    @app.task()
+    def once() -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="job_id names one job"):
+        once.options(job_id="j").send_many([(), ()])
+    with pytest.raises(ConfigurationError, match="job_id must be a string of 1 to 200 characters"):
+        once.options(job_id="")

@@ -8,7 +8,7 @@ live one per module beside this file and must pass ``tests/conformance`` unchang
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -99,10 +99,15 @@ class Broker(abc.ABC):
     ) -> EnqueueResult:
         """Store a batch atomically.
 
-        A job whose ``key`` matches a job still scheduled, queued or running is not stored: its
-        position in the result holds the existing id (``on_conflict="return"``), or the whole
-        batch is rejected with ``DuplicateJobError`` (``"raise"``). Jobs with ``run_at`` in the
-        future are ``scheduled``; the others ``queued``.
+        A job whose id is stored already (in any state, until it is pruned) is the same job
+        and is not stored again: its position is in ``existing``, whatever ``on_conflict``
+        says. That makes a send retried after a lost reply, or a periodic tick enqueued by
+        two schedulers, happen once.
+
+        A job whose ``key`` matches a job still scheduled, queued or running is not stored:
+        its position in the result holds the existing id (``on_conflict="return"``), or the
+        whole batch is rejected with ``DuplicateJobError`` (``"raise"``). Jobs with ``run_at``
+        in the future are ``scheduled``; the others ``queued``.
         """
 
     def enqueue_blocking(
@@ -224,3 +229,15 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def pause(self, queue: str, paused: bool) -> None: ...
+
+    # --- periodic schedules -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def schedule_marks(self) -> dict[str, float]:
+        """The latest tick enqueued of each schedule (Unix seconds), by schedule name."""
+
+    @abc.abstractmethod
+    async def mark_schedules(self, marks: Mapping[str, float]) -> None:
+        """Record ticks enqueued: each schedule's mark becomes the later of its stored mark and
+        the one given, never an earlier one, so schedulers racing each other cannot move it
+        back. (A tick's job is made unique by its id; the mark only says where to go on.)"""

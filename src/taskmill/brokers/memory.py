@@ -12,7 +12,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -57,6 +57,7 @@ class MemoryBroker(Broker):
         self.url = url
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
+        self._schedule_marks: dict[str, float] = {}
         self._seq: dict[str, int] = {}
         self._counter = itertools.count()
         self._ready: dict[str, list[tuple[int, float, int, str]]] = {}
@@ -135,7 +136,12 @@ class MemoryBroker(Broker):
         result = EnqueueResult(ids=[j.id for j in jobs])
         with self._lock:
             batch_keys: dict[str, str] = {}
+            batch_ids: set[str] = set()
             for i, j in enumerate(jobs):
+                if j.id in self._jobs or j.id in batch_ids:  # stored already: the same job
+                    result.existing.add(i)
+                    continue
+                batch_ids.add(j.id)
                 if j.key is None:
                     continue
                 existing = self._keys.get(j.key) or batch_keys.get(j.key)
@@ -427,6 +433,15 @@ class MemoryBroker(Broker):
             else:
                 self._paused.discard(queue)
                 self._notify()
+
+    async def schedule_marks(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._schedule_marks)
+
+    async def mark_schedules(self, marks: Mapping[str, float]) -> None:
+        with self._lock:
+            for name, tick in marks.items():
+                self._schedule_marks[name] = max(tick, self._schedule_marks.get(name, tick))
 
 
 class _Gone:

@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
@@ -930,8 +930,16 @@ class PostgresBroker(Broker):
             query = self._q["enqueue_one" if len(batch) == 1 else "enqueue_many"]
             row = conn.execute(query, _enqueue_params(batch, self.channel)).fetchone()
             stored_keyed = set(row[0]) if row is not None else set()
+            stored_before = set(row[2]) if row is not None else set()
+            for i in todo:
+                if jobs[i].id in stored_before:  # the same job, stored already
+                    result.existing.add(i)
             missing = [
-                i for i in todo if jobs[i].key is not None and jobs[i].id not in stored_keyed
+                i
+                for i in todo
+                if jobs[i].key is not None
+                and jobs[i].id not in stored_keyed
+                and jobs[i].id not in stored_before
             ]
             todo = self._resolve_conflicts(conn, jobs, missing, on_conflict, result)
         raise BrokerError(
@@ -1219,3 +1227,13 @@ class PostgresBroker(Broker):
     async def pause(self, queue: str, paused: bool) -> None:
         params = {"queue": queue, "paused": paused, "channel": self.channel}
         await self._execute(self._q["pause"], params)
+
+    @on_io_loop
+    async def schedule_marks(self) -> dict[str, float]:
+        return {name: float(tick) for name, tick in await self._fetch(self._q["schedule_marks"])}
+
+    @on_io_loop
+    async def mark_schedules(self, marks: Mapping[str, float]) -> None:
+        if marks:
+            params = {"names": list(marks), "ticks": list(marks.values())}
+            await self._execute(self._q["mark_schedules"], params)

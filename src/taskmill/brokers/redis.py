@@ -34,7 +34,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -220,7 +220,7 @@ def _enqueue_args(jobs: Sequence[NewJob], on_conflict: OnConflict) -> list[Any]:
 
 def _enqueue_result(jobs: Sequence[NewJob], reply: list[Any]) -> EnqueueResult:
     result = EnqueueResult(ids=[j.id for j in jobs])
-    for n in range(0, len(reply), 2):  # only the jobs that matched a pending key come back
+    for n in range(0, len(reply), 2):  # only jobs stored already or whose key matched come back
         i = int(reply[n]) - 1
         result.ids[i] = reply[n + 1].decode()
         result.existing.add(i)
@@ -689,5 +689,23 @@ class RedisBroker(Broker):
             else:
                 await client.srem(self._key("paused"), queue)
                 await client.lpush(self._key("q", queue, "wake"), 1)
+
+        await self._retrying(call)
+
+    @on_io_loop
+    async def schedule_marks(self) -> dict[str, float]:
+        async def call() -> dict[str, float]:
+            pairs = await self._client().zrange(self._key("schedules"), 0, -1, withscores=True)
+            return {name.decode(): float(tick) for name, tick in pairs}
+
+        return await self._retrying(call)
+
+    @on_io_loop
+    async def mark_schedules(self, marks: Mapping[str, float]) -> None:
+        if not marks:
+            return
+
+        async def call() -> None:  # GT: a mark only moves forward (Redis >= 6.2)
+            await self._client().zadd(self._key("schedules"), dict(marks), gt=True)
 
         await self._retrying(call)

@@ -17,7 +17,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -63,7 +63,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 Q = load_queries("sqlite.sql")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: taskmill_schedules (the schema is all IF NOT EXISTS)
 COLUMNS = (
     "id, task, queue, state, payload, priority, attempt, max_attempts, run_at, enqueued_at, "
     "started_at, finished_at, timeout_s, key, lease_token, lease_expires_at, worker_id, "
@@ -470,17 +470,40 @@ class SQLiteBroker(Broker):
         on_conflict: OnConflict,
     ) -> None:
         if plain:
+            before = conn.total_changes
             conn.executemany(Q["insert"], plain)
+            if conn.total_changes - before < len(plain):  # some ids were stored already
+                SQLiteBroker._mark_stored_before(conn, plain, result)
         for i, row in keyed:
-            if conn.execute(Q["insert_keyed"], row).rowcount == 0:
+            if conn.execute(Q["insert"], row).rowcount == 0:
+                if conn.execute(Q["job_exists"], (row[0],)).fetchone() is not None:
+                    result.existing.add(i)  # this very job is stored already
+                    continue
                 key = row[-1]
                 existing = conn.execute(Q["pending_by_key"], (key,)).fetchone()
-                if existing is None:  # the row was ignored for another reason: a duplicate id
-                    raise BrokerError(f"job id {row[0]} already exists")
+                if existing is None:
+                    raise BrokerError(f"job {row[0]} was not stored, and no job holds its key")
                 if on_conflict == "raise":
                     raise DuplicateJobError(key, existing[0])
                 result.ids[i] = existing[0]
                 result.existing.add(i)
+
+    @staticmethod
+    def _mark_stored_before(
+        conn: sqlite3.Connection, plain: list[tuple[Any, ...]], result: EnqueueResult
+    ) -> None:
+        """Find the rows ``INSERT OR IGNORE`` skipped: those stored with another enqueue
+        time than this batch's (a row's id, task, payload and time are what this call wrote)."""
+        seen: set[str] = set()
+        for i, job_id in enumerate(result.ids):
+            if job_id in seen:  # the batch names one job twice: stored once
+                result.existing.add(i)
+            seen.add(job_id)
+        position = {job_id: i for i, job_id in reversed(list(enumerate(result.ids)))}
+        for row in plain:
+            stored = conn.execute(Q["stored_enqueued_at"], (row[0],)).fetchone()
+            if stored is not None and stored[0] != row[8]:
+                result.existing.add(position[row[0]])
 
     # --- workers --------------------------------------------------------------------------
 
@@ -845,3 +868,14 @@ class SQLiteBroker(Broker):
         await self._run(self._executemany_write, Q["pause"], [(queue, int(paused))])
         if not paused:
             self._notify()
+
+    async def schedule_marks(self) -> dict[str, float]:
+        return await self._run(self._schedule_marks)
+
+    def _schedule_marks(self) -> dict[str, float]:
+        with self._errors():
+            return dict(self._read().execute(Q["schedule_marks"]).fetchall())
+
+    async def mark_schedules(self, marks: Mapping[str, float]) -> None:
+        if marks:
+            await self._run(self._executemany_write, Q["mark_schedule"], list(marks.items()))

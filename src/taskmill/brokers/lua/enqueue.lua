@@ -1,16 +1,18 @@
 -- ARGV: prefix, on_conflict ('return'|'raise'), n, then 10 fields per job:
 -- id, task, queue, payload, priority, run_at ('' = none), delay_s, max_attempts, timeout_s, key
--- Returns only the exceptions, as {position (1-based), existing id, ...}: jobs whose key matched
--- a pending job. Every other job was stored under the id the caller chose.
--- A job whose id already exists is not stored twice (a producer retrying after a lost reply).
+-- Returns only the exceptions, as {position (1-based), existing id, ...}: jobs stored already
+-- under their id (a producer retrying after a lost reply, a tick two schedulers saw), and jobs
+-- whose key matched a pending job. Every other job was stored under the id the caller chose.
 local on_conflict, n = ARGV[2], tonumber(ARGV[3])
 local F = 10
 local now = now_s()
-local existing, batch_keys = {}, {}
+local existing, batch_keys, batch_ids = {}, {}, {}
 for i = 0, n - 1 do
   local b = 3 + i * F
-  local key = ARGV[b + 10]
-  if key ~= '' then
+  local id, key = ARGV[b + 1], ARGV[b + 10]
+  if batch_ids[id] or redis.call('EXISTS', job_key(id)) == 1 then
+    existing[i] = id
+  elseif key ~= '' then
     local ex = redis.call('GET', P .. 'key:' .. key) or batch_keys[key]
     if ex then
       if on_conflict == 'raise' then
@@ -18,9 +20,10 @@ for i = 0, n - 1 do
       end
       existing[i] = ex
     else
-      batch_keys[key] = ARGV[b + 1]
+      batch_keys[key] = id
     end
   end
+  batch_ids[id] = true
 end
 local out, due, seen_queues = {}, {}, {}
 -- hand-overs per queue: only while nothing is ready or overdue there (the new job is first in
@@ -66,7 +69,7 @@ for i = 0, n - 1 do
   if existing[i] then
     out[#out + 1] = i + 1
     out[#out + 1] = existing[i]
-  elseif redis.call('EXISTS', job_key(id)) == 0 then
+  else
     local queue, priority, key = ARGV[b + 3], ARGV[b + 5], ARGV[b + 10]
     local run_at = now + tonumber(ARGV[b + 7])
     if ARGV[b + 6] ~= '' then run_at = tonumber(ARGV[b + 6]) end

@@ -43,10 +43,11 @@ SELECT max(version) FROM {schema}.schema_version;
 -- A batch in one statement. Its rows come from the "enqueue_rows" fragment (the jobs' columns
 -- as arrays) or from "enqueue_row" (one job, for send(): cheaper to send and to plan). A job
 -- is queued if due at the database's clock_timestamp() (not now(): inside a caller's long
--- transaction, now() is when that transaction began), else scheduled. A unique key held by a
--- pending job makes the row a no-op (DO NOTHING; within the batch the first job with a key
--- wins); the reply lists the keyed jobs that were stored, so the caller can look up the
--- others.
+-- transaction, now() is when that transaction began), else scheduled. A job whose id is stored
+-- already is the same job, and a unique key held by a pending job makes the row a no-op (DO
+-- NOTHING on either; within the batch the first job with a key wins). The reply lists the
+-- keyed jobs that were stored, so the caller can look up the others, and the ids that were
+-- stored before this statement (every part of it sees the same snapshot).
 WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
 batch AS (
     SELECT b.*, clock.now,
@@ -57,6 +58,9 @@ batch AS (
               key, ord)
     CROSS JOIN clock
 ),
+stored_before AS (
+    SELECT j.id FROM {schema}.jobs j WHERE j.id IN (SELECT id FROM batch)
+),
 inserted AS (
     INSERT INTO {schema}.jobs
         (id, task, queue, state, payload, priority, max_attempts, run_at, enqueued_at,
@@ -64,8 +68,7 @@ inserted AS (
     SELECT id, task, queue, CASE WHEN due <= now THEN 'queued' ELSE 'scheduled' END, payload,
            priority, max_attempts, due, now, timeout_s, key
     FROM batch ORDER BY ord
-    ON CONFLICT (key) WHERE key IS NOT NULL AND state IN ('scheduled', 'queued', 'running')
-    DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING id, key, queue, state, run_at
 ),
 wake AS (
@@ -77,7 +80,8 @@ wake AS (
     ) w
 )
 SELECT coalesce(array_agg(id) FILTER (WHERE key IS NOT NULL), '{}'::text[]),
-       (SELECT count(*) FROM wake)
+       (SELECT count(*) FROM wake),
+       (SELECT coalesce(array_agg(id), '{}'::text[]) FROM stored_before)
 FROM inserted;
 
 -- name: enqueue_rows
@@ -349,3 +353,11 @@ WITH changed AS (
     RETURNING name, paused
 )
 SELECT pg_notify(%(channel)s, 'q' || name) FROM changed WHERE NOT paused;
+
+-- name: schedule_marks
+SELECT name, last_tick FROM {schema}.schedules;
+
+-- name: mark_schedules
+INSERT INTO {schema}.schedules AS s (name, last_tick)
+SELECT * FROM unnest(%(names)s::text[], %(ticks)s::float8[])
+ON CONFLICT (name) DO UPDATE SET last_tick = greatest(s.last_tick, excluded.last_tick);

@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS taskmill_queues (
     name   TEXT PRIMARY KEY,
     paused INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS taskmill_schedules (
+    name      TEXT PRIMARY KEY,
+    last_tick REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS taskmill_workers (
     id           TEXT PRIMARY KEY,
     host         TEXT NOT NULL,
@@ -57,14 +61,17 @@ CREATE TABLE IF NOT EXISTS taskmill_workers (
 );
 
 -- name: insert
-INSERT INTO taskmill_jobs
-    (id, task, queue, state, payload, priority, max_attempts, run_at, enqueued_at, timeout_s, key)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
-
--- name: insert_keyed
+-- OR IGNORE: a job whose id is stored already is the same job (a retried send, a periodic
+-- tick two schedulers saw), and a keyed job whose key a pending job holds is not stored.
 INSERT OR IGNORE INTO taskmill_jobs
     (id, task, queue, state, payload, priority, max_attempts, run_at, enqueued_at, timeout_s, key)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: job_exists
+SELECT 1 FROM taskmill_jobs WHERE id = ?;
+
+-- name: stored_enqueued_at
+SELECT enqueued_at FROM taskmill_jobs WHERE id = ?;
 
 -- name: pending_by_key
 SELECT id FROM taskmill_jobs
@@ -210,3 +217,10 @@ DELETE FROM taskmill_jobs WHERE queue = ? AND state IN ('scheduled', 'queued');
 -- name: pause
 INSERT INTO taskmill_queues (name, paused) VALUES (?, ?)
 ON CONFLICT (name) DO UPDATE SET paused = excluded.paused;
+
+-- name: schedule_marks
+SELECT name, last_tick FROM taskmill_schedules;
+
+-- name: mark_schedule
+INSERT INTO taskmill_schedules (name, last_tick) VALUES (?, ?)
+ON CONFLICT (name) DO UPDATE SET last_tick = max(last_tick, excluded.last_tick);
