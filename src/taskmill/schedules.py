@@ -120,11 +120,14 @@ class Schedule:
         return [next(ticks) for _ in range(n)]
 
     def due(self, last: datetime | None, now: datetime) -> list[datetime]:
-        """The ticks to enqueue at ``now``, given ``last``, the latest tick already enqueued
-        (``None``: none yet, so nothing can have been missed). On-time ticks (at most ``grace``
-        old) always; missed ones as ``misfire`` says."""
+        """The ticks to enqueue at ``now``, given ``last``, the latest tick already enqueued.
+        On-time ticks (at most ``grace`` old) always; missed ones as ``misfire`` says.
+        ``last=None`` (a schedule never run): nothing was missed, and of the on-time ticks only
+        the latest runs (a new every-second schedule does not start with a burst)."""
         now = _aware(now)
-        since = _aware(last) if last is not None else now - self.grace
+        if last is None:
+            return [t for t in self.due(now - self.grace, now) if now - t <= self.grace][-1:]
+        since = _aware(last)
         if self.every is not None:  # nothing older than what the policy could still run
             since = max(since, now - self.grace - self.every * (self.max_misfires + 1))
         ticks: list[datetime] = []
