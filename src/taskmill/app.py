@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 from urllib.parse import parse_qsl, urlsplit
@@ -16,6 +17,7 @@ from taskmill.handle import JobHandle
 from taskmill.job import Job, NewJob
 from taskmill.portal import Portal
 from taskmill.retry import Backoff, RetryPolicy, as_backoff, exception_types
+from taskmill.schedules import Misfire, Overlap, Schedule
 from taskmill.settings import Settings
 from taskmill.task import (
     KeyFunc,
@@ -59,6 +61,7 @@ class App:
         self.url = url or os.environ.get("TASKMILL_URL") or DEFAULT_URL
         self.settings = Settings.build(settings)
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.schedules: dict[str, Schedule] = {}
         self.eager = _eager_flag(self.url)
         self._broker: Broker | None = None
         self._opened = False
@@ -143,6 +146,67 @@ class App:
             return t
 
         return register(fn) if fn is not None else register
+
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        tz: str = "UTC",
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        misfire: Misfire = "skip",
+        max_misfires: int = 100,
+        overlap: Overlap = "allow",
+    ) -> Callable[[Task[P, R] | Callable[P, R]], Task[P, R]]:
+        """Run a task on a schedule: a ``cron`` expression evaluated in ``tz``, or ``every``
+        fixed interval (a ``timedelta`` or seconds), with fixed ``args``/``kwargs``. Put it
+        above ``@app.task(...)``, or on a plain function (registered with the defaults).
+
+        Every worker runs the scheduler (``--no-scheduler`` to opt out; ``taskmill
+        scheduler`` runs one alone); each tick is enqueued once however many run. ``misfire``:
+        ticks missed while no scheduler ran are skipped (``"skip"``), the latest is run
+        (``"once"``), or up to ``max_misfires`` of them are (``"all"``). ``overlap="skip"``
+        skips a tick while the previous run is still pending. See docs/schedules.md.
+
+        >>> from datetime import timedelta
+        >>> app = App("memory://")
+        >>> @app.periodic(cron="0 2 * * *", tz="Europe/Paris")
+        ... @app.task(retries=1)
+        ... def nightly_report() -> None: ...
+        >>> @app.periodic(every=timedelta(hours=6), args=("eu",), name="sync-eu")
+        ... def sync(region: str) -> None: ...
+        >>> sorted(app.schedules)
+        ['sync-eu', 'taskmill.app.nightly_report']
+        """
+        interval = timedelta(seconds=every) if isinstance(every, int | float) else every
+
+        def register(target: Task[P, R] | Callable[P, R]) -> Task[P, R]:
+            task: Task[P, R] = target if isinstance(target, Task) else self.task(target)
+            if task.app is not self:
+                raise ConfigurationError(f"task {task.name!r} belongs to another app")
+            schedule = Schedule(
+                name=name or task.name,
+                task=task.name,
+                cron=cron,
+                every=interval,
+                tz=tz,
+                args=tuple(args),
+                kwargs=dict(kwargs or {}),
+                misfire=misfire,
+                max_misfires=max_misfires,
+                overlap=overlap,
+            )
+            if schedule.name in self.schedules:
+                raise ConfigurationError(
+                    f"two schedules are named {schedule.name!r}; give one a name="
+                )
+            task.bind_check(schedule.args, schedule.kwargs)
+            self.schedules[schedule.name] = schedule
+            return task
+
+        return register
 
     def get_task(self, name: str) -> Task[Any, Any]:
         try:

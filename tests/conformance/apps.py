@@ -18,6 +18,7 @@ from typing import Any
 from taskmill import App, current_job
 
 SETTINGS_ENV = "CONFORMANCE_APP_SETTINGS"
+PERIODIC_ENV = "CONFORMANCE_PERIODIC"
 
 
 def _touch(marker: str) -> None:
@@ -71,6 +72,13 @@ def build_app(url: str | None = None, **settings: Any) -> App:
         finally:
             conn.close()
         return n
+
+    @app.task(name="conformance.tick", retries=0)
+    def tick() -> None:
+        return None
+
+    if os.environ.get(PERIODIC_ENV):  # only the periodic test's processes schedule it
+        app.periodic(every=1.0, name="every-second")(tick)
 
     return app
 

@@ -49,3 +49,14 @@ def block(path: str, limit_s: float = 30.0) -> str:
             return "cancelled"
         time.sleep(0.01)
     return "released"
+
+
+# an app of its own for the schedules tests: the other tests' workers must not schedule
+scheduled = App(os.environ.get("TASKMILL_URL", "memory://"), heartbeat_s=0.5)
+
+
+@scheduled.periodic(every=1.0, name="every-second")
+@scheduled.periodic(cron="0 2 * * *", tz="Europe/Paris", name="nightly")
+@scheduled.task(name="tick")
+def tick() -> str:
+    return "tick"

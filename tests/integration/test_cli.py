@@ -441,3 +441,36 @@ def test_supervisor_restarts_a_killed_child_and_drains_on_sigterm(cli: Cli) -> N
     remaining = {w["id"] for w in cli.json("workers")}
     assert remaining == {victim["id"]}, "the live workers signed off; only the killed one is left"
     assert {w["id"] for w in replaced} & remaining == set()
+
+
+@pytest.mark.timeout(60)
+def test_schedules_lists_next_runs_and_a_worker_runs_the_ticks(cli: Cli) -> None:
+    rows = {r["name"]: r for r in cli.json("schedules", "--app", "cliapp:scheduled")}
+    assert set(rows) == {"every-second", "nightly"}
+    nightly = rows["nightly"]
+    assert nightly["when"] == "cron 0 2 * * * (Europe/Paris)" and nightly["last_tick"] is None
+    # 02:00 in Paris is 00:00 or 01:00 UTC (summer or winter time)
+    assert len(nightly["next"]) == 3 and all(
+        t[11:19] in ("00:00:00", "01:00:00") for t in nightly["next"]
+    )
+    worker = cli.spawn("worker", "cliapp:scheduled", "-c", "2")
+
+    def ticked() -> dict[str, Any] | None:
+        assert worker.poll() is None, cli.output()
+        rows = {r["name"]: r for r in cli.json("schedules", "--app", "cliapp:scheduled")}
+        every = rows["every-second"]
+        return every if every["last_state"] == "succeeded" else None
+
+    every = poll_until(ticked, what="a tick of every-second to succeed")
+    assert every["last_tick"] < every["next"][0]
+    table = cli.ok("schedules", "--app", "cliapp:scheduled")
+    assert "every-second" in table and "nightly" in table
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(30)
+def test_scheduler_without_schedules_is_a_usage_error(cli: Cli) -> None:
+    r = cli.run("scheduler", "--app", "cliapp:app")
+    assert r.returncode == 2
+    assert "has no periodic schedules" in one_error_line(r)

@@ -68,6 +68,12 @@ if TYPE_CHECKING:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--scheduler/--no-scheduler",
+    default=True,
+    show_default=True,
+    help="Also enqueue the app's periodic schedules (each tick once, however many run).",
+)
 @click.option("--parent-pid", type=int, hidden=True)
 @app_option
 @click.pass_obj
@@ -81,6 +87,7 @@ def worker(
     max_tasks_per_child: int | None,
     drain_timeout: float,
     log_level: str,
+    scheduler: bool,
     parent_pid: int | None,
 ) -> None:
     """Run jobs. SIGTERM or Ctrl-C drains (running jobs get --drain-timeout to finish); a
@@ -104,6 +111,7 @@ def worker(
             "-q", ",".join(queue_list), "-c", str(concurrency), "-p", "1",
             "--pool", pool, "--drain-timeout", str(drain_timeout), "--log-level", log_level,
             "--parent-pid", str(os.getpid()),
+            "--scheduler" if scheduler else "--no-scheduler",
         ]  # fmt: skip
         if max_tasks_per_child is not None:
             argv += ["--max-tasks-per-child", str(max_tasks_per_child)]
@@ -117,6 +125,7 @@ def worker(
         max_tasks_per_child=max_tasks_per_child,
         drain_timeout_s=drain_timeout,
         parent_pid=parent_pid,
+        scheduler=scheduler,
     )
 
 
@@ -137,6 +146,7 @@ def run_worker_process(
     max_tasks_per_child: int | None,
     drain_timeout_s: float,
     parent_pid: int | None,
+    scheduler: bool = True,
 ) -> None:
     """One worker in this process, until a signal stops it (or its supervisor goes away)."""
     from taskmill.worker import Worker
@@ -150,6 +160,7 @@ def run_worker_process(
             app_path=app_path,
             max_tasks_per_child=max_tasks_per_child,
             drain_timeout_s=drain_timeout_s,
+            scheduler=scheduler,
         )
         w.install_signal_handlers()
         watch = None

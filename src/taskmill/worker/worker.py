@@ -51,7 +51,8 @@ class _Running:
 
 class Worker:
     """Runs an app's jobs. ``taskmill worker`` builds one per process; tests may run one
-    in-process (``await worker.run()`` and ``worker.stop()`` from any thread)."""
+    in-process (``await worker.run()`` and ``worker.stop()`` from any thread). With
+    ``scheduler`` (the default) it also enqueues the app's periodic schedules' ticks."""
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class Worker:
         drain_timeout_s: float = 30.0,
         idle_poll_s: float = 5.0,
         register: bool = True,
+        scheduler: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -79,6 +81,7 @@ class Worker:
         self.drain_timeout_s = drain_timeout_s
         self.idle_poll_s = idle_poll_s
         self.register = register
+        self.scheduler = scheduler
         self.id = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.started_at = time.time()
         self.jobs_done = 0
@@ -158,6 +161,14 @@ class Worker:
         ]
         if not until_idle:
             background.append(asyncio.create_task(self._maintenance_loop(), name="taskmill-maint"))
+            if self.scheduler and self.app.schedules:
+                from taskmill.scheduler import Scheduler
+
+                background.append(
+                    asyncio.create_task(
+                        Scheduler(self.app).run(self._stop_event), name="taskmill-scheduler"
+                    )
+                )
         self._runner = runner
         if self.register:
             await self._heartbeat_once()
