@@ -930,7 +930,11 @@ class PostgresBroker(Broker):
             query = self._q["enqueue_one" if len(batch) == 1 else "enqueue_many"]
             row = conn.execute(query, _enqueue_params(batch, self.channel)).fetchone()
             stored_keyed = set(row[0]) if row is not None else set()
-            stored_before = set(row[2]) if row is not None else set()
+            stored_before: set[str] = set()
+            if row is not None and row[2] < len(batch):  # some ids or keys were taken
+                ids = [j.id for j in batch]
+                found = conn.execute(self._q["stored_before"], {"ids": ids, "at": row[3]})
+                stored_before = {r[0] for r in found}
             for i in todo:
                 if jobs[i].id in stored_before:  # the same job, stored already
                     result.existing.add(i)

@@ -46,8 +46,9 @@ SELECT max(version) FROM {schema}.schema_version;
 -- transaction, now() is when that transaction began), else scheduled. A job whose id is stored
 -- already is the same job, and a unique key held by a pending job makes the row a no-op (DO
 -- NOTHING on either; within the batch the first job with a key wins). The reply lists the
--- keyed jobs that were stored, so the caller can look up the others, and the ids that were
--- stored before this statement (every part of it sees the same snapshot).
+-- keyed jobs that were stored, so the caller can look up the others, how many rows were
+-- stored, and this statement's enqueue time (when fewer rows than jobs were stored, the jobs
+-- stored before under the same ids are those with another enqueue time).
 WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
 batch AS (
     SELECT b.*, clock.now,
@@ -57,9 +58,6 @@ batch AS (
          AS b(id, task, queue, payload, priority, run_at, delay_s, max_attempts, timeout_s,
               key, ord)
     CROSS JOIN clock
-),
-stored_before AS (
-    SELECT j.id FROM {schema}.jobs j WHERE j.id IN (SELECT id FROM batch)
 ),
 inserted AS (
     INSERT INTO {schema}.jobs
@@ -81,7 +79,8 @@ wake AS (
 )
 SELECT coalesce(array_agg(id) FILTER (WHERE key IS NOT NULL), '{}'::text[]),
        (SELECT count(*) FROM wake),
-       (SELECT coalesce(array_agg(id), '{}'::text[]) FROM stored_before)
+       count(*),
+       (SELECT now FROM clock)
 FROM inserted;
 
 -- name: enqueue_rows
@@ -102,6 +101,9 @@ WHERE key = ANY(%(keys)s::text[]) AND state IN ('scheduled', 'queued', 'running'
 
 -- name: stored_ids
 SELECT id FROM {schema}.jobs WHERE id = ANY(%(ids)s::text[]);
+
+-- name: stored_before
+SELECT id FROM {schema}.jobs WHERE id = ANY(%(ids)s::text[]) AND enqueued_at <> %(at)s;
 
 -- name: promote_due
 -- Due scheduled jobs become queued, earliest first, at most 10,000 per claim (a million jobs
