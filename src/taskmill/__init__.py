@@ -24,17 +24,27 @@ from taskmill.errors import (
     JobFailedError,
     JobNotFoundError,
     PayloadTooLargeError,
+    QueueFullError,
     SerializationError,
     TaskmillError,
     TaskTimeoutError,
     UnknownTaskError,
     WorkerLostError,
 )
+from taskmill.flow import Limit
 from taskmill.handle import JobHandle
 from taskmill.job import Job, JobState
 from taskmill.retry import Backoff, Cancel, Retry
 from taskmill.settings import Settings
 from taskmill.task import BoundTask, Task
+from taskmill.workflows import (
+    Signature,
+    WorkflowFailedError,
+    WorkflowHandle,
+    chain,
+    chord,
+    group,
+)
 
 __all__ = [
     "App",
@@ -52,15 +62,23 @@ __all__ = [
     "JobHandle",
     "JobNotFoundError",
     "JobState",
+    "Limit",
     "PayloadTooLargeError",
+    "QueueFullError",
     "Retry",
     "SerializationError",
     "Settings",
+    "Signature",
     "Task",
     "TaskTimeoutError",
     "TaskmillError",
     "UnknownTaskError",
     "WorkerLostError",
+    "WorkflowFailedError",
+    "WorkflowHandle",
+    "chain",
+    "chord",
     "current_job",
+    "group",
 ]
 __version__ = "0.1.0"

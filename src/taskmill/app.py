@@ -13,7 +13,17 @@ from urllib.parse import parse_qsl, urlsplit
 
 from taskmill.brokers import Broker, EnqueueResult, broker_from_url
 from taskmill.errors import ConfigurationError, UnknownTaskError
+from taskmill.flow import (
+    Limit,
+    QueueOptions,
+    WhenFull,
+    check_depth,
+    needs_depth_check,
+    parse_rate,
+    queue_options,
+)
 from taskmill.handle import JobHandle
+from taskmill.hooks import Hook, HookName, Hooks, arun_hooks, run_hooks_blocking
 from taskmill.job import Job, NewJob
 from taskmill.portal import Portal
 from taskmill.retry import Backoff, RetryPolicy, as_backoff, exception_types
@@ -62,6 +72,8 @@ class App:
         self.settings = Settings.build(settings)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, Schedule] = {}
+        self.queue_options: dict[str, QueueOptions] = {}
+        self.hooks = Hooks()
         self.eager = _eager_flag(self.url)
         self._broker: Broker | None = None
         self._opened = False
@@ -93,6 +105,14 @@ class App:
         dont_retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
         timeout: Seconds | None = None,
         key: str | KeyFunc | None = None,
+        accepts_failures: bool = False,
+        rate_limit: str | None = None,
+        concurrency: Limit | None = None,
+        on_enqueue: Hook | Sequence[Hook] | None = None,
+        on_start: Hook | Sequence[Hook] | None = None,
+        on_success: Hook | Sequence[Hook] | None = None,
+        on_failure: Hook | Sequence[Hook] | None = None,
+        on_retry: Hook | Sequence[Hook] | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -109,6 +129,14 @@ class App:
         dont_retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
         timeout: Seconds | None = None,
         key: str | KeyFunc | None = None,
+        accepts_failures: bool = False,
+        rate_limit: str | None = None,
+        concurrency: Limit | None = None,
+        on_enqueue: Hook | Sequence[Hook] | None = None,
+        on_start: Hook | Sequence[Hook] | None = None,
+        on_success: Hook | Sequence[Hook] | None = None,
+        on_failure: Hook | Sequence[Hook] | None = None,
+        on_retry: Hook | Sequence[Hook] | None = None,
     ) -> Any:
         """Register a function as a task (``@app.task`` or ``@app.task(...)``).
 
@@ -121,6 +149,14 @@ class App:
           child is killed; thread pool: the job is failed and the thread left to finish).
         - ``key``: a unique key (or a function of the task's arguments returning one): while a
           job with that key is pending, sending again returns the pending job.
+        - ``rate_limit``: at most this many starts across all workers, ``"10/s"``, ``"500/m"``
+          or ``"100/h"``; jobs over it wait in the worker (not failed, no attempt spent).
+        - ``concurrency``: a ``Limit(max=N, key=fn)``: at most N jobs running at once across
+          all workers, per value of ``fn(*args, **kwargs)``; jobs over it wait.
+        - ``on_enqueue``, ``on_start``, ``on_success``, ``on_failure``, ``on_retry``: this
+          task's hooks (a callable or a list), run before the app's (``taskmill.hooks``).
+        - ``accepts_failures``: as a chord's callback, run even if members failed, with their
+          errors in its input (see ``taskmill.workflows.chord``).
         """
         policy = RetryPolicy(
             backoff=as_backoff(backoff) if backoff is not None else Backoff(),
@@ -135,6 +171,8 @@ class App:
             key=key,
         )
 
+        rate_interval_s = parse_rate(rate_limit) if rate_limit is not None else None
+
         def register(f: Callable[..., Any]) -> Task[Any, Any]:
             task_name = name or f"{f.__module__}.{f.__qualname__}"
             if "<locals>" in task_name and name is None:
@@ -142,6 +180,14 @@ class App:
             if task_name in self.tasks and self.tasks[task_name].fn is not f:
                 raise ConfigurationError(f"two tasks are named {task_name!r}; give one a name=")
             t: Task[Any, Any] = Task(self, f, name=task_name, defaults=defaults, policy=policy)
+            t.accepts_failures = accepts_failures
+            t.rate_interval_s = rate_interval_s
+            t.concurrency = concurrency
+            t.hooks.add("on_enqueue", on_enqueue)
+            t.hooks.add("on_start", on_start)
+            t.hooks.add("on_success", on_success)
+            t.hooks.add("on_failure", on_failure)
+            t.hooks.add("on_retry", on_retry)
             self.tasks[task_name] = t
             return t
 
@@ -207,6 +253,27 @@ class App:
             return task
 
         return register
+
+    def configure_queue(
+        self,
+        name: str,
+        *,
+        rate_limit: str | None = None,
+        max_depth: int | None = None,
+        when_full: WhenFull = "raise",
+        full_timeout_s: float = 30.0,
+    ) -> None:
+        """Limits of a queue, for every task that uses it. ``rate_limit``: at most this many
+        starts across all workers (``"50/s"``). ``max_depth``: at most this many jobs
+        scheduled or queued; past it ``send`` raises ``QueueFullError`` or, with
+        ``when_full="wait"``, waits up to ``full_timeout_s`` for room. See ``taskmill.flow``.
+        """
+        self.queue_options[name] = queue_options(
+            rate_limit=rate_limit,
+            max_depth=max_depth,
+            when_full=when_full,
+            full_timeout_s=full_timeout_s,
+        )
 
     def get_task(self, name: str) -> Task[Any, Any]:
         try:
@@ -298,6 +365,8 @@ class App:
     # --- enqueue (used by tasks) ----------------------------------------------------------------
 
     def enqueue_sync(self, jobs: Sequence[NewJob], opts: SendOptions) -> EnqueueResult:
+        if needs_depth_check(self, jobs):
+            self.run_sync(check_depth(self, jobs))
         broker = self.broker
         result = broker.enqueue_blocking(
             jobs, on_conflict=opts.on_conflict, connection=opts.connection
@@ -308,6 +377,17 @@ class App:
             result = self.run_sync(self._enqueue(jobs, opts))
         else:
             self._opened = True
+        if self.hooks or any(self.tasks[j.task].hooks for j in jobs if j.task in self.tasks):
+            for i, job in enumerate(jobs):
+                if i not in result.existing:
+                    run_hooks_blocking(
+                        self._hook_lists(job.task, "on_enqueue"),
+                        "on_enqueue",
+                        job.id,
+                        job.task,
+                        job,
+                        run_async=self.run_sync,
+                    )
         if self.eager:
             self.run_until_idle()
         return result
@@ -316,11 +396,50 @@ class App:
         if opts.connection is not None:
             raise ConfigurationError("connection= is for send(); asend() has no transaction")
         result = await self._enqueue(jobs, opts)
+        if self.hooks or any(self.tasks[j.task].hooks for j in jobs if j.task in self.tasks):
+            for i, job in enumerate(jobs):
+                if i not in result.existing:
+                    lists = self._hook_lists(job.task, "on_enqueue")
+                    await arun_hooks(lists, "on_enqueue", job.id, job.task, job)
         if self.eager:
             await self.arun_until_idle()
         return result
 
+    def _hook_lists(self, task_name: str, name: HookName) -> list[list[Hook]]:
+        """A task's hooks for an event, then the app's (the documented order)."""
+        task = self.tasks.get(task_name)
+        return [task.hooks.get(name) if task is not None else [], self.hooks.get(name)]
+
+    # --- app-wide hooks (see taskmill.hooks) --------------------------------------------------
+
+    def on_enqueue(self, hook: Hook) -> Hook:
+        """Call ``hook(job)`` once the broker stored a job (``job``: the ``NewJob``)."""
+        self.hooks.add("on_enqueue", hook)
+        return hook
+
+    def on_start(self, hook: Hook) -> Hook:
+        """Call ``hook(job)`` in the worker just before a job's function runs."""
+        self.hooks.add("on_start", hook)
+        return hook
+
+    def on_success(self, hook: Hook) -> Hook:
+        """Call ``hook(job, result)`` in the worker after a job succeeded."""
+        self.hooks.add("on_success", hook)
+        return hook
+
+    def on_failure(self, hook: Hook) -> Hook:
+        """Call ``hook(job, error)`` in the worker after a job failed for good."""
+        self.hooks.add("on_failure", hook)
+        return hook
+
+    def on_retry(self, hook: Hook) -> Hook:
+        """Call ``hook(job, error, delay)`` in the worker when a job will be retried."""
+        self.hooks.add("on_retry", hook)
+        return hook
+
     async def _enqueue(self, jobs: Sequence[NewJob], opts: SendOptions) -> EnqueueResult:
+        if needs_depth_check(self, jobs):
+            await check_depth(self, jobs)
         broker = await self.abroker()
         return await broker.enqueue(jobs, on_conflict=opts.on_conflict)
 

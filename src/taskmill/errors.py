@@ -65,3 +65,7 @@ class TaskTimeoutError(TaskmillError, TimeoutError):
 
 class WorkerLostError(TaskmillError):
     """The process running the job died (killed, crashed, or exited) before finishing it."""
+
+
+class QueueFullError(TaskmillError):
+    """A queue's ``max_depth`` is reached: the send stored nothing."""

@@ -13,12 +13,15 @@ from taskmill._ids import uuid7
 from taskmill.brokers.base import EnqueueResult, OnConflict
 from taskmill.errors import ConfigurationError
 from taskmill.handle import JobHandle
+from taskmill.hooks import Hooks
 from taskmill.job import NewJob
 from taskmill.retry import RetryPolicy
 from taskmill.serialization import encode_payload
 
 if TYPE_CHECKING:
     from taskmill.app import App
+    from taskmill.flow import Limit
+    from taskmill.workflows import Signature
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -98,6 +101,13 @@ class Task(Generic[P, R]):
         self.signature = inspect.signature(fn)
         self._bound_shapes: set[object] = set()
         self.is_async = inspect.iscoroutinefunction(fn)
+        self.accepts_failures = False
+        self.rate_interval_s: float | None = None
+        self.concurrency: Limit | None = None
+        """How many jobs of this task may run at once across all workers (per key)."""
+        self.hooks = Hooks()
+        """Seconds between two starts of this task across all workers (``rate_limit``)."""
+        """As a chord's callback: runs even if members failed (their errors in its input)."""
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -177,6 +187,13 @@ class Task(Generic[P, R]):
 
     async def asend(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
         return await BoundTask(self, self.defaults).asend(*args, **kwargs)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A call of this task to make later, in a workflow (``chain``, ``group``, ``chord``):
+        the result of what comes before it is prepended to ``args``."""
+        from taskmill.workflows import Signature
+
+        return Signature(self.name, args, kwargs, self.accepts_failures, app=self.app)
 
     def send_many(
         self, calls: Iterable[Sequence[Any] | Mapping[str, Any]], *, connection: Any = None

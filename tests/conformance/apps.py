@@ -73,6 +73,25 @@ def build_app(url: str | None = None, **settings: Any) -> App:
             conn.close()
         return n
 
+    @app.task(name="conformance.double", retries=0)
+    def double(x: int) -> int:
+        return 2 * x
+
+    @app.task(name="conformance.echo_list", retries=0)
+    def echo_list(values: list[int]) -> list[list[int]]:
+        return [values]
+
+    @app.task(name="conformance.rate_limited", retries=0, rate_limit="50/s")
+    def rate_limited(db: str) -> None:
+        """Record when it started (the rate limit's subject), in a table of its own."""
+        started = time.time()
+        conn = sqlite3.connect(db, timeout=30)
+        try:
+            with conn:
+                conn.execute("INSERT INTO starts (at, pid) VALUES (?, ?)", (started, os.getpid()))
+        finally:
+            conn.close()
+
     @app.task(name="conformance.tick", retries=0)
     def tick() -> None:
         return None
@@ -88,6 +107,23 @@ def create_executions_table(db: Path) -> None:
     try:
         with conn:
             conn.execute("CREATE TABLE executions (job_id TEXT NOT NULL, n INTEGER, pid INTEGER)")
+    finally:
+        conn.close()
+
+
+def create_starts_table(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            conn.execute("CREATE TABLE starts (at REAL NOT NULL, pid INTEGER)")
+    finally:
+        conn.close()
+
+
+def starts(db: Path) -> list[tuple[float, int]]:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return conn.execute("SELECT at, pid FROM starts ORDER BY at").fetchall()
     finally:
         conn.close()
 

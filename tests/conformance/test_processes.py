@@ -13,6 +13,7 @@ import pytest
 
 from taskmill import App, JobState
 from taskmill.testing import running_worker
+from taskmill.workflows import chain, group, step_job_id
 
 from .apps import build_app, create_executions_table, executions
 from .conftest import LEASE_SETTINGS
@@ -87,6 +88,34 @@ def test_sigkill_mid_job_the_job_comes_back_and_completes(
     job = app.get_job(handle.id)
     assert job.state is JobState.SUCCEEDED
     assert job.attempt == 2 and job.lost_leases == 1
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_mid_workflow_the_workflow_completes_as_it_would_have(
+    app: App, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A chord whose member's worker is killed mid-run: the member is recovered and run
+    again by another worker process, and the rest of the workflow runs once."""
+    marker = tmp_path / "started"
+    hang, double = app.tasks["conformance.hang_first_attempt"], app.tasks["conformance.double"]
+    flow = chain(group([hang.s(str(marker)), double.s(5)]), app.tasks["conformance.echo_list"].s())
+    with processes() as start:
+        doomed = start(worker_args(concurrency=2), env, tmp_path / "doomed.log")
+        _wait_registered(app, doomed)
+        handle = flow.send()
+        assert _started_in(marker) == (doomed.pid, 1)
+        doomed.signal(signal.SIGKILL)
+        assert doomed.wait(10) == -signal.SIGKILL
+        rescuer = start(worker_args(concurrency=2), env, tmp_path / "rescuer.log")
+        try:
+            assert handle.result(timeout=30) == [[2, 10]]
+        except BaseException:
+            print(doomed.output(), rescuer.output())
+            raise
+    steps = handle.steps()
+    assert set(steps.values()) == {JobState.SUCCEEDED}
+    assert app.get_job(step_job_id(handle.id, "0")).attempt == 2
+    assert app.get_job(step_job_id(handle.id, "2")).attempt == 1  # the callback ran once
 
 
 @pytest.mark.timeout(60)

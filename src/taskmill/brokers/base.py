@@ -59,6 +59,19 @@ class HandOver:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkflowRecord:
+    """A workflow as the broker keeps it: its compiled graph (``spec``, JSON that
+    ``taskmill.workflows`` reads) and whether it is still ``running`` or ended as
+    ``succeeded``, ``failed`` or ``cancelled``."""
+
+    id: str
+    spec: bytes
+    state: str
+    created_at: float
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HeartbeatReply:
     lost: set[str] = field(default_factory=set)
     """Jobs this worker no longer holds (the lease token is stale): stop reporting on them."""
@@ -241,3 +254,43 @@ class Broker(abc.ABC):
         """Record ticks enqueued: each schedule's mark becomes the later of its stored mark and
         the one given, never an earlier one, so schedulers racing each other cannot move it
         back. (A tick's job is made unique by its id; the mark only says where to go on.)"""
+
+    # --- workflows ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def save_workflow(self, workflow_id: str, spec: bytes) -> None:
+        """Store a new workflow, ``running``. An id stored already keeps what it has."""
+
+    @abc.abstractmethod
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None: ...
+
+    @abc.abstractmethod
+    async def end_workflow(self, workflow_id: str, state: str) -> bool:
+        """``running`` becomes ``state`` (succeeded, failed, cancelled) with a finish time;
+        False if the workflow was not running (ended already, or unknown). Ended workflows
+        are pruned with finished jobs."""
+
+    @abc.abstractmethod
+    async def running_workflows(self, limit: int = 1000) -> list[str]:
+        """Ids of running workflows, oldest first."""
+
+    # --- flow control -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def reserve_rate_slot(self, bucket: str, interval_s: float) -> float:
+        """Reserve the next start of ``bucket``, which allows one start per ``interval_s``
+        across every worker (GCRA without burst, on the broker's clock): how many seconds
+        from now the reserved start is (0: now). Each call reserves a slot of its own."""
+
+    @abc.abstractmethod
+    async def acquire_slot(self, bucket: str, holder: str, limit: int, ttl_s: float) -> bool:
+        """Hold one of ``limit`` slots of ``bucket`` for ``holder`` (a job id) for ``ttl_s``
+        (on the broker's clock): True if held. A holder holding one already refreshes it;
+        expired holders (a worker that died) no longer count."""
+
+    @abc.abstractmethod
+    async def release_slot(self, bucket: str, holder: str) -> None: ...
+
+    @abc.abstractmethod
+    async def queue_depth(self, queue: str) -> int:
+        """How many jobs of ``queue`` are scheduled or queued."""

@@ -7,6 +7,7 @@ the app's portal loop and an in-process worker can share it. Not shared across p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import os
@@ -24,6 +25,7 @@ from taskmill.brokers.base import (
     HandOver,
     HeartbeatReply,
     OnConflict,
+    WorkflowRecord,
 )
 from taskmill.errors import DuplicateJobError
 from taskmill.job import (
@@ -58,6 +60,9 @@ class MemoryBroker(Broker):
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._schedule_marks: dict[str, float] = {}
+        self._workflows: dict[str, WorkflowRecord] = {}
+        self._rate_tat: dict[str, float] = {}
+        self._slots: dict[str, dict[str, float]] = {}
         self._seq: dict[str, int] = {}
         self._counter = itertools.count()
         self._ready: dict[str, list[tuple[int, float, int, str]]] = {}
@@ -328,6 +333,10 @@ class MemoryBroker(Broker):
             for job_id in old:
                 del self._jobs[job_id]
                 del self._seq[job_id]
+            for w in [
+                w for w in self._workflows.values() if (w.finished_at or 1e100) < finished_before
+            ]:
+                del self._workflows[w.id]
         return len(old)
 
     # --- inspection and management ----------------------------------------------------------
@@ -442,6 +451,62 @@ class MemoryBroker(Broker):
         with self._lock:
             for name, tick in marks.items():
                 self._schedule_marks[name] = max(tick, self._schedule_marks.get(name, tick))
+
+    async def save_workflow(self, workflow_id: str, spec: bytes) -> None:
+        with self._lock:
+            if workflow_id not in self._workflows:
+                self._workflows[workflow_id] = WorkflowRecord(
+                    workflow_id, spec, "running", time.time()
+                )
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        with self._lock:
+            return self._workflows.get(workflow_id)
+
+    async def end_workflow(self, workflow_id: str, state: str) -> bool:
+        with self._lock:
+            record = self._workflows.get(workflow_id)
+            if record is None or record.state != "running":
+                return False
+            self._workflows[workflow_id] = dataclasses.replace(
+                record, state=state, finished_at=time.time()
+            )
+            return True
+
+    async def running_workflows(self, limit: int = 1000) -> list[str]:
+        with self._lock:
+            running = [w for w in self._workflows.values() if w.state == "running"]
+        return [w.id for w in sorted(running, key=lambda w: w.created_at)[:limit]]
+
+    async def reserve_rate_slot(self, bucket: str, interval_s: float) -> float:
+        now = time.time()
+        with self._lock:
+            start = max(self._rate_tat.get(bucket, now), now)
+            self._rate_tat[bucket] = start + interval_s
+        return start - now
+
+    async def acquire_slot(self, bucket: str, holder: str, limit: int, ttl_s: float) -> bool:
+        now = time.time()
+        with self._lock:
+            holders = self._slots.setdefault(bucket, {})
+            for gone in [h for h, expires in holders.items() if expires <= now]:
+                del holders[gone]
+            if holder not in holders and len(holders) >= limit:
+                return False
+            holders[holder] = now + ttl_s
+            return True
+
+    async def release_slot(self, bucket: str, holder: str) -> None:
+        with self._lock:
+            self._slots.get(bucket, {}).pop(holder, None)
+
+    async def queue_depth(self, queue: str) -> int:
+        with self._lock:
+            return sum(
+                1
+                for j in self._jobs.values()
+                if j.queue == queue and j.state in (JobState.SCHEDULED, JobState.QUEUED)
+            )
 
 
 class _Gone:

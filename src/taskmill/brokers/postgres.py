@@ -55,6 +55,7 @@ from taskmill.brokers.base import (
     HandOver,
     HeartbeatReply,
     OnConflict,
+    WorkflowRecord,
 )
 from taskmill.errors import (
     BrokerError,
@@ -103,6 +104,7 @@ _TRANSIENT_FATAL = (
     "connection slots",
     "terminating connection",
 )
+_SLOT_LOCK = 0x74736C74  # advisory lock class of concurrency slots ('tslt')
 _LOCK_CLASS = 0x746D  # "tm": the first key of the migrations' advisory lock
 _KEY_RACE_TRIES = 5
 """How often a send retries a job whose key's holder finished between the insert and the
@@ -1120,6 +1122,7 @@ class PostgresBroker(Broker):
                     q["prune"], {"before": finished_before, "limit": limit}
                 )
                 await conn.execute(q["prune_workers"])
+                await conn.execute(q["prune_workflows"], {"before": finished_before})
             return deleted.rowcount
 
         return await self._run(op)
@@ -1241,3 +1244,53 @@ class PostgresBroker(Broker):
         if marks:
             params = {"names": list(marks), "ticks": list(marks.values())}
             await self._execute(self._q["mark_schedules"], params)
+
+    @on_io_loop
+    async def save_workflow(self, workflow_id: str, spec: bytes) -> None:
+        await self._execute(self._q["save_workflow"], {"id": workflow_id, "spec": spec})
+
+    @on_io_loop
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        rows = await self._fetch(self._q["get_workflow"], {"id": workflow_id})
+        if not rows:
+            return None
+        wf_id, spec, state, created, finished = rows[0]
+        return WorkflowRecord(
+            wf_id, bytes(spec), state, float(created), float(finished) if finished else None
+        )
+
+    @on_io_loop
+    async def end_workflow(self, workflow_id: str, state: str) -> bool:
+        params = {"id": workflow_id, "state": state}
+        return await self._execute(self._q["end_workflow"], params) == 1
+
+    @on_io_loop
+    async def running_workflows(self, limit: int = 1000) -> list[str]:
+        return [r[0] for r in await self._fetch(self._q["running_workflows"], {"limit": limit})]
+
+    @on_io_loop
+    async def reserve_rate_slot(self, bucket: str, interval_s: float) -> float:
+        params = {"bucket": bucket, "interval": interval_s}
+        rows = await self._fetch(self._q["reserve_rate_slot"], params)
+        return max(0.0, float(rows[0][0]))
+
+    @on_io_loop
+    async def acquire_slot(self, bucket: str, holder: str, limit: int, ttl_s: float) -> bool:
+        q = self._q
+        params = {"bucket": bucket, "holder": holder, "limit": limit, "ttl": ttl_s}
+
+        async def op(conn: AsyncConn) -> bool:
+            async with _pipelined_transaction(conn):
+                await conn.execute(q["lock_slots"], {"lock_class": _SLOT_LOCK, "bucket": bucket})
+                held = await conn.execute(q["acquire_slot"], params)
+            return bool(await held.fetchall())
+
+        return await self._run(op)
+
+    @on_io_loop
+    async def release_slot(self, bucket: str, holder: str) -> None:
+        await self._execute(self._q["release_slot"], {"bucket": bucket, "holder": holder})
+
+    @on_io_loop
+    async def queue_depth(self, queue: str) -> int:
+        return int((await self._fetch(self._q["queue_depth"], {"queue": queue}))[0][0])

@@ -54,6 +54,7 @@ from taskmill.brokers.base import (
     HandOver,
     HeartbeatReply,
     OnConflict,
+    WorkflowRecord,
 )
 from taskmill.errors import (
     BrokerError,
@@ -98,7 +99,8 @@ def _load_scripts() -> dict[str, str]:
     finishes = lua.joinpath("_finishes.lua").read_text("utf-8")
     scripts = {}
     for name in ("enqueue", "claim", "finish", "heartbeat", "progress", "recover", "cancel",
-                 "retry", "purge", "prune", "idle", "unregister"):  # fmt: skip
+                 "retry", "purge", "prune", "idle", "unregister", "save_workflow",
+                 "end_workflow", "rate_slot", "slot"):  # fmt: skip
         body = lua.joinpath(f"{name}.lua").read_text("utf-8")
         prelude = common + (finishes if name in ("claim", "finish") else "")
         scripts[name] = prelude + "\n" + body
@@ -709,3 +711,57 @@ class RedisBroker(Broker):
             await self._client().zadd(self._key("schedules"), dict(marks), gt=True)
 
         await self._retrying(call)
+
+    @on_io_loop
+    async def save_workflow(self, workflow_id: str, spec: bytes) -> None:
+        await self._eval("save_workflow", workflow_id, spec)
+
+    @on_io_loop
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        key = self._key("wf", workflow_id)
+        fields = await self._retrying(lambda: self._client().hgetall(key))
+        if not fields:
+            return None
+        finished = fields.get(b"finished_at")
+        return WorkflowRecord(
+            id=workflow_id,
+            spec=fields[b"spec"],
+            state=fields[b"state"].decode(),
+            created_at=float(fields[b"created_at"]),
+            finished_at=float(finished) if finished is not None else None,
+        )
+
+    @on_io_loop
+    async def end_workflow(self, workflow_id: str, state: str) -> bool:
+        ttl = max(1, int(self.result_ttl_s))
+        return bool(await self._eval("end_workflow", workflow_id, state, ttl))
+
+    @on_io_loop
+    async def running_workflows(self, limit: int = 1000) -> list[str]:
+        key = self._key("workflows")
+        ids = await self._retrying(lambda: self._client().zrange(key, 0, limit - 1))
+        return [i.decode() for i in ids]
+
+    @on_io_loop
+    async def reserve_rate_slot(self, bucket: str, interval_s: float) -> float:
+        return float(await self._eval("rate_slot", bucket, repr(interval_s)))
+
+    @on_io_loop
+    async def acquire_slot(self, bucket: str, holder: str, limit: int, ttl_s: float) -> bool:
+        return bool(await self._eval("slot", bucket, holder, limit, repr(ttl_s)))
+
+    @on_io_loop
+    async def release_slot(self, bucket: str, holder: str) -> None:
+        key = self._key("slots", bucket)
+        await self._retrying(lambda: self._client().zrem(key, holder))
+
+    @on_io_loop
+    async def queue_depth(self, queue: str) -> int:
+        async def call() -> int:
+            async with self._client().pipeline(transaction=False) as pipe:
+                pipe.zcard(self._key("q", queue, "ready"))
+                pipe.zcard(self._key("q", queue, "scheduled"))
+                ready, scheduled = await pipe.execute()
+            return int(ready) + int(scheduled)
+
+        return await self._retrying(call)

@@ -32,6 +32,7 @@ from taskmill.brokers.base import (
     HandOver,
     HeartbeatReply,
     OnConflict,
+    WorkflowRecord,
 )
 from taskmill.brokers.wakeup import WakeListener, WakeSender, channel_dir
 from taskmill.errors import (
@@ -63,7 +64,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 Q = load_queries("sqlite.sql")
-SCHEMA_VERSION = 2  # 2: taskmill_schedules (the schema is all IF NOT EXISTS)
+SCHEMA_VERSION = 3  # 2: schedules, 3: workflows and rate limits (all IF NOT EXISTS)
 COLUMNS = (
     "id, task, queue, state, payload, priority, attempt, max_attempts, run_at, enqueued_at, "
     "started_at, finished_at, timeout_s, key, lease_token, lease_expires_at, worker_id, "
@@ -742,6 +743,7 @@ class SQLiteBroker(Broker):
         with self._write() as c:
             deleted = c.execute(Q["prune"], (finished_before, limit)).rowcount
             c.execute(Q["prune_workers"], (time.time() - 3600,))
+            c.execute(Q["prune_workflows"], (finished_before,))
         return deleted
 
     # --- inspection and management ----------------------------------------------------------
@@ -879,3 +881,65 @@ class SQLiteBroker(Broker):
     async def mark_schedules(self, marks: Mapping[str, float]) -> None:
         if marks:
             await self._run(self._executemany_write, Q["mark_schedule"], list(marks.items()))
+
+    async def save_workflow(self, workflow_id: str, spec: bytes) -> None:
+        await self._run(
+            self._executemany_write, Q["save_workflow"], [(workflow_id, spec, time.time())]
+        )
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        return await self._run(self._get_workflow, workflow_id)
+
+    def _get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        with self._errors():
+            row = self._read().execute(Q["get_workflow"], (workflow_id,)).fetchone()
+        return None if row is None else WorkflowRecord(*row)
+
+    async def end_workflow(self, workflow_id: str, state: str) -> bool:
+        return await self._run(self._end_workflow, workflow_id, state)
+
+    def _end_workflow(self, workflow_id: str, state: str) -> bool:
+        with self._write() as c:
+            changed = c.execute(Q["end_workflow"], (state, time.time(), workflow_id)).rowcount
+        return changed == 1
+
+    async def running_workflows(self, limit: int = 1000) -> list[str]:
+        return await self._run(self._running_workflows, limit)
+
+    def _running_workflows(self, limit: int) -> list[str]:
+        with self._errors():
+            return [r[0] for r in self._read().execute(Q["running_workflows"], (limit,))]
+
+    async def reserve_rate_slot(self, bucket: str, interval_s: float) -> float:
+        return await self._run(self._reserve_rate_slot, bucket, interval_s)
+
+    def _reserve_rate_slot(self, bucket: str, interval_s: float) -> float:
+        with self._write() as c:  # a write transaction: one reservation at a time
+            now = time.time()
+            row = c.execute(Q["rate_tat"], (bucket,)).fetchone()
+            start = max(row[0], now) if row is not None else now
+            c.execute(Q["set_rate_tat"], (bucket, start + interval_s))
+        return start - now
+
+    async def acquire_slot(self, bucket: str, holder: str, limit: int, ttl_s: float) -> bool:
+        return await self._run(self._acquire_slot, bucket, holder, limit, ttl_s)
+
+    def _acquire_slot(self, bucket: str, holder: str, limit: int, ttl_s: float) -> bool:
+        with self._write() as c:  # a write transaction: one acquirer at a time
+            now = time.time()
+            c.execute(Q["drop_expired_slots"], (bucket, now))
+            holders = {r[0] for r in c.execute(Q["slot_holders"], (bucket,))}
+            if holder not in holders and len(holders) >= limit:
+                return False
+            c.execute(Q["hold_slot"], (bucket, holder, now + ttl_s))
+            return True
+
+    async def release_slot(self, bucket: str, holder: str) -> None:
+        await self._run(self._executemany_write, Q["release_slot"], [(bucket, holder)])
+
+    async def queue_depth(self, queue: str) -> int:
+        return await self._run(self._queue_depth, queue)
+
+    def _queue_depth(self, queue: str) -> int:
+        with self._errors():
+            return int(self._read().execute(Q["queue_depth"], (queue,)).fetchone()[0])

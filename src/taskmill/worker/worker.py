@@ -4,7 +4,8 @@ Four concurrent loops share the state below:
 - claim: take up to as many due jobs as there are free slots, in one broker call;
 - flush: write finished outcomes (and coalesced progress) in one broker call per batch;
 - heartbeat: extend every held lease, learn of cancels and lost leases;
-- maintenance: recover expired leases (anyone's), prune old finished jobs.
+- maintenance: recover expired leases (anyone's), sweep running workflows, prune old finished
+  jobs.
 """
 
 from __future__ import annotations
@@ -24,10 +25,24 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from taskmill.brokers.base import Broker, HandOver
 from taskmill.context import JobContext
-from taskmill.job import Claim, Failed, Finish, Job, Outcome, Progress, WorkerInfo
+from taskmill.flow import hold_slot, rate_buckets, wait_for_rate_slots
+from taskmill.hooks import HookName, arun_hooks
+from taskmill.job import (
+    Claim,
+    Failed,
+    Finish,
+    Job,
+    Outcome,
+    Progress,
+    RetryAt,
+    Succeeded,
+    WorkerInfo,
+)
 from taskmill.retry import error_info
-from taskmill.worker.execution import Interrupt, execute, interrupted_outcome
+from taskmill.serialization import decode_payload, try_decode
+from taskmill.worker.execution import Interrupt, execute, fail_now, interrupted_outcome
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
+from taskmill.workflows import advance, sweep, workflow_of
 
 if TYPE_CHECKING:
     from taskmill.app import App
@@ -47,6 +62,7 @@ class _Running:
     interrupted: list[str] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     lost: bool = False
+    slot: tuple[str, int] | None = None  # (bucket, limit) of a concurrency slot held
 
 
 class Worker:
@@ -90,7 +106,8 @@ class Worker:
         self.heartbeat_s = settings.effective_heartbeat_s
         self._running: dict[str, _Running] = {}
         self._pending: list[Finish] = []
-        self._flushing: list[Finish] = []
+        self._flushing: list[Finish] = []  # outcomes the flush loop is writing
+        self._riding: list[Finish] = []  # outcomes riding along with a claim
         self._progress: dict[str, Progress] = {}
         self._progress_lock = threading.Lock()
         self._progress_wake_scheduled = False
@@ -227,7 +244,7 @@ class Worker:
                 continue
             # outcomes waiting to be written ride along with the claim: one transaction
             batch, self._pending = self._pending, []
-            self._flushing = batch
+            self._riding = batch
             try:
                 applied, jobs = await broker.finish_and_claim(
                     batch, self.queues, free, self.id, self.lease_s
@@ -240,11 +257,12 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 continue
             finally:
-                self._flushing = []
+                self._riding = []
             self._log_rejected(batch, applied)
+            advanced = await self._advance_workflows(batch, applied)
             for job in jobs:
                 self._start(job)
-            if len(jobs) >= free:
+            if len(jobs) >= free or advanced:  # advanced: steps may have been released
                 continue
             if until_idle:
                 if not jobs and not self._running and not self._pending and not self._flushing:
@@ -312,7 +330,12 @@ class Worker:
 
     async def _run_one(self, r: _Running) -> None:
         try:
-            outcome: Outcome = await execute(self.app, r.job, r.ctx, self._runner, r.interrupted)
+            early = await self._flow_control(r)
+            if early is None:
+                await self._hooks("on_start", r.job)
+            outcome: Outcome = early or await execute(
+                self.app, r.job, r.ctx, self._runner, r.interrupted
+            )
         except asyncio.CancelledError:
             if not r.interrupted:
                 raise
@@ -320,6 +343,10 @@ class Worker:
         except Exception as exc:  # a bug of ours: fail the attempt loudly, keep the worker
             log.exception("job %s (%s): the worker failed running it", r.job.id, r.job.task)
             outcome = Failed(error_info(exc))
+        if r.slot is not None:
+            await self._release_slot(r)
+        if not r.lost:
+            await self._outcome_hooks(r.job, outcome)
         del self._running[r.job.id]
         self.jobs_done += 1
         if r.lost:
@@ -389,6 +416,7 @@ class Worker:
         try:
             applied = await self._broker.finish(batch)
         except Exception as exc:
+            self._flushing = []
             self._pending[:0] = batch
             log.error(
                 "worker %s: recording %d outcomes failed, will retry (leases are still held): %s",
@@ -399,9 +427,11 @@ class Worker:
             await self._sleep_unless_stopped(0.5)
             self._flush_wake.set()
             return False
+        self._log_rejected(batch, applied)
+        try:  # still "flushing" meanwhile: run_until_idle must not end before steps it releases
+            await self._advance_workflows(batch, applied)
         finally:
             self._flushing = []
-        self._log_rejected(batch, applied)
         self._progressed.set()
         return True
 
@@ -416,6 +446,21 @@ class Worker:
                     type(finish.outcome).__name__,
                     finish.claim.token,
                 )
+
+    async def _advance_workflows(self, batch: list[Finish], applied: list[bool]) -> bool:
+        """A step of a workflow whose outcome is stored may release the next steps: advance
+        its workflow now (the maintenance sweep would, later). True if there was one."""
+        workflows = {
+            wf
+            for finish, ok in zip(batch, applied, strict=True)
+            if ok and (wf := workflow_of(finish.claim.job_id)) is not None
+        }
+        for workflow_id in workflows:
+            try:
+                await advance(self.app, workflow_id)
+            except Exception as exc:
+                log.error("workflow %s: advancing failed (the sweep retries): %s", workflow_id, exc)
+        return bool(workflows)
 
     async def _flush_all(self) -> None:
         # the flush loop may be writing a batch that already left _pending: wait for it to land,
@@ -437,7 +482,8 @@ class Worker:
     async def _heartbeat_once(self) -> None:
         assert self._broker
         claims = [r.claim for r in self._running.values()]
-        claims += [f.claim for f in self._pending] + [f.claim for f in self._flushing]
+        in_flight = self._pending + self._flushing + self._riding
+        claims += [f.claim for f in in_flight]
         if not claims and not self.register:
             return  # an unregistered (in-process test) worker has nothing to report
         info = WorkerInfo(
@@ -455,6 +501,11 @@ class Worker:
         except Exception as exc:
             log.error("worker %s: heartbeat failed: %s", self.id, exc)
             return
+        for held in list(self._running.values()):
+            if held.slot is not None:  # a running job's concurrency slot lives as its lease does
+                bucket, limit = held.slot
+                with contextlib.suppress(Exception):
+                    await self._broker.acquire_slot(bucket, held.job.id, limit, self.lease_s)
         for job_id in reply.lost:
             r = self._running.get(job_id)
             if r is not None and not r.lost:
@@ -466,6 +517,54 @@ class Worker:
             if r is not None and not r.interrupted:
                 log.info("job %s (%s): cancel requested", job_id, r.job.task)
                 self._interrupt(r, Interrupt.CANCEL)
+
+    async def _flow_control(self, r: _Running) -> Outcome | None:
+        """Wait for the job's rate-limited start and its concurrency slot, its lease held
+        meanwhile (not failed, no attempt spent). An outcome only if its limit's key cannot
+        be computed from its arguments."""
+        assert self._broker is not None
+        buckets = rate_buckets(self.app, r.job)
+        if buckets:
+            await wait_for_rate_slots(self._broker, buckets)
+        task = self.app.tasks.get(r.job.task)
+        if task is None or task.concurrency is None:
+            return None
+        limit = task.concurrency
+        try:
+            args, kwargs = decode_payload(r.job.payload)
+            bound = task.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            bucket = limit.bucket(r.job.task, bound.arguments)
+        except Exception as exc:  # unreadable arguments, or a key function that raised
+            return fail_now(r.job, exc)
+        r.slot = (bucket, limit.max)
+        await hold_slot(self._broker, bucket, r.job.id, limit.max, self.lease_s)
+        return None
+
+    async def _hooks(self, name: HookName, job: Job, *args: Any) -> None:
+        lists = self.app._hook_lists(job.task, name)
+        if any(lists):
+            await arun_hooks(lists, name, job.id, job.task, job, *args)
+
+    async def _outcome_hooks(self, job: Job, outcome: Outcome) -> None:
+        """on_success / on_failure / on_retry: after the outcome is decided, before it is
+        written (a hook never changes it)."""
+        if isinstance(outcome, Succeeded):
+            if any(self.app._hook_lists(job.task, "on_success")):
+                await self._hooks("on_success", job, try_decode(outcome.result))
+        elif isinstance(outcome, Failed):
+            await self._hooks("on_failure", job, outcome.error)
+        elif isinstance(outcome, RetryAt):
+            await self._hooks(
+                "on_retry", job, outcome.error, max(0.0, outcome.run_at - time.time())
+            )
+
+    async def _release_slot(self, r: _Running) -> None:
+        assert self._broker is not None and r.slot is not None
+        try:
+            await self._broker.release_slot(r.slot[0], r.job.id)
+        except Exception as exc:  # it expires after a lease anyway
+            log.error("job %s: releasing its concurrency slot failed: %s", r.job.id, exc)
 
     def _interrupt(self, r: _Running, reason: str) -> None:
         r.interrupted.append(reason)
@@ -487,6 +586,7 @@ class Worker:
             try:
                 for job_id, state in await self._broker.recover(settings.max_lost_leases):
                     log.warning("job %s: lease expired, recovered to %s", job_id, state.value)
+                await sweep(self.app)
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + settings.prune_interval_s
                     cutoff = await self._broker.now() - settings.result_ttl_s

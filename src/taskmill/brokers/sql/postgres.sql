@@ -363,3 +363,63 @@ SELECT name, last_tick FROM {schema}.schedules;
 INSERT INTO {schema}.schedules AS s (name, last_tick)
 SELECT * FROM unnest(%(names)s::text[], %(ticks)s::float8[])
 ON CONFLICT (name) DO UPDATE SET last_tick = greatest(s.last_tick, excluded.last_tick);
+
+-- name: save_workflow
+INSERT INTO {schema}.workflows (id, spec, state, created_at)
+VALUES (%(id)s, %(spec)s, 'running', now())
+ON CONFLICT (id) DO NOTHING;
+
+-- name: get_workflow
+SELECT id, spec, state, date_part('epoch', created_at), date_part('epoch', finished_at)
+FROM {schema}.workflows WHERE id = %(id)s;
+
+-- name: end_workflow
+UPDATE {schema}.workflows SET state = %(state)s, finished_at = now()
+WHERE id = %(id)s AND state = 'running';
+
+-- name: running_workflows
+SELECT id FROM {schema}.workflows WHERE state = 'running' ORDER BY created_at LIMIT %(limit)s;
+
+-- name: prune_workflows
+DELETE FROM {schema}.workflows
+WHERE state <> 'running' AND finished_at < to_timestamp(%(before)s);
+
+-- name: reserve_rate_slot
+-- GCRA without burst: the next start is the later of the bucket's theoretical time and now;
+-- the reply is how many seconds from now it is.
+WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now)
+INSERT INTO {schema}.rate_limits AS r (bucket, tat)
+SELECT %(bucket)s, clock.now + make_interval(secs => %(interval)s) FROM clock
+ON CONFLICT (bucket) DO UPDATE
+    SET tat = greatest(r.tat, (SELECT now FROM clock)) + make_interval(secs => %(interval)s)
+RETURNING date_part('epoch', r.tat - (SELECT now FROM clock)) - %(interval)s;
+
+-- name: queue_depth
+SELECT count(*) FROM {schema}.jobs
+WHERE queue = %(queue)s AND state IN ('scheduled', 'queued');
+
+-- name: lock_slots
+-- Acquirers of one bucket queue on a transaction-scoped advisory lock (released at commit).
+SELECT pg_advisory_xact_lock(%(lock_class)s::integer, hashtext(%(bucket)s));
+
+-- name: acquire_slot
+-- Expired holders go; the holder refreshes its slot, or takes one if fewer than `limit` are
+-- held. Returns a row if the slot is held.
+WITH gone AS (
+    DELETE FROM {schema}.slots WHERE bucket = %(bucket)s AND expires_at <= clock_timestamp()
+    RETURNING holder
+),
+held AS (
+    SELECT count(*) AS n,
+           bool_or(holder = %(holder)s) AS mine
+    FROM {schema}.slots
+    WHERE bucket = %(bucket)s AND holder NOT IN (SELECT holder FROM gone)
+)
+INSERT INTO {schema}.slots AS s (bucket, holder, expires_at)
+SELECT %(bucket)s, %(holder)s, clock_timestamp() + make_interval(secs => %(ttl)s)
+FROM held WHERE coalesce(held.mine, false) OR held.n < %(limit)s
+ON CONFLICT (bucket, holder) DO UPDATE SET expires_at = excluded.expires_at
+RETURNING 1;
+
+-- name: release_slot
+DELETE FROM {schema}.slots WHERE bucket = %(bucket)s AND holder = %(holder)s;

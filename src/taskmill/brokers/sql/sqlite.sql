@@ -49,6 +49,25 @@ CREATE TABLE IF NOT EXISTS taskmill_schedules (
     name      TEXT PRIMARY KEY,
     last_tick REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS taskmill_workflows (
+    id          TEXT PRIMARY KEY,
+    spec        BLOB NOT NULL,
+    state       TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS taskmill_workflows_running
+    ON taskmill_workflows (created_at) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS taskmill_rate_limits (
+    bucket TEXT PRIMARY KEY,
+    tat    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS taskmill_slots (
+    bucket     TEXT NOT NULL,
+    holder     TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (bucket, holder)
+);
 CREATE TABLE IF NOT EXISTS taskmill_workers (
     id           TEXT PRIMARY KEY,
     host         TEXT NOT NULL,
@@ -224,3 +243,42 @@ SELECT name, last_tick FROM taskmill_schedules;
 -- name: mark_schedule
 INSERT INTO taskmill_schedules (name, last_tick) VALUES (?, ?)
 ON CONFLICT (name) DO UPDATE SET last_tick = max(last_tick, excluded.last_tick);
+
+-- name: save_workflow
+INSERT OR IGNORE INTO taskmill_workflows (id, spec, state, created_at)
+VALUES (?, ?, 'running', ?);
+
+-- name: get_workflow
+SELECT id, spec, state, created_at, finished_at FROM taskmill_workflows WHERE id = ?;
+
+-- name: end_workflow
+UPDATE taskmill_workflows SET state = ?, finished_at = ? WHERE id = ? AND state = 'running';
+
+-- name: running_workflows
+SELECT id FROM taskmill_workflows WHERE state = 'running' ORDER BY created_at LIMIT ?;
+
+-- name: prune_workflows
+DELETE FROM taskmill_workflows WHERE state <> 'running' AND finished_at < ?;
+
+-- name: rate_tat
+SELECT tat FROM taskmill_rate_limits WHERE bucket = ?;
+
+-- name: set_rate_tat
+INSERT INTO taskmill_rate_limits (bucket, tat) VALUES (?, ?)
+ON CONFLICT (bucket) DO UPDATE SET tat = excluded.tat;
+
+-- name: queue_depth
+SELECT count(*) FROM taskmill_jobs WHERE queue = ? AND state IN ('scheduled', 'queued');
+
+-- name: drop_expired_slots
+DELETE FROM taskmill_slots WHERE bucket = ? AND expires_at <= ?;
+
+-- name: slot_holders
+SELECT holder FROM taskmill_slots WHERE bucket = ?;
+
+-- name: hold_slot
+INSERT INTO taskmill_slots (bucket, holder, expires_at) VALUES (?, ?, ?)
+ON CONFLICT (bucket, holder) DO UPDATE SET expires_at = excluded.expires_at;
+
+-- name: release_slot
+DELETE FROM taskmill_slots WHERE bucket = ? AND holder = ?;
