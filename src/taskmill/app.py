@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
@@ -13,6 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from taskmill.brokers import Broker, EnqueueResult, broker_from_url
 from taskmill.errors import ConfigurationError, UnknownTaskError
+from taskmill.events import Event, enqueued, publish, subscribe
 from taskmill.flow import (
     Limit,
     QueueOptions,
@@ -377,6 +379,8 @@ class App:
             result = self.run_sync(self._enqueue(jobs, opts))
         else:
             self._opened = True
+        if self.settings.events:
+            self.run_sync(self._publish_enqueued(jobs, result))
         if self.hooks or any(self.tasks[j.task].hooks for j in jobs if j.task in self.tasks):
             for i, job in enumerate(jobs):
                 if i not in result.existing:
@@ -396,6 +400,8 @@ class App:
         if opts.connection is not None:
             raise ConfigurationError("connection= is for send(); asend() has no transaction")
         result = await self._enqueue(jobs, opts)
+        if self.settings.events:
+            await self._publish_enqueued(jobs, result)
         if self.hooks or any(self.tasks[j.task].hooks for j in jobs if j.task in self.tasks):
             for i, job in enumerate(jobs):
                 if i not in result.existing:
@@ -404,6 +410,23 @@ class App:
         if self.eager:
             await self.arun_until_idle()
         return result
+
+    async def _publish_enqueued(self, jobs: Sequence[NewJob], result: EnqueueResult) -> None:
+        now = time.time()
+        stored = [enqueued(j, now) for i, j in enumerate(jobs) if i not in result.existing]
+        await publish(self, stored)
+
+    def events(
+        self,
+        *,
+        job_id: str | Sequence[str] | None = None,
+        workflow_id: str | None = None,
+        queue: str | None = None,
+    ) -> AsyncIterator[Event]:
+        """Live events of jobs (every transition and progress report), from any process,
+        each job's in order; filtered by job, workflow or queue. Needs ``events=True`` in the
+        apps that send and run the jobs. See ``taskmill.events``."""
+        return subscribe(self, job_id=job_id, workflow_id=workflow_id, queue=queue)
 
     def _hook_lists(self, task_name: str, name: HookName) -> list[list[Hook]]:
         """A task's hooks for an event, then the app's (the documented order)."""

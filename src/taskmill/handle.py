@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from taskmill.errors import JobCancelledError, JobFailedError, JobNotFoundError
@@ -12,6 +13,7 @@ from taskmill.serialization import decode
 
 if TYPE_CHECKING:
     from taskmill.app import App
+    from taskmill.events import Event
 
 R = TypeVar("R")
 
@@ -90,7 +92,30 @@ class JobHandle(Generic[R]):
             raise JobFailedError(self.id, "unknown", "failed without a recorded error")
         raise JobFailedError(self.id, err.type, err.message, err.traceback)
 
+    def awatch(self) -> AsyncGenerator[Event, None]:
+        """This job's live events until it finishes: first its current state, then every
+        transition and progress report (``App(events=True)`` where it is sent and run)."""
+        from taskmill.events import watch
+
+        return watch(self._app, self.id)
+
     # --- sync -------------------------------------------------------------------------------
+
+    def watch(self) -> Iterator[Event]:
+        """Blocking ``awatch``: each event as it arrives."""
+        stream = self.awatch()
+
+        async def step() -> Event:
+            return await anext(stream)
+
+        try:
+            while True:
+                try:
+                    yield self._app.run_sync(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._app.run_sync(stream.aclose())
 
     def info(self) -> Job:
         """The stored job record (a snapshot)."""

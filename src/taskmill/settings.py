@@ -25,6 +25,8 @@ class Settings:
     max_payload_bytes: int = 1 << 20
     """Largest JSON of a job's arguments accepted at enqueue."""
     default_queue: str = "default"
+    events: bool = False
+    """Publish every job's transitions and progress as live events (``taskmill.events``)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # before the comparisons below, which assume types
@@ -32,6 +34,9 @@ class Settings:
             if f.type == "str":
                 if not isinstance(value, str):
                     raise ConfigurationError(f"{f.name} must be a string, not {value!r}")
+            elif f.type == "bool":
+                if not isinstance(value, bool):
+                    raise ConfigurationError(f"{f.name} must be True or False, not {value!r}")
             elif not (value is None and f.default is None) and (
                 not isinstance(value, int | float) or isinstance(value, bool)
             ):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -52,8 +53,10 @@ def running_worker(
     worker = Worker(app, queues=queues or app.queues(), concurrency=concurrency, **worker_options)
     started = threading.Event()
     errors: list[BaseException] = []
+    loops: list[asyncio.AbstractEventLoop] = []
 
     async def main() -> None:
+        loops.append(asyncio.get_running_loop())
         started.set()
         await worker.run()
 
@@ -73,9 +76,32 @@ def running_worker(
         worker.stop()
         thread.join(join_timeout_s)
         if thread.is_alive():
-            raise RuntimeError(f"the worker did not stop within {join_timeout_s} s")
+            where = _tasks_of(loops[0]) if loops else "(its loop never started)"
+            raise RuntimeError(
+                f"the worker did not stop within {join_timeout_s} s; its tasks:\n{where}"
+            )
         if errors:
             raise errors[0]
+
+
+def _tasks_of(loop: asyncio.AbstractEventLoop) -> str:
+    """What a stuck worker's loop is waiting on: each task's stack (asked of the loop)."""
+    dumped: list[str] = []
+    done = threading.Event()
+
+    def dump() -> None:
+        for task in asyncio.all_tasks(loop):
+            out = io.StringIO()
+            task.print_stack(limit=12, file=out)
+            dumped.append(f"{task.get_name()}: {out.getvalue()}")
+        done.set()
+
+    try:
+        loop.call_soon_threadsafe(dump)
+    except RuntimeError:
+        return "(its loop is closed)"
+    done.wait(5)
+    return "\n".join(dumped) or "(no tasks)"
 
 
 def taskmill_memory() -> Iterator[Callable[[App], App]]:

@@ -60,3 +60,16 @@ scheduled = App(os.environ.get("TASKMILL_URL", "memory://"), heartbeat_s=0.5)
 @scheduled.task(name="tick")
 def tick() -> str:
     return "tick"
+
+
+# an app that publishes live events (taskmill jobs watch, enqueue --wait follow them)
+live = App(os.environ.get("TASKMILL_URL", "memory://"), heartbeat_s=0.5, events=True)
+
+
+@live.task(name="live_steps")
+def live_steps(n: int) -> str:
+    job = current_job()
+    for i in range(n):
+        job.progress((i + 1) / n, f"step {i + 1} of {n}")
+        time.sleep(0.05)
+    return f"did {n} steps"

@@ -474,3 +474,20 @@ def test_scheduler_without_schedules_is_a_usage_error(cli: Cli) -> None:
     r = cli.run("scheduler", "--app", "cliapp:app")
     assert r.returncode == 2
     assert "has no periodic schedules" in one_error_line(r)
+
+
+@pytest.mark.timeout(60)
+def test_enqueue_wait_and_jobs_watch_follow_live_events(cli: Cli) -> None:
+    worker = cli.spawn("worker", "cliapp:live", "-c", "2")
+    out = cli.ok(
+        "enqueue", "live_steps", "[3]", "--wait", "--timeout", "30", "--app", "cliapp:live"
+    )
+    job_id, result = out.strip().splitlines()
+    assert json.loads(result) == "did 3 steps"
+    # a finished job: its result at once
+    watched = cli.ok("jobs", "watch", job_id, "--app", "cliapp:live", "--timeout", "10")
+    assert json.loads(watched) == "did 3 steps"
+    r = cli.run("jobs", "watch", "no-such-job", "--app", "cliapp:live")
+    assert r.returncode == 1 and "does not exist" in one_error_line(r)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0

@@ -11,6 +11,7 @@ one that dies, and jobs that must not be overtaken.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -124,12 +125,15 @@ def test_a_claim_takes_a_job_handed_over_after_its_worker_stopped_waiting(app: A
 
 
 def test_a_copy_popped_by_a_reader_that_is_gone_loses_no_job(app: App) -> None:
-    # a cancelled wait's BLPOP can still be blocked on the server and pop the inbox copy
+    # a cancelled wait's BLPOP is still blocked on the server (the wait shields it: redis-py
+    # can make a cancel wait out the block) and pops the inbox copy; if it has not yet, this
+    # reader pops it and goes away. Either way the copy is gone and nobody runs it.
     app.run_sync(register_then_stop_waiting(app))
     job_id = send(app, 1)
     client = redis.Redis.from_url(app.url.split("?")[0])
     inbox = f"{app.broker.prefix}w:{WORKER}:inbox"  # type: ignore[attr-defined]
-    assert client.lpop(inbox) is not None
+    client.lpop(inbox)
+    assert client.llen(inbox) == 0
     client.close()
     claimed = app.run_sync(app.broker.claim(QUEUES, 8, WORKER, 30.0))
     assert [j.id for j in claimed] == [job_id]
@@ -231,3 +235,29 @@ def test_a_worker_with_ready_work_does_not_block(app: App) -> None:
 
     jobs, took = app.run_sync(wait_briefly())
     assert jobs == [] and took < 2.0  # returned at once: the worker should claim, not block
+
+
+@pytest.mark.timeout(120)
+def test_a_wait_cancelled_as_it_starts_blocking_ends_at_once(app: App) -> None:
+    """redis-py lets a cancel that lands as a BLPOP starts wait out the whole block (5 s
+    here, so a stopping worker took 5 s about one time in six); the wait shields its BLPOP
+    and a cancelled one ends at once. Cancels land across the first 3 ms of the wait."""
+
+    async def cancel_after(delay: float) -> float:
+        waiter = asyncio.create_task(app.broker.wait(QUEUES, 5.0, HandOver(WORKER, 30.0)))
+        await asyncio.sleep(delay)
+        cancelled = time.monotonic()
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        return time.monotonic() - cancelled
+
+    async def scenario() -> list[float]:
+        await app.broker.attach()
+        try:
+            return [await cancel_after(n / 10_000) for n in range(30)]
+        finally:
+            await app.broker.detach()
+
+    durations = app.run_sync(scenario())
+    assert max(durations) < 1.0, [round(d, 3) for d in durations]

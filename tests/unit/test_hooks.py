@@ -3,14 +3,18 @@ nothing but a log line."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from taskmill import App, Backoff, JobState
+from taskmill import App, Backoff, JobState, Retry
 from taskmill.job import ErrorInfo, Job, NewJob
+from taskmill.testing import running_worker
 
 
 @pytest.fixture
@@ -18,6 +22,15 @@ def app() -> App:
     return App("memory://")
 
 
+def poll_until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(30)
 def test_each_hook_gets_the_job_and_what_happened(app: App) -> None:
     calls: list[tuple[Any, ...]] = []
     app.on_enqueue(lambda job: calls.append(("enqueue", type(job), job.task)))
@@ -53,6 +66,7 @@ def test_each_hook_gets_the_job_and_what_happened(app: App) -> None:
     assert calls[-1][1] == 2 and calls[-1][2].type == "ValueError"
 
 
+@pytest.mark.timeout(30)
 def test_task_hooks_run_before_app_hooks_each_in_registration_order(app: App) -> None:
     order: list[str] = []
     app.on_success(lambda job, result: order.append("app 1"))
@@ -94,6 +108,7 @@ async def test_async_hooks_on_asend_and_sync_hooks_off_the_event_loop(app: App) 
     assert seen == ["enqueued noop"] and threads == [False]
 
 
+@pytest.mark.timeout(30)
 def test_a_raising_hook_is_logged_and_changes_nothing(
     app: App, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -102,25 +117,55 @@ def test_a_raising_hook_is_logged_and_changes_nothing(
     def broken(job: Job, *rest: Any) -> None:
         raise RuntimeError("hook bug")
 
-    app.on_success(broken)
-    app.on_success(lambda job, result: after.append("ran"))
-    app.on_retry(broken)
-    app.on_enqueue(broken)
+    for register in (app.on_enqueue, app.on_start, app.on_retry, app.on_success):
+        register(broken)
+    app.on_success(lambda job, result: after.append(f"success {result}"))
+    app.on_retry(lambda job, error, delay: after.append(f"retry {job.attempt}"))
+    tries: list[int] = []
 
-    @app.task(retries=1, backoff=Backoff(base=0, cap=0, jitter=False))
-    def once_flaky(state: list[int]) -> int:
-        return 1
+    @app.task(name="once_flaky", retries=1, backoff=Backoff(base=0, cap=0, jitter=False))
+    def once_flaky() -> int:
+        tries.append(1)
+        if len(tries) == 1:
+            raise ValueError("first try fails")
+        return len(tries)
 
     with caplog.at_level(logging.ERROR, logger="taskmill.hooks"):
-        handle = once_flaky.send([])
+        handle = once_flaky.send()
         app.run_until_idle()
-    assert handle.result(timeout=5) == 1  # succeeded, whatever the hooks did
-    assert after == ["ran"]  # the hooks after the broken one still ran
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("on_success hook" in m and handle.id in m for m in messages)
-    assert any("on_enqueue hook" in m and handle.id in m for m in messages)
+    assert handle.result(timeout=5) == 2  # retried, then succeeded, whatever the hooks did
+    assert handle.info().attempt == 2
+    assert after == ["retry 1", "success 2"]  # the hooks after the broken one still ran
+    logged = [r.getMessage() for r in caplog.records if r.exc_info]
+    for name in ("on_enqueue", "on_start", "on_retry", "on_success"):
+        assert any(f"{name} hook" in m and handle.id in m and "once_flaky" in m for m in logged), (
+            name
+        )
 
 
+@pytest.mark.timeout(30)
+def test_a_raising_failure_hook_leaves_the_job_failed(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(job: Job, error: ErrorInfo) -> None:
+        raise RuntimeError("hook bug")
+
+    @app.task(retries=0, on_failure=broken)
+    def doomed() -> None:
+        raise KeyError("gone")
+
+    with caplog.at_level(logging.ERROR, logger="taskmill.hooks"):
+        handle = doomed.send()
+        app.run_until_idle()
+    job = handle.info()
+    assert job.state is JobState.FAILED
+    assert job.error is not None and job.error.type == "KeyError"
+    assert any(
+        "on_failure hook" in r.getMessage() and handle.id in r.getMessage() for r in caplog.records
+    )
+
+
+@pytest.mark.timeout(30)
 def test_no_hook_for_a_send_that_stored_nothing(app: App) -> None:
     stored: list[str] = []
     app.on_enqueue(lambda job: stored.append(job.id))
@@ -133,6 +178,153 @@ def test_no_hook_for_a_send_that_stored_nothing(app: App) -> None:
     assert again.existing and stored == [first.id]
 
 
+@pytest.mark.timeout(30)
 def test_hooks_must_be_callables(app: App) -> None:
     with pytest.raises(TypeError, match="on_success hooks must be callables"):
         app.task(on_success=["not callable"])(lambda: None)  # type: ignore[list-item]
+
+
+@pytest.mark.timeout(30)
+def test_on_enqueue_for_send_many_and_send_task(app: App) -> None:
+    stored: list[NewJob] = []
+    app.on_enqueue(stored.append)
+
+    @app.task(name="square")
+    def square(x: int) -> int:
+        return x * x
+
+    handles = square.send_many([(1,), (2,), {"x": 3}])
+    by_name = app.send_task("square", [4])
+    assert [job.id for job in stored] == [h.id for h in [*handles, by_name]]
+    assert [job.task for job in stored] == ["square"] * 4
+    assert all(isinstance(job, NewJob) for job in stored)
+
+
+@pytest.mark.timeout(30)
+def test_on_retry_gets_the_delay_before_the_next_attempt(app: App) -> None:
+    delays: dict[str, float] = {}
+    app.on_retry(lambda job, error, delay: delays.__setitem__(error.message, delay))
+
+    @app.task(retries=3, backoff=Backoff(base=60, cap=60, jitter=False))
+    def later(asked: float | None) -> None:
+        if asked is None:
+            raise ValueError("backoff")
+        raise Retry(delay=asked, reason="asked")
+
+    by_backoff = later.send(None)
+    by_request = later.send(120)
+    app.run_until_idle()
+    assert by_backoff.status() is JobState.SCHEDULED
+    assert by_request.status() is JobState.SCHEDULED
+    assert 55 < delays["backoff"] <= 60
+    assert 115 < delays["asked"] <= 120
+
+
+@pytest.mark.timeout(30)
+def test_hooks_of_a_sync_task_in_a_running_worker(app: App) -> None:
+    events: list[tuple[str, str]] = []
+
+    def on_start(job: Job) -> None:
+        events.append(("start", threading.current_thread().name))
+
+    def on_success(job: Job, result: int) -> None:
+        events.append((f"success {result}", threading.current_thread().name))
+
+    @app.task(on_start=on_start, on_success=on_success)
+    def double(x: int) -> int:
+        events.append(("run", threading.current_thread().name))
+        return 2 * x
+
+    with running_worker(app):
+        assert double.send(21).result(timeout=10) == 42
+        poll_until(lambda: len(events) == 3, "the on_success hook")
+    assert [kind for kind, _ in events] == ["start", "run", "success 42"]
+    # sync hooks run in threads, never on the worker's event loop thread
+    assert all(thread != "taskmill-test-worker" for _, thread in events)
+
+
+@pytest.mark.timeout(30)
+def test_a_timeout_is_a_failure_and_a_cancel_calls_no_outcome_hook() -> None:
+    app = App("memory://", heartbeat_s=0.05)
+    calls: list[tuple[str, str]] = []
+    app.on_start(lambda job: calls.append(("start", job.id)))
+    app.on_success(lambda job, result: calls.append(("success", job.id)))
+    app.on_retry(lambda job, error, delay: calls.append(("retry", job.id)))
+    app.on_failure(lambda job, error: calls.append((f"failure {error.type}", job.id)))
+    running = threading.Event()
+
+    @app.task(retries=0)
+    async def forever() -> None:
+        running.set()
+        await asyncio.Event().wait()
+
+    with running_worker(app):
+        slow = forever.options(timeout=0.1).send()
+        poll_until(lambda: slow.status().finished, "the timeout")
+        assert slow.status() is JobState.FAILED
+        running.clear()
+        cancelled = forever.send()
+        assert running.wait(10)
+        cancelled.cancel()
+        poll_until(lambda: cancelled.status().finished, "the cancel")
+        assert cancelled.status() is JobState.CANCELLED
+    assert calls == [
+        ("start", slow.id),
+        ("failure taskmill.errors.TaskTimeoutError", slow.id),
+        ("start", cancelled.id),
+    ]
+
+
+@pytest.mark.timeout(30)
+def test_a_cancel_request_during_an_outcome_hook_changes_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = App("memory://", heartbeat_s=0.05)
+    entered, release = threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    def slow_hook(job: Job, result: int) -> None:
+        entered.set()
+        release.wait(10)
+        finished.append(job.id)
+
+    @app.task(on_success=slow_hook)
+    async def answer() -> int:
+        return 42
+
+    with caplog.at_level(logging.INFO, logger="taskmill.worker"), running_worker(app):
+        handle = answer.send()
+        assert entered.wait(10)
+        handle.cancel()  # the job is still running: its outcome is not written yet
+        poll_until(
+            lambda: any("cancel requested" in r.getMessage() for r in caplog.records),
+            "the worker to see the cancel request",
+        )
+        release.set()
+        assert handle.result(timeout=10) == 42
+    assert finished == [handle.id]  # the hook was not cut short either
+
+
+@pytest.mark.timeout(30)
+def test_a_shutdown_during_a_slow_hook_keeps_the_outcome(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    entered = threading.Event()
+
+    async def stuck(job: Job, result: int) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    @app.task(on_success=stuck)
+    async def answer() -> int:
+        return 42
+
+    with caplog.at_level(logging.WARNING, logger="taskmill.worker"):
+        with running_worker(app, drain_timeout_s=0.2):
+            handle = answer.send()
+            assert entered.wait(10)
+        # the worker stopped (past its drain timeout) while the hook was still running
+        assert handle.result(timeout=5) == 42
+    assert any(
+        "hooks cut short" in r.getMessage() and handle.id in r.getMessage() for r in caplog.records
+    )

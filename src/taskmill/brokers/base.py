@@ -79,6 +79,27 @@ class HeartbeatReply:
     """Jobs someone asked to cancel while they run."""
 
 
+class Subscription(abc.ABC):
+    """A live feed of event payloads (``Broker.events_subscription``): listening once
+    ``start`` returned (or the ``async with`` block began); ``get`` waits for the next."""
+
+    async def __aenter__(self) -> Subscription:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def get(self) -> bytes: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
 class Broker(abc.ABC):
     """Abstract broker. All methods are coroutines except the ``*_blocking`` fast paths."""
 
@@ -294,3 +315,14 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def queue_depth(self, queue: str) -> int:
         """How many jobs of ``queue`` are scheduled or queued."""
+
+    # --- live events ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def publish_events(self, payload: bytes) -> None:
+        """Deliver a payload (a JSON array of events, at most 7,000 bytes) to every
+        subscription listening now, in any process."""
+
+    @abc.abstractmethod
+    def events_subscription(self) -> Subscription:
+        """A subscription to the payloads published from now on, bound to the running loop."""

@@ -7,6 +7,7 @@ the app's portal loop and an in-process worker can share it. Not shared across p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -25,6 +26,7 @@ from taskmill.brokers.base import (
     HandOver,
     HeartbeatReply,
     OnConflict,
+    Subscription,
     WorkflowRecord,
 )
 from taskmill.errors import DuplicateJobError
@@ -63,6 +65,7 @@ class MemoryBroker(Broker):
         self._workflows: dict[str, WorkflowRecord] = {}
         self._rate_tat: dict[str, float] = {}
         self._slots: dict[str, dict[str, float]] = {}
+        self._subscribers: set[_MemorySubscription] = set()
         self._seq: dict[str, int] = {}
         self._counter = itertools.count()
         self._ready: dict[str, list[tuple[int, float, int, str]]] = {}
@@ -507,6 +510,37 @@ class MemoryBroker(Broker):
                 for j in self._jobs.values()
                 if j.queue == queue and j.state in (JobState.SCHEDULED, JobState.QUEUED)
             )
+
+    async def publish_events(self, payload: bytes) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for sub in subscribers:
+            sub.deliver(payload)
+
+    def events_subscription(self) -> Subscription:
+        return _MemorySubscription(self)
+
+
+class _MemorySubscription(Subscription):
+    def __init__(self, broker: MemoryBroker) -> None:
+        self._broker = broker
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+
+    def deliver(self, payload: bytes) -> None:  # from any thread
+        with contextlib.suppress(RuntimeError):  # the subscriber's loop has closed
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, payload)
+
+    async def start(self) -> None:
+        with self._broker._lock:
+            self._broker._subscribers.add(self)
+
+    async def get(self) -> bytes:
+        return await self._queue.get()
+
+    async def close(self) -> None:
+        with self._broker._lock:
+            self._broker._subscribers.discard(self)
 
 
 class _Gone:

@@ -55,6 +55,7 @@ from taskmill.brokers.base import (
     HandOver,
     HeartbeatReply,
     OnConflict,
+    Subscription,
     WorkflowRecord,
 )
 from taskmill.errors import (
@@ -598,6 +599,7 @@ class PostgresBroker(Broker):
         self.config = parse_url(url)
         self.schema = self.config.schema
         self.channel = f"{self.schema}_wake"
+        self.events_channel = f"{self.schema}_events"
         self._q = queries(self.schema)
         self._io: Portal | None = None
         self._io_lock = threading.Lock()
@@ -1294,3 +1296,36 @@ class PostgresBroker(Broker):
     @on_io_loop
     async def queue_depth(self, queue: str) -> int:
         return int((await self._fetch(self._q["queue_depth"], {"queue": queue}))[0][0])
+
+    @on_io_loop
+    async def publish_events(self, payload: bytes) -> None:
+        params = {"channel": self.events_channel, "payload": payload.decode()}
+        await self._execute("SELECT pg_notify(%(channel)s, %(payload)s)", params)
+
+    def events_subscription(self) -> Subscription:
+        return _PostgresSubscription(self.config.conninfo, self.events_channel)
+
+
+class _PostgresSubscription(Subscription):
+    """``LISTEN`` on a connection of its own, on the subscriber's loop."""
+
+    def __init__(self, conninfo: str, channel: str) -> None:
+        self._conninfo = conninfo
+        self._channel = channel
+        self._conn: psycopg.AsyncConnection[TupleRow] | None = None
+        self._notifies: Any = None
+
+    async def start(self) -> None:
+        self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        await self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+        self._notifies = self._conn.notifies()
+
+    async def get(self) -> bytes:
+        assert self._notifies is not None
+        notify = await self._notifies.__anext__()
+        return str(notify.payload).encode()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()

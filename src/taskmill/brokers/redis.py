@@ -29,6 +29,7 @@ they belong to, and ``close()`` closes all of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -42,6 +43,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import msgspec
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -54,6 +57,7 @@ from taskmill.brokers.base import (
     HandOver,
     HeartbeatReply,
     OnConflict,
+    Subscription,
     WorkflowRecord,
 )
 from taskmill.errors import (
@@ -257,6 +261,8 @@ class RedisBroker(Broker):
         self._aclients: dict[asyncio.AbstractEventLoop, Any] = {}
         self._ablocking: dict[asyncio.AbstractEventLoop, Any] = {}
         self._attached: set[asyncio.AbstractEventLoop] = set()
+        # per loop: waits whose callers were cancelled, still blocked (ended by detach)
+        self._orphans: dict[asyncio.AbstractEventLoop, set[asyncio.Future[Any]]] = {}
         # per worker: hand-overs its waits received ('id token'), acknowledged by its next claim
         self._delivered: dict[str, list[str]] = {}
         self._sync: Any = None
@@ -296,8 +302,13 @@ class RedisBroker(Broker):
         loop = asyncio.get_running_loop()
         client = self._ablocking.get(loop)
         if client is None:
+            # no retries of its own: a BLPOP whose socket was closed (a detaching worker ends
+            # its orphaned waits so) must end, not block again; the worker retries a wait
             client = self._ablocking[loop] = aredis.Redis.from_url(
-                self._redis_url, socket_connect_timeout=2, socket_timeout=_MAX_BLOCK_S + 10
+                self._redis_url,
+                socket_connect_timeout=2,
+                socket_timeout=_MAX_BLOCK_S + 10,
+                retry=Retry(NoBackoff(), 0),
             )
         return client
 
@@ -428,6 +439,13 @@ class RedisBroker(Broker):
 
     async def _close_loop_clients(self) -> None:
         loop = asyncio.get_running_loop()
+        orphans = self._orphans.pop(loop, set())
+        blocking = self._ablocking.get(loop)
+        if orphans and blocking is not None:
+            # waits whose callers were cancelled may still block on the server: closing
+            # their sockets ends them at once (a cancel might wait out the block)
+            await blocking.connection_pool.disconnect()
+            await asyncio.gather(*orphans, return_exceptions=True)
         for clients in (self._aclients, self._ablocking):
             client = clients.pop(loop, None)
             if client is not None:
@@ -532,11 +550,36 @@ class RedisBroker(Broker):
     async def wait(
         self, queues: Sequence[str], timeout: float, handover: HandOver | None = None
     ) -> list[Job]:
-        timeout = min(timeout, _MAX_BLOCK_S)
         if asyncio.get_running_loop() not in self._attached:
             # a reply that reached this loop can miss a caller on another one that was
             # cancelled meanwhile; the job would wait out its lease. Workers attach their loop.
             handover = None
+        block = asyncio.ensure_future(self._register_and_block(queues, timeout, handover))
+        try:
+            # shielded: redis-py lets a cancel that lands as a command starts go unnoticed
+            # until the command ends, and BLPOP's end is the whole block (a stopping worker
+            # took 5 s one time in six, measured); the caller goes on at once
+            popped = await asyncio.shield(block)
+        except asyncio.CancelledError:
+            orphans = self._orphans.setdefault(asyncio.get_running_loop(), set())
+            orphans.add(block)
+            block.add_done_callback(orphans.discard)
+            block.add_done_callback(self._orphaned_pop)
+            raise
+        if popped is None or handover is None or not popped[0].endswith(b":inbox"):
+            return []
+        job_id, token, fields = popped[1].split(b" ", 2)
+        # acknowledged by the worker's next claim: until then the job stays in its `handed` set
+        delivered = self._delivered.setdefault(handover.worker_id, [])
+        delivered.append(f"{job_id.decode()} {token.decode()}")
+        return [_job(_netstrings(fields))]
+
+    async def _register_and_block(
+        self, queues: Sequence[str], timeout: float, handover: HandOver | None
+    ) -> tuple[bytes, bytes] | None:
+        """Register as idle (for hand-overs, if given), then block on the queues' wake-up
+        lists (and the worker's inbox) until one has an entry or ``timeout``."""
+        timeout = min(timeout, _MAX_BLOCK_S)
         worker = handover.worker_id if handover else ""
         lease_s = handover.lease_s if handover else 0.0
         # the registration outlives the BLPOP a little: the worker's next claim ends it
@@ -546,18 +589,29 @@ class RedisBroker(Broker):
         if next_due:
             timeout = min(timeout, max(0.0, float(next_due) - float(now)))
         if int(ready) or timeout <= 0.001:
-            return []
+            return None
         lists = [self._key("q", q, "wake") for q in queues]
         if handover:
             lists.insert(0, self._key("w", worker, "inbox"))
         # BLPOP takes whole seconds on Redis < 6, fractions since; the minimum we ask is 10 ms
-        popped = await self._blocking_client().blpop(lists, timeout=max(0.01, timeout))
-        if popped is None or not handover or popped[0].decode() != lists[0]:
-            return []
-        job_id, token, fields = popped[1].split(b" ", 2)
-        # acknowledged by the worker's next claim: until then the job stays in its `handed` set
-        self._delivered.setdefault(worker, []).append(f"{job_id.decode()} {token.decode()}")
-        return [_job(_netstrings(fields))]
+        popped: tuple[bytes, bytes] | None = await self._blocking_client().blpop(
+            lists, timeout=max(0.01, timeout)
+        )
+        return popped
+
+    def _orphaned_pop(self, block: asyncio.Future[tuple[bytes, bytes] | None]) -> None:
+        """What a wait whose caller was cancelled took: a wake token goes back, so the next
+        idle worker is not left asleep; a hand-over stays in the worker's ``handed`` set
+        (never counted as delivered), where its next claim or its sign-off takes it back."""
+        if block.cancelled() or block.exception() is not None:
+            return
+        popped = block.result()
+        if popped is None or popped[0].endswith(b":inbox"):
+            return
+        key, value = popped[0].decode(), popped[1]
+        with contextlib.suppress(RuntimeError):  # the worker's loop is closing: it stops anyway
+            task = asyncio.ensure_future(self._client().lpush(key, value))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     @on_io_loop
     async def unregister_worker(self, worker_id: str) -> None:
@@ -765,3 +819,36 @@ class RedisBroker(Broker):
             return int(ready) + int(scheduled)
 
         return await self._retrying(call)
+
+    @on_io_loop
+    async def publish_events(self, payload: bytes) -> None:
+        channel = self._key("events")
+        await self._retrying(lambda: self._client().publish(channel, payload))
+
+    def events_subscription(self) -> Subscription:
+        return _RedisSubscription(self._redis_url, self._key("events"))
+
+
+class _RedisSubscription(Subscription):
+    """Redis pub/sub on a connection of its own, on the subscriber's loop."""
+
+    def __init__(self, url: str, channel: str) -> None:
+        self._client: Any = aredis.Redis.from_url(url, socket_connect_timeout=2)
+        self._pubsub: Any = self._client.pubsub(ignore_subscribe_messages=True)
+        self._channel = channel
+
+    async def start(self) -> None:
+        await self._pubsub.subscribe(self._channel)
+
+    async def get(self) -> bytes:
+        while True:
+            message = await self._pubsub.get_message(timeout=None)
+            if message is not None and message.get("type") == "message":
+                data: bytes = message["data"]
+                return data
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()
+        with contextlib.suppress(Exception):
+            await self._client.aclose()

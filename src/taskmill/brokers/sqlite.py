@@ -32,6 +32,7 @@ from taskmill.brokers.base import (
     HandOver,
     HeartbeatReply,
     OnConflict,
+    Subscription,
     WorkflowRecord,
 )
 from taskmill.brokers.wakeup import WakeListener, WakeSender, channel_dir
@@ -64,7 +65,9 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 Q = load_queries("sqlite.sql")
-SCHEMA_VERSION = 3  # 2: schedules, 3: workflows and rate limits (all IF NOT EXISTS)
+EVENTS_KEPT_S = 3600.0
+"""Events are a polled table here: kept an hour, so a subscriber that polls late misses none."""
+SCHEMA_VERSION = 4  # 2: schedules, 3: workflows, limits, 4: events (all IF NOT EXISTS)
 COLUMNS = (
     "id, task, queue, state, payload, priority, attempt, max_attempts, run_at, enqueued_at, "
     "started_at, finished_at, timeout_s, key, lease_token, lease_expires_at, worker_id, "
@@ -744,6 +747,7 @@ class SQLiteBroker(Broker):
             deleted = c.execute(Q["prune"], (finished_before, limit)).rowcount
             c.execute(Q["prune_workers"], (time.time() - 3600,))
             c.execute(Q["prune_workflows"], (finished_before,))
+            c.execute(Q["prune_events"], (time.time() - EVENTS_KEPT_S,))
         return deleted
 
     # --- inspection and management ----------------------------------------------------------
@@ -943,3 +947,44 @@ class SQLiteBroker(Broker):
     def _queue_depth(self, queue: str) -> int:
         with self._errors():
             return int(self._read().execute(Q["queue_depth"], (queue,)).fetchone()[0])
+
+    async def publish_events(self, payload: bytes) -> None:
+        await self._run(self._executemany_write, Q["publish_events"], [(payload, time.time())])
+
+    def events_subscription(self) -> Subscription:
+        return _SQLiteSubscription(self)
+
+    def _last_event(self) -> int:
+        with self._errors():
+            return int(self._read().execute(Q["last_event"]).fetchone()[0])
+
+    def _events_after(self, seq: int) -> list[tuple[int, bytes]]:
+        with self._errors():
+            return self._read().execute(Q["events_after"], (seq,)).fetchall()
+
+
+class _SQLiteSubscription(Subscription):
+    """Polls the events table every 50 ms for rows after the last one seen."""
+
+    POLL_S = 0.05
+
+    def __init__(self, broker: SQLiteBroker) -> None:
+        self._broker = broker
+        self._seq = 0
+        self._ready: list[bytes] = []
+
+    async def start(self) -> None:
+        self._seq = await self._broker._run(self._broker._last_event)
+
+    async def get(self) -> bytes:
+        while not self._ready:
+            rows = await self._broker._run(self._broker._events_after, self._seq)
+            if rows:
+                self._seq = rows[-1][0]
+                self._ready = [bytes(payload) for _, payload in rows]
+            else:
+                await asyncio.sleep(self.POLL_S)
+        return self._ready.pop(0)
+
+    async def close(self) -> None:
+        self._ready = []

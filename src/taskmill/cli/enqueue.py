@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -17,6 +19,8 @@ from taskmill.cli._base import (
     dumps,
     target_options,
 )
+from taskmill.events import Event
+from taskmill.handle import JobHandle
 from taskmill.job import Job, JobState
 from taskmill.serialization import decode
 
@@ -108,7 +112,8 @@ def enqueue(
 
 
 def wait_for(env: Env, app: App, job_id: str, timeout: float | None) -> Job:
-    """Poll the job until it finishes, with a progress bar when stderr is a terminal."""
+    """Wait until the job finishes, with a progress bar when stderr is a terminal: live from
+    its events if the app publishes them (``events=True``), else polling the job."""
     from rich.progress import (
         BarColumn,
         Progress,
@@ -132,24 +137,55 @@ def wait_for(env: Env, app: App, job_id: str, timeout: float | None) -> Job:
         transient=True,
         disable=not show,
     )
-    delay = 0.02
+
+    def show_state(job: Job | Event) -> None:
+        if isinstance(job, Event):
+            state, message = job.state, job.message
+        else:
+            state, message = job.state.value, job.progress_message
+        progress.update(
+            bar,
+            description=escape(f"{job.task} {state}"),
+            total=None if job.progress is None else 1.0,
+            completed=job.progress or 0.0,
+            message=message or "",
+        )
+
     with progress:
         bar = progress.add_task("", total=None, message="")
+        if app.settings.events:  # live: the job's events as they happen
+            app.run_sync(_watch(handle, deadline, timeout, show_state))
+            return handle.info()
+        delay = 0.02
         while True:
             job = handle.info()
-            progress.update(
-                bar,
-                description=escape(f"{job.task} {job.state.value}"),
-                total=None if job.progress is None else 1.0,
-                completed=job.progress or 0.0,
-                message=job.progress_message or "",
-            )
+            show_state(job)
             if job.state.finished:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
                 raise CliError(f"job {job_id} is still {job.state.value} after {timeout} s")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
+
+
+async def _watch(
+    handle: JobHandle[Any],
+    deadline: float | None,
+    timeout: float | None,
+    show: Callable[[Event], None],
+) -> None:
+    last: Event | None = None
+    loop_deadline = None
+    if deadline is not None:  # from the monotonic clock to the loop's
+        loop_deadline = asyncio.get_running_loop().time() + (deadline - time.monotonic())
+    try:
+        async with asyncio.timeout_at(loop_deadline):
+            async for event in handle.awatch():
+                last = event
+                show(event)
+    except TimeoutError:
+        state = last.state if last is not None else "unfinished"
+        raise CliError(f"job {handle.id} is still {state} after {timeout} s") from None
 
 
 def finish_waiting(job: Job) -> None:

@@ -213,3 +213,20 @@ def jobs_cancel(env: Env, job_ids: tuple[str, ...]) -> None:
             problems.append(f"job {job_id} already {st.value}")
     if problems:
         raise CliError("; ".join(problems))
+
+
+@jobs.command("watch")
+@click.argument("job_id", metavar="ID")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Give up after S seconds.")
+@target_options
+@click.pass_obj
+def jobs_watch(env: Env, job_id: str, timeout: float | None) -> None:
+    """Follow a job until it finishes, as a live progress bar on a terminal; then print its
+    result as JSON (exit 1 if it failed or was cancelled). Live from the job's events when
+    the app publishes them (App(events=True)), else by polling."""
+    from taskmill.cli.enqueue import finish_waiting, wait_for
+
+    app = env.app()
+    if broker_call(app, lambda b: b.get(job_id)) is None:
+        raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
+    finish_waiting(wait_for(env, app, job_id, timeout))

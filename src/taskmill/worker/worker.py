@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from taskmill.brokers.base import Broker, HandOver
 from taskmill.context import JobContext
+from taskmill.events import Event, ended, outcome_state, progressed, publish, started
 from taskmill.flow import hold_slot, rate_buckets, wait_for_rate_slots
 from taskmill.hooks import HookName, arun_hooks
 from taskmill.job import (
@@ -63,6 +64,7 @@ class _Running:
     task: asyncio.Task[None] | None = None
     lost: bool = False
     slot: tuple[str, int] | None = None  # (bucket, limit) of a concurrency slot held
+    finishing: bool = False  # outcome decided, its hooks running: a cancel request is too late
 
 
 class Worker:
@@ -120,6 +122,10 @@ class Worker:
         self._flush_lock = asyncio.Lock()  # one flush at a time (see _flush_all)
         self._idle_task: asyncio.Task[list[Job]] | None = None
         self._broker: Broker | None = None
+        self._events_on = app.settings.events
+        self._events: list[Event] = []  # published in order by _events_loop
+        self._events_wake: asyncio.Event | None = None
+        self._finishing: dict[str, Job] = {}  # with events on: jobs whose outcome is pending
 
     # --- control (thread-safe) ----------------------------------------------------------------
 
@@ -176,6 +182,9 @@ class Worker:
             asyncio.create_task(self._flush_loop(), name="taskmill-flush"),
             asyncio.create_task(self._heartbeat_loop(), name="taskmill-heartbeat"),
         ]
+        if self._events_on:
+            self._events_wake = asyncio.Event()
+            background.append(asyncio.create_task(self._events_loop(), name="taskmill-events"))
         if not until_idle:
             background.append(asyncio.create_task(self._maintenance_loop(), name="taskmill-maint"))
             if self.scheduler and self.app.schedules:
@@ -202,9 +211,9 @@ class Worker:
             await self._drain()
             await self._flush_all()
         finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await _cancel_and_wait(background)
+            if self._events_on:
+                await self._publish_events()  # what the cancelled publisher had not sent
             if self._pending:  # a flush that failed on the way out: one last try
                 with contextlib.suppress(Exception):
                     await self._flush_all()
@@ -259,6 +268,7 @@ class Worker:
             finally:
                 self._riding = []
             self._log_rejected(batch, applied)
+            self._emit_outcomes(batch, applied)
             advanced = await self._advance_workflows(batch, applied)
             for job in jobs:
                 self._start(job)
@@ -326,6 +336,8 @@ class Worker:
         task = self.app.tasks.get(job.task)
         running = _Running(job, claim, ctx, is_async=task is not None and task.is_async)
         self._running[job.id] = running
+        if self._events_on:
+            self._emit(started(job, time.time()))
         running.task = self._loop.create_task(self._run_one(running))
 
     async def _run_one(self, r: _Running) -> None:
@@ -346,7 +358,7 @@ class Worker:
         if r.slot is not None:
             await self._release_slot(r)
         if not r.lost:
-            await self._outcome_hooks(r.job, outcome)
+            await self._outcome_hooks(r, outcome)
         del self._running[r.job.id]
         self.jobs_done += 1
         if r.lost:
@@ -358,6 +370,8 @@ class Worker:
             )
         else:
             self._pending.append(Finish(r.claim, outcome))
+            if self._events_on:
+                self._finishing[r.job.id] = r.job
             # a claim loop about to claim carries the outcome in its transaction; only an
             # idle or stopping one leaves it to the flusher
             if self._idle_task is not None or self._stop_requested:
@@ -407,6 +421,8 @@ class Worker:
         try:
             if progress:
                 await self._broker.record_progress(progress)
+                if self._events_on:
+                    self._emit_progress(progress)
         except Exception as exc:
             log.error("worker %s: recording progress failed: %s", self.id, exc)
         if not self._pending:
@@ -428,6 +444,7 @@ class Worker:
             self._flush_wake.set()
             return False
         self._log_rejected(batch, applied)
+        self._emit_outcomes(batch, applied)
         try:  # still "flushing" meanwhile: run_until_idle must not end before steps it releases
             await self._advance_workflows(batch, applied)
         finally:
@@ -446,6 +463,46 @@ class Worker:
                     type(finish.outcome).__name__,
                     finish.claim.token,
                 )
+
+    # --- live events (App(events=True)) ---------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
+        if self._events_wake is not None:
+            self._events_wake.set()
+
+    def _emit_progress(self, items: list[Progress]) -> None:
+        now = time.time()
+        for item in items:
+            r = self._running.get(item.claim.job_id)
+            if r is not None:
+                self._emit(progressed(r.job, item.fraction, item.message, now))
+
+    def _emit_outcomes(self, batch: list[Finish], applied: list[bool]) -> None:
+        if not self._events_on:
+            return
+        now = time.time()
+        for finish, ok in zip(batch, applied, strict=True):
+            job = self._finishing.pop(finish.claim.job_id, None)
+            if ok and job is not None:
+                self._emit(ended(job, outcome_state(finish.outcome, now), now))
+
+    async def _events_loop(self) -> None:
+        """One publisher per worker, in the order events were made: a job's own events
+        leave this worker in order."""
+        assert self._events_wake is not None
+        while True:
+            await self._events_wake.wait()
+            self._events_wake.clear()
+            await self._publish_events()
+
+    async def _publish_events(self) -> None:
+        batch, self._events = self._events, []
+        if batch:
+            try:
+                await publish(self.app, batch)
+            except Exception as exc:  # events are at most once: log, never stop the worker
+                log.error("worker %s: publishing %d events failed: %s", self.id, len(batch), exc)
 
     async def _advance_workflows(self, batch: list[Finish], applied: list[bool]) -> bool:
         """A step of a workflow whose outcome is stored may release the next steps: advance
@@ -546,17 +603,30 @@ class Worker:
         if any(lists):
             await arun_hooks(lists, name, job.id, job.task, job, *args)
 
-    async def _outcome_hooks(self, job: Job, outcome: Outcome) -> None:
+    async def _outcome_hooks(self, r: _Running, outcome: Outcome) -> None:
         """on_success / on_failure / on_retry: after the outcome is decided, before it is
-        written (a hook never changes it)."""
-        if isinstance(outcome, Succeeded):
-            if any(self.app._hook_lists(job.task, "on_success")):
-                await self._hooks("on_success", job, try_decode(outcome.result))
-        elif isinstance(outcome, Failed):
-            await self._hooks("on_failure", job, outcome.error)
-        elif isinstance(outcome, RetryAt):
-            await self._hooks(
-                "on_retry", job, outcome.error, max(0.0, outcome.run_at - time.time())
+        written (a hook never changes it: a shutdown or a lost lease cuts them short)."""
+        job = r.job
+        r.finishing = True
+        try:
+            if isinstance(outcome, Succeeded):
+                if any(self.app._hook_lists(job.task, "on_success")):
+                    await self._hooks("on_success", job, try_decode(outcome.result))
+            elif isinstance(outcome, Failed):
+                await self._hooks("on_failure", job, outcome.error)
+            elif isinstance(outcome, RetryAt):
+                await self._hooks(
+                    "on_retry", job, outcome.error, max(0.0, outcome.run_at - time.time())
+                )
+        except asyncio.CancelledError:
+            if not r.interrupted:
+                raise
+            log.warning(
+                "job %s (%s): hooks cut short (%s); its outcome %s stands",
+                job.id,
+                job.task,
+                r.interrupted[-1],
+                type(outcome).__name__,
             )
 
     async def _release_slot(self, r: _Running) -> None:
@@ -571,7 +641,8 @@ class Worker:
         r.ctx._cancelled.set()
         # a sync task in a thread cannot be stopped from outside: a cancel is cooperative
         # (current_job().cancelled); shutdown and lost leases stop waiting for it
-        if r.task is not None and (r.is_async or reason != Interrupt.CANCEL):
+        stoppable = r.is_async and not r.finishing
+        if r.task is not None and (stoppable or reason != Interrupt.CANCEL):
             r.task.cancel()
 
     # --- maintenance ------------------------------------------------------------------------
@@ -624,6 +695,17 @@ class Worker:
         tasks = [r.task for r in leftovers if r.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _cancel_and_wait(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks and wait until they end, cancelling again those still running after
+    a second: redis-py can swallow a cancel that lands while a command starts (the task goes
+    on to its next await and would run forever; a worker hung on stop, seen in the suite)."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
 
 
 __all__ = ["Worker"]

@@ -68,6 +68,11 @@ CREATE TABLE IF NOT EXISTS taskmill_slots (
     expires_at REAL NOT NULL,
     PRIMARY KEY (bucket, holder)
 );
+CREATE TABLE IF NOT EXISTS taskmill_events (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    payload BLOB NOT NULL,
+    at      REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS taskmill_workers (
     id           TEXT PRIMARY KEY,
     host         TEXT NOT NULL,
@@ -282,3 +287,15 @@ ON CONFLICT (bucket, holder) DO UPDATE SET expires_at = excluded.expires_at;
 
 -- name: release_slot
 DELETE FROM taskmill_slots WHERE bucket = ? AND holder = ?;
+
+-- name: publish_events
+INSERT INTO taskmill_events (payload, at) VALUES (?, ?);
+
+-- name: last_event
+SELECT coalesce(max(seq), 0) FROM taskmill_events;
+
+-- name: events_after
+SELECT seq, payload FROM taskmill_events WHERE seq > ? ORDER BY seq LIMIT 1000;
+
+-- name: prune_events
+DELETE FROM taskmill_events WHERE at < ?;

@@ -1,0 +1,314 @@
+"""Live events: every state transition and progress report of a job, delivered to subscribers in
+any process through the broker (Redis pub/sub, PostgreSQL NOTIFY, SQLite: a polled table,
+memory: in-process).
+
+Events are on when the app says so (``App(url, events=True)``, in producers and workers alike):
+each costs a publish per batch of transitions, which the fastest paths otherwise skip. The
+process that makes a transition publishes it once it is stored: the producer ``queued`` or
+``scheduled``, the worker ``running``, progress (coalesced by the worker to at most 10 per
+second per job) and the outcome. Delivery is at most once: a subscriber that is not listening
+misses what is published meanwhile (for Redis and PostgreSQL; SQLite keeps an hour of events).
+
+Events of one job carry ``seq``, its transition number (0 when enqueued, ``2a - 1`` while
+attempt ``a`` runs, ``2a`` after it). Publishers are different processes, so a worker's
+``running`` can reach the broker before the producer's ``queued``; ``app.events()`` holds an
+event whose predecessor is missing for up to ``hold_s`` (0.2 s) and so yields each job's
+events in order.
+
+    >>> import asyncio
+    >>> from taskmill import App
+    >>> app = App("memory://", events=True)
+    >>> @app.task()
+    ... def add(a: int, b: int) -> int:
+    ...     return a + b
+    >>> async def main() -> list[str]:
+    ...     handle = await add.asend(1, 2)
+    ...     events = handle.awatch()
+    ...     first = await anext(events)  # the job's current state; listening from now on
+    ...     await app.arun_until_idle()
+    ...     return [first.state] + [e.state async for e in events]
+    >>> asyncio.run(main())
+    ['queued', 'running', 'succeeded']
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from taskmill.job import (
+    FINISHED_STATES,
+    Cancelled,
+    Failed,
+    Job,
+    JobState,
+    NewJob,
+    Outcome,
+    RetryAt,
+    Succeeded,
+)
+
+if TYPE_CHECKING:
+    from taskmill.app import App
+
+MAX_PAYLOAD = 7000
+"""Bytes per published message (PostgreSQL's NOTIFY takes at most 8000)."""
+
+
+class Event(msgspec.Struct, frozen=True):
+    job_id: str
+    task: str
+    queue: str
+    state: str
+    attempt: int
+    at: float
+    seq: int
+    progress: float | None = None
+    message: str | None = None
+
+    @property
+    def workflow_id(self) -> str | None:
+        from taskmill.workflows import workflow_of
+
+        return workflow_of(self.job_id)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in _FINISHED
+
+
+_FINISHED = {s.value for s in FINISHED_STATES}
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(list[Event])
+
+
+def enqueued(job: NewJob, now: float) -> Event:
+    due = job.run_at if job.run_at is not None else now + job.delay_s
+    state = JobState.QUEUED if due <= now else JobState.SCHEDULED
+    return Event(job.id, job.task, job.queue, state.value, 0, now, 0)
+
+
+def started(job: Job, now: float) -> Event:
+    return Event(job.id, job.task, job.queue, JobState.RUNNING.value, job.attempt, now,
+                 2 * job.attempt - 1)  # fmt: skip
+
+
+def progressed(job: Job, fraction: float | None, message: str | None, now: float) -> Event:
+    seq = 2 * job.attempt - 1
+    return Event(job.id, job.task, job.queue, "running", job.attempt, now, seq, fraction, message)
+
+
+def ended(job: Job, state: JobState, now: float) -> Event:
+    return Event(job.id, job.task, job.queue, state.value, job.attempt, now, 2 * job.attempt)
+
+
+def outcome_state(outcome: Outcome, now: float) -> JobState:
+    """The state a stored outcome left its job in."""
+    if isinstance(outcome, Succeeded):
+        return JobState.SUCCEEDED
+    if isinstance(outcome, Failed):
+        return JobState.FAILED
+    if isinstance(outcome, Cancelled):
+        return JobState.CANCELLED
+    if isinstance(outcome, RetryAt) and outcome.run_at > now:
+        return JobState.SCHEDULED
+    return JobState.QUEUED  # a retry due now, or handed back (Released)
+
+
+def snapshot(job: Job, now: float) -> Event:
+    """An event for a job's stored state, numbered as the transition that led to it."""
+    seq = 2 * job.attempt - (1 if job.state is JobState.RUNNING else 0)
+    return Event(job.id, job.task, job.queue, job.state.value, job.attempt, now, seq,
+                 job.progress, job.progress_message)  # fmt: skip
+
+
+async def watch(app: App, job_id: str) -> AsyncGenerator[Event, None]:
+    """One job's events until it finishes, starting with its current state (read once the
+    subscription listens, so nothing between the two is missed)."""
+    from taskmill.errors import JobNotFoundError
+
+    ready = asyncio.Event()
+    stream = subscribe(app, job_id=job_id, ready=ready)
+    pending = asyncio.ensure_future(stream.__anext__())
+    try:
+        listening = asyncio.ensure_future(ready.wait())
+        await asyncio.wait({pending, listening}, return_when=asyncio.FIRST_COMPLETED)
+        listening.cancel()
+        if pending.done() and pending.exception() is not None:
+            raise pending.exception()  # type: ignore[misc]
+        job = await (await app.abroker()).get(job_id)
+        if job is None:
+            raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
+        first = snapshot(job, time.time())
+        yield first
+        if job.state.finished:
+            return
+        while True:
+            event = await pending
+            pending = asyncio.ensure_future(stream.__anext__())
+            repeat = event.seq == first.seq and event.state == first.state
+            if event.seq < first.seq or (repeat and event.progress is None and not event.message):
+                continue  # the snapshot told it already
+            yield event
+            if event.finished:
+                return
+    finally:
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
+        await stream.aclose()
+
+
+def payloads(events: Sequence[Event]) -> list[bytes]:
+    """Events as JSON arrays of at most ``MAX_PAYLOAD`` bytes each."""
+    out: list[bytes] = []
+    batch: list[Event] = []
+    size = 2
+    for event in events:
+        length = len(_encoder.encode(event)) + 1
+        if batch and size + length > MAX_PAYLOAD:
+            out.append(_encoder.encode(batch))
+            batch, size = [], 2
+        batch.append(event)
+        size += length
+    if batch:
+        out.append(_encoder.encode(batch))
+    return out
+
+
+async def publish(app: App, events: Sequence[Event]) -> None:
+    if not events:
+        return
+    broker = await app.abroker()
+    for payload in payloads(events):
+        await broker.publish_events(payload)
+
+
+def decode_payload(payload: bytes) -> list[Event]:
+    try:
+        return _decoder.decode(payload)
+    except msgspec.DecodeError:
+        return []  # not ours, or from a newer version: skip rather than end the stream
+
+
+class _Reorder:
+    """Per job, events in ``seq`` order: one whose predecessor has not arrived waits for it
+    up to ``hold_s``, then goes anyway (the predecessor was lost, or came before we listened)."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self.last: dict[str, int] = {}
+        self.held: dict[str, list[tuple[float, Event]]] = {}
+
+    def push(self, event: Event, now: float) -> list[Event]:
+        last = self.last.get(event.job_id)
+        if (last is None and event.seq == 0) or (last is not None and event.seq <= last + 1):
+            return self._release(event)
+        self.held.setdefault(event.job_id, []).append((now + self.hold_s, event))
+        return []
+
+    def _release(self, event: Event) -> list[Event]:
+        out = [event]
+        self.last[event.job_id] = max(event.seq, self.last.get(event.job_id, event.seq))
+        held = self.held.get(event.job_id)
+        while held:
+            held.sort(key=lambda item: item[1].seq)
+            nxt = held[0][1]
+            if nxt.seq > self.last[event.job_id] + 1:
+                break
+            held.pop(0)
+            out.append(nxt)
+            self.last[event.job_id] = max(nxt.seq, self.last[event.job_id])
+        if not held:
+            self.held.pop(event.job_id, None)
+        return out
+
+    def expired(self, now: float) -> list[Event]:
+        out: list[Event] = []
+        for job_id in list(self.held):
+            held = self.held[job_id]
+            if min(deadline for deadline, _ in held) <= now:
+                held.sort(key=lambda item: item[1].seq)
+                first = held.pop(0)[1]
+                if not held:
+                    self.held.pop(job_id)
+                self.last.pop(job_id, None)
+                self.last[job_id] = first.seq
+                out.append(first)
+                out.extend(self._release_after(job_id))
+        return out
+
+    def _release_after(self, job_id: str) -> list[Event]:
+        held = self.held.get(job_id)
+        if not held:
+            return []
+        held.sort(key=lambda item: item[1].seq)
+        nxt = held[0][1]
+        if nxt.seq > self.last[job_id] + 1:
+            return []
+        held.pop(0)
+        if not held:
+            self.held.pop(job_id)
+        return self._release(nxt)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for held in self.held.values() for d, _ in held]
+        return min(deadlines) if deadlines else None
+
+
+def _matches(
+    event: Event, job_ids: set[str] | None, workflow_id: str | None, queue: str | None
+) -> bool:
+    if job_ids is not None and event.job_id not in job_ids:
+        return False
+    if workflow_id is not None and event.workflow_id != workflow_id:
+        return False
+    return queue is None or event.queue == queue
+
+
+async def subscribe(
+    app: App,
+    *,
+    job_id: str | Iterable[str] | None = None,
+    workflow_id: str | None = None,
+    queue: str | None = None,
+    hold_s: float = 0.2,
+    ready: asyncio.Event | None = None,
+) -> AsyncGenerator[Event, None]:
+    """Events from every process, filtered, each job's in order (see the module's docstring).
+    ``ready`` is set once the subscription listens (what was published before is not seen)."""
+    job_ids = {job_id} if isinstance(job_id, str) else set(job_id) if job_id is not None else None
+    broker = await app.abroker()
+    reorder = _Reorder(hold_s)
+    async with broker.events_subscription() as subscription:
+        if ready is not None:
+            ready.set()
+        pending: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(subscription.get())
+                deadline = reorder.next_deadline()
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, _ = await asyncio.wait({pending}, timeout=timeout)
+                out: list[Event] = []
+                if pending in done:
+                    payload = pending.result()
+                    pending = None
+                    now = time.monotonic()
+                    for event in decode_payload(payload):
+                        if _matches(event, job_ids, workflow_id, queue):
+                            out.extend(reorder.push(event, now))
+                out.extend(reorder.expired(time.monotonic()))
+                for event in out:
+                    yield event
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending

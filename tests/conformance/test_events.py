@@ -1,0 +1,136 @@
+"""Live events on every broker: a job's transitions and progress in order, filters, and a
+subscriber in another process that sees every transition of 1,000 jobs in order per job."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from taskmill import App, Backoff, current_job
+from taskmill.events import Event
+from taskmill.testing import running_worker
+
+from .apps import build_app
+from .conftest import AppFactory
+from .helpers import PACKAGE, processes, subprocess_env, wait_until, worker_args
+
+
+@pytest.fixture
+def app(app_factory: AppFactory) -> App:
+    return app_factory(events=True)
+
+
+@pytest.mark.timeout(60)
+def test_watch_yields_each_transition_and_progress_in_order(app: App) -> None:
+    tries = {"n": 0}
+
+    @app.task(retries=1, backoff=Backoff(base=0, cap=0, jitter=False))
+    def steps(n: int) -> str:
+        tries["n"] += 1
+        if tries["n"] == 1:
+            raise ValueError("first try fails")
+        job = current_job()
+        for i in range(n):
+            job.progress((i + 1) / n, f"step {i + 1}")
+            time.sleep(0.15)  # slower than the 10-per-second coalescing: each step is seen
+        return "done"
+
+    handle = steps.send(3)
+    events = handle.watch()
+    first = next(events)
+    assert (first.state, first.seq) == ("queued", 0)
+    with running_worker(app, scheduler=False):
+        seen = [first, *events]
+    states = [e.state for e in seen if e.progress is None and not e.message]
+    assert states == ["queued", "running", "queued", "running", "succeeded"]
+    assert [e.seq for e in seen] == sorted(e.seq for e in seen)
+    progress = [e.progress for e in seen if e.progress is not None]
+    assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
+    assert seen[-1].attempt == 2 and seen[-1].finished
+
+
+@pytest.mark.timeout(60)
+def test_events_filter_by_queue_and_workflow(app: App) -> None:
+    from taskmill import chain
+
+    @app.task(queue="watched")
+    def watched(x: int) -> int:
+        return x
+
+    @app.task(queue="other")
+    def other(x: int) -> int:
+        return x
+
+    async def collect() -> tuple[list[Event], list[Event]]:
+        import asyncio
+
+        by_queue: list[Event] = []
+        by_flow: list[Event] = []
+        ready_q, ready_w = asyncio.Event(), asyncio.Event()
+        from taskmill.events import subscribe
+
+        flow_id: list[str] = []
+
+        async def take(stream, sink, until) -> None:  # type: ignore[no-untyped-def]
+            async for event in stream:
+                sink.append(event)
+                if until(sink):
+                    return
+
+        queue_task = asyncio.ensure_future(
+            take(subscribe(app, queue="watched", ready=ready_q), by_queue,
+                 lambda s: sum(e.finished for e in s) >= 2)
+        )  # fmt: skip
+        await ready_q.wait()
+        await watched.asend(1)
+        await other.asend(2)
+        handle = await chain(watched.s(5), watched.s()).asend()
+        flow_id.append(handle.id)
+        flow_task = asyncio.ensure_future(
+            take(subscribe(app, workflow_id=handle.id, ready=ready_w), by_flow,
+                 lambda s: sum(e.finished for e in s) >= 2)
+        )  # fmt: skip
+        await ready_w.wait()
+        await app.arun_until_idle()
+        await asyncio.wait_for(asyncio.gather(queue_task, flow_task), 20)
+        return by_queue, by_flow
+
+    by_queue, by_flow = app.run_sync(collect())
+    assert {e.queue for e in by_queue} == {"watched"}
+    assert {e.workflow_id for e in by_flow} == {by_flow[0].workflow_id} != {None}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_a_subscriber_in_another_process_sees_every_transition_in_order(
+    broker_url: str, tmp_path: Path
+) -> None:
+    settings = {"events": True}
+    env = subscriber_env = subprocess_env(broker_url, settings)
+    ready, out = tmp_path / "ready", tmp_path / "events.jsonl"
+    app = build_app(broker_url, **settings)
+    try:
+        with processes() as start:
+            subscriber = start(
+                ["-m", f"{PACKAGE}.subscriber_main", str(ready), str(out), "1000"],
+                subscriber_env,
+                tmp_path / "subscriber.log",
+            )
+            wait_until(ready.exists, timeout=30, what="the subscriber to listen")
+            handles = app.tasks["conformance.double"].send_many([(n,) for n in range(1000)])
+            start(worker_args(concurrency=16), env, tmp_path / "worker.log")
+            assert subscriber.wait(120) == 0, subscriber.output()
+    finally:
+        app.close()
+    per_job: dict[str, list[str]] = defaultdict(list)
+    for line in out.read_bytes().splitlines():
+        event = msgspec.json.decode(line, type=Event)
+        per_job[event.job_id].append(event.state)
+    assert set(per_job) == {h.id for h in handles}
+    wrong = {job: states for job, states in per_job.items()
+             if states != ["queued", "running", "succeeded"]}  # fmt: skip
+    assert wrong == {}
