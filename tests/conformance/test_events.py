@@ -134,3 +134,44 @@ def test_a_subscriber_in_another_process_sees_every_transition_in_order(
     wrong = {job: states for job, states in per_job.items()
              if states != ["queued", "running", "succeeded"]}  # fmt: skip
     assert wrong == {}
+
+
+@pytest.mark.timeout(60)
+def test_last_progress_event_comes_before_the_outcome(app: App) -> None:
+    """Reports made just before a job returns reach subscribers, before its ``succeeded``."""
+
+    @app.task()
+    def stepper(i: int) -> int:
+        job = current_job()
+        for step in range(1, 5):
+            job.progress(step / 4, f"step {step}")
+        return i
+
+    ids: list[str] = []
+    seen: dict[str, list[Event]] = defaultdict(list)
+
+    async def main() -> None:
+        import asyncio
+
+        from taskmill.events import subscribe
+
+        ready = asyncio.Event()
+
+        async def collect() -> None:
+            async for event in subscribe(app, ready=ready):
+                seen[event.job_id].append(event)
+                if len(ids) == 20 and all(any(e.finished for e in seen[i]) for i in ids):
+                    return
+
+        listener = asyncio.create_task(collect())
+        await ready.wait()
+        ids.extend([(await stepper.asend(i)).id for i in range(20)])
+        await asyncio.wait_for(listener, 30)
+
+    with running_worker(app, scheduler=False):
+        app.run_sync(main())
+    for job_id in ids:
+        events = seen[job_id]
+        last_progress = [e for e in events if e.progress is not None][-1]
+        assert (last_progress.progress, last_progress.message) == (1.0, "step 4")
+        assert events.index(last_progress) < [e.state for e in events].index("succeeded")

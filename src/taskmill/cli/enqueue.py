@@ -138,17 +138,17 @@ def wait_for(env: Env, app: App, job_id: str, timeout: float | None) -> Job:
         disable=not show,
     )
 
+    last_progress: list[float | None] = [None]
+
     def show_state(job: Job | Event) -> None:
-        if isinstance(job, Event):
-            state, message = job.state, job.message
-        else:
-            state, message = job.state.value, job.progress_message
+        description, fraction, message = bar_fields(job, last_progress[0])
+        last_progress[0] = fraction
         progress.update(
             bar,
-            description=escape(f"{job.task} {state}"),
-            total=None if job.progress is None else 1.0,
-            completed=job.progress or 0.0,
-            message=message or "",
+            description=escape(description),
+            total=None if fraction is None else 1.0,
+            completed=fraction or 0.0,
+            message=message,
         )
 
     with progress:
@@ -166,6 +166,18 @@ def wait_for(env: Env, app: App, job_id: str, timeout: float | None) -> Job:
                 raise CliError(f"job {job_id} is still {job.state.value} after {timeout} s")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
+
+
+def bar_fields(job: Job | Event, last: float | None) -> tuple[str, float | None, str]:
+    """What the progress bar shows for a job's stored state or event: description, fraction
+    (None: unknown) and message. Transitions carry no progress, so the last known stays; a
+    succeeded job is complete."""
+    state = job.state if isinstance(job, Event) else job.state.value
+    message = job.message if isinstance(job, Event) else job.progress_message
+    fraction = job.progress if job.progress is not None else last
+    if state == JobState.SUCCEEDED.value:
+        fraction = 1.0
+    return f"{job.task} {state}", fraction, message or ""
 
 
 async def _watch(

@@ -112,6 +112,10 @@ class Worker:
         self._riding: list[Finish] = []  # outcomes riding along with a claim
         self._progress: dict[str, Progress] = {}
         self._progress_lock = threading.Lock()
+        # the last unwritten report of each job that ended: written before its outcome, by
+        # whichever call carries that outcome (a report after the outcome would be refused)
+        self._final_progress: list[tuple[Progress, Job]] = []
+        self._progress_write = asyncio.Lock()  # progress writes land in the order they were made
         self._progress_wake_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested = False
@@ -255,14 +259,18 @@ class Worker:
                 continue
             # outcomes waiting to be written ride along with the claim: one transaction
             batch, self._pending = self._pending, []
+            final, self._final_progress = self._final_progress, []
             self._riding = batch
             try:
+                if final:
+                    await self._write_progress(final)
                 applied, jobs = await broker.finish_and_claim(
                     batch, self.queues, free, self.id, self.lease_s
                 )
                 backoff = 0.05
             except Exception as exc:
                 self._pending[:0] = batch
+                self._final_progress[:0] = final
                 log.error("worker %s: claim failed, retrying in %.2f s: %s", self.id, backoff, exc)
                 await self._sleep_unless_stopped(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -366,6 +374,8 @@ class Worker:
         if not r.lost and not plain:
             await self._outcome_hooks(r, outcome)
         del self._running[r.job.id]
+        with self._progress_lock:  # no report of this job is taken after this point
+            last_report = self._progress.pop(r.job.id, None)
         self.jobs_done += 1
         if r.lost:
             log.warning(
@@ -375,6 +385,8 @@ class Worker:
                 type(outcome).__name__,
             )
         else:
+            if last_report is not None:
+                self._final_progress.append((last_report, r.job))
             self._pending.append(Finish(r.claim, outcome))
             if self._events_on:
                 self._finishing[r.job.id] = r.job
@@ -421,25 +433,26 @@ class Worker:
         """Write pending progress and outcomes; False if the broker refused (kept for later)."""
         assert self._broker and self._progressed and self._flush_wake
         with self._progress_lock:
-            progress = list(self._progress.values())
+            running = [(p, r.job) for p in self._progress.values()
+                       if (r := self._running.get(p.claim.job_id)) is not None]  # fmt: skip
             self._progress.clear()
             self._progress_wake_scheduled = False
-        try:
-            if progress:
-                await self._broker.record_progress(progress)
-                if self._events_on:
-                    self._emit_progress(progress)
-        except Exception as exc:
-            log.error("worker %s: recording progress failed: %s", self.id, exc)
+        if running:
+            with contextlib.suppress(Exception):  # logged; a later report replaces it anyway
+                await self._write_progress(running)
         if not self._pending:
             return True
         batch, self._pending = self._pending, []
+        final, self._final_progress = self._final_progress, []
         self._flushing = batch
         try:
+            if final:
+                await self._write_progress(final)
             applied = await self._broker.finish(batch)
         except Exception as exc:
             self._flushing = []
             self._pending[:0] = batch
+            self._final_progress[:0] = final
             log.error(
                 "worker %s: recording %d outcomes failed, will retry (leases are still held): %s",
                 self.id,
@@ -477,12 +490,20 @@ class Worker:
         if self._events_wake is not None:
             self._events_wake.set()
 
-    def _emit_progress(self, items: list[Progress]) -> None:
-        now = time.time()
-        for item in items:
-            r = self._running.get(item.claim.job_id)
-            if r is not None:
-                self._emit(progressed(r.job, item.fraction, item.message, now))
+    async def _write_progress(self, items: list[tuple[Progress, Job]]) -> None:
+        """Store progress reports (and publish them as events), one write at a time: a job's
+        last report must not be overtaken by an earlier one still in flight."""
+        assert self._broker is not None
+        async with self._progress_write:
+            try:
+                await self._broker.record_progress([p for p, _ in items])
+            except Exception as exc:
+                log.error("worker %s: recording progress failed: %s", self.id, exc)
+                raise
+        if self._events_on:
+            now = time.time()
+            for p, job in items:
+                self._emit(progressed(job, p.fraction, p.message, now))
 
     def _emit_outcomes(self, batch: list[Finish], applied: list[bool]) -> None:
         if not self._events_on:
