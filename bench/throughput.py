@@ -38,13 +38,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextmanager
-def workers(url: str, processes: int, concurrency: int, pool: str) -> Iterator[None]:
+def workers(
+    url: str, processes: int, concurrency: int, pool: str, log_level: str = "warning"
+) -> Iterator[None]:
     env = {**os.environ, "TASKMILL_URL": url, "PYTHONPATH": ROOT}
     cmd = [
         sys.executable, "-m", "taskmill", "worker", "bench.noop_app:app",
-        "-p", str(processes), "-c", str(concurrency), "--pool", pool, "--log-level", "warning",
+        "-p", str(processes), "-c", str(concurrency), "--pool", pool, "--log-level", log_level,
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
+    # the logs go to a file beside the database, as a real worker's go to a file or a pipe
+    log_file = open(url.removeprefix("sqlite:///") + ".log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, start_new_session=True, stdout=log_file, stderr=log_file
+    )
     try:
         yield
     finally:
@@ -54,6 +60,7 @@ def workers(url: str, processes: int, concurrency: int, pool: str) -> Iterator[N
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        log_file.close()
 
 
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> None:
@@ -104,7 +111,15 @@ def run_enqueue(tmp: str, jobs: int) -> dict[str, float]:
     return {"bulk send_many jobs/s": bulk, "send() loop jobs/s": single}
 
 
-def run_drain(tmp: str, jobs: int, task_name: str, processes: int, conc: int, pool: str) -> float:
+def run_drain(
+    tmp: str,
+    jobs: int,
+    task_name: str,
+    processes: int,
+    conc: int,
+    pool: str,
+    log_level: str = "warning",
+) -> float:
     from taskmill import App
 
     url = fresh_url(tmp, f"drain-{task_name}-{pool}")
@@ -114,7 +129,7 @@ def run_drain(tmp: str, jobs: int, task_name: str, processes: int, conc: int, po
         task.send_many([()] * min(5000, jobs - start))
     app.close()
     path = db_path(url)
-    with workers(url, processes, conc, pool):
+    with workers(url, processes, conc, pool, log_level):
         wait_until(lambda: count_finished(path) >= jobs, timeout=600, interval=0.2)
     with sqlite3.connect(path) as conn:
         first, last = conn.execute(
@@ -162,6 +177,12 @@ def main() -> None:
     parser.add_argument("--pool", choices=["async", "thread", "process"], default="thread")
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning"],
+        default="warning",
+        help="the workers' --log-level (info: one line per finished job, to a file)",
+    )
     args = parser.parse_args()
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="taskmill-bench-") as tmp:
@@ -171,7 +192,13 @@ def main() -> None:
         if args.mode in ("all", "drain"):
             for task_name in [args.task] if args.task else ["noop", "anoop"]:
                 rate = run_drain(
-                    tmp, args.jobs, task_name, args.processes, args.concurrency, args.pool
+                    tmp,
+                    args.jobs,
+                    task_name,
+                    args.processes,
+                    args.concurrency,
+                    args.pool,
+                    args.log_level,
                 )
                 label = f"drain jobs/s ({task_name}, -p {args.processes} -c {args.concurrency})"
                 rows.append((label, f"{rate:,.0f}"))

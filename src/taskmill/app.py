@@ -527,6 +527,10 @@ class App:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
+            loop_running = False
+        else:
+            loop_running = True
+        if not loop_running:  # outside the except: errors of jobs are not chained to it
             return asyncio.run(self.arun_until_idle(queues))
         box: list[int] = []
         errors: list[BaseException] = []

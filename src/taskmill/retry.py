@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sysconfig
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import TracebackType
 
 from taskmill.job import Cancelled, ErrorInfo, Failed, Outcome, RetryAt, Succeeded
 
@@ -94,10 +97,27 @@ class RetryPolicy:
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
+    """The stored form of an error. The traceback starts at the user's code: the frames of
+    taskmill and of the standard library that led into the task are left out."""
     if isinstance(exc, RemoteError):
         return exc.info
-    tb = "".join(traceback.format_exception(exc))
+    tb = "".join(traceback.format_exception(type(exc), exc, _from_user_code(exc.__traceback__)))
     return ErrorInfo(type=_qualified_name(type(exc)), message=str(exc), traceback=tb)
+
+
+_OWN_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep,
+)
+
+
+def _from_user_code(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` from its first frame outside taskmill and the standard library; all of it if
+    every frame is theirs (an error in taskmill itself)."""
+    first = tb
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OWN_DIRS):
+        tb = tb.tb_next
+    return tb or first
 
 
 def _qualified_name(cls: type) -> str:

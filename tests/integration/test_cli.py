@@ -491,3 +491,27 @@ def test_enqueue_wait_and_jobs_watch_follow_live_events(cli: Cli) -> None:
     assert r.returncode == 1 and "does not exist" in one_error_line(r)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
+
+
+def test_worker_logs_json_lines_with_job_fields(cli: Cli) -> None:
+    worker = cli.spawn("worker", "-p", "2", "--log-format", "json")
+    failed = cli.send("boom", '["kaput"]')
+    succeeded = cli.send("add", "[1, 2]")
+    log_path = cli.logs[-1][0]
+
+    def entries() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in log_path.read_text().splitlines() if line]
+
+    def job_lines() -> list[dict[str, Any]] | None:
+        lines = [e for e in entries() if e.get("job_id") in (failed, succeeded)]
+        return lines if len(lines) == 2 else None
+
+    lines = poll_until(job_lines, what="a log line for each job", timeout=20)
+    by_id = {e["job_id"]: e for e in lines}
+    assert by_id[failed]["level"] == "error" and by_id[failed]["task"] == "boom"
+    assert by_id[failed]["error"] == "ValueError: kaput"
+    assert "raise ValueError(message)" in by_id[failed]["traceback"]
+    assert by_id[succeeded]["level"] == "info" and by_id[succeeded]["attempt"] == 1
+    assert by_id[succeeded]["duration_s"] >= 0 and by_id[succeeded]["queue"] == "default"
+    assert stop(worker) == 0, cli.output()
+    assert all(e["pid"] and e["message"] for e in entries())  # every line of every process

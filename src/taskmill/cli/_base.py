@@ -29,7 +29,6 @@ T = TypeVar("T")
 
 log = logging.getLogger("taskmill.cli")
 
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(process)d] %(message)s"
 LOST_AFTER_HEARTBEATS = 3
 """A worker whose last heartbeat is older than this many heartbeat intervals is shown lost."""
 

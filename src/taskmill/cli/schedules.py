@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import click
 from rich.table import Table
 from rich.text import Text
 
-from taskmill.cli._base import LOG_FORMAT, Env, app_option, cli, dumps, state_text
+from taskmill.cli._base import Env, app_option, cli, dumps, state_text
+from taskmill.logs import LogFormat
+from taskmill.logs import configure as configure_logging
 from taskmill.scheduler import Scheduler, ScheduleStatus, schedule_statuses
 
 
@@ -82,13 +83,20 @@ def schedules(env: Env, n_next: int, as_json: bool) -> None:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or one JSON object a line.",
+)
 @app_option
 @click.pass_obj
-def scheduler(env: Env, log_level: str) -> None:
+def scheduler(env: Env, log_level: str, log_format: str) -> None:
     """Enqueue the app's periodic schedules' ticks, and run no jobs. Any number may run
     beside workers (each tick is enqueued once); SIGTERM or Ctrl-C stops it."""
     app = env.app(need_tasks=True)
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+    configure_logging(log_level, cast("LogFormat", log_format))  # click.Choice checked it
     if not app.schedules:
         raise click.UsageError("the app has no periodic schedules (see @app.periodic)")
 

@@ -14,12 +14,13 @@ import click
 
 from taskmill.app import App
 from taskmill.cli._base import (
-    LOG_FORMAT,
     Env,
     app_option,
     cli,
     log,
 )
+from taskmill.logs import LogFormat
+from taskmill.logs import configure as configure_logging
 
 if TYPE_CHECKING:
     from taskmill.worker.worker import PoolKind, Worker
@@ -69,6 +70,13 @@ if TYPE_CHECKING:
     show_default=True,
 )
 @click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or one JSON object a line (with job_id, task, queue, attempt).",
+)
+@click.option(
     "--scheduler/--no-scheduler",
     default=True,
     show_default=True,
@@ -87,6 +95,7 @@ def worker(
     max_tasks_per_child: int | None,
     drain_timeout: float,
     log_level: str,
+    log_format: str,
     scheduler: bool,
     parent_pid: int | None,
 ) -> None:
@@ -102,7 +111,7 @@ def worker(
     if max_tasks_per_child is not None and pool != "process":
         raise click.UsageError("--max-tasks-per-child needs --pool process")
     queue_list = parse_queues(queues) if queues is not None else app.queues()
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+    configure_logging(log_level, cast("LogFormat", log_format))  # click.Choice checked it
     if processes > 1:
         from taskmill.worker.supervisor import Supervisor
 
@@ -110,6 +119,7 @@ def worker(
             sys.executable, "-m", "taskmill", "worker", app_path,
             "-q", ",".join(queue_list), "-c", str(concurrency), "-p", "1",
             "--pool", pool, "--drain-timeout", str(drain_timeout), "--log-level", log_level,
+            "--log-format", log_format,
             "--parent-pid", str(os.getpid()),
             "--scheduler" if scheduler else "--no-scheduler",
         ]  # fmt: skip

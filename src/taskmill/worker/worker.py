@@ -42,6 +42,7 @@ from taskmill.job import (
 from taskmill.retry import error_info
 from taskmill.serialization import decode_payload, try_decode
 from taskmill.worker.execution import Interrupt, execute, fail_now, interrupted_outcome
+from taskmill.worker.joblog import job_log, log_outcome, log_start
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
 from taskmill.workflows import advance, sweep, workflow_of
 
@@ -355,10 +356,14 @@ class Worker:
         plain = self._plain_tasks.get(kind)
         if plain is None:
             plain = self._plain_tasks[kind] = self._is_plain(r.job)
+        began = time.monotonic()
         try:
             early = None if plain else await self._flow_control(r)
             if early is None and not plain:
                 await self._hooks("on_start", r.job)
+                began = time.monotonic()  # the run's duration, not the wait for its limits
+            if job_log.isEnabledFor(logging.DEBUG):
+                log_start(r.job, self.id)
             outcome: Outcome = early or await execute(
                 self.app, r.job, r.ctx, self._runner, r.interrupted
             )
@@ -395,8 +400,8 @@ class Worker:
             if self._idle_task is not None or self._stop_requested:
                 assert self._flush_wake
                 self._flush_wake.set()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("job %s (%s): %s", r.job.id, r.job.task, type(outcome).__name__)
+        if not r.lost and job_log.isEnabledFor(logging.INFO):
+            log_outcome(r.job, outcome, time.monotonic() - began, self.id)
         assert self._progressed
         self._progressed.set()
 
