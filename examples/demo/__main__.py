@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -242,10 +243,22 @@ def main() -> int:
     console.print(summary(jobs, wall_s))
     console.print(
         "The failed jobs stay inspectable and retryable:\n"
-        f"  TASKMILL_URL={app.url} taskmill jobs list --state failed",
+        f"  {taskmill_command()} jobs list --state failed --url {app.url}",
         soft_wrap=True,
     )
     return 0
+
+
+def taskmill_command() -> str:
+    """How to run ``taskmill`` from this shell: by name if it is on the PATH, else by the path
+    of the script beside this interpreter (``make demo`` does not activate .venv)."""
+    script = os.path.join(os.path.dirname(sys.executable), "taskmill")
+    on_path = shutil.which("taskmill")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(script):
+        return "taskmill"
+    if os.path.exists(script):
+        return os.path.relpath(script) if not os.path.relpath(script).startswith("..") else script
+    return f"{sys.executable} -m taskmill"
 
 
 if __name__ == "__main__":
