@@ -113,15 +113,19 @@ def test_supervisor_health_answers_for_every_child(cli: Cli) -> None:
     children = {w["pid"] for w in pools_of(cli, 2)}
     assert {p["pid"] for p in body["processes"]} == children
 
-    hung = min(children)
+    hung, other = sorted(children)
     os.kill(hung, signal.SIGSTOP)
     try:
-        stale = wait_health(port, 503, "the stopped child to be reported")
-        by_pid = {p["pid"]: p["status"] for p in stale["processes"]}
-        assert stale["status"] == "unhealthy" and by_pid == {
-            hung: "stale",
-            max(children): "ok",
-        }
+
+        def reported() -> dict[str, Any] | None:
+            got = health(port)
+            if got is None or got[0] != 503:
+                return None
+            by_pid = {p["pid"]: p["status"] for p in got[1]["processes"]}
+            return got[1] if by_pid == {hung: "stale", other: "ok"} else None
+
+        stale = poll_until(reported, what="503 naming the stopped child (and only it) stale")
+        assert stale["status"] == "unhealthy"
     finally:
         os.kill(hung, signal.SIGCONT)
     wait_health(port, 200, "the resumed child to be healthy again")
@@ -336,8 +340,9 @@ def test_a_broken_broker_url_stops_the_supervisor_with_timestamped_errors(cli: C
         capture_output=True, text=True, env=env, cwd=cli.tmp_path, timeout=40,
     )  # fmt: skip
     assert proc.returncode == 3, proc.stderr
+    # the other child may be stopped before it gets as far: at least one says why
     errors = lines(proc.stderr, "unknown sqlite URL option")
-    assert len(errors) == 2, proc.stderr
+    assert errors, proc.stderr
     assert all(
         re.search(STAMP + r"ERROR .*cannot start: unknown sqlite URL option", e) for e in errors
     )

@@ -29,7 +29,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 
 from taskmill.worker.health import Status, heartbeat_status
@@ -67,7 +67,7 @@ class _Slot:
     restart_at: float | None = None
     beats: int | None = None  # read end of the child's heartbeat pipe
     last_beat: float | None = None  # time.monotonic() of the child's last heartbeat
-    label: str = field(default="")
+    label: str = ""  # for log lines: the index, and the pool if there are several
 
 
 def describe_exit(code: int) -> str:
@@ -100,7 +100,6 @@ class Supervisor:
     ) -> None:
         if not pools or any(pool.processes < 1 for pool in pools):
             raise ValueError("every pool needs processes >= 1")
-        self.pools = list(pools)
         self.slots: list[_Slot] = []
         for pool in pools:
             for _ in range(pool.processes):
