@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 from urllib.parse import parse_qsl, urlsplit
 
 from taskmill.brokers import Broker, EnqueueResult, broker_from_url
@@ -40,6 +40,9 @@ from taskmill.task import (
     check_priority,
     seconds,
 )
+
+if TYPE_CHECKING:
+    from taskmill.worker.embed import EmbeddedWorker, WorkerThread
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -512,6 +515,30 @@ class App:
 
     async def aget_job(self, job_id: str) -> Job:
         return await JobHandle[Any](self, job_id).ainfo()
+
+    # --- a worker inside this program (docs/embedding.md) --------------------------------------
+
+    def worker(
+        self, *, queues: Sequence[str] | None = None, concurrency: int = 16, **options: Any
+    ) -> EmbeddedWorker:
+        """``async with app.worker(...) as w:`` runs a worker on the current event loop
+        until the block exits (then it drains). ``queues`` defaults to ``app.queues()``, as
+        ``taskmill worker`` does; ``options`` are ``Worker``'s (``pool``, ``name``,
+        ``drain_timeout_s``, ``max_start_wait_s``, ``scheduler``, …). See
+        ``taskmill.worker.embed``."""
+        from taskmill.worker.embed import EmbeddedWorker
+
+        return EmbeddedWorker(self, queues=queues, concurrency=concurrency, **options)
+
+    def worker_thread(
+        self, *, queues: Sequence[str] | None = None, concurrency: int = 16, **options: Any
+    ) -> WorkerThread:
+        """``with app.worker_thread(...) as w:`` (or ``.start()`` and later ``.stop()``) runs
+        a worker on a thread of its own; arguments as for ``worker``. See
+        ``taskmill.worker.embed``."""
+        from taskmill.worker.embed import WorkerThread
+
+        return WorkerThread(self, queues=queues, concurrency=concurrency, **options)
 
     # --- in-process running (tests, eager mode) -----------------------------------------------
 

@@ -115,6 +115,8 @@ def queues_resume(env: Env, queue: str) -> None:
 @click.pass_obj
 def workers(env: Env, as_json: bool) -> None:
     """List worker processes. "lost": no heartbeat for 3 intervals, and no sign-off."""
+    from taskmill.worker.names import name_of
+
     app = env.app()
 
     async def fetch(b: Broker) -> tuple[list[WorkerInfo], float]:
@@ -125,6 +127,7 @@ def workers(env: Env, as_json: bool) -> None:
     rows = [
         {
             "id": w.id,
+            "name": name_of(w.id),
             "host": w.host,
             "pid": w.pid,
             "queues": w.queues,

@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import click
 
 from taskmill.app import App
+from taskmill.brokers.base import Broker
 from taskmill.cli._base import (
+    LOST_AFTER_HEARTBEATS,
+    CliError,
     Env,
+    age,
     app_option,
+    broker_call,
     cli,
     log,
+    target_options,
 )
+from taskmill.errors import TaskmillError
+from taskmill.job import WorkerInfo
 from taskmill.logs import LogFormat
 from taskmill.logs import configure as configure_logging
 
 if TYPE_CHECKING:
+    from taskmill.worker.health import HealthServer, Status
+    from taskmill.worker.supervisor import Pool
     from taskmill.worker.worker import PoolKind, Worker
 
 # --- worker -------------------------------------------------------------------------------------
@@ -34,7 +48,8 @@ if TYPE_CHECKING:
     "-q",
     "--queues",
     metavar="Q1,Q2",
-    help="Queues to take jobs from (default: every queue the app's tasks use).",
+    help="Queues to take jobs from (default: every queue the app's tasks use, and the app's "
+    "default queue).",
 )
 @click.option(
     "-c", "--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
@@ -82,11 +97,46 @@ if TYPE_CHECKING:
     show_default=True,
     help="Also enqueue the app's periodic schedules (each tick once, however many run).",
 )
+@click.option(
+    "--pool-spec",
+    "pool_specs",
+    metavar="QUEUES:PROCESSES[:CONCURRENCY]",
+    multiple=True,
+    help="A pool of worker processes on its own queues, e.g. render:2 or preview,default:4:8 "
+    "(CONCURRENCY defaults to -c). Repeat for more pools; all run under one supervisor. "
+    "Replaces -q and -p.",
+)
+@click.option(
+    "--name",
+    metavar="NAME",
+    help="A name for the worker, kept in its id (NAME@host-pid-random): shown by 'taskmill "
+    "workers', used by 'taskmill ping --name'. Every process of -p N or --pool-spec gets it.",
+)
+@click.option(
+    "--health-port",
+    type=click.IntRange(min=0, max=65535),
+    help="Serve a liveness endpoint on this port: 200 while the worker (with -p N or "
+    "--pool-spec: every worker process) heartbeated recently, 503 otherwise.",
+)
+@click.option(
+    "--health-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address the liveness endpoint listens on (0.0.0.0: every interface).",
+)
+@click.option(
+    "--max-start-wait",
+    type=click.FloatRange(min=0),
+    metavar="S",
+    help="Give up (exit code 3) if the broker is still unreachable after S seconds at start "
+    "(default: retry for ever, with back-off).",
+)
 @click.option("--parent-pid", type=int, hidden=True)
+@click.option("--heartbeat-fd", type=int, hidden=True)
 @app_option
-@click.pass_obj
+@click.pass_context
 def worker(
-    env: Env,
+    ctx: click.Context,
     app_arg: str | None,
     queues: str | None,
     concurrency: int,
@@ -97,10 +147,21 @@ def worker(
     log_level: str,
     log_format: str,
     scheduler: bool,
+    pool_specs: tuple[str, ...],
+    name: str | None,
+    health_port: int | None,
+    health_host: str,
+    max_start_wait: float | None,
     parent_pid: int | None,
+    heartbeat_fd: int | None,
 ) -> None:
     """Run jobs. SIGTERM or Ctrl-C drains (running jobs get --drain-timeout to finish); a
-    second one stops at once, handing unfinished jobs back without spending an attempt."""
+    second one stops at once, handing unfinished jobs back without spending an attempt.
+
+    A broker that cannot be reached at start is retried with back-off (logged), by one
+    process or many. Exit codes: 0 after a stop, 2 for a usage error, 3 if the worker could
+    not start (the broker refused it, or --max-start-wait passed), 1 for other errors."""
+    env = ctx.ensure_object(Env)
     if parent_pid is not None:
         # supervised: the supervisor forwards a terminal's Ctrl-C as SIGTERM already
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -110,33 +171,48 @@ def worker(
     app_path = env.app_path or os.environ.get("TASKMILL_APP", "")
     if max_tasks_per_child is not None and pool != "process":
         raise click.UsageError("--max-tasks-per-child needs --pool process")
+    if name is not None:
+        _check_name(name)
+    pools = _parse_pool_specs(ctx, pool_specs, concurrency) if pool_specs else None
     queue_list = parse_queues(queues) if queues is not None else app.queues()
     configure_logging(log_level, cast("LogFormat", log_format))  # click.Choice checked it
-    if processes > 1:
-        from taskmill.worker.supervisor import Supervisor
-
-        argv = [
-            sys.executable, "-m", "taskmill", "worker", app_path,
-            "-q", ",".join(queue_list), "-c", str(concurrency), "-p", "1",
-            "--pool", pool, "--drain-timeout", str(drain_timeout), "--log-level", log_level,
-            "--log-format", log_format,
-            "--parent-pid", str(os.getpid()),
-            "--scheduler" if scheduler else "--no-scheduler",
-        ]  # fmt: skip
-        if max_tasks_per_child is not None:
-            argv += ["--max-tasks-per-child", str(max_tasks_per_child)]
-        raise click.exceptions.Exit(Supervisor(argv, processes).run())
-    run_worker_process(
-        app,
-        app_path=app_path,
-        queues=queue_list,
-        concurrency=concurrency,
-        pool=pool,
-        max_tasks_per_child=max_tasks_per_child,
-        drain_timeout_s=drain_timeout,
-        parent_pid=parent_pid,
-        scheduler=scheduler,
-    )
+    if queues is None and pools is None:
+        log.info(
+            "queues: %s (every queue the app's tasks use, and the app's default queue %r; "
+            "-q chooses)",
+            ",".join(queue_list),
+            app.settings.default_queue,
+        )
+    if pools is None and processes == 1:
+        run_worker_process(
+            app,
+            app_path=app_path,
+            queues=queue_list,
+            concurrency=concurrency,
+            pool=pool,
+            max_tasks_per_child=max_tasks_per_child,
+            drain_timeout_s=drain_timeout,
+            parent_pid=parent_pid,
+            scheduler=scheduler,
+            name=name,
+            max_start_wait_s=max_start_wait,
+            heartbeat_fd=heartbeat_fd,
+            health=None if health_port is None else (health_host, health_port),
+        )
+        return
+    common = [
+        "--pool", pool, "--drain-timeout", str(drain_timeout), "--log-level", log_level,
+        "--log-format", log_format, "--parent-pid", str(os.getpid()),
+        "--scheduler" if scheduler else "--no-scheduler",
+    ]  # fmt: skip
+    if max_tasks_per_child is not None:
+        common += ["--max-tasks-per-child", str(max_tasks_per_child)]
+    if name is not None:
+        common += ["--name", name]
+    if max_start_wait is not None:
+        common += ["--max-start-wait", str(max_start_wait)]
+    specs = pools or [PoolSpec(queue_list, processes, concurrency)]
+    raise click.exceptions.Exit(_supervise(app, app_path, specs, common, health_host, health_port))
 
 
 def parse_queues(value: str) -> list[str]:
@@ -144,6 +220,125 @@ def parse_queues(value: str) -> list[str]:
     if not names:
         raise click.BadParameter("name at least one queue", param_hint="'-q'")
     return names
+
+
+def _check_name(name: str) -> None:
+    from taskmill.worker.names import check_name
+
+    try:
+        check_name(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--name'") from None
+
+
+# --- pools under one supervisor -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One ``--pool-spec``: worker processes taking jobs from ``queues``."""
+
+    queues: list[str]
+    processes: int
+    concurrency: int
+
+    @property
+    def label(self) -> str:
+        return ",".join(self.queues)
+
+
+_POOL_SPEC_SHAPE = "expected QUEUES:PROCESSES[:CONCURRENCY], e.g. render:2 or preview,default:4:8"
+
+
+def parse_pool_spec(value: str, default_concurrency: int) -> PoolSpec:
+    """``render:2`` or ``preview,default:4:8``; ``ValueError`` with a precise message."""
+    parts = value.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"{value!r}: {_POOL_SPEC_SHAPE}")
+    queues = list(dict.fromkeys(q.strip() for q in parts[0].split(",") if q.strip()))
+    if not queues:
+        raise ValueError(f"{value!r}: name at least one queue before the first ':'")
+    processes = _whole_number(value, "PROCESSES", parts[1])
+    concurrency = default_concurrency
+    if len(parts) == 3:
+        concurrency = _whole_number(value, "CONCURRENCY", parts[2])
+    return PoolSpec(queues, processes, concurrency)
+
+
+def _whole_number(value: str, what: str, text: str) -> int:
+    try:
+        number = int(text.strip())
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{value!r}: {what} must be a whole number >= 1, not {text!r}")
+    return number
+
+
+def _parse_pool_specs(
+    ctx: click.Context, values: tuple[str, ...], default_concurrency: int
+) -> list[PoolSpec]:
+    for option, param in (("-q", "queues"), ("-p", "processes")):
+        if ctx.get_parameter_source(param) is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(
+                f"--pool-spec sets each pool's queues and processes: drop {option}"
+            )
+    specs = []
+    for value in values:
+        try:
+            specs.append(parse_pool_spec(value, default_concurrency))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--pool-spec'") from None
+    return specs
+
+
+def _supervise(
+    app: App,
+    app_path: str,
+    specs: list[PoolSpec],
+    common: list[str],
+    health_host: str,
+    health_port: int | None,
+) -> int:
+    from taskmill.worker.supervisor import Pool, Supervisor
+
+    pools: list[Pool] = []
+    for spec in specs:
+        argv = [
+            sys.executable, "-m", "taskmill", "worker", app_path,
+            "-q", ",".join(spec.queues), "-c", str(spec.concurrency), "-p", "1", *common,
+        ]  # fmt: skip
+        pools.append(Pool(argv, spec.processes, spec.label))
+        if len(specs) > 1:
+            log.info(
+                "pool %s: %d processes, concurrency %d each",
+                spec.label,
+                spec.processes,
+                spec.concurrency,
+            )
+    supervisor = Supervisor(
+        pools,
+        heartbeat_max_age_s=LOST_AFTER_HEARTBEATS * app.settings.effective_heartbeat_s,
+    )
+    server = (
+        None if health_port is None else _serve_health(health_host, health_port, supervisor.health)
+    )
+    try:
+        return supervisor.run()
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _serve_health(host: str, port: int, status: Callable[[], Status]) -> HealthServer:
+    from taskmill.worker.health import HealthServer
+
+    try:
+        server = HealthServer(host, port, status).start()
+    except OSError as exc:
+        raise CliError(f"--health-port: cannot listen on {host}:{port}: {exc}") from None
+    log.info("liveness endpoint on http://%s:%d/", host, server.port)
+    return server
 
 
 def run_worker_process(
@@ -157,21 +352,31 @@ def run_worker_process(
     drain_timeout_s: float,
     parent_pid: int | None,
     scheduler: bool = True,
+    name: str | None = None,
+    max_start_wait_s: float | None = None,
+    heartbeat_fd: int | None = None,
+    health: tuple[str, int] | None = None,
 ) -> None:
     """One worker in this process, until a signal stops it (or its supervisor goes away)."""
     from taskmill.worker import Worker
+    from taskmill.worker.supervisor import START_FAILED_EXIT_CODE
+
+    w = Worker(
+        app,
+        queues=queues,
+        concurrency=concurrency,
+        pool=cast("PoolKind", pool),  # click.Choice checked it
+        app_path=app_path,
+        max_tasks_per_child=max_tasks_per_child,
+        drain_timeout_s=drain_timeout_s,
+        scheduler=scheduler,
+        name=name,
+        max_start_wait_s=max_start_wait_s,
+        on_heartbeat=None if heartbeat_fd is None else _beat_to(heartbeat_fd),
+    )
+    server = None if health is None else _serve_health(*health, _worker_health(w))
 
     async def main() -> None:
-        w = Worker(
-            app,
-            queues=queues,
-            concurrency=concurrency,
-            pool=cast("PoolKind", pool),  # click.Choice checked it
-            app_path=app_path,
-            max_tasks_per_child=max_tasks_per_child,
-            drain_timeout_s=drain_timeout_s,
-            scheduler=scheduler,
-        )
         w.install_signal_handlers()
         watch = None
         if parent_pid is not None:
@@ -186,7 +391,21 @@ def run_worker_process(
                 watch.cancel()
             await app.aclose()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except Exception as exc:
+        # logged, not printed bare: under a supervisor these lines join the others' log lines.
+        # Only an unreachable broker is retried at start, so anything else that stopped the
+        # start is for good: exit 3, which the supervisor does not restart
+        what = "stopped" if w.connected.is_set() else "cannot start"
+        if isinstance(exc, TaskmillError):
+            log.error("worker %s %s: %s", w.id, what, exc)
+        else:  # not one of ours (a bug, or an error a broker let through): the traceback
+            log.exception("worker %s %s: %s: %s", w.id, what, type(exc).__name__, exc)
+        raise click.exceptions.Exit(1 if w.connected.is_set() else START_FAILED_EXIT_CODE) from None
+    finally:
+        if server is not None:
+            server.close()
     stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if stuck:
         # a sync task that ignores its deadline keeps its pool thread alive, and Python would
@@ -202,6 +421,33 @@ def run_worker_process(
         os._exit(0)
 
 
+def _beat_to(fd: int) -> Callable[[], None]:
+    """Tell the supervisor of each heartbeat: one byte on its pipe (see supervisor.py)."""
+    os.set_blocking(fd, False)
+
+    def beat() -> None:
+        # a full pipe already tells of a recent beat; a closed one means the supervisor is gone
+        # (_watch_parent drains this worker then)
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(fd, b".")
+
+    return beat
+
+
+def _worker_health(w: Worker) -> Callable[[], Status]:
+    from taskmill.worker.health import heartbeat_status
+
+    max_age_s = LOST_AFTER_HEARTBEATS * w.heartbeat_s
+
+    def status() -> Status:
+        healthy, details = heartbeat_status(
+            w.last_heartbeat_ok, max_age_s=max_age_s, now=time.monotonic()
+        )
+        return healthy, {**details, "worker": w.id}
+
+    return status
+
+
 async def _watch_parent(w: Worker, parent_pid: int) -> None:
     """A child of a supervisor that was killed outright drains rather than living on."""
     while True:
@@ -210,3 +456,62 @@ async def _watch_parent(w: Worker, parent_pid: int) -> None:
             log.warning("worker %s: the supervisor (pid %d) is gone; draining", w.id, parent_pid)
             w.stop()
             return
+
+
+# --- ping ---------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--name", metavar="NAME", help="A worker started with --name NAME.")
+@click.option("--id", "worker_id", metavar="ID", help="The worker with this id.")
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="How recent the heartbeat must be (default: three heartbeat intervals of the app's "
+    "settings, the rule 'taskmill workers' uses to call a worker lost).",
+)
+@target_options
+@click.pass_obj
+def ping(env: Env, name: str | None, worker_id: str | None, max_age: float | None) -> None:
+    """Exit 0 if a worker (with --name NAME, or --id ID; else any) heartbeated recently,
+    else exit 1 with the reason. For container health checks and scripts."""
+    if name is not None and worker_id is not None:
+        raise click.UsageError("give --name or --id, not both")
+    if name is not None:
+        _check_name(name)
+    app = env.app()
+    max_age_s = max_age or LOST_AFTER_HEARTBEATS * app.settings.effective_heartbeat_s
+
+    async def fetch(b: Broker) -> tuple[list[WorkerInfo], float]:
+        return await b.list_workers(), await b.now()
+
+    found, now = broker_call(app, fetch)
+    matching, which = _matching(found, name, worker_id)
+    if not matching:
+        raise CliError(f"no worker{which} is registered")
+    alive = [w for w in matching if now - w.heartbeat_at <= max_age_s]
+    if not alive:
+        latest = max(matching, key=lambda w: w.heartbeat_at)
+        raise CliError(
+            f"no worker{which} heartbeated in the last {age(max_age_s)} (the latest heartbeat: "
+            f"{latest.id}, {age(now - latest.heartbeat_at)} ago)"
+        )
+    newest = max(alive, key=lambda w: w.heartbeat_at)
+    click.echo(
+        f"ok: {len(alive)} of {len(matching)} worker(s){which} alive; {newest.id} "
+        f"heartbeated {age(now - newest.heartbeat_at)} ago"
+    )
+
+
+def _matching(
+    found: list[WorkerInfo], name: str | None, worker_id: str | None
+) -> tuple[list[WorkerInfo], str]:
+    """The workers asked for, and how to say which (" named web", " with id …", or "")."""
+    from taskmill.worker.names import name_of
+
+    if worker_id is not None:
+        return [w for w in found if w.id == worker_id], f" with id {worker_id}"
+    if name is not None:
+        return [w for w in found if name_of(w.id) == name], f" named {name}"
+    return list(found), ""

@@ -1,9 +1,14 @@
-"""``taskmill worker -p N``: N worker processes under one supervisor.
+"""``taskmill worker -p N`` (or ``--pool-spec``): worker processes under one supervisor.
 
-The supervisor does no job work. It starts each child (``python -m taskmill worker … -p 1``),
-restarts one that dies unexpectedly after a back-off, and forwards stop signals: the first
-SIGTERM/SIGINT asks every child to drain, the second to stop at once, a third kills them. It
-exits once every child has exited after a stop.
+The supervisor does no job work. It runs one or more pools, each a number of copies of one
+child command (``python -m taskmill worker … -p 1``, with the pool's queues and concurrency),
+restarts a child that dies unexpectedly after a back-off (the same way in every pool), and
+forwards stop signals: the first SIGTERM/SIGINT asks every child to drain, the second to stop
+at once, a third kills them. It exits once every child has exited after a stop.
+
+Each child gets ``--heartbeat-fd N``, the write end of a pipe on which it writes a byte after
+every heartbeat the broker took; ``health()`` reports from those bytes (the supervisor's
+``--health-port`` endpoint answers for all children at once).
 
 Children stay in the supervisor's process group (so killing the group kills them all) and
 ignore SIGINT, because a Ctrl-C in a terminal reaches the whole group and the supervisor
@@ -27,21 +32,42 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 
+from taskmill.worker.health import Status, heartbeat_status
+
 log = logging.getLogger("taskmill.supervisor")
 
 USAGE_EXIT_CODE = 2
 """A child exiting with this code was started wrongly: restarting it would fail again."""
+START_FAILED_EXIT_CODE = 3
+"""A child exiting with this code could not start: the broker refused it (a permanent error)
+or stayed unreachable past ``--max-start-wait``. Restarting it would not help either."""
+_FINAL_EXIT_CODES = (USAGE_EXIT_CODE, START_FAILED_EXIT_CODE)
+HEARTBEAT_FD_OPTION = "--heartbeat-fd"
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """``processes`` copies of the child command ``argv``; ``name`` labels them in logs and
+    in ``health()``."""
+
+    argv: Sequence[str]
+    processes: int
+    name: str = ""
 
 
 @dataclass(eq=False)
 class _Slot:
     index: int
+    pool: Pool
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     failures: int = 0
     restart_at: float | None = None
+    beats: int | None = None  # read end of the child's heartbeat pipe
+    last_beat: float | None = None  # time.monotonic() of the child's last heartbeat
+    label: str = ""  # for log lines: the index, and the pool if there are several
 
 
 def describe_exit(code: int) -> str:
@@ -55,25 +81,32 @@ def describe_exit(code: int) -> str:
 
 
 class Supervisor:
-    """Runs ``processes`` copies of ``child_argv`` and keeps them running until stopped.
+    """Runs the children of every pool and keeps them running until stopped.
 
     ``restart_base_s`` doubles with each quick failure of the same slot up to
     ``restart_cap_s``; a child that ran at least ``stable_after_s`` resets its slot's back-off.
+    ``heartbeat_max_age_s``: how old a child's last heartbeat may be for ``health()`` to call
+    it healthy (three of its heartbeat intervals).
     """
 
     def __init__(
         self,
-        child_argv: Sequence[str],
-        processes: int,
+        pools: Sequence[Pool],
         *,
         restart_base_s: float = 0.5,
         restart_cap_s: float = 30.0,
         stable_after_s: float = 30.0,
+        heartbeat_max_age_s: float = 6.0,
     ) -> None:
-        if processes < 1:
-            raise ValueError("processes must be >= 1")
-        self.child_argv = list(child_argv)
-        self.slots = [_Slot(i) for i in range(processes)]
+        if not pools or any(pool.processes < 1 for pool in pools):
+            raise ValueError("every pool needs processes >= 1")
+        self.slots: list[_Slot] = []
+        for pool in pools:
+            for _ in range(pool.processes):
+                slot = _Slot(len(self.slots), pool)
+                slot.label = f"{slot.index} ({pool.name})" if len(pools) > 1 else str(slot.index)
+                self.slots.append(slot)
+        self.heartbeat_max_age_s = heartbeat_max_age_s
         self.restart_base_s = restart_base_s
         self.restart_cap_s = restart_cap_s
         self.stable_after_s = stable_after_s
@@ -96,8 +129,13 @@ class Supervisor:
             for slot in self.slots:
                 self._spawn(slot)
             while True:
+                beats = {slot.beats: slot for slot in self.slots if slot.beats is not None}
+                ready: list[int] = []
                 with contextlib.suppress(InterruptedError):
-                    select.select([read_fd], [], [], self._next_timeout())
+                    ready, _, _ = select.select([read_fd, *beats], [], [], self._next_timeout())
+                for fd in ready:
+                    if fd in beats:
+                        self._read_beats(beats[fd])
                 for sig in _read_signals(read_fd):
                     if sig in _STOP_SIGNALS:
                         self._on_stop_signal(signal.Signals(sig))
@@ -112,6 +150,7 @@ class Supervisor:
                 if slot.proc is not None and slot.proc.poll() is None:
                     slot.proc.kill()
                     slot.proc.wait()
+                self._close_beats(slot)
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
@@ -135,14 +174,72 @@ class Supervisor:
 
     def _spawn(self, slot: _Slot) -> None:
         slot.restart_at = None
+        slot.last_beat = None
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        argv = [*slot.pool.argv, HEARTBEAT_FD_OPTION, str(write_end)]
         try:
-            slot.proc = subprocess.Popen(self.child_argv)
+            slot.proc = subprocess.Popen(argv, pass_fds=(write_end,))
         except OSError as exc:
-            log.error("supervisor: cannot start worker process %d: %s", slot.index, exc)
+            os.close(read_end)
+            log.error("supervisor: cannot start worker process %s: %s", slot.label, exc)
             self._schedule_restart(slot, time.monotonic())
             return
+        finally:
+            os.close(write_end)  # the child holds it now: its exit ends the pipe
+        slot.beats = read_end
         slot.started_at = time.monotonic()
-        log.info("supervisor: worker process %d started (pid %d)", slot.index, slot.proc.pid)
+        log.info("supervisor: worker process %s started (pid %d)", slot.label, slot.proc.pid)
+
+    def _read_beats(self, slot: _Slot) -> None:
+        assert slot.beats is not None
+        got = False
+        while True:
+            try:
+                chunk = os.read(slot.beats, 4096)
+            except BlockingIOError:
+                break
+            if not chunk:  # the child exited (reaped separately)
+                self._close_beats(slot)
+                break
+            got = True
+        if got:
+            slot.last_beat = time.monotonic()
+
+    @staticmethod
+    def _close_beats(slot: _Slot) -> None:
+        if slot.beats is not None:
+            os.close(slot.beats)
+            slot.beats = None
+
+    def health(self) -> Status:
+        """Healthy while every child runs and heartbeated within ``heartbeat_max_age_s``
+        (one that is being restarted is not). Safe to call from another thread."""
+        now = time.monotonic()
+        children = []
+        for slot in self.slots:
+            proc = slot.proc
+            ok, details = heartbeat_status(
+                slot.last_beat if proc is not None else None,
+                max_age_s=self.heartbeat_max_age_s,
+                now=now,
+            )
+            status = details["status"] if proc is not None else "restarting"
+            children.append(
+                {
+                    "pool": slot.pool.name,
+                    "pid": proc.pid if proc is not None else None,
+                    "status": status,
+                    "heartbeat_age_s": details["heartbeat_age_s"],
+                    "ok": ok,
+                }
+            )
+        healthy = all(child.pop("ok") for child in children)
+        return healthy, {
+            "status": "ok" if healthy else "unhealthy",
+            "max_age_s": self.heartbeat_max_age_s,
+            "processes": children,
+        }
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -151,18 +248,22 @@ class Supervisor:
             if proc is None or proc.poll() is None:
                 continue
             slot.proc = None
+            self._read_beats_left(slot)
             code = proc.returncode
             if self._stop_requests:
-                log.info("supervisor: worker process %d (pid %d) exited", slot.index, proc.pid)
+                log.info("supervisor: worker process %s (pid %d) exited", slot.label, proc.pid)
                 continue
-            if code == USAGE_EXIT_CODE:
+            if code in _FINAL_EXIT_CODES:
+                why = "a usage error" if code == USAGE_EXIT_CODE else "a failed start"
                 log.error(
-                    "supervisor: worker process %d (pid %d) exited with a usage error; not "
+                    "supervisor: worker process %s (pid %d) exited with %s (exit code %d); not "
                     "restarting it, stopping the others",
-                    slot.index,
+                    slot.label,
                     proc.pid,
+                    why,
+                    code,
                 )
-                self._exit_code = USAGE_EXIT_CODE
+                self._exit_code = code
                 self._stop_children(signal.SIGTERM)
                 self._stop_requests = 1
                 continue
@@ -170,13 +271,18 @@ class Supervisor:
                 slot.failures = 0
             delay = self._schedule_restart(slot, now)
             log.warning(
-                "supervisor: worker process %d (pid %d) died unexpectedly (%s); restarting in "
+                "supervisor: worker process %s (pid %d) died unexpectedly (%s); restarting in "
                 "%.1f s",
-                slot.index,
+                slot.label,
                 proc.pid,
                 describe_exit(code),
                 delay,
             )
+
+    def _read_beats_left(self, slot: _Slot) -> None:
+        if slot.beats is not None:
+            self._read_beats(slot)
+            self._close_beats(slot)
 
     def _schedule_restart(self, slot: _Slot, now: float) -> float:
         delay = min(self.restart_cap_s, self.restart_base_s * 2.0**slot.failures)
@@ -197,8 +303,8 @@ class Supervisor:
         for slot in self.slots:
             slot.restart_at = None
         alive = sum(1 for slot in self.slots if slot.proc is not None)
-        if self._stop_requests == 1:
-            log.warning(
+        if self._stop_requests == 1:  # a normal shutdown: INFO, not a warning
+            log.info(
                 "supervisor: %s: draining %d worker processes (send again to stop at once)",
                 sig.name,
                 alive,
@@ -236,4 +342,4 @@ def _read_signals(fd: int) -> list[int]:
     return list(data)
 
 
-__all__ = ["Supervisor", "describe_exit"]
+__all__ = ["HEARTBEAT_FD_OPTION", "START_FAILED_EXIT_CODE", "Pool", "Supervisor", "describe_exit"]

@@ -19,12 +19,13 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from taskmill.brokers.base import Broker, HandOver
 from taskmill.context import JobContext
+from taskmill.errors import BrokerUnavailableError
 from taskmill.events import Event, ended, outcome_state, progressed, publish, started
 from taskmill.flow import hold_slot, rate_buckets, wait_for_rate_slots
 from taskmill.hooks import HookName, arun_hooks
@@ -43,6 +44,7 @@ from taskmill.retry import error_info
 from taskmill.serialization import decode_payload, try_decode
 from taskmill.worker.execution import Interrupt, execute, fail_now, interrupted_outcome
 from taskmill.worker.joblog import job_log, log_outcome, log_start
+from taskmill.worker.names import worker_id
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
 from taskmill.workflows import advance, sweep, workflow_of
 
@@ -53,6 +55,8 @@ log = logging.getLogger("taskmill.worker")
 
 PoolKind = Literal["async", "thread", "process"]
 _PROGRESS_INTERVAL_S = 0.1
+_START_RETRY_FIRST_S = 0.5
+_START_RETRY_CAP_S = 30.0
 
 
 @dataclass(eq=False)
@@ -71,7 +75,14 @@ class _Running:
 class Worker:
     """Runs an app's jobs. ``taskmill worker`` builds one per process; tests may run one
     in-process (``await worker.run()`` and ``worker.stop()`` from any thread). With
-    ``scheduler`` (the default) it also enqueues the app's periodic schedules' ticks."""
+    ``scheduler`` (the default) it also enqueues the app's periodic schedules' ticks.
+
+    ``name`` is kept in the worker's id (``name@host-pid-random``, see
+    ``taskmill.worker.names``). A broker that cannot be reached at start
+    (``BrokerUnavailableError``) is retried, logged at WARNING each time, after 0.5 s doubling
+    up to 30 s, for ever or until ``max_start_wait_s``; any other error at start is raised.
+    ``on_heartbeat`` is called on the worker's loop after each heartbeat the broker took.
+    """
 
     def __init__(
         self,
@@ -86,6 +97,9 @@ class Worker:
         idle_poll_s: float = 5.0,
         register: bool = True,
         scheduler: bool = True,
+        name: str | None = None,
+        max_start_wait_s: float | None = None,
+        on_heartbeat: Callable[[], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -101,7 +115,13 @@ class Worker:
         self.idle_poll_s = idle_poll_s
         self.register = register
         self.scheduler = scheduler
-        self.id = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.id = worker_id(name)
+        self.name = name
+        self.max_start_wait_s = max_start_wait_s
+        self.on_heartbeat = on_heartbeat
+        # set once the broker is open: before it, run() only retries reaching the broker
+        self.connected = asyncio.Event()
+        self.last_heartbeat_ok: float | None = None  # time.monotonic() of the last one taken
         self.started_at = time.time()
         self.jobs_done = 0
         settings = app.settings
@@ -159,8 +179,8 @@ class Worker:
         name = signal.Signals(sig).name
         if self._stop_requested:
             log.warning("worker %s: %s again: stopping now", self.id, name)
-        else:
-            log.warning("worker %s: %s: draining (send again to stop at once)", self.id, name)
+        else:  # a normal shutdown (a deploy, a scale-down): nothing to warn about
+            log.info("worker %s: %s: draining (send again to stop at once)", self.id, name)
         self.stop()
 
     def _wake_for_stop(self) -> None:
@@ -182,7 +202,11 @@ class Worker:
         self._flush_wake = asyncio.Event()
         if self._stop_requested:
             self._stop_event.set()
-        self._broker = await self.app.abroker()
+        broker = await self._open_broker()
+        if broker is None:
+            return 0  # stopped while the broker was unreachable
+        self._broker = broker
+        self.connected.set()
         await self._broker.attach()
         runner = self._make_runner()
         background = [
@@ -233,6 +257,36 @@ class Worker:
             if self.register:
                 log.info("worker %s stopped after %d jobs", self.id, self.jobs_done)
         return self.jobs_done
+
+    async def _open_broker(self) -> Broker | None:
+        """The app's broker, opened; one that cannot be reached is retried with back-off
+        (``None`` if the worker is stopped meanwhile). Other errors are raised: a read-only
+        file or a refused login does not get better by waiting."""
+        assert self._stop_event is not None
+        deadline = (
+            None if self.max_start_wait_s is None else time.monotonic() + self.max_start_wait_s
+        )
+        delay = _START_RETRY_FIRST_S
+        while True:
+            try:
+                return await self.app.abroker()
+            except BrokerUnavailableError as exc:
+                if self._stop_event.is_set():
+                    return None
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise BrokerUnavailableError(
+                        f"gave up reaching the broker after {self.max_start_wait_s:g} s: {exc}"
+                    ) from exc
+                log.warning(
+                    "worker %s: cannot reach the broker at start, retrying in %.1f s: %s",
+                    self.id,
+                    delay,
+                    exc,
+                )
+            await self._sleep_unless_stopped(delay)
+            if self._stop_event.is_set():
+                return None
+            delay = min(delay * 2, _START_RETRY_CAP_S)
 
     def _make_runner(self) -> Runner:
         if self.pool == "process":
@@ -590,6 +644,12 @@ class Worker:
         except Exception as exc:
             log.error("worker %s: heartbeat failed: %s", self.id, exc)
             return
+        self.last_heartbeat_ok = time.monotonic()
+        if self.on_heartbeat is not None:
+            try:
+                self.on_heartbeat()
+            except Exception:  # an observer's bug must not stop the heartbeats
+                log.exception("worker %s: on_heartbeat failed", self.id)
         for held in list(self._running.values()):
             if held.slot is not None:  # a running job's concurrency slot lives as its lease does
                 bucket, limit = held.slot
