@@ -2,7 +2,8 @@
 
 Each child imports the app by its path, runs one job at a time and talks to the worker over a
 pipe: the worker sends ``run``, ``cancel`` and ``soft`` (the job passed its soft limit); the
-child sends ``progress``, ``ok`` (the result, as JSON) or ``error`` (the error as data, with the
+child sends ``ready`` once it has imported the app (a job's time limits count from then),
+``progress``, ``ok`` (the result, as JSON) or ``error`` (the error as data, with the
 retry decision the child made by the task's policy). At the soft limit the child raises
 ``SoftTimeLimitExceeded`` in the task's thread (its main thread, woken by ``SIGUSR1``). Each
 child leads a process group of its own: a child that overruns its hard limit is killed with
@@ -50,6 +51,7 @@ class _Child:
         self.proc.start()
         child_conn.close()
         self.jobs_done = 0
+        self.ready = False  # it has imported the app
 
     @property
     def alive(self) -> bool:
@@ -69,9 +71,7 @@ class _Child:
             ("run", ctx.id, task, ctx.queue, ctx.attempt, ctx.max_attempts, args, kwargs)
         )
         started = time.monotonic()
-        deadline = None if timeout_s is None else started + timeout_s
-        soft_at = None if soft_timeout_s is None else started + soft_timeout_s
-        cancel_sent = False
+        cancel_sent = soft_sent = False
         while True:
             if self.conn.poll(_POLL_S):
                 try:
@@ -83,7 +83,10 @@ class _Child:
                         f"(exit code {self.proc.exitcode})"
                     ) from None
                 kind = msg[0]
-                if kind == "progress":
+                if kind == "ready":  # a new child has imported the app: the time limits start
+                    self.ready = True
+                    started = time.monotonic()
+                elif kind == "progress":
                     ctx._report(ctx.id, msg[1], msg[2])
                 elif kind == "ok":
                     return decode(msg[1])
@@ -97,13 +100,16 @@ class _Child:
                 raise WorkerLostError(
                     f"the child process running task {task} died (exit code {self.proc.exitcode})"
                 )
-            now = time.monotonic()
-            if soft_at is not None and now > soft_at:
-                assert soft_timeout_s is not None
+            ran_s = time.monotonic() - started
+            if (
+                soft_timeout_s is not None
+                and ran_s > soft_timeout_s
+                and self.ready
+                and not soft_sent
+            ):
                 self.conn.send(("soft", ctx.id, soft_limit_message(task, soft_timeout_s)))
-                soft_at = None
-            if deadline is not None and now > deadline:
-                assert timeout_s is not None
+                soft_sent = True
+            if timeout_s is not None and ran_s > timeout_s:
                 self.kill()
                 raise TaskTimeoutError(
                     hard_limit_message(
@@ -260,6 +266,7 @@ def child_main(app_path: str, conn: Connection) -> None:
     soft_limit = _SoftLimit()
     signal.signal(signal.SIGUSR1, soft_limit.raise_if_due)
     app = load_app(app_path)
+    conn.send(("ready",))
     inbox: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
     cancelled = threading.Event()
 
