@@ -491,3 +491,14 @@ def test_enqueue_wait_and_jobs_watch_follow_live_events(cli: Cli) -> None:
     assert r.returncode == 1 and "does not exist" in one_error_line(r)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(60)
+def test_jobs_show_reads_the_arguments_of_a_job_sent_with_a_soft_timeout(cli: Cli) -> None:
+    from taskmill import App
+
+    with App(cli.url) as app:
+        job_id = app.send_task("add", [1, 2], soft_timeout=2.5, timeout=9).id
+    shown = cli.ok("jobs", "show", job_id)
+    assert "[1, 2]" in shown and "payload" not in shown
+    assert "soft timeout  2.5 s" in shown and "timeout       9 s" in shown
