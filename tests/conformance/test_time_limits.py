@@ -12,6 +12,11 @@ from taskmill.testing import running_worker
 
 pytestmark = pytest.mark.timeout(60)
 
+# Retries wait longer than a heartbeat's round trip: a heartbeat still carrying the first
+# attempt's claim can report the job lost by its id, which stops the second attempt if the
+# same worker claimed it meanwhile (a worker race outside time limits).
+RETRY_AFTER_S = 0.5
+
 
 def test_a_per_send_soft_limit_reaches_the_worker(app: App) -> None:
     @app.task(name="export", timeout=30)
@@ -30,11 +35,11 @@ def test_a_per_send_soft_limit_reaches_the_worker(app: App) -> None:
 
 
 def test_time_limit_errors_are_recorded_and_retried_by_the_policy(app: App) -> None:
-    @app.task(name="reraises", soft_timeout=0.1, timeout=30, retries=1, backoff=0)
+    @app.task(name="reraises", soft_timeout=0.1, timeout=30, retries=1, backoff=RETRY_AFTER_S)
     async def reraises() -> None:
         await asyncio.sleep(20)
 
-    @app.task(name="ignores", soft_timeout=0.1, timeout=0.4, retries=1, backoff=0)
+    @app.task(name="ignores", soft_timeout=0.1, timeout=0.4, retries=1, backoff=RETRY_AFTER_S)
     async def ignores() -> None:
         try:
             await asyncio.sleep(20)
@@ -55,4 +60,4 @@ def test_time_limit_errors_are_recorded_and_retried_by_the_policy(app: App) -> N
     )
     for handle in (soft, hard):
         job = app.get_job(handle.id)
-        assert (job.state, job.attempt) == (JobState.FAILED, 2)  # retries=1: one retry
+        assert (job.state, job.attempt) == (JobState.FAILED, 2), job  # retries=1: one retry

@@ -19,6 +19,12 @@ class QuotaExceededError(Exception):
     """Raised by a task; listed in its ``dont_retry_on``."""
 
 
+# Retries wait longer than a heartbeat's round trip: a heartbeat still carrying the first
+# attempt's claim can report the job lost by its id, which stops the second attempt if the
+# same worker claimed it meanwhile (a worker race outside time limits).
+RETRY_AFTER_S = 0.5
+
+
 def wait_for_file(path: str, timeout_s: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not os.path.exists(path):
@@ -90,7 +96,9 @@ def build_app(url: str = "memory://", **settings: Any) -> App:
             Path(pid_file).write_text(str(os.getpid()))
             time.sleep(30)
 
-    @app.task(name="pool.soft_reraised", retries=1, backoff=0, soft_timeout=0.3, timeout=30)
+    @app.task(
+        name="pool.soft_reraised", retries=1, backoff=RETRY_AFTER_S, soft_timeout=0.3, timeout=30
+    )
     def soft_reraised() -> None:
         sleeper = subprocess.Popen(["sleep", "300"])
         try:
