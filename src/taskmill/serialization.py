@@ -64,16 +64,17 @@ _raw_items = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def payload_options(data: bytes) -> dict[str, Any]:
-    """The job options a send stored with the payload (``{}`` if none); read after
-    ``decode_payload`` accepted the payload."""
+    """The job options a send stored with the payload (``{}`` if none). The arguments are
+    skipped, not decoded; ``SerializationError`` if the options are malformed."""
     try:
         items = _raw_items.decode(data)
     except msgspec.DecodeError:
-        return {}
+        return {}  # not a list: decode_payload says what is wrong with it
     if len(items) != 3:
         return {}
-    options: dict[str, Any] = _decoder.decode(items[2])
-    return options
+    options = _decoder.decode(items[2])
+    _check_options(options)
+    return options  # type: ignore[no-any-return]
 
 
 def _check_options(options: Any) -> None:

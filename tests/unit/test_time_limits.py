@@ -21,6 +21,7 @@ from taskmill import (
     SoftTimeLimitExceeded,
     current_job,
 )
+from taskmill.brokers.memory import MemoryBroker
 from taskmill.context import JobContext
 from taskmill.errors import SerializationError, TaskTimeoutError
 from taskmill.serialization import decode_payload, payload_options
@@ -135,6 +136,26 @@ def test_only_a_send_that_changes_the_soft_limit_stores_it_after_the_arguments(
 def test_a_malformed_options_item_is_a_serialization_error(payload: bytes, message: str) -> None:
     with pytest.raises(SerializationError, match=f"^{message}"):
         decode_payload(payload)
+    if payload.count(b",") == 2:  # three items: the options' reader checks them as well
+        with pytest.raises(SerializationError, match=f"^{message}"):
+            payload_options(payload)
+
+
+def test_a_job_with_malformed_options_fails_at_once(app: App) -> None:
+    @app.task(name="t", retries=3)
+    async def t() -> None:
+        return None
+
+    handle = t.send()
+    broker = app.broker
+    assert isinstance(broker, MemoryBroker)
+    with broker._lock:  # as another producer could have written it
+        broker._jobs[handle.id].payload = b'[[],{},{"soft_timeout_s":-2}]'
+    app.run_until_idle()
+    error = failure(app, handle.id)
+    assert error.type == "taskmill.errors.SerializationError"
+    assert error.message == "stored soft_timeout_s must be a number of seconds above 0, not -2"
+    assert app.get_job(handle.id).attempt == 1
 
 
 def test_options_of_unknown_names_are_accepted_for_later_versions() -> None:
