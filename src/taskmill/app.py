@@ -38,6 +38,7 @@ from taskmill.task import (
     Task,
     _attempts,
     check_priority,
+    check_time_limits,
     seconds,
 )
 
@@ -109,6 +110,7 @@ class App:
         retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
         dont_retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
         timeout: Seconds | None = None,
+        soft_timeout: Seconds | None = None,
         key: str | KeyFunc | None = None,
         accepts_failures: bool = False,
         rate_limit: str | None = None,
@@ -133,6 +135,7 @@ class App:
         retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
         dont_retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
         timeout: Seconds | None = None,
+        soft_timeout: Seconds | None = None,
         key: str | KeyFunc | None = None,
         accepts_failures: bool = False,
         rate_limit: str | None = None,
@@ -150,8 +153,13 @@ class App:
           capped at 1 h).
         - ``retry_on`` / ``dont_retry_on``: which exceptions are retried (default: every
           ``Exception``); a ``dont_retry_on`` match fails the job at once.
-        - ``timeout``: seconds a run may take (async: cancelled; ``--pool process``: the
-          child is killed; thread pool: the job is failed and the thread left to finish).
+        - ``timeout``: seconds a run may take, its hard limit (async: cancelled; ``--pool
+          process``: the child and the processes it started are killed; thread pool: the job
+          is failed and the thread left to finish).
+        - ``soft_timeout``: seconds after which the task is told to wrap up, before
+          ``timeout``: ``SoftTimeLimitExceeded`` is raised inside it (async tasks, ``--pool
+          process``) and ``current_job().soft_limit_exceeded`` and ``.cancelled`` are set
+          (every pool; the thread pool's only signal). See docs/guarantees.md#timeouts.
         - ``key``: a unique key (or a function of the task's arguments returning one): while a
           job with that key is pending, sending again returns the pending job.
         - ``rate_limit``: at most this many starts across all workers, ``"10/s"``, ``"500/m"``
@@ -173,6 +181,7 @@ class App:
             priority=check_priority(priority),
             max_attempts=_attempts(retries),
             timeout_s=seconds(timeout, "timeout"),
+            soft_timeout_s=seconds(soft_timeout, "soft_timeout"),
             key=key,
         )
 
@@ -184,6 +193,7 @@ class App:
                 task_name = task_name.replace(".<locals>", "")
             if task_name in self.tasks and self.tasks[task_name].fn is not f:
                 raise ConfigurationError(f"two tasks are named {task_name!r}; give one a name=")
+            check_time_limits(defaults.soft_timeout_s, defaults.timeout_s, task_name)
             t: Task[Any, Any] = Task(self, f, name=task_name, defaults=defaults, policy=policy)
             t.accepts_failures = accepts_failures
             t.rate_interval_s = rate_interval_s

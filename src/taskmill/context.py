@@ -29,11 +29,26 @@ class JobContext:
     _report: Callable[[str, float | None, str | None], None] = field(repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     _last_progress: float = field(default=0.0, repr=False)
+    _soft_limit_hit: bool = field(default=False, repr=False)
 
     @property
     def cancelled(self) -> bool:
-        """True once someone asked to cancel this job: a sync task should return soon."""
+        """True once someone asked to cancel this job, or it passed its ``soft_timeout``: a
+        sync task should return soon."""
         return self._cancelled.is_set()
+
+    @property
+    def soft_limit_exceeded(self) -> bool:
+        """True once the job ran past its ``soft_timeout`` (``cancelled`` is then set too).
+
+        The flag is how a sync task in the thread pool learns of its soft limit, since no
+        exception can be raised into its thread; elsewhere ``SoftTimeLimitExceeded`` is
+        raised as well."""
+        return self._soft_limit_hit
+
+    def _pass_soft_limit(self) -> None:
+        self._soft_limit_hit = True
+        self._cancelled.set()
 
     def progress(self, fraction: float | None = None, message: str | None = None) -> None:
         """Record progress (0.0-1.0) and an optional message; stored within ~100 ms."""

@@ -60,7 +60,17 @@ class BrokerUnavailableError(BrokerError):
 
 
 class TaskTimeoutError(TaskmillError, TimeoutError):
-    """The task ran longer than its ``timeout``."""
+    """The task ran longer than its ``timeout`` (its hard time limit)."""
+
+
+class SoftTimeLimitExceeded(TaskmillError):
+    """Raised inside a task at its ``soft_timeout``, where its pool can raise into it (async
+    tasks, and sync tasks in ``--pool process``): catch it to clean up, then return or raise.
+
+    Not a ``TimeoutError``, so an ``except TimeoutError`` around the task's own I/O does not
+    swallow it. Raised out of the task, it is an ordinary failure: retried under the task's
+    retry policy (list it in ``dont_retry_on`` to fail at once).
+    """
 
 
 class WorkerLostError(TaskmillError):

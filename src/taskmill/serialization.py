@@ -19,8 +19,17 @@ def encode(value: Any, *, what: str) -> bytes:
         raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from None
 
 
-def encode_payload(task: str, args: tuple[Any, ...], kwargs: dict[str, Any], limit: int) -> bytes:
-    data = encode((args, kwargs), what=f"arguments of task {task!r}")
+def encode_payload(
+    task: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    limit: int,
+    options: dict[str, Any] | None = None,
+) -> bytes:
+    """``[args, kwargs]``, or ``[args, kwargs, options]`` when a send set job options that
+    travel with the payload (a per-send ``soft_timeout_s``), so no broker stores a new field."""
+    envelope = (args, kwargs, options) if options else (args, kwargs)
+    data = encode(envelope, what=f"arguments of task {task!r}")
     if len(data) > limit:
         raise PayloadTooLargeError(
             f"arguments of task {task!r} are {len(data):,} bytes as JSON; the limit is "
@@ -41,12 +50,45 @@ def decode_payload(data: bytes) -> tuple[list[Any], dict[str, Any]]:
     value = decode(data)
     if (
         not isinstance(value, list)
-        or len(value) != 2
+        or len(value) not in (2, 3)
         or not isinstance(value[0], list)
         or not isinstance(value[1], dict)
     ):
         raise SerializationError("stored payload is not a JSON [args, kwargs] pair")
+    if len(value) == 3:
+        _check_options(value[2])
     return value[0], value[1]
+
+
+_raw_items = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def payload_options(data: bytes) -> dict[str, Any]:
+    """The job options a send stored with the payload (``{}`` if none). The arguments are
+    skipped, not decoded; ``SerializationError`` if the options are malformed."""
+    try:
+        items = _raw_items.decode(data)
+    except msgspec.DecodeError:
+        return {}  # not a list: decode_payload says what is wrong with it
+    if len(items) != 3:
+        return {}
+    options = _decoder.decode(items[2])
+    _check_options(options)
+    return options  # type: ignore[no-any-return]
+
+
+def _check_options(options: Any) -> None:
+    if not isinstance(options, dict):
+        raise SerializationError(
+            f"stored payload's third item must be a JSON object of job options, not {options!r}"
+        )
+    soft = options.get("soft_timeout_s")
+    if soft is not None and (
+        isinstance(soft, bool) or not isinstance(soft, int | float) or not soft > 0
+    ):
+        raise SerializationError(
+            f"stored soft_timeout_s must be a number of seconds above 0, not {soft!r}"
+        )
 
 
 def try_decode(data: bytes) -> Any:

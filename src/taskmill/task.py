@@ -39,6 +39,20 @@ def seconds(value: Seconds | None, what: str) -> float | None:
     return s
 
 
+def check_time_limits(soft_s: float | None, hard_s: float | None, task: str = "") -> None:
+    """``soft_timeout`` and ``timeout``: above 0 when given, the soft one before the hard one
+    (at or past it, the hard limit would always come first and the soft one never fire)."""
+    of = f"task {task!r}: " if task else ""
+    for what, limit in (("soft_timeout", soft_s), ("timeout", hard_s)):
+        if limit is not None and not limit > 0:
+            raise ConfigurationError(f"{of}{what} must be more than 0 seconds, not {limit:g}")
+    if soft_s is not None and hard_s is not None and soft_s >= hard_s:
+        raise ConfigurationError(
+            f"{of}soft_timeout ({soft_s:g} s) must be less than timeout ({hard_s:g} s): the "
+            "soft limit warns the task before the hard one stops it"
+        )
+
+
 MAX_PRIORITY = 1000
 
 
@@ -65,6 +79,7 @@ class SendOptions:
     on_conflict: OnConflict = "return"
     max_attempts: int = 1
     timeout_s: float | None = None
+    soft_timeout_s: float | None = None
     connection: Any = None
     job_id: str | None = None
 
@@ -130,10 +145,16 @@ class Task(Generic[P, R]):
         on_conflict: OnConflict | None = None,
         retries: int | None = None,
         timeout: Seconds | None = None,
+        soft_timeout: Seconds | None = None,
         connection: Any = None,
         job_id: str | None = None,
     ) -> BoundTask[P, R]:
         """The same task with some send options changed.
+
+        ``timeout`` and ``soft_timeout`` change the job's hard and soft time limits (see
+        ``App.task``). A ``soft_timeout`` other than the task's travels inside the stored
+        payload, after the arguments (no broker stores a field for it); a worker older than
+        this option fails such a job as unreadable.
 
         ``connection`` enqueues inside the caller's open transaction (brokers that support it):
         the job exists if and only if that transaction commits.
@@ -171,6 +192,14 @@ class Task(Generic[P, R]):
             changes["max_attempts"] = _attempts(retries)
         if timeout is not None:
             changes["timeout_s"] = seconds(timeout, "timeout")
+        if soft_timeout is not None:
+            changes["soft_timeout_s"] = seconds(soft_timeout, "soft_timeout")
+        if timeout is not None or soft_timeout is not None:
+            check_time_limits(
+                changes.get("soft_timeout_s", opts.soft_timeout_s),
+                changes.get("timeout_s", opts.timeout_s),
+                self.name,
+            )
         if connection is not None:
             changes["connection"] = connection
         if job_id is not None:
@@ -236,11 +265,17 @@ class Task(Generic[P, R]):
         key = opts.key
         if key is not None and not isinstance(key, str):
             key = key(*args, **kwargs)
+        # The worker takes the soft limit from its own registration of the task; only a send
+        # that changes it stores it, with the arguments.
+        soft = opts.soft_timeout_s
+        options = {"soft_timeout_s": soft} if soft != self.defaults.soft_timeout_s else None
         return NewJob(
             id=opts.job_id or uuid7(),
             task=self.name,
             queue=opts.queue,
-            payload=encode_payload(self.name, args, kwargs, self.app.settings.max_payload_bytes),
+            payload=encode_payload(
+                self.name, args, kwargs, self.app.settings.max_payload_bytes, options
+            ),
             priority=opts.priority,
             run_at=opts.run_at,
             delay_s=opts.delay_s,

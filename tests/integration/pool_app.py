@@ -7,15 +7,22 @@ both sides agree whatever this package is imported as.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from taskmill import App, Retry, current_job
+from taskmill import App, Retry, SoftTimeLimitExceeded, current_job
 
 
 class QuotaExceededError(Exception):
     """Raised by a task; listed in its ``dont_retry_on``."""
+
+
+# Retries wait longer than a heartbeat's round trip: a heartbeat still carrying the first
+# attempt's claim can report the job lost by its id, which stops the second attempt if the
+# same worker claimed it meanwhile (a worker race outside time limits).
+RETRY_AFTER_S = 0.5
 
 
 def wait_for_file(path: str, timeout_s: float = 30.0) -> bool:
@@ -64,6 +71,42 @@ def build_app(url: str = "memory://", **settings: Any) -> App:
         Path(pid_file).write_text(str(os.getpid()))
         time.sleep(120)
 
+    @app.task(name="pool.spawn_and_hang", retries=0, timeout=1)
+    def spawn_and_hang(pid_file: str) -> None:
+        # ``sleep`` stands in for ffmpeg: a subprocess the task waits on, in the child's group
+        sleeper = subprocess.Popen(["sleep", "300"])
+        Path(pid_file).write_text(f"{os.getpid()} {sleeper.pid}")
+        sleeper.wait()
+
+    @app.task(name="pool.soft_cleanup", retries=0, soft_timeout=0.3, timeout=30)
+    def soft_cleanup(marker: str) -> str:
+        job = current_job()
+        try:
+            time.sleep(30)
+        except SoftTimeLimitExceeded as exc:
+            Path(marker).write_text(f"{exc} | flag={job.soft_limit_exceeded} {job.cancelled}")
+            return "cleaned up"
+        return "slept through"
+
+    @app.task(name="pool.soft_ignored", retries=0, soft_timeout=0.3, timeout=1.5)
+    def soft_ignored(pid_file: str) -> None:
+        try:
+            time.sleep(30)
+        except SoftTimeLimitExceeded:
+            Path(pid_file).write_text(str(os.getpid()))
+            time.sleep(30)
+
+    @app.task(
+        name="pool.soft_reraised", retries=1, backoff=RETRY_AFTER_S, soft_timeout=0.3, timeout=30
+    )
+    def soft_reraised() -> None:
+        sleeper = subprocess.Popen(["sleep", "300"])
+        try:
+            sleeper.wait()
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+
     @app.task(name="pool.exit", retries=0)
     def exit_now(code: int) -> None:
         os._exit(code)
@@ -92,4 +135,5 @@ def build_app(url: str = "memory://", **settings: Any) -> App:
     return app
 
 
-app = build_app()
+# a ``taskmill worker`` process of the tests gets its broker from TASKMILL_URL
+app = build_app(os.environ.get("TASKMILL_URL", "memory://"))

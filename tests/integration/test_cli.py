@@ -515,3 +515,14 @@ def test_worker_logs_json_lines_with_job_fields(cli: Cli) -> None:
     assert by_id[succeeded]["duration_s"] >= 0 and by_id[succeeded]["queue"] == "default"
     assert stop(worker) == 0, cli.output()
     assert all(e["pid"] and e["message"] for e in entries())  # every line of every process
+
+
+@pytest.mark.timeout(60)
+def test_jobs_show_reads_the_arguments_of_a_job_sent_with_a_soft_timeout(cli: Cli) -> None:
+    from taskmill import App
+
+    with App(cli.url) as app:
+        job_id = app.send_task("add", [1, 2], soft_timeout=2.5, timeout=9).id
+    shown = cli.ok("jobs", "show", job_id)
+    assert "[1, 2]" in shown and "payload" not in shown
+    assert "soft timeout  2.5 s" in shown and "timeout       9 s" in shown

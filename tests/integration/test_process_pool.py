@@ -1,15 +1,16 @@
 """``--pool process``: sync tasks run in child processes the worker owns.
 
 Results and errors travel back as data; the child makes the retry decision by the task's
-policy; a timeout kills the child; a dead child fails the attempt; children are replaced after
-``max_tasks_per_child``. Every child is gone when the worker stops.
+policy; the soft limit raises ``SoftTimeLimitExceeded`` in the task; the hard limit kills the
+child with the processes it started, as does the worker's death; a dead child fails the
+attempt; children are replaced after ``max_tasks_per_child``. Every child is gone when the
+worker stops.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from taskmill.testing import running_worker
 from taskmill.worker import Worker
 
 from .pool_app import build_app
-from .support import poll_until
+from .support import Workers, poll_until, wait_registered
 
 T = TypeVar("T")
 APP_PATH = f"{__name__.rpartition('.')[0]}.pool_app:app"
@@ -59,6 +60,23 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (a killed orphan waits for whoever adopted it to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here
+        return pid_alive(pid)
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def read_pids(pid_file: Path) -> list[int] | None:
+    """The pids a task wrote, once it wrote them all."""
+    text = pid_file.read_text() if pid_file.exists() else ""
+    return [int(p) for p in text.split()] if text.endswith(tuple("0123456789")) else None
 
 
 def test_results_come_back_from_the_child(app: App, pool: Callable[..., Any]) -> None:
@@ -131,14 +149,117 @@ def test_a_timeout_kills_the_child_and_the_next_job_runs_in_a_fresh_one(
             handle.result(timeout=30)
         assert time.monotonic() - started < 20  # not the task's 120 s sleep
         assert info.value.type == "taskmill.errors.TaskTimeoutError"
-        assert re.fullmatch(
-            r"task pool\.hang timed out after 1(\.0)? s; its child process was killed",
-            info.value.message,
-        ), info.value.message
+        assert info.value.message == (
+            "task pool.hang timed out after 1 s (its hard time limit); its child process and "
+            "the processes it started were killed"
+        )
         hung = int(pid_file.read_text())
         assert not pid_alive(hung)
         fresh = app.tasks["pool.pid"].send().result(timeout=30)
         assert fresh != hung
+
+
+def test_the_hard_limit_kills_the_processes_the_task_started(
+    app: App, pool: Callable[..., Any], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "spawned.pids"
+    with pool():
+        handle = app.tasks["pool.spawn_and_hang"].send(str(pid_file))
+        child, sleeper = poll_until(lambda: read_pids(pid_file), what="the task's pids")
+        assert process_running(sleeper)
+        with pytest.raises(JobFailedError) as info:
+            handle.result(timeout=30)
+        assert info.value.type == "taskmill.errors.TaskTimeoutError"
+        assert info.value.message == (
+            "task pool.spawn_and_hang timed out after 1 s (its hard time limit); its child "
+            "process and the processes it started were killed"
+        )
+        poll_until(lambda: not process_running(sleeper), what=f"sleep {sleeper} to be killed")
+        assert not process_running(child)
+        assert app.tasks["pool.pid"].send().result(timeout=30) not in (child, os.getpid())
+
+
+def test_the_soft_limit_raises_in_the_task_which_cleans_up_and_returns(
+    app: App, pool: Callable[..., Any], tmp_path: Path
+) -> None:
+    marker = tmp_path / "cleaned"
+    with pool():
+        started = time.monotonic()
+        handle = app.tasks["pool.soft_cleanup"].send(str(marker))
+        assert handle.result(timeout=30) == "cleaned up"
+        assert time.monotonic() - started < 20  # not the task's 30 s sleep
+        assert marker.read_text() == (
+            "task pool.soft_cleanup exceeded its soft time limit of 0.3 s | flag=True True"
+        )
+        # the same child goes on: the soft limit killed nothing
+        first = app.tasks["pool.pid"].send().result(timeout=30)
+        assert app.tasks["pool.soft_cleanup"].send(str(marker)).result(timeout=30) == ("cleaned up")
+        assert app.tasks["pool.pid"].send().result(timeout=30) == first
+
+
+def test_a_task_that_ignores_its_soft_limit_is_killed_at_the_hard_one(
+    app: App, pool: Callable[..., Any], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "ignored.pid"
+    with pool():
+        handle = app.tasks["pool.soft_ignored"].send(str(pid_file))
+        with pytest.raises(JobFailedError) as info:
+            handle.result(timeout=30)
+        assert info.value.type == "taskmill.errors.TaskTimeoutError"
+        assert info.value.message.startswith(
+            "task pool.soft_ignored timed out after 1.5 s (its hard time limit)"
+        )
+        (child,) = read_pids(pid_file) or [0]  # written when the soft limit was raised
+        assert child and not pid_alive(child)
+
+
+def test_a_soft_limit_raised_out_of_the_task_is_retried_by_its_policy(
+    app: App, pool: Callable[..., Any]
+) -> None:
+    with pool():
+        handle = app.tasks["pool.soft_reraised"].send()
+        with pytest.raises(JobFailedError) as info:
+            handle.result(timeout=30)
+    assert info.value.type == "taskmill.errors.SoftTimeLimitExceeded"
+    assert info.value.message == "task pool.soft_reraised exceeded its soft time limit of 0.3 s"
+    assert "sleeper.wait()" in info.value.traceback  # raised where the task waited
+    job = app.get_job(handle.id)
+    assert job.attempt == 2  # retries=1: retried once, as any other exception
+
+
+def test_a_per_send_soft_limit_reaches_the_child(
+    app: App, pool: Callable[..., Any], tmp_path: Path
+) -> None:
+    marker = tmp_path / "cleaned"
+    with pool():
+        cleanup = app.tasks["pool.soft_cleanup"].options(soft_timeout=0.1, timeout=30)
+        assert cleanup.send(str(marker)).result(timeout=30) == "cleaned up"
+    assert marker.read_text().startswith(
+        "task pool.soft_cleanup exceeded its soft time limit of 0.1 s"
+    )
+
+
+@pytest.mark.timeout(90)
+def test_a_child_whose_worker_dies_kills_itself_and_what_it_started(
+    app: App, tmp_path: Path
+) -> None:
+    url = app.url
+    workers = Workers(tmp_path, "pool_app:app")
+    pid_file = tmp_path / "orphaned.pids"
+    try:
+        worker = workers.start(url, "--pool", "process", "--concurrency", "1")
+        wait_registered(app, worker, workers)
+        # no hard limit: only the worker's death may stop it
+        app.tasks["pool.spawn_and_hang"].options(timeout=3600).send(str(pid_file))
+        child, sleeper = poll_until(lambda: read_pids(pid_file), what="the task's pids")
+        worker.kill()  # SIGKILL, the worker alone: nothing of it can clean up
+        worker.wait(timeout=30)
+        poll_until(
+            lambda: not process_running(child) and not process_running(sleeper),
+            what=f"child {child} and its sleep {sleeper} to end",
+        )
+    finally:
+        workers.close()
 
 
 def test_max_tasks_per_child_replaces_children(app: App, pool: Callable[..., Any]) -> None:

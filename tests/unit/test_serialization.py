@@ -76,7 +76,7 @@ def test_decoding_invalid_json_is_a_serialisation_error(data: bytes) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"null", b'"args"', b"[]", b"[[]]", b"[[], {}, {}]", b"[{}, []]", b"[[], []]", b"{}"],
+    [b"null", b'"args"', b"[]", b"[[]]", b"[[], {}, {}, {}]", b"[{}, []]", b"[[], []]", b"{}"],
 )
 def test_a_payload_that_is_not_an_args_kwargs_pair_is_rejected(data: bytes) -> None:
     with pytest.raises(SerializationError, match=r"^stored payload is not a JSON \[args, kwargs\]"):

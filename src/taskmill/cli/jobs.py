@@ -119,7 +119,7 @@ def jobs_show(env: Env, job_id: str, as_json: bool) -> None:
         ("state", state_text(job.state.value)),
     ]
     payload = info["payload"]
-    if isinstance(payload, list) and len(payload) == 2:
+    if isinstance(payload, list) and len(payload) in (2, 3):  # [args, kwargs, job options]
         rows += [("args", Text(dumps(payload[0]))), ("kwargs", Text(dumps(payload[1])))]
     else:  # not an [args, kwargs] pair: show what is stored
         rows.append(("payload", Text(str(payload))))
@@ -138,6 +138,10 @@ def jobs_show(env: Env, job_id: str, as_json: bool) -> None:
         rows.append(("worker", Text(job.worker_id)))
     if job.timeout_s is not None:
         rows.append(("timeout", f"{job.timeout_s:g} s"))
+    options = payload[2] if isinstance(payload, list) and len(payload) == 3 else None
+    soft_timeout = options.get("soft_timeout_s") if isinstance(options, dict) else None
+    if isinstance(soft_timeout, int | float):  # set by its send; else the worker's task's
+        rows.append(("soft timeout", f"{soft_timeout:g} s"))
     if job.lost_leases:
         rows.append(("lost leases", str(job.lost_leases)))
     if job.cancel_requested:

@@ -14,7 +14,7 @@ from taskmill.context import JobContext
 from taskmill.errors import SerializationError, UnknownTaskError
 from taskmill.job import Cancelled, Job, Outcome, Released, Succeeded
 from taskmill.retry import decide
-from taskmill.serialization import decode_payload, encode
+from taskmill.serialization import decode_payload, encode, payload_options
 from taskmill.task import Task
 from taskmill.worker.pools import call_async
 
@@ -72,6 +72,17 @@ def arguments(task: Task[Any, Any], job: Job) -> tuple[list[Any], dict[str, Any]
     return args, kwargs
 
 
+def soft_limit_s(task: Task[Any, Any], job: Job) -> float | None:
+    """The job's soft time limit: the one its send stored, else this worker's registration of
+    the task. None if it would not come before the hard limit (that one stops the run first)."""
+    soft: float | None = payload_options(job.payload).get(
+        "soft_timeout_s", task.defaults.soft_timeout_s
+    )
+    if soft is not None and job.timeout_s is not None and soft >= job.timeout_s:
+        return None
+    return soft
+
+
 async def execute(
     app: App, job: Job, ctx: JobContext, runner: Runner, interrupted: list[str]
 ) -> Outcome:
@@ -82,10 +93,11 @@ async def execute(
     except (UnknownTaskError, SerializationError, TypeError) as exc:
         return fail_now(job, exc)
     try:
+        soft_s = soft_limit_s(task, job)
         if task.is_async:  # on this loop, whatever the pool: pools are for sync functions
-            value = await call_async(task, args, kwargs, ctx, job.timeout_s)
+            value = await call_async(task, args, kwargs, ctx, job.timeout_s, soft_s)
         else:
-            value = await runner.call(task, args, kwargs, ctx, job.timeout_s)
+            value = await runner.call(task, args, kwargs, ctx, job.timeout_s, soft_s)
         result = encode(value, what=f"result of task {task.name!r}")
     except asyncio.CancelledError:
         if interrupted:

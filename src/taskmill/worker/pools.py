@@ -7,12 +7,12 @@ import contextvars
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from concurrent.futures import Executor, Future
 from typing import Any, Protocol
 
 from taskmill.context import JobContext, reset_current, set_current
-from taskmill.errors import TaskTimeoutError
+from taskmill.errors import SoftTimeLimitExceeded, TaskTimeoutError
 from taskmill.task import Task
 
 log = logging.getLogger("taskmill.worker")
@@ -29,6 +29,7 @@ class Runner(Protocol):
         kwargs: dict[str, Any],
         ctx: JobContext,
         timeout_s: float | None,
+        soft_timeout_s: float | None = None,
     ) -> Any: ...
 
     def close(self) -> None: ...
@@ -50,24 +51,100 @@ def _in_thread(
         reset_current(token)
 
 
+def soft_limit_message(task: str, soft_timeout_s: float) -> str:
+    return f"task {task} exceeded its soft time limit of {soft_timeout_s:g} s"
+
+
+def hard_limit_message(task: str, timeout_s: float, what_happened: str) -> str:
+    return f"task {task} timed out after {timeout_s:g} s (its hard time limit); {what_happened}"
+
+
 async def call_async(
     task: Task[Any, Any],
     args: list[Any],
     kwargs: dict[str, Any],
     ctx: JobContext,
     timeout_s: float | None,
+    soft_timeout_s: float | None = None,
 ) -> Any:
     """Run an async task on this loop (each job runs in its own asyncio task and context)."""
     set_current(ctx)
+    coro = task.fn(*args, **kwargs)
+    if soft_timeout_s is not None:
+        coro = _SoftLimited(coro, soft_timeout_s, ctx, task.name)
     if timeout_s is None:
-        return await task.fn(*args, **kwargs)
+        return await coro
     try:
         async with asyncio.timeout(timeout_s) as scope:
-            return await task.fn(*args, **kwargs)
+            return await coro
     except TimeoutError:
         if scope.expired():
-            raise TaskTimeoutError(f"task {task.name} timed out after {timeout_s} s") from None
+            raise TaskTimeoutError(
+                hard_limit_message(task.name, timeout_s, "it was cancelled")
+            ) from None
         raise
+
+
+class _SoftLimited:
+    """Awaits a task's coroutine and, at its soft limit, raises ``SoftTimeLimitExceeded``
+    inside it, at the ``await`` where it waits.
+
+    asyncio can only cancel a task. So at the soft limit this cancels the job's asyncio task,
+    which wakes it from whatever it awaits (that is cancelled), and throws the soft-limit
+    exception into the coroutine in place of the ``CancelledError``: the task's own ``except
+    SoftTimeLimitExceeded`` or ``finally`` then runs, and it may still return. The request is
+    withdrawn (``uncancel``) so the hard limit's ``asyncio.timeout`` counts right; a cancel
+    from anyone else that arrives meanwhile (the hard limit, a worker stop) goes through.
+    """
+
+    def __init__(
+        self, coro: Coroutine[Any, Any, Any], soft_timeout_s: float, ctx: JobContext, task: str
+    ) -> None:
+        self._coro = coro
+        self._soft_timeout_s = soft_timeout_s
+        self._ctx = ctx
+        self._task = task
+        self._asked = False  # our cancel is on its way to the coroutine
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        job_task = asyncio.current_task()
+        assert job_task is not None
+        timer = asyncio.get_running_loop().call_later(self._soft_timeout_s, self._expire, job_task)
+        try:
+            return (yield from self._drive(job_task))
+        finally:
+            timer.cancel()
+
+    def _expire(self, job_task: asyncio.Task[Any]) -> None:
+        self._ctx._pass_soft_limit()
+        self._asked = job_task.cancel()
+
+    def _drive(self, job_task: asyncio.Task[Any]) -> Generator[Any, None, Any]:
+        # what ``yield from self._coro`` does, with one exception swapped on the way in
+        coro = self._coro
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            try:
+                waited_on = coro.send(sent) if thrown is None else coro.throw(thrown)
+            except StopIteration as stop:
+                return stop.value
+            sent, thrown = None, None
+            try:
+                sent = yield waited_on
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                thrown = self._instead_of(exc, job_task)
+
+    def _instead_of(self, exc: BaseException, job_task: asyncio.Task[Any]) -> BaseException:
+        if not (self._asked and isinstance(exc, asyncio.CancelledError)):
+            return exc
+        self._asked = False
+        if job_task.uncancel() > 0:
+            return exc  # cancelled by someone else as well: that cancel wins
+        return SoftTimeLimitExceeded(soft_limit_message(self._task, self._soft_timeout_s))
 
 
 _WorkItem = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
@@ -131,6 +208,7 @@ class InlineRunner:
         kwargs: dict[str, Any],
         ctx: JobContext,
         timeout_s: float | None,
+        soft_timeout_s: float | None = None,
     ) -> Any:
         return _in_thread(ctx, task.fn, args, kwargs)
 
@@ -139,9 +217,17 @@ class InlineRunner:
 
 
 class ThreadRunner:
-    """Sync tasks in a thread pool. A timeout fails the job and sets ``cancelled``; the thread
-    itself cannot be stopped, so it finishes in the background (use the process pool for hard
-    limits)."""
+    """Sync tasks in a thread pool. The soft limit sets ``soft_limit_exceeded`` and
+    ``cancelled``; the hard limit fails the job and sets ``cancelled``. The thread itself cannot
+    be stopped, so it finishes in the background (use the process pool for hard limits).
+
+    No exception is raised into the thread at the soft limit. ``PyThreadState_SetAsyncExc``
+    could, but it is deliberately not used: it fires only between bytecodes (never while the
+    thread blocks in a sleep, a lock or a socket, the usual reason a task overruns), it lands
+    anywhere (inside a ``finally``, half-way through a library's lock-protected update), and
+    it cannot be tied to one job: a thread that finished the job just before gets it in the
+    next job, or in this pool's own loop.
+    """
 
     def __init__(self, threads: int) -> None:
         self._pool = DaemonThreadPool(threads, "taskmill-task")
@@ -154,6 +240,7 @@ class ThreadRunner:
         kwargs: dict[str, Any],
         ctx: JobContext,
         timeout_s: float | None,
+        soft_timeout_s: float | None = None,
     ) -> Any:
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
@@ -171,10 +258,17 @@ class ThreadRunner:
             )
             started.wait(_HANDOFF_WAIT_S)
         self._active += 1
+        soft = (
+            None
+            if soft_timeout_s is None
+            else loop.call_later(soft_timeout_s, ctx._pass_soft_limit)
+        )
         try:
             return await self._result(fut, task, ctx, timeout_s)
         finally:
             self._active -= 1
+            if soft is not None:
+                soft.cancel()
 
     @staticmethod
     async def _result(
@@ -190,8 +284,11 @@ class ThreadRunner:
                 raise  # the task's own TimeoutError
             ctx._cancelled.set()
             raise TaskTimeoutError(
-                f"task {task.name} timed out after {timeout_s} s (its thread was asked to stop "
-                "via current_job().cancelled)"
+                hard_limit_message(
+                    task.name,
+                    timeout_s,
+                    "its thread was asked to stop via current_job().cancelled",
+                )
             ) from None
 
     def close(self) -> None:

@@ -1,10 +1,15 @@
 """``--pool process``: sync tasks in child processes, with hard time limits.
 
 Each child imports the app by its path, runs one job at a time and talks to the worker over a
-pipe: the worker sends ``run`` and ``cancel``; the child sends ``progress``, ``ok`` (the
-result, as JSON) or ``error`` (the error as data, with the retry decision the child made by
-the task's policy). A child that overruns its timeout is killed; one that dies mid-job fails
-the attempt with ``WorkerLostError``. A child is replaced after ``max_tasks_per_child`` jobs.
+pipe: the worker sends ``run``, ``cancel`` and ``soft`` (the job passed its soft limit); the
+child sends ``ready`` once it has imported the app (a job's time limits count from then),
+``progress``, ``ok`` (the result, as JSON) or ``error`` (the error as data, with the
+retry decision the child made by the task's policy). At the soft limit the child raises
+``SoftTimeLimitExceeded`` in the task's thread (its main thread, woken by ``SIGUSR1``). Each
+child leads a process group of its own: a child that overruns its hard limit is killed with
+every process it started (``killpg``), and a child whose worker is gone kills its group rather
+than run on unsupervised. One that dies mid-job fails the attempt with ``WorkerLostError``. A
+child is replaced after ``max_tasks_per_child`` jobs.
 """
 
 from __future__ import annotations
@@ -13,20 +18,23 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
 from taskmill.context import JobContext, reset_current, set_current
-from taskmill.errors import TaskTimeoutError, WorkerLostError
+from taskmill.errors import SoftTimeLimitExceeded, TaskTimeoutError, WorkerLostError
 from taskmill.job import ErrorInfo
 from taskmill.retry import Cancel, RemoteError, Retry, error_info
 from taskmill.serialization import decode, encode
 from taskmill.task import Task
+from taskmill.worker.pools import hard_limit_message, soft_limit_message
 
 log = logging.getLogger("taskmill.worker")
 
@@ -43,6 +51,7 @@ class _Child:
         self.proc.start()
         child_conn.close()
         self.jobs_done = 0
+        self.ready = False  # it has imported the app
 
     @property
     def alive(self) -> bool:
@@ -55,13 +64,14 @@ class _Child:
         kwargs: dict[str, Any],
         ctx: JobContext,
         timeout_s: float | None,
+        soft_timeout_s: float | None = None,
     ) -> Any:
         self.jobs_done += 1
         self.conn.send(
             ("run", ctx.id, task, ctx.queue, ctx.attempt, ctx.max_attempts, args, kwargs)
         )
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        cancel_sent = False
+        started = time.monotonic()
+        cancel_sent = soft_sent = False
         while True:
             if self.conn.poll(_POLL_S):
                 try:
@@ -73,7 +83,10 @@ class _Child:
                         f"(exit code {self.proc.exitcode})"
                     ) from None
                 kind = msg[0]
-                if kind == "progress":
+                if kind == "ready":  # a new child has imported the app: the time limits start
+                    self.ready = True
+                    started = time.monotonic()
+                elif kind == "progress":
                     ctx._report(ctx.id, msg[1], msg[2])
                 elif kind == "ok":
                     return decode(msg[1])
@@ -87,17 +100,36 @@ class _Child:
                 raise WorkerLostError(
                     f"the child process running task {task} died (exit code {self.proc.exitcode})"
                 )
-            if deadline is not None and time.monotonic() > deadline:
+            ran_s = time.monotonic() - started
+            if (
+                soft_timeout_s is not None
+                and ran_s > soft_timeout_s
+                and self.ready
+                and not soft_sent
+            ):
+                self.conn.send(("soft", ctx.id, soft_limit_message(task, soft_timeout_s)))
+                soft_sent = True
+            if timeout_s is not None and ran_s > timeout_s:
                 self.kill()
                 raise TaskTimeoutError(
-                    f"task {task} timed out after {timeout_s} s; its child process was killed"
+                    hard_limit_message(
+                        task,
+                        timeout_s,
+                        "its child process and the processes it started were killed",
+                    )
                 )
             if ctx.cancelled and not cancel_sent:
                 self.conn.send(("cancel",))
                 cancel_sent = True
 
     def kill(self) -> None:
-        self.proc.kill()
+        """Kill the child and every process it started: its process group, whose id is the
+        child's pid, which cannot name another group while the child is not reaped."""
+        assert self.proc.pid is not None  # started in __init__
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # not yet its own group leader: it has started nothing
+            self.proc.kill()
         self.proc.join(5)
 
     def stop(self) -> None:
@@ -124,6 +156,7 @@ class ProcessRunner:
         kwargs: dict[str, Any],
         ctx: JobContext,
         timeout_s: float | None,
+        soft_timeout_s: float | None = None,
     ) -> Any:
         loop = asyncio.get_running_loop()
         child = self._idle.pop() if self._idle else None
@@ -133,7 +166,7 @@ class ProcessRunner:
         reusable = False
         try:
             result = await loop.run_in_executor(
-                self._threads, child.run, task.name, args, kwargs, ctx, timeout_s
+                self._threads, child.run, task.name, args, kwargs, ctx, timeout_s, soft_timeout_s
             )
             reusable = True
             return result
@@ -156,25 +189,108 @@ class ProcessRunner:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
 
+class _SoftLimit:
+    """A child's soft limit. The reader thread arms it for each job the worker sends and marks
+    it due when the worker says that job passed its soft limit; the main thread, which runs
+    the task, raises ``SoftTimeLimitExceeded`` then (woken by ``SIGUSR1``) or as the task
+    starts, and never outside the task's function.
+
+    A signal carries no job id, so the job is matched on the reader's side, and a signal that
+    arrives after its job ended finds nothing due (the next ``run`` disarmed it).
+    """
+
+    def __init__(self) -> None:
+        self._job_id: str | None = None  # the job the worker sent last (reader thread)
+        self._due: str | None = None  # the message to raise with, once due
+        self._ctx: JobContext | None = None  # set while the task's function runs
+        self._held = False  # the main thread is in a block the exception must not cut
+        self._main = threading.get_ident()  # made on the main thread, which runs the tasks
+
+    def arm(self, job_id: str) -> None:
+        self._job_id, self._due = job_id, None
+
+    def passed(self, job_id: str, message: str) -> None:
+        if job_id == self._job_id:
+            self._due = message
+            # at the main thread: only there does the signal interrupt what the task waits in
+            signal.pthread_kill(self._main, signal.SIGUSR1)
+
+    def enter(self, ctx: JobContext) -> None:
+        self._ctx = ctx
+        self.raise_if_due()
+
+    def leave(self) -> None:
+        self._ctx = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Delay the exception past a block of the main thread (other threads: no effect)."""
+        if threading.get_ident() != self._main or self._held:
+            yield
+            return
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+        self.raise_if_due()
+
+    @property
+    def running(self) -> bool:
+        return self._ctx is not None
+
+    def raise_if_due(self, *_signal: object) -> None:
+        ctx = self._ctx
+        if ctx is None or self._due is None or self._held:
+            return
+        message, self._due = self._due, None
+        ctx._pass_soft_limit()
+        raise SoftTimeLimitExceeded(message)
+
+
+def _kill_own_group() -> None:
+    """The worker is gone mid-job: nobody will take the result, and the job goes back to the
+    queue when its lease expires. Stop the task and what it started rather than let it run on
+    unsupervised (only when this child leads its group: never the worker's)."""
+    if os.getpgid(0) == os.getpid():
+        os.killpg(0, signal.SIGKILL)
+    os._exit(1)
+
+
 def child_main(app_path: str, conn: Connection) -> None:
     """Entry point of a child process."""
     from taskmill.loader import load_app
 
+    os.setsid()  # a process group of its own, so a hard limit kills what the task started
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when children stop
+    soft_limit = _SoftLimit()
+    signal.signal(signal.SIGUSR1, soft_limit.raise_if_due)
     app = load_app(app_path)
+    conn.send(("ready",))
     inbox: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
     cancelled = threading.Event()
+
+    def report(_id: str, fraction: float | None, message: str | None) -> None:
+        with soft_limit.held():  # its exception must not cut a message to the worker in half
+            conn.send(("progress", fraction, message))
 
     def read() -> None:
         while True:
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
+                if soft_limit.running:
+                    _kill_own_group()
                 inbox.put(None)
                 return
             if msg[0] == "cancel":
                 cancelled.set()
+            elif msg[0] == "soft":
+                soft_limit.passed(msg[1], msg[2])
             else:
+                if msg[0] == "run":
+                    cancelled.clear()  # here, not as the job starts: a cancel may follow it
+                    soft_limit.arm(msg[1])
                 inbox.put(msg)
 
     threading.Thread(target=read, daemon=True, name="taskmill-child-reader").start()
@@ -183,22 +299,25 @@ def child_main(app_path: str, conn: Connection) -> None:
         if msg is None or msg[0] == "stop":
             return
         _, job_id, task_name, queue_name, attempt, max_attempts, args, kwargs = msg
-        cancelled.clear()
         ctx = JobContext(
             id=job_id,
             task=task_name,
             queue=queue_name,
             attempt=attempt,
             max_attempts=max_attempts,
-            _report=lambda _id, f, m: conn.send(("progress", f, m)),
+            _report=report,
             _cancelled=cancelled,
         )
         token = set_current(ctx)
         try:
             task = app.get_task(task_name)
-            value = task.fn(*args, **kwargs)
-            if task.is_async:
-                value = asyncio.run(value)
+            soft_limit.enter(ctx)
+            try:
+                value = task.fn(*args, **kwargs)
+                if task.is_async:
+                    value = asyncio.run(value)
+            finally:
+                soft_limit.leave()
             conn.send(("ok", encode(value, what=f"result of task {task_name!r}")))
         except BaseException as exc:
             info = error_info(exc)
