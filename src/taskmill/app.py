@@ -40,6 +40,7 @@ from taskmill.task import (
     check_priority,
     seconds,
 )
+from taskmill.urls import redact_url
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -84,7 +85,7 @@ class App:
         self._portal_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<App {self.url} tasks={len(self.tasks)}>"
+        return f"<App {redact_url(self.url)} tasks={len(self.tasks)}>"
 
     # --- tasks ------------------------------------------------------------------------------
 
@@ -375,7 +376,9 @@ class App:
         )
         if result is None:
             if opts.connection is not None:
-                raise ConfigurationError(f"{self.url}: this broker has no transactional enqueue")
+                raise ConfigurationError(
+                    f"{redact_url(self.url)}: this broker has no transactional enqueue"
+                )
             result = self.run_sync(self._enqueue(jobs, opts))
         else:
             self._opened = True

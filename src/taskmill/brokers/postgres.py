@@ -81,6 +81,7 @@ from taskmill.job import (
     WorkerInfo,
 )
 from taskmill.portal import Portal
+from taskmill.urls import redact_url
 
 log = logging.getLogger("taskmill.brokers.postgres")
 T = TypeVar("T")
@@ -153,7 +154,7 @@ def _bool_option(options: dict[str, str], name: str, default: bool, url: str) ->
         return True
     if value in {"0", "false", "no", "off"}:
         return False
-    raise ConfigurationError(f"{name} in {url!r} must be true or false, not {raw!r}")
+    raise ConfigurationError(f"{name} in {redact_url(url)!r} must be true or false, not {raw!r}")
 
 
 def parse_url(url: str) -> PostgresConfig:
@@ -162,14 +163,15 @@ def parse_url(url: str) -> PostgresConfig:
     >>> parse_url("postgres://u@db.internal/app?schema=jobs&sslmode=require").schema
     'jobs'
     """
+    shown = redact_url(url)  # for messages: never the password
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"not a PostgreSQL URL: {url!r}")
+        raise ConfigurationError(f"not a PostgreSQL URL: {shown!r}")
     options = dict(parse_qsl(parts.query, keep_blank_values=True))
     schema = options.pop("schema", DEFAULT_SCHEMA)
     if not _SCHEMA_RE.fullmatch(schema):
         raise ConfigurationError(
-            f"schema in {url!r} must be a lowercase identifier of at most 48 characters "
+            f"schema in {shown!r} must be a lowercase identifier of at most 48 characters "
             f"(letters, digits, _), not {schema!r}"
         )
     migrate = _bool_option(options, "migrate", True, url)
@@ -178,10 +180,10 @@ def parse_url(url: str) -> PostgresConfig:
         pool_size = int(options.pop("pool_size", "8"))
     except ValueError:
         raise ConfigurationError(
-            f"unavailable_after_s and pool_size in {url!r} must be numbers"
+            f"unavailable_after_s and pool_size in {shown!r} must be numbers"
         ) from None
     if not unavailable_after_s > 0 or pool_size < 2:
-        raise ConfigurationError(f"{url!r}: need unavailable_after_s > 0 and pool_size >= 2")
+        raise ConfigurationError(f"{shown!r}: need unavailable_after_s > 0 and pool_size >= 2")
     # named in pg_stat_activity (and what an operator's pg_terminate_backend filters on)
     options.setdefault("application_name", "taskmill")
     # libpq's connect timeout is whole seconds, at least 2
