@@ -333,12 +333,18 @@ class RedisBroker(Broker):
             )
         return self._sync
 
-    def _unavailable(self, exc: BaseException) -> BrokerUnavailableError:
-        return BrokerUnavailableError(
+    def _unavailable(self, exc: BaseException, *, writes: bool = True) -> BrokerUnavailableError:
+        """``writes``: the call may have changed jobs, so say what a caller may assume."""
+        message = (
             f"Redis at {self.where} did not answer within {self.unavailable_after_s:g} s "
-            f"({type(exc).__name__}: {exc}). A write that was under way may still have been "
-            "applied; sending the same job again is safe (its id is checked)"
+            f"({type(exc).__name__}: {exc})"
         )
+        if writes:
+            message += (
+                ". A write that was under way may still have been applied; sending the same "
+                "job again is safe (its id is checked)"
+            )
+        return BrokerUnavailableError(scrub(message, self.url))
 
     def _misconfigured(self, exc: Exception) -> BrokerError | None:
         """The error that says why this URL cannot work with the server it names (a port that
@@ -361,10 +367,11 @@ class RedisBroker(Broker):
             return None
         return BrokerError(scrub(message, self.url), permanent=True)
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(self, call: Callable[[], Awaitable[T]], *, writes: bool = True) -> T:
         """Retry on a lost connection with back-off for up to ``unavailable_after_s`` in all:
         each attempt gets only the time that is left, so a server that accepts connections
-        but never answers (frozen, overloaded) fails as soon as one that is down."""
+        but never answers (frozen, overloaded) fails as soon as one that is down.
+        ``writes=False``: ``call`` only reads."""
         deadline = time.monotonic() + self.unavailable_after_s
         delay = 0.05
         while True:
@@ -380,7 +387,7 @@ class RedisBroker(Broker):
                 raise refused from exc
             except (*_UNAVAILABLE, TimeoutError) as exc:
                 if time.monotonic() + delay > deadline:
-                    raise self._unavailable(exc) from exc
+                    raise self._unavailable(exc, writes=writes) from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
@@ -444,7 +451,7 @@ class RedisBroker(Broker):
 
     @on_io_loop
     async def open(self) -> None:
-        await self._retrying(self._client().ping)
+        await self._retrying(self._client().ping, writes=False)
         if not self._checked:
             self._checked = True
             await self._check_server()
@@ -670,16 +677,20 @@ class RedisBroker(Broker):
 
     @on_io_loop
     async def now(self) -> float:
-        seconds, micros = await self._retrying(self._client().time)
+        seconds, micros = await self._retrying(self._client().time, writes=False)
         return float(seconds + micros / 1e6)
 
     @on_io_loop
     async def get(self, job_id: str) -> Job | None:
-        fields = await self._retrying(lambda: self._client().hgetall(self._key("job", job_id)))
+        fields = await self._retrying(
+            lambda: self._client().hgetall(self._key("job", job_id)), writes=False
+        )
         return _job(fields) if fields else None
 
     async def _queues(self) -> list[str]:
-        names = await self._retrying(lambda: self._client().smembers(self._key("queues")))
+        names = await self._retrying(
+            lambda: self._client().smembers(self._key("queues")), writes=False
+        )
         return sorted(n.decode() for n in names)
 
     @on_io_loop
@@ -758,7 +769,7 @@ class RedisBroker(Broker):
     @on_io_loop
     async def list_workers(self) -> list[WorkerInfo]:
         client = self._client()
-        ids = await self._retrying(lambda: client.zrange(self._key("workers"), 0, -1))
+        ids = await self._retrying(lambda: client.zrange(self._key("workers"), 0, -1), writes=False)
         if not ids:
             return []
         raw = await client.mget([self._key("worker", i.decode()) for i in ids])
@@ -798,7 +809,7 @@ class RedisBroker(Broker):
             pairs = await self._client().zrange(self._key("schedules"), 0, -1, withscores=True)
             return {name.decode(): float(tick) for name, tick in pairs}
 
-        return await self._retrying(call)
+        return await self._retrying(call, writes=False)
 
     @on_io_loop
     async def mark_schedules(self, marks: Mapping[str, float]) -> None:
@@ -817,7 +828,7 @@ class RedisBroker(Broker):
     @on_io_loop
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
         key = self._key("wf", workflow_id)
-        fields = await self._retrying(lambda: self._client().hgetall(key))
+        fields = await self._retrying(lambda: self._client().hgetall(key), writes=False)
         if not fields:
             return None
         finished = fields.get(b"finished_at")
@@ -837,7 +848,7 @@ class RedisBroker(Broker):
     @on_io_loop
     async def running_workflows(self, limit: int = 1000) -> list[str]:
         key = self._key("workflows")
-        ids = await self._retrying(lambda: self._client().zrange(key, 0, limit - 1))
+        ids = await self._retrying(lambda: self._client().zrange(key, 0, limit - 1), writes=False)
         return [i.decode() for i in ids]
 
     @on_io_loop
@@ -862,7 +873,7 @@ class RedisBroker(Broker):
                 ready, scheduled = await pipe.execute()
             return int(ready) + int(scheduled)
 
-        return await self._retrying(call)
+        return await self._retrying(call, writes=False)
 
     @on_io_loop
     async def publish_events(self, payload: bytes) -> None:
