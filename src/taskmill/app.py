@@ -33,12 +33,13 @@ from taskmill.schedules import Misfire, Overlap, Schedule
 from taskmill.settings import Settings
 from taskmill.task import (
     KeyFunc,
+    Priority,
     Seconds,
     SendOptions,
     Task,
     _attempts,
     check_priority,
-    seconds,
+    timeout_seconds,
 )
 from taskmill.urls import redact_url
 
@@ -101,7 +102,7 @@ class App:
         *,
         name: str | None = None,
         queue: str | None = None,
-        priority: int = 0,
+        priority: Priority = 0,
         retries: int = 3,
         backoff: float | Backoff | None = None,
         retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
@@ -125,7 +126,7 @@ class App:
         *,
         name: str | None = None,
         queue: str | None = None,
-        priority: int = 0,
+        priority: Priority = 0,
         retries: int = 3,
         backoff: float | Backoff | None = None,
         retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
@@ -148,8 +149,11 @@ class App:
           capped at 1 h).
         - ``retry_on`` / ``dont_retry_on``: which exceptions are retried (default: every
           ``Exception``); a ``dont_retry_on`` match fails the job at once.
-        - ``timeout``: seconds a run may take (async: cancelled; ``--pool process``: the
-          child is killed; thread pool: the job is failed and the thread left to finish).
+        - ``priority``: higher runs first within a queue: a whole number from -1000 to 1000,
+          or ``"urgent"`` (100), ``"high"`` (50), ``"normal"`` (0, the default), ``"low"`` (-50).
+        - ``timeout``: seconds a run may take, more than 0 (async: cancelled; ``--pool
+          process``: the child is killed; thread pool: the job is failed and the thread left
+          to finish).
         - ``key``: a unique key (or a function of the task's arguments returning one): while a
           job with that key is pending, sending again returns the pending job.
         - ``rate_limit``: at most this many starts across all workers, ``"10/s"``, ``"500/m"``
@@ -170,7 +174,7 @@ class App:
             queue=queue or self.settings.default_queue,
             priority=check_priority(priority),
             max_attempts=_attempts(retries),
-            timeout_s=seconds(timeout, "timeout"),
+            timeout_s=timeout_seconds(timeout),
             key=key,
         )
 
@@ -474,25 +478,42 @@ class App:
         name: str,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
+        *,
+        external: bool = False,
         **options: Any,
     ) -> JobHandle[Any]:
         """Enqueue by task name (CLI, HTTP API, other languages' producers).
 
         With the task registered here, arguments are checked against its signature and its
-        defaults apply; otherwise the job is stored as given (``queue`` defaults to the app's
-        default queue) and a worker that has the task checks it.
-        ``options`` are those of ``Task.options``.
+        defaults apply. A name this app does not have is an ``UnknownTaskError`` (listing the
+        names it has), unless ``external=True`` says the task is defined elsewhere, or the app
+        has no tasks at all (a producer that only knows the URL): then the job is stored as
+        given (``queue`` defaults to the app's default queue) and the worker that has the task
+        checks the arguments. ``options`` are those of ``Task.options``.
+
+        >>> app = App("memory://")
+        >>> @app.task(name="add")
+        ... def add(a: int, b: int) -> int: ...
+        >>> app.send_task("ad", [1, 2])
+        Traceback (most recent call last):
+        taskmill.errors.UnknownTaskError: no task named 'ad' is registered in this app (known: add)
+        >>> app.send_task("billing.charge", [42], external=True).existing
+        False
         """
-        return self.run_sync(self.asend_task(name, args, kwargs, **options))
+        return self.run_sync(self.asend_task(name, args, kwargs, external=external, **options))
 
     async def asend_task(
         self,
         name: str,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
+        *,
+        external: bool = False,
         **options: Any,
     ) -> JobHandle[Any]:
         task = self.tasks.get(name)
+        if task is None and self.tasks and not external:
+            self.get_task(name)  # raises, listing the names this app has
         if task is None:
             task = Task(
                 self,

@@ -85,6 +85,13 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
     if parts.scheme != "sqlite":
         raise ConfigurationError(f"not a sqlite URL: {shown!r}")
     path = parts.path
+    if not url.split(":", 1)[1].startswith("//"):
+        # sqlite:/x.db would read as ./x.db or as /x.db depending on whom you ask: ask again
+        name = path.lstrip("/")
+        raise ConfigurationError(
+            f"sqlite URL {shown!r} needs // after 'sqlite:': write sqlite:///{name} for "
+            f"{name} in the working directory, or sqlite:////{name} for the absolute path /{name}"
+        )
     if parts.netloc:
         raise ConfigurationError(
             f"sqlite URL {shown!r} has a host; use sqlite:///relative.db or sqlite:////abs.db"
