@@ -276,6 +276,30 @@ def test_a_worker_process_on_an_unwritable_database_exits_naming_the_cause(
     assert "retrying" not in proc.stderr
 
 
+def test_supervised_workers_on_a_read_only_file_are_not_restarted(db: Path, tmp_path: Path) -> None:
+    """``-p 2``: each child stops on the permanent error, and the supervisor, knowing that a
+    restart would fail the same way, exits instead of restarting them with back-off forever."""
+    send_from_another_process(db, 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMILL_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    env["TASKMILL_URL"] = f"sqlite:///{db}"
+    with read_only(db):
+        proc = subprocess.run(
+            [sys.executable, "-m", "taskmill", "worker", "cliapp:app", "-p", "2"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=30,
+        )
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and all("is read-only" in line for line in errors), proc.stderr
+    assert "exited with a broker error; not restarting it" in proc.stderr
+    assert "restarting in" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # --- locked for long -----------------------------------------------------------------------------
 
 

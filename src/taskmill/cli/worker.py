@@ -20,6 +20,8 @@ from taskmill.cli._base import (
     cli,
     log,
 )
+from taskmill.errors import BrokerError
+from taskmill.worker.supervisor import BROKER_REFUSED_EXIT_CODE
 
 if TYPE_CHECKING:
     from taskmill.worker.worker import PoolKind, Worker
@@ -116,17 +118,24 @@ def worker(
         if max_tasks_per_child is not None:
             argv += ["--max-tasks-per-child", str(max_tasks_per_child)]
         raise click.exceptions.Exit(Supervisor(argv, processes).run())
-    run_worker_process(
-        app,
-        app_path=app_path,
-        queues=queue_list,
-        concurrency=concurrency,
-        pool=pool,
-        max_tasks_per_child=max_tasks_per_child,
-        drain_timeout_s=drain_timeout,
-        parent_pid=parent_pid,
-        scheduler=scheduler,
-    )
+    try:
+        run_worker_process(
+            app,
+            app_path=app_path,
+            queues=queue_list,
+            concurrency=concurrency,
+            pool=pool,
+            max_tasks_per_child=max_tasks_per_child,
+            drain_timeout_s=drain_timeout,
+            parent_pid=parent_pid,
+            scheduler=scheduler,
+        )
+    except BrokerError as exc:
+        if parent_pid is None or not exc.permanent:
+            raise
+        # supervised: say so, and tell the supervisor that a restart would fail the same way
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(BROKER_REFUSED_EXIT_CODE) from None
 
 
 def parse_queues(value: str) -> list[str]:

@@ -31,6 +31,8 @@ log = logging.getLogger("taskmill.supervisor")
 
 USAGE_EXIT_CODE = 2
 """A child exiting with this code was started wrongly: restarting it would fail again."""
+BROKER_REFUSED_EXIT_CODE = 3
+"""A child met a broker error no retry fixes (``BrokerError.permanent``): nor would a restart."""
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -155,14 +157,15 @@ class Supervisor:
             if self._stop_requests:
                 log.info("supervisor: worker process %d (pid %d) exited", slot.index, proc.pid)
                 continue
-            if code == USAGE_EXIT_CODE:
+            if code in (USAGE_EXIT_CODE, BROKER_REFUSED_EXIT_CODE):
                 log.error(
-                    "supervisor: worker process %d (pid %d) exited with a usage error; not "
-                    "restarting it, stopping the others",
+                    "supervisor: worker process %d (pid %d) exited with %s; not restarting it, "
+                    "stopping the others",
                     slot.index,
                     proc.pid,
+                    "a usage error" if code == USAGE_EXIT_CODE else "a broker error",
                 )
-                self._exit_code = USAGE_EXIT_CODE
+                self._exit_code = USAGE_EXIT_CODE if code == USAGE_EXIT_CODE else 1
                 self._stop_children(signal.SIGTERM)
                 self._stop_requests = 1
                 continue
