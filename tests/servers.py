@@ -384,6 +384,29 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url_for(name)
 
+    def add_password_role(self, role: str, password: str) -> None:
+        """A login role that must give ``password`` (scram-sha-256) over TCP; every other role
+        stays trusted. The rule goes first in pg_hba.conf, and the server reloads it."""
+        with self.connect() as conn:
+            conn.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'")
+        hba = self.data / "pg_hba.conf"
+        rules = hba.read_text()
+        hba.write_text(f"host all {role} {self.host}/32 scram-sha-256\n{rules}")  # keeps owner
+        with self.connect() as conn:
+            conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:  # the reload is asynchronous: wait until a wrong password is refused
+            try:
+                with self.connect(user=role, password="not-" + password):
+                    pass
+            except psycopg.OperationalError as exc:
+                if "password authentication failed" in str(exc):
+                    return
+                raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pg_hba.conf reload did not take effect: {role} trusted")
+            time.sleep(0.02)
+
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Start the server (on the same port as before, if it ran) and wait until it accepts
         connections."""

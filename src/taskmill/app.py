@@ -33,6 +33,7 @@ from taskmill.schedules import Misfire, Overlap, Schedule
 from taskmill.settings import Settings
 from taskmill.task import (
     KeyFunc,
+    Priority,
     Seconds,
     SendOptions,
     Task,
@@ -40,7 +41,9 @@ from taskmill.task import (
     check_priority,
     check_time_limits,
     seconds,
+    timeout_seconds,
 )
+from taskmill.urls import redact_url
 
 if TYPE_CHECKING:
     from taskmill.worker.embed import EmbeddedWorker, WorkerThread
@@ -88,7 +91,7 @@ class App:
         self._portal_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<App {self.url} tasks={len(self.tasks)}>"
+        return f"<App {redact_url(self.url)} tasks={len(self.tasks)}>"
 
     # --- tasks ------------------------------------------------------------------------------
 
@@ -104,7 +107,7 @@ class App:
         *,
         name: str | None = None,
         queue: str | None = None,
-        priority: int = 0,
+        priority: Priority = 0,
         retries: int = 3,
         backoff: float | Backoff | None = None,
         retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
@@ -129,7 +132,7 @@ class App:
         *,
         name: str | None = None,
         queue: str | None = None,
-        priority: int = 0,
+        priority: Priority = 0,
         retries: int = 3,
         backoff: float | Backoff | None = None,
         retry_on: Sequence[type[BaseException]] | type[BaseException] | None = None,
@@ -153,9 +156,11 @@ class App:
           capped at 1 h).
         - ``retry_on`` / ``dont_retry_on``: which exceptions are retried (default: every
           ``Exception``); a ``dont_retry_on`` match fails the job at once.
-        - ``timeout``: seconds a run may take, its hard limit (async: cancelled; ``--pool
-          process``: the child and the processes it started are killed; thread pool: the job
-          is failed and the thread left to finish).
+        - ``priority``: higher runs first within a queue: a whole number from -1000 to 1000,
+          or ``"urgent"`` (100), ``"high"`` (50), ``"normal"`` (0, the default), ``"low"`` (-50).
+        - ``timeout``: seconds a run may take, more than 0, its hard limit (async: cancelled;
+          ``--pool process``: the child and the processes it started are killed; thread pool:
+          the job is failed and the thread left to finish).
         - ``soft_timeout``: seconds after which the task is told to wrap up, before
           ``timeout``: ``SoftTimeLimitExceeded`` is raised inside it (async tasks, ``--pool
           process``) and ``current_job().soft_limit_exceeded`` and ``.cancelled`` are set
@@ -180,7 +185,7 @@ class App:
             queue=queue or self.settings.default_queue,
             priority=check_priority(priority),
             max_attempts=_attempts(retries),
-            timeout_s=seconds(timeout, "timeout"),
+            timeout_s=timeout_seconds(timeout),
             soft_timeout_s=seconds(soft_timeout, "soft_timeout"),
             key=key,
         )
@@ -388,7 +393,9 @@ class App:
         )
         if result is None:
             if opts.connection is not None:
-                raise ConfigurationError(f"{self.url}: this broker has no transactional enqueue")
+                raise ConfigurationError(
+                    f"{redact_url(self.url)}: this broker has no transactional enqueue"
+                )
             result = self.run_sync(self._enqueue(jobs, opts))
         else:
             self._opened = True
@@ -484,25 +491,42 @@ class App:
         name: str,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
+        *,
+        external: bool = False,
         **options: Any,
     ) -> JobHandle[Any]:
         """Enqueue by task name (CLI, HTTP API, other languages' producers).
 
         With the task registered here, arguments are checked against its signature and its
-        defaults apply; otherwise the job is stored as given (``queue`` defaults to the app's
-        default queue) and a worker that has the task checks it.
-        ``options`` are those of ``Task.options``.
+        defaults apply. A name this app does not have is an ``UnknownTaskError`` (listing the
+        names it has), unless ``external=True`` says the task is defined elsewhere, or the app
+        has no tasks at all (a producer that only knows the URL): then the job is stored as
+        given (``queue`` defaults to the app's default queue) and the worker that has the task
+        checks the arguments. ``options`` are those of ``Task.options``.
+
+        >>> app = App("memory://")
+        >>> @app.task(name="add")
+        ... def add(a: int, b: int) -> int: ...
+        >>> app.send_task("ad", [1, 2])
+        Traceback (most recent call last):
+        taskmill.errors.UnknownTaskError: no task named 'ad' is registered in this app (known: add)
+        >>> app.send_task("billing.charge", [42], external=True).existing
+        False
         """
-        return self.run_sync(self.asend_task(name, args, kwargs, **options))
+        return self.run_sync(self.asend_task(name, args, kwargs, external=external, **options))
 
     async def asend_task(
         self,
         name: str,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
+        *,
+        external: bool = False,
         **options: Any,
     ) -> JobHandle[Any]:
         task = self.tasks.get(name)
+        if task is None and self.tasks and not external:
+            self.get_task(name)  # raises, listing the names this app has
         if task is None:
             task = Task(
                 self,

@@ -52,7 +52,16 @@ class JobCancelledError(TaskmillError):
 
 
 class BrokerError(TaskmillError):
-    """The broker refused an operation (for example a read-only database)."""
+    """The broker refused an operation (for example a read-only database).
+
+    ``permanent`` is True when trying again cannot help until a person changes something (a
+    file's permissions, the URL, the server's settings): a worker stops on such an error,
+    naming it, instead of retrying forever.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class BrokerUnavailableError(BrokerError):

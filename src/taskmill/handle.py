@@ -21,6 +21,20 @@ _POLL_START_S = 0.002
 _POLL_MAX_S = 0.1
 
 
+async def no_worker_hint(app: App, job: Job) -> str:
+    """``"; no worker is consuming queue 'x'"`` when the job waits and no registered worker
+    takes its queue (the likely reason a wait timed out); else ``""``."""
+    if job.state not in (JobState.QUEUED, JobState.SCHEDULED):
+        return ""
+    try:
+        workers = await (await app.abroker()).list_workers()
+    except Exception:  # only a hint: the timeout is the error to report
+        return ""
+    if any(job.queue in w.queues for w in workers):
+        return ""
+    return f"; no worker is consuming queue {job.queue!r}"
+
+
 class JobHandle(Generic[R]):
     """A reference to a stored job.
 
@@ -75,7 +89,8 @@ class JobHandle(Generic[R]):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(
-                        f"job {self.id} ({job.task}) is still {job.state.value} after {timeout} s"
+                        f"job {self.id} ({job.task}) is still {job.state.value} after "
+                        f"{timeout} s{await no_worker_hint(self._app, job)}"
                     )
                 delay = min(delay, remaining)
             await asyncio.sleep(delay)

@@ -19,6 +19,8 @@ def load_app(path: str) -> App:
 
     module_name, _, attr = path.partition(":")
     attr = attr or "app"
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        raise ConfigurationError(_not_a_module_path(path, module_name, attr))
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: the working directory is importable
     try:
@@ -38,3 +40,15 @@ def load_app(path: str) -> App:
     if not isinstance(obj, App):
         raise ConfigurationError(f"{path!r} is a {type(obj).__name__}, not a taskmill App")
     return obj
+
+
+def _not_a_module_path(path: str, module_name: str, attr: str) -> str:
+    """``./app.py``, ``src/app.py``: what to write instead."""
+    dotted = module_name.removesuffix(".py").replace(os.sep, "/").strip("/")
+    while dotted.startswith("./"):
+        dotted = dotted[2:]
+    dotted = dotted.replace("/", ".")
+    return (
+        f"{path!r} is a file path; name the app as module:attribute, e.g. {dotted}:{attr} "
+        "(imported from the working directory, like python -m)"
+    )

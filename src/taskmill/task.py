@@ -7,7 +7,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
 from taskmill._ids import uuid7
 from taskmill.brokers.base import EnqueueResult, OnConflict
@@ -53,13 +53,45 @@ def check_time_limits(soft_s: float | None, hard_s: float | None, task: str = ""
         )
 
 
+def timeout_seconds(value: Seconds | None) -> float | None:
+    """A time limit: more than 0 s (0 would fail every attempt the moment it starts)."""
+    s = seconds(value, "timeout")
+    if s == 0:
+        raise ConfigurationError(
+            f"timeout must be more than 0 seconds, not {value!r} (leave it out for no limit)"
+        )
+    return s
+
+
 MAX_PRIORITY = 1000
 
+PriorityName = Literal["urgent", "high", "normal", "low"]
+Priority = int | PriorityName
+PRIORITIES: dict[str, int] = {"urgent": 100, "high": 50, "normal": 0, "low": -50}
+"""Named priorities. ``normal`` is the default (0); the others are 50 apart, which leaves
+numbers in between for a task that must come between two names (``75``: after urgent, before
+high), and room up to ±1000 beyond them. ``low`` is below the default, so work sent without a
+priority goes before it."""
 
-def check_priority(priority: int) -> int:
-    """Priorities are whole numbers from -1000 to 1000 (higher runs first), on every broker."""
+
+def check_priority(priority: Priority | str) -> int:
+    """Priorities are whole numbers from -1000 to 1000 (higher runs first), on every broker,
+    or a name of ``PRIORITIES``.
+
+    >>> check_priority("urgent"), check_priority(-5)
+    (100, -5)
+    """
+    if isinstance(priority, str):
+        try:
+            return PRIORITIES[priority]
+        except KeyError:
+            names = ", ".join(f"{name} ({value})" for name, value in PRIORITIES.items())
+            raise ConfigurationError(
+                f"unknown priority {priority!r}: use a whole number from {-MAX_PRIORITY} to "
+                f"{MAX_PRIORITY} or one of {names}"
+            ) from None
     if isinstance(priority, bool) or not isinstance(priority, int):
-        raise ConfigurationError(f"priority must be a whole number, not {priority!r}")
+        raise ConfigurationError(f"priority must be a whole number or a name, not {priority!r}")
     if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
         raise ConfigurationError(
             f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}, not {priority}"
@@ -138,7 +170,7 @@ class Task(Generic[P, R]):
         self,
         *,
         queue: str | None = None,
-        priority: int | None = None,
+        priority: Priority | None = None,
         delay: Seconds | None = None,
         run_at: datetime | float | None = None,
         key: str | None = None,
@@ -151,6 +183,9 @@ class Task(Generic[P, R]):
     ) -> BoundTask[P, R]:
         """The same task with some send options changed.
 
+        ``priority``: a whole number from -1000 to 1000 (higher runs first) or a name:
+        ``"urgent"`` (100), ``"high"`` (50), ``"normal"`` (0), ``"low"`` (-50).
+        ``timeout``: seconds each attempt may run (more than 0).
         ``timeout`` and ``soft_timeout`` change the job's hard and soft time limits (see
         ``App.task``). A ``soft_timeout`` other than the task's travels inside the stored
         payload, after the arguments (no broker stores a field for it); a worker older than
@@ -191,7 +226,7 @@ class Task(Generic[P, R]):
         if retries is not None:
             changes["max_attempts"] = _attempts(retries)
         if timeout is not None:
-            changes["timeout_s"] = seconds(timeout, "timeout")
+            changes["timeout_s"] = timeout_seconds(timeout)
         if soft_timeout is not None:
             changes["soft_timeout_s"] = seconds(soft_timeout, "soft_timeout")
         if timeout is not None or soft_timeout is not None:

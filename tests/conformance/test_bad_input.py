@@ -105,7 +105,7 @@ def test_unknown_task_fails_clearly_and_worker_continues(app: App) -> None:
     def known() -> str:
         return "ran"
 
-    ghost = app.send_task("old.module.renamed_task", [1], {"x": 2})
+    ghost = app.send_task("old.module.renamed_task", [1], {"x": 2}, external=True)
     assert app.get_job(ghost.id).task == "old.module.renamed_task"
     with running_worker(app, concurrency=1):
         with pytest.raises(JobFailedError) as info:

@@ -174,7 +174,66 @@ def test_enqueue_options_are_stored(cli: Cli) -> None:
 def test_enqueue_wait_timeout(cli: Cli) -> None:
     r = cli.run("enqueue", "add", "[1, 2]", "--wait", "--timeout", "0.2")  # no worker runs
     assert r.returncode == 1
-    assert "still queued after 0.2 s" in one_error_line(r)
+    assert one_error_line(r).endswith(
+        "is still queued after 0.2 s; no worker is consuming queue 'default'"
+    )
+
+
+def test_enqueue_wait_timeout_with_a_worker_on_the_queue_gives_no_hint(cli: Cli) -> None:
+    worker = cli.spawn("worker", "-q", "default")
+    poll_until(lambda: alive_workers(cli), what="the worker to register")
+    cli.ok("queues", "pause", "default")  # the worker takes nothing: the wait times out
+    r = cli.run("enqueue", "add", "[1, 2]", "--wait", "--timeout", "0.2")
+    assert r.returncode == 1
+    assert one_error_line(r).endswith("is still queued after 0.2 s")
+    assert stop(worker) == 0, cli.output()
+
+
+def test_enqueue_external_sends_a_task_the_app_does_not_have(cli: Cli) -> None:
+    r = cli.run("enqueue", "billing.charge", "[42]")
+    assert r.returncode == 1 and "no task named 'billing.charge'" in one_error_line(r)
+    assert cli.json("jobs", "list") == []
+    job_id = cli.send("billing.charge", "[42]", "--external", "--queue", "billing")
+    info = cli.job(job_id)
+    assert (info["task"], info["queue"], info["payload"]) == (
+        "billing.charge",
+        "billing",
+        [[42], {}],
+    )
+
+
+def test_enqueue_priority_by_name(cli: Cli) -> None:
+    by_name = {name: cli.send("add", "[1, 2]", "--priority", name) for name in ("urgent", "low")}
+    assert {n: cli.job(i)["priority"] for n, i in by_name.items()} == {"urgent": 100, "low": -50}
+    assert cli.job(cli.send("add", "[1, 2]", "--priority", "-7"))["priority"] == -7
+    r = cli.run("enqueue", "add", "[1, 2]", "--priority", "asap")
+    assert r.returncode == 2
+    assert "unknown priority 'asap'" in one_error_line(r)
+    assert "urgent (100), high (50), normal (0), low (-50)" in r.stderr
+
+
+def test_enqueue_reads_arguments_from_a_file_or_standard_input(cli: Cli) -> None:
+    (cli.tmp_path / "args.json").write_text('{"a": 20, "b": 22}')
+    from_file = cli.send("add", "@args.json")
+    from_stdin = cli.ok("enqueue", "add", "-", input="[3, 4]").strip()
+    also_stdin = cli.ok("enqueue", "add", "@-", input="[5, 6]").strip()
+    assert cli.job(from_file)["payload"] == [[], {"a": 20, "b": 22}]
+    assert cli.job(from_stdin)["payload"] == [[3, 4], {}]
+    assert cli.job(also_stdin)["payload"] == [[5, 6], {}]
+    r = cli.run("enqueue", "add", "@missing.json")
+    assert r.returncode == 2
+    assert "ARGS_JSON" in one_error_line(r) and "cannot read 'missing.json'" in r.stderr
+    r = cli.run("enqueue", "add", "-", input="[1,")
+    assert r.returncode == 2 and "not valid JSON" in one_error_line(r)
+    assert len(cli.json("jobs", "list")) == 3
+
+
+def test_worker_given_a_file_path_says_to_use_module_colon_attribute(cli: Cli) -> None:
+    r = cli.run("worker", "./cliapp.py")
+    assert r.returncode == 2
+    assert "'./cliapp.py' is a file path; name the app as module:attribute, e.g. cliapp:app" in (
+        one_error_line(r)
+    )
 
 
 def test_unknown_task_is_one_line(cli: Cli) -> None:

@@ -31,7 +31,7 @@ from taskmill import App, BrokerError, BrokerUnavailableError, Job, JobNotFoundE
 from taskmill.brokers.sqlite import SQLiteBroker
 from taskmill.testing import running_worker
 
-from .support import poll_until
+from .support import HERE, poll_until
 
 T = TypeVar("T")
 BUSY_MS = 200
@@ -183,14 +183,20 @@ def test_a_read_only_file_refuses_sends_with_a_clear_error_and_loses_nothing(
 def test_a_read_only_directory_makes_opening_fail_clearly_and_loses_nothing(
     apps: Callable[..., App], db: Path, tmp_path: Path
 ) -> None:
-    """With the directory read-only too, SQLite cannot create the WAL's -shm file."""
+    """With the directory read-only too, SQLite cannot create the WAL's -shm file: a permanent
+    error, named as such (not "unavailable": waiting does not help)."""
     send_from_another_process(db, 1)  # which exits cleanly: no -wal or -shm file is left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.db"]
     producer = apps()
     with read_only(db, tmp_path):
-        with pytest.raises(BrokerUnavailableError) as info:
+        with pytest.raises(BrokerError) as info:
             producer.tasks["echo"].send(2)
-        assert str(info.value) == f"SQLite database {db}: unable to open database file"
+        assert str(info.value) == (
+            f"SQLite database {db}: directory {tmp_path} is not writable: SQLite needs to "
+            "create the -wal and -shm files beside the database (unable to open database file)"
+        )
+        assert not isinstance(info.value, BrokerUnavailableError)
+        assert info.value.permanent
     later = producer.tasks["echo"].send(3)  # usable once the directory is writable again
     assert sorted(j.payload for j in stored(producer)) == [b"[[1],{}]", b"[[3],{}]"]
     with running_worker(apps()):
@@ -198,26 +204,102 @@ def test_a_read_only_directory_makes_opening_fail_clearly_and_loses_nothing(
         poll_until(lambda: count_done(db) == 2, what="both jobs to run")
 
 
-def test_a_worker_on_a_read_only_file_backs_off_and_runs_the_job_once_writable(
+def run_until_idle_within(app: App, seconds: float) -> BaseException | None:
+    """``app.run_until_idle()`` on a thread: what it raised (None if it returned); fails if it
+    is still running after ``seconds`` (spinning on an error it cannot get past)."""
+    raised: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            app.run_until_idle()
+        except BaseException as exc:
+            raised.append(exc)
+        else:
+            raised.append(None)
+
+    thread = threading.Thread(target=target, name="run-until-idle", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert raised, f"run_until_idle() still running after {seconds} s"
+    return raised[0]
+
+
+def test_run_until_idle_on_a_read_only_file_raises_the_cause_instead_of_spinning(
     apps: Callable[..., App], db: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     producer = apps()
     kept = producer.tasks["echo"].send(7)
-    with contextlib.ExitStack() as file_is_read_only:
-        file_is_read_only.enter_context(read_only(db))
-        with running_worker(apps()):  # a worker process started while the file is read-only
-            poll_until(lambda: len(retry_delays(caplog)) >= 3, what="three failed claims")
-            assert kept.status() is JobState.QUEUED
-            file_is_read_only.close()  # writable again, under the same running worker
-            assert kept.result(timeout=20) == 7
-    failure = messages(caplog, "claim failed")[0]
-    assert failure.endswith(
+    with read_only(db):
+        error = run_until_idle_within(apps(), 10)
+    assert isinstance(error, BrokerError) and not isinstance(error, BrokerUnavailableError)
+    assert error.permanent
+    assert str(error) == (
         f"SQLite database {db} is read-only (attempt to write a readonly database); "
         "nothing was written"
     )
-    delays = retry_delays(caplog)
-    assert delays[0] < delays[1] < delays[2]  # backing off, not spinning
+    assert retry_delays(caplog) == []  # stopped at the first claim, no retries logged
+    assert kept.status() is JobState.QUEUED  # the job is still there, for a usable worker
+    with running_worker(apps()):
+        assert kept.result(timeout=20) == 7
     assert kept.info().attempt == 1
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_a_worker_process_on_an_unwritable_database_exits_naming_the_cause(
+    db: Path, tmp_path: Path, what: str
+) -> None:
+    """``taskmill worker`` as a user runs it: it exits at once, non-zero, with one line naming
+    the cause, whether the file is read-only or its directory is."""
+    send_from_another_process(db, 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMILL_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    env["TASKMILL_URL"] = f"sqlite:///{db}"
+    paths = (db,) if what == "file" else (db, tmp_path)
+    with read_only(*paths):
+        proc = subprocess.run(
+            [sys.executable, "-m", "taskmill", "worker", "cliapp:app", "--log-level", "error"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=30,
+        )
+    cause = (
+        "is read-only (attempt to write a readonly database)"
+        if what == "file"
+        else "is not writable: SQLite needs to create the -wal and -shm files"
+    )
+    assert proc.returncode == 3, proc.stderr  # stopped on an error no restart fixes
+    stopped = [line for line in proc.stderr.splitlines() if "taskmill.cli" in line]
+    assert len(stopped) == 1 and " ERROR " in stopped[0] and cause in stopped[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "retrying" not in proc.stderr
+
+
+def test_supervised_workers_on_a_read_only_file_are_not_restarted(db: Path, tmp_path: Path) -> None:
+    """``-p 2``: each child stops on the permanent error, and the supervisor, knowing that a
+    restart would fail the same way, exits instead of restarting them with back-off forever."""
+    send_from_another_process(db, 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMILL_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    env["TASKMILL_URL"] = f"sqlite:///{db}"
+    with read_only(db):
+        proc = subprocess.run(
+            [sys.executable, "-m", "taskmill", "worker", "cliapp:app", "-p", "2"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=30,
+        )
+    assert proc.returncode == 3, proc.stderr
+    stopped = [
+        line for line in proc.stderr.splitlines() if "taskmill.cli" in line and " ERROR " in line
+    ]
+    assert stopped and all("is read-only" in line for line in stopped), proc.stderr
+    assert "exited with an error no restart fixes (exit code 3); not restarting it" in proc.stderr
+    assert "restarting in" not in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # --- locked for long -----------------------------------------------------------------------------

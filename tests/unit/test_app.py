@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -225,6 +226,20 @@ def test_task_options_and_defaults(app: App) -> None:
         ({"retries": -1}, "retries must be >= 0, not -1"),
         ({"timeout": -5}, "timeout must be a non-negative number of seconds, not -5"),
         ({"timeout": float("nan")}, "timeout must be a non-negative number of seconds, not nan"),
+        (
+            {"timeout": 0},
+            r"timeout must be more than 0 seconds, not 0 \(leave it out for no limit\)",
+        ),
+        (
+            {"timeout": timedelta(0)},
+            r"timeout must be more than 0 seconds, not datetime\.timedelta\(0\) \(leave it out "
+            r"for no limit\)",
+        ),
+        (
+            {"priority": "asap"},
+            r"unknown priority 'asap': use a whole number from -1000 to 1000 "
+            r"or one of urgent \(100\), high \(50\), normal \(0\), low \(-50\)",
+        ),
     ],
 )
 def test_invalid_task_options(app: App, options: dict[str, Any], message: str) -> None:
@@ -395,6 +410,10 @@ def test_options_change_one_send_and_leave_the_task_alone(app: App) -> None:
             r"delay must be a non-negative number of seconds, not datetime\.timedelta",
         ),
         ({"timeout": -0.5}, "timeout must be a non-negative number of seconds, not -0.5"),
+        ({"timeout": 0}, r"timeout must be more than 0 seconds, not 0 \(leave it out"),
+        ({"timeout": 0.0}, r"timeout must be more than 0 seconds, not 0\.0 \(leave it out"),
+        ({"priority": "URGENT"}, r"unknown priority 'URGENT': use a whole number"),
+        ({"priority": 1.5}, r"priority must be a whole number or a name, not 1\.5"),
     ],
 )
 def test_invalid_send_options(app: App, options: dict[str, Any], message: str) -> None:
@@ -451,18 +470,55 @@ async def test_asend_refuses_a_connection(app: App) -> None:
         await t.options(connection=object()).asend(1)
 
 
+def test_named_priorities_everywhere_a_priority_is_taken(app: App) -> None:
+    t = app.task(name="t", priority="high")(module_level_task)
+    assert t.defaults.priority == 50
+    sent = {
+        name: t.options(priority=name).send(1).id for name in ("urgent", "high", "normal", "low")
+    }
+    by_task = app.send_task("t", [1], priority="low")
+    assert {n: app.get_job(i).priority for n, i in sent.items()} == {
+        "urgent": 100,
+        "high": 50,
+        "normal": 0,
+        "low": -50,
+    }
+    assert app.get_job(by_task.id).priority == -50
+    assert app.get_job(t.send(1).id).priority == 50  # the task's default
+
+
 def test_send_task_by_name_checks_registered_tasks(app: App) -> None:
     app.task(name="add")(lambda a, b: a + b)
     with pytest.raises(TypeError, match=r"^task 'add': missing a required argument: 'b'$"):
         app.send_task("add", [1])
     handle = app.send_task("add", [1], {"b": 2}, priority=4)
-    unknown = app.send_task("elsewhere.task", [1, 2, 3])
     assert app.get_job(handle.id).priority == 4
-    assert app.get_job(unknown.id).queue == "default"
     app.run_until_idle()
     assert handle.result(timeout=5) == 3
-    with pytest.raises(JobFailedError) as info:
-        unknown.result(timeout=5)
+
+
+def test_send_task_with_a_name_the_app_does_not_have_fails_at_once(app: App) -> None:
+    app.task(name="add")(lambda a, b: a + b)
+    with pytest.raises(UnknownTaskError) as info:
+        app.send_task("ad", [1, 2])
+    assert str(info.value) == "no task named 'ad' is registered in this app (known: add)"
+    assert stored(app) == []
+
+
+def test_send_task_external_sends_a_task_defined_elsewhere(app: App) -> None:
+    app.task(name="add")(lambda a, b: a + b)
+    elsewhere = app.send_task("billing.charge", [1, 2, 3], external=True, queue="billing")
+    job = app.get_job(elsewhere.id)
+    assert (job.task, job.queue, job.state) == ("billing.charge", "billing", JobState.QUEUED)
+
+
+def test_an_app_without_tasks_sends_any_name_and_the_worker_checks_it() -> None:
+    with App("memory://") as producer:  # a URL-only producer (the CLI with --url)
+        unknown = producer.send_task("elsewhere.task", [1, 2, 3])
+        assert producer.get_job(unknown.id).queue == "default"
+        producer.run_until_idle()
+        with pytest.raises(JobFailedError) as info:
+            unknown.result(timeout=5)
     assert info.value.type == "taskmill.errors.UnknownTaskError"
     assert "no task named 'elsewhere.task'" in info.value.message
 
@@ -479,8 +535,37 @@ def test_handle_of_an_unknown_job(app: App) -> None:
 
 def test_waiting_for_a_result_times_out_with_the_state(app: App) -> None:
     handle = app.task(name="t")(module_level_task).send(1)
-    with pytest.raises(TimeoutError, match=r"^job .* \(t\) is still queued after 0\.05 s$"):
+    with pytest.raises(TimeoutError, match=r"^job .* \(t\) is still queued after 0\.05 s"):
         handle.result(timeout=0.05)
+
+
+def test_a_timed_out_wait_says_when_no_worker_consumes_the_queue(app: App) -> None:
+    t = app.task(name="t", queue="mail")(module_level_task)
+    handle = t.send(1)
+    with pytest.raises(TimeoutError) as info:
+        handle.result(timeout=0.05)
+    assert str(info.value).endswith(
+        "is still queued after 0.05 s; no worker is consuming queue 'mail'"
+    )
+    # a registered worker on another queue does not count; one on the job's queue does (the
+    # worker here is paused: it takes nothing, so the wait still times out)
+    with running_worker(app, queues=["default"]) as other:
+        poll_until_registered(app, other.id)
+        with pytest.raises(TimeoutError, match=r"no worker is consuming queue 'mail'$"):
+            handle.result(timeout=0.05)
+    app.run_sync(app.broker.pause("mail", True))
+    with running_worker(app, queues=["mail"]) as worker:
+        poll_until_registered(app, worker.id)
+        with pytest.raises(TimeoutError) as info:
+            handle.result(timeout=0.05)
+    assert str(info.value).endswith("is still queued after 0.05 s")
+
+
+def poll_until_registered(app: App, worker_id: str) -> None:
+    deadline = time.monotonic() + 10
+    while not any(w.id == worker_id for w in app.run_sync(app.broker.list_workers())):
+        assert time.monotonic() < deadline, f"worker {worker_id} never registered"
+        time.sleep(0.01)
 
 
 def test_a_failed_job_raises_the_remote_type_message_and_traceback(app: App) -> None:

@@ -116,6 +116,17 @@ def test_parse_sqlite_url(url: str, path: str, options: dict[str, str]) -> None:
         ("sqlite://", "sqlite URL 'sqlite://' names no file"),
         ("sqlite:///", "sqlite URL 'sqlite:///' names no file"),
         ("sqlite:///:memory:", "sqlite URL 'sqlite:///:memory:' names no file"),
+        # one slash (or none) silently meant ./x.db: both readings are offered instead
+        (
+            "sqlite:/x.db",
+            "sqlite URL 'sqlite:/x.db' needs // after 'sqlite:': write sqlite:///x.db for x.db "
+            "in the working directory, or sqlite:////x.db for the absolute path /x.db",
+        ),
+        (
+            "sqlite:jobs/x.db",
+            "sqlite URL 'sqlite:jobs/x.db' needs // after 'sqlite:': write "
+            "sqlite:///jobs/x.db for jobs/x.db in the working directory, or sqlite:////jobs/x.db",
+        ),
     ],
 )
 def test_bad_sqlite_urls(url: str, message: str) -> None:

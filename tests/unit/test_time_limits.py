@@ -120,7 +120,9 @@ def test_only_a_send_that_changes_the_soft_limit_stores_it_after_the_arguments(
     assert changed == b'[[1],{},{"soft_timeout_s":2.5}]'
     assert decode_payload(changed) == ([1], {})
     assert (payload_options(plain), payload_options(changed)) == ({}, {"soft_timeout_s": 2.5})
-    by_name = app.send_task("elsewhere.task", [1], soft_timeout=3)  # not registered here
+    by_name = app.send_task(
+        "elsewhere.task", [1], soft_timeout=3, external=True
+    )  # not registered here
     assert app.get_job(by_name.id).payload == b'[[1],{},{"soft_timeout_s":3.0}]'
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from taskmill.brokers.base import Broker, Capabilities, EnqueueResult, HeartbeatReply
 from taskmill.errors import ConfigurationError
+from taskmill.urls import redact_url
 
 __all__ = ["Broker", "Capabilities", "EnqueueResult", "HeartbeatReply", "broker_from_url"]
 
@@ -28,7 +29,7 @@ def broker_from_url(url: str) -> Broker:
             from taskmill.brokers.redis import RedisBroker
         except ImportError as exc:
             raise ConfigurationError(
-                f"{url!r} needs redis-py: pip install 'taskmill[redis]' ({exc})"
+                f"{redact_url(url)!r} needs redis-py: pip install 'taskmill[redis]' ({exc})"
             ) from None
         return RedisBroker(url)
     if scheme in ("postgresql", "postgres"):
@@ -36,10 +37,10 @@ def broker_from_url(url: str) -> Broker:
             from taskmill.brokers.postgres import PostgresBroker
         except ImportError as exc:
             raise ConfigurationError(
-                f"{url!r} needs psycopg 3: pip install 'taskmill[postgres]' ({exc})"
+                f"{redact_url(url)!r} needs psycopg 3: pip install 'taskmill[postgres]' ({exc})"
             ) from None
         return PostgresBroker(url)
     raise ConfigurationError(
-        f"no broker for URL {url!r}; supported schemes: memory://, sqlite:///path, "
+        f"no broker for URL {redact_url(url)!r}; supported schemes: memory://, sqlite:///path, "
         "redis:// (rediss://, valkey://), postgresql:// (postgres://)"
     )

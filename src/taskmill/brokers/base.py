@@ -23,6 +23,7 @@ from taskmill.job import (
     WorkerInfo,
 )
 from taskmill.settings import Settings
+from taskmill.urls import redact_url
 
 OnConflict = Literal["return", "raise"]
 
@@ -105,6 +106,9 @@ class Broker(abc.ABC):
 
     url: str
     capabilities: Capabilities
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {redact_url(self.url)}>"
 
     # --- life cycle ---------------------------------------------------------------------------
 

@@ -81,6 +81,7 @@ from taskmill.job import (
     WorkerInfo,
 )
 from taskmill.portal import Portal
+from taskmill.urls import redact_url, scrub
 
 log = logging.getLogger("taskmill.brokers.postgres")
 T = TypeVar("T")
@@ -105,6 +106,12 @@ _TRANSIENT_FATAL = (
     "connection slots",
     "terminating connection",
 )
+# what libpq says when the port answers, but not as PostgreSQL does
+_NOT_POSTGRES = (
+    "invalid response to SSL negotiation",
+    "expected authentication request",
+    "received invalid response",
+)
 _SLOT_LOCK = 0x74736C74  # advisory lock class of concurrency slots ('tslt')
 _LOCK_CLASS = 0x746D  # "tm": the first key of the migrations' advisory lock
 _KEY_RACE_TRIES = 5
@@ -114,6 +121,11 @@ look-up of the holder (each retry needs that race to happen again)."""
 _error_decoder = msgspec.json.Decoder(ErrorInfo)
 _encoder = msgspec.json.Encoder()
 _QUERIES = load_queries("postgres.sql")
+_READ_QUERIES = (
+    "now", "get", "list_jobs", "stats", "workers", "next_due", "schedule_marks",
+    "get_workflow", "running_workflows", "queue_depth",
+)  # fmt: skip
+"""Queries that change nothing: a timeout in one needs no word on writes under way."""
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -123,6 +135,8 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:
         text = str(exc)
         if "FATAL:" in text and not any(t in text for t in _TRANSIENT_FATAL):
+            return False
+        if any(t in text for t in _NOT_POSTGRES):
             return False
     return isinstance(exc, _RETRYABLE)
 
@@ -153,7 +167,7 @@ def _bool_option(options: dict[str, str], name: str, default: bool, url: str) ->
         return True
     if value in {"0", "false", "no", "off"}:
         return False
-    raise ConfigurationError(f"{name} in {url!r} must be true or false, not {raw!r}")
+    raise ConfigurationError(f"{name} in {redact_url(url)!r} must be true or false, not {raw!r}")
 
 
 def parse_url(url: str) -> PostgresConfig:
@@ -162,14 +176,15 @@ def parse_url(url: str) -> PostgresConfig:
     >>> parse_url("postgres://u@db.internal/app?schema=jobs&sslmode=require").schema
     'jobs'
     """
+    shown = redact_url(url)  # for messages: never the password
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"not a PostgreSQL URL: {url!r}")
+        raise ConfigurationError(f"not a PostgreSQL URL: {shown!r}")
     options = dict(parse_qsl(parts.query, keep_blank_values=True))
     schema = options.pop("schema", DEFAULT_SCHEMA)
     if not _SCHEMA_RE.fullmatch(schema):
         raise ConfigurationError(
-            f"schema in {url!r} must be a lowercase identifier of at most 48 characters "
+            f"schema in {shown!r} must be a lowercase identifier of at most 48 characters "
             f"(letters, digits, _), not {schema!r}"
         )
     migrate = _bool_option(options, "migrate", True, url)
@@ -178,10 +193,10 @@ def parse_url(url: str) -> PostgresConfig:
         pool_size = int(options.pop("pool_size", "8"))
     except ValueError:
         raise ConfigurationError(
-            f"unavailable_after_s and pool_size in {url!r} must be numbers"
+            f"unavailable_after_s and pool_size in {shown!r} must be numbers"
         ) from None
     if not unavailable_after_s > 0 or pool_size < 2:
-        raise ConfigurationError(f"{url!r}: need unavailable_after_s > 0 and pool_size >= 2")
+        raise ConfigurationError(f"{shown!r}: need unavailable_after_s > 0 and pool_size >= 2")
     # named in pg_stat_activity (and what an operator's pg_terminate_backend filters on)
     options.setdefault("application_name", "taskmill")
     # libpq's connect timeout is whole seconds, at least 2
@@ -601,6 +616,7 @@ class PostgresBroker(Broker):
         self.channel = f"{self.schema}_wake"
         self.events_channel = f"{self.schema}_events"
         self._q = queries(self.schema)
+        self._reads = frozenset(self._q[name] for name in _READ_QUERIES)
         self._io: Portal | None = None
         self._io_lock = threading.Lock()
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
@@ -615,25 +631,36 @@ class PostgresBroker(Broker):
 
     # --- errors and retries ---------------------------------------------------------------
 
-    def _unavailable(self, exc: BaseException) -> BrokerUnavailableError:
-        return BrokerUnavailableError(
+    def _unavailable(self, exc: BaseException, *, writes: bool = True) -> BrokerUnavailableError:
+        """``writes``: the call may have changed jobs, so say what a caller may assume."""
+        message = (
             f"PostgreSQL at {self.config.where} did not answer within "
-            f"{self.config.unavailable_after_s:g} s ({type(exc).__name__}: {exc}). A write "
-            "that was under way may still have been applied; sending the same job again is "
-            "safe (its id is checked)"
+            f"{self.config.unavailable_after_s:g} s ({type(exc).__name__}: {exc})"
         )
+        if writes:
+            message += (
+                ". A write that was under way may still have been applied; sending the same "
+                "job again is safe (its id is checked)"
+            )
+        return BrokerUnavailableError(scrub(message, self.url))
 
     def _refused(self, exc: Exception) -> BrokerError:
+        """The server refused: a statement, or (``permanent``: no retry fixes it) the
+        connection itself (no such role or database, a bad password, not PostgreSQL)."""
         hint = ""
         if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
             hint = f" (are taskmill's tables in schema {self.schema!r}? see `taskmill migrate`)"
-        return BrokerError(f"PostgreSQL at {self.config.where}: {exc}{hint}".strip())
+        if any(t in str(exc) for t in _NOT_POSTGRES):
+            hint = " (is this the port of a PostgreSQL server?)"
+        message = scrub(f"PostgreSQL at {self.config.where}: {exc}{hint}".strip(), self.url)
+        connection_refused = isinstance(exc, _RETRYABLE) and not _retryable(exc)
+        return BrokerError(message, permanent=connection_refused)
 
-    async def _run(self, op: Callable[[AsyncConn], Awaitable[T]]) -> T:
+    async def _run(self, op: Callable[[AsyncConn], Awaitable[T]], *, writes: bool = True) -> T:
         """``op`` on a pooled connection of the running loop. A lost connection is retried
         with back-off for up to ``unavailable_after_s`` in all: the first retry at once (after
         a restart or ``pg_terminate_backend`` every idle pooled connection is dead, and each
-        fails fast), then 50 ms doubling up to 1 s."""
+        fails fast), then 50 ms doubling up to 1 s. ``writes=False``: ``op`` only reads."""
         pool = (await self._state()).pool
         deadline = time.monotonic() + self.config.unavailable_after_s
         delay = 0.0
@@ -653,7 +680,7 @@ class PostgresBroker(Broker):
                 if not _retryable(exc):
                     raise self._refused(exc) from exc
                 if time.monotonic() + delay >= deadline:
-                    raise self._unavailable(exc) from exc
+                    raise self._unavailable(exc, writes=writes) from exc
                 await asyncio.sleep(delay)
                 delay = min(max(delay * 2, 0.05), 1.0)
             except psycopg.Error as exc:
@@ -780,7 +807,7 @@ class PostgresBroker(Broker):
                     if not _retryable(exc):
                         raise self._refused(exc) from exc
                     if time.monotonic() + delay >= deadline:
-                        raise self._unavailable(exc) from exc
+                        raise self._unavailable(exc, writes=False) from exc
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)
                 except psycopg.Error as exc:
@@ -812,7 +839,8 @@ class PostgresBroker(Broker):
             with self._connect_blocking() as conn:
                 applied = apply_migrations(conn, self.schema, target)
         except _RETRYABLE as exc:
-            raise (self._unavailable(exc) if _retryable(exc) else self._refused(exc)) from exc
+            unavailable = self._unavailable(exc, writes=False)
+            raise (unavailable if _retryable(exc) else self._refused(exc)) from exc
         except psycopg.Error as exc:
             raise self._refused(exc) from exc
         if target is None:
@@ -825,7 +853,8 @@ class PostgresBroker(Broker):
             with self._connect_blocking() as conn:
                 return schema_version(conn, self.schema)
         except _RETRYABLE as exc:
-            raise (self._unavailable(exc) if _retryable(exc) else self._refused(exc)) from exc
+            unavailable = self._unavailable(exc, writes=False)
+            raise (unavailable if _retryable(exc) else self._refused(exc)) from exc
         except psycopg.Error as exc:
             raise self._refused(exc) from exc
 
@@ -1135,7 +1164,7 @@ class PostgresBroker(Broker):
         async def op(conn: AsyncConn) -> list[TupleRow]:
             return await (await conn.execute(query, params)).fetchall()
 
-        return await self._run(op)
+        return await self._run(op, writes=query not in self._reads)
 
     async def _execute(self, query: str, params: dict[str, Any] | None = None) -> int:
         async def op(conn: AsyncConn) -> int:

@@ -45,8 +45,14 @@ import redis
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    InvalidResponse,
+    NoScriptError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from taskmill.brokers._io import on_io_loop
@@ -84,6 +90,7 @@ from taskmill.job import (
 )
 from taskmill.portal import Portal
 from taskmill.settings import Settings
+from taskmill.urls import redact_url, scrub, url_secrets
 
 log = logging.getLogger("taskmill.brokers.redis")
 T = TypeVar("T")
@@ -91,6 +98,9 @@ P = ParamSpec("P")
 
 _OWN_OPTIONS = {"prefix", "unavailable_after_s"}
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# a server that answered, but not as a Redis that takes this URL (checked before _UNAVAILABLE:
+# redis-py's authentication errors are ConnectionErrors, yet no retry fixes a wrong password)
+_MISCONFIGURED = (InvalidResponse, AuthenticationError, AuthorizationError, ResponseError)
 _MAX_BLOCK_S = 60.0  # a wait longer than this returns early (spurious returns are allowed)
 _error_decoder = msgspec.json.Decoder(ErrorInfo)
 _encoder = msgspec.json.Encoder()
@@ -117,16 +127,17 @@ SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.it
 
 def parse_url(url: str) -> tuple[str, str, float]:
     """(redis-py URL, key prefix, seconds a producer waits for an unreachable server)."""
+    shown = redact_url(url)  # for messages: never the password
     parts = urlsplit(url)
     scheme = {"valkey": "redis", "valkeys": "rediss"}.get(parts.scheme, parts.scheme)
     options = dict(parse_qsl(parts.query))
     prefix = options.pop("prefix", "taskmill:")
     if not prefix:
-        raise ConfigurationError(f"empty prefix in {url!r}")
+        raise ConfigurationError(f"empty prefix in {shown!r}")
     try:
         unavailable_after_s = float(options.pop("unavailable_after_s", "5"))
     except ValueError:
-        raise ConfigurationError(f"unavailable_after_s in {url!r} must be a number") from None
+        raise ConfigurationError(f"unavailable_after_s in {shown!r} must be a number") from None
     query = urlencode(options)
     return urlunsplit((scheme, parts.netloc, parts.path, query, "")), prefix, unavailable_after_s
 
@@ -255,6 +266,8 @@ class RedisBroker(Broker):
     def __init__(self, url: str) -> None:
         self.url = url
         self._redis_url, self.prefix, self.unavailable_after_s = parse_url(url)
+        self.where = redact_url(self._redis_url).split("://", 1)[-1].split("@")[-1]
+        """host:port/db, for messages (never the password)."""
         self.result_ttl_s = Settings().result_ttl_s
         self._io: Portal | None = None
         self._io_lock = threading.Lock()
@@ -320,18 +333,45 @@ class RedisBroker(Broker):
             )
         return self._sync
 
-    def _unavailable(self, exc: BaseException) -> BrokerUnavailableError:
-        where = self._redis_url.split("@")[-1]  # never print a password
-        return BrokerUnavailableError(
-            f"Redis at {where} did not answer within {self.unavailable_after_s:g} s "
-            f"({type(exc).__name__}: {exc}). A write that was under way may still have been "
-            "applied; sending the same job again is safe (its id is checked)"
+    def _unavailable(self, exc: BaseException, *, writes: bool = True) -> BrokerUnavailableError:
+        """``writes``: the call may have changed jobs, so say what a caller may assume."""
+        message = (
+            f"Redis at {self.where} did not answer within {self.unavailable_after_s:g} s "
+            f"({type(exc).__name__}: {exc})"
         )
+        if writes:
+            message += (
+                ". A write that was under way may still have been applied; sending the same "
+                "job again is safe (its id is checked)"
+            )
+        return BrokerUnavailableError(scrub(message, self.url))
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+    def _misconfigured(self, exc: Exception) -> BrokerError | None:
+        """The error that says why this URL cannot work with the server it names (a port that
+        is not Redis's, credentials or a database index the server refuses); None for other
+        errors. Retrying cannot help: the error is ``permanent``."""
+        if isinstance(exc, InvalidResponse):
+            message = (
+                f"the server at {self.where} does not answer as Redis does ({exc}): is this "
+                "the port of a Redis server?"
+            )
+        elif isinstance(exc, AuthenticationError | AuthorizationError):
+            given = "its" if url_secrets(self.url) else "no"
+            message = f"Redis at {self.where} refused the connection with {given} password: {exc}"
+        elif isinstance(exc, ResponseError) and "DB index" in str(exc):
+            message = (
+                f"Redis at {self.where} refused the database the URL names ({exc}); the "
+                "server's `databases` setting (16 by default) bounds the index"
+            )
+        else:
+            return None
+        return BrokerError(scrub(message, self.url), permanent=True)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], *, writes: bool = True) -> T:
         """Retry on a lost connection with back-off for up to ``unavailable_after_s`` in all:
         each attempt gets only the time that is left, so a server that accepts connections
-        but never answers (frozen, overloaded) fails as soon as one that is down."""
+        but never answers (frozen, overloaded) fails as soon as one that is down.
+        ``writes=False``: ``call`` only reads."""
         deadline = time.monotonic() + self.unavailable_after_s
         delay = 0.05
         while True:
@@ -340,9 +380,14 @@ class RedisBroker(Broker):
                 # that lands as the call completes, and a cancelled worker task then hangs
                 async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
                     return await call()
+            except _MISCONFIGURED as exc:
+                refused = self._misconfigured(exc)
+                if refused is None:
+                    raise
+                raise refused from exc
             except (*_UNAVAILABLE, TimeoutError) as exc:
                 if time.monotonic() + delay > deadline:
-                    raise self._unavailable(exc) from exc
+                    raise self._unavailable(exc, writes=writes) from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
@@ -386,21 +431,27 @@ class RedisBroker(Broker):
                     conn.read_response()
                     conn.send_command("EVALSHA", SHAS[name], 0, self.prefix, *args)
                     return conn.read_response()
+            except _MISCONFIGURED as exc:
+                refused = self._misconfigured(exc)
+                if refused is None:
+                    if isinstance(exc, ResponseError):
+                        raise _refused(name, exc) from None
+                    raise
+                conn.disconnect()
+                raise refused from exc
             except _UNAVAILABLE as exc:
                 conn.disconnect()  # reconnects on the next send
                 if time.monotonic() + delay > deadline:
                     raise self._unavailable(exc) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
-            except ResponseError as exc:
-                raise _refused(name, exc) from None
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
     @on_io_loop
     async def open(self) -> None:
-        await self._retrying(self._client().ping)
+        await self._retrying(self._client().ping, writes=False)
         if not self._checked:
             self._checked = True
             await self._check_server()
@@ -626,16 +677,20 @@ class RedisBroker(Broker):
 
     @on_io_loop
     async def now(self) -> float:
-        seconds, micros = await self._retrying(self._client().time)
+        seconds, micros = await self._retrying(self._client().time, writes=False)
         return float(seconds + micros / 1e6)
 
     @on_io_loop
     async def get(self, job_id: str) -> Job | None:
-        fields = await self._retrying(lambda: self._client().hgetall(self._key("job", job_id)))
+        fields = await self._retrying(
+            lambda: self._client().hgetall(self._key("job", job_id)), writes=False
+        )
         return _job(fields) if fields else None
 
     async def _queues(self) -> list[str]:
-        names = await self._retrying(lambda: self._client().smembers(self._key("queues")))
+        names = await self._retrying(
+            lambda: self._client().smembers(self._key("queues")), writes=False
+        )
         return sorted(n.decode() for n in names)
 
     @on_io_loop
@@ -714,7 +769,7 @@ class RedisBroker(Broker):
     @on_io_loop
     async def list_workers(self) -> list[WorkerInfo]:
         client = self._client()
-        ids = await self._retrying(lambda: client.zrange(self._key("workers"), 0, -1))
+        ids = await self._retrying(lambda: client.zrange(self._key("workers"), 0, -1), writes=False)
         if not ids:
             return []
         raw = await client.mget([self._key("worker", i.decode()) for i in ids])
@@ -754,7 +809,7 @@ class RedisBroker(Broker):
             pairs = await self._client().zrange(self._key("schedules"), 0, -1, withscores=True)
             return {name.decode(): float(tick) for name, tick in pairs}
 
-        return await self._retrying(call)
+        return await self._retrying(call, writes=False)
 
     @on_io_loop
     async def mark_schedules(self, marks: Mapping[str, float]) -> None:
@@ -773,7 +828,7 @@ class RedisBroker(Broker):
     @on_io_loop
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
         key = self._key("wf", workflow_id)
-        fields = await self._retrying(lambda: self._client().hgetall(key))
+        fields = await self._retrying(lambda: self._client().hgetall(key), writes=False)
         if not fields:
             return None
         finished = fields.get(b"finished_at")
@@ -793,7 +848,7 @@ class RedisBroker(Broker):
     @on_io_loop
     async def running_workflows(self, limit: int = 1000) -> list[str]:
         key = self._key("workflows")
-        ids = await self._retrying(lambda: self._client().zrange(key, 0, limit - 1))
+        ids = await self._retrying(lambda: self._client().zrange(key, 0, limit - 1), writes=False)
         return [i.decode() for i in ids]
 
     @on_io_loop
@@ -818,7 +873,7 @@ class RedisBroker(Broker):
                 ready, scheduled = await pipe.execute()
             return int(ready) + int(scheduled)
 
-        return await self._retrying(call)
+        return await self._retrying(call, writes=False)
 
     @on_io_loop
     async def publish_events(self, payload: bytes) -> None:

@@ -58,6 +58,7 @@ from taskmill.job import (
     Succeeded,
     WorkerInfo,
 )
+from taskmill.urls import redact_url
 
 log = logging.getLogger("taskmill.brokers.sqlite")
 
@@ -79,18 +80,26 @@ _error_encoder = msgspec.json.Encoder()
 
 def parse_url(url: str) -> tuple[str, dict[str, str]]:
     """``sqlite:///relative.db`` or ``sqlite:////absolute/path.db`` → (path, options)."""
+    shown = redact_url(url)  # for messages: never the password
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
-        raise ConfigurationError(f"not a sqlite URL: {url!r}")
+        raise ConfigurationError(f"not a sqlite URL: {shown!r}")
     path = parts.path
+    if not url.split(":", 1)[1].startswith("//"):
+        # sqlite:/x.db would read as ./x.db or as /x.db depending on whom you ask: ask again
+        name = path.lstrip("/")
+        raise ConfigurationError(
+            f"sqlite URL {shown!r} needs // after 'sqlite:': write sqlite:///{name} for "
+            f"{name} in the working directory, or sqlite:////{name} for the absolute path /{name}"
+        )
     if parts.netloc:
         raise ConfigurationError(
-            f"sqlite URL {url!r} has a host; use sqlite:///relative.db or sqlite:////abs.db"
+            f"sqlite URL {shown!r} has a host; use sqlite:///relative.db or sqlite:////abs.db"
         )
     path = path[1:] if path.startswith("/") else path
     if not path or path == ":memory:":
         raise ConfigurationError(
-            f"sqlite URL {url!r} names no file; workers in other processes need a shared file "
+            f"sqlite URL {shown!r} names no file; workers in other processes need a shared file "
             "(use memory:// for tests)"
         )
     return path, dict(parse_qsl(parts.query))
@@ -105,7 +114,9 @@ def _int_option(options: dict[str, str], name: str, default: int, url: str) -> i
     except ValueError:
         value = -1
     if value < 0:
-        raise ConfigurationError(f"{name} in {url!r} must be a whole number >= 0, not {raw!r}")
+        raise ConfigurationError(
+            f"{name} in {redact_url(url)!r} must be a whole number >= 0, not {raw!r}"
+        )
     return value
 
 
@@ -168,7 +179,9 @@ class SQLiteBroker(Broker):
         self.busy_timeout_ms = _int_option(options, "busy_timeout_ms", 5000, url)
         self.synchronous = options.get("synchronous", "normal").upper()
         if self.synchronous not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
-            raise ConfigurationError(f"synchronous must be off/normal/full/extra, not {url!r}")
+            raise ConfigurationError(
+                f"synchronous must be off/normal/full/extra, not {redact_url(url)!r}"
+            )
         self.poll_s = _int_option(options, "poll_ms", 200, url) / 1000
         self._local = threading.local()
         self._generation = 0
@@ -257,12 +270,16 @@ class SQLiteBroker(Broker):
             local.generation = self._generation
         return conn
 
+    def _directory(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
     def _setup_file(self) -> None:
         """Create the schema (idempotent) and switch the file to WAL. Caller holds the lock."""
-        directory = os.path.dirname(os.path.abspath(self.path))
+        directory = self._directory()
         if not os.path.isdir(directory):
             raise BrokerError(
-                f"cannot open SQLite database {self.path}: {directory} does not exist"
+                f"cannot open SQLite database {self.path}: {directory} does not exist",
+                permanent=True,
             )
         with self._errors():
             conn = self._connect(self.busy_timeout_ms)
@@ -317,7 +334,15 @@ class SQLiteBroker(Broker):
                 # drop it, so a retry after the file is writable again reopens it writable
                 self._close_thread()
                 raise BrokerError(
-                    f"SQLite database {self.path} is read-only ({text}); nothing was written"
+                    f"SQLite database {self.path} is read-only ({text}); nothing was written",
+                    permanent=True,
+                ) from exc
+            if "unable to open" in text and not os.access(self._directory(), os.W_OK):
+                raise BrokerError(
+                    f"SQLite database {self.path}: directory {self._directory()} is not "
+                    "writable: SQLite needs to create the -wal and -shm files beside the "
+                    f"database ({text})",
+                    permanent=True,
                 ) from exc
             if "unable to open" in text or "disk I/O" in text:
                 raise BrokerUnavailableError(f"SQLite database {self.path}: {text}") from exc

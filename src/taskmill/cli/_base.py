@@ -20,6 +20,7 @@ from taskmill.app import DEFAULT_URL, App
 from taskmill.brokers.base import Broker
 from taskmill.errors import ConfigurationError
 from taskmill.job import Job, JobState
+from taskmill.urls import redact_url
 
 if TYPE_CHECKING:
     pass
@@ -65,7 +66,7 @@ class Env:
             app = load(path)
             if self.url_from_flag and self.url and self.url != app.url:
                 self.err.print(
-                    f"warning: --url is ignored: the app {path} uses {app.url}",
+                    f"warning: --url is ignored: the app {path} uses {redact_url(app.url)}",
                     markup=False,
                     highlight=False,
                 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -19,15 +20,34 @@ from taskmill.cli._base import (
     dumps,
     target_options,
 )
+from taskmill.errors import ConfigurationError
 from taskmill.events import Event
-from taskmill.handle import JobHandle
+from taskmill.handle import JobHandle, no_worker_hint
 from taskmill.job import Job, JobState
 from taskmill.serialization import decode
+from taskmill.task import check_priority
 
 if TYPE_CHECKING:
     pass
 
 # --- enqueue ------------------------------------------------------------------------------------
+
+
+def read_args_json(value: str | None) -> str | None:
+    """ARGS_JSON as given, or read from a file (``@path``) or standard input (``-`` or
+    ``@-``), for arguments too long or too awkward to quote on a command line."""
+    if value is None or not (value == "-" or value.startswith("@")):
+        return value
+    source = value.removeprefix("@")
+    try:
+        if source == "-":
+            return sys.stdin.read()
+        with open(source, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        where = "standard input" if source == "-" else repr(source)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise click.BadParameter(f"cannot read {where}: {reason}", param_hint="ARGS_JSON") from None
 
 
 def parse_args_json(text: str | None) -> tuple[list[Any], dict[str, Any]]:
@@ -49,17 +69,36 @@ def parse_args_json(text: str | None) -> tuple[list[Any], dict[str, Any]]:
     )
 
 
+def parse_priority(value: str | None) -> int | None:
+    """``--priority``: a whole number or a name of ``taskmill.task.PRIORITIES``."""
+    if value is None:
+        return None
+    try:
+        return check_priority(int(value) if value.lstrip("+-").isdigit() else value.strip())
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--priority'") from None
+
+
 @cli.command()
 @click.argument("task_name", metavar="TASK")
 @click.argument("args_json", metavar="[ARGS_JSON]", required=False)
 @click.option("--queue", help="Queue (default: the task's).")
-@click.option("--priority", type=int, help="Higher runs first (default: the task's).")
+@click.option(
+    "--priority",
+    metavar="N|NAME",
+    help="Higher runs first: -1000..1000, or urgent, high, normal, low (default: the task's).",
+)
 @click.option("--delay", type=click.FloatRange(min=0), help="Seconds before it may run.")
 @click.option("--key", help="Unique key: while a job with it is pending, return that job.")
 @click.option("--retries", type=click.IntRange(min=0), help="Attempts after the first.")
 @click.option("--wait", is_flag=True, help="Wait for the result (progress shown on a terminal).")
 @click.option(
     "--timeout", type=click.FloatRange(min=0), help="With --wait: give up after S seconds."
+)
+@click.option(
+    "--external",
+    is_flag=True,
+    help="TASK is defined in another app: send it although this app does not have it.",
 )
 @target_options
 @click.pass_obj
@@ -68,34 +107,39 @@ def enqueue(
     task_name: str,
     args_json: str | None,
     queue: str | None,
-    priority: int | None,
+    priority: str | None,
     delay: float | None,
     key: str | None,
     retries: int | None,
     wait: bool,
     timeout: float | None,
+    external: bool,
 ) -> None:
     """Send a job of TASK. ARGS_JSON is a JSON array of positional arguments or an object of
-    keyword arguments: taskmill enqueue myapp.add '[1, 2]' or '{"a": 1, "b": 2}'.
+    keyword arguments: taskmill enqueue myapp.add '[1, 2]' or '{"a": 1, "b": 2}'; @FILE reads
+    it from a file, - from standard input.
 
     Prints the job id; with --wait, then the result as JSON (exit 1 if the job failed or was
     cancelled)."""
-    args, kwargs = parse_args_json(args_json)
+    args, kwargs = parse_args_json(read_args_json(args_json))
     if timeout is not None and not wait:
         raise click.UsageError("--timeout is for --wait")
-    app = env.app()
-    if env.has_app:
-        app.get_task(task_name)  # an unknown name fails here, listing the known ones
     options: dict[str, Any] = {
         "queue": queue,
-        "priority": priority,
+        "priority": parse_priority(priority),
         "delay": delay,
         "key": key,
         "retries": retries,
     }
+    app = env.app()
     try:
+        # a name the app does not have fails here, listing the ones it has (unless --external)
         handle = app.send_task(
-            task_name, args, kwargs, **{k: v for k, v in options.items() if v is not None}
+            task_name,
+            args,
+            kwargs,
+            external=external,
+            **{k: v for k, v in options.items() if v is not None},
         )
     except TypeError as exc:  # the arguments do not bind (the message names the task)
         raise CliError(str(exc)) from None
@@ -154,7 +198,7 @@ def wait_for(env: Env, app: App, job_id: str, timeout: float | None) -> Job:
     with progress:
         bar = progress.add_task("", total=None, message="")
         if app.settings.events:  # live: the job's events as they happen
-            app.run_sync(_watch(handle, deadline, timeout, show_state))
+            app.run_sync(_watch(app, handle, deadline, timeout, show_state))
             return handle.info()
         delay = 0.02
         while True:
@@ -163,7 +207,8 @@ def wait_for(env: Env, app: App, job_id: str, timeout: float | None) -> Job:
             if job.state.finished:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                raise CliError(f"job {job_id} is still {job.state.value} after {timeout} s")
+                hint = app.run_sync(no_worker_hint(app, job))
+                raise CliError(f"job {job_id} is still {job.state.value} after {timeout} s{hint}")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
 
@@ -181,23 +226,25 @@ def bar_fields(job: Job | Event, last: float | None) -> tuple[str, float | None,
 
 
 async def _watch(
+    app: App,
     handle: JobHandle[Any],
     deadline: float | None,
     timeout: float | None,
     show: Callable[[Event], None],
 ) -> None:
-    last: Event | None = None
     loop_deadline = None
     if deadline is not None:  # from the monotonic clock to the loop's
         loop_deadline = asyncio.get_running_loop().time() + (deadline - time.monotonic())
     try:
         async with asyncio.timeout_at(loop_deadline):
             async for event in handle.awatch():
-                last = event
                 show(event)
     except TimeoutError:
-        state = last.state if last is not None else "unfinished"
-        raise CliError(f"job {handle.id} is still {state} after {timeout} s") from None
+        job = await handle.ainfo()
+        hint = await no_worker_hint(app, job)
+        raise CliError(
+            f"job {handle.id} is still {job.state.value} after {timeout} s{hint}"
+        ) from None
 
 
 def finish_waiting(job: Job) -> None:

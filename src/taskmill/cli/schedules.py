@@ -17,6 +17,7 @@ from taskmill.cli._base import Env, app_option, cli, dumps, state_text
 from taskmill.logs import LogFormat
 from taskmill.logs import configure as configure_logging
 from taskmill.scheduler import Scheduler, ScheduleStatus, schedule_statuses
+from taskmill.urls import redact_url
 
 
 def _every(status: ScheduleStatus) -> str:
@@ -106,7 +107,7 @@ def scheduler(env: Env, log_level: str, log_format: str) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         logging.getLogger("taskmill.scheduler").info(
-            "scheduler started: %d schedules, broker=%s", len(app.schedules), app.url
+            "scheduler started: %d schedules, broker=%s", len(app.schedules), redact_url(app.url)
         )
         try:
             await Scheduler(app).run(stop)

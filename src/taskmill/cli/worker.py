@@ -29,7 +29,7 @@ from taskmill.cli._base import (
     log,
     target_options,
 )
-from taskmill.errors import TaskmillError
+from taskmill.errors import BrokerError, TaskmillError
 from taskmill.job import WorkerInfo
 from taskmill.logs import LogFormat
 from taskmill.logs import configure as configure_logging
@@ -359,7 +359,7 @@ def run_worker_process(
 ) -> None:
     """One worker in this process, until a signal stops it (or its supervisor goes away)."""
     from taskmill.worker import Worker
-    from taskmill.worker.supervisor import START_FAILED_EXIT_CODE
+    from taskmill.worker.supervisor import NO_RESTART_EXIT_CODE
 
     w = Worker(
         app,
@@ -402,7 +402,8 @@ def run_worker_process(
             log.error("worker %s %s: %s", w.id, what, exc)
         else:  # not one of ours (a bug, or an error a broker let through): the traceback
             log.exception("worker %s %s: %s: %s", w.id, what, type(exc).__name__, exc)
-        raise click.exceptions.Exit(1 if w.connected.is_set() else START_FAILED_EXIT_CODE) from None
+        final = not w.connected.is_set() or (isinstance(exc, BrokerError) and exc.permanent)
+        raise click.exceptions.Exit(NO_RESTART_EXIT_CODE if final else 1) from None
     finally:
         if server is not None:
             server.close()

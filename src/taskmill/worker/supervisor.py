@@ -38,10 +38,11 @@ log = logging.getLogger("taskmill.supervisor")
 
 USAGE_EXIT_CODE = 2
 """A child exiting with this code was started wrongly: restarting it would fail again."""
-START_FAILED_EXIT_CODE = 3
-"""A child exiting with this code could not start: the broker refused it (a permanent error)
-or stayed unreachable past ``--max-start-wait``. Restarting it would not help either."""
-_FINAL_EXIT_CODES = (USAGE_EXIT_CODE, START_FAILED_EXIT_CODE)
+NO_RESTART_EXIT_CODE = 3
+"""A child exiting with this code stopped on an error no restart fixes: the broker refused it
+at start or while it ran (a permanent ``BrokerError``: a read-only SQLite file, a wrong
+password), or stayed unreachable past ``--max-start-wait``."""
+_FINAL_EXIT_CODES = (USAGE_EXIT_CODE, NO_RESTART_EXIT_CODE)
 HEARTBEAT_FD_OPTION = "--heartbeat-fd"
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -254,7 +255,7 @@ class Supervisor:
                 log.info("supervisor: worker process %s (pid %d) exited", slot.label, proc.pid)
                 continue
             if code in _FINAL_EXIT_CODES:
-                why = "a usage error" if code == USAGE_EXIT_CODE else "a failed start"
+                why = "a usage error" if code == USAGE_EXIT_CODE else "an error no restart fixes"
                 log.error(
                     "supervisor: worker process %s (pid %d) exited with %s (exit code %d); not "
                     "restarting it, stopping the others",
@@ -342,4 +343,4 @@ def _read_signals(fd: int) -> list[int]:
     return list(data)
 
 
-__all__ = ["HEARTBEAT_FD_OPTION", "START_FAILED_EXIT_CODE", "Pool", "Supervisor", "describe_exit"]
+__all__ = ["HEARTBEAT_FD_OPTION", "NO_RESTART_EXIT_CODE", "Pool", "Supervisor", "describe_exit"]

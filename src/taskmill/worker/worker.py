@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from taskmill.brokers.base import Broker, HandOver
 from taskmill.context import JobContext
-from taskmill.errors import BrokerUnavailableError
+from taskmill.errors import BrokerError, BrokerUnavailableError
 from taskmill.events import Event, ended, outcome_state, progressed, publish, started
 from taskmill.flow import hold_slot, rate_buckets, wait_for_rate_slots
 from taskmill.hooks import HookName, arun_hooks
@@ -42,6 +42,7 @@ from taskmill.job import (
 )
 from taskmill.retry import error_info
 from taskmill.serialization import decode_payload, try_decode
+from taskmill.urls import redact_url
 from taskmill.worker.execution import Interrupt, execute, fail_now, interrupted_outcome
 from taskmill.worker.joblog import job_log, log_outcome, log_start
 from taskmill.worker.names import worker_id
@@ -153,6 +154,7 @@ class Worker:
         self._finishing: dict[str, Job] = {}  # with events on: jobs whose outcome is pending
         # (task, queue) -> no limit and no hook applies (the fast path)
         self._plain_tasks: dict[tuple[str, str], bool] = {}
+        self._fatal: BrokerError | None = None  # a permanent broker error: run() raises it
 
     # --- control (thread-safe) ----------------------------------------------------------------
 
@@ -235,7 +237,7 @@ class Worker:
                 ",".join(self.queues),
                 self.concurrency,
                 self.pool,
-                self.app.url,
+                redact_url(self.app.url),
             )
         try:
             await self._claim_loop(until_idle)
@@ -256,6 +258,8 @@ class Worker:
                 await self._broker.detach()
             if self.register:
                 log.info("worker %s stopped after %d jobs", self.id, self.jobs_done)
+        if self._fatal is not None:
+            raise self._fatal
         return self.jobs_done
 
     async def _open_broker(self) -> Broker | None:
@@ -326,6 +330,9 @@ class Worker:
             except Exception as exc:
                 self._pending[:0] = batch
                 self._final_progress[:0] = final
+                if isinstance(exc, BrokerError) and exc.permanent:
+                    self._stop_for_good(exc)
+                    return
                 log.error("worker %s: claim failed, retrying in %.2f s: %s", self.id, backoff, exc)
                 await self._sleep_unless_stopped(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -346,6 +353,15 @@ class Worker:
                 await self._idle_wait(progressed)
             elif not jobs:
                 await self._idle_wait(None)
+
+    def _stop_for_good(self, exc: BrokerError) -> None:
+        """No retry can fix the error: stop at once (outcomes could not be written either),
+        and let run() raise it."""
+        assert self._stop_event is not None
+        log.error("worker %s: stopping: %s", self.id, exc)
+        self._fatal = exc
+        self._stop_requested = self._stop_now = True
+        self._stop_event.set()
 
     async def _idle_wait(self, also: asyncio.Event | None) -> None:
         assert self._broker and self._flush_wake and self._stop_event

@@ -1,0 +1,70 @@
+"""Showing a broker URL without its secrets: every log line, message and ``repr`` that names a
+URL goes through ``redact_url``."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+MASK = "***"
+
+_QUERY_SECRET = re.compile(r"(?P<key>(?:^|[?&;])password=)(?P<secret>[^&;#]*)", re.IGNORECASE)
+
+
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Where the password of ``scheme://user:password@host`` is, as urllib splits it."""
+    start = url.find("://")
+    if start < 0:
+        return None
+    start += 3
+    host_end = min((i for i in (url.find(c, start) for c in "/?#") if i >= 0), default=len(url))
+    at = url.rfind("@", start, host_end)
+    if at < 0:
+        # an unescaped "/", "?" or "#" in the password ends the host part early (drivers
+        # misread such a URL too): mask up to the last "@" rather than show part of it
+        at = url.rfind("@", start)
+        if at < 0:
+            return None
+    colon = url.find(":", start, at)
+    return None if colon < 0 else (colon + 1, at)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (``user:password@`` and ``password=`` options) as ``***``.
+
+    >>> redact_url("redis://default:S3CRET@cache.internal:6379/0")
+    'redis://default:***@cache.internal:6379/0'
+    >>> redact_url("postgresql://app@db/jobs?sslmode=require&password=S3CRET")
+    'postgresql://app@db/jobs?sslmode=require&password=***'
+    >>> redact_url("sqlite:///jobs.db")
+    'sqlite:///jobs.db'
+    """
+    span = _password_span(url)
+    if span is not None:
+        url = url[: span[0]] + MASK + url[span[1] :]
+    return _QUERY_SECRET.sub(lambda m: m["key"] + MASK, url)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets a URL holds, as written and percent-decoded (to scrub other text)."""
+    found: list[str] = []
+    span = _password_span(url)
+    if span is not None:
+        found.append(url[span[0] : span[1]])
+    found += [m["secret"] for m in _QUERY_SECRET.finditer(url)]
+    found += [unquote(s) for s in found]
+    return [s for s in dict.fromkeys(found) if s and s != MASK]
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's error message, say) with the URL's secrets masked. Drivers do not
+    quote passwords in their errors today; this keeps it so. Secrets shorter than 4 characters
+    are left alone: masking every "a" of a message would hide more than it protects.
+
+    >>> scrub("cannot log in with S3CRET!", "redis://:S3CRET%21@localhost")
+    'cannot log in with ***'
+    """
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, MASK)
+    return text
