@@ -192,6 +192,7 @@ def child_main(app_path: str, conn: Connection) -> None:
             max_attempts=max_attempts,
             _report=lambda _id, f, m: conn.send(("progress", f, m)),
             _cancelled=cancelled,
+            _arguments=(args, kwargs),  # decoded by the worker: current_job().args
         )
         token = set_current(ctx)
         try:
