@@ -33,6 +33,7 @@ from taskmill.errors import (
 )
 from taskmill.flow import Limit
 from taskmill.handle import JobHandle
+from taskmill.hooks import JobView
 from taskmill.job import Job, JobState
 from taskmill.retry import Backoff, Cancel, Retry
 from taskmill.settings import Settings
@@ -62,6 +63,7 @@ __all__ = [
     "JobHandle",
     "JobNotFoundError",
     "JobState",
+    "JobView",
     "Limit",
     "PayloadTooLargeError",
     "QueueFullError",

@@ -54,6 +54,7 @@ from taskmill.serialization import decode_payload
 _json = msgspec.json.Decoder()
 _pair = msgspec.json.Decoder(tuple[list[msgspec.Raw], dict[str, msgspec.Raw]])
 _MAX_SHAPES = 64
+_typed_dict: Any = typing.TypedDict  # called with fields known only at run time
 _JSON_TYPES: dict[type, str] = {
     str: "a JSON string",
     bool: "a JSON boolean",
@@ -92,13 +93,33 @@ class _Param:
 
 class _Shape:
     """The parameter each stored argument goes to, for one shape of call (how many positional
-    arguments, which keywords): checked to bind once, then reused."""
+    arguments, which keywords), checked to bind once; and a decoder of the whole payload of
+    that shape to the declared types, in one pass."""
 
-    __slots__ = ("keywords", "positional")
+    __slots__ = ("decoder", "keywords", "positional")
 
-    def __init__(self, positional: list[_Param], keywords: dict[str, _Param]) -> None:
+    def __init__(
+        self, positional: list[_Param], keywords: dict[str, _Param], *, typed: bool
+    ) -> None:
         self.positional = positional
         self.keywords = keywords
+        self.decoder = _payload_decoder(positional, keywords) if typed else None
+
+
+def _payload_decoder(
+    positional: list[_Param], keywords: dict[str, _Param]
+) -> msgspec.json.Decoder[Any] | None:
+    if all(p.decoder is None for p in [*positional, *keywords.values()]):
+        return None
+    args = types.GenericAlias(tuple, tuple(p.annotation if p.decoder else Any for p in positional))
+    kwargs: Any = dict[str, Any]
+    if keywords:  # each key is there: the shape says so (a TypedDict would drop others)
+        fields = {k: p.annotation if p.decoder else Any for k, p in keywords.items()}
+        kwargs = _typed_dict("kwargs", fields)
+    try:
+        return msgspec.json.Decoder(types.GenericAlias(tuple, (args, kwargs)))
+    except Exception:  # each argument decodes alone, so only the combination could fail
+        return None
 
 
 class TaskTypes:
@@ -162,10 +183,30 @@ class TaskTypes:
             return args, kwargs
         raw_args, raw_kwargs = _split(payload)
         shape = self._shape(len(raw_args), raw_kwargs)
+        if shape.decoder is not None:
+            try:
+                typed_args, kwargs = shape.decoder.decode(payload)
+                return list(typed_args), kwargs
+            except msgspec.ValidationError:
+                pass  # decoding each argument alone says which one does not convert, and why
+        return self._each(shape, raw_args, raw_kwargs)
+
+    def check(self, payload: bytes, count: int, keywords: Mapping[str, Any]) -> None:
+        """At send: a ``SerializationError`` if ``arguments`` would raise one for ``payload``,
+        the JSON of a call with ``count`` positional arguments and ``keywords`` that binds."""
+        shape = self._shape(count, keywords)
+        if shape.decoder is None:
+            return
+        try:
+            shape.decoder.decode(payload)
+        except msgspec.ValidationError:
+            self._each(shape, *_split(payload))
+
+    def _each(
+        self, shape: _Shape, raw_args: list[msgspec.Raw], raw_kwargs: dict[str, msgspec.Raw]
+    ) -> tuple[list[Any], dict[str, Any]]:
         name = self.name
         args = [p.decode(raw, name) for p, raw in zip(shape.positional, raw_args, strict=True)]
-        if not raw_kwargs:
-            return args, {}
         return args, {k: shape.keywords[k].decode(raw, name) for k, raw in raw_kwargs.items()}
 
     def _shape(self, count: int, keywords: Mapping[str, Any]) -> _Shape:
@@ -200,7 +241,7 @@ class TaskTypes:
                 assert self._var_keyword is not None
                 param = self._var_keyword.named(f"{key!r} (in {self._var_keyword.label})")
             mapped[key] = param
-        return _Shape(positional, mapped)
+        return _Shape(positional, mapped, typed=not self.plain)
 
     # --- result -----------------------------------------------------------------------------
 

@@ -261,7 +261,7 @@ class Task(Generic[P, R]):
             key = key(*args, **kwargs)
         payload = encode_payload(self.name, args, kwargs, self.app.settings.max_payload_bytes)
         if check_types and not self.types.plain:
-            self.types.arguments(payload)
+            self.types.check(payload, len(args), kwargs)
         return NewJob(
             id=opts.job_id or uuid7(),
             task=self.name,

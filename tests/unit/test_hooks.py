@@ -14,8 +14,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from taskmill import App, Backoff, JobState, Limit, Retry, current_job
-from taskmill.hooks import JobView
+from taskmill import App, Backoff, JobState, JobView, Limit, Retry, current_job
 from taskmill.job import ErrorInfo, Job, NewJob
 from taskmill.testing import running_worker
 
