@@ -192,6 +192,16 @@ def test_varargs_and_varkwargs_annotations_apply_to_each_extra_argument() -> Non
     )
 
 
+def test_keywords_that_are_not_identifiers_decode_in_one_pass() -> None:
+    def f(**extra: datetime) -> None: ...
+
+    types = TaskTypes("t", f)
+    payload = b'[[], {"a-b": "2024-05-01T09:30:00Z", "class": "2024-05-01T09:30:00Z"}]'
+    assert types.arguments(payload) == ([], {"a-b": WHEN, "class": WHEN})
+    (shape,) = types._shapes.values()
+    assert shape.decoder is not None, "the whole payload decodes in one msgspec pass"
+
+
 def test_positional_or_keyword_parameters_decode_either_way() -> None:
     def f(when: datetime, /, day: date, *, at: datetime | None = None) -> None: ...
 
