@@ -260,8 +260,10 @@ class Task(Generic[P, R]):
         if key is not None and not isinstance(key, str):
             key = key(*args, **kwargs)
         payload = encode_payload(self.name, args, kwargs, self.app.settings.max_payload_bytes)
-        if check_types and not self.types.plain:
-            self.types.check(payload, len(args), kwargs)
+        if check_types:
+            types = self._types or self.types
+            if not types.plain:
+                types.check(payload, len(args), kwargs)
         return NewJob(
             id=opts.job_id or uuid7(),
             task=self.name,
