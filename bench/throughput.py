@@ -2,11 +2,14 @@
 
     python -m bench.throughput                 # every mode, 20,000 jobs, 2 worker processes
     python -m bench.throughput --mode drain --jobs 50000 --task anoop
+    python -m bench.throughput --mode drain --task add   # annotated (a: int, b: int) -> int
 
 Modes:
-- enqueue: bulk ``send_many`` in batches of 1,000, and a plain ``send()`` loop;
-- drain: N no-op jobs enqueued first, then 2 worker processes (``taskmill worker -p 2``) run
-  them; jobs/s from the first start to the last finish, read back from the stored timestamps;
+- enqueue: bulk ``send_many`` in batches of 1,000, and a plain ``send()`` loop (the no-op task
+  unless ``--task add``);
+- drain: N no-op jobs (or ``add(1, 2)`` with ``--task add``) enqueued first, then 2 worker
+  processes (``taskmill worker -p 2``) run them; jobs/s from the first start to the last
+  finish, read back from the stored timestamps;
 - latency: jobs sent at a steady rate (default 200/s) to idle workers; enqueue→start latency
   percentiles from the stored ``enqueued_at`` and ``started_at`` (one machine, one clock).
 
@@ -91,21 +94,33 @@ def fresh_url(tmp: str, name: str) -> str:
     return f"sqlite:///{path}"
 
 
-def run_enqueue(tmp: str, jobs: int) -> dict[str, float]:
+def producer_task(app: Any, task_name: str) -> tuple[Any, tuple[Any, ...]]:
+    """The task as the producer registers it, and the arguments each job gets: the producer
+    of ``add`` has its annotations, so what checking them at send costs is measured."""
+    if task_name == "add":
+
+        def add(a: int, b: int) -> int:
+            return a + b
+
+        return app.task(name="add", retries=0)(add), (1, 2)
+    return app.task(name=task_name, retries=0)(lambda: None), ()
+
+
+def run_enqueue(tmp: str, jobs: int, task_name: str) -> dict[str, float]:
     from taskmill import App
 
     url = fresh_url(tmp, "enqueue")
     app = App(url)
-    task = app.task(name="noop", retries=0)(lambda: None)
-    task.send()  # open the broker and create the schema outside the timed part
+    task, call = producer_task(app, task_name)
+    task.send(*call)  # open the broker and create the schema outside the timed part
     t0 = time.perf_counter()
     for start in range(0, jobs, 1000):
-        task.send_many([()] * min(1000, jobs - start))
+        task.send_many([call] * min(1000, jobs - start))
     bulk = jobs / (time.perf_counter() - t0)
     loop_jobs = max(1000, jobs // 4)
     t0 = time.perf_counter()
     for _ in range(loop_jobs):
-        task.send()
+        task.send(*call)
     single = loop_jobs / (time.perf_counter() - t0)
     app.close()
     return {"bulk send_many jobs/s": bulk, "send() loop jobs/s": single}
@@ -124,9 +139,9 @@ def run_drain(
 
     url = fresh_url(tmp, f"drain-{task_name}-{pool}")
     app = App(url)
-    task = app.task(name=task_name, retries=0)(lambda: None)
+    task, call = producer_task(app, task_name)
     for start in range(0, jobs, 5000):
-        task.send_many([()] * min(5000, jobs - start))
+        task.send_many([call] * min(5000, jobs - start))
     app.close()
     path = db_path(url)
     with workers(url, processes, conc, pool, log_level):
@@ -173,7 +188,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--task", choices=["noop", "anoop"], default=None)
+    parser.add_argument("--task", choices=["noop", "anoop", "add"], default=None)
     parser.add_argument("--pool", choices=["async", "thread", "process"], default="thread")
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -187,8 +202,10 @@ def main() -> None:
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="taskmill-bench-") as tmp:
         if args.mode in ("all", "enqueue"):
-            for name, value in run_enqueue(tmp, args.jobs).items():
-                rows.append((name, f"{value:,.0f}"))
+            enqueue_task = "add" if args.task == "add" else "noop"
+            for name, value in run_enqueue(tmp, args.jobs, enqueue_task).items():
+                label = name if enqueue_task == "noop" else f"{name} ({enqueue_task})"
+                rows.append((label, f"{value:,.0f}"))
         if args.mode in ("all", "drain"):
             for task_name in [args.task] if args.task else ["noop", "anoop"]:
                 rate = run_drain(

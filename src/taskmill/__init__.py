@@ -34,6 +34,7 @@ from taskmill.errors import (
 )
 from taskmill.flow import Limit
 from taskmill.handle import JobHandle
+from taskmill.hooks import JobView
 from taskmill.job import Job, JobState
 from taskmill.retry import Backoff, Cancel, Retry
 from taskmill.settings import Settings
@@ -63,6 +64,7 @@ __all__ = [
     "JobHandle",
     "JobNotFoundError",
     "JobState",
+    "JobView",
     "Limit",
     "PayloadTooLargeError",
     "QueueFullError",

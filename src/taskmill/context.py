@@ -5,13 +5,19 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 
 @dataclass(eq=False)
 class JobContext:
     """The running job, as seen from inside the task.
+
+    ``args`` and ``kwargs`` are the job's arguments as the function received them: decoded to
+    the types its annotations declare, JSON values where it declares none
+    (``taskmill.conversion``).
 
     >>> from taskmill import current_job
     >>> def resize(path: str) -> None:
@@ -30,6 +36,19 @@ class JobContext:
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     _last_progress: float = field(default=0.0, repr=False)
     _soft_limit_hit: bool = field(default=False, repr=False)
+    _arguments: tuple[list[Any], dict[str, Any]] | None = field(default=None, repr=False)
+    """The decoded arguments the function is called with: the run decodes them once, keeps
+    them here, and every later step of the run reads them (see ``worker.execution``)."""
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """The positional arguments (empty until the worker has decoded them)."""
+        return () if self._arguments is None else tuple(self._arguments[0])
+
+    @property
+    def kwargs(self) -> Mapping[str, Any]:
+        """The keyword arguments, read-only (empty until the worker has decoded them)."""
+        return MappingProxyType({} if self._arguments is None else self._arguments[1])
 
     @property
     def cancelled(self) -> bool:

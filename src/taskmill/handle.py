@@ -40,6 +40,24 @@ class JobHandle(Generic[R]):
 
     ``existing`` is True when ``send`` found a pending job with the same unique ``key`` and
     returned it instead of storing a new one.
+
+    ``result()`` decodes the stored JSON result to the task's return annotation when the
+    task is registered in this app (by the job's task name, however the handle was made) and
+    msgspec can decode that type; otherwise it returns the JSON values as stored:
+
+    >>> from datetime import datetime, timezone
+    >>> from taskmill import App
+    >>> app = App("memory://")
+    >>> @app.task()
+    ... def due() -> datetime:
+    ...     return datetime(2024, 5, 1, tzinfo=timezone.utc)
+    >>> handle = due.send()
+    >>> app.run_until_idle()
+    1
+    >>> handle.result(timeout=5)
+    datetime.datetime(2024, 5, 1, 0, 0, tzinfo=datetime.timezone.utc)
+    >>> app.job(handle.id).result(timeout=5) == handle.result(timeout=5)
+    True
     """
 
     __slots__ = ("_app", "existing", "id")
@@ -78,7 +96,11 @@ class JobHandle(Generic[R]):
 
     async def aresult(self, timeout: float | None = None) -> R:
         """Wait until the job finishes; its result, or ``JobFailedError`` /
-        ``JobCancelledError``; ``TimeoutError`` if it has not finished after ``timeout`` s."""
+        ``JobCancelledError``; ``TimeoutError`` if it has not finished after ``timeout`` s.
+
+        The result is decoded to the task's return annotation (see the class docstring); a
+        stored result that no longer converts to it (the annotation changed since the job
+        ran) raises ``SerializationError``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = _POLL_START_S
         while True:
@@ -98,7 +120,10 @@ class JobHandle(Generic[R]):
 
     def _outcome(self, job: Job) -> R:
         if job.state is JobState.SUCCEEDED:
-            result: Any = decode(job.result) if job.result is not None else None
+            if job.result is None:
+                return None  # type: ignore[return-value]
+            task = self._app.tasks.get(job.task)
+            result: Any = decode(job.result) if task is None else task.types.result(job.result)
             return result  # type: ignore[no-any-return]
         if job.state is JobState.CANCELLED:
             raise JobCancelledError(f"job {self.id} ({job.task}) was cancelled")

@@ -5,8 +5,14 @@ that was stored; a send that matched a pending key or a stored id stored nothing
 nothing). In the worker: ``on_start(job)`` just before the function runs, then one of
 ``on_success(job, result)``, ``on_failure(job, error)`` (no attempt left, or not retryable;
 ``error`` is an ``ErrorInfo``) and ``on_retry(job, error, delay)`` (``delay`` in seconds).
-A cancelled job, or one handed back at shutdown, calls none of the three. ``job`` is the
-``Job`` as claimed (state ``running``).
+A cancelled job, or one handed back at shutdown, calls none of the three.
+
+In the worker, ``job`` is a ``JobView``: the ``Job`` record as claimed (state ``running``),
+read-only, every field readable as before (``job.id``, ``job.attempt``, ``job.payload``...),
+plus what the run knows: ``args`` and ``kwargs`` decoded as the function receives them (to
+its annotations' types), ``duration_s`` (the run's monotonic seconds, in the outcome hooks)
+and ``result`` (in ``on_success``, decoded as ``JobHandle.result()`` returns it; the same
+value as the hook's ``result`` argument).
 
 For each event the task's hooks run first, then the app's, each list in the order it was
 registered. Hooks may be sync or async; in the worker a sync hook runs in a thread so it
@@ -18,7 +24,7 @@ never changes the job's outcome, and the hooks after it still run.
     >>> seen = []
     >>> @app.on_success
     ... def audit(job, result):
-    ...     seen.append((job.task.rsplit(".", 1)[-1], result))
+    ...     seen.append((job.task.rsplit(".", 1)[-1], job.args, result))
     >>> @app.task(on_success=lambda job, result: seen.append(("task hook", result)))
     ... def add(a: int, b: int) -> int:
     ...     return a + b
@@ -26,7 +32,7 @@ never changes the job's outcome, and the hooks after it still run.
     >>> app.run_until_idle()
     1
     >>> seen
-    [('task hook', 3), ('add', 3)]
+    [('task hook', 3), ('add', (1, 2), 3)]
 """
 
 from __future__ import annotations
@@ -34,9 +40,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+from taskmill.errors import SerializationError
+from taskmill.serialization import decode_payload
+
+if TYPE_CHECKING:
+    from taskmill.context import JobContext
+    from taskmill.job import Job
 
 log = logging.getLogger("taskmill.hooks")
 
@@ -75,6 +89,83 @@ class Hooks:
 
     def __bool__(self) -> bool:
         return any(getattr(self, name) for name in HOOK_NAMES)
+
+
+class JobView:
+    """The ``job`` a worker's hooks receive: the stored ``Job`` record as claimed, read-only
+    (each of its fields reads through: ``id``, ``task``, ``attempt``, ``payload``...), plus:
+
+    - ``args`` (tuple) and ``kwargs`` (read-only mapping): the arguments as the function
+      receives them, decoded to its annotations' types. If they could not be decoded (the
+      job then fails, and ``error`` says why), the JSON values stored, or empty if the
+      payload is not an ``[args, kwargs]`` pair.
+    - ``duration_s``: the run's duration in seconds (monotonic clock), from just before the
+      function is called (after ``on_start``) to its outcome, in ``on_success``,
+      ``on_retry`` and ``on_failure``; None in ``on_start``, and when the job failed before
+      its function was called (arguments that cannot be decoded).
+    - ``result``: in ``on_success``, the result as ``JobHandle.result()`` returns it (the
+      record's raw ``result`` bytes are None while the job runs); else None.
+    - ``record``: the ``Job`` itself.
+    """
+
+    __slots__ = ("_job", "args", "duration_s", "kwargs", "result")
+
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    duration_s: float | None
+    result: Any
+
+    def __init__(
+        self,
+        job: Job,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        duration_s: float | None = None,
+        result: Any = None,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "_job", job)
+        set_(self, "args", args)
+        set_(self, "kwargs", kwargs)
+        set_(self, "duration_s", duration_s)
+        set_(self, "result", result)
+
+    @classmethod
+    def of(
+        cls, job: Job, ctx: JobContext, *, duration_s: float | None = None, result: Any = None
+    ) -> JobView:
+        """The view of a running job, with the arguments its run decoded (see the class)."""
+        if ctx._arguments is not None:
+            args, kwargs = ctx.args, ctx.kwargs
+        else:
+            try:
+                json_args, json_kwargs = decode_payload(job.payload)
+                args, kwargs = tuple(json_args), MappingProxyType(json_kwargs)
+            except SerializationError:
+                args, kwargs = (), MappingProxyType({})
+        return cls(job, args, kwargs, duration_s=duration_s, result=result)
+
+    @property
+    def record(self) -> Job:
+        job: Job = object.__getattribute__(self, "_job")
+        return job
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_job":  # not set (a half-made copy): no endless recursion
+            raise AttributeError(name)
+        return getattr(self._job, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a hook's job is read-only (setting {name!r})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"a hook's job is read-only (deleting {name!r})")
+
+    def __repr__(self) -> str:
+        # no arguments: they may be private, and reprs end up in logs
+        job = self._job
+        return f"<JobView {job.id} {job.task} attempt={job.attempt}>"
 
 
 def _report(hook: Hook, name: str, job_id: str, task: str) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
 from taskmill._ids import uuid7
 from taskmill.brokers.base import EnqueueResult, OnConflict
+from taskmill.conversion import TaskTypes
 from taskmill.errors import ConfigurationError
 from taskmill.handle import JobHandle
 from taskmill.hooks import Hooks
@@ -147,6 +148,7 @@ class Task(Generic[P, R]):
         self.policy = policy
         self.signature = inspect.signature(fn)
         self._bound_shapes: set[object] = set()
+        self._types: TaskTypes | None = None
         self.is_async = inspect.iscoroutinefunction(fn)
         self.accepts_failures = False
         self.rate_interval_s: float | None = None
@@ -160,6 +162,16 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<Task {self.name} queue={self.defaults.queue!r}>"
+
+    @property
+    def types(self) -> TaskTypes:
+        """The types the function declares, and the decoding of stored arguments and results
+        to them (``taskmill.conversion``). Read from the annotations at first use, not at
+        decoration: names a module defines after the task resolve."""
+        types = self._types
+        if types is None:
+            types = self._types = TaskTypes(self.name, self.fn, self.signature)
+        return types
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         return self.fn(*args, **kwargs)
@@ -295,7 +307,18 @@ class Task(Generic[P, R]):
         if len(self._bound_shapes) < 64:
             self._bound_shapes.add(shape)
 
-    def build(self, opts: SendOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> NewJob:
+    def build(
+        self,
+        opts: SendOptions,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        check_types: bool = False,
+    ) -> NewJob:
+        """The job to store for a call. ``check_types`` (what ``send`` does): an argument whose
+        JSON form would not decode to its annotation in the worker is a ``SerializationError``
+        now, rather than a failed job later (one decode of the payload, only for tasks with
+        annotations to convert)."""
         self.bind_check(args, kwargs)
         key = opts.key
         if key is not None and not isinstance(key, str):
@@ -304,13 +327,18 @@ class Task(Generic[P, R]):
         # that changes it stores it, with the arguments.
         soft = opts.soft_timeout_s
         options = {"soft_timeout_s": soft} if soft != self.defaults.soft_timeout_s else None
+        payload = encode_payload(
+            self.name, args, kwargs, self.app.settings.max_payload_bytes, options
+        )
+        if check_types:
+            types = self._types or self.types
+            if not types.plain:
+                types.check(payload, len(args), kwargs)
         return NewJob(
             id=opts.job_id or uuid7(),
             task=self.name,
             queue=opts.queue,
-            payload=encode_payload(
-                self.name, args, kwargs, self.app.settings.max_payload_bytes, options
-            ),
+            payload=payload,
             priority=opts.priority,
             run_at=opts.run_at,
             delay_s=opts.delay_s,
@@ -337,9 +365,9 @@ class BoundTask(Generic[P, R]):
         jobs = []
         for call in calls:
             if isinstance(call, Mapping):
-                jobs.append(self.task.build(self.opts, (), dict(call)))
+                jobs.append(self.task.build(self.opts, (), dict(call), check_types=True))
             elif isinstance(call, Sequence) and not isinstance(call, str | bytes):
-                jobs.append(self.task.build(self.opts, tuple(call), {}))
+                jobs.append(self.task.build(self.opts, tuple(call), {}, check_types=True))
             else:
                 raise TypeError(
                     f"send_many of task {self.task.name!r} takes tuples of positional arguments "
@@ -352,12 +380,12 @@ class BoundTask(Generic[P, R]):
         return [JobHandle(app, i, existing=n in result.existing) for n, i in enumerate(result.ids)]
 
     def send(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
-        job = self.task.build(self.opts, args, kwargs)
+        job = self.task.build(self.opts, args, kwargs, check_types=True)
         result = self.task.app.enqueue_sync([job], self.opts)
         return JobHandle(self.task.app, result.ids[0], existing=bool(result.existing))
 
     async def asend(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
-        job = self.task.build(self.opts, args, kwargs)
+        job = self.task.build(self.opts, args, kwargs, check_types=True)
         result = await self.task.app.enqueue_async([job], self.opts)
         return JobHandle(self.task.app, result.ids[0], existing=bool(result.existing))
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from taskmill import App, Retry, SoftTimeLimitExceeded, current_job
 
@@ -131,6 +133,13 @@ def build_app(url: str = "memory://", **settings: Any) -> App:
             time.sleep(0.01)
         Path(marker).write_text(f"{os.getpid()} cancelled={job.cancelled}")
         return "stopped"
+
+    @app.task(name="pool.typed")
+    def typed(when: datetime, ids: set[UUID]) -> dict[str, list[str]]:
+        def names(values: Any) -> list[str]:
+            return [type(v).__name__ for v in values]
+
+        return {"received": names([when, ids]), "current_job": names(current_job().args)}
 
     return app
 

@@ -13,8 +13,10 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from uuid import uuid4
 
 import pytest
 
@@ -330,3 +332,14 @@ def test_a_cancel_reaches_the_task_in_the_child(
 def test_the_process_pool_needs_an_app_path(app: App) -> None:
     with pytest.raises(ValueError, match=r"pool='process' needs app_path \('module:app'\)"):
         Worker(app, pool="process")
+
+
+def test_a_child_gets_the_arguments_decoded_to_their_annotations(
+    app: App, pool: Callable[..., Any]
+) -> None:
+    with pool():
+        handle = app.tasks["pool.typed"].send(datetime(2024, 5, 1, tzinfo=UTC), {uuid4()})
+        assert handle.result(timeout=30) == {
+            "received": ["datetime", "set"],
+            "current_job": ["datetime", "set"],
+        }

@@ -8,11 +8,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
 
-from taskmill import App, Backoff, JobState, Retry
+from taskmill import App, Backoff, JobState, JobView, Limit, Retry, current_job
 from taskmill.job import ErrorInfo, Job, NewJob
 from taskmill.testing import running_worker
 
@@ -328,3 +330,81 @@ def test_a_shutdown_during_a_slow_hook_keeps_the_outcome(
     assert any(
         "hooks cut short" in r.getMessage() and handle.id in r.getMessage() for r in caplog.records
     )
+
+
+# --- the job a worker's hooks get: a read-only view with the decoded run -----------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_hooks_job_reads_through_to_the_record_and_is_read_only(app: App) -> None:
+    views: list[Any] = []
+    app.on_start(views.append)
+
+    @app.task(name="mail.send")
+    def send_mail(to: str, *, cc: list[str] | None = None) -> None:
+        return None
+
+    handle = send_mail.send("ada@example.com", cc=["bob@example.com"])
+    app.run_until_idle()
+    (view,) = views
+    assert isinstance(view, JobView) and isinstance(view.record, Job)
+    assert (view.id, view.task, view.state, view.attempt) == (
+        handle.id,
+        "mail.send",
+        JobState.RUNNING,
+        1,
+    )
+    assert view.payload == b'[["ada@example.com"],{"cc":["bob@example.com"]}]'
+    assert view.args == ("ada@example.com",) and view.kwargs == {"cc": ["bob@example.com"]}
+    assert view.duration_s is None and view.result is None
+    with pytest.raises(AttributeError, match="read-only"):
+        view.attempt = 5
+    with pytest.raises(AttributeError, match="read-only"):
+        view.args = ()
+    with pytest.raises(TypeError):
+        view.kwargs["cc"] = []  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        _ = view.no_such_field
+    assert "ada@example.com" not in repr(view), "arguments may be private: not in reprs"
+
+
+@pytest.mark.timeout(30)
+def test_a_run_decodes_its_arguments_once_for_limits_hooks_and_the_call(app: App) -> None:
+    keys: list[Any] = []
+    seen: list[Any] = []
+
+    def key(account: UUID, when: datetime) -> str:
+        keys.append((type(account), type(when)))
+        return str(account)
+
+    @app.task(
+        name="ledger.close",
+        concurrency=Limit(key=key, max=1),
+        on_start=lambda job: seen.append(("start", job.args)),
+        on_success=lambda job, result: seen.append(("success", job.args, result)),
+    )
+    def close(account: UUID, when: datetime) -> datetime:
+        seen.append(("call", current_job().args))
+        return when
+
+    decodes: list[bytes] = []
+    types = close.types
+    real = types.arguments
+
+    def counting(payload: bytes) -> tuple[list[Any], dict[str, Any]]:
+        decodes.append(payload)
+        return real(payload)
+
+    types.arguments = counting  # type: ignore[method-assign]
+    account, when = uuid4(), datetime(2024, 5, 1, tzinfo=UTC)
+    handle = close.send(account, when)
+    decodes.clear()  # the send-time check decoded it once in the producer
+    app.run_until_idle()
+    assert handle.result(timeout=5) == when
+    assert len(decodes) == 1, "decoded once per run"
+    assert keys == [(UUID, datetime)], "the limit's key gets the declared types"
+    assert seen == [
+        ("start", (account, when)),
+        ("call", (account, when)),
+        ("success", (account, when), when),
+    ]

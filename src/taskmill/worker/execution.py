@@ -14,7 +14,7 @@ from taskmill.context import JobContext
 from taskmill.errors import SerializationError, UnknownTaskError
 from taskmill.job import Cancelled, Job, Outcome, Released, Succeeded
 from taskmill.retry import decide
-from taskmill.serialization import decode_payload, encode, payload_options
+from taskmill.serialization import encode, payload_options
 from taskmill.task import Task
 from taskmill.worker.pools import call_async
 
@@ -60,16 +60,27 @@ def resolve(app: App, job: Job) -> Task[Any, Any]:
     return task
 
 
-def arguments(task: Task[Any, Any], job: Job) -> tuple[list[Any], dict[str, Any]]:
-    args, kwargs = decode_payload(job.payload)
-    try:
-        task.signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise TypeError(
-            f"stored arguments no longer fit task {task.name!r} (did its signature change "
-            f"since the job was sent?): {exc}"
-        ) from None
-    return args, kwargs
+def arguments(
+    task: Task[Any, Any], job: Job, ctx: JobContext | None = None
+) -> tuple[list[Any], dict[str, Any]]:
+    """The stored arguments, decoded to the types the function declares and checked to bind
+    to its signature (``taskmill.conversion``): a ``SerializationError`` or ``TypeError``
+    otherwise. Decoded once per run: the first step that needs them (flow control, hooks or
+    the call) keeps them on the job's context, where the others find them."""
+    if ctx is not None and ctx._arguments is not None:
+        return ctx._arguments
+    decoded = task.types.arguments(job.payload)
+    if ctx is not None:
+        ctx._arguments = decoded
+    return decoded
+
+
+def check_result(task: Task[Any, Any], result: bytes) -> None:
+    """A result that would not decode to the task's return annotation is a
+    ``SerializationError`` here, like one that cannot be encoded: not a surprise later in
+    whoever reads it."""
+    if task.types.result_decoder is not None:
+        task.types.result(result)
 
 
 def soft_limit_s(task: Task[Any, Any], job: Job) -> float | None:
@@ -89,7 +100,7 @@ async def execute(
     """Run the job; ``interrupted`` holds the reason if the worker cancels this coroutine."""
     try:
         task = resolve(app, job)
-        args, kwargs = arguments(task, job)
+        args, kwargs = arguments(task, job, ctx)
     except (UnknownTaskError, SerializationError, TypeError) as exc:
         return fail_now(job, exc)
     try:
@@ -99,6 +110,7 @@ async def execute(
         else:
             value = await runner.call(task, args, kwargs, ctx, job.timeout_s, soft_s)
         result = encode(value, what=f"result of task {task.name!r}")
+        check_result(task, result)
     except asyncio.CancelledError:
         if interrupted:
             return interrupted_outcome(interrupted)

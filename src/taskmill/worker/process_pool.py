@@ -307,6 +307,7 @@ def child_main(app_path: str, conn: Connection) -> None:
             max_attempts=max_attempts,
             _report=report,
             _cancelled=cancelled,
+            _arguments=(args, kwargs),  # decoded by the worker: current_job().args
         )
         token = set_current(ctx)
         try:

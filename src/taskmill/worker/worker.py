@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from taskmill.brokers.base import Broker, HandOver
 from taskmill.context import JobContext
-from taskmill.errors import BrokerError, BrokerUnavailableError
+from taskmill.errors import BrokerError, BrokerUnavailableError, SerializationError
 from taskmill.events import Event, ended, outcome_state, progressed, publish, started
 from taskmill.flow import hold_slot, rate_buckets, wait_for_rate_slots
-from taskmill.hooks import HookName, arun_hooks
+from taskmill.hooks import HookName, JobView, arun_hooks
 from taskmill.job import (
     Claim,
     Failed,
@@ -41,9 +41,15 @@ from taskmill.job import (
     WorkerInfo,
 )
 from taskmill.retry import error_info
-from taskmill.serialization import decode_payload, try_decode
+from taskmill.serialization import try_decode
 from taskmill.urls import redact_url
-from taskmill.worker.execution import Interrupt, execute, fail_now, interrupted_outcome
+from taskmill.worker.execution import (
+    Interrupt,
+    arguments,
+    execute,
+    fail_now,
+    interrupted_outcome,
+)
 from taskmill.worker.joblog import job_log, log_outcome, log_start
 from taskmill.worker.names import worker_id
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
@@ -70,6 +76,8 @@ class _Running:
     task: asyncio.Task[None] | None = None
     lost: bool = False
     slot: tuple[str, int] | None = None  # (bucket, limit) of a concurrency slot held
+    called_at: float | None = None  # monotonic, just before execute (jobs with hooks)
+    duration_s: float | None = None  # from called_at to the outcome: the outcome hooks'
     finishing: bool = False  # outcome decided, its hooks running: a cancel request is too late
 
 
@@ -430,8 +438,10 @@ class Worker:
         try:
             early = None if plain else await self._flow_control(r)
             if early is None and not plain:
-                await self._hooks("on_start", r.job)
+                await self._hooks("on_start", r)
                 began = time.monotonic()  # the run's duration, not the wait for its limits
+            if early is None:  # the function is called (not failed before it by its limits)
+                r.called_at = began
             if job_log.isEnabledFor(logging.DEBUG):
                 log_start(r.job, self.id)
             outcome: Outcome = early or await execute(
@@ -444,6 +454,8 @@ class Worker:
         except Exception as exc:  # a bug of ours: fail the attempt loudly, keep the worker
             log.exception("job %s (%s): the worker failed running it", r.job.id, r.job.task)
             outcome = Failed(error_info(exc))
+        if r.called_at is not None:
+            r.duration_s = time.monotonic() - r.called_at
         if r.slot is not None:
             await self._release_slot(r)
         if not r.lost and not plain:
@@ -703,28 +715,35 @@ class Worker:
         meanwhile (not failed, no attempt spent). An outcome only if its limit's key cannot
         be computed from its arguments."""
         assert self._broker is not None
+        task = self.app.tasks.get(r.job.task)
+        if task is None:
+            return None  # execution fails it as unknown
+        try:  # decoded once for the run: hooks, current_job() and the call read them too
+            args, kwargs = arguments(task, r.job, r.ctx)
+        except (SerializationError, TypeError) as exc:
+            return fail_now(r.job, exc)
         buckets = rate_buckets(self.app, r.job)
         if buckets:
             await wait_for_rate_slots(self._broker, buckets)
-        task = self.app.tasks.get(r.job.task)
-        if task is None or task.concurrency is None:
+        if task.concurrency is None:
             return None
         limit = task.concurrency
         try:
-            args, kwargs = decode_payload(r.job.payload)
             bound = task.signature.bind(*args, **kwargs)
             bound.apply_defaults()
             bucket = limit.bucket(r.job.task, bound.arguments)
-        except Exception as exc:  # unreadable arguments, or a key function that raised
+        except Exception as exc:  # a key function that raised
             return fail_now(r.job, exc)
         r.slot = (bucket, limit.max)
         await hold_slot(self._broker, bucket, r.job.id, limit.max, self.lease_s)
         return None
 
-    async def _hooks(self, name: HookName, job: Job, *args: Any) -> None:
+    async def _hooks(self, name: HookName, r: _Running, *args: Any, result: Any = None) -> None:
+        job = r.job
         lists = self.app._hook_lists(job.task, name)
         if any(lists):
-            await arun_hooks(lists, name, job.id, job.task, job, *args)
+            view = JobView.of(job, r.ctx, duration_s=r.duration_s, result=result)
+            await arun_hooks(lists, name, job.id, job.task, view, *args)
 
     async def _outcome_hooks(self, r: _Running, outcome: Outcome) -> None:
         """on_success / on_failure / on_retry: after the outcome is decided, before it is
@@ -734,13 +753,13 @@ class Worker:
         try:
             if isinstance(outcome, Succeeded):
                 if any(self.app._hook_lists(job.task, "on_success")):
-                    await self._hooks("on_success", job, try_decode(outcome.result))
+                    result = self._result_value(job, outcome.result)
+                    await self._hooks("on_success", r, result, result=result)
             elif isinstance(outcome, Failed):
-                await self._hooks("on_failure", job, outcome.error)
+                await self._hooks("on_failure", r, outcome.error)
             elif isinstance(outcome, RetryAt):
-                await self._hooks(
-                    "on_retry", job, outcome.error, max(0.0, outcome.run_at - time.time())
-                )
+                delay = max(0.0, outcome.run_at - time.time())
+                await self._hooks("on_retry", r, outcome.error, delay)
         except asyncio.CancelledError:
             if not r.interrupted:
                 raise
@@ -751,6 +770,15 @@ class Worker:
                 r.interrupted[-1],
                 type(outcome).__name__,
             )
+
+    def _result_value(self, job: Job, result: bytes) -> Any:
+        """The result as ``JobHandle.result()`` returns it (execution checked that it
+        decodes; should it not, the hooks get it as stored rather than an error)."""
+        task = self.app.tasks.get(job.task)
+        try:
+            return try_decode(result) if task is None else task.types.result(result)
+        except SerializationError:
+            return try_decode(result)
 
     async def _release_slot(self, r: _Running) -> None:
         assert self._broker is not None and r.slot is not None
