@@ -368,7 +368,10 @@ def test_no_soft_limit_no_flags(app: App) -> None:
         return job.soft_limit_exceeded, job.cancelled
 
     with running_worker(app):
-        assert quick.send().result(timeout=20) == [False, False]
+        assert quick.send().result(timeout=20) == (
+            False,
+            False,
+        )  # the return annotation decodes the result
 
 
 def test_the_hard_limit_error_is_a_timeout_error_and_the_soft_one_is_not() -> None:
