@@ -653,6 +653,9 @@ class Worker:
     async def _heartbeat_once(self) -> None:
         assert self._broker
         claims = [r.claim for r in self._running.values()]
+        # the reply names lost jobs by id: by the time it comes, a job lost under the token
+        # sent may run here again under a new one (its retry, claimed meanwhile), not lost
+        sent_tokens = {c.job_id: c.token for c in claims}
         in_flight = self._pending + self._flushing + self._riding
         claims += [f.claim for f in in_flight]
         if not claims and not self.register:
@@ -685,7 +688,7 @@ class Worker:
                     await self._broker.acquire_slot(bucket, held.job.id, limit, self.lease_s)
         for job_id in reply.lost:
             r = self._running.get(job_id)
-            if r is not None and not r.lost:
+            if r is not None and not r.lost and r.claim.token == sent_tokens.get(job_id):
                 log.warning("job %s (%s): lease lost; stopping it here", job_id, r.job.task)
                 r.lost = True
                 self._interrupt(r, Interrupt.LOST)

@@ -1,0 +1,75 @@
+"""Races inside one worker, made to happen by a broker that answers at the wrong moment."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+from taskmill import App, Backoff, current_job
+from taskmill.brokers.base import HeartbeatReply
+from taskmill.brokers.memory import MemoryBroker
+from taskmill.job import Claim, Finish, Job, WorkerInfo
+from taskmill.testing import running_worker
+
+
+class LateHeartbeat(MemoryBroker):
+    """Holds the first heartbeat that carries a claim until the same job was claimed again,
+    then answers it: the reply names the job as lost (its first claim's token is stale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = threading.Event()
+        self.reclaimed = threading.Event()
+        self.replied = threading.Event()
+
+    async def heartbeat(
+        self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
+    ) -> HeartbeatReply:
+        if claims and not self.sent.is_set():
+            self.sent.set()
+            while not self.reclaimed.is_set():
+                await asyncio.sleep(0.005)
+            reply = await super().heartbeat(worker, claims, lease_s)
+            self.replied.set()
+            return reply
+        return await super().heartbeat(worker, claims, lease_s)
+
+    async def finish_and_claim(
+        self,
+        finishes: Sequence[Finish],
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_s: float,
+    ) -> tuple[list[bool], list[Job]]:
+        applied, jobs = await super().finish_and_claim(finishes, queues, limit, worker_id, lease_s)
+        if any(job.attempt == 2 for job in jobs):
+            self.reclaimed.set()
+        return applied, jobs
+
+
+def test_a_late_heartbeat_reply_does_not_stop_the_next_attempt() -> None:
+    """The reply names lost jobs by id: one about attempt 1's claim must not stop attempt 2,
+    which this worker holds under a new token (seen on Redis: an attempt spent, the job
+    stuck until its lease expired)."""
+    broker = LateHeartbeat()
+    app = App("memory://", lease_s=60, heartbeat_s=0.05)
+    app._broker = broker
+
+    @app.task(retries=1, backoff=Backoff(base=0, cap=0, jitter=False))
+    def flaky() -> int:
+        job = current_job()
+        if job.attempt == 1:
+            assert broker.sent.wait(10)
+            raise ValueError("the first attempt fails")
+        assert broker.replied.wait(10)
+        job._cancelled.wait(0.5)  # the worker acts on the reply meanwhile, if it is to
+        return job.attempt
+
+    try:
+        with running_worker(app):
+            handle = flaky.send()
+            assert handle.result(timeout=10) == 2
+    finally:
+        app.close()
