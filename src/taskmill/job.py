@@ -20,6 +20,19 @@ class JobState(enum.StrEnum):
     def finished(self) -> bool:
         return self in FINISHED_STATES
 
+    @classmethod
+    def parse(cls, value: JobState | str) -> JobState:
+        """A state from itself or its name; ``ValueError`` naming the valid states otherwise.
+
+        >>> JobState.parse("failed") is JobState.FAILED
+        True
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(s.value for s in cls)
+            raise ValueError(f"unknown job state {value!r} (valid: {valid})") from None
+
 
 PENDING_STATES = frozenset({JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING})
 FINISHED_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})

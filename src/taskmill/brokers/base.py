@@ -234,12 +234,12 @@ class Broker(abc.ABC):
     async def list_jobs(
         self,
         *,
-        state: JobState | None = None,
+        state: JobState | str | None = None,
         queue: str | None = None,
         task: str | None = None,
         limit: int = 100,
     ) -> list[Job]:
-        """Newest first."""
+        """Newest first. ``state`` is a ``JobState`` or its name (``"failed"``)."""
 
     @abc.abstractmethod
     async def stats(self) -> list[QueueStats]: ...

@@ -355,11 +355,12 @@ class MemoryBroker(Broker):
     async def list_jobs(
         self,
         *,
-        state: JobState | None = None,
+        state: JobState | str | None = None,
         queue: str | None = None,
         task: str | None = None,
         limit: int = 100,
     ) -> list[Job]:
+        state = None if state is None else JobState.parse(state)
         with self._lock:
             jobs = [
                 self._copy(j)

@@ -1156,11 +1156,12 @@ class PostgresBroker(Broker):
     async def list_jobs(
         self,
         *,
-        state: JobState | None = None,
+        state: JobState | str | None = None,
         queue: str | None = None,
         task: str | None = None,
         limit: int = 100,
     ) -> list[Job]:
+        state = None if state is None else JobState.parse(state)
         params = {
             "state": None if state is None else str(state),
             "queue": queue,

@@ -642,11 +642,12 @@ class RedisBroker(Broker):
     async def list_jobs(
         self,
         *,
-        state: JobState | None = None,
+        state: JobState | str | None = None,
         queue: str | None = None,
         task: str | None = None,
         limit: int = 100,
     ) -> list[Job]:
+        state = None if state is None else JobState.parse(state)
         queues = [queue] if queue is not None else await self._queues()
         states = [state] if state is not None else list(JobState)
         client = self._client()

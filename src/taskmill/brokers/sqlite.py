@@ -766,11 +766,12 @@ class SQLiteBroker(Broker):
     async def list_jobs(
         self,
         *,
-        state: JobState | None = None,
+        state: JobState | str | None = None,
         queue: str | None = None,
         task: str | None = None,
         limit: int = 100,
     ) -> list[Job]:
+        state = None if state is None else JobState.parse(state)
         return await self._run(self._list_jobs, state, queue, task, limit)
 
     def _list_jobs(
