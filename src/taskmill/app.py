@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 from urllib.parse import parse_qsl, urlsplit
 
+from taskmill.admin import AdminAPI
 from taskmill.brokers import Broker, EnqueueResult, broker_from_url
 from taskmill.errors import ConfigurationError, UnknownTaskError
 from taskmill.events import Event, enqueued, publish, subscribe
@@ -55,9 +56,11 @@ class TaskDecorator(Protocol):
     def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
 
-class App:
+class App(AdminAPI):
     """Tasks, a broker and settings. Declaring tasks does no I/O; the broker is connected on
-    first use, and closed by ``close()`` (or the ``with`` block).
+    first use, and closed by ``close()`` (or the ``with`` block). The admin API (``stats``,
+    ``list_jobs``, ``retry_jobs``, ``cancel_job``, ``purge``, ``pause``, ``workers``,
+    ``registered_tasks``, …) is in ``taskmill.admin``.
 
     >>> app = App("memory://")
     >>> @app.task(queue="mail", retries=5, backoff=Backoff(base=2, cap=300))

@@ -34,6 +34,10 @@ class JobState(enum.StrEnum):
             raise ValueError(f"unknown job state {value!r} (valid: {valid})") from None
 
 
+MetaValue = str | int | float | bool | None
+Meta = dict[str, MetaValue]
+"""A job's metadata: a small JSON object of str keys and scalar values (``taskmill.meta``)."""
+
 PENDING_STATES = frozenset({JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING})
 FINISHED_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
@@ -64,6 +68,7 @@ class NewJob(msgspec.Struct):
     max_attempts: int = 1
     timeout_s: float | None = None
     key: str | None = None
+    meta: Meta = msgspec.field(default_factory=dict)
 
 
 class Job(msgspec.Struct):
@@ -92,6 +97,8 @@ class Job(msgspec.Struct):
     error: ErrorInfo | None = None
     progress: float | None = None
     progress_message: str | None = None
+    meta: Meta = msgspec.field(default_factory=dict)
+    """Set at send (``options(meta=...)``), never changed: who or what the job is for."""
 
 
 class Claim(msgspec.Struct, frozen=True):
@@ -185,4 +192,5 @@ def describe(job: Job) -> dict[str, Any]:
         "key": job.key,
         "worker_id": job.worker_id,
         "lost_leases": job.lost_leases,
+        "meta": job.meta,
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -14,7 +14,8 @@ from taskmill.brokers.base import EnqueueResult, OnConflict
 from taskmill.errors import ConfigurationError
 from taskmill.handle import JobHandle
 from taskmill.hooks import Hooks
-from taskmill.job import NewJob
+from taskmill.job import Meta, NewJob
+from taskmill.meta import check_meta
 from taskmill.retry import RetryPolicy
 from taskmill.serialization import encode_payload
 
@@ -67,6 +68,7 @@ class SendOptions:
     timeout_s: float | None = None
     connection: Any = None
     job_id: str | None = None
+    meta: Meta = field(default_factory=dict)
 
 
 class Task(Generic[P, R]):
@@ -132,11 +134,16 @@ class Task(Generic[P, R]):
         timeout: Seconds | None = None,
         connection: Any = None,
         job_id: str | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> BoundTask[P, R]:
         """The same task with some send options changed.
 
         ``connection`` enqueues inside the caller's open transaction (brokers that support it):
         the job exists if and only if that transaction commits.
+
+        ``meta`` is stored with the job (``Job.meta``), shown by the CLI, filterable
+        (``app.list_jobs(meta=...)``) and seen by hooks: a small JSON object of str keys and
+        scalar values, such as ``{"user_id": 42}`` (see ``taskmill.meta``).
 
         ``job_id`` names the job instead of a fresh id: a send whose id is stored already (in
         any state, until it is pruned) stores nothing and returns that job's handle with
@@ -179,6 +186,8 @@ class Task(Generic[P, R]):
                     f"job_id must be a string of 1 to 200 characters: {job_id!r}"
                 )
             changes["job_id"] = job_id
+        if meta is not None:
+            changes["meta"] = check_meta(meta)
         return BoundTask(self, replace(opts, **changes) if changes else opts)
 
     def send(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
@@ -247,6 +256,7 @@ class Task(Generic[P, R]):
             max_attempts=opts.max_attempts,
             timeout_s=opts.timeout_s,
             key=key,
+            meta=opts.meta,
         )
 
 

@@ -84,12 +84,17 @@ CREATE TABLE IF NOT EXISTS taskmill_workers (
     running      TEXT NOT NULL
 );
 
+-- name: schema_v5
+-- Job metadata (JSON, NULL for none).
+ALTER TABLE taskmill_jobs ADD COLUMN meta TEXT;
+
 -- name: insert
 -- OR IGNORE: a job whose id is stored already is the same job (a retried send, a periodic
 -- tick two schedulers saw), and a keyed job whose key a pending job holds is not stored.
 INSERT OR IGNORE INTO taskmill_jobs
-    (id, task, queue, state, payload, priority, max_attempts, run_at, enqueued_at, timeout_s, key)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+    (id, task, queue, state, payload, priority, max_attempts, run_at, enqueued_at, timeout_s,
+     meta, key)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: job_exists
 SELECT 1 FROM taskmill_jobs WHERE id = ?;

@@ -1,0 +1,193 @@
+"""The broker side of the admin API: ``find_jobs`` (filters, both orders, keyset pages, totals)
+and job metadata stored with the job, on every broker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from taskmill import App, JobState
+from taskmill.brokers.base import Broker, JobPage, JobQuery
+from taskmill.errors import ConfigurationError
+from taskmill.job import Failed, Finish, Job, NewJob, Succeeded
+
+from .helpers import claim_of, opened
+
+
+def _new(job_id: str, *, task: str = "t.work", queue: str = "default", **kw: Any) -> NewJob:
+    return NewJob(id=job_id, task=task, queue=queue, payload=b"[[],{}]", **kw)
+
+
+def _store(app: App, *jobs: NewJob) -> Broker:
+    broker = opened(app)
+    result = app.run_sync(broker.enqueue(jobs))
+    assert not result.existing
+    return broker
+
+
+def _page(app: App, query: JobQuery, **kw: Any) -> JobPage:
+    return app.run_sync(opened(app).find_jobs(query, **kw))
+
+
+def _ids(app: App, query: JobQuery | None = None, **kw: Any) -> list[str]:
+    return [j.id for j in _page(app, query or JobQuery(), limit=1000, **kw).jobs]
+
+
+def _all_pages(app: App, query: JobQuery, limit: int) -> list[list[str]]:
+    pages, cursor = [], None
+    while True:
+        page = _page(app, query, limit=limit, cursor=cursor)
+        pages.append([j.id for j in page.jobs])
+        cursor = page.next_cursor
+        if cursor is None:
+            return pages
+
+
+def _claim_all(app: App, queue: str = "default") -> dict[str, Job]:
+    return {j.id: j for j in app.run_sync(opened(app).claim([queue], 100, "w", 30.0))}
+
+
+def test_pages_go_newest_first_from_a_cursor_with_a_total(app: App) -> None:
+    ids = [f"job-{n}" for n in range(7)]
+    _store(app, *(_new(i) for i in ids[:3]))  # one batch
+    for i in ids[3:]:
+        _store(app, _new(i))
+    newest_first = ids[::-1]
+
+    assert _all_pages(app, JobQuery(), limit=3) == [
+        newest_first[0:3],
+        newest_first[3:6],
+        newest_first[6:],
+    ]
+    first = _page(app, JobQuery(), limit=3, count=True)
+    assert first.total == 7
+    assert _page(app, JobQuery(), limit=3).total is None, "no count unless asked"
+    exact = _page(app, JobQuery(), limit=7, count=True)
+    assert exact.next_cursor is None and len(exact.jobs) == 7
+
+    # a job sent after the first page does not shift the next ones (keyset, not offset)
+    _store(app, _new("job-late"))
+    second = _page(app, JobQuery(), limit=3, cursor=first.next_cursor, count=True)
+    assert [j.id for j in second.jobs] == newest_first[3:6]
+    assert second.total == 8
+    assert _ids(app)[0] == "job-late"
+
+
+def test_filters_by_state_queue_and_task_prefix(app: App) -> None:
+    broker = _store(
+        app,
+        _new("a1", task="billing.charge"),
+        _new("a2", task="billing.refund"),
+        _new("b1", task="mail.send", queue="mail"),
+        _new("c1", task="billing.charge", delay_s=3600),
+        _new("d1", task="billing", queue="mail"),
+    )
+    claimed = _claim_all(app, "mail")
+    assert set(claimed) == {"b1", "d1"}
+    assert app.run_sync(broker.finish([Finish(claim_of(claimed["b1"]), Succeeded(b"1"))]))
+
+    def ids(**filters: Any) -> list[str]:
+        return _ids(app, JobQuery(**filters))
+
+    assert ids(task="billing.") == ["c1", "a2", "a1"], "a prefix of the name"
+    assert ids(task="billing") == ["d1", "c1", "a2", "a1"]
+    assert ids(task="billing.charge") == ["c1", "a1"]
+    assert ids(task="Billing") == [], "case matters"
+    assert ids(queue="mail") == ["d1", "b1"]
+    assert ids(states=frozenset({JobState.QUEUED})) == ["a2", "a1"]
+    assert ids(states=frozenset({"running", "succeeded"})) == ["d1", "b1"]
+    assert ids(states=frozenset({JobState.SCHEDULED}), task="billing.") == ["c1"]
+    assert ids(states=frozenset({JobState.FAILED})) == []
+    assert ids(queue="mail", task="mail.", states=frozenset({JobState.SUCCEEDED})) == ["b1"]
+    assert ids(queue="nowhere") == []
+
+    page = _page(app, JobQuery(task="billing."), limit=2, count=True)
+    assert [j.id for j in page.jobs] == ["c1", "a2"] and page.total == 3
+    rest = _page(app, JobQuery(task="billing."), limit=2, cursor=page.next_cursor, count=True)
+    assert [j.id for j in rest.jobs] == ["a1"] and rest.next_cursor is None and rest.total == 3
+    assert _page(app, JobQuery(queue="mail"), count=True).total == 2
+    assert _page(app, JobQuery(states=frozenset({"queued"})), count=True).total == 2
+
+
+def test_metadata_is_stored_returned_and_filtered(app: App) -> None:
+    broker = _store(
+        app,
+        _new("m1", meta={"user_id": 42, "agent_type": "summarizer", "vip": True}),
+        _new("m2", meta={"user_id": 42.0, "vip": False, "note": None}),
+        _new("m3", meta={"user_id": "42"}),
+        _new("m4"),
+    )
+    job = app.run_sync(broker.get("m1"))
+    assert job is not None
+    assert job.meta == {"user_id": 42, "agent_type": "summarizer", "vip": True}
+    assert isinstance(job.meta["user_id"], int) and job.meta["vip"] is True
+    assert app.get_job("m4").meta == {}
+    assert {j.id: j.meta for j in app.run_sync(broker.claim(["default"], 10, "w", 30.0))} == {
+        "m1": {"user_id": 42, "agent_type": "summarizer", "vip": True},
+        "m2": {"user_id": 42.0, "vip": False, "note": None},
+        "m3": {"user_id": "42"},
+        "m4": {},
+    }, "a claimed job carries its metadata to the worker (and its hooks)"
+
+    def ids(**meta: Any) -> list[str]:
+        return _ids(app, JobQuery(meta=meta))
+
+    assert ids(user_id=42) == ["m2", "m1"], "numbers by value: 42 == 42.0"
+    assert ids(user_id="42") == ["m3"], "a string is not a number"
+    assert ids(user_id=42, agent_type="summarizer") == ["m1"], "every pair must match"
+    assert ids(vip=True) == ["m1"] and ids(vip=False) == ["m2"]
+    assert ids(vip=1) == [], "a boolean is not a number"
+    assert ids(note=None) == ["m2"], "None matches a stored null, not a missing key"
+    assert ids(missing="x") == []
+    assert _page(app, JobQuery(meta={"user_id": 42}), count=True).total == 2
+    assert _page(app, JobQuery(meta={"user_id": 42}), limit=1, count=True).total == 2
+
+
+def test_finished_order_lists_the_latest_finished_first(app: App) -> None:
+    broker = _store(app, *(_new(f"f{n}") for n in range(5)), _new("waiting", queue="other"))
+    claimed = _claim_all(app)
+    order = ["f3", "f0", "f4"]  # finished one call after another
+    for job_id in order:
+        outcome = Failed(_error()) if job_id == "f0" else Succeeded(b"null")
+        assert app.run_sync(broker.finish([Finish(claim_of(claimed[job_id]), outcome)]))
+    # finished in one call, they may share a finish time: in an order of the broker's choosing,
+    # the same on every page, none skipped or repeated across pages
+    both = [Finish(claim_of(claimed[i]), Succeeded(b"null")) for i in ("f1", "f2")]
+    assert app.run_sync(broker.finish(both)) == [True, True]
+
+    finished = JobQuery(order="finished")
+    listed = _ids(app, finished)
+    assert sorted(listed[:2]) == ["f1", "f2"] and listed[2:] == ["f4", "f0", "f3"]
+    assert _all_pages(app, finished, limit=1) == [[i] for i in listed]
+    assert _all_pages(app, finished, limit=2) == [listed[0:2], listed[2:4], listed[4:]]
+    assert _page(app, finished, count=True).total == 5
+    failed = JobQuery(order="finished", states=frozenset({"failed"}))
+    assert _ids(app, failed) == ["f0"]
+    assert _ids(app, JobQuery(order="finished", queue="other")) == []
+    assert _ids(app, JobQuery(order="finished", task="t.")) == listed
+
+
+def test_bad_queries_and_cursors_are_clear_errors(app: App) -> None:
+    _store(app, _new("x1"), _new("x2"))
+    with pytest.raises(ValueError, match="order='finished' lists finished jobs only; queued"):
+        JobQuery(order="finished", states=frozenset({"queued"}))
+    with pytest.raises(ValueError, match=r"unknown job state 'done' \(valid: scheduled"):
+        JobQuery(states=frozenset({"done"}))
+    with pytest.raises(ValueError, match="order must be 'enqueued' or 'finished'"):
+        JobQuery(order="oldest")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="meta filter"):
+        JobQuery(meta={"user": [1, 2]})  # type: ignore[dict-item]
+    cursor = _page(app, JobQuery(), limit=1).next_cursor
+    assert cursor is not None
+    for bad in ["nonsense", cursor[:-2], "W10"]:
+        with pytest.raises(ValueError, match="invalid cursor"):
+            _page(app, JobQuery(), cursor=bad)
+    with pytest.raises(ValueError, match=r"invalid cursor .* in 'finished' order"):
+        _page(app, JobQuery(order="finished"), cursor=cursor)
+
+
+def _error() -> Any:
+    from taskmill.job import ErrorInfo
+
+    return ErrorInfo("RuntimeError", "no")
