@@ -346,6 +346,31 @@ class AdminAPI:
         """
         return self.run_sync(self.acancel_job(job_id))
 
+    async def arun_job_now(self, job_id: str) -> JobState:
+        """Make a scheduled job due now; the state it was in before (see
+        ``JobHandle.run_now``)."""
+        state = await (await self.abroker()).run_now(job_id)
+        if state is None:
+            raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
+        return state
+
+    def run_job_now(self, job_id: str) -> JobState:
+        """Blocking ``arun_job_now``: a delayed job, or one waiting for its retry, becomes
+        queued and due now, its attempt count unchanged. Returns the state before the call:
+        ``SCHEDULED`` (moved), ``QUEUED`` (nothing to do), or a running or finished state
+        (nothing changed: such a job cannot run now).
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def later() -> None: ...
+        >>> handle = later.options(delay=3600).send()
+        >>> app.run_job_now(handle.id), handle.status()
+        (<JobState.SCHEDULED: 'scheduled'>, <JobState.QUEUED: 'queued'>)
+        >>> app.close()
+        """
+        return self.run_sync(self.arun_job_now(job_id))
+
     # --- workers and tasks --------------------------------------------------------------------
 
     async def aworkers(self) -> list[WorkerStatus]:

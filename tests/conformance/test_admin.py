@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
-from taskmill import App, JobState
+from taskmill import App, JobNotFoundError, JobState, current_job
 from taskmill.brokers.base import Broker, JobPage, JobQuery
 from taskmill.errors import ConfigurationError
 from taskmill.job import Failed, Finish, Job, NewJob, Succeeded
+from taskmill.testing import running_worker
 
-from .helpers import claim_of, opened
+from .helpers import claim_of, opened, wait_until
 
 
 def _new(job_id: str, *, task: str = "t.work", queue: str = "default", **kw: Any) -> NewJob:
@@ -191,3 +192,62 @@ def _error() -> Any:
     from taskmill.job import ErrorInfo
 
     return ErrorInfo("RuntimeError", "no")
+
+
+@pytest.mark.timeout(60)
+def test_run_now_makes_a_scheduled_job_due_and_wakes_a_worker(app: App) -> None:
+    attempts: list[int] = []
+
+    @app.task(retries=2, backoff=3600)
+    def report(fail_first: bool) -> int:
+        attempt = current_job().attempt
+        attempts.append(attempt)
+        if fail_first and attempt == 1:
+            raise RuntimeError("try again in an hour")
+        return attempt
+
+    broker = opened(app)
+    delayed = report.options(delay=3600).send(False)
+    before = app.run_sync(broker.now())
+    # the worker waits on the broker (its poll is far longer than this test may take), so
+    # the job runs now only if run_now wakes it
+    with running_worker(app, idle_poll_s=120.0):
+        assert delayed.run_now() is JobState.SCHEDULED
+        assert delayed.result(timeout=20) == 1
+
+        retried = report.send(True)
+        waiting = wait_until(
+            lambda: (j := app.get_job(retried.id)).state is JobState.SCHEDULED and j,
+            what="the first attempt to fail and wait an hour for its retry",
+        )
+        assert waiting.attempt == 1 and waiting.run_at > before + 3000
+        assert app.run_job_now(retried.id) is JobState.SCHEDULED
+        assert retried.result(timeout=20) == 2, "the attempt count went on, unchanged"
+    assert attempts == [1, 1, 2]
+
+    # finished, queued, running, missing: nothing changes, the state is returned
+    assert delayed.run_now() is JobState.SUCCEEDED
+    queued = report.send(False)
+    run_at = app.get_job(queued.id).run_at
+    assert queued.run_now() is JobState.QUEUED
+    assert app.get_job(queued.id).run_at == run_at
+    (running,) = app.run_sync(broker.claim(["default"], 1, "w", 30.0))
+    assert app.run_job_now(running.id) is JobState.RUNNING
+    assert app.get_job(running.id).state is JobState.RUNNING
+    assert app.run_sync(broker.run_now("no-such-job")) is None
+    with pytest.raises(JobNotFoundError):
+        app.job("no-such-job").run_now()
+
+
+def test_run_now_keeps_a_scheduled_jobs_attempt_and_makes_it_claimable(app: App) -> None:
+    broker = _store(app, _new("later", delay_s=3600), _new("first"))
+    assert app.run_sync(broker.claim(["default"], 10, "w", 30.0))[0].id == "first"
+    assert app.run_sync(broker.claim(["default"], 10, "w", 30.0)) == []
+    now = app.run_sync(broker.now())
+    assert app.run_sync(broker.run_now("later")) is JobState.SCHEDULED
+    job = app.get_job("later")
+    assert job.state is JobState.QUEUED and job.attempt == 0
+    assert now - 1 <= job.run_at <= app.run_sync(broker.now()) + 1
+    (claimed,) = app.run_sync(broker.claim(["default"], 10, "w", 30.0))
+    assert claimed.id == "later" and claimed.attempt == 1
+    assert app.run_sync(broker.claim(["default"], 10, "w", 30.0)) == [], "claimed once"

@@ -364,6 +364,13 @@ class Broker(abc.ABC):
         worker ends it. Returns the state after the call, or None if no such job."""
 
     @abc.abstractmethod
+    async def run_now(self, job_id: str) -> JobState | None:
+        """A ``scheduled`` job (a delayed send, or one waiting for its retry) becomes
+        ``queued``, due now (``run_at`` = now), its attempt count unchanged, and idle workers
+        are woken as by an enqueue. Other jobs are left as they are. Returns the state
+        before the call, or None if there is no such job."""
+
+    @abc.abstractmethod
     async def purge(self, queue: str) -> int:
         """Delete the queue's scheduled and queued jobs. Returns how many."""
 

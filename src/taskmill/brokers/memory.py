@@ -434,6 +434,18 @@ class MemoryBroker(Broker):
                 job.cancel_requested = True
             return job.state
 
+    async def run_now(self, job_id: str) -> JobState | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            before = job.state
+            if before is JobState.SCHEDULED:
+                job.run_at = time.time()
+                self._make_waiting(job, job.run_at)  # its stale heap entry is skipped later
+                self._notify()
+            return before
+
     async def purge(self, queue: str) -> int:
         with self._lock:
             doomed = [

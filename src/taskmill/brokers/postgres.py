@@ -1264,6 +1264,11 @@ class PostgresBroker(Broker):
         return JobState(rows[0][0]) if rows else None
 
     @on_io_loop
+    async def run_now(self, job_id: str) -> JobState | None:
+        rows = await self._fetch(self._q["run_now"], {"id": job_id, "channel": self.channel})
+        return JobState(rows[0][0]) if rows else None
+
+    @on_io_loop
     async def purge(self, queue: str) -> int:
         return await self._execute(self._q["purge"], {"queue": queue})
 

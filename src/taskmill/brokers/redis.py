@@ -116,7 +116,7 @@ def _load_scripts() -> dict[str, str]:
     scripts = {}
     for name in ("enqueue", "claim", "finish", "heartbeat", "progress", "recover", "cancel",
                  "retry", "purge", "prune", "idle", "unregister", "save_workflow",
-                 "end_workflow", "rate_slot", "slot"):  # fmt: skip
+                 "end_workflow", "rate_slot", "slot", "run_now"):  # fmt: skip
         body = lua.joinpath(f"{name}.lua").read_text("utf-8")
         prelude = common + (finishes if name in ("claim", "finish") else "")
         scripts[name] = prelude + "\n" + body
@@ -897,6 +897,11 @@ class RedisBroker(Broker):
     @on_io_loop
     async def cancel(self, job_id: str) -> JobState | None:
         state = await self._eval("cancel", job_id, repr(self.result_ttl_s))
+        return None if state is None else JobState(state.decode())
+
+    @on_io_loop
+    async def run_now(self, job_id: str) -> JobState | None:
+        state = await self._eval("run_now", job_id)
         return None if state is None else JobState(state.decode())
 
     @on_io_loop

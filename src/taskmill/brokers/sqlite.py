@@ -930,6 +930,21 @@ class SQLiteBroker(Broker):
             row = c.execute(Q["state_of"], (job_id,)).fetchone()
         return None if row is None else JobState(row[0])
 
+    async def run_now(self, job_id: str) -> JobState | None:
+        return await self._run(self._run_now, job_id)
+
+    def _run_now(self, job_id: str) -> JobState | None:
+        with self._write() as c:
+            row = c.execute(Q["state_of"], (job_id,)).fetchone()
+            if row is not None and row[0] == "scheduled":
+                c.execute(Q["run_now"], (time.time(), job_id))
+        if row is None:
+            return None
+        if row[0] == "scheduled":
+            self._own_writes += 1
+            self._notify()
+        return JobState(row[0])
+
     async def purge(self, queue: str) -> int:
         return await self._run(self._purge, queue)
 

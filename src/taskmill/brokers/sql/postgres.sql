@@ -366,6 +366,21 @@ SELECT state FROM changed
 UNION ALL
 SELECT state FROM {schema}.jobs WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM changed);
 
+-- name: run_now
+-- A scheduled job becomes queued and due now; the state before is returned whatever it was.
+WITH before AS MATERIALIZED (
+    SELECT seq, state FROM {schema}.jobs WHERE id = %(id)s FOR UPDATE
+),
+moved AS (
+    UPDATE {schema}.jobs AS j SET state = 'queued', run_at = now()
+    FROM before b WHERE j.seq = b.seq AND b.state = 'scheduled'
+    RETURNING j.queue
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, 'q' || queue) FROM moved
+)
+SELECT state, (SELECT count(*) FROM wake) FROM before;
+
 -- name: purge
 DELETE FROM {schema}.jobs WHERE queue = %(queue)s AND state IN ('scheduled', 'queued');
 

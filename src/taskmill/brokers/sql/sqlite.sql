@@ -240,6 +240,9 @@ UPDATE taskmill_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'
 -- name: state_of
 SELECT state FROM taskmill_jobs WHERE id = ?;
 
+-- name: run_now
+UPDATE taskmill_jobs SET state = 'queued', run_at = ? WHERE id = ? AND state = 'scheduled';
+
 -- name: purge
 DELETE FROM taskmill_jobs WHERE queue = ? AND state IN ('scheduled', 'queued');
 
