@@ -28,6 +28,7 @@ from taskmill.flow import (
 from taskmill.handle import JobHandle
 from taskmill.hooks import Hook, HookName, Hooks, arun_hooks, run_hooks_blocking
 from taskmill.job import Job, NewJob
+from taskmill.meta import check_meta
 from taskmill.portal import Portal
 from taskmill.retry import Backoff, RetryPolicy, as_backoff, exception_types
 from taskmill.schedules import Misfire, Overlap, Schedule
@@ -210,6 +211,7 @@ class App(AdminAPI):
         misfire: Misfire = "skip",
         max_misfires: int = 100,
         overlap: Overlap = "allow",
+        meta: Mapping[str, Any] | None = None,
     ) -> Callable[[Task[P, R] | Callable[P, R]], Task[P, R]]:
         """Run a task on a schedule: a ``cron`` expression evaluated in ``tz``, or ``every``
         fixed interval (a ``timedelta`` or seconds), with fixed ``args``/``kwargs``. Put it
@@ -219,7 +221,8 @@ class App(AdminAPI):
         scheduler`` runs one alone); each tick is enqueued once however many run. ``misfire``:
         ticks missed while no scheduler ran are skipped (``"skip"``), the latest is run
         (``"once"``), or up to ``max_misfires`` of them are (``"all"``). ``overlap="skip"``
-        skips a tick while the previous run is still pending. See docs/schedules.md.
+        skips a tick while the previous run is still pending. ``meta`` is stored on each
+        tick's job (``Job.meta``). See docs/schedules.md.
 
         >>> from datetime import timedelta
         >>> app = App("memory://")
@@ -248,6 +251,7 @@ class App(AdminAPI):
                 misfire=misfire,
                 max_misfires=max_misfires,
                 overlap=overlap,
+                meta=check_meta(meta or {}),
             )
             if schedule.name in self.schedules:
                 raise ConfigurationError(

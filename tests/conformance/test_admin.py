@@ -251,3 +251,25 @@ def test_run_now_keeps_a_scheduled_jobs_attempt_and_makes_it_claimable(app: App)
     (claimed,) = app.run_sync(broker.claim(["default"], 10, "w", 30.0))
     assert claimed.id == "later" and claimed.attempt == 1
     assert app.run_sync(broker.claim(["default"], 10, "w", 30.0)) == [], "claimed once"
+
+
+@pytest.mark.timeout(60)
+def test_metadata_sent_with_a_task_reaches_the_workers_hooks(app: App) -> None:
+    seen: list[dict[str, Any]] = []
+    app.on_start(lambda job: seen.append(dict(job.meta)))
+
+    @app.task()
+    def summarize(doc: int) -> int:
+        return doc
+
+    meta = {"user_id": 42, "agent_type": "summarizer", "ratio": 0.5, "vip": True, "x": None}
+    handle = summarize.options(meta=meta).send(1)
+    summarize.send(2)
+    assert [j.id for j in app.list_jobs(meta={"user_id": 42}).jobs] == [handle.id]
+    with running_worker(app):
+        assert handle.result(timeout=20) == 1
+        wait_until(lambda: len(seen) == 2, what="both jobs to start")
+    assert meta in seen and {} in seen
+    assert app.get_job(handle.id).meta == meta
+    done = app.list_jobs(order="finished", meta={"agent_type": "summarizer"})
+    assert [j.id for j in done.jobs] == [handle.id] and done.total == 1
