@@ -166,6 +166,10 @@ class WorkerInfo(msgspec.Struct):
     started_at: float
     heartbeat_at: float
     running: list[str] = msgspec.field(default_factory=list)
+    processed: int = 0
+    """Jobs this worker ran to an outcome (succeeded, failed, retried or cancelled) so far."""
+    failed: int = 0
+    """Of those, the runs that raised (failed for good, or to be retried)."""
 
 
 def describe(job: Job) -> dict[str, Any]:

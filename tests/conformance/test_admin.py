@@ -273,3 +273,26 @@ def test_metadata_sent_with_a_task_reaches_the_workers_hooks(app: App) -> None:
     assert app.get_job(handle.id).meta == meta
     done = app.list_jobs(order="finished", meta={"agent_type": "summarizer"})
     assert [j.id for j in done.jobs] == [handle.id] and done.total == 1
+
+
+@pytest.mark.timeout(60)
+def test_workers_report_how_many_jobs_they_ran_and_how_many_raised(app: App) -> None:
+    @app.task(retries=1, backoff=0)
+    def work(fail: bool) -> None:
+        if fail:
+            raise RuntimeError("no")
+
+    with running_worker(app) as worker:
+        for h in [work.send(False), work.send(False)]:
+            h.result(timeout=20)
+        doomed = work.send(True)  # two runs that raise: retried once, then failed
+        wait_until(lambda: doomed.status() is JobState.FAILED, what="the job to fail")
+
+        def counters() -> tuple[int, int] | None:
+            mine = [w for w in app.workers() if w.id == worker.id]
+            return (mine[0].processed, mine[0].failed) if mine else None
+
+        # the worker sends its counters with its next heartbeat (every 0.2 s here)
+        assert wait_until(lambda: counters() == (4, 2) and counters()) == (4, 2)
+        listed = opened(app).list_workers
+        assert [(w.processed, w.failed) for w in app.run_sync(listed())] == [(4, 2)]

@@ -1063,6 +1063,8 @@ class PostgresBroker(Broker):
             "concurrency": worker.concurrency,
             "started_at": worker.started_at,
             "running": list(worker.running),
+            "processed": worker.processed,
+            "failed": worker.failed,
         }
 
         async def op(conn: AsyncConn) -> list[TupleRow]:
@@ -1235,6 +1237,8 @@ class PostgresBroker(Broker):
                 started_at=r[5],
                 heartbeat_at=r[6],
                 running=list(r[7]),
+                processed=r[8],
+                failed=r[9],
             )
             for r in await self._fetch(self._q["workers"])
         ]

@@ -74,7 +74,7 @@ EVENTS_KEPT_S = 3600.0
 """Events are a polled table here: kept an hour, so a subscriber that polls late misses none."""
 SCHEMA_VERSION = 5
 """2: schedules, 3: workflows and limits, 4: events (versions 1-4 are ``schema_v1``, all IF NOT
-EXISTS); 5: job metadata (``schema_v5``, columns added to the tables of version 4)."""
+EXISTS); 5: job metadata and workers' counters (``schema_v5``, columns added to version 4)."""
 COLUMNS = (
     "id, task, queue, state, payload, priority, attempt, max_attempts, run_at, enqueued_at, "
     "started_at, finished_at, timeout_s, key, lease_token, lease_expires_at, worker_id, "
@@ -693,6 +693,8 @@ class SQLiteBroker(Broker):
                     worker.started_at,
                     now,
                     _error_encoder.encode(worker.running),
+                    worker.processed,
+                    worker.failed,
                 ),
             )
         return reply
@@ -900,6 +902,8 @@ class SQLiteBroker(Broker):
                 started_at=r[5],
                 heartbeat_at=r[6],
                 running=msgspec.json.decode(r[7]),
+                processed=r[8],
+                failed=r[9],
             )
             for r in rows
         ]

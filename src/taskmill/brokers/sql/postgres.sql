@@ -198,10 +198,11 @@ RETURNING j.id, j.cancel_requested;
 
 -- name: upsert_worker
 INSERT INTO {schema}.workers
-    (id, host, pid, queues, concurrency, started_at, heartbeat_at, running)
+    (id, host, pid, queues, concurrency, started_at, heartbeat_at, running, processed, failed)
 VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s::text[], %(concurrency)s,
-        to_timestamp(%(started_at)s), now(), %(running)s::text[])
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running;
+        to_timestamp(%(started_at)s), now(), %(running)s::text[], %(processed)s, %(failed)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running,
+    processed = excluded.processed, failed = excluded.failed;
 
 -- name: delete_worker
 DELETE FROM {schema}.workers WHERE id = %(id)s;
@@ -311,7 +312,7 @@ SELECT 'paused', name, NULL, paused::integer::float8 FROM {schema}.queues;
 
 -- name: workers
 SELECT id, host, pid, queues, concurrency, date_part('epoch', started_at),
-       date_part('epoch', heartbeat_at), running
+       date_part('epoch', heartbeat_at), running, processed, failed
 FROM {schema}.workers ORDER BY started_at;
 
 -- name: retry
