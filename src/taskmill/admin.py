@@ -93,6 +93,23 @@ class AdminAPI:
 
         def run_sync(self, coro: Coroutine[Any, Any, T]) -> T: ...
 
+    async def anow(self) -> float:
+        """The broker's clock (seconds since the epoch): what job times are measured on, so
+        ages shown beside them ("4m ago") are right even if this machine's clock is off."""
+        return await (await self.abroker()).now()
+
+    def now(self) -> float:
+        """Blocking ``anow``.
+
+        >>> import time
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> abs(app.now() - time.time()) < 5
+        True
+        >>> app.close()
+        """
+        return self.run_sync(self.anow())
+
     # --- queues -------------------------------------------------------------------------------
 
     async def astats(self) -> list[QueueStats]:

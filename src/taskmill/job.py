@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -173,7 +174,8 @@ class WorkerInfo(msgspec.Struct):
 
 
 def describe(job: Job) -> dict[str, Any]:
-    """A plain dict of the job for display (payload and result decoded where possible)."""
+    """A plain dict of the job for display and JSON (payload and result decoded where
+    possible, times as ISO 8601 in UTC)."""
     from taskmill.serialization import try_decode
 
     return {
@@ -189,12 +191,19 @@ def describe(job: Job) -> dict[str, Any]:
         "error": None if job.error is None else msgspec.structs.asdict(job.error),
         "progress": job.progress,
         "progress_message": job.progress_message,
-        "run_at": job.run_at,
-        "enqueued_at": job.enqueued_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
+        "run_at": _iso(job.run_at),
+        "enqueued_at": _iso(job.enqueued_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
         "key": job.key,
         "worker_id": job.worker_id,
         "lost_leases": job.lost_leases,
         "meta": job.meta,
     }
+
+
+def _iso(ts: float | None) -> str | None:
+    """``2026-01-02T03:04:05.678901+00:00``: what JSON readers and ``datetime`` parse."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat()
