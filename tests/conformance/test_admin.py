@@ -296,3 +296,12 @@ def test_workers_report_how_many_jobs_they_ran_and_how_many_raised(app: App) -> 
         assert wait_until(lambda: counters() == (4, 2) and counters()) == (4, 2)
         listed = opened(app).list_workers
         assert [(w.processed, w.failed) for w in app.run_sync(listed())] == [(4, 2)]
+
+
+def test_a_large_batch_pages_through_whole(app: App) -> None:
+    batch = [_new(f"b{n:04d}") for n in range(1200)]
+    _store(app, *batch)
+    pages = _all_pages(app, JobQuery(), limit=500)
+    assert [len(p) for p in pages] == [500, 500, 200]
+    assert [i for p in pages for i in p] == [j.id for j in reversed(batch)]
+    assert _page(app, JobQuery(states=frozenset({"queued"})), count=True).total == 1200

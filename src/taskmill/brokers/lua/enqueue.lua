@@ -28,8 +28,14 @@ for i = 0, n - 1 do
 end
 local out, due, seen_queues = {}, {}, {}
 -- `jobs` lists every job in the order stored (score: a counter), for listings newest first;
--- one INCRBY reserves the batch's numbers (those of jobs stored already are skipped)
+-- one INCRBY reserves the batch's numbers (those of jobs stored already are skipped), and
+-- one ZADD per 500 jobs indexes them
 local seq = redis.call('INCRBY', P .. 'seq', n) - n
+local indexed = {}
+local function index_jobs()
+  if #indexed > 0 then redis.call('ZADD', P .. 'jobs', unpack(indexed)) end
+  indexed = {}
+end
 -- hand-overs per queue: only while nothing is ready or overdue there (the new job is first in
 -- line) and the queue is not paused; false once that stops being true for this call
 local can_hand = {}
@@ -85,7 +91,9 @@ for i = 0, n - 1 do
       'max_attempts', ARGV[b + 8], 'run_at', run_at, 'enqueued_at', now)
     if ARGV[b + 9] ~= '' then redis.call('HSET', job_key(id), 'timeout_s', ARGV[b + 9]) end
     if ARGV[b + 11] ~= '' then redis.call('HSET', job_key(id), 'meta', ARGV[b + 11]) end
-    redis.call('ZADD', P .. 'jobs', seq + i + 1, id)
+    indexed[#indexed + 1] = seq + i + 1
+    indexed[#indexed + 1] = id
+    if #indexed >= 1000 then index_jobs() end
     if key ~= '' then
       redis.call('HSET', job_key(id), 'key', key)
       redis.call('SET', P .. 'key:' .. key, id)
@@ -104,6 +112,7 @@ for i = 0, n - 1 do
     end
   end
 end
+index_jobs()
 if idle then
   for queue in pairs(due) do wake(queue) end
 end
