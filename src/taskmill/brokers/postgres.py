@@ -1191,12 +1191,13 @@ class PostgresBroker(Broker):
         q = self._q
 
         async def op(conn: AsyncConn) -> tuple[list[TupleRow], int | None]:
-            # one snapshot for the page and its count
-            async with conn.transaction():
-                rows = await (await conn.execute(listing, page)).fetchall()
+            # one round trip, one snapshot: the count is of the data the page was read from
+            async with _pipelined_transaction(conn):
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                listed = await conn.execute(listing, page)
                 counted = await conn.execute(q["count_jobs"], filters) if count else None
-                total = (await counted.fetchone() if counted else None) or (None,)
-            return rows, None if total[0] is None else int(total[0])
+            total = await counted.fetchone() if counted is not None else None
+            return await listed.fetchall(), None if total is None else int(total[0])
 
         rows, total = await self._run(op)
         next_cursor = None
