@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 from urllib.parse import parse_qsl, urlsplit
 
+from taskmill.admin import AdminAPI
 from taskmill.brokers import Broker, EnqueueResult, broker_from_url
 from taskmill.errors import ConfigurationError, UnknownTaskError
 from taskmill.events import Event, enqueued, publish, subscribe
@@ -27,6 +28,7 @@ from taskmill.flow import (
 from taskmill.handle import JobHandle
 from taskmill.hooks import Hook, HookName, Hooks, arun_hooks, run_hooks_blocking
 from taskmill.job import Job, NewJob
+from taskmill.meta import check_meta
 from taskmill.portal import Portal
 from taskmill.retry import Backoff, RetryPolicy, as_backoff, exception_types
 from taskmill.schedules import Misfire, Overlap, Schedule
@@ -62,9 +64,11 @@ class TaskDecorator(Protocol):
     def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
 
-class App:
+class App(AdminAPI):
     """Tasks, a broker and settings. Declaring tasks does no I/O; the broker is connected on
-    first use, and closed by ``close()`` (or the ``with`` block).
+    first use, and closed by ``close()`` (or the ``with`` block). The admin API (``stats``,
+    ``list_jobs``, ``retry_jobs``, ``cancel_job``, ``purge``, ``pause``, ``workers``,
+    ``registered_tasks``, …) is in ``taskmill.admin``.
 
     >>> app = App("memory://")
     >>> @app.task(queue="mail", retries=5, backoff=Backoff(base=2, cap=300))
@@ -225,6 +229,7 @@ class App:
         misfire: Misfire = "skip",
         max_misfires: int = 100,
         overlap: Overlap = "allow",
+        meta: Mapping[str, Any] | None = None,
     ) -> Callable[[Task[P, R] | Callable[P, R]], Task[P, R]]:
         """Run a task on a schedule: a ``cron`` expression evaluated in ``tz``, or ``every``
         fixed interval (a ``timedelta`` or seconds), with fixed ``args``/``kwargs``. Put it
@@ -234,7 +239,8 @@ class App:
         scheduler`` runs one alone); each tick is enqueued once however many run. ``misfire``:
         ticks missed while no scheduler ran are skipped (``"skip"``), the latest is run
         (``"once"``), or up to ``max_misfires`` of them are (``"all"``). ``overlap="skip"``
-        skips a tick while the previous run is still pending. See docs/schedules.md.
+        skips a tick while the previous run is still pending. ``meta`` is stored on each
+        tick's job (``Job.meta``). See docs/schedules.md.
 
         >>> from datetime import timedelta
         >>> app = App("memory://")
@@ -263,6 +269,7 @@ class App:
                 misfire=misfire,
                 max_misfires=max_misfires,
                 overlap=overlap,
+                meta=check_meta(meta or {}),
             )
             if schedule.name in self.schedules:
                 raise ConfigurationError(

@@ -94,6 +94,13 @@ class JobHandle(Generic[R]):
             raise JobNotFoundError(f"job {self.id} does not exist (or was pruned)")
         return state
 
+    async def arun_now(self) -> JobState:
+        """Make a scheduled job due now (see ``run_now``)."""
+        state = await (await self._app.abroker()).run_now(self.id)
+        if state is None:
+            raise JobNotFoundError(f"job {self.id} does not exist (or was pruned)")
+        return state
+
     async def aresult(self, timeout: float | None = None) -> R:
         """Wait until the job finishes; its result, or ``JobFailedError`` /
         ``JobCancelledError``; ``TimeoutError`` if it has not finished after ``timeout`` s.
@@ -167,6 +174,28 @@ class JobHandle(Generic[R]):
     def cancel(self) -> JobState:
         """Cancel: a waiting job never runs; a running one is asked to stop. The state after."""
         return self._app.run_sync(self.acancel())
+
+    def run_now(self) -> JobState:
+        """Run a scheduled job now: a delayed send, or a job waiting for its next retry,
+        becomes queued and due at once (its attempt count unchanged), and an idle worker
+        is woken. Returns the state the job was in *before*: ``SCHEDULED`` (it is queued
+        now), ``QUEUED`` (it was due already: nothing to do), or ``RUNNING`` or a finished
+        state (nothing changed: it cannot run now; ``app.retry_jobs`` requeues a failed
+        one). ``JobNotFoundError`` if there is no such job.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def report() -> str:
+        ...     return "done"
+        >>> handle = report.options(delay=3600).send()
+        >>> handle.run_now()
+        <JobState.SCHEDULED: 'scheduled'>
+        >>> handle.status(), handle.run_now()
+        (<JobState.QUEUED: 'queued'>, <JobState.QUEUED: 'queued'>)
+        >>> app.close()
+        """
+        return self._app.run_sync(self.arun_now())
 
     def result(self, timeout: float | None = None) -> R:
         """Block until the job finishes (see ``aresult``)."""

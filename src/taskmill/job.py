@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -20,6 +21,23 @@ class JobState(enum.StrEnum):
     def finished(self) -> bool:
         return self in FINISHED_STATES
 
+    @classmethod
+    def parse(cls, value: JobState | str) -> JobState:
+        """A state from itself or its name; ``ValueError`` naming the valid states otherwise.
+
+        >>> JobState.parse("failed") is JobState.FAILED
+        True
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(s.value for s in cls)
+            raise ValueError(f"unknown job state {value!r} (valid: {valid})") from None
+
+
+MetaValue = str | int | float | bool | None
+Meta = dict[str, MetaValue]
+"""A job's metadata: a small JSON object of str keys and scalar values (``taskmill.meta``)."""
 
 PENDING_STATES = frozenset({JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING})
 FINISHED_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
@@ -51,6 +69,7 @@ class NewJob(msgspec.Struct):
     max_attempts: int = 1
     timeout_s: float | None = None
     key: str | None = None
+    meta: Meta = msgspec.field(default_factory=dict)
 
 
 class Job(msgspec.Struct):
@@ -79,6 +98,8 @@ class Job(msgspec.Struct):
     error: ErrorInfo | None = None
     progress: float | None = None
     progress_message: str | None = None
+    meta: Meta = msgspec.field(default_factory=dict)
+    """Set at send (``options(meta=...)``), never changed: who or what the job is for."""
 
 
 class Claim(msgspec.Struct, frozen=True):
@@ -146,10 +167,15 @@ class WorkerInfo(msgspec.Struct):
     started_at: float
     heartbeat_at: float
     running: list[str] = msgspec.field(default_factory=list)
+    processed: int = 0
+    """Jobs this worker ran to an outcome (succeeded, failed, retried or cancelled) so far."""
+    failed: int = 0
+    """Of those, the runs that raised (failed for good, or to be retried)."""
 
 
 def describe(job: Job) -> dict[str, Any]:
-    """A plain dict of the job for display (payload and result decoded where possible)."""
+    """A plain dict of the job for display and JSON (payload and result decoded where
+    possible, times as ISO 8601 in UTC)."""
     from taskmill.serialization import try_decode
 
     return {
@@ -165,11 +191,19 @@ def describe(job: Job) -> dict[str, Any]:
         "error": None if job.error is None else msgspec.structs.asdict(job.error),
         "progress": job.progress,
         "progress_message": job.progress_message,
-        "run_at": job.run_at,
-        "enqueued_at": job.enqueued_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
+        "run_at": _iso(job.run_at),
+        "enqueued_at": _iso(job.enqueued_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
         "key": job.key,
         "worker_id": job.worker_id,
         "lost_leases": job.lost_leases,
+        "meta": job.meta,
     }
+
+
+def _iso(ts: float | None) -> str | None:
+    """``2026-01-02T03:04:05.678901+00:00``: what JSON readers and ``datetime`` parse."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat()

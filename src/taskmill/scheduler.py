@@ -74,6 +74,7 @@ class Scheduler:
             job_id=tick_job_id(schedule, tick),
             key=overlap_key(schedule) if schedule.overlap == "skip" else None,
             on_conflict="return",
+            meta=dict(schedule.meta),
         )
         return task.build(opts, tuple(schedule.args), dict(schedule.kwargs))
 

@@ -66,6 +66,8 @@ class Schedule:
     max_misfires: int = 100
     overlap: Overlap = "allow"
     grace: timedelta = timedelta(seconds=30)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    """Stored on every tick's job (``Job.meta``)."""
     zone: ZoneInfo = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

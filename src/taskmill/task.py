@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
@@ -15,7 +15,8 @@ from taskmill.conversion import TaskTypes
 from taskmill.errors import ConfigurationError
 from taskmill.handle import JobHandle
 from taskmill.hooks import Hooks
-from taskmill.job import NewJob
+from taskmill.job import Meta, NewJob
+from taskmill.meta import check_meta
 from taskmill.retry import RetryPolicy
 from taskmill.serialization import encode_payload
 
@@ -115,6 +116,7 @@ class SendOptions:
     soft_timeout_s: float | None = None
     connection: Any = None
     job_id: str | None = None
+    meta: Meta = field(default_factory=dict)
 
 
 class Task(Generic[P, R]):
@@ -192,6 +194,7 @@ class Task(Generic[P, R]):
         soft_timeout: Seconds | None = None,
         connection: Any = None,
         job_id: str | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> BoundTask[P, R]:
         """The same task with some send options changed.
 
@@ -205,6 +208,10 @@ class Task(Generic[P, R]):
 
         ``connection`` enqueues inside the caller's open transaction (brokers that support it):
         the job exists if and only if that transaction commits.
+
+        ``meta`` is stored with the job (``Job.meta``), shown by the CLI, filterable
+        (``app.list_jobs(meta=...)``) and seen by hooks: a small JSON object of str keys and
+        scalar values, such as ``{"user_id": 42}`` (see ``taskmill.meta``).
 
         ``job_id`` names the job instead of a fresh id: a send whose id is stored already (in
         any state, until it is pruned) stores nothing and returns that job's handle with
@@ -255,6 +262,8 @@ class Task(Generic[P, R]):
                     f"job_id must be a string of 1 to 200 characters: {job_id!r}"
                 )
             changes["job_id"] = job_id
+        if meta is not None:
+            changes["meta"] = check_meta(meta)
         return BoundTask(self, replace(opts, **changes) if changes else opts)
 
     def send(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
@@ -345,6 +354,7 @@ class Task(Generic[P, R]):
             max_attempts=opts.max_attempts,
             timeout_s=opts.timeout_s,
             key=key,
+            meta=opts.meta,
         )
 
 

@@ -255,3 +255,27 @@ def test_running_worker_is_registered_then_removed(app: App) -> None:
         release.set()
         handle.result(timeout=10)
     assert worker.id not in {w.id for w in app.run_sync(broker.list_workers())}
+
+
+def test_list_jobs_takes_a_state_or_its_name_alike(app: App) -> None:
+    """Bug 7: every broker takes ``JobState.SUCCEEDED`` or ``"succeeded"``, and names the
+    valid states when given another."""
+
+    @app.task()
+    def work(n: int) -> int:
+        return n
+
+    broker = opened(app)
+    with running_worker(app):
+        done = work.send(1)
+        assert done.result(timeout=10) == 1
+    waiting = work.options(queue="unserved").send(2)
+
+    for name, member in [("succeeded", JobState.SUCCEEDED), ("queued", JobState.QUEUED)]:
+        by_name = app.run_sync(broker.list_jobs(state=name))
+        by_member = app.run_sync(broker.list_jobs(state=member))
+        assert [j.id for j in by_name] == [j.id for j in by_member]
+    assert [j.id for j in app.run_sync(broker.list_jobs(state=JobState.SUCCEEDED))] == [done.id]
+    assert [j.id for j in app.run_sync(broker.list_jobs(state=JobState.QUEUED))] == [waiting.id]
+    with pytest.raises(ValueError, match=r"'done'.*scheduled, queued, running, succeeded"):
+        app.run_sync(broker.list_jobs(state="done"))

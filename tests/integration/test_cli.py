@@ -65,6 +65,11 @@ class Cli:
     def json(self, *args: str) -> Any:
         return json.loads(self.ok(*args, "--json"))
 
+    def jobs(self, *args: str) -> list[dict[str, Any]]:
+        """The jobs of ``jobs list --json`` (one page)."""
+        listed: list[dict[str, Any]] = self.json("jobs", "list", *args)["jobs"]
+        return listed
+
     def job(self, job_id: str) -> dict[str, Any]:
         info: dict[str, Any] = self.json("jobs", "show", job_id)
         return info
@@ -271,7 +276,7 @@ def test_wrong_arguments_name_the_task_and_store_nothing(
     assert r.returncode == 1
     line = one_error_line(r)
     assert line.startswith("error: task 'add': ") and message in line
-    assert cli.json("jobs", "list") == []
+    assert cli.jobs() == []
 
 
 def test_url_only_commands_and_app_required_for_worker(cli: Cli) -> None:
@@ -297,12 +302,12 @@ def test_url_only_commands_and_app_required_for_worker(cli: Cli) -> None:
 def test_jobs_list_filters_and_show(cli: Cli) -> None:
     a = cli.send("add", "[1, 2]")
     s = cli.send("steps", "[3]")
-    listed = cli.json("jobs", "list")
+    listed = cli.jobs()
     assert [j["id"] for j in listed] == [s, a]  # newest first
-    assert [j["id"] for j in cli.json("jobs", "list", "--queue", "urgent")] == [s]
-    assert [j["id"] for j in cli.json("jobs", "list", "--task", "add")] == [a]
-    assert cli.json("jobs", "list", "--state", "failed") == []
-    assert len(cli.json("jobs", "list", "--limit", "1")) == 1
+    assert [j["id"] for j in cli.jobs("--queue", "urgent")] == [s]
+    assert [j["id"] for j in cli.jobs("--task", "add")] == [a]
+    assert cli.jobs("--state", "failed") == []
+    assert len(cli.jobs("--limit", "1")) == 1
 
     table = cli.ok("jobs", "list")
     assert a in table and s in table and "queued" in table
@@ -456,12 +461,12 @@ def test_purge_asks_first(cli: Cli) -> None:
         cli.send("add", f"[{i}, 0]")
     r = cli.run("purge", "default", input="n\n")
     assert r.returncode == 1 and "Delete 3 waiting job(s)" in r.stderr
-    assert len(cli.json("jobs", "list")) == 3
+    assert len(cli.jobs()) == 3
     r = cli.run("purge", "default", input="y\n")
     assert r.returncode == 0 and "purged 3 job(s)" in r.stdout
     cli.send("add", "[1, 0]")
     assert "purged 1 job(s)" in cli.ok("purge", "default", "--yes")
-    assert cli.json("jobs", "list") == []
+    assert cli.jobs() == []
 
 
 # --- supervisor -------------------------------------------------------------------------------

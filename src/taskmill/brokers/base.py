@@ -8,24 +8,35 @@ live one per module beside this file and must pass ``tests/conformance`` unchang
 from __future__ import annotations
 
 import abc
+import base64
+import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
+import msgspec
+
 from taskmill.job import (
+    FINISHED_STATES,
     Claim,
     Finish,
     Job,
     JobState,
+    MetaValue,
     NewJob,
     Progress,
     QueueStats,
     WorkerInfo,
 )
+from taskmill.meta import check_meta, meta_matches
 from taskmill.settings import Settings
 from taskmill.urls import redact_url
 
 OnConflict = Literal["return", "raise"]
+ListOrder = Literal["enqueued", "finished"]
+"""``enqueued``: the order jobs were stored, newest first; ``finished``: finished jobs by finish
+time, latest first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +89,89 @@ class HeartbeatReply:
     """Jobs this worker no longer holds (the lease token is stale): stop reporting on them."""
     cancel_requested: set[str] = field(default_factory=set)
     """Jobs someone asked to cancel while they run."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobQuery:
+    """Which jobs ``Broker.find_jobs`` lists, and in what order.
+
+    Every filter given must match: ``states`` (empty: any state), ``queue`` (exact), ``task``
+    (a prefix of the task's name: ``"billing."`` lists every task of that module), ``meta``
+    (the job's metadata holds each pair; see ``taskmill.meta.meta_matches``). With
+    ``order="finished"`` only finished jobs are listed (``states`` defaults to the three
+    finished states, and a pending one is an error).
+
+    >>> JobQuery(states=frozenset({"failed"}), order="finished").states
+    frozenset({<JobState.FAILED: 'failed'>})
+    """
+
+    states: frozenset[JobState] = frozenset()
+    queue: str | None = None
+    task: str | None = None
+    meta: Mapping[str, MetaValue] = field(default_factory=lambda: MappingProxyType({}))
+    order: ListOrder = "enqueued"
+
+    def __post_init__(self) -> None:
+        states = frozenset(JobState.parse(s) for s in self.states)
+        if self.order not in ("enqueued", "finished"):
+            raise ValueError(f"order must be 'enqueued' or 'finished', not {self.order!r}")
+        if self.order == "finished":
+            pending = sorted(s.value for s in states - FINISHED_STATES)
+            if pending:
+                raise ValueError(
+                    f"order='finished' lists finished jobs only; {', '.join(pending)} jobs "
+                    "have no finish time"
+                )
+            states = states or FINISHED_STATES
+        object.__setattr__(self, "states", states)
+        meta = check_meta(self.meta, what="meta filter")
+        object.__setattr__(self, "meta", MappingProxyType(meta))
+
+    def matches(self, job: Job) -> bool:
+        """Whether a job passes every filter (for brokers that filter in Python)."""
+        return (
+            (not self.states or job.state in self.states)
+            and (self.queue is None or job.queue == self.queue)
+            and (self.task is None or job.task.startswith(self.task))
+            and (not self.meta or meta_matches(job.meta, self.meta))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    """One page of ``Broker.find_jobs``: the jobs, the cursor of the next page (None on the
+    last one) and, if it was asked for, how many jobs match the query in all."""
+
+    jobs: list[Job]
+    next_cursor: str | None = None
+    total: int | None = None
+
+
+def encode_cursor(order: ListOrder, *position: str | int | float) -> str:
+    """An opaque cursor (URL-safe text) holding the last row's position in ``order``."""
+    raw = msgspec.json.encode([order, *position])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, order: ListOrder, types: Sequence[type]) -> list[Any]:
+    """The position ``encode_cursor`` stored; ``ValueError`` for a cursor that this broker
+    did not make for this order (edited, or from a listing in the other order)."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = msgspec.json.decode(raw)
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        value = None
+    if (
+        not isinstance(value, list)
+        or len(value) != len(types) + 1
+        or value[0] != order
+        or not all(
+            isinstance(v, t) and not isinstance(v, bool)
+            for v, t in zip(value[1:], types, strict=True)
+        )
+    ):
+        raise ValueError(f"invalid cursor {cursor!r} for a listing in {order!r} order")
+    return value[1:]
 
 
 class Subscription(abc.ABC):
@@ -235,15 +329,27 @@ class Broker(abc.ABC):
     async def get(self, job_id: str) -> Job | None: ...
 
     @abc.abstractmethod
+    async def find_jobs(
+        self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
+    ) -> JobPage:
+        """Up to ``limit`` jobs matching ``query`` in its order, after ``cursor`` (a page's
+        ``next_cursor``; None: from the start). Keyset pagination: a page costs the same
+        however deep it is, and jobs stored meanwhile never shift a page. ``count``: also
+        count every job matching the query (``JobPage.total``), which may cost a scan."""
+
     async def list_jobs(
         self,
         *,
-        state: JobState | None = None,
+        state: JobState | str | None = None,
         queue: str | None = None,
         task: str | None = None,
         limit: int = 100,
     ) -> list[Job]:
-        """Newest first."""
+        """Newest first (one page of ``find_jobs``). ``state`` is a ``JobState`` or its name
+        (``"failed"``); ``task`` a prefix of the task's name."""
+        states = frozenset() if state is None else frozenset({JobState.parse(state)})
+        query = JobQuery(states=states, queue=queue, task=task)
+        return (await self.find_jobs(query, limit=limit)).jobs
 
     @abc.abstractmethod
     async def stats(self) -> list[QueueStats]: ...
@@ -260,6 +366,13 @@ class Broker(abc.ABC):
     async def cancel(self, job_id: str) -> JobState | None:
         """Scheduled or queued: ``cancelled`` at once. Running: a cancel is requested and the
         worker ends it. Returns the state after the call, or None if no such job."""
+
+    @abc.abstractmethod
+    async def run_now(self, job_id: str) -> JobState | None:
+        """A ``scheduled`` job (a delayed send, or one waiting for its retry) becomes
+        ``queued``, due now (``run_at`` = now), its attempt count unchanged, and idle workers
+        are woken as by an enqueue. Other jobs are left as they are. Returns the state
+        before the call, or None if there is no such job."""
 
     @abc.abstractmethod
     async def purge(self, queue: str) -> int:

@@ -25,9 +25,13 @@ from taskmill.brokers.base import (
     EnqueueResult,
     HandOver,
     HeartbeatReply,
+    JobPage,
+    JobQuery,
     OnConflict,
     Subscription,
     WorkflowRecord,
+    decode_cursor,
+    encode_cursor,
 )
 from taskmill.errors import DuplicateJobError
 from taskmill.job import (
@@ -175,6 +179,7 @@ class MemoryBroker(Broker):
                     enqueued_at=now,
                     timeout_s=j.timeout_s,
                     key=j.key,
+                    meta=dict(j.meta),
                 )
                 self._jobs[job.id] = job
                 self._seq[job.id] = next(self._counter)
@@ -352,23 +357,27 @@ class MemoryBroker(Broker):
             job = self._jobs.get(job_id)
             return None if job is None else self._copy(job)
 
-    async def list_jobs(
-        self,
-        *,
-        state: JobState | None = None,
-        queue: str | None = None,
-        task: str | None = None,
-        limit: int = 100,
-    ) -> list[Job]:
+    async def find_jobs(
+        self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
+    ) -> JobPage:
         with self._lock:
-            jobs = [
-                self._copy(j)
-                for j in reversed(self._jobs.values())
-                if (state is None or j.state == state)
-                and (queue is None or j.queue == queue)
-                and (task is None or j.task == task)
-            ]
-        return jobs[:limit]
+            found = [j for j in self._jobs.values() if query.matches(j)]
+            keyed: list[tuple[tuple[float, ...], Job]]
+            if query.order == "finished":
+                keyed = sorted(((j.finished_at or 0.0, self._seq[j.id]), j) for j in found)
+            else:
+                keyed = [((self._seq[j.id],), j) for j in found]
+            keyed.reverse()
+            if cursor is not None:
+                after = tuple(decode_cursor(cursor, query.order, _CURSOR_TYPES[query.order]))
+                keyed = [(k, j) for k, j in keyed if k < after]
+            page = [(k, self._copy(j)) for k, j in keyed[:limit]]
+        more = len(keyed) > limit
+        return JobPage(
+            jobs=[j for _, j in page],
+            next_cursor=encode_cursor(query.order, *page[-1][0]) if more else None,
+            total=len(found) if count else None,
+        )
 
     async def stats(self) -> list[QueueStats]:
         now = time.time()
@@ -424,6 +433,18 @@ class MemoryBroker(Broker):
             elif job.state is JobState.RUNNING:
                 job.cancel_requested = True
             return job.state
+
+    async def run_now(self, job_id: str) -> JobState | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            before = job.state
+            if before is JobState.SCHEDULED:
+                job.run_at = time.time()
+                self._make_waiting(job, job.run_at)  # its stale heap entry is skipped later
+                self._notify()
+            return before
 
     async def purge(self, queue: str) -> int:
         with self._lock:
@@ -541,6 +562,9 @@ class _MemorySubscription(Subscription):
     async def close(self) -> None:
         with self._broker._lock:
             self._broker._subscribers.discard(self)
+
+
+_CURSOR_TYPES: dict[str, tuple[type, ...]] = {"enqueued": (int,), "finished": (float, int)}
 
 
 class _Gone:

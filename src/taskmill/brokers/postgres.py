@@ -54,9 +54,13 @@ from taskmill.brokers.base import (
     EnqueueResult,
     HandOver,
     HeartbeatReply,
+    JobPage,
+    JobQuery,
     OnConflict,
     Subscription,
     WorkflowRecord,
+    decode_cursor,
+    encode_cursor,
 )
 from taskmill.errors import (
     BrokerError,
@@ -80,6 +84,7 @@ from taskmill.job import (
     Succeeded,
     WorkerInfo,
 )
+from taskmill.meta import decode_meta
 from taskmill.portal import Portal
 from taskmill.urls import redact_url, scrub
 
@@ -122,7 +127,8 @@ _error_decoder = msgspec.json.Decoder(ErrorInfo)
 _encoder = msgspec.json.Encoder()
 _QUERIES = load_queries("postgres.sql")
 _READ_QUERIES = (
-    "now", "get", "list_jobs", "stats", "workers", "next_due", "schedule_marks",
+    "now", "get", "find_jobs_enqueued", "find_jobs_finished", "count_jobs", "stats", "workers",
+    "next_due", "schedule_marks",
     "get_workflow", "running_workflows", "queue_depth",
 )  # fmt: skip
 """Queries that change nothing: a timeout in one needs no word on writes under way."""
@@ -216,6 +222,9 @@ def queries(schema: str) -> dict[str, str]:
     enqueue = texts.pop("enqueue")
     texts["enqueue_many"] = enqueue.replace("{rows}", texts.pop("enqueue_rows"))
     texts["enqueue_one"] = enqueue.replace("{rows}", texts.pop("enqueue_row"))
+    listing = texts.pop("find_jobs_filter")
+    for name in ("find_jobs_enqueued", "find_jobs_finished", "count_jobs"):
+        texts[name] = texts[name].replace("{filter}", f"({listing})")
     columns = texts["columns"]
     return {
         name: text.replace("{columns}", columns).replace("{schema}", schema)
@@ -326,6 +335,7 @@ def _row_to_job(r: Sequence[Any]) -> Job:
         error=error,
         progress=r[21],
         progress_message=r[22],
+        meta=decode_meta(r[23]),
     )
 
 
@@ -346,6 +356,7 @@ def _enqueue_params(jobs: Sequence[NewJob], channel: str) -> dict[str, Any]:
             "max_attempts": j.max_attempts,
             "timeout": j.timeout_s,
             "key": j.key,
+            "meta": _meta_text(j.meta),
             "channel": channel,
         }
     # arrays go in binary (no text escaping, bytea not hex-encoded), which types each array by
@@ -361,8 +372,13 @@ def _enqueue_params(jobs: Sequence[NewJob], channel: str) -> dict[str, Any]:
         "max_attempts": [int(j.max_attempts) for j in jobs],
         "timeouts": [None if j.timeout_s is None else float(j.timeout_s) for j in jobs],
         "keys": [j.key for j in jobs],
+        "metas": [_meta_text(j.meta) for j in jobs],
         "channel": channel,
     }
+
+
+def _meta_text(meta: Mapping[str, Any]) -> str | None:
+    return _encoder.encode(meta).decode() if meta else None
 
 
 _KINDS: dict[type[Any], str] = {
@@ -1077,6 +1093,8 @@ class PostgresBroker(Broker):
             "concurrency": worker.concurrency,
             "started_at": worker.started_at,
             "running": list(worker.running),
+            "processed": worker.processed,
+            "failed": worker.failed,
         }
 
         async def op(conn: AsyncConn) -> list[TupleRow]:
@@ -1182,21 +1200,42 @@ class PostgresBroker(Broker):
         return _row_to_job(rows[0][1:]) if rows else None
 
     @on_io_loop
-    async def list_jobs(
-        self,
-        *,
-        state: JobState | None = None,
-        queue: str | None = None,
-        task: str | None = None,
-        limit: int = 100,
-    ) -> list[Job]:
-        params = {
-            "state": None if state is None else str(state),
-            "queue": queue,
-            "task": task,
-            "limit": limit,
+    async def find_jobs(
+        self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
+    ) -> JobPage:
+        filters = {
+            "states": sorted(s.value for s in query.states),
+            "queue": query.queue,
+            "task": query.task,
+            "meta": _encoder.encode(dict(query.meta)).decode() if query.meta else None,
         }
-        return [_row_to_job(r[1:]) for r in await self._fetch(self._q["list_jobs"], params)]
+        page = {**filters, "limit": limit + 1, "after": None, "after_at": None}
+        if query.order == "finished":
+            if cursor is not None:
+                page["after_at"], page["after"] = decode_cursor(cursor, "finished", (str, int))
+            listing = self._q["find_jobs_finished"]
+        else:
+            if cursor is not None:
+                (page["after"],) = decode_cursor(cursor, "enqueued", (int,))
+            listing = self._q["find_jobs_enqueued"]
+        q = self._q
+
+        async def op(conn: AsyncConn) -> tuple[list[TupleRow], int | None]:
+            # one round trip, one snapshot: the count is of the data the page was read from
+            async with _pipelined_transaction(conn):
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                listed = await conn.execute(listing, page)
+                counted = await conn.execute(q["count_jobs"], filters) if count else None
+            total = await counted.fetchone() if counted is not None else None
+            return await listed.fetchall(), None if total is None else int(total[0])
+
+        rows, total = await self._run(op)
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            position = (last[-1], last[0]) if query.order == "finished" else (last[0],)
+            next_cursor = encode_cursor(query.order, *position)
+        return JobPage([_row_to_job(r[1:25]) for r in rows[:limit]], next_cursor, total)
 
     @on_io_loop
     async def stats(self) -> list[QueueStats]:
@@ -1229,6 +1268,8 @@ class PostgresBroker(Broker):
                 started_at=r[5],
                 heartbeat_at=r[6],
                 running=list(r[7]),
+                processed=r[8],
+                failed=r[9],
             )
             for r in await self._fetch(self._q["workers"])
         ]
@@ -1255,6 +1296,11 @@ class PostgresBroker(Broker):
     @on_io_loop
     async def cancel(self, job_id: str) -> JobState | None:
         rows = await self._fetch(self._q["cancel"], {"id": job_id})
+        return JobState(rows[0][0]) if rows else None
+
+    @on_io_loop
+    async def run_now(self, job_id: str) -> JobState | None:
+        rows = await self._fetch(self._q["run_now"], {"id": job_id, "channel": self.channel})
         return JobState(rows[0][0]) if rows else None
 
     @on_io_loop

@@ -10,7 +10,9 @@ Layout under the key prefix (default ``taskmill:``):
 - ``q:{queue}:scheduled``: delayed jobs by run_at, moved to ready by the claim script;
 - ``q:{queue}:running`` and ``running`` (by lease expiry, for recovery);
 - ``q:{queue}:{succeeded|failed|cancelled}``: finished jobs by finish time (pruned by workers);
-- ``key:{key}``: the pending job holding a unique key; ``paused``, ``queues``, ``seq``;
+- ``jobs``: every job by the order it was stored (score: a counter, ``seq``), for listings;
+  ``layout``: 2 once jobs stored before that index existed were added to it;
+- ``key:{key}``: the pending job holding a unique key; ``paused``, ``queues``;
 - ``q:{queue}:wake``: a short list of wake tokens; an idle worker ``BLPOP``s the lists of its
   queues, so one token wakes one worker, and a token pushed between a worker's empty claim and
   its wait is still there when it waits; ``idle`` marks that some worker recently found no work
@@ -35,7 +37,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -62,9 +64,13 @@ from taskmill.brokers.base import (
     EnqueueResult,
     HandOver,
     HeartbeatReply,
+    JobPage,
+    JobQuery,
     OnConflict,
     Subscription,
     WorkflowRecord,
+    decode_cursor,
+    encode_cursor,
 )
 from taskmill.errors import (
     BrokerError,
@@ -88,6 +94,7 @@ from taskmill.job import (
     Succeeded,
     WorkerInfo,
 )
+from taskmill.meta import decode_meta, encode_meta, meta_matches
 from taskmill.portal import Portal
 from taskmill.settings import Settings
 from taskmill.urls import redact_url, scrub, url_secrets
@@ -105,6 +112,11 @@ _MAX_BLOCK_S = 60.0  # a wait longer than this returns early (spurious returns a
 _error_decoder = msgspec.json.Decoder(ErrorInfo)
 _encoder = msgspec.json.Encoder()
 _FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+_LAYOUT = 2
+"""Version of the key layout: 2 added the ``jobs`` index."""
+_NARROW_MAX = 10_000
+"""A listing filtered by state or queue whose indexes hold at most this many jobs reads them
+all and sorts them; a wider one walks the ``jobs`` index and reads each job's filter fields."""
 
 
 def _load_scripts() -> dict[str, str]:
@@ -114,7 +126,7 @@ def _load_scripts() -> dict[str, str]:
     scripts = {}
     for name in ("enqueue", "claim", "finish", "heartbeat", "progress", "recover", "cancel",
                  "retry", "purge", "prune", "idle", "unregister", "save_workflow",
-                 "end_workflow", "rate_slot", "slot"):  # fmt: skip
+                 "end_workflow", "rate_slot", "slot", "run_now"):  # fmt: skip
         body = lua.joinpath(f"{name}.lua").read_text("utf-8")
         prelude = common + (finishes if name in ("claim", "finish") else "")
         scripts[name] = prelude + "\n" + body
@@ -187,6 +199,7 @@ def _job(fields: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         error=info,
         progress=_num(d.get(b"progress")),
         progress_message=_text(d.get(b"progress_message")),
+        meta=decode_meta(d.get(b"meta")),
     )
 
 
@@ -231,6 +244,7 @@ def _enqueue_args(jobs: Sequence[NewJob], on_conflict: OnConflict) -> list[Any]:
             j.id, j.task, j.queue, j.payload, j.priority,
             "" if j.run_at is None else repr(j.run_at), repr(j.delay_s), j.max_attempts,
             "" if j.timeout_s is None else repr(j.timeout_s), j.key or "",
+            encode_meta(j.meta) or "",
         )  # fmt: skip
     return args
 
@@ -455,6 +469,7 @@ class RedisBroker(Broker):
         if not self._checked:
             self._checked = True
             await self._check_server()
+            await self._index_older_jobs()
 
     async def _check_server(self) -> None:
         client = self._client()
@@ -468,6 +483,28 @@ class RedisBroker(Broker):
                 "pending jobs. Use noeviction (or a volatile-* policy) for a job queue.",
                 policy,
             )
+
+    async def _index_older_jobs(self) -> None:
+        """Jobs stored by a taskmill from before the ``jobs`` index (layout 2) get into it,
+        below every newer job, by id (time-ordered); once per server and prefix."""
+        client = self._client()
+        if int(await client.get(self._key("layout")) or 0) >= _LAYOUT:
+            return
+        ids: set[bytes] = set()
+        for queue in await self._queues():
+            for state in JobState:
+                key = self._index(queue, state)
+                if state is JobState.RUNNING:
+                    ids.update(await client.smembers(key))
+                else:
+                    ids.update(await client.zrange(key, 0, -1))
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), 1000):
+            scores = {
+                m: i - len(ordered) for i, m in enumerate(ordered[start : start + 1000], start)
+            }
+            await client.zadd(self._key("jobs"), scores, nx=True)
+        await client.set(self._key("layout"), _LAYOUT)
 
     async def close(self) -> None:
         await self.detach()
@@ -693,46 +730,176 @@ class RedisBroker(Broker):
         )
         return sorted(n.decode() for n in names)
 
-    @on_io_loop
-    async def list_jobs(
-        self,
-        *,
-        state: JobState | None = None,
-        queue: str | None = None,
-        task: str | None = None,
-        limit: int = 100,
-    ) -> list[Job]:
-        queues = [queue] if queue is not None else await self._queues()
-        states = [state] if state is not None else list(JobState)
-        client = self._client()
-        ids: list[bytes] = []
-        for q in queues:
-            for s in states:
-                ids += await self._ids_in(client, q, s, limit if task is None else 10_000)
-        jobs = []
-        for start in range(0, len(ids), 500):
-            async with client.pipeline(transaction=False) as pipe:
-                for job_id in ids[start : start + 500]:
-                    pipe.hgetall(self._key("job", job_id.decode()))
-                for flat in await pipe.execute():
-                    if flat:
-                        job = _job(flat)
-                        if (task is None or job.task == task) and (
-                            state is None or job.state == state
-                        ):
-                            jobs.append(job)
-        jobs.sort(key=lambda j: j.id, reverse=True)  # ids are time-ordered: newest first
-        return jobs[:limit]
+    def _index(self, queue: str, state: JobState) -> str:
+        """The key of the index holding a queue's jobs in a state (``running`` is a set)."""
+        what = {JobState.QUEUED: "ready", JobState.SCHEDULED: "scheduled"}.get(state, state.value)
+        return self._key("q", queue, what)
 
-    async def _ids_in(self, client: Any, queue: str, state: JobState, limit: int) -> list[bytes]:
-        if state is JobState.QUEUED:
-            members = await client.zrange(self._key("q", queue, "ready"), 0, -1)
-            return list(members)[-limit:]
-        if state is JobState.SCHEDULED:
-            return list(await client.zrange(self._key("q", queue, "scheduled"), 0, limit - 1))
-        if state is JobState.RUNNING:
-            return list(await client.smembers(self._key("q", queue, "running")))[:limit]
-        return list(await client.zrevrange(self._key("q", queue, state.value), 0, limit - 1))
+    @on_io_loop
+    async def find_jobs(
+        self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
+    ) -> JobPage:
+        client = self._client()
+        queues = [query.queue] if query.queue is not None else await self._queues()
+        indexes = [(q, s) for q in queues for s in sorted(query.states or JobState)]
+        sizes: list[int] = []
+        if indexes:
+            async with client.pipeline(transaction=False) as pipe:
+                for q, s in indexes:
+                    key = self._index(q, s)
+                    pipe.scard(key) if s is JobState.RUNNING else pipe.zcard(key)
+                sizes = [int(n) for n in await pipe.execute()]
+        if query.order == "finished":
+            after = None if cursor is None else decode_cursor(cursor, "finished", (float, str))
+            streams = [self._index(q, s) for q, s in indexes]
+            source = self._merged(client, streams, after)
+        else:
+            after_seq = None if cursor is None else decode_cursor(cursor, "enqueued", (int,))[0]
+            narrow = bool(query.states) or query.queue is not None
+            if narrow and sum(sizes) <= _NARROW_MAX:
+                source = self._sorted_by_seq(client, indexes, after_seq)
+            else:
+                after = None if after_seq is None else [float(after_seq), ""]
+                source = self._merged(client, [self._key("jobs")], after)
+        matched = await self._first_matches(client, query, source, limit + 1)
+        jobs = await self._jobs_of([job_id for _, job_id in matched[:limit]])
+        next_cursor = None
+        if len(matched) > limit:
+            score, job_id = matched[limit - 1]
+            position = (score, job_id) if query.order == "finished" else (int(score),)
+            next_cursor = encode_cursor(query.order, *position)
+        total = None
+        if count:
+            filtered = query.task is not None or bool(query.meta)
+            total = await self._count(client, query, indexes) if filtered else sum(sizes)
+        return JobPage(jobs, next_cursor, total)
+
+    async def _merged(
+        self, client: Any, streams: list[str], after: list[Any] | None
+    ) -> AsyncGenerator[list[tuple[float, str]], None]:
+        """(score, id) of sorted sets merged, highest score first (then highest id), after
+        the position ``after`` [score, id], in growing chunks."""
+        chunk = 100
+        while streams:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in streams:
+                    if after is None:
+                        pipe.zrange(key, "+inf", "-inf", desc=True, byscore=True,
+                                    offset=0, num=chunk, withscores=True)  # fmt: skip
+                    else:  # ties with the cursor's score come first, if their id is lower
+                        score = repr(after[0])
+                        pipe.zrange(key, score, score, byscore=True)
+                        pipe.zrange(key, f"({score}", "-inf", desc=True, byscore=True,
+                                    offset=0, num=chunk, withscores=True)  # fmt: skip
+                replies = await pipe.execute()
+            entries: list[tuple[float, str]] = []
+            exhausted: set[str] = set()
+            step = 1 if after is None else 2
+            for n, key in enumerate(streams):
+                reply = replies[n * step + step - 1]
+                if after is not None:
+                    ties = [m.decode() for m in replies[n * step]]
+                    entries += [(after[0], t) for t in ties if t < after[1]]
+                entries += [(float(sc), m.decode()) for m, sc in reply]
+                if len(reply) < chunk:
+                    exhausted.add(key)
+            entries.sort(reverse=True)
+            # each stream gave its next `chunk`, so the first `chunk` merged are the next ones
+            taken = entries[:chunk]
+            if not taken:
+                return
+            yield taken
+            after = [taken[-1][0], taken[-1][1]]
+            if len(entries) <= chunk:
+                streams = [k for k in streams if k not in exhausted]
+            chunk = min(chunk * 2, 2000)
+
+    async def _sorted_by_seq(
+        self, client: Any, indexes: list[tuple[str, JobState]], after: int | None
+    ) -> AsyncGenerator[list[tuple[float, str]], None]:
+        """The jobs of a few indexes (a narrow filter), newest first: read them all and
+        sort by their position in ``jobs``."""
+        async with client.pipeline(transaction=False) as pipe:
+            for q, s in indexes:
+                key = self._index(q, s)
+                pipe.smembers(key) if s is JobState.RUNNING else pipe.zrange(key, 0, -1)
+            ids = sorted({m.decode() for reply in await pipe.execute() for m in reply})
+        if not ids:
+            return
+        scores = await client.zmscore(self._key("jobs"), ids)
+        ordered = sorted(
+            ((float(sc), i) for sc, i in zip(scores, ids, strict=True) if sc is not None),
+            reverse=True,
+        )
+        if after is not None:
+            ordered = [e for e in ordered if e[0] < after]
+        for start in range(0, len(ordered), 500):
+            yield ordered[start : start + 500]
+
+    async def _first_matches(
+        self,
+        client: Any,
+        query: JobQuery,
+        source: AsyncGenerator[list[tuple[float, str]], None],
+        wanted: int,
+    ) -> list[tuple[float, str]]:
+        """The first ``wanted`` entries of ``source`` whose job passes the query's filters
+        (read from each job's hash; jobs gone meanwhile are skipped)."""
+        matched: list[tuple[float, str]] = []
+        async with contextlib.aclosing(source):
+            async for batch in source:
+                passed = await self._passes(client, query, batch)
+                for entry, ok in zip(batch, passed, strict=True):
+                    if ok:
+                        matched.append(entry)
+                        if len(matched) >= wanted:
+                            return matched
+        return matched
+
+    async def _passes(
+        self, client: Any, query: JobQuery, batch: Sequence[tuple[float, str]]
+    ) -> list[bool]:
+        async with client.pipeline(transaction=False) as pipe:
+            for _, job_id in batch:
+                pipe.hmget(self._key("job", job_id), "state", "queue", "task", "meta")
+            rows = await pipe.execute()
+        states = {s.value.encode() for s in query.states}
+        queue = None if query.queue is None else query.queue.encode()
+        task = None if query.task is None else query.task.encode()
+        return [
+            state is not None
+            and (not states or state in states)
+            and (queue is None or q == queue)
+            and (task is None or (t or b"").startswith(task))
+            and (not query.meta or meta_matches(decode_meta(meta), query.meta))
+            for state, q, t, meta in rows
+        ]
+
+    async def _jobs_of(self, ids: Sequence[str]) -> list[Job]:
+        if not ids:
+            return []
+        async with self._client().pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self._key("job", job_id))
+            return [_job(flat) for flat in await pipe.execute() if flat]
+
+    async def _count(
+        self, client: Any, query: JobQuery, indexes: list[tuple[str, JobState]]
+    ) -> int:
+        """How many jobs of the indexes pass a task or meta filter: reads every one."""
+
+        async def everything() -> AsyncGenerator[list[tuple[float, str]], None]:
+            for q, s in indexes:
+                key = self._index(q, s)
+                if s is JobState.RUNNING:
+                    members = await client.smembers(key)
+                else:
+                    members = await client.zrange(key, 0, -1)
+                ids = [(0.0, m.decode()) for m in members]
+                for start in range(0, len(ids), 1000):
+                    yield ids[start : start + 1000]
+
+        return len(await self._first_matches(client, query, everything(), 2**62))
 
     @on_io_loop
     async def stats(self) -> list[QueueStats]:
@@ -785,6 +952,11 @@ class RedisBroker(Broker):
     @on_io_loop
     async def cancel(self, job_id: str) -> JobState | None:
         state = await self._eval("cancel", job_id, repr(self.result_ttl_s))
+        return None if state is None else JobState(state.decode())
+
+    @on_io_loop
+    async def run_now(self, job_id: str) -> JobState | None:
+        state = await self._eval("run_now", job_id)
         return None if state is None else JobState(state.decode())
 
     @on_io_loop

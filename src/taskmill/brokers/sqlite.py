@@ -31,9 +31,13 @@ from taskmill.brokers.base import (
     EnqueueResult,
     HandOver,
     HeartbeatReply,
+    JobPage,
+    JobQuery,
     OnConflict,
     Subscription,
     WorkflowRecord,
+    decode_cursor,
+    encode_cursor,
 )
 from taskmill.brokers.wakeup import WakeListener, WakeSender, channel_dir
 from taskmill.errors import (
@@ -58,6 +62,7 @@ from taskmill.job import (
     Succeeded,
     WorkerInfo,
 )
+from taskmill.meta import decode_meta, encode_meta
 from taskmill.urls import redact_url
 
 log = logging.getLogger("taskmill.brokers.sqlite")
@@ -68,11 +73,13 @@ T = TypeVar("T")
 Q = load_queries("sqlite.sql")
 EVENTS_KEPT_S = 3600.0
 """Events are a polled table here: kept an hour, so a subscriber that polls late misses none."""
-SCHEMA_VERSION = 4  # 2: schedules, 3: workflows, limits, 4: events (all IF NOT EXISTS)
+SCHEMA_VERSION = 5
+"""2: schedules, 3: workflows and limits, 4: events (versions 1-4 are ``schema_v1``, all IF NOT
+EXISTS); 5: job metadata and workers' counters (``schema_v5``, columns added to version 4)."""
 COLUMNS = (
     "id, task, queue, state, payload, priority, attempt, max_attempts, run_at, enqueued_at, "
     "started_at, finished_at, timeout_s, key, lease_token, lease_expires_at, worker_id, "
-    "lost_leases, cancel_requested, result, error, progress, progress_message"
+    "lost_leases, cancel_requested, result, error, progress, progress_message, meta"
 )
 _error_decoder = msgspec.json.Decoder(ErrorInfo)
 _error_encoder = msgspec.json.Encoder()
@@ -156,7 +163,41 @@ def _row_to_job(r: Sequence[Any]) -> Job:
         error=error,
         progress=r[21],
         progress_message=r[22],
+        meta=decode_meta(r[23]),
     )
+
+
+def _all(conditions: list[str]) -> str:
+    return " AND ".join(conditions) or "1"
+
+
+def _filters(query: JobQuery) -> tuple[list[str], list[Any]]:
+    """A query's filters as SQL conditions and their parameters."""
+    where: list[str] = []
+    params: list[Any] = []
+    if query.order == "finished":  # the partial index's own condition, so it can be used
+        where.append("state IN ('succeeded', 'failed', 'cancelled')")
+    if query.states:
+        where.append(f"state IN ({','.join('?' * len(query.states))})")
+        params += sorted(s.value for s in query.states)
+    if query.queue is not None:
+        where.append("queue = ?")
+        params.append(query.queue)
+    if query.task is not None:
+        where.append("substr(task, 1, ?) = ?")
+        params += (len(query.task), query.task)
+    for key, value in query.meta.items():
+        path = f'$."{key}"'  # keys are checked: no quotes in them
+        if value is None or isinstance(value, bool):
+            where.append("json_type(meta, ?) = ?")
+            params += (path, "null" if value is None else str(value).lower())
+        elif isinstance(value, str):
+            where.append("json_type(meta, ?) = 'text' AND json_extract(meta, ?) = ?")
+            params += (path, path, value)
+        else:
+            where.append("json_type(meta, ?) IN ('integer', 'real') AND json_extract(meta, ?) = ?")
+            params += (path, path, value)
+    return where, params
 
 
 class SQLiteBroker(Broker):
@@ -299,24 +340,34 @@ class SQLiteBroker(Broker):
                     raise BrokerError(f"SQLite database {self.path} could not switch to WAL mode")
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
                 if version < SCHEMA_VERSION:
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        schema = "\n".join(
-                            line
-                            for line in Q["schema_v1"].splitlines()
-                            if not line.startswith("--")
-                        )
-                        for statement in schema.split(";"):
-                            if statement.strip():
-                                conn.execute(statement)
-                        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                        conn.execute("COMMIT")
-                    except BaseException:
-                        conn.execute("ROLLBACK")
-                        raise
+                    self._upgrade(conn)
             finally:
                 conn.close()
         self._inode = os.stat(self.path).st_ino
+
+    @staticmethod
+    def _upgrade(conn: sqlite3.Connection) -> None:
+        """Bring the schema to ``SCHEMA_VERSION``: what a fresh file gets is what an old one
+        gets, step by step. The version is read again under the write lock: another process
+        may have upgraded the file since."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            steps = [(4, "schema_v1"), (5, "schema_v5")]
+            for target, name in steps:
+                if version < target:
+                    script = "\n".join(
+                        line for line in Q[name].splitlines() if not line.startswith("--")
+                    )
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+            if version < SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -457,6 +508,7 @@ class SQLiteBroker(Broker):
                 run_at,
                 now,
                 j.timeout_s,
+                encode_meta(j.meta),
                 j.key,
             )
             if j.key is None:
@@ -666,6 +718,8 @@ class SQLiteBroker(Broker):
                     worker.started_at,
                     now,
                     _error_encoder.encode(worker.running),
+                    worker.processed,
+                    worker.failed,
                 ),
             )
         return reply
@@ -788,31 +842,46 @@ class SQLiteBroker(Broker):
             row = self._read().execute(Q["get"].format(columns=COLUMNS), (job_id,)).fetchone()
         return None if row is None else _row_to_job(row)
 
-    async def list_jobs(
-        self,
-        *,
-        state: JobState | None = None,
-        queue: str | None = None,
-        task: str | None = None,
-        limit: int = 100,
-    ) -> list[Job]:
-        return await self._run(self._list_jobs, state, queue, task, limit)
+    async def find_jobs(
+        self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
+    ) -> JobPage:
+        return await self._run(self._find_jobs, query, limit, cursor, count)
 
-    def _list_jobs(
-        self, state: JobState | None, queue: str | None, task: str | None, limit: int
-    ) -> list[Job]:
-        where, params = [], []
-        for column, value in (("state", state), ("queue", queue), ("task", task)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(str(value))
-        sql = f"SELECT {COLUMNS} FROM taskmill_jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
+    def _find_jobs(self, query: JobQuery, limit: int, cursor: str | None, count: bool) -> JobPage:
+        where, params = _filters(query)
+        page_where, page_params = list(where), list(params)
+        if query.order == "finished":
+            order = "finished_at DESC, seq DESC"
+            if cursor is not None:
+                page_where.append("(finished_at, seq) < (?, ?)")
+                page_params += decode_cursor(cursor, "finished", (float, int))
+        else:
+            order = "seq DESC"
+            if cursor is not None:
+                page_where.append("seq < ?")
+                page_params += decode_cursor(cursor, "enqueued", (int,))
+        sql = (
+            f"SELECT seq, {COLUMNS} FROM taskmill_jobs WHERE {_all(page_where)} "
+            f"ORDER BY {order} LIMIT ?"
+        )
         with self._errors():
-            rows = self._read().execute(sql, [*params, limit]).fetchall()
-        return [_row_to_job(r) for r in rows]
+            c = self._read()
+            c.execute("BEGIN")  # one snapshot for the page and its count
+            try:
+                rows = c.execute(sql, [*page_params, limit + 1]).fetchall()
+                total = None
+                if count:
+                    counted = f"SELECT count(*) FROM taskmill_jobs WHERE {_all(where)}"
+                    total = int(c.execute(counted, params).fetchone()[0])
+            finally:
+                c.execute("COMMIT")
+        jobs = [_row_to_job(r[1:]) for r in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            position = (last[12], last[0]) if query.order == "finished" else (last[0],)
+            next_cursor = encode_cursor(query.order, *position)
+        return JobPage(jobs, next_cursor, total)
 
     async def stats(self) -> list[QueueStats]:
         return await self._run(self._stats)
@@ -858,6 +927,8 @@ class SQLiteBroker(Broker):
                 started_at=r[5],
                 heartbeat_at=r[6],
                 running=msgspec.json.decode(r[7]),
+                processed=r[8],
+                failed=r[9],
             )
             for r in rows
         ]
@@ -887,6 +958,21 @@ class SQLiteBroker(Broker):
             c.execute(Q["cancel_running"], (job_id,))
             row = c.execute(Q["state_of"], (job_id,)).fetchone()
         return None if row is None else JobState(row[0])
+
+    async def run_now(self, job_id: str) -> JobState | None:
+        return await self._run(self._run_now, job_id)
+
+    def _run_now(self, job_id: str) -> JobState | None:
+        with self._write() as c:
+            row = c.execute(Q["state_of"], (job_id,)).fetchone()
+            if row is not None and row[0] == "scheduled":
+                c.execute(Q["run_now"], (time.time(), job_id))
+        if row is None:
+            return None
+        if row[0] == "scheduled":
+            self._own_writes += 1
+            self._notify()
+        return JobState(row[0])
 
     async def purge(self, queue: str) -> int:
         return await self._run(self._purge, queue)

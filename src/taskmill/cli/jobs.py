@@ -1,20 +1,25 @@
-"""taskmill jobs list/show/retry/cancel."""
+"""taskmill jobs list/show/retry/cancel/run/watch, on the app's admin API (``taskmill.admin``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import click
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from taskmill.brokers.base import Broker
+from taskmill.admin import MAX_PAGE
+from taskmill.app import App
+from taskmill.brokers.base import JobPage
 from taskmill.cli._base import (
     _STATES,
     CliError,
     Env,
     age,
-    broker_call,
     cli,
     dumps,
     progress_text,
@@ -22,72 +27,167 @@ from taskmill.cli._base import (
     target_options,
     when,
 )
-from taskmill.errors import JobNotFoundError
-from taskmill.job import Job, JobState, describe
-
-if TYPE_CHECKING:
-    pass
+from taskmill.errors import ConfigurationError, JobNotFoundError
+from taskmill.job import Job, JobState, MetaValue, describe
+from taskmill.meta import parse_pair
 
 # --- jobs ---------------------------------------------------------------------------------------
 
 
 @cli.group()
 def jobs() -> None:
-    """List, show, retry and cancel jobs."""
+    """List, show, retry, cancel, run now and watch jobs."""
+
+
+def _meta_pairs(
+    ctx: click.Context, param: click.Parameter, values: Sequence[str]
+) -> dict[str, MetaValue]:
+    pairs: dict[str, MetaValue] = {}
+    for text in values:
+        try:
+            key, value = parse_pair(text)
+        except ConfigurationError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        pairs[key] = value
+    return pairs
 
 
 @jobs.command("list")
-@click.option("--state", type=click.Choice(_STATES), help="Only jobs in this state.")
+@click.option(
+    "--state", "states", type=click.Choice(_STATES), multiple=True, help="Only jobs in this state "
+    "(repeat for several)."
+)  # fmt: skip
 @click.option("--queue", help="Only jobs of this queue.")
-@click.option("--task", "task_name", metavar="TASK", help="Only jobs of this task.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--task", "task_name", metavar="PREFIX", help="Only tasks whose name starts so.")
+@click.option(
+    "--meta", "meta", metavar="KEY=VALUE", multiple=True, callback=_meta_pairs,
+    help="Only jobs whose metadata holds this pair (repeat for several; VALUE is JSON if it "
+    "reads as a number, true, false or null).",
+)  # fmt: skip
+@click.option(
+    "--order", type=click.Choice(["enqueued", "finished"]), default="enqueued",
+    show_default=True, help="Newest first, or finished jobs by finish time, latest first.",
+)  # fmt: skip
+@click.option("--limit", type=click.IntRange(1, MAX_PAGE), default=50, show_default=True)
+@click.option("--cursor", metavar="CURSOR", help="The next page: the cursor a page printed.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @target_options
 @click.pass_obj
 def jobs_list(
     env: Env,
-    state: str | None,
+    states: tuple[str, ...],
     queue: str | None,
     task_name: str | None,
+    meta: dict[str, MetaValue],
+    order: str,
     limit: int,
+    cursor: str | None,
     as_json: bool,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first ("50 of 417"; the next page with --cursor)."""
     app = env.app()
-    st = JobState(state) if state else None
-
-    async def fetch(b: Broker) -> tuple[list[Job], float]:
-        found = await b.list_jobs(state=st, queue=queue, task=task_name, limit=limit)
-        return found, await b.now()
-
-    found, now = broker_call(app, fetch)
+    try:
+        page = app.list_jobs(
+            state=states or None,
+            queue=queue,
+            task=task_name,
+            meta=meta,
+            order="finished" if order == "finished" else "enqueued",
+            limit=limit,
+            cursor=cursor,
+        )
+    except ValueError as exc:  # a cursor from another listing, a pending state by finish time
+        raise click.UsageError(str(exc)) from None
     if as_json:
-        click.echo(dumps([describe(j) for j in found], indent=2))
+        listing = {
+            "total": page.total,
+            "next_cursor": page.next_cursor,
+            "jobs": [describe(j) for j in page.jobs],
+        }
+        click.echo(dumps(listing, indent=2))
         return
-    if not found:
+    if not page.jobs:
         env.err.print("no jobs match", highlight=False)
         return
-    table = Table(title=f"jobs ({len(found)}, newest first)", title_justify="left")
-    table.add_column("id", no_wrap=True, min_width=36)
-    table.add_column("task")
-    table.add_column("queue")
-    table.add_column("state")
-    table.add_column("prio", justify="right")
-    table.add_column("attempt", justify="right")
-    table.add_column("enqueued", justify="right")
-    table.add_column("progress")
-    for j in found:
-        table.add_row(
-            j.id,
-            Text(j.task),
-            Text(j.queue),
-            state_text(j.state.value),
-            str(j.priority),
-            f"{j.attempt}/{j.max_attempts}",
-            age(now - j.enqueued_at) + " ago",
-            Text(progress_text(j)),
+    env.out.print(_jobs_table(page, order, app.now(), env.out))
+    if page.next_cursor is not None:
+        env.err.print(f"next page: --cursor {page.next_cursor}", highlight=False, markup=False)
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    cell: Callable[[Job], str | Text]
+    justify: str = "left"
+
+
+def _jobs_table(page: JobPage, order: str, now: float, console: Console) -> Table:
+    """The page as a table that fits the terminal: columns are dropped, least useful first,
+    until the rest fit whole (an id is never cut: it is what the other commands take)."""
+
+    def run_at(j: Job) -> str:
+        return f"in {age(j.run_at - now)}" if j.state is JobState.SCHEDULED else ""
+
+    def ago(ts: float | None) -> str:
+        return "-" if ts is None else age(now - ts) + " ago"
+
+    columns = [
+        _Column("id", lambda j: j.id),
+        _Column("task", lambda j: Text(j.task)),
+        _Column("state", lambda j: state_text(j.state.value)),
+    ]
+    if order == "finished":
+        columns.append(_Column("finished", lambda j: ago(j.finished_at), "right"))
+    if any(j.state is JobState.SCHEDULED for j in page.jobs):
+        columns.append(_Column("run at", run_at, "right"))
+    columns += [
+        _Column("queue", lambda j: Text(j.queue)),
+        _Column("enqueued", lambda j: ago(j.enqueued_at), "right"),
+        _Column("attempt", lambda j: f"{j.attempt}/{j.max_attempts}", "right"),
+        _Column("prio", lambda j: str(j.priority), "right"),
+        _Column("progress", lambda j: Text(progress_text(j))),
+    ]
+    if any(j.meta for j in page.jobs):
+        columns.append(_Column("meta", lambda j: Text(_meta_text(j))))
+    cells = [[c.cell(j) for j in page.jobs] for c in columns]
+    total = "" if page.total is None else f" of {page.total}"
+    how = "latest finished first" if order == "finished" else "newest first"
+
+    def table_of(shown: int) -> Table:
+        table = Table(
+            title=f"jobs: {len(page.jobs)}{total}, {how}",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            collapse_padding=True,
         )
-    env.out.print(table)
+        for i, column in enumerate(columns[:shown]):
+            table.add_column(
+                column.header,
+                justify=column.justify,  # type: ignore[arg-type]
+                no_wrap=i != 1,  # only a task name too long for the narrowest table wraps
+                overflow="fold",
+            )
+        for row in range(len(page.jobs)):
+            table.add_row(*(cells[i][row] for i in range(shown)))
+        return table
+
+    unbounded = console.options.update_width(1 << 16)  # measure the table's natural width
+    shown = len(columns)
+    table = table_of(shown)
+    while shown > 3 and Measurement.get(console, unbounded, table).maximum > console.width:
+        shown -= 1
+        table = table_of(shown)
+    if shown < len(columns):
+        hidden = ", ".join(c.header for c in columns[shown:])
+        table.caption = f"not shown at {console.width} columns: {hidden} (--json has all)"
+        table.caption_justify = "left"
+    return table
+
+
+def _meta_text(job: Job) -> str:
+    return " ".join(f"{k}={dumps(v) if not isinstance(v, str) else v}" for k, v in job.meta.items())
 
 
 @jobs.command("show")
@@ -96,19 +196,14 @@ def jobs_list(
 @target_options
 @click.pass_obj
 def jobs_show(env: Env, job_id: str, as_json: bool) -> None:
-    """Show a job: arguments, state, attempts, times, progress, result or error."""
+    """Show a job: arguments, state, attempts, times, progress, metadata, result or error."""
     app = env.app()
-
-    async def fetch(b: Broker) -> tuple[Job | None, float]:
-        return await b.get(job_id), await b.now()
-
-    job, now = broker_call(app, fetch)
-    if job is None:
-        raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
+    job = app.get_job(job_id)
     info = describe(job)
     if as_json:
         click.echo(dumps(info, indent=2))
         return
+    now = app.now()
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
@@ -123,6 +218,8 @@ def jobs_show(env: Env, job_id: str, as_json: bool) -> None:
         rows += [("args", Text(dumps(payload[0]))), ("kwargs", Text(dumps(payload[1])))]
     else:  # not an [args, kwargs] pair: show what is stored
         rows.append(("payload", Text(str(payload))))
+    if job.meta:
+        rows.append(("meta", Text(dumps(job.meta))))
     rows += [
         ("priority", str(job.priority)),
         ("attempt", f"{job.attempt} of {job.max_attempts}"),
@@ -158,39 +255,47 @@ def jobs_show(env: Env, job_id: str, as_json: bool) -> None:
             env.out.print(Text(job.error.traceback.rstrip()))
 
 
+def _state_or_none(app: App, job_id: str) -> JobState | None:
+    try:
+        return app.get_job(job_id).state
+    except JobNotFoundError:
+        return None
+
+
 @jobs.command("retry")
 @click.argument("job_ids", metavar="[ID]...", nargs=-1)
-@click.option("--all-failed", is_flag=True, help="Retry every failed job.")
+@click.option("--all-failed", is_flag=True, help="Retry every failed job (of --queue/--task).")
+@click.option("--queue", help="With --all-failed: only this queue's failed jobs.")
+@click.option("--task", "task_name", metavar="PREFIX", help="With --all-failed: only these tasks.")
 @target_options
 @click.pass_obj
-def jobs_retry(env: Env, job_ids: tuple[str, ...], all_failed: bool) -> None:
+def jobs_retry(
+    env: Env,
+    job_ids: tuple[str, ...],
+    all_failed: bool,
+    queue: str | None,
+    task_name: str | None,
+) -> None:
     """Retry failed or cancelled jobs: back to their queue with a fresh attempt budget."""
     if all_failed == bool(job_ids):
         raise click.UsageError("give job ids or --all-failed (not both)")
+    if (queue or task_name) and not all_failed:
+        raise click.UsageError("--queue and --task go with --all-failed")
     app = env.app()
-
-    async def go(b: Broker) -> tuple[list[str], dict[str, JobState | None]]:
-        done = await b.retry(None if all_failed else list(job_ids))
-        missed = {}
-        for job_id in job_ids:
-            if job_id not in done:
-                job = await b.get(job_id)
-                missed[job_id] = None if job is None else job.state
-        return done, missed
-
-    done, missed = broker_call(app, go)
+    done = app.retry_jobs(queue=queue, task=task_name) if all_failed else app.retry_jobs(job_ids)
     for job_id in done:
         click.echo(job_id)
+    missed = {job_id: _state_or_none(app, job_id) for job_id in job_ids if job_id not in done}
     if not missed:
         env.err.print(f"requeued {len(done)} job(s)", highlight=False)
-    else:
-        reasons = [
-            f"job {job_id} does not exist"
-            if st is None
-            else f"job {job_id} is {st.value} (only failed or cancelled jobs can be retried)"
-            for job_id, st in missed.items()
-        ]
-        raise CliError("; ".join(reasons))
+        return
+    reasons = [
+        f"job {job_id} does not exist"
+        if st is None
+        else f"job {job_id} is {st.value} (only failed or cancelled jobs can be retried)"
+        for job_id, st in missed.items()
+    ]
+    raise CliError("; ".join(reasons))
 
 
 @jobs.command("cancel")
@@ -199,22 +304,50 @@ def jobs_retry(env: Env, job_ids: tuple[str, ...], all_failed: bool) -> None:
 @click.pass_obj
 def jobs_cancel(env: Env, job_ids: tuple[str, ...]) -> None:
     """Cancel jobs. A waiting job never runs; a running async job is cancelled; a running sync
-    job is asked to stop (it sees current_job().cancelled)."""
+    job is asked to stop (it sees current_job().cancelled). Exit 1 if a job does not exist or
+    has finished already (a cancelled one included)."""
     app = env.app()
-
-    async def go(b: Broker) -> list[tuple[str, JobState | None]]:
-        return [(job_id, await b.cancel(job_id)) for job_id in job_ids]
-
     problems = []
-    for job_id, st in broker_call(app, go):
-        if st is None:
+    for job_id in job_ids:
+        before = _state_or_none(app, job_id)
+        if before is None:
             problems.append(f"job {job_id} does not exist")
-        elif st is JobState.CANCELLED:
+            continue
+        # cancel_job returns a finished job's state unchanged: a job cancelled before must
+        # not read as cancelled by this command
+        st = before if before.finished else app.cancel_job(job_id)
+        if st is JobState.CANCELLED and not before.finished:
             click.echo(f"{job_id} cancelled")
         elif st is JobState.RUNNING:
             click.echo(f"{job_id} running: cancel requested")
         else:
             problems.append(f"job {job_id} already {st.value}")
+    if problems:
+        raise CliError("; ".join(problems))
+
+
+@jobs.command("run")
+@click.argument("job_ids", metavar="ID...", nargs=-1, required=True)
+@target_options
+@click.pass_obj
+def jobs_run(env: Env, job_ids: tuple[str, ...]) -> None:
+    """Run scheduled jobs now: a delayed job, or one waiting for its next retry, becomes due
+    at once (its attempt count unchanged). A job already queued is left as it is (exit 0);
+    exit 1 if a job does not exist, is running or has finished."""
+    app = env.app()
+    problems = []
+    for job_id in job_ids:
+        try:
+            before = app.run_job_now(job_id)
+        except JobNotFoundError:
+            problems.append(f"job {job_id} does not exist")
+            continue
+        if before is JobState.SCHEDULED:
+            click.echo(f"{job_id} queued: due now")
+        elif before is JobState.QUEUED:
+            click.echo(f"{job_id} already queued: nothing to do")
+        else:
+            problems.append(f"job {job_id} is {before.value}: only a scheduled job can run now")
     if problems:
         raise CliError("; ".join(problems))
 
@@ -231,6 +364,5 @@ def jobs_watch(env: Env, job_id: str, timeout: float | None) -> None:
     from taskmill.cli.enqueue import finish_waiting, wait_for
 
     app = env.app()
-    if broker_call(app, lambda b: b.get(job_id)) is None:
-        raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
+    app.get_job(job_id)  # JobNotFoundError (exit 1) before any waiting
     finish_waiting(wait_for(env, app, job_id, timeout))

@@ -36,6 +36,7 @@ from taskmill.job import (
     Job,
     Outcome,
     Progress,
+    Released,
     RetryAt,
     Succeeded,
     WorkerInfo,
@@ -133,6 +134,7 @@ class Worker:
         self.last_heartbeat_ok: float | None = None  # time.monotonic() of the last one taken
         self.started_at = time.time()
         self.jobs_done = 0
+        self.processed = self.failed = 0  # runs with an outcome written, those that raised
         settings = app.settings
         self.lease_s = settings.lease_s
         self.heartbeat_s = settings.effective_heartbeat_s
@@ -475,6 +477,9 @@ class Worker:
             if last_report is not None:
                 self._final_progress.append((last_report, r.job))
             self._pending.append(Finish(r.claim, outcome))
+            if not isinstance(outcome, Released):
+                self.processed += 1
+                self.failed += isinstance(outcome, Failed | RetryAt)
             if self._events_on:
                 self._finishing[r.job.id] = r.job
             # a claim loop about to claim carries the outcome in its transaction; only an
@@ -669,6 +674,8 @@ class Worker:
             started_at=self.started_at,
             heartbeat_at=time.time(),
             running=list(self._running),
+            processed=self.processed,
+            failed=self.failed,
         )
         try:
             reply = await self._broker.heartbeat(info, claims, self.lease_s)

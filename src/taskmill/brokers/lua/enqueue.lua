@@ -1,10 +1,11 @@
--- ARGV: prefix, on_conflict ('return'|'raise'), n, then 10 fields per job:
--- id, task, queue, payload, priority, run_at ('' = none), delay_s, max_attempts, timeout_s, key
+-- ARGV: prefix, on_conflict ('return'|'raise'), n, then 11 fields per job:
+-- id, task, queue, payload, priority, run_at ('' = none), delay_s, max_attempts, timeout_s, key,
+-- meta ('' = none)
 -- Returns only the exceptions, as {position (1-based), existing id, ...}: jobs stored already
 -- under their id (a producer retrying after a lost reply, a tick two schedulers saw), and jobs
 -- whose key matched a pending job. Every other job was stored under the id the caller chose.
 local on_conflict, n = ARGV[2], tonumber(ARGV[3])
-local F = 10
+local F = 11
 local now = now_s()
 local existing, batch_keys, batch_ids = {}, {}, {}
 for i = 0, n - 1 do
@@ -26,6 +27,15 @@ for i = 0, n - 1 do
   batch_ids[id] = true
 end
 local out, due, seen_queues = {}, {}, {}
+-- `jobs` lists every job in the order stored (score: a counter), for listings newest first;
+-- one INCRBY reserves the batch's numbers (those of jobs stored already are skipped), and
+-- one ZADD per 500 jobs indexes them
+local seq = redis.call('INCRBY', P .. 'seq', n) - n
+local indexed = {}
+local function index_jobs()
+  if #indexed > 0 then redis.call('ZADD', P .. 'jobs', unpack(indexed)) end
+  indexed = {}
+end
 -- hand-overs per queue: only while nothing is ready or overdue there (the new job is first in
 -- line) and the queue is not paused; false once that stops being true for this call
 local can_hand = {}
@@ -80,6 +90,10 @@ for i = 0, n - 1 do
       'state', state, 'payload', ARGV[b + 4], 'priority', priority,
       'max_attempts', ARGV[b + 8], 'run_at', run_at, 'enqueued_at', now)
     if ARGV[b + 9] ~= '' then redis.call('HSET', job_key(id), 'timeout_s', ARGV[b + 9]) end
+    if ARGV[b + 11] ~= '' then redis.call('HSET', job_key(id), 'meta', ARGV[b + 11]) end
+    indexed[#indexed + 1] = seq + i + 1
+    indexed[#indexed + 1] = id
+    if #indexed >= 1000 then index_jobs() end
     if key ~= '' then
       redis.call('HSET', job_key(id), 'key', key)
       redis.call('SET', P .. 'key:' .. key, id)
@@ -98,6 +112,7 @@ for i = 0, n - 1 do
     end
   end
 end
+index_jobs()
 if idle then
   for queue in pairs(due) do wake(queue) end
 end

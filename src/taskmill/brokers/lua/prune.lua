@@ -9,6 +9,7 @@ for _, q in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
       for _, id in ipairs(ids) do
         redis.call('DEL', job_key(id))
         redis.call('ZREM', qkey(q, state), id)
+        redis.call('ZREM', P .. 'jobs', id)
       end
       count = count + #ids
     end

@@ -5,6 +5,7 @@ local function drop(id)
   local key = redis.call('HGET', job_key(id), 'key')
   if key and redis.call('GET', P .. 'key:' .. key) == id then redis.call('DEL', P .. 'key:' .. key) end
   redis.call('DEL', job_key(id))
+  redis.call('ZREM', P .. 'jobs', id)
   count = count + 1
 end
 for _, m in ipairs(redis.call('ZRANGE', qkey(queue, 'ready'), 0, -1)) do drop(m) end

@@ -12,7 +12,7 @@ j.seq, j.id, j.task, j.queue, j.state, j.payload, j.priority, j.attempt, j.max_a
 date_part('epoch', j.run_at), date_part('epoch', j.enqueued_at),
 date_part('epoch', j.started_at), date_part('epoch', j.finished_at), j.timeout_s, j.key,
 j.lease_token, date_part('epoch', j.lease_expires_at), j.worker_id, j.lost_leases,
-j.cancel_requested, j.result, j.error::text, j.progress, j.progress_message
+j.cancel_requested, j.result, j.error::text, j.progress, j.progress_message, j.meta::text
 
 -- name: version_table
 CREATE SCHEMA IF NOT EXISTS {schema};
@@ -56,15 +56,15 @@ batch AS (
                 ELSE clock.now + make_interval(secs => b.delay_s) END AS due
     FROM {rows}
          AS b(id, task, queue, payload, priority, run_at, delay_s, max_attempts, timeout_s,
-              key, ord)
+              key, meta, ord)
     CROSS JOIN clock
 ),
 inserted AS (
     INSERT INTO {schema}.jobs
         (id, task, queue, state, payload, priority, max_attempts, run_at, enqueued_at,
-         timeout_s, key)
+         timeout_s, key, meta)
     SELECT id, task, queue, CASE WHEN due <= now THEN 'queued' ELSE 'scheduled' END, payload,
-           priority, max_attempts, due, now, timeout_s, key
+           priority, max_attempts, due, now, timeout_s, key, meta::jsonb
     FROM batch ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING id, key, queue, state, run_at
@@ -87,13 +87,15 @@ FROM inserted;
 -- The arrays are sent in binary (psycopg's b placeholders): no text escaping, no hex bytea.
 unnest(%(ids)b::text[], %(tasks)b::text[], %(queues)b::text[], %(payloads)b::bytea[],
        %(priorities)b::integer[], %(run_ats)b::float8[], %(delays)b::float8[],
-       %(max_attempts)b::integer[], %(timeouts)b::float8[], %(keys)b::text[])
+       %(max_attempts)b::integer[], %(timeouts)b::float8[], %(keys)b::text[],
+       %(metas)b::text[])
 WITH ORDINALITY
 
 -- name: enqueue_row
 (VALUES (%(id)s::text, %(task)s::text, %(queue)s::text, %(payload)s::bytea,
          %(priority)s::integer, %(run_at)s::float8, %(delay)s::float8,
-         %(max_attempts)s::integer, %(timeout)s::float8, %(key)s::text, 1::bigint))
+         %(max_attempts)s::integer, %(timeout)s::float8, %(key)s::text, %(meta)s::text,
+         1::bigint))
 
 -- name: pending_by_key
 SELECT key, id FROM {schema}.jobs
@@ -196,10 +198,11 @@ RETURNING j.id, j.cancel_requested;
 
 -- name: upsert_worker
 INSERT INTO {schema}.workers
-    (id, host, pid, queues, concurrency, started_at, heartbeat_at, running)
+    (id, host, pid, queues, concurrency, started_at, heartbeat_at, running, processed, failed)
 VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s::text[], %(concurrency)s,
-        to_timestamp(%(started_at)s), now(), %(running)s::text[])
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running;
+        to_timestamp(%(started_at)s), now(), %(running)s::text[], %(processed)s, %(failed)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running,
+    processed = excluded.processed, failed = excluded.failed;
 
 -- name: delete_worker
 DELETE FROM {schema}.workers WHERE id = %(id)s;
@@ -269,14 +272,33 @@ SELECT date_part('epoch', clock_timestamp());
 -- name: get
 SELECT {columns} FROM {schema}.jobs AS j WHERE j.id = %(id)s;
 
--- name: list_jobs
--- Newest first: a backward walk of the primary key, filtered.
+-- name: find_jobs_filter
+-- The filters of a listing; a filter whose parameter is NULL (or an empty array) is off. The
+-- task filter is a prefix; the meta filter is jsonb containment (numbers by value).
+(cardinality(%(states)s::text[]) = 0 OR j.state = ANY(%(states)s::text[]))
+AND (%(queue)s::text IS NULL OR j.queue = %(queue)s::text)
+AND (%(task)s::text IS NULL OR starts_with(j.task, %(task)s::text))
+AND (%(meta)s::jsonb IS NULL OR j.meta @> %(meta)s::jsonb)
+
+-- name: find_jobs_enqueued
+-- Newest first: a backward walk of the primary key from the cursor (keyset: no offset).
 SELECT {columns} FROM {schema}.jobs AS j
-WHERE (%(state)s::text IS NULL OR j.state = %(state)s::text)
-  AND (%(queue)s::text IS NULL OR j.queue = %(queue)s::text)
-  AND (%(task)s::text IS NULL OR j.task = %(task)s::text)
+WHERE {filter} AND (%(after)s::bigint IS NULL OR j.seq < %(after)s::bigint)
 ORDER BY j.seq DESC
 LIMIT %(limit)s;
+
+-- name: find_jobs_finished
+-- Latest finished first, on the partial index of finished jobs (its condition is repeated so
+-- the planner can use it). The cursor is the last row's exact finish time, as text.
+SELECT {columns}, j.finished_at::text FROM {schema}.jobs AS j
+WHERE j.state IN ('succeeded', 'failed', 'cancelled') AND {filter}
+  AND (%(after_at)s::timestamptz IS NULL
+       OR (j.finished_at, j.seq) < (%(after_at)s::timestamptz, %(after)s::bigint))
+ORDER BY j.finished_at DESC, j.seq DESC
+LIMIT %(limit)s;
+
+-- name: count_jobs
+SELECT count(*) FROM {schema}.jobs AS j WHERE {filter};
 
 -- name: stats
 -- One statement, so one snapshot: counts per queue and state, the oldest waiting job's age per
@@ -290,7 +312,7 @@ SELECT 'paused', name, NULL, paused::integer::float8 FROM {schema}.queues;
 
 -- name: workers
 SELECT id, host, pid, queues, concurrency, date_part('epoch', started_at),
-       date_part('epoch', heartbeat_at), running
+       date_part('epoch', heartbeat_at), running, processed, failed
 FROM {schema}.workers ORDER BY started_at;
 
 -- name: retry
@@ -344,6 +366,21 @@ WITH changed AS (
 SELECT state FROM changed
 UNION ALL
 SELECT state FROM {schema}.jobs WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM changed);
+
+-- name: run_now
+-- A scheduled job becomes queued and due now; the state before is returned whatever it was.
+WITH before AS MATERIALIZED (
+    SELECT seq, state FROM {schema}.jobs WHERE id = %(id)s FOR UPDATE
+),
+moved AS (
+    UPDATE {schema}.jobs AS j SET state = 'queued', run_at = now()
+    FROM before b WHERE j.seq = b.seq AND b.state = 'scheduled'
+    RETURNING j.queue
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, 'q' || queue) FROM moved
+)
+SELECT state, (SELECT count(*) FROM wake) FROM before;
 
 -- name: purge
 DELETE FROM {schema}.jobs WHERE queue = %(queue)s AND state IN ('scheduled', 'queued');

@@ -84,12 +84,19 @@ CREATE TABLE IF NOT EXISTS taskmill_workers (
     running      TEXT NOT NULL
 );
 
+-- name: schema_v5
+-- Job metadata (JSON, NULL for none); how many jobs each worker ran, and how many raised.
+ALTER TABLE taskmill_jobs ADD COLUMN meta TEXT;
+ALTER TABLE taskmill_workers ADD COLUMN processed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE taskmill_workers ADD COLUMN failed INTEGER NOT NULL DEFAULT 0;
+
 -- name: insert
 -- OR IGNORE: a job whose id is stored already is the same job (a retried send, a periodic
 -- tick two schedulers saw), and a keyed job whose key a pending job holds is not stored.
 INSERT OR IGNORE INTO taskmill_jobs
-    (id, task, queue, state, payload, priority, max_attempts, run_at, enqueued_at, timeout_s, key)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+    (id, task, queue, state, payload, priority, max_attempts, run_at, enqueued_at, timeout_s,
+     meta, key)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: job_exists
 SELECT 1 FROM taskmill_jobs WHERE id = ?;
@@ -128,9 +135,10 @@ SELECT id, lease_token, state, cancel_requested FROM taskmill_jobs WHERE id IN (
 
 -- name: upsert_worker
 INSERT INTO taskmill_workers
-    (id, host, pid, queues, concurrency, started_at, heartbeat_at, running)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running;
+    (id, host, pid, queues, concurrency, started_at, heartbeat_at, running, processed, failed)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running,
+    processed = excluded.processed, failed = excluded.failed;
 
 -- name: delete_worker
 DELETE FROM taskmill_workers WHERE id = ?;
@@ -208,7 +216,7 @@ SELECT queue, min(run_at) FROM taskmill_jobs WHERE state = 'queued' GROUP BY que
 SELECT name, paused FROM taskmill_queues;
 
 -- name: workers
-SELECT id, host, pid, queues, concurrency, started_at, heartbeat_at, running
+SELECT id, host, pid, queues, concurrency, started_at, heartbeat_at, running, processed, failed
 FROM taskmill_workers ORDER BY started_at;
 
 -- name: retry
@@ -234,6 +242,9 @@ UPDATE taskmill_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'
 
 -- name: state_of
 SELECT state FROM taskmill_jobs WHERE id = ?;
+
+-- name: run_now
+UPDATE taskmill_jobs SET state = 'queued', run_at = ? WHERE id = ? AND state = 'scheduled';
 
 -- name: purge
 DELETE FROM taskmill_jobs WHERE queue = ? AND state IN ('scheduled', 'queued');

@@ -1,0 +1,475 @@
+"""The admin API of ``App``: look at and manage queues, jobs, workers and tasks.
+
+What ``taskmill`` (the CLI) and a dashboard are built on, so they need no broker calls of
+their own. Every method has a sync form and an async one (``stats`` / ``astats``); the sync
+form runs on the app's own loop thread, like ``send``. See docs/admin.md.
+
+>>> from taskmill import App
+>>> app = App("memory://")
+>>> @app.task(queue="mail")
+... def welcome(user_id: int) -> None: ...
+>>> job = welcome.send(7)
+>>> [(s.queue, s.counts["queued"]) for s in app.stats()]
+[('mail', 1)]
+>>> page = app.list_jobs(queue="mail")
+>>> ([j.id for j in page.jobs] == [job.id], page.total, page.next_cursor)
+(True, 1, None)
+>>> app.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+
+from taskmill.brokers.base import Broker, JobPage, JobQuery, ListOrder
+from taskmill.errors import JobNotFoundError
+from taskmill.job import JobState, MetaValue, QueueStats, WorkerInfo
+
+if TYPE_CHECKING:
+    from taskmill.schedules import Schedule
+    from taskmill.settings import Settings
+    from taskmill.task import Task
+
+T = TypeVar("T")
+
+MAX_PAGE = 1000
+"""The most jobs one ``list_jobs`` page holds."""
+LOST_AFTER_HEARTBEATS = 3
+"""A worker whose last heartbeat is older than this many heartbeat intervals is lost."""
+_RETRY_BATCH = 1000
+
+StateFilter = JobState | str | Iterable[JobState | str] | None
+"""One state, its name, or several (any of them)."""
+
+
+class WorkerStatus(WorkerInfo):
+    """A registered worker as ``App.workers()`` reports it: what the worker says of itself
+    with its last heartbeat (``WorkerInfo``), and how long ago that was by the broker's clock.
+    ``lost``: no heartbeat for ``LOST_AFTER_HEARTBEATS`` intervals, and no sign-off (it died)."""
+
+    heartbeat_age_s: float = 0.0
+    lost: bool = False
+
+
+class ScheduleInfo(msgspec.Struct, frozen=True):
+    """A periodic schedule of a task: a cron expression in a time zone, or an interval."""
+
+    name: str
+    cron: str | None
+    every_s: float | None
+    tz: str
+
+
+class TaskInfo(msgspec.Struct, frozen=True):
+    """A task registered in the app, with the defaults its sends use.
+
+    ``retries``: extra attempts after the first; ``rate_limit``: at most this many starts
+    across all workers (``"50/s"``); ``concurrency``: at most this many running at once (per
+    key, if the limit has one)."""
+
+    name: str
+    queue: str
+    priority: int
+    retries: int
+    timeout_s: float | None
+    rate_limit: str | None
+    concurrency: int | None
+    schedules: list[ScheduleInfo]
+
+
+class AdminAPI:
+    """The admin methods of ``App`` (a mixin: ``App`` provides the broker and the loop)."""
+
+    tasks: dict[str, Task[Any, Any]]
+    schedules: dict[str, Schedule]
+    settings: Settings
+
+    if TYPE_CHECKING:
+
+        async def abroker(self) -> Broker: ...
+
+        def run_sync(self, coro: Coroutine[Any, Any, T]) -> T: ...
+
+    async def anow(self) -> float:
+        """The broker's clock (seconds since the epoch): what job times are measured on, so
+        ages shown beside them ("4m ago") are right even if this machine's clock is off."""
+        return await (await self.abroker()).now()
+
+    def now(self) -> float:
+        """Blocking ``anow``.
+
+        >>> import time
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> abs(app.now() - time.time()) < 5
+        True
+        >>> app.close()
+        """
+        return self.run_sync(self.anow())
+
+    # --- queues -------------------------------------------------------------------------------
+
+    async def astats(self) -> list[QueueStats]:
+        """Per queue: how many jobs are in each state, the oldest waiting job's age, paused
+        or not. Queues of this app's tasks are listed even with no job yet."""
+        stats = await (await self.abroker()).stats()
+        seen = {s.queue for s in stats}
+        for queue in sorted({t.defaults.queue for t in self.tasks.values()} - seen):
+            stats.append(QueueStats(queue=queue, counts={s.value: 0 for s in JobState}))
+        return sorted(stats, key=lambda s: s.queue)
+
+    def stats(self) -> list[QueueStats]:
+        """Blocking ``astats``.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task(queue="reports")
+        ... def build() -> None: ...
+        >>> [(s.queue, sum(s.counts.values()), s.paused) for s in app.stats()]
+        [('reports', 0, False)]
+        >>> app.close()
+        """
+        return self.run_sync(self.astats())
+
+    async def apause(self, queue: str) -> None:
+        """Stop workers claiming from ``queue``: running jobs go on, sending still works."""
+        await (await self.abroker()).pause(queue, True)
+
+    def pause(self, queue: str) -> None:
+        """Blocking ``apause``.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task(queue="mail")
+        ... def welcome(user_id: int) -> None: ...
+        >>> app.pause("mail")
+        >>> [(s.queue, s.paused) for s in app.stats()]
+        [('mail', True)]
+        >>> app.resume("mail")
+        >>> [(s.queue, s.paused) for s in app.stats()]
+        [('mail', False)]
+        >>> app.close()
+        """
+        self.run_sync(self.apause(queue))
+
+    async def aresume(self, queue: str) -> None:
+        """Let workers claim from ``queue`` again (idle workers are woken)."""
+        await (await self.abroker()).pause(queue, False)
+
+    def resume(self, queue: str) -> None:
+        """Blocking ``aresume``."""
+        self.run_sync(self.aresume(queue))
+
+    async def apurge(self, queue: str) -> int:
+        """Delete the scheduled and queued jobs of ``queue`` (running and finished jobs
+        stay); how many were deleted."""
+        return await (await self.abroker()).purge(queue)
+
+    def purge(self, queue: str) -> int:
+        """Blocking ``apurge``.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def work(n: int) -> None: ...
+        >>> handles = work.send_many([(1,), (2,)])
+        >>> app.purge("default")
+        2
+        >>> app.close()
+        """
+        return self.run_sync(self.apurge(queue))
+
+    async def apurge_all(self) -> dict[str, int]:
+        """``purge`` every queue the broker has jobs in, and this app's queues: how many jobs
+        each lost (queues that lost none are left out). A queue that gets its first job while
+        this runs may keep it."""
+        purged = {}
+        for queue in [s.queue for s in await self.astats()]:
+            n = await self.apurge(queue)
+            if n:
+                purged[queue] = n
+        return purged
+
+    def purge_all(self) -> dict[str, int]:
+        """Blocking ``apurge_all``.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def work(n: int) -> None: ...
+        >>> _ = work.send(1), work.options(queue="bulk").send_many([(2,), (3,)])
+        >>> app.purge_all()
+        {'bulk': 2, 'default': 1}
+        >>> app.close()
+        """
+        return self.run_sync(self.apurge_all())
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    async def alist_jobs(
+        self,
+        *,
+        state: StateFilter = None,
+        queue: str | None = None,
+        task: str | None = None,
+        meta: Mapping[str, MetaValue] | None = None,
+        order: ListOrder = "enqueued",
+        limit: int = 50,
+        cursor: str | None = None,
+        count: bool = True,
+    ) -> JobPage:
+        """One page of jobs, newest first.
+
+        Filters (all that are given must match): ``state`` (a state or its name, or several),
+        ``queue``, ``task`` (a prefix of the task's name), ``meta`` (the job's metadata holds
+        each pair). ``order="finished"``: finished jobs only, the latest finished first.
+
+        ``limit`` (1 to ``MAX_PAGE``) jobs at most; ``JobPage.next_cursor`` is the
+        ``cursor`` of the next page (None on the last). Paging goes from the last row seen
+        (keyset), so a deep page costs what the first does, and jobs sent meanwhile do not
+        shift pages. ``count``: also count every job the filters match (``JobPage.total``,
+        for "50 of 417"); that may read every job the filters select (see docs/admin.md),
+        so later pages may pass ``count=False``.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be a whole number from 1 to {MAX_PAGE}, not {limit!r}")
+        query = JobQuery(
+            states=_states(state), queue=queue, task=task, meta=meta or {}, order=order
+        )
+        broker = await self.abroker()
+        return await broker.find_jobs(query, limit=limit, cursor=cursor, count=count)
+
+    def list_jobs(
+        self,
+        *,
+        state: StateFilter = None,
+        queue: str | None = None,
+        task: str | None = None,
+        meta: Mapping[str, MetaValue] | None = None,
+        order: ListOrder = "enqueued",
+        limit: int = 50,
+        cursor: str | None = None,
+        count: bool = True,
+    ) -> JobPage:
+        """Blocking ``alist_jobs``.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def add(a: int, b: int) -> int:
+        ...     return a + b
+        >>> handles = add.send_many([(n, n) for n in range(5)])
+        >>> first = app.list_jobs(state="queued", limit=2)
+        >>> len(first.jobs), first.total
+        (2, 5)
+        >>> rest = app.list_jobs(state="queued", limit=2, cursor=first.next_cursor, count=False)
+        >>> [j.id for j in first.jobs + rest.jobs] == [h.id for h in reversed(handles)][:4]
+        True
+        >>> app.close()
+        """
+        return self.run_sync(
+            self.alist_jobs(
+                state=state,
+                queue=queue,
+                task=task,
+                meta=meta,
+                order=order,
+                limit=limit,
+                cursor=cursor,
+                count=count,
+            )
+        )
+
+    async def aretry_jobs(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        queue: str | None = None,
+        task: str | None = None,
+    ) -> list[str]:
+        """Put jobs back in their queue with a fresh attempt budget: the failed or cancelled
+        jobs ``ids``, or (no ids) every failed job, of ``queue`` and of tasks whose name
+        starts with ``task`` if given. The requeued ids; a job in another state, or whose
+        unique key another pending job holds, is left as it is."""
+        broker = await self.abroker()
+        if ids is not None:
+            if queue is not None or task is not None:
+                raise ValueError("retry_jobs takes job ids or queue=/task= filters, not both")
+            return await broker.retry(list(ids))
+        if queue is None and task is None:
+            return await broker.retry(None)
+        query = JobQuery(states=frozenset({JobState.FAILED}), queue=queue, task=task)
+        found: list[str] = []
+        cursor = None
+        while True:  # collect first: retrying while paging would move jobs under the cursor
+            page = await broker.find_jobs(query, limit=MAX_PAGE, cursor=cursor)
+            found += [j.id for j in page.jobs]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        retried = []
+        for start in range(0, len(found), _RETRY_BATCH):
+            retried += await broker.retry(found[start : start + _RETRY_BATCH])
+        return retried
+
+    def retry_jobs(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        queue: str | None = None,
+        task: str | None = None,
+    ) -> list[str]:
+        """Blocking ``aretry_jobs``.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task(retries=0)
+        ... def flaky() -> None:
+        ...     raise RuntimeError("down")
+        >>> handle = flaky.send()
+        >>> app.run_until_idle()
+        1
+        >>> app.retry_jobs(queue="default") == [handle.id]
+        True
+        >>> handle.status()
+        <JobState.QUEUED: 'queued'>
+        >>> app.close()
+        """
+        return self.run_sync(self.aretry_jobs(ids, queue=queue, task=task))
+
+    async def acancel_job(self, job_id: str) -> JobState:
+        """Cancel a job: scheduled or queued, it is cancelled and never runs; running, it is
+        asked to stop (``running`` is returned). The job's state after the call (a finished
+        job's is unchanged); ``JobNotFoundError`` if there is no such job."""
+        state = await (await self.abroker()).cancel(job_id)
+        if state is None:
+            raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
+        return state
+
+    def cancel_job(self, job_id: str) -> JobState:
+        """Blocking ``acancel_job``.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def later() -> None: ...
+        >>> handle = later.options(delay=3600).send()
+        >>> app.cancel_job(handle.id)
+        <JobState.CANCELLED: 'cancelled'>
+        >>> app.close()
+        """
+        return self.run_sync(self.acancel_job(job_id))
+
+    async def arun_job_now(self, job_id: str) -> JobState:
+        """Make a scheduled job due now; the state it was in before (see
+        ``JobHandle.run_now``)."""
+        state = await (await self.abroker()).run_now(job_id)
+        if state is None:
+            raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
+        return state
+
+    def run_job_now(self, job_id: str) -> JobState:
+        """Blocking ``arun_job_now``: a delayed job, or one waiting for its retry, becomes
+        queued and due now, its attempt count unchanged. Returns the state before the call:
+        ``SCHEDULED`` (moved), ``QUEUED`` (nothing to do), or a running or finished state
+        (nothing changed: such a job cannot run now).
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def later() -> None: ...
+        >>> handle = later.options(delay=3600).send()
+        >>> app.run_job_now(handle.id), handle.status()
+        (<JobState.SCHEDULED: 'scheduled'>, <JobState.QUEUED: 'queued'>)
+        >>> app.close()
+        """
+        return self.run_sync(self.arun_job_now(job_id))
+
+    # --- workers and tasks --------------------------------------------------------------------
+
+    async def aworkers(self) -> list[WorkerStatus]:
+        """The registered worker processes, oldest first, each with its last heartbeat's age
+        and whether it is lost (by this app's heartbeat setting)."""
+        broker = await self.abroker()
+        found = await broker.list_workers()
+        now = await broker.now()
+        lost_after = LOST_AFTER_HEARTBEATS * self.settings.effective_heartbeat_s
+        return [
+            WorkerStatus(
+                **msgspec.structs.asdict(w),
+                heartbeat_age_s=max(0.0, now - w.heartbeat_at),
+                lost=now - w.heartbeat_at > lost_after,
+            )
+            for w in found
+        ]
+
+    def workers(self) -> list[WorkerStatus]:
+        """Blocking ``aworkers``.
+
+        >>> from taskmill import App
+        >>> App("memory://").workers()
+        []
+        """
+        return self.run_sync(self.aworkers())
+
+    def registered_tasks(self) -> list[TaskInfo]:
+        """This app's tasks by name, with their defaults and schedules (no I/O).
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.periodic(cron="0 2 * * *", tz="Europe/Paris")
+        ... @app.task(name="reports.nightly", queue="reports", retries=1, rate_limit="10/m")
+        ... def nightly() -> None: ...
+        >>> (info,) = app.registered_tasks()
+        >>> info.name, info.queue, info.retries, info.rate_limit, info.schedules[0].cron
+        ('reports.nightly', 'reports', 1, '10/m', '0 2 * * *')
+        """
+        by_task: dict[str, list[ScheduleInfo]] = {}
+        for s in self.schedules.values():
+            every = None if s.every is None else s.every.total_seconds()
+            by_task.setdefault(s.task, []).append(ScheduleInfo(s.name, s.cron, every, s.tz))
+        return [
+            TaskInfo(
+                name=t.name,
+                queue=t.defaults.queue,
+                priority=t.defaults.priority,
+                retries=t.defaults.max_attempts - 1,
+                timeout_s=t.defaults.timeout_s,
+                rate_limit=_rate_text(t.rate_interval_s),
+                concurrency=None if t.concurrency is None else t.concurrency.max,
+                schedules=by_task.get(t.name, []),
+            )
+            for t in sorted(self.tasks.values(), key=lambda t: t.name)
+        ]
+
+
+def _states(state: StateFilter) -> frozenset[JobState]:
+    if state is None:
+        return frozenset()
+    if isinstance(state, str):  # a JobState is a str too
+        return frozenset({JobState.parse(state)})
+    return frozenset(JobState.parse(s) for s in state)
+
+
+def _rate_text(interval_s: float | None) -> str | None:
+    """A rate limit as it was likely written: ``"50/s"``, ``"10/m"``, ``"100/h"``."""
+    if interval_s is None:
+        return None
+    for unit, seconds in (("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        per = seconds / interval_s
+        if abs(per - round(per)) < 1e-9 * per and round(per) >= 1:
+            return f"{round(per)}/{unit}"
+    return f"{1 / interval_s:g}/s"
+
+
+__all__ = [
+    "MAX_PAGE",
+    "AdminAPI",
+    "JobPage",
+    "ScheduleInfo",
+    "TaskInfo",
+    "WorkerStatus",
+]
