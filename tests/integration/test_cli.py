@@ -590,3 +590,13 @@ def test_jobs_show_reads_the_arguments_of_a_job_sent_with_a_soft_timeout(cli: Cl
     shown = cli.ok("jobs", "show", job_id)
     assert "[1, 2]" in shown and "payload" not in shown
     assert "soft timeout  2.5 s" in shown and "timeout       9 s" in shown
+
+
+def test_enqueue_stores_metadata_that_jobs_list_filters_on(cli: Cli) -> None:
+    tagged = cli.send("add", "[1, 2]", "--meta", "user_id=42", "--meta", "created_by=cli")
+    cli.send("add", "[3, 4]", "--meta", "user_id=7")
+    assert cli.job(tagged)["meta"] == {"user_id": 42, "created_by": "cli"}
+    listed = cli.json("jobs", "list", "--meta", "user_id=42")
+    assert [j["id"] for j in listed["jobs"]] == [tagged]
+    r = cli.run("enqueue", "add", "[1, 2]", "--meta", "no-equals-sign")
+    assert r.returncode == 2 and "--meta" in r.stderr

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -19,7 +19,8 @@ from rich.text import Text
 from taskmill.app import DEFAULT_URL, App
 from taskmill.brokers.base import Broker
 from taskmill.errors import ConfigurationError
-from taskmill.job import Job, JobState
+from taskmill.job import Job, JobState, MetaValue
+from taskmill.meta import parse_pair
 from taskmill.urls import redact_url
 
 if TYPE_CHECKING:
@@ -250,3 +251,18 @@ def cli(ctx: click.Context, app_path: str | None, url: str | None) -> None:
     if url:
         env.url, env.url_from_flag = url, True
     ctx.call_on_close(env.close)
+
+
+def meta_pairs(
+    ctx: click.Context, param: click.Parameter, values: Sequence[str]
+) -> dict[str, MetaValue]:
+    """``--meta KEY=VALUE`` options (repeatable) as a metadata mapping; VALUE is JSON when it
+    reads as a number, ``true``, ``false``, ``null`` or a quoted string, else text."""
+    pairs: dict[str, MetaValue] = {}
+    for text in values:
+        try:
+            key, value = parse_pair(text)
+        except ConfigurationError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        pairs[key] = value
+    return pairs

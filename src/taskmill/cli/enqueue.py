@@ -18,12 +18,13 @@ from taskmill.cli._base import (
     Env,
     cli,
     dumps,
+    meta_pairs,
     target_options,
 )
 from taskmill.errors import ConfigurationError
 from taskmill.events import Event
 from taskmill.handle import JobHandle, no_worker_hint
-from taskmill.job import Job, JobState
+from taskmill.job import Job, JobState, MetaValue
 from taskmill.serialization import decode
 from taskmill.task import check_priority
 
@@ -100,6 +101,11 @@ def parse_priority(value: str | None) -> int | None:
     is_flag=True,
     help="TASK is defined in another app: send it although this app does not have it.",
 )
+@click.option(
+    "--meta", "meta", metavar="KEY=VALUE", multiple=True, callback=meta_pairs,
+    help="Metadata stored with the job (repeat for several; VALUE is JSON if it reads as a "
+    "number, true, false or null).",
+)  # fmt: skip
 @target_options
 @click.pass_obj
 def enqueue(
@@ -114,6 +120,7 @@ def enqueue(
     wait: bool,
     timeout: float | None,
     external: bool,
+    meta: dict[str, MetaValue],
 ) -> None:
     """Send a job of TASK. ARGS_JSON is a JSON array of positional arguments or an object of
     keyword arguments: taskmill enqueue myapp.add '[1, 2]' or '{"a": 1, "b": 2}'; @FILE reads
@@ -130,6 +137,7 @@ def enqueue(
         "delay": delay,
         "key": key,
         "retries": retries,
+        "meta": meta or None,
     }
     app = env.app()
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import click
@@ -22,14 +22,14 @@ from taskmill.cli._base import (
     age,
     cli,
     dumps,
+    meta_pairs,
     progress_text,
     state_text,
     target_options,
     when,
 )
-from taskmill.errors import ConfigurationError, JobNotFoundError
+from taskmill.errors import JobNotFoundError
 from taskmill.job import Job, JobState, MetaValue, describe
-from taskmill.meta import parse_pair
 
 # --- jobs ---------------------------------------------------------------------------------------
 
@@ -37,19 +37,6 @@ from taskmill.meta import parse_pair
 @cli.group()
 def jobs() -> None:
     """List, show, retry, cancel, run now and watch jobs."""
-
-
-def _meta_pairs(
-    ctx: click.Context, param: click.Parameter, values: Sequence[str]
-) -> dict[str, MetaValue]:
-    pairs: dict[str, MetaValue] = {}
-    for text in values:
-        try:
-            key, value = parse_pair(text)
-        except ConfigurationError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-        pairs[key] = value
-    return pairs
 
 
 @jobs.command("list")
@@ -60,7 +47,7 @@ def _meta_pairs(
 @click.option("--queue", help="Only jobs of this queue.")
 @click.option("--task", "task_name", metavar="PREFIX", help="Only tasks whose name starts so.")
 @click.option(
-    "--meta", "meta", metavar="KEY=VALUE", multiple=True, callback=_meta_pairs,
+    "--meta", "meta", metavar="KEY=VALUE", multiple=True, callback=meta_pairs,
     help="Only jobs whose metadata holds this pair (repeat for several; VALUE is JSON if it "
     "reads as a number, true, false or null).",
 )  # fmt: skip
