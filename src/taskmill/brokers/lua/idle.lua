@@ -1,7 +1,8 @@
 -- ARGV: prefix, worker ('' = no hand-over), lease_s, ttl_s, nq, queue...
 -- A worker about to block: when nothing is ready in its queues, register it for hand-overs
 -- (enqueue.lua) for ttl_s. Returns {now, earliest scheduled run_at ('' = none), ready (0/1)}:
--- with ready = 1 the worker claims at once instead of blocking.
+-- with ready = 1 the worker claims at once instead of blocking. A worker that signed off
+-- (unregister.lua) is not registered again: its last wait can arrive after its sign-off.
 local worker, lease, ttl, nq = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_s()
 local paused = {}
@@ -15,7 +16,7 @@ for i = 1, nq do
   end
   if not paused[q] and redis.call('ZCARD', qkey(q, 'ready')) > 0 then ready = 1 end
 end
-if worker ~= '' and ready == 0 then
+if worker ~= '' and ready == 0 and redis.call('EXISTS', worker_key(worker, 'gone')) == 0 then
   redis.call('SET', P .. 'idle', 1, 'EX', 90)  -- what enqueues check before looking for idlers
   redis.call('SET', worker_key(worker, 'idle'), lease, 'PX', math.ceil(ttl * 1000))
   for i = 1, nq do

@@ -3,6 +3,9 @@
 -- queues unspent.
 local worker = ARGV[2]
 redis.call('DEL', P .. 'worker:' .. worker, worker_key(worker, 'idle'))
+-- its wait may still be on its way here (shielded from the cancel that stopped the worker):
+-- idle.lua refuses to register a worker that signed off (ids are never reused)
+redis.call('SET', worker_key(worker, 'gone'), 1, 'EX', 300)
 redis.call('ZREM', P .. 'workers', worker)
 for _, id in ipairs(unacknowledged(worker, 4, tonumber(ARGV[3]))) do
   local jk = job_key(id)
