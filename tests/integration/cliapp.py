@@ -4,6 +4,7 @@ imported."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -73,3 +74,9 @@ def live_steps(n: int) -> str:
         job.progress((i + 1) / n, f"step {i + 1} of {n}")
         time.sleep(0.05)
     return f"did {n} steps"
+
+
+@app.task(name="chatty", retries=0)
+def chatty(word: str) -> str:
+    logging.getLogger("cliapp.chatty").info("the task says %s", word)
+    return word

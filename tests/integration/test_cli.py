@@ -23,7 +23,7 @@ from .support import poll_until
 
 HERE = Path(__file__).resolve().parent
 T = TypeVar("T")
-TASKS = "add, block, boom, flaky, steps"
+TASKS = "add, block, boom, chatty, flaky, steps"
 
 
 class Cli:
@@ -600,3 +600,22 @@ def test_enqueue_stores_metadata_that_jobs_list_filters_on(cli: Cli) -> None:
     assert [j["id"] for j in listed["jobs"]] == [tagged]
     r = cli.run("enqueue", "add", "[1, 2]", "--meta", "no-equals-sign")
     assert r.returncode == 2 and "--meta" in r.stderr
+
+
+def test_a_task_in_a_process_pool_child_logs_as_the_worker_does(cli: Cli) -> None:
+    worker = cli.spawn("worker", "--pool", "process", "-c", "1", "--log-format", "json")
+    job_id = cli.send("chatty", '["hello"]')
+    log_path = cli.logs[-1][0]
+
+    def said() -> dict[str, Any] | None:
+        for line in log_path.read_text().splitlines():
+            entry = json.loads(line) if line.startswith("{") else {}
+            if entry.get("message") == "the task says hello":
+                return entry
+        return None
+
+    entry = poll_until(said, what="the child's log line", timeout=30)
+    assert entry["logger"] == "cliapp.chatty" and entry["level"] == "info"
+    assert entry["pid"] != worker.pid  # written by the child, formatted as the worker's lines
+    assert wait_state(cli, job_id, "succeeded")["result"] == "hello"
+    assert stop(worker) == 0, cli.output()

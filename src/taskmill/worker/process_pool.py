@@ -31,6 +31,8 @@ from typing import Any
 from taskmill.context import JobContext, reset_current, set_current
 from taskmill.errors import SoftTimeLimitExceeded, TaskTimeoutError, WorkerLostError
 from taskmill.job import ErrorInfo
+from taskmill.logs import JsonFormatter, LogFormat
+from taskmill.logs import configure as configure_logging
 from taskmill.retry import Cancel, RemoteError, Retry, error_info
 from taskmill.serialization import decode, encode
 from taskmill.task import Task
@@ -46,7 +48,10 @@ class _Child:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(
-            target=child_main, args=(app_path, child_conn), name="taskmill-child", daemon=True
+            target=child_main,
+            args=(app_path, child_conn, inherited_logging()),
+            name="taskmill-child",
+            daemon=True,
         )
         self.proc.start()
         child_conn.close()
@@ -257,10 +262,24 @@ def _kill_own_group() -> None:
     os._exit(1)
 
 
-def child_main(app_path: str, conn: Connection) -> None:
+def inherited_logging() -> tuple[str, LogFormat] | None:
+    """How this process logs, for a child to do the same: the root logger's level, and JSON
+    if a handler of it formats so (None: logging was not set up here, so the child leaves it)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        return None
+    json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return logging.getLevelName(root.level), "json" if json_lines else "text"
+
+
+def child_main(
+    app_path: str, conn: Connection, log_setup: tuple[str, LogFormat] | None = None
+) -> None:
     """Entry point of a child process."""
     from taskmill.loader import load_app
 
+    if log_setup is not None:  # a task's log lines come out as the worker's do
+        configure_logging(*log_setup)
     os.setsid()  # a process group of its own, so a hard limit kills what the task started
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when children stop
     soft_limit = _SoftLimit()
