@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -253,3 +254,20 @@ def test_postgres_migrations_are_numbered_from_one_without_gaps() -> None:
     found = migrations()
     assert [m.version for m in found] == list(range(1, len(found) + 1))
     assert found[0].name == "0001_initial" and "{schema}.jobs" in found[0].sql
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://h:6379/abc", "must be a database number, as in redis://host:6379/0, not 'abc'"),
+        ("redis://h:6379/0?prefix=", "empty prefix"),
+    ],
+)
+def test_redis_urls_that_would_silently_mean_something_else_are_refused(
+    url: str, message: str
+) -> None:
+    from taskmill.brokers.redis import parse_url as parse_redis_url
+
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        parse_redis_url(url)
+    assert parse_redis_url("redis://h:6379/2?prefix=a:")[1] == "a:"

@@ -142,10 +142,16 @@ def parse_url(url: str) -> tuple[str, str, float]:
     shown = redact_url(url)  # for messages: never the password
     parts = urlsplit(url)
     scheme = {"valkey": "redis", "valkeys": "rediss"}.get(parts.scheme, parts.scheme)
-    options = dict(parse_qsl(parts.query))
+    options = dict(parse_qsl(parts.query, keep_blank_values=True))
     prefix = options.pop("prefix", "taskmill:")
     if not prefix:
         raise ConfigurationError(f"empty prefix in {shown!r}")
+    database = parts.path.lstrip("/")
+    if database and not database.isdigit():  # redis-py would take database 0 without a word
+        raise ConfigurationError(
+            f"the path of {shown!r} must be a database number, as in redis://host:6379/0, "
+            f"not {database!r}"
+        )
     try:
         unavailable_after_s = float(options.pop("unavailable_after_s", "5"))
     except ValueError:
