@@ -226,11 +226,11 @@ def test_jobs_commands_keep_the_documented_exit_codes(cli: Cli) -> None:
 
 def test_tasks_purge_all_and_the_workers_counters(cli: Cli) -> None:
     listed = {t["name"]: t for t in cli.json("tasks")}
-    assert sorted(listed) == ["add", "block", "boom", "flaky", "steps"]
+    assert sorted(listed) == ["add", "block", "boom", "chatty", "flaky", "steps"]
     assert (listed["steps"]["queue"], listed["steps"]["priority"]) == ("urgent", 5)
     assert listed["boom"]["retries"] == 0 and listed["add"]["schedules"] == []
     table = cli.ok("tasks")
-    assert "tasks (5)" in table and "urgent" in table
+    assert "tasks (6)" in table and "urgent" in table
     env = {k: v for k, v in cli.env.items() if k != "TASKMILL_APP"}
     r = cli.run("tasks", env=env)
     assert r.returncode == 2 and "no app given" in one_error_line(r)
