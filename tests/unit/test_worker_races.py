@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from taskmill import App, Backoff, current_job
 from taskmill.brokers.base import HeartbeatReply
 from taskmill.brokers.memory import MemoryBroker
-from taskmill.job import Claim, Finish, Job, WorkerInfo
+from taskmill.job import Claim, Finish, Job, Progress, WorkerInfo
 from taskmill.testing import running_worker
 
 
@@ -71,5 +71,44 @@ def test_a_late_heartbeat_reply_does_not_stop_the_next_attempt() -> None:
         with running_worker(app):
             handle = flaky.send()
             assert handle.result(timeout=10) == 2
+    finally:
+        app.close()
+
+
+class SlowProgress(MemoryBroker):
+    """Progress writes take a while (a slow network): the job ends while its last report is
+    still on its way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = threading.Event()
+
+    async def record_progress(self, items: Sequence[Progress]) -> None:
+        self.writing.set()
+        await asyncio.sleep(0.3)
+        await super().record_progress(items)
+
+
+def test_an_outcome_waits_for_the_progress_write_in_flight() -> None:
+    """The flush took the job's last report while it ran; the job ended before that write
+    landed: its outcome must not overtake it (the report would be refused as stale, and its
+    event would follow the outcome's)."""
+    broker = SlowProgress()
+    app = App("memory://")
+    app._broker = broker
+
+    @app.task()
+    def reporter() -> str:
+        current_job().progress(1.0, "done")
+        assert broker.writing.wait(10)  # the report is being written
+        return "ok"
+
+    try:
+        # one slot: the claim loop waits for it and carries the outcome the moment it ends
+        with running_worker(app, concurrency=1):
+            handle = reporter.send()
+            assert handle.result(timeout=10) == "ok"
+        job = app.get_job(handle.id)
+        assert (job.progress, job.progress_message) == (1.0, "done")
     finally:
         app.close()

@@ -331,8 +331,8 @@ class Worker:
             final, self._final_progress = self._final_progress, []
             self._riding = batch
             try:
-                if final:
-                    await self._write_progress(final)
+                if final or self._progress_write.locked():
+                    await self._write_progress(final)  # after any report of theirs in flight
                 applied, jobs = await broker.finish_and_claim(
                     batch, self.queues, free, self.id, self.lease_s
                 )
@@ -538,8 +538,8 @@ class Worker:
         final, self._final_progress = self._final_progress, []
         self._flushing = batch
         try:
-            if final:
-                await self._write_progress(final)
+            if final or self._progress_write.locked():
+                await self._write_progress(final)  # after any report of theirs in flight
             applied = await self._broker.finish(batch)
         except Exception as exc:
             self._flushing = []
@@ -584,18 +584,22 @@ class Worker:
 
     async def _write_progress(self, items: list[tuple[Progress, Job]]) -> None:
         """Store progress reports (and publish them as events), one write at a time: a job's
-        last report must not be overtaken by an earlier one still in flight."""
+        last report must not be overtaken by an earlier one still in flight. With no items:
+        wait for the write in flight, which may hold a report of a job whose outcome is next
+        (an outcome written first would make the broker refuse that report as stale)."""
         assert self._broker is not None
         async with self._progress_write:
+            if not items:  # only waited for the write in flight
+                return
             try:
                 await self._broker.record_progress([p for p, _ in items])
             except Exception as exc:
                 log.error("worker %s: recording progress failed: %s", self.id, exc)
                 raise
-        if self._events_on:
-            now = time.time()
-            for p, job in items:
-                self._emit(progressed(job, p.fraction, p.message, now))
+            if self._events_on:  # under the lock: before the events of outcomes it held back
+                now = time.time()
+                for p, job in items:
+                    self._emit(progressed(job, p.fraction, p.message, now))
 
     def _emit_outcomes(self, batch: list[Finish], applied: list[bool]) -> None:
         if not self._events_on:
