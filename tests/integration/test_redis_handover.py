@@ -190,6 +190,30 @@ def test_a_registration_that_lands_after_the_sign_off_takes_no_job(app: App) -> 
     assert (job.state, job.worker_id) == (JobState.QUEUED, None)
 
 
+def test_detach_ends_a_wait_cancelled_before_it_blocked(app: App) -> None:
+    """A stopping worker's wait, cancelled while its registration is on the wire: detaching
+    must end it, not let it open a blocking connection on the dying loop afterwards (that
+    socket was never closed: "unclosed socket" warnings in a later test, seen in CI)."""
+
+    async def stop_while_registering() -> None:
+        broker = app.broker
+        await broker.attach()
+        waiter = asyncio.create_task(broker.wait(QUEUES, 5.0, HandOver(WORKER, 30.0)))
+        await asyncio.sleep(0)  # the wait starts: its registration script is sent
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await broker.detach()
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        await asyncio.wait_for(asyncio.gather(*others, return_exceptions=True), 10)
+        loop = asyncio.get_running_loop()  # whatever else ran on the loop, it made no client
+        assert not broker._orphans.get(loop)  # type: ignore[attr-defined]
+        assert loop not in broker._ablocking  # type: ignore[attr-defined]
+        assert loop not in broker._aclients  # type: ignore[attr-defined]
+
+    asyncio.run(stop_while_registering())
+
+
 def test_a_job_handed_to_a_dead_worker_comes_back_when_its_lease_expires(app: App) -> None:
     app.run_sync(register_then_stop_waiting(app, lease_s=0.3))
     job_id = send(app, 1)

@@ -37,6 +37,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
@@ -294,6 +295,9 @@ class RedisBroker(Broker):
         self._aclients: dict[asyncio.AbstractEventLoop, Any] = {}
         self._ablocking: dict[asyncio.AbstractEventLoop, Any] = {}
         self._attached: set[asyncio.AbstractEventLoop] = set()
+        # loops a worker detached from: no client may be made on them again (an orphaned wait
+        # going on there would open a connection that nothing closes)
+        self._detached: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         # per loop: waits whose callers were cancelled, still blocked (ended by detach)
         self._orphans: dict[asyncio.AbstractEventLoop, set[asyncio.Future[Any]]] = {}
         # per worker: hand-overs its waits received ('id token'), acknowledged by its next claim
@@ -324,6 +328,7 @@ class RedisBroker(Broker):
         loop = asyncio.get_running_loop()
         client = self._aclients.get(loop)
         if client is None:
+            self._check_not_detached(loop)
             client = self._aclients[loop] = aredis.Redis.from_url(
                 self._redis_url, socket_connect_timeout=2, socket_timeout=10,
                 health_check_interval=30,
@@ -335,6 +340,7 @@ class RedisBroker(Broker):
         loop = asyncio.get_running_loop()
         client = self._ablocking.get(loop)
         if client is None:
+            self._check_not_detached(loop)
             # no retries of its own: a BLPOP whose socket was closed (a detaching worker ends
             # its orphaned waits so) must end, not block again; the worker retries a wait
             client = self._ablocking[loop] = aredis.Redis.from_url(
@@ -344,6 +350,12 @@ class RedisBroker(Broker):
                 retry=Retry(NoBackoff(), 0),
             )
         return client
+
+    def _check_not_detached(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop in self._detached:
+            raise BrokerUnavailableError(
+                "the worker detached from this event loop: no new Redis connection is made here"
+            )
 
     def _sync_client(self) -> Any:
         if self._sync is None:
@@ -535,10 +547,11 @@ class RedisBroker(Broker):
         loop = asyncio.get_running_loop()
         orphans = self._orphans.pop(loop, set())
         blocking = self._ablocking.get(loop)
-        if orphans and blocking is not None:
+        if blocking is not None:
             # waits whose callers were cancelled may still block on the server: closing
             # their sockets ends them at once (a cancel might wait out the block)
             await blocking.connection_pool.disconnect()
+        if orphans:  # and those not blocking yet end at their next step (_check_not_detached)
             await asyncio.gather(*orphans, return_exceptions=True)
         for clients in (self._aclients, self._ablocking):
             client = clients.pop(loop, None)
@@ -546,12 +559,15 @@ class RedisBroker(Broker):
                 await client.aclose()
 
     async def attach(self) -> None:
-        self._attached.add(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self._detached.discard(loop)
+        self._attached.add(loop)
 
     async def detach(self) -> None:
         loop = asyncio.get_running_loop()
         if loop in self._attached:
             self._attached.discard(loop)
+            self._detached.add(loop)
             await self._close_loop_clients()
 
     # --- producers ------------------------------------------------------------------------
