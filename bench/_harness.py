@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from bench.peers._common import LAT, drain_status
+from bench.peers._common import IO_KEY, LAT, WORKLOADS, drain_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_DIR = os.path.join(ROOT, "bench", ".peers")
@@ -126,10 +126,25 @@ def run_json(cmd: list[str], env: dict[str, str], timeout: float, logfile: str) 
 # --- set-up ------------------------------------------------------------------------------------
 
 
+def venv_python(name: str) -> str:
+    """The python of the peers' virtualenv ``bench/.peers/<name>`` (made by `ensure_venv`)."""
+    return os.path.join(PEERS_DIR, name, "bin", "python")
+
+
+def ensure_venvs(libs: list[Lib], venvs: dict[str, list[str]]) -> None:
+    """`ensure_venv` for each of ``venvs`` that one of ``libs`` runs from (``--only taskmill``
+    installs no peer)."""
+    commands = [cmd for lib in libs for cmd in ([lib.python], *lib.setup, *lib.workers)]
+    for name, requirements in venvs.items():
+        bindir = os.path.dirname(venv_python(name))
+        if any(os.path.dirname(cmd[0]) == bindir for cmd in commands):
+            ensure_venv(name, requirements)
+
+
 def ensure_venv(name: str, requirements: list[str]) -> str:
     """``bench/.peers/<name>`` with ``requirements`` installed; reused while they are unchanged."""
     path = os.path.join(PEERS_DIR, name)
-    python = os.path.join(path, "bin", "python")
+    python = venv_python(name)
     marker = os.path.join(path, "bench-requirements.txt")
     wanted = "\n".join(requirements) + "\n"
     with suppress(OSError), open(marker) as f:
@@ -197,6 +212,7 @@ class Lib:
     workers: list[list[str]]  # one command line per process started by this script
     env: dict[str, str] = field(default_factory=dict)
     setup: list[list[str]] = field(default_factory=list)  # run before the enqueue (a schema)
+    default: bool = True  # run unless ``--only`` leaves it out; False: only when named there
 
 
 @dataclass
@@ -238,19 +254,21 @@ def wait_for(
 
 def run_lib(
     lib: Lib, port: int, tmp: str, args: argparse.Namespace,
-    prepare: Callable[[Lib], None] | None = None,
+    prepare: Callable[[Lib], None] | None = None, workload: str = "noop",
 ) -> Row:  # fmt: skip
     """One library's phases: ``prepare(lib)`` and ``lib.setup`` (a fresh store), the timed
     enqueue of ``--jobs``, the drain by freshly started workers, then the latency at ``--rate``
-    on the same workers. ``port``: the measuring Redis, ``FLUSHALL``ed first."""
+    on the same workers. ``port``: the measuring Redis, ``FLUSHALL``ed first. ``workload``:
+    what each drain job's body does (``bench/peers/_common.py``: ``noop`` or ``io``)."""
     row = Row(lib)
-    slug = lib.name.replace(" ", "-")
+    slug = f"{workload}-{lib.name.replace(' ', '-')}"
     env = {
         **os.environ,
         "PYTHONPATH": ROOT,
         "CMP_REDIS_URL": f"redis://127.0.0.1:{port}/0",
         "PYTHONDONTWRITEBYTECODE": "1",
         "CMP_PROBE": args.probe,
+        "CMP_WORKLOAD": workload,
         **lib.env,
     }
     env.pop("VIRTUAL_ENV", None)
@@ -279,6 +297,8 @@ def run_lib(
             args.timeout, 30.0, "drain",
         )  # fmt: skip
         _, first, last = drain_status(client)
+        if workload == "io" and int(client.get(IO_KEY) or 0) < args.jobs:
+            raise RuntimeError(f"the io workload made {client.get(IO_KEY)} INCRs, not {args.jobs}")
         row.drain = args.jobs / (last - first)
         row.notes.append(f"first job ran {first - started:.2f} s after the workers were started")
         log(f"{lib.name}: drain {row.drain:,.0f} jobs/s ({last - first:.2f} s)")
@@ -335,14 +355,34 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
         help="drain probe: in-process tally flushed every 50 ms (default), or a Redis round"
         " trip per job",
     )
+    parser.add_argument(
+        "--workload",
+        choices=[*WORKLOADS, "both"],
+        default="both",
+        help="what each drain job does: nothing (noop), one Redis INCR with the library's kind"
+        " of client (io: redis-py sync in sync tasks, redis.asyncio in async ones), or both in"
+        " turn (default)",
+    )
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     return parser
 
 
+def workloads(args: argparse.Namespace) -> list[str]:
+    """The workloads to run, in order: ``--workload both`` is no-op first, then io."""
+    return list(WORKLOADS) if args.workload == "both" else [args.workload]
+
+
+WORKLOAD_TITLES = {"noop": "no-op jobs", "io": "I/O jobs (each body: one Redis INCR)"}
+
+
 def select(libs: list[Lib], only: str | None) -> list[Lib]:
     if not only:
-        return libs
+        return [lib for lib in libs if lib.default]
     wanted = {n.strip() for n in only.split(",")}
+    unknown = wanted - {lib.name for lib in libs}
+    if unknown:
+        known = ", ".join(lib.name for lib in libs)
+        raise SystemExit(f"--only: no library named {', '.join(sorted(unknown))} (known: {known})")
     return [lib for lib in libs if lib.name in wanted]
 
 
@@ -421,6 +461,15 @@ def versus_fastest_peer(rows: list[Row]) -> list[str]:
         f"- taskmill drain vs the fastest peer ({best.lib.name}): "
         f"{tm.drain / (best.drain or 1):.2f}x"
     ]
+
+
+def sync_versus_async(rows: list[Row]) -> list[str]:
+    """taskmill's sync drain (thread pool) as a share of its async one (event loop)."""
+    drains = {r.lib.name: r.drain for r in rows if r.drain}
+    sync, async_ = drains.get("taskmill"), drains.get("taskmill async")
+    if not (sync and async_):
+        return []
+    return [f"- taskmill sync drain ÷ taskmill async drain: {sync / async_:.0%}"]
 
 
 def print_report(

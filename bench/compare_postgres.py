@@ -20,10 +20,13 @@ What it does, in one invocation (the harness is `bench/_harness.py`, shared with
    bodies and producers record into it with the same code for every library
    (`bench/peers/_common.py`, as in `bench.compare_redis`), so no library is measured by
    its own bookkeeping.
-4. For each library: ``--jobs`` no-op jobs are enqueued first (timed, with each library's bulk
+4. For each workload (``--workload``: ``noop``, ``io`` or ``both``, the default, in that order)
+   and each library: ``--jobs`` jobs are enqueued first (timed, with each library's bulk
    API: taskmill ``send_many``, Procrastinate ``batch_defer``, batches of 1,000), then 2 worker
    processes are started and drain them (drain = jobs / (latest - earliest task body start),
-   so worker start-up is not counted).
+   so worker start-up is not counted). An I/O job's body does one ``INCR`` on the measuring
+   Redis first (redis-py's sync client in a sync task, ``redis.asyncio`` in an async one),
+   the same code for both libraries (`bench/peers/_common.py`).
 5. Latency, on the same (now idle) workers: ``--seconds`` of jobs sent at a steady ``--rate``
    by a timed loop, after a 20-job warm-up and a 1 s pause; each body pushes
    ``time.time() - sent`` (the producer's clock just before the send call) to Redis. Both
@@ -36,6 +39,7 @@ Worker configurations (logging at WARNING for all: per-job INFO lines would meas
 
 - taskmill: ``taskmill worker bench.peers.taskmill_app:app -p 2 -c 16`` (a supervisor and 2
   worker processes), with a sync task (thread pool; the reference row) and an async task.
+  "taskmill inline" (only when named in ``--only``): the sync task with ``--pool async``.
 - Procrastinate: 2 ``procrastinate --app bench.peers.procrastinate_app.app worker`` processes
   with its defaults (concurrency 1: "by default, each worker only takes one job at a time";
   more throughput is "multiple workers, each using their own process"), LISTEN/NOTIFY on, a
@@ -62,6 +66,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import redis
@@ -69,10 +74,11 @@ import redis
 from bench._harness import (
     PEERS_DIR,
     ROOT,
+    WORKLOAD_TITLES,
     Lib,
     Row,
     arg_parser,
-    ensure_venv,
+    ensure_venvs,
     exit_on_sigterm,
     git_describe,
     log,
@@ -83,7 +89,10 @@ from bench._harness import (
     run_lib,
     select,
     stop_all,
+    sync_versus_async,
+    venv_python,
     versus_fastest_peer,
+    workloads,
 )
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -172,6 +181,16 @@ def libraries(server: PostgresServer, procrastinate_py: str) -> list[Lib]:
             [tm_migrate],
         ),
         Lib(
+            "taskmill inline",
+            "`taskmill worker -p 2 -c 16 --pool async`, sync task on the event loop",
+            sys.executable,
+            "bench.peers.taskmill_app",
+            [[*tm_worker[:-3], "async", *tm_worker[-2:]]],
+            {"CMP_TASKMILL_VARIANT": "sync"},
+            [tm_migrate],
+            default=False,
+        ),
+        Lib(
             "procrastinate",
             "2 x `procrastinate worker` (default concurrency 1), sync task (run in a thread)",
             procrastinate_py,
@@ -224,11 +243,16 @@ def taskmill_extras(
     return run_json(cmd, env, timeout, os.path.join(tmp, "taskmill-extras.log"))
 
 
-def extras_lines(extras: dict[str, Any] | str, rows: list[Row]) -> list[str]:
+def extras_lines(extras: dict[str, Any] | str | None, rows: list[Row]) -> list[str]:
+    """The lines under a workload's table: taskmill's bulk enqueue and drain ratios, and the
+    ``send()`` loop's figures (``extras``; None: not under this table)."""
     tm = next((r for r in rows if r.lib.name == "taskmill"), None)
     lines = []
     if tm and tm.enqueue:
         lines.append(f"- taskmill bulk enqueue ({tm.enqueue_api}): {tm.enqueue:,.0f} jobs/s")
+    lines += versus_fastest_peer(rows) + sync_versus_async(rows)
+    if extras is None:
+        return lines
     if isinstance(extras, str):
         lines.append(f"- taskmill send() loop vs one connection's ceilings: failed: {extras}")
     else:
@@ -239,7 +263,7 @@ def extras_lines(extras: dict[str, Any] | str, rows: list[Row]) -> list[str]:
             f"{extras['select_loop']:,.0f}/s (best of 2 rounds of {extras['n']:,} each, "
             "back to back)"
         )
-    return lines + versus_fastest_peer(rows)
+    return lines
 
 
 def target_lines(rows: list[Row]) -> list[str]:
@@ -278,8 +302,8 @@ def main() -> None:
 
     t_start = time.monotonic()
     os.makedirs(PEERS_DIR, exist_ok=True)
-    procrastinate_py = ensure_venv("venv-procrastinate", PEER_VENVS["venv-procrastinate"])
-    rows: list[Row] = []
+    procrastinate_py = venv_python("venv-procrastinate")
+    rows: dict[str, list[Row]] = {}
     extras: dict[str, Any] | str = "not run"
     settings: dict[str, str] = {}
     redis_version = "?"
@@ -294,10 +318,12 @@ def main() -> None:
                     f"{redis_version} on 127.0.0.1:{port}"
                 )
                 libs = select(libraries(server, procrastinate_py), args.only)
-                for lib in libs:
-                    rows.append(
-                        run_lib(lib, port, tmp, args, lambda lib: fresh_database(server, lib))
-                    )
+                ensure_venvs(libs, PEER_VENVS)
+                for workload in workloads(args):
+                    rows[workload] = [
+                        run_lib(lib, port, tmp, args, partial(fresh_database, server), workload)
+                        for lib in libs
+                    ]
                 if any(lib.name == "taskmill" for lib in libs):
                     try:
                         extras = taskmill_extras(
@@ -310,16 +336,25 @@ def main() -> None:
             if os.environ.get("CMP_KEEP_LOGS"):
                 shutil.copytree(tmp, os.environ["CMP_KEEP_LOGS"], dirs_exist_ok=True)
 
-    title = (
-        f"{args.jobs:,} no-op jobs, 2 worker processes, latency at {args.rate:.0f} jobs/s for "
-        f"{args.seconds:.0f} s; PostgreSQL {settings.get('server_version', '?')} "
-        f"(fsync {settings.get('fsync', '?')}, synchronous_commit "
-        f"{settings.get('synchronous_commit', '?')}), measured through redis-server "
-        f"{redis_version}; Python {platform.python_version()}, {os.cpu_count()} CPUs; "
-        f"{time.strftime('%Y-%m-%d')}, {time.monotonic() - t_start:.0f} s\n"
-        f"taskmill {git_describe() or '?'}; peers: {pins(PEER_VENVS)}"
-    )
-    print_report(title, rows, extras_lines(extras, rows), args.markdown, target_lines(rows))
+    for workload, table in rows.items():
+        title = (
+            f"{args.jobs:,} {WORKLOAD_TITLES[workload]}, 2 worker processes, latency at "
+            f"{args.rate:.0f} jobs/s for {args.seconds:.0f} s; PostgreSQL "
+            f"{settings.get('server_version', '?')} (fsync {settings.get('fsync', '?')}, "
+            f"synchronous_commit {settings.get('synchronous_commit', '?')}), measured through "
+            f"redis-server {redis_version}; Python {platform.python_version()}, "
+            f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d')}, "
+            f"{time.monotonic() - t_start:.0f} s for the whole run\n"
+            f"taskmill {git_describe() or '?'}; peers: {pins(PEER_VENVS)}"
+        )
+        last = workload == list(rows)[-1]
+        print_report(
+            title,
+            table,
+            extras_lines(extras if last else None, table),
+            args.markdown,
+            target_lines(table),
+        )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m bench.compare_redis [--jobs 20000] [--rate 200] [--seconds 10] [--markdown]
     python -m bench.compare_redis --only celery,rq       # a subset (names as in the table)
+    python -m bench.compare_redis --workload io          # only the I/O workload
 
 What it does, in one invocation:
 
@@ -10,9 +11,12 @@ What it does, in one invocation:
    because arq 0.28 requires redis-py < 6 while Celery 5.7 (kombu 5.7) requires >= 6.4.
 2. Starts its own ``redis-server`` on a free loopback port in a temporary directory
    (``--save "" --appendonly no``), and ``FLUSHALL``s it before each library.
-3. For each library, the same workload: ``--jobs`` no-op jobs are enqueued first (timed: each
-   library's bulk API where it has one, listed in the "enqueue" column), then 2 worker processes
-   are started and drain them.
+3. For each workload (``--workload``: ``noop``, ``io`` or ``both``, the default, in that
+   order) and each library: ``--jobs`` jobs are enqueued first (timed: each library's bulk API
+   where it has one, listed in the "enqueue" column), then 2 worker processes are started and
+   drain them. A no-op job's body does nothing but the probe; an I/O job's body first does one
+   ``INCR`` on this Redis with a client of its own (redis-py's synchronous client in a sync
+   task, ``redis.asyncio`` in an async one), the same code for every library.
 4. Latency, on the same (now idle) workers: jobs are sent at a steady ``--rate`` for
    ``--seconds`` by a timed loop; after a 20-job warm-up and a 1 s pause.
 
@@ -35,6 +39,8 @@ all, since per-job INFO lines would measure the logger):
 - taskmill: ``taskmill worker bench.peers.taskmill_app:app -p 2 -c 16`` (a supervisor and 2
   worker processes). Run twice: with a sync task (thread pool) and an async task (event loop);
   the sync row is the reference for the ratio, since Celery, Dramatiq and RQ run sync functions.
+  "taskmill inline" (only when named in ``--only``): the sync task with ``--pool async``, called
+  on the event loop itself, one job at a time: what the thread pool's hand-off costs.
 - Celery: ``celery worker --pool prefork -c 2``: one worker node, whose main process consumes
   from Redis and hands tasks to 2 forked pool processes. That is Celery's default pool and its
   documented way to run 2 processes (2 nodes of ``-c 1`` would be 4 processes). Defaults
@@ -69,10 +75,11 @@ import redis
 from bench._harness import (
     PEERS_DIR,
     ROOT,
+    WORKLOAD_TITLES,
     Lib,
     Row,
     arg_parser,
-    ensure_venv,
+    ensure_venvs,
     exit_on_sigterm,
     git_describe,
     log,
@@ -83,7 +90,10 @@ from bench._harness import (
     run_lib,
     select,
     stop_all,
+    sync_versus_async,
+    venv_python,
     versus_fastest_peer,
+    workloads,
 )
 
 # Pinned to the current releases (checked with `pip index versions` on 2026-11-23).
@@ -137,6 +147,15 @@ def libraries(port: int, peers_py: str, arq_py: str) -> list[Lib]:
             {**tm_env, "CMP_TASKMILL_VARIANT": "async"},
         ),
         Lib(
+            "taskmill inline",
+            "`taskmill worker -p 2 -c 16 --pool async`, sync task on the event loop",
+            sys.executable,
+            "bench.peers.taskmill_app",
+            [[*tm_worker[:-3], "async", *tm_worker[-2:]]],
+            {**tm_env, "CMP_TASKMILL_VARIANT": "sync"},
+            default=False,
+        ),
+        Lib(
             "celery",
             "`celery worker --pool prefork -c 2` (1 consumer + 2 pool processes), prefetch x4",
             peers_py,
@@ -187,13 +206,18 @@ def taskmill_extras(port: int, tmp: str, n: int, timeout: float) -> dict[str, An
     return run_json(cmd, env, timeout, os.path.join(tmp, "taskmill-extras.log"))
 
 
-def extras_lines(extras: dict[str, Any] | str, rows: list[Row]) -> list[str]:
-    if isinstance(extras, str):
-        return [f"- taskmill send() loop vs INCR ceiling: failed: {extras}"]
+def extras_lines(extras: dict[str, Any] | str | None, rows: list[Row]) -> list[str]:
+    """The lines under a workload's table: taskmill's bulk enqueue and its drain ratios, and
+    the ``send()`` loop's figures (``extras``; None: not under this table)."""
     tm = next((r for r in rows if r.lib.name == "taskmill"), None)
     lines = []
     if tm and tm.enqueue:
         lines.append(f"- taskmill bulk enqueue ({tm.enqueue_api}): {tm.enqueue:,.0f} jobs/s")
+    lines += versus_fastest_peer(rows) + sync_versus_async(rows)
+    if extras is None:
+        return lines
+    if isinstance(extras, str):
+        return [*lines, f"- taskmill send() loop vs INCR ceiling: failed: {extras}"]
     ratio = extras["send_loop"] / extras["incr_loop"]
     lines.append(
         f"- taskmill plain send() loop: {extras['send_loop']:,.0f} jobs/s; one connection's "
@@ -202,7 +226,7 @@ def extras_lines(extras: dict[str, Any] | str, rows: list[Row]) -> list[str]:
         f"{extras['writes_per_send']:.2f} socket writes (round trips), "
         f"{extras['commands_per_send']:.2f} Redis commands (including those run by Lua)"
     )
-    return lines + versus_fastest_peer(rows)
+    return lines
 
 
 def main() -> None:
@@ -211,9 +235,8 @@ def main() -> None:
 
     t_start = time.monotonic()
     os.makedirs(PEERS_DIR, exist_ok=True)
-    peers_py = ensure_venv("venv", PEER_VENVS["venv"])
-    arq_py = ensure_venv("venv-arq", PEER_VENVS["venv-arq"])
-    rows: list[Row] = []
+    peers_py, arq_py = venv_python("venv"), venv_python("venv-arq")
+    rows: dict[str, list[Row]] = {}
     extras: dict[str, Any] | str = "not run"
     version = "?"
     with tempfile.TemporaryDirectory(prefix="taskmill-cmp-") as tmp:
@@ -221,8 +244,9 @@ def main() -> None:
             with redis_server(tmp) as (port, version):
                 log(f"redis-server {version} on 127.0.0.1:{port}")
                 libs = select(libraries(port, peers_py, arq_py), args.only)
-                for lib in libs:
-                    rows.append(run_lib(lib, port, tmp, args))
+                ensure_venvs(libs, PEER_VENVS)
+                for workload in workloads(args):
+                    rows[workload] = [run_lib(lib, port, tmp, args, None, workload) for lib in libs]
                 if any(lib.name == "taskmill" for lib in libs):
                     try:
                         extras = taskmill_extras(port, tmp, args.send_loop_jobs, args.timeout)
@@ -234,13 +258,16 @@ def main() -> None:
                 shutil.copytree(tmp, os.environ["CMP_KEEP_LOGS"], dirs_exist_ok=True)
 
     commit = git_describe()
-    title = (
-        f"{args.jobs:,} no-op jobs, 2 worker processes, latency at {args.rate:.0f} jobs/s for "
-        f"{args.seconds:.0f} s; redis-server {version}, Python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d')}, {time.monotonic() - t_start:.0f} s\n"
-        f"taskmill {commit or '?'}; peers: {pins(PEER_VENVS).replace('[redis]', '')}"
-    )
-    print_report(title, rows, extras_lines(extras, rows), args.markdown)
+    for workload, table in rows.items():
+        title = (
+            f"{args.jobs:,} {WORKLOAD_TITLES[workload]}, 2 worker processes, latency at "
+            f"{args.rate:.0f} jobs/s for {args.seconds:.0f} s; redis-server {version}, Python "
+            f"{platform.python_version()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d')}, "
+            f"{time.monotonic() - t_start:.0f} s for the whole run\n"
+            f"taskmill {commit or '?'}; peers: {pins(PEER_VENVS).replace('[redis]', '')}"
+        )
+        last = workload == list(rows)[-1]
+        print_report(title, table, extras_lines(extras if last else None, table), args.markdown)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ the measuring code is the same for every library:
   measurement costs no round trip per job. Where a process ends after each job (RQ's forking
   worker) or with ``CMP_PROBE=redis``, the body instead runs one Lua script per job doing the
   same in Redis (one round trip each);
+- the job's own work, by ``CMP_WORKLOAD``: ``noop`` (nothing) or ``io`` (one ``INCR`` of
+  ``cmp:io`` on the measuring Redis, with redis-py's synchronous client in a sync body and
+  ``redis.asyncio`` in an async one: a client of its own per process, or per event loop, never
+  the library's); the drain probe runs it first, so every library's body is the same;
 - a latency probe takes the wall-clock time taken just before its send call and pushes
   ``now - sent`` (seconds, taken as the body starts) onto a Redis list;
 - a producer CLI (`run_cli`): ``enqueue N`` (timed), ``pace RATE SECONDS`` (a steady send loop).
@@ -30,6 +34,8 @@ import redis
 URL_ENV = "CMP_REDIS_URL"
 FIRST, LAST, DONE, LAT = "cmp:first", "cmp:last", "cmp:done", "cmp:lat"
 TALLY = "cmp:tally"  # hash: pid -> "count first last"
+IO_KEY = "cmp:io"  # what the io workload INCRs
+WORKLOADS = ("noop", "io")
 FLUSH_EVERY = 0.05
 
 # KEYS: first, last, done; ARGV: now. min/max, not plain SET, since bodies run concurrently.
@@ -49,6 +55,46 @@ def redis_url() -> str:
 def per_job() -> bool:
     """Record each job in Redis as it runs (its process may not outlive the job)?"""
     return os.environ.get("CMP_PROBE", "tally") == "redis" or bool(os.environ.get("CMP_FORKED"))
+
+
+def workload() -> str:
+    """What a drain job's body does before its probe: ``noop`` or ``io`` (``CMP_WORKLOAD``)."""
+    name = os.environ.get("CMP_WORKLOAD", "noop")
+    if name not in WORKLOADS:
+        raise SystemExit(f"CMP_WORKLOAD={name!r}: expected one of {', '.join(WORKLOADS)}")
+    return name
+
+
+_IO = workload() == "io"
+_io_sync: dict[int, Any] = {}
+_io_async: dict[int, Any] = {}
+
+
+def work() -> None:
+    """The job's own work in a sync body: one ``INCR`` for the io workload. One client per
+    process (pid-keyed: a forked child connects anew); redis-py's pool gives each thread its
+    own connection."""
+    if not _IO:
+        return
+    pid = os.getpid()
+    client = _io_sync.get(pid)
+    if client is None:
+        client = _io_sync[pid] = redis.Redis.from_url(redis_url())
+    client.incr(IO_KEY)
+
+
+async def awork() -> None:
+    """The job's own work in an async body: one ``INCR`` with ``redis.asyncio`` (a client per
+    event loop: a client is bound to its loop)."""
+    if not _IO:
+        return
+    import redis.asyncio
+
+    key = id(asyncio.get_running_loop())
+    client = _io_async.get(key)
+    if client is None:
+        client = _io_async[key] = redis.asyncio.Redis.from_url(redis_url())
+    await client.incr(IO_KEY)
 
 
 class _Tally:
@@ -95,7 +141,9 @@ def tally() -> None:
 
 
 def drain(connection: Any = None) -> None:
-    """Drain probe for a sync task body. ``connection``: the library's own client, if any."""
+    """A sync drain job's body: its work (`work`), then the drain probe. ``connection``: the
+    library's own client, if any (for the probe only)."""
+    work()
     if per_job():
         record_drain(connection)
     else:
@@ -103,7 +151,8 @@ def drain(connection: Any = None) -> None:
 
 
 async def adrain(connection: Any = None) -> None:
-    """Drain probe for an async task body."""
+    """An async drain job's body: its work (`awork`), then the drain probe."""
+    await awork()
     if per_job():
         await arecord_drain(connection)
     else:
