@@ -1,0 +1,232 @@
+"""The thread pool that runs sync tasks (``taskmill.worker.pools.ThreadRunner``), driven
+directly on an event loop: short calls share a thread and come back to the loop in a few
+wake-ups, calls that block get threads of their own, and what a worker relies on (errors,
+calls given up before they start, daemon threads, close) holds. Time limits are in
+test_time_limits.py; the pool under a real worker in the conformance suite."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from taskmill import App
+from taskmill.context import JobContext
+from taskmill.task import Task
+from taskmill.worker import pools
+from taskmill.worker.pools import ThreadRunner
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def app() -> Iterator[App]:
+    app = App("memory://")
+    yield app
+    app.close()
+
+
+def context(i: int = 0) -> JobContext:
+    return JobContext(
+        id=f"job-{i}", task="t", queue="default", attempt=1, max_attempts=1, _report=_ignore
+    )
+
+
+def _ignore(job_id: str, fraction: float | None, message: str | None) -> None:
+    return None
+
+
+def thread_name() -> str:
+    return threading.current_thread().name
+
+
+async def call(runner: ThreadRunner, task: Task[Any, Any], *args: Any, i: int = 0) -> Any:
+    return await runner.call(task, list(args), {}, context(i), None)
+
+
+def count_wake_ups(loop: asyncio.AbstractEventLoop) -> list[Callable[..., Any]]:
+    """Count the loop's ``call_soon_threadsafe`` calls (each writes to its self-pipe: a
+    wake-up) from now on; the list holds one entry per call."""
+    made: list[Callable[..., Any]] = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        made.append(callback)
+        return original(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    return made
+
+
+def test_short_calls_share_a_thread_and_come_back_in_a_few_loop_wake_ups(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no "stuck thread" round within the test, however loaded the machine running it
+    monkeypatch.setattr(pools, "_SPREAD_S", 0.5, raising=False)
+    short = app.task(name="short")(thread_name)
+
+    async def main() -> tuple[list[str], int]:
+        runner = ThreadRunner(16)
+        try:
+            await call(runner, short)  # known as short from now on
+            wake_ups = count_wake_ups(asyncio.get_running_loop())
+            names = await asyncio.gather(*(call(runner, short, i=i) for i in range(64)))
+            return names, len(wake_ups)
+        finally:
+            runner.close()
+
+    names, wake_ups = asyncio.run(main())
+    assert len(names) == 64
+    assert len(set(names)) <= 2, sorted(set(names))
+    assert all(name.startswith("taskmill-task_") for name in names)
+    assert wake_ups <= 8  # one per call before: 64
+
+
+def test_calls_that_block_get_a_thread_each(app: App) -> None:
+    # 8 calls that can only end together: they must run at the same time
+    barrier = threading.Barrier(8, timeout=10)
+
+    def meet_the_others() -> str:
+        barrier.wait()
+        return thread_name()
+
+    meet = app.task(name="meet")(meet_the_others)
+
+    async def main() -> list[str]:
+        runner = ThreadRunner(16)
+        try:
+            return await asyncio.gather(*(call(runner, meet, i=i) for i in range(8)))
+        finally:
+            runner.close()
+
+    assert len(set(asyncio.run(main()))) == 8
+
+
+def test_a_short_function_that_starts_to_block_spreads_over_more_threads(app: App) -> None:
+    barrier = threading.Barrier(8, timeout=10)
+
+    def sometimes_meets(meet: bool) -> str:
+        if meet:
+            barrier.wait()
+        return thread_name()
+
+    task = app.task(name="sometimes_meets")(sometimes_meets)
+
+    async def main() -> list[str]:
+        runner = ThreadRunner(16)
+        try:
+            for _ in range(5):  # known as short: the 8 calls below are queued for one thread
+                await call(runner, task, False)
+            return await asyncio.gather(*(call(runner, task, True, i=i) for i in range(8)))
+        finally:
+            runner.close()
+
+    assert len(set(asyncio.run(main()))) == 8
+
+
+def test_a_result_is_not_held_back_by_a_slow_call_after_it_on_the_same_thread(
+    app: App,
+) -> None:
+    release = threading.Event()
+
+    def maybe_slow(slow: bool) -> str:
+        if slow:
+            release.wait(20)
+        return thread_name()
+
+    task = app.task(name="maybe_slow")(maybe_slow)
+
+    async def main() -> tuple[str, str, bool]:
+        runner = ThreadRunner(16)
+        try:
+            for _ in range(5):
+                await call(runner, task, False)
+            fast = asyncio.create_task(call(runner, task, False, i=1))
+            slow = asyncio.create_task(call(runner, task, True, i=2))
+            fast_thread = await asyncio.wait_for(fast, 10)
+            still_running = not slow.done()
+            release.set()
+            return fast_thread, await slow, still_running
+        finally:
+            release.set()
+            runner.close()
+
+    fast_thread, slow_thread, slow_still_running = asyncio.run(main())
+    assert slow_still_running
+    assert fast_thread == slow_thread  # the case in question: both ran on one thread
+
+
+def test_an_error_reaches_the_awaiting_coroutine(app: App) -> None:
+    def fails() -> None:
+        raise ValueError("bad input: 42")
+
+    task = app.task(name="fails")(fails)
+
+    async def main() -> None:
+        runner = ThreadRunner(4)
+        try:
+            await call(runner, task)
+        finally:
+            runner.close()
+
+    with pytest.raises(ValueError, match=r"^bad input: 42$"):
+        asyncio.run(main())
+
+
+def test_a_call_given_up_before_it_started_never_runs(app: App) -> None:
+    release = threading.Event()
+    ran: list[str] = []
+
+    def record(what: str) -> None:
+        if what == "first":
+            release.wait(20)
+        ran.append(what)
+
+    task = app.task(name="record")(record)
+
+    async def main() -> None:
+        runner = ThreadRunner(1)
+        try:
+            first = asyncio.create_task(call(runner, task, "first", i=1))
+            given_up = asyncio.create_task(call(runner, task, "given up", i=2))
+            await asyncio.sleep(0)  # both queued; the one thread is held by the first
+            given_up.cancel()
+            release.set()
+            await first
+            await call(runner, task, "last", i=3)  # runs after anything queued before it
+        finally:
+            release.set()
+            runner.close()
+
+    asyncio.run(main())
+    assert ran == ["first", "last"]
+
+
+def test_threads_are_daemons_started_on_demand_and_end_when_closed(app: App) -> None:
+    seen: list[threading.Thread] = []
+
+    def current() -> threading.Thread:
+        thread = threading.current_thread()
+        seen.append(thread)
+        return thread
+
+    task = app.task(name="current")(current)
+
+    async def main() -> None:
+        runner = ThreadRunner(16)
+        await call(runner, task)
+        runner.close()
+
+    before = {t for t in threading.enumerate() if t.name.startswith("taskmill-task")}
+    asyncio.run(main())
+    assert len(seen) == 1 and seen[0].daemon
+    started = {t for t in threading.enumerate() if t.name.startswith("taskmill-task")} - before
+    assert started <= set(seen)  # one call started one thread, not sixteen
+    deadline = time.monotonic() + 10
+    while seen[0].is_alive() and time.monotonic() < deadline:
+        seen[0].join(0.05)
+    assert not seen[0].is_alive()
