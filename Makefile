@@ -59,3 +59,9 @@ bench-redis: install test-deps
 # directory); Procrastinate is installed into bench/.peers/, not into the project's virtualenv
 bench-postgres: install test-deps
 	$(BIN)/python -m bench.compare_postgres $(BENCH_ARGS)
+
+# taskmill against Huey's SqliteHuey, each on a fresh SQLite file in a temporary directory; Huey
+# is installed into bench/.peers/, not into the project's virtualenv
+.PHONY: bench-sqlite
+bench-sqlite: install test-deps
+	$(BIN)/python -m bench.compare_sqlite $(BENCH_ARGS)
