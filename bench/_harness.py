@@ -221,22 +221,49 @@ class Row:
     enqueue: float | None = None
     enqueue_api: str = ""
     drain: float | None = None
+    cpu_us: float | None = None  # the workers' CPU time per job during the drain
     p50: float | None = None
     p99: float | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
+def group_cpu_s(leaders: list[subprocess.Popen[bytes]]) -> float | None:
+    """CPU time (user + system, in seconds) of every process in the process groups that
+    ``leaders`` lead, including their reaped children's (a forked work horse's); None where
+    there is no Linux ``/proc``."""
+    groups = {proc.pid for proc in leaders}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    total = 0
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) in groups:  # pgrp; then utime, stime, cutime, cstime
+            total += sum(int(v) for v in fields[11:15])
+    return total / tick
+
+
 def wait_for(
     check: Any, target: int, workers: list[subprocess.Popen[bytes]], logs: list[str],
-    timeout: float, stall: float, what: str,
+    timeout: float, stall: float, what: str, on_first: Callable[[int], None] | None = None,
 ) -> None:  # fmt: skip
     """Poll ``check()`` until it reaches ``target``; fail on timeout, on no progress for
-    ``stall`` seconds, or when a worker process exits."""
+    ``stall`` seconds, or when a worker process exits. ``on_first(count)``: called once, when
+    the count first moves."""
     start = last_change = time.monotonic()
     last = -1
     while True:
         got = int(check())
+        if got and on_first is not None:
+            on_first(got)
+            on_first = None
         if got >= target:
             return
         now = time.monotonic()
@@ -249,7 +276,7 @@ def wait_for(
             raise RuntimeError(f"{what}: timed out after {timeout:.0f} s at {got:,}/{target:,}")
         if now - last_change > stall:
             raise RuntimeError(f"{what}: no progress for {stall:.0f} s at {got:,}/{target:,}")
-        time.sleep(0.1)
+        time.sleep(0.01 if on_first is not None else 0.1)
 
 
 def run_lib(
@@ -292,10 +319,18 @@ def run_lib(
         for i, cmd in enumerate(lib.workers):
             logs.append(os.path.join(tmp, f"{slug}-worker{i}.log"))
             workers.append(spawn(cmd, env, logs[-1]))
+        # CPU time from the first job seen to the last: a noisy machine's time-sharing moves
+        # drain rates far more than the CPU time a job costs
+        cpu_from: list[tuple[int, float | None]] = []
         wait_for(
             lambda: drain_status(client)[0], args.jobs, workers, logs,
-            args.timeout, 30.0, "drain",
+            args.timeout, 30.0, "drain", lambda n: cpu_from.append((n, group_cpu_s(workers))),
         )  # fmt: skip
+        cpu_to = group_cpu_s(workers)
+        if cpu_from and cpu_from[0][1] is not None and cpu_to is not None:
+            done_from, cpu_start = cpu_from[0]
+            jobs = drain_status(client)[0] - done_from
+            row.cpu_us = (cpu_to - (cpu_start or 0.0)) / max(jobs, 1) * 1e6
         _, first, last = drain_status(client)
         if workload == "io" and int(client.get(IO_KEY) or 0) < args.jobs:
             raise RuntimeError(f"the io workload made {client.get(IO_KEY)} INCRs, not {args.jobs}")
@@ -403,6 +438,7 @@ HEADERS = [
     "enqueue jobs/s (API)",
     "drain jobs/s",
     "x taskmill",
+    "worker CPU µs/job",
     "p50 ms",
     "p99 ms",
 ]
@@ -413,7 +449,7 @@ def cells(rows: list[Row]) -> list[list[str]]:
     table = []
     for r in rows:
         if r.error:
-            table.append([r.lib.name, r.lib.configuration, f"failed: {r.error}", "", "", "", ""])
+            table.append([r.lib.name, r.lib.configuration, f"failed: {r.error}", *[""] * 5])
             continue
         ratio = f"{r.drain / ref:.2f}" if r.drain and ref else "—"
         table.append(
@@ -423,6 +459,7 @@ def cells(rows: list[Row]) -> list[list[str]]:
                 f"{r.enqueue:,.0f} ({r.enqueue_api})" if r.enqueue else "—",
                 f"{r.drain:,.0f}" if r.drain else "—",
                 ratio,
+                f"{r.cpu_us:,.0f}" if r.cpu_us is not None else "—",
                 f"{r.p50:.2f}" if r.p50 is not None else "—",
                 f"{r.p99:.2f}" if r.p99 is not None else "—",
             ]
@@ -433,7 +470,7 @@ def cells(rows: list[Row]) -> list[list[str]]:
 def plain(rows: list[Row]) -> str:
     table = [HEADERS, *cells(rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(HEADERS))]
-    right = {3, 4, 5, 6}
+    right = {3, 4, 5, 6, 7}
     out = []
     for line in table:
         out.append(
@@ -445,7 +482,7 @@ def plain(rows: list[Row]) -> str:
 
 
 def markdown(rows: list[Row]) -> str:
-    out = ["| " + " | ".join(HEADERS) + " |", "|---|---|---|---:|---:|---:|---:|"]
+    out = ["| " + " | ".join(HEADERS) + " |", "|---|---|---|---:|---:|---:|---:|---:|"]
     out += ["| " + " | ".join(line) + " |" for line in cells(rows)]
     return "\n".join(out)
 

@@ -23,6 +23,7 @@ _HANDOFF_WAIT_S = 0.002
 # TaskThreads: how much queued work (by expected durations) one awake thread may have before
 # another is woken, and how long no queued call may start before more are
 _SPREAD_S = 0.002
+_STALL_S = 0.005
 _RISE = 1.1  # how fast a function's expected duration follows longer runs, per call
 
 
@@ -178,17 +179,17 @@ class TaskThreads:
     and 1.7 times the worker's CPU time per job of calling the function on the loop itself.
     So here:
 
-    - a thread that finishes a call takes the next queued one itself. Another thread is woken
-      only if none is awake, or if the calls queued would keep those awake busy for longer
-      than ``spread_s`` by how long calls of the same functions took lately (short calls run
-      one after another on one thread; slow ones get a thread each at once), or if no queued
-      call could start for ``spread_s`` (the threads awake are stuck in calls slower than
-      usual: as many more are woken as are awake, each round);
+    - a thread that finishes a call takes the next queued one itself. Threads are woken once
+      the loop has queued what it had to, as many as the queued calls need by how long calls
+      of the same functions took lately: one thread for each ``spread_s`` of expected work
+      (short calls run one after another on one thread; slow ones get a thread each at once);
     - results go back in batches: a thread hands its results to the loop (one
       ``call_soon_threadsafe``) when it finds the queue empty, so the loop sleeps while the
-      calls it queued run (no turns at the GIL) and wakes once for all of them. A watch timer
-      on the loop, every ``spread_s`` while calls are queued or results wait, collects the
-      results a thread holds while it is stuck in a slow call.
+      calls it queued run (no turns at the GIL) and wakes once for all of them;
+    - a watch timer on the loop, every ``stall_s`` while calls are queued or results wait,
+      handles calls slower than usual: if no thread could take a queued call meanwhile,
+      those awake are stuck, so as many more are woken as are awake (16 threads within
+      four rounds), and the results a stuck thread holds are collected.
 
     Threads are daemons, started on demand up to ``threads``: ``ThreadPoolExecutor`` joins its
     threads at interpreter exit, so one sync task that ignores ``current_job().cancelled``
@@ -196,12 +197,18 @@ class TaskThreads:
     """
 
     def __init__(
-        self, threads: int, name: str, loop: asyncio.AbstractEventLoop, spread_s: float = _SPREAD_S
+        self,
+        threads: int,
+        name: str,
+        loop: asyncio.AbstractEventLoop,
+        spread_s: float = _SPREAD_S,
+        stall_s: float = _STALL_S,
     ) -> None:
         self._max = threads
         self._name = name
         self._loop = loop
         self._spread_s = spread_s
+        self._stall_s = stall_s
         self._lock = threading.Lock()  # guards the fields below (the loop's own: see after)
         self._queue: deque[_Call] = deque()
         self._queued_s = 0.0  # the expected durations of the calls queued, summed
@@ -238,7 +245,7 @@ class TaskThreads:
             self._kick_due = True
             self._loop.call_soon(self._kick)
         if self._watch is None:
-            self._watch = self._loop.call_later(self._spread_s, self._on_watch)
+            self._watch = self._loop.call_later(self._stall_s, self._on_watch)
 
     def _kick(self) -> None:
         """Wake as many threads as the calls queued need: one, or one per ``spread_s`` of the
@@ -272,12 +279,12 @@ class TaskThreads:
         return False
 
     def _on_watch(self) -> None:
-        """Every ``spread_s`` while calls are queued or results wait: if no thread took a
+        """Every ``stall_s`` while calls are queued or results wait: if no thread took a
         call meanwhile, those awake are stuck in slow calls: wake more for the queued calls,
         and collect the results finished before (their threads went on to the slow calls)."""
         self._watch = None
         with self._lock:
-            stalled = time.monotonic() - self._last_start >= self._spread_s
+            stalled = time.monotonic() - self._last_start >= self._stall_s
             if stalled and self._queue:
                 for _ in range(min(len(self._queue), max(self._awake, 1))):
                     if not self._wake_one():
@@ -287,7 +294,7 @@ class TaskThreads:
         if collect:
             self._deliver()
         if again:
-            self._watch = self._loop.call_later(self._spread_s, self._on_watch)
+            self._watch = self._loop.call_later(self._stall_s, self._on_watch)
 
     def _work(self, wake: threading.Lock) -> None:
         while True:
@@ -401,7 +408,7 @@ class ThreadRunner:
     ) -> Any:
         loop = asyncio.get_running_loop()
         if self._pool is None:
-            self._pool = TaskThreads(self._threads, "taskmill-task", loop, _SPREAD_S)
+            self._pool = TaskThreads(self._threads, "taskmill-task", loop, _SPREAD_S, _STALL_S)
         fut = loop.create_future()
         # An idle worker's first job: the loop goes straight on to its next claim, holding
         # the GIL for that while the woken thread waits for it (a few hundred microseconds
