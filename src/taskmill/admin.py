@@ -37,8 +37,6 @@ T = TypeVar("T")
 
 MAX_PAGE = 1000
 """The most jobs one ``list_jobs`` page holds."""
-LOST_AFTER_HEARTBEATS = 3
-"""A worker whose last heartbeat is older than this many heartbeat intervals is lost."""
 _RETRY_BATCH = 1000
 
 StateFilter = JobState | str | Iterable[JobState | str] | None
@@ -48,7 +46,8 @@ StateFilter = JobState | str | Iterable[JobState | str] | None
 class WorkerStatus(WorkerInfo):
     """A registered worker as ``App.workers()`` reports it: what the worker says of itself
     with its last heartbeat (``WorkerInfo``), and how long ago that was by the broker's clock.
-    ``lost``: no heartbeat for ``LOST_AFTER_HEARTBEATS`` intervals, and no sign-off (it died)."""
+    ``lost``: no heartbeat for ``MISSED_HEARTBEATS`` intervals (``taskmill.settings``), and
+    no sign-off (it died)."""
 
     heartbeat_age_s: float = 0.0
     lost: bool = False
@@ -396,7 +395,7 @@ class AdminAPI:
         broker = await self.abroker()
         found = await broker.list_workers()
         now = await broker.now()
-        lost_after = LOST_AFTER_HEARTBEATS * self.settings.effective_heartbeat_s
+        lost_after = self.settings.lost_after_s
         return [
             WorkerStatus(
                 **msgspec.structs.asdict(w),

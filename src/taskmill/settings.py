@@ -8,6 +8,11 @@ from typing import Any
 
 from taskmill.errors import ConfigurationError
 
+MISSED_HEARTBEATS = 3
+"""A worker whose last heartbeat is older than this many of its intervals is lost (it died
+without signing off): the rule of ``taskmill workers``, ``app.workers()``, ``taskmill ping``
+and the liveness endpoints."""
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -55,6 +60,11 @@ class Settings:
     @property
     def effective_heartbeat_s(self) -> float:
         return self.heartbeat_s if self.heartbeat_s is not None else min(self.lease_s / 3, 2.0)
+
+    @property
+    def lost_after_s(self) -> float:
+        """A worker silent this long is lost (``MISSED_HEARTBEATS`` heartbeat intervals)."""
+        return MISSED_HEARTBEATS * self.effective_heartbeat_s
 
     @property
     def effective_recover_interval_s(self) -> float:

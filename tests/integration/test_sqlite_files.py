@@ -270,10 +270,14 @@ def test_a_worker_process_on_an_unwritable_database_exits_naming_the_cause(
         else "is not writable: SQLite needs to create the -wal and -shm files"
     )
     assert proc.returncode == 3, proc.stderr  # stopped on an error no restart fixes
-    stopped = [line for line in proc.stderr.splitlines() if "taskmill.cli" in line]
+    # the process's last word: "worker ID stopped: …" or "worker ID cannot start: …"
+    stopped = [line for line in proc.stderr.splitlines() if _FINAL.search(line)]
     assert len(stopped) == 1 and " ERROR " in stopped[0] and cause in stopped[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert "retrying" not in proc.stderr
+
+
+_FINAL = re.compile(r"worker \S+ (stopped|cannot start): ")
 
 
 def test_supervised_workers_on_a_read_only_file_are_not_restarted(db: Path, tmp_path: Path) -> None:
@@ -294,7 +298,7 @@ def test_supervised_workers_on_a_read_only_file_are_not_restarted(db: Path, tmp_
         )
     assert proc.returncode == 3, proc.stderr
     stopped = [
-        line for line in proc.stderr.splitlines() if "taskmill.cli" in line and " ERROR " in line
+        line for line in proc.stderr.splitlines() if _FINAL.search(line) and " ERROR " in line
     ]
     assert stopped and all("is read-only" in line for line in stopped), proc.stderr
     assert "exited with an error no restart fixes (exit code 3); not restarting it" in proc.stderr

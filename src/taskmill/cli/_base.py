@@ -31,8 +31,6 @@ T = TypeVar("T")
 
 log = logging.getLogger("taskmill.cli")
 
-LOST_AFTER_HEARTBEATS = 3
-"""A worker whose last heartbeat is older than this many heartbeat intervals is shown lost."""
 
 _STATES = [s.value for s in JobState]
 

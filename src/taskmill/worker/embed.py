@@ -35,7 +35,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from taskmill.worker.health import MISSED_HEARTBEATS, heartbeat_status
+from taskmill.settings import MISSED_HEARTBEATS
+from taskmill.worker.health import heartbeat_status
 from taskmill.worker.worker import Worker
 
 if TYPE_CHECKING:
