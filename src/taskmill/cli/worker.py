@@ -196,12 +196,12 @@ def worker(
         "--log-format", log_format, "--parent-pid", str(os.getpid()),
         "--scheduler" if scheduler else "--no-scheduler",
     ]  # fmt: skip
-    if max_tasks_per_child is not None:
-        common += ["--max-tasks-per-child", str(max_tasks_per_child)]
-    if name is not None:
-        common += ["--name", name]
-    if max_start_wait is not None:
-        common += ["--max-start-wait", str(max_start_wait)]
+    optional = {
+        "--max-tasks-per-child": max_tasks_per_child,
+        "--name": name,
+        "--max-start-wait": max_start_wait,
+    }
+    common += [part for flag, v in optional.items() if v is not None for part in (flag, str(v))]
     specs = pools or [PoolSpec(queue_list, processes, concurrency)]
     raise click.exceptions.Exit(supervise(app, app_path, specs, common, health_host, health_port))
 
