@@ -40,13 +40,12 @@ from taskmill import (
 )
 from taskmill.brokers import postgres as pg
 from taskmill.job import NewJob
-from taskmill.testing import running_worker
+from taskmill.testing import running_worker, wait_until
 
 from .postgres_app import EXECUTIONS_URL_ENV, SETTINGS, record, work
 from .support import (
     Workers,
     all_jobs,
-    poll_until,
     run_at_once,
     state_counts,
     wait_registered,
@@ -328,15 +327,16 @@ def test_restart_loses_no_acknowledged_job_and_workers_carry_on(
         producer = threading.Thread(target=produce, name="producer", daemon=True)
         producer.start()
         try:
-            poll_until(lambda: len(acked) >= 300 or errors, what="300 jobs sent")
+            wait_until(lambda: len(acked) >= 300 or errors, what="300 jobs sent", timeout=20)
             # the restart lands with jobs running and waiting, not on an idle worker
-            poll_until(
+            wait_until(
                 lambda: (counts := state_counts(app)).get("running") and counts.get("queued"),
                 what=lambda: f"jobs both running and queued: {state_counts(app)}",
+                timeout=20,
             )
             before = len(acked)
             server.restart(kill=how == "kill", down_s=1.0)
-            poll_until(
+            wait_until(
                 lambda: len(acked) >= before + 300 or errors,
                 what="the producer to send 300 more jobs after the restart",
                 timeout=40,
@@ -349,7 +349,7 @@ def test_restart_loses_no_acknowledged_job_and_workers_carry_on(
         def missing() -> set[str]:
             return set(acked) - set(all_jobs(app, JobState.SUCCEEDED))
 
-        poll_until(
+        wait_until(
             lambda: not missing(),
             what=lambda: (
                 f"{len(missing())} of {len(acked)} acknowledged jobs to succeed; "
@@ -403,7 +403,7 @@ def test_worker_resumes_within_5s_after_pg_terminate_backend(
         wait_registered(app, proc, workers)
         assert task.send(0).result(timeout=10) == 0
         for round_ in range(1, 4):
-            poll_until(
+            wait_until(
                 lambda: listening_backend(admin, database.name),
                 what="the idle worker to LISTEN for wake-ups",
                 timeout=15,
@@ -451,7 +451,7 @@ def test_contending_worker_processes_run_each_job_once(
         os.environ[EXECUTIONS_URL_ENV] = database.url  # for the in-process worker's runs
         try:
             with running_worker(app, concurrency=2):
-                poll_until(
+                wait_until(
                     lambda: state_counts(app).get("succeeded") == total,
                     what=lambda: f"{total} jobs to succeed: {state_counts(app)}",
                     timeout=60,
@@ -703,13 +703,17 @@ def test_idle_workers_are_woken_not_polling(database: Database) -> None:
     try:
         with running_worker(app, idle_poll_s=30.0) as worker:
             assert task.send(0).result(timeout=10) == 0
-            poll_until(lambda: worker._idle_task is not None, what="the worker to go idle")
+            wait_until(
+                lambda: worker._idle_task is not None, what="the worker to go idle", timeout=20
+            )
             sent = time.time()
             handle = task.send(1)
             assert handle.result(timeout=10) == 1
             started = app.get_job(handle.id).started_at
             assert started is not None and started - sent < WOKEN_S
-            poll_until(lambda: worker._idle_task is not None, what="the worker to go idle")
+            wait_until(
+                lambda: worker._idle_task is not None, what="the worker to go idle", timeout=20
+            )
             later = task.options(delay=1.0).send(2)
             assert later.result(timeout=10) == 2
             job = app.get_job(later.id)

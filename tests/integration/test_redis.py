@@ -22,13 +22,12 @@ import redis
 
 from servers import RedisServer
 from taskmill import App, BrokerUnavailableError, JobNotFoundError, JobState, current_job
-from taskmill.testing import running_worker
+from taskmill.testing import running_worker, wait_until
 
 from .redis_app import SETTINGS, work
 from .support import (
     Workers,
     all_jobs,
-    poll_until,
     run_at_once,
     state_counts,
     wait_registered,
@@ -126,15 +125,16 @@ def test_restart_with_appendonly_loses_no_acknowledged_job_and_workers_carry_on(
         producer = threading.Thread(target=produce, name="producer", daemon=True)
         producer.start()
         try:
-            poll_until(lambda: len(acked) >= 300 or errors, what="300 jobs sent")
+            wait_until(lambda: len(acked) >= 300 or errors, what="300 jobs sent", timeout=20)
             # the kill lands with jobs running and waiting, not on an idle worker
-            poll_until(
+            wait_until(
                 lambda: (counts := state_counts(app))["running"] and counts["queued"],
                 what=lambda: f"jobs both running and queued: {state_counts(app)}",
+                timeout=20,
             )
             before = len(acked)
             redis_server_aof.restart(kill=True, down_s=1.0)
-            poll_until(
+            wait_until(
                 lambda: len(acked) >= before + 300 or errors,
                 what="the producer to send 300 more jobs after the restart",
                 timeout=30,
@@ -147,7 +147,7 @@ def test_restart_with_appendonly_loses_no_acknowledged_job_and_workers_carry_on(
         def missing() -> set[str]:
             return set(acked) - set(all_jobs(app, JobState.SUCCEEDED))
 
-        poll_until(
+        wait_until(
             lambda: not missing(),
             what=lambda: (
                 f"{len(missing())} of {len(acked)} acknowledged jobs to succeed; "
@@ -202,7 +202,7 @@ def test_worker_resumes_within_5s_after_client_kill(
         wait_registered(app, proc, workers)
         assert task.send(0).result(timeout=10) == 0
         for round_ in range(1, 4):
-            poll_until(
+            wait_until(
                 lambda: blocked_client(admin),
                 what="the idle worker to block waiting for work (no client has flag b: is it "
                 f"polling?) clients: {admin.client_list()}",
@@ -283,14 +283,14 @@ def test_no_key_without_ttl_grows_with_the_number_of_jobs(redis_server: RedisSer
         keys = {i: f"unique-{count}-{i}" for i in range(half, count)}
         ids += [record.options(key=k).send(i).id for i, k in keys.items()]
         sent.update(ids, keys.values())
-        poll_until(lambda: ran >= set(ids), what=f"{count} jobs to run", timeout=60)
+        wait_until(lambda: ran >= set(ids), what=f"{count} jobs to run", timeout=60)
 
         def settled() -> dict[str, tuple[str, int]] | None:
             if any(k.startswith(f"{prefix}job:") for k in keys_under(admin, prefix)):
                 return None
             return persistent_keys(admin, prefix) or {"(none)": ("", 0)}
 
-        return poll_until(
+        return wait_until(
             settled,
             what=lambda: (
                 f"the job hashes of {count} finished jobs to expire; left: "
@@ -365,7 +365,7 @@ def test_apps_with_different_prefixes_do_not_see_each_others_jobs(
         assert b.get_job(ids["b"][0]).state is JobState.QUEUED
 
         with running_worker(a) as worker_a:
-            poll_until(lambda: set(ran["a"]) >= set(ids["a"]), what="a's jobs to run")
+            wait_until(lambda: set(ran["a"]) >= set(ids["a"]), what="a's jobs to run", timeout=20)
             assert [w.id for w in a.run_sync(a.broker.list_workers())] == [worker_a.id]
             assert a.run_sync(b.broker.list_workers()) == []
             # a's worker claims again after b's jobs were there all along: it never takes them
@@ -382,7 +382,7 @@ def test_apps_with_different_prefixes_do_not_see_each_others_jobs(
         assert a.run_sync(a.broker.purge("default")) == 5
         assert len(all_jobs(b, JobState.QUEUED)) == len(ids["b"])
         with running_worker(b):
-            poll_until(lambda: set(ran["b"]) >= set(ids["b"]), what="b's jobs to run")
+            wait_until(lambda: set(ran["b"]) >= set(ids["b"]), what="b's jobs to run", timeout=20)
         assert not set(ran["b"]) & set(ids["a"])
     finally:
         for prefix in prefixes.values():
