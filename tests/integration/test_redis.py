@@ -1,6 +1,6 @@
-"""Redis-specific behaviour that the conformance suite cannot show: a redis-server restarted
-mid-run (appendonly), connections killed under a worker, keys that expire, two apps sharing one
-server under different prefixes, and producers whose Redis is down or hung.
+"""Redis-specific behaviour that the conformance suite cannot show: connections killed under a
+worker, keys that expire, two apps sharing one server under different prefixes, and producers
+whose Redis is down or hung. (A server restarted mid-run: ``test_server_restart.py``.)
 
 Servers are real (``tests/servers.py``): the session's shared one under a key prefix per test,
 or a test's own (``redis_server_aof``) when the test stops, kills or freezes it. Workers are
@@ -29,7 +29,6 @@ from .support import (
     Workers,
     all_jobs,
     run_at_once,
-    state_counts,
     wait_registered,
 )
 
@@ -88,83 +87,7 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
         w.close()
 
 
-# --- (a) a restart of redis-server during a run --------------------------------------------------
-
-
-@pytest.mark.timeout(150)
-def test_restart_with_appendonly_loses_no_acknowledged_job_and_workers_carry_on(
-    redis_server_aof: RedisServer, workers: Workers
-) -> None:
-    """redis-server is SIGKILLed mid-run and started again a second later on the same port
-    (``appendfsync always``). A producer sends throughout; every job whose ``send`` returned is
-    completed afterwards by the same worker process, which was never restarted."""
-    url = url_of(redis_server_aof, "restart:")
-    app = make_app(url)
-    task = app.tasks["work"]
-    acked: list[str] = []
-    refused: list[BaseException] = []
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def produce() -> None:
-        n = 0
-        while not stop.is_set():
-            try:
-                acked.append(task.send(n, 0.02).id)
-            except BrokerUnavailableError as exc:  # allowed during the outage: not acknowledged
-                refused.append(exc)
-            except BaseException as exc:
-                errors.append(exc)
-                return
-            n += 1
-            time.sleep(0.001)  # pacing: the run spans the restart
-
-    try:
-        proc = workers.start(url, "--concurrency", "8")
-        wait_registered(app, proc, workers)
-        producer = threading.Thread(target=produce, name="producer", daemon=True)
-        producer.start()
-        try:
-            wait_until(lambda: len(acked) >= 300 or errors, what="300 jobs sent", timeout=20)
-            # the kill lands with jobs running and waiting, not on an idle worker
-            wait_until(
-                lambda: (counts := state_counts(app))["running"] and counts["queued"],
-                what=lambda: f"jobs both running and queued: {state_counts(app)}",
-                timeout=20,
-            )
-            before = len(acked)
-            redis_server_aof.restart(kill=True, down_s=1.0)
-            wait_until(
-                lambda: len(acked) >= before + 300 or errors,
-                what="the producer to send 300 more jobs after the restart",
-                timeout=30,
-            )
-        finally:
-            stop.set()
-            producer.join(30)
-        assert not errors, f"the producer failed with {errors[0]!r}"
-
-        def missing() -> set[str]:
-            return set(acked) - set(all_jobs(app, JobState.SUCCEEDED))
-
-        wait_until(
-            lambda: not missing(),
-            what=lambda: (
-                f"{len(missing())} of {len(acked)} acknowledged jobs to succeed; "
-                f"worker output:\n{workers.output()[-5000:]}"
-            ),
-            timeout=60,
-        )
-        assert proc.poll() is None, f"the worker exited:\n{workers.output()}"
-        assert not all_jobs(app, JobState.FAILED)
-        # and the same worker keeps taking new work
-        assert task.send(-1).result(timeout=10) == -1
-        assert proc.poll() is None
-    finally:
-        app.close()
-
-
-# --- (b) connections killed under a worker -------------------------------------------------------
+# --- (a) connections killed under a worker --------------------------------------------------------
 
 
 def blocked_client(admin: redis.Redis) -> dict[str, Any] | None:
@@ -226,7 +149,7 @@ def test_worker_resumes_within_5s_after_client_kill(
         app.close()
 
 
-# --- (c) keys expire -----------------------------------------------------------------------------
+# --- (b) keys expire ------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -322,7 +245,7 @@ def test_no_key_without_ttl_grows_with_the_number_of_jobs(redis_server: RedisSer
         app.close()
 
 
-# --- (d) two prefixes on one server --------------------------------------------------------------
+# --- (c) two prefixes on one server ---------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -392,7 +315,7 @@ def test_apps_with_different_prefixes_do_not_see_each_others_jobs(
             app.close()
 
 
-# --- (e) a producer whose Redis is unreachable ---------------------------------------------------
+# --- (d) a producer whose Redis is unreachable ----------------------------------------------------
 
 
 @pytest.mark.timeout(120)
