@@ -27,6 +27,7 @@ from typing import Any
 import redis
 
 from bench.peers._common import LAT, drain_status
+from taskmill.testing import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_DIR = os.path.join(ROOT, "bench", ".peers")
@@ -217,23 +218,24 @@ def wait_for(
 ) -> None:  # fmt: skip
     """Poll ``check()`` until it reaches ``target``; fail on timeout, on no progress for
     ``stall`` seconds, or when a worker process exits."""
-    start = last_change = time.monotonic()
-    last = -1
-    while True:
+    seen, changed = -1, time.monotonic()
+
+    def reached() -> bool:
+        nonlocal seen, changed
         got = int(check())
         if got >= target:
-            return
+            return True
         now = time.monotonic()
-        if got != last:
-            last, last_change = got, now
+        if got != seen:
+            seen, changed = got, now
         for proc, logfile in zip(workers, logs, strict=True):
             if proc.poll() is not None:
                 raise RuntimeError(f"worker exited {proc.returncode} ({what}): {tail(logfile)}")
-        if now - start > timeout:
-            raise RuntimeError(f"{what}: timed out after {timeout:.0f} s at {got:,}/{target:,}")
-        if now - last_change > stall:
+        if now - changed > stall:
             raise RuntimeError(f"{what}: no progress for {stall:.0f} s at {got:,}/{target:,}")
-        time.sleep(0.1)
+        return False
+
+    wait_until(reached, timeout=timeout, interval=0.1, what=lambda: f"{what}: {seen:,}/{target:,}")
 
 
 def run_lib(

@@ -56,11 +56,20 @@ def overlap_key(schedule: Schedule) -> str:
 
 class Scheduler:
     """Runs ``app``'s schedules (``app.schedules``). ``clock`` returns the time in Unix
-    seconds (default: the broker's clock); tests inject one."""
+    seconds (default: the broker's clock); ``sleep(seconds, stop)`` returns after that long
+    or once ``stop`` is set (default: on the event loop's clock). Tests inject both, to run
+    minutes of ticks in a moment."""
 
-    def __init__(self, app: App, *, clock: Callable[[], Awaitable[float]] | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        *,
+        clock: Callable[[], Awaitable[float]] | None = None,
+        sleep: Callable[[float, asyncio.Event], Awaitable[None]] | None = None,
+    ) -> None:
         self.app = app
         self._clock = clock
+        self._sleep = sleep or _sleep_unless_stopped
 
     async def _now(self) -> float:
         if self._clock is not None:
@@ -133,9 +142,13 @@ class Scheduler:
                 log.error("scheduler pass failed, retrying in %.1f s: %s", backoff, exc)
                 delay, backoff = backoff, min(backoff * 2, 10.0)
             # a few ms past the tick: the broker's clock must have reached it when we look
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay + 0.005):
-                    await stop.wait()
+            await self._sleep(delay + 0.005, stop)
+
+
+async def _sleep_unless_stopped(seconds: float, stop: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
 
 
 @dataclass(frozen=True, slots=True)

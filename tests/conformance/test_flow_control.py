@@ -3,7 +3,6 @@ limit refuses (or waits), and the broker's rate slots are spaced as asked."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import time
@@ -13,7 +12,7 @@ import pytest
 
 from taskmill import App, ConfigurationError, JobState, Limit, QueueFullError
 from taskmill.flow import SPACING
-from taskmill.testing import running_worker
+from taskmill.testing import await_until, running_worker
 
 from .apps import build_app, create_starts_table, starts
 from .conftest import AppFactory
@@ -57,10 +56,11 @@ def test_a_full_queue_refuses_and_stores_nothing(app: App) -> None:
 
 async def _until_drained(app: App, queue: str) -> None:
     broker = await app.abroker()
-    deadline = time.monotonic() + 20
-    while await broker.queue_depth(queue) > 0:
-        assert time.monotonic() < deadline, "the queue did not drain"
-        await asyncio.sleep(0.01)
+
+    async def drained() -> bool:
+        return await broker.queue_depth(queue) == 0
+
+    await await_until(drained, timeout=20, interval=0.01, what=f"queue {queue} to drain")
 
 
 @pytest.mark.timeout(60)
@@ -117,10 +117,12 @@ def test_a_rate_limit_holds_across_two_worker_processes(broker_url: str, tmp_pat
                 start(worker_args(concurrency=16), env, tmp_path / f"worker-{i}.log")
                 for i in range(2)
             ]
-            deadline = time.monotonic() + 60
-            while len(starts(db)) < 200:
-                assert time.monotonic() < deadline, [p.output() for p in procs]
-                time.sleep(0.05)
+            wait_until(
+                lambda: len(starts(db)) >= 200,
+                timeout=60,
+                interval=0.05,
+                what=lambda: f"200 starts: {[p.output() for p in procs]}",
+            )
     finally:
         app.close()
     at = [t for t, _ in starts(db)]

@@ -1,7 +1,7 @@
 """PostgreSQL-specific behaviour that the conformance suite cannot show: enqueue inside the
-caller's own transaction, a server restarted mid-run, connections killed under an idle worker,
-worker processes contending for the same jobs, migrations (step by step, concurrent, turned
-off), and producers whose server is down.
+caller's own transaction, connections killed under an idle worker, worker processes contending
+for the same jobs, migrations (step by step, concurrent, turned off), and producers whose
+server is down. (A server restarted mid-run: ``test_server_restart.py``.)
 
 Servers are real (``tests/servers.py``): the session's cluster with a database per test, or a
 test's own cluster (``postgres_server_own``) when the test stops it. Workers are real
@@ -40,13 +40,12 @@ from taskmill import (
 )
 from taskmill.brokers import postgres as pg
 from taskmill.job import NewJob
-from taskmill.testing import running_worker
+from taskmill.testing import running_worker, wait_until
 
 from .postgres_app import EXECUTIONS_URL_ENV, SETTINGS, record, work
 from .support import (
     Workers,
     all_jobs,
-    poll_until,
     run_at_once,
     state_counts,
     wait_registered,
@@ -288,84 +287,7 @@ def test_the_documented_transactional_example_runs(database: Database) -> None:
         check.close()
 
 
-# --- (b) the server restarted during a run -------------------------------------------------------
-
-
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("how", ["stop", "kill"])
-def test_restart_loses_no_acknowledged_job_and_workers_carry_on(
-    own_database: Database, workers: Workers, how: str
-) -> None:
-    """The server is stopped (fast shutdown) or killed (immediate shutdown: crash recovery at
-    start) mid-run and started again a second later on the same port. A producer sends
-    throughout; every job whose ``send`` returned is completed afterwards by the same worker
-    process, which was never restarted."""
-    server = own_database.server
-    url = own_database.taskmill_url()
-    app = make_app(url)
-    task = app.tasks["work"]
-    acked: list[str] = []
-    refused: list[BaseException] = []
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def produce() -> None:
-        n = 0
-        while not stop.is_set():
-            try:
-                acked.append(task.send(n, 0.01).id)
-            except BrokerUnavailableError as exc:  # allowed during the outage: not acknowledged
-                refused.append(exc)
-            except BaseException as exc:
-                errors.append(exc)
-                return
-            n += 1
-            time.sleep(0.002)  # pacing: the run spans the restart
-
-    try:
-        proc = workers.start(url, "--concurrency", "8")
-        wait_registered(app, proc, workers)
-        producer = threading.Thread(target=produce, name="producer", daemon=True)
-        producer.start()
-        try:
-            poll_until(lambda: len(acked) >= 300 or errors, what="300 jobs sent")
-            # the restart lands with jobs running and waiting, not on an idle worker
-            poll_until(
-                lambda: (counts := state_counts(app)).get("running") and counts.get("queued"),
-                what=lambda: f"jobs both running and queued: {state_counts(app)}",
-            )
-            before = len(acked)
-            server.restart(kill=how == "kill", down_s=1.0)
-            poll_until(
-                lambda: len(acked) >= before + 300 or errors,
-                what="the producer to send 300 more jobs after the restart",
-                timeout=40,
-            )
-        finally:
-            stop.set()
-            producer.join(30)
-        assert not errors, f"the producer failed with {errors[0]!r}"
-
-        def missing() -> set[str]:
-            return set(acked) - set(all_jobs(app, JobState.SUCCEEDED))
-
-        poll_until(
-            lambda: not missing(),
-            what=lambda: (
-                f"{len(missing())} of {len(acked)} acknowledged jobs to succeed; "
-                f"worker output:\n{workers.output()[-5000:]}"
-            ),
-            timeout=60,
-        )
-        assert proc.poll() is None, f"the worker exited:\n{workers.output()}"
-        assert not all_jobs(app, JobState.FAILED)
-        assert task.send(-1).result(timeout=10) == -1  # and the same worker takes new work
-        assert proc.poll() is None
-    finally:
-        app.close()
-
-
-# --- (c) connections terminated under an idle worker ---------------------------------------------
+# --- (b) connections terminated under an idle worker ----------------------------------------------
 
 
 def listening_backend(admin: psycopg.Connection[Any], database: str) -> int | None:
@@ -403,7 +325,7 @@ def test_worker_resumes_within_5s_after_pg_terminate_backend(
         wait_registered(app, proc, workers)
         assert task.send(0).result(timeout=10) == 0
         for round_ in range(1, 4):
-            poll_until(
+            wait_until(
                 lambda: listening_backend(admin, database.name),
                 what="the idle worker to LISTEN for wake-ups",
                 timeout=15,
@@ -426,7 +348,7 @@ def test_worker_resumes_within_5s_after_pg_terminate_backend(
         app.close()
 
 
-# --- (d) worker processes contending for the same jobs -------------------------------------------
+# --- (c) worker processes contending for the same jobs --------------------------------------------
 
 
 @pytest.mark.timeout(120)
@@ -451,7 +373,7 @@ def test_contending_worker_processes_run_each_job_once(
         os.environ[EXECUTIONS_URL_ENV] = database.url  # for the in-process worker's runs
         try:
             with running_worker(app, concurrency=2):
-                poll_until(
+                wait_until(
                     lambda: state_counts(app).get("succeeded") == total,
                     what=lambda: f"{total} jobs to succeed: {state_counts(app)}",
                     timeout=60,
@@ -472,7 +394,7 @@ def test_contending_worker_processes_run_each_job_once(
         app.close()
 
 
-# --- (e) migrations ------------------------------------------------------------------------------
+# --- (d) migrations -------------------------------------------------------------------------------
 
 
 def catalog(conn: psycopg.Connection[Any], schema: str) -> dict[str, list[tuple[Any, ...]]]:
@@ -611,7 +533,7 @@ def test_migrate_false_without_a_schema_says_what_to_do(database: Database) -> N
     assert "nothing to migrate" in out, out
 
 
-# --- (f) producers whose server is unreachable ---------------------------------------------------
+# --- (e) producers whose server is unreachable ----------------------------------------------------
 
 
 @pytest.mark.timeout(120)
@@ -691,7 +613,7 @@ def test_a_server_that_refuses_the_connection_is_a_broker_error_at_once(
         app.close()
 
 
-# --- (g) wake-ups and retried sends --------------------------------------------------------------
+# --- (f) wake-ups and retried sends ---------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -703,13 +625,17 @@ def test_idle_workers_are_woken_not_polling(database: Database) -> None:
     try:
         with running_worker(app, idle_poll_s=30.0) as worker:
             assert task.send(0).result(timeout=10) == 0
-            poll_until(lambda: worker._idle_task is not None, what="the worker to go idle")
+            wait_until(
+                lambda: worker._idle_task is not None, what="the worker to go idle", timeout=20
+            )
             sent = time.time()
             handle = task.send(1)
             assert handle.result(timeout=10) == 1
             started = app.get_job(handle.id).started_at
             assert started is not None and started - sent < WOKEN_S
-            poll_until(lambda: worker._idle_task is not None, what="the worker to go idle")
+            wait_until(
+                lambda: worker._idle_task is not None, what="the worker to go idle", timeout=20
+            )
             later = task.options(delay=1.0).send(2)
             assert later.result(timeout=10) == 2
             job = app.get_job(later.id)

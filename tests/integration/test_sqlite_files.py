@@ -29,9 +29,9 @@ import pytest
 
 from taskmill import App, BrokerError, BrokerUnavailableError, Job, JobNotFoundError, JobState
 from taskmill.brokers.sqlite import SQLiteBroker
-from taskmill.testing import running_worker
+from taskmill.testing import running_worker, wait_until
 
-from .support import HERE, poll_until
+from .support import HERE
 
 T = TypeVar("T")
 BUSY_MS = 200
@@ -201,7 +201,7 @@ def test_a_read_only_directory_makes_opening_fail_clearly_and_loses_nothing(
     assert sorted(j.payload for j in stored(producer)) == [b"[[1],{}]", b"[[3],{}]"]
     with running_worker(apps()):
         assert later.result(timeout=20) == 3
-        poll_until(lambda: count_done(db) == 2, what="both jobs to run")
+        wait_until(lambda: count_done(db) == 2, what="both jobs to run", timeout=20)
 
 
 def run_until_idle_within(app: App, seconds: float) -> BaseException | None:
@@ -349,7 +349,7 @@ def test_a_worker_on_a_locked_file_backs_off_and_runs_the_job_once_released(
     producer = apps()
     kept = producer.tasks["echo"].send(3)
     with exclusive_lock(db) as lock, running_worker(apps()):
-        poll_until(lambda: len(retry_delays(caplog)) >= 3, what="three failed claims")
+        wait_until(lambda: len(retry_delays(caplog)) >= 3, what="three failed claims", timeout=20)
         assert kept.status() is JobState.QUEUED
         lock.execute("COMMIT")
         assert kept.result(timeout=20) == 3
@@ -384,11 +384,13 @@ def test_an_outcome_that_cannot_be_written_while_locked_is_kept_and_written_late
     producer.task(name="gated")(lambda x: x)
     with running_worker(worker_app):
         handle = producer.tasks["gated"].send(4)
-        poll_until(lambda: handle.status() is JobState.RUNNING, what="the job to start")
+        wait_until(lambda: handle.status() is JobState.RUNNING, what="the job to start", timeout=20)
         with exclusive_lock(db):
             release.set()
-            poll_until(
-                lambda: messages(caplog, "outcomes failed, will retry"), what="a failed flush"
+            wait_until(
+                lambda: messages(caplog, "outcomes failed, will retry"),
+                what="a failed flush",
+                timeout=20,
             )
             assert handle.status() is JobState.RUNNING
         assert handle.result(timeout=20) == 40
