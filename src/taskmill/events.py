@@ -37,10 +37,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
+from taskmill._ids import workflow_of
+from taskmill.errors import JobNotFoundError
 from taskmill.job import (
     FINISHED_STATES,
     Cancelled,
@@ -54,7 +56,7 @@ from taskmill.job import (
 )
 
 if TYPE_CHECKING:
-    from taskmill.app import App
+    from taskmill.brokers.base import Broker
 
 MAX_PAYLOAD = 7000
 """Bytes per published message (PostgreSQL's NOTIFY takes at most 8000)."""
@@ -73,13 +75,17 @@ class Event(msgspec.Struct, frozen=True):
 
     @property
     def workflow_id(self) -> str | None:
-        from taskmill.workflows import workflow_of
-
         return workflow_of(self.job_id)
 
     @property
     def finished(self) -> bool:
         return self.state in _FINISHED
+
+
+class BrokerSource(Protocol):
+    """What hands out its broker, opened on first use: a ``Client`` (or an ``App``)."""
+
+    async def abroker(self) -> Broker: ...
 
 
 _FINISHED = {s.value for s in FINISHED_STATES}
@@ -127,13 +133,11 @@ def snapshot(job: Job, now: float) -> Event:
                  job.progress, job.progress_message)  # fmt: skip
 
 
-async def watch(app: App, job_id: str) -> AsyncGenerator[Event, None]:
+async def watch(source: BrokerSource, job_id: str) -> AsyncGenerator[Event, None]:
     """One job's events until it finishes, starting with its current state (read once the
     subscription listens, so nothing between the two is missed)."""
-    from taskmill.errors import JobNotFoundError
-
     ready = asyncio.Event()
-    stream = subscribe(app, job_id=job_id, ready=ready)
+    stream = subscribe(source, job_id=job_id, ready=ready)
     pending = asyncio.ensure_future(stream.__anext__())
     try:
         listening = asyncio.ensure_future(ready.wait())
@@ -141,7 +145,7 @@ async def watch(app: App, job_id: str) -> AsyncGenerator[Event, None]:
         listening.cancel()
         if pending.done() and pending.exception() is not None:
             raise pending.exception()  # type: ignore[misc]
-        job = await (await app.abroker()).get(job_id)
+        job = await (await source.abroker()).get(job_id)
         if job is None:
             raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
         first = snapshot(job, time.time())
@@ -181,10 +185,8 @@ def payloads(events: Sequence[Event]) -> list[bytes]:
     return out
 
 
-async def publish(app: App, events: Sequence[Event]) -> None:
-    if not events:
-        return
-    broker = await app.abroker()
+async def publish(broker: Broker, events: Sequence[Event]) -> None:
+    """Deliver events to every subscription listening now, in as few payloads as fit."""
     for payload in payloads(events):
         await broker.publish_events(payload)
 
@@ -272,7 +274,7 @@ def _matches(
 
 
 async def subscribe(
-    app: App,
+    source: BrokerSource,
     *,
     job_id: str | Iterable[str] | None = None,
     workflow_id: str | None = None,
@@ -283,7 +285,7 @@ async def subscribe(
     """Events from every process, filtered, each job's in order (see the module's docstring).
     ``ready`` is set once the subscription listens (what was published before is not seen)."""
     job_ids = {job_id} if isinstance(job_id, str) else set(job_id) if job_id is not None else None
-    broker = await app.abroker()
+    broker = await source.abroker()
     reorder = _Reorder(hold_s)
     async with broker.events_subscription() as subscription:
         if ready is not None:

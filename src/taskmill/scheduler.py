@@ -27,7 +27,8 @@ from taskmill.job import JobState, NewJob
 from taskmill.schedules import Schedule
 
 if TYPE_CHECKING:
-    from taskmill.app import App
+    from taskmill.client import AppParts, Client
+    from taskmill.registry import Registry
 
 log = logging.getLogger("taskmill.scheduler")
 
@@ -55,20 +56,24 @@ def overlap_key(schedule: Schedule) -> str:
 
 
 class Scheduler:
-    """Runs ``app``'s schedules (``app.schedules``). ``clock`` returns the time in Unix
-    seconds (default: the broker's clock); tests inject one."""
+    """Runs the schedules of ``app`` (an ``App``, or anything with its ``registry`` and
+    ``client``). ``clock`` returns the time in Unix seconds (default: the broker's clock);
+    tests inject one."""
 
-    def __init__(self, app: App, *, clock: Callable[[], Awaitable[float]] | None = None) -> None:
-        self.app = app
+    def __init__(
+        self, app: AppParts, *, clock: Callable[[], Awaitable[float]] | None = None
+    ) -> None:
+        self.registry: Registry = app.registry
+        self.client: Client = app.client
         self._clock = clock
 
     async def _now(self) -> float:
         if self._clock is not None:
             return await self._clock()
-        return await (await self.app.abroker()).now()
+        return await (await self.client.abroker()).now()
 
     def _job(self, schedule: Schedule, tick: datetime) -> NewJob:
-        task = self.app.get_task(schedule.task)
+        task = self.registry.get_task(schedule.task)
         opts = replace(
             task.defaults,
             job_id=tick_job_id(schedule, tick),
@@ -80,11 +85,11 @@ class Scheduler:
 
     async def run_pass(self, schedules: Sequence[Schedule] | None = None) -> PassReport:
         """Enqueue every tick due now; what it did."""
-        schedules = list(self.app.schedules.values()) if schedules is None else list(schedules)
+        schedules = list(self.registry.schedules.values()) if schedules is None else list(schedules)
         report = PassReport([], [], [])
         if not schedules:
             return report
-        broker = await self.app.abroker()
+        broker = await self.client.abroker()
         now = datetime.fromtimestamp(await self._now(), UTC)
         marks = await broker.schedule_marks()
         jobs: list[NewJob] = []
@@ -113,7 +118,7 @@ class Scheduler:
 
     async def seconds_to_next_tick(self) -> float:
         """How long until the earliest next tick of any schedule (at most ``MAX_SLEEP_S``)."""
-        schedules = list(self.app.schedules.values())
+        schedules = list(self.registry.schedules.values())
         if not schedules:
             return MAX_SLEEP_S
         now = datetime.fromtimestamp(await self._now(), UTC)
@@ -149,12 +154,13 @@ class ScheduleStatus:
     """The state of the last tick's job (None: no such job, or it was pruned)."""
 
 
-async def schedule_statuses(app: App, n_next: int = 3) -> list[ScheduleStatus]:
-    broker = await app.abroker()
+async def schedule_statuses(app: AppParts, n_next: int = 3) -> list[ScheduleStatus]:
+    """Each schedule of ``app``: its next ticks and its last tick's state."""
+    broker = await app.client.abroker()
     now = datetime.fromtimestamp(await broker.now(), UTC)
     marks = await broker.schedule_marks()
     statuses = []
-    for schedule in app.schedules.values():
+    for schedule in app.registry.schedules.values():
         mark = marks.get(schedule.name)
         last = datetime.fromtimestamp(mark, UTC) if mark is not None else None
         job = await broker.get(tick_job_id(schedule, last)) if last is not None else None

@@ -33,9 +33,9 @@ from taskmill.errors import SoftTimeLimitExceeded, TaskTimeoutError, WorkerLostE
 from taskmill.job import ErrorInfo
 from taskmill.logs import JsonFormatter, LogFormat
 from taskmill.logs import configure as configure_logging
+from taskmill.registry import TaskDefinition
 from taskmill.retry import Cancel, RemoteError, Retry, error_info
 from taskmill.serialization import decode, encode
-from taskmill.task import Task
 from taskmill.worker.pools import hard_limit_message, soft_limit_message
 
 log = logging.getLogger("taskmill.worker")
@@ -156,7 +156,7 @@ class ProcessRunner:
 
     async def call(
         self,
-        task: Task[Any, Any],
+        task: TaskDefinition,
         args: list[Any],
         kwargs: dict[str, Any],
         ctx: JobContext,
@@ -330,7 +330,7 @@ def child_main(
         )
         token = set_current(ctx)
         try:
-            task = app.get_task(task_name)
+            task = app.registry.get_task(task_name)
             soft_limit.enter(ctx)
             try:
                 value = task.fn(*args, **kwargs)
@@ -342,7 +342,7 @@ def child_main(
         except BaseException as exc:
             info = error_info(exc)
             try:
-                policy = app.get_task(task_name).policy
+                policy = app.registry.get_task(task_name).policy
                 retryable = policy.retryable(exc)
             except Exception:
                 retryable = False
