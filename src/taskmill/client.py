@@ -1,16 +1,27 @@
 """The client: the broker an app's URL names (made, opened and closed here), the sync bridge to
 it, the one enqueue pipeline every job goes through, and job lookups.
 
-A task's ``send``, ``send_many`` and ``app.send_task`` enqueue through ``Client.enqueue`` (or
-``enqueue_blocking``, its synchronous twin for ``send()``). In order, the pipeline
+Every job enters the broker through ``Client.enqueue`` (or ``enqueue_blocking``, its
+synchronous twin for ``send()``): a task's ``send``, ``send_many`` and ``app.send_task``, a
+periodic schedule's tick, a workflow's step. In order, the pipeline
 
 1. checks the ``max_depth`` of the queues the jobs go to (``taskmill.limits``);
 2. stores the jobs in one broker call;
 3. publishes a ``queued`` (or ``scheduled``) event for each job stored, if events are on;
 4. calls the ``on_enqueue`` hooks of each job stored: its task's, then the app's.
 
-A job the broker already had (a retried send, a pending key) is neither published nor passed
-to the hooks.
+A job the broker already had (a retried send, a tick another scheduler stored, a pending key)
+is neither published nor passed to the hooks. Paths differ only in the depth check, by the
+``depth`` argument:
+
+- ``"queue"`` (sends): as the queue's ``when_full`` says, raise or wait for room;
+- ``"no_wait"`` (periodic ticks): raise at once when full; the scheduler keeps the tick due
+  and tries again at its next pass, and ticks of other queues go on (a scheduler must not
+  stall every schedule on one full queue);
+- ``"skip"`` (workflow steps): no check. A workflow's first steps are checked when it is
+  sent (``check_room``), before anything is stored; the steps it releases later belong to
+  work already accepted (refusing them would leave it half done, and the worker that
+  releases them must not wait for room in a queue it drains).
 
 ``App`` composes a ``Registry`` (what is declared) and a ``Client`` (what talks to the
 broker); the layers under ``App`` (tasks, handles, the scheduler, workflows, the worker) are
@@ -44,6 +55,9 @@ from taskmill.settings import Settings
 from taskmill.urls import redact_url
 
 T = TypeVar("T")
+
+DepthCheck = Literal["queue", "no_wait", "skip"]
+"""How the enqueue pipeline checks ``max_depth`` (see the module's docstring)."""
 
 _POLL_START_S = 0.002
 _POLL_MAX_S = 0.1
@@ -171,13 +185,14 @@ class Client:
         *,
         on_conflict: Literal["return", "raise"] = "return",
         connection: Any = None,
+        depth: DepthCheck = "queue",
     ) -> EnqueueResult:
         """The pipeline (see the module's docstring) on the calling thread: the broker's
         blocking write, so a ``send()`` needs no hop to another thread, and ``connection``
         (the caller's open transaction, where the broker supports it). ``tasks``: the task
         of every job, or one per job."""
-        if limited_queues(self.registry.queue_options, jobs):
-            self.run_sync(self.check_room(jobs))
+        if depth != "skip" and limited_queues(self.registry.queue_options, jobs):
+            self.run_sync(self.check_room(jobs, wait=depth == "queue"))
         result = self.broker.enqueue_blocking(jobs, on_conflict=on_conflict, connection=connection)
         self._opened = True
         if self.settings.events:
@@ -192,11 +207,12 @@ class Client:
         tasks: TaskDefinition | Sequence[TaskDefinition],
         *,
         on_conflict: Literal["return", "raise"] = "return",
+        depth: DepthCheck = "queue",
     ) -> EnqueueResult:
         """The pipeline (see the module's docstring); ``tasks``: the task of every job, or
         one per job."""
-        if limited_queues(self.registry.queue_options, jobs):
-            await self.check_room(jobs)
+        if depth != "skip" and limited_queues(self.registry.queue_options, jobs):
+            await self.check_room(jobs, wait=depth == "queue")
         broker = await self.abroker()
         result = await broker.enqueue(jobs, on_conflict=on_conflict)
         if self.settings.events:
@@ -293,4 +309,4 @@ class Client:
         return f"; no worker is consuming queue {job.queue!r}"
 
 
-__all__ = ["AppParts", "Client", "JobRunner"]
+__all__ = ["AppParts", "Client", "DepthCheck", "JobRunner"]

@@ -10,7 +10,8 @@ really starting does not put more than the limit into any one window.
 A queue's ``max_depth`` bounds how many of its jobs may be scheduled or queued: ``send`` raises
 ``QueueFullError`` past it (``when_full="raise"``), or waits for room up to ``full_timeout_s``
 (``"wait"``). The check reads the depth before the insert, so producers racing each other may
-overshoot it by the jobs they send at the same moment.
+overshoot it by the jobs they send at the same moment. Periodic ticks and workflow steps are
+checked too, as ``taskmill.client`` describes.
 
     >>> from taskmill import App
     >>> app = App("memory://")

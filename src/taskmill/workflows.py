@@ -53,6 +53,7 @@ from taskmill.serialization import decode
 if TYPE_CHECKING:
     from taskmill.brokers.base import Broker
     from taskmill.client import AppParts, Client
+    from taskmill.registry import TaskDefinition
 
 log = logging.getLogger("taskmill.workflows")
 
@@ -211,14 +212,22 @@ _spec_encoder = msgspec.json.Encoder()
 
 
 async def asend_workflow(client: Client, canvas: Canvas) -> WorkflowHandle:
+    """Store the workflow and enqueue its first steps. Their queues' ``max_depth`` is checked
+    first, like a send's: ``QueueFullError`` stores nothing."""
     spec = compile_canvas(_check(canvas))
     for step in spec.steps.values():
         task = client.registry.get_task(step.task)  # unknown: fails here, before anything is stored
         task.bind_check((None, *step.args) if step.input is not None else step.args, step.kwargs)
     workflow_id = uuid7()
+    nothing_yet = _View(spec, {})
+    first = [
+        _step_job(client, workflow_id, nothing_yet, n) for n in spec.steps if nothing_yet.ready(n)
+    ]
+    jobs = [job for _, job in first]
+    await client.check_room(jobs)
     broker = await client.abroker()
     await broker.save_workflow(workflow_id, _spec_encoder.encode(spec))
-    await advance(client, workflow_id)
+    await client.enqueue(jobs, [task for task, _ in first], depth="skip")
     return WorkflowHandle(client, workflow_id)
 
 
@@ -288,7 +297,10 @@ async def _view(broker: Broker, workflow_id: str, spec: Spec) -> _View:
 async def advance(client: Client, workflow_id: str) -> str | None:
     """Release every step whose parents have finished, and end the workflow once it has
     succeeded or cannot. Safe to call any number of times from anywhere: a step's job id is
-    stored once. Returns the workflow's state (None if unknown)."""
+    stored once. Returns the workflow's state (None if unknown).
+
+    Released steps go through the client's enqueue pipeline without the ``max_depth`` check
+    (``depth="skip"``): the workflow was accepted when it was sent (see ``taskmill.client``)."""
     broker = await client.abroker()
     record = await broker.get_workflow(workflow_id)
     if record is None:
@@ -306,18 +318,21 @@ async def advance(client: Client, workflow_id: str) -> str | None:
     if view.blocked_failures():
         await broker.end_workflow(workflow_id, "failed")
         return "failed"
-    jobs = [_step_job(client, workflow_id, view, n) for n in spec.steps if view.ready(n)]
-    if jobs:
-        await broker.enqueue(jobs, on_conflict="return")
+    ready = [_step_job(client, workflow_id, view, n) for n in spec.steps if view.ready(n)]
+    if ready:
+        jobs = [job for _, job in ready]
+        await client.enqueue(jobs, [task for task, _ in ready], depth="skip")
     return "running"
 
 
-def _step_job(client: Client, workflow_id: str, view: _View, name: str) -> NewJob:
+def _step_job(
+    client: Client, workflow_id: str, view: _View, name: str
+) -> tuple[TaskDefinition, NewJob]:
     step = view.spec.steps[name]
     task = client.registry.get_task(step.task)
     args = tuple(step.args) if step.input is None else (view.value(step.input), *step.args)
     opts = replace(task.defaults, job_id=step_job_id(workflow_id, name), key=None, connection=None)
-    return task.build(opts, args, dict(step.kwargs))
+    return task, task.build(opts, args, dict(step.kwargs))
 
 
 async def _cancel_pending(broker: Broker, view: _View) -> None:
