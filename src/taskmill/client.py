@@ -40,12 +40,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import Coroutine, Sequence
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from taskmill.brokers import Broker, EnqueueResult, broker_from_url
 from taskmill.errors import JobNotFoundError
-from taskmill.events import enqueued, publish
+from taskmill.events import FinishWatch, enqueued, publish
 from taskmill.hooks import Hook, arun_hooks, run_hooks_blocking
 from taskmill.job import Job, JobState, NewJob
 from taskmill.limits import check_depth, limited_queues
@@ -61,6 +62,8 @@ DepthCheck = Literal["queue", "no_wait", "skip"]
 
 _POLL_START_S = 0.002
 _POLL_MAX_S = 0.1
+_RECHECK_S = 1.0
+"""With events on, how often a wait for a job to finish reads it anyway (an event is lost)."""
 
 
 class JobRunner(Protocol):
@@ -106,6 +109,9 @@ class Client:
         self._open_lock = threading.Lock()
         self._portal: Portal | None = None
         self._portal_lock = threading.Lock()
+        self._finish_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FinishWatch] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def __repr__(self) -> str:
         return f"<Client {redact_url(self.url)}>"
@@ -129,6 +135,7 @@ class Client:
         ``taskmill_memory`` fixture) and apps that share one in-process broker."""
         self._broker = broker
         self._opened = False
+        self._finish_watches.clear()
         if url is not None:
             self.url = url
 
@@ -276,9 +283,24 @@ class Client:
         return state
 
     async def await_finished(self, job_id: str, timeout: float | None = None) -> Job:
-        """The job once it has finished (polling, 2 ms doubling up to 100 ms);
-        ``TimeoutError`` if it has not after ``timeout`` s."""
+        """The job once it has finished; ``TimeoutError`` if it has not after ``timeout`` s.
+
+        With events on (``App(events=True)``) the wait is woken by the job's finishing event
+        (reading the job again every second, in case that event was lost); else it polls,
+        2 ms doubling up to 100 ms."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self.settings.events:
+            job = await self._await_by_events(job_id, deadline)
+        else:
+            job = await self._await_by_polling(job_id, deadline)
+        if not job.state.finished:
+            raise TimeoutError(
+                f"job {job_id} ({job.task}) is still {job.state.value} after "
+                f"{timeout} s{await self.no_worker_hint(job)}"
+            )
+        return job
+
+    async def _await_by_polling(self, job_id: str, deadline: float | None) -> Job:
         delay = _POLL_START_S
         while True:
             job = await self.aget_job(job_id)
@@ -287,13 +309,37 @@ class Client:
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(
-                        f"job {job_id} ({job.task}) is still {job.state.value} after "
-                        f"{timeout} s{await self.no_worker_hint(job)}"
-                    )
+                    return job
                 delay = min(delay, remaining)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _POLL_MAX_S)
+
+    async def _await_by_events(self, job_id: str, deadline: float | None) -> Job:
+        watch = self._finish_watch(await self.abroker())
+        async with watch.watching(job_id) as finished:  # listening: no finish is missed
+            while True:
+                finished.clear()
+                job = await self.aget_job(job_id)
+                if job.state.finished:
+                    return job
+                wait = _RECHECK_S
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return job
+                try:
+                    async with asyncio.timeout(wait):
+                        await finished.wait()
+                except TimeoutError:
+                    pass
+
+    def _finish_watch(self, broker: Broker) -> FinishWatch:
+        """The shared subscription of the running loop (a subscription is bound to a loop)."""
+        loop = asyncio.get_running_loop()
+        watch = self._finish_watches.get(loop)
+        if watch is None:
+            watch = self._finish_watches[loop] = FinishWatch(broker)
+        return watch
 
     async def no_worker_hint(self, job: Job) -> str:
         """``"; no worker is consuming queue 'x'"`` when the job waits and no registered

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import msgspec
@@ -57,6 +58,8 @@ from taskmill.job import (
 
 if TYPE_CHECKING:
     from taskmill.brokers.base import Broker
+
+log = logging.getLogger("taskmill.events")
 
 MAX_PAYLOAD = 7000
 """Bytes per published message (PostgreSQL's NOTIFY takes at most 8000)."""
@@ -314,3 +317,70 @@ async def subscribe(
                 pending.cancel()
                 with contextlib.suppress(BaseException):
                     await pending
+
+
+class FinishWatch:
+    """Wakes waits for jobs to finish (``JobHandle.result()`` with events on) from one events
+    subscription shared by every wait on one event loop: a wait costs no polling, and however
+    many run at once there is one subscription (on PostgreSQL, one connection). It listens
+    while a wait is in progress, and closes the subscription when the last one ends.
+
+    Events are delivered at most once, so a wait still reads the job again now and then
+    (``Client.await_finished``): a lost event, or a worker with events off, delays the wait,
+    it never hangs it.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._listening: asyncio.Future[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def watching(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        """An ``asyncio.Event`` set when an event says the job finished (or the subscription
+        broke: the waiter should read the job again). Listening once the block begins."""
+        finished = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(finished)
+        try:
+            await self._listen()
+            yield finished
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(finished)
+                if not waiters:
+                    del self._waiters[job_id]
+            if not self._waiters and self._task is not None:
+                self._task.cancel()
+                self._task = None
+
+    async def _listen(self) -> None:
+        """Return once the subscription listens (or failed to start: then the waits poll)."""
+        if self._task is None or self._task.done():
+            self._listening = asyncio.get_running_loop().create_future()
+            self._task = asyncio.create_task(self._run(self._listening), name="taskmill-finishes")
+        assert self._listening is not None
+        await asyncio.shield(self._listening)
+
+    async def _run(self, listening: asyncio.Future[None]) -> None:
+        subscription = self._broker.events_subscription()
+        try:
+            try:
+                await subscription.start()
+            finally:  # listening, or failed to start: either way the waits go on
+                if not listening.done():
+                    listening.set_result(None)
+            while True:
+                for event in decode_payload(await subscription.get()):
+                    if event.state in _FINISHED:
+                        for waiter in self._waiters.get(event.job_id, ()):
+                            waiter.set()
+        except Exception as exc:
+            log.error("listening for finished jobs failed (waits poll instead): %s", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.close()
+            for waiters in self._waiters.values():  # they read their job again
+                for waiter in waiters:
+                    waiter.set()

@@ -76,6 +76,9 @@ class JobHandle(Generic[R]):
         """Wait until the job finishes; its result, or ``JobFailedError`` /
         ``JobCancelledError``; ``TimeoutError`` if it has not finished after ``timeout`` s.
 
+        With events on (``App(events=True)``) the wait is woken by the job's finishing event
+        instead of polling the broker (see ``Client.await_finished``).
+
         The result is decoded to the task's return annotation (see the class docstring); a
         stored result that no longer converts to it (the annotation changed since the job
         ran) raises ``SerializationError``."""
