@@ -34,6 +34,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check $(PY_PATHS)
 	$(BIN)/ruff format --check $(PY_PATHS)
+	$(BIN)/lint-imports  # the dependency rule of docs/architecture.md (pyproject.toml)
 
 typecheck: install
 	$(BIN)/mypy

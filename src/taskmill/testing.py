@@ -38,14 +38,17 @@ except ImportError:  # pragma: no cover - the fixture is only for pytest users
     pytest = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from taskmill.app import App
+    from taskmill.brokers.base import Broker
+    from taskmill.client import AppParts, Client
+
+A = TypeVar("A", bound="AppParts")
 
 T = TypeVar("T")
 
 
 @contextlib.contextmanager
 def running_worker(
-    app: App,
+    app: AppParts,
     *,
     queues: Sequence[str] | None = None,
     concurrency: int = 8,
@@ -56,7 +59,8 @@ def running_worker(
 
     ``queues`` defaults to every queue the app's tasks use.
     """
-    worker = Worker(app, queues=queues or app.queues(), concurrency=concurrency, **worker_options)
+    queues = queues or app.registry.queues(app.client.settings.default_queue)
+    worker = Worker(app, queues=queues, concurrency=concurrency, **worker_options)
     started = threading.Event()
     errors: list[BaseException] = []
     loops: list[asyncio.AbstractEventLoop] = []
@@ -110,27 +114,27 @@ def _tasks_of(loop: asyncio.AbstractEventLoop) -> str:
     return "\n".join(dumped) or "(no tasks)"
 
 
-def taskmill_memory() -> Iterator[Callable[[App], App]]:
+def taskmill_memory() -> Iterator[Callable[[A], A]]:
     """Point apps at a fresh memory broker for one test; restored afterwards.
 
     ``def test_signup(taskmill_memory): taskmill_memory(myapp.app); ...``
     """
     from taskmill.brokers.memory import MemoryBroker
 
-    swapped: list[tuple[App, Any, Any, bool]] = []
+    swapped: list[tuple[Client, Broker | None, str, bool]] = []
 
-    def use(app: App) -> App:
-        swapped.append((app, app._broker, app.url, app._opened))
-        app._broker = MemoryBroker()
-        app.url = "memory://"
-        app._opened = False
+    def use(app: A) -> A:
+        client = app.client
+        swapped.append((client, client._broker, client.url, client._opened))
+        client.use_broker(MemoryBroker(), "memory://")
         return app
 
     yield use
-    for app, broker, url, opened in reversed(swapped):
+    for client, broker, url, opened in reversed(swapped):
         with contextlib.suppress(Exception):
-            app.close()
-        app._broker, app.url, app._opened = broker, url, opened
+            client.close()
+        client.use_broker(broker, url)
+        client._opened = opened
 
 
 if pytest is not None:

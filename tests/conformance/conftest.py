@@ -205,7 +205,7 @@ def app_factory(broker_url: str) -> Iterator[AppFactory]:
     def make(*, share: App | None = None, **settings: Any) -> App:
         app = App(broker_url, **{**DEFAULT_SETTINGS, **settings})
         if share is not None and not share.broker.capabilities.shared_across_processes:
-            app._broker = share.broker
+            app.client.use_broker(share.broker)
         apps.append(app)
         return app
 

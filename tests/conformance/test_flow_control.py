@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from taskmill import App, ConfigurationError, JobState, Limit, QueueFullError
-from taskmill.flow import SPACING
+from taskmill.limits import SPACING
 from taskmill.testing import await_until, running_worker
 
 from .apps import build_app, create_starts_table, starts

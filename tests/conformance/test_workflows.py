@@ -133,8 +133,8 @@ def test_a_step_finished_without_advancing_is_released_by_the_sweep(app: App) ->
     assert job.id == step_job_id(handle.id, "0")
     app.run_sync(broker.finish([Finish(claim_of(job), Succeeded(b"3"))]))
     assert handle.steps()[step_job_id(handle.id, "1")] is None
-    assert app.run_sync(sweep(app)) == 1
-    assert app.run_sync(sweep(app)) == 1  # twice: still one job for the step
+    assert app.run_sync(sweep(app.client)) == 1
+    assert app.run_sync(sweep(app.client)) == 1  # twice: still one job for the step
     assert handle.steps()[step_job_id(handle.id, "1")] is JobState.QUEUED
     assert len(app.run_sync(broker.list_jobs())) == 2
     with running_worker(app):

@@ -753,7 +753,7 @@ def test_the_taskmill_memory_fixture_is_a_registered_plugin_and_restores_the_app
         "    assert handle.result(timeout=5) == 42\n"
         "def test_restored_afterwards():\n"
         "    assert app.url == 'sqlite:///prod.db'\n"
-        "    assert app._broker is None\n",
+        "    assert app.client._broker is None\n",
         "utf-8",
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKMILL_", "PYTEST_"))}

@@ -62,8 +62,7 @@ def app() -> Iterator[App]:
 
 
 def use_broker(app: App, broker: MemoryBroker) -> None:
-    app._broker = broker
-    app._opened = False
+    app.client.use_broker(broker)
 
 
 @pytest.fixture

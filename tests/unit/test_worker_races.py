@@ -55,7 +55,7 @@ def test_a_late_heartbeat_reply_does_not_stop_the_next_attempt() -> None:
     stuck until its lease expired)."""
     broker = LateHeartbeat()
     app = App("memory://", lease_s=60, heartbeat_s=0.05)
-    app._broker = broker
+    app.client.use_broker(broker)
 
     @app.task(retries=1, backoff=Backoff(base=0, cap=0, jitter=False))
     def flaky() -> int:
@@ -95,7 +95,7 @@ def test_an_outcome_waits_for_the_progress_write_in_flight() -> None:
     event would follow the outcome's)."""
     broker = SlowProgress()
     app = App("memory://")
-    app._broker = broker
+    app.client.use_broker(broker)
 
     @app.task()
     def reporter() -> str:

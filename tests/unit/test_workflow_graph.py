@@ -10,9 +10,10 @@ import msgspec
 import pytest
 
 from taskmill import chain, chord, group
+from taskmill._ids import workflow_of
 from taskmill.errors import ConfigurationError
 from taskmill.job import ErrorInfo, Job, JobState
-from taskmill.workflows import Signature, Spec, Step, _View, compile_canvas, workflow_of
+from taskmill.workflows import Signature, Spec, Step, _View, compile_canvas
 
 
 def sig(task: str, *args: Any, accepts_failures: bool = False, **kwargs: Any) -> Signature:

@@ -242,19 +242,20 @@ class Broker(abc.ABC):
         in the future are ``scheduled``; the others ``queued``.
         """
 
+    @abc.abstractmethod
     def enqueue_blocking(
         self,
         jobs: Sequence[NewJob],
         *,
         on_conflict: OnConflict = "return",
         connection: Any = None,
-    ) -> EnqueueResult | None:
-        """Optional synchronous fast path for ``send()``; None means "use ``enqueue``".
+    ) -> EnqueueResult:
+        """``enqueue`` from synchronous code, on the calling thread: ``send()`` writes with no
+        hop to another thread.
 
         ``connection`` is the caller's own database connection for transactional enqueue;
         brokers without ``capabilities.transactional_enqueue`` raise if it is given.
         """
-        return None
 
     # --- workers ------------------------------------------------------------------------------
 

@@ -15,11 +15,10 @@ from taskmill.errors import SerializationError, UnknownTaskError
 from taskmill.job import Cancelled, Job, Outcome, Released, Succeeded
 from taskmill.retry import decide
 from taskmill.serialization import encode, payload_options
-from taskmill.task import Task
 from taskmill.worker.pools import call_async
 
 if TYPE_CHECKING:
-    from taskmill.app import App
+    from taskmill.registry import Registry, TaskDefinition
     from taskmill.worker.pools import Runner
 
 
@@ -49,10 +48,10 @@ def fail_now(job: Job, exc: BaseException) -> Outcome:
     )
 
 
-def resolve(app: App, job: Job) -> Task[Any, Any]:
-    task = app.tasks.get(job.task)
+def resolve(registry: Registry, job: Job) -> TaskDefinition:
+    task = registry.tasks.get(job.task)
     if task is None:
-        known = ", ".join(sorted(app.tasks)) or "none"
+        known = ", ".join(sorted(registry.tasks)) or "none"
         raise UnknownTaskError(
             f"no task named {job.task!r} is registered in this worker's app (known: {known}); "
             "was it renamed, or is the worker running older code?"
@@ -61,7 +60,7 @@ def resolve(app: App, job: Job) -> Task[Any, Any]:
 
 
 def arguments(
-    task: Task[Any, Any], job: Job, ctx: JobContext | None = None
+    task: TaskDefinition, job: Job, ctx: JobContext | None = None
 ) -> tuple[list[Any], dict[str, Any]]:
     """The stored arguments, decoded to the types the function declares and checked to bind
     to its signature (``taskmill.conversion``): a ``SerializationError`` or ``TypeError``
@@ -75,7 +74,7 @@ def arguments(
     return decoded
 
 
-def check_result(task: Task[Any, Any], result: bytes) -> None:
+def check_result(task: TaskDefinition, result: bytes) -> None:
     """A result that would not decode to the task's return annotation is a
     ``SerializationError`` here, like one that cannot be encoded: not a surprise later in
     whoever reads it."""
@@ -83,7 +82,7 @@ def check_result(task: Task[Any, Any], result: bytes) -> None:
         task.types.result(result)
 
 
-def soft_limit_s(task: Task[Any, Any], job: Job) -> float | None:
+def soft_limit_s(task: TaskDefinition, job: Job) -> float | None:
     """The job's soft time limit: the one its send stored, else this worker's registration of
     the task. None if it would not come before the hard limit (that one stops the run first)."""
     soft: float | None = payload_options(job.payload).get(
@@ -95,11 +94,11 @@ def soft_limit_s(task: Task[Any, Any], job: Job) -> float | None:
 
 
 async def execute(
-    app: App, job: Job, ctx: JobContext, runner: Runner, interrupted: list[str]
+    registry: Registry, job: Job, ctx: JobContext, runner: Runner, interrupted: list[str]
 ) -> Outcome:
     """Run the job; ``interrupted`` holds the reason if the worker cancels this coroutine."""
     try:
-        task = resolve(app, job)
+        task = resolve(registry, job)
         args, kwargs = arguments(task, job, ctx)
     except (UnknownTaskError, SerializationError, TypeError) as exc:
         return fail_now(job, exc)

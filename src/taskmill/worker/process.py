@@ -23,7 +23,7 @@ from taskmill.worker.supervisor import NO_RESTART_EXIT_CODE, Pool, Supervisor
 from taskmill.worker.worker import PoolKind, Worker
 
 if TYPE_CHECKING:
-    from taskmill.app import App
+    from taskmill.client import AppParts
 
 log = logging.getLogger("taskmill.worker")
 
@@ -72,7 +72,7 @@ def _whole_number(value: str, what: str, text: str) -> int:
 
 
 def supervise(
-    app: App,
+    app: AppParts,
     app_path: str,
     specs: list[PoolSpec],
     common: list[str],
@@ -95,7 +95,7 @@ def supervise(
             )
     supervisor = Supervisor(
         pools,
-        heartbeat_max_age_s=app.settings.lost_after_s,
+        heartbeat_max_age_s=app.client.settings.lost_after_s,
     )
     server = (
         None if health_port is None else serve_health(health_host, health_port, supervisor.health)
@@ -117,7 +117,7 @@ def serve_health(host: str, port: int, status: Callable[[], Status]) -> HealthSe
 
 
 def run_worker_process(
-    app: App,
+    app: AppParts,
     *,
     app_path: str,
     queues: list[str],
@@ -164,7 +164,7 @@ def run_worker_process(
         finally:
             if watch is not None:
                 watch.cancel()
-            await app.aclose()
+            await app.client.aclose()
 
     try:
         asyncio.run(main())

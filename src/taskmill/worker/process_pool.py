@@ -26,24 +26,17 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import Any
 
 from taskmill.context import JobContext, reset_current, set_current
 from taskmill.errors import SoftTimeLimitExceeded, TaskTimeoutError, WorkerLostError
 from taskmill.job import ErrorInfo
 from taskmill.logs import JsonFormatter, LogFormat
 from taskmill.logs import configure as configure_logging
+from taskmill.registry import Registry, TaskDefinition
 from taskmill.retry import Cancel, RemoteError, Retry, error_info
 from taskmill.serialization import decode, encode
-from taskmill.task import Task
 from taskmill.worker.pools import hard_limit_message, soft_limit_message
-
-
-class _Tasks(Protocol):
-    """Where a child finds a job's task (the app it loaded)."""
-
-    def get_task(self, name: str) -> Task[Any, Any]: ...
-
 
 log = logging.getLogger("taskmill.worker")
 
@@ -168,7 +161,7 @@ class ProcessRunner:
 
     async def call(
         self,
-        task: Task[Any, Any],
+        task: TaskDefinition,
         args: list[Any],
         kwargs: dict[str, Any],
         ctx: JobContext,
@@ -316,7 +309,7 @@ def child_main(
         msg = inbox.get()
         if msg is None or msg[0] == "stop":
             return
-        _run_in_child(app, msg, conn, report, cancelled, soft_limit)
+        _run_in_child(app.registry, msg, conn, report, cancelled, soft_limit)
 
 
 def _read_messages(
@@ -347,7 +340,7 @@ def _read_messages(
 
 
 def _run_in_child(
-    app: _Tasks,
+    app: Registry,
     msg: tuple[Any, ...],
     conn: Connection,
     report: Callable[[str, float | None, str | None], None],

@@ -23,11 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from taskmill._ids import workflow_of
 from taskmill.brokers.base import Broker, HandOver
 from taskmill.context import JobContext
 from taskmill.errors import BrokerError, BrokerUnavailableError, SerializationError
 from taskmill.events import Event, ended, outcome_state, progressed, publish, started
-from taskmill.flow import hold_slot, rate_buckets, wait_for_rate_slots
 from taskmill.hooks import HookName, JobView, arun_hooks
 from taskmill.job import (
     Claim,
@@ -41,6 +41,7 @@ from taskmill.job import (
     Succeeded,
     WorkerInfo,
 )
+from taskmill.limits import hold_slot, wait_for_rate_slots
 from taskmill.retry import error_info
 from taskmill.serialization import try_decode
 from taskmill.urls import redact_url
@@ -54,10 +55,10 @@ from taskmill.worker.execution import (
 from taskmill.worker.joblog import job_log, log_outcome, log_start
 from taskmill.worker.names import worker_id
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
-from taskmill.workflows import advance, sweep, workflow_of
+from taskmill.workflows import advance, sweep
 
 if TYPE_CHECKING:
-    from taskmill.app import App
+    from taskmill.client import AppParts
 
 log = logging.getLogger("taskmill.worker")
 
@@ -83,9 +84,10 @@ class _Running:
 
 
 class Worker:
-    """Runs an app's jobs. ``taskmill worker`` builds one per process; tests may run one
-    in-process (``await worker.run()`` and ``worker.stop()`` from any thread). With
-    ``scheduler`` (the default) it also enqueues the app's periodic schedules' ticks.
+    """Runs the jobs of ``app`` (an ``App``, or anything with its ``registry`` and
+    ``client``). ``taskmill worker`` builds one per process; tests may run one in-process
+    (``await worker.run()`` and ``worker.stop()`` from any thread). With ``scheduler`` (the
+    default) it also enqueues the app's periodic schedules' ticks.
 
     ``name`` is kept in the worker's id (``name@host-pid-random``, see
     ``taskmill.worker.names``). A broker that cannot be reached at start
@@ -96,7 +98,7 @@ class Worker:
 
     def __init__(
         self,
-        app: App,
+        app: AppParts,
         *,
         queues: Sequence[str] | None = None,
         concurrency: int = 16,
@@ -115,8 +117,11 @@ class Worker:
             raise ValueError("concurrency must be >= 1")
         if pool == "process" and app_path is None:
             raise ValueError("pool='process' needs app_path ('module:app') for the children")
-        self.app = app
-        self.queues = list(queues) if queues else [app.settings.default_queue]
+        self.app = app  # what the scheduler is given
+        self.registry = app.registry
+        self.client = app.client
+        settings = self.client.settings
+        self.queues = list(queues) if queues else [settings.default_queue]
         self.concurrency = concurrency
         self.pool: PoolKind = pool
         self.app_path = app_path
@@ -135,7 +140,6 @@ class Worker:
         self.started_at = time.time()
         self.jobs_done = 0
         self.processed = self.failed = 0  # runs with an outcome written, those that raised
-        settings = app.settings
         self.lease_s = settings.lease_s
         self.heartbeat_s = settings.effective_heartbeat_s
         self._running: dict[str, _Running] = {}
@@ -158,7 +162,7 @@ class Worker:
         self._flush_lock = asyncio.Lock()  # one flush at a time (see _flush_all)
         self._idle_task: asyncio.Task[list[Job]] | None = None
         self._broker: Broker | None = None
-        self._events_on = app.settings.events
+        self._events_on = settings.events
         self._events: list[Event] = []  # published in order by _events_loop
         self._events_wake: asyncio.Event | None = None
         self._finishing: dict[str, Job] = {}  # with events on: jobs whose outcome is pending
@@ -230,7 +234,7 @@ class Worker:
             background.append(asyncio.create_task(self._events_loop(), name="taskmill-events"))
         if not until_idle:
             background.append(asyncio.create_task(self._maintenance_loop(), name="taskmill-maint"))
-            if self.scheduler and self.app.schedules:
+            if self.scheduler and self.registry.schedules:
                 from taskmill.scheduler import Scheduler
 
                 background.append(
@@ -247,7 +251,7 @@ class Worker:
                 ",".join(self.queues),
                 self.concurrency,
                 self.pool,
-                redact_url(self.app.url),
+                redact_url(self.client.url),
             )
         try:
             await self._claim_loop(until_idle)
@@ -283,7 +287,7 @@ class Worker:
         delay = _START_RETRY_FIRST_S
         while True:
             try:
-                return await self.app.abroker()
+                return await self.client.abroker()
             except BrokerUnavailableError as exc:
                 if self._stop_event.is_set():
                     return None
@@ -424,7 +428,7 @@ class Worker:
             max_attempts=job.max_attempts,
             _report=self._report_progress,
         )
-        task = self.app.tasks.get(job.task)
+        task = self.registry.tasks.get(job.task)
         running = _Running(job, claim, ctx, is_async=task is not None and task.is_async)
         self._running[job.id] = running
         if self._events_on:
@@ -447,7 +451,7 @@ class Worker:
             if job_log.isEnabledFor(logging.DEBUG):
                 log_start(r.job, self.id)
             outcome: Outcome = early or await execute(
-                self.app, r.job, r.ctx, self._runner, r.interrupted
+                self.registry, r.job, r.ctx, self._runner, r.interrupted
             )
         except asyncio.CancelledError:
             if not r.interrupted:
@@ -622,8 +626,9 @@ class Worker:
     async def _publish_events(self) -> None:
         batch, self._events = self._events, []
         if batch:
+            assert self._broker is not None
             try:
-                await publish(self.app, batch)
+                await publish(self._broker, batch)
             except Exception as exc:  # events are at most once: log, never stop the worker
                 log.error("worker %s: publishing %d events failed: %s", self.id, len(batch), exc)
 
@@ -637,7 +642,7 @@ class Worker:
         }
         for workflow_id in workflows:
             try:
-                await advance(self.app, workflow_id)
+                await advance(self.client, workflow_id)
             except Exception as exc:
                 log.error("workflow %s: advancing failed (the sweep retries): %s", workflow_id, exc)
         return bool(workflows)
@@ -713,15 +718,15 @@ class Worker:
         """No rate or concurrency limit and no hook applies to the job's task (checked once
         per task and queue: the fast path skips the per-job checks, 15 % of an async no-op's
         cost on SQLite, measured). Hooks and limits are set before workers start."""
-        task = self.app.tasks.get(job.task)
+        task = self.registry.tasks.get(job.task)
         if task is None:
             return True  # execution fails it as unknown
         return not (
             task.rate_interval_s is not None
             or task.concurrency is not None
             or task.hooks
-            or self.app.hooks
-            or rate_buckets(self.app, job)
+            or self.registry.hooks
+            or self.registry.rate_buckets(task, job)
         )
 
     async def _flow_control(self, r: _Running) -> Outcome | None:
@@ -729,14 +734,14 @@ class Worker:
         meanwhile (not failed, no attempt spent). An outcome only if its limit's key cannot
         be computed from its arguments."""
         assert self._broker is not None
-        task = self.app.tasks.get(r.job.task)
+        task = self.registry.tasks.get(r.job.task)
         if task is None:
             return None  # execution fails it as unknown
         try:  # decoded once for the run: hooks, current_job() and the call read them too
             args, kwargs = arguments(task, r.job, r.ctx)
         except (SerializationError, TypeError) as exc:
             return fail_now(r.job, exc)
-        buckets = rate_buckets(self.app, r.job)
+        buckets = self.registry.rate_buckets(task, r.job)
         if buckets:
             await wait_for_rate_slots(self._broker, buckets)
         if task.concurrency is None:
@@ -754,7 +759,7 @@ class Worker:
 
     async def _hooks(self, name: HookName, r: _Running, *args: Any, result: Any = None) -> None:
         job = r.job
-        lists = self.app._hook_lists(job.task, name)
+        lists = self.registry.hook_lists(self.registry.tasks.get(job.task), name)
         if any(lists):
             view = JobView.of(job, r.ctx, duration_s=r.duration_s, result=result)
             await arun_hooks(lists, name, job.id, job.task, view, *args)
@@ -766,7 +771,7 @@ class Worker:
         r.finishing = True
         try:
             if isinstance(outcome, Succeeded):
-                if any(self.app._hook_lists(job.task, "on_success")):
+                if any(self.registry.hook_lists(self.registry.tasks.get(job.task), "on_success")):
                     result = self._result_value(job, outcome.result)
                     await self._hooks("on_success", r, result, result=result)
             elif isinstance(outcome, Failed):
@@ -788,7 +793,7 @@ class Worker:
     def _result_value(self, job: Job, result: bytes) -> Any:
         """The result as ``JobHandle.result()`` returns it (execution checked that it
         decodes; should it not, the hooks get it as stored rather than an error)."""
-        task = self.app.tasks.get(job.task)
+        task = self.registry.tasks.get(job.task)
         try:
             return try_decode(result) if task is None else task.types.result(result)
         except SerializationError:
@@ -814,7 +819,7 @@ class Worker:
 
     async def _maintenance_loop(self) -> None:
         assert self._broker
-        settings = self.app.settings
+        settings = self.client.settings
         interval = settings.effective_recover_interval_s
         next_prune = time.monotonic() + random.uniform(0, settings.prune_interval_s)
         while True:
@@ -822,7 +827,7 @@ class Worker:
             try:
                 for job_id, state in await self._broker.recover(settings.max_lost_leases):
                     log.warning("job %s: lease expired, recovered to %s", job_id, state.value)
-                await sweep(self.app)
+                await sweep(self.client)
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + settings.prune_interval_s
                     cutoff = await self._broker.now() - settings.result_ttl_s
