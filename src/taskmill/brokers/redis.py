@@ -338,9 +338,9 @@ class RedisBroker(Broker):
     def _blocking_client(self) -> Any:
         # blocking reads get their own pool so they never hold up claims and finishes
         loop = asyncio.get_running_loop()
+        self._check_not_detached(loop)  # each time: a wait may outlive its loop's detach
         client = self._ablocking.get(loop)
         if client is None:
-            self._check_not_detached(loop)
             # no retries of its own: a BLPOP whose socket was closed (a detaching worker ends
             # its orphaned waits so) must end, not block again; the worker retries a wait
             client = self._ablocking[loop] = aredis.Redis.from_url(
@@ -545,14 +545,18 @@ class RedisBroker(Broker):
 
     async def _close_loop_clients(self) -> None:
         loop = asyncio.get_running_loop()
-        orphans = self._orphans.pop(loop, set())
+        orphans = set(self._orphans.pop(loop, set()))
         blocking = self._ablocking.get(loop)
-        if blocking is not None:
-            # waits whose callers were cancelled may still block on the server: closing
-            # their sockets ends them at once (a cancel might wait out the block)
-            await blocking.connection_pool.disconnect()
-        if orphans:  # and those not blocking yet end at their next step (_check_not_detached)
-            await asyncio.gather(*orphans, return_exceptions=True)
+        # waits whose callers were cancelled may still block on the server: closing their
+        # sockets ends them at once (a cancel might wait out the block); those not blocking
+        # yet end at their next step (_check_not_detached). Again until all ended: one may
+        # have taken a connection from the pool just after it was emptied.
+        while True:
+            if blocking is not None:
+                await blocking.connection_pool.disconnect()
+            if not orphans:
+                break
+            _, orphans = await asyncio.wait(orphans, timeout=0.5)
         for clients in (self._aclients, self._ablocking):
             client = clients.pop(loop, None)
             if client is not None:
