@@ -97,20 +97,28 @@ def _count_writes() -> None:
 
 
 def extras(n: int) -> dict[str, Any]:
-    """A plain ``send()`` loop against one connection's round-trip ceiling (``INCR`` loop with
-    redis-py's sync client), measured back to back in this process, twice; and how many
-    Redis commands (server side, counting those run inside Lua scripts) and socket writes
-    (client side: round trips) one ``send()`` costs."""
+    """A plain ``send()`` loop against one connection's ceiling: a loop of ``EVALSHA`` of an
+    empty script (a round trip plus a script call's overhead: ``send()`` is one script call),
+    and an ``INCR`` loop as a second reference, both with redis-py's sync client; measured back
+    to back in this process, in 3 rounds (the best of each kept). Also how many Redis commands
+    (server side, counting those run inside Lua scripts) and socket writes (client side: round
+    trips) one ``send()`` costs, and the server's time per enqueue script call."""
     _count_writes()
     client = redis.Redis.from_url(_common.redis_url())
     drain_probe.send()  # open the broker and load its scripts outside the timed part
+    empty = client.script_load("")
     client.incr("cmp:ceiling")
-    send_rates, incr_rates, per_send, writes = [], [], [], []
-    for _ in range(2):
+    send_rates, evalsha_rates, incr_rates, per_send, writes = [], [], [], [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            client.evalsha(empty, 0)
+        evalsha_rates.append(n / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         for _ in range(n):
             client.incr("cmp:ceiling")
         incr_rates.append(n / (time.perf_counter() - t0))
+        client.config_resetstat()
         before = client.info("stats")["total_commands_processed"]
         w0 = _writes[0]
         t0 = time.perf_counter()
@@ -121,12 +129,15 @@ def extras(n: int) -> dict[str, Any]:
         # Redis commands per send() (nothing else talks to Redis now; minus our own INFO).
         after = client.info("stats")["total_commands_processed"]
         per_send.append((after - before - 1) / n)
+    script_us = client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
     client.close()
     return {
         "send_loop": max(send_rates),
+        "evalsha_loop": max(evalsha_rates),
         "incr_loop": max(incr_rates),
         "commands_per_send": min(per_send),
         "writes_per_send": min(writes),
+        "script_us": script_us,
         "n": n,
     }
 
