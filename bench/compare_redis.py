@@ -202,10 +202,10 @@ def extras_lines(extras: dict[str, Any] | str, rows: list[Row]) -> list[str]:
         f"an empty script (the ceiling: a round trip and a script call): {ceiling:,.0f}/s, "
         f"ratio {send / ceiling:.0%} (target ≥ {TARGET_SEND:.0%}: "
         f"{'met' if send / ceiling >= TARGET_SEND else 'NOT met'}); its INCR loop: "
-        f"{incr:,.0f}/s, ratio {send / incr:.0%} (best of 3 rounds of {extras['n']:,} each, "
-        f"back to back); per send(): {extras['writes_per_send']:.2f} socket writes (round "
-        f"trips), {extras['commands_per_send']:.2f} Redis commands (including those run by "
-        f"Lua), {extras['script_us']:.1f} us of server time in the enqueue script"
+        f"{incr:,.0f}/s, ratio {send / incr:.0%} ({extras['n']:,} calls each, the three loops "
+        f"taking turns in tenths); per send(): {extras['writes_per_send']:.2f} socket writes "
+        f"(round trips), {extras['commands_per_send']:.2f} Redis commands (including those run "
+        f"by Lua), {extras['script_us']:.1f} us of server time in the enqueue script"
     )
     return lines + versus_fastest_peer(rows)
 
