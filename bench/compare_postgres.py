@@ -63,6 +63,7 @@ is shut down and its directory removed), and a library that fails is reported as
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -248,6 +249,7 @@ UPDATE taskmill.jobs SET state = 'succeeded', attempt = 1, started_at = clock_ti
 WHERE state = 'queued'
 """
 TARGET_CHURN = 0.5  # issue #11: the churn drain within 2x of the vacuumed one
+CHANGED_AT: dict[str, float] = {}  # per case: when the bulk change committed (server clock)
 
 
 def churn_libraries(server: PostgresServer, rows: int) -> list[Lib]:
@@ -280,6 +282,8 @@ def churn_prepare(server: PostgresServer, lib: Lib, rows: int) -> None:
         conn.execute(CHURN_LOAD, {"rows": rows})
         conn.execute("VACUUM (ANALYZE) taskmill.jobs")
         conn.execute(CHURN_CHANGE)
+        row = conn.execute("SELECT date_part('epoch', now())").fetchone()
+        CHANGED_AT[lib.name] = float(row[0]) if row else math.nan
         if CHURN_CASES[lib.name]:
             conn.execute("VACUUM taskmill.jobs")
         conn.execute("CHECKPOINT")
@@ -290,16 +294,19 @@ def vacuum_note(server: PostgresServer, lib: Lib) -> str:
     """The vacuums of the jobs table since the bulk change, and the dead rows left."""
     with server.connect(dbname(lib)) as conn:
         row = conn.execute(
-            "SELECT vacuum_count, autovacuum_count, n_dead_tup FROM pg_stat_user_tables"
-            " WHERE relid = 'taskmill.jobs'::regclass"
+            "SELECT vacuum_count, autovacuum_count, n_dead_tup, date_part('epoch', last_vacuum)"
+            " FROM pg_stat_user_tables WHERE relid = 'taskmill.jobs'::regclass"
         ).fetchone()
     if row is None:
         return "no statistics for taskmill.jobs"
     ours = 2 if CHURN_CASES[lib.name] else 1  # the bench's own VACUUMs
-    return (
+    note = (
         f"vacuums of taskmill.jobs after the bulk change: {row[0] - ours} by taskmill, "
         f"{row[1]} by autovacuum; dead rows left: {row[2]:,}"
     )
+    if row[0] > ours and row[3] is not None:
+        note += f"; taskmill's last one ended {row[3] - CHANGED_AT[lib.name]:.1f} s after it"
+    return note
 
 
 def churn_lines(rows: list[Row]) -> list[str]:
