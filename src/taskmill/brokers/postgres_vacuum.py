@@ -11,10 +11,11 @@ the churn case). Autovacuum repairs it, but only at its next round on the databa
 So a claim, at most every ``probe_every_s``, also reads how many pages of the ready index its
 session's scans read (the session's statistics not yet reported to the server: one more
 statement in the claim's round trip, about 25 us). From ``walk_pages`` pages a scan, the
-worker vacuums the table itself, if its role owns the table: on a connection of its own, not
-while another vacuum of the table runs (``SKIP_LOCKED``), one at a time per broker, then a
-pause, doubled after each vacuum that did not shorten the walk (a long transaction elsewhere
-keeps vacuum from removing anything; see docs/brokers.md).
+worker vacuums the table itself, if its role owns the table: on a connection of its own, at
+the pace autovacuum has there (migration 5), not while another vacuum of the table runs
+(``SKIP_LOCKED``), one at a time per broker, then a pause, doubled after each vacuum that did
+not shorten the walk (a long transaction elsewhere keeps vacuum from removing anything; see
+docs/brokers.md).
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ async def vacuum_jobs(
                 schema,
             )
             started = time.monotonic()
+            await conn.execute(queries["vacuum_pace"])
             await conn.execute(queries["vacuum_jobs"])
             log.info("vacuumed %s.jobs in %.1f s", schema, time.monotonic() - started)
     except Exception as exc:

@@ -164,6 +164,11 @@ SELECT pg_stat_get_xact_blocks_fetched('{schema}.jobs_ready'::regclass),
 -- Only the table's owner (a member of its role, or a superuser) may vacuum it.
 SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = '{schema}.jobs'::regclass;
 
+-- name: vacuum_pace
+-- The pace migration 5 gives autovacuum on the jobs table (a manual VACUUM is unthrottled by
+-- default): on a table of millions of finished jobs, the scans of its indexes are long.
+SELECT set_config('vacuum_cost_limit', '2000', false), set_config('vacuum_cost_delay', '1', false);
+
 -- name: vacuum_jobs
 -- Not while another vacuum of the table runs (SKIP_LOCKED: that one does the work), and the
 -- indexes always cleaned (by default a vacuum may skip them when few heap pages have dead
