@@ -12,6 +12,7 @@ deadline; the only sleeps are an outage's length and a producer's pacing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import subprocess
@@ -697,3 +698,124 @@ def test_a_failed_statement_rolls_back_the_whole_pipelined_transaction(database:
     rows, status = asyncio.run(scenario())
     assert status == TransactionStatus.IDLE
     assert rows == [2]
+
+
+# --- (g) dead entries in the claims' index ------------------------------------------------------
+
+# Enough jobs leaving the queue at once that a claim walks past the pacer's threshold
+# (postgres_vacuum.VacuumPacer.walk_pages: 1,000 pages of the ready index, about 160 entries a
+# page).
+LEFT_THE_QUEUE = 250_000
+
+
+def queue_then_finish_in_bulk(db: Database, n: int) -> None:
+    """``n`` queued jobs, vacuumed, then all marked succeeded in one statement: dead entries at
+    the head of the ready index. Autovacuum is off on the table, so none but ours runs."""
+    with db.connect() as conn:
+        conn.execute("ALTER TABLE taskmill.jobs SET (autovacuum_enabled = false)")
+        conn.execute(
+            "INSERT INTO taskmill.jobs (id, task, queue, state, payload, run_at, enqueued_at) "
+            "SELECT 'bulk-' || lpad(g::text, 7, '0'), 'work', 'default', 'queued', "
+            "'[[0],{}]', clock_timestamp() - interval '1 hour', clock_timestamp() "
+            "FROM generate_series(1, %s) AS g",
+            (n,),
+        )
+        conn.execute("VACUUM taskmill.jobs")
+        conn.execute(
+            "UPDATE taskmill.jobs SET state = 'succeeded', finished_at = now() "
+            "WHERE state = 'queued'"
+        )
+
+
+def claim_walk(db: Database) -> int:
+    """Pages of the ready index that a claim's ordered walk reads now (the claim's SELECT,
+    without its locks)."""
+    with db.connect(autocommit=False) as conn:
+        conn.execute(
+            "SELECT seq FROM taskmill.jobs WHERE state = 'queued' AND queue = 'default' "
+            "ORDER BY priority DESC, run_at, seq LIMIT 16"
+        ).fetchall()
+        row = conn.execute(
+            "SELECT pg_stat_get_xact_blocks_fetched('taskmill.jobs_ready'::regclass)"
+        ).fetchone()
+        conn.rollback()
+    assert row is not None
+    return int(row[0])
+
+
+def vacuums(db: Database) -> tuple[int, int]:
+    """(manual vacuums, autovacuums) of the jobs table so far."""
+    with db.connect() as conn:
+        row = conn.execute(
+            "SELECT vacuum_count, autovacuum_count FROM pg_stat_user_tables "
+            "WHERE relid = 'taskmill.jobs'::regclass"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_vacuums_when_its_claims_walk_dead_index_entries(database: Database) -> None:
+    """A quarter of a million jobs leave the queue in one statement: every claim walks their
+    dead entries in the ready index until a vacuum. The worker sees it from its claims' own
+    statistics and vacuums the table at once (autovacuum is off here; on a server it comes a
+    minute later at worst), and a claim reads a few pages again."""
+    app = make_app(database.taskmill_url())
+    task = app.tasks["work"]
+    try:
+        app.open()
+        queue_then_finish_in_bulk(database, LEFT_THE_QUEUE)
+        before = vacuums(database)
+        walk = claim_walk(database)
+        assert walk > 1000, f"the bulk change left only {walk} pages to walk"
+        with running_worker(app):
+            handles = task.send_many([(i,) for i in range(50)])
+            assert [h.result(timeout=30) for h in handles] == [*range(50)]
+            poll_until(
+                lambda: vacuums(database)[0] > before[0],
+                what="the worker to vacuum taskmill.jobs",
+                timeout=60,
+            )
+        assert claim_walk(database) < 20
+        assert vacuums(database)[1] == before[1]  # no autovacuum did it
+    finally:
+        app.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_whose_role_does_not_own_the_table_leaves_it_to_autovacuum(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the owner may vacuum a table: a worker of another role says so once, and runs its
+    jobs as before."""
+    owner = make_app(database.taskmill_url())
+    owner.open()  # migrates
+    owner.close()
+    role = f"tm_runner_{uuid.uuid4().hex[:8]}"
+    with database.connect() as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA taskmill TO {role}")
+        conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA taskmill TO {role}")
+        conn.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA taskmill TO {role}")
+    queue_then_finish_in_bulk(database, LEFT_THE_QUEUE)
+    before = vacuums(database)
+    url = database.url.replace("postgres@", f"{role}@", 1) + "?migrate=false"
+    app = make_app(url)
+    task = app.tasks["work"]
+    try:
+        logger = "taskmill.brokers.postgres"
+        with caplog.at_level(logging.WARNING, logger=logger), running_worker(app):
+            handles = task.send_many([(i,) for i in range(50)])
+            assert [h.result(timeout=30) for h in handles] == [*range(50)]
+            poll_until(
+                lambda: any("may not vacuum" in r.getMessage() for r in caplog.records),
+                what="the worker to say it may not vacuum",
+            )
+        warnings = [r for r in caplog.records if "may not vacuum" in r.getMessage()]
+        assert len(warnings) == 1
+        assert vacuums(database)[0] == before[0]
+    finally:
+        app.close()
+        with database.connect() as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

@@ -178,6 +178,32 @@ def test_pending_jobs_never_expire_and_finished_ones_do(redis_server: RedisServe
         app.close()
 
 
+@pytest.mark.timeout(30)
+def test_sends_to_a_server_that_forgot_the_scripts_load_them_again(
+    redis_server: RedisServer,
+) -> None:
+    """A restarted or flushed server answers NOSCRIPT: a blocking send() (its command packed
+    once, sent again after the load) and a send_many() load the script again, and each job is
+    stored once."""
+    prefix = unique_prefix("noscript")
+    app = make_app(url_of(redis_server, prefix))
+    task = app.tasks["work"]
+    admin = redis_server.client()
+    try:
+        first = task.send(1)
+        admin.script_flush()
+        second = task.send(2)
+        admin.script_flush()
+        rest = task.send_many([(3,), (4,)])
+        with running_worker(app):
+            assert [h.result(timeout=10) for h in (first, second, *rest)] == [1, 2, 3, 4]
+        assert len(all_jobs(app)) == 4
+    finally:
+        delete_prefix(admin, prefix)
+        admin.close()
+        app.close()
+
+
 @pytest.mark.timeout(120)
 def test_no_key_without_ttl_grows_with_the_number_of_jobs(redis_server: RedisServer) -> None:
     """Run 50 jobs, then 500 (half with unique keys), with a tiny ``result_ttl_s``: once they

@@ -62,6 +62,7 @@ from taskmill.brokers.base import (
     decode_cursor,
     encode_cursor,
 )
+from taskmill.brokers.postgres_vacuum import VacuumPacer, vacuum_jobs
 from taskmill.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -575,6 +576,7 @@ class _LoopState:
     pool: AsyncConnectionPool[AsyncConn]
     listener: _Listener | None = None
     marks: dict[tuple[str, ...], int] = field(default_factory=dict)
+    vacuum: asyncio.Future[None] | None = None  # a vacuum of the jobs table under way
 
 
 _WITH_IO_LOOP: weakref.WeakSet[PostgresBroker] = weakref.WeakSet()
@@ -641,6 +643,7 @@ class PostgresBroker(Broker):
         self._sync_lock = threading.Lock()
         self._ready = False
         self._ready_lock = threading.Lock()
+        self._vacuum_pacer = VacuumPacer()
 
     def __repr__(self) -> str:
         return f"<PostgresBroker {self.config.where} schema={self.schema}>"
@@ -891,6 +894,10 @@ class PostgresBroker(Broker):
         if state is not None:
             if state.listener is not None:
                 await state.listener.close()
+            if state.vacuum is not None:
+                state.vacuum.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await state.vacuum
             await state.pool.close()
 
     async def attach(self) -> None:
@@ -1059,21 +1066,44 @@ class PostgresBroker(Broker):
             "worker_id": worker_id,
         }
 
-        async def op(conn: AsyncConn) -> tuple[set[int], list[TupleRow]]:
-            # one transaction, one round trip: outcomes, promotion of due jobs, the claim. A
-            # claim alone need not wait for the WAL flush: if a crash loses it, the job is
-            # queued again and the claimant's finish is fenced out (at least once, as ever)
+        async def op(conn: AsyncConn) -> tuple[set[int], list[TupleRow], TupleRow | None]:
+            # one transaction, one round trip: outcomes, promotion of due jobs, the claim (and
+            # now and then how far it walked the ready index: see postgres_vacuum). A claim
+            # alone need not wait for the WAL flush: if a crash loses it, the job is queued
+            # again and the claimant's finish is fenced out (at least once, as ever)
             async with _pipelined_transaction(conn, durable=finish is not None):
                 finished = await conn.execute(q["finish"], finish) if finish else None
                 await conn.execute(q["promote_due"], {"channel": self.channel})
                 claimed = await conn.execute(q["claim"], claim)
+                walked = await conn.execute(q["claim_walk"]) if probe else None
             applied = {r[0] for r in await finished.fetchall()} if finished else set()
-            return applied, await claimed.fetchall()
+            walk = await walked.fetchone() if walked is not None else None
+            return applied, await claimed.fetchall(), walk
 
-        applied, rows = await self._run(op)
+        started = time.monotonic()
+        probe = self._vacuum_pacer.probe_due(started)
+        applied, rows, walk = await self._run(op)
         state.marks[tuple(queues)] = mark
+        if walk is not None:
+            self._vacuum_if_walked_far(state, walk[0], walk[1], started)
         rows.sort(key=lambda r: (-r[6], r[9], r[0]))  # priority desc, run_at, enqueue order
         return [i in applied for i in range(len(finishes))], [_row_to_job(r[1:]) for r in rows]
+
+    def _vacuum_if_walked_far(
+        self, state: _LoopState, pages: int, scans: int, started: float
+    ) -> None:
+        if self._vacuum_pacer.after_claim(pages, scans, started, time.monotonic()):
+            state.vacuum = asyncio.ensure_future(
+                vacuum_jobs(
+                    self._vacuum_pacer,
+                    pages / scans,
+                    self.config.conninfo,
+                    self.url,
+                    self.schema,
+                    self._q,
+                    self.config.unavailable_after_s,
+                )
+            )
 
     @on_io_loop
     async def heartbeat(
