@@ -771,7 +771,7 @@ def test_a_worker_vacuums_when_its_claims_walk_dead_index_entries(database: Data
         with running_worker(app):
             handles = task.send_many([(i,) for i in range(50)])
             assert [h.result(timeout=30) for h in handles] == [*range(50)]
-            poll_until(
+            wait_until(
                 lambda: vacuums(database)[0] > before[0],
                 what="the worker to vacuum taskmill.jobs",
                 timeout=60,
@@ -807,7 +807,7 @@ def test_a_worker_whose_role_does_not_own_the_table_leaves_it_to_autovacuum(
         with caplog.at_level(logging.WARNING, logger=logger), running_worker(app):
             handles = task.send_many([(i,) for i in range(50)])
             assert [h.result(timeout=30) for h in handles] == [*range(50)]
-            poll_until(
+            wait_until(
                 lambda: any("may not vacuum" in r.getMessage() for r in caplog.records),
                 what="the worker to say it may not vacuum",
             )
