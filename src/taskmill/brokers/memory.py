@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from taskmill.brokers._rows import recovered_error
 from taskmill.brokers.base import (
     Broker,
     Capabilities,
@@ -38,7 +39,6 @@ from taskmill.job import (
     FINISHED_STATES,
     Cancelled,
     Claim,
-    ErrorInfo,
     Failed,
     Finish,
     Job,
@@ -284,11 +284,7 @@ class MemoryBroker(Broker):
                 if job.state is not JobState.RUNNING or (job.lease_expires_at or 0) >= now:
                     continue
                 job.lost_leases += 1
-                job.error = ErrorInfo(
-                    "taskmill.errors.WorkerLostError",
-                    f"lease expired on attempt {job.attempt} (worker {job.worker_id} stopped "
-                    f"heartbeating); lost leases: {job.lost_leases}",
-                )
+                job.error = recovered_error(job.attempt, job.worker_id, job.lost_leases)
                 job.lease_token = job.lease_expires_at = job.worker_id = None
                 if job.cancel_requested:
                     job.state, job.finished_at = JobState.CANCELLED, now

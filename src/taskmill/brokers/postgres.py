@@ -47,6 +47,12 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed
 
 from taskmill.brokers._io import on_io_loop
+from taskmill.brokers._rows import (
+    RECOVERED_ERROR_TYPE,
+    RECOVERED_MESSAGE,
+    flatten_outcomes,
+    job_from_row,
+)
 from taskmill.brokers._sql import load_queries
 from taskmill.brokers.base import (
     Broker,
@@ -69,22 +75,15 @@ from taskmill.errors import (
     DuplicateJobError,
 )
 from taskmill.job import (
-    Cancelled,
     Claim,
-    ErrorInfo,
-    Failed,
     Finish,
     Job,
     JobState,
     NewJob,
     Progress,
     QueueStats,
-    Released,
-    RetryAt,
-    Succeeded,
     WorkerInfo,
 )
-from taskmill.meta import decode_meta
 from taskmill.portal import Portal
 from taskmill.urls import redact_url, scrub
 
@@ -123,7 +122,6 @@ _KEY_RACE_TRIES = 5
 """How often a send retries a job whose key's holder finished between the insert and the
 look-up of the holder (each retry needs that race to happen again)."""
 
-_error_decoder = msgspec.json.Decoder(ErrorInfo)
 _encoder = msgspec.json.Encoder()
 _QUERIES = load_queries("postgres.sql")
 _READ_QUERIES = (
@@ -303,42 +301,6 @@ def schema_version(conn: SyncConn, schema: str) -> int | None:
 # --- rows and parameters ------------------------------------------------------------------------
 
 
-def _row_to_job(r: Sequence[Any]) -> Job:
-    """A job from the ``columns`` fragment without its leading ``seq``."""
-    error = None
-    if r[20] is not None:
-        try:
-            error = _error_decoder.decode(r[20])
-        except msgspec.DecodeError:
-            error = ErrorInfo("unknown", str(r[20]))
-    return Job(
-        id=r[0],
-        task=r[1],
-        queue=r[2],
-        state=JobState(r[3]),
-        payload=r[4],
-        priority=r[5],
-        attempt=r[6],
-        max_attempts=r[7],
-        run_at=r[8],
-        enqueued_at=r[9],
-        started_at=r[10],
-        finished_at=r[11],
-        timeout_s=r[12],
-        key=r[13],
-        lease_token=r[14],
-        lease_expires_at=r[15],
-        worker_id=r[16],
-        lost_leases=r[17],
-        cancel_requested=r[18],
-        result=r[19],
-        error=error,
-        progress=r[21],
-        progress_message=r[22],
-        meta=decode_meta(r[23]),
-    )
-
-
 def _enqueue_params(jobs: Sequence[NewJob], channel: str) -> dict[str, Any]:
     """One job's columns, or a batch as one array per column: the statement text never
     changes with the batch's size, so the server plans it once (psycopg prepares it after a
@@ -381,36 +343,17 @@ def _meta_text(meta: Mapping[str, Any]) -> str | None:
     return _encoder.encode(meta).decode() if meta else None
 
 
-_KINDS: dict[type[Any], str] = {
-    Succeeded: "S",
-    Failed: "F",
-    Cancelled: "C",
-    RetryAt: "R",
-    Released: "L",
-}
-
-
 def _finish_params(finishes: Sequence[Finish], channel: str) -> dict[str, Any]:
-    local_now = time.time()
-    results: list[bytes | None] = []
-    errors: list[str | None] = []
-    delays: list[float | None] = []
-    for f in finishes:
-        o = f.outcome
-        results.append(o.result if isinstance(o, Succeeded) else None)
-        errors.append(
-            _encoder.encode(o.error).decode() if isinstance(o, Failed | RetryAt) else None
-        )
-        # a retry's time as a delay: the database adds it to its own clock (skew-proof)
-        delays.append(o.run_at - local_now if isinstance(o, RetryAt) else None)
+    flat = flatten_outcomes(finishes, time.time())
     return {
-        "ords": list(range(len(finishes))),
-        "ids": [f.claim.job_id for f in finishes],
-        "tokens": [f.claim.token for f in finishes],
-        "kinds": [_KINDS[type(f.outcome)] for f in finishes],
-        "results": results,
-        "errors": errors,
-        "delays": delays,
+        "ords": list(range(len(flat))),
+        "ids": [f.job_id for f in flat],
+        "tokens": [f.token for f in flat],
+        "kinds": [f.kind for f in flat],
+        "results": [f.result for f in flat],
+        "errors": [None if f.error is None else f.error.decode() for f in flat],
+        # a retry's time as a delay: the database adds it to its own clock (skew-proof)
+        "delays": [f.delay_s for f in flat],
         "channel": channel,
     }
 
@@ -1073,7 +1016,7 @@ class PostgresBroker(Broker):
         applied, rows = await self._run(op)
         state.marks[tuple(queues)] = mark
         rows.sort(key=lambda r: (-r[6], r[9], r[0]))  # priority desc, run_at, enqueue order
-        return [i in applied for i in range(len(finishes))], [_row_to_job(r[1:]) for r in rows]
+        return [i in applied for i in range(len(finishes))], [job_from_row(r[1:]) for r in rows]
 
     @on_io_loop
     async def heartbeat(
@@ -1133,7 +1076,12 @@ class PostgresBroker(Broker):
 
     @on_io_loop
     async def recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
-        params = {"max_lost_leases": max_lost_leases, "channel": self.channel}
+        params = {
+            "max_lost_leases": max_lost_leases,
+            "channel": self.channel,
+            "error_type": RECOVERED_ERROR_TYPE,
+            "message": RECOVERED_MESSAGE,
+        }
         rows = await self._fetch(self._q["recover"], params)
         return [(r[0], JobState(r[1])) for r in rows]
 
@@ -1197,7 +1145,7 @@ class PostgresBroker(Broker):
     @on_io_loop
     async def get(self, job_id: str) -> Job | None:
         rows = await self._fetch(self._q["get"], {"id": job_id})
-        return _row_to_job(rows[0][1:]) if rows else None
+        return job_from_row(rows[0][1:]) if rows else None
 
     @on_io_loop
     async def find_jobs(
@@ -1235,7 +1183,7 @@ class PostgresBroker(Broker):
             last = rows[limit - 1]
             position = (last[-1], last[0]) if query.order == "finished" else (last[0],)
             next_cursor = encode_cursor(query.order, *position)
-        return JobPage([_row_to_job(r[1:25]) for r in rows[:limit]], next_cursor, total)
+        return JobPage([job_from_row(r[1:25]) for r in rows[:limit]], next_cursor, total)
 
     @on_io_loop
     async def stats(self) -> list[QueueStats]:

@@ -24,6 +24,17 @@ from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
+from taskmill.brokers._rows import (
+    CANCELLED,
+    FAILED,
+    JOB_COLUMNS,
+    RECOVERED_ERROR_TYPE,
+    RECOVERED_MESSAGE,
+    RETRY,
+    SUCCEEDED,
+    flatten_outcomes,
+    job_from_row,
+)
 from taskmill.brokers._sql import load_queries
 from taskmill.brokers.base import (
     Broker,
@@ -47,22 +58,16 @@ from taskmill.errors import (
     DuplicateJobError,
 )
 from taskmill.job import (
-    Cancelled,
     Claim,
-    ErrorInfo,
-    Failed,
     Finish,
     Job,
     JobState,
     NewJob,
     Progress,
     QueueStats,
-    Released,
-    RetryAt,
-    Succeeded,
     WorkerInfo,
 )
-from taskmill.meta import decode_meta, encode_meta
+from taskmill.meta import encode_meta
 from taskmill.urls import redact_url
 
 log = logging.getLogger("taskmill.brokers.sqlite")
@@ -76,13 +81,8 @@ EVENTS_KEPT_S = 3600.0
 SCHEMA_VERSION = 5
 """2: schedules, 3: workflows and limits, 4: events (versions 1-4 are ``schema_v1``, all IF NOT
 EXISTS); 5: job metadata and workers' counters (``schema_v5``, columns added to version 4)."""
-COLUMNS = (
-    "id, task, queue, state, payload, priority, attempt, max_attempts, run_at, enqueued_at, "
-    "started_at, finished_at, timeout_s, key, lease_token, lease_expires_at, worker_id, "
-    "lost_leases, cancel_requested, result, error, progress, progress_message, meta"
-)
-_error_decoder = msgspec.json.Decoder(ErrorInfo)
-_error_encoder = msgspec.json.Encoder()
+COLUMNS = ", ".join(JOB_COLUMNS)
+_encoder = msgspec.json.Encoder()
 
 
 def parse_url(url: str) -> tuple[str, dict[str, str]]:
@@ -130,41 +130,6 @@ def _int_option(options: dict[str, str], name: str, default: int, url: str) -> i
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     text = str(exc)
     return "locked" in text or "busy" in text
-
-
-def _row_to_job(r: Sequence[Any]) -> Job:
-    error = None
-    if r[20] is not None:
-        try:
-            error = _error_decoder.decode(r[20])
-        except msgspec.DecodeError:
-            error = ErrorInfo("unknown", str(r[20]))
-    return Job(
-        id=r[0],
-        task=r[1],
-        queue=r[2],
-        state=JobState(r[3]),
-        payload=bytes(r[4]) if not isinstance(r[4], bytes) else r[4],
-        priority=r[5],
-        attempt=r[6],
-        max_attempts=r[7],
-        run_at=r[8],
-        enqueued_at=r[9],
-        started_at=r[10],
-        finished_at=r[11],
-        timeout_s=r[12],
-        key=r[13],
-        lease_token=r[14],
-        lease_expires_at=r[15],
-        worker_id=r[16],
-        lost_leases=r[17],
-        cancel_requested=bool(r[18]),
-        result=r[19],
-        error=error,
-        progress=r[21],
-        progress_message=r[22],
-        meta=decode_meta(r[23]),
-    )
 
 
 def _all(conditions: list[str]) -> str:
@@ -662,7 +627,7 @@ class SQLiteBroker(Broker):
         if notify:
             self._notify()
         rows.sort(key=lambda r: (-r[6], r[9], r[0]))  # priority desc, run_at, enqueue order
-        return [_row_to_job(r[1:]) for r in rows]
+        return [job_from_row(r[1:]) for r in rows]
 
     def _claim_rows(
         self,
@@ -713,11 +678,11 @@ class SQLiteBroker(Broker):
                     worker.id,
                     worker.host,
                     worker.pid,
-                    _error_encoder.encode(worker.queues),
+                    _encoder.encode(worker.queues),
                     worker.concurrency,
                     worker.started_at,
                     now,
-                    _error_encoder.encode(worker.running),
+                    _encoder.encode(worker.running),
                     worker.processed,
                     worker.failed,
                 ),
@@ -742,24 +707,21 @@ class SQLiteBroker(Broker):
     ) -> bool:
         """Write outcomes inside the caller's transaction; True if a job became due now."""
         notify = False
-        for f in finishes:
-            o, job_id, token = f.outcome, f.claim.job_id, f.claim.token
-            if isinstance(o, Succeeded):
-                cur = c.execute(Q["finish_succeeded"], (o.result, now, job_id, token))
-            elif isinstance(o, RetryAt):
-                err = _error_encoder.encode(o.error)
-                cur = c.execute(Q["finish_retry"], (o.run_at, now, o.run_at, err, job_id, token))
-                notify = notify or o.run_at <= now
-            elif isinstance(o, Failed):
-                err = _error_encoder.encode(o.error)
-                cur = c.execute(Q["finish_failed"], (err, now, job_id, token))
-            elif isinstance(o, Cancelled):
+        for f in flatten_outcomes(finishes, now):
+            job_id, token = f.job_id, f.token
+            if f.kind == SUCCEEDED:
+                cur = c.execute(Q["finish_succeeded"], (f.result, now, job_id, token))
+            elif f.kind == RETRY:
+                args = (f.run_at, now, f.run_at, f.error, job_id, token)
+                cur = c.execute(Q["finish_retry"], args)
+                notify = notify or f.delay_s == 0
+            elif f.kind == FAILED:
+                cur = c.execute(Q["finish_failed"], (f.error, now, job_id, token))
+            elif f.kind == CANCELLED:
                 cur = c.execute(Q["finish_cancelled"], (now, job_id, token))
-            elif isinstance(o, Released):
+            else:
                 cur = c.execute(Q["finish_released"], (job_id, token))
                 notify = True
-            else:  # pragma: no cover - the outcome set is closed
-                raise TypeError(f"unknown outcome {o!r}")
             applied.append(cur.rowcount == 1)
         return notify
 
@@ -777,7 +739,13 @@ class SQLiteBroker(Broker):
     def _recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
         now = time.time()
         with self._write() as c:
-            rows = c.execute(Q["recover"], (max_lost_leases, max_lost_leases, now, now)).fetchall()
+            params = {
+                "max_lost_leases": max_lost_leases,
+                "now": now,
+                "error_type": RECOVERED_ERROR_TYPE,
+                "message": RECOVERED_MESSAGE,
+            }
+            rows = c.execute(Q["recover"], params).fetchall()
         recovered = [(job_id, JobState(state)) for job_id, state in rows]
         if any(state is JobState.QUEUED for _, state in recovered):
             self._notify()
@@ -840,7 +808,7 @@ class SQLiteBroker(Broker):
     def _get(self, job_id: str) -> Job | None:
         with self._errors():
             row = self._read().execute(Q["get"].format(columns=COLUMNS), (job_id,)).fetchone()
-        return None if row is None else _row_to_job(row)
+        return None if row is None else job_from_row(row)
 
     async def find_jobs(
         self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
@@ -875,7 +843,7 @@ class SQLiteBroker(Broker):
                     total = int(c.execute(counted, params).fetchone()[0])
             finally:
                 c.execute("COMMIT")
-        jobs = [_row_to_job(r[1:]) for r in rows[:limit]]
+        jobs = [job_from_row(r[1:]) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1]

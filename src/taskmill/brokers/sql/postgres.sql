@@ -219,7 +219,9 @@ WHERE j.id = p.id AND j.lease_token = p.token AND j.state = 'running';
 
 -- name: recover
 -- Running jobs whose lease expired, whoever held them. Rows locked right now (a heartbeat
--- extending the lease, a finish) are skipped: they are not abandoned.
+-- extending the lease, a finish) are skipped: they are not abandoned. The error's type and
+-- message come from Python (taskmill.brokers._rows): {attempt}, {worker} and {lost_leases}
+-- in the message are filled in here.
 WITH expired AS MATERIALIZED (
     SELECT seq FROM {schema}.jobs
     WHERE state = 'running' AND lease_expires_at < now()
@@ -234,10 +236,10 @@ recovered AS (
                            THEN now() END,
         lost_leases = lost_leases + 1,
         error = jsonb_build_object(
-            'type', 'taskmill.errors.WorkerLostError',
-            'message', 'lease expired on attempt ' || attempt || ' (worker '
-                       || coalesce(worker_id, '') || ' stopped heartbeating); lost leases: '
-                       || (lost_leases + 1),
+            'type', %(error_type)s::text,
+            'message', replace(replace(replace(%(message)s::text,
+                '{attempt}', attempt::text), '{lost_leases}', (lost_leases + 1)::text),
+                '{worker}', coalesce(worker_id, '?')),
             'traceback', ''),
         lease_token = NULL, lease_expires_at = NULL, worker_id = NULL
     WHERE seq IN (SELECT seq FROM expired)
