@@ -291,7 +291,7 @@ class _View:
 
 async def _view(broker: Broker, workflow_id: str, spec: Spec) -> _View:
     names = list(spec.steps)
-    jobs = await asyncio.gather(*(broker.get(step_job_id(workflow_id, n)) for n in names))
+    jobs = await broker.get_many([step_job_id(workflow_id, n) for n in names])
     return _View(spec, dict(zip(names, jobs, strict=True)))
 
 

@@ -120,7 +120,6 @@ def test_the_recovered_error_names_the_attempt_the_worker_and_the_count() -> Non
     error = recovered_error(3, "w{lost_leases}", 2)
     assert error == ErrorInfo(
         RECOVERED_ERROR_TYPE,
-        "lease expired on attempt 3 (worker w{lost_leases} stopped heartbeating); "
-        "lost leases: 2",
+        "lease expired on attempt 3 (worker w{lost_leases} stopped heartbeating); lost leases: 2",
     )
     assert "worker ? stopped" in recovered_error(1, None, 1).message

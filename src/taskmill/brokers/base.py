@@ -329,6 +329,12 @@ class Broker(abc.ABC):
     async def get(self, job_id: str) -> Job | None: ...
 
     @abc.abstractmethod
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        """The jobs of ``job_ids`` in one round trip (one read, however many ids), in the
+        order asked: one entry per id given, None where no such job is stored (never
+        enqueued, or pruned). An id given twice is at both positions."""
+
+    @abc.abstractmethod
     async def find_jobs(
         self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
     ) -> JobPage:

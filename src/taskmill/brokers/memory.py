@@ -353,6 +353,11 @@ class MemoryBroker(Broker):
             job = self._jobs.get(job_id)
             return None if job is None else self._copy(job)
 
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        with self._lock:
+            found = [self._jobs.get(job_id) for job_id in job_ids]
+            return [None if job is None else self._copy(job) for job in found]
+
     async def find_jobs(
         self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
     ) -> JobPage:

@@ -125,8 +125,8 @@ look-up of the holder (each retry needs that race to happen again)."""
 _encoder = msgspec.json.Encoder()
 _QUERIES = load_queries("postgres.sql")
 _READ_QUERIES = (
-    "now", "get", "find_jobs_enqueued", "find_jobs_finished", "count_jobs", "stats", "workers",
-    "next_due", "schedule_marks",
+    "now", "get", "get_many", "find_jobs_enqueued", "find_jobs_finished", "count_jobs", "stats",
+    "workers", "next_due", "schedule_marks",
     "get_workflow", "running_workflows", "queue_depth",
 )  # fmt: skip
 """Queries that change nothing: a timeout in one needs no word on writes under way."""
@@ -1146,6 +1146,14 @@ class PostgresBroker(Broker):
     async def get(self, job_id: str) -> Job | None:
         rows = await self._fetch(self._q["get"], {"id": job_id})
         return job_from_row(rows[0][1:]) if rows else None
+
+    @on_io_loop
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        if not job_ids:
+            return []
+        rows = await self._fetch(self._q["get_many"], {"ids": list(dict.fromkeys(job_ids))})
+        found = {row[1]: job_from_row(row[1:]) for row in rows}
+        return [found.get(job_id) for job_id in job_ids]
 
     @on_io_loop
     async def find_jobs(

@@ -734,6 +734,20 @@ class RedisBroker(Broker):
         )
         return _job(fields) if fields else None
 
+    @on_io_loop
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        if not job_ids:
+            return []
+
+        async def call() -> list[Any]:  # one round trip: a pipeline of HGETALLs
+            async with self._client().pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hgetall(self._key("job", job_id))
+                return list(await pipe.execute())
+
+        replies = await self._retrying(call, writes=False)
+        return [_job(fields) if fields else None for fields in replies]
+
     async def _queues(self) -> list[str]:
         names = await self._retrying(
             lambda: self._client().smembers(self._key("queues")), writes=False

@@ -82,6 +82,8 @@ SCHEMA_VERSION = 5
 """2: schedules, 3: workflows and limits, 4: events (versions 1-4 are ``schema_v1``, all IF NOT
 EXISTS); 5: job metadata and workers' counters (``schema_v5``, columns added to version 4)."""
 COLUMNS = ", ".join(JOB_COLUMNS)
+GET_MANY_CHUNK = 500
+"""Ids per statement of ``get_many`` (SQLite before 3.32 takes at most 999 parameters)."""
 _encoder = msgspec.json.Encoder()
 
 
@@ -809,6 +811,27 @@ class SQLiteBroker(Broker):
         with self._errors():
             row = self._read().execute(Q["get"].format(columns=COLUMNS), (job_id,)).fetchone()
         return None if row is None else job_from_row(row)
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        if not job_ids:
+            return []
+        return await self._run(self._get_many, job_ids)
+
+    def _get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        unique = list(dict.fromkeys(job_ids))
+        found: dict[str, Job] = {}
+        with self._errors():
+            c = self._read()
+            c.execute("BEGIN")  # one snapshot for every chunk
+            try:
+                for start in range(0, len(unique), GET_MANY_CHUNK):
+                    ids = unique[start : start + GET_MANY_CHUNK]
+                    sql = Q["get_many"].format(columns=COLUMNS, ids=",".join("?" * len(ids)))
+                    for row in c.execute(sql, ids):
+                        found[row[0]] = job_from_row(row)
+            finally:
+                c.execute("COMMIT")
+        return [found.get(job_id) for job_id in job_ids]
 
     async def find_jobs(
         self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False

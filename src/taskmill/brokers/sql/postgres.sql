@@ -274,6 +274,9 @@ SELECT date_part('epoch', clock_timestamp());
 -- name: get
 SELECT {columns} FROM {schema}.jobs AS j WHERE j.id = %(id)s;
 
+-- name: get_many
+SELECT {columns} FROM {schema}.jobs AS j WHERE j.id = ANY(%(ids)s::text[]);
+
 -- name: find_jobs_filter
 -- The filters of a listing; a filter whose parameter is NULL (or an empty array) is off. The
 -- task filter is a prefix; the meta filter is jsonb containment (numbers by value).

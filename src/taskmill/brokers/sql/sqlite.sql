@@ -210,6 +210,10 @@ DELETE FROM taskmill_jobs WHERE seq IN (
 -- name: get
 SELECT {columns} FROM taskmill_jobs WHERE id = ?;
 
+-- name: get_many
+-- {ids}: one ? per id (at most GET_MANY_CHUNK, within SQLite's limit on parameters)
+SELECT {columns} FROM taskmill_jobs WHERE id IN ({ids});
+
 -- name: stats
 SELECT queue, state, count(*) FROM taskmill_jobs GROUP BY queue, state;
 
