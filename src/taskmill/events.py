@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from taskmill.brokers.features import event_bus
 from taskmill.job import (
     FINISHED_STATES,
     Cancelled,
@@ -184,9 +185,9 @@ def payloads(events: Sequence[Event]) -> list[bytes]:
 async def publish(app: App, events: Sequence[Event]) -> None:
     if not events:
         return
-    broker = await app.abroker()
+    bus = event_bus(await app.abroker())
     for payload in payloads(events):
-        await broker.publish_events(payload)
+        await bus.publish_events(payload)
 
 
 def decode_payload(payload: bytes) -> list[Event]:
@@ -283,9 +284,9 @@ async def subscribe(
     """Events from every process, filtered, each job's in order (see the module's docstring).
     ``ready`` is set once the subscription listens (what was published before is not seen)."""
     job_ids = {job_id} if isinstance(job_id, str) else set(job_id) if job_id is not None else None
-    broker = await app.abroker()
+    bus = event_bus(await app.abroker())
     reorder = _Reorder(hold_s)
-    async with broker.events_subscription() as subscription:
+    async with bus.events_subscription() as subscription:
         if ready is not None:
             ready.set()
         pending: asyncio.Future[bytes] | None = None

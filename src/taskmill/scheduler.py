@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from taskmill.brokers.features import schedule_store
 from taskmill.job import JobState, NewJob
 from taskmill.schedules import Schedule
 
@@ -85,8 +86,9 @@ class Scheduler:
         if not schedules:
             return report
         broker = await self.app.abroker()
+        store = schedule_store(broker)
         now = datetime.fromtimestamp(await self._now(), UTC)
-        marks = await broker.schedule_marks()
+        marks = await store.schedule_marks()
         jobs: list[NewJob] = []
         moved: dict[str, float] = {}
         for schedule in schedules:
@@ -104,7 +106,7 @@ class Scheduler:
                     report.existing.append(job.id)
                 else:  # the schedule's key is held by its previous, still pending run
                     report.skipped.append(job.id)
-            await broker.mark_schedules(moved)
+            await store.mark_schedules(moved)
         for job_id in report.enqueued:
             log.info("scheduler: enqueued %s", job_id)
         for job_id in report.skipped:
@@ -152,7 +154,7 @@ class ScheduleStatus:
 async def schedule_statuses(app: App, n_next: int = 3) -> list[ScheduleStatus]:
     broker = await app.abroker()
     now = datetime.fromtimestamp(await broker.now(), UTC)
-    marks = await broker.schedule_marks()
+    marks = await schedule_store(broker).schedule_marks()
     statuses = []
     for schedule in app.schedules.values():
         mark = marks.get(schedule.name)

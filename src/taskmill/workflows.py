@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Union
 import msgspec
 
 from taskmill._ids import uuid7
+from taskmill.brokers.features import WorkflowStore, provides, workflow_store
 from taskmill.errors import (
     ConfigurationError,
     JobCancelledError,
@@ -226,8 +227,8 @@ async def asend_workflow(app: App, canvas: Canvas) -> WorkflowHandle:
         task = app.get_task(step.task)  # an unknown task fails here, before anything is stored
         task.bind_check((None, *step.args) if step.input is not None else step.args, step.kwargs)
     workflow_id = uuid7()
-    broker = await app.abroker()
-    await broker.save_workflow(workflow_id, _spec_encoder.encode(spec))
+    store = workflow_store(await app.abroker())
+    await store.save_workflow(workflow_id, _spec_encoder.encode(spec))
     await advance(app, workflow_id)
     return WorkflowHandle(app, workflow_id)
 
@@ -300,7 +301,8 @@ async def advance(app: App, workflow_id: str) -> str | None:
     succeeded or cannot. Safe to call any number of times from anywhere: a step's job id is
     stored once. Returns the workflow's state (None if unknown)."""
     broker = await app.abroker()
-    record = await broker.get_workflow(workflow_id)
+    store = workflow_store(broker)
+    record = await store.get_workflow(workflow_id)
     if record is None:
         return None
     spec = _spec_decoder.decode(record.spec)
@@ -311,10 +313,10 @@ async def advance(app: App, workflow_id: str) -> str | None:
     if record.state != "running":
         return record.state
     if all(view.state(n) is JobState.SUCCEEDED for n in _names(spec.output)):
-        await broker.end_workflow(workflow_id, "succeeded")
+        await store.end_workflow(workflow_id, "succeeded")
         return "succeeded"
     if view.blocked_failures():
-        await broker.end_workflow(workflow_id, "failed")
+        await store.end_workflow(workflow_id, "failed")
         return "failed"
     jobs = [_step_job(app, workflow_id, view, n) for n in spec.steps if view.ready(n)]
     if jobs:
@@ -343,7 +345,9 @@ async def sweep(app: App, limit: int = 1000) -> int:
     whose parents finished while nobody advanced them (a worker died in between). Returns how
     many workflows were looked at."""
     broker = await app.abroker()
-    ids = await broker.running_workflows(limit)
+    if not provides(broker, WorkflowStore):
+        return 0  # no workflow can have been sent
+    ids = await workflow_store(broker).running_workflows(limit)
     for workflow_id in ids:
         try:
             await advance(app, workflow_id)
@@ -369,7 +373,7 @@ class WorkflowHandle:
 
     async def astatus(self) -> str:
         """``running``, ``succeeded``, ``failed`` or ``cancelled``."""
-        record = await (await self._app.abroker()).get_workflow(self.id)
+        record = await workflow_store(await self._app.abroker()).get_workflow(self.id)
         if record is None:
             raise JobNotFoundError(f"workflow {self.id} does not exist (or was pruned)")
         return record.state
@@ -377,7 +381,7 @@ class WorkflowHandle:
     async def asteps(self) -> dict[str, JobState | None]:
         """Each step's job id and state (None: not enqueued yet)."""
         broker = await self._app.abroker()
-        record = await broker.get_workflow(self.id)
+        record = await workflow_store(broker).get_workflow(self.id)
         if record is None:
             raise JobNotFoundError(f"workflow {self.id} does not exist (or was pruned)")
         view = await _view(broker, self.id, _spec_decoder.decode(record.spec))
@@ -397,7 +401,7 @@ class WorkflowHandle:
                 raise TimeoutError(f"workflow {self.id} is still running after {timeout} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, _POLL_MAX_S)
-        record = await broker.get_workflow(self.id)
+        record = await workflow_store(broker).get_workflow(self.id)
         assert record is not None
         view = await _view(broker, self.id, _spec_decoder.decode(record.spec))
         if state == "cancelled":
@@ -409,8 +413,8 @@ class WorkflowHandle:
     async def acancel(self) -> str:
         """Cancel every step not finished yet (a running one is asked to stop), and release
         no more. The workflow's state after."""
-        broker = await self._app.abroker()
-        await broker.end_workflow(self.id, "cancelled")
+        store = workflow_store(await self._app.abroker())
+        await store.end_workflow(self.id, "cancelled")
         await advance(self._app, self.id)  # cancels the pending steps
         return await self.astatus()
 

@@ -29,10 +29,16 @@ from taskmill.brokers.base import (
     JobPage,
     JobQuery,
     OnConflict,
-    Subscription,
-    WorkflowRecord,
     decode_cursor,
     encode_cursor,
+)
+from taskmill.brokers.features import (
+    EventBus,
+    LimitStore,
+    ScheduleStore,
+    Subscription,
+    WorkflowRecord,
+    WorkflowStore,
 )
 from taskmill.errors import DuplicateJobError
 from taskmill.job import (
@@ -53,7 +59,7 @@ from taskmill.job import (
 )
 
 
-class MemoryBroker(Broker):
+class MemoryBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
     capabilities = Capabilities(
         shared_across_processes=False,
         server_clock=False,

@@ -75,10 +75,16 @@ from taskmill.brokers.base import (
     JobPage,
     JobQuery,
     OnConflict,
-    Subscription,
-    WorkflowRecord,
     decode_cursor,
     encode_cursor,
+)
+from taskmill.brokers.features import (
+    EventBus,
+    LimitStore,
+    ScheduleStore,
+    Subscription,
+    WorkflowRecord,
+    WorkflowStore,
 )
 from taskmill.errors import (
     BrokerError,
@@ -258,7 +264,7 @@ def _refused(script: str, exc: ResponseError) -> DuplicateJobError | BrokerError
     return error
 
 
-class RedisBroker(Broker):
+class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
     capabilities = Capabilities(
         shared_across_processes=True,
         server_clock=True,

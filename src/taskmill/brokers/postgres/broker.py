@@ -40,10 +40,16 @@ from taskmill.brokers.base import (
     JobPage,
     JobQuery,
     OnConflict,
-    Subscription,
-    WorkflowRecord,
     decode_cursor,
     encode_cursor,
+)
+from taskmill.brokers.features import (
+    EventBus,
+    LimitStore,
+    ScheduleStore,
+    Subscription,
+    WorkflowRecord,
+    WorkflowStore,
 )
 from taskmill.brokers.postgres.config import parse_url, queries
 from taskmill.brokers.postgres.connection import (
@@ -173,7 +179,7 @@ def _consume(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-class PostgresBroker(Broker):
+class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
     capabilities = Capabilities(
         shared_across_processes=True,
         server_clock=True,

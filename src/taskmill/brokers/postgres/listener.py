@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from taskmill.brokers.base import Subscription
+from taskmill.brokers.features import Subscription
 
 log = logging.getLogger("taskmill.brokers.postgres")
 

@@ -36,10 +36,16 @@ from taskmill.brokers.base import (
     JobPage,
     JobQuery,
     OnConflict,
-    Subscription,
-    WorkflowRecord,
     decode_cursor,
     encode_cursor,
+)
+from taskmill.brokers.features import (
+    EventBus,
+    LimitStore,
+    ScheduleStore,
+    Subscription,
+    WorkflowRecord,
+    WorkflowStore,
 )
 from taskmill.brokers.sqlite.connection import Database, on_database_thread, options_from_url
 from taskmill.brokers.sqlite.schema import COLUMNS, Q
@@ -97,7 +103,7 @@ def _filters(query: JobQuery) -> tuple[list[str], list[Any]]:
     return where, params
 
 
-class SQLiteBroker(Broker):
+class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
     capabilities = Capabilities(
         shared_across_processes=True,
         server_clock=False,
