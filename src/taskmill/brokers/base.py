@@ -12,13 +12,17 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
+import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
+from taskmill.brokers._instrument import contract_methods, instrument, is_instrumented
+from taskmill.brokers.features import FEATURES
 from taskmill.job import (
     FINISHED_STATES,
     Claim,
@@ -168,10 +172,23 @@ class Broker(abc.ABC):
 
     A broker that also stores what a feature needs implements its protocol from
     ``taskmill.brokers.features`` (``ScheduleStore``, ``WorkflowStore``, ``LimitStore``,
-    ``EventBus``); the brokers of taskmill implement all four."""
+    ``EventBus``); the brokers of taskmill implement all four.
+
+    Every method of the contract (and of the feature protocols) that a subclass defines is
+    wrapped once, when the class is made, to time and log its calls with the fields of the
+    job they are about (``taskmill.brokers._instrument``): no broker logs its own calls."""
 
     url: str
     capabilities: Capabilities
+    name: ClassVar[str] = ""
+    """A short name for logs (``sqlite``, ``redis``); the class's name if empty."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for method_name in _contract():
+            method = cls.__dict__.get(method_name)
+            if inspect.isfunction(method) and not is_instrumented(method):
+                setattr(cls, method_name, instrument(method_name, method))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {redact_url(self.url)}>"
@@ -358,3 +375,9 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def pause(self, queue: str, paused: bool) -> None: ...
+
+
+@functools.cache
+def _contract() -> frozenset[str]:
+    """The methods ``Broker.__init_subclass__`` instruments."""
+    return contract_methods([Broker, *FEATURES])

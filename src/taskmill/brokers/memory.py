@@ -60,6 +60,7 @@ from taskmill.job import (
 
 
 class MemoryBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
+    name = "memory"
     capabilities = Capabilities(
         shared_across_processes=False,
         server_clock=False,

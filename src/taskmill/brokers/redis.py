@@ -265,6 +265,7 @@ def _refused(script: str, exc: ResponseError) -> DuplicateJobError | BrokerError
 
 
 class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
+    name = "redis"
     capabilities = Capabilities(
         shared_across_processes=True,
         server_clock=True,

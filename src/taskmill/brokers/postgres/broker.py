@@ -180,6 +180,7 @@ def _consume(task: asyncio.Future[Any]) -> None:
 
 
 class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
+    name = "postgres"
     capabilities = Capabilities(
         shared_across_processes=True,
         server_clock=True,

@@ -104,6 +104,7 @@ def _filters(query: JobQuery) -> tuple[list[str], list[Any]]:
 
 
 class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
+    name = "sqlite"
     capabilities = Capabilities(
         shared_across_processes=True,
         server_clock=False,
