@@ -2,11 +2,11 @@
 
 Periodic schedules, workflows, flow control and live events each need a little storage of
 their own. Each is a small protocol that a broker object may implement; the code of a feature
-names the protocol it needs and gets the broker as one (``schedule_store``,
-``workflow_store``, ``limit_store``, ``event_bus``). Every broker shipped
-with taskmill implements all four (and declares so by subclassing them, so mypy checks their
-signatures); a new broker can be built and tested store by store, and an app that uses a
-feature its broker lacks gets a ``ConfigurationError`` at the first use, naming both.
+names the protocol it needs and gets the broker as one (``schedule_store``, ``workflow_store``,
+``limit_store``, ``event_bus``). Every broker shipped with taskmill implements all four (and
+declares so by subclassing them, so mypy checks their signatures); a new broker can be built
+and tested store by store, and an app that uses a feature its broker lacks gets a
+``ConfigurationError`` at the first use, naming both.
 
 >>> from taskmill.brokers import broker_from_url
 >>> broker = broker_from_url("memory://")

@@ -320,10 +320,6 @@ class Database:
 
     # --- the thread of async callers ------------------------------------------------------
 
-    @property
-    def started(self) -> bool:
-        return self._executor is not None
-
     def start(self) -> None:
         """Open this thread's connection (creating or upgrading the file) and the thread."""
         with self.errors():
