@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Protocol
 import msgspec
 
 from taskmill._ids import workflow_of
+from taskmill.brokers.features import event_bus
 from taskmill.errors import JobNotFoundError
 from taskmill.job import (
     FINISHED_STATES,
@@ -190,8 +191,9 @@ def payloads(events: Sequence[Event]) -> list[bytes]:
 
 async def publish(broker: Broker, events: Sequence[Event]) -> None:
     """Deliver events to every subscription listening now, in as few payloads as fit."""
+    bus = event_bus(broker)
     for payload in payloads(events):
-        await broker.publish_events(payload)
+        await bus.publish_events(payload)
 
 
 def decode_payload(payload: bytes) -> list[Event]:
@@ -288,9 +290,9 @@ async def subscribe(
     """Events from every process, filtered, each job's in order (see the module's docstring).
     ``ready`` is set once the subscription listens (what was published before is not seen)."""
     job_ids = {job_id} if isinstance(job_id, str) else set(job_id) if job_id is not None else None
-    broker = await source.abroker()
+    bus = event_bus(await source.abroker())
     reorder = _Reorder(hold_s)
-    async with broker.events_subscription() as subscription:
+    async with bus.events_subscription() as subscription:
         if ready is not None:
             ready.set()
         pending: asyncio.Future[bytes] | None = None
@@ -364,7 +366,7 @@ class FinishWatch:
         await asyncio.shield(self._listening)
 
     async def _run(self, listening: asyncio.Future[None]) -> None:
-        subscription = self._broker.events_subscription()
+        subscription = event_bus(self._broker).events_subscription()
         try:
             try:
                 await subscription.start()

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from taskmill.brokers.features import limit_store
 from taskmill.errors import ConfigurationError, QueueFullError
 from taskmill.job import NewJob
 
@@ -110,7 +111,7 @@ async def _room_for(broker: Broker, queue: str, options: QueueOptions, n: int, w
     deadline = time.monotonic() + options.full_timeout_s
     delay = 0.01
     while True:
-        depth = await broker.queue_depth(queue)
+        depth = await limit_store(broker).queue_depth(queue)
         if depth + n <= options.max_depth:
             return
         if not waits or time.monotonic() >= deadline:
@@ -128,7 +129,8 @@ async def _room_for(broker: Broker, queue: str, options: QueueOptions, n: int, w
 
 async def wait_for_rate_slots(broker: Broker, buckets: Sequence[tuple[str, float]]) -> None:
     """Reserve a start in each bucket and sleep until the latest of them."""
-    waits = [await broker.reserve_rate_slot(bucket, interval) for bucket, interval in buckets]
+    store = limit_store(broker)
+    waits = [await store.reserve_rate_slot(bucket, interval) for bucket, interval in buckets]
     delay = max(waits, default=0.0)
     if delay > 0:
         await asyncio.sleep(delay)
@@ -165,7 +167,8 @@ class Limit:
 
 async def hold_slot(broker: Broker, bucket: str, holder: str, limit: int, ttl_s: float) -> None:
     """Wait until ``holder`` holds a slot of ``bucket`` (polling, 20 ms doubling to 1 s)."""
+    store = limit_store(broker)
     delay = 0.02
-    while not await broker.acquire_slot(bucket, holder, limit, ttl_s):
+    while not await store.acquire_slot(bucket, holder, limit, ttl_s):
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from taskmill.brokers.features import schedule_store
 from taskmill.errors import QueueFullError
 from taskmill.job import JobState, NewJob
 from taskmill.schedules import Schedule
@@ -109,7 +110,8 @@ class Scheduler:
             return report
         broker = await self.client.abroker()
         now = datetime.fromtimestamp(await self._now(), UTC)
-        marks = await broker.schedule_marks()
+        store = schedule_store(broker)
+        marks = await store.schedule_marks()
         by_queue: dict[str, _Ticks] = {}
         for schedule in schedules:
             last = marks.get(schedule.name)
@@ -125,7 +127,7 @@ class Scheduler:
             if await self._enqueue(queue, ticks, report):
                 moved.update(ticks.marks)
         if moved:
-            await broker.mark_schedules(moved)
+            await store.mark_schedules(moved)
         for job_id in report.enqueued:
             log.info("scheduler: enqueued %s", job_id)
         for job_id in report.skipped:
@@ -206,7 +208,7 @@ async def schedule_statuses(app: AppParts, n_next: int = 3) -> list[ScheduleStat
     """Each schedule of ``app``: its next ticks and its last tick's state."""
     broker = await app.client.abroker()
     now = datetime.fromtimestamp(await broker.now(), UTC)
-    marks = await broker.schedule_marks()
+    marks = await schedule_store(broker).schedule_marks()
     statuses = []
     for schedule in app.registry.schedules.values():
         mark = marks.get(schedule.name)

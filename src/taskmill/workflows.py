@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Union
 import msgspec
 
 from taskmill._ids import step_job_id, uuid7
+from taskmill.brokers.features import WorkflowStore, provides, workflow_store
 from taskmill.errors import (
     ConfigurationError,
     JobCancelledError,
@@ -225,8 +226,8 @@ async def asend_workflow(client: Client, canvas: Canvas) -> WorkflowHandle:
     ]
     jobs = [job for _, job in first]
     await client.check_room(jobs)
-    broker = await client.abroker()
-    await broker.save_workflow(workflow_id, _spec_encoder.encode(spec))
+    store = workflow_store(await client.abroker())
+    await store.save_workflow(workflow_id, _spec_encoder.encode(spec))
     await client.enqueue(jobs, [task for task, _ in first], depth="skip")
     return WorkflowHandle(client, workflow_id)
 
@@ -290,7 +291,7 @@ class _View:
 
 async def _view(broker: Broker, workflow_id: str, spec: Spec) -> _View:
     names = list(spec.steps)
-    jobs = await asyncio.gather(*(broker.get(step_job_id(workflow_id, n)) for n in names))
+    jobs = await broker.get_many([step_job_id(workflow_id, n) for n in names])
     return _View(spec, dict(zip(names, jobs, strict=True)))
 
 
@@ -302,7 +303,8 @@ async def advance(client: Client, workflow_id: str) -> str | None:
     Released steps go through the client's enqueue pipeline without the ``max_depth`` check
     (``depth="skip"``): the workflow was accepted when it was sent (see ``taskmill.client``)."""
     broker = await client.abroker()
-    record = await broker.get_workflow(workflow_id)
+    store = workflow_store(broker)
+    record = await store.get_workflow(workflow_id)
     if record is None:
         return None
     spec = _spec_decoder.decode(record.spec)
@@ -313,10 +315,10 @@ async def advance(client: Client, workflow_id: str) -> str | None:
     if record.state != "running":
         return record.state
     if all(view.state(n) is JobState.SUCCEEDED for n in _names(spec.output)):
-        await broker.end_workflow(workflow_id, "succeeded")
+        await store.end_workflow(workflow_id, "succeeded")
         return "succeeded"
     if view.blocked_failures():
-        await broker.end_workflow(workflow_id, "failed")
+        await store.end_workflow(workflow_id, "failed")
         return "failed"
     ready = [_step_job(client, workflow_id, view, n) for n in spec.steps if view.ready(n)]
     if ready:
@@ -346,7 +348,9 @@ async def sweep(client: Client, limit: int = 1000) -> int:
     whose parents finished while nobody advanced them (a worker died in between). Returns how
     many workflows were looked at."""
     broker = await client.abroker()
-    ids = await broker.running_workflows(limit)
+    if not provides(broker, WorkflowStore):
+        return 0  # no workflow can have been sent
+    ids = await workflow_store(broker).running_workflows(limit)
     for workflow_id in ids:
         try:
             await advance(client, workflow_id)
@@ -372,7 +376,7 @@ class WorkflowHandle:
 
     async def astatus(self) -> str:
         """``running``, ``succeeded``, ``failed`` or ``cancelled``."""
-        record = await (await self._client.abroker()).get_workflow(self.id)
+        record = await workflow_store(await self._client.abroker()).get_workflow(self.id)
         if record is None:
             raise JobNotFoundError(f"workflow {self.id} does not exist (or was pruned)")
         return record.state
@@ -380,7 +384,7 @@ class WorkflowHandle:
     async def asteps(self) -> dict[str, JobState | None]:
         """Each step's job id and state (None: not enqueued yet)."""
         broker = await self._client.abroker()
-        record = await broker.get_workflow(self.id)
+        record = await workflow_store(broker).get_workflow(self.id)
         if record is None:
             raise JobNotFoundError(f"workflow {self.id} does not exist (or was pruned)")
         view = await _view(broker, self.id, _spec_decoder.decode(record.spec))
@@ -400,7 +404,7 @@ class WorkflowHandle:
                 raise TimeoutError(f"workflow {self.id} is still running after {timeout} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, _POLL_MAX_S)
-        record = await broker.get_workflow(self.id)
+        record = await workflow_store(broker).get_workflow(self.id)
         assert record is not None
         view = await _view(broker, self.id, _spec_decoder.decode(record.spec))
         if state == "cancelled":
@@ -412,8 +416,8 @@ class WorkflowHandle:
     async def acancel(self) -> str:
         """Cancel every step not finished yet (a running one is asked to stop), and release
         no more. The workflow's state after."""
-        broker = await self._client.abroker()
-        await broker.end_workflow(self.id, "cancelled")
+        store = workflow_store(await self._client.abroker())
+        await store.end_workflow(self.id, "cancelled")
         await advance(self._client, self.id)  # cancels the pending steps
         return await self.astatus()
 

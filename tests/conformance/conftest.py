@@ -26,8 +26,7 @@ from taskmill import App
 from taskmill.brokers import broker_from_url
 from taskmill.brokers import postgres as pg
 from taskmill.brokers.memory import MemoryBroker
-from taskmill.brokers.sqlite import parse_url
-from taskmill.brokers.wakeup import channel_dir
+from taskmill.brokers.sqlite import channel_dir, parse_url
 
 BAD_PAYLOAD = b"\xff{not json"
 

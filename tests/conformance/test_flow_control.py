@@ -1,4 +1,6 @@
-"""Flow control through the broker: rate limits hold across worker processes, a queue's depth
+"""The ``LimitStore`` feature (``taskmill.brokers.features``), through flow control.
+
+Flow control through the broker: rate limits hold across worker processes, a queue's depth
 limit refuses (or waits), and the broker's rate slots are spaced as asked."""
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from taskmill import App, ConfigurationError, JobState, Limit, QueueFullError
+from taskmill.brokers.features import limit_store
 from taskmill.limits import SPACING
 from taskmill.testing import await_until, running_worker
 
@@ -20,7 +23,7 @@ from .helpers import opened, processes, subprocess_env, wait_until, worker_args
 
 
 def test_rate_slots_are_reserved_one_interval_apart(app: App) -> None:
-    broker = opened(app)
+    broker = limit_store(opened(app))
 
     async def reserve() -> list[float]:
         return [await broker.reserve_rate_slot("task:t", 0.1) for _ in range(5)]
@@ -55,7 +58,7 @@ def test_a_full_queue_refuses_and_stores_nothing(app: App) -> None:
 
 
 async def _until_drained(app: App, queue: str) -> None:
-    broker = await app.abroker()
+    broker = limit_store(await app.abroker())
 
     async def drained() -> bool:
         return await broker.queue_depth(queue) == 0
@@ -136,7 +139,7 @@ def test_a_rate_limit_holds_across_two_worker_processes(broker_url: str, tmp_pat
 
 
 def test_concurrency_slots_are_held_refreshed_released_and_expire(app: App) -> None:
-    broker = opened(app)
+    broker = limit_store(opened(app))
     run = app.run_sync
     assert run(broker.acquire_slot("b", "job-a", 2, 30.0))
     assert run(broker.acquire_slot("b", "job-b", 2, 30.0))

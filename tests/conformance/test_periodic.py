@@ -1,4 +1,6 @@
-"""Periodic schedules: each tick enqueued once however many schedulers run, none early;
+"""The ``ScheduleStore`` feature (``taskmill.brokers.features``), through periodic schedules.
+
+Periodic schedules: each tick enqueued once however many schedulers run, none early;
 misfire and overlap policies, DST, and a scheduler that died half-way. In-process tests drive
 ``Scheduler.run_pass`` with an injected clock (no sleeps), or run three schedulers' loops over
 a virtual clock for a minute of ticks in well under a second; the multiprocess test (``slow``
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from taskmill import App, JobState
+from taskmill.brokers.features import schedule_store
 from taskmill.scheduler import PassReport, Scheduler
 from taskmill.schedules import Schedule
 from taskmill.testing import running_worker
@@ -141,7 +144,8 @@ def test_two_schedulers_enqueue_a_tick_once_even_after_it_ran(app: App) -> None:
     again = app.run_sync(broker.enqueue([first._job(app.schedules["minutely"], START)]))
     assert again.existing == {0}
     assert tick_ids(app) == [job_id("minutely", START)]
-    assert app.run_sync(broker.schedule_marks()) == {"minutely": START.timestamp()}
+    marks = app.run_sync(schedule_store(broker).schedule_marks())
+    assert marks == {"minutely": START.timestamp()}
 
 
 def test_ticks_come_due_on_time_and_never_early(app: App) -> None:
@@ -220,7 +224,7 @@ def test_overlap_skip_waits_for_the_previous_run(app: App) -> None:
 
 
 def test_marks_only_move_forward(app: App) -> None:
-    broker = opened(app)
+    broker = schedule_store(opened(app))
     app.run_sync(broker.mark_schedules({"a": 200.0, "b": 50.0}))
     app.run_sync(broker.mark_schedules({"a": 100.0, "b": 60.0}))
     assert app.run_sync(broker.schedule_marks()) == {"a": 200.0, "b": 60.0}

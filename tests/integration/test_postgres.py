@@ -40,6 +40,7 @@ from taskmill import (
     JobState,
 )
 from taskmill.brokers import postgres as pg
+from taskmill.brokers.postgres.connection import pipelined_transaction
 from taskmill.job import NewJob
 from taskmill.testing import running_worker, wait_until
 
@@ -662,7 +663,7 @@ def test_a_send_retried_after_a_lost_reply_is_not_stored_twice(database: Databas
         def retry(conn: psycopg.Connection[Any], retried: bool) -> Any:
             return broker._store(conn, jobs, "return", check_stored=True)
 
-        second = broker._run_blocking(retry)
+        second = broker._db.run_blocking(retry)
         assert second.ids == first.ids and second.existing == first.existing
         with database.connect() as conn:
             assert conn.execute("SELECT count(*) FROM taskmill.jobs").fetchone() == (3,)
@@ -683,14 +684,14 @@ def test_a_failed_statement_rolls_back_the_whole_pipelined_transaction(database:
         async with conn:
 
             async def insert_then_fail() -> None:
-                async with pg._pipelined_transaction(conn):
+                async with pipelined_transaction(conn):
                     await conn.execute("INSERT INTO public.marks VALUES (1)")
                     await conn.execute("SELECT 1 / 0")
 
             with pytest.raises(psycopg.errors.DivisionByZero):
                 await insert_then_fail()
             status = conn.info.transaction_status
-            async with pg._pipelined_transaction(conn, durable=False):
+            async with pipelined_transaction(conn, durable=False):
                 await conn.execute("INSERT INTO public.marks VALUES (2)")
             rows = await (await conn.execute("SELECT n FROM public.marks")).fetchall()
         return [r[0] for r in rows], status
@@ -703,8 +704,8 @@ def test_a_failed_statement_rolls_back_the_whole_pipelined_transaction(database:
 # --- (g) dead entries in the claims' index ------------------------------------------------------
 
 # Enough jobs leaving the queue at once that a claim walks past the pacer's threshold
-# (postgres_vacuum.VacuumPacer.walk_pages: 1,000 pages of the ready index, about 160 entries a
-# page).
+# (brokers/postgres/vacuum.py, VacuumPacer.walk_pages: 1,000 pages of the ready index, about
+# 160 entries a page).
 LEFT_THE_QUEUE = 250_000
 
 

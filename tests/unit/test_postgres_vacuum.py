@@ -3,7 +3,7 @@ vacuum itself runs on a real server in tests/integration/test_postgres.py)."""
 
 from __future__ import annotations
 
-from taskmill.brokers.postgres_vacuum import VacuumPacer
+from taskmill.brokers.postgres.vacuum import VacuumPacer
 
 FAR, NEAR = 6_000, 3  # pages a scan: past dead entries, and a clean index
 

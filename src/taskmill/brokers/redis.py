@@ -60,6 +60,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from taskmill.brokers._io import on_io_loop
+from taskmill.brokers._rows import (
+    RECOVERED_ERROR_TYPE,
+    RECOVERED_MESSAGE,
+    RETRY,
+    decode_error,
+    flatten_outcomes,
+)
 from taskmill.brokers.base import (
     Broker,
     Capabilities,
@@ -69,10 +76,16 @@ from taskmill.brokers.base import (
     JobPage,
     JobQuery,
     OnConflict,
-    Subscription,
-    WorkflowRecord,
     decode_cursor,
     encode_cursor,
+)
+from taskmill.brokers.features import (
+    EventBus,
+    LimitStore,
+    ScheduleStore,
+    Subscription,
+    WorkflowRecord,
+    WorkflowStore,
 )
 from taskmill.errors import (
     BrokerError,
@@ -81,19 +94,13 @@ from taskmill.errors import (
     DuplicateJobError,
 )
 from taskmill.job import (
-    Cancelled,
     Claim,
-    ErrorInfo,
-    Failed,
     Finish,
     Job,
     JobState,
     NewJob,
     Progress,
     QueueStats,
-    Released,
-    RetryAt,
-    Succeeded,
     WorkerInfo,
 )
 from taskmill.meta import decode_meta, encode_meta, meta_matches
@@ -111,7 +118,6 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSErro
 # redis-py's authentication errors are ConnectionErrors, yet no retry fixes a wrong password)
 _MISCONFIGURED = (InvalidResponse, AuthenticationError, AuthorizationError, ResponseError)
 _MAX_BLOCK_S = 60.0  # a wait longer than this returns early (spurious returns are allowed)
-_error_decoder = msgspec.json.Decoder(ErrorInfo)
 _encoder = msgspec.json.Encoder()
 _FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 _LAYOUT = 2
@@ -176,13 +182,6 @@ def _job(fields: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         d = fields
     else:
         d = {fields[i]: fields[i + 1] for i in range(0, len(fields), 2)}
-    error = d.get(b"error")
-    info = None
-    if error:
-        try:
-            info = _error_decoder.decode(error)
-        except msgspec.DecodeError:
-            info = ErrorInfo("unknown", error.decode("utf-8", "replace"))
     return Job(
         id=d[b"id"].decode(),
         task=d[b"task"].decode(),
@@ -204,7 +203,7 @@ def _job(fields: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         lost_leases=int(d.get(b"lost_leases", 0)),
         cancel_requested=d.get(b"cancel_requested") == b"1",
         result=d.get(b"result"),
-        error=info,
+        error=decode_error(d.get(b"error")),
         progress=_num(d.get(b"progress")),
         progress_message=_text(d.get(b"progress_message")),
         meta=decode_meta(d.get(b"meta")),
@@ -225,23 +224,12 @@ def _netstrings(packed: bytes) -> list[bytes]:
 
 def _finish_args(finishes: Sequence[Finish]) -> list[Any]:
     args: list[Any] = [len(finishes)]
-    local_now = time.time()
-    for f in finishes:
-        o = f.outcome
-        if isinstance(o, Succeeded):
-            args += (f.claim.job_id, f.claim.token, "S", o.result, "")
-        elif isinstance(o, RetryAt):
+    for f in flatten_outcomes(finishes, time.time()):
+        if f.kind == RETRY:
             # the delay, not the time: the script adds it to the server's clock
-            delay = max(0.0, o.run_at - local_now)
-            args += (f.claim.job_id, f.claim.token, "R", repr(delay), _encoder.encode(o.error))
-        elif isinstance(o, Failed):
-            args += (f.claim.job_id, f.claim.token, "F", _encoder.encode(o.error), "")
-        elif isinstance(o, Cancelled):
-            args += (f.claim.job_id, f.claim.token, "C", o.reason, "")
-        elif isinstance(o, Released):
-            args += (f.claim.job_id, f.claim.token, "L", "", "")
-        else:  # pragma: no cover - the outcome set is closed
-            raise TypeError(f"unknown outcome {o!r}")
+            args += (f.job_id, f.token, RETRY, repr(f.delay_s), f.error)
+        else:
+            args += (f.job_id, f.token, f.kind, f.result or f.error or b"", b"")
     return args
 
 
@@ -287,7 +275,8 @@ def _refused(script: str, exc: ResponseError) -> DuplicateJobError | BrokerError
     return error
 
 
-class RedisBroker(Broker):
+class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
+    name = "redis"
     capabilities = Capabilities(
         shared_across_processes=True,
         server_clock=True,
@@ -667,7 +656,13 @@ class RedisBroker(Broker):
 
     @on_io_loop
     async def recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
-        reply = await self._eval("recover", max_lost_leases, repr(self.result_ttl_s))
+        reply = await self._eval(
+            "recover",
+            max_lost_leases,
+            repr(self.result_ttl_s),
+            RECOVERED_ERROR_TYPE,
+            RECOVERED_MESSAGE,
+        )
         return [
             (reply[i].decode(), JobState(reply[i + 1].decode())) for i in range(0, len(reply), 2)
         ]
@@ -761,6 +756,20 @@ class RedisBroker(Broker):
             lambda: self._client().hgetall(self._key("job", job_id)), writes=False
         )
         return _job(fields) if fields else None
+
+    @on_io_loop
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        if not job_ids:
+            return []
+
+        async def call() -> list[Any]:  # one round trip: a pipeline of HGETALLs
+            async with self._client().pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hgetall(self._key("job", job_id))
+                return list(await pipe.execute())
+
+        replies = await self._retrying(call, writes=False)
+        return [_job(fields) if fields else None for fields in replies]
 
     async def _queues(self) -> list[str]:
         names = await self._retrying(

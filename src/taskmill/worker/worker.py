@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from taskmill._ids import workflow_of
 from taskmill.brokers.base import Broker, HandOver
+from taskmill.brokers.features import limit_store
 from taskmill.context import JobContext
 from taskmill.errors import BrokerError, BrokerUnavailableError, SerializationError
 from taskmill.events import Event, ended, outcome_state, progressed, publish, started
@@ -701,7 +702,8 @@ class Worker:
             if held.slot is not None:  # a running job's concurrency slot lives as its lease does
                 bucket, limit = held.slot
                 with contextlib.suppress(Exception):
-                    await self._broker.acquire_slot(bucket, held.job.id, limit, self.lease_s)
+                    limits = limit_store(self._broker)
+                    await limits.acquire_slot(bucket, held.job.id, limit, self.lease_s)
         for job_id in reply.lost:
             r = self._running.get(job_id)
             if r is not None and not r.lost and r.claim.token == sent_tokens.get(job_id):
@@ -802,7 +804,7 @@ class Worker:
     async def _release_slot(self, r: _Running) -> None:
         assert self._broker is not None and r.slot is not None
         try:
-            await self._broker.release_slot(r.slot[0], r.job.id)
+            await limit_store(self._broker).release_slot(r.slot[0], r.job.id)
         except Exception as exc:  # it expires after a lease anyway
             log.error("job %s: releasing its concurrency slot failed: %s", r.job.id, exc)
 

@@ -156,7 +156,7 @@ RETURNING {columns};
 -- session's statistics not yet reported to the server (they gather for up to a second), so
 -- the claim just made and perhaps a few before it. Dead entries at the head of the index
 -- (jobs that left the queue, until a vacuum) make it many pages a scan; see
--- taskmill.brokers.postgres_vacuum.
+-- taskmill.brokers.postgres.vacuum.
 SELECT pg_stat_get_xact_blocks_fetched('{schema}.jobs_ready'::regclass),
        pg_stat_get_xact_numscans('{schema}.jobs_ready'::regclass);
 
@@ -243,7 +243,9 @@ WHERE j.id = p.id AND j.lease_token = p.token AND j.state = 'running';
 
 -- name: recover
 -- Running jobs whose lease expired, whoever held them. Rows locked right now (a heartbeat
--- extending the lease, a finish) are skipped: they are not abandoned.
+-- extending the lease, a finish) are skipped: they are not abandoned. The error's type and
+-- message come from Python (taskmill.brokers._rows): {attempt}, {worker} and {lost_leases}
+-- in the message are filled in here.
 WITH expired AS MATERIALIZED (
     SELECT seq FROM {schema}.jobs
     WHERE state = 'running' AND lease_expires_at < now()
@@ -258,10 +260,10 @@ recovered AS (
                            THEN now() END,
         lost_leases = lost_leases + 1,
         error = jsonb_build_object(
-            'type', 'taskmill.errors.WorkerLostError',
-            'message', 'lease expired on attempt ' || attempt || ' (worker '
-                       || coalesce(worker_id, '') || ' stopped heartbeating); lost leases: '
-                       || (lost_leases + 1),
+            'type', %(error_type)s::text,
+            'message', replace(replace(replace(%(message)s::text,
+                '{attempt}', attempt::text), '{lost_leases}', (lost_leases + 1)::text),
+                '{worker}', coalesce(worker_id, '?')),
             'traceback', ''),
         lease_token = NULL, lease_expires_at = NULL, worker_id = NULL
     WHERE seq IN (SELECT seq FROM expired)
@@ -295,6 +297,9 @@ SELECT date_part('epoch', clock_timestamp());
 
 -- name: get
 SELECT {columns} FROM {schema}.jobs AS j WHERE j.id = %(id)s;
+
+-- name: get_many
+SELECT {columns} FROM {schema}.jobs AS j WHERE j.id = ANY(%(ids)s::text[]);
 
 -- name: find_jobs_filter
 -- The filters of a listing; a filter whose parameter is NULL (or an empty array) is off. The
