@@ -10,7 +10,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 
-from taskmill.brokers.base import Broker, Subscription
+from taskmill.brokers.base import Broker
+from taskmill.brokers.features import Subscription
 from taskmill.job import Job
 from taskmill.testing import running_worker
 
