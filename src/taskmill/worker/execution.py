@@ -15,6 +15,7 @@ the fast path: decode, call, encode, decide, with nothing between them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -252,6 +253,14 @@ class Pipeline:
             await self._release_slot(r)
         if not r.lost and not r.plain:
             await self._outcome_hooks(r, outcome)
+
+    async def renew_slots(self, runs: list[JobRun]) -> None:
+        """At a heartbeat: a running job's concurrency slot lives as long as its lease."""
+        for r in runs:
+            if r.slot is not None:
+                bucket, limit = r.slot
+                with contextlib.suppress(Exception):
+                    await self.broker.acquire_slot(bucket, r.job.id, limit, self.lease_s)
 
     async def _release_slot(self, r: JobRun) -> None:
         assert r.slot is not None

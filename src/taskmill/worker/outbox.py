@@ -18,8 +18,9 @@ the order rules between outcomes, progress and events:
   progress write in flight, which may hold a report of its job: progress writes go one at a
   time, in the order they were taken (``ready``).
 - **Events follow the writes** (``App(events=True)``): a progress event is emitted when its
-  write landed, under the same lock, and an outcome's event when the broker applied it, so a
-  job's events leave the worker in order.
+  write landed, under the same lock, and an outcome's event when the broker applied it. One
+  ``Publisher`` per worker publishes them in the order they were emitted, so a job's events
+  leave the worker in order.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from taskmill.events import Event, ended, outcome_state, progressed
+from taskmill.events import Event, ended, outcome_state, progressed, publish
 from taskmill.job import Claim, Finish, Job, Outcome, Progress
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ log = logging.getLogger("taskmill.worker")
 PROGRESS_INTERVAL_S = 0.1
 """At most one progress write per this many seconds per worker."""
 
-__all__ = ["PROGRESS_INTERVAL_S", "Batch", "Outbox"]
+__all__ = ["PROGRESS_INTERVAL_S", "Batch", "Outbox", "Publisher"]
 
 
 @dataclass(eq=False, slots=True)
@@ -252,3 +253,36 @@ class Outbox:
                 now = self._clock()
                 for p, job in items:
                     self._emit(progressed(job, p.fraction, p.message, now))
+
+
+class Publisher:
+    """A worker's events (``App(events=True)``), published in the order they were emitted.
+    Events are at most once: a publish that fails is logged, and its events are dropped."""
+
+    def __init__(self, broker: Broker, *, worker_id: str) -> None:
+        self._broker = broker
+        self._worker_id = worker_id
+        self._events: list[Event] = []
+        self._wake = asyncio.Event()
+
+    def emit(self, event: Event) -> None:
+        self._events.append(event)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Publish events as they come, until cancelled (then ``publish`` the rest)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.publish()
+
+    async def publish(self) -> None:
+        """Publish the events emitted so far, in one call."""
+        batch, self._events = self._events, []
+        if batch:
+            try:
+                await publish(self._broker, batch)
+            except Exception as exc:  # never stop the worker
+                log.error(
+                    "worker %s: publishing %d events failed: %s", self._worker_id, len(batch), exc
+                )

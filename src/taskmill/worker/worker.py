@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from taskmill._ids import workflow_of
 from taskmill.brokers.base import Broker, HandOver, HeartbeatReply
 from taskmill.errors import BrokerError, BrokerUnavailableError
-from taskmill.events import Event, publish, started
+from taskmill.events import started
 from taskmill.job import Failed, Job, Released, RetryAt, WorkerInfo
 from taskmill.retry import Interrupt
 from taskmill.urls import redact_url
 from taskmill.worker.execution import JobRun, Pipeline
 from taskmill.worker.names import worker_id
-from taskmill.worker.outbox import Batch, Outbox
+from taskmill.worker.outbox import Batch, Outbox, Publisher
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
 from taskmill.workflows import advance, sweep
 
@@ -121,13 +121,12 @@ class Worker:
         self._flush_lock = asyncio.Lock()  # one flush at a time (see _flush_all)
         self._idle_task: asyncio.Task[list[Job]] | None = None
         self._events_on = settings.events
-        self._events: list[Event] = []  # published in order by _events_loop
-        self._events_wake = asyncio.Event()
         self._fatal: BrokerError | None = None  # a permanent broker error: run() raises it
         # made by run(), once the broker is open
         self._broker: Broker
         self._pipeline: Pipeline
         self._outbox: Outbox
+        self._publisher: Publisher | None = None  # events on: the jobs' events
 
     # --- control (thread-safe) ----------------------------------------------------------------
 
@@ -182,6 +181,8 @@ class Worker:
         self._pipeline = Pipeline(
             self.registry, runner, broker, worker_id=self.id, lease_s=self.lease_s
         )
+        if self._events_on:
+            self._publisher = Publisher(broker, worker_id=self.id)
         self._outbox = self._make_outbox(broker, self._loop)
         background = self._start_loops(until_idle)
         if self.register:
@@ -252,7 +253,7 @@ class Worker:
             worker_id=self.id,
             wake=self._flush_wake.set,
             later=later,
-            emit=self._emit if self._events_on else None,
+            emit=None if self._publisher is None else self._publisher.emit,
         )
 
     def _start_loops(self, until_idle: bool) -> list[asyncio.Task[Any]]:
@@ -260,8 +261,8 @@ class Worker:
             asyncio.create_task(self._flush_loop(), name="taskmill-flush"),
             asyncio.create_task(self._heartbeat_loop(), name="taskmill-heartbeat"),
         ]
-        if self._events_on:
-            loops.append(asyncio.create_task(self._events_loop(), name="taskmill-events"))
+        if self._publisher is not None:
+            loops.append(asyncio.create_task(self._publisher.run(), name="taskmill-events"))
         if not until_idle:
             loops.append(asyncio.create_task(self._maintenance_loop(), name="taskmill-maint"))
             if self.scheduler and self.registry.schedules:
@@ -273,8 +274,8 @@ class Worker:
 
     async def _close(self, background: list[asyncio.Task[Any]], runner: Runner) -> None:
         await _cancel_and_wait(background)
-        if self._events_on:
-            await self._publish_events()  # what the cancelled publisher had not sent
+        if self._publisher is not None:
+            await self._publisher.publish()  # what the cancelled publisher had not sent
         if self._outbox.pending:  # a flush that failed on the way out: one last try
             with contextlib.suppress(Exception):
                 await self._flush_all()
@@ -402,8 +403,8 @@ class Worker:
     def _start(self, job: Job) -> None:
         run = self._pipeline.begin(job, self._report_progress)
         self._running[job.id] = run
-        if self._events_on:
-            self._emit(started(job, time.time()))
+        if self._publisher is not None:
+            self._publisher.emit(started(job, time.time()))
         run.handle = asyncio.get_running_loop().create_task(self._run_one(run))
 
     async def _run_one(self, run: JobRun) -> None:
@@ -484,28 +485,6 @@ class Worker:
                 log.error("workflow %s: advancing failed (the sweep retries): %s", workflow_id, exc)
         return bool(workflows)
 
-    # --- live events (App(events=True)) ---------------------------------------------------------
-
-    def _emit(self, event: Event) -> None:
-        self._events.append(event)
-        self._events_wake.set()
-
-    async def _events_loop(self) -> None:
-        """One publisher per worker, in the order events were made: a job's own events
-        leave this worker in order."""
-        while True:
-            await self._events_wake.wait()
-            self._events_wake.clear()
-            await self._publish_events()
-
-    async def _publish_events(self) -> None:
-        batch, self._events = self._events, []
-        if batch:
-            try:
-                await publish(self._broker, batch)
-            except Exception as exc:  # events are at most once: log, never stop the worker
-                log.error("worker %s: publishing %d events failed: %s", self.id, len(batch), exc)
-
     # --- heartbeats -----------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
@@ -532,7 +511,7 @@ class Worker:
                 self.on_heartbeat()
             except Exception:  # an observer's bug must not stop the heartbeats
                 log.exception("worker %s: on_heartbeat failed", self.id)
-        await self._renew_slots()
+        await self._pipeline.renew_slots(list(self._running.values()))
         self._interrupt_as_told(reply, sent_tokens)
 
     def _info(self) -> WorkerInfo:
@@ -548,14 +527,6 @@ class Worker:
             processed=self.processed,
             failed=self.failed,
         )
-
-    async def _renew_slots(self) -> None:
-        """A running job's concurrency slot lives as its lease does."""
-        for run in list(self._running.values()):
-            if run.slot is not None:
-                bucket, limit = run.slot
-                with contextlib.suppress(Exception):
-                    await self._broker.acquire_slot(bucket, run.job.id, limit, self.lease_s)
 
     def _interrupt_as_told(self, reply: HeartbeatReply, sent_tokens: dict[str, str]) -> None:
         for job_id in reply.lost:
