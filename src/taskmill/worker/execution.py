@@ -66,7 +66,7 @@ class JobRun:
     duration_s: float | None = None
     """From ``called_at`` to the outcome: what the outcome hooks are told."""
     finishing: bool = False
-    """The outcome is decided and its hooks run: a cancel request is too late."""
+    """The outcome is decided (the slot is released, the hooks run): a cancel is too late."""
     ended: bool = False
     """The outcome is with the outbox (or dropped): later progress reports are ignored."""
 
@@ -247,12 +247,27 @@ class Pipeline:
     # --- release, outcome hooks -------------------------------------------------------------
 
     async def _end(self, r: JobRun, outcome: Outcome) -> None:
+        """Release the concurrency slot, call the outcome hooks. The outcome is decided: a
+        cancel request is too late, and a shutdown or a lost lease cuts these steps short
+        without changing it."""
+        r.finishing = True
         if r.called_at is not None:
             r.duration_s = time.monotonic() - r.called_at
-        if r.slot is not None:
-            await self._release_slot(r)
-        if not r.lost and not r.plain:
-            await self._outcome_hooks(r, outcome)
+        try:
+            if r.slot is not None:
+                await self._release_slot(r)
+            if not r.lost and not r.plain:
+                await self._outcome_hooks(r, outcome)
+        except asyncio.CancelledError:
+            if not r.interrupted:
+                raise
+            log.warning(
+                "job %s (%s): slot release and hooks cut short (%s); its outcome %s stands",
+                r.job.id,
+                r.job.task,
+                r.interrupted[-1],
+                type(outcome).__name__,
+            )
 
     async def renew_slots(self, runs: list[JobRun]) -> None:
         """At a heartbeat: a running job's concurrency slot lives as long as its lease."""
@@ -277,28 +292,16 @@ class Pipeline:
 
     async def _outcome_hooks(self, r: JobRun, outcome: Outcome) -> None:
         """on_success / on_failure / on_retry: after the outcome is decided, before it is
-        written (a hook never changes it: a shutdown or a lost lease cuts them short)."""
-        r.finishing = True
-        try:
-            if isinstance(outcome, Succeeded):
-                if any(self.registry.hook_lists(r.task, "on_success")):
-                    result = result_value(r.task, outcome.result)
-                    await self._hooks("on_success", r, result, result=result)
-            elif isinstance(outcome, Failed):
-                await self._hooks("on_failure", r, outcome.error)
-            elif isinstance(outcome, RetryAt):
-                delay = max(0.0, outcome.run_at - time.time())
-                await self._hooks("on_retry", r, outcome.error, delay)
-        except asyncio.CancelledError:
-            if not r.interrupted:
-                raise
-            log.warning(
-                "job %s (%s): hooks cut short (%s); its outcome %s stands",
-                r.job.id,
-                r.job.task,
-                r.interrupted[-1],
-                type(outcome).__name__,
-            )
+        written (a hook never changes it)."""
+        if isinstance(outcome, Succeeded):
+            if any(self.registry.hook_lists(r.task, "on_success")):
+                result = result_value(r.task, outcome.result)
+                await self._hooks("on_success", r, result, result=result)
+        elif isinstance(outcome, Failed):
+            await self._hooks("on_failure", r, outcome.error)
+        elif isinstance(outcome, RetryAt):
+            delay = max(0.0, outcome.run_at - time.time())
+            await self._hooks("on_retry", r, outcome.error, delay)
 
 
 # --- the steps' helpers -----------------------------------------------------------------------
