@@ -209,9 +209,7 @@ class Pipeline:
         if limit is None:
             return None
         try:
-            bound = task.signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            bucket = limit.bucket(r.job.task, bound.arguments)
+            bucket = limit.bucket(r.job.task, task.types.named(args, kwargs))
         except Exception as exc:  # a key function that raised
             return self._decide(r, exc=exc)
         r.slot = (bucket, limit.max)
