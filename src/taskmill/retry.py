@@ -168,15 +168,16 @@ def decide(
     ...        interrupt=Interrupt.SHUTDOWN)
     Released()
     """
-    if interrupt is Interrupt.CANCEL:
-        if exc is None:
-            return Cancelled("cancelled on request (the task returned after the request)")
-        return Cancelled("cancelled on request")
+    if interrupt is not None:
+        if interrupt is Interrupt.CANCEL:
+            if exc is None:
+                return Cancelled("cancelled on request (the task returned after the request)")
+            return Cancelled("cancelled on request")
+        if isinstance(exc, asyncio.CancelledError):
+            return Released()
     if exc is None:
         assert result is not None
         return Succeeded(result)
-    if interrupt is not None and isinstance(exc, asyncio.CancelledError):
-        return Released()
     if isinstance(exc, Cancel):
         return Cancelled(str(exc) or "cancelled by the task")
     info = error_info(exc)

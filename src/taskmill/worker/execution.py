@@ -55,7 +55,7 @@ class JobRun:
     """No limit and no hook applies: the steps between the claim and the call are skipped."""
     interrupted: list[Interrupt] = field(default_factory=list)
     """Why the worker interrupted the run, in order; the first one decides its outcome."""
-    handle: asyncio.Task[None] | None = None
+    handle: asyncio.Task[Outcome] | None = None
     """The asyncio task the run goes through the pipeline in."""
     lost: bool = False
     """The lease went to another worker: the outcome is dropped."""
@@ -94,13 +94,22 @@ class Pipeline:
     the runner of sync functions, the broker that holds the limits."""
 
     def __init__(
-        self, registry: Registry, runner: Runner, broker: Broker, *, worker_id: str, lease_s: float
+        self,
+        registry: Registry,
+        runner: Runner,
+        broker: Broker,
+        *,
+        worker_id: str,
+        lease_s: float,
+        finished: Callable[[JobRun, Outcome], None],
     ) -> None:
         self.registry = registry
         self.runner = runner
         self.broker = broker
         self.worker_id = worker_id
         self.lease_s = lease_s
+        self.finished = finished
+        """The last step: the worker takes the outcome (to the outbox)."""
         self._plain: dict[tuple[str, str], bool] = {}  # (task, queue) -> the fast path applies
 
     # --- resolve ----------------------------------------------------------------------------
@@ -141,9 +150,9 @@ class Pipeline:
     # --- the run ----------------------------------------------------------------------------
 
     async def run(self, r: JobRun) -> Outcome:
-        """Every step after the claim; the outcome. Interrupts end in an outcome too; only a
-        cancel of the run's asyncio task by anyone else is raised."""
-        began = time.monotonic()
+        """Every step after the claim, to ``finished``; the outcome. Interrupts end in an
+        outcome too; only a cancel of the run's asyncio task by anyone else is raised."""
+        began = 0.0 if r.plain else time.monotonic()  # the fast path sets it before any await
         try:
             outcome = None if r.plain else await self._prepare(r)
             if outcome is None:
@@ -158,9 +167,12 @@ class Pipeline:
         except Exception as exc:  # a bug of ours: fail the attempt loudly, keep the worker
             log.exception("job %s (%s): the worker failed running it", r.job.id, r.job.task)
             outcome = self._decide(r, exc=exc)
-        await self._end(r, outcome)
+        r.finishing = True
+        if not r.plain:
+            await self._end(r, outcome)
         if not r.lost and job_log.isEnabledFor(logging.INFO):
             log_outcome(r.job, outcome, time.monotonic() - began, self.worker_id)
+        self.finished(r, outcome)
         return outcome
 
     def _decide(
@@ -245,16 +257,16 @@ class Pipeline:
     # --- release, outcome hooks -------------------------------------------------------------
 
     async def _end(self, r: JobRun, outcome: Outcome) -> None:
-        """Release the concurrency slot, call the outcome hooks. The outcome is decided: a
+        """Release the concurrency slot, call the outcome hooks (jobs off the fast path: a
+        job on it has neither). The outcome is decided: a
         cancel request is too late, and a shutdown or a lost lease cuts these steps short
         without changing it."""
-        r.finishing = True
         if r.called_at is not None:
             r.duration_s = time.monotonic() - r.called_at
         try:
             if r.slot is not None:
                 await self._release_slot(r)
-            if not r.lost and not r.plain:
+            if not r.lost:
                 await self._outcome_hooks(r, outcome)
         except asyncio.CancelledError:
             if not r.interrupted:

@@ -30,7 +30,7 @@ from taskmill._ids import workflow_of
 from taskmill.brokers.base import Broker, HandOver, HeartbeatReply
 from taskmill.errors import BrokerError, BrokerUnavailableError
 from taskmill.events import started
-from taskmill.job import Failed, Job, Released, RetryAt, WorkerInfo
+from taskmill.job import Failed, Job, Outcome, Released, RetryAt, WorkerInfo
 from taskmill.retry import Interrupt
 from taskmill.urls import redact_url
 from taskmill.worker.execution import JobRun, Pipeline
@@ -179,7 +179,12 @@ class Worker:
         await broker.attach()
         runner = self._make_runner()
         self._pipeline = Pipeline(
-            self.registry, runner, broker, worker_id=self.id, lease_s=self.lease_s
+            self.registry,
+            runner,
+            broker,
+            worker_id=self.id,
+            lease_s=self.lease_s,
+            finished=self._finished,
         )
         if self._events_on:
             self._publisher = Publisher(broker, worker_id=self.id)
@@ -405,10 +410,10 @@ class Worker:
         self._running[job.id] = run
         if self._publisher is not None:
             self._publisher.emit(started(job, time.time()))
-        run.handle = asyncio.get_running_loop().create_task(self._run_one(run))
+        run.handle = asyncio.get_running_loop().create_task(self._pipeline.run(run))
 
-    async def _run_one(self, run: JobRun) -> None:
-        outcome = await self._pipeline.run(run)
+    def _finished(self, run: JobRun, outcome: Outcome) -> None:
+        """The pipeline's last step: the run's outcome to the outbox (or dropped)."""
         del self._running[run.job.id]
         self.jobs_done += 1
         if run.lost:
