@@ -177,18 +177,7 @@ class Worker:
         self._broker = broker
         self.connected.set()
         await broker.attach()
-        runner = self._make_runner()
-        self._pipeline = Pipeline(
-            self.registry,
-            runner,
-            broker,
-            worker_id=self.id,
-            lease_s=self.lease_s,
-            finished=self._finished,
-        )
-        if self._events_on:
-            self._publisher = Publisher(broker, worker_id=self.id)
-        self._outbox = self._make_outbox(broker, self._loop)
+        runner = self._make_parts(broker, self._loop)
         background = self._start_loops(until_idle)
         if self.register:
             await self._heartbeat_once()
@@ -249,17 +238,31 @@ class Worker:
             return InlineRunner()
         return ThreadRunner(self.concurrency)
 
-    def _make_outbox(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> Outbox:
+    def _make_parts(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> Runner:
+        """The pipeline with its runner, the outbox, the publisher (events on)."""
+
         def later(delay: float, fn: Callable[[], None]) -> None:  # from a task's thread
             loop.call_soon_threadsafe(loop.call_later, delay, fn)
 
-        return Outbox(
+        runner = self._make_runner()
+        self._pipeline = Pipeline(
+            self.registry,
+            runner,
+            broker,
+            worker_id=self.id,
+            lease_s=self.lease_s,
+            finished=self._finished,
+        )
+        if self._events_on:
+            self._publisher = Publisher(broker, worker_id=self.id)
+        self._outbox = Outbox(
             broker,
             worker_id=self.id,
             wake=self._flush_wake.set,
             later=later,
             emit=None if self._publisher is None else self._publisher.emit,
         )
+        return runner
 
     def _start_loops(self, until_idle: bool) -> list[asyncio.Task[Any]]:
         loops = [
