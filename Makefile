@@ -11,7 +11,8 @@ BENCH_ARGS ?=
 # the folders that exist (a fresh clone has no empty ones, and ruff fails on a missing path)
 PY_PATHS := $(wildcard src tests bench examples)
 
-.PHONY: demo test test-deps lint typecheck unit install bench bench-redis bench-postgres
+.PHONY: demo test test-fast test-slow test-deps lint typecheck unit checks install bench \
+	bench-redis bench-postgres
 
 $(BIN)/python:
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -33,19 +34,33 @@ demo: install
 lint: install
 	$(BIN)/ruff check $(PY_PATHS)
 	$(BIN)/ruff format --check $(PY_PATHS)
+	$(BIN)/lint-imports  # the dependency rule of docs/architecture.md (pyproject.toml)
 
 typecheck: install
 	$(BIN)/mypy
 
+# the test tiers (tests/README.md): unit (in-process, no server, seconds), checks (mypy on
+# typed user code, the docs' examples and claims), conformance (every case on every broker),
+# integration (worker processes, the CLI, server restarts); `slow` marks real-time runs of
+# minutes, which only `make test-slow` runs
 unit: install
 	$(BIN)/pytest -q tests/unit
+
+checks: install
+	$(BIN)/pytest -q tests/checks
 
 # system packages the tests need (redis-server, PostgreSQL's server); a no-op once installed
 test-deps:
 	bash scripts/install-test-deps.sh
 
-test: install lint typecheck test-deps
-	$(BIN)/pytest -q
+# what CI runs: the fast tier, then the slow one
+test: test-fast test-slow
+
+test-fast: install lint typecheck test-deps
+	$(BIN)/pytest -q -m "not slow"
+
+test-slow: install test-deps
+	$(BIN)/pytest -q -m slow
 
 bench: install
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)

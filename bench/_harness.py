@@ -27,6 +27,7 @@ from typing import Any
 import redis
 
 from bench.peers._common import IO_KEY, LAT, WORKLOADS, drain_status
+from taskmill.testing import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_DIR = os.path.join(ROOT, "bench", ".peers")
@@ -256,27 +257,36 @@ def wait_for(
 ) -> None:  # fmt: skip
     """Poll ``check()`` until it reaches ``target``; fail on timeout, on no progress for
     ``stall`` seconds, or when a worker process exits. ``on_first(count)``: called once, when
-    the count first moves."""
-    start = last_change = time.monotonic()
-    last = -1
-    while True:
+    the count first moves (polled every 10 ms until then, for the start's time; 100 ms after)."""
+    seen, changed = -1, time.monotonic()
+    deadline = changed + timeout
+
+    def reached() -> bool:
+        nonlocal seen, changed, on_first
         got = int(check())
         if got and on_first is not None:
             on_first(got)
             on_first = None
         if got >= target:
-            return
+            return True
         now = time.monotonic()
-        if got != last:
-            last, last_change = got, now
+        if got != seen:
+            seen, changed = got, now
         for proc, logfile in zip(workers, logs, strict=True):
             if proc.poll() is not None:
                 raise RuntimeError(f"worker exited {proc.returncode} ({what}): {tail(logfile)}")
-        if now - start > timeout:
-            raise RuntimeError(f"{what}: timed out after {timeout:.0f} s at {got:,}/{target:,}")
-        if now - last_change > stall:
+        if now - changed > stall:
             raise RuntimeError(f"{what}: no progress for {stall:.0f} s at {got:,}/{target:,}")
-        time.sleep(0.01 if on_first is not None else 0.1)
+        return False
+
+    def describe() -> str:
+        return f"{what}: {seen:,}/{target:,}"
+
+    if on_first is not None:
+        wait_until(lambda: reached() or on_first is None, timeout=timeout, interval=0.01,
+                   what=describe)  # fmt: skip
+    left = max(0.0, deadline - time.monotonic())
+    wait_until(reached, timeout=left, interval=0.1, what=describe)
 
 
 def run_lib(

@@ -2,6 +2,7 @@
 
     python -m bench.compare_postgres [--jobs 20000] [--rate 200] [--seconds 10] [--markdown]
     python -m bench.compare_postgres --only taskmill,procrastinate   # a subset (table names)
+    python -m bench.compare_postgres --only "taskmill churn,taskmill churn vacuumed"
 
 What it does, in one invocation (the harness is `bench/_harness.py`, shared with
 `bench.compare_redis`; the phases and figures are the same as there):
@@ -35,6 +36,14 @@ What it does, in one invocation (the harness is `bench/_harness.py`, shared with
    does not connect inside the timed loop. Procrastinate's sync pool checks a connection
    (one more round trip) each time it hands it out: its default.
 
+6. The churn case (``--churn-rows``, 1,000,000 by default; 0 leaves it out), taskmill's sync
+   row twice more: before the enqueue, that many queued jobs are loaded and vacuumed, then all
+   marked succeeded in one ``UPDATE`` (as a bulk cancel or an outside "mark done" would). The
+   old row versions and their entries in the claims' index are dead until a vacuum removes
+   them. "taskmill churn" drains right after the change (autovacuum on, as on any server);
+   "taskmill churn vacuumed" after a manual ``VACUUM``, the reference. Issue #11's target: the
+   first within 2x of the second.
+
 Worker configurations (logging at WARNING for all: per-job INFO lines would measure the logger):
 
 - taskmill: ``taskmill worker bench.peers.taskmill_app:app -p 2 -c 16`` (a supervisor and 2
@@ -58,15 +67,16 @@ is shut down and its directory removed), and a library that fails is reported as
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import redis
@@ -227,6 +237,122 @@ def libraries(server: PostgresServer, procrastinate_py: str) -> list[Lib]:
     return libs
 
 
+# --- the churn case ----------------------------------------------------------------------------
+# A million jobs whose state changed in one statement just before the drain (queued, then all
+# marked succeeded, as a bulk cancel or an outside "mark done" would), before any vacuum:
+# their old row versions are dead, and so are their entries at the head of the ready index
+# that every claim walks in order. Measured twice: without, then (the reference) with a manual
+# VACUUM after the change; autovacuum is left on, as on any server.
+
+CHURN_CASES = {
+    "taskmill churn": False,  # the case: no VACUUM after the bulk change
+    "taskmill churn vacuumed": True,  # the reference: a VACUUM after it
+}
+
+# Queued jobs, as send() leaves them: time-ordered ids (UUIDv7-shaped, older than any new
+# job's), 4 per millisecond over the last minutes.
+CHURN_LOAD = """
+INSERT INTO taskmill.jobs (id, task, queue, state, payload, max_attempts, run_at, enqueued_at)
+SELECT substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7' || lpad(to_hex(mod(g, 4096)), 3, '0')
+       || '-8' || substr(r, 1, 3) || '-' || substr(r, 4, 12),
+       'drain_probe', 'default', 'queued', '[[],{}]'::bytea, 1, t, t
+FROM generate_series(1, %(rows)s) AS g,
+     LATERAL (SELECT clock_timestamp() - make_interval(secs => (%(rows)s - g) / 4000.0) AS t,
+                     md5(g::text) AS r) AS x,
+     LATERAL (SELECT lpad(to_hex((date_part('epoch', t) * 1000)::bigint), 12, '0') AS h) AS y
+"""
+CHURN_CHANGE = """
+UPDATE taskmill.jobs SET state = 'succeeded', attempt = 1, started_at = clock_timestamp(),
+    finished_at = clock_timestamp(), result = 'null'
+WHERE state = 'queued'
+"""
+TARGET_CHURN = 0.5  # issue #11: the churn drain within 2x of the vacuumed one
+CHANGED_AT: dict[str, float] = {}  # per case: when the bulk change committed (server clock)
+
+
+def churn_libraries(server: PostgresServer, rows: int) -> list[Lib]:
+    """The churn case's two runs of the sync taskmill row (same workers, same drain)."""
+    libs = []
+    for name, vacuum in CHURN_CASES.items():
+        after = "then VACUUM" if vacuum else "no VACUUM"
+        lib = Lib(
+            name,
+            f"as taskmill, {rows:,} queued jobs marked succeeded in one UPDATE just before, "
+            f"{after}",
+            sys.executable,
+            "bench.peers.taskmill_app",
+            libraries(server, "")[0].workers,
+            {"CMP_TASKMILL_VARIANT": "sync"},
+        )
+        lib.env.update(TASKMILL_URL=server.url_for(dbname(lib)), CMP_OPEN_FIRST="1")
+        libs.append(lib)
+    return libs
+
+
+def churn_prepare(server: PostgresServer, lib: Lib, rows: int) -> None:
+    """A fresh database with taskmill's schema and ``rows`` queued jobs, vacuumed as a
+    settled table would be; then one UPDATE of them all, and a VACUUM if the case says so."""
+    t0 = time.monotonic()
+    env = {**os.environ, "TASKMILL_URL": lib.env["TASKMILL_URL"]}
+    migrate = [sys.executable, "-m", "taskmill", "migrate"]
+    subprocess.run(migrate, env=env, check=True, timeout=60, stdout=subprocess.DEVNULL)
+    with server.connect(dbname(lib)) as conn:
+        conn.execute(CHURN_LOAD, {"rows": rows})
+        conn.execute("VACUUM (ANALYZE) taskmill.jobs")
+        conn.execute(CHURN_CHANGE)
+        row = conn.execute("SELECT date_part('epoch', now())").fetchone()
+        CHANGED_AT[lib.name] = float(row[0]) if row else math.nan
+        if CHURN_CASES[lib.name]:
+            conn.execute("VACUUM taskmill.jobs")
+        conn.execute("CHECKPOINT")
+    log(f"{lib.name}: {rows:,} jobs loaded and changed in {time.monotonic() - t0:.0f} s")
+
+
+def vacuum_note(server: PostgresServer, lib: Lib) -> str:
+    """The vacuums of the jobs table since the bulk change, and the dead rows left."""
+    with server.connect(dbname(lib)) as conn:
+        row = conn.execute(
+            "SELECT vacuum_count, autovacuum_count, n_dead_tup, date_part('epoch', last_vacuum)"
+            " FROM pg_stat_user_tables WHERE relid = 'taskmill.jobs'::regclass"
+        ).fetchone()
+    if row is None:
+        return "no statistics for taskmill.jobs"
+    ours = 2 if CHURN_CASES[lib.name] else 1  # the bench's own VACUUMs
+    note = (
+        f"vacuums of taskmill.jobs after the bulk change: {row[0] - ours} by taskmill, "
+        f"{row[1]} by autovacuum; dead rows left: {row[2]:,}"
+    )
+    if row[0] > ours and row[3] is not None:
+        note += f"; taskmill's last one ended {row[3] - CHANGED_AT[lib.name]:.1f} s after it"
+    return note
+
+
+def churn_lines(rows: list[Row]) -> list[str]:
+    """The churn drain against the vacuumed one (issue #11's target)."""
+    got = {r.lib.name: r.drain for r in rows if r.lib.name in CHURN_CASES and r.drain}
+    churn, vacuumed = (got.get(name) for name in CHURN_CASES)
+    if not (churn and vacuumed):
+        return []
+    ratio = churn / vacuumed
+    met = "met" if ratio >= TARGET_CHURN else "NOT met"
+    return [
+        "",
+        "Target (issue #11): the churn drain within 2x of the vacuumed one, without a VACUUM:",
+        f"- {churn:,.0f} ÷ {vacuumed:,.0f} jobs/s = {ratio:.2f} (≥ {TARGET_CHURN}: {met})",
+    ]
+
+
+def prepare_for(server: PostgresServer, args: Any) -> Callable[[Lib], None]:
+    """Each library's fresh database; the churn case's loaded and updated."""
+
+    def prepare(lib: Lib) -> None:
+        fresh_database(server, lib)
+        if lib.name in CHURN_CASES:
+            churn_prepare(server, lib, args.churn_rows)
+
+    return prepare
+
+
 def taskmill_extras(
     server: PostgresServer, redis_port: int, tmp: str, n: int, timeout: float
 ) -> dict[str, Any]:
@@ -297,7 +423,14 @@ def target_lines(rows: list[Row]) -> list[str]:
 
 
 def main() -> None:
-    args = arg_parser((__doc__ or "").split("\n")[0]).parse_args()
+    parser = arg_parser((__doc__ or "").split("\n")[0])
+    parser.add_argument(
+        "--churn-rows",
+        type=int,
+        default=1_000_000,
+        help="jobs changed in bulk before the churn case's drain (0: no churn case)",
+    )
+    args = parser.parse_args()
     exit_on_sigterm()
 
     t_start = time.monotonic()
@@ -317,13 +450,20 @@ def main() -> None:
                     f"{settings['synchronous_commit']}); measuring through redis-server "
                     f"{redis_version} on 127.0.0.1:{port}"
                 )
-                libs = select(libraries(server, procrastinate_py), args.only)
+                candidates = libraries(server, procrastinate_py)
+                if args.churn_rows > 0:
+                    candidates += churn_libraries(server, args.churn_rows)
+                libs = select(candidates, args.only)
                 ensure_venvs(libs, PEER_VENVS)
                 for workload in workloads(args):
-                    rows[workload] = [
-                        run_lib(lib, port, tmp, args, partial(fresh_database, server), workload)
-                        for lib in libs
-                    ]
+                    table = rows[workload] = []
+                    for lib in libs:
+                        if lib.name in CHURN_CASES and workload != "noop":
+                            continue  # the churn cases measure the queue's own cost
+                        prepare = prepare_for(server, args)
+                        table.append(run_lib(lib, port, tmp, args, prepare, workload))
+                        if lib.name in CHURN_CASES:
+                            table[-1].notes.append(vacuum_note(server, lib))
                 if any(lib.name == "taskmill" for lib in libs):
                     try:
                         extras = taskmill_extras(
@@ -353,7 +493,7 @@ def main() -> None:
             table,
             extras_lines(extras if last else None, table),
             args.markdown,
-            target_lines(table),
+            target_lines(table) + churn_lines(table),
         )
 
 

@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from taskmill.testing import wait_until
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -64,14 +66,6 @@ def workers(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log_file.close()
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark did not finish in time")
-        time.sleep(interval)
 
 
 def db_path(url: str) -> str:
@@ -145,7 +139,12 @@ def run_drain(
     app.close()
     path = db_path(url)
     with workers(url, processes, conc, pool, log_level):
-        wait_until(lambda: count_finished(path) >= jobs, timeout=600, interval=0.2)
+        wait_until(
+            lambda: count_finished(path) >= jobs,
+            timeout=600,
+            interval=0.2,
+            what=f"{jobs:,} jobs to finish",
+        )
     with sqlite3.connect(path) as conn:
         first, last = conn.execute(
             "SELECT min(started_at), max(finished_at) FROM taskmill_jobs"
@@ -163,7 +162,7 @@ def run_latency(tmp: str, rate: float, seconds: float, processes: int, conc: int
     path = db_path(url)
     total = int(rate * seconds)
     with workers(url, processes, conc, "thread"):
-        wait_until(lambda: count_finished(path) >= 1, timeout=30)
+        wait_until(lambda: count_finished(path) >= 1, timeout=30, what="the first job to finish")
         time.sleep(1.0)  # let both worker processes reach their idle wait
         interval = 1.0 / rate
         next_at = time.perf_counter()
@@ -173,7 +172,11 @@ def run_latency(tmp: str, rate: float, seconds: float, processes: int, conc: int
                 time.sleep(next_at - now)
             task.send()
             next_at += interval
-        wait_until(lambda: count_finished(path) >= total + 1, timeout=60)
+        wait_until(
+            lambda: count_finished(path) >= total + 1,
+            timeout=60,
+            what=f"the {total:,} paced jobs to finish",
+        )
     app.close()
     with sqlite3.connect(path) as conn:
         rows = conn.execute(

@@ -97,37 +97,57 @@ def _count_writes() -> None:
 
 
 def extras(n: int) -> dict[str, Any]:
-    """A plain ``send()`` loop against one connection's round-trip ceiling (``INCR`` loop with
-    redis-py's sync client), measured back to back in this process, twice; and how many
-    Redis commands (server side, counting those run inside Lua scripts) and socket writes
-    (client side: round trips) one ``send()`` costs."""
+    """A plain ``send()`` loop against one connection's ceiling: a loop of ``EVALSHA`` of an
+    empty script (a round trip plus a script call's overhead: a ``send()`` is one script call),
+    and an ``INCR`` loop as a second reference, both with redis-py's sync client. The three
+    loops take turns in chunks of n/10 calls, so that a load that comes and goes on the machine
+    weighs on each alike; each rate is its calls over its own time. Then, in a pass of its own,
+    how many Redis commands (server side, counting those run inside Lua scripts) and socket
+    writes (client side: round trips) one ``send()`` costs, and the server's time per call of
+    the enqueue script (commandstats)."""
     _count_writes()
     client = redis.Redis.from_url(_common.redis_url())
     drain_probe.send()  # open the broker and load its scripts outside the timed part
+    empty = client.script_load("")
     client.incr("cmp:ceiling")
-    send_rates, incr_rates, per_send, writes = [], [], [], []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        for _ in range(n):
+
+    def evalsha_loop(k: int) -> None:
+        for _ in range(k):
+            client.evalsha(empty, 0)
+
+    def incr_loop(k: int) -> None:
+        for _ in range(k):
             client.incr("cmp:ceiling")
-        incr_rates.append(n / (time.perf_counter() - t0))
-        before = client.info("stats")["total_commands_processed"]
-        w0 = _writes[0]
-        t0 = time.perf_counter()
-        for _ in range(n):
+
+    def send_loop(k: int) -> None:
+        for _ in range(k):
             drain_probe.send()
-        send_rates.append(n / (time.perf_counter() - t0))
-        writes.append((_writes[0] - w0) / n)
-        # Redis commands per send() (nothing else talks to Redis now; minus our own INFO).
-        after = client.info("stats")["total_commands_processed"]
-        per_send.append((after - before - 1) / n)
+
+    loops = {"evalsha_loop": evalsha_loop, "incr_loop": incr_loop, "send_loop": send_loop}
+    spent = dict.fromkeys(loops, 0.0)
+    chunk = max(1, n // 10)
+    for _ in range(10):
+        for name, loop in loops.items():
+            t0 = time.perf_counter()
+            loop(chunk)
+            spent[name] += time.perf_counter() - t0
+    rates = {name: 10 * chunk / seconds for name, seconds in spent.items()}
+
+    client.config_resetstat()
+    before = client.info("stats")["total_commands_processed"]
+    w0 = _writes[0]
+    send_loop(chunk)
+    writes = (_writes[0] - w0) / chunk
+    # Redis commands per send() (nothing else talks to Redis now; minus our own INFO).
+    commands = (client.info("stats")["total_commands_processed"] - before - 1) / chunk
+    script_us = client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
     client.close()
     return {
-        "send_loop": max(send_rates),
-        "incr_loop": max(incr_rates),
-        "commands_per_send": min(per_send),
-        "writes_per_send": min(writes),
-        "n": n,
+        **rates,
+        "commands_per_send": commands,
+        "writes_per_send": writes,
+        "script_us": script_us,
+        "n": 10 * chunk,
     }
 
 

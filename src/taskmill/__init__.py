@@ -32,10 +32,10 @@ from taskmill.errors import (
     UnknownTaskError,
     WorkerLostError,
 )
-from taskmill.flow import Limit
 from taskmill.handle import JobHandle
 from taskmill.hooks import JobView
 from taskmill.job import Job, JobState
+from taskmill.limits import Limit
 from taskmill.retry import Backoff, Cancel, Retry
 from taskmill.settings import Settings
 from taskmill.task import BoundTask, Task

@@ -1,4 +1,5 @@
-"""Time-ordered job ids (UUIDv7, RFC 9562) that sort in creation order within one process."""
+"""Job ids: time-ordered ones (UUIDv7, RFC 9562) that sort in creation order within one
+process, and the ids a workflow gives its steps' jobs (``wf:<workflow>:<step>``)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,22 @@ def uuid7() -> str:
     value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0x2 << 62) | rand
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def step_job_id(workflow_id: str, step: str) -> str:
+    """The job id of a workflow's step: stored once, whoever releases the step.
+
+    >>> step_job_id("0190", "2"), workflow_of("wf:0190:2"), workflow_of("0190")
+    ('wf:0190:2', '0190', None)
+    """
+    return f"wf:{workflow_id}:{step}"
+
+
+def workflow_of(job_id: str) -> str | None:
+    """The workflow a step's job belongs to (None for a job outside any workflow)."""
+    if not job_id.startswith("wf:"):
+        return None
+    return job_id[3:].rpartition(":")[0] or None
 
 
 def _reseed() -> None:

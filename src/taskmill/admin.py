@@ -19,26 +19,20 @@ form runs on the app's own loop thread, like ``send``. See docs/admin.md.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from taskmill.brokers.base import Broker, JobPage, JobQuery, ListOrder
-from taskmill.errors import JobNotFoundError
+from taskmill.brokers.base import JobPage, JobQuery, ListOrder
 from taskmill.job import JobState, MetaValue, QueueStats, WorkerInfo
 
 if TYPE_CHECKING:
-    from taskmill.schedules import Schedule
-    from taskmill.settings import Settings
-    from taskmill.task import Task
-
-T = TypeVar("T")
+    from taskmill.client import Client
+    from taskmill.registry import Registry
 
 MAX_PAGE = 1000
 """The most jobs one ``list_jobs`` page holds."""
-LOST_AFTER_HEARTBEATS = 3
-"""A worker whose last heartbeat is older than this many heartbeat intervals is lost."""
 _RETRY_BATCH = 1000
 
 StateFilter = JobState | str | Iterable[JobState | str] | None
@@ -48,7 +42,8 @@ StateFilter = JobState | str | Iterable[JobState | str] | None
 class WorkerStatus(WorkerInfo):
     """A registered worker as ``App.workers()`` reports it: what the worker says of itself
     with its last heartbeat (``WorkerInfo``), and how long ago that was by the broker's clock.
-    ``lost``: no heartbeat for ``LOST_AFTER_HEARTBEATS`` intervals, and no sign-off (it died)."""
+    ``lost``: no heartbeat for ``MISSED_HEARTBEATS`` intervals (``taskmill.settings``), and
+    no sign-off (it died)."""
 
     heartbeat_age_s: float = 0.0
     lost: bool = False
@@ -81,22 +76,16 @@ class TaskInfo(msgspec.Struct, frozen=True):
 
 
 class AdminAPI:
-    """The admin methods of ``App`` (a mixin: ``App`` provides the broker and the loop)."""
+    """The admin methods of ``App`` (a mixin: ``App`` provides the registry of its tasks and
+    schedules, and the client that reaches the broker)."""
 
-    tasks: dict[str, Task[Any, Any]]
-    schedules: dict[str, Schedule]
-    settings: Settings
-
-    if TYPE_CHECKING:
-
-        async def abroker(self) -> Broker: ...
-
-        def run_sync(self, coro: Coroutine[Any, Any, T]) -> T: ...
+    registry: Registry
+    client: Client
 
     async def anow(self) -> float:
         """The broker's clock (seconds since the epoch): what job times are measured on, so
         ages shown beside them ("4m ago") are right even if this machine's clock is off."""
-        return await (await self.abroker()).now()
+        return await (await self.client.abroker()).now()
 
     def now(self) -> float:
         """Blocking ``anow``.
@@ -108,16 +97,16 @@ class AdminAPI:
         True
         >>> app.close()
         """
-        return self.run_sync(self.anow())
+        return self.client.run_sync(self.anow())
 
     # --- queues -------------------------------------------------------------------------------
 
     async def astats(self) -> list[QueueStats]:
         """Per queue: how many jobs are in each state, the oldest waiting job's age, paused
         or not. Queues of this app's tasks are listed even with no job yet."""
-        stats = await (await self.abroker()).stats()
+        stats = await (await self.client.abroker()).stats()
         seen = {s.queue for s in stats}
-        for queue in sorted({t.defaults.queue for t in self.tasks.values()} - seen):
+        for queue in sorted({t.defaults.queue for t in self.registry.tasks.values()} - seen):
             stats.append(QueueStats(queue=queue, counts={s.value: 0 for s in JobState}))
         return sorted(stats, key=lambda s: s.queue)
 
@@ -132,11 +121,11 @@ class AdminAPI:
         [('reports', 0, False)]
         >>> app.close()
         """
-        return self.run_sync(self.astats())
+        return self.client.run_sync(self.astats())
 
     async def apause(self, queue: str) -> None:
         """Stop workers claiming from ``queue``: running jobs go on, sending still works."""
-        await (await self.abroker()).pause(queue, True)
+        await (await self.client.abroker()).pause(queue, True)
 
     def pause(self, queue: str) -> None:
         """Blocking ``apause``.
@@ -153,20 +142,20 @@ class AdminAPI:
         [('mail', False)]
         >>> app.close()
         """
-        self.run_sync(self.apause(queue))
+        self.client.run_sync(self.apause(queue))
 
     async def aresume(self, queue: str) -> None:
         """Let workers claim from ``queue`` again (idle workers are woken)."""
-        await (await self.abroker()).pause(queue, False)
+        await (await self.client.abroker()).pause(queue, False)
 
     def resume(self, queue: str) -> None:
         """Blocking ``aresume``."""
-        self.run_sync(self.aresume(queue))
+        self.client.run_sync(self.aresume(queue))
 
     async def apurge(self, queue: str) -> int:
         """Delete the scheduled and queued jobs of ``queue`` (running and finished jobs
         stay); how many were deleted."""
-        return await (await self.abroker()).purge(queue)
+        return await (await self.client.abroker()).purge(queue)
 
     def purge(self, queue: str) -> int:
         """Blocking ``apurge``.
@@ -180,7 +169,7 @@ class AdminAPI:
         2
         >>> app.close()
         """
-        return self.run_sync(self.apurge(queue))
+        return self.client.run_sync(self.apurge(queue))
 
     async def apurge_all(self) -> dict[str, int]:
         """``purge`` every queue the broker has jobs in, and this app's queues: how many jobs
@@ -205,7 +194,7 @@ class AdminAPI:
         {'bulk': 2, 'default': 1}
         >>> app.close()
         """
-        return self.run_sync(self.apurge_all())
+        return self.client.run_sync(self.apurge_all())
 
     # --- jobs ---------------------------------------------------------------------------------
 
@@ -239,7 +228,7 @@ class AdminAPI:
         query = JobQuery(
             states=_states(state), queue=queue, task=task, meta=meta or {}, order=order
         )
-        broker = await self.abroker()
+        broker = await self.client.abroker()
         return await broker.find_jobs(query, limit=limit, cursor=cursor, count=count)
 
     def list_jobs(
@@ -270,7 +259,7 @@ class AdminAPI:
         True
         >>> app.close()
         """
-        return self.run_sync(
+        return self.client.run_sync(
             self.alist_jobs(
                 state=state,
                 queue=queue,
@@ -294,7 +283,7 @@ class AdminAPI:
         jobs ``ids``, or (no ids) every failed job, of ``queue`` and of tasks whose name
         starts with ``task`` if given. The requeued ids; a job in another state, or whose
         unique key another pending job holds, is left as it is."""
-        broker = await self.abroker()
+        broker = await self.client.abroker()
         if ids is not None:
             if queue is not None or task is not None:
                 raise ValueError("retry_jobs takes job ids or queue=/task= filters, not both")
@@ -338,16 +327,13 @@ class AdminAPI:
         <JobState.QUEUED: 'queued'>
         >>> app.close()
         """
-        return self.run_sync(self.aretry_jobs(ids, queue=queue, task=task))
+        return self.client.run_sync(self.aretry_jobs(ids, queue=queue, task=task))
 
     async def acancel_job(self, job_id: str) -> JobState:
         """Cancel a job: scheduled or queued, it is cancelled and never runs; running, it is
         asked to stop (``running`` is returned). The job's state after the call (a finished
         job's is unchanged); ``JobNotFoundError`` if there is no such job."""
-        state = await (await self.abroker()).cancel(job_id)
-        if state is None:
-            raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
-        return state
+        return await self.client.acancel_job(job_id)
 
     def cancel_job(self, job_id: str) -> JobState:
         """Blocking ``acancel_job``.
@@ -361,15 +347,12 @@ class AdminAPI:
         <JobState.CANCELLED: 'cancelled'>
         >>> app.close()
         """
-        return self.run_sync(self.acancel_job(job_id))
+        return self.client.run_sync(self.acancel_job(job_id))
 
     async def arun_job_now(self, job_id: str) -> JobState:
         """Make a scheduled job due now; the state it was in before (see
         ``JobHandle.run_now``)."""
-        state = await (await self.abroker()).run_now(job_id)
-        if state is None:
-            raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
-        return state
+        return await self.client.arun_job_now(job_id)
 
     def run_job_now(self, job_id: str) -> JobState:
         """Blocking ``arun_job_now``: a delayed job, or one waiting for its retry, becomes
@@ -386,17 +369,17 @@ class AdminAPI:
         (<JobState.SCHEDULED: 'scheduled'>, <JobState.QUEUED: 'queued'>)
         >>> app.close()
         """
-        return self.run_sync(self.arun_job_now(job_id))
+        return self.client.run_sync(self.arun_job_now(job_id))
 
     # --- workers and tasks --------------------------------------------------------------------
 
     async def aworkers(self) -> list[WorkerStatus]:
         """The registered worker processes, oldest first, each with its last heartbeat's age
         and whether it is lost (by this app's heartbeat setting)."""
-        broker = await self.abroker()
+        broker = await self.client.abroker()
         found = await broker.list_workers()
         now = await broker.now()
-        lost_after = LOST_AFTER_HEARTBEATS * self.settings.effective_heartbeat_s
+        lost_after = self.client.settings.lost_after_s
         return [
             WorkerStatus(
                 **msgspec.structs.asdict(w),
@@ -413,7 +396,7 @@ class AdminAPI:
         >>> App("memory://").workers()
         []
         """
-        return self.run_sync(self.aworkers())
+        return self.client.run_sync(self.aworkers())
 
     def registered_tasks(self) -> list[TaskInfo]:
         """This app's tasks by name, with their defaults and schedules (no I/O).
@@ -428,7 +411,7 @@ class AdminAPI:
         ('reports.nightly', 'reports', 1, '10/m', '0 2 * * *')
         """
         by_task: dict[str, list[ScheduleInfo]] = {}
-        for s in self.schedules.values():
+        for s in self.registry.schedules.values():
             every = None if s.every is None else s.every.total_seconds()
             by_task.setdefault(s.task, []).append(ScheduleInfo(s.name, s.cron, every, s.tz))
         return [
@@ -442,7 +425,7 @@ class AdminAPI:
                 concurrency=None if t.concurrency is None else t.concurrency.max,
                 schedules=by_task.get(t.name, []),
             )
-            for t in sorted(self.tasks.values(), key=lambda t: t.name)
+            for t in sorted(self.registry.tasks.values(), key=lambda t: t.name)
         ]
 
 

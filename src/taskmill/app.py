@@ -5,31 +5,23 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, overload
 from urllib.parse import parse_qsl, urlsplit
 
 from taskmill.admin import AdminAPI
-from taskmill.brokers import Broker, EnqueueResult, broker_from_url
+from taskmill.brokers import Broker
+from taskmill.client import Client
 from taskmill.errors import ConfigurationError, UnknownTaskError
-from taskmill.events import Event, enqueued, publish, subscribe
-from taskmill.flow import (
-    Limit,
-    QueueOptions,
-    WhenFull,
-    check_depth,
-    needs_depth_check,
-    parse_rate,
-    queue_options,
-)
+from taskmill.events import Event, subscribe
 from taskmill.handle import JobHandle
-from taskmill.hooks import Hook, HookName, Hooks, arun_hooks, run_hooks_blocking
-from taskmill.job import Job, NewJob
+from taskmill.hooks import Hook, Hooks
+from taskmill.job import Job
+from taskmill.limits import Limit, QueueOptions, WhenFull, parse_rate
 from taskmill.meta import check_meta
-from taskmill.portal import Portal
+from taskmill.registry import Registry
 from taskmill.retry import Backoff, RetryPolicy, as_backoff, exception_types
 from taskmill.schedules import Misfire, Overlap, Schedule
 from taskmill.settings import Settings
@@ -70,6 +62,10 @@ class App(AdminAPI):
     ``list_jobs``, ``retry_jobs``, ``cancel_job``, ``purge``, ``pause``, ``workers``,
     ``registered_tasks``, …) is in ``taskmill.admin``.
 
+    An app is two parts: ``registry`` (``taskmill.registry``: what is declared: tasks,
+    schedules, queue options, hooks) and ``client`` (``taskmill.client``: the broker, the
+    sync bridge, the enqueue pipeline every job goes through, job lookups).
+
     >>> app = App("memory://")
     >>> @app.task(queue="mail", retries=5, backoff=Backoff(base=2, cap=300))
     ... async def send_welcome(user_id: int) -> None: ...
@@ -81,21 +77,45 @@ class App(AdminAPI):
     """
 
     def __init__(self, url: str | None = None, **settings: Any) -> None:
-        self.url = url or os.environ.get("TASKMILL_URL") or DEFAULT_URL
-        self.settings = Settings.build(settings)
-        self.tasks: dict[str, Task[Any, Any]] = {}
-        self.schedules: dict[str, Schedule] = {}
-        self.queue_options: dict[str, QueueOptions] = {}
-        self.hooks = Hooks()
-        self.eager = _eager_flag(self.url)
-        self._broker: Broker | None = None
-        self._opened = False
-        self._open_lock = threading.Lock()
-        self._portal: Portal | None = None
-        self._portal_lock = threading.Lock()
+        url = url or os.environ.get("TASKMILL_URL") or DEFAULT_URL
+        self.registry = Registry()
+        self.client = Client(
+            url, Settings.build(settings), self.registry, eager=self if _eager_flag(url) else None
+        )
 
     def __repr__(self) -> str:
         return f"<App {redact_url(self.url)} tasks={len(self.tasks)}>"
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    @property
+    def settings(self) -> Settings:
+        return self.client.settings
+
+    @property
+    def eager(self) -> bool:
+        """Each send runs its jobs at once, in this process (``memory://?eager=1``)."""
+        return self.client.eager is not None
+
+    @property
+    def tasks(self) -> dict[str, Task[Any, Any]]:
+        """The registered tasks by name (``app.task`` registers only ``Task`` objects)."""
+        return cast(dict[str, Task[Any, Any]], self.registry.tasks)
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        return self.registry.schedules
+
+    @property
+    def queue_options(self) -> dict[str, QueueOptions]:
+        return self.registry.queue_options
+
+    @property
+    def hooks(self) -> Hooks:
+        """The app-wide hooks (``taskmill.hooks``)."""
+        return self.registry.hooks
 
     # --- tasks ------------------------------------------------------------------------------
 
@@ -200,10 +220,10 @@ class App(AdminAPI):
             task_name = name or f"{f.__module__}.{f.__qualname__}"
             if "<locals>" in task_name and name is None:
                 task_name = task_name.replace(".<locals>", "")
-            if task_name in self.tasks and self.tasks[task_name].fn is not f:
-                raise ConfigurationError(f"two tasks are named {task_name!r}; give one a name=")
             check_time_limits(defaults.soft_timeout_s, defaults.timeout_s, task_name)
-            t: Task[Any, Any] = Task(self, f, name=task_name, defaults=defaults, policy=policy)
+            t: Task[Any, Any] = Task(
+                self.client, f, name=task_name, defaults=defaults, policy=policy
+            )
             t.accepts_failures = accepts_failures
             t.rate_interval_s = rate_interval_s
             t.concurrency = concurrency
@@ -212,7 +232,7 @@ class App(AdminAPI):
             t.hooks.add("on_success", on_success)
             t.hooks.add("on_failure", on_failure)
             t.hooks.add("on_retry", on_retry)
-            self.tasks[task_name] = t
+            self.registry.add_task(t)
             return t
 
         return register(fn) if fn is not None else register
@@ -256,7 +276,7 @@ class App(AdminAPI):
 
         def register(target: Task[P, R] | Callable[P, R]) -> Task[P, R]:
             task: Task[P, R] = target if isinstance(target, Task) else self.task(target)
-            if task.app is not self:
+            if task.client is not self.client:
                 raise ConfigurationError(f"task {task.name!r} belongs to another app")
             schedule = Schedule(
                 name=name or task.name,
@@ -271,12 +291,8 @@ class App(AdminAPI):
                 overlap=overlap,
                 meta=check_meta(meta or {}),
             )
-            if schedule.name in self.schedules:
-                raise ConfigurationError(
-                    f"two schedules are named {schedule.name!r}; give one a name="
-                )
             task.bind_check(schedule.args, schedule.kwargs)
-            self.schedules[schedule.name] = schedule
+            self.registry.add_schedule(schedule)
             return task
 
         return register
@@ -293,9 +309,12 @@ class App(AdminAPI):
         """Limits of a queue, for every task that uses it. ``rate_limit``: at most this many
         starts across all workers (``"50/s"``). ``max_depth``: at most this many jobs
         scheduled or queued; past it ``send`` raises ``QueueFullError`` or, with
-        ``when_full="wait"``, waits up to ``full_timeout_s`` for room. See ``taskmill.flow``.
+        ``when_full="wait"``, waits up to ``full_timeout_s`` for room. The limit holds for
+        every job sent to the queue: sends, periodic ticks, workflow steps (see
+        ``taskmill.client``). See ``taskmill.limits``.
         """
-        self.queue_options[name] = queue_options(
+        self.registry.configure_queue(
+            name,
             rate_limit=rate_limit,
             max_depth=max_depth,
             when_full=when_full,
@@ -303,75 +322,41 @@ class App(AdminAPI):
         )
 
     def get_task(self, name: str) -> Task[Any, Any]:
-        try:
-            return self.tasks[name]
-        except KeyError:
-            known = ", ".join(sorted(self.tasks)) or "none"
-            raise UnknownTaskError(
-                f"no task named {name!r} is registered in this app (known: {known})"
-            ) from None
+        """The task registered under ``name``; ``UnknownTaskError`` lists the known names."""
+        return cast(Task[Any, Any], self.registry.get_task(name))
 
     def queues(self) -> list[str]:
-        """Every queue a registered task sends to by default."""
-        return sorted(
-            {t.defaults.queue for t in self.tasks.values()} | {self.settings.default_queue}
-        )
+        """Every queue a registered task sends to by default, and the default queue."""
+        return self.registry.queues(self.settings.default_queue)
 
     # --- broker -----------------------------------------------------------------------------
 
     @property
     def broker(self) -> Broker:
         """The broker object (made on first access, not yet connected)."""
-        if self._broker is None:
-            with self._open_lock:  # two threads' first use must not make two brokers
-                if self._broker is None:
-                    broker = broker_from_url(self.url)
-                    broker.configure(self.settings)
-                    self._broker = broker
-        return self._broker
+        return self.client.broker
 
     async def abroker(self) -> Broker:
-        """The broker, connected. ``Broker.open`` is idempotent, so loops on two threads
-        opening at once is harmless."""
-        broker = self.broker
-        if not self._opened:
-            await broker.open()
-            self._opened = True
-        return broker
+        """The broker, connected."""
+        return await self.client.abroker()
 
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the app's private loop thread and wait for it."""
-        if self._portal is None:
-            with self._portal_lock:
-                if self._portal is None:
-                    self._portal = Portal()
-        return self._portal.run(coro)
+        return self.client.run_sync(coro)
 
     def open(self) -> App:
-        if not self._opened:
-            self.run_sync(self.abroker())
+        self.client.open()
         return self
 
     async def aopen(self) -> App:
-        await self.abroker()
+        await self.client.aopen()
         return self
 
     def close(self) -> None:
-        # a broker opened by a send that then failed counts as open too: close it whenever made
-        if self._broker is not None:
-            self.run_sync(self._broker.close())
-            self._opened = False
-        if self._portal is not None:
-            self._portal.close()
-            self._portal = None
+        self.client.close()
 
     async def aclose(self) -> None:
-        if self._broker is not None:
-            await self._broker.close()
-            self._opened = False
-        if self._portal is not None:
-            self._portal.close()
-            self._portal = None
+        await self.client.aclose()
 
     def __enter__(self) -> App:
         return self.open()
@@ -389,60 +374,6 @@ class App(AdminAPI):
     ) -> None:
         await self.aclose()
 
-    # --- enqueue (used by tasks) ----------------------------------------------------------------
-
-    def enqueue_sync(self, jobs: Sequence[NewJob], opts: SendOptions) -> EnqueueResult:
-        if needs_depth_check(self, jobs):
-            self.run_sync(check_depth(self, jobs))
-        broker = self.broker
-        result = broker.enqueue_blocking(
-            jobs, on_conflict=opts.on_conflict, connection=opts.connection
-        )
-        if result is None:
-            if opts.connection is not None:
-                raise ConfigurationError(
-                    f"{redact_url(self.url)}: this broker has no transactional enqueue"
-                )
-            result = self.run_sync(self._enqueue(jobs, opts))
-        else:
-            self._opened = True
-        if self.settings.events:
-            self.run_sync(self._publish_enqueued(jobs, result))
-        if self.hooks or any(self.tasks[j.task].hooks for j in jobs if j.task in self.tasks):
-            for i, job in enumerate(jobs):
-                if i not in result.existing:
-                    run_hooks_blocking(
-                        self._hook_lists(job.task, "on_enqueue"),
-                        "on_enqueue",
-                        job.id,
-                        job.task,
-                        job,
-                        run_async=self.run_sync,
-                    )
-        if self.eager:
-            self.run_until_idle()
-        return result
-
-    async def enqueue_async(self, jobs: Sequence[NewJob], opts: SendOptions) -> EnqueueResult:
-        if opts.connection is not None:
-            raise ConfigurationError("connection= is for send(); asend() has no transaction")
-        result = await self._enqueue(jobs, opts)
-        if self.settings.events:
-            await self._publish_enqueued(jobs, result)
-        if self.hooks or any(self.tasks[j.task].hooks for j in jobs if j.task in self.tasks):
-            for i, job in enumerate(jobs):
-                if i not in result.existing:
-                    lists = self._hook_lists(job.task, "on_enqueue")
-                    await arun_hooks(lists, "on_enqueue", job.id, job.task, job)
-        if self.eager:
-            await self.arun_until_idle()
-        return result
-
-    async def _publish_enqueued(self, jobs: Sequence[NewJob], result: EnqueueResult) -> None:
-        now = time.time()
-        stored = [enqueued(j, now) for i, j in enumerate(jobs) if i not in result.existing]
-        await publish(self, stored)
-
     def events(
         self,
         *,
@@ -453,12 +384,7 @@ class App(AdminAPI):
         """Live events of jobs (every transition and progress report), from any process,
         each job's in order; filtered by job, workflow or queue. Needs ``events=True`` in the
         apps that send and run the jobs. See ``taskmill.events``."""
-        return subscribe(self, job_id=job_id, workflow_id=workflow_id, queue=queue)
-
-    def _hook_lists(self, task_name: str, name: HookName) -> list[list[Hook]]:
-        """A task's hooks for an event, then the app's (the documented order)."""
-        task = self.tasks.get(task_name)
-        return [task.hooks.get(name) if task is not None else [], self.hooks.get(name)]
+        return subscribe(self.client, job_id=job_id, workflow_id=workflow_id, queue=queue)
 
     # --- app-wide hooks (see taskmill.hooks) --------------------------------------------------
 
@@ -486,12 +412,6 @@ class App(AdminAPI):
         """Call ``hook(job, error, delay)`` in the worker when a job will be retried."""
         self.hooks.add("on_retry", hook)
         return hook
-
-    async def _enqueue(self, jobs: Sequence[NewJob], opts: SendOptions) -> EnqueueResult:
-        if needs_depth_check(self, jobs):
-            await check_depth(self, jobs)
-        broker = await self.abroker()
-        return await broker.enqueue(jobs, on_conflict=opts.on_conflict)
 
     def send_task(
         self,
@@ -536,7 +456,7 @@ class App(AdminAPI):
             self.get_task(name)  # raises, listing the names this app has
         if task is None:
             task = Task(
-                self,
+                self.client,
                 _unregistered,
                 name=name,
                 defaults=SendOptions(queue=self.settings.default_queue),
@@ -548,14 +468,14 @@ class App(AdminAPI):
 
     def job(self, job_id: str) -> JobHandle[Any]:
         """A handle for a job id (no I/O)."""
-        return JobHandle(self, job_id)
+        return JobHandle(self.client, job_id)
 
     def get_job(self, job_id: str) -> Job:
         """The stored job record; ``JobNotFoundError`` if there is none."""
-        return JobHandle[Any](self, job_id).info()
+        return self.client.run_sync(self.client.aget_job(job_id))
 
     async def aget_job(self, job_id: str) -> Job:
-        return await JobHandle[Any](self, job_id).ainfo()
+        return await self.client.aget_job(job_id)
 
     # --- a worker inside this program (docs/embedding.md) --------------------------------------
 

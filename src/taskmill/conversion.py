@@ -110,7 +110,7 @@ class _Shape:
     arguments, which keywords), checked to bind once; and a decoder of the whole payload of
     that shape to the declared types, in one pass."""
 
-    __slots__ = ("decoder", "keywords", "positional")
+    __slots__ = ("decoder", "keywords", "names", "positional")
 
     def __init__(
         self, positional: list[_Param], keywords: dict[str, _Param], *, typed: bool
@@ -118,6 +118,12 @@ class _Shape:
         self.positional = positional
         self.keywords = keywords
         self.decoder = _payload_decoder(positional, keywords) if typed else None
+        self.names: list[tuple[str, int, Any]] | None = None
+        """Where each parameter's value comes from (``TaskTypes.named``), made on first use."""
+
+
+# where a parameter's value comes from, in a call of a given shape (see TaskTypes.named)
+_POSITIONAL, _KEYWORD, _DEFAULT, _REST, _MORE = range(5)
 
 
 def _payload_decoder(
@@ -256,6 +262,53 @@ class TaskTypes:
                 param = self._var_keyword.named(f"{key!r} (in {self._var_keyword.label})")
             mapped[key] = param
         return _Shape(positional, mapped, typed=not self.plain)
+
+    def named(self, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A call's arguments by parameter name, defaults applied: what
+        ``inspect.BoundArguments.arguments`` holds after ``apply_defaults()``, without binding
+        again (the call's shape was bound once). A ``TypeError`` if it does not bind.
+
+        >>> def f(a, b=2, *rest, c, **more): ...
+        >>> TaskTypes("f", f).named([1], {"c": 3, "d": 4})
+        {'a': 1, 'b': 2, 'rest': (), 'c': 3, 'more': {'d': 4}}
+        """
+        shape = self._shape(len(args), kwargs)
+        names = shape.names
+        if names is None:
+            names = shape.names = self._names(len(args), kwargs)
+        named: dict[str, Any] = {}
+        for name, source, value in names:
+            if source == _POSITIONAL:
+                named[name] = args[value]
+            elif source == _KEYWORD:
+                named[name] = kwargs[name]
+            elif source == _DEFAULT:
+                named[name] = value
+            elif source == _REST:
+                named[name] = tuple(args[value:])
+            else:
+                named[name] = {key: kwargs[key] for key in value}
+        return named
+
+    def _names(self, count: int, keywords: Mapping[str, Any]) -> list[tuple[str, int, Any]]:
+        kinds = inspect.Parameter
+        names: list[tuple[str, int, Any]] = []
+        index = 0  # of the next positional parameter
+        for p in self.signature.parameters.values():
+            if p.kind is kinds.VAR_POSITIONAL:
+                names.append((p.name, _REST, index))
+            elif p.kind is kinds.VAR_KEYWORD:
+                more = tuple(key for key in keywords if key not in self._by_name)
+                names.append((p.name, _MORE, more))
+            elif p.kind is not kinds.KEYWORD_ONLY and index < count:
+                names.append((p.name, _POSITIONAL, index))
+            elif p.kind is not kinds.POSITIONAL_ONLY and p.name in keywords:
+                names.append((p.name, _KEYWORD, None))
+            else:
+                names.append((p.name, _DEFAULT, p.default))
+            if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD):
+                index += 1
+        return names
 
     # --- result -----------------------------------------------------------------------------
 

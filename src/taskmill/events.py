@@ -35,12 +35,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncGenerator, Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
+from taskmill._ids import workflow_of
+from taskmill.brokers.features import event_bus
+from taskmill.errors import JobNotFoundError
 from taskmill.job import (
     FINISHED_STATES,
     Cancelled,
@@ -54,7 +58,9 @@ from taskmill.job import (
 )
 
 if TYPE_CHECKING:
-    from taskmill.app import App
+    from taskmill.brokers.base import Broker
+
+log = logging.getLogger("taskmill.events")
 
 MAX_PAYLOAD = 7000
 """Bytes per published message (PostgreSQL's NOTIFY takes at most 8000)."""
@@ -73,13 +79,17 @@ class Event(msgspec.Struct, frozen=True):
 
     @property
     def workflow_id(self) -> str | None:
-        from taskmill.workflows import workflow_of
-
         return workflow_of(self.job_id)
 
     @property
     def finished(self) -> bool:
         return self.state in _FINISHED
+
+
+class BrokerSource(Protocol):
+    """What hands out its broker, opened on first use: a ``Client`` (or an ``App``)."""
+
+    async def abroker(self) -> Broker: ...
 
 
 _FINISHED = {s.value for s in FINISHED_STATES}
@@ -127,13 +137,11 @@ def snapshot(job: Job, now: float) -> Event:
                  job.progress, job.progress_message)  # fmt: skip
 
 
-async def watch(app: App, job_id: str) -> AsyncGenerator[Event, None]:
+async def watch(source: BrokerSource, job_id: str) -> AsyncGenerator[Event, None]:
     """One job's events until it finishes, starting with its current state (read once the
     subscription listens, so nothing between the two is missed)."""
-    from taskmill.errors import JobNotFoundError
-
     ready = asyncio.Event()
-    stream = subscribe(app, job_id=job_id, ready=ready)
+    stream = subscribe(source, job_id=job_id, ready=ready)
     pending = asyncio.ensure_future(stream.__anext__())
     try:
         listening = asyncio.ensure_future(ready.wait())
@@ -141,7 +149,7 @@ async def watch(app: App, job_id: str) -> AsyncGenerator[Event, None]:
         listening.cancel()
         if pending.done() and pending.exception() is not None:
             raise pending.exception()  # type: ignore[misc]
-        job = await (await app.abroker()).get(job_id)
+        job = await (await source.abroker()).get(job_id)
         if job is None:
             raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
         first = snapshot(job, time.time())
@@ -181,12 +189,11 @@ def payloads(events: Sequence[Event]) -> list[bytes]:
     return out
 
 
-async def publish(app: App, events: Sequence[Event]) -> None:
-    if not events:
-        return
-    broker = await app.abroker()
+async def publish(broker: Broker, events: Sequence[Event]) -> None:
+    """Deliver events to every subscription listening now, in as few payloads as fit."""
+    bus = event_bus(broker)
     for payload in payloads(events):
-        await broker.publish_events(payload)
+        await bus.publish_events(payload)
 
 
 def decode_payload(payload: bytes) -> list[Event]:
@@ -272,7 +279,7 @@ def _matches(
 
 
 async def subscribe(
-    app: App,
+    source: BrokerSource,
     *,
     job_id: str | Iterable[str] | None = None,
     workflow_id: str | None = None,
@@ -283,9 +290,9 @@ async def subscribe(
     """Events from every process, filtered, each job's in order (see the module's docstring).
     ``ready`` is set once the subscription listens (what was published before is not seen)."""
     job_ids = {job_id} if isinstance(job_id, str) else set(job_id) if job_id is not None else None
-    broker = await app.abroker()
+    bus = event_bus(await source.abroker())
     reorder = _Reorder(hold_s)
-    async with broker.events_subscription() as subscription:
+    async with bus.events_subscription() as subscription:
         if ready is not None:
             ready.set()
         pending: asyncio.Future[bytes] | None = None
@@ -312,3 +319,70 @@ async def subscribe(
                 pending.cancel()
                 with contextlib.suppress(BaseException):
                     await pending
+
+
+class FinishWatch:
+    """Wakes waits for jobs to finish (``JobHandle.result()`` with events on) from one events
+    subscription shared by every wait on one event loop: a wait costs no polling, and however
+    many run at once there is one subscription (on PostgreSQL, one connection). It listens
+    while a wait is in progress, and closes the subscription when the last one ends.
+
+    Events are delivered at most once, so a wait still reads the job again now and then
+    (``Client.await_finished``): a lost event, or a worker with events off, delays the wait,
+    it never hangs it.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._listening: asyncio.Future[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def watching(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        """An ``asyncio.Event`` set when an event says the job finished (or the subscription
+        broke: the waiter should read the job again). Listening once the block begins."""
+        finished = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(finished)
+        try:
+            await self._listen()
+            yield finished
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(finished)
+                if not waiters:
+                    del self._waiters[job_id]
+            if not self._waiters and self._task is not None:
+                self._task.cancel()
+                self._task = None
+
+    async def _listen(self) -> None:
+        """Return once the subscription listens (or failed to start: then the waits poll)."""
+        if self._task is None or self._task.done():
+            self._listening = asyncio.get_running_loop().create_future()
+            self._task = asyncio.create_task(self._run(self._listening), name="taskmill-finishes")
+        assert self._listening is not None
+        await asyncio.shield(self._listening)
+
+    async def _run(self, listening: asyncio.Future[None]) -> None:
+        subscription = event_bus(self._broker).events_subscription()
+        try:
+            try:
+                await subscription.start()
+            finally:  # listening, or failed to start: either way the waits go on
+                if not listening.done():
+                    listening.set_result(None)
+            while True:
+                for event in decode_payload(await subscription.get()):
+                    if event.state in _FINISHED:
+                        for waiter in self._waiters.get(event.job_id, ()):
+                            waiter.set()
+        except Exception as exc:
+            log.error("listening for finished jobs failed (waits poll instead): %s", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.close()
+            for waiters in self._waiters.values():  # they read their job again
+                for waiter in waiters:
+                    waiter.set()

@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncGenerator, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from taskmill.errors import JobCancelledError, JobFailedError, JobNotFoundError
+from taskmill.errors import JobCancelledError, JobFailedError
+from taskmill.events import Event, watch
 from taskmill.job import Job, JobState
 from taskmill.serialization import decode
 
 if TYPE_CHECKING:
-    from taskmill.app import App
-    from taskmill.events import Event
+    from taskmill.client import Client
 
 R = TypeVar("R")
-
-_POLL_START_S = 0.002
-_POLL_MAX_S = 0.1
-
-
-async def no_worker_hint(app: App, job: Job) -> str:
-    """``"; no worker is consuming queue 'x'"`` when the job waits and no registered worker
-    takes its queue (the likely reason a wait timed out); else ``""``."""
-    if job.state not in (JobState.QUEUED, JobState.SCHEDULED):
-        return ""
-    try:
-        workers = await (await app.abroker()).list_workers()
-    except Exception:  # only a hint: the timeout is the error to report
-        return ""
-    if any(job.queue in w.queues for w in workers):
-        return ""
-    return f"; no worker is consuming queue {job.queue!r}"
 
 
 class JobHandle(Generic[R]):
@@ -60,10 +41,10 @@ class JobHandle(Generic[R]):
     True
     """
 
-    __slots__ = ("_app", "existing", "id")
+    __slots__ = ("_client", "existing", "id")
 
-    def __init__(self, app: App, job_id: str, *, existing: bool = False) -> None:
-        self._app = app
+    def __init__(self, client: Client, job_id: str, *, existing: bool = False) -> None:
+        self._client = client
         self.id = job_id
         self.existing = existing
 
@@ -79,57 +60,35 @@ class JobHandle(Generic[R]):
     # --- async ------------------------------------------------------------------------------
 
     async def ainfo(self) -> Job:
-        job = await (await self._app.abroker()).get(self.id)
-        if job is None:
-            raise JobNotFoundError(f"job {self.id} does not exist (or was pruned)")
-        return job
+        return await self._client.aget_job(self.id)
 
     async def astatus(self) -> JobState:
         return (await self.ainfo()).state
 
     async def acancel(self) -> JobState:
-        broker = await self._app.abroker()
-        state = await broker.cancel(self.id)
-        if state is None:
-            raise JobNotFoundError(f"job {self.id} does not exist (or was pruned)")
-        return state
+        return await self._client.acancel_job(self.id)
 
     async def arun_now(self) -> JobState:
         """Make a scheduled job due now (see ``run_now``)."""
-        state = await (await self._app.abroker()).run_now(self.id)
-        if state is None:
-            raise JobNotFoundError(f"job {self.id} does not exist (or was pruned)")
-        return state
+        return await self._client.arun_job_now(self.id)
 
     async def aresult(self, timeout: float | None = None) -> R:
         """Wait until the job finishes; its result, or ``JobFailedError`` /
         ``JobCancelledError``; ``TimeoutError`` if it has not finished after ``timeout`` s.
 
+        With events on (``App(events=True)``) the wait is woken by the job's finishing event
+        instead of polling the broker (see ``Client.await_finished``).
+
         The result is decoded to the task's return annotation (see the class docstring); a
         stored result that no longer converts to it (the annotation changed since the job
         ran) raises ``SerializationError``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = _POLL_START_S
-        while True:
-            job = await self.ainfo()
-            if job.state.finished:
-                return self._outcome(job)
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(
-                        f"job {self.id} ({job.task}) is still {job.state.value} after "
-                        f"{timeout} s{await no_worker_hint(self._app, job)}"
-                    )
-                delay = min(delay, remaining)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _POLL_MAX_S)
+        return self._outcome(await self._client.await_finished(self.id, timeout))
 
     def _outcome(self, job: Job) -> R:
         if job.state is JobState.SUCCEEDED:
             if job.result is None:
                 return None  # type: ignore[return-value]
-            task = self._app.tasks.get(job.task)
+            task = self._client.registry.tasks.get(job.task)
             result: Any = decode(job.result) if task is None else task.types.result(job.result)
             return result  # type: ignore[no-any-return]
         if job.state is JobState.CANCELLED:
@@ -142,9 +101,7 @@ class JobHandle(Generic[R]):
     def awatch(self) -> AsyncGenerator[Event, None]:
         """This job's live events until it finishes: first its current state, then every
         transition and progress report (``App(events=True)`` where it is sent and run)."""
-        from taskmill.events import watch
-
-        return watch(self._app, self.id)
+        return watch(self._client, self.id)
 
     # --- sync -------------------------------------------------------------------------------
 
@@ -158,22 +115,22 @@ class JobHandle(Generic[R]):
         try:
             while True:
                 try:
-                    yield self._app.run_sync(step())
+                    yield self._client.run_sync(step())
                 except StopAsyncIteration:
                     return
         finally:
-            self._app.run_sync(stream.aclose())
+            self._client.run_sync(stream.aclose())
 
     def info(self) -> Job:
         """The stored job record (a snapshot)."""
-        return self._app.run_sync(self.ainfo())
+        return self._client.run_sync(self.ainfo())
 
     def status(self) -> JobState:
-        return self._app.run_sync(self.astatus())
+        return self._client.run_sync(self.astatus())
 
     def cancel(self) -> JobState:
         """Cancel: a waiting job never runs; a running one is asked to stop. The state after."""
-        return self._app.run_sync(self.acancel())
+        return self._client.run_sync(self.acancel())
 
     def run_now(self) -> JobState:
         """Run a scheduled job now: a delayed send, or a job waiting for its next retry,
@@ -195,8 +152,8 @@ class JobHandle(Generic[R]):
         (<JobState.QUEUED: 'queued'>, <JobState.QUEUED: 'queued'>)
         >>> app.close()
         """
-        return self._app.run_sync(self.arun_now())
+        return self._client.run_sync(self.arun_now())
 
     def result(self, timeout: float | None = None) -> R:
         """Block until the job finishes (see ``aresult``)."""
-        return self._app.run_sync(self.aresult(timeout))
+        return self._client.run_sync(self.aresult(timeout))

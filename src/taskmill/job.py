@@ -39,7 +39,6 @@ MetaValue = str | int | float | bool | None
 Meta = dict[str, MetaValue]
 """A job's metadata: a small JSON object of str keys and scalar values (``taskmill.meta``)."""
 
-PENDING_STATES = frozenset({JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING})
 FINISHED_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import TYPE_CHECKING
 
+from taskmill.client import AppParts
 from taskmill.errors import ConfigurationError
 
-if TYPE_CHECKING:
-    from taskmill.app import App
 
+def load_app(path: str) -> AppParts:
+    """Import ``package.module:app`` (``:app`` may be left out) and return the App there.
 
-def load_app(path: str) -> App:
-    """Import ``package.module:app`` (``:app`` may be left out) and return the App there."""
-    from taskmill.app import App
-
+    Typed by what the worker needs of it (its registry and its client), so that the worker's
+    process-pool children can load it without this module importing the layer above them."""
     module_name, _, attr = path.partition(":")
     attr = attr or "app"
     if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
@@ -37,7 +35,7 @@ def load_app(path: str) -> App:
             obj = getattr(obj, part)
         except AttributeError:
             raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, App):
+    if not isinstance(obj, AppParts):
         raise ConfigurationError(f"{path!r} is a {type(obj).__name__}, not a taskmill App")
     return obj
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import os
 import random
 import sysconfig
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from taskmill.job import Cancelled, ErrorInfo, Failed, Outcome, RetryAt, Succeeded
+from taskmill.job import Cancelled, ErrorInfo, Failed, Outcome, Released, RetryAt, Succeeded
 
 
 class Retry(Exception):
@@ -125,19 +128,53 @@ def _qualified_name(cls: type) -> str:
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
+class Interrupt(enum.StrEnum):
+    """Why a worker interrupted a running job (``decide`` turns it into the outcome)."""
+
+    CANCEL = "cancel"
+    """Someone asked to cancel the job: it ends ``Cancelled``, however the run ended."""
+    SHUTDOWN = "shutdown"
+    """The worker is stopping: a run it stopped is handed back (``Released``)."""
+    LOST = "lost"
+    """The lease went to another worker: a run it stopped is handed back (and the worker
+    drops the outcome: it is no longer the job's to write)."""
+
+
 def decide(
     *,
     attempt: int,
     max_attempts: int,
     policy: RetryPolicy | None,
-    now: float,
+    now: float | None = None,
     result: bytes | None = None,
     exc: BaseException | None = None,
+    interrupt: Interrupt | None = None,
 ) -> Outcome:
     """The outcome of one run: the only place that maps what happened to what the job becomes.
 
-    ``policy`` is None when the task is unknown to this worker: nothing to retry with.
+    A run ends with a ``result`` (the encoded return value) or an ``exc``. ``policy`` is None
+    for an error no retry can fix (the task is unknown to this worker, its arguments or its
+    result do not convert): it fails. ``now`` (default: the clock) is when a retry's delay
+    counts from. ``interrupt`` is the first reason the worker interrupted the run, if it did:
+    a cancel request ends it ``Cancelled`` whether it returned or raised; a shutdown or a lost
+    lease that stopped it (``exc`` is the ``CancelledError`` that did) hands it back
+    (``Released``, no attempt spent); a run that ended on its own meanwhile keeps its outcome.
+
+    >>> decide(attempt=1, max_attempts=3, policy=None, result=b"42")
+    Succeeded(result=b'42')
+    >>> decide(attempt=1, max_attempts=3, policy=None, result=b"42", interrupt=Interrupt.CANCEL)
+    Cancelled(reason='cancelled on request (the task returned after the request)')
+    >>> decide(attempt=1, max_attempts=3, policy=None, exc=asyncio.CancelledError(),
+    ...        interrupt=Interrupt.SHUTDOWN)
+    Released()
     """
+    if interrupt is not None:
+        if interrupt is Interrupt.CANCEL:
+            if exc is None:
+                return Cancelled("cancelled on request (the task returned after the request)")
+            return Cancelled("cancelled on request")
+        if isinstance(exc, asyncio.CancelledError):
+            return Released()
     if exc is None:
         assert result is not None
         return Succeeded(result)
@@ -149,7 +186,7 @@ def decide(
     delay = exc.delay if isinstance(exc, Retry | RemoteError) else None
     if delay is None:
         delay = policy.backoff.delay(attempt)
-    return RetryAt(run_at=now + max(0.0, delay), error=info)
+    return RetryAt(run_at=(time.time() if now is None else now) + max(0.0, delay), error=info)
 
 
 def exception_types(

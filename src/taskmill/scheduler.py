@@ -11,6 +11,12 @@ behind; the next pass enqueues the same ids again, which stores nothing.
 
 ``overlap="skip"`` gives a tick's job the unique key ``schedule:NAME``: while the previous run
 is scheduled, queued or running, the new tick stores nothing and is counted as skipped.
+
+Ticks go through the client's enqueue pipeline like sends (``taskmill.client``): a ``queued``
+event at once (with events on) and the ``on_enqueue`` hooks, in the scheduler's process. A
+queue's ``max_depth`` applies too, without waiting: the ticks of a full queue are refused
+(counted in ``PassReport.refused``, logged), their schedules' marks stay, and the next pass
+tries them again, while the ticks of other queues are stored.
 """
 
 from __future__ import annotations
@@ -19,15 +25,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from taskmill.brokers.features import schedule_store
+from taskmill.errors import QueueFullError
 from taskmill.job import JobState, NewJob
 from taskmill.schedules import Schedule
 
 if TYPE_CHECKING:
-    from taskmill.app import App
+    from taskmill.client import AppParts, Client
+    from taskmill.registry import Registry, TaskDefinition
 
 log = logging.getLogger("taskmill.scheduler")
 
@@ -39,11 +48,13 @@ scheduler or a clock step is seen within that long."""
 @dataclass(frozen=True, slots=True)
 class PassReport:
     """What one pass did: the jobs stored, the ticks another scheduler had stored already,
-    and the ticks skipped because the previous run was still pending (``overlap="skip"``)."""
+    the ticks skipped because the previous run was still pending (``overlap="skip"``), and
+    the ticks refused because their queue was full (``max_depth``; tried again next pass)."""
 
     enqueued: list[str]
     existing: list[str]
     skipped: list[str]
+    refused: list[str] = field(default_factory=list)
 
 
 def tick_job_id(schedule: Schedule, tick: datetime) -> str:
@@ -55,20 +66,33 @@ def overlap_key(schedule: Schedule) -> str:
 
 
 class Scheduler:
-    """Runs ``app``'s schedules (``app.schedules``). ``clock`` returns the time in Unix
-    seconds (default: the broker's clock); tests inject one."""
+    """Runs the schedules of ``app`` (an ``App``, or anything with its ``registry`` and
+    ``client``). ``clock`` returns the time in Unix seconds (default: the broker's clock);
+    ``sleep(seconds, stop)`` returns after that long or once ``stop`` is set (default: on the
+    event loop's clock). Tests inject both, to run minutes of ticks in a moment."""
 
-    def __init__(self, app: App, *, clock: Callable[[], Awaitable[float]] | None = None) -> None:
-        self.app = app
+    def __init__(
+        self,
+        app: AppParts,
+        *,
+        clock: Callable[[], Awaitable[float]] | None = None,
+        sleep: Callable[[float, asyncio.Event], Awaitable[None]] | None = None,
+    ) -> None:
+        self.registry: Registry = app.registry
+        self.client: Client = app.client
         self._clock = clock
+        self._sleep = sleep or _sleep_unless_stopped
 
     async def _now(self) -> float:
         if self._clock is not None:
             return await self._clock()
-        return await (await self.app.abroker()).now()
+        return await (await self.client.abroker()).now()
 
     def _job(self, schedule: Schedule, tick: datetime) -> NewJob:
-        task = self.app.get_task(schedule.task)
+        """The job of one tick."""
+        return self._tick_job(self.registry.get_task(schedule.task), schedule, tick)
+
+    def _tick_job(self, task: TaskDefinition, schedule: Schedule, tick: datetime) -> NewJob:
         opts = replace(
             task.defaults,
             job_id=tick_job_id(schedule, tick),
@@ -80,40 +104,58 @@ class Scheduler:
 
     async def run_pass(self, schedules: Sequence[Schedule] | None = None) -> PassReport:
         """Enqueue every tick due now; what it did."""
-        schedules = list(self.app.schedules.values()) if schedules is None else list(schedules)
+        schedules = list(self.registry.schedules.values()) if schedules is None else list(schedules)
         report = PassReport([], [], [])
         if not schedules:
             return report
-        broker = await self.app.abroker()
+        broker = await self.client.abroker()
         now = datetime.fromtimestamp(await self._now(), UTC)
-        marks = await broker.schedule_marks()
-        jobs: list[NewJob] = []
-        moved: dict[str, float] = {}
+        store = schedule_store(broker)
+        marks = await store.schedule_marks()
+        by_queue: dict[str, _Ticks] = {}
         for schedule in schedules:
             last = marks.get(schedule.name)
             due = schedule.due(datetime.fromtimestamp(last, UTC) if last is not None else None, now)
             if due:
-                jobs.extend(self._job(schedule, tick) for tick in due)
-                moved[schedule.name] = due[-1].timestamp()
-        if jobs:
-            result = await broker.enqueue(jobs, on_conflict="return")
-            for i, job in enumerate(jobs):
-                if i not in result.existing:
-                    report.enqueued.append(job.id)
-                elif result.ids[i] == job.id:
-                    report.existing.append(job.id)
-                else:  # the schedule's key is held by its previous, still pending run
-                    report.skipped.append(job.id)
-            await broker.mark_schedules(moved)
+                task = self.registry.get_task(schedule.task)
+                ticks = by_queue.setdefault(task.defaults.queue, _Ticks())
+                ticks.jobs.extend(self._tick_job(task, schedule, tick) for tick in due)
+                ticks.tasks.extend(task for _ in due)
+                ticks.marks[schedule.name] = due[-1].timestamp()
+        moved: dict[str, float] = {}
+        for queue, ticks in by_queue.items():
+            if await self._enqueue(queue, ticks, report):
+                moved.update(ticks.marks)
+        if moved:
+            await store.mark_schedules(moved)
         for job_id in report.enqueued:
             log.info("scheduler: enqueued %s", job_id)
         for job_id in report.skipped:
             log.info("scheduler: skipped %s: the previous run is still pending", job_id)
         return report
 
+    async def _enqueue(self, queue: str, ticks: _Ticks, report: PassReport) -> bool:
+        """Store one queue's ticks; False if the queue is full (they stay due)."""
+        try:
+            result = await self.client.enqueue(ticks.jobs, ticks.tasks, depth="no_wait")
+        except QueueFullError as exc:
+            report.refused.extend(job.id for job in ticks.jobs)
+            log.warning(
+                "scheduler: %d tick(s) refused, tried again next pass: %s", len(ticks.jobs), exc
+            )
+            return False
+        for i, job in enumerate(ticks.jobs):
+            if i not in result.existing:
+                report.enqueued.append(job.id)
+            elif result.ids[i] == job.id:
+                report.existing.append(job.id)
+            else:  # the schedule's key is held by its previous, still pending run
+                report.skipped.append(job.id)
+        return True
+
     async def seconds_to_next_tick(self) -> float:
         """How long until the earliest next tick of any schedule (at most ``MAX_SLEEP_S``)."""
-        schedules = list(self.app.schedules.values())
+        schedules = list(self.registry.schedules.values())
         if not schedules:
             return MAX_SLEEP_S
         now = datetime.fromtimestamp(await self._now(), UTC)
@@ -133,9 +175,22 @@ class Scheduler:
                 log.error("scheduler pass failed, retrying in %.1f s: %s", backoff, exc)
                 delay, backoff = backoff, min(backoff * 2, 10.0)
             # a few ms past the tick: the broker's clock must have reached it when we look
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay + 0.005):
-                    await stop.wait()
+            await self._sleep(delay + 0.005, stop)
+
+
+async def _sleep_unless_stopped(seconds: float, stop: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+@dataclass(slots=True)
+class _Ticks:
+    """The due ticks of one queue's schedules, with their tasks and the marks they move."""
+
+    jobs: list[NewJob] = field(default_factory=list)
+    tasks: list[TaskDefinition] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +204,13 @@ class ScheduleStatus:
     """The state of the last tick's job (None: no such job, or it was pruned)."""
 
 
-async def schedule_statuses(app: App, n_next: int = 3) -> list[ScheduleStatus]:
-    broker = await app.abroker()
+async def schedule_statuses(app: AppParts, n_next: int = 3) -> list[ScheduleStatus]:
+    """Each schedule of ``app``: its next ticks and its last tick's state."""
+    broker = await app.client.abroker()
     now = datetime.fromtimestamp(await broker.now(), UTC)
-    marks = await broker.schedule_marks()
+    marks = await schedule_store(broker).schedule_marks()
     statuses = []
-    for schedule in app.schedules.values():
+    for schedule in app.registry.schedules.values():
         mark = marks.get(schedule.name)
         last = datetime.fromtimestamp(mark, UTC) if mark is not None else None
         job = await broker.get(tick_job_id(schedule, last)) if last is not None else None

@@ -8,6 +8,11 @@ from typing import Any
 
 from taskmill.errors import ConfigurationError
 
+MISSED_HEARTBEATS = 3
+"""A worker whose last heartbeat is older than this many of its intervals is lost (it died
+without signing off): the rule of ``taskmill workers``, ``app.workers()``, ``taskmill ping``
+and the liveness endpoints."""
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -30,31 +35,32 @@ class Settings:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # before the comparisons below, which assume types
-            value = getattr(self, f.name)
-            if f.type == "str":
-                if not isinstance(value, str):
-                    raise ConfigurationError(f"{f.name} must be a string, not {value!r}")
-            elif f.type == "bool":
-                if not isinstance(value, bool):
-                    raise ConfigurationError(f"{f.name} must be True or False, not {value!r}")
-            elif not (value is None and f.default is None) and (
-                not isinstance(value, int | float) or isinstance(value, bool)
-            ):
-                raise ConfigurationError(f"{f.name} must be a number, not {value!r}")
-        if self.lease_s <= 0:
-            raise ConfigurationError("lease_s must be > 0")
-        if self.heartbeat_s is not None and not 0 < self.heartbeat_s < self.lease_s:
-            raise ConfigurationError("heartbeat_s must be > 0 and shorter than lease_s")
-        if self.max_lost_leases < 1:
-            raise ConfigurationError("max_lost_leases must be >= 1")
-        if self.max_payload_bytes < 64:
-            raise ConfigurationError("max_payload_bytes must be >= 64")
-        if self.result_ttl_s < 0 or self.prune_interval_s <= 0:
-            raise ConfigurationError("result_ttl_s must be >= 0 and prune_interval_s > 0")
+            _check_type(f, getattr(self, f.name))
+        rules = (
+            (self.lease_s > 0, "lease_s must be > 0"),
+            (
+                self.heartbeat_s is None or 0 < self.heartbeat_s < self.lease_s,
+                "heartbeat_s must be > 0 and shorter than lease_s",
+            ),
+            (self.max_lost_leases >= 1, "max_lost_leases must be >= 1"),
+            (self.max_payload_bytes >= 64, "max_payload_bytes must be >= 64"),
+            (
+                self.result_ttl_s >= 0 and self.prune_interval_s > 0,
+                "result_ttl_s must be >= 0 and prune_interval_s > 0",
+            ),
+        )
+        for holds, message in rules:
+            if not holds:
+                raise ConfigurationError(message)
 
     @property
     def effective_heartbeat_s(self) -> float:
         return self.heartbeat_s if self.heartbeat_s is not None else min(self.lease_s / 3, 2.0)
+
+    @property
+    def lost_after_s(self) -> float:
+        """A worker silent this long is lost (``MISSED_HEARTBEATS`` heartbeat intervals)."""
+        return MISSED_HEARTBEATS * self.effective_heartbeat_s
 
     @property
     def effective_recover_interval_s(self) -> float:
@@ -71,3 +77,17 @@ class Settings:
                 f"unknown App option(s) {unknown}; known options: {', '.join(sorted(known))}"
             )
         return cls(**options)
+
+
+def _check_type(f: dataclasses.Field[Any], value: Any) -> None:
+    """A setting has its field's type: text, True/False, or a number (bools are not numbers
+    here); an optional number may be None."""
+    if f.type == "str":
+        ok, kind = isinstance(value, str), "a string"
+    elif f.type == "bool":
+        ok, kind = isinstance(value, bool), "True or False"
+    else:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        ok, kind = number or (value is None and f.default is None), "a number"
+    if not ok:
+        raise ConfigurationError(f"{f.name} must be {kind}, not {value!r}")

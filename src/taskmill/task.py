@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
-from taskmill._ids import uuid7
 from taskmill.brokers.base import EnqueueResult, OnConflict
-from taskmill.conversion import TaskTypes
 from taskmill.errors import ConfigurationError
 from taskmill.handle import JobHandle
-from taskmill.hooks import Hooks
-from taskmill.job import Meta, NewJob
+from taskmill.job import NewJob
 from taskmill.meta import check_meta
+from taskmill.registry import KeyFunc, SendOptions, TaskDefinition
 from taskmill.retry import RetryPolicy
-from taskmill.serialization import encode_payload
+from taskmill.workflows import Signature
 
 if TYPE_CHECKING:
-    from taskmill.app import App
-    from taskmill.flow import Limit
-    from taskmill.workflows import Signature
+    from taskmill.client import Client
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-KeyFunc = Callable[..., str]
 Seconds = float | timedelta
+
+__all__ = ["BoundTask", "KeyFunc", "Seconds", "SendOptions", "Task"]
 
 
 def seconds(value: Seconds | None, what: str) -> float | None:
@@ -101,25 +97,7 @@ def check_priority(priority: Priority | str) -> int:
     return priority
 
 
-@dataclass(frozen=True, slots=True)
-class SendOptions:
-    """Per-send options; ``Task.options(...)`` makes a copy with some of them changed."""
-
-    queue: str
-    priority: int = 0
-    delay_s: float = 0.0
-    run_at: float | None = None
-    key: str | KeyFunc | None = None
-    on_conflict: OnConflict = "return"
-    max_attempts: int = 1
-    timeout_s: float | None = None
-    soft_timeout_s: float | None = None
-    connection: Any = None
-    job_id: str | None = None
-    meta: Meta = field(default_factory=dict)
-
-
-class Task(Generic[P, R]):
+class Task(TaskDefinition, Generic[P, R]):
     """A function registered with an app. Call it to run it here; ``send`` it to run it in a
     worker.
 
@@ -136,44 +114,19 @@ class Task(Generic[P, R]):
 
     def __init__(
         self,
-        app: App,
+        client: Client,
         fn: Callable[P, Any],
         *,
         name: str,
         defaults: SendOptions,
         policy: RetryPolicy,
     ) -> None:
-        self.app = app
-        self.fn = fn
-        self.name = name
-        self.defaults = defaults
-        self.policy = policy
-        self.signature = inspect.signature(fn)
-        self._bound_shapes: set[object] = set()
-        self._types: TaskTypes | None = None
-        self.is_async = inspect.iscoroutinefunction(fn)
-        self.accepts_failures = False
-        self.rate_interval_s: float | None = None
-        self.concurrency: Limit | None = None
-        """How many jobs of this task may run at once across all workers (per key)."""
-        self.hooks = Hooks()
-        """Seconds between two starts of this task across all workers (``rate_limit``)."""
-        """As a chord's callback: runs even if members failed (their errors in its input)."""
+        limit = client.settings.max_payload_bytes
+        super().__init__(fn, name=name, defaults=defaults, policy=policy, max_payload_bytes=limit)
+        self.client = client
+        """Where ``send`` enqueues: the client of the app that registered the task."""
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
-
-    def __repr__(self) -> str:
-        return f"<Task {self.name} queue={self.defaults.queue!r}>"
-
-    @property
-    def types(self) -> TaskTypes:
-        """The types the function declares, and the decoding of stored arguments and results
-        to them (``taskmill.conversion``). Read from the annotations at first use, not at
-        decoration: names a module defines after the task resolve."""
-        types = self._types
-        if types is None:
-            types = self._types = TaskTypes(self.name, self.fn, self.signature)
-        return types
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         return self.fn(*args, **kwargs)
@@ -276,9 +229,7 @@ class Task(Generic[P, R]):
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A call of this task to make later, in a workflow (``chain``, ``group``, ``chord``):
         the result of what comes before it is prepended to ``args``."""
-        from taskmill.workflows import Signature
-
-        return Signature(self.name, args, kwargs, self.accepts_failures, app=self.app)
+        return Signature(self.name, args, kwargs, self.accepts_failures, client=self.client)
 
     def send_many(
         self, calls: Iterable[Sequence[Any] | Mapping[str, Any]], *, connection: Any = None
@@ -301,62 +252,6 @@ class Task(Generic[P, R]):
     ) -> list[JobHandle[R]]:
         return await BoundTask(self, self.defaults).asend_many(calls)
 
-    # --- building jobs ----------------------------------------------------------------------
-
-    def bind_check(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        # Whether a call binds depends only on how many positional arguments there are and
-        # which keywords: remember the shapes that bound, so send_many checks each shape once.
-        shape = (len(args), frozenset(kwargs)) if kwargs else len(args)
-        if shape in self._bound_shapes:
-            return
-        try:
-            self.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"task {self.name!r}: {exc}") from None
-        if len(self._bound_shapes) < 64:
-            self._bound_shapes.add(shape)
-
-    def build(
-        self,
-        opts: SendOptions,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        check_types: bool = False,
-    ) -> NewJob:
-        """The job to store for a call. ``check_types`` (what ``send`` does): an argument whose
-        JSON form would not decode to its annotation in the worker is a ``SerializationError``
-        now, rather than a failed job later (one decode of the payload, only for tasks with
-        annotations to convert)."""
-        self.bind_check(args, kwargs)
-        key = opts.key
-        if key is not None and not isinstance(key, str):
-            key = key(*args, **kwargs)
-        # The worker takes the soft limit from its own registration of the task; only a send
-        # that changes it stores it, with the arguments.
-        soft = opts.soft_timeout_s
-        options = {"soft_timeout_s": soft} if soft != self.defaults.soft_timeout_s else None
-        payload = encode_payload(
-            self.name, args, kwargs, self.app.settings.max_payload_bytes, options
-        )
-        if check_types:
-            types = self._types or self.types
-            if not types.plain:
-                types.check(payload, len(args), kwargs)
-        return NewJob(
-            id=opts.job_id or uuid7(),
-            task=self.name,
-            queue=opts.queue,
-            payload=payload,
-            priority=opts.priority,
-            run_at=opts.run_at,
-            delay_s=opts.delay_s,
-            max_attempts=opts.max_attempts,
-            timeout_s=opts.timeout_s,
-            key=key,
-            meta=opts.meta,
-        )
-
 
 class BoundTask(Generic[P, R]):
     """A task with its send options fixed: what ``Task.options(...)`` returns."""
@@ -367,6 +262,9 @@ class BoundTask(Generic[P, R]):
         self.task = task
         self.opts = opts
 
+    def _build(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> NewJob:
+        return self.task.build(self.opts, args, kwargs, check_types=True)
+
     def _jobs(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[NewJob]:
         if self.opts.job_id is not None:
             raise ConfigurationError(
@@ -375,9 +273,9 @@ class BoundTask(Generic[P, R]):
         jobs = []
         for call in calls:
             if isinstance(call, Mapping):
-                jobs.append(self.task.build(self.opts, (), dict(call), check_types=True))
+                jobs.append(self._build((), dict(call)))
             elif isinstance(call, Sequence) and not isinstance(call, str | bytes):
-                jobs.append(self.task.build(self.opts, tuple(call), {}, check_types=True))
+                jobs.append(self._build(tuple(call), {}))
             else:
                 raise TypeError(
                     f"send_many of task {self.task.name!r} takes tuples of positional arguments "
@@ -386,34 +284,48 @@ class BoundTask(Generic[P, R]):
         return jobs
 
     def _handles(self, result: EnqueueResult) -> list[JobHandle[R]]:
-        app = self.task.app
-        return [JobHandle(app, i, existing=n in result.existing) for n, i in enumerate(result.ids)]
+        client = self.task.client
+        existing = result.existing
+        return [JobHandle(client, i, existing=n in existing) for n, i in enumerate(result.ids)]
+
+    def _store(self, jobs: list[NewJob]) -> EnqueueResult:
+        client, opts = self.task.client, self.opts
+        result = client.enqueue_blocking(
+            jobs, self.task, on_conflict=opts.on_conflict, connection=opts.connection
+        )
+        if client.eager is not None:
+            client.eager.run_until_idle()
+        return result
+
+    async def _astore(self, jobs: list[NewJob]) -> EnqueueResult:
+        client, opts = self.task.client, self.opts
+        if opts.connection is not None:
+            raise ConfigurationError("connection= is for send(); asend() has no transaction")
+        result = await client.enqueue(jobs, self.task, on_conflict=opts.on_conflict)
+        if client.eager is not None:
+            await client.eager.arun_until_idle()
+        return result
 
     def send(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
-        job = self.task.build(self.opts, args, kwargs, check_types=True)
-        result = self.task.app.enqueue_sync([job], self.opts)
-        return JobHandle(self.task.app, result.ids[0], existing=bool(result.existing))
+        result = self._store([self._build(args, kwargs)])
+        return JobHandle(self.task.client, result.ids[0], existing=bool(result.existing))
 
     async def asend(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
-        job = self.task.build(self.opts, args, kwargs, check_types=True)
-        result = await self.task.app.enqueue_async([job], self.opts)
-        return JobHandle(self.task.app, result.ids[0], existing=bool(result.existing))
+        result = await self._astore([self._build(args, kwargs)])
+        return JobHandle(self.task.client, result.ids[0], existing=bool(result.existing))
 
     def send_many(self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[JobHandle[R]]:
         jobs = self._jobs(calls)
-        return self._handles(self.task.app.enqueue_sync(jobs, self.opts)) if jobs else []
+        return self._handles(self._store(jobs)) if jobs else []
 
     async def asend_many(
         self, calls: Iterable[Sequence[Any] | Mapping[str, Any]]
     ) -> list[JobHandle[R]]:
         jobs = self._jobs(calls)
-        return self._handles(await self.task.app.enqueue_async(jobs, self.opts)) if jobs else []
+        return self._handles(await self._astore(jobs)) if jobs else []
 
 
 def _attempts(retries: int) -> int:
     if retries < 0:
         raise ConfigurationError(f"retries must be >= 0, not {retries}")
     return int(retries) + 1
-
-
-TaskFunction = Callable[P, Awaitable[R]] | Callable[P, R]

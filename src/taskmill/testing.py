@@ -5,6 +5,8 @@
 - ``app.run_until_idle()``: run due jobs in this process until none is left.
 - ``running_worker(app)``: a real worker on a background thread for the duration of a block.
 - the ``taskmill_memory`` fixture: swaps an app's broker for a fresh memory broker.
+- ``wait_until(check)`` / ``await await_until(check)``: poll until a condition holds, or fail
+  after a deadline saying what was awaited and what was last seen.
 
 >>> from taskmill import App
 >>> app = App("memory://")
@@ -21,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import io
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from taskmill.worker import Worker
 
@@ -34,12 +38,17 @@ except ImportError:  # pragma: no cover - the fixture is only for pytest users
     pytest = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from taskmill.app import App
+    from taskmill.brokers.base import Broker
+    from taskmill.client import AppParts, Client
+
+A = TypeVar("A", bound="AppParts")
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
 def running_worker(
-    app: App,
+    app: AppParts,
     *,
     queues: Sequence[str] | None = None,
     concurrency: int = 8,
@@ -50,7 +59,8 @@ def running_worker(
 
     ``queues`` defaults to every queue the app's tasks use.
     """
-    worker = Worker(app, queues=queues or app.queues(), concurrency=concurrency, **worker_options)
+    queues = queues or app.registry.queues(app.client.settings.default_queue)
+    worker = Worker(app, queues=queues, concurrency=concurrency, **worker_options)
     started = threading.Event()
     errors: list[BaseException] = []
     loops: list[asyncio.AbstractEventLoop] = []
@@ -104,28 +114,136 @@ def _tasks_of(loop: asyncio.AbstractEventLoop) -> str:
     return "\n".join(dumped) or "(no tasks)"
 
 
-def taskmill_memory() -> Iterator[Callable[[App], App]]:
+def taskmill_memory() -> Iterator[Callable[[A], A]]:
     """Point apps at a fresh memory broker for one test; restored afterwards.
 
     ``def test_signup(taskmill_memory): taskmill_memory(myapp.app); ...``
     """
     from taskmill.brokers.memory import MemoryBroker
 
-    swapped: list[tuple[App, Any, Any, bool]] = []
+    swapped: list[tuple[Client, Broker | None, str, bool]] = []
 
-    def use(app: App) -> App:
-        swapped.append((app, app._broker, app.url, app._opened))
-        app._broker = MemoryBroker()
-        app.url = "memory://"
-        app._opened = False
+    def use(app: A) -> A:
+        client = app.client
+        swapped.append((client, client._broker, client.url, client._opened))
+        client.use_broker(MemoryBroker(), "memory://")
         return app
 
     yield use
-    for app, broker, url, opened in reversed(swapped):
+    for client, broker, url, opened in reversed(swapped):
         with contextlib.suppress(Exception):
-            app.close()
-        app._broker, app.url, app._opened = broker, url, opened
+            client.close()
+        client.use_broker(broker, url)
+        client._opened = opened
 
 
 if pytest is not None:
     taskmill_memory = pytest.fixture(taskmill_memory)
+
+
+_REPR_LIMIT = 500
+"""Characters of the last value a timeout message shows (a list of jobs can be long)."""
+
+
+def wait_until(
+    check: Callable[[], T | Literal[False] | None],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str | Callable[[], str] = "the condition",
+) -> T:
+    """Call ``check`` every ``interval`` s until it returns something truthy, and return that.
+
+    After ``timeout`` s it raises ``TimeoutError`` naming ``what`` was awaited (a callable
+    ``what`` is called then, to describe the state at the failure) and the last value
+    ``check`` returned. An exception from ``check`` propagates at once: a check can fail
+    early (for example when the process it waits on has exited).
+
+    >>> from taskmill import App
+    >>> app = App("memory://")
+    >>> @app.task()
+    ... def double(x: int) -> int:
+    ...     return 2 * x
+    >>> with running_worker(app):
+    ...     handle = double.send(21)
+    ...     wait_until(lambda: handle.status() == "succeeded", what="the job to succeed")
+    True
+    >>> wait_until(lambda: [], timeout=0.05, what="a non-empty list")
+    Traceback (most recent call last):
+      ...
+    TimeoutError: timed out after 0.05 s waiting for a non-empty list (last: [])
+    >>> app.close()
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise _timed_out(timeout, what, value)
+        time.sleep(interval)
+
+
+@overload
+async def await_until(
+    check: Callable[[], Awaitable[T | Literal[False] | None]],
+    *,
+    timeout: float = ...,
+    interval: float = ...,
+    what: str | Callable[[], str] = ...,
+) -> T: ...
+
+
+@overload
+async def await_until(
+    check: Callable[[], T | Literal[False] | None],
+    *,
+    timeout: float = ...,
+    interval: float = ...,
+    what: str | Callable[[], str] = ...,
+) -> T: ...
+
+
+async def await_until(
+    check: Callable[[], Any],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str | Callable[[], str] = "the condition",
+) -> Any:
+    """``wait_until`` for async code: ``check`` may be a plain function or a coroutine
+    function, and the event loop runs on between calls.
+
+    >>> import asyncio
+    >>> from taskmill import App
+    >>> async def main() -> bool:
+    ...     async with App("memory://") as app:
+    ...         @app.task()
+    ...         async def ping() -> str:
+    ...             return "pong"
+    ...         handle = await ping.asend()
+    ...         async def succeeded() -> bool:
+    ...             return await handle.astatus() == "succeeded"
+    ...         async with app.worker():
+    ...             return await await_until(succeeded, what="the job to succeed")
+    >>> asyncio.run(main())
+    True
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise _timed_out(timeout, what, value)
+        await asyncio.sleep(interval)
+
+
+def _timed_out(timeout: float, what: str | Callable[[], str], last: object) -> TimeoutError:
+    text = what() if callable(what) else what
+    shown = repr(last)
+    if len(shown) > _REPR_LIMIT:
+        shown = f"{shown[:_REPR_LIMIT]}... ({len(shown)} characters)"
+    return TimeoutError(f"timed out after {timeout} s waiting for {text} (last: {shown})")

@@ -32,16 +32,16 @@ group gives a nested list).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 
-from taskmill._ids import uuid7
+from taskmill._ids import step_job_id, uuid7
+from taskmill.brokers.features import WorkflowStore, provides, workflow_store
 from taskmill.errors import (
     ConfigurationError,
     JobCancelledError,
@@ -52,8 +52,9 @@ from taskmill.job import FINISHED_STATES, Job, JobState, NewJob
 from taskmill.serialization import decode
 
 if TYPE_CHECKING:
-    from taskmill.app import App
     from taskmill.brokers.base import Broker
+    from taskmill.client import AppParts, Client
+    from taskmill.registry import TaskDefinition
 
 log = logging.getLogger("taskmill.workflows")
 
@@ -80,14 +81,15 @@ class WorkflowFailedError(JobFailedError):
 
 
 class _Sendable:
-    """``send()`` / ``asend()`` for every canvas form: the app is the signatures' own."""
+    """``send()`` / ``asend()`` for every canvas form: to ``app`` if given, else to the app
+    of the signatures' tasks."""
 
-    def send(self: Any, app: App | None = None) -> WorkflowHandle:
-        target = app or _app_of(self)
-        return target.run_sync(asend_workflow(target, self))
+    def send(self: Any, app: AppParts | None = None) -> WorkflowHandle:
+        client = app.client if app is not None else _client_of(self)
+        return client.run_sync(asend_workflow(client, self))
 
-    async def asend(self: Any, app: App | None = None) -> WorkflowHandle:
-        return await asend_workflow(app or _app_of(self), self)
+    async def asend(self: Any, app: AppParts | None = None) -> WorkflowHandle:
+        return await asend_workflow(app.client if app is not None else _client_of(self), self)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ class Signature(_Sendable):
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     accepts_failures: bool = False
-    app: App | None = field(default=None, compare=False, repr=False)
+    client: Client | None = field(default=None, compare=False, repr=False)
+    """The client of the task's app (``task.s()`` sets it): where ``send()`` goes."""
 
 
 @dataclass(frozen=True)
@@ -112,13 +115,13 @@ class Group(_Sendable):
     members: tuple[Canvas, ...]
 
 
-def _app_of(canvas: Canvas) -> App:
+def _client_of(canvas: Canvas) -> Client:
     if isinstance(canvas, Signature):
-        if canvas.app is None:
+        if canvas.client is None:
             raise ConfigurationError("this signature has no app: send(app) it")
-        return canvas.app
+        return canvas.client
     parts = canvas.steps if isinstance(canvas, Chain) else canvas.members
-    return _app_of(parts[0])
+    return _client_of(parts[0])
 
 
 Canvas = Signature | Chain | Group
@@ -194,17 +197,6 @@ def compile_canvas(canvas: Canvas) -> Spec:
     return Spec(steps, output)
 
 
-def step_job_id(workflow_id: str, step: str) -> str:
-    return f"wf:{workflow_id}:{step}"
-
-
-def workflow_of(job_id: str) -> str | None:
-    """The workflow a step's job belongs to (None for a job outside any workflow)."""
-    if not job_id.startswith("wf:"):
-        return None
-    return job_id[3:].rpartition(":")[0] or None
-
-
 def _names(shape: Shape | None) -> list[str]:
     if shape is None:
         return []
@@ -220,16 +212,24 @@ _spec_encoder = msgspec.json.Encoder()
 # --- sending and advancing ----------------------------------------------------------------------
 
 
-async def asend_workflow(app: App, canvas: Canvas) -> WorkflowHandle:
+async def asend_workflow(client: Client, canvas: Canvas) -> WorkflowHandle:
+    """Store the workflow and enqueue its first steps. Their queues' ``max_depth`` is checked
+    first, like a send's: ``QueueFullError`` stores nothing."""
     spec = compile_canvas(_check(canvas))
     for step in spec.steps.values():
-        task = app.get_task(step.task)  # an unknown task fails here, before anything is stored
+        task = client.registry.get_task(step.task)  # unknown: fails here, before anything is stored
         task.bind_check((None, *step.args) if step.input is not None else step.args, step.kwargs)
     workflow_id = uuid7()
-    broker = await app.abroker()
-    await broker.save_workflow(workflow_id, _spec_encoder.encode(spec))
-    await advance(app, workflow_id)
-    return WorkflowHandle(app, workflow_id)
+    nothing_yet = _View(spec, {})
+    first = [
+        _step_job(client, workflow_id, nothing_yet, n) for n in spec.steps if nothing_yet.ready(n)
+    ]
+    jobs = [job for _, job in first]
+    await client.check_room(jobs)
+    store = workflow_store(await client.abroker())
+    await store.save_workflow(workflow_id, _spec_encoder.encode(spec))
+    await client.enqueue(jobs, [task for task, _ in first], depth="skip")
+    return WorkflowHandle(client, workflow_id)
 
 
 @dataclass
@@ -291,16 +291,20 @@ class _View:
 
 async def _view(broker: Broker, workflow_id: str, spec: Spec) -> _View:
     names = list(spec.steps)
-    jobs = await asyncio.gather(*(broker.get(step_job_id(workflow_id, n)) for n in names))
+    jobs = await broker.get_many([step_job_id(workflow_id, n) for n in names])
     return _View(spec, dict(zip(names, jobs, strict=True)))
 
 
-async def advance(app: App, workflow_id: str) -> str | None:
+async def advance(client: Client, workflow_id: str) -> str | None:
     """Release every step whose parents have finished, and end the workflow once it has
     succeeded or cannot. Safe to call any number of times from anywhere: a step's job id is
-    stored once. Returns the workflow's state (None if unknown)."""
-    broker = await app.abroker()
-    record = await broker.get_workflow(workflow_id)
+    stored once. Returns the workflow's state (None if unknown).
+
+    Released steps go through the client's enqueue pipeline without the ``max_depth`` check
+    (``depth="skip"``): the workflow was accepted when it was sent (see ``taskmill.client``)."""
+    broker = await client.abroker()
+    store = workflow_store(broker)
+    record = await store.get_workflow(workflow_id)
     if record is None:
         return None
     spec = _spec_decoder.decode(record.spec)
@@ -311,25 +315,26 @@ async def advance(app: App, workflow_id: str) -> str | None:
     if record.state != "running":
         return record.state
     if all(view.state(n) is JobState.SUCCEEDED for n in _names(spec.output)):
-        await broker.end_workflow(workflow_id, "succeeded")
+        await store.end_workflow(workflow_id, "succeeded")
         return "succeeded"
     if view.blocked_failures():
-        await broker.end_workflow(workflow_id, "failed")
+        await store.end_workflow(workflow_id, "failed")
         return "failed"
-    jobs = [_step_job(app, workflow_id, view, n) for n in spec.steps if view.ready(n)]
-    if jobs:
-        await broker.enqueue(jobs, on_conflict="return")
+    ready = [_step_job(client, workflow_id, view, n) for n in spec.steps if view.ready(n)]
+    if ready:
+        jobs = [job for _, job in ready]
+        await client.enqueue(jobs, [task for task, _ in ready], depth="skip")
     return "running"
 
 
-def _step_job(app: App, workflow_id: str, view: _View, name: str) -> NewJob:
+def _step_job(
+    client: Client, workflow_id: str, view: _View, name: str
+) -> tuple[TaskDefinition, NewJob]:
     step = view.spec.steps[name]
-    task = app.get_task(step.task)
+    task = client.registry.get_task(step.task)
     args = tuple(step.args) if step.input is None else (view.value(step.input), *step.args)
-    opts = dataclasses.replace(
-        task.defaults, job_id=step_job_id(workflow_id, name), key=None, connection=None
-    )
-    return task.build(opts, args, dict(step.kwargs))
+    opts = replace(task.defaults, job_id=step_job_id(workflow_id, name), key=None, connection=None)
+    return task, task.build(opts, args, dict(step.kwargs))
 
 
 async def _cancel_pending(broker: Broker, view: _View) -> None:
@@ -338,15 +343,17 @@ async def _cancel_pending(broker: Broker, view: _View) -> None:
             await broker.cancel(job.id)
 
 
-async def sweep(app: App, limit: int = 1000) -> int:
+async def sweep(client: Client, limit: int = 1000) -> int:
     """Advance every running workflow (what workers' maintenance loops call): releases steps
     whose parents finished while nobody advanced them (a worker died in between). Returns how
     many workflows were looked at."""
-    broker = await app.abroker()
-    ids = await broker.running_workflows(limit)
+    broker = await client.abroker()
+    if not provides(broker, WorkflowStore):
+        return 0  # no workflow can have been sent
+    ids = await workflow_store(broker).running_workflows(limit)
     for workflow_id in ids:
         try:
-            await advance(app, workflow_id)
+            await advance(client, workflow_id)
         except Exception as exc:  # one broken workflow must not stop the others
             log.error("workflow %s: advancing failed: %s", workflow_id, exc)
     return len(ids)
@@ -358,10 +365,10 @@ async def sweep(app: App, limit: int = 1000) -> int:
 class WorkflowHandle:
     """What ``chain(...).send(app)`` returns: the workflow's id, its state, its result."""
 
-    __slots__ = ("_app", "id")
+    __slots__ = ("_client", "id")
 
-    def __init__(self, app: App, workflow_id: str) -> None:
-        self._app = app
+    def __init__(self, client: Client, workflow_id: str) -> None:
+        self._client = client
         self.id = workflow_id
 
     def __repr__(self) -> str:
@@ -369,15 +376,15 @@ class WorkflowHandle:
 
     async def astatus(self) -> str:
         """``running``, ``succeeded``, ``failed`` or ``cancelled``."""
-        record = await (await self._app.abroker()).get_workflow(self.id)
+        record = await workflow_store(await self._client.abroker()).get_workflow(self.id)
         if record is None:
             raise JobNotFoundError(f"workflow {self.id} does not exist (or was pruned)")
         return record.state
 
     async def asteps(self) -> dict[str, JobState | None]:
         """Each step's job id and state (None: not enqueued yet)."""
-        broker = await self._app.abroker()
-        record = await broker.get_workflow(self.id)
+        broker = await self._client.abroker()
+        record = await workflow_store(broker).get_workflow(self.id)
         if record is None:
             raise JobNotFoundError(f"workflow {self.id} does not exist (or was pruned)")
         view = await _view(broker, self.id, _spec_decoder.decode(record.spec))
@@ -386,7 +393,7 @@ class WorkflowHandle:
     async def aresult(self, timeout: float | None = None) -> Any:
         """Wait for the workflow to end: its result (the last step's, or a group's list);
         ``WorkflowFailedError`` or ``JobCancelledError``; ``TimeoutError`` after ``timeout``."""
-        broker = await self._app.abroker()
+        broker = await self._client.abroker()
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = _POLL_START_S
         while True:
@@ -397,7 +404,7 @@ class WorkflowHandle:
                 raise TimeoutError(f"workflow {self.id} is still running after {timeout} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, _POLL_MAX_S)
-        record = await broker.get_workflow(self.id)
+        record = await workflow_store(broker).get_workflow(self.id)
         assert record is not None
         view = await _view(broker, self.id, _spec_decoder.decode(record.spec))
         if state == "cancelled":
@@ -409,19 +416,19 @@ class WorkflowHandle:
     async def acancel(self) -> str:
         """Cancel every step not finished yet (a running one is asked to stop), and release
         no more. The workflow's state after."""
-        broker = await self._app.abroker()
-        await broker.end_workflow(self.id, "cancelled")
-        await advance(self._app, self.id)  # cancels the pending steps
+        store = workflow_store(await self._client.abroker())
+        await store.end_workflow(self.id, "cancelled")
+        await advance(self._client, self.id)  # cancels the pending steps
         return await self.astatus()
 
     def status(self) -> str:
-        return self._app.run_sync(self.astatus())
+        return self._client.run_sync(self.astatus())
 
     def steps(self) -> dict[str, JobState | None]:
-        return self._app.run_sync(self.asteps())
+        return self._client.run_sync(self.asteps())
 
     def result(self, timeout: float | None = None) -> Any:
-        return self._app.run_sync(self.aresult(timeout))
+        return self._client.run_sync(self.aresult(timeout))
 
     def cancel(self) -> str:
-        return self._app.run_sync(self.acancel())
+        return self._client.run_sync(self.acancel())

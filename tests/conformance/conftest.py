@@ -26,8 +26,7 @@ from taskmill import App
 from taskmill.brokers import broker_from_url
 from taskmill.brokers import postgres as pg
 from taskmill.brokers.memory import MemoryBroker
-from taskmill.brokers.sqlite import parse_url
-from taskmill.brokers.wakeup import channel_dir
+from taskmill.brokers.sqlite import channel_dir, parse_url
 
 BAD_PAYLOAD = b"\xff{not json"
 
@@ -205,7 +204,7 @@ def app_factory(broker_url: str) -> Iterator[AppFactory]:
     def make(*, share: App | None = None, **settings: Any) -> App:
         app = App(broker_url, **{**DEFAULT_SETTINGS, **settings})
         if share is not None and not share.broker.capabilities.shared_across_processes:
-            app._broker = share.broker
+            app.client.use_broker(share.broker)
         apps.append(app)
         return app
 

@@ -1,4 +1,5 @@
-"""Broker-agnostic helpers of the conformance suite: polling, the opened broker, subprocesses.
+"""Broker-agnostic helpers of the conformance suite: the opened broker, subprocesses, and
+polling (``wait_until``, taskmill's own, re-exported so the suite's modules import from here).
 
 Nothing here knows which broker it talks to; broker-specific code belongs in ``conftest.py``.
 """
@@ -14,13 +15,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 from taskmill import App
 from taskmill.brokers.base import Broker
 from taskmill.job import Claim, Job, WorkerInfo
-
-T = TypeVar("T")
+from taskmill.testing import wait_until as wait_until  # the conformance modules' one import
 
 PACKAGE = __name__.rpartition(".")[0]
 """This package's import name (``conformance``, or ``tests.conformance`` if tests/ is one)."""
@@ -28,26 +28,6 @@ IMPORT_ROOT = Path(__file__).resolve().parents[PACKAGE.count(".") + 1]
 """The directory that must be on ``sys.path`` for ``PACKAGE`` to import (for subprocesses)."""
 SETTINGS_ENV = "CONFORMANCE_APP_SETTINGS"
 """JSON of the App settings a subprocess's ``apps.app`` is built with."""
-
-
-def wait_until(
-    predicate: Callable[[], T | Literal[False] | None],
-    *,
-    timeout: float = 10.0,
-    interval: float = 0.02,
-    what: str = "the condition",
-) -> T:
-    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value is not None and value is not False and value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"timed out after {timeout} s waiting for {what} (last: {value!r})"
-            )
-        time.sleep(interval)
 
 
 def opened(app: App) -> Broker:

@@ -1,5 +1,5 @@
-"""The broker side of the admin API: ``find_jobs`` (filters, both orders, keyset pages, totals)
-and job metadata stored with the job, on every broker."""
+"""The broker side of the admin API: ``find_jobs`` (filters, both orders, keyset pages, totals),
+``get_many``, and job metadata stored with the job, on every broker."""
 
 from __future__ import annotations
 
@@ -47,6 +47,30 @@ def _all_pages(app: App, query: JobQuery, limit: int) -> list[list[str]]:
 
 def _claim_all(app: App, queue: str = "default") -> dict[str, Job]:
     return {j.id: j for j in app.run_sync(opened(app).claim([queue], 100, "w", 30.0))}
+
+
+def test_get_many_reads_jobs_in_the_order_asked_with_none_for_missing_ones(app: App) -> None:
+    broker = _store(app, _new("a"), _new("b", queue="other", meta={"n": 1}), _new("c"))
+    claimed = _claim_all(app)["a"]
+    jobs = app.run_sync(broker.get_many(["b", "missing", "a", "b"]))
+    assert [None if j is None else j.id for j in jobs] == ["b", None, "a", "b"]
+    b, _, a, _ = jobs
+    assert a is not None and b is not None
+    assert a == app.run_sync(broker.get("a")) and a.lease_token == claimed.lease_token
+    assert a.state is JobState.RUNNING and a.attempt == 1
+    assert b.queue == "other" and b.meta == {"n": 1} and b.state is JobState.QUEUED
+    assert app.run_sync(broker.get_many([])) == []
+
+
+def test_get_many_reads_a_batch_larger_than_one_statement_takes(app: App) -> None:
+    stored = [f"job-{n:04d}" for n in range(0, 1200, 3)]
+    _store(app, *(_new(i) for i in stored))
+    asked = [f"job-{n:04d}" for n in reversed(range(1200))]
+    jobs = app.run_sync(opened(app).get_many(asked))
+    assert len(jobs) == len(asked)
+    found = [j.id for j in jobs if j is not None]
+    assert found == [i for i in asked if i in set(stored)]
+    assert all(j is None or j.id == i for j, i in zip(jobs, asked, strict=True))
 
 
 def test_pages_go_newest_first_from_a_cursor_with_a_total(app: App) -> None:

@@ -1,4 +1,6 @@
-"""Live events on every broker: a job's transitions and progress in order, filters, and a
+"""The ``EventBus`` feature (``taskmill.brokers.features``), through live events.
+
+Live events on every broker: a job's transitions and progress in order, filters, and a
 subscriber in another process that sees every transition of 1,000 jobs in order per job."""
 
 from __future__ import annotations

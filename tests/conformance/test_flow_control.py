@@ -1,9 +1,10 @@
-"""Flow control through the broker: rate limits hold across worker processes, a queue's depth
+"""The ``LimitStore`` feature (``taskmill.brokers.features``), through flow control.
+
+Flow control through the broker: rate limits hold across worker processes, a queue's depth
 limit refuses (or waits), and the broker's rate slots are spaced as asked."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import time
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from taskmill import App, ConfigurationError, JobState, Limit, QueueFullError
-from taskmill.flow import SPACING
-from taskmill.testing import running_worker
+from taskmill.brokers.features import limit_store
+from taskmill.limits import SPACING
+from taskmill.testing import await_until, running_worker
 
 from .apps import build_app, create_starts_table, starts
 from .conftest import AppFactory
@@ -21,7 +23,7 @@ from .helpers import opened, processes, subprocess_env, wait_until, worker_args
 
 
 def test_rate_slots_are_reserved_one_interval_apart(app: App) -> None:
-    broker = opened(app)
+    broker = limit_store(opened(app))
 
     async def reserve() -> list[float]:
         return [await broker.reserve_rate_slot("task:t", 0.1) for _ in range(5)]
@@ -56,11 +58,12 @@ def test_a_full_queue_refuses_and_stores_nothing(app: App) -> None:
 
 
 async def _until_drained(app: App, queue: str) -> None:
-    broker = await app.abroker()
-    deadline = time.monotonic() + 20
-    while await broker.queue_depth(queue) > 0:
-        assert time.monotonic() < deadline, "the queue did not drain"
-        await asyncio.sleep(0.01)
+    broker = limit_store(await app.abroker())
+
+    async def drained() -> bool:
+        return await broker.queue_depth(queue) == 0
+
+    await await_until(drained, timeout=20, interval=0.01, what=f"queue {queue} to drain")
 
 
 @pytest.mark.timeout(60)
@@ -117,10 +120,12 @@ def test_a_rate_limit_holds_across_two_worker_processes(broker_url: str, tmp_pat
                 start(worker_args(concurrency=16), env, tmp_path / f"worker-{i}.log")
                 for i in range(2)
             ]
-            deadline = time.monotonic() + 60
-            while len(starts(db)) < 200:
-                assert time.monotonic() < deadline, [p.output() for p in procs]
-                time.sleep(0.05)
+            wait_until(
+                lambda: len(starts(db)) >= 200,
+                timeout=60,
+                interval=0.05,
+                what=lambda: f"200 starts: {[p.output() for p in procs]}",
+            )
     finally:
         app.close()
     at = [t for t, _ in starts(db)]
@@ -134,7 +139,7 @@ def test_a_rate_limit_holds_across_two_worker_processes(broker_url: str, tmp_pat
 
 
 def test_concurrency_slots_are_held_refreshed_released_and_expire(app: App) -> None:
-    broker = opened(app)
+    broker = limit_store(opened(app))
     run = app.run_sync
     assert run(broker.acquire_slot("b", "job-a", 2, 30.0))
     assert run(broker.acquire_slot("b", "job-b", 2, 30.0))

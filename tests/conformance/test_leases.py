@@ -64,6 +64,29 @@ def test_expired_lease_goes_back_to_queued_and_runs_again(app_factory: AppFactor
 
 
 @pytest.mark.timeout(30)
+def test_a_recovered_job_says_which_attempt_and_worker_lost_the_lease(
+    app_factory: AppFactory,
+) -> None:
+    """One message on every broker, though SQL and Lua fill it in: placeholders in a worker's
+    name stay as they are."""
+    app = app_factory(**LEASE_SETTINGS)
+
+    @app.task(retries=0)
+    def job_attempt() -> int:
+        return current_job().attempt
+
+    handle = job_attempt.send()
+    claim_one(app, lease_s=0.3, worker="w{attempt}%s{lost_leases}")
+    assert recover_until(app, handle.id) == "queued"
+    error = app.get_job(handle.id).error
+    assert error == ErrorInfo(
+        LOST,
+        "lease expired on attempt 1 (worker w{attempt}%s{lost_leases} stopped heartbeating); "
+        "lost leases: 1",
+    )
+
+
+@pytest.mark.timeout(30)
 def test_workers_recover_dead_workers_jobs(app_factory: AppFactory) -> None:
     app = app_factory(**LEASE_SETTINGS)
 

@@ -1,19 +1,27 @@
-"""Periodic schedules: each tick enqueued once however many schedulers run, none early;
+"""The ``ScheduleStore`` feature (``taskmill.brokers.features``), through periodic schedules.
+
+Periodic schedules: each tick enqueued once however many schedulers run, none early;
 misfire and overlap policies, DST, and a scheduler that died half-way. In-process tests drive
-``Scheduler.run_pass`` with an injected clock (no sleeps); the multiprocess test runs three
-``taskmill scheduler`` processes against the real broker for a minute."""
+``Scheduler.run_pass`` with an injected clock (no sleeps), or run three schedulers' loops over
+a virtual clock for a minute of ticks in well under a second; the multiprocess test (``slow``
+tier) runs three ``taskmill scheduler`` processes against the real broker for a real minute."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import math
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from taskmill import App, JobState
-from taskmill.scheduler import Scheduler
+from taskmill.brokers.features import schedule_store
+from taskmill.scheduler import PassReport, Scheduler
+from taskmill.schedules import Schedule
 from taskmill.testing import running_worker
 
 from .apps import PERIODIC_ENV, build_app
@@ -33,6 +41,80 @@ class Clock:
 
     def advance(self, **delta: float) -> None:
         self.at += timedelta(**delta)
+
+
+class VirtualTime:
+    """A clock and a sleep for several schedulers at once. Time stands still while any of them
+    is awake (its pass does real I/O on the real broker); once all sleep, it jumps to the
+    earliest wake-up and wakes whoever is due. A minute of ticks takes as long as the passes."""
+
+    def __init__(self, at: datetime, sleepers: int) -> None:
+        self.now = at.timestamp()
+        self.sleepers = sleepers
+        self._sleeping: list[tuple[float, asyncio.Future[None]]] = []
+        self._all_asleep = asyncio.Event()
+
+    async def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float, stop: asyncio.Event) -> None:
+        woken = asyncio.get_running_loop().create_future()
+        self._sleeping.append((self.now + seconds, woken))
+        if len(self._sleeping) == self.sleepers:
+            self._all_asleep.set()
+        await woken
+
+    async def run(self, schedulers: Sequence[Scheduler], until: datetime) -> None:
+        """Run the schedulers' loops while virtual time reaches ``until``, then stop them."""
+        stop = asyncio.Event()
+        loops = [asyncio.create_task(s.run(stop)) for s in schedulers]
+        try:
+            while True:
+                await self._until_all_asleep(loops)
+                wake_at = min(at for at, _ in self._sleeping)
+                if wake_at > until.timestamp():
+                    break
+                self.now = wake_at
+                self._wake(until=wake_at)
+        finally:
+            stop.set()
+            self._wake(until=math.inf)
+            async with asyncio.timeout(10):
+                await asyncio.gather(*loops)
+
+    async def _until_all_asleep(self, loops: Sequence[asyncio.Task[None]]) -> None:
+        asleep = asyncio.ensure_future(self._all_asleep.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {asleep, *loops}, timeout=10, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            asleep.cancel()
+        ended = [loop for loop in loops if loop in done]
+        assert not ended, f"a scheduler's loop ended: {ended[0]!r}"
+        assert asleep in done, f"the schedulers did not all go to sleep at {self.now}"
+        self._all_asleep.clear()
+
+    def _wake(self, until: float) -> None:
+        woken = [fut for at, fut in self._sleeping if at <= until]
+        self._sleeping = [(at, fut) for at, fut in self._sleeping if at > until]
+        for fut in woken:
+            fut.set_result(None)
+
+
+class RecordingScheduler(Scheduler):
+    """A scheduler that keeps each pass's report with the virtual time it ran at."""
+
+    def __init__(self, app: App, virtual: VirtualTime) -> None:
+        super().__init__(app, clock=virtual.clock, sleep=virtual.sleep)
+        self.virtual = virtual
+        self.passes: list[tuple[float, PassReport]] = []
+
+    async def run_pass(self, schedules: Sequence[Schedule] | None = None) -> PassReport:
+        at = self.virtual.now
+        report = await super().run_pass(schedules)
+        self.passes.append((at, report))
+        return report
 
 
 def tick_ids(app: App) -> list[str]:
@@ -62,7 +144,8 @@ def test_two_schedulers_enqueue_a_tick_once_even_after_it_ran(app: App) -> None:
     again = app.run_sync(broker.enqueue([first._job(app.schedules["minutely"], START)]))
     assert again.existing == {0}
     assert tick_ids(app) == [job_id("minutely", START)]
-    assert app.run_sync(broker.schedule_marks()) == {"minutely": START.timestamp()}
+    marks = app.run_sync(schedule_store(broker).schedule_marks())
+    assert marks == {"minutely": START.timestamp()}
 
 
 def test_ticks_come_due_on_time_and_never_early(app: App) -> None:
@@ -141,7 +224,7 @@ def test_overlap_skip_waits_for_the_previous_run(app: App) -> None:
 
 
 def test_marks_only_move_forward(app: App) -> None:
-    broker = opened(app)
+    broker = schedule_store(opened(app))
     app.run_sync(broker.mark_schedules({"a": 200.0, "b": 50.0}))
     app.run_sync(broker.mark_schedules({"a": 100.0, "b": 60.0}))
     assert app.run_sync(broker.schedule_marks()) == {"a": 200.0, "b": 60.0}
@@ -158,13 +241,51 @@ def test_a_schedule_with_arguments_that_do_not_fit_is_refused(app: App) -> None:
     assert app.schedules[greet.name].kwargs == {"name": "ops"}
 
 
+@pytest.mark.timeout(60)
+def test_three_schedulers_over_a_virtual_minute_enqueue_every_tick_exactly_once(
+    app: App,
+) -> None:
+    """The property of the three-process test below, in-process over virtual time: three
+    schedulers' loops (their passes, and the sleeps they choose between passes) for a minute
+    of an every-second schedule. Each tick is enqueued by exactly one pass, the ticks are
+    consecutive seconds, and each was enqueued at or after its time, within its second."""
+
+    @app.periodic(every=timedelta(seconds=1), name="every-second")
+    @app.task(name="conformance.tick")
+    def tick() -> None: ...
+
+    virtual = VirtualTime(START + timedelta(seconds=0.5), sleepers=3)
+    schedulers = [RecordingScheduler(app, virtual) for _ in range(3)]
+    started = time.monotonic()
+    app.run_sync(virtual.run(schedulers, until=START + timedelta(seconds=60.5)))
+    assert time.monotonic() - started < 30  # a virtual minute, not a real one
+
+    expected = [job_id("every-second", START + timedelta(seconds=s)) for s in range(61)]
+    assert tick_ids(app) == expected
+    enqueued = [
+        (at, tick_id) for s in schedulers for at, report in s.passes for tick_id in report.enqueued
+    ]
+    assert sorted(tick_id for _, tick_id in enqueued) == expected  # each by one pass only
+    tick_at = {j: START.timestamp() + s for s, j in enumerate(expected)}
+    early = [(at, j) for at, j in enqueued if at < tick_at[j]]
+    assert early == []
+    late = [(at, j) for at, j in enqueued if at - tick_at[j] >= 1.0]
+    assert late == []
+    assert all(len(s.passes) >= 60 for s in schedulers), [len(s.passes) for s in schedulers]
+    jobs = app.run_sync(opened(app).list_jobs(limit=1000))
+    assert {(j.task, j.state) for j in jobs} == {("conformance.tick", JobState.QUEUED)}
+
+
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(150)
 def test_three_scheduler_processes_enqueue_every_tick_exactly_once(
     broker_url: str, tmp_path: Path
 ) -> None:
     """An every-second schedule, three ``taskmill scheduler`` processes for 60 s: the ticks
-    enqueued are consecutive seconds, each once, each enqueued at or after its time."""
+    enqueued are consecutive seconds, each once, each enqueued at or after its time. (Slow
+    tier: a real minute on each broker; the virtual-time test above shows the same in-process
+    in well under a second.)"""
     env = {**subprocess_env(broker_url, {}), PERIODIC_ENV: "1"}
     app = build_app(broker_url)
     try:

@@ -10,7 +10,7 @@ import pytest
 from taskmill import App, ConfigurationError, DuplicateJobError, JobState
 from taskmill.testing import running_worker
 
-from .helpers import opened
+from .helpers import opened, wait_until
 
 
 def test_second_send_returns_the_pending_job(app: App) -> None:
@@ -147,6 +147,29 @@ def test_a_stored_job_id_is_never_stored_again(app: App) -> None:
     result = app.run_sync(broker.enqueue(batch))
     assert result.ids == [batch[0].id, "charge-1"] and result.existing == {1}
     assert len(app.run_sync(broker.list_jobs())) == 3
+
+
+def test_a_stored_job_id_sent_while_a_worker_waits_is_not_stored_again(app: App) -> None:
+    """With a worker waiting for work (Redis asks for a stored id and for waiting workers in
+    one command), a send under a stored id stores and runs nothing again, and a new job still
+    goes to the waiting worker."""
+    runs: list[int] = []
+
+    @app.task()
+    def charge(order: int) -> int:
+        runs.append(order)
+        return order
+
+    with running_worker(app) as worker:
+        first = charge.options(job_id="charge-9").send(1)
+        assert first.result(timeout=10) == 1
+        wait_until(lambda: worker._idle_task is not None, what="the worker to wait for work")
+        again = charge.options(job_id="charge-9").send(1)
+        assert (again.id, again.existing) == ("charge-9", True)
+        fresh = charge.send(2)
+        assert fresh.result(timeout=10) == 2
+    assert sorted(runs) == [1, 2]
+    assert app.get_job("charge-9").attempt == 1
 
 
 def test_a_stored_job_id_wins_over_its_own_key(app: App) -> None:

@@ -1,4 +1,7 @@
-"""Workflows on every broker: chain, group, chord and their nesting; failure and cancel
+"""The ``WorkflowStore`` feature (``taskmill.brokers.features``), through workflows, and the
+job store's ``get_many`` that advancing them reads steps with.
+
+Workflows on every broker: chain, group, chord and their nesting; failure and cancel
 semantics; a step whose worker died before advancing the workflow is released by the sweep."""
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from taskmill import (
     chord,
     group,
 )
+from taskmill.brokers.features import workflow_store
 from taskmill.job import Finish, Succeeded
 from taskmill.testing import running_worker
 from taskmill.workflows import step_job_id, sweep
@@ -133,13 +137,13 @@ def test_a_step_finished_without_advancing_is_released_by_the_sweep(app: App) ->
     assert job.id == step_job_id(handle.id, "0")
     app.run_sync(broker.finish([Finish(claim_of(job), Succeeded(b"3"))]))
     assert handle.steps()[step_job_id(handle.id, "1")] is None
-    assert app.run_sync(sweep(app)) == 1
-    assert app.run_sync(sweep(app)) == 1  # twice: still one job for the step
+    assert app.run_sync(sweep(app.client)) == 1
+    assert app.run_sync(sweep(app.client)) == 1  # twice: still one job for the step
     assert handle.steps()[step_job_id(handle.id, "1")] is JobState.QUEUED
     assert len(app.run_sync(broker.list_jobs())) == 2
     with running_worker(app):
         assert handle.result(timeout=20) == 13
-    assert app.run_sync(broker.running_workflows()) == []
+    assert app.run_sync(workflow_store(broker).running_workflows()) == []
 
 
 def test_bad_workflows_are_refused_before_anything_is_stored(app: App) -> None:
@@ -151,4 +155,4 @@ def test_bad_workflows_are_refused_before_anything_is_stored(app: App) -> None:
     with pytest.raises(ConfigurationError, match="not 42"):
         chain(add.s(1, 2), 42)  # type: ignore[arg-type]
     assert app.run_sync(opened(app).list_jobs()) == []
-    assert app.run_sync(opened(app).running_workflows()) == []
+    assert app.run_sync(workflow_store(opened(app)).running_workflows()) == []

@@ -15,6 +15,7 @@ from typing import Any
 from uuid import UUID
 
 from taskmill import App, Retry, SoftTimeLimitExceeded, current_job
+from taskmill.testing import wait_until
 
 
 class QuotaExceededError(Exception):
@@ -25,15 +26,6 @@ class QuotaExceededError(Exception):
 # attempt's claim can report the job lost by its id, which stops the second attempt if the
 # same worker claimed it meanwhile (a worker race outside time limits).
 RETRY_AFTER_S = 0.5
-
-
-def wait_for_file(path: str, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def build_app(url: str = "memory://", **settings: Any) -> App:
@@ -122,7 +114,8 @@ def build_app(url: str = "memory://", **settings: Any) -> App:
     @app.task(name="pool.progress")
     def progress(release_file: str) -> str:
         current_job().progress(0.5, f"half done in {os.getpid()}")
-        return "released" if wait_for_file(release_file) else "not released"
+        wait_until(lambda: os.path.exists(release_file), timeout=30, what="the release file")
+        return "released"
 
     @app.task(name="pool.cooperative")
     def cooperative(marker: str) -> str:

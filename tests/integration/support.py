@@ -1,5 +1,6 @@
-"""What the integration tests share: waiting until a deadline, ``taskmill worker`` processes,
-reading an app's jobs back, and calls run all at once to show a wait is bounded."""
+"""What the integration tests share: ``taskmill worker`` processes, reading an app's jobs back,
+and calls run all at once to show a wait is bounded. (Waiting until a deadline is
+``taskmill.testing.wait_until``.)"""
 
 from __future__ import annotations
 
@@ -12,28 +13,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO
 
 from taskmill import App, JobState
 from taskmill.job import Job
+from taskmill.testing import wait_until
 
 HERE = Path(__file__).resolve().parent
-T = TypeVar("T")
-
-
-def poll_until(
-    check: Callable[[], T | None], *, what: str | Callable[[], str], timeout: float = 20.0
-) -> T:
-    """Call ``check`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout} s waiting for {text}")
-        time.sleep(0.02)
 
 
 class Workers:
@@ -82,7 +68,7 @@ def wait_registered(app: App, proc: subprocess.Popen[bytes], workers: Workers) -
         assert proc.poll() is None, f"the worker exited early:\n{workers.output()}"
         return any(w.pid == proc.pid for w in app.run_sync(app.broker.list_workers()))
 
-    poll_until(registered, what=f"worker {proc.pid} to register", timeout=30)
+    wait_until(registered, what=f"worker {proc.pid} to register", timeout=30)
 
 
 def all_jobs(app: App, state: JobState | None = None) -> dict[str, Job]:

@@ -19,7 +19,7 @@ from typing import IO, Any, TypeVar
 
 import pytest
 
-from .support import poll_until
+from taskmill.testing import wait_until
 
 HERE = Path(__file__).resolve().parent
 T = TypeVar("T")
@@ -132,7 +132,7 @@ def wait_state(cli: Cli, job_id: str, state: str, timeout: float = 20.0) -> dict
         info = cli.job(job_id)
         return info if info["state"] == state else None
 
-    return poll_until(check, what=f"job {job_id} to be {state}", timeout=timeout)
+    return wait_until(check, what=f"job {job_id} to be {state}", timeout=timeout)
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
@@ -186,7 +186,7 @@ def test_enqueue_wait_timeout(cli: Cli) -> None:
 
 def test_enqueue_wait_timeout_with_a_worker_on_the_queue_gives_no_hint(cli: Cli) -> None:
     worker = cli.spawn("worker", "-q", "default")
-    poll_until(lambda: alive_workers(cli), what="the worker to register")
+    wait_until(lambda: alive_workers(cli), what="the worker to register", timeout=20)
     cli.ok("queues", "pause", "default")  # the worker takes nothing: the wait times out
     r = cli.run("enqueue", "add", "[1, 2]", "--wait", "--timeout", "0.2")
     assert r.returncode == 1
@@ -402,15 +402,17 @@ def test_queues_counts_and_pause(cli: Cli) -> None:
     assert cli.ok("queues", "pause", "urgent").strip() == "queue urgent paused"
     assert queue_stats(cli)["urgent"]["paused"] is True
     worker = cli.spawn("worker", "-c", "4")
-    poll_until(
+    wait_until(
         lambda: queue_stats(cli)["default"]["counts"]["succeeded"] == 3 or None,
         what="the default queue to drain",
+        timeout=20,
     )
     assert queue_stats(cli)["urgent"]["counts"]["queued"] == 2  # paused: not claimed
     cli.ok("queues", "resume", "urgent")
-    poll_until(
+    wait_until(
         lambda: queue_stats(cli)["urgent"]["counts"]["succeeded"] == 2 or None,
         what="the resumed urgent queue to drain",
+        timeout=20,
     )
     assert stop(worker) == 0, cli.output()
 
@@ -418,7 +420,7 @@ def test_queues_counts_and_pause(cli: Cli) -> None:
 def test_workers_listing_and_sigterm_drain(cli: Cli, tmp_path: Path) -> None:
     assert cli.json("workers") == []
     worker = cli.spawn("worker", "-c", "3", "-q", "urgent,default")
-    (w,) = poll_until(lambda: alive_workers(cli) or None, what="the worker to register")
+    (w,) = wait_until(lambda: alive_workers(cli) or None, what="the worker to register", timeout=20)
     assert w["pid"] == worker.pid and w["concurrency"] == 3
     assert w["queues"] == ["urgent", "default"]
     assert str(worker.pid) in cli.ok("workers")
@@ -426,7 +428,9 @@ def test_workers_listing_and_sigterm_drain(cli: Cli, tmp_path: Path) -> None:
     release = tmp_path / "release"
     job = cli.send("block", json.dumps([str(release)]))
     wait_state(cli, job, "running")
-    poll_until(lambda: alive_workers(cli)[0]["running"] == 1 or None, what="the running count")
+    wait_until(
+        lambda: alive_workers(cli)[0]["running"] == 1 or None, what="the running count", timeout=20
+    )
     drain_and_release(cli, worker, release, job)
     assert cli.json("workers") == []  # signed off
 
@@ -435,9 +439,10 @@ def drain_and_release(cli: Cli, proc: subprocess.Popen[bytes], release: Path, jo
     """SIGTERM ``proc`` while a ``block`` job runs: it must wait for the job, which then ends
     when ``release`` appears, and exit 0 with the job succeeded (drained, not abandoned)."""
     proc.send_signal(signal.SIGTERM)
-    poll_until(
+    wait_until(
         lambda: "draining 1 running jobs" in cli.output() or None,
         what="the worker to start draining",
+        timeout=20,
     )
     assert proc.poll() is None, "the worker must wait for its running job"
     release.touch()
@@ -480,7 +485,7 @@ def test_supervisor_restarts_a_killed_child_and_drains_on_sigterm(cli: Cli) -> N
         found = alive_workers(cli)
         return found if len(found) == 2 else None
 
-    first = poll_until(two_alive, what="two registered workers")
+    first = wait_until(two_alive, what="two registered workers", timeout=20)
     pids = {w["pid"] for w in first}
     assert supervisor.pid not in pids and len(pids) == 2
 
@@ -494,7 +499,7 @@ def test_supervisor_restarts_a_killed_child_and_drains_on_sigterm(cli: Cli) -> N
         new = {w["id"] for w in found} - {w["id"] for w in first}
         return found if len(new) == 1 else None
 
-    replaced = poll_until(restarted, what="the supervisor to restart the killed worker")
+    replaced = wait_until(restarted, what="the supervisor to restart the killed worker", timeout=20)
     assert supervisor.poll() is None
     assert "(killed by SIGKILL); restarting in" in cli.output()
 
@@ -525,7 +530,7 @@ def test_schedules_lists_next_runs_and_a_worker_runs_the_ticks(cli: Cli) -> None
         every = rows["every-second"]
         return every if every["last_state"] == "succeeded" else None
 
-    every = poll_until(ticked, what="a tick of every-second to succeed")
+    every = wait_until(ticked, what="a tick of every-second to succeed", timeout=20)
     assert every["last_tick"] < every["next"][0]
     table = cli.ok("schedules", "--app", "cliapp:scheduled")
     assert "every-second" in table and "nightly" in table
@@ -570,7 +575,7 @@ def test_worker_logs_json_lines_with_job_fields(cli: Cli) -> None:
         lines = [e for e in entries() if e.get("job_id") in (failed, succeeded)]
         return lines if len(lines) == 2 else None
 
-    lines = poll_until(job_lines, what="a log line for each job", timeout=20)
+    lines = wait_until(job_lines, what="a log line for each job", timeout=20)
     by_id = {e["job_id"]: e for e in lines}
     assert by_id[failed]["level"] == "error" and by_id[failed]["task"] == "boom"
     assert by_id[failed]["error"] == "ValueError: kaput"
@@ -614,7 +619,7 @@ def test_a_task_in_a_process_pool_child_logs_as_the_worker_does(cli: Cli) -> Non
                 return entry
         return None
 
-    entry = poll_until(said, what="the child's log line", timeout=30)
+    entry = wait_until(said, what="the child's log line", timeout=30)
     assert entry["logger"] == "cliapp.chatty" and entry["level"] == "info"
     assert entry["pid"] != worker.pid  # written by the child, formatted as the worker's lines
     assert wait_state(cli, job_id, "succeeded")["result"] == "hello"

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from taskmill import App
+from taskmill.testing import wait_until
 
-from .support import poll_until
 from .test_cli import Cli, one_error_line, stop, wait_state
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
@@ -259,7 +259,7 @@ def test_tasks_purge_all_and_the_workers_counters(cli: Cli) -> None:
         found = [w for w in cli.json("workers") if w["pid"] == worker.pid]
         return found[0] if found and (found[0]["processed"], found[0]["failed"]) == (2, 1) else None
 
-    poll_until(counted, what="the worker's counters to reach 2 processed, 1 failed")
+    wait_until(counted, what="the worker's counters to reach 2 processed, 1 failed", timeout=20)
     table = cli.ok("workers")
     assert "processed" in table and "failed" in table
     assert stop(worker) == 0, cli.output()

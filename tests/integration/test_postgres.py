@@ -1,7 +1,7 @@
 """PostgreSQL-specific behaviour that the conformance suite cannot show: enqueue inside the
-caller's own transaction, a server restarted mid-run, connections killed under an idle worker,
-worker processes contending for the same jobs, migrations (step by step, concurrent, turned
-off), and producers whose server is down.
+caller's own transaction, connections killed under an idle worker, worker processes contending
+for the same jobs, migrations (step by step, concurrent, turned off), and producers whose
+server is down. (A server restarted mid-run: ``test_server_restart.py``.)
 
 Servers are real (``tests/servers.py``): the session's cluster with a database per test, or a
 test's own cluster (``postgres_server_own``) when the test stops it. Workers are real
@@ -12,6 +12,7 @@ deadline; the only sleeps are an outage's length and a producer's pacing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import subprocess
@@ -39,14 +40,14 @@ from taskmill import (
     JobState,
 )
 from taskmill.brokers import postgres as pg
+from taskmill.brokers.postgres.connection import pipelined_transaction
 from taskmill.job import NewJob
-from taskmill.testing import running_worker
+from taskmill.testing import running_worker, wait_until
 
 from .postgres_app import EXECUTIONS_URL_ENV, SETTINGS, record, work
 from .support import (
     Workers,
     all_jobs,
-    poll_until,
     run_at_once,
     state_counts,
     wait_registered,
@@ -288,84 +289,7 @@ def test_the_documented_transactional_example_runs(database: Database) -> None:
         check.close()
 
 
-# --- (b) the server restarted during a run -------------------------------------------------------
-
-
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("how", ["stop", "kill"])
-def test_restart_loses_no_acknowledged_job_and_workers_carry_on(
-    own_database: Database, workers: Workers, how: str
-) -> None:
-    """The server is stopped (fast shutdown) or killed (immediate shutdown: crash recovery at
-    start) mid-run and started again a second later on the same port. A producer sends
-    throughout; every job whose ``send`` returned is completed afterwards by the same worker
-    process, which was never restarted."""
-    server = own_database.server
-    url = own_database.taskmill_url()
-    app = make_app(url)
-    task = app.tasks["work"]
-    acked: list[str] = []
-    refused: list[BaseException] = []
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def produce() -> None:
-        n = 0
-        while not stop.is_set():
-            try:
-                acked.append(task.send(n, 0.01).id)
-            except BrokerUnavailableError as exc:  # allowed during the outage: not acknowledged
-                refused.append(exc)
-            except BaseException as exc:
-                errors.append(exc)
-                return
-            n += 1
-            time.sleep(0.002)  # pacing: the run spans the restart
-
-    try:
-        proc = workers.start(url, "--concurrency", "8")
-        wait_registered(app, proc, workers)
-        producer = threading.Thread(target=produce, name="producer", daemon=True)
-        producer.start()
-        try:
-            poll_until(lambda: len(acked) >= 300 or errors, what="300 jobs sent")
-            # the restart lands with jobs running and waiting, not on an idle worker
-            poll_until(
-                lambda: (counts := state_counts(app)).get("running") and counts.get("queued"),
-                what=lambda: f"jobs both running and queued: {state_counts(app)}",
-            )
-            before = len(acked)
-            server.restart(kill=how == "kill", down_s=1.0)
-            poll_until(
-                lambda: len(acked) >= before + 300 or errors,
-                what="the producer to send 300 more jobs after the restart",
-                timeout=40,
-            )
-        finally:
-            stop.set()
-            producer.join(30)
-        assert not errors, f"the producer failed with {errors[0]!r}"
-
-        def missing() -> set[str]:
-            return set(acked) - set(all_jobs(app, JobState.SUCCEEDED))
-
-        poll_until(
-            lambda: not missing(),
-            what=lambda: (
-                f"{len(missing())} of {len(acked)} acknowledged jobs to succeed; "
-                f"worker output:\n{workers.output()[-5000:]}"
-            ),
-            timeout=60,
-        )
-        assert proc.poll() is None, f"the worker exited:\n{workers.output()}"
-        assert not all_jobs(app, JobState.FAILED)
-        assert task.send(-1).result(timeout=10) == -1  # and the same worker takes new work
-        assert proc.poll() is None
-    finally:
-        app.close()
-
-
-# --- (c) connections terminated under an idle worker ---------------------------------------------
+# --- (b) connections terminated under an idle worker ----------------------------------------------
 
 
 def listening_backend(admin: psycopg.Connection[Any], database: str) -> int | None:
@@ -403,7 +327,7 @@ def test_worker_resumes_within_5s_after_pg_terminate_backend(
         wait_registered(app, proc, workers)
         assert task.send(0).result(timeout=10) == 0
         for round_ in range(1, 4):
-            poll_until(
+            wait_until(
                 lambda: listening_backend(admin, database.name),
                 what="the idle worker to LISTEN for wake-ups",
                 timeout=15,
@@ -426,7 +350,7 @@ def test_worker_resumes_within_5s_after_pg_terminate_backend(
         app.close()
 
 
-# --- (d) worker processes contending for the same jobs -------------------------------------------
+# --- (c) worker processes contending for the same jobs --------------------------------------------
 
 
 @pytest.mark.timeout(120)
@@ -451,7 +375,7 @@ def test_contending_worker_processes_run_each_job_once(
         os.environ[EXECUTIONS_URL_ENV] = database.url  # for the in-process worker's runs
         try:
             with running_worker(app, concurrency=2):
-                poll_until(
+                wait_until(
                     lambda: state_counts(app).get("succeeded") == total,
                     what=lambda: f"{total} jobs to succeed: {state_counts(app)}",
                     timeout=60,
@@ -472,7 +396,7 @@ def test_contending_worker_processes_run_each_job_once(
         app.close()
 
 
-# --- (e) migrations ------------------------------------------------------------------------------
+# --- (d) migrations -------------------------------------------------------------------------------
 
 
 def catalog(conn: psycopg.Connection[Any], schema: str) -> dict[str, list[tuple[Any, ...]]]:
@@ -611,7 +535,7 @@ def test_migrate_false_without_a_schema_says_what_to_do(database: Database) -> N
     assert "nothing to migrate" in out, out
 
 
-# --- (f) producers whose server is unreachable ---------------------------------------------------
+# --- (e) producers whose server is unreachable ----------------------------------------------------
 
 
 @pytest.mark.timeout(120)
@@ -691,7 +615,7 @@ def test_a_server_that_refuses_the_connection_is_a_broker_error_at_once(
         app.close()
 
 
-# --- (g) wake-ups and retried sends --------------------------------------------------------------
+# --- (f) wake-ups and retried sends ---------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -703,13 +627,17 @@ def test_idle_workers_are_woken_not_polling(database: Database) -> None:
     try:
         with running_worker(app, idle_poll_s=30.0) as worker:
             assert task.send(0).result(timeout=10) == 0
-            poll_until(lambda: worker._idle_task is not None, what="the worker to go idle")
+            wait_until(
+                lambda: worker._idle_task is not None, what="the worker to go idle", timeout=20
+            )
             sent = time.time()
             handle = task.send(1)
             assert handle.result(timeout=10) == 1
             started = app.get_job(handle.id).started_at
             assert started is not None and started - sent < WOKEN_S
-            poll_until(lambda: worker._idle_task is not None, what="the worker to go idle")
+            wait_until(
+                lambda: worker._idle_task is not None, what="the worker to go idle", timeout=20
+            )
             later = task.options(delay=1.0).send(2)
             assert later.result(timeout=10) == 2
             job = app.get_job(later.id)
@@ -735,7 +663,7 @@ def test_a_send_retried_after_a_lost_reply_is_not_stored_twice(database: Databas
         def retry(conn: psycopg.Connection[Any], retried: bool) -> Any:
             return broker._store(conn, jobs, "return", check_stored=True)
 
-        second = broker._run_blocking(retry)
+        second = broker._db.run_blocking(retry)
         assert second.ids == first.ids and second.existing == first.existing
         with database.connect() as conn:
             assert conn.execute("SELECT count(*) FROM taskmill.jobs").fetchone() == (3,)
@@ -756,14 +684,14 @@ def test_a_failed_statement_rolls_back_the_whole_pipelined_transaction(database:
         async with conn:
 
             async def insert_then_fail() -> None:
-                async with pg._pipelined_transaction(conn):
+                async with pipelined_transaction(conn):
                     await conn.execute("INSERT INTO public.marks VALUES (1)")
                     await conn.execute("SELECT 1 / 0")
 
             with pytest.raises(psycopg.errors.DivisionByZero):
                 await insert_then_fail()
             status = conn.info.transaction_status
-            async with pg._pipelined_transaction(conn, durable=False):
+            async with pipelined_transaction(conn, durable=False):
                 await conn.execute("INSERT INTO public.marks VALUES (2)")
             rows = await (await conn.execute("SELECT n FROM public.marks")).fetchall()
         return [r[0] for r in rows], status
@@ -771,3 +699,124 @@ def test_a_failed_statement_rolls_back_the_whole_pipelined_transaction(database:
     rows, status = asyncio.run(scenario())
     assert status == TransactionStatus.IDLE
     assert rows == [2]
+
+
+# --- (g) dead entries in the claims' index ------------------------------------------------------
+
+# Enough jobs leaving the queue at once that a claim walks past the pacer's threshold
+# (brokers/postgres/vacuum.py, VacuumPacer.walk_pages: 1,000 pages of the ready index, about
+# 160 entries a page).
+LEFT_THE_QUEUE = 250_000
+
+
+def queue_then_finish_in_bulk(db: Database, n: int) -> None:
+    """``n`` queued jobs, vacuumed, then all marked succeeded in one statement: dead entries at
+    the head of the ready index. Autovacuum is off on the table, so none but ours runs."""
+    with db.connect() as conn:
+        conn.execute("ALTER TABLE taskmill.jobs SET (autovacuum_enabled = false)")
+        conn.execute(
+            "INSERT INTO taskmill.jobs (id, task, queue, state, payload, run_at, enqueued_at) "
+            "SELECT 'bulk-' || lpad(g::text, 7, '0'), 'work', 'default', 'queued', "
+            "'[[0],{}]', clock_timestamp() - interval '1 hour', clock_timestamp() "
+            "FROM generate_series(1, %s) AS g",
+            (n,),
+        )
+        conn.execute("VACUUM taskmill.jobs")
+        conn.execute(
+            "UPDATE taskmill.jobs SET state = 'succeeded', finished_at = now() "
+            "WHERE state = 'queued'"
+        )
+
+
+def claim_walk(db: Database) -> int:
+    """Pages of the ready index that a claim's ordered walk reads now (the claim's SELECT,
+    without its locks)."""
+    with db.connect(autocommit=False) as conn:
+        conn.execute(
+            "SELECT seq FROM taskmill.jobs WHERE state = 'queued' AND queue = 'default' "
+            "ORDER BY priority DESC, run_at, seq LIMIT 16"
+        ).fetchall()
+        row = conn.execute(
+            "SELECT pg_stat_get_xact_blocks_fetched('taskmill.jobs_ready'::regclass)"
+        ).fetchone()
+        conn.rollback()
+    assert row is not None
+    return int(row[0])
+
+
+def vacuums(db: Database) -> tuple[int, int]:
+    """(manual vacuums, autovacuums) of the jobs table so far."""
+    with db.connect() as conn:
+        row = conn.execute(
+            "SELECT vacuum_count, autovacuum_count FROM pg_stat_user_tables "
+            "WHERE relid = 'taskmill.jobs'::regclass"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_vacuums_when_its_claims_walk_dead_index_entries(database: Database) -> None:
+    """A quarter of a million jobs leave the queue in one statement: every claim walks their
+    dead entries in the ready index until a vacuum. The worker sees it from its claims' own
+    statistics and vacuums the table at once (autovacuum is off here; on a server it comes a
+    minute later at worst), and a claim reads a few pages again."""
+    app = make_app(database.taskmill_url())
+    task = app.tasks["work"]
+    try:
+        app.open()
+        queue_then_finish_in_bulk(database, LEFT_THE_QUEUE)
+        before = vacuums(database)
+        walk = claim_walk(database)
+        assert walk > 1000, f"the bulk change left only {walk} pages to walk"
+        with running_worker(app):
+            handles = task.send_many([(i,) for i in range(50)])
+            assert [h.result(timeout=30) for h in handles] == [*range(50)]
+            wait_until(
+                lambda: vacuums(database)[0] > before[0],
+                what="the worker to vacuum taskmill.jobs",
+                timeout=60,
+            )
+        assert claim_walk(database) < 20
+        assert vacuums(database)[1] == before[1]  # no autovacuum did it
+    finally:
+        app.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_whose_role_does_not_own_the_table_leaves_it_to_autovacuum(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the owner may vacuum a table: a worker of another role says so once, and runs its
+    jobs as before."""
+    owner = make_app(database.taskmill_url())
+    owner.open()  # migrates
+    owner.close()
+    role = f"tm_runner_{uuid.uuid4().hex[:8]}"
+    with database.connect() as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA taskmill TO {role}")
+        conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA taskmill TO {role}")
+        conn.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA taskmill TO {role}")
+    queue_then_finish_in_bulk(database, LEFT_THE_QUEUE)
+    before = vacuums(database)
+    url = database.url.replace("postgres@", f"{role}@", 1) + "?migrate=false"
+    app = make_app(url)
+    task = app.tasks["work"]
+    try:
+        logger = "taskmill.brokers.postgres"
+        with caplog.at_level(logging.WARNING, logger=logger), running_worker(app):
+            handles = task.send_many([(i,) for i in range(50)])
+            assert [h.result(timeout=30) for h in handles] == [*range(50)]
+            wait_until(
+                lambda: any("may not vacuum" in r.getMessage() for r in caplog.records),
+                what="the worker to say it may not vacuum",
+            )
+        warnings = [r for r in caplog.records if "may not vacuum" in r.getMessage()]
+        assert len(warnings) == 1
+        assert vacuums(database)[0] == before[0]
+    finally:
+        app.close()
+        with database.connect() as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

@@ -22,11 +22,11 @@ import pytest
 
 from taskmill import App, Backoff, Job, JobFailedError, JobState
 from taskmill.retry import RetryPolicy
-from taskmill.testing import running_worker
+from taskmill.testing import running_worker, wait_until
 from taskmill.worker import Worker
 
 from .pool_app import build_app
-from .support import Workers, poll_until, wait_registered
+from .support import Workers, wait_registered
 
 T = TypeVar("T")
 APP_PATH = f"{__name__.rpartition('.')[0]}.pool_app:app"
@@ -167,7 +167,7 @@ def test_the_hard_limit_kills_the_processes_the_task_started(
     pid_file = tmp_path / "spawned.pids"
     with pool():
         handle = app.tasks["pool.spawn_and_hang"].send(str(pid_file))
-        child, sleeper = poll_until(lambda: read_pids(pid_file), what="the task's pids")
+        child, sleeper = wait_until(lambda: read_pids(pid_file), what="the task's pids", timeout=20)
         assert process_running(sleeper)
         with pytest.raises(JobFailedError) as info:
             handle.result(timeout=30)
@@ -176,7 +176,9 @@ def test_the_hard_limit_kills_the_processes_the_task_started(
             "task pool.spawn_and_hang timed out after 1 s (its hard time limit); its child "
             "process and the processes it started were killed"
         )
-        poll_until(lambda: not process_running(sleeper), what=f"sleep {sleeper} to be killed")
+        wait_until(
+            lambda: not process_running(sleeper), what=f"sleep {sleeper} to be killed", timeout=20
+        )
         assert not process_running(child)
         assert app.tasks["pool.pid"].send().result(timeout=30) not in (child, os.getpid())
 
@@ -253,12 +255,13 @@ def test_a_child_whose_worker_dies_kills_itself_and_what_it_started(
         wait_registered(app, worker, workers)
         # no hard limit: only the worker's death may stop it
         app.tasks["pool.spawn_and_hang"].options(timeout=3600).send(str(pid_file))
-        child, sleeper = poll_until(lambda: read_pids(pid_file), what="the task's pids")
+        child, sleeper = wait_until(lambda: read_pids(pid_file), what="the task's pids", timeout=20)
         worker.kill()  # SIGKILL, the worker alone: nothing of it can clean up
         worker.wait(timeout=30)
-        poll_until(
+        wait_until(
             lambda: not process_running(child) and not process_running(sleeper),
             what=f"child {child} and its sleep {sleeper} to end",
+            timeout=20,
         )
     finally:
         workers.close()
@@ -302,7 +305,7 @@ def test_progress_reported_in_the_child_is_stored(
             job = app.get_job(handle.id)
             return job if job.progress is not None else None
 
-        job = poll_until(with_progress, what="progress from the child")
+        job = wait_until(with_progress, what="progress from the child", timeout=20)
         assert job.state is JobState.RUNNING
         assert job.progress == 0.5
         assert job.progress_message is not None
@@ -318,12 +321,17 @@ def test_a_cancel_reaches_the_task_in_the_child(
     marker = tmp_path / "cancelled"
     with pool():
         handle = app.tasks["pool.cooperative"].send(str(marker))
-        poll_until(
+        wait_until(
             lambda: app.get_job(handle.id).progress_message == "started",
             what="the task to start",
+            timeout=20,
         )
         assert handle.cancel() is JobState.RUNNING  # asked; the task stops cooperatively
-        poll_until(lambda: handle.status() is JobState.CANCELLED, what="the job to be cancelled")
+        wait_until(
+            lambda: handle.status() is JobState.CANCELLED,
+            what="the job to be cancelled",
+            timeout=20,
+        )
         pid_text, flag = marker.read_text().split()
         assert flag == "cancelled=True"
         assert int(pid_text) != os.getpid()

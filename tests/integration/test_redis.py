@@ -1,6 +1,6 @@
-"""Redis-specific behaviour that the conformance suite cannot show: a redis-server restarted
-mid-run (appendonly), connections killed under a worker, keys that expire, two apps sharing one
-server under different prefixes, and producers whose Redis is down or hung.
+"""Redis-specific behaviour that the conformance suite cannot show: connections killed under a
+worker, keys that expire, two apps sharing one server under different prefixes, and producers
+whose Redis is down or hung. (A server restarted mid-run: ``test_server_restart.py``.)
 
 Servers are real (``tests/servers.py``): the session's shared one under a key prefix per test,
 or a test's own (``redis_server_aof``) when the test stops, kills or freezes it. Workers are
@@ -22,15 +22,13 @@ import redis
 
 from servers import RedisServer
 from taskmill import App, BrokerUnavailableError, JobNotFoundError, JobState, current_job
-from taskmill.testing import running_worker
+from taskmill.testing import running_worker, wait_until
 
 from .redis_app import SETTINGS, work
 from .support import (
     Workers,
     all_jobs,
-    poll_until,
     run_at_once,
-    state_counts,
     wait_registered,
 )
 
@@ -89,82 +87,7 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
         w.close()
 
 
-# --- (a) a restart of redis-server during a run --------------------------------------------------
-
-
-@pytest.mark.timeout(150)
-def test_restart_with_appendonly_loses_no_acknowledged_job_and_workers_carry_on(
-    redis_server_aof: RedisServer, workers: Workers
-) -> None:
-    """redis-server is SIGKILLed mid-run and started again a second later on the same port
-    (``appendfsync always``). A producer sends throughout; every job whose ``send`` returned is
-    completed afterwards by the same worker process, which was never restarted."""
-    url = url_of(redis_server_aof, "restart:")
-    app = make_app(url)
-    task = app.tasks["work"]
-    acked: list[str] = []
-    refused: list[BaseException] = []
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def produce() -> None:
-        n = 0
-        while not stop.is_set():
-            try:
-                acked.append(task.send(n, 0.02).id)
-            except BrokerUnavailableError as exc:  # allowed during the outage: not acknowledged
-                refused.append(exc)
-            except BaseException as exc:
-                errors.append(exc)
-                return
-            n += 1
-            time.sleep(0.001)  # pacing: the run spans the restart
-
-    try:
-        proc = workers.start(url, "--concurrency", "8")
-        wait_registered(app, proc, workers)
-        producer = threading.Thread(target=produce, name="producer", daemon=True)
-        producer.start()
-        try:
-            poll_until(lambda: len(acked) >= 300 or errors, what="300 jobs sent")
-            # the kill lands with jobs running and waiting, not on an idle worker
-            poll_until(
-                lambda: (counts := state_counts(app))["running"] and counts["queued"],
-                what=lambda: f"jobs both running and queued: {state_counts(app)}",
-            )
-            before = len(acked)
-            redis_server_aof.restart(kill=True, down_s=1.0)
-            poll_until(
-                lambda: len(acked) >= before + 300 or errors,
-                what="the producer to send 300 more jobs after the restart",
-                timeout=30,
-            )
-        finally:
-            stop.set()
-            producer.join(30)
-        assert not errors, f"the producer failed with {errors[0]!r}"
-
-        def missing() -> set[str]:
-            return set(acked) - set(all_jobs(app, JobState.SUCCEEDED))
-
-        poll_until(
-            lambda: not missing(),
-            what=lambda: (
-                f"{len(missing())} of {len(acked)} acknowledged jobs to succeed; "
-                f"worker output:\n{workers.output()[-5000:]}"
-            ),
-            timeout=60,
-        )
-        assert proc.poll() is None, f"the worker exited:\n{workers.output()}"
-        assert not all_jobs(app, JobState.FAILED)
-        # and the same worker keeps taking new work
-        assert task.send(-1).result(timeout=10) == -1
-        assert proc.poll() is None
-    finally:
-        app.close()
-
-
-# --- (b) connections killed under a worker -------------------------------------------------------
+# --- (a) connections killed under a worker --------------------------------------------------------
 
 
 def blocked_client(admin: redis.Redis) -> dict[str, Any] | None:
@@ -202,7 +125,7 @@ def test_worker_resumes_within_5s_after_client_kill(
         wait_registered(app, proc, workers)
         assert task.send(0).result(timeout=10) == 0
         for round_ in range(1, 4):
-            poll_until(
+            wait_until(
                 lambda: blocked_client(admin),
                 what="the idle worker to block waiting for work (no client has flag b: is it "
                 f"polling?) clients: {admin.client_list()}",
@@ -226,7 +149,7 @@ def test_worker_resumes_within_5s_after_client_kill(
         app.close()
 
 
-# --- (c) keys expire -----------------------------------------------------------------------------
+# --- (b) keys expire ------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -249,6 +172,32 @@ def test_pending_jobs_never_expire_and_finished_ones_do(redis_server: RedisServe
             ttl = admin.ttl(f"{prefix}job:{handle.id}")
             assert 0 < ttl <= 30, f"finished job {handle.id}: TTL {ttl}, want result_ttl_s (30)"
         assert admin.ttl(f"{prefix}job:{scheduled.id}") == -1
+    finally:
+        delete_prefix(admin, prefix)
+        admin.close()
+        app.close()
+
+
+@pytest.mark.timeout(30)
+def test_sends_to_a_server_that_forgot_the_scripts_load_them_again(
+    redis_server: RedisServer,
+) -> None:
+    """A restarted or flushed server answers NOSCRIPT: a blocking send() (its command packed
+    once, sent again after the load) and a send_many() load the script again, and each job is
+    stored once."""
+    prefix = unique_prefix("noscript")
+    app = make_app(url_of(redis_server, prefix))
+    task = app.tasks["work"]
+    admin = redis_server.client()
+    try:
+        first = task.send(1)
+        admin.script_flush()
+        second = task.send(2)
+        admin.script_flush()
+        rest = task.send_many([(3,), (4,)])
+        with running_worker(app):
+            assert [h.result(timeout=10) for h in (first, second, *rest)] == [1, 2, 3, 4]
+        assert len(all_jobs(app)) == 4
     finally:
         delete_prefix(admin, prefix)
         admin.close()
@@ -283,14 +232,14 @@ def test_no_key_without_ttl_grows_with_the_number_of_jobs(redis_server: RedisSer
         keys = {i: f"unique-{count}-{i}" for i in range(half, count)}
         ids += [record.options(key=k).send(i).id for i, k in keys.items()]
         sent.update(ids, keys.values())
-        poll_until(lambda: ran >= set(ids), what=f"{count} jobs to run", timeout=60)
+        wait_until(lambda: ran >= set(ids), what=f"{count} jobs to run", timeout=60)
 
         def settled() -> dict[str, tuple[str, int]] | None:
             if any(k.startswith(f"{prefix}job:") for k in keys_under(admin, prefix)):
                 return None
             return persistent_keys(admin, prefix) or {"(none)": ("", 0)}
 
-        return poll_until(
+        return wait_until(
             settled,
             what=lambda: (
                 f"the job hashes of {count} finished jobs to expire; left: "
@@ -322,7 +271,7 @@ def test_no_key_without_ttl_grows_with_the_number_of_jobs(redis_server: RedisSer
         app.close()
 
 
-# --- (d) two prefixes on one server --------------------------------------------------------------
+# --- (c) two prefixes on one server ---------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -365,7 +314,7 @@ def test_apps_with_different_prefixes_do_not_see_each_others_jobs(
         assert b.get_job(ids["b"][0]).state is JobState.QUEUED
 
         with running_worker(a) as worker_a:
-            poll_until(lambda: set(ran["a"]) >= set(ids["a"]), what="a's jobs to run")
+            wait_until(lambda: set(ran["a"]) >= set(ids["a"]), what="a's jobs to run", timeout=20)
             assert [w.id for w in a.run_sync(a.broker.list_workers())] == [worker_a.id]
             assert a.run_sync(b.broker.list_workers()) == []
             # a's worker claims again after b's jobs were there all along: it never takes them
@@ -382,7 +331,7 @@ def test_apps_with_different_prefixes_do_not_see_each_others_jobs(
         assert a.run_sync(a.broker.purge("default")) == 5
         assert len(all_jobs(b, JobState.QUEUED)) == len(ids["b"])
         with running_worker(b):
-            poll_until(lambda: set(ran["b"]) >= set(ids["b"]), what="b's jobs to run")
+            wait_until(lambda: set(ran["b"]) >= set(ids["b"]), what="b's jobs to run", timeout=20)
         assert not set(ran["b"]) & set(ids["a"])
     finally:
         for prefix in prefixes.values():
@@ -392,7 +341,7 @@ def test_apps_with_different_prefixes_do_not_see_each_others_jobs(
             app.close()
 
 
-# --- (e) a producer whose Redis is unreachable ---------------------------------------------------
+# --- (d) a producer whose Redis is unreachable ----------------------------------------------------
 
 
 @pytest.mark.timeout(120)

@@ -23,7 +23,7 @@ from servers import RedisServer
 from taskmill import App, JobState, current_job
 from taskmill.brokers.base import HandOver
 from taskmill.job import Job
-from taskmill.testing import running_worker
+from taskmill.testing import await_until, running_worker, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,11 +53,13 @@ async def registered(app: App, worker: str, *, timeout: float = 10.0) -> None:
     """Poll until ``worker`` is registered for hand-overs."""
     client = redis.asyncio.Redis.from_url(app.url.split("?")[0])
     key = f"{app.broker.prefix}w:{worker}:idle"  # type: ignore[attr-defined]
-    deadline = time.monotonic() + timeout
     try:
-        while not await client.exists(key):
-            assert time.monotonic() < deadline, f"{worker} never registered for hand-overs"
-            await asyncio.sleep(0.01)
+        await await_until(
+            lambda: client.exists(key),
+            timeout=timeout,
+            interval=0.01,
+            what=f"{worker} to register for hand-overs",
+        )
     finally:
         await client.aclose()
 
@@ -76,11 +78,12 @@ async def register_then_stop_waiting(app: App, lease_s: float = 30.0) -> None:
 async def blocking(app: App, *, timeout: float = 10.0) -> None:
     """Poll until a client of the server blocks in BLPOP (a wait is past its registration)."""
     client = redis.asyncio.Redis.from_url(app.url.split("?")[0])
-    deadline = time.monotonic() + timeout
+
+    async def blocked() -> bool:
+        return int((await client.info("clients"))["blocked_clients"]) >= 1
+
     try:
-        while (await client.info("clients"))["blocked_clients"] < 1:
-            assert time.monotonic() < deadline, "no wait ever blocked"
-            await asyncio.sleep(0.01)
+        await await_until(blocked, timeout=timeout, interval=0.01, what="a wait to block")
     finally:
         await client.aclose()
 
@@ -222,10 +225,7 @@ def test_a_job_handed_to_a_dead_worker_comes_back_when_its_lease_expires(app: Ap
     def recovered() -> list[tuple[str, JobState]]:
         return app.run_sync(app.broker.recover(3))
 
-    deadline = time.monotonic() + 10
-    while not (back := recovered()):
-        assert time.monotonic() < deadline, "the handed-over job was never recovered"
-        time.sleep(0.05)
+    back = wait_until(recovered, interval=0.05, what="the handed-over job to be recovered")
     assert back == [(job_id, JobState.QUEUED)]
     assert get(app, job_id).lost_leases == 1
 
@@ -252,10 +252,11 @@ def test_no_hand_over_to_a_wait_on_a_loop_that_is_not_attached(app: App) -> None
     async def scenario() -> list[Job]:
         blocked_before = await blocked_clients(app)
         waiter = asyncio.create_task(app.broker.wait(QUEUES, 1.0, HandOver(WORKER, 30.0)))
-        deadline = time.monotonic() + 10
-        while await blocked_clients(app) <= blocked_before:  # its BLPOP is under way
-            assert time.monotonic() < deadline, "the wait never blocked"
-            await asyncio.sleep(0.01)
+
+        async def blocked() -> bool:  # its BLPOP is under way
+            return await blocked_clients(app) > blocked_before
+
+        await await_until(blocked, interval=0.01, what="the wait to block")
         job_id = await asyncio.to_thread(send, app, 1)
         assert get_async_state(app, job_id) is JobState.QUEUED
         return await asyncio.wait_for(waiter, 10)

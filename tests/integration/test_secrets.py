@@ -19,8 +19,9 @@ import pytest
 
 from servers import PostgresServer, RedisServer, free_port
 from taskmill import App, BrokerError
+from taskmill.testing import wait_until
 
-from .support import HERE, poll_until
+from .support import HERE
 
 CANARY = "S3CRETcanary"
 
@@ -125,7 +126,7 @@ def test_no_output_shows_the_broker_password(tmp_path: Path, secret_url: tuple[s
     # a supervised worker runs a job, then drains on SIGTERM
     worker, worker_log = out.spawn("worker", "-p", "2", "-c", "2", name="worker")
     try:
-        poll_until(
+        wait_until(
             lambda: worker_log.read_text().count(" started: ") >= 2,
             what=lambda: f"both worker processes to start:\n{worker_log.read_text()}",
             timeout=60,
@@ -142,7 +143,7 @@ def test_no_output_shows_the_broker_password(tmp_path: Path, secret_url: tuple[s
         "scheduler", "--app", "cliapp:scheduled", "--log-level", "info", name="scheduler"
     )
     try:
-        poll_until(
+        wait_until(
             lambda: "scheduler started" in scheduler_log.read_text(),
             what=lambda: f"the scheduler to start:\n{scheduler_log.read_text()}",
             timeout=30,

@@ -29,9 +29,9 @@ import pytest
 
 from taskmill import App, BrokerError, BrokerUnavailableError, Job, JobNotFoundError, JobState
 from taskmill.brokers.sqlite import SQLiteBroker
-from taskmill.testing import running_worker
+from taskmill.testing import running_worker, wait_until
 
-from .support import HERE, poll_until
+from .support import HERE
 
 T = TypeVar("T")
 BUSY_MS = 200
@@ -201,7 +201,7 @@ def test_a_read_only_directory_makes_opening_fail_clearly_and_loses_nothing(
     assert sorted(j.payload for j in stored(producer)) == [b"[[1],{}]", b"[[3],{}]"]
     with running_worker(apps()):
         assert later.result(timeout=20) == 3
-        poll_until(lambda: count_done(db) == 2, what="both jobs to run")
+        wait_until(lambda: count_done(db) == 2, what="both jobs to run", timeout=20)
 
 
 def run_until_idle_within(app: App, seconds: float) -> BaseException | None:
@@ -270,10 +270,14 @@ def test_a_worker_process_on_an_unwritable_database_exits_naming_the_cause(
         else "is not writable: SQLite needs to create the -wal and -shm files"
     )
     assert proc.returncode == 3, proc.stderr  # stopped on an error no restart fixes
-    stopped = [line for line in proc.stderr.splitlines() if "taskmill.cli" in line]
+    # the process's last word: "worker ID stopped: …" or "worker ID cannot start: …"
+    stopped = [line for line in proc.stderr.splitlines() if _FINAL.search(line)]
     assert len(stopped) == 1 and " ERROR " in stopped[0] and cause in stopped[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert "retrying" not in proc.stderr
+
+
+_FINAL = re.compile(r"worker \S+ (stopped|cannot start): ")
 
 
 def test_supervised_workers_on_a_read_only_file_are_not_restarted(db: Path, tmp_path: Path) -> None:
@@ -294,7 +298,7 @@ def test_supervised_workers_on_a_read_only_file_are_not_restarted(db: Path, tmp_
         )
     assert proc.returncode == 3, proc.stderr
     stopped = [
-        line for line in proc.stderr.splitlines() if "taskmill.cli" in line and " ERROR " in line
+        line for line in proc.stderr.splitlines() if _FINAL.search(line) and " ERROR " in line
     ]
     assert stopped and all("is read-only" in line for line in stopped), proc.stderr
     assert "exited with an error no restart fixes (exit code 3); not restarting it" in proc.stderr
@@ -345,7 +349,7 @@ def test_a_worker_on_a_locked_file_backs_off_and_runs_the_job_once_released(
     producer = apps()
     kept = producer.tasks["echo"].send(3)
     with exclusive_lock(db) as lock, running_worker(apps()):
-        poll_until(lambda: len(retry_delays(caplog)) >= 3, what="three failed claims")
+        wait_until(lambda: len(retry_delays(caplog)) >= 3, what="three failed claims", timeout=20)
         assert kept.status() is JobState.QUEUED
         lock.execute("COMMIT")
         assert kept.result(timeout=20) == 3
@@ -380,11 +384,13 @@ def test_an_outcome_that_cannot_be_written_while_locked_is_kept_and_written_late
     producer.task(name="gated")(lambda x: x)
     with running_worker(worker_app):
         handle = producer.tasks["gated"].send(4)
-        poll_until(lambda: handle.status() is JobState.RUNNING, what="the job to start")
+        wait_until(lambda: handle.status() is JobState.RUNNING, what="the job to start", timeout=20)
         with exclusive_lock(db):
             release.set()
-            poll_until(
-                lambda: messages(caplog, "outcomes failed, will retry"), what="a failed flush"
+            wait_until(
+                lambda: messages(caplog, "outcomes failed, will retry"),
+                what="a failed flush",
+                timeout=20,
             )
             assert handle.status() is JobState.RUNNING
         assert handle.result(timeout=20) == 40

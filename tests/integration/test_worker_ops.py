@@ -25,9 +25,10 @@ import pytest
 
 from servers import RedisServer, free_port
 from taskmill import App
+from taskmill.testing import wait_until
 
 from .redis_app import SETTINGS
-from .support import Workers, poll_until
+from .support import Workers
 from .test_cli import Cli, alive_workers, one_error_line, wait_state
 
 STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
@@ -60,7 +61,7 @@ def wait_health(port: int, code: int, what: str, timeout: float = 20.0) -> dict[
         got = health(port)
         return got[1] if got is not None and got[0] == code else None
 
-    return poll_until(check, what=f"{what} (HTTP {code} on port {port})", timeout=timeout)
+    return wait_until(check, what=f"{what} (HTTP {code} on port {port})", timeout=timeout)
 
 
 def lines(output: str, pattern: str) -> list[str]:
@@ -72,7 +73,7 @@ def pools_of(cli: Cli, n: int) -> list[dict[str, Any]]:
         found = alive_workers(cli)
         return found if len(found) == n else None
 
-    return poll_until(check, what=f"{n} registered workers", timeout=30)
+    return wait_until(check, what=f"{n} registered workers", timeout=30)
 
 
 # --- liveness: --health-port --------------------------------------------------------------------
@@ -124,7 +125,9 @@ def test_supervisor_health_answers_for_every_child(cli: Cli) -> None:
             by_pid = {p["pid"]: p["status"] for p in got[1]["processes"]}
             return got[1] if by_pid == {hung: "stale", other: "ok"} else None
 
-        stale = poll_until(reported, what="503 naming the stopped child (and only it) stale")
+        stale = wait_until(
+            reported, what="503 naming the stopped child (and only it) stale", timeout=20
+        )
         assert stale["status"] == "unhealthy"
     finally:
         os.kill(hung, signal.SIGCONT)
@@ -154,7 +157,7 @@ def test_ping_exits_0_only_while_the_named_worker_heartbeats(cli: Cli) -> None:
     assert one_error_line(r) == "error: no worker named pinger is registered"
 
     worker = cli.spawn("worker", "--name", "pinger")
-    (w,) = poll_until(lambda: alive_workers(cli) or None, what="the worker to register")
+    (w,) = wait_until(lambda: alive_workers(cli) or None, what="the worker to register", timeout=20)
     assert w["name"] == "pinger" and w["id"].startswith("pinger@")
     assert w["id"] in cli.ok("workers")  # the table's id column carries the name
 
@@ -172,14 +175,15 @@ def test_ping_exits_0_only_while_the_named_worker_heartbeats(cli: Cli) -> None:
             r = cli.run("ping", "--name", "pinger", "--max-age", "1")
             return r.stderr if r.returncode == 1 else None
 
-        reason = poll_until(stale, what="ping to fail for the stopped worker")
+        reason = wait_until(stale, what="ping to fail for the stopped worker", timeout=20)
         assert "no worker named pinger heartbeated in the last 1.0s" in reason
         assert w["id"] in reason
     finally:
         os.kill(worker.pid, signal.SIGCONT)
-    poll_until(
+    wait_until(
         lambda: cli.run("ping", "--name", "pinger").returncode == 0 or None,
         what="ping to succeed for the resumed worker",
+        timeout=20,
     )
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=20) == 0, cli.output()
@@ -232,7 +236,7 @@ def test_pool_specs_run_each_pool_on_its_queues_and_restart_a_killed_child(cli: 
             return None
         return found
 
-    after = poll_until(replaced, what="the killed child to be replaced", timeout=30)
+    after = wait_until(replaced, what="the killed child to be replaced", timeout=30)
     assert sorted((w["queues"], w["concurrency"]) for w in after) == [
         (["default"], 3),
         (["default"], 3),
@@ -299,7 +303,7 @@ def test_a_worker_started_before_redis_retries_then_runs_jobs(
         pids = {line.split("[", 1)[1].split("]", 1)[0] for line in found}
         return found if len(pids) == processes else None
 
-    warned = poll_until(retried, what="every worker process to warn that it retries")
+    warned = wait_until(retried, what="every worker process to warn that it retries", timeout=20)
     for line in warned:
         assert re.search(STAMP + rf"WARNING .* retrying in \d+\.\d s: Redis at \S*:{port}", line)
 
@@ -355,7 +359,7 @@ def test_a_broken_broker_url_stops_the_supervisor_with_timestamped_errors(cli: C
 
 def test_the_default_queue_list_is_logged(cli: Cli) -> None:
     worker = cli.spawn("worker")
-    poll_until(lambda: alive_workers(cli) or None, what="the worker to register")
+    wait_until(lambda: alive_workers(cli) or None, what="the worker to register", timeout=20)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=20) == 0
     (line,) = lines(cli.output(), r"queues: ")

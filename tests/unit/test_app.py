@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +29,7 @@ from taskmill import (
     current_job,
 )
 from taskmill.context import JobContext
-from taskmill.testing import running_worker
+from taskmill.testing import running_worker, wait_until
 
 
 @pytest.fixture
@@ -550,22 +549,19 @@ def test_a_timed_out_wait_says_when_no_worker_consumes_the_queue(app: App) -> No
     # a registered worker on another queue does not count; one on the job's queue does (the
     # worker here is paused: it takes nothing, so the wait still times out)
     with running_worker(app, queues=["default"]) as other:
-        poll_until_registered(app, other.id)
+        wait_until(lambda: is_registered(app, other.id), what=f"worker {other.id} to register")
         with pytest.raises(TimeoutError, match=r"no worker is consuming queue 'mail'$"):
             handle.result(timeout=0.05)
     app.run_sync(app.broker.pause("mail", True))
     with running_worker(app, queues=["mail"]) as worker:
-        poll_until_registered(app, worker.id)
+        wait_until(lambda: is_registered(app, worker.id), what=f"worker {worker.id} to register")
         with pytest.raises(TimeoutError) as info:
             handle.result(timeout=0.05)
     assert str(info.value).endswith("is still queued after 0.05 s")
 
 
-def poll_until_registered(app: App, worker_id: str) -> None:
-    deadline = time.monotonic() + 10
-    while not any(w.id == worker_id for w in app.run_sync(app.broker.list_workers())):
-        assert time.monotonic() < deadline, f"worker {worker_id} never registered"
-        time.sleep(0.01)
+def is_registered(app: App, worker_id: str) -> bool:
+    return any(w.id == worker_id for w in app.run_sync(app.broker.list_workers()))
 
 
 def test_a_failed_job_raises_the_remote_type_message_and_traceback(app: App) -> None:
@@ -757,7 +753,7 @@ def test_the_taskmill_memory_fixture_is_a_registered_plugin_and_restores_the_app
         "    assert handle.result(timeout=5) == 42\n"
         "def test_restored_afterwards():\n"
         "    assert app.url == 'sqlite:///prod.db'\n"
-        "    assert app._broker is None\n",
+        "    assert app.client._broker is None\n",
         "utf-8",
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKMILL_", "PYTEST_"))}

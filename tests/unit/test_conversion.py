@@ -162,8 +162,7 @@ def test_a_local_class_does_not_resolve_under_postponed_annotations() -> None:
 
 
 def test_unannotated_tasks_are_plain_and_keep_json_types() -> None:
-    def f(a, b=None, *rest, **extra):  # type: ignore[no-untyped-def]
-        ...
+    def f(a, b=None, *rest, **extra): ...
 
     types = TaskTypes("t", f)
     assert types.plain and types.result_decoder is None
@@ -294,8 +293,7 @@ def test_results_decode_to_the_return_annotation() -> None:
 
     def nothing() -> None: ...
 
-    def untyped():  # type: ignore[no-untyped-def]
-        ...
+    def untyped(): ...
 
     assert TaskTypes("t", when).result(b'"2024-05-01T09:30:00Z"') == WHEN
     with pytest.raises(SerializationError) as info:
@@ -348,3 +346,46 @@ def _with(annotation: Any) -> Callable[..., Any]:
 
     f.__annotations__["value"] = annotation
     return f
+
+
+# --- arguments by name ----------------------------------------------------------------------------
+
+
+def f_plain(a: int, b: int = 2) -> None: ...
+def f_every_kind(a, /, b, c=3, *rest, d, e=5, **more) -> None: ...
+def f_keywords_only(*, key: str, full: bool = False) -> None: ...
+def f_extras(a, /, **more) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("fn", "args", "kwargs"),
+    [
+        (f_plain, [1], {}),
+        (f_plain, [1, 5], {}),
+        (f_plain, [], {"a": 1}),
+        (f_plain, [], {"b": 7, "a": 1}),
+        (f_every_kind, [1, 2], {"d": 4}),
+        (f_every_kind, [1, 2, 30, 40, 50], {"d": 4, "z": 9}),
+        (f_every_kind, [1], {"b": 2, "c": 30, "e": 50, "d": 4}),
+        (f_keywords_only, [], {"key": "k"}),
+        (f_keywords_only, [], {"full": True, "key": "k"}),
+        (f_extras, [1], {"a": "a positional-only name, as an extra keyword"}),
+    ],
+)
+def test_named_arguments_are_what_binding_gives(
+    fn: Callable[..., None], args: list[Any], kwargs: dict[str, Any]
+) -> None:
+    """What a concurrency limit's key function is called with (as keywords): the call's
+    arguments by name, defaults applied, without binding each job again."""
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    types = TaskTypes(fn.__name__, fn)
+    for _ in range(2):  # the first call makes the shape's plan, the second reuses it
+        named = types.named(args, kwargs)
+        assert named == bound.arguments
+        assert list(named) == list(bound.arguments)
+
+
+def test_named_arguments_of_a_call_that_does_not_bind_are_a_type_error() -> None:
+    with pytest.raises(TypeError, match="no longer fit task 'f_plain'"):
+        TaskTypes("f_plain", f_plain).named([1, 2, 3], {})

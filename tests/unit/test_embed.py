@@ -17,6 +17,7 @@ import pytest
 
 from taskmill import App, BrokerError, BrokerUnavailableError, ConfigurationError, JobState
 from taskmill.brokers.memory import MemoryBroker
+from taskmill.testing import await_until, wait_until
 from taskmill.worker import Worker
 from taskmill.worker import worker as worker_module
 from taskmill.worker.names import check_name, name_of
@@ -61,8 +62,7 @@ def app() -> Iterator[App]:
 
 
 def use_broker(app: App, broker: MemoryBroker) -> None:
-    app._broker = broker
-    app._opened = False
+    app.client.use_broker(broker)
 
 
 @pytest.fixture
@@ -93,8 +93,11 @@ async def test_async_worker_runs_jobs_on_this_loop_and_drains_on_exit(app: App) 
         handle = await double.asend(21)
         assert await handle.aresult(timeout=5) == 42
         gated = await gate.asend()
-        while await gated.astatus() is not JobState.RUNNING:
-            await asyncio.sleep(0.01)
+
+        async def gate_running() -> bool:
+            return await gated.astatus() is JobState.RUNNING
+
+        await await_until(gate_running, what="the gate job to run")
         # the block exits while the job runs: leaving must wait for it (a drain), not hand
         # it back; the gate opens once the exit is under way
         asyncio.get_running_loop().call_later(0.2, go.set)
@@ -157,10 +160,8 @@ def test_thread_worker_runs_jobs_reports_health_and_stops(app: App) -> None:
     try:
         assert w.running and name_of(w.id) == "embedded"
         assert double.send(21).result(timeout=5) == 42
-        deadline = time.monotonic() + 5
-        while not w.healthy:  # the first heartbeat follows the start
-            assert time.monotonic() < deadline, "no heartbeat within 5 s"
-            time.sleep(0.01)
+        # the first heartbeat follows the start
+        wait_until(lambda: w.healthy, timeout=5, what="the first heartbeat")
     finally:
         w.stop(timeout=10)
     assert not w.running and not w.healthy
@@ -183,10 +184,7 @@ def test_thread_worker_stop_times_out_while_a_job_drains_then_stops(app: App) ->
 
     w = app.worker_thread().start()
     handle = gate.send()
-    deadline = time.monotonic() + 5
-    while handle.status() is not JobState.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: handle.status() is JobState.RUNNING, timeout=5, what="the job to run")
     with pytest.raises(TimeoutError, match="still running"):
         w.stop(timeout=0.2)
     assert w.running
@@ -247,8 +245,7 @@ async def test_a_stop_ends_the_start_retries_at_once(
     use_broker(app, broker)
     worker = Worker(app)
     task = asyncio.create_task(worker.run())
-    while broker.opens == 0:
-        await asyncio.sleep(0.01)
+    await await_until(lambda: broker.opens, what="the worker's first try to open the broker")
     worker.stop()
     async with asyncio.timeout(5):  # not the 30 s back-off
         assert await task == 0

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -16,20 +14,12 @@ import pytest
 
 from taskmill import App, Backoff, JobState, JobView, Limit, Retry, current_job
 from taskmill.job import ErrorInfo, Job, NewJob
-from taskmill.testing import running_worker
+from taskmill.testing import running_worker, wait_until
 
 
 @pytest.fixture
 def app() -> App:
     return App("memory://")
-
-
-def poll_until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.mark.timeout(30)
@@ -239,7 +229,7 @@ def test_hooks_of_a_sync_task_in_a_running_worker(app: App) -> None:
 
     with running_worker(app):
         assert double.send(21).result(timeout=10) == 42
-        poll_until(lambda: len(events) == 3, "the on_success hook")
+        wait_until(lambda: len(events) == 3, what="the on_success hook")
     assert [kind for kind, _ in events] == ["start", "run", "success 42"]
     # sync hooks run in threads, never on the worker's event loop thread
     assert all(thread != "taskmill-test-worker" for _, thread in events)
@@ -262,13 +252,13 @@ def test_a_timeout_is_a_failure_and_a_cancel_calls_no_outcome_hook() -> None:
 
     with running_worker(app):
         slow = forever.options(timeout=0.1).send()
-        poll_until(lambda: slow.status().finished, "the timeout")
+        wait_until(lambda: slow.status().finished, what="the timeout")
         assert slow.status() is JobState.FAILED
         running.clear()
         cancelled = forever.send()
         assert running.wait(10)
         cancelled.cancel()
-        poll_until(lambda: cancelled.status().finished, "the cancel")
+        wait_until(lambda: cancelled.status().finished, what="the cancel")
         assert cancelled.status() is JobState.CANCELLED
     assert calls == [
         ("start", slow.id),
@@ -298,9 +288,9 @@ def test_a_cancel_request_during_an_outcome_hook_changes_nothing(
         handle = answer.send()
         assert entered.wait(10)
         handle.cancel()  # the job is still running: its outcome is not written yet
-        poll_until(
+        wait_until(
             lambda: any("cancel requested" in r.getMessage() for r in caplog.records),
-            "the worker to see the cancel request",
+            what="the worker to see the cancel request",
         )
         release.set()
         assert handle.result(timeout=10) == 42

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from taskmill.errors import TaskTimeoutError
-from taskmill.job import Cancelled, ErrorInfo, Failed, RetryAt, Succeeded
+from taskmill.job import Cancelled, ErrorInfo, Failed, Released, RetryAt, Succeeded
 from taskmill.retry import (
     Backoff,
     Cancel,
+    Interrupt,
     RemoteError,
     Retry,
     RetryPolicy,
@@ -250,3 +253,59 @@ def test_a_remote_error_carries_the_childs_decision_and_error() -> None:
         attempt=1, max_attempts=3, policy=policy(), now=NOW, exc=RemoteError(info, retryable=False)
     )
     assert failed == Failed(info)
+
+
+# --- decide: interrupted runs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc", [asyncio.CancelledError(), ValueError("gave up"), Retry(delay=1), Cancel("stop")]
+)
+def test_a_cancel_request_ends_the_run_cancelled_however_it_raised(exc: BaseException) -> None:
+    outcome = decide(
+        attempt=1, max_attempts=3, policy=policy(), now=NOW, exc=exc, interrupt=Interrupt.CANCEL
+    )
+    assert outcome == Cancelled("cancelled on request")
+
+
+def test_a_run_that_returns_after_a_cancel_request_is_cancelled_all_the_same() -> None:
+    outcome = decide(
+        attempt=1, max_attempts=3, policy=policy(), result=b"1", interrupt=Interrupt.CANCEL
+    )
+    assert outcome == Cancelled("cancelled on request (the task returned after the request)")
+
+
+@pytest.mark.parametrize("interrupt", [Interrupt.SHUTDOWN, Interrupt.LOST])
+def test_a_run_stopped_by_a_shutdown_or_a_lost_lease_is_handed_back(interrupt: Interrupt) -> None:
+    outcome = decide(
+        attempt=3,
+        max_attempts=3,
+        policy=policy(),
+        now=NOW,
+        exc=asyncio.CancelledError(),
+        interrupt=interrupt,
+    )
+    assert outcome == Released()
+
+
+@pytest.mark.parametrize("interrupt", [Interrupt.SHUTDOWN, Interrupt.LOST])
+def test_a_run_that_ended_on_its_own_during_a_shutdown_keeps_its_outcome(
+    interrupt: Interrupt,
+) -> None:
+    """A sync function in a thread is not stopped: what it did stands."""
+    p = policy()
+    ok = decide(attempt=1, max_attempts=3, policy=p, result=b"2", interrupt=interrupt)
+    assert ok == Succeeded(b"2")
+    retried = decide(
+        attempt=1, max_attempts=3, policy=p, now=NOW, exc=ValueError("x"), interrupt=interrupt
+    )
+    assert isinstance(retried, RetryAt) and retried.run_at == NOW + 10
+    failed = decide(attempt=3, max_attempts=3, policy=p, exc=ValueError("x"), interrupt=interrupt)
+    assert isinstance(failed, Failed)
+
+
+def test_a_retry_counts_its_delay_from_the_clock_when_no_time_is_given() -> None:
+    before = time.time()
+    outcome = decide(attempt=1, max_attempts=3, policy=policy(), exc=Retry(delay=30))
+    assert isinstance(outcome, RetryAt)
+    assert before + 30 <= outcome.run_at <= time.time() + 30

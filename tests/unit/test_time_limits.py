@@ -25,7 +25,7 @@ from taskmill.brokers.memory import MemoryBroker
 from taskmill.context import JobContext
 from taskmill.errors import SerializationError, TaskTimeoutError
 from taskmill.serialization import decode_payload, payload_options
-from taskmill.testing import running_worker
+from taskmill.testing import running_worker, wait_until
 from taskmill.worker.pools import call_async
 
 pytestmark = pytest.mark.timeout(30)
@@ -253,10 +253,7 @@ def test_a_cancel_after_the_soft_limit_still_cancels_the_job(app: App) -> None:
         handle = lingering.send()
         assert caught.wait(10)
         assert handle.cancel() is JobState.RUNNING
-        deadline = time.monotonic() + 10
-        while handle.status() is not JobState.CANCELLED and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert handle.status() is JobState.CANCELLED
+        wait_until(lambda: handle.status() is JobState.CANCELLED, what="the job to be cancelled")
 
 
 def test_a_cancel_that_arrives_with_the_soft_limit_is_not_turned_into_it(app: App) -> None:

@@ -6,11 +6,12 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
-from taskmill import App, Backoff, current_job
+from taskmill import App, Backoff, Limit, current_job
 from taskmill.brokers.base import HeartbeatReply
 from taskmill.brokers.memory import MemoryBroker
-from taskmill.job import Claim, Finish, Job, Progress, WorkerInfo
-from taskmill.testing import running_worker
+from taskmill.job import Claim, Finish, Job, JobState, Progress, WorkerInfo
+from taskmill.task import Task
+from taskmill.testing import running_worker, wait_until
 
 
 class LateHeartbeat(MemoryBroker):
@@ -55,7 +56,7 @@ def test_a_late_heartbeat_reply_does_not_stop_the_next_attempt() -> None:
     stuck until its lease expired)."""
     broker = LateHeartbeat()
     app = App("memory://", lease_s=60, heartbeat_s=0.05)
-    app._broker = broker
+    app.client.use_broker(broker)
 
     @app.task(retries=1, backoff=Backoff(base=0, cap=0, jitter=False))
     def flaky() -> int:
@@ -95,7 +96,7 @@ def test_an_outcome_waits_for_the_progress_write_in_flight() -> None:
     event would follow the outcome's)."""
     broker = SlowProgress()
     app = App("memory://")
-    app._broker = broker
+    app.client.use_broker(broker)
 
     @app.task()
     def reporter() -> str:
@@ -111,4 +112,80 @@ def test_an_outcome_waits_for_the_progress_write_in_flight() -> None:
         job = app.get_job(handle.id)
         assert (job.progress, job.progress_message) == (1.0, "done")
     finally:
+        app.close()
+
+
+class SlowRelease(MemoryBroker):
+    """Releasing a concurrency slot waits until the test lets it go on (a slow network), and
+    the heartbeats say when the worker was told of a cancel request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.releasing = threading.Event()
+        self.go_on = threading.Event()
+        self.heartbeats = 0
+        self.told_to_cancel_at: int | None = None  # the heartbeat whose reply asked it
+
+    async def release_slot(self, bucket: str, holder: str) -> None:
+        self.releasing.set()
+        while not self.go_on.is_set():
+            await asyncio.sleep(0.005)
+        await super().release_slot(bucket, holder)
+
+    async def heartbeat(
+        self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
+    ) -> HeartbeatReply:
+        reply = await super().heartbeat(worker, claims, lease_s)
+        self.heartbeats += 1
+        if reply.cancel_requested and self.told_to_cancel_at is None:
+            self.told_to_cancel_at = self.heartbeats
+        return reply
+
+
+def limited_app(broker: SlowRelease) -> tuple[App, Task[[], str]]:
+    app = App("memory://", lease_s=60, heartbeat_s=0.05)
+    app.client.use_broker(broker)
+
+    @app.task(concurrency=Limit(max=1))
+    async def limited() -> str:
+        return "done"
+
+    return app, limited
+
+
+def test_a_cancel_request_while_a_job_releases_its_slot_comes_too_late() -> None:
+    """The outcome was decided; the request came while the job released its concurrency
+    slot. The run was cancelled there: its outcome was never written, and its lease was kept
+    alive by heartbeats for ever (the job stuck running, a slot of the worker lost)."""
+    broker = SlowRelease()
+    app, limited = limited_app(broker)
+    try:
+        with running_worker(app):
+            handle = limited.send()
+            assert broker.releasing.wait(10)
+            assert handle.cancel() is JobState.RUNNING  # the request is stored
+            told = wait_until(lambda: broker.told_to_cancel_at, what="a reply with the cancel")
+            # heartbeats are sent one after the other: the next one means the worker acted
+            wait_until(lambda: broker.heartbeats > told, what="the heartbeat after it")
+            broker.go_on.set()
+            assert handle.result(timeout=10) == "done"
+    finally:
+        broker.go_on.set()
+        app.close()
+
+
+def test_a_job_releasing_its_slot_at_a_shutdown_keeps_its_outcome() -> None:
+    """The drain timed out while a finished job released its slot: the stop cut that short,
+    and the outcome it had was never written (the job stayed running until its lease
+    expired, then counted as a lost lease)."""
+    broker = SlowRelease()
+    app, limited = limited_app(broker)
+    try:
+        with running_worker(app, drain_timeout_s=0.1):
+            handle = limited.send()
+            assert broker.releasing.wait(10)
+        job = app.get_job(handle.id)
+        assert (job.state, job.lost_leases) == (JobState.SUCCEEDED, 0)
+    finally:
+        broker.go_on.set()
         app.close()

@@ -17,7 +17,8 @@ T = TypeVar("T")
 
 
 class LoopBound(Protocol):
-    _attached: set[asyncio.AbstractEventLoop]
+    @property
+    def _attached(self) -> set[asyncio.AbstractEventLoop]: ...
 
     def _io_loop(self) -> asyncio.AbstractEventLoop: ...
 

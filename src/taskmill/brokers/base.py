@@ -1,8 +1,10 @@
-"""The broker contract: the one seam between taskmill and a storage engine.
+"""The broker contract: the job store, the one seam every broker fills.
 
 A broker stores and hands out jobs; it never decides what a failure means (that is
 ``taskmill.retry.decide``). Every operation is one atomic step on the engine. Implementations
-live one per module beside this file and must pass ``tests/conformance`` unchanged.
+live one per module or package beside this file and must pass ``tests/conformance``
+unchanged. What a broker may store beside jobs (periodic schedules, workflows, flow control,
+live events) is in small feature protocols of its own (``taskmill.brokers.features``).
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
+import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
+from taskmill.brokers._instrument import contract_methods, instrument, is_instrumented
+from taskmill.brokers.features import FEATURES
 from taskmill.job import (
     FINISHED_STATES,
     Claim,
@@ -68,19 +74,6 @@ class HandOver:
 
     worker_id: str
     lease_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class WorkflowRecord:
-    """A workflow as the broker keeps it: its compiled graph (``spec``, JSON that
-    ``taskmill.workflows`` reads) and whether it is still ``running`` or ended as
-    ``succeeded``, ``failed`` or ``cancelled``."""
-
-    id: str
-    spec: bytes
-    state: str
-    created_at: float
-    finished_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,32 +167,28 @@ def decode_cursor(cursor: str, order: ListOrder, types: Sequence[type]) -> list[
     return value[1:]
 
 
-class Subscription(abc.ABC):
-    """A live feed of event payloads (``Broker.events_subscription``): listening once
-    ``start`` returned (or the ``async with`` block began); ``get`` waits for the next."""
-
-    async def __aenter__(self) -> Subscription:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    @abc.abstractmethod
-    async def start(self) -> None: ...
-
-    @abc.abstractmethod
-    async def get(self) -> bytes: ...
-
-    @abc.abstractmethod
-    async def close(self) -> None: ...
-
-
 class Broker(abc.ABC):
-    """Abstract broker. All methods are coroutines except the ``*_blocking`` fast paths."""
+    """The job store. All methods are coroutines except the ``*_blocking`` fast paths.
+
+    A broker that also stores what a feature needs implements its protocol from
+    ``taskmill.brokers.features`` (``ScheduleStore``, ``WorkflowStore``, ``LimitStore``,
+    ``EventBus``); the brokers of taskmill implement all four.
+
+    Every method of the contract (and of the feature protocols) that a subclass defines is
+    wrapped once, when the class is made, to time and log its calls with the fields of the
+    job they are about (``taskmill.brokers._instrument``): no broker logs its own calls."""
 
     url: str
     capabilities: Capabilities
+    name: ClassVar[str] = ""
+    """A short name for logs (``sqlite``, ``redis``); the class's name if empty."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for method_name in _contract():
+            method = cls.__dict__.get(method_name)
+            if inspect.isfunction(method) and not is_instrumented(method):
+                setattr(cls, method_name, instrument(method_name, method))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {redact_url(self.url)}>"
@@ -242,19 +231,20 @@ class Broker(abc.ABC):
         in the future are ``scheduled``; the others ``queued``.
         """
 
+    @abc.abstractmethod
     def enqueue_blocking(
         self,
         jobs: Sequence[NewJob],
         *,
         on_conflict: OnConflict = "return",
         connection: Any = None,
-    ) -> EnqueueResult | None:
-        """Optional synchronous fast path for ``send()``; None means "use ``enqueue``".
+    ) -> EnqueueResult:
+        """``enqueue`` from synchronous code, on the calling thread: ``send()`` writes with no
+        hop to another thread.
 
         ``connection`` is the caller's own database connection for transactional enqueue;
         brokers without ``capabilities.transactional_enqueue`` raise if it is given.
         """
-        return None
 
     # --- workers ------------------------------------------------------------------------------
 
@@ -329,6 +319,12 @@ class Broker(abc.ABC):
     async def get(self, job_id: str) -> Job | None: ...
 
     @abc.abstractmethod
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        """The jobs of ``job_ids`` in one round trip (one read, however many ids), in the
+        order asked: one entry per id given, None where no such job is stored (never
+        enqueued, or pruned). An id given twice is at both positions."""
+
+    @abc.abstractmethod
     async def find_jobs(
         self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
     ) -> JobPage:
@@ -381,65 +377,8 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def pause(self, queue: str, paused: bool) -> None: ...
 
-    # --- periodic schedules -------------------------------------------------------------------
 
-    @abc.abstractmethod
-    async def schedule_marks(self) -> dict[str, float]:
-        """The latest tick enqueued of each schedule (Unix seconds), by schedule name."""
-
-    @abc.abstractmethod
-    async def mark_schedules(self, marks: Mapping[str, float]) -> None:
-        """Record ticks enqueued: each schedule's mark becomes the later of its stored mark and
-        the one given, never an earlier one, so schedulers racing each other cannot move it
-        back. (A tick's job is made unique by its id; the mark only says where to go on.)"""
-
-    # --- workflows ----------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def save_workflow(self, workflow_id: str, spec: bytes) -> None:
-        """Store a new workflow, ``running``. An id stored already keeps what it has."""
-
-    @abc.abstractmethod
-    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None: ...
-
-    @abc.abstractmethod
-    async def end_workflow(self, workflow_id: str, state: str) -> bool:
-        """``running`` becomes ``state`` (succeeded, failed, cancelled) with a finish time;
-        False if the workflow was not running (ended already, or unknown). Ended workflows
-        are pruned with finished jobs."""
-
-    @abc.abstractmethod
-    async def running_workflows(self, limit: int = 1000) -> list[str]:
-        """Ids of running workflows, oldest first."""
-
-    # --- flow control -------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def reserve_rate_slot(self, bucket: str, interval_s: float) -> float:
-        """Reserve the next start of ``bucket``, which allows one start per ``interval_s``
-        across every worker (GCRA without burst, on the broker's clock): how many seconds
-        from now the reserved start is (0: now). Each call reserves a slot of its own."""
-
-    @abc.abstractmethod
-    async def acquire_slot(self, bucket: str, holder: str, limit: int, ttl_s: float) -> bool:
-        """Hold one of ``limit`` slots of ``bucket`` for ``holder`` (a job id) for ``ttl_s``
-        (on the broker's clock): True if held. A holder holding one already refreshes it;
-        expired holders (a worker that died) no longer count."""
-
-    @abc.abstractmethod
-    async def release_slot(self, bucket: str, holder: str) -> None: ...
-
-    @abc.abstractmethod
-    async def queue_depth(self, queue: str) -> int:
-        """How many jobs of ``queue`` are scheduled or queued."""
-
-    # --- live events ----------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def publish_events(self, payload: bytes) -> None:
-        """Deliver a payload (a JSON array of events, at most 7,000 bytes) to every
-        subscription listening now, in any process."""
-
-    @abc.abstractmethod
-    def events_subscription(self) -> Subscription:
-        """A subscription to the payloads published from now on, bound to the running loop."""
+@functools.cache
+def _contract() -> frozenset[str]:
+    """The methods ``Broker.__init_subclass__`` instruments."""
+    return contract_methods([Broker, *FEATURES])

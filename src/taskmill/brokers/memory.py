@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from taskmill.brokers._rows import recovered_error
 from taskmill.brokers.base import (
     Broker,
     Capabilities,
@@ -28,17 +29,22 @@ from taskmill.brokers.base import (
     JobPage,
     JobQuery,
     OnConflict,
-    Subscription,
-    WorkflowRecord,
     decode_cursor,
     encode_cursor,
+)
+from taskmill.brokers.features import (
+    EventBus,
+    LimitStore,
+    ScheduleStore,
+    Subscription,
+    WorkflowRecord,
+    WorkflowStore,
 )
 from taskmill.errors import DuplicateJobError
 from taskmill.job import (
     FINISHED_STATES,
     Cancelled,
     Claim,
-    ErrorInfo,
     Failed,
     Finish,
     Job,
@@ -53,7 +59,8 @@ from taskmill.job import (
 )
 
 
-class MemoryBroker(Broker):
+class MemoryBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
+    name = "memory"
     capabilities = Capabilities(
         shared_across_processes=False,
         server_clock=False,
@@ -284,11 +291,7 @@ class MemoryBroker(Broker):
                 if job.state is not JobState.RUNNING or (job.lease_expires_at or 0) >= now:
                     continue
                 job.lost_leases += 1
-                job.error = ErrorInfo(
-                    "taskmill.errors.WorkerLostError",
-                    f"lease expired on attempt {job.attempt} (worker {job.worker_id} stopped "
-                    f"heartbeating); lost leases: {job.lost_leases}",
-                )
+                job.error = recovered_error(job.attempt, job.worker_id, job.lost_leases)
                 job.lease_token = job.lease_expires_at = job.worker_id = None
                 if job.cancel_requested:
                     job.state, job.finished_at = JobState.CANCELLED, now
@@ -356,6 +359,11 @@ class MemoryBroker(Broker):
         with self._lock:
             job = self._jobs.get(job_id)
             return None if job is None else self._copy(job)
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        with self._lock:
+            found = [self._jobs.get(job_id) for job_id in job_ids]
+            return [None if job is None else self._copy(job) for job in found]
 
     async def find_jobs(
         self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False

@@ -31,8 +31,6 @@ T = TypeVar("T")
 
 log = logging.getLogger("taskmill.cli")
 
-LOST_AFTER_HEARTBEATS = 3
-"""A worker whose last heartbeat is older than this many heartbeat intervals is shown lost."""
 
 _STATES = [s.value for s in JobState]
 
@@ -88,10 +86,6 @@ class Env:
         self._app = App(url)
         return self._app
 
-    @property
-    def has_app(self) -> bool:
-        return self._loaded
-
     def close(self) -> None:
         if self._app is not None:
             self._app.close()
@@ -102,7 +96,7 @@ def load(path: str) -> App:
     from taskmill.loader import load_app
 
     try:
-        return load_app(path)
+        app = load_app(path)
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from None
     except Exception as exc:
@@ -112,6 +106,9 @@ def load(path: str) -> App:
         raise click.UsageError(
             f"cannot load app {path!r}: {type(exc).__name__}: {exc}{where}"
         ) from None
+    if not isinstance(app, App):
+        raise click.UsageError(f"{path!r} is a {type(app).__name__}, not a taskmill App")
+    return app
 
 
 def _console(*, stderr: bool) -> Console:

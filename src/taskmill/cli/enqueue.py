@@ -23,7 +23,7 @@ from taskmill.cli._base import (
 )
 from taskmill.errors import ConfigurationError
 from taskmill.events import Event
-from taskmill.handle import JobHandle, no_worker_hint
+from taskmill.handle import JobHandle
 from taskmill.job import Job, JobState, MetaValue
 from taskmill.serialization import decode
 from taskmill.task import check_priority
@@ -215,7 +215,7 @@ def wait_for(env: Env, app: App, job_id: str, timeout: float | None) -> Job:
             if job.state.finished:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                hint = app.run_sync(no_worker_hint(app, job))
+                hint = app.run_sync(app.client.no_worker_hint(job))
                 raise CliError(f"job {job_id} is still {job.state.value} after {timeout} s{hint}")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
@@ -249,7 +249,7 @@ async def _watch(
                 show(event)
     except TimeoutError:
         job = await handle.ainfo()
-        hint = await no_worker_hint(app, job)
+        hint = await app.client.no_worker_hint(job)
         raise CliError(
             f"job {handle.id} is still {job.state.value} after {timeout} s{hint}"
         ) from None

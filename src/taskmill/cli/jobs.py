@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import click
 from rich import box
@@ -108,9 +109,9 @@ class _Column:
     justify: str = "left"
 
 
-def _jobs_table(page: JobPage, order: str, now: float, console: Console) -> Table:
-    """The page as a table that fits the terminal: columns are dropped, least useful first,
-    until the rest fit whole (an id is never cut: it is what the other commands take)."""
+def _columns(page: JobPage, order: str, now: float) -> list[_Column]:
+    """The columns of a page, most useful first: a run-at column when the page has a
+    scheduled job, a finish column when listing by finish time, metadata when any has some."""
 
     def run_at(j: Job) -> str:
         return f"in {age(j.run_at - now)}" if j.state is JobState.SCHEDULED else ""
@@ -136,6 +137,14 @@ def _jobs_table(page: JobPage, order: str, now: float, console: Console) -> Tabl
     ]
     if any(j.meta for j in page.jobs):
         columns.append(_Column("meta", lambda j: Text(_meta_text(j))))
+    return columns
+
+
+def _jobs_table(page: JobPage, order: str, now: float, console: Console) -> Table:
+    """The page as a table that fits the terminal: columns are dropped, least useful first,
+    until the rest fit whole (an id is never cut: it is what the other commands take)."""
+
+    columns = _columns(page, order, now)
     cells = [[c.cell(j) for j in page.jobs] for c in columns]
     total = "" if page.total is None else f" of {page.total}"
     how = "latest finished first" if order == "finished" else "newest first"
@@ -177,6 +186,53 @@ def _meta_text(job: Job) -> str:
     return " ".join(f"{k}={dumps(v) if not isinstance(v, str) else v}" for k, v in job.meta.items())
 
 
+def _show_rows(job: Job, info: dict[str, Any], now: float) -> list[tuple[str, str | Text]]:
+    """The lines of ``jobs show``: every field the job has, the optional ones when set."""
+    rows: list[tuple[str, str | Text]] = [
+        ("id", job.id),
+        ("task", Text(job.task)),
+        ("queue", Text(job.queue)),
+        ("state", state_text(job.state.value)),
+        *_payload_rows(info["payload"]),
+    ]
+    if job.meta:
+        rows.append(("meta", Text(dumps(job.meta))))
+    rows += [
+        ("priority", str(job.priority)),
+        ("attempt", f"{job.attempt} of {job.max_attempts}"),
+        ("enqueued", when(job.enqueued_at, now)),
+        ("run at", when(job.run_at, now)),
+        ("started", when(job.started_at, now)),
+        ("finished", when(job.finished_at, now)),
+        ("progress", Text(progress_text(job))),
+    ]
+    optional: list[tuple[str, object, Callable[[Any], str | Text]]] = [
+        ("key", job.key, Text),
+        ("worker", job.worker_id, Text),
+        ("timeout", job.timeout_s, lambda s: f"{s:g} s"),
+        ("soft timeout", _soft_timeout(info["payload"]), lambda s: f"{s:g} s"),
+        ("lost leases", job.lost_leases or None, str),
+        ("cancel", "requested" if job.cancel_requested else None, str),
+    ]
+    rows += [(name, shown(value)) for name, value, shown in optional if value is not None]
+    if job.state is JobState.SUCCEEDED:
+        rows.append(("result", Text(dumps(info["result"]))))
+    return rows
+
+
+def _payload_rows(payload: Any) -> list[tuple[str, str | Text]]:
+    if isinstance(payload, list) and len(payload) in (2, 3):  # [args, kwargs, job options]
+        return [("args", Text(dumps(payload[0]))), ("kwargs", Text(dumps(payload[1])))]
+    return [("payload", Text(str(payload)))]  # not an [args, kwargs] pair: what is stored
+
+
+def _soft_timeout(payload: Any) -> float | None:
+    """A soft limit its send set (stored after the arguments); else the worker's task's."""
+    options = payload[2] if isinstance(payload, list) and len(payload) == 3 else None
+    soft = options.get("soft_timeout_s") if isinstance(options, dict) else None
+    return float(soft) if isinstance(soft, int | float) else None
+
+
 @jobs.command("show")
 @click.argument("job_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -194,44 +250,7 @@ def jobs_show(env: Env, job_id: str, as_json: bool) -> None:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
-    rows: list[tuple[str, str | Text]] = [
-        ("id", job.id),
-        ("task", Text(job.task)),
-        ("queue", Text(job.queue)),
-        ("state", state_text(job.state.value)),
-    ]
-    payload = info["payload"]
-    if isinstance(payload, list) and len(payload) in (2, 3):  # [args, kwargs, job options]
-        rows += [("args", Text(dumps(payload[0]))), ("kwargs", Text(dumps(payload[1])))]
-    else:  # not an [args, kwargs] pair: show what is stored
-        rows.append(("payload", Text(str(payload))))
-    if job.meta:
-        rows.append(("meta", Text(dumps(job.meta))))
-    rows += [
-        ("priority", str(job.priority)),
-        ("attempt", f"{job.attempt} of {job.max_attempts}"),
-        ("enqueued", when(job.enqueued_at, now)),
-        ("run at", when(job.run_at, now)),
-        ("started", when(job.started_at, now)),
-        ("finished", when(job.finished_at, now)),
-        ("progress", Text(progress_text(job))),
-    ]
-    if job.key is not None:
-        rows.append(("key", Text(job.key)))
-    if job.worker_id is not None:
-        rows.append(("worker", Text(job.worker_id)))
-    if job.timeout_s is not None:
-        rows.append(("timeout", f"{job.timeout_s:g} s"))
-    options = payload[2] if isinstance(payload, list) and len(payload) == 3 else None
-    soft_timeout = options.get("soft_timeout_s") if isinstance(options, dict) else None
-    if isinstance(soft_timeout, int | float):  # set by its send; else the worker's task's
-        rows.append(("soft timeout", f"{soft_timeout:g} s"))
-    if job.lost_leases:
-        rows.append(("lost leases", str(job.lost_leases)))
-    if job.cancel_requested:
-        rows.append(("cancel", "requested"))
-    if job.state is JobState.SUCCEEDED:
-        rows.append(("result", Text(dumps(info["result"]))))
+    rows = _show_rows(job, info, now)
     for name, value in rows:
         grid.add_row(name, value)
     env.out.print(grid)

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import os
 import signal
-import sys
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import click
 
-from taskmill.app import App
 from taskmill.brokers.base import Broker
 from taskmill.cli._base import (
-    LOST_AFTER_HEARTBEATS,
     CliError,
     Env,
     age,
@@ -29,15 +19,12 @@ from taskmill.cli._base import (
     log,
     target_options,
 )
-from taskmill.errors import BrokerError, TaskmillError
 from taskmill.job import WorkerInfo
 from taskmill.logs import LogFormat
 from taskmill.logs import configure as configure_logging
 
 if TYPE_CHECKING:
-    from taskmill.worker.health import HealthServer, Status
-    from taskmill.worker.supervisor import Pool
-    from taskmill.worker.worker import PoolKind, Worker
+    from taskmill.worker.process import PoolSpec
 
 # --- worker -------------------------------------------------------------------------------------
 
@@ -161,6 +148,8 @@ def worker(
     A broker that cannot be reached at start is retried with back-off (logged), by one
     process or many. Exit codes: 0 after a stop, 2 for a usage error, 3 if the worker could
     not start (the broker refused it, or --max-start-wait passed), 1 for other errors."""
+    from taskmill.worker.process import PoolSpec, run_worker_process, supervise
+
     env = ctx.ensure_object(Env)
     if parent_pid is not None:
         # supervised: the supervisor forwards a terminal's Ctrl-C as SIGTERM already
@@ -184,7 +173,7 @@ def worker(
             app.settings.default_queue,
         )
     if pools is None and processes == 1:
-        run_worker_process(
+        code = run_worker_process(
             app,
             app_path=app_path,
             queues=queue_list,
@@ -199,20 +188,22 @@ def worker(
             heartbeat_fd=heartbeat_fd,
             health=None if health_port is None else (health_host, health_port),
         )
+        if code:
+            raise click.exceptions.Exit(code)
         return
     common = [
         "--pool", pool, "--drain-timeout", str(drain_timeout), "--log-level", log_level,
         "--log-format", log_format, "--parent-pid", str(os.getpid()),
         "--scheduler" if scheduler else "--no-scheduler",
     ]  # fmt: skip
-    if max_tasks_per_child is not None:
-        common += ["--max-tasks-per-child", str(max_tasks_per_child)]
-    if name is not None:
-        common += ["--name", name]
-    if max_start_wait is not None:
-        common += ["--max-start-wait", str(max_start_wait)]
+    optional = {
+        "--max-tasks-per-child": max_tasks_per_child,
+        "--name": name,
+        "--max-start-wait": max_start_wait,
+    }
+    common += [part for flag, v in optional.items() if v is not None for part in (flag, str(v))]
     specs = pools or [PoolSpec(queue_list, processes, concurrency)]
-    raise click.exceptions.Exit(_supervise(app, app_path, specs, common, health_host, health_port))
+    raise click.exceptions.Exit(supervise(app, app_path, specs, common, health_host, health_port))
 
 
 def parse_queues(value: str) -> list[str]:
@@ -231,53 +222,11 @@ def _check_name(name: str) -> None:
         raise click.BadParameter(str(exc), param_hint="'--name'") from None
 
 
-# --- pools under one supervisor -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PoolSpec:
-    """One ``--pool-spec``: worker processes taking jobs from ``queues``."""
-
-    queues: list[str]
-    processes: int
-    concurrency: int
-
-    @property
-    def label(self) -> str:
-        return ",".join(self.queues)
-
-
-_POOL_SPEC_SHAPE = "expected QUEUES:PROCESSES[:CONCURRENCY], e.g. render:2 or preview,default:4:8"
-
-
-def parse_pool_spec(value: str, default_concurrency: int) -> PoolSpec:
-    """``render:2`` or ``preview,default:4:8``; ``ValueError`` with a precise message."""
-    parts = value.split(":")
-    if len(parts) not in (2, 3):
-        raise ValueError(f"{value!r}: {_POOL_SPEC_SHAPE}")
-    queues = list(dict.fromkeys(q.strip() for q in parts[0].split(",") if q.strip()))
-    if not queues:
-        raise ValueError(f"{value!r}: name at least one queue before the first ':'")
-    processes = _whole_number(value, "PROCESSES", parts[1])
-    concurrency = default_concurrency
-    if len(parts) == 3:
-        concurrency = _whole_number(value, "CONCURRENCY", parts[2])
-    return PoolSpec(queues, processes, concurrency)
-
-
-def _whole_number(value: str, what: str, text: str) -> int:
-    try:
-        number = int(text.strip())
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise ValueError(f"{value!r}: {what} must be a whole number >= 1, not {text!r}")
-    return number
-
-
 def _parse_pool_specs(
     ctx: click.Context, values: tuple[str, ...], default_concurrency: int
 ) -> list[PoolSpec]:
+    from taskmill.worker.process import PoolSpec
+
     for option, param in (("-q", "queues"), ("-p", "processes")):
         if ctx.get_parameter_source(param) is not click.core.ParameterSource.DEFAULT:
             raise click.UsageError(
@@ -286,177 +235,10 @@ def _parse_pool_specs(
     specs = []
     for value in values:
         try:
-            specs.append(parse_pool_spec(value, default_concurrency))
+            specs.append(PoolSpec.parse(value, default_concurrency))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="'--pool-spec'") from None
     return specs
-
-
-def _supervise(
-    app: App,
-    app_path: str,
-    specs: list[PoolSpec],
-    common: list[str],
-    health_host: str,
-    health_port: int | None,
-) -> int:
-    from taskmill.worker.supervisor import Pool, Supervisor
-
-    pools: list[Pool] = []
-    for spec in specs:
-        argv = [
-            sys.executable, "-m", "taskmill", "worker", app_path,
-            "-q", ",".join(spec.queues), "-c", str(spec.concurrency), "-p", "1", *common,
-        ]  # fmt: skip
-        pools.append(Pool(argv, spec.processes, spec.label))
-        if len(specs) > 1:
-            log.info(
-                "pool %s: %d processes, concurrency %d each",
-                spec.label,
-                spec.processes,
-                spec.concurrency,
-            )
-    supervisor = Supervisor(
-        pools,
-        heartbeat_max_age_s=LOST_AFTER_HEARTBEATS * app.settings.effective_heartbeat_s,
-    )
-    server = (
-        None if health_port is None else _serve_health(health_host, health_port, supervisor.health)
-    )
-    try:
-        return supervisor.run()
-    finally:
-        if server is not None:
-            server.close()
-
-
-def _serve_health(host: str, port: int, status: Callable[[], Status]) -> HealthServer:
-    from taskmill.worker.health import HealthServer
-
-    try:
-        server = HealthServer(host, port, status).start()
-    except OSError as exc:
-        raise CliError(f"--health-port: cannot listen on {host}:{port}: {exc}") from None
-    log.info("liveness endpoint on http://%s:%d/", host, server.port)
-    return server
-
-
-def run_worker_process(
-    app: App,
-    *,
-    app_path: str,
-    queues: list[str],
-    concurrency: int,
-    pool: str,
-    max_tasks_per_child: int | None,
-    drain_timeout_s: float,
-    parent_pid: int | None,
-    scheduler: bool = True,
-    name: str | None = None,
-    max_start_wait_s: float | None = None,
-    heartbeat_fd: int | None = None,
-    health: tuple[str, int] | None = None,
-) -> None:
-    """One worker in this process, until a signal stops it (or its supervisor goes away)."""
-    from taskmill.worker import Worker
-    from taskmill.worker.supervisor import NO_RESTART_EXIT_CODE
-
-    w = Worker(
-        app,
-        queues=queues,
-        concurrency=concurrency,
-        pool=cast("PoolKind", pool),  # click.Choice checked it
-        app_path=app_path,
-        max_tasks_per_child=max_tasks_per_child,
-        drain_timeout_s=drain_timeout_s,
-        scheduler=scheduler,
-        name=name,
-        max_start_wait_s=max_start_wait_s,
-        on_heartbeat=None if heartbeat_fd is None else _beat_to(heartbeat_fd),
-    )
-    server = None if health is None else _serve_health(*health, _worker_health(w))
-
-    async def main() -> None:
-        w.install_signal_handlers()
-        watch = None
-        if parent_pid is not None:
-            loop = asyncio.get_running_loop()
-            loop.remove_signal_handler(signal.SIGINT)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            watch = asyncio.create_task(_watch_parent(w, parent_pid))
-        try:
-            await w.run()
-        finally:
-            if watch is not None:
-                watch.cancel()
-            await app.aclose()
-
-    try:
-        asyncio.run(main())
-    except Exception as exc:
-        # logged, not printed bare: under a supervisor these lines join the others' log lines.
-        # Only an unreachable broker is retried at start, so anything else that stopped the
-        # start is for good: exit 3, which the supervisor does not restart
-        what = "stopped" if w.connected.is_set() else "cannot start"
-        if isinstance(exc, TaskmillError):
-            log.error("worker %s %s: %s", w.id, what, exc)
-        else:  # not one of ours (a bug, or an error a broker let through): the traceback
-            log.exception("worker %s %s: %s: %s", w.id, what, type(exc).__name__, exc)
-        final = not w.connected.is_set() or (isinstance(exc, BrokerError) and exc.permanent)
-        raise click.exceptions.Exit(NO_RESTART_EXIT_CODE if final else 1) from None
-    finally:
-        if server is not None:
-            server.close()
-    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if stuck:
-        # a sync task that ignores its deadline keeps its pool thread alive, and Python would
-        # wait for it at exit; the job was handed back already, so leave without it
-        log.warning(
-            "exiting with %d task thread(s) still running: %s",
-            len(stuck),
-            ", ".join(t.name for t in stuck),
-        )
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def _beat_to(fd: int) -> Callable[[], None]:
-    """Tell the supervisor of each heartbeat: one byte on its pipe (see supervisor.py)."""
-    os.set_blocking(fd, False)
-
-    def beat() -> None:
-        # a full pipe already tells of a recent beat; a closed one means the supervisor is gone
-        # (_watch_parent drains this worker then)
-        with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(fd, b".")
-
-    return beat
-
-
-def _worker_health(w: Worker) -> Callable[[], Status]:
-    from taskmill.worker.health import heartbeat_status
-
-    max_age_s = LOST_AFTER_HEARTBEATS * w.heartbeat_s
-
-    def status() -> Status:
-        healthy, details = heartbeat_status(
-            w.last_heartbeat_ok, max_age_s=max_age_s, now=time.monotonic()
-        )
-        return healthy, {**details, "worker": w.id}
-
-    return status
-
-
-async def _watch_parent(w: Worker, parent_pid: int) -> None:
-    """A child of a supervisor that was killed outright drains rather than living on."""
-    while True:
-        await asyncio.sleep(1.0)
-        if os.getppid() != parent_pid:
-            log.warning("worker %s: the supervisor (pid %d) is gone; draining", w.id, parent_pid)
-            w.stop()
-            return
 
 
 # --- ping ---------------------------------------------------------------------------------------
@@ -482,7 +264,7 @@ def ping(env: Env, name: str | None, worker_id: str | None, max_age: float | Non
     if name is not None:
         _check_name(name)
     app = env.app()
-    max_age_s = max_age or LOST_AFTER_HEARTBEATS * app.settings.effective_heartbeat_s
+    max_age_s = max_age or app.settings.lost_after_s
 
     async def fetch(b: Broker) -> tuple[list[WorkerInfo], float]:
         return await b.list_workers(), await b.now()

@@ -35,20 +35,22 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from taskmill.worker.health import MISSED_HEARTBEATS, heartbeat_status
+from taskmill.settings import MISSED_HEARTBEATS
+from taskmill.worker.health import heartbeat_status
 from taskmill.worker.worker import Worker
 
 if TYPE_CHECKING:
-    from taskmill.app import App
+    from taskmill.client import AppParts
 
 log = logging.getLogger("taskmill.worker")
 
 
 def _make_worker(
-    app: App, queues: Sequence[str] | None, concurrency: int, options: dict[str, Any]
+    app: AppParts, queues: Sequence[str] | None, concurrency: int, options: dict[str, Any]
 ) -> Worker:
     # the same default as `taskmill worker`: every queue the app's tasks use, and the default
-    return Worker(app, queues=queues or app.queues(), concurrency=concurrency, **options)
+    default = app.registry.queues(app.client.settings.default_queue)
+    return Worker(app, queues=queues or default, concurrency=concurrency, **options)
 
 
 def _healthy(worker: Worker) -> bool:
@@ -88,7 +90,7 @@ class EmbeddedWorker:
 
     def __init__(
         self,
-        app: App,
+        app: AppParts,
         *,
         queues: Sequence[str] | None = None,
         concurrency: int = 16,
@@ -175,7 +177,7 @@ class WorkerThread:
 
     def __init__(
         self,
-        app: App,
+        app: AppParts,
         *,
         queues: Sequence[str] | None = None,
         concurrency: int = 16,

@@ -30,9 +30,6 @@ from typing import Any
 
 log = logging.getLogger("taskmill.health")
 
-MISSED_HEARTBEATS = 3
-"""A worker is healthy while its last heartbeat is younger than this many intervals (the rule
-of ``taskmill workers``, ``LOST_AFTER_HEARTBEATS`` in ``taskmill.cli._base``)."""
 
 Status = tuple[bool, dict[str, Any]]
 """(healthy, details): the details become the response's JSON body."""
@@ -142,4 +139,4 @@ def _http(code: int, body: bytes, *, head_only: bool) -> bytes:
     return head if head_only else head + body
 
 
-__all__ = ["MISSED_HEARTBEATS", "HealthServer", "Status", "heartbeat_status"]
+__all__ = ["HealthServer", "Status", "heartbeat_status"]

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from taskmill.context import JobContext, reset_current, set_current
 from taskmill.errors import SoftTimeLimitExceeded, TaskTimeoutError
-from taskmill.task import Task
+from taskmill.registry import TaskDefinition
 
 log = logging.getLogger("taskmill.worker")
 _HANDOFF_WAIT_S = 0.002
@@ -35,7 +35,7 @@ class Runner(Protocol):
 
     async def call(
         self,
-        task: Task[Any, Any],
+        task: TaskDefinition,
         args: list[Any],
         kwargs: dict[str, Any],
         ctx: JobContext,
@@ -71,7 +71,7 @@ def hard_limit_message(task: str, timeout_s: float, what_happened: str) -> str:
 
 
 async def call_async(
-    task: Task[Any, Any],
+    task: TaskDefinition,
     args: list[Any],
     kwargs: dict[str, Any],
     ctx: JobContext,
@@ -369,7 +369,7 @@ class InlineRunner:
 
     async def call(
         self,
-        task: Task[Any, Any],
+        task: TaskDefinition,
         args: list[Any],
         kwargs: dict[str, Any],
         ctx: JobContext,
@@ -403,7 +403,7 @@ class ThreadRunner:
 
     async def call(
         self,
-        task: Task[Any, Any],
+        task: TaskDefinition,
         args: list[Any],
         kwargs: dict[str, Any],
         ctx: JobContext,
@@ -444,7 +444,7 @@ class ThreadRunner:
 
     @staticmethod
     async def _result(
-        fut: asyncio.Future[Any], task: Task[Any, Any], ctx: JobContext, timeout_s: float | None
+        fut: asyncio.Future[Any], task: TaskDefinition, ctx: JobContext, timeout_s: float | None
     ) -> Any:
         if timeout_s is None:
             return await fut

@@ -23,7 +23,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
@@ -33,9 +33,9 @@ from taskmill.errors import SoftTimeLimitExceeded, TaskTimeoutError, WorkerLostE
 from taskmill.job import ErrorInfo
 from taskmill.logs import JsonFormatter, LogFormat
 from taskmill.logs import configure as configure_logging
+from taskmill.registry import Registry, TaskDefinition
 from taskmill.retry import Cancel, RemoteError, Retry, error_info
 from taskmill.serialization import decode, encode
-from taskmill.task import Task
 from taskmill.worker.pools import hard_limit_message, soft_limit_message
 
 log = logging.getLogger("taskmill.worker")
@@ -79,39 +79,17 @@ class _Child:
         cancel_sent = soft_sent = False
         while True:
             if self.conn.poll(_POLL_S):
-                try:
-                    msg = self.conn.recv()
-                except (EOFError, OSError):
-                    self.proc.join(5)
-                    raise WorkerLostError(
-                        f"the child process running task {task} died "
-                        f"(exit code {self.proc.exitcode})"
-                    ) from None
-                kind = msg[0]
+                kind, value = self._receive(task, ctx)
+                if kind == "ok":
+                    return value
                 if kind == "ready":  # a new child has imported the app: the time limits start
-                    self.ready = True
                     started = time.monotonic()
-                elif kind == "progress":
-                    ctx._report(ctx.id, msg[1], msg[2])
-                elif kind == "ok":
-                    return decode(msg[1])
-                elif kind == "error":
-                    _, (etype, message, tb), retryable, delay, cancelled = msg
-                    info = ErrorInfo(etype, message, tb)
-                    if cancelled:
-                        raise Cancel(message)
-                    raise RemoteError(info, retryable=retryable, delay=delay)
             elif not self.alive:
-                raise WorkerLostError(
-                    f"the child process running task {task} died (exit code {self.proc.exitcode})"
-                )
+                raise self._died(task)
             ran_s = time.monotonic() - started
-            if (
-                soft_timeout_s is not None
-                and ran_s > soft_timeout_s
-                and self.ready
-                and not soft_sent
-            ):
+            soft_due = soft_timeout_s is not None and ran_s > soft_timeout_s
+            if soft_due and self.ready and not soft_sent:
+                assert soft_timeout_s is not None
                 self.conn.send(("soft", ctx.id, soft_limit_message(task, soft_timeout_s)))
                 soft_sent = True
             if timeout_s is not None and ran_s > timeout_s:
@@ -126,6 +104,33 @@ class _Child:
             if ctx.cancelled and not cancel_sent:
                 self.conn.send(("cancel",))
                 cancel_sent = True
+
+    def _receive(self, task: str, ctx: JobContext) -> tuple[str, Any]:
+        """The child's next message: ``("ok", result)``, ``("ready", None)`` (it imported the
+        app) or ``("progress", None)`` (reported); its error is raised as the task's."""
+        try:
+            msg = self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            raise self._died(task) from None
+        kind = msg[0]
+        if kind == "ready":
+            self.ready = True
+        elif kind == "progress":
+            ctx._report(ctx.id, msg[1], msg[2])
+        elif kind == "ok":
+            return kind, decode(msg[1])
+        elif kind == "error":
+            _, (etype, message, tb), retryable, delay, cancelled = msg
+            if cancelled:
+                raise Cancel(message)
+            raise RemoteError(ErrorInfo(etype, message, tb), retryable=retryable, delay=delay)
+        return kind, None
+
+    def _died(self, task: str) -> WorkerLostError:
+        return WorkerLostError(
+            f"the child process running task {task} died (exit code {self.proc.exitcode})"
+        )
 
     def kill(self) -> None:
         """Kill the child and every process it started: its process group, whose id is the
@@ -156,7 +161,7 @@ class ProcessRunner:
 
     async def call(
         self,
-        task: Task[Any, Any],
+        task: TaskDefinition,
         args: list[Any],
         kwargs: dict[str, Any],
         ctx: JobContext,
@@ -293,61 +298,87 @@ def child_main(
         with soft_limit.held():  # its exception must not cut a message to the worker in half
             conn.send(("progress", fraction, message))
 
-    def read() -> None:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                if soft_limit.running:
-                    _kill_own_group()
-                inbox.put(None)
-                return
-            if msg[0] == "cancel":
-                cancelled.set()
-            elif msg[0] == "soft":
-                soft_limit.passed(msg[1], msg[2])
-            else:
-                if msg[0] == "run":
-                    cancelled.clear()  # here, not as the job starts: a cancel may follow it
-                    soft_limit.arm(msg[1])
-                inbox.put(msg)
-
-    threading.Thread(target=read, daemon=True, name="taskmill-child-reader").start()
+    reader = threading.Thread(
+        target=_read_messages,
+        args=(conn, inbox, cancelled, soft_limit),
+        daemon=True,
+        name="taskmill-child-reader",
+    )
+    reader.start()
     while True:
         msg = inbox.get()
         if msg is None or msg[0] == "stop":
             return
-        _, job_id, task_name, queue_name, attempt, max_attempts, args, kwargs = msg
-        ctx = JobContext(
-            id=job_id,
-            task=task_name,
-            queue=queue_name,
-            attempt=attempt,
-            max_attempts=max_attempts,
-            _report=report,
-            _cancelled=cancelled,
-            _arguments=(args, kwargs),  # decoded by the worker: current_job().args
-        )
-        token = set_current(ctx)
+        _run_in_child(app.registry, msg, conn, report, cancelled, soft_limit)
+
+
+def _read_messages(
+    conn: Connection,
+    inbox: queue.Queue[tuple[Any, ...] | None],
+    cancelled: threading.Event,
+    soft_limit: _SoftLimit,
+) -> None:
+    """The child's reader thread: cancels and soft limits act at once (the job runs on the
+    main thread); jobs and stops go to the inbox; a closed pipe (the worker died) ends it."""
+    while True:
         try:
-            task = app.get_task(task_name)
-            soft_limit.enter(ctx)
-            try:
-                value = task.fn(*args, **kwargs)
-                if task.is_async:
-                    value = asyncio.run(value)
-            finally:
-                soft_limit.leave()
-            conn.send(("ok", encode(value, what=f"result of task {task_name!r}")))
-        except BaseException as exc:
-            info = error_info(exc)
-            try:
-                policy = app.get_task(task_name).policy
-                retryable = policy.retryable(exc)
-            except Exception:
-                retryable = False
-            delay = exc.delay if isinstance(exc, Retry) else None
-            payload = (info.type, info.message, info.traceback)
-            conn.send(("error", payload, retryable, delay, isinstance(exc, Cancel)))
+            msg = conn.recv()
+        except (EOFError, OSError):
+            if soft_limit.running:
+                _kill_own_group()
+            inbox.put(None)
+            return
+        if msg[0] == "cancel":
+            cancelled.set()
+        elif msg[0] == "soft":
+            soft_limit.passed(msg[1], msg[2])
+        else:
+            if msg[0] == "run":
+                cancelled.clear()  # here, not as the job starts: a cancel may follow it
+                soft_limit.arm(msg[1])
+            inbox.put(msg)
+
+
+def _run_in_child(
+    app: Registry,
+    msg: tuple[Any, ...],
+    conn: Connection,
+    report: Callable[[str, float | None, str | None], None],
+    cancelled: threading.Event,
+    soft_limit: _SoftLimit,
+) -> None:
+    """Run one job sent by the worker and send back its result or its error (the task's
+    retry policy applied here: the exception object stays in this process)."""
+    _, job_id, task_name, queue_name, attempt, max_attempts, args, kwargs = msg
+    ctx = JobContext(
+        id=job_id,
+        task=task_name,
+        queue=queue_name,
+        attempt=attempt,
+        max_attempts=max_attempts,
+        _report=report,
+        _cancelled=cancelled,
+        _arguments=(args, kwargs),  # decoded by the worker: current_job().args
+    )
+    token = set_current(ctx)
+    try:
+        task = app.get_task(task_name)
+        soft_limit.enter(ctx)
+        try:
+            value = task.fn(*args, **kwargs)
+            if task.is_async:
+                value = asyncio.run(value)
         finally:
-            reset_current(token)
+            soft_limit.leave()
+        conn.send(("ok", encode(value, what=f"result of task {task_name!r}")))
+    except BaseException as exc:
+        info = error_info(exc)
+        try:
+            retryable = app.get_task(task_name).policy.retryable(exc)
+        except Exception:
+            retryable = False
+        delay = exc.delay if isinstance(exc, Retry) else None
+        payload = (info.type, info.message, info.traceback)
+        conn.send(("error", payload, retryable, delay, isinstance(exc, Cancel)))
+    finally:
+        reset_current(token)

@@ -130,16 +130,7 @@ class Supervisor:
             for slot in self.slots:
                 self._spawn(slot)
             while True:
-                beats = {slot.beats: slot for slot in self.slots if slot.beats is not None}
-                ready: list[int] = []
-                with contextlib.suppress(InterruptedError):
-                    ready, _, _ = select.select([read_fd, *beats], [], [], self._next_timeout())
-                for fd in ready:
-                    if fd in beats:
-                        self._read_beats(beats[fd])
-                for sig in _read_signals(read_fd):
-                    if sig in _STOP_SIGNALS:
-                        self._on_stop_signal(signal.Signals(sig))
+                self._wait_for_news(read_fd)
                 self._reap()
                 if self._stop_requests and not self._alive():
                     log.info("supervisor %d: all worker processes exited", os.getpid())
@@ -147,16 +138,33 @@ class Supervisor:
                 if not self._stop_requests:
                     self._restart_due()
         finally:
-            for slot in self.slots:  # only on an error of our own: never leave orphans
-                if slot.proc is not None and slot.proc.poll() is None:
-                    slot.proc.kill()
-                    slot.proc.wait()
-                self._close_beats(slot)
+            self._kill_all()  # only on an error of our own: never leave orphans
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             os.close(read_fd)
             os.close(write_fd)
+
+    def _wait_for_news(self, signals_fd: int) -> None:
+        """Until a signal, a child's heartbeat or exit, or a restart comes due: take the
+        heartbeats and act on stop signals (exits are reaped by the caller)."""
+        beats = {slot.beats: slot for slot in self.slots if slot.beats is not None}
+        ready: list[int] = []
+        with contextlib.suppress(InterruptedError):
+            ready, _, _ = select.select([signals_fd, *beats], [], [], self._next_timeout())
+        for fd in ready:
+            if fd in beats:
+                self._read_beats(beats[fd])
+        for sig in _read_signals(signals_fd):
+            if sig in _STOP_SIGNALS:
+                self._on_stop_signal(signal.Signals(sig))
+
+    def _kill_all(self) -> None:
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                slot.proc.kill()
+                slot.proc.wait()
+            self._close_beats(slot)
 
     def _next_timeout(self) -> float:
         # SIGCHLD wakes the loop when a child exits; the timeout only serves pending restarts

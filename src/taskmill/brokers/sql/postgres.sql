@@ -151,6 +151,30 @@ SET state = 'running', attempt = j.attempt + 1, lease_token = %(token)s,
 WHERE j.seq IN (SELECT seq FROM picked)
 RETURNING {columns};
 
+-- name: claim_walk
+-- Pages of the ready index that this session's scans of it read, and how many scans: the
+-- session's statistics not yet reported to the server (they gather for up to a second), so
+-- the claim just made and perhaps a few before it. Dead entries at the head of the index
+-- (jobs that left the queue, until a vacuum) make it many pages a scan; see
+-- taskmill.brokers.postgres.vacuum.
+SELECT pg_stat_get_xact_blocks_fetched('{schema}.jobs_ready'::regclass),
+       pg_stat_get_xact_numscans('{schema}.jobs_ready'::regclass);
+
+-- name: may_vacuum
+-- Only the table's owner (a member of its role, or a superuser) may vacuum it.
+SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = '{schema}.jobs'::regclass;
+
+-- name: vacuum_pace
+-- The pace migration 5 gives autovacuum on the jobs table (a manual VACUUM is unthrottled by
+-- default): on a table of millions of finished jobs, the scans of its indexes are long.
+SELECT set_config('vacuum_cost_limit', '2000', false), set_config('vacuum_cost_delay', '1', false);
+
+-- name: vacuum_jobs
+-- Not while another vacuum of the table runs (SKIP_LOCKED: that one does the work), and the
+-- indexes always cleaned (by default a vacuum may skip them when few heap pages have dead
+-- rows, but the ready index's dead entries are what claims pay for).
+VACUUM (SKIP_LOCKED, INDEX_CLEANUP ON) {schema}.jobs;
+
 -- name: finish
 -- A batch of outcomes in one statement; each row applies only while the job is running with
 -- the claim's token (fencing). kind: S succeeded, F failed, C cancelled, R retry after
@@ -219,7 +243,9 @@ WHERE j.id = p.id AND j.lease_token = p.token AND j.state = 'running';
 
 -- name: recover
 -- Running jobs whose lease expired, whoever held them. Rows locked right now (a heartbeat
--- extending the lease, a finish) are skipped: they are not abandoned.
+-- extending the lease, a finish) are skipped: they are not abandoned. The error's type and
+-- message come from Python (taskmill.brokers._rows): {attempt}, {worker} and {lost_leases}
+-- in the message are filled in here.
 WITH expired AS MATERIALIZED (
     SELECT seq FROM {schema}.jobs
     WHERE state = 'running' AND lease_expires_at < now()
@@ -234,10 +260,10 @@ recovered AS (
                            THEN now() END,
         lost_leases = lost_leases + 1,
         error = jsonb_build_object(
-            'type', 'taskmill.errors.WorkerLostError',
-            'message', 'lease expired on attempt ' || attempt || ' (worker '
-                       || coalesce(worker_id, '') || ' stopped heartbeating); lost leases: '
-                       || (lost_leases + 1),
+            'type', %(error_type)s::text,
+            'message', replace(replace(replace(%(message)s::text,
+                '{attempt}', attempt::text), '{lost_leases}', (lost_leases + 1)::text),
+                '{worker}', coalesce(worker_id, '?')),
             'traceback', ''),
         lease_token = NULL, lease_expires_at = NULL, worker_id = NULL
     WHERE seq IN (SELECT seq FROM expired)
@@ -271,6 +297,9 @@ SELECT date_part('epoch', clock_timestamp());
 
 -- name: get
 SELECT {columns} FROM {schema}.jobs AS j WHERE j.id = %(id)s;
+
+-- name: get_many
+SELECT {columns} FROM {schema}.jobs AS j WHERE j.id = ANY(%(ids)s::text[]);
 
 -- name: find_jobs_filter
 -- The filters of a listing; a filter whose parameter is NULL (or an empty array) is off. The

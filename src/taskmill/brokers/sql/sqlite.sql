@@ -178,20 +178,24 @@ UPDATE taskmill_jobs SET progress = ?, progress_message = ?
 WHERE id = ? AND lease_token = ? AND state = 'running';
 
 -- name: recover
+-- The error's type and message come from Python (taskmill.brokers._rows): the message is a
+-- template whose {attempt}, {worker} and {lost_leases} are filled in here.
 UPDATE taskmill_jobs
 SET state = CASE
         WHEN cancel_requested = 1 THEN 'cancelled'
-        WHEN lost_leases + 1 >= ? THEN 'failed'
+        WHEN lost_leases + 1 >= :max_lost_leases THEN 'failed'
         ELSE 'queued' END,
-    finished_at = CASE WHEN cancel_requested = 1 OR lost_leases + 1 >= ? THEN ? END,
+    finished_at = CASE WHEN cancel_requested = 1 OR lost_leases + 1 >= :max_lost_leases
+                       THEN :now END,
     lost_leases = lost_leases + 1,
     error = json_object(
-        'type', 'taskmill.errors.WorkerLostError',
-        'message', printf('lease expired on attempt %d (worker %s stopped heartbeating); '
-                          || 'lost leases: %d', attempt, worker_id, lost_leases + 1),
+        'type', :error_type,
+        'message', replace(replace(replace(:message,
+            '{attempt}', attempt), '{lost_leases}', lost_leases + 1),
+            '{worker}', coalesce(worker_id, '?')),
         'traceback', ''),
     lease_token = NULL, lease_expires_at = NULL, worker_id = NULL
-WHERE state = 'running' AND lease_expires_at < ?
+WHERE state = 'running' AND lease_expires_at < :now
 RETURNING id, state;
 
 -- name: next_scheduled
@@ -205,6 +209,10 @@ DELETE FROM taskmill_jobs WHERE seq IN (
 
 -- name: get
 SELECT {columns} FROM taskmill_jobs WHERE id = ?;
+
+-- name: get_many
+-- {ids}: one ? per id (at most GET_MANY_CHUNK, within SQLite's limit on parameters)
+SELECT {columns} FROM taskmill_jobs WHERE id IN ({ids});
 
 -- name: stats
 SELECT queue, state, count(*) FROM taskmill_jobs GROUP BY queue, state;

@@ -1,10 +1,11 @@
-"""Cross-process wake-ups for brokers without notifications of their own (SQLite).
+"""Cross-process wake-ups for SQLite, which cannot notify one process of another's commit.
 
 Each idle worker binds a Unix datagram socket in a directory derived from the database path;
 a producer that commits due jobs sends one byte to every socket there. Delivery is best effort:
 a datagram that is lost only delays a job until the worker's fallback check, never loses it.
 A datagram that arrives while the worker is busy stays in its socket buffer, so a notify between
-an empty claim and the next wait is not missed.
+an empty claim and the next wait is not missed. The fallback is ``PRAGMA data_version``, which
+changes when another connection commits to the file (``Wakeups.data_changed``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import contextlib
 import hashlib
 import os
 import socket
+import sqlite3
 import tempfile
+import threading
 
 
 def channel_dir(database_path: str) -> str:
@@ -105,6 +108,62 @@ class WakeListener:
             os.unlink(self.path)
         with contextlib.suppress(OSError):  # the last worker out removes the directory
             os.rmdir(os.path.dirname(self.path))
+
+
+class Wakeups:
+    """One broker's wake-ups: the sender its writes notify through, the listener its waits
+    use (bound before the first claim, so a notify after an empty claim is not missed), and
+    the fallback's baseline."""
+
+    def __init__(self, database_path: str) -> None:
+        self.directory = channel_dir(database_path)
+        self._sender: WakeSender | None = None
+        self._listener: WakeListener | None = None
+        self._listener_lock = threading.Lock()
+        self._baseline = threading.local()
+        # commits on this process's own connection do not change its PRAGMA data_version, so
+        # a wait also watches this count of our own writes that may schedule work
+        self._own_writes = 0
+
+    def open(self) -> None:
+        if self._sender is None:
+            self._sender = WakeSender(self.directory)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+
+    def listener(self) -> WakeListener:
+        """This process's listener, bound on first use."""
+        listener = self._listener
+        if listener is None:
+            with self._listener_lock:
+                if self._listener is None:
+                    self._listener = WakeListener(self.directory)
+                listener = self._listener
+        return listener
+
+    def notify(self) -> None:
+        """Wake every idle worker on the file: work is due now."""
+        if self._sender is not None:
+            self._sender.notify()
+
+    def wrote(self) -> None:
+        """This process committed something a wait of its own must notice."""
+        self._own_writes += 1
+
+    def data_changed(self, conn: sqlite3.Connection) -> bool:
+        """Whether the file changed since this thread last asked: another connection's
+        commit, or one of our own ``wrote``. The first call sets the baseline."""
+        (version,) = conn.execute("PRAGMA data_version").fetchone()
+        seen = (version, self._own_writes)
+        changed = seen != getattr(self._baseline, "seen", None)
+        self._baseline.seen = seen
+        return changed
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -1,4 +1,4 @@
-"""Flow control, enforced through the broker so that it holds across every worker and producer:
+"""Limits, enforced through the broker so that it holds across every worker and producer:
 rate limits (per task or per queue) and a queue's depth limit.
 
 A rate limit such as ``"50/s"`` allows one start per 1/50 s across all workers: a worker that
@@ -10,7 +10,8 @@ really starting does not put more than the limit into any one window.
 A queue's ``max_depth`` bounds how many of its jobs may be scheduled or queued: ``send`` raises
 ``QueueFullError`` past it (``when_full="raise"``), or waits for room up to ``full_timeout_s``
 (``"wait"``). The check reads the depth before the insert, so producers racing each other may
-overshoot it by the jobs they send at the same moment.
+overshoot it by the jobs they send at the same moment. Periodic ticks and workflow steps are
+checked too, as ``taskmill.client`` describes.
 
     >>> from taskmill import App
     >>> app = App("memory://")
@@ -31,11 +32,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from taskmill.brokers.features import limit_store
 from taskmill.errors import ConfigurationError, QueueFullError
-from taskmill.job import Job, NewJob
+from taskmill.job import NewJob
 
 if TYPE_CHECKING:
-    from taskmill.app import App
     from taskmill.brokers.base import Broker
 
 WhenFull = Literal["raise", "wait"]
@@ -83,61 +84,53 @@ def queue_options(
 # --- producers: the depth limit -----------------------------------------------------------------
 
 
-async def check_depth(app: App, jobs: Sequence[NewJob]) -> None:
-    """Raise ``QueueFullError`` (or wait for room) if a limited queue cannot take ``jobs``."""
+def limited_queues(options: Mapping[str, QueueOptions], jobs: Sequence[NewJob]) -> dict[str, int]:
+    """How many of ``jobs`` go to each queue that has a ``max_depth`` (usually none)."""
+    if not options:
+        return {}
     sending = Counter(j.queue for j in jobs)
-    limited = {q: n for q, n in sending.items() if _max_depth(app, q) is not None}
-    if not limited:
-        return
-    broker = await app.abroker()
-    for queue, n in limited.items():
-        options = app.queue_options[queue]
-        assert options.max_depth is not None
-        deadline = time.monotonic() + options.full_timeout_s
-        delay = 0.01
-        while True:
-            depth = await broker.queue_depth(queue)
-            if depth + n <= options.max_depth:
-                break
-            if options.when_full == "raise" or time.monotonic() >= deadline:
-                waited = (
-                    "" if options.when_full == "raise" else f" after {options.full_timeout_s} s"
-                )
-                raise QueueFullError(
-                    f"queue {queue!r} holds {depth:,} waiting jobs and its max_depth is "
-                    f"{options.max_depth:,}: {n:,} more refused{waited}, nothing was stored"
-                )
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.5)
+    return {q: n for q, n in sending.items() if q in options and options[q].max_depth is not None}
 
 
-def needs_depth_check(app: App, jobs: Sequence[NewJob]) -> bool:
-    return bool(app.queue_options) and any(_max_depth(app, j.queue) is not None for j in jobs)
+async def check_depth(
+    broker: Broker,
+    options: Mapping[str, QueueOptions],
+    jobs: Sequence[NewJob],
+    *,
+    wait: bool = True,
+) -> None:
+    """Raise ``QueueFullError`` if a limited queue cannot take ``jobs``, or, for a queue with
+    ``when_full="wait"`` (and ``wait``), wait for room first."""
+    for queue, n in limited_queues(options, jobs).items():
+        await _room_for(broker, queue, options[queue], n, wait=wait)
 
 
-def _max_depth(app: App, queue: str) -> int | None:
-    options = app.queue_options.get(queue)
-    return options.max_depth if options is not None else None
+async def _room_for(broker: Broker, queue: str, options: QueueOptions, n: int, wait: bool) -> None:
+    assert options.max_depth is not None
+    waits = wait and options.when_full == "wait"
+    deadline = time.monotonic() + options.full_timeout_s
+    delay = 0.01
+    while True:
+        depth = await limit_store(broker).queue_depth(queue)
+        if depth + n <= options.max_depth:
+            return
+        if not waits or time.monotonic() >= deadline:
+            waited = f" after {options.full_timeout_s} s" if waits else ""
+            raise QueueFullError(
+                f"queue {queue!r} holds {depth:,} waiting jobs and its max_depth is "
+                f"{options.max_depth:,}: {n:,} more refused{waited}, nothing was stored"
+            )
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.5)
 
 
 # --- workers: rate limits -----------------------------------------------------------------------
 
 
-def rate_buckets(app: App, job: Job) -> list[tuple[str, float]]:
-    """The rate limits a job is under: its task's and its queue's, as (bucket, interval)."""
-    buckets = []
-    task = app.tasks.get(job.task)
-    if task is not None and task.rate_interval_s is not None:
-        buckets.append((f"task:{task.name}", task.rate_interval_s * SPACING))
-    options = app.queue_options.get(job.queue)
-    if options is not None and options.rate_interval_s is not None:
-        buckets.append((f"queue:{job.queue}", options.rate_interval_s * SPACING))
-    return buckets
-
-
 async def wait_for_rate_slots(broker: Broker, buckets: Sequence[tuple[str, float]]) -> None:
     """Reserve a start in each bucket and sleep until the latest of them."""
-    waits = [await broker.reserve_rate_slot(bucket, interval) for bucket, interval in buckets]
+    store = limit_store(broker)
+    waits = [await store.reserve_rate_slot(bucket, interval) for bucket, interval in buckets]
     delay = max(waits, default=0.0)
     if delay > 0:
         await asyncio.sleep(delay)
@@ -174,7 +167,8 @@ class Limit:
 
 async def hold_slot(broker: Broker, bucket: str, holder: str, limit: int, ttl_s: float) -> None:
     """Wait until ``holder`` holds a slot of ``bucket`` (polling, 20 ms doubling to 1 s)."""
+    store = limit_store(broker)
     delay = 0.02
-    while not await broker.acquire_slot(bucket, holder, limit, ttl_s):
+    while not await store.acquire_slot(bucket, holder, limit, ttl_s):
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)

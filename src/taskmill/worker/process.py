@@ -1,0 +1,244 @@
+"""Running worker processes: one worker in this process (``taskmill worker``), or a supervisor
+of pools of them (``-p N``, ``--pool-spec``), with the liveness endpoint and the heartbeat pipe
+a supervised child uses. The CLI parses options and calls these; nothing here knows click."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+from taskmill.errors import BrokerError, ConfigurationError, TaskmillError
+from taskmill.settings import MISSED_HEARTBEATS
+from taskmill.worker.health import HealthServer, Status, heartbeat_status
+from taskmill.worker.supervisor import NO_RESTART_EXIT_CODE, Pool, Supervisor
+from taskmill.worker.worker import PoolKind, Worker
+
+if TYPE_CHECKING:
+    from taskmill.client import AppParts
+
+log = logging.getLogger("taskmill.worker")
+
+# --- pools under one supervisor -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One ``--pool-spec``: worker processes taking jobs from ``queues``."""
+
+    queues: list[str]
+    processes: int
+    concurrency: int
+
+    @property
+    def label(self) -> str:
+        return ",".join(self.queues)
+
+    @classmethod
+    def parse(cls, value: str, default_concurrency: int) -> PoolSpec:
+        """``render:2`` or ``preview,default:4:8``; ``ValueError`` with a precise message."""
+        parts = value.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"{value!r}: {_POOL_SPEC_SHAPE}")
+        queues = list(dict.fromkeys(q.strip() for q in parts[0].split(",") if q.strip()))
+        if not queues:
+            raise ValueError(f"{value!r}: name at least one queue before the first ':'")
+        processes = _whole_number(value, "PROCESSES", parts[1])
+        concurrency = default_concurrency
+        if len(parts) == 3:
+            concurrency = _whole_number(value, "CONCURRENCY", parts[2])
+        return cls(queues, processes, concurrency)
+
+
+_POOL_SPEC_SHAPE = "expected QUEUES:PROCESSES[:CONCURRENCY], e.g. render:2 or preview,default:4:8"
+
+
+def _whole_number(value: str, what: str, text: str) -> int:
+    try:
+        number = int(text.strip())
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{value!r}: {what} must be a whole number >= 1, not {text!r}")
+    return number
+
+
+def supervise(
+    app: AppParts,
+    app_path: str,
+    specs: list[PoolSpec],
+    common: list[str],
+    health_host: str,
+    health_port: int | None,
+) -> int:
+    pools: list[Pool] = []
+    for spec in specs:
+        argv = [
+            sys.executable, "-m", "taskmill", "worker", app_path,
+            "-q", ",".join(spec.queues), "-c", str(spec.concurrency), "-p", "1", *common,
+        ]  # fmt: skip
+        pools.append(Pool(argv, spec.processes, spec.label))
+        if len(specs) > 1:
+            log.info(
+                "pool %s: %d processes, concurrency %d each",
+                spec.label,
+                spec.processes,
+                spec.concurrency,
+            )
+    supervisor = Supervisor(
+        pools,
+        heartbeat_max_age_s=app.client.settings.lost_after_s,
+    )
+    server = (
+        None if health_port is None else serve_health(health_host, health_port, supervisor.health)
+    )
+    try:
+        return supervisor.run()
+    finally:
+        if server is not None:
+            server.close()
+
+
+def serve_health(host: str, port: int, status: Callable[[], Status]) -> HealthServer:
+    try:
+        server = HealthServer(host, port, status).start()
+    except OSError as exc:
+        raise ConfigurationError(f"--health-port: cannot listen on {host}:{port}: {exc}") from None
+    log.info("liveness endpoint on http://%s:%d/", host, server.port)
+    return server
+
+
+def run_worker_process(
+    app: AppParts,
+    *,
+    app_path: str,
+    queues: list[str],
+    concurrency: int,
+    pool: str,
+    max_tasks_per_child: int | None,
+    drain_timeout_s: float,
+    parent_pid: int | None,
+    scheduler: bool = True,
+    name: str | None = None,
+    max_start_wait_s: float | None = None,
+    heartbeat_fd: int | None = None,
+    health: tuple[str, int] | None = None,
+) -> int:
+    """One worker in this process, until a signal stops it (or its supervisor goes away).
+    Returns the process's exit code: 0 after a stop, ``NO_RESTART_EXIT_CODE`` when it stopped
+    on an error no restart fixes, 1 for any other error (logged)."""
+
+    w = Worker(
+        app,
+        queues=queues,
+        concurrency=concurrency,
+        pool=cast("PoolKind", pool),  # click.Choice checked it
+        app_path=app_path,
+        max_tasks_per_child=max_tasks_per_child,
+        drain_timeout_s=drain_timeout_s,
+        scheduler=scheduler,
+        name=name,
+        max_start_wait_s=max_start_wait_s,
+        on_heartbeat=None if heartbeat_fd is None else beat_to(heartbeat_fd),
+    )
+    server = None if health is None else serve_health(*health, worker_health(w))
+
+    async def main() -> None:
+        w.install_signal_handlers()
+        watch = None
+        if parent_pid is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            watch = asyncio.create_task(watch_parent(w, parent_pid))
+        try:
+            await w.run()
+        finally:
+            if watch is not None:
+                watch.cancel()
+            await app.client.aclose()
+
+    try:
+        asyncio.run(main())
+    except Exception as exc:
+        # logged, not printed bare: under a supervisor these lines join the others' log lines.
+        # Only an unreachable broker is retried at start, so anything else that stopped the
+        # start is for good: exit 3, which the supervisor does not restart
+        what = "stopped" if w.connected.is_set() else "cannot start"
+        if isinstance(exc, TaskmillError):
+            log.error("worker %s %s: %s", w.id, what, exc)
+        else:  # not one of ours (a bug, or an error a broker let through): the traceback
+            log.exception("worker %s %s: %s: %s", w.id, what, type(exc).__name__, exc)
+        final = not w.connected.is_set() or (isinstance(exc, BrokerError) and exc.permanent)
+        return NO_RESTART_EXIT_CODE if final else 1
+    finally:
+        if server is not None:
+            server.close()
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if stuck:
+        # a sync task that ignores its deadline keeps its pool thread alive, and Python would
+        # wait for it at exit; the job was handed back already, so leave without it
+        log.warning(
+            "exiting with %d task thread(s) still running: %s",
+            len(stuck),
+            ", ".join(t.name for t in stuck),
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def beat_to(fd: int) -> Callable[[], None]:
+    """Tell the supervisor of each heartbeat: one byte on its pipe (see supervisor.py)."""
+    os.set_blocking(fd, False)
+
+    def beat() -> None:
+        # a full pipe already tells of a recent beat; a closed one means the supervisor is gone
+        # (_watch_parent drains this worker then)
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(fd, b".")
+
+    return beat
+
+
+def worker_health(w: Worker) -> Callable[[], Status]:
+    max_age_s = MISSED_HEARTBEATS * w.heartbeat_s
+
+    def status() -> Status:
+        healthy, details = heartbeat_status(
+            w.last_heartbeat_ok, max_age_s=max_age_s, now=time.monotonic()
+        )
+        return healthy, {**details, "worker": w.id}
+
+    return status
+
+
+async def watch_parent(w: Worker, parent_pid: int) -> None:
+    """A child of a supervisor that was killed outright drains rather than living on."""
+    while True:
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent_pid:
+            log.warning("worker %s: the supervisor (pid %d) is gone; draining", w.id, parent_pid)
+            w.stop()
+            return
+
+
+__all__ = [
+    "PoolSpec",
+    "beat_to",
+    "run_worker_process",
+    "serve_health",
+    "supervise",
+    "watch_parent",
+    "worker_health",
+]
