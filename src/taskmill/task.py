@@ -179,44 +179,33 @@ class Task(TaskDefinition, Generic[P, R]):
         >>> (again.id, first.existing, again.existing)
         ('charge-42', False, True)
         """
+        given = {
+            "queue": queue,
+            "priority": priority,
+            "delay": delay,
+            "run_at": run_at,
+            "key": key,
+            "on_conflict": on_conflict,
+            "retries": retries,
+            "timeout": timeout,
+            "soft_timeout": soft_timeout,
+            "connection": connection,
+            "job_id": job_id,
+            "meta": meta,
+        }
         opts = self.defaults
-        changes: dict[str, Any] = {}
-        if queue is not None:
-            changes["queue"] = queue
-        if priority is not None:
-            changes["priority"] = check_priority(priority)
-        if delay is not None:
-            changes["delay_s"] = seconds(delay, "delay")
-        if run_at is not None:
-            changes["run_at"] = run_at.timestamp() if isinstance(run_at, datetime) else run_at
-        if key is not None:
-            changes["key"] = key
-        if on_conflict is not None:
-            if on_conflict not in ("return", "raise"):
-                raise ConfigurationError("on_conflict must be 'return' or 'raise'")
-            changes["on_conflict"] = on_conflict
-        if retries is not None:
-            changes["max_attempts"] = _attempts(retries)
-        if timeout is not None:
-            changes["timeout_s"] = timeout_seconds(timeout)
-        if soft_timeout is not None:
-            changes["soft_timeout_s"] = seconds(soft_timeout, "soft_timeout")
-        if timeout is not None or soft_timeout is not None:
+        changes = {
+            field: check(value)
+            for option, value in given.items()
+            if value is not None
+            for field, check in (_OPTIONS[option],)
+        }
+        if "timeout_s" in changes or "soft_timeout_s" in changes:
             check_time_limits(
                 changes.get("soft_timeout_s", opts.soft_timeout_s),
                 changes.get("timeout_s", opts.timeout_s),
                 self.name,
             )
-        if connection is not None:
-            changes["connection"] = connection
-        if job_id is not None:
-            if not isinstance(job_id, str) or not job_id or len(job_id) > 200:
-                raise ConfigurationError(
-                    f"job_id must be a string of 1 to 200 characters: {job_id!r}"
-                )
-            changes["job_id"] = job_id
-        if meta is not None:
-            changes["meta"] = check_meta(meta)
         return BoundTask(self, replace(opts, **changes) if changes else opts)
 
     def send(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
@@ -329,3 +318,40 @@ def _attempts(retries: int) -> int:
     if retries < 0:
         raise ConfigurationError(f"retries must be >= 0, not {retries}")
     return int(retries) + 1
+
+
+def _as_given(value: Any) -> Any:
+    return value
+
+
+def _timestamp(run_at: datetime | float) -> float:
+    return run_at.timestamp() if isinstance(run_at, datetime) else run_at
+
+
+def _on_conflict(on_conflict: str) -> str:
+    if on_conflict not in ("return", "raise"):
+        raise ConfigurationError("on_conflict must be 'return' or 'raise'")
+    return on_conflict
+
+
+def _job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not job_id or len(job_id) > 200:
+        raise ConfigurationError(f"job_id must be a string of 1 to 200 characters: {job_id!r}")
+    return job_id
+
+
+_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "queue": ("queue", _as_given),
+    "priority": ("priority", check_priority),
+    "delay": ("delay_s", lambda value: seconds(value, "delay")),
+    "run_at": ("run_at", _timestamp),
+    "key": ("key", _as_given),
+    "on_conflict": ("on_conflict", _on_conflict),
+    "retries": ("max_attempts", _attempts),
+    "timeout": ("timeout_s", timeout_seconds),
+    "soft_timeout": ("soft_timeout_s", lambda value: seconds(value, "soft_timeout")),
+    "connection": ("connection", _as_given),
+    "job_id": ("job_id", _job_id),
+    "meta": ("meta", check_meta),
+}
+"""Each of ``Task.options``' parameters: the ``SendOptions`` field it sets, and its check."""

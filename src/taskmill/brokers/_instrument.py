@@ -47,72 +47,96 @@ _CLAIMS = frozenset({"claim", "finish_and_claim", "wait"})
 
 def instrument(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
     """``method`` (named ``name`` in the contract), timed and logged as the module says."""
-    may_be_slow = name not in _UNTIMED
-    signature = inspect.signature(method)
-    clock = time.perf_counter
+    observer = _Observer(name, inspect.signature(method))
+    wrap = _timed_async if inspect.iscoroutinefunction(method) else _timed_sync
+    wrapper = wrap(method, observer)
+    wrapper.__taskmill_instrumented__ = True  # type: ignore[attr-defined]
+    return wrapper
 
-    def report(
-        broker: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any, elapsed: float
+
+class _Observer:
+    """What one contract method's calls log: how long they took and what they were about."""
+
+    def __init__(self, name: str, signature: inspect.Signature) -> None:
+        self.name = name
+        self.may_be_slow = name not in _UNTIMED
+        self.signature = signature
+
+    def returned(
+        self,
+        broker: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        result: Any,
+        elapsed: float,
     ) -> None:
-        if may_be_slow and elapsed >= SLOW_CALL_S:
+        if self.may_be_slow and elapsed >= SLOW_CALL_S:
             level, how = logging.WARNING, f"took {elapsed:.3f} s (slow)"
         elif log.isEnabledFor(logging.DEBUG):
             level, how = logging.DEBUG, f"took {elapsed * 1000:.3f} ms"
         else:
             return
-        fields = _fields(broker, name, signature, args, kwargs, result, elapsed)
-        log.log(level, "%s.%s %s", fields["broker"], name, how, extra=fields)
+        fields = _fields(broker, self.name, self.signature, args, kwargs, result, elapsed)
+        log.log(level, "%s.%s %s", fields["broker"], self.name, how, extra=fields)
 
-    def failed(
-        broker: Any, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception, elapsed: float
+    def raised(
+        self,
+        broker: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        exc: Exception,
+        elapsed: float,
     ) -> None:
         if not log.isEnabledFor(logging.DEBUG):
             return
-        fields = _fields(broker, name, signature, args, kwargs, None, elapsed)
+        fields = _fields(broker, self.name, self.signature, args, kwargs, None, elapsed)
         fields["error"] = f"{type(exc).__name__}: {exc}"
         log.debug(
             "%s.%s failed after %.3f s: %s",
             fields["broker"],
-            name,
+            self.name,
             elapsed,
             fields["error"],
             extra=fields,
         )
 
-    if inspect.iscoroutinefunction(method):
 
-        @functools.wraps(method)
-        async def timed_async(self: Any, /, *args: Any, **kwargs: Any) -> Any:
-            start = clock()
-            try:
-                result = await method(self, *args, **kwargs)
-            except Exception as exc:
-                _never_raising(failed, self, args, kwargs, exc, clock() - start)
-                raise
-            elapsed = clock() - start
-            if elapsed >= SLOW_CALL_S or log.isEnabledFor(logging.DEBUG):
-                _never_raising(report, self, args, kwargs, result, elapsed)
-            return result
+def _timed_async(method: Callable[..., Any], observer: _Observer) -> Callable[..., Any]:
+    clock = time.perf_counter
 
-        wrapper: Callable[..., Any] = timed_async
-    else:
+    @functools.wraps(method)
+    async def timed(self: Any, /, *args: Any, **kwargs: Any) -> Any:
+        start = clock()
+        try:
+            result = await method(self, *args, **kwargs)
+        except Exception as exc:
+            _never_raising(observer.raised, self, args, kwargs, exc, clock() - start)
+            raise
+        elapsed = clock() - start
+        if elapsed >= SLOW_CALL_S or log.isEnabledFor(logging.DEBUG):
+            _never_raising(observer.returned, self, args, kwargs, result, elapsed)
+        return result
 
-        @functools.wraps(method)
-        def timed(self: Any, /, *args: Any, **kwargs: Any) -> Any:
-            start = clock()
-            try:
-                result = method(self, *args, **kwargs)
-            except Exception as exc:
-                _never_raising(failed, self, args, kwargs, exc, clock() - start)
-                raise
-            elapsed = clock() - start
-            if elapsed >= SLOW_CALL_S or log.isEnabledFor(logging.DEBUG):
-                _never_raising(report, self, args, kwargs, result, elapsed)
-            return result
+    return timed
 
-        wrapper = timed
-    wrapper.__taskmill_instrumented__ = True  # type: ignore[attr-defined]
-    return wrapper
+
+def _timed_sync(method: Callable[..., Any], observer: _Observer) -> Callable[..., Any]:
+    clock = time.perf_counter
+
+    @functools.wraps(method)
+    def timed(self: Any, /, *args: Any, **kwargs: Any) -> Any:
+        start = clock()
+        try:
+            result = method(self, *args, **kwargs)
+        except Exception as exc:
+            _never_raising(observer.raised, self, args, kwargs, exc, clock() - start)
+            raise
+        elapsed = clock() - start
+        if elapsed >= SLOW_CALL_S or log.isEnabledFor(logging.DEBUG):
+            _never_raising(observer.returned, self, args, kwargs, result, elapsed)
+        return result
+
+    return timed
 
 
 def _never_raising(log_call: Callable[..., None], *args: Any) -> None:
@@ -160,6 +184,21 @@ def _fields(
         given = signature.bind(broker, *args, **kwargs).arguments
     except TypeError:  # the call itself was wrong: what it was about is unknown
         given = {}
+    fields.update(_arguments_about(given))
+    if isinstance(result, Job):
+        fields.update(_about(result))
+    elif name in _CLAIMS and result is not None:  # None: the call failed
+        claimed = result[1] if name == "finish_and_claim" else result
+        if isinstance(claimed, list):
+            fields["claimed"] = len(claimed)
+            if len(claimed) == 1 and "job_id" not in fields:
+                fields.update(_about(claimed[0]))
+    return fields
+
+
+def _arguments_about(given: dict[str, Any]) -> dict[str, Any]:
+    """What a call's arguments say of its job or its batch of jobs."""
+    fields: dict[str, Any] = {}
     for key in _ONE_JOB:
         if isinstance(given.get(key), str):
             fields["job_id"] = given[key]
@@ -170,14 +209,6 @@ def _fields(
             if len(batch) == 1:
                 fields.update(_about(batch[0]))
             break
-    if isinstance(result, Job):
-        fields.update(_about(result))
-    elif name in _CLAIMS and result is not None:  # None: the call failed
-        claimed = result[1] if name == "finish_and_claim" else result
-        if isinstance(claimed, list):
-            fields["claimed"] = len(claimed)
-            if len(claimed) == 1 and "job_id" not in fields:
-                fields.update(_about(claimed[0]))
     return fields
 
 
