@@ -25,8 +25,12 @@ _HANDOFF_WAIT_S = 0.002
 _SPREAD_S = 0.002
 _STALL_S = 0.005
 # ThreadRunner: how long the pool must have had nothing to run for a job to count as a lone
-# one, whose thread the loop lets start first (a drain's batches follow each other faster)
-_QUIET_S = 0.002
+# one, whose thread the loop lets start first. A drain's batches follow each other faster:
+# a claim's round trip, which on PostgreSQL waits for a commit's WAL flush (2-5 ms here). At
+# 2 ms, every PostgreSQL batch counted as lone, and the loop's waits cost a no-op job 116 us of
+# worker CPU instead of 72 (bench.compare_postgres); at 50 ms, latency at 200 jobs/s on Redis
+# did not move (p50 0.54-0.83 ms either way, one run each)
+_QUIET_S = 0.05
 _RISE = 1.1  # how fast a function's expected duration follows longer runs, per call
 
 
