@@ -284,3 +284,44 @@ async def test_events_follow_the_writes_and_skip_rejected_outcomes(
     assert "job job-1: outcome Succeeded rejected: lease token not-the-token is stale" in (
         caplog.text
     )
+
+
+class SlowBus(MemoryBroker):
+    """Its first publish waits until released (a round trip a stop may cut short)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.publishing = asyncio.Event()
+        self.release = asyncio.Event()
+        self.published: list[bytes] = []
+
+    async def publish_events(self, payload: bytes) -> None:
+        self.publishing.set()
+        if not self.published:
+            await self.release.wait()
+        self.published.append(payload)
+
+
+def _event(state: str, seq: int) -> Event:
+    return Event("job-0", "t", "default", state, 1, 0.0, seq)
+
+
+async def test_a_publish_cut_short_by_a_stop_is_sent_by_the_last_publish() -> None:
+    """A worker stops by cancelling the publisher's loop, then publishes what is left: the
+    events of a publish the cancel interrupted are in what is left, not dropped."""
+    from taskmill.events import decode_payload
+    from taskmill.worker.outbox import Publisher
+
+    bus = SlowBus()
+    publisher = Publisher(bus, worker_id="w")
+    loop = asyncio.create_task(publisher.run())
+    publisher.emit(_event("running", 1))
+    await asyncio.wait_for(bus.publishing.wait(), 5)
+    publisher.emit(_event("succeeded", 2))
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await loop
+    bus.release.set()
+    await publisher.publish()
+    sent = [e.state for payload in bus.published for e in decode_payload(payload)]
+    assert sent == ["running", "succeeded"]

@@ -283,11 +283,16 @@ class Publisher:
             await self.publish()
 
     async def publish(self) -> None:
-        """Publish the events emitted so far, in one call."""
+        """Publish the events emitted so far, in one call. Cut short by a cancel (a worker's
+        stop), they go back first in line for the stop's last ``publish``: a part sent already
+        reaches subscribers twice then, which beats losing a job's last event."""
         batch, self._events = self._events, []
         if batch:
             try:
                 await publish(self._broker, batch)
+            except asyncio.CancelledError:
+                self._events[:0] = batch
+                raise
             except Exception as exc:  # never stop the worker
                 log.error(
                     "worker %s: publishing %d events failed: %s", self._worker_id, len(batch), exc

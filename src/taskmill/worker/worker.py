@@ -282,11 +282,11 @@ class Worker:
 
     async def _close(self, background: list[asyncio.Task[Any]], runner: Runner) -> None:
         await _cancel_and_wait(background)
-        if self._publisher is not None:
-            await self._publisher.publish()  # what the cancelled publisher had not sent
         if self._outbox.pending:  # a flush that failed on the way out: one last try
             with contextlib.suppress(Exception):
                 await self._flush_all()
+        if self._publisher is not None:  # after the last outcomes: their events too
+            await self._publisher.publish()  # what the cancelled publisher had not sent
         # always: it also hands back jobs handed over to this worker that it never took
         with contextlib.suppress(Exception):
             await self._broker.unregister_worker(self.id)
