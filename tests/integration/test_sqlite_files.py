@@ -549,3 +549,39 @@ def test_a_connection_on_another_taskmill_file_is_rejected(
     finally:
         conn.commit()
         conn.close()
+
+
+# --- the wake-up sockets -------------------------------------------------------------------------
+
+
+def test_a_temp_dir_too_deep_for_a_socket_path_still_runs_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long TMPDIR made every wake-up socket path longer than the 108 bytes a Unix socket
+    allows: each claim failed, retried every few seconds for ever, and no job ran."""
+    from taskmill.brokers.sqlite.wakeup import channel_dir
+
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(deep))
+    db = tmp_path / "jobs.db"
+    assert len(os.fsencode(os.path.join(channel_dir(str(db)), "x" * 12))) <= 107
+    app = make_app(db)
+    with running_worker(app):
+        assert app.tasks["echo"].send(7).result(timeout=10) == 7
+    app.close()
+
+
+def test_a_socket_that_cannot_be_bound_leaves_claims_to_poll(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from taskmill.brokers.sqlite.wakeup import WakeListener
+
+    blocked = tmp_path / "a-file-not-a-directory"
+    blocked.write_text("")
+    with caplog.at_level(logging.WARNING, logger="taskmill.broker"):
+        listener = WakeListener(str(blocked))
+    assert "SQLite wake-ups are off for this process" in caplog.text
+    assert asyncio.run(listener.wait(0.01)) is False
+    assert listener.drain() is False
+    listener.close()

@@ -13,18 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import sqlite3
 import tempfile
 import threading
 
+log = logging.getLogger("taskmill.broker")
+_MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108, with the terminating NUL
+
 
 def channel_dir(database_path: str) -> str:
     # Socket paths are limited to 108 bytes, so the directory is a short hash in the temp dir
-    # rather than a sibling of a possibly deep database path.
+    # rather than a sibling of a possibly deep database path; a temp dir too deep for that
+    # (a long TMPDIR) gives way to /tmp.
     digest = hashlib.sha1(os.path.realpath(database_path).encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"taskmill-wake-{digest}")
+    name = f"taskmill-wake-{digest}"
+    directory = os.path.join(tempfile.gettempdir(), name)
+    too_deep = len(os.fsencode(os.path.join(directory, "x" * 12))) > _MAX_SOCKET_PATH
+    return os.path.join("/tmp", name) if too_deep and os.path.isdir("/tmp") else directory
 
 
 class WakeSender:
@@ -65,19 +73,37 @@ class WakeListener:
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, os.urandom(6).hex())
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._bind(directory)
+        except OSError as exc:  # waits still end at their timeout: the fallback check's pace
+            log.warning(
+                "SQLite wake-ups are off for this process (claims poll instead, so jobs start "
+                "later): cannot bind a socket at %s: %s",
+                self.path,
+                exc,
+            )
+            self._sock.close()
+            self._sock = None
+            return
+        self._sock.setblocking(False)
+
+    def _bind(self, directory: str) -> None:
+        assert self._sock is not None
         for _ in range(3):  # another worker's close() may remove the empty directory meanwhile
             os.makedirs(directory, mode=0o700, exist_ok=True)
             try:
                 self._sock.bind(self.path)
-                break
+                return
             except FileNotFoundError:
                 continue
-        self._sock.setblocking(False)
+        raise FileNotFoundError(f"{directory} kept disappearing")
 
     def drain(self) -> bool:
         """Consume pending wake-ups without waiting; True if there were any."""
         woke = False
+        if self._sock is None:
+            return False
         while True:
             try:
                 self._sock.recv(64)
@@ -89,6 +115,9 @@ class WakeListener:
         """Wait up to ``timeout`` for a wake-up; True if one came."""
         if self.drain():
             return True
+        if self._sock is None:
+            await asyncio.sleep(timeout)
+            return False
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         fd = self._sock.fileno()
@@ -103,6 +132,8 @@ class WakeListener:
         return self.drain()
 
     def close(self) -> None:
+        if self._sock is None:
+            return
         self._sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
