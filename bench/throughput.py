@@ -10,6 +10,8 @@ Modes:
 - drain: N no-op jobs (or ``add(1, 2)`` with ``--task add``) enqueued first, then 2 worker
   processes (``taskmill worker -p 2``) run them; jobs/s from the first start to the last
   finish, read back from the stored timestamps;
+- metrics: the drain ``--rounds`` times each without and with ``--metrics-port`` (the
+  worker-side Prometheus metrics), alternating, and the ratio of their medians;
 - latency: jobs sent at a steady rate (default 200/s) to idle workers; enqueue→start latency
   percentiles from the stored ``enqueued_at`` and ``started_at`` (one machine, one clock).
 
@@ -44,12 +46,18 @@ def percentile(values: list[float], q: float) -> float:
 
 @contextmanager
 def workers(
-    url: str, processes: int, concurrency: int, pool: str, log_level: str = "warning"
+    url: str,
+    processes: int,
+    concurrency: int,
+    pool: str,
+    log_level: str = "warning",
+    extra: tuple[str, ...] = (),
 ) -> Iterator[None]:
     env = {**os.environ, "TASKMILL_URL": url, "PYTHONPATH": ROOT}
     cmd = [
         sys.executable, "-m", "taskmill", "worker", "bench.noop_app:app",
         "-p", str(processes), "-c", str(concurrency), "--pool", pool, "--log-level", log_level,
+        *extra,
     ]  # fmt: skip
     # the logs go to a file beside the database, as a real worker's go to a file or a pipe
     log_file = open(url.removeprefix("sqlite:///") + ".log", "ab")  # noqa: SIM115
@@ -128,6 +136,7 @@ def run_drain(
     conc: int,
     pool: str,
     log_level: str = "warning",
+    extra: tuple[str, ...] = (),
 ) -> float:
     from taskmill import App
 
@@ -138,7 +147,7 @@ def run_drain(
         task.send_many([call] * min(5000, jobs - start))
     app.close()
     path = db_path(url)
-    with workers(url, processes, conc, pool, log_level):
+    with workers(url, processes, conc, pool, log_level, extra):
         wait_until(
             lambda: count_finished(path) >= jobs,
             timeout=600,
@@ -185,9 +194,34 @@ def run_latency(tmp: str, rate: float, seconds: float, processes: int, conc: int
     return [r[0] for r in rows[1:]]
 
 
+def run_metrics_cost(tmp: str, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The drain without and with ``--metrics-port``, alternating (the machine's noise
+    drifts: alternating spreads it over both), and the ratio of the medians."""
+    task_name = args.task or "anoop"
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.rounds):
+        for on in (False, True):
+            extra = ("--metrics-port", "0") if on else ()
+            rate = run_drain(
+                tmp, args.jobs, task_name, args.processes, args.concurrency, args.pool,
+                args.log_level, extra,
+            )  # fmt: skip
+            rates[on].append(rate)
+    label = f"drain jobs/s ({task_name}, -p {args.processes} -c {args.concurrency})"
+    off, on = statistics.median(rates[False]), statistics.median(rates[True])
+    return [
+        (f"{label}, no metrics", " / ".join(f"{r:,.0f}" for r in rates[False])),
+        (f"{label}, --metrics-port", " / ".join(f"{r:,.0f}" for r in rates[True])),
+        ("median with metrics / without", f"{on / off:.3f}"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=["all", "enqueue", "drain", "latency"], default="all")
+    parser.add_argument(
+        "--mode", choices=["all", "enqueue", "drain", "latency", "metrics"], default="all"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--mode metrics: drains of each")
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -222,6 +256,8 @@ def main() -> None:
                 )
                 label = f"drain jobs/s ({task_name}, -p {args.processes} -c {args.concurrency})"
                 rows.append((label, f"{rate:,.0f}"))
+        if args.mode == "metrics":
+            rows += run_metrics_cost(tmp, args)
         if args.mode in ("all", "latency"):
             lat = run_latency(tmp, args.rate, args.seconds, args.processes, args.concurrency)
             for q in (50, 95, 99):
