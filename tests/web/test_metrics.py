@@ -8,8 +8,10 @@ real server.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -51,7 +53,8 @@ URLS: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
 
 @pytest.fixture(params=list(URLS))
 async def app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[App]:
-    a = App(URLS[request.param](request, tmp_path), lease_s=5.0)
+    # a worker silent for 1.5 s is lost (three heartbeats): see register_workers
+    a = App(URLS[request.param](request, tmp_path), lease_s=5.0, heartbeat_s=0.5)
     try:
         yield a
     finally:
@@ -99,11 +102,27 @@ async def fill(app: App) -> None:
     await report.asend()
     await report.asend()
     await app.apause("reports")
+    await register_workers(app)
+
+
+async def register_workers(app: App) -> None:
+    """Two workers: "alive" heartbeats until "gone", silent since the start, is lost."""
     broker = await app.client.abroker()
-    now = await broker.now()
-    for worker_id, beat, running in (("alive", now, ["j1", "j2"]), ("gone", now - 3600, [])):
-        info = WorkerInfo(worker_id, "host", 1, ["mail"], 4, now - 7200, beat, running)
+
+    async def beat(worker_id: str, running: list[str]) -> None:
+        now = await broker.now()
+        info = WorkerInfo(worker_id, "host", 1, ["mail"], 4, now, now, running)
         await broker.heartbeat(info, [], 5.0)
+
+    await beat("gone", [])
+    deadline = time.monotonic() + 10
+    while True:
+        await beat("alive", ["j1", "j2"])
+        lost = {w.id: w.lost for w in await app.aworkers()}
+        if lost == {"alive": False, "gone": True}:
+            return
+        assert time.monotonic() < deadline, f"the workers' states: {lost}"
+        await asyncio.sleep(0.05)  # a heartbeat interval between polls, not a synchronisation
 
 
 async def test_metrics_say_what_the_broker_holds(app: App) -> None:
@@ -193,7 +212,7 @@ def queried_metrics(dashboard: dict[str, Any]) -> set[str]:
 
 async def test_the_grafana_dashboard_queries_only_metrics_that_exist(tmp_path: Path) -> None:
     dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
-    app = App(f"sqlite:///{tmp_path}/jobs.db")
+    app = App(f"sqlite:///{tmp_path}/jobs.db", heartbeat_s=0.5)
     try:
         await fill(app)
         dashboard_side = {name for name, _ in samples((await scrape(app)).text)}

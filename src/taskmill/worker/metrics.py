@@ -375,7 +375,7 @@ def registry_of(source: Callable[[], Totals]) -> CollectorRegistry:
         raise ConfigurationError(
             "--metrics-port needs prometheus-client: pip install 'taskmill[metrics]'"
         ) from None
-    registry = CollectorRegistry(auto_describe=True)
+    registry = CollectorRegistry(auto_describe=False)
     registry.register(collector(source))
     return registry
 
