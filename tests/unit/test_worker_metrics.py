@@ -82,6 +82,8 @@ def test_a_worker_counts_starts_outcomes_enqueues_and_times() -> None:
 
 
 def test_a_supervisors_directory_keeps_a_retired_process_once(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "counts"
+    tmp_path.mkdir()
     directory = MetricsDir(tmp_path)
     one, two = JobMetrics(), JobMetrics()
     app = App("memory://")
