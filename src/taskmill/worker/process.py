@@ -96,6 +96,7 @@ def supervise(
     metrics_dir = None if metrics is None else MetricsDir.create()
     if metrics_dir is not None:
         common = [*common, METRICS_DIR_OPTION, str(metrics_dir.path)]
+        log.info("metrics: the worker processes write their counts to %s", metrics_dir.path)
     pools: list[Pool] = []
     for spec in specs:
         argv = [
