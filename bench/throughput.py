@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from bench._harness import group_cpu_s
 from taskmill.testing import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def workers(
     pool: str,
     log_level: str = "warning",
     extra: tuple[str, ...] = (),
-) -> Iterator[None]:
+) -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, "TASKMILL_URL": url, "PYTHONPATH": ROOT}
     cmd = [
         sys.executable, "-m", "taskmill", "worker", "bench.noop_app:app",
@@ -65,7 +66,7 @@ def workers(
         cmd, env=env, cwd=ROOT, start_new_session=True, stdout=log_file, stderr=log_file
     )
     try:
-        yield
+        yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -137,7 +138,10 @@ def run_drain(
     pool: str,
     log_level: str = "warning",
     extra: tuple[str, ...] = (),
+    cpu_us: list[float] | None = None,
 ) -> float:
+    """jobs/s; with ``cpu_us``, the workers' CPU µs per job is appended to it, measured from
+    the 1,000th finished job to the last (start-up and shutdown left out)."""
     from taskmill import App
 
     url = fresh_url(tmp, f"drain-{task_name}-{pool}")
@@ -147,13 +151,25 @@ def run_drain(
         task.send_many([call] * min(5000, jobs - start))
     app.close()
     path = db_path(url)
-    with workers(url, processes, conc, pool, log_level, extra):
+    with workers(url, processes, conc, pool, log_level, extra) as proc:
+        if cpu_us is not None:
+            n0 = wait_until(
+                lambda: count_finished(path) >= 1000 and count_finished(path),
+                timeout=600,
+                interval=0.05,
+                what="1,000 jobs to finish",
+            )
+            cpu0 = group_cpu_s([proc])
         wait_until(
             lambda: count_finished(path) >= jobs,
             timeout=600,
             interval=0.2,
             what=f"{jobs:,} jobs to finish",
         )
+        if cpu_us is not None:
+            cpu1 = group_cpu_s([proc])
+            assert cpu0 is not None and cpu1 is not None, "needs Linux's /proc"
+            cpu_us.append((cpu1 - cpu0) / (count_finished(path) - n0) * 1e6)
     with sqlite3.connect(path) as conn:
         first, last = conn.execute(
             "SELECT min(started_at), max(finished_at) FROM taskmill_jobs"
@@ -196,24 +212,29 @@ def run_latency(tmp: str, rate: float, seconds: float, processes: int, conc: int
 
 def run_metrics_cost(tmp: str, args: argparse.Namespace) -> list[tuple[str, str]]:
     """The drain without and with ``--metrics-port``, alternating (the machine's noise
-    drifts: alternating spreads it over both), and the ratio of the medians."""
+    drifts: alternating spreads it over both): jobs/s, and the workers' CPU time per job,
+    which time-sharing with other programs moves far less than it moves a rate."""
     task_name = args.task or "anoop"
     rates: dict[bool, list[float]] = {False: [], True: []}
+    cpu_us: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.rounds):
         for on in (False, True):
             extra = ("--metrics-port", "0") if on else ()
             rate = run_drain(
                 tmp, args.jobs, task_name, args.processes, args.concurrency, args.pool,
-                args.log_level, extra,
+                args.log_level, extra, cpu_us[on],
             )  # fmt: skip
             rates[on].append(rate)
-    label = f"drain jobs/s ({task_name}, -p {args.processes} -c {args.concurrency})"
-    off, on = statistics.median(rates[False]), statistics.median(rates[True])
-    return [
-        (f"{label}, no metrics", " / ".join(f"{r:,.0f}" for r in rates[False])),
-        (f"{label}, --metrics-port", " / ".join(f"{r:,.0f}" for r in rates[True])),
-        ("median with metrics / without", f"{on / off:.3f}"),
-    ]
+    label = f"({task_name}, -p {args.processes} -c {args.concurrency})"
+    rows = []
+    measures = (("drain jobs/s", rates, ",.0f"), ("worker CPU µs/job", cpu_us, ".1f"))
+    for what, values, fmt in measures:
+        for on, name in ((False, "no metrics"), (True, "--metrics-port")):
+            shown = " / ".join(format(v, fmt) for v in values[on])
+            rows.append((f"{what} {label}, {name}", shown))
+        ratio = statistics.median(values[True]) / statistics.median(values[False])
+        rows.append((f"{what}: median with metrics / without", f"{ratio:.3f}"))
+    return rows
 
 
 def main() -> None:

@@ -156,15 +156,19 @@ def add_totals(parts: Iterable[Totals]) -> Totals:
     return Totals(counters, histograms)
 
 
-Histograms = dict[tuple[str, str], list[float]]
+_SLOTS = len(BUCKETS_S) + 2  # a histogram: the count of each bucket, of +Inf, then the sum
 
 
-def _observe(histograms: Histograms, key: tuple[str, str], v: float) -> None:
-    h = histograms.get(key)
-    if h is None:
-        h = histograms[key] = [0.0] * (len(BUCKETS_S) + 2)
-    h[bisect_left(BUCKETS_S, v)] += 1
-    h[-1] += v
+class _Series:
+    """The counts of one (queue, task) in one worker: one lookup per start or outcome."""
+
+    __slots__ = ("outcomes", "run", "started", "wait")
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.outcomes: dict[str, int] = {}
+        self.run = [0.0] * _SLOTS
+        self.wait = [0.0] * _SLOTS
 
 
 class JobMetrics:
@@ -172,25 +176,35 @@ class JobMetrics:
     called on the worker's loop thread; ``enqueued`` from any thread."""
 
     def __init__(self) -> None:
-        self._started: dict[tuple[str, str], int] = {}
-        self._finished: dict[tuple[str, str, str], int] = {}
-        self._run: Histograms = {}
-        self._wait: Histograms = {}
+        self._series: dict[tuple[str, str], _Series] = {}
         self._rejected = 0
         self._enqueue_lock = threading.Lock()
         self._enqueued: dict[tuple[str, str], int] = {}
 
+    def _new(self, job: Job) -> _Series:
+        series = self._series[(job.queue, job.task)] = _Series()
+        return series
+
     def started(self, job: Job) -> None:
-        key = (job.queue, job.task)
-        self._started[key] = self._started.get(key, 0) + 1
-        if job.started_at is not None:  # both on the broker's clock
-            _observe(self._wait, key, max(0.0, job.started_at - job.run_at))
+        s = self._series.get((job.queue, job.task)) or self._new(job)
+        s.started += 1
+        at = job.started_at
+        if at is not None:  # both on the broker's clock
+            wait = at - job.run_at
+            if wait < 0.0:
+                wait = 0.0
+            h = s.wait
+            h[bisect_left(BUCKETS_S, wait)] += 1
+            h[-1] += wait
 
     def finished(self, job: Job, outcome: Outcome, run_s: float, *, lost: bool) -> None:
-        series = (job.queue, job.task)
-        key = (*series, "lost" if lost else OUTCOMES[type(outcome)])
-        self._finished[key] = self._finished.get(key, 0) + 1
-        _observe(self._run, series, run_s)
+        s = self._series.get((job.queue, job.task)) or self._new(job)
+        kind = "lost" if lost else OUTCOMES[type(outcome)]
+        counts = s.outcomes
+        counts[kind] = counts.get(kind, 0) + 1
+        h = s.run
+        h[bisect_left(BUCKETS_S, run_s)] += 1
+        h[-1] += run_s
 
     def rejected(self, n: int) -> None:
         self._rejected += n
@@ -208,21 +222,20 @@ class JobMetrics:
     def totals(self) -> Totals:
         """A copy of the counts (call it on the worker's loop thread)."""
         with self._enqueue_lock:
-            enqueued = dict(self._enqueued)
-        counters: dict[Key, float] = {}
-        for name, counts in (
-            (ENQUEUED, enqueued),
-            (STARTED, self._started),
-            (FINISHED, self._finished),
-        ):
-            for labels, n in counts.items():
-                counters[(name, labels)] = float(n)
+            counters: dict[Key, float] = {
+                (ENQUEUED, labels): float(n) for labels, n in self._enqueued.items()
+            }
+        histograms: dict[Key, list[float]] = {}
+        for labels, s in self._series.items():
+            if s.started:
+                counters[(STARTED, labels)] = float(s.started)
+                histograms[(WAIT, labels)] = list(s.wait)
+            if s.outcomes:
+                histograms[(RUN, labels)] = list(s.run)
+            for kind, n in s.outcomes.items():
+                counters[(FINISHED, (*labels, kind))] = float(n)
         if self._rejected:
             counters[(REJECTED, ())] = float(self._rejected)
-        histograms: dict[Key, list[float]] = {}
-        for name, hists in ((RUN, self._run), (WAIT, self._wait)):
-            for labels, h in hists.items():
-                histograms[(name, labels)] = list(h)
         return Totals(counters, histograms)
 
 
