@@ -234,8 +234,7 @@ class JobMetrics:
                 histograms[(RUN, labels)] = list(s.run)
             for kind, n in s.outcomes.items():
                 counters[(FINISHED, (*labels, kind))] = float(n)
-        if self._rejected:
-            counters[(REJECTED, ())] = float(self._rejected)
+        counters[(REJECTED, ())] = float(self._rejected)  # 0 too: a series to alert on
         return Totals(counters, histograms)
 
 
