@@ -1,6 +1,6 @@
 """The worker's counts (``taskmill.worker.metrics``) in-process on the memory broker: what a
 worker counts, how a supervisor's directory joins processes' counts (a retired process is kept
-once), and that counting needs no prometheus-client."""
+once), the outbox telling of refused outcomes, and that counting needs no prometheus-client."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from taskmill import App, current_job
-from taskmill.job import Succeeded
+from taskmill.brokers.memory import MemoryBroker
+from taskmill.context import JobContext
+from taskmill.job import Claim, Job, JobState, Succeeded
 from taskmill.worker import Worker
+from taskmill.worker.execution import JobRun
 from taskmill.worker.metrics import (
     FileSink,
     JobMetrics,
@@ -25,6 +28,7 @@ from taskmill.worker.metrics import (
     load_totals,
     registry_of,
 )
+from taskmill.worker.outbox import Outbox
 
 FINISHED = "taskmill_worker_jobs_finished"
 STARTED = "taskmill_worker_jobs_started"
@@ -148,3 +152,25 @@ def test_counting_does_not_import_prometheus_client() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_outbox_tells_of_outcomes_the_broker_refused() -> None:
+    refused: list[int] = []
+    outbox = Outbox(
+        MemoryBroker(),
+        worker_id="w",
+        wake=lambda: None,
+        later=lambda delay, fn: None,
+        rejected=refused.append,
+    )
+    runs = []
+    for job_id in ("a", "b", "c"):
+        job = Job(job_id, "t", "default", JobState.RUNNING, b"[]", lease_token="x")
+        ctx = JobContext(job_id, "t", "default", 1, 1, lambda *report: None)
+        runs.append(JobRun(job, Claim(job_id, "x"), ctx, None, True))
+    for run in runs:
+        outbox.add(run, Succeeded(b"null"))
+    outbox.landed(outbox.take(), [False, True, False])  # two leases were stale
+    outbox.add(runs[0], Succeeded(b"null"))
+    outbox.landed(outbox.take(), [True])
+    assert refused == [2]
