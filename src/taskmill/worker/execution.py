@@ -175,21 +175,15 @@ class Pipeline:
         r.finishing = True
         if not r.plain:
             await self._end(r, outcome)
-        self._record(r, outcome, began)
-        self.finished(r, outcome)
-        return outcome
-
-    def _record(self, r: JobRun, outcome: Outcome, began: float) -> None:
-        """The outcome's log line and its metrics (each only if on: the clock is read only
-        then)."""
         log_it = not r.lost and job_log.isEnabledFor(logging.INFO)
-        metrics = self.metrics
-        if log_it or metrics is not None:
+        if log_it or self.metrics is not None:  # the clock is read only for them
             run_s = time.monotonic() - began
             if log_it:
                 log_outcome(r.job, outcome, run_s, self.worker_id)
-            if metrics is not None:
-                metrics.finished(r.job, outcome, run_s, lost=r.lost)
+            if self.metrics is not None:
+                self.metrics.finished(r.job, outcome, run_s, lost=r.lost)
+        self.finished(r, outcome)
+        return outcome
 
     def _decide(
         self,
