@@ -245,11 +245,16 @@ def test_one_worker_process_serves_its_own_counts(
     assert worker.wait(timeout=30) == 0, workers.output()
 
 
-def test_a_taken_metrics_port_is_a_clear_error(tmp_path: Path, url: str) -> None:
-    port = free_port()
+def cli_env(url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMILL_")}
     env["TASKMILL_URL"] = url
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent)
+    return env
+
+
+def test_a_taken_metrics_port_is_a_clear_error(tmp_path: Path, url: str) -> None:
+    port = free_port()
+    env = cli_env(url)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
@@ -259,3 +264,21 @@ def test_a_taken_metrics_port_is_a_clear_error(tmp_path: Path, url: str) -> None
         )  # fmt: skip
     assert r.returncode == 1
     assert f"--metrics-port: cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_metrics_without_prometheus_client_say_what_to_install(
+    tmp_path: Path, url: str, processes: str
+) -> None:
+    # the package hidden as if not installed; only --metrics-port needs it
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None; "
+        "from taskmill.cli import run; sys.exit(run())"
+    )
+    args = ["worker", "--app", APP, "-p", processes, "--metrics-port", str(free_port())]
+    r = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True, text=True, env=cli_env(url), cwd=tmp_path, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert "--metrics-port needs prometheus-client: pip install 'taskmill[metrics]'" in r.stderr
