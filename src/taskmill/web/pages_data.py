@@ -1,0 +1,194 @@
+"""What the pages show, gathered from the admin API of ``App``: a job with its arguments named
+and redacted, its timeline and workflow; the throughput of the last hour and its chart; the
+schedules."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from taskmill._ids import workflow_of
+from taskmill.errors import JobNotFoundError
+from taskmill.job import Job, JobState
+from taskmill.scheduler import ScheduleStatus, schedule_statuses
+from taskmill.serialization import try_decode
+from taskmill.workflows import WorkflowHandle
+
+if TYPE_CHECKING:
+    from taskmill.app import App
+
+THROUGHPUT_SCAN_CAP = 5000
+"""The most finished jobs the overview reads to draw its chart."""
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+# --- one job ------------------------------------------------------------------------------------
+
+
+def named_arguments(app: App, job: Job) -> dict[str, Any]:
+    """The job's arguments by parameter name (positional ones named through the signature of
+    the task, if this app has it: ``#0``, ``#1``... otherwise), so redaction by name applies
+    to them too. A payload that is not ``[args, kwargs]`` is shown whole as ``payload``."""
+    decoded = try_decode(job.payload)
+    if not (
+        isinstance(decoded, list)
+        and len(decoded) in (2, 3)
+        and isinstance(decoded[0], list)
+        and isinstance(decoded[1], dict)
+    ):
+        return {"payload": decoded}
+    args, kwargs = decoded[0], decoded[1]
+    names = _positional_names(app, job.task, len(args))
+    return {**dict(zip(names, args, strict=True)), **kwargs}
+
+
+def _positional_names(app: App, task_name: str, n: int) -> list[str]:
+    task = app.tasks.get(task_name)
+    names: list[str] = []
+    if task is not None:
+        for p in task.signature.parameters.values():
+            if p.kind in _POSITIONAL:
+                names.append(p.name)
+            elif p.kind is inspect.Parameter.VAR_POSITIONAL:
+                names += [f"{p.name}[{i}]" for i in range(n - len(names))]
+    names = names[:n]
+    return names + [f"#{i}" for i in range(len(names), n)]
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A line of a job's timeline."""
+
+    what: str
+    at: float
+
+
+def timeline(job: Job) -> list[Moment]:
+    """The stored times of a job, in order."""
+    moments = [Moment("enqueued", job.enqueued_at)]
+    if job.run_at > job.enqueued_at + 0.5:
+        moments.append(Moment("due", job.run_at))
+    if job.started_at is not None:
+        moments.append(Moment(f"attempt {job.attempt} started", job.started_at))
+    if job.finished_at is not None:
+        moments.append(Moment(job.state.value, job.finished_at))
+    return sorted(moments, key=lambda m: m.at)
+
+
+@dataclass(frozen=True)
+class WorkflowView:
+    id: str
+    state: str
+    steps: list[tuple[str, JobState | None]]
+    """Each step's job id and state (None: not released yet)."""
+
+
+async def workflow(app: App, workflow_id: str) -> WorkflowView | None:
+    """A workflow's state and steps; None if there is no such workflow (or it was pruned)."""
+    handle = WorkflowHandle(app.client, workflow_id)
+    try:
+        state = await handle.astatus()
+        steps = await handle.asteps()
+    except JobNotFoundError:
+        return None
+    return WorkflowView(workflow_id, state, list(steps.items()))
+
+
+async def workflow_of_job(app: App, job: Job) -> WorkflowView | None:
+    workflow_id = workflow_of(job.id)
+    return None if workflow_id is None else await workflow(app, workflow_id)
+
+
+# --- throughput ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Succeeded and failed jobs per minute, oldest minute first."""
+
+    start: float
+    """The first minute's start (seconds since the epoch)."""
+    succeeded: list[int]
+    failed: list[int]
+    partial: bool
+    """True when only the latest ``THROUGHPUT_SCAN_CAP`` finished jobs were read."""
+
+
+async def throughput(app: App, now: float, minutes: int = 60) -> Throughput:
+    """Counted from the latest finished jobs (``alist_jobs(order="finished")``), at most
+    ``THROUGHPUT_SCAN_CAP`` of them.
+
+    The admin API has no per-minute counts yet (the "scale" part of issue 12 adds them):
+    this reads the listing, newest finish first, until it leaves the window."""
+    start = (now // 60 - minutes + 1) * 60
+    succeeded, failed = [0] * minutes, [0] * minutes
+    cursor: str | None = None
+    seen = 0
+    while seen < THROUGHPUT_SCAN_CAP:
+        page = await app.alist_jobs(
+            order="finished", state=("succeeded", "failed"), limit=1000, cursor=cursor, count=False
+        )
+        for job in page.jobs:
+            if job.finished_at is None or job.finished_at < start:
+                return Throughput(start, succeeded, failed, partial=False)
+            minute = min(int((job.finished_at - start) // 60), minutes - 1)
+            counts = succeeded if job.state is JobState.SUCCEEDED else failed
+            counts[minute] += 1
+        seen += len(page.jobs)
+        cursor = page.next_cursor
+        if cursor is None:
+            return Throughput(start, succeeded, failed, partial=False)
+    return Throughput(start, succeeded, failed, partial=True)
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One minute of the chart: a succeeded bar with a failed one stacked on it (SVG units)."""
+
+    x: float
+    width: float
+    ok_y: float
+    ok_height: float
+    failed_y: float
+    failed_height: float
+    label: str
+
+
+@dataclass(frozen=True)
+class Chart:
+    width: int
+    height: int
+    peak: int
+    bars: list[Bar]
+
+
+def chart(data: Throughput, width: int = 600, height: int = 120) -> Chart:
+    """The bars of an SVG chart of ``data``, scaled to the busiest minute."""
+    totals = [s + f for s, f in zip(data.succeeded, data.failed, strict=True)]
+    peak = max(totals, default=0) or 1
+    step = width / max(1, len(totals))
+    bars = []
+    for i, (ok, bad) in enumerate(zip(data.succeeded, data.failed, strict=True)):
+        ok_h = height * ok / peak
+        bad_h = height * bad / peak
+        minutes_ago = len(totals) - 1 - i
+        label = f"{minutes_ago} min ago: {ok} succeeded, {bad} failed"
+        top = height - ok_h
+        bars.append(Bar(i * step, max(1.0, step - 1), top, ok_h, top - bad_h, bad_h, label))
+    return Chart(width, height, max(totals, default=0), bars)
+
+
+# --- schedules ----------------------------------------------------------------------------------
+
+
+async def schedules(app: App, n_next: int = 3) -> list[ScheduleStatus]:
+    """Each periodic schedule with its next ticks and its last tick's outcome (what ``taskmill
+    schedules`` shows), by name."""
+    statuses = await schedule_statuses(app, n_next)
+    return sorted(statuses, key=lambda s: s.schedule.name)
+
+
+def task_names(app: App) -> Sequence[str]:
+    return [t.name for t in app.registered_tasks()]
