@@ -115,6 +115,7 @@ async def jobs(request: Request) -> Response:
             task=filters.get("task"),
             limit=PAGE_SIZE,
             cursor=cursor,
+            count=cursor is None,  # a count may read every matching job: the first page only
         )
     except ValueError as exc:  # an unknown state name, a cursor from elsewhere
         context["error"] = str(exc)
