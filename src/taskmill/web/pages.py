@@ -147,6 +147,7 @@ async def _job_context(request: Request, job: Job) -> dict[str, Any]:
         "job": job,
         "arguments": redacted(request, named_arguments(app, job)),
         "result": redacted(request, result),
+        "meta": redacted(request, job.meta),
         "timeline": timeline(job),
         "workflow": await workflow_of_job(app, job),
         "now": await app.anow(),

@@ -21,7 +21,12 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from taskmill.admin import MAX_PAGE
-from taskmill.errors import ConfigurationError, JobNotFoundError, TaskmillError, UnknownTaskError
+from taskmill.errors import (
+    ConfigurationError,
+    DuplicateJobError,
+    JobNotFoundError,
+    UnknownTaskError,
+)
 from taskmill.job import JobState
 from taskmill.web.context import require_write, web_of, who
 from taskmill.web.pages_view import render
@@ -288,7 +293,9 @@ async def enqueue(request: Request) -> Response:
         return _form_again(request, values, str(exc), 404)
     except FormError as exc:
         return _form_again(request, values, str(exc), exc.status)
-    except (TypeError, ValueError, ConfigurationError, TaskmillError) as exc:
+    except DuplicateJobError as exc:  # its key is held by a pending job
+        return _form_again(request, values, str(exc), 409)
+    except (TypeError, ValueError, ConfigurationError) as exc:  # arguments or options refused
         return _form_again(request, values, str(exc), 422)
     log.info("%s enqueued %s as job %s", who(request), task, handle.id)
     url = request.url_for("page_job").include_query_params(id=handle.id)
