@@ -30,7 +30,7 @@ from taskmill.web.pages_data import (
     workflow,
     workflow_of_job,
 )
-from taskmill.web.pages_view import redacted, render
+from taskmill.web.pages_view import redacted, render, url_for
 
 if TYPE_CHECKING:
     from taskmill.job import Job
@@ -47,7 +47,7 @@ def events_url(request: Request, **filters: str) -> str | None:
         return None
     for route in request.app.routes:
         if getattr(route, "path", None) == EVENTS_PATH:
-            url = request.url_for(route.name)
+            url = url_for(request, route.name)
             return str(url.include_query_params(**filters) if filters else url)
     return None
 
@@ -134,7 +134,7 @@ async def _search(request: Request, search: str) -> Response:
 
 
 def job_url(request: Request, job_id: str) -> str:
-    return str(request.url_for("page_job").include_query_params(id=job_id))
+    return str(url_for(request, "page_job").include_query_params(id=job_id))
 
 
 # --- one job ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from taskmill.errors import (
 )
 from taskmill.job import JobState
 from taskmill.web.context import require_write, web_of, who
-from taskmill.web.pages_view import render
+from taskmill.web.pages_view import app_base, render, url_for
 
 if TYPE_CHECKING:
     from taskmill.app import App
@@ -51,9 +51,9 @@ def _back(request: Request, form: FormData, done: str, n: int | None = None) -> 
     """Back to the page the form came from (its ``next`` field, if it is a URL of this
     application), saying what was done."""
     target = form.get("next")
-    base = str(request.base_url)
+    base = str(app_base(request))
     if not isinstance(target, str) or not target.startswith(base):
-        target = str(request.url_for("page_overview"))
+        target = str(url_for(request, "page_overview"))
     params = {"done": done} if n is None else {"done": done, "n": str(n)}
     url = URL(target).remove_query_params(["done", "n"]).include_query_params(**params)
     return RedirectResponse(str(url), status_code=303)
@@ -207,7 +207,7 @@ async def purge(request: Request) -> Response:
     without it, the confirmation page."""
     form, queue = await _queue(request)
     if _text(form, "confirm") != queue:
-        url = request.url_for("page_purge_confirm").include_query_params(queue=queue)
+        url = url_for(request, "page_purge_confirm").include_query_params(queue=queue)
         return RedirectResponse(str(url), status_code=303)
     n = await web_of(request).app.apurge(queue)
     log.info("%s purged queue %s: %d waiting job(s) deleted", who(request), queue, n)
@@ -298,7 +298,7 @@ async def enqueue(request: Request) -> Response:
     except (TypeError, ValueError, ConfigurationError) as exc:  # arguments or options refused
         return _form_again(request, values, str(exc), 422)
     log.info("%s enqueued %s as job %s", who(request), task, handle.id)
-    url = request.url_for("page_job").include_query_params(id=handle.id)
+    url = url_for(request, "page_job").include_query_params(id=handle.id)
     return RedirectResponse(str(url), status_code=303)
 
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import jinja2
+from starlette.datastructures import URL, URLPath
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
@@ -139,6 +140,29 @@ def redacted(request: Request, value: Any) -> Any:
     return _redact(value, web_of(request).config.redact)
 
 
+def url_for(request: Request, name: str, /, **path_params: Any) -> URL:
+    """The absolute URL of this application's route ``name``, under whatever prefix it is
+    mounted at (``root_path``).
+
+    Starlette's ``request.url_for`` asks the outermost router, which only finds this
+    application's routes through an unnamed ``Mount`` whose app is this one; a named mount,
+    or middleware wrapped around the dashboard, would hide them."""
+    path: URLPath = request.app.url_path_for(name, **path_params)
+    return path.make_absolute_url(app_base(request))
+
+
+def app_base(request: Request) -> URL:
+    """This application's own base URL: where it is mounted (``request.base_url`` is the
+    outermost application's)."""
+    root: str = request.scope.get("root_path", "")
+    return request.url.replace(path=root.rstrip("/") + "/", query="", fragment="")
+
+
+@jinja2.pass_context
+def _template_url_for(context: Mapping[str, Any], name: str, /, **path_params: Any) -> URL:
+    return url_for(context["request"], name, **path_params)
+
+
 _env = jinja2.Environment(
     loader=jinja2.PackageLoader("taskmill.web", "templates"),
     autoescape=True,
@@ -147,6 +171,7 @@ _env = jinja2.Environment(
     lstrip_blocks=True,
 )
 _env.filters.update(time=time_text, age=age_text, json=json_text, state_class=state_class)
+_env.globals["url_for"] = _template_url_for  # before Jinja2Templates sets its own
 templates = Jinja2Templates(env=_env, context_processors=[_base_context])
 
 
