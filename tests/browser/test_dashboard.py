@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 
 from browser.dashboard_app import ADMIN, VIEWER, Dashboard
@@ -33,8 +34,10 @@ def _wait_for_state(dashboard: Dashboard, job_id: str, state: JobState) -> None:
 
 def test_log_in(browser: Any, dashboard: Dashboard) -> None:
     anonymous = browser.new_context()
-    response = anonymous.new_page().goto(dashboard.base + "/")
-    assert response is not None and response.status == 401
+    refused = anonymous.request.get(dashboard.base + "/")  # the browser's own HTTP client
+    assert refused.status == 401 and refused.headers["www-authenticate"].startswith("Basic")
+    with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
+        anonymous.new_page().goto(dashboard.base + "/")  # no name and password to give
     anonymous.close()
 
     admin = browser.new_context(http_credentials=ADMIN)
@@ -117,7 +120,7 @@ def test_enqueue_from_the_form(page: Any, dashboard: Dashboard) -> None:
     page.fill("textarea[name='args']", "[20]")
     page.fill("textarea[name='kwargs']", '{"b": "not a number"}')
     page.get_by_role("button", name="Enqueue").click()
-    expect(page.locator("#form-error")).to_contain_text("b")  # refused, with the reason
+    expect(page.locator("#form-error")).to_contain_text("argument 'b' (a JSON string)")
     assert dashboard.app.list_jobs().total == 0
 
     page.fill("textarea[name='kwargs']", '{"b": 22}')  # the form kept the rest
@@ -127,7 +130,7 @@ def test_enqueue_from_the_form(page: Any, dashboard: Dashboard) -> None:
     expect(page.locator("#result")).to_have_text("42")
 
 
-def test_the_progress_bar_moves(page: Any, dashboard: Dashboard) -> None:
+def test_the_progress_bar_moves(page: Any, dashboard: Dashboard, screenshots: list[Path]) -> None:
     job = dashboard.app.tasks["reports.build"].send(3)
     _wait_for_state(dashboard, job.id, JobState.RUNNING)
     page.goto(dashboard.url(f"/job?id={job.id}"))
@@ -137,6 +140,7 @@ def test_the_progress_bar_moves(page: Any, dashboard: Dashboard) -> None:
     dashboard.gates.page_one_seen.set()
     expect(bar).to_have_attribute("value", "75")
     expect(page.locator("#job-live")).to_contain_text("page 3")
+    _screenshot(page, "job-running", screenshots)
     dashboard.gates.page_three_seen.set()
     expect(page.locator("#job-state")).to_contain_text("succeeded")
     expect(page.locator("#result")).to_have_text("3")
@@ -146,7 +150,7 @@ def test_a_screenshot_of_every_page(
     page: Any, dashboard: Dashboard, screenshots: list[Path]
 ) -> None:
     app = dashboard.app
-    failed = app.tasks["shop.charge"].send(1001)
+    failed = app.tasks["shop.charge"].send(1001, card_token="tok_live_4242")
     _wait_for_state(dashboard, failed.id, JobState.FAILED)
     dashboard.gates.payments_up.set()
     for n in range(12):
@@ -165,14 +169,19 @@ def test_a_screenshot_of_every_page(
         "workflow": f"/workflows?id={flow.id}",
         "enqueue": "/enqueue",
     }
+    page.set_viewport_size({"width": 1280, "height": 480})  # full_page: as tall as the page
     for name, path in shots.items():
         page.goto(dashboard.url(path))
         if name == "overview":
             expect(page.locator("#throughput svg")).to_be_visible()
         if name == "workers":
             expect(page.locator("table.workers")).to_contain_text("alive")
-        target = screenshots[0] / f"{name}.png"
-        page.screenshot(path=str(target), full_page=True)
-        assert target.stat().st_size > 10_000, name  # a rendered page, not a blank one
-        for extra in screenshots[1:]:
-            shutil.copy(target, extra / target.name)
+        _screenshot(page, name, screenshots)
+
+
+def _screenshot(page: Any, name: str, screenshots: list[Path]) -> None:
+    target = screenshots[0] / f"{name}.png"
+    page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 10_000, name  # a rendered page, not a blank one
+    for extra in screenshots[1:]:
+        shutil.copy(target, extra / target.name)
