@@ -69,10 +69,13 @@ def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
 
 
 @pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
+def page(browser: Any, dashboard: Dashboard) -> Iterator[Any]:
     """A page logged in as the admin, failing the test on any error in its console (a script
     the Content-Security-Policy refused, an htmx error). An HTTP error status is not one: the
-    tests check the statuses they cause (a refused form is a 422)."""
+    tests check the statuses they cause (a refused form is a 422).
+
+    It closes before the dashboard stops (it depends on it): a page still polling a stopped
+    server would log refused connections."""
     context = browser.new_context(http_credentials=ADMIN, viewport={"width": 1280, "height": 860})
     errors: list[str] = []
     tab = context.new_page()
