@@ -419,3 +419,37 @@ def test_every_link_and_form_works_under_a_prefix(sqlite_site: Site) -> None:
             "/tasks/actions/resume", data={"queue": "default", "next": "https://evil.example/"}
         )
         assert _done(foreign) == f"{base}/tasks/?done=resumed"  # never sent off the app
+
+
+# --- live updates -------------------------------------------------------------------------------
+
+
+async def _stream(request: Any) -> PlainTextResponse:
+    return PlainTextResponse("", media_type="text/event-stream")
+
+
+@pytest.mark.parametrize("events", [False, True])
+def test_pages_name_the_event_stream_only_when_there_is_one(tmp_path: Path, events: bool) -> None:
+    app = App("sqlite:///" + str(tmp_path / "jobs.db"), events=events)
+
+    @app.task(name="shop.add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    job = add.send(1, 2).id
+    dashboard = create_app(app)
+    try:
+        with serving(dashboard) as base, httpx.Client(base_url=base, timeout=10) as client:
+            if not any(getattr(r, "path", None) == "/api/v1/events" for r in dashboard.routes):
+                # until web/sse.py serves the stream: no stream, no URL; then a stand-in
+                assert "data-events-url" not in client.get(f"/job?id={job}").text
+                dashboard.router.routes.append(Route("/api/v1/events", _stream))
+            page = client.get(f"/job?id={job}").text
+            overview = client.get("/").text
+    finally:
+        app.close()
+    if events:
+        assert f'data-events-url="{base}/api/v1/events?job_id={job}"' in page
+        assert f'data-events-url="{base}/api/v1/events"' in overview
+    else:  # events off: nothing is published, the pages poll
+        assert "data-events-url" not in page and "data-events-url" not in overview
