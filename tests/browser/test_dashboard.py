@@ -4,18 +4,24 @@ a progress bar move; and a screenshot of every page."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
 
+from asgi_server import serving
 from browser.dashboard_app import ADMIN, VIEWER, Dashboard
-from taskmill import JobState, chain
+from taskmill import App, JobState, chain
 from taskmill.testing import wait_until
+from taskmill.web import create_app
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -185,3 +191,41 @@ def _screenshot(page: Any, name: str, screenshots: list[Path]) -> None:
     assert target.stat().st_size > 10_000, name  # a rendered page, not a blank one
     for extra in screenshots[1:]:
         shutil.copy(target, extra / target.name)
+
+
+def test_events_from_the_stream_show_on_the_job_page(browser: Any, tmp_path: Path) -> None:
+    """With events on, the page listens to the SSE stream (web/sse.py serves it; a stand-in
+    here sends one event) and lists what arrives, as text."""
+    app = App("sqlite:///" + str(tmp_path / "jobs.db"), events=True)
+
+    @app.task(name="shop.add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    job = add.send(1, 2).id
+    sent = {"job_id": job, "state": "running", "at": 0, "progress": 0.5, "message": "<b>half</b>"}
+
+    async def one_event(request: Any) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            yield f"retry: 60000\ndata: {json.dumps(sent)}\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    dashboard = create_app(app)
+    if not any(getattr(r, "path", None) == "/api/v1/events" for r in dashboard.routes):
+        dashboard.router.routes.append(Route("/api/v1/events", one_event))
+    context = browser.new_context()
+    errors: list[str] = []
+    try:
+        with serving(dashboard) as base:
+            tab = context.new_page()
+            tab.on("pageerror", lambda error: errors.append(str(error)))
+            tab.goto(f"{base}/job?id={job}")
+            expect(tab.locator("#live-events li").first).to_have_text(
+                "1970-01-01 00:00:00 UTC running 50 % <b>half</b>"  # text, not markup
+            )
+            assert tab.locator("#live-events b").count() == 0
+            context.close()
+    finally:
+        app.close()
+    assert errors == []
