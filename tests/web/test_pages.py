@@ -453,3 +453,19 @@ def test_pages_name_the_event_stream_only_when_there_is_one(tmp_path: Path, even
         assert f'data-events-url="{base}/api/v1/events"' in overview
     else:  # events off: nothing is published, the pages poll
         assert "data-events-url" not in page and "data-events-url" not in overview
+
+
+def test_each_action_is_logged_with_who_did_it(
+    sqlite_site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="taskmill.web")
+    ids = sqlite_site.ids
+    with sqlite_site.client() as client:
+        _done(client.post("/actions/retry", data={"id": ids["failed"]}))
+        _done(client.post("/actions/pause", data={"queue": "default"}))
+        _done(client.post("/enqueue", data={"task": "shop.charge", "args": '[1, "x", "pw-9"]'}))
+    lines = [r.getMessage() for r in caplog.records if r.name == "taskmill.web"]
+    assert lines[0] == f"admin@127.0.0.1 retried 1 job(s): {ids['failed']}"
+    assert lines[1] == "admin@127.0.0.1 paused queue default"
+    assert lines[2].startswith("admin@127.0.0.1 enqueued shop.charge as job ")
+    assert not any("pw-9" in line or ADMIN[1] in line for line in lines)  # no secret logged

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 THROUGHPUT_SCAN_CAP = 5000
 """The most finished jobs the overview reads to draw its chart."""
+_SCAN_PAGE = 1000
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -128,7 +129,11 @@ async def throughput(app: App, now: float, minutes: int = 60) -> Throughput:
     seen = 0
     while seen < THROUGHPUT_SCAN_CAP:
         page = await app.alist_jobs(
-            order="finished", state=("succeeded", "failed"), limit=1000, cursor=cursor, count=False
+            order="finished",
+            state=("succeeded", "failed"),
+            limit=_SCAN_PAGE,
+            cursor=cursor,
+            count=False,
         )
         for job in page.jobs:
             if job.finished_at is None or job.finished_at < start:
