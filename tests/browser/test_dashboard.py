@@ -207,7 +207,7 @@ def test_events_from_the_stream_show_on_the_job_page(browser: Any, tmp_path: Pat
 
     async def one_event(request: Any) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
-            yield f"retry: 60000\ndata: {json.dumps(sent)}\n\n"
+            yield f"retry: 60000\nevent: job\ndata: {json.dumps(sent)}\n\n"  # as web/sse.py
 
         return StreamingResponse(body(), media_type="text/event-stream")
 

@@ -18,19 +18,18 @@ from starlette.staticfiles import StaticFiles
 
 from taskmill.errors import JobNotFoundError
 from taskmill.job import JobState
-from taskmill.serialization import try_decode
 from taskmill.web import pages_actions
 from taskmill.web.context import web_of
 from taskmill.web.pages_data import (
     chart,
-    named_arguments,
     schedules,
+    shown_job,
     throughput,
     timeline,
     workflow,
     workflow_of_job,
 )
-from taskmill.web.pages_view import redacted, render, url_for
+from taskmill.web.pages_view import app_base, render, url_for
 
 if TYPE_CHECKING:
     from taskmill.job import Job
@@ -41,15 +40,15 @@ EVENTS_PATH = "/api/v1/events"
 
 
 def events_url(request: Request, **filters: str) -> str | None:
-    """The URL of the SSE stream for ``filters`` (``job_id=``, ``queue=``), or None when the
+    """The URL of the SSE stream for ``filters`` (``job=``, ``queue=``), or None when the
     app has events off or the stream is not served: the pages then only poll."""
     if not web_of(request).app.settings.events:
         return None
-    for route in request.app.routes:
-        if getattr(route, "path", None) == EVENTS_PATH:
-            url = url_for(request, route.name)
-            return str(url.include_query_params(**filters) if filters else url)
-    return None
+    if not any(getattr(route, "path", None) == EVENTS_PATH for route in request.app.routes):
+        return None
+    base = app_base(request)
+    url = base.replace(path=base.path.rstrip("/") + EVENTS_PATH)
+    return str(url.include_query_params(**filters) if filters else url)
 
 
 # --- overview -----------------------------------------------------------------------------------
@@ -141,16 +140,13 @@ def job_url(request: Request, job_id: str) -> str:
 
 
 async def _job_context(request: Request, job: Job) -> dict[str, Any]:
-    app = web_of(request).app
-    result = None if job.result is None else try_decode(job.result)
+    web = web_of(request)
     return {
         "job": job,
-        "arguments": redacted(request, named_arguments(app, job)),
-        "result": redacted(request, result),
-        "meta": redacted(request, job.meta),
+        "shown": shown_job(web.app, job, web.config.redact),
         "timeline": timeline(job),
-        "workflow": await workflow_of_job(app, job),
-        "now": await app.anow(),
+        "workflow": await workflow_of_job(web.app, job),
+        "now": await web.app.anow(),
     }
 
 
@@ -167,7 +163,7 @@ async def job(request: Request) -> Response:
     if isinstance(found, Response):
         return found
     context = await _job_context(request, found)
-    context["events_url"] = events_url(request, job_id=found.id)
+    context["events_url"] = events_url(request, job=found.id)
     return render(request, "job.html", context)
 
 

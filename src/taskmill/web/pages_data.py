@@ -4,10 +4,13 @@ schedules."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from taskmill._ids import workflow_of
 from taskmill.errors import JobNotFoundError
@@ -26,6 +29,77 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 
 
 # --- one job ------------------------------------------------------------------------------------
+
+REDACTED = "[redacted]"
+
+
+@dataclass(frozen=True)
+class ShownJob:
+    """What the job page shows of a job's data, with the configured names redacted."""
+
+    arguments: dict[str, Any]
+    """By parameter name (see ``named_arguments``)."""
+    result: Any
+    meta: Any
+    error: dict[str, str] | None
+    """``type``, ``message``, ``traceback``."""
+    progress_message: str | None
+
+
+def shown_job(app: App, job: Job, names: Sequence[str]) -> ShownJob:
+    """The job as the API shows it (``web/redact.py``'s ``job_view``: also hides a secret
+    value that an error message or traceback repeats), its arguments named."""
+    job_view = getattr(_REDACT_MODULE, "job_view", None)
+    if job_view is None:
+        return _shown_here(app, job, names)
+    view: dict[str, Any] = job_view(job, app.tasks.get(job.task), names)
+    if view.get("args") is None:  # an unreadable payload
+        arguments = {"payload": view.get("payload")}
+    else:
+        named = _positional_names(app, job.task, len(view["args"]))
+        arguments = {**dict(zip(named, view["args"], strict=True)), **view["kwargs"]}
+    return ShownJob(
+        arguments, view["result"], view["meta"], view["error"], view["progress_message"]
+    )
+
+
+def _shown_here(app: App, job: Job, names: Sequence[str]) -> ShownJob:
+    # until web/redact.py (the "api" part's) is in the tree: the same, but error texts as
+    # they are
+    result = None if job.result is None else _hide_named(try_decode(job.result), names)
+    error = None if job.error is None else msgspec.structs.asdict(job.error)
+    return ShownJob(
+        _hide_named(named_arguments(app, job), names),
+        result,
+        _hide_named(job.meta, names),
+        error,
+        job.progress_message,
+    )
+
+
+def _hide_named(value: Any, names: Sequence[str]) -> Any:
+    """Values of mapping keys that contain one of ``names`` (any case) replaced, at any depth."""
+    lowered = [n.lower() for n in names if n]
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED
+            if isinstance(k, str) and any(n in k.lower() for n in lowered)
+            else _hide_named(v, names)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_hide_named(v, names) for v in value]
+    return value
+
+
+def _redact_module() -> Any:
+    try:
+        return importlib.import_module("taskmill.web.redact")
+    except ModuleNotFoundError:
+        return None
+
+
+_REDACT_MODULE = _redact_module()
 
 
 def named_arguments(app: App, job: Job) -> dict[str, Any]:

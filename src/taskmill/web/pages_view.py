@@ -3,11 +3,10 @@ with the configured names redacted, and the flash notice an action leaves."""
 
 from __future__ import annotations
 
-import importlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import jinja2
 from starlette.datastructures import URL, URLPath
@@ -18,7 +17,6 @@ from starlette.templating import Jinja2Templates
 from taskmill.job import JobState
 from taskmill.web.context import csp_nonce, user_of, web_of
 
-REDACTED = "[redacted]"
 DASH = "-"
 """What an unknown time or age is shown as."""
 
@@ -105,39 +103,6 @@ def json_text(value: Any) -> str:
 def state_class(state: JobState | str | None) -> str:
     """The CSS class of a state's badge."""
     return f"state state-{state}" if state else "state"
-
-
-def _hide_named(value: Any, names: Sequence[str]) -> Any:
-    """Values of mapping keys that contain one of ``names`` (any case) replaced, at any depth."""
-    lowered = [n.lower() for n in names]
-    if isinstance(value, Mapping):
-        return {
-            k: REDACTED
-            if isinstance(k, str) and any(n in k.lower() for n in lowered)
-            else _hide_named(v, names)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [_hide_named(v, names) for v in value]
-    return value
-
-
-def _redactor() -> Callable[[Any, Sequence[str]], Any]:
-    # web/redact.py is the "api" part's (one redaction for the API, the pages and the logs);
-    # until it is in this tree the pages hide the same names with the equivalent above.
-    try:
-        module = importlib.import_module("taskmill.web.redact")
-    except ModuleNotFoundError:
-        return _hide_named
-    return cast("Callable[[Any, Sequence[str]], Any]", module.redact)
-
-
-_redact = _redactor()
-
-
-def redacted(request: Request, value: Any) -> Any:
-    """``value`` with the values of the configured ``redact`` names hidden."""
-    return _redact(value, web_of(request).config.redact)
 
 
 def url_for(request: Request, name: str, /, **path_params: Any) -> URL:

@@ -12,7 +12,7 @@
     }
     var source = new EventSource(url);
     var queued = false;
-    source.onmessage = function (message) {
+    function received(message) {
       showEvent(message.data);
       if (queued) {
         return;
@@ -22,7 +22,9 @@
         queued = false;
         document.body.dispatchEvent(new CustomEvent("tm-event"));
       }, 250);
-    };
+    }
+    source.addEventListener("job", received); // what web/sse.py sends: "event: job"
+    source.addEventListener("message", received); // unnamed events
   }
 
   // On a job's page, each event is added to its list of live events.
