@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ from starlette.routing import Route
 
 from asgi_server import serving
 from browser.dashboard_app import ADMIN, VIEWER, Dashboard
-from taskmill import App, JobState, chain
-from taskmill.testing import wait_until
+from taskmill import App, JobState, chain, current_job
+from taskmill.testing import running_worker, wait_until
 from taskmill.web import create_app
 
 pytestmark = pytest.mark.timeout(120)
@@ -194,16 +195,21 @@ def _screenshot(page: Any, name: str, screenshots: list[Path]) -> None:
 
 
 def test_events_from_the_stream_show_on_the_job_page(browser: Any, tmp_path: Path) -> None:
-    """With events on, the page listens to the SSE stream (web/sse.py serves it; a stand-in
-    here sends one event) and lists what arrives, as text."""
-    app = App("sqlite:///" + str(tmp_path / "jobs.db"), events=True)
+    """With events on, the job page listens to the SSE stream (web/sse.py's; until it is in the
+    tree, a stand-in that sends one event) and lists what arrives, as text."""
+    app = App("sqlite:///" + str(tmp_path / "jobs.db"), events=True, heartbeat_s=0.2)
+    listened = threading.Event()
 
-    @app.task(name="shop.add")
-    def add(a: int, b: int) -> int:
-        return a + b
+    @app.task(name="shop.render")
+    def render() -> None:
+        job = current_job()
+        # the page subscribes at some point: report until it has seen a report
+        while not listened.wait(0.1):
+            job.progress(0.5, "<b>half</b>")
 
-    job = add.send(1, 2).id
-    sent = {"job_id": job, "state": "running", "at": 0, "progress": 0.5, "message": "<b>half</b>"}
+    handle = render.options(delay=3600).send()  # runs once the page is open
+    sent = {"job_id": handle.id, "state": "running", "at": 0, "progress": 0.5,
+            "message": "<b>half</b>"}  # fmt: skip
 
     async def one_event(request: Any) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
@@ -217,15 +223,16 @@ def test_events_from_the_stream_show_on_the_job_page(browser: Any, tmp_path: Pat
     context = browser.new_context()
     errors: list[str] = []
     try:
-        with serving(dashboard) as base:
+        with running_worker(app), serving(dashboard) as base:
             tab = context.new_page()
             tab.on("pageerror", lambda error: errors.append(str(error)))
-            tab.goto(f"{base}/job?id={job}")
-            expect(tab.locator("#live-events li").first).to_have_text(
-                "1970-01-01 00:00:00 UTC running 50 % <b>half</b>"  # text, not markup
-            )
-            assert tab.locator("#live-events b").count() == 0
+            tab.goto(f"{base}/job?id={handle.id}")
+            handle.run_now()
+            expect(tab.locator("#live-events")).to_contain_text("running 50 % <b>half</b>")
+            assert tab.locator("#live-events b").count() == 0  # text, not markup
+            listened.set()
             context.close()
     finally:
+        listened.set()
         app.close()
     assert errors == []

@@ -449,7 +449,7 @@ def test_pages_name_the_event_stream_only_when_there_is_one(tmp_path: Path, even
     finally:
         app.close()
     if events:
-        assert f'data-events-url="{base}/api/v1/events?job={job}"' in page
+        assert f'data-events-url="{base}/api/v1/events?job_id={job}"' in page
         assert f'data-events-url="{base}/api/v1/events"' in overview
     else:  # events off: nothing is published, the pages poll
         assert "data-events-url" not in page and "data-events-url" not in overview

@@ -40,7 +40,7 @@ EVENTS_PATH = "/api/v1/events"
 
 
 def events_url(request: Request, **filters: str) -> str | None:
-    """The URL of the SSE stream for ``filters`` (``job=``, ``queue=``), or None when the
+    """The URL of the SSE stream for ``filters`` (``job_id=``, ``queue=``), or None when the
     app has events off or the stream is not served: the pages then only poll."""
     if not web_of(request).app.settings.events:
         return None
@@ -163,7 +163,7 @@ async def job(request: Request) -> Response:
     if isinstance(found, Response):
         return found
     context = await _job_context(request, found)
-    context["events_url"] = events_url(request, job=found.id)
+    context["events_url"] = events_url(request, job_id=found.id)
     return render(request, "job.html", context)
 
 
