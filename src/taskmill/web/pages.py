@@ -22,6 +22,7 @@ from taskmill.web import pages_actions
 from taskmill.web.context import web_of
 from taskmill.web.pages_data import (
     chart,
+    running_workflows,
     schedules,
     shown_job,
     throughput,
@@ -196,12 +197,14 @@ async def schedules_page(request: Request) -> Response:
 
 
 async def workflows(request: Request) -> Response:
-    """A workflow by id (``?id=``): its state and steps. (Listing recent workflows waits for
-    the admin API to offer it.)"""
+    """A workflow by id (``?id=``): its state and steps; and the running workflows, when the
+    admin API can list them."""
+    app = web_of(request).app
     workflow_id = request.query_params.get("id", "").strip()
-    found = await workflow(web_of(request).app, workflow_id) if workflow_id else None
+    found = await workflow(app, workflow_id) if workflow_id else None
     status = 404 if workflow_id and found is None else 200
-    context = {"workflow_id": workflow_id, "workflow": found}
+    running = await running_workflows(app)
+    context = {"workflow_id": workflow_id, "workflow": found, "running": running}
     return render(request, "workflows.html", context, status_code=status)
 
 

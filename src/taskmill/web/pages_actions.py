@@ -27,7 +27,7 @@ from taskmill.errors import (
     JobNotFoundError,
     UnknownTaskError,
 )
-from taskmill.job import JobState
+from taskmill.job import FINISHED_STATES, JobState
 from taskmill.web.context import require_write, web_of, who
 from taskmill.web.pages_view import app_base, render, url_for
 
@@ -165,6 +165,31 @@ async def cancel_matching(request: Request) -> Response:
     done = await _cancel_all(app, await matching_ids(app, form, _CANCELLABLE))
     log.info("%s cancelled %d job(s) matching %s", who(request), len(done), _filter_text(form))
     return _back(request, form, "cancelled" if done else "unchanged", len(done))
+
+
+async def delete(request: Request) -> Response:
+    """Delete the finished jobs ``id`` (others are left as they are)."""
+    form = await _writer_form(request)
+    deleted = await _deleter(request)(_ids(form))
+    log.info("%s deleted %d job(s): %s", who(request), len(deleted), _logged(deleted))
+    return _back(request, form, "deleted" if deleted else "unchanged", len(deleted))
+
+
+async def delete_matching(request: Request) -> Response:
+    """Delete every finished job the filter matches."""
+    form = await _writer_form(request)
+    app = web_of(request).app
+    deleted = await _deleter(request)(await matching_ids(app, form, FINISHED_STATES))
+    log.info("%s deleted %d job(s) matching %s", who(request), len(deleted), _filter_text(form))
+    return _back(request, form, "deleted" if deleted else "unchanged", len(deleted))
+
+
+def _deleter(request: Request) -> Any:
+    # App.adelete_jobs is the "scale" part's addition to the admin API
+    delete_jobs = getattr(web_of(request).app, "adelete_jobs", None)
+    if delete_jobs is None:
+        raise HTTPException(404, "this version of the admin API cannot delete jobs")
+    return delete_jobs
 
 
 def _text(form: FormData, name: str) -> str | None:
@@ -322,6 +347,10 @@ def routes() -> list[BaseRoute]:
         Route("/actions/retry-matching", retry_matching, methods=post, name="page_retry_matching"),
         Route(
             "/actions/cancel-matching", cancel_matching, methods=post, name="page_cancel_matching"
+        ),
+        Route("/actions/delete", delete, methods=post, name="page_delete"),
+        Route(
+            "/actions/delete-matching", delete_matching, methods=post, name="page_delete_matching"
         ),
         Route("/actions/pause", pause, methods=post, name="page_pause"),
         Route("/actions/resume", resume, methods=post, name="page_resume"),

@@ -153,22 +153,47 @@ def timeline(job: Job) -> list[Moment]:
 
 
 @dataclass(frozen=True)
+class StepView:
+    job_id: str
+    state: JobState | None
+    """None: not released yet (waiting for its parents)."""
+    task: str | None = None
+    """Known when the admin API gives a workflow's steps with their tasks."""
+
+
+@dataclass(frozen=True)
 class WorkflowView:
     id: str
     state: str
-    steps: list[tuple[str, JobState | None]]
-    """Each step's job id and state (None: not released yet)."""
+    steps: list[StepView]
+    created_at: float | None = None
 
 
 async def workflow(app: App, workflow_id: str) -> WorkflowView | None:
     """A workflow's state and steps; None if there is no such workflow (or it was pruned)."""
-    handle = WorkflowHandle(app.client, workflow_id)
+    get_workflow = getattr(app, "aget_workflow", None)  # the "scale" part's addition
     try:
+        if get_workflow is not None:
+            return _workflow_view(await get_workflow(workflow_id))
+        handle = WorkflowHandle(app.client, workflow_id)
         state = await handle.astatus()
         steps = await handle.asteps()
     except JobNotFoundError:
         return None
-    return WorkflowView(workflow_id, state, list(steps.items()))
+    return WorkflowView(workflow_id, state, [StepView(i, st) for i, st in steps.items()])
+
+
+def _workflow_view(status: Any) -> WorkflowView:
+    steps = [StepView(s.job_id, s.state, s.task) for s in status.steps]
+    return WorkflowView(status.id, status.state, steps, status.created_at)
+
+
+async def running_workflows(app: App, limit: int = 50) -> list[WorkflowView] | None:
+    """The running workflows, oldest first; None when the admin API cannot list them."""
+    list_workflows = getattr(app, "alist_workflows", None)  # the "scale" part's addition
+    if list_workflows is None:
+        return None
+    return [_workflow_view(status) for status in await list_workflows(limit)]
 
 
 async def workflow_of_job(app: App, job: Job) -> WorkflowView | None:
@@ -192,11 +217,19 @@ class Throughput:
 
 
 async def throughput(app: App, now: float, minutes: int = 60) -> Throughput:
-    """Counted from the latest finished jobs (``alist_jobs(order="finished")``), at most
-    ``THROUGHPUT_SCAN_CAP`` of them.
+    """The admin API's counts per minute (``athroughput``, the "scale" part's addition);
+    without it, counted from the latest finished jobs (``throughput_from_listing``)."""
+    points_of = getattr(app, "athroughput", None)
+    if points_of is None:
+        return await throughput_from_listing(app, now, minutes)
+    points = await points_of(minutes)
+    succeeded = [p.succeeded for p in points]
+    return Throughput(points[0].at, succeeded, [p.failed for p in points], partial=False)
 
-    The admin API has no per-minute counts yet (the "scale" part of issue 12 adds them):
-    this reads the listing, newest finish first, until it leaves the window."""
+
+async def throughput_from_listing(app: App, now: float, minutes: int = 60) -> Throughput:
+    """Counted from the latest finished jobs (``alist_jobs(order="finished")``, newest finish
+    first, until the listing leaves the window), at most ``THROUGHPUT_SCAN_CAP`` of them."""
     start = (now // 60 - minutes + 1) * 60
     succeeded, failed = [0] * minutes, [0] * minutes
     cursor: str | None = None
