@@ -236,3 +236,23 @@ def test_events_from_the_stream_show_on_the_job_page(browser: Any, tmp_path: Pat
         listened.set()
         app.close()
     assert errors == []
+
+
+def test_actions_on_every_matching_job_ask_first(page: Any, dashboard: Dashboard) -> None:
+    app = dashboard.app
+    waiting = app.tasks["mail.welcome"].options(delay=3600).send(1)
+    page.goto(dashboard.url("/jobs?queue=mail"))
+    asked: list[str] = []
+
+    def answer(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept() if len(asked) > 1 else dialog.dismiss()
+
+    page.on("dialog", answer)
+    cancel_all = page.locator("button[data-action='cancel-matching']")
+    cancel_all.click()  # "no": nothing happens
+    assert asked == [cancel_all.get_attribute("data-confirm")]
+    assert waiting.status() is JobState.SCHEDULED
+    cancel_all.click()  # "yes"
+    expect(page.locator("#notice")).to_contain_text("Cancelled 1 job(s)")
+    assert len(asked) == 2 and waiting.status() is JobState.CANCELLED

@@ -66,6 +66,20 @@
     });
   });
 
+  // A submit button with data-confirm="QUESTION" submits only once the user says yes (the
+  // actions that change many jobs at once). Capture phase: before htmx sees the submit.
+  document.addEventListener(
+    "submit",
+    function (e) {
+      var question = e.submitter && e.submitter.getAttribute("data-confirm");
+      if (question && !window.confirm(question)) {
+        e.preventDefault();
+        e.stopPropagation();
+      }
+    },
+    true
+  );
+
   var url = document.body.getAttribute("data-events-url");
   if (url) {
     listen(url);
