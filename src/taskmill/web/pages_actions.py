@@ -3,9 +3,9 @@
 with a fixed notice (``?done=retried&n=3``).
 
 retry (jobs by id, or every failed job of a queue or task, or every job matching the jobs
-page's filter), cancel (the same), run a scheduled job now, pause / resume / purge a queue
-(purge only with its confirmation field), trigger a periodic schedule now, enqueue a job by
-task name with JSON arguments.
+page's filter), cancel and delete finished jobs (the same), run a scheduled job now, pause /
+resume / purge a queue (purge only with its confirmation field), trigger a periodic schedule
+now, enqueue a job by task name with JSON arguments.
 """
 
 from __future__ import annotations
