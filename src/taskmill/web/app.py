@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from taskmill.web import api, metrics
+from taskmill.web import api, metrics, pages
 from taskmill.web.config import WebConfig
 from taskmill.web.context import Web
 
@@ -19,7 +19,7 @@ def create_app(app: App, config: WebConfig | None = None) -> Starlette:
     """The dashboard, the HTTP API under ``/api/v1``, ``/health``, ``/ready`` and ``/metrics``
     for ``app``, as one Starlette application (mount it under any prefix)."""
     config = config or WebConfig()
-    routes: list[BaseRoute] = [*api.routes(), *metrics.routes()]
+    routes: list[BaseRoute] = [*api.routes(), *metrics.routes(), *pages.routes()]
     asgi = Starlette(routes=routes)
     asgi.state.web = Web(app, config)
     return asgi
