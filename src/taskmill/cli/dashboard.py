@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any, cast
 
 import click
@@ -106,11 +108,23 @@ def dashboard(
         markup=False,
         highlight=False,
     )
-    uvicorn.run(
-        create_app(app, config),
-        host=host,
-        port=port,
-        log_level=log_level.lower(),
-        timeout_graceful_shutdown=5,
-        server_header=False,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(app, config),
+            host=host,
+            port=port,
+            log_level=log_level.lower(),
+            timeout_graceful_shutdown=5,
+            server_header=False,
+        )
     )
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        server.should_exit = True
+
+    # uvicorn handles SIGTERM and Ctrl-C while it serves, then raises the signal again for
+    # the handler it found: this one, so the app is closed and the exit code is 0 (as a
+    # worker's); a signal before uvicorn listens stops it as soon as it starts
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    server.run()

@@ -90,7 +90,7 @@ def job_view(job: Job, task: TaskDefinition | None, names: Sequence[str]) -> dic
         view["payload"] = REDACTED if names else try_decode(job.payload)
     else:
         view["args"], view["kwargs"] = redact_call(args, kwargs, task, names)
-    hidden = _hidden_texts([args, kwargs], view["args"], view["kwargs"], names)
+    hidden = _hidden_texts([args, kwargs], [view["args"], view["kwargs"]])
     view["result"] = redact(view["result"], names)
     view["meta"] = redact(view["meta"], names)
     if hidden and view["error"] is not None:
@@ -100,13 +100,11 @@ def job_view(job: Job, task: TaskDefinition | None, names: Sequence[str]) -> dic
     return view
 
 
-def _hidden_texts(
-    call: list[Any], shown_args: list[Any], shown_kwargs: dict[str, Any], names: Sequence[str]
-) -> list[str]:
+def _hidden_texts(call: list[Any], shown: list[Any]) -> list[str]:
     """The text values the redaction hid (at least 4 characters: shorter ones would blank
     ordinary words), longest first."""
     found: set[str] = set()
-    _collect(call, [shown_args, shown_kwargs], found)
+    _collect(call, shown, found)
     return sorted((t for t in found if len(t) >= 4), key=len, reverse=True)
 
 
