@@ -184,3 +184,20 @@ def test_the_schema_lists_every_route_of_the_app(app: App) -> None:
         "task", "args", "kwargs", "queue", "priority", "delay", "run_at", "key", "job_id", "meta",
     }  # fmt: skip
     assert {"404", "422", "401", "403"} <= set(send["responses"])
+    operation_ids = [op["operationId"] for ops in schema["paths"].values() for op in ops.values()]
+    assert len(set(operation_ids)) == len(operation_ids)
+    assert "pause_queue" in operation_ids
+
+
+def test_mounted_under_a_prefix(app: App) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    host = Starlette(routes=[Mount("/taskmill", app=create_app(app))])
+    probe = asyncio.run(_get(host, "203.0.113.9", "/taskmill/health"))
+    assert probe.status_code == 200  # still a probe under the prefix: no login
+    assert asyncio.run(_get(host, "203.0.113.9", "/taskmill/api/v1/queues")).status_code == 403
+    missing = asyncio.run(_get(host, "127.0.0.1", "/taskmill/api/v1/nothing"))
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    schema = asyncio.run(_get(host, "127.0.0.1", "/taskmill/api/v1/openapi.json")).json()
+    assert schema["servers"] == [{"url": "/taskmill"}]

@@ -339,6 +339,7 @@ def _queue_action(
         _logged(request, verb, f"queue {queue}", queue=queue)
         return json_response({"queue": queue, key: value})
 
+    endpoint.__name__ = f"{action.__name__.strip('_')}_queue"
     return endpoint
 
 
