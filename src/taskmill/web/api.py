@@ -555,9 +555,28 @@ def exception_handlers() -> dict[Any, Callable[[Request, Exception], Awaitable[R
 
 
 def routes() -> list[BaseRoute]:
+    """One route per path (so a 405's ``Allow`` lists every method the path takes)."""
+    by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
+    for e in ENDPOINTS:
+        by_path.setdefault(e.path, {})[e.method] = _answers_errors(e.endpoint)
     return [
-        Route(PREFIX + e.path, _answers_errors(e.endpoint), methods=[e.method]) for e in ENDPOINTS
+        Route(PREFIX + path, _by_method(endpoints), methods=list(endpoints))
+        for path, endpoints in by_path.items()
     ]
+
+
+def _by_method(
+    endpoints: dict[str, Callable[[Request], Awaitable[Response]]],
+) -> Callable[[Request], Awaitable[Response]]:
+    if len(endpoints) == 1:
+        return next(iter(endpoints.values()))
+
+    async def dispatch(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await endpoints[method](request)
+
+    dispatch.__name__ = "_or_".join(e.__name__ for e in endpoints.values())
+    return dispatch
 
 
 def _operation(e: Endpoint) -> dict[str, Any]:
