@@ -11,7 +11,9 @@ this script starts on a free port (``tests/servers.py``). The client, this proce
 ``{"task": "add", "args": [1, 2]}`` (an annotated task: the arguments are checked against its
 signature and types) over ``--connections`` persistent connections (default 1: one client,
 one request at a time), after a warm-up, then checks that every job was stored. Prints the
-jobs per second and the latency percentiles; the figures go to docs/benchmarks.md.
+jobs per second, the latency percentiles, and the CPU time the server process (every thread:
+HTTP, the app, the broker's client) spent per job, from /proc: on a shared machine the rate
+moves with the load, the CPU per job much less. The figures go to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -77,8 +79,15 @@ def broker_url(kind: str, stack: ExitStack) -> Iterator[str]:
         pg_server.cleanup()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def dashboard(url: str, port: int, log_level: str) -> Iterator[str]:
+def dashboard(url: str, port: int, log_level: str) -> Iterator[tuple[str, int]]:
     env = {**os.environ, "TASKMILL_URL": url, "PYTHONPATH": ROOT}
     env = {k: v for k, v in env.items() if not k.startswith("TASKMILL_DASHBOARD_")}
     cmd = [
@@ -105,7 +114,7 @@ def dashboard(url: str, port: int, log_level: str) -> Iterator[str]:
 
     try:
         wait_until(ready, timeout=60, what="the dashboard to answer /ready")
-        yield base
+        yield base, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -141,9 +150,10 @@ def stored(base: str) -> int:
     return sum(q["counts"]["queued"] for q in queues)
 
 
-def run(base: str, jobs: int, connections: int) -> dict[str, float]:
+def run(base: str, pid: int, jobs: int, connections: int) -> dict[str, float]:
     before = stored(base)
     send_jobs(base, WARMUP, [])
+    cpu_before = cpu_seconds(pid)
     per_connection = jobs // connections
     latencies: list[list[float]] = [[] for _ in range(connections)]
     threads = [
@@ -156,6 +166,7 @@ def run(base: str, jobs: int, connections: int) -> dict[str, float]:
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
+    server_cpu = cpu_seconds(pid) - cpu_before
     flat = [x for part in latencies for x in part]
     if len(flat) != per_connection * connections:
         raise RuntimeError("a client thread failed: see its traceback above")
@@ -166,6 +177,7 @@ def run(base: str, jobs: int, connections: int) -> dict[str, float]:
         "jobs_per_s": len(flat) / elapsed,
         "p50_ms": percentile(flat, 50) * 1000,
         "p99_ms": percentile(flat, 99) * 1000,
+        "server_cpu_us": server_cpu / len(flat) * 1e6,
     }
 
 
@@ -180,13 +192,14 @@ def main() -> None:
     args = parser.parse_args()
     with ExitStack() as stack:
         url = args.url or stack.enter_context(broker_url(args.broker, stack))
-        base = stack.enter_context(dashboard(url, free_port(), args.log_level))
-        result = run(base, args.jobs, args.connections)
+        base, pid = stack.enter_context(dashboard(url, free_port(), args.log_level))
+        result = run(base, pid, args.jobs, args.connections)
     print(
         f"{'own broker' if args.url else args.broker}: {args.jobs} jobs over "
         f"{args.connections} connection(s), dashboard log level {args.log_level}: "
         f"{result['jobs_per_s']:,.0f} jobs/s, latency p50 {result['p50_ms']:.2f} ms, "
-        f"p99 {result['p99_ms']:.2f} ms"
+        f"p99 {result['p99_ms']:.2f} ms; the server's CPU per job {result['server_cpu_us']:.0f} µs"
+        f" (load average {os.getloadavg()[0]:.1f})"
     )
 
 
