@@ -336,7 +336,7 @@ def test_events_stream_a_jobs_transitions(
     app = make_app(events=True)
     with httpx.Client(base_url=serve(app), timeout=20) as api:
         job_id = "watched-job"
-        with api.stream("GET", "/api/v1/events", params={"job": job_id}) as stream:
+        with api.stream("GET", "/api/v1/events", params={"job_id": job_id}) as stream:
             assert stream.status_code == 200
             assert stream.headers["content-type"].startswith("text/event-stream")
             lines = stream.iter_lines()

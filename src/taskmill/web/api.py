@@ -402,11 +402,11 @@ async def trigger_schedule(request: Request) -> Response:
 
 async def events(request: Request) -> Response:
     app = web_of(request).app
-    query = _query(request, {"job", "queue"})
+    query = _query(request, {"job_id", "queue"})
     if not events_enabled(app):
         raise ApiError(409, "events are off: start the app with App(..., events=True), in "
                             "the processes that send and run jobs too")  # fmt: skip
-    return sse_response(app, job_ids=_list(query, "job") or None, queue=_one(query, "queue"))
+    return sse_response(app, job_ids=_list(query, "job_id") or None, queue=_one(query, "queue"))
 
 
 async def openapi(request: Request) -> Response:
@@ -524,7 +524,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              responses={201: "Sent", 200: "Its previous run is still pending (overlap=skip)",
                         404: "No such schedule"}),
     Endpoint("GET", "/events", events, "Live job events (Server-Sent Events)", query=(
-        Param("job", "Only this job's events (repeat for several)", many=True),
+        Param("job_id", "Only this job's events (repeat for several)", many=True),
         Param("queue", "Only this queue's events"),
     ), responses={200: "An event stream", 409: "Events are off"},
        media_type="text/event-stream"),
