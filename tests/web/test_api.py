@@ -3,7 +3,9 @@ route, and every error it documents (docs/api.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -94,6 +96,39 @@ def test_send_options(api: httpx.Client, web_app: App) -> None:
     assert again.status_code == 200  # nothing new stored: the pending job with that key
     assert again.json() == {"id": "add-5-6", "state": "queued", "existing": True}
     assert total(api, task="math.") == 3
+
+
+def test_concurrent_sends_are_each_stored_once(
+    web_app: App, serve: Callable[..., str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Requests that arrive while a write is in flight are stored together (one broker call
+    for many): each gets its own job, every job is stored once, with its own arguments."""
+    url = serve(web_app)
+    caplog.set_level(logging.INFO, logger="taskmill.web")
+    caplog.set_level(logging.DEBUG, logger="taskmill.broker")  # a record per broker call
+
+    async def send_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=20)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+            return await asyncio.gather(*(
+                client.post("/api/v1/jobs", json={"task": "math.add", "args": [n, 1]})
+                for n in range(100)
+            ))  # fmt: skip
+
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [201] * 100
+    ids = [r.json()["id"] for r in responses]
+    assert len(set(ids)) == 100
+    stored = {job_id: web_app.get_job(job_id).payload for job_id in ids}
+    assert [stored[i] for i in ids] == [f"[[{n},1],{{}}]".encode() for n in range(100)]
+    assert web_app.list_jobs(limit=1000).total == 100
+    sent = [r for r in caplog.records if r.getMessage().startswith("anonymous@127.0.0.1 sent")]
+    assert len(sent) == 100
+    writes = [r.__dict__["jobs"] for r in caplog.records if r.__dict__.get("method") == "enqueue"]
+    assert sum(writes) == 100
+    assert len(writes) < 100  # 100 requests on 20 connections: some shared a write
+    web_app.run_until_idle()
+    assert [web_app.get_job(i).result for i in ids[:3]] == [b"1", b"2", b"3"]
 
 
 @pytest.mark.parametrize(

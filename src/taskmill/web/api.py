@@ -11,8 +11,10 @@ Every action is logged on ``taskmill.web`` with who did it (never with arguments
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,6 +47,8 @@ from taskmill.web.sse import events_enabled, sse_response
 if TYPE_CHECKING:
     from taskmill.app import App
     from taskmill.handle import JobHandle
+    from taskmill.job import NewJob
+    from taskmill.registry import TaskDefinition
 
 log = logging.getLogger("taskmill.web")
 
@@ -206,15 +210,88 @@ async def send_job(request: Request) -> Response:
     task = app.get_task(body.task)  # UnknownTaskError (404) lists the names the app has
     options = _send_options(body)
     try:
-        handle: JobHandle[Any] = await task.options(**options).asend(*body.args, **body.kwargs)
+        bound = task.options(**options)
+        if body.job_id is None and body.key is None and app.client.eager is None:
+            job = task.build(bound.opts, tuple(body.args), body.kwargs, check_types=True)
+            job_id, existing = await _batch_of(request).send(job, task)
+        else:  # an id or key of its own: written alone (a batch must not hold it twice)
+            handle: JobHandle[Any] = await bound.asend(*body.args, **body.kwargs)
+            job_id, existing = handle.id, handle.existing
     except (TypeError, ConfigurationError) as exc:  # do not bind, wrong type, bad option
         raise ApiError(422, str(exc)) from None
-    existing = handle.existing
-    state = (await app.aget_job(handle.id)).state if existing else _initial_state(body)
-    _logged(request, "sent", f"job {handle.id} ({task.name})" + (" (existing)" * existing),
-            job_id=handle.id, task=task.name)  # fmt: skip
-    data = {"id": handle.id, "state": state.value, "existing": existing}
+    state = (await app.aget_job(job_id)).state if existing else _initial_state(body)
+    _logged(request, "sent", f"job {job_id} ({task.name})" + (" (existing)" * existing),
+            job_id=job_id, task=task.name)  # fmt: skip
+    data = {"id": job_id, "state": state.value, "existing": existing}
     return json_response(data, 200 if existing else 201)
+
+
+MAX_BATCH = 500
+"""The most jobs of concurrent ``POST /jobs`` requests stored in one broker call."""
+
+
+class SendBatch:
+    """The jobs of concurrent ``POST /jobs`` requests, stored together (group commit).
+
+    A lone request's job is written at once. While a write is in flight, the jobs of the
+    requests that arrive meanwhile wait, and go together in the next write: one transaction
+    (or one Redis script call) for many requests, so a client with several connections, or
+    several clients, are not held to one broker round trip per job. Each job still goes
+    through the app's enqueue pipeline (depth check, events, ``on_enqueue`` hooks). A write
+    that fails fails every request of its batch (a full queue refuses them together)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._waiting: list[tuple[NewJob, TaskDefinition, asyncio.Future[tuple[str, bool]]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def send(self, job: NewJob, task: TaskDefinition) -> tuple[str, bool]:
+        """Store ``job``: its id, and whether it existed already."""
+        future: asyncio.Future[tuple[str, bool]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((job, task, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write(), name="taskmill-web-sends")
+        return await future
+
+    async def _write(self) -> None:
+        batch: list[tuple[NewJob, TaskDefinition, asyncio.Future[tuple[str, bool]]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+                try:
+                    result = await self.app.client.enqueue(
+                        [job for job, _, _ in batch], [task for _, task, _ in batch]
+                    )
+                except Exception as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for i, (_, _, future) in enumerate(batch):
+                    if not future.done():  # its request was not given up meanwhile
+                        future.set_result((result.ids[i], i in result.existing))
+                batch = []
+        finally:  # cancelled (the server stops): the requests still waiting end with it
+            for _, _, future in [*batch, *self._waiting]:
+                future.cancel()
+            self._waiting = []
+            self._writer = None
+
+
+def _batch_of(request: Request) -> SendBatch:
+    """This application's batch of sends on the running event loop (its futures and task
+    belong to one loop)."""
+    state = request.app.state
+    batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SendBatch] | None = getattr(
+        state, "send_batches", None
+    )
+    if batches is None:
+        batches = state.send_batches = weakref.WeakKeyDictionary()
+    loop = asyncio.get_running_loop()
+    batch = batches.get(loop)
+    if batch is None:
+        batch = batches[loop] = SendBatch(web_of(request).app)
+    return batch
 
 
 async def get_job(request: Request) -> Response:
