@@ -369,16 +369,16 @@ def test_events_stream_a_jobs_transitions(
     make_app: Callable[..., App], serve: Callable[..., str]
 ) -> None:
     app = make_app(events=True)
-    with httpx.Client(base_url=serve(app), timeout=20) as api:
+    with httpx.Client(base_url=serve(app), timeout=20) as api, running_worker(app):
         job_id = "watched-job"
         with api.stream("GET", "/api/v1/events", params={"job_id": job_id}) as stream:
             assert stream.status_code == 200
             assert stream.headers["content-type"].startswith("text/event-stream")
             lines = stream.iter_lines()
             assert next(lines) == ": listening"  # subscribed: what follows is seen
+            other = sent_id(send(api, "math.add", 3, 4))  # another job: filtered out
+            assert app.job(other).result(timeout=10) == 7
             sent_id(send(api, "math.add", 1, 2, job_id=job_id))
-            sent_id(send(api, "math.add", 3, 4))  # another job: filtered out
-            app.run_until_idle()
             states = []
             for line in lines:
                 if line.startswith("data: "):
