@@ -160,6 +160,19 @@ def test_send_errors_name_the_problem_and_store_nothing(
     assert total(api) == 0
 
 
+def test_a_full_queue_refuses_with_503(web_app: App, serve: Callable[..., str]) -> None:
+    web_app.configure_queue("text", max_depth=1)
+    with httpx.Client(base_url=serve(web_app), timeout=10) as api:
+        first = api.post("/api/v1/jobs", json={"task": "text.echo", "args": ["a"]})
+        assert first.status_code == 201
+        full = api.post("/api/v1/jobs", json={"task": "text.echo", "args": ["b"]})
+        assert full.status_code == 503
+        assert full.json()["error"].endswith(
+            "its max_depth is 1: 1 more refused, nothing was stored"
+        )
+        assert total(api, queue="text") == 1
+
+
 def test_bodies_that_are_not_json(api: httpx.Client) -> None:
     broken = api.post("/api/v1/jobs", content=b'{"task": "math.add", ',
                       headers={"content-type": "application/json"})  # fmt: skip
