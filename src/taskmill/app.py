@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 from taskmill.admin import AdminAPI
 from taskmill.brokers import Broker
 from taskmill.client import Client
-from taskmill.errors import ConfigurationError, UnknownTaskError
+from taskmill.errors import ConfigurationError, UnknownScheduleError, UnknownTaskError
 from taskmill.events import Event, subscribe
 from taskmill.handle import JobHandle
 from taskmill.hooks import Hook, Hooks
@@ -23,6 +23,7 @@ from taskmill.limits import Limit, QueueOptions, WhenFull, parse_rate
 from taskmill.meta import check_meta
 from taskmill.registry import Registry
 from taskmill.retry import Backoff, RetryPolicy, as_backoff, exception_types
+from taskmill.scheduler import overlap_key
 from taskmill.schedules import Misfire, Overlap, Schedule
 from taskmill.settings import Settings
 from taskmill.task import (
@@ -463,6 +464,37 @@ class App(AdminAPI):
                 policy=RetryPolicy(backoff=Backoff()),
             )
         return await task.options(**options).asend(*args, **(kwargs or {}))
+
+    def trigger_schedule(self, name: str) -> JobHandle[Any]:
+        """Blocking ``atrigger_schedule``.
+
+        >>> app = App("memory://")
+        >>> @app.periodic(cron="0 2 * * *", args=("eu",), name="nightly-eu")
+        ... @app.task(name="reports.build")
+        ... def build(region: str) -> None: ...
+        >>> handle = app.trigger_schedule("nightly-eu")
+        >>> job = handle.info()
+        >>> job.task, job.state.value, job.payload
+        ('reports.build', 'queued', b'[["eu"],{}]')
+        >>> app.trigger_schedule("nightly")
+        Traceback (most recent call last):
+        taskmill.errors.UnknownScheduleError: no schedule named 'nightly' (known: nightly-eu)
+        """
+        return self.run_sync(self.atrigger_schedule(name))
+
+    async def atrigger_schedule(self, name: str) -> JobHandle[Any]:
+        """Send a periodic schedule's job now, outside its timetable: its task with the
+        schedule's arguments and ``meta``, the task's defaults. The schedule's own ticks are
+        not moved. With ``overlap="skip"``, a run still pending is returned instead (its
+        handle's ``existing`` is set). ``UnknownScheduleError`` for a name the app lacks."""
+        schedule = self.schedules.get(name)
+        if schedule is None:
+            known = ", ".join(sorted(self.schedules)) or "none"
+            raise UnknownScheduleError(f"no schedule named {name!r} (known: {known})")
+        task = self.get_task(schedule.task)
+        key = overlap_key(schedule) if schedule.overlap == "skip" else None
+        bound = task.options(meta=dict(schedule.meta), key=key)
+        return await bound.asend(*schedule.args, **schedule.kwargs)
 
     # --- jobs -------------------------------------------------------------------------------
 
