@@ -134,7 +134,7 @@ def _load_scripts() -> dict[str, str]:
     scripts = {}
     for name in ("enqueue", "claim", "finish", "heartbeat", "progress", "recover", "cancel",
                  "retry", "purge", "prune", "idle", "unregister", "save_workflow",
-                 "end_workflow", "rate_slot", "slot", "run_now"):  # fmt: skip
+                 "end_workflow", "rate_slot", "slot", "run_now", "delete"):  # fmt: skip
         body = lua.joinpath(f"{name}.lua").read_text("utf-8")
         prelude = common + (finishes if name in ("claim", "finish") else "")
         scripts[name] = prelude + "\n" + body
@@ -979,6 +979,33 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
                 )
             )
         return out
+
+    @on_io_loop
+    async def finished_per_minute(
+        self, since: float, queue: str | None = None
+    ) -> list[tuple[int, JobState, int]]:
+        queues = [queue] if queue is not None else await self._queues()
+        first, last = int(since // 60), int((await self.now()) // 60)
+        cells = [(m, q, s) for m in range(first, last + 1) for q in queues for s in _FINISHED]
+
+        async def call() -> list[Any]:  # one round trip: a ZCOUNT per minute, queue and state
+            async with self._client().pipeline(transaction=False) as pipe:
+                for m, q, s in cells:
+                    low = repr(since) if m == first else str(m * 60)
+                    pipe.zcount(self._index(q, s), low, f"({(m + 1) * 60}")
+                return list(await pipe.execute())
+
+        counted: dict[tuple[int, JobState], int] = {}
+        for (m, _, s), n in zip(cells, await self._retrying(call, writes=False), strict=True):
+            if n:
+                counted[m, s] = counted.get((m, s), 0) + int(n)
+        return [(m, s, n) for (m, s), n in counted.items()]
+
+    @on_io_loop
+    async def delete(self, job_ids: Sequence[str]) -> list[str]:
+        if not job_ids:
+            return []
+        return [i.decode() for i in await self._eval("delete", *dict.fromkeys(job_ids))]
 
     @on_io_loop
     async def list_workers(self) -> list[WorkerInfo]:

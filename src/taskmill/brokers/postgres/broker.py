@@ -622,6 +622,23 @@ class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
         return JobPage([job_from_row(r[1:25]) for r in rows[:limit]], next_cursor, total)
 
     @on_io_loop
+    async def finished_per_minute(
+        self, since: float, queue: str | None = None
+    ) -> list[tuple[int, JobState, int]]:
+        rows = await self._db.fetch(
+            self._q["finished_per_minute"], {"since": since, "queue": queue}
+        )
+        return [(int(m), JobState(state), int(n)) for m, state, n in rows]
+
+    @on_io_loop
+    async def delete(self, job_ids: Sequence[str]) -> list[str]:
+        if not job_ids:
+            return []
+        rows = await self._db.fetch(self._q["delete_finished"], {"ids": list(job_ids)})
+        deleted = {row[0] for row in rows}
+        return [job_id for job_id in dict.fromkeys(job_ids) if job_id in deleted]
+
+    @on_io_loop
     async def stats(self) -> list[QueueStats]:
         by_queue: dict[str, QueueStats] = {}
 

@@ -16,6 +16,7 @@ _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,47}")  # + "_wake" stays within 63 b
 _QUERIES = load_queries("postgres.sql")
 READ_QUERIES = (
     "now", "get", "get_many", "find_jobs_enqueued", "find_jobs_finished", "count_jobs", "stats",
+    "finished_per_minute",
     "workers", "next_due", "schedule_marks",
     "get_workflow", "running_workflows", "queue_depth",
 )  # fmt: skip

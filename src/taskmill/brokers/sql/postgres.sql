@@ -329,6 +329,19 @@ LIMIT %(limit)s;
 -- name: count_jobs
 SELECT count(*) FROM {schema}.jobs AS j WHERE {filter};
 
+-- name: finished_per_minute
+-- On the partial index of finished jobs (its condition repeated): the last minutes' jobs only.
+SELECT floor(date_part('epoch', finished_at) / 60)::bigint AS minute, state, count(*)
+FROM {schema}.jobs
+WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= to_timestamp(%(since)s)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+GROUP BY minute, state;
+
+-- name: delete_finished
+DELETE FROM {schema}.jobs
+WHERE id = ANY(%(ids)s::text[]) AND state IN ('succeeded', 'failed', 'cancelled')
+RETURNING id;
+
 -- name: stats
 -- One statement, so one snapshot: counts per queue and state, the oldest waiting job's age per
 -- queue, and every queue's paused flag.

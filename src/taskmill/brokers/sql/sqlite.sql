@@ -214,6 +214,19 @@ SELECT {columns} FROM taskmill_jobs WHERE id = ?;
 -- {ids}: one ? per id (at most GET_MANY_CHUNK, within SQLite's limit on parameters)
 SELECT {columns} FROM taskmill_jobs WHERE id IN ({ids});
 
+-- name: finished_per_minute
+-- On the finished jobs' index (its condition repeated, so it is used): the jobs of the last
+-- minutes only. The queue placeholder: empty, or the queue_filter fragment.
+SELECT CAST(finished_at / 60 AS INTEGER) AS minute, state, count(*) FROM taskmill_jobs
+WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= ? {queue}
+GROUP BY minute, state;
+
+-- name: queue_filter
+AND queue = ?
+
+-- name: delete_finished
+DELETE FROM taskmill_jobs WHERE id = ? AND state IN ('succeeded', 'failed', 'cancelled');
+
 -- name: stats
 SELECT queue, state, count(*) FROM taskmill_jobs GROUP BY queue, state;
 

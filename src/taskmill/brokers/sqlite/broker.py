@@ -537,6 +537,25 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         return JobPage(jobs, next_cursor, total)
 
     @on_database_thread
+    def finished_per_minute(
+        self, since: float, queue: str | None = None
+    ) -> list[tuple[int, JobState, int]]:
+        params: list[Any] = [since]
+        if queue is not None:
+            params.append(queue)
+        sql = Q["finished_per_minute"].format(queue="" if queue is None else Q["queue_filter"])
+        return [(m, JobState(state), n) for m, state, n in self._db.query(sql, params)]
+
+    @on_database_thread
+    def delete(self, job_ids: Sequence[str]) -> list[str]:
+        deleted: list[str] = []
+        with self._db.write() as c:
+            for job_id in job_ids:
+                if c.execute(Q["delete_finished"], (job_id,)).rowcount == 1:
+                    deleted.append(job_id)
+        return deleted
+
+    @on_database_thread
     def stats(self) -> list[QueueStats]:
         now = time.time()
         with self._db.snapshot() as c:  # one state of the file for the three reads

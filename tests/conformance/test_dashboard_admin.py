@@ -1,0 +1,211 @@
+"""What the admin API gives a dashboard beyond listings, on every broker: throughput per
+minute (``Broker.finished_per_minute``), deleting finished jobs (``Broker.delete``), the
+schedules' last ticks and their outcome, and workflows with their steps' states."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from taskmill import App, JobNotFoundError, JobState, chain, group
+from taskmill.job import Cancelled, ErrorInfo, Failed, Finish, NewJob, QueueStats, Succeeded
+from taskmill.scheduler import Scheduler
+
+from .helpers import claim_of, opened
+
+
+def _new(job_id: str, *, task: str = "t.work", queue: str = "default", **kw: Any) -> NewJob:
+    return NewJob(id=job_id, task=task, queue=queue, payload=b"[[],{}]", **kw)
+
+
+def _finish(app: App, queue: str, outcomes: dict[str, Any]) -> None:
+    """Claim the jobs of ``outcomes`` from ``queue`` and store each one's outcome."""
+    broker = opened(app)
+    claimed = {j.id: j for j in app.run_sync(broker.claim([queue], 1000, "w", 30.0))}
+    finishes = [Finish(claim_of(claimed[i]), outcome) for i, outcome in outcomes.items()]
+    assert all(app.run_sync(broker.finish(finishes)))
+
+
+def _failed() -> Failed:
+    return Failed(ErrorInfo(type="ValueError", message="bad"))
+
+
+def _counts(app: App, queue: str) -> dict[str, int]:
+    stats: dict[str, QueueStats] = {s.queue: s for s in app.stats()}
+    return stats[queue].counts
+
+
+def _store_and_finish(app: App) -> None:
+    """Three jobs of queue a (succeeded, failed, cancelled), two succeeded of queue b, one
+    queued and one scheduled."""
+    broker = opened(app)
+    jobs = [_new(f"a{n}", queue="a") for n in range(3)] + [_new(f"b{n}", queue="b") for n in (0, 1)]
+    jobs += [_new("waiting", queue="a", task="t.other"), _new("later", queue="a", delay_s=3600)]
+    app.run_sync(broker.enqueue(jobs[:5]))
+    _finish(app, "a", {"a0": Succeeded(b"1"), "a1": _failed(), "a2": Cancelled()})
+    _finish(app, "b", {"b0": Succeeded(b"1"), "b1": Succeeded(b"2")})
+    app.run_sync(broker.enqueue(jobs[5:]))
+
+
+# --- throughput ---------------------------------------------------------------------------------
+
+
+def test_throughput_counts_finished_jobs_per_minute_by_outcome(app: App) -> None:
+    before = app.now()
+    _store_and_finish(app)
+    points = app.throughput(minutes=3)
+    after = app.now()
+    assert len(points) == 3
+    assert [p.at for p in points] == [60.0 * (int(after // 60) - n) for n in (2, 1, 0)]
+    assert all(p.at % 60 == 0 for p in points)
+    # the jobs finished between `before` and `after`: in the minutes of those two times
+    busy = {60.0 * int(before // 60), 60.0 * int(after // 60)}
+    assert all(p.succeeded == p.failed == p.cancelled == 0 for p in points if p.at not in busy)
+    totals = [sum(getattr(p, s) for p in points) for s in ("succeeded", "failed", "cancelled")]
+    assert totals == [3, 1, 1]
+    of_a = app.throughput(minutes=3, queue="a")
+    assert [sum(getattr(p, s) for p in of_a) for s in ("succeeded", "failed", "cancelled")] == [
+        1, 1, 1,
+    ]  # fmt: skip
+    assert sum(p.succeeded for p in app.throughput(minutes=3, queue="nope")) == 0
+
+
+def test_throughput_counts_only_the_minutes_asked(app: App) -> None:
+    _store_and_finish(app)
+    broker = opened(app)
+    now = app.now()
+    # the broker's own answer, from a time after every finish: nothing
+    assert app.run_sync(broker.finished_per_minute(now + 60)) == []
+    counted = app.run_sync(broker.finished_per_minute(now - 600))
+    assert sorted((s.value, n) for _, s, n in counted if s is JobState.FAILED) == [("failed", 1)]
+    assert {m for m, _, _ in counted} <= {int(now // 60) - 1, int(now // 60)}
+
+
+@pytest.mark.parametrize("minutes", [0, -1, 1441, 1.5, True, "60"])
+def test_throughput_refuses_a_bad_span(app: App, minutes: Any) -> None:
+    with pytest.raises(ValueError, match="minutes must be a whole number from 1 to 1440"):
+        app.throughput(minutes=minutes)
+
+
+# --- deleting finished jobs ---------------------------------------------------------------------
+
+
+def test_delete_jobs_by_id_deletes_finished_jobs_only(app: App) -> None:
+    _store_and_finish(app)
+    asked = ["a2", "waiting", "missing", "a0", "later", "a0"]
+    assert app.delete_jobs(asked) == ["a2", "a0"]
+    for gone in ("a0", "a2"):
+        with pytest.raises(JobNotFoundError):
+            app.get_job(gone)
+    assert app.get_job("waiting").state is JobState.QUEUED
+    assert app.get_job("later").state is JobState.SCHEDULED
+    a = _counts(app, "a")
+    assert (a["succeeded"], a["cancelled"], a["failed"], a["queued"]) == (0, 0, 1, 1)
+    listed = {j.id for j in app.list_jobs(queue="a").jobs}
+    assert listed == {"a1", "waiting", "later"}
+    assert [j.id for j in app.list_jobs(order="finished", queue="a").jobs] == ["a1"]
+    assert sum(p.succeeded + p.cancelled for p in app.throughput(5, queue="a")) == 0
+    assert app.delete_jobs([]) == []
+
+
+def test_delete_jobs_by_filter(app: App) -> None:
+    _store_and_finish(app)
+    assert sorted(app.delete_jobs(state="succeeded")) == ["a0", "b0", "b1"]
+    assert sorted(app.delete_jobs(queue="a")) == ["a1", "a2"]
+    assert app.list_jobs(order="finished").jobs == []
+    assert {j.id for j in app.list_jobs().jobs} == {"waiting", "later"}
+
+
+def test_delete_jobs_by_task_across_pages(app: App) -> None:
+    broker = opened(app)
+    ids = [f"j{n:04d}" for n in range(1010)]
+    app.run_sync(broker.enqueue([_new(i, task="t.bulk") for i in ids] + [_new("keep")]))
+    _finish(app, "default", {i: Succeeded(b"1") for i in ids[:1000]})
+    _finish(app, "default", {i: Succeeded(b"1") for i in [*ids[1000:], "keep"]})
+    assert sorted(app.delete_jobs(task="t.bul")) == ids
+    assert [j.id for j in app.list_jobs().jobs] == ["keep"]
+
+
+def test_delete_jobs_refuses_unclear_requests(app: App) -> None:
+    _store_and_finish(app)
+    with pytest.raises(ValueError, match="needs job ids or at least one filter"):
+        app.delete_jobs()
+    with pytest.raises(ValueError, match="job ids or state=/queue=/task= filters, not both"):
+        app.delete_jobs(["a0"], queue="a")
+    with pytest.raises(ValueError, match="queued jobs have no finish time"):
+        app.delete_jobs(state="queued")
+    assert _counts(app, "a")["succeeded"] == 1  # nothing was deleted
+
+
+# --- schedules ----------------------------------------------------------------------------------
+
+
+START = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def test_schedule_statuses_show_the_last_tick_and_its_job(app: App) -> None:
+    @app.periodic(every=timedelta(minutes=1), name="minutely")
+    @app.periodic(cron="0 3 * * *", name="nightly")
+    @app.task(name="t.report")
+    def report() -> None: ...
+
+    async def at_start() -> float:
+        return (START + timedelta(seconds=1)).timestamp()
+
+    app.run_sync(Scheduler(app, clock=at_start).run_pass())
+    minutely, nightly = sorted(app.schedule_statuses(n_next=2), key=lambda s: s.schedule.name)
+    tick_id = f"schedule:minutely:{START.isoformat()}"
+    assert (minutely.last_tick, minutely.last_job_id, minutely.last_state) == (
+        START, tick_id, JobState.QUEUED,
+    )  # fmt: skip
+    assert len(minutely.next_ticks) == 2 and minutely.next_ticks[0] > START
+    assert (nightly.last_tick, nightly.last_job_id, nightly.last_state) == (None, None, None)
+    _finish(app, "default", {tick_id: _failed()})
+    (minutely,) = [s for s in app.schedule_statuses() if s.schedule.name == "minutely"]
+    assert minutely.last_state is JobState.FAILED and len(minutely.next_ticks) == 3
+    app.delete_jobs([tick_id])  # its job gone: the tick is still known, its outcome is not
+    (minutely,) = [s for s in app.schedule_statuses() if s.schedule.name == "minutely"]
+    assert (minutely.last_job_id, minutely.last_state) == (tick_id, None)
+    with pytest.raises(ValueError, match="n_next must be a whole number from 1 to 100"):
+        app.schedule_statuses(n_next=0)
+
+
+# --- workflows ----------------------------------------------------------------------------------
+
+
+def test_a_workflow_shows_its_steps_and_their_states(app: App) -> None:
+    @app.task(name="wf.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="wf.total")
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    flow = chain(add.s(1, 2), group([add.s(10), add.s(20)]), total.s()).send()
+    status = app.get_workflow(flow.id)
+    assert (status.id, status.state, status.finished_at) == (flow.id, "running", None)
+    assert [(s.name, s.task, s.state, s.parents) for s in status.steps] == [
+        ("0", "wf.add", JobState.QUEUED, []),
+        ("1", "wf.add", None, ["0"]),
+        ("2", "wf.add", None, ["0"]),
+        ("3", "wf.total", None, ["1", "2"]),
+    ]
+    assert status.steps[0].job_id == f"wf:{flow.id}:0"
+    assert app.get_job(status.steps[0].job_id).state is JobState.QUEUED
+    other = chain(add.s(0, 0), add.s(1)).send()
+    assert [w.id for w in app.list_workflows()] == [flow.id, other.id]  # oldest first
+    assert [w.id for w in app.list_workflows(limit=1)] == [flow.id]
+
+    assert app.run_until_idle() == 6
+    status = app.get_workflow(flow.id)
+    assert status.state == "succeeded" and status.finished_at is not None
+    assert status.finished_at >= status.created_at
+    assert [s.state for s in status.steps] == [JobState.SUCCEEDED] * 4
+    assert app.list_workflows() == []  # ended workflows are not listed
+    with pytest.raises(JobNotFoundError, match="workflow nope does not exist"):
+        app.get_workflow("nope")
+    with pytest.raises(ValueError, match="limit must be a whole number from 1 to 1000"):
+        app.list_workflows(limit=0)
