@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Union
 import msgspec
 
 from taskmill._ids import step_job_id, uuid7
+from taskmill._ids import workflow_of as workflow_of  # public here: a job's workflow, by its id
 from taskmill.brokers.features import WorkflowStore, provides, workflow_store
 from taskmill.errors import (
     ConfigurationError,

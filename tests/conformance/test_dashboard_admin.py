@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 
 from taskmill import App, JobNotFoundError, JobState, chain, group
-from taskmill.job import Cancelled, ErrorInfo, Failed, Finish, NewJob, QueueStats, Succeeded
+from taskmill.job import (
+    Cancelled,
+    ErrorInfo,
+    Failed,
+    Finish,
+    NewJob,
+    QueueStats,
+    RetryAt,
+    Succeeded,
+)
 from taskmill.scheduler import Scheduler
 
 from .helpers import claim_of, opened
@@ -209,3 +218,61 @@ def test_a_workflow_shows_its_steps_and_their_states(app: App) -> None:
         app.get_workflow("nope")
     with pytest.raises(ValueError, match="limit must be a whole number from 1 to 1000"):
         app.list_workflows(limit=0)
+
+
+# --- counts at every transition -----------------------------------------------------------------
+
+
+def _check_counts(app: App) -> None:
+    """``stats`` and every listing total agree with the jobs as listed one by one."""
+    jobs = app.list_jobs(limit=1000).jobs
+    truth: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        truth[job.queue, job.state.value] = truth.get((job.queue, job.state.value), 0) + 1
+    stats = {s.queue: s for s in app.stats()}
+    for queue in {q for q, _ in truth} | set(stats):
+        expected = {s.value: truth.get((queue, s.value), 0) for s in JobState}
+        assert stats[queue].counts == expected, queue
+        assert stats[queue].estimated == []  # a small store: every count is exact
+        for state, n in expected.items():
+            page = app.list_jobs(state=state, queue=queue, limit=1)
+            assert (page.total, page.total_estimated) == (n, False), (queue, state)
+    assert app.list_jobs(limit=1).total == len(jobs)
+    finished = [j for j in jobs if j.state in (JobState.SUCCEEDED, JobState.FAILED)]
+    page = app.list_jobs(state=["succeeded", "failed"], limit=1)
+    assert page.total == len(finished)
+
+
+def test_counts_follow_every_transition(app: App) -> None:
+    broker = opened(app)
+    app.run_sync(broker.enqueue([_new(f"q{n}", queue="a") for n in range(4)]))
+    app.run_sync(broker.enqueue([_new(f"s{n}", queue="a", delay_s=3600) for n in range(2)]))
+    app.run_sync(broker.enqueue([_new("b0", queue="b"), _new("b1", queue="b", delay_s=60)]))
+    _check_counts(app)
+    claimed = {j.id: j for j in app.run_sync(broker.claim(["a"], 3, "w", 30.0))}
+    _check_counts(app)
+    q0, q1, q2 = (claimed[i] for i in ("q0", "q1", "q2"))
+    outcomes = [Finish(claim_of(q0), Succeeded(b"1")), Finish(claim_of(q1), _failed())]
+    assert app.run_sync(broker.finish(outcomes)) == [True, True]
+    _check_counts(app)
+    retry_later = RetryAt(run_at=app.now() + 3600, error=ErrorInfo("E", "later"))
+    assert app.run_sync(broker.finish([Finish(claim_of(q2), retry_later)])) == [True]
+    _check_counts(app)
+    assert app.retry_jobs(["q1"]) == ["q1"]  # failed -> queued
+    assert app.cancel_job("s0") is JobState.CANCELLED  # scheduled -> cancelled
+    assert app.run_job_now("s1") is JobState.SCHEDULED  # scheduled -> queued
+    _check_counts(app)
+    assert app.purge("b") == 2  # queued and scheduled deleted
+    assert app.retry_jobs(["s0"]) == ["s0"]  # cancelled -> queued
+    _check_counts(app)
+    claimed = app.run_sync(broker.claim(["a"], 10, "w", 30.0))
+    done = [Finish(claim_of(j), Cancelled() if j.id == "q3" else Succeeded(b"2")) for j in claimed]
+    assert all(app.run_sync(broker.finish(done)))
+    _check_counts(app)
+    assert app.delete_jobs(["q3"]) == ["q3"]
+    _check_counts(app)
+    assert app.run_sync(broker.prune(app.now() + 60, limit=2)) == 2
+    _check_counts(app)
+    assert app.run_sync(broker.prune(app.now() + 60)) > 0
+    _check_counts(app)
+    assert app.list_jobs(order="finished").jobs == []

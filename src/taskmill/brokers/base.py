@@ -133,11 +133,14 @@ class JobQuery:
 @dataclass(frozen=True, slots=True)
 class JobPage:
     """One page of ``Broker.find_jobs``: the jobs, the cursor of the next page (None on the
-    last one) and, if it was asked for, how many jobs match the query in all."""
+    last one) and, if it was asked for, how many jobs match the query in all
+    (``total_estimated``: that number is an estimate, as a broker may give on a large store
+    rather than count every match; see docs/admin.md)."""
 
     jobs: list[Job]
     next_cursor: str | None = None
     total: int | None = None
+    total_estimated: bool = False
 
 
 def encode_cursor(order: ListOrder, *position: str | int | float) -> str:

@@ -48,7 +48,7 @@ from taskmill.brokers.features import (
     WorkflowStore,
 )
 from taskmill.brokers.sqlite.connection import Database, on_database_thread, options_from_url
-from taskmill.brokers.sqlite.schema import COLUMNS, Q
+from taskmill.brokers.sqlite.schema import COLUMNS, COUNTED_STATES, Q
 from taskmill.brokers.sqlite.wakeup import Wakeups
 from taskmill.errors import BrokerError, DuplicateJobError
 from taskmill.job import (
@@ -101,6 +101,26 @@ def _filters(query: JobQuery) -> tuple[list[str], list[Any]]:
             where.append("json_type(meta, ?) IN ('integer', 'real') AND json_extract(meta, ?) = ?")
             params += (path, path, value)
     return where, params
+
+
+def _count(c: sqlite3.Connection, query: JobQuery, where: list[str], params: list[Any]) -> int:
+    """How many jobs match ``query``. Without a task or meta filter, from the counts of the
+    states (``schema_v6``): no job is read. Else a scan of the jobs the filters select."""
+    if query.task is not None or query.meta:
+        sql = f"SELECT count(*) FROM taskmill_jobs WHERE {_all(where)}"
+        return int(c.execute(sql, params).fetchone()[0])
+    states = {s.value for s in query.states} or {s.value for s in JobState}
+    of_queue = [] if query.queue is None else [query.queue]
+    queue_sql = "" if query.queue is None else Q["queue_filter"]
+    total = 0
+    counted = sorted(states & set(COUNTED_STATES))
+    if counted:
+        sql = Q["count_counted"].format(states=",".join("?" * len(counted)), queue=queue_sql)
+        total += int(c.execute(sql, [*counted, *of_queue]).fetchone()[0])
+    for indexed in sorted(states - set(COUNTED_STATES)):  # queued, running: their indexes
+        sql = Q[f"count_{indexed}"].format(queue=queue_sql)
+        total += int(c.execute(sql, of_queue).fetchone()[0])
+    return total
 
 
 class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
@@ -526,8 +546,7 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             rows = c.execute(sql, [*page_params, limit + 1]).fetchall()
             total = None
             if count:
-                counted = f"SELECT count(*) FROM taskmill_jobs WHERE {_all(where)}"
-                total = int(c.execute(counted, params).fetchone()[0])
+                total = _count(c, query, where, params)
         jobs = [job_from_row(r[1:]) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
