@@ -320,14 +320,18 @@ async def timed(call: Callable[[], Awaitable[Any]], calls: int) -> tuple[float, 
     return percentile(spent, 50), percentile(spent, 95)
 
 
-async def deep_cursor(app: App, pages: int) -> str:
-    cursor = None
-    for _ in range(pages):
+async def deep_cursor(app: App, pages: int) -> tuple[str, int]:
+    """The cursor of page ``pages + 1`` of the failed jobs of ``mail`` (or of the last page,
+    on a smaller store), and which page that is."""
+    cursor: str | None = None
+    depth = 0
+    while depth < pages:
         page = await app.alist_jobs(state="failed", queue="mail", cursor=cursor, count=False)
-        assert page.next_cursor is not None, "fewer failed jobs than the deep page needs"
-        cursor = page.next_cursor
-    assert cursor is not None
-    return cursor
+        if page.next_cursor is None:
+            break
+        cursor, depth = page.next_cursor, depth + 1
+    assert cursor is not None, "too few failed jobs for a second page"
+    return cursor, depth + 1
 
 
 async def measure(url: str, sample: list[str], calls: int) -> dict[str, tuple[float, float]]:
@@ -337,7 +341,8 @@ async def measure(url: str, sample: list[str], calls: int) -> dict[str, tuple[fl
         stats = await app.astats()
         total = sum(sum(s.counts.values()) for s in stats)
         log(f"  stored: {total:,} jobs in {len(stats)} queues")
-        deep = await deep_cursor(app, 100)
+        deep, depth = await deep_cursor(app, 100)
+        log(f"  the deep page is page {depth} of the failed jobs of mail")
         picks = iter(random.Random(7).choices(sample, k=calls + WARMUP))
         figures = {
             "stats": await timed(app.astats, calls),

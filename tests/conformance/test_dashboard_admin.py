@@ -276,3 +276,16 @@ def test_counts_follow_every_transition(app: App) -> None:
     assert app.run_sync(broker.prune(app.now() + 60)) > 0
     _check_counts(app)
     assert app.list_jobs(order="finished").jobs == []
+
+
+def test_the_oldest_waiting_age_counts_from_a_run_at_long_past(app: App) -> None:
+    """A job sent with a ``run_at`` long past (here 1970) is the oldest waiting one (Redis
+    reads ages off its ready index's scores, which cannot hold a time before 2025)."""
+    broker = opened(app)
+    app.run_sync(broker.enqueue([_new("recent"), _new("ancient", run_at=1000.0)]))
+    app.run_sync(broker.enqueue([_new("other", queue="other", run_at=app.now() - 3600)]))
+    stats = {s.queue: s for s in app.stats()}
+    now = app.now()
+    oldest, other = stats["default"].oldest_waiting_s, stats["other"].oldest_waiting_s
+    assert oldest is not None and abs(oldest - (now - 1000.0)) < 60
+    assert other is not None and 3600 - 60 < other < 3600 + 60

@@ -122,6 +122,9 @@ _encoder = msgspec.json.Encoder()
 _FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 _LAYOUT = 2
 """Version of the key layout: 2 added the ``jobs`` index."""
+_PRIORITY_STEP = 2**40
+_READY_EPOCH_MS = 1735689600000
+"""The terms of a ready job's score (``ready_score`` in ``lua/_common.lua``)."""
 _NARROW_MAX = 10_000
 """A listing filtered by state or queue whose indexes hold at most this many jobs reads them
 all and sorts them; a wider one walks the ``jobs`` index and reads each job's filter fields."""
@@ -208,6 +211,12 @@ def _job(fields: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         progress_message=_text(d.get(b"progress_message")),
         meta=decode_meta(d.get(b"meta")),
     )
+
+
+def _run_at_of_score(score: float) -> float:
+    """A ready job's run_at from its score (``ready_score`` in ``lua/_common.lua``:
+    ``-priority * 2^40`` plus milliseconds since 2025, which are less than 2^40)."""
+    return (int(score) % _PRIORITY_STEP + _READY_EPOCH_MS) / 1000
 
 
 def _netstrings(packed: bytes) -> list[bytes]:
@@ -804,7 +813,7 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             after_seq = None if cursor is None else decode_cursor(cursor, "enqueued", (int,))[0]
             narrow = bool(query.states) or query.queue is not None
             if narrow and sum(sizes) <= _NARROW_MAX:
-                source = self._sorted_by_seq(client, indexes, after_seq)
+                source = self._sorted_by_seq(client, indexes, after_seq, first=limit + 1)
             else:
                 after = None if after_seq is None else [float(after_seq), ""]
                 source = self._merged(client, [self._key("jobs")], after)
@@ -862,10 +871,11 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             chunk = min(chunk * 2, 2000)
 
     async def _sorted_by_seq(
-        self, client: Any, indexes: list[tuple[str, JobState]], after: int | None
+        self, client: Any, indexes: list[tuple[str, JobState]], after: int | None, first: int
     ) -> AsyncGenerator[list[tuple[float, str]], None]:
         """The jobs of a few indexes (a narrow filter), newest first: read them all and
-        sort by their position in ``jobs``."""
+        sort by their position in ``jobs``; in batches from ``first`` entries, growing (a
+        page most often needs only its own jobs checked)."""
         async with client.pipeline(transaction=False) as pipe:
             for q, s in indexes:
                 key = self._index(q, s)
@@ -880,8 +890,10 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         )
         if after is not None:
             ordered = [e for e in ordered if e[0] < after]
-        for start in range(0, len(ordered), 500):
-            yield ordered[start : start + 500]
+        start, size = 0, first
+        while start < len(ordered):
+            yield ordered[start : start + size]
+            start, size = start + size, min(size * 2, 2000)
 
     async def _first_matches(
         self,
@@ -962,14 +974,10 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
                 pipe.scard(self._key("q", q, "running"))
                 for s in _FINISHED:
                     pipe.zcard(self._key("q", q, s.value))
-                pipe.zrange(self._key("q", q, "ready"), 0, 999)
+                pipe.zrange(self._key("q", q, "ready"), 0, 999, withscores=True)
                 *counts, ready = await pipe.execute()
-            async with client.pipeline(transaction=False) as pipe:
-                for job_id in ready:  # the oldest waiting among the first 1,000 to run
-                    pipe.hget(self._key("job", job_id.decode()), "run_at")
-                run_ats = [float(r) for r in await pipe.execute() if r is not None]
             states = [JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING, *_FINISHED]
-            oldest = min(run_ats, default=None)
+            oldest = await self._oldest_ready(client, ready, server_now)
             out.append(
                 QueueStats(
                     queue=q,
@@ -1006,6 +1014,21 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         if not job_ids:
             return []
         return [i.decode() for i in await self._eval("delete", *dict.fromkeys(job_ids))]
+
+    async def _oldest_ready(
+        self, client: Any, ready: list[tuple[bytes, float]], now: float
+    ) -> float | None:
+        """The earliest run_at of these ready jobs (the first 1,000 to run), read from their
+        scores; a score that reads as a time to come was made of a run_at before 2025 (a
+        past ``run_at`` given at send), which only the job's hash has."""
+        run_ats = [_run_at_of_score(score) for _, score in ready]
+        odd = [member for (member, _), at in zip(ready, run_ats, strict=True) if at > now + 1]
+        if odd:
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in odd:
+                    pipe.hget(self._key("job", job_id.decode()), "run_at")
+                run_ats += [float(r) for r in await pipe.execute() if r is not None]
+        return min((at for at in run_ats if at <= now + 1), default=None)
 
     @on_io_loop
     async def list_workers(self) -> list[WorkerInfo]:
