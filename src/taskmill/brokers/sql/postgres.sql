@@ -384,8 +384,13 @@ RETURNING id;
 -- queue, and every queue's paused flag. Waiting and running jobs are counted on their partial
 -- indexes (each state's condition written out, so the planner uses them); finished ones only
 -- if %(count_finished)s (a small table: else they are estimated, finished_estimates).
-SELECT 'count', queue, 'queued', count(*)::float8 FROM {schema}.jobs
-WHERE state = 'queued' GROUP BY queue
+WITH queued AS MATERIALIZED (  -- one walk of the ready index for the count and the age
+    SELECT queue, count(*)::float8 AS n, date_part('epoch', now() - min(run_at)) AS age
+    FROM {schema}.jobs WHERE state = 'queued' GROUP BY queue
+)
+SELECT 'count', queue, 'queued', n FROM queued
+UNION ALL
+SELECT 'oldest', queue, NULL, age FROM queued
 UNION ALL
 SELECT 'count', queue, 'scheduled', count(*)::float8 FROM {schema}.jobs
 WHERE state = 'scheduled' GROUP BY queue
@@ -395,9 +400,6 @@ WHERE state = 'running' GROUP BY queue
 UNION ALL
 SELECT 'count', queue, state, count(*)::float8 FROM {schema}.jobs
 WHERE %(count_finished)s AND state IN ('succeeded', 'failed', 'cancelled') GROUP BY queue, state
-UNION ALL
-SELECT 'oldest', queue, NULL, date_part('epoch', now() - min(run_at)) FROM {schema}.jobs
-WHERE state = 'queued' GROUP BY queue
 UNION ALL
 SELECT 'paused', name, NULL, paused::integer::float8 FROM {schema}.queues;
 

@@ -268,11 +268,9 @@ AND queue = ?
 DELETE FROM taskmill_jobs WHERE id = ? AND state IN ('succeeded', 'failed', 'cancelled');
 
 -- name: stats
--- The counted states from their table; queued and running jobs on their partial indexes
--- (the condition of each repeated, so it is used).
+-- The counted states from their table, running jobs on their partial index (its condition
+-- repeated, so it is used); queued jobs are counted with oldest_waiting.
 SELECT queue, state, n FROM taskmill_counts WHERE n > 0
-UNION ALL
-SELECT queue, 'queued', count(*) FROM taskmill_jobs WHERE state = 'queued' GROUP BY queue
 UNION ALL
 SELECT queue, 'running', count(*) FROM taskmill_jobs WHERE state = 'running' GROUP BY queue;
 
@@ -287,7 +285,8 @@ SELECT count(*) FROM taskmill_jobs WHERE state = 'queued' {queue};
 SELECT count(*) FROM taskmill_jobs WHERE state = 'running' {queue};
 
 -- name: oldest_waiting
-SELECT queue, min(run_at) FROM taskmill_jobs WHERE state = 'queued' GROUP BY queue;
+-- Per queue, on the ready index: the earliest run_at of its queued jobs, and how many.
+SELECT queue, min(run_at), count(*) FROM taskmill_jobs WHERE state = 'queued' GROUP BY queue;
 
 -- name: all_queues
 SELECT name, paused FROM taskmill_queues;

@@ -579,8 +579,10 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         now = time.time()
         with self._db.snapshot() as c:  # one state of the file for the three reads
             counts = c.execute(Q["stats"]).fetchall()
-            oldest = dict(c.execute(Q["oldest_waiting"]).fetchall())
+            queued = c.execute(Q["oldest_waiting"]).fetchall()
             paused = dict(c.execute(Q["all_queues"]).fetchall())
+        oldest = {queue: at for queue, at, _ in queued}
+        counts += [(queue, "queued", n) for queue, _, n in queued]
         by_queue: dict[str, QueueStats] = {}
         for queue in {q for q, _, _ in counts} | set(paused):
             by_queue[queue] = QueueStats(
