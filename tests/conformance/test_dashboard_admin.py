@@ -22,7 +22,7 @@ from taskmill.job import (
 )
 from taskmill.scheduler import Scheduler
 
-from .helpers import claim_of, opened
+from .helpers import claim_of, opened, wait_until
 
 
 def _new(job_id: str, *, task: str = "t.work", queue: str = "default", **kw: Any) -> NewJob:
@@ -289,3 +289,30 @@ def test_the_oldest_waiting_age_counts_from_a_run_at_long_past(app: App) -> None
     oldest, other = stats["default"].oldest_waiting_s, stats["other"].oldest_waiting_s
     assert oldest is not None and abs(oldest - (now - 1000.0)) < 60
     assert other is not None and 3600 - 60 < other < 3600 + 60
+
+
+def test_counts_follow_lost_leases_and_jobs_coming_due(app: App) -> None:
+    """The transitions no admin call makes: a lease that expires (to failed, or cancelled if a
+    cancel was asked), and a delayed job promoted to queued when it comes due."""
+    broker = opened(app)
+    app.run_sync(broker.enqueue([_new("lost"), _new("stopped")]))
+    app.run_sync(broker.enqueue([_new("soon", queue="later", delay_s=0.2)]))
+    _check_counts(app)
+    claimed = app.run_sync(broker.claim(["default"], 2, "gone", 0.05))
+    assert {j.id for j in claimed} == {"lost", "stopped"}
+    assert app.cancel_job("stopped") is JobState.RUNNING
+    recovered: dict[str, JobState] = {}
+
+    def both_recovered() -> bool:
+        recovered.update(app.run_sync(broker.recover(1)))  # the first lost lease fails it
+        return len(recovered) == 2
+
+    wait_until(both_recovered, what="both leases to expire and be recovered")
+    assert recovered == {"lost": JobState.FAILED, "stopped": JobState.CANCELLED}
+    _check_counts(app)
+    due = wait_until(
+        lambda: app.run_sync(broker.claim(["later"], 1, "w", 30.0)),
+        what="the delayed job to come due and be claimed",
+    )
+    assert [j.id for j in due] == ["soon"]
+    _check_counts(app)
