@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -125,6 +126,9 @@ _LAYOUT = 2
 _PRIORITY_STEP = 2**40
 _READY_EPOCH_MS = 1735689600000
 """The terms of a ready job's score (``ready_score`` in ``lua/_common.lua``)."""
+COUNT_SCAN_MAX = 20_000
+"""A listing's total with a task or meta filter reads at most this many jobs' fields; past
+that it is an estimate (``JobPage.total_estimated``)."""
 _NARROW_MAX = 10_000
 """A listing filtered by state or queue whose indexes hold at most this many jobs reads them
 all and sorts them; a wider one walks the ``jobs`` index and reads each job's filter fields."""
@@ -824,11 +828,12 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             score, job_id = matched[limit - 1]
             position = (score, job_id) if query.order == "finished" else (int(score),)
             next_cursor = encode_cursor(query.order, *position)
-        total = None
-        if count:
-            filtered = query.task is not None or bool(query.meta)
-            total = await self._count(client, query, indexes) if filtered else sum(sizes)
-        return JobPage(jobs, next_cursor, total)
+        total, estimated = None, False
+        if count and (query.task is not None or query.meta):
+            total, estimated = await self._count(client, query, indexes, sizes)
+        elif count:
+            total = sum(sizes)
+        return JobPage(jobs, next_cursor, total, total_estimated=estimated)
 
     async def _merged(
         self, client: Any, streams: list[str], after: list[Any] | None
@@ -948,22 +953,34 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             return [_job(flat) for flat in await pipe.execute() if flat]
 
     async def _count(
-        self, client: Any, query: JobQuery, indexes: list[tuple[str, JobState]]
-    ) -> int:
-        """How many jobs of the indexes pass a task or meta filter: reads every one."""
+        self, client: Any, query: JobQuery, indexes: list[tuple[str, JobState]], sizes: list[int]
+    ) -> tuple[int, bool]:
+        """How many jobs of the indexes pass a task or meta filter, and whether that is an
+        estimate: every job is read while they hold at most ``COUNT_SCAN_MAX``; past that,
+        the newest of each index in proportion to its size, and the share that passes is
+        taken for the whole."""
+        total = sum(sizes)
+        share = min(1.0, COUNT_SCAN_MAX / total) if total else 1.0
+        taken = [(q, s, n, math.ceil(n * share)) for (q, s), n in zip(indexes, sizes, strict=True)]
 
-        async def everything() -> AsyncGenerator[list[tuple[float, str]], None]:
-            for q, s in indexes:
+        async def sample() -> AsyncGenerator[list[tuple[float, str]], None]:
+            for q, s, _, k in taken:
                 key = self._index(q, s)
+                if k == 0:
+                    continue
                 if s is JobState.RUNNING:
                     members = await client.smembers(key)
                 else:
-                    members = await client.zrange(key, 0, -1)
+                    members = await client.zrange(key, -k, -1)
                 ids = [(0.0, m.decode()) for m in members]
                 for start in range(0, len(ids), 1000):
                     yield ids[start : start + 1000]
 
-        return len(await self._first_matches(client, query, everything(), 2**62))
+        passed = len(await self._first_matches(client, query, sample(), 2**62))
+        if share == 1.0:
+            return passed, False
+        read = sum(k for *_, k in taken)
+        return round(passed / read * total), True
 
     @on_io_loop
     async def stats(self) -> list[QueueStats]:
