@@ -26,6 +26,8 @@ The calls:
   total (what the jobs page shows first);
 - ``list failed, deep``: the same filter, page 101 (5,000 rows in) from its cursor;
 - ``list queued``: ``alist_jobs(state="queued", queue="default")``, first page and total;
+- ``list by task``: ``alist_jobs(task="reports.task1")``, first page and total (a filter no
+  broker indexes: its total is read from a bounded number of jobs, or estimated);
 - ``get job``: ``aget_job(id)`` of jobs picked at random among all;
 - ``throughput``: ``athroughput(60)``, the overview's chart.
 """
@@ -354,6 +356,7 @@ async def measure(url: str, sample: list[str], calls: int) -> dict[str, tuple[fl
             "list queued": await timed(
                 lambda: app.alist_jobs(state="queued", queue="default"), calls
             ),
+            "list by task": await timed(lambda: app.alist_jobs(task="reports.task1"), calls),
             "get job": await timed(lambda: app.aget_job(next(picks)), calls),
             "throughput": await timed(lambda: app.athroughput(60), calls),
         }

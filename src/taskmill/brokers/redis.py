@@ -126,7 +126,7 @@ _LAYOUT = 2
 _PRIORITY_STEP = 2**40
 _READY_EPOCH_MS = 1735689600000
 """The terms of a ready job's score (``ready_score`` in ``lua/_common.lua``)."""
-COUNT_SCAN_MAX = 20_000
+COUNT_SCAN_MAX = 1_000
 """A listing's total with a task or meta filter reads at most this many jobs' fields; past
 that it is an estimate (``JobPage.total_estimated``)."""
 _NARROW_MAX = 10_000
