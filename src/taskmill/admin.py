@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from taskmill.brokers.base import JobPage, JobQuery, ListOrder
-from taskmill.job import JobState, MetaValue, QueueStats, WorkerInfo
+from taskmill.job import Job, JobState, MetaValue, QueueStats, WorkerInfo
 
 if TYPE_CHECKING:
     from taskmill.client import Client
@@ -340,6 +340,33 @@ class AdminAPI:
         >>> app.close()
         """
         return self.client.run_sync(self.aretry_jobs(ids, queue=queue, task=task))
+
+    async def ajob_by_key(self, key: str) -> Job | None:
+        """The job holding unique ``key`` now (a ``Job``, as ``aget_job`` returns), or None.
+
+        Only a pending job (scheduled, queued or running) holds its key: that is the job a
+        send with the same key would return (``on_conflict="return"``) or be refused for
+        (``"raise"``). Once it finishes the key is free, and a finished job is not found by
+        it (look it up by id)."""
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key must be a non-empty str, not {key!r}")
+        return await (await self.client.abroker()).get_by_key(key)
+
+    def job_by_key(self, key: str) -> Job | None:
+        """Blocking ``ajob_by_key``.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def sync_user(user_id: int) -> None: ...
+        >>> handle = sync_user.options(key="user-7").send(7)
+        >>> app.job_by_key("user-7").id == handle.id
+        True
+        >>> app.job_by_key("user-8") is None
+        True
+        >>> app.close()
+        """
+        return self.client.run_sync(self.ajob_by_key(key))
 
     async def acancel_job(self, job_id: str) -> JobState:
         """Cancel a job: scheduled or queued, it is cancelled and never runs; running, it is

@@ -180,6 +180,18 @@ def test_missing_things_are_404_and_bad_filters_400(site: Site) -> None:
         assert client.get("/jobs?cursor=forged").status_code == 400
 
 
+def test_search_finds_a_job_by_its_key_else_says_nothing_matched(site: Site) -> None:
+    keyed = site.app.tasks["shop.add"].options(key="order-42", delay=3600).send(4, 2)
+    with site.client() as client:
+        found = client.get("/jobs", params={"q": "order-42"})
+        assert found.status_code == 303
+        assert found.headers["location"].endswith("id=" + keyed.id)
+        missing = client.get("/jobs", params={"q": "order-43"})
+        assert missing.status_code == 404
+        assert "There is no job with the id or pending key <code>order-43</code>" in missing.text
+        assert "find a finished job by its id" in missing.text
+
+
 # --- escaping and redaction ---------------------------------------------------------------------
 
 

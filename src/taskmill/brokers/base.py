@@ -328,6 +328,12 @@ class Broker(abc.ABC):
         enqueued, or pruned). An id given twice is at both positions."""
 
     @abc.abstractmethod
+    async def get_by_key(self, key: str) -> Job | None:
+        """The job holding ``key`` now, or None. Only a pending job (scheduled, queued or
+        running) holds its key: once it finishes, the key is free for the next send, and a
+        finished job is not found by it."""
+
+    @abc.abstractmethod
     async def find_jobs(
         self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
     ) -> JobPage:

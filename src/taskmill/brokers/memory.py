@@ -365,6 +365,11 @@ class MemoryBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             found = [self._jobs.get(job_id) for job_id in job_ids]
             return [None if job is None else self._copy(job) for job in found]
 
+    async def get_by_key(self, key: str) -> Job | None:
+        with self._lock:
+            job = self._jobs.get(self._keys.get(key, ""))
+            return None if job is None or job.state.finished else self._copy(job)
+
     async def find_jobs(
         self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
     ) -> JobPage:

@@ -771,6 +771,22 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         return _job(fields) if fields else None
 
     @on_io_loop
+    async def get_by_key(self, key: str) -> Job | None:
+        holder = await self._retrying(
+            lambda: self._client().get(self._key("key", key)), writes=False
+        )
+        if holder is None:
+            return None
+        fields = await self._retrying(
+            lambda: self._client().hgetall(self._key("job", holder.decode())), writes=False
+        )
+        job = _job(fields) if fields else None
+        # The holder may have finished between the two reads: its key is free by then.
+        if job is None or job.state.finished or job.key != key:
+            return None
+        return job
+
+    @on_io_loop
     async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         if not job_ids:
             return []

@@ -124,13 +124,18 @@ async def jobs(request: Request) -> Response:
 
 
 async def _search(request: Request, search: str) -> Response:
-    """A job id goes to its page; anything else says it found nothing."""
+    """A job id, else the unique key of a pending job, goes to that job's page; anything
+    else says it found nothing."""
     app = web_of(request).app
     try:
-        await app.aget_job(search)
+        job_id = (await app.aget_job(search)).id
     except JobNotFoundError:
-        return render(request, "not_found.html", {"what": "job", "id": search}, 404)
-    return RedirectResponse(job_url(request, search), status_code=303)
+        holder = await app.ajob_by_key(search)
+        if holder is None:
+            context = {"what": "job with the id or pending key", "id": search, "searched": True}
+            return render(request, "not_found.html", context, 404)
+        job_id = holder.id
+    return RedirectResponse(job_url(request, job_id), status_code=303)
 
 
 def job_url(request: Request, job_id: str) -> str:

@@ -582,6 +582,11 @@ class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
         return job_from_row(rows[0][1:]) if rows else None
 
     @on_io_loop
+    async def get_by_key(self, key: str) -> Job | None:
+        rows = await self._db.fetch(self._q["get_by_key"], {"key": key})
+        return job_from_row(rows[0][1:]) if rows else None
+
+    @on_io_loop
     async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         if not job_ids:
             return []

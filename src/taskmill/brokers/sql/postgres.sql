@@ -298,6 +298,10 @@ SELECT date_part('epoch', clock_timestamp());
 -- name: get
 SELECT {columns} FROM {schema}.jobs AS j WHERE j.id = %(id)s;
 
+-- name: get_by_key
+SELECT {columns} FROM {schema}.jobs AS j
+WHERE j.key = %(key)s AND j.state IN ('scheduled', 'queued', 'running');
+
 -- name: get_many
 SELECT {columns} FROM {schema}.jobs AS j WHERE j.id = ANY(%(ids)s::text[]);
 

@@ -250,6 +250,10 @@ DELETE FROM taskmill_jobs WHERE seq IN (
 -- name: get
 SELECT {columns} FROM taskmill_jobs WHERE id = ?;
 
+-- name: get_by_key
+SELECT {columns} FROM taskmill_jobs
+WHERE key = ? AND state IN ('scheduled', 'queued', 'running');
+
 -- name: get_many
 -- {ids}: one ? per id (at most GET_MANY_CHUNK, within SQLite's limit on parameters)
 SELECT {columns} FROM taskmill_jobs WHERE id IN ({ids});

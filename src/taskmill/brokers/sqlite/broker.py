@@ -531,6 +531,11 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         return job_from_row(rows[0]) if rows else None
 
     @on_database_thread
+    def get_by_key(self, key: str) -> Job | None:
+        rows = self._db.query(Q["get_by_key"].format(columns=COLUMNS), (key,))
+        return job_from_row(rows[0]) if rows else None
+
+    @on_database_thread
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         if not job_ids:
             return []
