@@ -232,9 +232,27 @@ def test_list_jobs_filters_and_pages(api: httpx.Client, web_app: App) -> None:
     assert seen == list(reversed(ids))
 
 
+def test_list_jobs_by_key(api: httpx.Client, web_app: App) -> None:
+    held = sent_id(send(api, "math.add", 1, 2, key="order-9", delay=3600))
+    sent_id(send(api, "math.add", 3, 4))
+    page = api.get("/api/v1/jobs", params={"key": "order-9"}).json()
+    assert [j["id"] for j in page["jobs"]] == [held] and page["jobs"][0]["key"] == "order-9"
+    assert (page["next_cursor"], page["total"]) == (None, 1)
+    uncounted = api.get("/api/v1/jobs", params={"key": "order-9", "count": "false"}).json()
+    assert [j["id"] for j in uncounted["jobs"]] == [held] and uncounted["total"] is None
+    none = api.get("/api/v1/jobs", params={"key": "order-10"}).json()
+    assert none == {"jobs": [], "next_cursor": None, "total": 0}
+    assert web_app.cancel_job(held) is JobState.CANCELLED
+    released = api.get("/api/v1/jobs", params={"key": "order-9"}).json()
+    assert released["jobs"] == [], "a finished job holds no key"
+
+
 @pytest.mark.parametrize(
     ("params", "words"),
     [
+        ({"key": "k", "state": "queued"}, "key finds one job: it takes no state"),
+        ({"key": ""}, "key must not be empty"),
+        ({"key": "k", "limit": "0"}, "limit must be a whole number from 1 to 1000"),
         ({"state": "done"}, "unknown job state 'done'"),
         ({"limit": "0"}, "limit must be a whole number from 1 to 1000"),
         ({"limit": "ten"}, "limit must be a whole number"),

@@ -40,7 +40,7 @@ from taskmill.errors import (
 from taskmill.job import JobState, MetaValue
 from taskmill.meta import parse_pair
 from taskmill.scheduler import schedule_statuses
-from taskmill.web.context import require_write, web_of, who
+from taskmill.web.context import Web, require_write, web_of, who
 from taskmill.web.redact import job_view
 from taskmill.web.sse import events_enabled, sse_response
 
@@ -300,12 +300,15 @@ async def get_job(request: Request) -> Response:
     return json_response(job_view(job, web.app.tasks.get(job.task), web.config.redact))
 
 
-_LIST_PARAMS = {"state", "queue", "task", "meta", "order", "limit", "cursor", "count"}
+_LIST_PARAMS = {"state", "queue", "task", "meta", "order", "limit", "cursor", "count", "key"}
+_WITH_KEY = {"key", "limit", "count"}
 
 
 async def list_jobs(request: Request) -> Response:
     web = web_of(request)
     query = _query(request, _LIST_PARAMS)
+    if "key" in query:
+        return await _list_by_key(web, query)
     order = _one(query, "order") or "enqueued"
     if order not in ("enqueued", "finished"):
         raise ApiError(422, f"order must be 'enqueued' or 'finished', not {order!r}")
@@ -332,6 +335,21 @@ async def list_jobs(request: Request) -> Response:
     names = web.config.redact
     jobs = [job_view(j, web.app.tasks.get(j.task), names) for j in page.jobs]
     return json_response({"jobs": jobs, "next_cursor": page.next_cursor, "total": page.total})
+
+
+async def _list_by_key(web: Web, query: dict[str, list[str]]) -> Response:
+    """The pending job holding the key, as a page of one job (or none)."""
+    others = sorted(set(query) - _WITH_KEY)
+    if others:
+        raise ApiError(422, f"key finds one job: it takes no {', '.join(others)}")
+    key = _one(query, "key")
+    if not key:
+        raise ApiError(422, "key must not be empty")
+    _int(query, "limit", 50, 1, MAX_PAGE)  # checked as on any listing; one job fits any page
+    job = await web.app.ajob_by_key(key)
+    jobs = [] if job is None else [job_view(job, web.app.tasks.get(job.task), web.config.redact)]
+    total = len(jobs) if _bool(query, "count", True) else None
+    return json_response({"jobs": jobs, "next_cursor": None, "total": total})
 
 
 def _order(text: str) -> Literal["enqueued", "finished"]:
@@ -575,6 +593,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         Param("cursor", "next_cursor of the previous page"),
         Param("count", "Count the jobs the filters match (total); default true",
               {"type": "boolean"}),
+        Param("key", "The pending job holding this unique key (alone, or with limit and "
+              "count): a page of that job, or of none"),
     ), responses={200: "A page of jobs", 422: "An invalid filter or cursor"}),
     Endpoint("POST", "/jobs/retry", retry_jobs, "Retry failed jobs: by ids, by queue/task, or all",
              body="RetryBody", responses={200: "The ids retried", 422: "An invalid selection"}),
