@@ -302,21 +302,6 @@ def test_actions_on_queues_jobs_and_schedules(sqlite_site: Site) -> None:
         assert client.post("/actions/pause", data={}).status_code == 400
 
 
-HAS_DELETE = hasattr(App, "adelete_jobs")
-
-
-@pytest.mark.skipif(HAS_DELETE, reason="the admin API deletes jobs: the next test")
-def test_no_deletion_without_the_admin_apis_delete_jobs(sqlite_site: Site) -> None:
-    app, done = sqlite_site.app, sqlite_site.ids["succeeded"]
-    with sqlite_site.client() as client:
-        assert 'data-action="page_delete"' not in client.get(f"/job?id={done}").text
-        assert client.post("/actions/delete", data={"id": done}).status_code == 404
-    assert app.get_job(done).state is JobState.SUCCEEDED
-
-
-@pytest.mark.skipif(
-    not HAS_DELETE, reason="App.adelete_jobs (the 'scale' part of issue 12) is not in this tree"
-)
 def test_delete_finished_jobs(sqlite_site: Site) -> None:
     app, ids = sqlite_site.app, sqlite_site.ids
     with sqlite_site.client() as client:

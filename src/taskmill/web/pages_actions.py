@@ -170,7 +170,7 @@ async def cancel_matching(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     """Delete the finished jobs ``id`` (others are left as they are)."""
     form = await _writer_form(request)
-    deleted = await _deleter(request)(_ids(form))
+    deleted = await web_of(request).app.adelete_jobs(_ids(form))
     log.info("%s deleted %d job(s): %s", who(request), len(deleted), _logged(deleted))
     return _back(request, form, "deleted" if deleted else "unchanged", len(deleted))
 
@@ -179,17 +179,9 @@ async def delete_matching(request: Request) -> Response:
     """Delete every finished job the filter matches."""
     form = await _writer_form(request)
     app = web_of(request).app
-    deleted = await _deleter(request)(await matching_ids(app, form, FINISHED_STATES))
+    deleted = await app.adelete_jobs(await matching_ids(app, form, FINISHED_STATES))
     log.info("%s deleted %d job(s) matching %s", who(request), len(deleted), _filter_text(form))
     return _back(request, form, "deleted" if deleted else "unchanged", len(deleted))
-
-
-def _deleter(request: Request) -> Any:
-    # App.adelete_jobs is the "scale" part's addition to the admin API
-    delete_jobs = getattr(web_of(request).app, "adelete_jobs", None)
-    if delete_jobs is None:
-        raise HTTPException(404, "this version of the admin API cannot delete jobs")
-    return delete_jobs
 
 
 def _text(form: FormData, name: str) -> str | None:
@@ -248,21 +240,9 @@ async def trigger(request: Request) -> Response:
     schedule = app.schedules.get(name)
     if schedule is None:
         return render(request, "not_found.html", {"what": "schedule", "id": name}, 404)
-    handle = await _trigger(app, name)
+    handle = await app.atrigger_schedule(name)
     log.info("%s triggered schedule %s: job %s", who(request), name, handle.id)
     return _back(request, form, "triggered", 1)
-
-
-async def _trigger(app: App, name: str) -> Any:
-    # App.atrigger_schedule is the "api" part's addition to the admin API (it also honours
-    # overlap="skip"); until it is in the tree, the same send by hand
-    trigger = getattr(app, "atrigger_schedule", None)
-    if trigger is not None:
-        return await trigger(name)
-    schedule = app.schedules[name]
-    return await app.asend_task(
-        schedule.task, list(schedule.args), dict(schedule.kwargs), meta=dict(schedule.meta) or None
-    )
 
 
 # --- enqueue ------------------------------------------------------------------------------------

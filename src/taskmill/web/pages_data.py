@@ -17,14 +17,10 @@ from taskmill.errors import JobNotFoundError
 from taskmill.job import Job, JobState
 from taskmill.scheduler import ScheduleStatus, schedule_statuses
 from taskmill.serialization import try_decode
-from taskmill.workflows import WorkflowHandle
 
 if TYPE_CHECKING:
     from taskmill.app import App
 
-THROUGHPUT_SCAN_CAP = 5000
-"""The most finished jobs the overview reads to draw its chart."""
-_SCAN_PAGE = 1000
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -171,16 +167,10 @@ class WorkflowView:
 
 async def workflow(app: App, workflow_id: str) -> WorkflowView | None:
     """A workflow's state and steps; None if there is no such workflow (or it was pruned)."""
-    get_workflow = getattr(app, "aget_workflow", None)  # the "scale" part's addition
     try:
-        if get_workflow is not None:
-            return _workflow_view(await get_workflow(workflow_id))
-        handle = WorkflowHandle(app.client, workflow_id)
-        state = await handle.astatus()
-        steps = await handle.asteps()
+        return _workflow_view(await app.aget_workflow(workflow_id))
     except JobNotFoundError:
         return None
-    return WorkflowView(workflow_id, state, [StepView(i, st) for i, st in steps.items()])
 
 
 def _workflow_view(status: Any) -> WorkflowView:
@@ -188,12 +178,9 @@ def _workflow_view(status: Any) -> WorkflowView:
     return WorkflowView(status.id, status.state, steps, status.created_at)
 
 
-async def running_workflows(app: App, limit: int = 50) -> list[WorkflowView] | None:
-    """The running workflows, oldest first; None when the admin API cannot list them."""
-    list_workflows = getattr(app, "alist_workflows", None)  # the "scale" part's addition
-    if list_workflows is None:
-        return None
-    return [_workflow_view(status) for status in await list_workflows(limit)]
+async def running_workflows(app: App, limit: int = 50) -> list[WorkflowView]:
+    """The running workflows, oldest first."""
+    return [_workflow_view(status) for status in await app.alist_workflows(limit)]
 
 
 async def workflow_of_job(app: App, job: Job) -> WorkflowView | None:
@@ -212,47 +199,17 @@ class Throughput:
     """The first minute's start (seconds since the epoch)."""
     succeeded: list[int]
     failed: list[int]
-    partial: bool
-    """True when only the latest ``THROUGHPUT_SCAN_CAP`` finished jobs were read."""
 
 
 async def throughput(app: App, now: float, minutes: int = 60) -> Throughput:
-    """The admin API's counts per minute (``athroughput``, the "scale" part's addition);
-    without it, counted from the latest finished jobs (``throughput_from_listing``)."""
-    points_of = getattr(app, "athroughput", None)
-    if points_of is None:
-        return await throughput_from_listing(app, now, minutes)
-    points = await points_of(minutes)
+    """The admin API's counts per minute (``athroughput``)."""
+    points = await app.athroughput(minutes)
     succeeded = [p.succeeded for p in points]
-    return Throughput(points[0].at, succeeded, [p.failed for p in points], partial=False)
-
-
-async def throughput_from_listing(app: App, now: float, minutes: int = 60) -> Throughput:
-    """Counted from the latest finished jobs (``alist_jobs(order="finished")``, newest finish
-    first, until the listing leaves the window), at most ``THROUGHPUT_SCAN_CAP`` of them."""
-    start = (now // 60 - minutes + 1) * 60
-    succeeded, failed = [0] * minutes, [0] * minutes
-    cursor: str | None = None
-    seen = 0
-    while seen < THROUGHPUT_SCAN_CAP:
-        page = await app.alist_jobs(
-            order="finished",
-            state=("succeeded", "failed"),
-            limit=_SCAN_PAGE,
-            cursor=cursor,
-            count=False,
-        )
-        for job in page.jobs:
-            if job.finished_at is None or job.finished_at < start:
-                return Throughput(start, succeeded, failed, partial=False)
-            minute = min(int((job.finished_at - start) // 60), minutes - 1)
-            counts = succeeded if job.state is JobState.SUCCEEDED else failed
-            counts[minute] += 1
-        seen += len(page.jobs)
-        cursor = page.next_cursor
-        if cursor is None:
-            return Throughput(start, succeeded, failed, partial=False)
-    return Throughput(start, succeeded, failed, partial=True)
+    return Throughput(
+        points[0].at,
+        succeeded,
+        [p.failed for p in points],
+    )
 
 
 @dataclass(frozen=True)

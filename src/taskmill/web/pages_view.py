@@ -50,19 +50,13 @@ def can_write(request: Request) -> bool:
     return user is None or user.can_write
 
 
-def can_delete(request: Request) -> bool:
-    """Whether the admin API can delete finished jobs (``adelete_jobs``, the "scale" part of
-    issue 12's addition): without it, the pages offer no deletion."""
-    return hasattr(web_of(request).app, "adelete_jobs")
-
-
 def _base_context(request: Request) -> dict[str, Any]:
     user = user_of(request)
     return {
         "csp_nonce": csp_nonce(request),
         "user_name": user.name if user is not None else None,
         "can_write": can_write(request),
-        "can_delete": can_write(request) and can_delete(request),
+        "can_delete": can_write(request),
         "site_title": web_of(request).config.title,
         "nav": NAV,
         "notice": notice_of(request),
