@@ -10,6 +10,8 @@ Modes:
 - drain: N no-op jobs (or ``add(1, 2)`` with ``--task add``) enqueued first, then 2 worker
   processes (``taskmill worker -p 2``) run them; jobs/s from the first start to the last
   finish, read back from the stored timestamps;
+- metrics: the drain ``--rounds`` times each without and with ``--metrics-port`` (the
+  worker-side Prometheus metrics), alternating, and the ratio of their medians;
 - latency: jobs sent at a steady rate (default 200/s) to idle workers; enqueue→start latency
   percentiles from the stored ``enqueued_at`` and ``started_at`` (one machine, one clock).
 
@@ -32,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from bench._harness import group_cpu_s
 from taskmill.testing import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,12 +47,18 @@ def percentile(values: list[float], q: float) -> float:
 
 @contextmanager
 def workers(
-    url: str, processes: int, concurrency: int, pool: str, log_level: str = "warning"
-) -> Iterator[None]:
+    url: str,
+    processes: int,
+    concurrency: int,
+    pool: str,
+    log_level: str = "warning",
+    extra: tuple[str, ...] = (),
+) -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, "TASKMILL_URL": url, "PYTHONPATH": ROOT}
     cmd = [
         sys.executable, "-m", "taskmill", "worker", "bench.noop_app:app",
         "-p", str(processes), "-c", str(concurrency), "--pool", pool, "--log-level", log_level,
+        *extra,
     ]  # fmt: skip
     # the logs go to a file beside the database, as a real worker's go to a file or a pipe
     log_file = open(url.removeprefix("sqlite:///") + ".log", "ab")  # noqa: SIM115
@@ -57,7 +66,7 @@ def workers(
         cmd, env=env, cwd=ROOT, start_new_session=True, stdout=log_file, stderr=log_file
     )
     try:
-        yield
+        yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -128,7 +137,11 @@ def run_drain(
     conc: int,
     pool: str,
     log_level: str = "warning",
+    extra: tuple[str, ...] = (),
+    cpu_us: list[float] | None = None,
 ) -> float:
+    """jobs/s; with ``cpu_us``, the workers' CPU µs per job is appended to it, measured from
+    the 1,000th finished job to the last (start-up and shutdown left out)."""
     from taskmill import App
 
     url = fresh_url(tmp, f"drain-{task_name}-{pool}")
@@ -138,13 +151,25 @@ def run_drain(
         task.send_many([call] * min(5000, jobs - start))
     app.close()
     path = db_path(url)
-    with workers(url, processes, conc, pool, log_level):
+    with workers(url, processes, conc, pool, log_level, extra) as proc:
+        if cpu_us is not None:
+            n0 = wait_until(
+                lambda: count_finished(path) >= 1000 and count_finished(path),
+                timeout=600,
+                interval=0.05,
+                what="1,000 jobs to finish",
+            )
+            cpu0 = group_cpu_s([proc])
         wait_until(
             lambda: count_finished(path) >= jobs,
             timeout=600,
             interval=0.2,
             what=f"{jobs:,} jobs to finish",
         )
+        if cpu_us is not None:
+            cpu1 = group_cpu_s([proc])
+            assert cpu0 is not None and cpu1 is not None, "needs Linux's /proc"
+            cpu_us.append((cpu1 - cpu0) / (count_finished(path) - n0) * 1e6)
     with sqlite3.connect(path) as conn:
         first, last = conn.execute(
             "SELECT min(started_at), max(finished_at) FROM taskmill_jobs"
@@ -185,9 +210,39 @@ def run_latency(tmp: str, rate: float, seconds: float, processes: int, conc: int
     return [r[0] for r in rows[1:]]
 
 
+def run_metrics_cost(tmp: str, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The drain without and with ``--metrics-port``, alternating (the machine's noise
+    drifts: alternating spreads it over both): jobs/s, and the workers' CPU time per job,
+    which time-sharing with other programs moves far less than it moves a rate."""
+    task_name = args.task or "anoop"
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    cpu_us: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.rounds):
+        for on in (False, True):
+            extra = ("--metrics-port", "0") if on else ()
+            rate = run_drain(
+                tmp, args.jobs, task_name, args.processes, args.concurrency, args.pool,
+                args.log_level, extra, cpu_us[on],
+            )  # fmt: skip
+            rates[on].append(rate)
+    label = f"({task_name}, -p {args.processes} -c {args.concurrency})"
+    rows = []
+    measures = (("drain jobs/s", rates, ",.0f"), ("worker CPU µs/job", cpu_us, ".1f"))
+    for what, values, fmt in measures:
+        for on, name in ((False, "no metrics"), (True, "--metrics-port")):
+            shown = " / ".join(format(v, fmt) for v in values[on])
+            rows.append((f"{what} {label}, {name}", shown))
+        ratio = statistics.median(values[True]) / statistics.median(values[False])
+        rows.append((f"{what}: median with metrics / without", f"{ratio:.3f}"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=["all", "enqueue", "drain", "latency"], default="all")
+    parser.add_argument(
+        "--mode", choices=["all", "enqueue", "drain", "latency", "metrics"], default="all"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--mode metrics: drains of each")
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -222,6 +277,8 @@ def main() -> None:
                 )
                 label = f"drain jobs/s ({task_name}, -p {args.processes} -c {args.concurrency})"
                 rows.append((label, f"{rate:,.0f}"))
+        if args.mode == "metrics":
+            rows += run_metrics_cost(tmp, args)
         if args.mode in ("all", "latency"):
             lat = run_latency(tmp, args.rate, args.seconds, args.processes, args.concurrency)
             for q in (50, 95, 99):

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond Python: redis-server (>= 6.2) for the Redis broker
-# tests, and PostgreSQL's server binaries (initdb, postgres) for the PostgreSQL broker tests.
-# Idempotent: does nothing when a recent enough redis-server is on PATH and initdb is found
-# (`pg_config --bindir`, or /usr/lib/postgresql/*/bin, where Debian keeps it off PATH).
+# tests, PostgreSQL's server binaries (initdb, postgres) for the PostgreSQL broker tests, and
+# Debian's chromium for the dashboard's browser tests (tests/browser: Playwright for Python drives
+# /usr/bin/chromium through executable_path; nothing here downloads a browser of its own, so
+# `playwright install` is never run).
+# Idempotent: does nothing when a recent enough redis-server is on PATH, initdb is found
+# (`pg_config --bindir`, or /usr/lib/postgresql/*/bin, where Debian keeps it off PATH) and
+# /usr/bin/chromium exists.
 # `make test` runs it; CI runs as root, a developer gets sudo (or a clear error).
 #
 # The tests start their own servers on free loopback ports (PostgreSQL: a cluster made by initdb
@@ -107,6 +111,12 @@ install_postgres() {
   stop_postgres_service
 }
 
+CHROMIUM=/usr/bin/chromium
+
+install_chromium() {
+  apt_install chromium "Chromium ($CHROMIUM, for the browser tests)"
+}
+
 check_version() {
   local version major minor
   version="$(redis-server --version | sed -n 's/.* v=\([0-9][0-9.]*\).*/\1/p')"
@@ -143,3 +153,12 @@ if [ -z "$(postgres_bindir)" ]; then
   fi
 fi
 echo "postgresql: $("$(postgres_bindir)/postgres" --version): $(postgres_bindir)"
+
+if [ ! -x "$CHROMIUM" ]; then
+  install_chromium
+  if [ ! -x "$CHROMIUM" ]; then
+    say "apt-get installed chromium but $CHROMIUM is missing."
+    exit 1
+  fi
+fi
+echo "chromium: $("$CHROMIUM" --version 2>/dev/null || echo '(version unknown)'): $CHROMIUM"

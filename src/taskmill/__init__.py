@@ -29,6 +29,7 @@ from taskmill.errors import (
     SoftTimeLimitExceeded,
     TaskmillError,
     TaskTimeoutError,
+    UnknownScheduleError,
     UnknownTaskError,
     WorkerLostError,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "Task",
     "TaskTimeoutError",
     "TaskmillError",
+    "UnknownScheduleError",
     "UnknownTaskError",
     "WorkerLostError",
     "WorkflowFailedError",

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from taskmill.brokers.base import JobPage, JobQuery, ListOrder
-from taskmill.job import JobState, MetaValue, QueueStats, WorkerInfo
+from taskmill.job import Job, JobState, MetaValue, QueueStats, WorkerInfo
 
 if TYPE_CHECKING:
     from taskmill.client import Client
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 MAX_PAGE = 1000
 """The most jobs one ``list_jobs`` page holds."""
 _RETRY_BATCH = 1000
+MAX_THROUGHPUT_MINUTES = 24 * 60
+"""The longest span ``throughput`` counts over: a day of minutes."""
 
 StateFilter = JobState | str | Iterable[JobState | str] | None
 """One state, its name, or several (any of them)."""
@@ -73,6 +75,16 @@ class TaskInfo(msgspec.Struct, frozen=True):
     rate_limit: str | None
     concurrency: int | None
     schedules: list[ScheduleInfo]
+
+
+class ThroughputPoint(msgspec.Struct, frozen=True):
+    """The jobs that finished in one minute, by outcome. ``at``: the minute's start (seconds
+    since the epoch, on the broker's clock, a multiple of 60)."""
+
+    at: float
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
 
 
 class AdminAPI:
@@ -329,6 +341,33 @@ class AdminAPI:
         """
         return self.client.run_sync(self.aretry_jobs(ids, queue=queue, task=task))
 
+    async def ajob_by_key(self, key: str) -> Job | None:
+        """The job holding unique ``key`` now (a ``Job``, as ``aget_job`` returns), or None.
+
+        Only a pending job (scheduled, queued or running) holds its key: that is the job a
+        send with the same key would return (``on_conflict="return"``) or be refused for
+        (``"raise"``). Once it finishes the key is free, and a finished job is not found by
+        it (look it up by id)."""
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key must be a non-empty str, not {key!r}")
+        return await (await self.client.abroker()).get_by_key(key)
+
+    def job_by_key(self, key: str) -> Job | None:
+        """Blocking ``ajob_by_key``.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def sync_user(user_id: int) -> None: ...
+        >>> handle = sync_user.options(key="user-7").send(7)
+        >>> app.job_by_key("user-7").id == handle.id
+        True
+        >>> app.job_by_key("user-8") is None
+        True
+        >>> app.close()
+        """
+        return self.client.run_sync(self.ajob_by_key(key))
+
     async def acancel_job(self, job_id: str) -> JobState:
         """Cancel a job: scheduled or queued, it is cancelled and never runs; running, it is
         asked to stop (``running`` is returned). The job's state after the call (a finished
@@ -370,6 +409,111 @@ class AdminAPI:
         >>> app.close()
         """
         return self.client.run_sync(self.arun_job_now(job_id))
+
+    async def adelete_jobs(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        state: StateFilter = None,
+        queue: str | None = None,
+        task: str | None = None,
+    ) -> list[str]:
+        """Delete finished (succeeded, failed or cancelled) jobs: those of ``ids``, or (no
+        ids) every finished job matching the filters, as ``list_jobs`` reads them (``state``:
+        finished states only, default all three; ``queue``; ``task``, a name prefix), at
+        least one of which must be given. The ids deleted; a job that is not finished (or
+        not stored) is left as it is."""
+        broker = await self.client.abroker()
+        if ids is not None:
+            if state is not None or queue is not None or task is not None:
+                raise ValueError(
+                    "delete_jobs takes job ids or state=/queue=/task= filters, not both"
+                )
+            return await broker.delete(list(dict.fromkeys(ids)))
+        if state is None and queue is None and task is None:
+            raise ValueError(
+                "delete_jobs needs job ids or at least one filter (state=, queue=, task=); "
+                "to delete every finished job, pass state=('succeeded', 'failed', 'cancelled')"
+            )
+        query = JobQuery(states=_states(state), queue=queue, task=task, order="finished")
+        deleted: list[str] = []
+        cursor = None
+        while True:  # deleting the rows behind the cursor moves none of those ahead of it
+            page = await broker.find_jobs(query, limit=MAX_PAGE, cursor=cursor)
+            deleted += await broker.delete([j.id for j in page.jobs])
+            cursor = page.next_cursor
+            if cursor is None:
+                return deleted
+
+    def delete_jobs(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        state: StateFilter = None,
+        queue: str | None = None,
+        task: str | None = None,
+    ) -> list[str]:
+        """Blocking ``adelete_jobs``.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def work(n: int) -> None: ...
+        >>> done, waiting = work.send(1), work.options(delay=3600).send(2)
+        >>> app.run_until_idle()
+        1
+        >>> app.delete_jobs([done.id, waiting.id]) == [done.id]  # only finished jobs go
+        True
+        >>> app.delete_jobs(state="succeeded")
+        []
+        >>> app.close()
+        """
+        return self.client.run_sync(self.adelete_jobs(ids, state=state, queue=queue, task=task))
+
+    # --- throughput ---------------------------------------------------------------------------
+
+    async def athroughput(
+        self, minutes: int = 60, *, queue: str | None = None
+    ) -> list[ThroughputPoint]:
+        """How many jobs finished in each of the last ``minutes`` minutes (1 to
+        ``MAX_THROUGHPUT_MINUTES``) by outcome, of ``queue`` or of every queue: one point
+        per minute, oldest first, the last being the minute under way (by the broker's
+        clock), minutes with none included."""
+        if (
+            isinstance(minutes, bool)
+            or not isinstance(minutes, int)
+            or not 1 <= minutes <= MAX_THROUGHPUT_MINUTES
+        ):
+            raise ValueError(
+                f"minutes must be a whole number from 1 to {MAX_THROUGHPUT_MINUTES}, "
+                f"not {minutes!r}"
+            )
+        broker = await self.client.abroker()
+        current = int(await broker.now() // 60)
+        first = current - minutes + 1
+        counts: dict[int, dict[str, int]] = {m: {} for m in range(first, current + 1)}
+        for minute, job_state, n in await broker.finished_per_minute(first * 60.0, queue):
+            if minute in counts:  # a job finishing as we read may be in a minute after ours
+                counts[minute][job_state.value] = n
+        return [ThroughputPoint(at=m * 60.0, **counts[m]) for m in sorted(counts)]
+
+    def throughput(self, minutes: int = 60, *, queue: str | None = None) -> list[ThroughputPoint]:
+        """Blocking ``athroughput``.
+
+        >>> from taskmill import App
+        >>> app = App("memory://")
+        >>> @app.task(retries=0)
+        ... def check(n: int) -> None:
+        ...     assert n > 0
+        >>> handles = check.send_many([(1,), (2,), (0,)])
+        >>> app.run_until_idle()
+        3
+        >>> points = app.throughput(minutes=5)
+        >>> len(points), sum(p.succeeded for p in points), sum(p.failed for p in points)
+        (5, 2, 1)
+        >>> app.close()
+        """
+        return self.client.run_sync(self.athroughput(minutes, queue=queue))
 
     # --- workers and tasks --------------------------------------------------------------------
 
@@ -450,9 +594,11 @@ def _rate_text(interval_s: float | None) -> str | None:
 
 __all__ = [
     "MAX_PAGE",
+    "MAX_THROUGHPUT_MINUTES",
     "AdminAPI",
     "JobPage",
     "ScheduleInfo",
     "TaskInfo",
+    "ThroughputPoint",
     "WorkerStatus",
 ]

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 from taskmill.admin import AdminAPI
 from taskmill.brokers import Broker
 from taskmill.client import Client
-from taskmill.errors import ConfigurationError, UnknownTaskError
+from taskmill.errors import ConfigurationError, UnknownScheduleError, UnknownTaskError
 from taskmill.events import Event, subscribe
 from taskmill.handle import JobHandle
 from taskmill.hooks import Hook, Hooks
@@ -23,6 +23,7 @@ from taskmill.limits import Limit, QueueOptions, WhenFull, parse_rate
 from taskmill.meta import check_meta
 from taskmill.registry import Registry
 from taskmill.retry import Backoff, RetryPolicy, as_backoff, exception_types
+from taskmill.scheduler import ScheduleStatus, overlap_key, schedule_statuses
 from taskmill.schedules import Misfire, Overlap, Schedule
 from taskmill.settings import Settings
 from taskmill.task import (
@@ -38,6 +39,11 @@ from taskmill.task import (
     timeout_seconds,
 )
 from taskmill.urls import redact_url
+from taskmill.workflows import (
+    WorkflowStatus,
+    running_workflow_statuses,
+    workflow_status,
+)
 
 if TYPE_CHECKING:
     from taskmill.worker.embed import EmbeddedWorker, WorkerThread
@@ -464,6 +470,37 @@ class App(AdminAPI):
             )
         return await task.options(**options).asend(*args, **(kwargs or {}))
 
+    def trigger_schedule(self, name: str) -> JobHandle[Any]:
+        """Blocking ``atrigger_schedule``.
+
+        >>> app = App("memory://")
+        >>> @app.periodic(cron="0 2 * * *", args=("eu",), name="nightly-eu")
+        ... @app.task(name="reports.build")
+        ... def build(region: str) -> None: ...
+        >>> handle = app.trigger_schedule("nightly-eu")
+        >>> job = handle.info()
+        >>> job.task, job.state.value, job.payload
+        ('reports.build', 'queued', b'[["eu"],{}]')
+        >>> app.trigger_schedule("nightly")
+        Traceback (most recent call last):
+        taskmill.errors.UnknownScheduleError: no schedule named 'nightly' (known: nightly-eu)
+        """
+        return self.run_sync(self.atrigger_schedule(name))
+
+    async def atrigger_schedule(self, name: str) -> JobHandle[Any]:
+        """Send a periodic schedule's job now, outside its timetable: its task with the
+        schedule's arguments and ``meta``, the task's defaults. The schedule's own ticks are
+        not moved. With ``overlap="skip"``, a run still pending is returned instead (its
+        handle's ``existing`` is set). ``UnknownScheduleError`` for a name the app lacks."""
+        schedule = self.schedules.get(name)
+        if schedule is None:
+            known = ", ".join(sorted(self.schedules)) or "none"
+            raise UnknownScheduleError(f"no schedule named {name!r} (known: {known})")
+        task = self.get_task(schedule.task)
+        key = overlap_key(schedule) if schedule.overlap == "skip" else None
+        bound = task.options(meta=dict(schedule.meta), key=key)
+        return await bound.asend(*schedule.args, **schedule.kwargs)
+
     # --- jobs -------------------------------------------------------------------------------
 
     def job(self, job_id: str) -> JobHandle[Any]:
@@ -476,6 +513,62 @@ class App(AdminAPI):
 
     async def aget_job(self, job_id: str) -> Job:
         return await self.client.aget_job(job_id)
+
+    # --- schedules and workflows (the admin API, beside taskmill.admin's) ----------------------
+
+    async def aschedule_statuses(self, n_next: int = 3) -> list[ScheduleStatus]:
+        """Each periodic schedule of this app, in the order declared: its ``n_next`` next
+        tick times, and its last tick: when, the id of the job it enqueued and that job's
+        state now (see ``taskmill.scheduler.ScheduleStatus``)."""
+        if isinstance(n_next, bool) or not isinstance(n_next, int) or not 1 <= n_next <= 100:
+            raise ValueError(f"n_next must be a whole number from 1 to 100, not {n_next!r}")
+        return await schedule_statuses(self, n_next)
+
+    def schedule_statuses(self, n_next: int = 3) -> list[ScheduleStatus]:
+        """Blocking ``aschedule_statuses``.
+
+        >>> app = App("memory://")
+        >>> @app.periodic(cron="0 2 * * *", name="nightly")
+        ... @app.task()
+        ... def report() -> None: ...
+        >>> (status,) = app.schedule_statuses(n_next=2)
+        >>> status.schedule.name, len(status.next_ticks), status.last_tick, status.last_state
+        ('nightly', 2, None, None)
+        >>> app.close()
+        """
+        return self.run_sync(self.aschedule_statuses(n_next))
+
+    async def aget_workflow(self, workflow_id: str) -> WorkflowStatus:
+        """A workflow: its state, times, and each step's task, job id, state and parents;
+        ``JobNotFoundError`` if there is no such workflow (or it was pruned)."""
+        return await workflow_status(self.client, workflow_id)
+
+    def get_workflow(self, workflow_id: str) -> WorkflowStatus:
+        """Blocking ``aget_workflow``.
+
+        >>> from taskmill import chain
+        >>> app = App("memory://")
+        >>> @app.task()
+        ... def double(x: int) -> int:
+        ...     return 2 * x
+        >>> flow = chain(double.s(1), double.s()).send()
+        >>> [(s.name, s.state, s.parents) for s in app.get_workflow(flow.id).steps]
+        [('0', <JobState.QUEUED: 'queued'>, []), ('1', None, ['0'])]
+        >>> app.close()
+        """
+        return self.run_sync(self.aget_workflow(workflow_id))
+
+    async def alist_workflows(self, limit: int = 50) -> list[WorkflowStatus]:
+        """The running workflows, oldest first, at most ``limit`` (1 to 1,000), with their
+        steps. Ended workflows are not listed (no broker indexes them all: Redis keeps an
+        ended workflow only as a record that expires); look one up by id."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be a whole number from 1 to 1000, not {limit!r}")
+        return await running_workflow_statuses(self.client, limit)
+
+    def list_workflows(self, limit: int = 50) -> list[WorkflowStatus]:
+        """Blocking ``alist_workflows``."""
+        return self.run_sync(self.alist_workflows(limit))
 
     # --- a worker inside this program (docs/embedding.md) --------------------------------------
 

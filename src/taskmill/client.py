@@ -41,7 +41,7 @@ import asyncio
 import threading
 import time
 import weakref
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from taskmill.brokers import Broker, EnqueueResult, broker_from_url
@@ -59,6 +59,9 @@ T = TypeVar("T")
 
 DepthCheck = Literal["queue", "no_wait", "skip"]
 """How the enqueue pipeline checks ``max_depth`` (see the module's docstring)."""
+
+EnqueueObserver = Callable[[Sequence[NewJob], EnqueueResult], None]
+"""Told of each enqueue the broker took, on the caller's thread (worker metrics count them)."""
 
 _POLL_START_S = 0.002
 _POLL_MAX_S = 0.1
@@ -112,6 +115,9 @@ class Client:
         self._finish_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FinishWatch] = (
             weakref.WeakKeyDictionary()
         )
+        self.enqueue_observers: list[EnqueueObserver] = []
+        """Called after each broker write of the enqueue pipeline, with the jobs and the
+        result; they must be quick and must not raise."""
 
     def __repr__(self) -> str:
         return f"<Client {redact_url(self.url)}>"
@@ -202,6 +208,8 @@ class Client:
             self.run_sync(self.check_room(jobs, wait=depth == "queue"))
         result = self.broker.enqueue_blocking(jobs, on_conflict=on_conflict, connection=connection)
         self._opened = True
+        for observe in self.enqueue_observers:
+            observe(jobs, result)
         if self.settings.events:
             self.run_sync(self._publish_enqueued(jobs, result))
         for job, lists in self._enqueue_hooks(jobs, tasks, result):
@@ -222,6 +230,8 @@ class Client:
             await self.check_room(jobs, wait=depth == "queue")
         broker = await self.abroker()
         result = await broker.enqueue(jobs, on_conflict=on_conflict)
+        for observe in self.enqueue_observers:
+            observe(jobs, result)
         if self.settings.events:
             await self._publish_enqueued(jobs, result)
         for job, lists in self._enqueue_hooks(jobs, tasks, result):
@@ -355,4 +365,4 @@ class Client:
         return f"; no worker is consuming queue {job.queue!r}"
 
 
-__all__ = ["AppParts", "Client", "DepthCheck", "JobRunner"]
+__all__ = ["AppParts", "Client", "DepthCheck", "EnqueueObserver", "JobRunner"]

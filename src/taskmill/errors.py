@@ -23,6 +23,10 @@ class UnknownTaskError(TaskmillError, LookupError):
     """No task with that name is registered in the app."""
 
 
+class UnknownScheduleError(TaskmillError, LookupError):
+    """No periodic schedule with that name is registered in the app."""
+
+
 class DuplicateJobError(TaskmillError):
     """A job with the same unique key is still scheduled, queued or running."""
 

@@ -151,10 +151,16 @@ class Progress(msgspec.Struct, frozen=True):
 
 
 class QueueStats(msgspec.Struct):
+    """A queue's jobs by state (``counts``: every state's name), the age of its oldest
+    waiting job, and whether it is paused. ``estimated``: the states whose count is an
+    estimate (PostgreSQL's finished states on a large table; see docs/admin.md), empty when
+    every count is exact."""
+
     queue: str
     counts: dict[str, int]
     oldest_waiting_s: float | None = None
     paused: bool = False
+    estimated: list[str] = msgspec.field(default_factory=list)
 
 
 class WorkerInfo(msgspec.Struct):

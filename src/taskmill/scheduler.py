@@ -202,24 +202,37 @@ class ScheduleStatus:
     last_tick: datetime | None
     last_state: JobState | None
     """The state of the last tick's job (None: no such job, or it was pruned)."""
+    last_job_id: str | None = None
+    """The id of the last tick's job (None: the schedule never ticked). With ``last_state``
+    None, that job was pruned, or never stored: the tick was skipped (``overlap="skip"``)
+    while the run before it was pending."""
 
 
 async def schedule_statuses(app: AppParts, n_next: int = 3) -> list[ScheduleStatus]:
-    """Each schedule of ``app``: its next ticks and its last tick's state."""
+    """Each schedule of ``app``, in the order declared: its next ticks, and its last tick's
+    job and that job's state (three reads, however many schedules)."""
     broker = await app.client.abroker()
     now = datetime.fromtimestamp(await broker.now(), UTC)
     marks = await schedule_store(broker).schedule_marks()
-    statuses = []
-    for schedule in app.registry.schedules.values():
-        mark = marks.get(schedule.name)
-        last = datetime.fromtimestamp(mark, UTC) if mark is not None else None
-        job = await broker.get(tick_job_id(schedule, last)) if last is not None else None
-        statuses.append(
-            ScheduleStatus(
-                schedule=schedule,
-                next_ticks=schedule.next_ticks(now, n_next),
-                last_tick=last,
-                last_state=job.state if job is not None else None,
-            )
+    schedules = list(app.registry.schedules.values())
+    lasts = [_last_tick(marks.get(s.name)) for s in schedules]
+    job_ids = [
+        None if last is None else tick_job_id(s, last)
+        for s, last in zip(schedules, lasts, strict=True)
+    ]
+    found = await broker.get_many([i for i in job_ids if i is not None])
+    states = {job.id: job.state for job in found if job is not None}
+    return [
+        ScheduleStatus(
+            schedule=schedule,
+            next_ticks=schedule.next_ticks(now, n_next),
+            last_tick=last,
+            last_state=None if job_id is None else states.get(job_id),
+            last_job_id=job_id,
         )
-    return statuses
+        for schedule, last, job_id in zip(schedules, lasts, job_ids, strict=True)
+    ]
+
+
+def _last_tick(mark: float | None) -> datetime | None:
+    return None if mark is None else datetime.fromtimestamp(mark, UTC)

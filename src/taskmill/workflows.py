@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Union
 import msgspec
 
 from taskmill._ids import step_job_id, uuid7
+from taskmill._ids import workflow_of as workflow_of  # public here: a job's workflow, by its id
 from taskmill.brokers.features import WorkflowStore, provides, workflow_store
 from taskmill.errors import (
     ConfigurationError,
@@ -357,6 +358,85 @@ async def sweep(client: Client, limit: int = 1000) -> int:
         except Exception as exc:  # one broken workflow must not stop the others
             log.error("workflow %s: advancing failed: %s", workflow_id, exc)
     return len(ids)
+
+
+# --- looking at workflows (the admin API: App.get_workflow, App.list_workflows) -------------
+
+
+class WorkflowStep(msgspec.Struct, frozen=True):
+    """One step of a workflow: its name in the graph (``"0"``, ``"1"``, … in the order the
+    canvas lists them), its task, its job's id, that job's state (None: not enqueued yet,
+    waiting for its parents; or pruned), and the steps whose results it takes."""
+
+    name: str
+    task: str
+    job_id: str
+    state: JobState | None
+    parents: list[str]
+
+
+class WorkflowStatus(msgspec.Struct, frozen=True):
+    """A workflow as the broker holds it: ``running``, ``succeeded``, ``failed`` or
+    ``cancelled``, its times (seconds since the epoch) and its steps, in graph order."""
+
+    id: str
+    state: str
+    created_at: float
+    finished_at: float | None
+    steps: list[WorkflowStep]
+
+
+async def workflow_status(client: Client, workflow_id: str) -> WorkflowStatus:
+    """A workflow and its steps' states (two reads); ``JobNotFoundError`` if unknown."""
+    (status,) = await workflow_statuses(client, [workflow_id])
+    if status is None:
+        raise JobNotFoundError(f"workflow {workflow_id} does not exist (or was pruned)")
+    return status
+
+
+async def running_workflow_statuses(client: Client, limit: int = 50) -> list[WorkflowStatus]:
+    """The running workflows, oldest first (at most ``limit``), with their steps."""
+    broker = await client.abroker()
+    ids = await workflow_store(broker).running_workflows(limit)
+    # one that ended between the two reads is still shown, as it ended
+    return [s for s in await workflow_statuses(client, ids) if s is not None]
+
+
+async def workflow_statuses(client: Client, workflow_ids: list[str]) -> list[WorkflowStatus | None]:
+    """The workflows of ``workflow_ids`` (None for an unknown one): a read per workflow,
+    and one ``get_many`` for all their steps."""
+    broker = await client.abroker()
+    store = workflow_store(broker)
+    records = [await store.get_workflow(w) for w in workflow_ids]
+    specs = [None if r is None else _spec_decoder.decode(r.spec) for r in records]
+    step_ids = [
+        step_job_id(r.id, name)
+        for r, spec in zip(records, specs, strict=True)
+        if r is not None and spec is not None
+        for name in spec.steps
+    ]
+    jobs = iter(await broker.get_many(step_ids))
+    out: list[WorkflowStatus | None] = []
+    for record, spec in zip(records, specs, strict=True):
+        if record is None or spec is None:
+            out.append(None)
+            continue
+        steps = []
+        for name, step in spec.steps.items():
+            job = next(jobs)
+            steps.append(
+                WorkflowStep(
+                    name=name,
+                    task=step.task,
+                    job_id=step_job_id(record.id, name),
+                    state=None if job is None else job.state,
+                    parents=_names(step.input),
+                )
+            )
+        out.append(
+            WorkflowStatus(record.id, record.state, record.created_at, record.finished_at, steps)
+        )
+    return out
 
 
 # --- the handle ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from taskmill import App, JobState
+from taskmill import App, JobState, UnknownScheduleError
 from taskmill.brokers.features import schedule_store
 from taskmill.scheduler import PassReport, Scheduler
 from taskmill.schedules import Schedule
@@ -239,6 +239,29 @@ def test_a_schedule_with_arguments_that_do_not_fit_is_refused(app: App) -> None:
         app.periodic(every=60)(greet)
     app.periodic(every=60, kwargs={"name": "ops"})(greet)
     assert app.schedules[greet.name].kwargs == {"name": "ops"}
+
+
+def test_trigger_sends_the_schedules_job_now_without_moving_its_ticks(app: App) -> None:
+    @app.periodic(cron="0 2 * * *", kwargs={"region": "eu"}, name="nightly-eu",
+                  meta={"source": "nightly"}, overlap="skip")  # fmt: skip
+    @app.task()
+    def build(region: str) -> str:
+        return f"built {region}"
+
+    first = app.trigger_schedule("nightly-eu")
+    job = first.info()
+    assert (job.task, job.state, job.meta, first.existing) == (
+        build.name, JobState.QUEUED, {"source": "nightly"}, False,
+    )  # fmt: skip
+    # overlap="skip": while that run is pending, a trigger returns it
+    again = app.trigger_schedule("nightly-eu")
+    assert (again.id, again.existing) == (first.id, True)
+    with running_worker(app, scheduler=False):
+        assert first.result(timeout=10) == "built eu"
+    assert app.trigger_schedule("nightly-eu").id != first.id  # finished: a new run
+    assert app.run_sync(schedule_store(opened(app)).schedule_marks()) == {}  # no tick moved
+    with pytest.raises(UnknownScheduleError, match=r"no schedule named 'weekly' \(known: "):
+        app.trigger_schedule("weekly")
 
 
 @pytest.mark.timeout(60)

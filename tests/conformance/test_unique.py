@@ -193,3 +193,35 @@ def test_job_id_is_for_one_job(app: App) -> None:
         once.options(job_id="j").send_many([(), ()])
     with pytest.raises(ConfigurationError, match="job_id must be a string of 1 to 200 characters"):
         once.options(job_id="")
+
+
+def test_job_by_key_finds_the_pending_holder_only(app: App) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    @app.task()
+    def hold() -> str:
+        started.set()
+        assert release.wait(20)
+        return "held"
+
+    scheduled = hold.options(key="later", delay=60).send()
+    found = app.job_by_key("later")
+    assert found is not None and found.id == scheduled.id
+    assert found.state is JobState.SCHEDULED and found.key == "later"
+    assert app.job_by_key("nobody-holds-this") is None
+
+    running = hold.options(key="busy").send()
+    queued = app.run_sync(app.ajob_by_key("busy"))
+    assert queued is not None and (queued.id, queued.state) == (running.id, JobState.QUEUED)
+    with running_worker(app):
+        assert started.wait(10)
+        held = app.job_by_key("busy")
+        assert held is not None and (held.id, held.state) == (running.id, JobState.RUNNING)
+        release.set()
+        assert running.result(timeout=10) == "held"
+        assert app.job_by_key("busy") is None, "a finished job holds no key"
+        assert app.get_job(running.id).key == "busy"
+    assert app.job_by_key("later") is not None, "the scheduled job still holds its key"
+    with pytest.raises(ValueError, match="key must be a non-empty str"):
+        app.job_by_key("")

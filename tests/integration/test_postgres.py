@@ -424,6 +424,10 @@ def catalog(conn: psycopg.Connection[Any], schema: str) -> dict[str, list[tuple[
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %(schema)s "
             "AND c.relkind IN ('r', 'p', 'S')"
         ),
+        "statistics": rows(
+            "SELECT s.stxname, pg_get_statisticsobjdef(s.oid) FROM pg_statistic_ext s "
+            "JOIN pg_namespace n ON n.oid = s.stxnamespace WHERE n.nspname = %(schema)s"
+        ),
         "versions": sorted(
             conn.execute(f"SELECT version, name FROM {schema}.schema_version").fetchall()
         ),
@@ -820,3 +824,42 @@ def test_a_worker_whose_role_does_not_own_the_table_leaves_it_to_autovacuum(
         with database.connect() as conn:
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")
+
+
+def test_finished_counts_of_a_large_table_are_estimated(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above ``ESTIMATE_ABOVE_ROWS`` the finished jobs are estimated from the statistics of
+    migration 6, and said to be; waiting jobs are still counted. Here ANALYZE samples every
+    row, so the estimates come out as the counts."""
+    app = App(database.taskmill_url())
+    try:
+        broker = app.open().broker
+        jobs = [NewJob(id=f"{q}-{n:03d}", task="t.work", queue=q, payload=b"[[],{}]")
+                for q, n_jobs in (("a", 300), ("b", 100)) for n in range(n_jobs)]  # fmt: skip
+        app.run_sync(broker.enqueue(jobs))
+        with database.connect(autocommit=True) as conn:
+            conn.execute(
+                "UPDATE taskmill.jobs SET finished_at = now(), state = CASE "
+                "WHEN id < 'a-200' OR queue = 'b' THEN 'succeeded' ELSE 'failed' END "
+                "WHERE id < 'a-250' OR queue = 'b'"
+            )
+            conn.execute("ANALYZE taskmill.jobs")
+        exact = {s.queue: s for s in app.stats()}
+        assert exact["a"].estimated == [] and exact["a"].counts["failed"] == 50
+        monkeypatch.setattr("taskmill.brokers.postgres.broker.ESTIMATE_ABOVE_ROWS", 10)
+        stats = {s.queue: s for s in app.stats()}
+        assert stats["a"].estimated == stats["b"].estimated == ["cancelled", "failed", "succeeded"]
+        assert {k: v for k, v in stats["a"].counts.items() if v} == {
+            "queued": 50, "succeeded": 200, "failed": 50,
+        }  # fmt: skip
+        assert {k: v for k, v in stats["b"].counts.items() if v} == {"succeeded": 100}
+        page = app.list_jobs(state="failed", queue="a", limit=10)
+        assert (page.total, page.total_estimated, len(page.jobs)) == (50, True, 10)
+        assert app.list_jobs(order="finished", limit=1).total == 350
+        queued = app.list_jobs(state="queued", queue="a", limit=1)
+        assert (queued.total, queued.total_estimated) == (50, False)
+        by_task = app.list_jobs(state=["queued", "failed"], task="t.", limit=1)
+        assert by_task.total_estimated and by_task.total is not None and by_task.total >= 50
+    finally:
+        app.close()

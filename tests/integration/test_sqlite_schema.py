@@ -66,3 +66,39 @@ def test_a_version_4_file_is_upgraded_to_a_fresh_files_schema_and_keeps_its_jobs
     upgraded, made = catalog(old), catalog(fresh)
     assert upgraded["version"] == made["version"] == sqlite_broker.SCHEMA_VERSION
     assert upgraded == made
+
+
+def test_an_upgraded_file_counts_the_jobs_it_had(tmp_path: Path) -> None:
+    """Version 6 keeps counts of scheduled and finished jobs: the upgrade counts those a file
+    holds already, and the counts go on from there."""
+    db = tmp_path / "old.db"
+    make_version_4(db)
+    stored = {"default": ("succeeded", "failed", "scheduled"), "mail": ("succeeded", "cancelled")}
+    rows = [
+        (f"{queue}-{state}-{n}", queue, state, None if state == "scheduled" else 2.0)
+        for queue, states in stored.items()
+        for state in states
+        for n in range(3 if queue == "default" else 2)
+    ]
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.executemany(
+            "INSERT INTO taskmill_jobs (id, task, queue, state, payload, run_at, enqueued_at, "
+            "finished_at) VALUES (?, 'work', ?, ?, x'5b5d', 1.0, 1.0, ?)",
+            rows,
+        )
+    finally:
+        conn.close()
+    app = App(f"sqlite:///{db}")
+    try:
+        app.open()
+        counts = {s.queue: {k: v for k, v in s.counts.items() if v} for s in app.stats()}
+        assert counts == {
+            "default": {"queued": 1, "scheduled": 3, "succeeded": 3, "failed": 3},
+            "mail": {"succeeded": 2, "cancelled": 2},
+        }
+        assert app.list_jobs(state="failed", queue="default").total == 3
+        assert len(app.delete_jobs(queue="mail")) == 4
+        assert app.list_jobs(state=["succeeded", "cancelled", "failed"]).total == 6
+    finally:
+        app.close()

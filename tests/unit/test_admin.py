@@ -12,7 +12,9 @@ import pytest
 
 from taskmill import App, ConfigurationError, JobNotFoundError, JobState, Limit
 from taskmill.admin import MAX_PAGE, WorkerStatus
-from taskmill.job import WorkerInfo
+from taskmill.brokers.base import Broker
+from taskmill.brokers.memory import MemoryBroker
+from taskmill.job import Claim, ErrorInfo, Failed, Finish, NewJob, Succeeded, WorkerInfo
 from taskmill.testing import wait_until
 
 
@@ -171,3 +173,41 @@ def test_registered_tasks_describe_defaults_and_schedules(app: App) -> None:
         ("often", "*/5 * * * *", None),
     ]
     assert a.schedules == []
+
+
+def test_the_contracts_own_finished_per_minute_walks_the_finished_jobs() -> None:
+    """A broker that does not count per minute itself gets the base class's walk of
+    ``find_jobs``: the same answer as the memory broker's own pass, across pages."""
+
+    class Walking(MemoryBroker):
+        finished_per_minute = Broker.finished_per_minute
+
+    async def scenario(broker: MemoryBroker) -> tuple[list[tuple[int, JobState, int]], ...]:
+        jobs = [NewJob(id=f"j{n:04d}", task="t", queue=("a", "b")[n % 2], payload=b"[]")
+                for n in range(2500)]  # fmt: skip
+        await broker.enqueue(jobs)
+        claimed = await broker.claim(["a", "b"], 2500, "w", 30.0)
+        error = Failed(ErrorInfo("E", "bad"))
+        await broker.finish(
+            [
+                Finish(
+                    Claim(j.id, j.lease_token or ""),
+                    error if j.id.endswith("7") else Succeeded(b"1"),
+                )
+                for j in claimed
+            ]
+        )
+        now = time.time()
+        return (
+            sorted(await broker.finished_per_minute(now - 120)),
+            sorted(await broker.finished_per_minute(now - 120, "a")),
+            await broker.finished_per_minute(now + 120),
+        )
+
+    walked = asyncio.run(scenario(Walking()))
+    passed = asyncio.run(scenario(MemoryBroker()))
+    assert walked == passed
+    everything, of_a, later = walked
+    assert sum(n for _, s, n in everything if s is JobState.FAILED) == 250
+    assert sum(n for _, _, n in everything) == 2500 and sum(n for _, _, n in of_a) == 1250
+    assert later == []

@@ -133,11 +133,14 @@ class JobQuery:
 @dataclass(frozen=True, slots=True)
 class JobPage:
     """One page of ``Broker.find_jobs``: the jobs, the cursor of the next page (None on the
-    last one) and, if it was asked for, how many jobs match the query in all."""
+    last one) and, if it was asked for, how many jobs match the query in all
+    (``total_estimated``: that number is an estimate, as a broker may give on a large store
+    rather than count every match; see docs/admin.md)."""
 
     jobs: list[Job]
     next_cursor: str | None = None
     total: int | None = None
+    total_estimated: bool = False
 
 
 def encode_cursor(order: ListOrder, *position: str | int | float) -> str:
@@ -325,6 +328,12 @@ class Broker(abc.ABC):
         enqueued, or pruned). An id given twice is at both positions."""
 
     @abc.abstractmethod
+    async def get_by_key(self, key: str) -> Job | None:
+        """The job holding ``key`` now, or None. Only a pending job (scheduled, queued or
+        running) holds its key: once it finishes, the key is free for the next send, and a
+        finished job is not found by it."""
+
+    @abc.abstractmethod
     async def find_jobs(
         self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
     ) -> JobPage:
@@ -346,6 +355,35 @@ class Broker(abc.ABC):
         states = frozenset() if state is None else frozenset({JobState.parse(state)})
         query = JobQuery(states=states, queue=queue, task=task)
         return (await self.find_jobs(query, limit=limit)).jobs
+
+    async def finished_per_minute(
+        self, since: float, queue: str | None = None
+    ) -> list[tuple[int, JobState, int]]:
+        """How many jobs (of ``queue``, or of every queue) finished at or after ``since``, by
+        the minute of their finish time (``int(finished_at // 60)``) and their state:
+        ``(minute, state, count)`` triples, in no order, none with a count of 0.
+
+        This default walks the finished jobs newest first (``find_jobs``); brokers answer it
+        from an index or counters of their own."""
+        query = JobQuery(queue=queue, order="finished")
+        counted: dict[tuple[int, JobState], int] = {}
+        cursor = None
+        while True:
+            page = await self.find_jobs(query, limit=1000, cursor=cursor)
+            for job in page.jobs:
+                at = job.finished_at or 0.0
+                if at < since:
+                    return _triples(counted)
+                key = (int(at // 60), job.state)
+                counted[key] = counted.get(key, 0) + 1
+            cursor = page.next_cursor
+            if cursor is None:
+                return _triples(counted)
+
+    @abc.abstractmethod
+    async def delete(self, job_ids: Sequence[str]) -> list[str]:
+        """Delete the finished (succeeded, failed or cancelled) jobs of ``job_ids``; the ids
+        deleted, in the order given. A job in another state, or not stored, is left out."""
 
     @abc.abstractmethod
     async def stats(self) -> list[QueueStats]: ...
@@ -376,6 +414,10 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def pause(self, queue: str, paused: bool) -> None: ...
+
+
+def _triples(counted: Mapping[tuple[int, JobState], int]) -> list[tuple[int, JobState, int]]:
+    return [(minute, state, n) for (minute, state), n in counted.items()]
 
 
 @functools.cache

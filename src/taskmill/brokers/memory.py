@@ -365,6 +365,11 @@ class MemoryBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             found = [self._jobs.get(job_id) for job_id in job_ids]
             return [None if job is None else self._copy(job) for job in found]
 
+    async def get_by_key(self, key: str) -> Job | None:
+        with self._lock:
+            job = self._jobs.get(self._keys.get(key, ""))
+            return None if job is None or job.state.finished else self._copy(job)
+
     async def find_jobs(
         self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
     ) -> JobPage:
@@ -386,6 +391,30 @@ class MemoryBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             next_cursor=encode_cursor(query.order, *page[-1][0]) if more else None,
             total=len(found) if count else None,
         )
+
+    async def finished_per_minute(
+        self, since: float, queue: str | None = None
+    ) -> list[tuple[int, JobState, int]]:
+        counted: dict[tuple[int, JobState], int] = {}
+        with self._lock:
+            for j in self._jobs.values():
+                at = j.finished_at
+                of_queue = queue is None or j.queue == queue
+                if of_queue and j.state in FINISHED_STATES and at is not None and at >= since:
+                    key = (int(at // 60), j.state)
+                    counted[key] = counted.get(key, 0) + 1
+        return [(minute, state, n) for (minute, state), n in counted.items()]
+
+    async def delete(self, job_ids: Sequence[str]) -> list[str]:
+        deleted: list[str] = []
+        with self._lock:
+            for job_id in job_ids:
+                job = self._jobs.get(job_id)
+                if job is not None and job.state in FINISHED_STATES:
+                    del self._jobs[job_id]
+                    del self._seq[job_id]
+                    deleted.append(job_id)
+        return deleted
 
     async def stats(self) -> list[QueueStats]:
         now = time.time()

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -122,6 +123,12 @@ _encoder = msgspec.json.Encoder()
 _FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 _LAYOUT = 2
 """Version of the key layout: 2 added the ``jobs`` index."""
+_PRIORITY_STEP = 2**40
+_READY_EPOCH_MS = 1735689600000
+"""The terms of a ready job's score (``ready_score`` in ``lua/_common.lua``)."""
+COUNT_SCAN_MAX = 1_000
+"""A listing's total with a task or meta filter reads at most this many jobs' fields; past
+that it is an estimate (``JobPage.total_estimated``)."""
 _NARROW_MAX = 10_000
 """A listing filtered by state or queue whose indexes hold at most this many jobs reads them
 all and sorts them; a wider one walks the ``jobs`` index and reads each job's filter fields."""
@@ -134,7 +141,7 @@ def _load_scripts() -> dict[str, str]:
     scripts = {}
     for name in ("enqueue", "claim", "finish", "heartbeat", "progress", "recover", "cancel",
                  "retry", "purge", "prune", "idle", "unregister", "save_workflow",
-                 "end_workflow", "rate_slot", "slot", "run_now"):  # fmt: skip
+                 "end_workflow", "rate_slot", "slot", "run_now", "delete"):  # fmt: skip
         body = lua.joinpath(f"{name}.lua").read_text("utf-8")
         prelude = common + (finishes if name in ("claim", "finish") else "")
         scripts[name] = prelude + "\n" + body
@@ -208,6 +215,12 @@ def _job(fields: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         progress_message=_text(d.get(b"progress_message")),
         meta=decode_meta(d.get(b"meta")),
     )
+
+
+def _run_at_of_score(score: float) -> float:
+    """A ready job's run_at from its score (``ready_score`` in ``lua/_common.lua``:
+    ``-priority * 2^40`` plus milliseconds since 2025, which are less than 2^40)."""
+    return (int(score) % _PRIORITY_STEP + _READY_EPOCH_MS) / 1000
 
 
 def _netstrings(packed: bytes) -> list[bytes]:
@@ -758,6 +771,22 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         return _job(fields) if fields else None
 
     @on_io_loop
+    async def get_by_key(self, key: str) -> Job | None:
+        holder = await self._retrying(
+            lambda: self._client().get(self._key("key", key)), writes=False
+        )
+        if holder is None:
+            return None
+        fields = await self._retrying(
+            lambda: self._client().hgetall(self._key("job", holder.decode())), writes=False
+        )
+        job = _job(fields) if fields else None
+        # The holder may have finished between the two reads: its key is free by then.
+        if job is None or job.state.finished or job.key != key:
+            return None
+        return job
+
+    @on_io_loop
     async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         if not job_ids:
             return []
@@ -804,7 +833,7 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             after_seq = None if cursor is None else decode_cursor(cursor, "enqueued", (int,))[0]
             narrow = bool(query.states) or query.queue is not None
             if narrow and sum(sizes) <= _NARROW_MAX:
-                source = self._sorted_by_seq(client, indexes, after_seq)
+                source = self._sorted_by_seq(client, indexes, after_seq, first=limit + 1)
             else:
                 after = None if after_seq is None else [float(after_seq), ""]
                 source = self._merged(client, [self._key("jobs")], after)
@@ -815,11 +844,12 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             score, job_id = matched[limit - 1]
             position = (score, job_id) if query.order == "finished" else (int(score),)
             next_cursor = encode_cursor(query.order, *position)
-        total = None
-        if count:
-            filtered = query.task is not None or bool(query.meta)
-            total = await self._count(client, query, indexes) if filtered else sum(sizes)
-        return JobPage(jobs, next_cursor, total)
+        total, estimated = None, False
+        if count and (query.task is not None or query.meta):
+            total, estimated = await self._count(client, query, indexes, sizes)
+        elif count:
+            total = sum(sizes)
+        return JobPage(jobs, next_cursor, total, total_estimated=estimated)
 
     async def _merged(
         self, client: Any, streams: list[str], after: list[Any] | None
@@ -862,10 +892,16 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             chunk = min(chunk * 2, 2000)
 
     async def _sorted_by_seq(
-        self, client: Any, indexes: list[tuple[str, JobState]], after: int | None
+        self,
+        client: Any,
+        indexes: list[tuple[str, JobState]],
+        after: int | None,
+        first: int,
     ) -> AsyncGenerator[list[tuple[float, str]], None]:
         """The jobs of a few indexes (a narrow filter), newest first: read them all and
-        sort by their position in ``jobs``."""
+        sort by their position in ``jobs``; in batches from ``first`` entries, growing (a
+        page most often needs only its own jobs checked). Sorted here, not in a script:
+        a script's call per job would hold the server for tens of ms at 10,000 jobs."""
         async with client.pipeline(transaction=False) as pipe:
             for q, s in indexes:
                 key = self._index(q, s)
@@ -880,8 +916,10 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         )
         if after is not None:
             ordered = [e for e in ordered if e[0] < after]
-        for start in range(0, len(ordered), 500):
-            yield ordered[start : start + 500]
+        start, size = 0, first
+        while start < len(ordered):
+            yield ordered[start : start + size]
+            start, size = start + size, min(size * 2, 2000)
 
     async def _first_matches(
         self,
@@ -931,22 +969,34 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             return [_job(flat) for flat in await pipe.execute() if flat]
 
     async def _count(
-        self, client: Any, query: JobQuery, indexes: list[tuple[str, JobState]]
-    ) -> int:
-        """How many jobs of the indexes pass a task or meta filter: reads every one."""
+        self, client: Any, query: JobQuery, indexes: list[tuple[str, JobState]], sizes: list[int]
+    ) -> tuple[int, bool]:
+        """How many jobs of the indexes pass a task or meta filter, and whether that is an
+        estimate: every job is read while they hold at most ``COUNT_SCAN_MAX``; past that,
+        the newest of each index in proportion to its size, and the share that passes is
+        taken for the whole."""
+        total = sum(sizes)
+        share = min(1.0, COUNT_SCAN_MAX / total) if total else 1.0
+        taken = [(q, s, n, math.ceil(n * share)) for (q, s), n in zip(indexes, sizes, strict=True)]
 
-        async def everything() -> AsyncGenerator[list[tuple[float, str]], None]:
-            for q, s in indexes:
+        async def sample() -> AsyncGenerator[list[tuple[float, str]], None]:
+            for q, s, _, k in taken:
                 key = self._index(q, s)
+                if k == 0:
+                    continue
                 if s is JobState.RUNNING:
                     members = await client.smembers(key)
                 else:
-                    members = await client.zrange(key, 0, -1)
+                    members = await client.zrange(key, -k, -1)
                 ids = [(0.0, m.decode()) for m in members]
                 for start in range(0, len(ids), 1000):
                     yield ids[start : start + 1000]
 
-        return len(await self._first_matches(client, query, everything(), 2**62))
+        passed = len(await self._first_matches(client, query, sample(), 2**62))
+        if share == 1.0:
+            return passed, False
+        read = sum(k for *_, k in taken)
+        return round(passed / read * total), True
 
     @on_io_loop
     async def stats(self) -> list[QueueStats]:
@@ -962,14 +1012,10 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
                 pipe.scard(self._key("q", q, "running"))
                 for s in _FINISHED:
                     pipe.zcard(self._key("q", q, s.value))
-                pipe.zrange(self._key("q", q, "ready"), 0, 999)
+                pipe.zrange(self._key("q", q, "ready"), 0, 999, withscores=True)
                 *counts, ready = await pipe.execute()
-            async with client.pipeline(transaction=False) as pipe:
-                for job_id in ready:  # the oldest waiting among the first 1,000 to run
-                    pipe.hget(self._key("job", job_id.decode()), "run_at")
-                run_ats = [float(r) for r in await pipe.execute() if r is not None]
             states = [JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING, *_FINISHED]
-            oldest = min(run_ats, default=None)
+            oldest = await self._oldest_ready(client, ready, server_now)
             out.append(
                 QueueStats(
                     queue=q,
@@ -979,6 +1025,48 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
                 )
             )
         return out
+
+    @on_io_loop
+    async def finished_per_minute(
+        self, since: float, queue: str | None = None
+    ) -> list[tuple[int, JobState, int]]:
+        queues = [queue] if queue is not None else await self._queues()
+        first, last = int(since // 60), int((await self.now()) // 60)
+        cells = [(m, q, s) for m in range(first, last + 1) for q in queues for s in _FINISHED]
+
+        async def call() -> list[Any]:  # one round trip: a ZCOUNT per minute, queue and state
+            async with self._client().pipeline(transaction=False) as pipe:
+                for m, q, s in cells:
+                    low = repr(since) if m == first else str(m * 60)
+                    pipe.zcount(self._index(q, s), low, f"({(m + 1) * 60}")
+                return list(await pipe.execute())
+
+        counted: dict[tuple[int, JobState], int] = {}
+        for (m, _, s), n in zip(cells, await self._retrying(call, writes=False), strict=True):
+            if n:
+                counted[m, s] = counted.get((m, s), 0) + int(n)
+        return [(m, s, n) for (m, s), n in counted.items()]
+
+    @on_io_loop
+    async def delete(self, job_ids: Sequence[str]) -> list[str]:
+        if not job_ids:
+            return []
+        return [i.decode() for i in await self._eval("delete", *dict.fromkeys(job_ids))]
+
+    async def _oldest_ready(
+        self, client: Any, ready: list[tuple[bytes, float]], now: float
+    ) -> float | None:
+        """The earliest run_at of these ready jobs (the first 1,000 to run), read from their
+        scores; a score that reads as a time to come was made of a run_at before 2025 (a
+        past ``run_at`` given at send), which only the job's hash has."""
+        run_ats = [_run_at_of_score(score) for _, score in ready]
+        odd = [member for (member, _), at in zip(ready, run_ats, strict=True) if at > now + 1]
+        if odd:
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in odd:
+                    pipe.hget(self._key("job", job_id.decode()), "run_at")
+                run_ats += [float(r) for r in await pipe.execute() if r is not None]
+        return min((at for at in run_ats if at <= now + 1), default=None)
 
     @on_io_loop
     async def list_workers(self) -> list[WorkerInfo]:

@@ -21,7 +21,7 @@ from typing import NoReturn
 import click
 
 # the command modules register themselves on the group when imported
-from taskmill.cli import admin, enqueue, jobs, migrate, schedules, worker  # noqa: F401
+from taskmill.cli import admin, dashboard, enqueue, jobs, migrate, schedules, worker  # noqa: F401
 from taskmill.cli._base import cli
 from taskmill.errors import TaskmillError
 

@@ -112,6 +112,19 @@ if TYPE_CHECKING:
     help="The address the liveness endpoint listens on (0.0.0.0: every interface).",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    help="Serve Prometheus metrics (jobs enqueued, started, finished by outcome; run time and "
+    "queue wait) on this port, at /metrics; with -p N or --pool-spec one endpoint counts "
+    "every worker process. Needs prometheus-client (pip install 'taskmill[metrics]').",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address the metrics endpoint listens on (0.0.0.0: every interface).",
+)
+@click.option(
     "--max-start-wait",
     type=click.FloatRange(min=0),
     metavar="S",
@@ -120,6 +133,7 @@ if TYPE_CHECKING:
 )
 @click.option("--parent-pid", type=int, hidden=True)
 @click.option("--heartbeat-fd", type=int, hidden=True)
+@click.option("--metrics-dir", hidden=True)
 @app_option
 @click.pass_context
 def worker(
@@ -138,9 +152,12 @@ def worker(
     name: str | None,
     health_port: int | None,
     health_host: str,
+    metrics_port: int | None,
+    metrics_host: str,
     max_start_wait: float | None,
     parent_pid: int | None,
     heartbeat_fd: int | None,
+    metrics_dir: str | None,
 ) -> None:
     """Run jobs. SIGTERM or Ctrl-C drains (running jobs get --drain-timeout to finish); a
     second one stops at once, handing unfinished jobs back without spending an attempt.
@@ -187,6 +204,8 @@ def worker(
             max_start_wait_s=max_start_wait,
             heartbeat_fd=heartbeat_fd,
             health=None if health_port is None else (health_host, health_port),
+            metrics=None if metrics_port is None else (metrics_host, metrics_port),
+            metrics_dir=metrics_dir,
         )
         if code:
             raise click.exceptions.Exit(code)
@@ -203,7 +222,10 @@ def worker(
     }
     common += [part for flag, v in optional.items() if v is not None for part in (flag, str(v))]
     specs = pools or [PoolSpec(queue_list, processes, concurrency)]
-    raise click.exceptions.Exit(supervise(app, app_path, specs, common, health_host, health_port))
+    metrics = None if metrics_port is None else (metrics_host, metrics_port)
+    raise click.exceptions.Exit(
+        supervise(app, app_path, specs, common, health_host, health_port, metrics)
+    )
 
 
 def parse_queues(value: str) -> list[str]:

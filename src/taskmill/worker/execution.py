@@ -36,6 +36,7 @@ from taskmill.worker.pools import call_async
 if TYPE_CHECKING:
     from taskmill.brokers.base import Broker
     from taskmill.registry import Registry, TaskDefinition
+    from taskmill.worker.metrics import JobMetrics
     from taskmill.worker.pools import Runner
 
 log = logging.getLogger("taskmill.worker")
@@ -103,6 +104,7 @@ class Pipeline:
         worker_id: str,
         lease_s: float,
         finished: Callable[[JobRun, Outcome], None],
+        metrics: JobMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.runner = runner
@@ -111,6 +113,8 @@ class Pipeline:
         self.lease_s = lease_s
         self.finished = finished
         """The last step: the worker takes the outcome (to the outbox)."""
+        self.metrics = metrics
+        """Counts each outcome with its run time (``--metrics-port``)."""
         self._plain: dict[tuple[str, str], bool] = {}  # (task, queue) -> the fast path applies
 
     # --- resolve ----------------------------------------------------------------------------
@@ -171,8 +175,13 @@ class Pipeline:
         r.finishing = True
         if not r.plain:
             await self._end(r, outcome)
-        if not r.lost and job_log.isEnabledFor(logging.INFO):
-            log_outcome(r.job, outcome, time.monotonic() - began, self.worker_id)
+        log_it = not r.lost and job_log.isEnabledFor(logging.INFO)
+        if log_it or self.metrics is not None:  # the clock is read only for them
+            run_s = time.monotonic() - began
+            if log_it:
+                log_outcome(r.job, outcome, run_s, self.worker_id)
+            if self.metrics is not None:
+                self.metrics.finished(r.job, outcome, run_s, lost=r.lost)
         self.finished(r, outcome)
         return outcome
 

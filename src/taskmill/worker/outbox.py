@@ -82,6 +82,7 @@ class Outbox:
         emit: Callable[[Event], None] | None = None,
         clock: Callable[[], float] = time.time,
         interval_s: float = PROGRESS_INTERVAL_S,
+        rejected: Callable[[int], None] | None = None,
     ) -> None:
         self._broker = broker
         self._worker_id = worker_id
@@ -90,6 +91,7 @@ class Outbox:
         self._emit = emit
         self._clock = clock
         self._interval_s = interval_s
+        self._rejected = rejected  # told how many outcomes of a batch the broker refused
         self._pending: list[Finish] = []
         self._final: list[tuple[Progress, Job]] = []  # the last reports of _pending's jobs
         self._in_flight: list[Batch] = []  # riding along with a claim, or being flushed
@@ -196,8 +198,10 @@ class Outbox:
         batch.applied = applied
         emit = self._emit
         now = self._clock() if emit is not None else 0.0
+        refused = 0
         for finish, ok in zip(batch.finishes, applied, strict=True):
             if not ok:
+                refused += 1
                 log.warning(
                     "job %s: outcome %s rejected: lease token %s is stale (the job was recovered "
                     "and handed to another attempt)",
@@ -209,6 +213,8 @@ class Outbox:
                 job = self._ending.pop(finish.claim.job_id, None)
                 if ok and job is not None:
                     emit(ended(job, outcome_state(finish.outcome, now), now))
+        if refused and self._rejected is not None:
+            self._rejected(refused)
 
     def release(self, batch: Batch) -> None:
         """Done with a batch that landed (its leases need no more heartbeats)."""

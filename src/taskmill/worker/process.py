@@ -14,16 +14,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from taskmill.errors import BrokerError, ConfigurationError, TaskmillError
 from taskmill.settings import MISSED_HEARTBEATS
 from taskmill.worker.health import HealthServer, Status, heartbeat_status
+from taskmill.worker.metrics import (
+    FileSink,
+    JobMetrics,
+    LatestTotals,
+    MetricsDir,
+    MetricsServer,
+    WorkerMetrics,
+)
 from taskmill.worker.supervisor import NO_RESTART_EXIT_CODE, Pool, Supervisor
 from taskmill.worker.worker import PoolKind, Worker
 
 if TYPE_CHECKING:
     from taskmill.client import AppParts
+    from taskmill.worker.metrics import Totals
 
 log = logging.getLogger("taskmill.worker")
 
@@ -78,7 +88,15 @@ def supervise(
     common: list[str],
     health_host: str,
     health_port: int | None,
+    metrics: tuple[str, int] | None = None,
 ) -> int:
+    """Run the pools of ``specs`` under a supervisor until stopped; its exit code. With
+    ``metrics`` (host, port), one endpoint serves the counts of every worker process, which
+    each writes to a directory made here (``taskmill.worker.metrics``)."""
+    metrics_dir = None if metrics is None else MetricsDir.create()
+    if metrics_dir is not None:
+        common = [*common, METRICS_DIR_OPTION, str(metrics_dir.path)]
+        log.info("metrics: the worker processes write their counts to %s", metrics_dir.path)
     pools: list[Pool] = []
     for spec in specs:
         argv = [
@@ -96,15 +114,44 @@ def supervise(
     supervisor = Supervisor(
         pools,
         heartbeat_max_age_s=app.client.settings.lost_after_s,
+        on_exit=None if metrics_dir is None else metrics_dir.retire,
     )
-    server = (
-        None if health_port is None else serve_health(health_host, health_port, supervisor.health)
-    )
+    servers: list[HealthServer | MetricsServer] = []
     try:
+        if health_port is not None:
+            servers.append(serve_health(health_host, health_port, supervisor.health))
+        if metrics is not None and metrics_dir is not None:
+            servers.append(serve_metrics(*metrics, metrics_dir.totals))
         return supervisor.run()
     finally:
-        if server is not None:
+        for server in servers:
             server.close()
+        if metrics_dir is not None:
+            metrics_dir.close()
+
+
+METRICS_DIR_OPTION = "--metrics-dir"
+"""The hidden option that tells a supervised worker process where to write its counts."""
+
+
+def serve_metrics(host: str, port: int, source: Callable[[], Totals]) -> MetricsServer:
+    server = MetricsServer(host, port, source)
+    log.info("metrics endpoint on http://%s:%d/metrics", host, server.port)
+    return server
+
+
+def worker_metrics(
+    metrics: tuple[str, int] | None, metrics_dir: str | None
+) -> tuple[WorkerMetrics | None, MetricsServer | None]:
+    """A worker process's metrics: written for its supervisor (``metrics_dir``), or served by
+    itself on ``metrics`` (host, port)."""
+    if metrics_dir is not None:
+        return WorkerMetrics(JobMetrics(), FileSink(Path(metrics_dir))), None
+    if metrics is None:
+        return None, None
+    latest = LatestTotals()
+    server = serve_metrics(*metrics, lambda: latest.latest)
+    return WorkerMetrics(JobMetrics(), latest), server
 
 
 def serve_health(host: str, port: int, status: Callable[[], Status]) -> HealthServer:
@@ -131,10 +178,14 @@ def run_worker_process(
     max_start_wait_s: float | None = None,
     heartbeat_fd: int | None = None,
     health: tuple[str, int] | None = None,
+    metrics: tuple[str, int] | None = None,
+    metrics_dir: str | None = None,
 ) -> int:
     """One worker in this process, until a signal stops it (or its supervisor goes away).
     Returns the process's exit code: 0 after a stop, ``NO_RESTART_EXIT_CODE`` when it stopped
-    on an error no restart fixes, 1 for any other error (logged)."""
+    on an error no restart fixes, 1 for any other error (logged). ``metrics``: serve its
+    counts on (host, port); ``metrics_dir``: write them there for its supervisor."""
+    counts, metrics_server = worker_metrics(metrics, metrics_dir)
 
     w = Worker(
         app,
@@ -148,6 +199,7 @@ def run_worker_process(
         name=name,
         max_start_wait_s=max_start_wait_s,
         on_heartbeat=None if heartbeat_fd is None else beat_to(heartbeat_fd),
+        metrics=counts,
     )
     server = None if health is None else serve_health(*health, worker_health(w))
 
@@ -182,6 +234,8 @@ def run_worker_process(
     finally:
         if server is not None:
             server.close()
+        if metrics_server is not None:
+            metrics_server.close()
     stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if stuck:
         # a sync task that ignores its deadline keeps its pool thread alive, and Python would
@@ -234,11 +288,14 @@ async def watch_parent(w: Worker, parent_pid: int) -> None:
 
 
 __all__ = [
+    "METRICS_DIR_OPTION",
     "PoolSpec",
     "beat_to",
     "run_worker_process",
     "serve_health",
+    "serve_metrics",
     "supervise",
     "watch_parent",
     "worker_health",
+    "worker_metrics",
 ]

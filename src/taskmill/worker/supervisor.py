@@ -28,7 +28,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -87,7 +87,8 @@ class Supervisor:
     ``restart_base_s`` doubles with each quick failure of the same slot up to
     ``restart_cap_s``; a child that ran at least ``stable_after_s`` resets its slot's back-off.
     ``heartbeat_max_age_s``: how old a child's last heartbeat may be for ``health()`` to call
-    it healthy (three of its heartbeat intervals).
+    it healthy (three of its heartbeat intervals). ``on_exit`` is told the pid of each child
+    that exited, once it is reaped (the metrics endpoint keeps its last counts).
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class Supervisor:
         restart_cap_s: float = 30.0,
         stable_after_s: float = 30.0,
         heartbeat_max_age_s: float = 6.0,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         if not pools or any(pool.processes < 1 for pool in pools):
             raise ValueError("every pool needs processes >= 1")
@@ -111,6 +113,7 @@ class Supervisor:
         self.restart_base_s = restart_base_s
         self.restart_cap_s = restart_cap_s
         self.stable_after_s = stable_after_s
+        self.on_exit = on_exit
         self._stop_requests = 0
         self._exit_code = 0
 
@@ -258,6 +261,8 @@ class Supervisor:
                 continue
             slot.proc = None
             self._read_beats_left(slot)
+            if self.on_exit is not None:
+                self.on_exit(proc.pid)
             code = proc.returncode
             if self._stop_requests:
                 log.info("supervisor: worker process %s (pid %d) exited", slot.label, proc.pid)

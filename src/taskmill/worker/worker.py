@@ -41,6 +41,7 @@ from taskmill.workflows import advance, sweep
 
 if TYPE_CHECKING:
     from taskmill.client import AppParts
+    from taskmill.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("taskmill.worker")
 
@@ -63,6 +64,7 @@ class Worker:
     (``BrokerUnavailableError``) is retried, logged at WARNING each time, after 0.5 s doubling
     up to 30 s, for ever or until ``max_start_wait_s``; any other error at start is raised.
     ``on_heartbeat`` is called on the worker's loop after each heartbeat the broker took.
+    ``metrics`` counts its jobs (``taskmill.worker.metrics``; ``--metrics-port``).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class Worker:
         name: str | None = None,
         max_start_wait_s: float | None = None,
         on_heartbeat: Callable[[], None] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -103,6 +106,7 @@ class Worker:
         self.name = name
         self.max_start_wait_s = max_start_wait_s
         self.on_heartbeat = on_heartbeat
+        self.metrics = metrics
         # set once the broker is open: before it, run() only retries reaching the broker
         self.connected = asyncio.Event()
         self.last_heartbeat_ok: float | None = None  # time.monotonic() of the last one taken
@@ -245,6 +249,7 @@ class Worker:
             loop.call_soon_threadsafe(loop.call_later, delay, fn)
 
         runner = self._make_runner()
+        counts = None if self.metrics is None else self.metrics.counts
         self._pipeline = Pipeline(
             self.registry,
             runner,
@@ -252,6 +257,7 @@ class Worker:
             worker_id=self.id,
             lease_s=self.lease_s,
             finished=self._finished,
+            metrics=counts,
         )
         if self._events_on:
             self._publisher = Publisher(broker, worker_id=self.id)
@@ -261,6 +267,7 @@ class Worker:
             wake=self._flush_wake.set,
             later=later,
             emit=None if self._publisher is None else self._publisher.emit,
+            rejected=None if counts is None else counts.rejected,
         )
         return runner
 
@@ -271,6 +278,9 @@ class Worker:
         ]
         if self._publisher is not None:
             loops.append(asyncio.create_task(self._publisher.run(), name="taskmill-events"))
+        if self.metrics is not None:
+            self.client.enqueue_observers.append(self.metrics.counts.enqueued)
+            loops.append(asyncio.create_task(self.metrics.run(), name="taskmill-metrics"))
         if not until_idle:
             loops.append(asyncio.create_task(self._maintenance_loop(), name="taskmill-maint"))
             if self.scheduler and self.registry.schedules:
@@ -293,6 +303,10 @@ class Worker:
         runner.close()
         with contextlib.suppress(Exception):
             await self._broker.detach()
+        if self.metrics is not None:
+            with contextlib.suppress(ValueError):
+                self.client.enqueue_observers.remove(self.metrics.counts.enqueued)
+            self.metrics.publish()  # the last counts, for the supervisor to keep
         if self.register:
             log.info("worker %s stopped after %d jobs", self.id, self.jobs_done)
 
@@ -411,6 +425,8 @@ class Worker:
     def _start(self, job: Job) -> None:
         run = self._pipeline.begin(job, self._report_progress)
         self._running[job.id] = run
+        if self.metrics is not None:
+            self.metrics.counts.started(job)
         if self._publisher is not None:
             self._publisher.emit(started(job, time.time()))
         run.handle = asyncio.get_running_loop().create_task(self._pipeline.run(run))

@@ -90,6 +90,12 @@ _KEY_RACE_TRIES = 5
 """How often a send retries a job whose key's holder finished between the insert and the
 look-up of the holder (each retry needs that race to happen again)."""
 _encoder = msgspec.json.Encoder()
+ESTIMATE_ABOVE_ROWS = 100_000
+"""On a jobs table larger than this (by the planner's reckoning) the finished jobs are
+estimated in ``stats`` and listing totals, not counted: a count reads every one of them,
+longer than a dashboard may wait. Waiting and running jobs are always counted."""
+_PENDING = frozenset({JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING})
+_FINISHED_NAMES = ["cancelled", "failed", "succeeded"]
 
 
 def _enqueue_params(jobs: Sequence[NewJob], channel: str) -> dict[str, Any]:
@@ -576,6 +582,11 @@ class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
         return job_from_row(rows[0][1:]) if rows else None
 
     @on_io_loop
+    async def get_by_key(self, key: str) -> Job | None:
+        rows = await self._db.fetch(self._q["get_by_key"], {"key": key})
+        return job_from_row(rows[0][1:]) if rows else None
+
+    @on_io_loop
     async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         if not job_ids:
             return []
@@ -603,23 +614,90 @@ class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
                 (page["after"],) = decode_cursor(cursor, "enqueued", (int,))
             listing = self._q["find_jobs_enqueued"]
         q = self._q
+        table_rows = await self._table_rows() if count else 0.0
+        exact = count and table_rows <= ESTIMATE_ABOVE_ROWS
 
         async def op(conn: AsyncConn) -> tuple[list[TupleRow], int | None]:
             # one round trip, one snapshot: the count is of the data the page was read from
             async with pipelined_transaction(conn):
                 await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 listed = await conn.execute(listing, page)
-                counted = await conn.execute(q["count_jobs"], filters) if count else None
+                counted = await conn.execute(q["count_jobs"], filters) if exact else None
             total = await counted.fetchone() if counted is not None else None
             return await listed.fetchall(), None if total is None else int(total[0])
 
         rows, total = await self._db.run(op)
+        estimated = False
+        if count and not exact:
+            total, estimated = await self._large_total(query, filters, table_rows)
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1]
             position = (last[-1], last[0]) if query.order == "finished" else (last[0],)
             next_cursor = encode_cursor(query.order, *position)
-        return JobPage([job_from_row(r[1:25]) for r in rows[:limit]], next_cursor, total)
+        jobs = [job_from_row(r[1:25]) for r in rows[:limit]]
+        return JobPage(jobs, next_cursor, total, total_estimated=estimated)
+
+    async def _table_rows(self) -> float:
+        ((rows,),) = await self._db.fetch(self._q["table_rows"])
+        return float(rows)
+
+    async def _large_total(
+        self, query: JobQuery, filters: dict[str, Any], table_rows: float
+    ) -> tuple[int, bool]:
+        """A listing's total on a large table, and whether it is an estimate: waiting and
+        running jobs counted (on their indexes), finished ones estimated."""
+        states = query.states or frozenset(JobState)
+        total = 0
+        for state in sorted(states & _PENDING):
+            ((n,),) = await self._db.fetch(self._q[f"count_{state.value}"], filters)
+            total += int(n)
+        finished = sorted(s.value for s in states - _PENDING)
+        if not finished:
+            return total, False
+        of_finished = {**filters, "states": finished}
+        if query.task is not None or query.meta:
+            ((plan,),) = await self._db.fetch(self._q["estimate_finished"], of_finished)
+            return total + int(plan[0]["Plan"]["Plan Rows"]), True
+        estimates = await self._finished_estimates(table_rows)
+        if estimates is None:  # no statistics to go by: count
+            ((n,),) = await self._db.fetch(self._q["count_jobs"], of_finished)
+            return total + int(n), False
+        total += sum(
+            n
+            for (queue, state), n in estimates.items()
+            if state in finished and query.queue in (None, queue)
+        )
+        return total, True
+
+    async def _finished_estimates(self, table_rows: float) -> dict[tuple[str, str], int] | None:
+        """Estimated finished jobs per (queue, state) from the statistics (migration 6); None
+        if there are none (never analyzed, or not this role's table to read them of)."""
+        rows = await self._db.fetch(self._q["finished_estimates"], {"schema": self.schema})
+        if not rows:
+            return None
+        return {
+            (queue, state): round(share * table_rows)
+            for queue, state, share in rows
+            if state in _FINISHED_NAMES
+        }
+
+    @on_io_loop
+    async def finished_per_minute(
+        self, since: float, queue: str | None = None
+    ) -> list[tuple[int, JobState, int]]:
+        rows = await self._db.fetch(
+            self._q["finished_per_minute"], {"since": since, "queue": queue}
+        )
+        return [(int(m), JobState(state), int(n)) for m, state, n in rows]
+
+    @on_io_loop
+    async def delete(self, job_ids: Sequence[str]) -> list[str]:
+        if not job_ids:
+            return []
+        rows = await self._db.fetch(self._q["delete_finished"], {"ids": list(job_ids)})
+        deleted = {row[0] for row in rows}
+        return [job_id for job_id in dict.fromkeys(job_ids) if job_id in deleted]
 
     @on_io_loop
     async def stats(self) -> list[QueueStats]:
@@ -630,7 +708,12 @@ class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
                 by_queue[queue] = QueueStats(queue=queue, counts={s.value: 0 for s in JobState})
             return by_queue[queue]
 
-        for kind, queue, job_state, value in await self._db.fetch(self._q["stats"]):
+        table_rows = await self._table_rows()
+        estimates = None
+        if table_rows > ESTIMATE_ABOVE_ROWS:
+            estimates = await self._finished_estimates(table_rows)
+        params = {"count_finished": estimates is None}
+        for kind, queue, job_state, value in await self._db.fetch(self._q["stats"], params):
             stats = of(queue)
             if kind == "count":
                 stats.counts[job_state] = int(value)
@@ -638,6 +721,11 @@ class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
                 stats.oldest_waiting_s = max(0.0, value)
             else:
                 stats.paused = bool(value)
+        if estimates is not None:
+            for (queue, job_state), n in estimates.items():
+                of(queue).counts[job_state] = n
+            for stats in by_queue.values():
+                stats.estimated = list(_FINISHED_NAMES)
         return [by_queue[q] for q in sorted(by_queue)]
 
     @on_io_loop

@@ -16,6 +16,8 @@ _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,47}")  # + "_wake" stays within 63 b
 _QUERIES = load_queries("postgres.sql")
 READ_QUERIES = (
     "now", "get", "get_many", "find_jobs_enqueued", "find_jobs_finished", "count_jobs", "stats",
+    "finished_per_minute", "count_queued", "count_scheduled", "count_running",
+    "estimate_finished", "table_rows", "finished_estimates",
     "workers", "next_due", "schedule_marks",
     "get_workflow", "running_workflows", "queue_depth",
 )  # fmt: skip
@@ -95,7 +97,8 @@ def queries(schema: str) -> dict[str, str]:
     texts["enqueue_many"] = enqueue.replace("{rows}", texts.pop("enqueue_rows"))
     texts["enqueue_one"] = enqueue.replace("{rows}", texts.pop("enqueue_row"))
     listing = texts.pop("find_jobs_filter")
-    for name in ("find_jobs_enqueued", "find_jobs_finished", "count_jobs"):
+    for name in ("find_jobs_enqueued", "find_jobs_finished", "count_jobs", "count_queued",
+                 "count_scheduled", "count_running", "estimate_finished"):  # fmt: skip
         texts[name] = texts[name].replace("{filter}", f"({listing})")
     columns = texts["columns"]
     return {

@@ -298,6 +298,10 @@ SELECT date_part('epoch', clock_timestamp());
 -- name: get
 SELECT {columns} FROM {schema}.jobs AS j WHERE j.id = %(id)s;
 
+-- name: get_by_key
+SELECT {columns} FROM {schema}.jobs AS j
+WHERE j.key = %(key)s AND j.state IN ('scheduled', 'queued', 'running');
+
 -- name: get_many
 SELECT {columns} FROM {schema}.jobs AS j WHERE j.id = ANY(%(ids)s::text[]);
 
@@ -329,13 +333,77 @@ LIMIT %(limit)s;
 -- name: count_jobs
 SELECT count(*) FROM {schema}.jobs AS j WHERE {filter};
 
+-- name: count_queued
+-- A listing's total on a large table, one pending state at a time: the state's condition
+-- written out lets the planner walk its partial index rather than the table.
+SELECT count(*) FROM {schema}.jobs AS j WHERE j.state = 'queued' AND {filter};
+
+-- name: count_scheduled
+SELECT count(*) FROM {schema}.jobs AS j WHERE j.state = 'scheduled' AND {filter};
+
+-- name: count_running
+SELECT count(*) FROM {schema}.jobs AS j WHERE j.state = 'running' AND {filter};
+
+-- name: estimate_finished
+-- The planner's estimate of the finished jobs a filter matches (a large table: no count).
+EXPLAIN (FORMAT JSON)
+SELECT 1 FROM {schema}.jobs AS j
+WHERE j.state IN ('succeeded', 'failed', 'cancelled') AND {filter};
+
+-- name: table_rows
+-- The jobs table's rows as the planner reckons them: rows per page at the last vacuum or
+-- analyze, times the pages it has now; -1 if it was never vacuumed or analyzed.
+SELECT CASE WHEN c.relpages > 0 AND c.reltuples >= 0
+            THEN c.reltuples / c.relpages
+                 * (pg_relation_size(c.oid) / current_setting('block_size')::float8)
+            ELSE -1 END
+FROM pg_class c WHERE c.oid = '{schema}.jobs'::regclass;
+
+-- name: finished_estimates
+-- The share of the table's rows each (queue, finished state) pair has in the statistics of
+-- migration 6 (the most common pairs of ANALYZE's sample; a pair too rare to be sampled is
+-- missing). pg_stats_ext shows them to the table's owner only: no row otherwise.
+SELECT s.most_common_vals[i][array_position(s.attnames, 'queue'::name)],
+       s.most_common_vals[i][array_position(s.attnames, 'state'::name)],
+       s.most_common_freqs[i]
+FROM pg_stats_ext AS s CROSS JOIN LATERAL generate_subscripts(s.most_common_vals, 1) AS i
+WHERE s.statistics_schemaname = %(schema)s AND s.statistics_name = 'jobs_queue_state'
+  AND NOT s.inherited;
+
+-- name: finished_per_minute
+-- On the partial index of finished jobs (its condition repeated): the last minutes' jobs only.
+SELECT floor(date_part('epoch', finished_at) / 60)::bigint AS minute, state, count(*)
+FROM {schema}.jobs
+WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= to_timestamp(%(since)s)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+GROUP BY minute, state;
+
+-- name: delete_finished
+DELETE FROM {schema}.jobs
+WHERE id = ANY(%(ids)s::text[]) AND state IN ('succeeded', 'failed', 'cancelled')
+RETURNING id;
+
 -- name: stats
 -- One statement, so one snapshot: counts per queue and state, the oldest waiting job's age per
--- queue, and every queue's paused flag.
-SELECT 'count', queue, state, count(*)::float8 FROM {schema}.jobs GROUP BY queue, state
+-- queue, and every queue's paused flag. Waiting and running jobs are counted on their partial
+-- indexes (each state's condition written out, so the planner uses them); finished ones only
+-- if %(count_finished)s (a small table: else they are estimated, finished_estimates).
+WITH queued AS MATERIALIZED (  -- one walk of the ready index for the count and the age
+    SELECT queue, count(*)::float8 AS n, date_part('epoch', now() - min(run_at)) AS age
+    FROM {schema}.jobs WHERE state = 'queued' GROUP BY queue
+)
+SELECT 'count', queue, 'queued', n FROM queued
 UNION ALL
-SELECT 'oldest', queue, NULL, date_part('epoch', now() - min(run_at)) FROM {schema}.jobs
-WHERE state = 'queued' GROUP BY queue
+SELECT 'oldest', queue, NULL, age FROM queued
+UNION ALL
+SELECT 'count', queue, 'scheduled', count(*)::float8 FROM {schema}.jobs
+WHERE state = 'scheduled' GROUP BY queue
+UNION ALL
+SELECT 'count', queue, 'running', count(*)::float8 FROM {schema}.jobs
+WHERE state = 'running' GROUP BY queue
+UNION ALL
+SELECT 'count', queue, state, count(*)::float8 FROM {schema}.jobs
+WHERE %(count_finished)s AND state IN ('succeeded', 'failed', 'cancelled') GROUP BY queue, state
 UNION ALL
 SELECT 'paused', name, NULL, paused::integer::float8 FROM {schema}.queues;
 

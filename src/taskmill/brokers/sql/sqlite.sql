@@ -90,6 +90,46 @@ ALTER TABLE taskmill_jobs ADD COLUMN meta TEXT;
 ALTER TABLE taskmill_workers ADD COLUMN processed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE taskmill_workers ADD COLUMN failed INTEGER NOT NULL DEFAULT 0;
 
+-- name: schema_v6
+-- Counts of jobs per queue in the states no index counts cheaply: scheduled and the three
+-- finished states, which a system keeps millions of (stats and listing totals read this table,
+-- not the jobs). Triggers keep it, so every write of every process counts; a send of a due
+-- job and a claim touch no count (queued and running jobs are counted on their own partial
+-- indexes), a finish moves one job into one. Not an upsert: an outer INSERT OR IGNORE (a send)
+-- imposes its conflict policy on a trigger's statements, which would drop the upsert's update.
+CREATE TABLE IF NOT EXISTS taskmill_counts (
+    queue TEXT    NOT NULL,
+    state TEXT    NOT NULL,
+    n     INTEGER NOT NULL,
+    PRIMARY KEY (queue, state)
+) WITHOUT ROWID;
+INSERT INTO taskmill_counts (queue, state, n)
+SELECT queue, state, count(*) FROM taskmill_jobs
+WHERE state IN ('scheduled', 'succeeded', 'failed', 'cancelled')
+GROUP BY queue, state;
+CREATE TRIGGER IF NOT EXISTS taskmill_counts_insert AFTER INSERT ON taskmill_jobs
+WHEN new.state NOT IN ('queued', 'running')
+BEGIN
+    INSERT OR IGNORE INTO taskmill_counts (queue, state, n) VALUES (new.queue, new.state, 0);
+    UPDATE taskmill_counts SET n = n + 1 WHERE queue = new.queue AND state = new.state;
+END;
+CREATE TRIGGER IF NOT EXISTS taskmill_counts_delete AFTER DELETE ON taskmill_jobs
+WHEN old.state NOT IN ('queued', 'running')
+BEGIN
+    UPDATE taskmill_counts SET n = n - 1 WHERE queue = old.queue AND state = old.state;
+END;
+CREATE TRIGGER IF NOT EXISTS taskmill_counts_update AFTER UPDATE OF state ON taskmill_jobs
+WHEN old.state <> new.state
+    AND (old.state NOT IN ('queued', 'running') OR new.state NOT IN ('queued', 'running'))
+BEGIN
+    UPDATE taskmill_counts SET n = n - 1
+    WHERE queue = old.queue AND state = old.state AND old.state NOT IN ('queued', 'running');
+    INSERT OR IGNORE INTO taskmill_counts (queue, state, n)
+    SELECT new.queue, new.state, 0 WHERE new.state NOT IN ('queued', 'running');
+    UPDATE taskmill_counts SET n = n + 1
+    WHERE queue = new.queue AND state = new.state AND new.state NOT IN ('queued', 'running');
+END;
+
 -- name: insert
 -- OR IGNORE: a job whose id is stored already is the same job (a retried send, a periodic
 -- tick two schedulers saw), and a keyed job whose key a pending job holds is not stored.
@@ -210,15 +250,47 @@ DELETE FROM taskmill_jobs WHERE seq IN (
 -- name: get
 SELECT {columns} FROM taskmill_jobs WHERE id = ?;
 
+-- name: get_by_key
+SELECT {columns} FROM taskmill_jobs
+WHERE key = ? AND state IN ('scheduled', 'queued', 'running');
+
 -- name: get_many
 -- {ids}: one ? per id (at most GET_MANY_CHUNK, within SQLite's limit on parameters)
 SELECT {columns} FROM taskmill_jobs WHERE id IN ({ids});
 
+-- name: finished_per_minute
+-- On the finished jobs' index (its condition repeated, so it is used): the jobs of the last
+-- minutes only. The queue placeholder: empty, or the queue_filter fragment.
+SELECT CAST(finished_at / 60 AS INTEGER) AS minute, state, count(*) FROM taskmill_jobs
+WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= ? {queue}
+GROUP BY minute, state;
+
+-- name: queue_filter
+AND queue = ?
+
+-- name: delete_finished
+DELETE FROM taskmill_jobs WHERE id = ? AND state IN ('succeeded', 'failed', 'cancelled');
+
 -- name: stats
-SELECT queue, state, count(*) FROM taskmill_jobs GROUP BY queue, state;
+-- The counted states from their table, running jobs on their partial index (its condition
+-- repeated, so it is used); queued jobs are counted with oldest_waiting.
+SELECT queue, state, n FROM taskmill_counts WHERE n > 0
+UNION ALL
+SELECT queue, 'running', count(*) FROM taskmill_jobs WHERE state = 'running' GROUP BY queue;
+
+-- name: count_counted
+-- {states}: one ? per state; {queue}: empty, or the queue_filter fragment.
+SELECT coalesce(sum(n), 0) FROM taskmill_counts WHERE state IN ({states}) {queue};
+
+-- name: count_queued
+SELECT count(*) FROM taskmill_jobs WHERE state = 'queued' {queue};
+
+-- name: count_running
+SELECT count(*) FROM taskmill_jobs WHERE state = 'running' {queue};
 
 -- name: oldest_waiting
-SELECT queue, min(run_at) FROM taskmill_jobs WHERE state = 'queued' GROUP BY queue;
+-- Per queue, on the ready index: the earliest run_at of its queued jobs, and how many.
+SELECT queue, min(run_at), count(*) FROM taskmill_jobs WHERE state = 'queued' GROUP BY queue;
 
 -- name: all_queues
 SELECT name, paused FROM taskmill_queues;

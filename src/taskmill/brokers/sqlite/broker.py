@@ -8,6 +8,7 @@ thread (``on_database_thread``). Each is one short write transaction, or one rea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sqlite3
 import threading
@@ -48,7 +49,7 @@ from taskmill.brokers.features import (
     WorkflowStore,
 )
 from taskmill.brokers.sqlite.connection import Database, on_database_thread, options_from_url
-from taskmill.brokers.sqlite.schema import COLUMNS, Q
+from taskmill.brokers.sqlite.schema import COLUMNS, COUNTED_STATES, Q
 from taskmill.brokers.sqlite.wakeup import Wakeups
 from taskmill.errors import BrokerError, DuplicateJobError
 from taskmill.job import (
@@ -65,6 +66,9 @@ from taskmill.meta import encode_meta
 
 EVENTS_KEPT_S = 3600.0
 """Events are a polled table here: kept an hour, so a subscriber that polls late misses none."""
+COUNT_SCAN_MAX = 100_000
+"""A listing's total with a task or meta filter reads at most this many jobs (the newest of
+its states and queue); past that it is an estimate (``JobPage.total_estimated``)."""
 GET_MANY_CHUNK = 500
 """Ids per statement of ``get_many`` (SQLite before 3.32 takes at most 999 parameters)."""
 _encoder = msgspec.json.Encoder()
@@ -101,6 +105,44 @@ def _filters(query: JobQuery) -> tuple[list[str], list[Any]]:
             where.append("json_type(meta, ?) IN ('integer', 'real') AND json_extract(meta, ?) = ?")
             params += (path, path, value)
     return where, params
+
+
+def _count(c: sqlite3.Connection, query: JobQuery) -> tuple[int, bool]:
+    """How many jobs match ``query``, and whether that is an estimate. Without a task or
+    meta filter, from the counts of the states (``schema_v6``): no job is read, exact. With
+    one, the newest ``COUNT_SCAN_MAX`` jobs of the query's states and queue are read: all
+    of them, an exact count; else the share that matches among them, times all of them."""
+    if query.task is None and not query.meta:
+        return _count_selected(c, query), False
+    selected = dataclasses.replace(query, task=None, meta={})
+    where, params = _filters(query)
+    base, base_params = _filters(selected)
+    extra = " AND ".join(where[len(base) :])  # _filters puts the task and meta terms last
+    sql = (
+        f"SELECT count(*), coalesce(sum({extra}), 0) FROM (SELECT task, meta FROM "
+        f"taskmill_jobs WHERE {_all(base)} ORDER BY seq DESC LIMIT ?)"
+    )
+    row = c.execute(sql, [*params[len(base_params) :], *base_params, COUNT_SCAN_MAX]).fetchone()
+    read, matched = int(row[0]), int(row[1])
+    if read < COUNT_SCAN_MAX:
+        return matched, False
+    return round(matched / read * _count_selected(c, selected)), True
+
+
+def _count_selected(c: sqlite3.Connection, query: JobQuery) -> int:
+    """How many jobs are in the query's states and queue (its other filters aside)."""
+    states = {s.value for s in query.states} or {s.value for s in JobState}
+    of_queue = [] if query.queue is None else [query.queue]
+    queue_sql = "" if query.queue is None else Q["queue_filter"]
+    total = 0
+    counted = sorted(states & set(COUNTED_STATES))
+    if counted:
+        sql = Q["count_counted"].format(states=",".join("?" * len(counted)), queue=queue_sql)
+        total += int(c.execute(sql, [*counted, *of_queue]).fetchone()[0])
+    for indexed in sorted(states - set(COUNTED_STATES)):  # queued, running: their indexes
+        sql = Q[f"count_{indexed}"].format(queue=queue_sql)
+        total += int(c.execute(sql, of_queue).fetchone()[0])
+    return total
 
 
 class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
@@ -489,6 +531,11 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         return job_from_row(rows[0]) if rows else None
 
     @on_database_thread
+    def get_by_key(self, key: str) -> Job | None:
+        rows = self._db.query(Q["get_by_key"].format(columns=COLUMNS), (key,))
+        return job_from_row(rows[0]) if rows else None
+
+    @on_database_thread
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         if not job_ids:
             return []
@@ -524,25 +571,45 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         )
         with self._db.snapshot() as c:  # one state of the file for the page and its count
             rows = c.execute(sql, [*page_params, limit + 1]).fetchall()
-            total = None
+            total, estimated = None, False
             if count:
-                counted = f"SELECT count(*) FROM taskmill_jobs WHERE {_all(where)}"
-                total = int(c.execute(counted, params).fetchone()[0])
+                total, estimated = _count(c, query)
         jobs = [job_from_row(r[1:]) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1]
             position = (last[12], last[0]) if query.order == "finished" else (last[0],)
             next_cursor = encode_cursor(query.order, *position)
-        return JobPage(jobs, next_cursor, total)
+        return JobPage(jobs, next_cursor, total, total_estimated=estimated)
+
+    @on_database_thread
+    def finished_per_minute(
+        self, since: float, queue: str | None = None
+    ) -> list[tuple[int, JobState, int]]:
+        params: list[Any] = [since]
+        if queue is not None:
+            params.append(queue)
+        sql = Q["finished_per_minute"].format(queue="" if queue is None else Q["queue_filter"])
+        return [(m, JobState(state), n) for m, state, n in self._db.query(sql, params)]
+
+    @on_database_thread
+    def delete(self, job_ids: Sequence[str]) -> list[str]:
+        deleted: list[str] = []
+        with self._db.write() as c:
+            for job_id in job_ids:
+                if c.execute(Q["delete_finished"], (job_id,)).rowcount == 1:
+                    deleted.append(job_id)
+        return deleted
 
     @on_database_thread
     def stats(self) -> list[QueueStats]:
         now = time.time()
         with self._db.snapshot() as c:  # one state of the file for the three reads
             counts = c.execute(Q["stats"]).fetchall()
-            oldest = dict(c.execute(Q["oldest_waiting"]).fetchall())
+            queued = c.execute(Q["oldest_waiting"]).fetchall()
             paused = dict(c.execute(Q["all_queues"]).fetchall())
+        oldest = {queue: at for queue, at, _ in queued}
+        counts += [(queue, "queued", n) for queue, _, n in queued]
         by_queue: dict[str, QueueStats] = {}
         for queue in {q for q, _, _ in counts} | set(paused):
             by_queue[queue] = QueueStats(

@@ -9,9 +9,13 @@ from taskmill.brokers._rows import JOB_COLUMNS
 from taskmill.brokers._sql import load_queries
 
 Q = load_queries("sqlite.sql")
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """2: schedules, 3: workflows and limits, 4: events (versions 1-4 are ``schema_v1``, all IF NOT
-EXISTS); 5: job metadata and workers' counters (``schema_v5``, columns added to version 4)."""
+EXISTS); 5: job metadata and workers' counters (``schema_v5``, columns added to version 4);
+6: counts of scheduled and finished jobs per queue, kept by triggers (``schema_v6``)."""
+COUNTED_STATES = ("scheduled", "succeeded", "failed", "cancelled")
+"""The states ``taskmill_counts`` counts; queued and running jobs are counted on their
+partial indexes."""
 COLUMNS = ", ".join(JOB_COLUMNS)
 """What a query selects to make a ``Job`` of a row (``_rows.job_from_row``)."""
 
@@ -23,18 +27,29 @@ def upgrade(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-        steps = [(4, "schema_v1"), (5, "schema_v5")]
+        steps = [(4, "schema_v1"), (5, "schema_v5"), (6, "schema_v6")]
         for target, name in steps:
             if version < target:
-                script = "\n".join(
-                    line for line in Q[name].splitlines() if not line.startswith("--")
-                )
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in _statements(Q[name]):
+                    conn.execute(statement)
         if version < SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a script, each whole: a trigger's body holds semicolons of its own
+    (``executescript`` would do the split, but it commits the transaction first)."""
+    script = "\n".join(line for line in script.splitlines() if not line.startswith("--"))
+    statements: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending)
+            pending = ""
+    return statements
