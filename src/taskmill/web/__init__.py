@@ -14,7 +14,6 @@ Django's ``asgi.py`` under a prefix (``docs/dashboard.md``).
 """
 
 from taskmill.web.app import create_app
-from taskmill.web.config import WebConfig
-from taskmill.web.context import User
+from taskmill.web.config import User, WebConfig
 
 __all__ = ["User", "WebConfig", "create_app"]

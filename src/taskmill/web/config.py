@@ -12,7 +12,14 @@ from taskmill.errors import ConfigurationError
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from taskmill.web.context import User
+
+@dataclass(frozen=True)
+class User:
+    """Who made a request. ``can_write`` False: a read-only user, refused every action (403)."""
+
+    name: str
+    can_write: bool = True
+
 
 Authenticate = Callable[["Request"], "User | Awaitable[User | None] | None"]
 """The host application's own auth: the request's user, or None (refused)."""

@@ -11,15 +11,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
     from taskmill.app import App
-    from taskmill.web.config import WebConfig
-
-
-@dataclass(frozen=True)
-class User:
-    """Who made a request. ``can_write`` False: a read-only user, refused every action (403)."""
-
-    name: str
-    can_write: bool = True
+    from taskmill.web.config import User, WebConfig
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 
 from taskmill.errors import ConfigurationError
-from taskmill.web.context import User
+from taskmill.web.config import User
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
