@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -205,19 +206,37 @@ def decode_payload(payload: bytes) -> list[Event]:
 
 class _Reorder:
     """Per job, events in ``seq`` order: one whose predecessor has not arrived waits for it
-    up to ``hold_s``, then goes anyway (the predecessor was lost, or came before we listened)."""
+    up to ``hold_s``, then goes anyway (the predecessor was lost, or came before we listened).
 
-    def __init__(self, hold_s: float) -> None:
+    A subscription can live for weeks (a dashboard's stream), so the jobs it remembers are
+    bounded: of jobs that ended, the latest ``keep_ended`` are remembered. An event of one
+    forgotten after that (a manual retry long after) waits ``hold_s`` like one whose
+    predecessor was lost."""
+
+    def __init__(self, hold_s: float, keep_ended: int = 10_000) -> None:
         self.hold_s = hold_s
+        self.keep_ended = keep_ended
         self.last: dict[str, int] = {}
         self.held: dict[str, list[tuple[float, Event]]] = {}
+        self.ended: OrderedDict[str, None] = OrderedDict()
 
     def push(self, event: Event, now: float) -> list[Event]:
         last = self.last.get(event.job_id)
         if (last is None and event.seq == 0) or (last is not None and event.seq <= last + 1):
-            return self._release(event)
+            return self._forget_ended(self._release(event))
         self.held.setdefault(event.job_id, []).append((now + self.hold_s, event))
         return []
+
+    def _forget_ended(self, released: list[Event]) -> list[Event]:
+        for event in released:
+            if event.finished:
+                self.ended[event.job_id] = None
+                self.ended.move_to_end(event.job_id)
+        while len(self.ended) > self.keep_ended:
+            job_id, _ = self.ended.popitem(last=False)
+            if job_id not in self.held:
+                self.last.pop(job_id, None)
+        return released
 
     def _release(self, event: Event) -> list[Event]:
         out = [event]
@@ -248,7 +267,7 @@ class _Reorder:
                 self.last[job_id] = first.seq
                 out.append(first)
                 out.extend(self._release_after(job_id))
-        return out
+        return self._forget_ended(out)
 
     def _release_after(self, job_id: str) -> list[Event]:
         held = self.held.get(job_id)

@@ -132,3 +132,20 @@ def test_a_retried_jobs_second_attempt_follows_its_first() -> None:
         (3, "running"),
         (4, "succeeded"),
     ]
+
+
+def test_a_long_subscription_remembers_a_bounded_number_of_ended_jobs() -> None:
+    """A dashboard's stream lives for weeks: the reordering kept one entry per job it ever
+    saw. Jobs that ended are forgotten past ``keep_ended``, oldest first; running ones stay."""
+    reorder = _Reorder(HOLD_S, keep_ended=3)
+    assert seqs(reorder.push(event(0, "running-job"), 0.0)) == [("running-job", 0)]
+    for n in range(10):
+        job = f"job-{n}"
+        for seq, state in [(0, "queued"), (1, "running"), (2, "succeeded")]:
+            assert seqs(reorder.push(event(seq, job, state), 0.0)) == [(job, seq)]
+    assert sorted(reorder.last) == ["job-7", "job-8", "job-9", "running-job"]
+    # a job forgotten and then retried by hand: its next event waits like one whose
+    # predecessor was lost, then goes (never dropped)
+    retried = event(3, "job-0", "queued")
+    assert reorder.push(retried, 0.0) == []
+    assert seqs(expire_all(reorder, 1.0)) == [("job-0", 3)]
