@@ -153,6 +153,28 @@ def target_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return app_option(fn)
 
 
+def log_options(format_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--log-level`` and ``--log-format`` of a long-running command (worker, scheduler,
+    dashboard); ``format_help`` says what its lines hold."""
+
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn = click.option(
+            "--log-format",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            show_default=True,
+            help=format_help,
+        )(fn)
+        return click.option(
+            "--log-level",
+            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+            default="info",
+            show_default=True,
+        )(fn)
+
+    return add
+
+
 def broker_call(app: App, fn: Callable[[Broker], Awaitable[T]]) -> T:
     """Run ``fn(broker)`` on the app's private loop and wait for it."""
 

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import click
 
-from taskmill.cli._base import Env, app_option, cli
+from taskmill.cli._base import Env, app_option, cli, log_options
 from taskmill.logs import LogFormat
 from taskmill.logs import configure as configure_logging
 from taskmill.urls import redact_url
@@ -48,19 +48,7 @@ def _user_pairs(
     "--read-only-token", "read_only_tokens", metavar="TOKEN", multiple=True,
     help="A read-only bearer token (env TASKMILL_DASHBOARD_READ_ONLY_TOKENS).",
 )  # fmt: skip
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    default="info",
-    show_default=True,
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="Log lines (each action, with who did it) as text, or one JSON object a line.",
-)
+@log_options("Log lines (each action, with who did it) as text, or one JSON object a line.")
 @app_option
 @click.pass_obj
 def dashboard(

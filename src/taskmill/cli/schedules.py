@@ -13,7 +13,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from taskmill.cli._base import Env, app_option, cli, dumps, state_text
+from taskmill.cli._base import Env, app_option, cli, dumps, log_options, state_text
 from taskmill.logs import LogFormat
 from taskmill.logs import configure as configure_logging
 from taskmill.scheduler import Scheduler, ScheduleStatus, schedule_statuses
@@ -78,19 +78,7 @@ def schedules(env: Env, n_next: int, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    default="info",
-    show_default=True,
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="Log lines as text, or one JSON object a line.",
-)
+@log_options("Log lines as text, or one JSON object a line.")
 @app_option
 @click.pass_obj
 def scheduler(env: Env, log_level: str, log_format: str) -> None:

@@ -17,6 +17,7 @@ from taskmill.cli._base import (
     broker_call,
     cli,
     log,
+    log_options,
     target_options,
 )
 from taskmill.job import WorkerInfo
@@ -65,19 +66,7 @@ if TYPE_CHECKING:
     show_default=True,
     help="Seconds running jobs get to finish after SIGTERM before they are handed back.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    default="info",
-    show_default=True,
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="Log lines as text, or one JSON object a line (with job_id, task, queue, attempt).",
-)
+@log_options("Log lines as text, or one JSON object a line (with job_id, task, queue, attempt).")
 @click.option(
     "--scheduler/--no-scheduler",
     default=True,

@@ -121,15 +121,20 @@ async def run_now(request: Request) -> Response:
     return _back(request, form, "ran" if moved else "unchanged", len(moved))
 
 
+def _selected(form: FormData, states: frozenset[JobState]) -> frozenset[JobState]:
+    """Those of ``states`` the filter's ``state`` field asks for (all of them without one)."""
+    wanted = _text(form, "state")
+    try:
+        return states & {JobState.parse(wanted)} if wanted else states
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
 async def matching_ids(app: App, form: FormData, states: frozenset[JobState]) -> list[str]:
     """The ids of every job the jobs page's filter (``state``, ``queue``, ``task`` fields)
     matches, among ``states``. Collected before anything changes: acting while paging would
     move jobs under the cursor."""
-    wanted = _text(form, "state")
-    try:
-        selected = states & {JobState.parse(wanted)} if wanted else states
-    except ValueError as exc:
-        raise HTTPException(400, str(exc)) from None
+    selected = _selected(form, states)
     if not selected:
         return []
     found: list[str] = []
@@ -178,8 +183,10 @@ async def delete(request: Request) -> Response:
 async def delete_matching(request: Request) -> Response:
     """Delete every finished job the filter matches."""
     form = await _writer_form(request)
+    selected = _selected(form, FINISHED_STATES)
+    queue, task = _text(form, "queue"), _text(form, "task")
     app = web_of(request).app
-    deleted = await app.adelete_jobs(await matching_ids(app, form, FINISHED_STATES))
+    deleted = await app.adelete_jobs(state=selected, queue=queue, task=task) if selected else []
     log.info("%s deleted %d job(s) matching %s", who(request), len(deleted), _filter_text(form))
     return _back(request, form, "deleted" if deleted else "unchanged", len(deleted))
 
