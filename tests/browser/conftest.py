@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from asgi_server import serving, with_auth
+from asgi_server import serving
 from browser.dashboard_app import ADMIN, AUTH, Dashboard, Gates, make_app
 from taskmill.testing import running_worker
 from taskmill.web import create_app
@@ -56,7 +56,7 @@ def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
     try:
         with (
             running_worker(app, concurrency=4),
-            serving(with_auth(create_app(app, AUTH), AUTH)) as base,
+            serving(create_app(app, AUTH)) as base,
         ):
             yield Dashboard(app, base, gates)
             # a task still running (a test that failed half-way) would hold the worker's drain

@@ -15,7 +15,7 @@ from django.urls import path
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from asgi_server import serving, with_auth
+from asgi_server import serving
 from taskmill import App, JobState
 from taskmill.web import WebConfig, create_app
 
@@ -57,7 +57,7 @@ def project(tmp_path: Path) -> Iterator[tuple[App, str]]:
 
     application = Starlette(  # what the docs put in asgi.py
         routes=[
-            Mount("/tasks", app=with_auth(create_app(tasks, AUTH), AUTH)),
+            Mount("/tasks", app=create_app(tasks, AUTH)),
             Mount("/", app=_django_application()),
         ]
     )

@@ -4,19 +4,16 @@ schedules."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import msgspec
 
 from taskmill._ids import workflow_of
 from taskmill.errors import JobNotFoundError
 from taskmill.job import Job, JobState
 from taskmill.scheduler import ScheduleStatus, schedule_statuses
-from taskmill.serialization import try_decode
+from taskmill.web.redact import job_view
 
 if TYPE_CHECKING:
     from taskmill.app import App
@@ -26,15 +23,14 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 
 # --- one job ------------------------------------------------------------------------------------
 
-REDACTED = "[redacted]"
-
 
 @dataclass(frozen=True)
 class ShownJob:
     """What the job page shows of a job's data, with the configured names redacted."""
 
     arguments: dict[str, Any]
-    """By parameter name (see ``named_arguments``)."""
+    """By parameter name: positional ones named through the task's signature (``#0``,
+    ``#1``... past it, or for a task this app does not have)."""
     result: Any
     meta: Any
     error: dict[str, str] | None
@@ -45,10 +41,7 @@ class ShownJob:
 def shown_job(app: App, job: Job, names: Sequence[str]) -> ShownJob:
     """The job as the API shows it (``web/redact.py``'s ``job_view``: also hides a secret
     value that an error message or traceback repeats), its arguments named."""
-    job_view = getattr(_REDACT_MODULE, "job_view", None)
-    if job_view is None:
-        return _shown_here(app, job, names)
-    view: dict[str, Any] = job_view(job, app.tasks.get(job.task), names)
+    view = job_view(job, app.tasks.get(job.task), names)
     if view.get("args") is None:  # an unreadable payload
         arguments = {"payload": view.get("payload")}
     else:
@@ -59,60 +52,9 @@ def shown_job(app: App, job: Job, names: Sequence[str]) -> ShownJob:
     )
 
 
-def _shown_here(app: App, job: Job, names: Sequence[str]) -> ShownJob:
-    # until web/redact.py (the "api" part's) is in the tree: the same, but error texts as
-    # they are
-    result = None if job.result is None else _hide_named(try_decode(job.result), names)
-    error = None if job.error is None else msgspec.structs.asdict(job.error)
-    return ShownJob(
-        _hide_named(named_arguments(app, job), names),
-        result,
-        _hide_named(job.meta, names),
-        error,
-        job.progress_message,
-    )
-
-
-def _hide_named(value: Any, names: Sequence[str]) -> Any:
-    """Values of mapping keys that contain one of ``names`` (any case) replaced, at any depth."""
-    lowered = [n.lower() for n in names if n]
-    if isinstance(value, Mapping):
-        return {
-            k: REDACTED
-            if isinstance(k, str) and any(n in k.lower() for n in lowered)
-            else _hide_named(v, names)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [_hide_named(v, names) for v in value]
-    return value
-
-
-def _redact_module() -> Any:
-    try:
-        return importlib.import_module("taskmill.web.redact")
-    except ModuleNotFoundError:
-        return None
-
-
-_REDACT_MODULE = _redact_module()
-
-
 def named_arguments(app: App, job: Job) -> dict[str, Any]:
-    """The job's arguments by parameter name (positional ones named through the signature of
-    the task, if this app has it: ``#0``, ``#1``... otherwise), so redaction by name applies
-    to them too. A payload that is not ``[args, kwargs]`` is shown whole as ``payload``."""
-    decoded = try_decode(job.payload)
-    if not (
-        isinstance(decoded, list)
-        and len(decoded) in (2, 3)
-        and isinstance(decoded[0], list)
-        and isinstance(decoded[1], dict)
-    ):
-        return {"payload": decoded}
-    args, kwargs = decoded[0], decoded[1]
-    names = _positional_names(app, job.task, len(args))
-    return {**dict(zip(names, args, strict=True)), **kwargs}
+    """The job's arguments by parameter name, nothing hidden (``ShownJob.arguments``)."""
+    return shown_job(app, job, ()).arguments
 
 
 def _positional_names(app: App, task_name: str, n: int) -> list[str]:
