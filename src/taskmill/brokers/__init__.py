@@ -40,7 +40,15 @@ def broker_from_url(url: str) -> Broker:
                 f"{redact_url(url)!r} needs psycopg 3: pip install 'taskmill[postgres]' ({exc})"
             ) from None
         return PostgresBroker(url)
+    if scheme == "nats":
+        try:
+            from taskmill.brokers.nats import NatsBroker
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"{redact_url(url)!r} needs nats-py: pip install 'taskmill[nats]' ({exc})"
+            ) from None
+        return NatsBroker(url)
     raise ConfigurationError(
         f"no broker for URL {redact_url(url)!r}; supported schemes: memory://, sqlite:///path, "
-        "redis:// (rediss://, valkey://), postgresql:// (postgres://)"
+        "redis:// (rediss://, valkey://), postgresql:// (postgres://), nats://"
     )

@@ -1,0 +1,266 @@
+"""Inspection and management on NATS: listing, counting, retrying, cancelling, pausing.
+
+NATS keeps no index beside a bucket's keys, so listings and counts read every record of the
+``jobs`` bucket (an ordered consumer, about 50,000 records a second on one core): fine for a
+queue of thousands of jobs, slow for millions. Everything here keeps a worker's hot path
+(claims and finishes) out of it. Pausing a queue pauses its pull consumers on the server, so a
+paused queue costs the workers nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+
+import msgspec
+
+from taskmill.brokers._io import on_io_loop
+from taskmill.brokers.base import Broker, JobPage, JobQuery, decode_cursor, encode_cursor
+from taskmill.brokers.nats.config import token, untoken
+from taskmill.brokers.nats.connection import CasError
+from taskmill.brokers.nats.core import CAS_TRIES, Core
+from taskmill.brokers.nats.records import Record, record_decoder, record_encoder
+from taskmill.brokers.nats.store import Entry
+from taskmill.job import FINISHED_STATES, Job, JobState, QueueStats, WorkerInfo
+
+_CURSOR_TYPES: dict[str, tuple[type, ...]] = {"enqueued": (int, str), "finished": (float, int)}
+_worker_decoder = msgspec.msgpack.Decoder(WorkerInfo)
+_Change = Callable[[Record], Awaitable[Record | None]]
+
+
+class Admin(Core, Broker):
+    async def _records(self) -> list[tuple[Entry, Record]]:
+        out: list[tuple[Entry, Record]] = []
+        async for _, entry in self._scan("jobs"):
+            if not entry.deleted:
+                out.append((entry, record_decoder.decode(entry.value)))
+        return out
+
+    @on_io_loop
+    async def get(self, job_id: str) -> Job | None:
+        return (await self.get_many([job_id]))[0]
+
+    @on_io_loop
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        entries = await self._retrying(lambda: self._get_many("jobs", [token(i) for i in job_ids]))
+        return [
+            None if e is None or e.deleted else record_decoder.decode(e.value).job()
+            for e in entries
+        ]
+
+    @on_io_loop
+    async def get_by_key(self, key: str) -> Job | None:
+        entry = await self._get("keys", token(key))
+        if entry is None or entry.deleted:
+            return None
+        job = await self.get(entry.value.decode())
+        return None if job is None or job.state.finished else job
+
+    @on_io_loop
+    async def find_jobs(
+        self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
+    ) -> JobPage:
+        found = [r for _, r in await self._records() if _matches(query, r)]
+        keyed: list[tuple[tuple[float | int | str, ...], Record]]
+        if query.order == "finished":
+            keyed = sorted(((r.finished_at or 0.0, r.seq), r) for r in found)
+        else:
+            keyed = sorted(((r.seq, r.id), r) for r in found)
+        keyed.reverse()
+        if cursor is not None:
+            after = tuple(decode_cursor(cursor, query.order, _CURSOR_TYPES[query.order]))
+            keyed = [(k, r) for k, r in keyed if k < after]
+        page = keyed[:limit]
+        more = len(keyed) > limit
+        return JobPage(
+            jobs=[r.job() for _, r in page],
+            next_cursor=encode_cursor(query.order, *page[-1][0]) if more else None,
+            total=len(found) if count else None,
+        )
+
+    @on_io_loop
+    async def delete(self, job_ids: Sequence[str]) -> list[str]:
+        deleted: list[str] = []
+        entries = await self._get_many("jobs", [token(i) for i in job_ids])
+        for job_id, entry in zip(job_ids, entries, strict=True):
+            if entry is None or entry.deleted:
+                continue
+            if record_decoder.decode(entry.value).state in FINISHED_STATES and await self._delete(
+                "jobs", token(job_id), entry.revision
+            ):
+                deleted.append(job_id)
+        return deleted
+
+    @on_io_loop
+    async def prune(self, finished_before: float, limit: int = 1000) -> int:
+        """Finished jobs (and markers of deleted ones) older than given are erased, leaving
+        no marker; so are ended workflows."""
+        revisions: list[int] = []
+        async for _, entry in self._scan("jobs"):
+            if entry.deleted:
+                if entry.stored_at < finished_before:
+                    revisions.append(entry.revision)
+                continue
+            record = record_decoder.decode(entry.value)
+            if record.state in FINISHED_STATES and (record.finished_at or 0.0) < finished_before:
+                revisions.append(entry.revision)
+            if len(revisions) >= limit:
+                break
+        pruned = await self._erase("jobs", revisions[:limit])
+        await self._prune_workflows(finished_before)
+        return pruned
+
+    async def _prune_workflows(self, finished_before: float) -> None:
+        """Feature stores erase what they keep (``features.Features``)."""
+
+    @on_io_loop
+    async def stats(self) -> list[QueueStats]:
+        now = self._now()
+        out: dict[str, QueueStats] = {}
+        for queue in await self._paused_queues():
+            out[queue] = QueueStats(queue, {s.value: 0 for s in JobState}, None, True)
+        for _, r in await self._records():
+            qs = out.setdefault(r.queue, QueueStats(r.queue, {s.value: 0 for s in JobState}))
+            qs.counts[r.state.value] += 1
+            if r.state is JobState.QUEUED:
+                qs.oldest_waiting_s = max(qs.oldest_waiting_s or 0.0, max(0.0, now - r.run_at))
+        paused = set(await self._paused_queues())
+        for qs in out.values():
+            qs.paused = qs.queue in paused
+        return [out[name] for name in sorted(out)]
+
+    @on_io_loop
+    async def list_workers(self) -> list[WorkerInfo]:
+        workers = [
+            _worker_decoder.decode(entry.value)
+            async for _, entry in self._scan("workers")
+            if not entry.deleted
+        ]
+        return sorted(workers, key=lambda w: w.started_at)
+
+    async def _change(self, job_id: str, change: _Change) -> tuple[Record | None, Record | None]:
+        """CAS ``change(record)`` onto a job's record (again from a fresh read when it lost):
+        (the record before, the record written, or None when ``change`` wrote nothing)."""
+        for _ in range(CAS_TRIES):
+            entry = await self._get("jobs", token(job_id))
+            if entry is None or entry.deleted:
+                return None, None
+            before = record_decoder.decode(entry.value)
+            after = await change(before)
+            if after is None:
+                return before, None
+            try:
+                await self._put("jobs", token(job_id), record_encoder.encode(after), entry.revision)
+            except CasError:
+                continue
+            return before, after
+        return None, None
+
+    @on_io_loop
+    async def retry(self, job_ids: Sequence[str] | None) -> list[str]:
+        if job_ids is None:
+            job_ids = [r.id for _, r in await self._records() if r.state is JobState.FAILED]
+        now = self._now()
+        done: list[str] = []
+
+        async def again(record: Record) -> Record | None:
+            if record.state not in (JobState.FAILED, JobState.CANCELLED):
+                return None
+            if record.key is not None and await self._take_key(record.key, record.id) != record.id:
+                return None  # another job with this key is pending
+            new = msgspec.structs.replace(
+                record, state=JobState.QUEUED, attempt=0, lost_leases=0, run_at=now,
+                finished_at=None, started_at=None, cancel_requested=False, gen=record.gen + 1,
+            )  # fmt: skip
+            await self._ensure_lane(new.queue, new.priority)
+            await self._dispatch([new])
+            return new
+
+        for job_id in job_ids:
+            _, after = await self._change(job_id, again)
+            if after is not None:
+                done.append(job_id)
+                await self._wake({after.queue})
+        return done
+
+    @on_io_loop
+    async def cancel(self, job_id: str) -> JobState | None:
+        now = self._now()
+
+        async def cancel(record: Record) -> Record | None:
+            if record.state in (JobState.SCHEDULED, JobState.QUEUED):
+                return msgspec.structs.replace(record, state=JobState.CANCELLED, finished_at=now)
+            if record.state is JobState.RUNNING and not record.cancel_requested:
+                return msgspec.structs.replace(record, cancel_requested=True)
+            return None
+
+        before, after = await self._change(job_id, cancel)
+        if before is None:
+            return None
+        record = after or before
+        if record.state is JobState.CANCELLED and record.key is not None and after is not None:
+            await self._release_key(record.key, record.id)
+        return record.state
+
+    @on_io_loop
+    async def run_now(self, job_id: str) -> JobState | None:
+        now = self._now()
+
+        async def due(record: Record) -> Record | None:
+            if record.state is not JobState.SCHEDULED:
+                return None
+            new = msgspec.structs.replace(
+                record, state=JobState.QUEUED, run_at=now, gen=record.gen + 1
+            )
+            await self._ensure_lane(new.queue, new.priority)
+            await self._dispatch([new])
+            return new
+
+        before, after = await self._change(job_id, due)
+        if after is not None:
+            await self._wake({after.queue})
+        return None if before is None else before.state
+
+    @on_io_loop
+    async def purge(self, queue: str) -> int:
+        purged = 0
+        for entry, record in await self._records():
+            if record.queue != queue or record.state not in (JobState.SCHEDULED, JobState.QUEUED):
+                continue
+            if await self._delete("jobs", token(record.id), entry.revision):
+                purged += 1
+                if record.key is not None:
+                    await self._release_key(record.key, record.id)
+        return purged
+
+    # --- pausing --------------------------------------------------------------------------
+
+    @on_io_loop
+    async def pause(self, queue: str, paused: bool) -> None:
+        name = f"paused.{token(queue)}"
+        if paused:
+            await self._put("queues", name, b"1")
+        else:
+            await self._delete("queues", name)
+        self._lanes_at = 0.0  # a lane made just now must be paused too
+        names = [n for _, group in await self._lanes_of([queue]) for n in group]
+        await asyncio.gather(*(self._pause_consumer(n, paused) for n in names))
+        if not paused:
+            await self._wake({queue})
+
+    async def _paused_queues(self) -> list[str]:
+        found: list[str] = []
+        for key in await self._keys("queues", "paused.*"):
+            entry = await self._get("queues", key)
+            if entry is not None and not entry.deleted:
+                found.append(untoken(key.split(".", 1)[1]))
+        return found
+
+
+def _matches(query: JobQuery, record: Record) -> bool:
+    return (
+        (not query.states or record.state in query.states)
+        and (query.queue is None or record.queue == query.queue)
+        and (query.task is None or record.task.startswith(query.task))
+        and (not query.meta or query.matches(record.job()))
+    )

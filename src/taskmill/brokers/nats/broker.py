@@ -1,0 +1,656 @@
+"""The NATS JetStream broker: ``App("nats://127.0.0.1:4222")``.
+
+The job record is the truth and the stream only dispatches (docs/brokers.md, "NATS"):
+
+- a job's record lives in the ``jobs`` KV bucket and changes only by compare-and-set on its
+  revision; the record's lease token is the fencing token, and a worker whose CAS fails
+  writes nothing and acknowledges nothing;
+- a pointer (``records.Pointer``) on the ``dispatch`` work-queue stream says which job to run
+  next, one subject per queue and priority (``lane``), one durable pull consumer each, pulled
+  highest priority first; a claim acknowledges its pointer as soon as the record is claimed,
+  so no consumer slot is held while a job runs and no late acknowledgement can reach a
+  newer delivery;
+- a pointer is written before its record. A send that dies between the two leaves a pointer
+  without a record: the worker that takes it creates the record from the pointer (which
+  carries the job) or, for a large payload, drops it once it is older than a grace period.
+  A record without a pointer cannot happen, so nothing needs reconciling.
+- delays and retries wait as the server's scheduled messages (nats-server 2.12+) or, on older
+  servers, in a per-minute subject a promoter in the workers moves; never as a NAK with delay,
+  which holds a consumer slot until it fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+
+from taskmill.brokers._io import on_io_loop
+from taskmill.brokers._rows import recovered_error
+from taskmill.brokers.base import (
+    Broker,
+    Capabilities,
+    EnqueueResult,
+    HandOver,
+    HeartbeatReply,
+    OnConflict,
+)
+from taskmill.brokers.nats.admin import Admin
+from taskmill.brokers.nats.config import (
+    priority_of_token,
+    token,
+)
+from taskmill.brokers.nats.connection import CasError
+from taskmill.brokers.nats.core import CAS_TRIES, GRACE_S
+from taskmill.brokers.nats.dispatch import Lane
+from taskmill.brokers.nats.features import Features
+from taskmill.brokers.nats.records import (
+    LeaseEntry,
+    Pointer,
+    Record,
+    new_record,
+    pointer_decoder,
+    record_decoder,
+    record_encoder,
+)
+from taskmill.brokers.nats.store import Entry, Session
+from taskmill.errors import DuplicateJobError
+from taskmill.job import (
+    Cancelled,
+    Claim,
+    Failed,
+    Finish,
+    Job,
+    JobState,
+    NewJob,
+    Progress,
+    Released,
+    RetryAt,
+    Succeeded,
+    WorkerInfo,
+)
+from taskmill.settings import Settings
+
+log = logging.getLogger("taskmill.brokers.nats")
+
+_PULL_TIMEOUT_S = 5.0
+
+_worker_encoder = msgspec.msgpack.Encoder()
+_worker_decoder = msgspec.msgpack.Decoder(WorkerInfo)
+
+
+class NatsBroker(Admin, Features, Broker):
+    name = "nats"
+    capabilities = Capabilities(
+        shared_across_processes=True,
+        server_clock=False,
+        transactional_enqueue=False,
+        push_wakeups=True,
+    )
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.max_lost_leases = Settings().max_lost_leases
+        self.result_ttl_s = Settings().result_ttl_s
+        self._held: dict[str, dict[str, str]] = {}
+        self._recovered: list[tuple[str, JobState]] = []
+
+    def configure(self, settings: Settings) -> None:
+        self.max_lost_leases = settings.max_lost_leases
+        self.result_ttl_s = settings.result_ttl_s
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    @on_io_loop
+    async def open(self) -> None:
+        await self._retrying(self._session)
+
+    async def close(self) -> None:
+        await self.detach()
+        if self._io is not None:
+            with contextlib.suppress(Exception):
+                await self._close_io_session()
+            self._io.close()
+            self._io = None
+
+    @on_io_loop
+    async def _close_io_session(self) -> None:
+        await self._close_session(asyncio.get_running_loop())
+
+    async def attach(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._detached.discard(loop)
+        self._attached.add(loop)
+
+    async def detach(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop not in self._attached:
+            return
+        self._attached.discard(loop)
+        self._detached.add(loop)
+        session = self._sessions.get(loop)
+        if session is not None:
+            for lane in session.lanes.values():
+                while lane.spare:  # taken by a wait, never claimed: back to the others now
+                    with contextlib.suppress(Exception):
+                        await lane.spare.popleft().nak()
+            with contextlib.suppress(Exception):
+                await session.nc.flush(timeout=2)
+        await self._close_session(loop)
+
+    async def _session_opened(self, session: Session) -> None:
+        async def woken(msg: Msg) -> None:
+            session.wake_version += 1
+            session.woken.set()
+            if msg.data and msg.data.decode() not in self._known_lanes:
+                self._lanes_at = 0.0  # a lane this process has not seen: list them again
+
+        session.wake_sub = await session.nc.subscribe(f"{self.config.prefix}.wake.*", cb=woken)
+
+    async def _lane(self, session: Session, name: str) -> Lane:
+        lane = session.lanes.get(name)
+        if lane is None:
+            _qtok, _, ptok = name.rpartition("_")
+            lane = Lane(session.nc, self.config.dispatch_stream, name, priority_of_token(ptok))
+            await lane.start()
+            session.lanes[name] = lane
+        return lane
+
+    # --- producers ------------------------------------------------------------------------
+
+    @on_io_loop
+    async def enqueue(
+        self, jobs: Sequence[NewJob], *, on_conflict: OnConflict = "return"
+    ) -> EnqueueResult:
+        return await self._retrying(lambda: self._enqueue(jobs, on_conflict))
+
+    def enqueue_blocking(
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        on_conflict: OnConflict = "return",
+        connection: Any = None,
+    ) -> EnqueueResult:
+        if connection is not None:
+            raise TypeError("the NATS broker has no transactions: connection= is not supported")
+        future = asyncio.run_coroutine_threadsafe(
+            self.enqueue(jobs, on_conflict=on_conflict), self._io_loop()
+        )
+        return future.result()
+
+    async def _enqueue(self, jobs: Sequence[NewJob], on_conflict: OnConflict) -> EnqueueResult:
+        result = EnqueueResult(ids=[j.id for j in jobs])
+        now = self._now()
+        base = time.time_ns()
+        fresh: list[tuple[int, Record]] = []
+        seen: set[str] = set()
+        for i, job in enumerate(jobs):
+            if job.id in seen:
+                result.existing.add(i)
+                continue
+            seen.add(job.id)
+            fresh.append((i, new_record(job, now, base + i)))
+        await self._reserve_keys(fresh, result, on_conflict)
+        fresh = [(i, r) for i, r in fresh if i not in result.existing]
+        for queue, priority in {(r.queue, r.priority) for _, r in fresh}:
+            await self._ensure_lane(queue, priority)
+        await self._dispatch([r for _, r in fresh], first=True)
+        created = await self._put_many(
+            "jobs", [(token(r.id), record_encoder.encode(r), 0) for _, r in fresh]
+        )
+        lost = [
+            (i, r) for (i, r), rev in zip(fresh, created, strict=True) if not isinstance(rev, int)
+        ]
+        if lost:
+            await self._settle_existing(lost, result)
+        await self._wake({r.queue for _, r in fresh if r.state is JobState.QUEUED})
+        return result
+
+    async def _settle_existing(self, lost: list[tuple[int, Record]], result: EnqueueResult) -> None:
+        """Records that were there before ours: the same job stored already, a record a
+        worker made from our own pointer (ours, then), or a marker of a deleted job."""
+        entries = await self._get_many("jobs", [token(r.id) for _, r in lost])
+        retry: list[tuple[int, Record, int]] = []
+        for (i, record), entry in zip(lost, entries, strict=True):
+            if entry is not None and entry.deleted:
+                retry.append((i, record, entry.revision))
+                continue
+            if entry is not None and record_decoder.decode(entry.value).seq == record.seq:
+                continue  # a worker took our pointer first and made the record from it
+            result.existing.add(i)
+            if record.key is not None:
+                await self._release_key(record.key, record.id)
+        if retry:
+            writes = [(token(r.id), record_encoder.encode(r), rev) for _, r, rev in retry]
+            for (i, _, _), rev in zip(retry, await self._put_many("jobs", writes), strict=True):
+                if not isinstance(rev, int):
+                    result.existing.add(i)
+
+    async def _reserve_keys(
+        self, fresh: list[tuple[int, Record]], result: EnqueueResult, on_conflict: OnConflict
+    ) -> None:
+        keyed = [(i, r) for i, r in fresh if r.key is not None]
+        if not keyed:
+            return
+        mine: list[Record] = []
+        taken: dict[str, str] = {}
+        for i, record in keyed:
+            assert record.key is not None
+            holder = taken.get(record.key) or await self._take_key(record.key, record.id)
+            if holder == record.id:
+                taken[record.key] = record.id
+                mine.append(record)
+                continue
+            if holder == record.id or on_conflict == "return":
+                result.ids[i] = holder
+                result.existing.add(i)
+                continue
+            for own in mine:
+                assert own.key is not None
+                await self._release_key(own.key, own.id)
+            raise DuplicateJobError(record.key, holder)
+
+    # --- workers --------------------------------------------------------------------------
+
+    @on_io_loop
+    async def claim(
+        self, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
+    ) -> list[Job]:
+        if limit <= 0:
+            return []
+        session = await self._session()
+        session.seen_version = session.wake_version
+        claimed: list[Job] = []
+        for _, names in await self._lanes_of(queues):
+            lanes = [await self._lane(session, name) for name in names]
+            for _ in range(8):  # stale pointers take no slot: pull again, a few times
+                need = limit - len(claimed)
+                got = await self._pull(lanes, need)
+                if not got:
+                    break
+                claimed += await self._claim_messages(got, need, worker_id, lease_s)
+                if len(claimed) >= limit:
+                    return claimed
+        return claimed
+
+    async def _pull(self, lanes: list[Lane], need: int) -> list[tuple[Msg, Pointer]]:
+        """Up to a window of pointers from lanes of one priority, the first ``need`` in claim
+        order (oldest run_at, then enqueue order); the rest are handed back."""
+        window = max(need, 8)
+        pulls = await asyncio.gather(*(lane.pull(window, _PULL_TIMEOUT_S) for lane in lanes))
+        found: list[tuple[Msg, Pointer]] = []
+        for msg in (m for pulled in pulls for m in pulled):
+            try:
+                found.append((msg, pointer_decoder.decode(msg.data)))
+            except msgspec.DecodeError:
+                log.error("dropping an unreadable dispatch message on %s", msg.subject)
+                await msg.term()
+        found.sort(key=lambda mp: (mp[1].run_at, mp[1].seq))
+        for msg, _ in found[need:]:
+            await msg.nak()
+        return found[:need]
+
+    async def _claim_messages(
+        self, got: list[tuple[Msg, Pointer]], limit: int, worker_id: str, lease_s: float
+    ) -> list[Job]:
+        now = self._now()
+        token_ = os.urandom(8).hex()
+        expires = now + lease_s
+        entries = await self._get_many("jobs", [token(p.id) for _, p in got])
+        held = self._held.setdefault(worker_id, {})
+        writes: list[tuple[str, bytes, int | None]] = []
+        claims: list[tuple[Msg, Record]] = []
+        for (msg, pointer), entry in zip(got, entries, strict=True):
+            record, last = await self._claimable(msg, pointer, entry, now)
+            if record is None:
+                continue
+            running = _running(record, worker_id, token_, now, expires)
+            writes.append((token(record.id), record_encoder.encode(running), last))
+            claims.append((msg, running))
+            held[record.id] = token_
+        if not claims:
+            return []
+        lease = LeaseEntry(worker_id, expires, dict(held))
+        results, _ = await asyncio.gather(
+            self._put_many("jobs", writes),
+            self._put("leases", token(worker_id), record_encoder.encode(lease)),
+        )
+        jobs: list[Job] = []
+        for (msg, record), rev in zip(claims, results, strict=True):
+            if isinstance(rev, int):
+                await msg.ack()
+                jobs.append(record.job())
+            else:
+                held.pop(record.id, None)
+                await msg.nak()  # changed meanwhile: look at it again from scratch
+        return jobs
+
+    async def _claimable(
+        self, msg: Msg, pointer: Pointer, entry: Entry | None, now: float
+    ) -> tuple[Record | None, int | None]:
+        """The record a pointer may claim and the revision to CAS on; (None, None) after
+        dropping, handing back or recovering the pointer's job."""
+        if entry is None:
+            if pointer.record is not None and pointer.gen == 0:
+                return pointer.record, 0  # its send is still writing it, or died: ours now
+            if _age(msg, now) > GRACE_S:
+                await msg.term()
+            else:
+                await msg.nak(0.05)
+            return None, None
+        if entry.deleted:
+            await msg.term()
+            return None, None
+        record = record_decoder.decode(entry.value)
+        if record.gen != pointer.gen:
+            if record.gen < pointer.gen and _age(msg, now) < GRACE_S:
+                await msg.nak(0.05)  # the record of this dispatch is being written
+            else:
+                await msg.term()
+            return None, None
+        if record.state is JobState.QUEUED or (
+            record.state is JobState.SCHEDULED and record.run_at <= now + 0.5
+        ):
+            return record, entry.revision
+        if record.state is JobState.SCHEDULED:
+            await msg.nak(min(record.run_at - now, 3600.0))
+        elif record.state is JobState.RUNNING:
+            await self._redelivered_running(msg, record, entry.revision, now)
+        else:
+            await msg.term()
+        return None, None
+
+    async def _redelivered_running(
+        self, msg: Msg, record: Record, revision: int, now: float
+    ) -> None:
+        """A pointer of a running job came back: its claimer died before acknowledging it.
+        While the lease runs, look again when it ends; after, recover the job."""
+        expires = record.lease_expires_at or 0.0
+        if expires > now:
+            await msg.nak(min(expires - now + 0.1, 3600.0))
+            return
+        recovered = await self._recover_record(record, revision, now)
+        if recovered is not None:
+            self._recovered.append(recovered)
+        await msg.term()
+
+    @on_io_loop
+    async def finish_and_claim(
+        self,
+        finishes: Sequence[Finish],
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_s: float,
+    ) -> tuple[list[bool], list[Job]]:
+        applied = await self.finish(finishes) if finishes else []
+        return applied, await self.claim(queues, limit, worker_id, lease_s)
+
+    @on_io_loop
+    async def heartbeat(
+        self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
+    ) -> HeartbeatReply:
+        now = self._now()
+        expires = now + lease_s
+        reply = HeartbeatReply()
+        self._held[worker.id] = {c.job_id: c.token for c in claims}
+        info = msgspec.structs.replace(worker, heartbeat_at=now)
+        lease = LeaseEntry(worker.id, expires, dict(self._held[worker.id]))
+        await asyncio.gather(
+            self._put("workers", token(worker.id), _worker_encoder.encode(info)),
+            self._put("leases", token(worker.id), record_encoder.encode(lease)),
+        )
+
+        def extend(record: Record) -> Record | None:
+            if record.cancel_requested:
+                reply.cancel_requested.add(record.id)
+            return msgspec.structs.replace(record, lease_expires_at=expires)
+
+        held = await self._update_held(claims, extend)
+        reply.lost.update(c.job_id for c in claims if c.job_id not in held)
+        return reply
+
+    async def _update_held(self, claims: Sequence[Claim], change: Any) -> set[str]:
+        """CAS ``change(record)`` onto each running record the claim still holds (again on a
+        lost CAS, from a fresh read). The ids still held."""
+        held: set[str] = set()
+        todo = list(claims)
+        for _ in range(CAS_TRIES):
+            if not todo:
+                break
+            entries = await self._get_many("jobs", [token(c.job_id) for c in todo])
+            writes: list[tuple[str, bytes, int | None]] = []
+            pending: list[Claim] = []
+            for claim, entry in zip(todo, entries, strict=True):
+                record = _holding(entry, claim)
+                if record is None:
+                    continue
+                new = change(record)
+                if new is None:
+                    held.add(claim.job_id)
+                    continue
+                writes.append((token(claim.job_id), record_encoder.encode(new), entry.revision))  # type: ignore[union-attr]
+                pending.append(claim)
+            results = await self._put_many("jobs", writes)
+            todo = []
+            for claim, rev in zip(pending, results, strict=True):
+                if isinstance(rev, int):
+                    held.add(claim.job_id)
+                else:
+                    todo.append(claim)
+        return held
+
+    @on_io_loop
+    async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
+        if not finishes:
+            return []
+        now = self._now()
+        applied = {f.claim.job_id: False for f in finishes}
+        todo = list(finishes)
+        for _ in range(CAS_TRIES):
+            if not todo:
+                break
+            entries = await self._get_many("jobs", [token(f.claim.job_id) for f in todo])
+            writes: list[tuple[str, bytes, int | None]] = []
+            done: list[tuple[Finish, Record]] = []
+            for f, entry in zip(todo, entries, strict=True):
+                record = _holding(entry, f.claim)
+                if record is None or entry is None:
+                    continue
+                new = _finished(record, f, now)
+                writes.append((token(record.id), record_encoder.encode(new), entry.revision))
+                done.append((f, new))
+            again = [new for _, new in done if not new.state.finished]
+            await self._dispatch(again)
+            results = await self._put_many("jobs", writes)
+            todo = []
+            for (f, new), rev in zip(done, results, strict=True):
+                if isinstance(rev, int):
+                    applied[f.claim.job_id] = True
+                    for held in self._held.values():
+                        held.pop(new.id, None)
+                    if new.state.finished and new.key is not None:
+                        await self._release_key(new.key, new.id)
+                else:
+                    todo.append(f)
+            await self._wake({n.queue for _, n in done if n.state is JobState.QUEUED})
+        return [applied[f.claim.job_id] for f in finishes]
+
+    @on_io_loop
+    async def record_progress(self, items: Sequence[Progress]) -> None:
+        latest = {p.claim.job_id: p for p in items}
+
+        def progress(record: Record) -> Record:
+            p = latest[record.id]
+            return msgspec.structs.replace(record, progress=p.fraction, progress_message=p.message)
+
+        await self._update_held([p.claim for p in latest.values()], progress)
+
+    @on_io_loop
+    async def recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
+        self.max_lost_leases = max_lost_leases
+        recovered, self._recovered = self._recovered, []
+        now = self._now()
+        for name in await self._keys("leases"):
+            entry = await self._get("leases", name)
+            if entry is None or entry.deleted:
+                continue
+            lease = msgspec.msgpack.decode(entry.value, type=LeaseEntry)
+            if lease.expires_at >= now:
+                continue
+            for job_id, lease_token in lease.claims.items():
+                found = await self._get("jobs", token(job_id))
+                if found is None or found.deleted:
+                    continue
+                record = record_decoder.decode(found.value)
+                if record.state is not JobState.RUNNING or record.lease_token != lease_token:
+                    continue
+                if (record.lease_expires_at or 0.0) >= now:
+                    continue
+                done = await self._recover_record(record, found.revision, now)
+                if done is not None:
+                    recovered.append(done)
+            await self._delete("leases", name, entry.revision)
+        return recovered
+
+    async def _recover_record(
+        self, record: Record, revision: int, now: float
+    ) -> tuple[str, JobState] | None:
+        lost = record.lost_leases + 1
+        new = msgspec.structs.replace(
+            record,
+            lost_leases=lost,
+            error=recovered_error(record.attempt, record.worker_id, lost),
+            lease_token=None,
+            lease_expires_at=None,
+            worker_id=None,
+        )
+        if record.cancel_requested:
+            new.state, new.finished_at = JobState.CANCELLED, now
+        elif lost >= self.max_lost_leases:
+            new.state, new.finished_at = JobState.FAILED, now
+        else:
+            new.state, new.gen = JobState.QUEUED, record.gen + 1
+            await self._dispatch([new])
+        try:
+            await self._put("jobs", token(record.id), record_encoder.encode(new), revision)
+        except CasError:
+            return None
+        if new.state.finished and new.key is not None:
+            await self._release_key(new.key, new.id)
+        if new.state is JobState.QUEUED:
+            await self._wake({new.queue})
+        return new.id, new.state
+
+    @on_io_loop
+    async def wait(
+        self, queues: Sequence[str], timeout: float, handover: HandOver | None = None
+    ) -> list[Job]:
+        session = await self._session()
+        if session.seen_version != session.wake_version:
+            session.seen_version = session.wake_version
+            return []
+        lanes = [
+            await self._lane(session, name)
+            for _, names in await self._lanes_of(queues)
+            for name in names
+        ]
+        if any(lane.spare for lane in lanes):
+            return await self._take_spare(lanes, handover)
+        session.woken.clear()
+        now = time.monotonic()
+        for lane in lanes:
+            lane.arrived.clear()
+            await lane.long_pull(timeout, now)
+        waits = [asyncio.ensure_future(session.woken.wait())]
+        waits += [asyncio.ensure_future(lane.arrived.wait()) for lane in lanes]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if any(lane.spare for lane in lanes):
+            return await self._take_spare(lanes, handover)
+        return []
+
+    async def _take_spare(self, lanes: list[Lane], handover: HandOver | None) -> list[Job]:
+        if handover is None:
+            return []  # the next claim takes them
+        best = max((lane for lane in lanes if lane.spare), key=lambda lane: lane.priority)
+        msg = best.spare.popleft()
+        try:
+            pointer = pointer_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            await msg.term()
+            return []
+        return await self._claim_messages([(msg, pointer)], 1, handover.worker_id, handover.lease_s)
+
+    @on_io_loop
+    async def unregister_worker(self, worker_id: str) -> None:
+        self._held.pop(worker_id, None)
+        await self._delete("workers", token(worker_id))
+        await self._delete("leases", token(worker_id))
+
+
+def _running(
+    record: Record, worker_id: str, lease_token: str, now: float, expires: float
+) -> Record:
+    return msgspec.structs.replace(
+        record,
+        state=JobState.RUNNING,
+        attempt=record.attempt + 1,
+        lease_token=lease_token,
+        lease_expires_at=expires,
+        worker_id=worker_id,
+        started_at=now,
+        cancel_requested=False,
+    )
+
+
+def _holding(entry: Entry | None, claim: Claim) -> Record | None:
+    if entry is None or entry.deleted:
+        return None
+    record = record_decoder.decode(entry.value)
+    if record.state is not JobState.RUNNING or record.lease_token != claim.token:
+        return None
+    return record
+
+
+def _finished(record: Record, finish: Finish, now: float) -> Record:
+    o = finish.outcome
+    new = msgspec.structs.replace(record, lease_token=None, lease_expires_at=None)
+    if isinstance(o, Succeeded):
+        new.state, new.result, new.finished_at = JobState.SUCCEEDED, o.result, now
+    elif isinstance(o, Failed):
+        new.state, new.error, new.finished_at = JobState.FAILED, o.error, now
+    elif isinstance(o, Cancelled):
+        new.state, new.finished_at = JobState.CANCELLED, now
+    elif isinstance(o, RetryAt):
+        new.error, new.run_at, new.worker_id = o.error, o.run_at, None
+        new.state = JobState.QUEUED if o.run_at <= now else JobState.SCHEDULED
+        new.gen = record.gen + 1
+    elif isinstance(o, Released):
+        new.attempt = max(0, record.attempt - 1)
+        new.worker_id = new.started_at = None
+        new.state = JobState.QUEUED if record.run_at <= now else JobState.SCHEDULED
+        new.gen = record.gen + 1
+    return new
+
+
+def _age(msg: Msg, now: float) -> float:
+    """How long ago the server stored a dispatch message."""
+    try:
+        stamp = msg.metadata.timestamp
+    except Exception:
+        return 0.0
+    return now - stamp.timestamp() if stamp else 0.0
+
+
+__all__ = ["NatsBroker"]

@@ -1,0 +1,195 @@
+"""What every part of the NATS broker builds on beyond ``store``: the clock, lanes (a queue at
+one priority: a subject and a durable pull consumer), writing pointers, waking idle workers,
+and unique keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from taskmill.brokers.nats.config import consumer_name, priority_of_token, token
+from taskmill.brokers.nats.connection import CasError, ack_seq
+from taskmill.brokers.nats.records import (
+    POINTER_JOB_MAX_BYTES,
+    Pointer,
+    Record,
+    record_decoder,
+    record_encoder,
+)
+from taskmill.brokers.nats.store import Entry, Session, Store
+from taskmill.errors import DuplicateJobError
+from taskmill.job import JobState
+
+GRACE_S = 30.0
+"""A pointer whose record is still missing after this long belonged to a send that died
+between its two writes (and whose job was too large to ride in the pointer); a unique key whose
+job is still missing after this long was taken by such a send."""
+CAS_TRIES = 5
+_LANES_TTL_S = 1.0
+_FAR = "9999-12-31T00:00:00Z"
+
+
+class Core(Store):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._lanes: dict[str, list[tuple[int, str]]] = {}
+        self._lanes_at = 0.0
+        self._known_lanes: set[str] = set()
+
+    # --- clocks and lanes -----------------------------------------------------------------
+
+    def _now(self) -> float:
+        return time.time()
+
+    async def now(self) -> float:
+        return self._now()
+
+    async def _ensure_lane(self, queue: str, priority: int) -> None:
+        name = consumer_name(queue, priority)
+        if name in self._known_lanes:
+            return
+        session = await self._session()
+        js = session.nc.jetstream()
+        subject = self.config.lane_subject(queue, priority)
+        config = ConsumerConfig(
+            durable_name=name,
+            filter_subject=subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.config.ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=-1,
+            deliver_policy=DeliverPolicy.ALL,
+            max_waiting=4096,
+        )
+        await js.add_consumer(self.config.dispatch_stream, config)
+        if await self._paused(queue):
+            await self._pause_consumer(name, True)
+        self._known_lanes.add(name)
+        self._lanes_at = 0.0
+
+    async def _lanes_of(self, queues: Sequence[str]) -> list[tuple[int, list[str]]]:
+        """The lanes (consumer names) of ``queues``, grouped by priority, highest first."""
+        if time.monotonic() - self._lanes_at > _LANES_TTL_S:
+            session = await self._session()
+            names = await self._consumer_names(session)
+            lanes: dict[str, list[tuple[int, str]]] = {}
+            for name in names:
+                qtok, _, ptok = name.rpartition("_")
+                if not qtok or not ptok.startswith("p"):
+                    continue
+                with contextlib.suppress(ValueError):
+                    lanes.setdefault(qtok, []).append((priority_of_token(ptok), name))
+            self._lanes, self._lanes_at = lanes, time.monotonic()
+            self._known_lanes.update(n for group in lanes.values() for _, n in group)
+        groups: dict[int, list[str]] = {}
+        for queue in queues:
+            for priority, name in self._lanes.get(token(queue), []):
+                groups.setdefault(priority, []).append(name)
+        return sorted(groups.items(), key=lambda g: -g[0])
+
+    async def _consumer_names(self, session: Session) -> list[str]:
+        names: list[str] = []
+        offset = 0
+        while True:
+            msg = await session.requests.request(
+                f"$JS.API.CONSUMER.NAMES.{self.config.dispatch_stream}",
+                json.dumps({"offset": offset}).encode(),
+            )
+            reply = json.loads(msg.data)
+            got = reply.get("consumers") or []
+            names.extend(got)
+            offset += len(got)
+            if not got or offset >= int(reply.get("total", 0)):
+                return names
+
+    async def _take_key(self, key: str, job_id: str) -> str:
+        """The id of the job holding ``key`` after trying to take it for ``job_id``."""
+        name = token(key)
+        for _ in range(CAS_TRIES):
+            try:
+                await self._put("keys", name, job_id.encode(), 0)
+                return job_id
+            except CasError:
+                pass
+            entry = await self._get("keys", name)
+            if entry is None:
+                continue
+            if not entry.deleted:
+                holder = entry.value.decode()
+                if holder == job_id or await self._holds_key(holder, entry):
+                    return holder
+            try:
+                await self._put("keys", name, job_id.encode(), entry.revision)
+                return job_id
+            except CasError:
+                continue
+        raise DuplicateJobError(key, "?")
+
+    async def _holds_key(self, holder: str, entry: Entry) -> bool:
+        found = await self._get("jobs", token(holder))
+        if found is None or found.deleted:
+            # a send that took the key may still be writing its job: it holds it a while
+            return self._now() - entry.stored_at < GRACE_S
+        return record_decoder.decode(found.value).pending
+
+    async def _release_key(self, key: str, job_id: str) -> None:
+        entry = await self._get("keys", token(key))
+        if entry is not None and not entry.deleted and entry.value.decode() == job_id:
+            await self._delete("keys", token(key), entry.revision)
+
+    async def _dispatch(self, records: Sequence[Record], *, first: bool = False) -> None:
+        """Write the pointer of each record (queued: to its lane; scheduled: to fire at its
+        run_at), before the record itself is written."""
+        if not records:
+            return
+        session = await self._session()
+        futures = []
+        for r in records:
+            carried = first and len(r.payload) <= POINTER_JOB_MAX_BYTES
+            pointer = Pointer(r.id, r.gen, r.priority, r.run_at, r.seq, r if carried else None)
+            body = record_encoder.encode(pointer)
+            headers = {"Nats-Msg-Id": f"{r.id}:{r.gen}"}
+            lane = self.config.lane_subject(r.queue, r.priority)
+            if r.state is JobState.QUEUED:
+                futures.append(await session.requests.send(lane, body, headers))
+            elif self.schedules_on_server:
+                headers["Nats-Schedule"] = "@at " + _rfc3339(r.run_at)
+                headers["Nats-Schedule-Target"] = lane
+                subject = self.config.schedule_subject(r.id)
+                futures.append(await session.requests.send(subject, body, headers))
+            else:
+                subject = self.config.delayed_subject(int(r.run_at // 60))
+                futures.append(await session.requests.send(subject, body, headers))
+        for msg in await asyncio.gather(*futures):
+            ack_seq(msg)
+
+    async def _wake(self, queues: set[str]) -> None:
+        if not queues:
+            return
+        session = await self._session()
+        for queue in queues:
+            await session.nc.publish(self.config.wake_subject(queue), b"")
+
+    # --- pausing --------------------------------------------------------------------------
+
+    async def _pause_consumer(self, name: str, paused: bool) -> None:
+        session = await self._session()
+        body = {"pause_until": _FAR} if paused else {}
+        await session.requests.request(
+            f"$JS.API.CONSUMER.PAUSE.{self.config.dispatch_stream}.{name}",
+            json.dumps(body).encode(),
+        )
+
+    async def _paused(self, queue: str) -> bool:
+        entry = await self._get("queues", f"paused.{token(queue)}")
+        return entry is not None and not entry.deleted
+
+
+def _rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")

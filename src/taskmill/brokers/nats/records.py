@@ -1,0 +1,130 @@
+"""What the NATS broker stores: a job's record (the truth, in a KV bucket) and the small
+dispatch message that points a worker at it.
+
+A record changes only by compare-and-set on its KV revision. ``gen`` counts the times the job
+was dispatched (sent, retried, recovered, run now): a pointer names the ``gen`` it was made
+for, and one whose ``gen`` is no longer the record's is stale and dropped. A pointer is written
+*before* the record it points to and carries the job while its payload is small, so a worker
+that reads it before the record exists creates the record itself (see ``broker.py``).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from taskmill.job import ErrorInfo, Job, JobState, Meta, NewJob
+
+POINTER_JOB_MAX_BYTES = 16 * 1024
+"""A pointer carries the whole job up to this size of payload (else only its id)."""
+
+
+class Record(msgspec.Struct, array_like=True, omit_defaults=False):
+    """A job as the KV bucket holds it: ``Job``'s fields, then ``gen`` and ``seq``."""
+
+    id: str
+    task: str
+    queue: str
+    state: JobState
+    payload: bytes
+    priority: int = 0
+    attempt: int = 0
+    max_attempts: int = 1
+    run_at: float = 0.0
+    enqueued_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    timeout_s: float | None = None
+    key: str | None = None
+    lease_token: str | None = None
+    lease_expires_at: float | None = None
+    worker_id: str | None = None
+    lost_leases: int = 0
+    cancel_requested: bool = False
+    result: bytes | None = None
+    error: ErrorInfo | None = None
+    progress: float | None = None
+    progress_message: str | None = None
+    meta: Meta = msgspec.field(default_factory=dict)
+    gen: int = 0
+    seq: int = 0
+    """Enqueue order: the producer's clock in nanoseconds (ties broken by id)."""
+
+    def job(self) -> Job:
+        return Job(
+            id=self.id,
+            task=self.task,
+            queue=self.queue,
+            state=self.state,
+            payload=self.payload,
+            priority=self.priority,
+            attempt=self.attempt,
+            max_attempts=self.max_attempts,
+            run_at=self.run_at,
+            enqueued_at=self.enqueued_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            timeout_s=self.timeout_s,
+            key=self.key,
+            lease_token=self.lease_token,
+            lease_expires_at=self.lease_expires_at,
+            worker_id=self.worker_id,
+            lost_leases=self.lost_leases,
+            cancel_requested=self.cancel_requested,
+            result=self.result,
+            error=self.error,
+            progress=self.progress,
+            progress_message=self.progress_message,
+            meta=dict(self.meta),
+        )
+
+    @property
+    def pending(self) -> bool:
+        return not self.state.finished
+
+
+def new_record(job: NewJob, now: float, seq: int) -> Record:
+    run_at = job.run_at if job.run_at is not None else now + job.delay_s
+    return Record(
+        id=job.id,
+        task=job.task,
+        queue=job.queue,
+        state=JobState.QUEUED if run_at <= now else JobState.SCHEDULED,
+        payload=job.payload,
+        priority=job.priority,
+        max_attempts=job.max_attempts,
+        run_at=run_at,
+        enqueued_at=now,
+        timeout_s=job.timeout_s,
+        key=job.key,
+        meta=dict(job.meta),
+        seq=seq,
+    )
+
+
+class Pointer(msgspec.Struct, array_like=True):
+    """A dispatch message: which job, for which ``gen``, and the sort key of a claim
+    (priority, run_at, seq). ``record`` is the job's first record, when the pointer is the
+    one a send wrote and the payload is small."""
+
+    id: str
+    gen: int
+    priority: int
+    run_at: float
+    seq: int
+    record: Record | None = None
+
+
+class LeaseEntry(msgspec.Struct, array_like=True):
+    """What a worker holds, in the ``leases`` bucket (key: the worker's id token): found by
+    ``recover`` when the worker stops renewing it."""
+
+    worker_id: str
+    expires_at: float
+    claims: dict[str, str]
+    """job id -> lease token."""
+
+
+record_encoder = msgspec.msgpack.Encoder()
+record_decoder = msgspec.msgpack.Decoder(Record)
+pointer_decoder = msgspec.msgpack.Decoder(Pointer)
+lease_decoder = msgspec.msgpack.Decoder(LeaseEntry)

@@ -1,0 +1,332 @@
+"""The NATS broker's plumbing: a connection per event loop, key-value reads and
+compare-and-set writes on the buckets, and reading a whole bucket.
+
+Like the Redis broker, a worker attaches its loop and gets a connection of its own; every other
+caller (a producer's ``send()``, a test, the dashboard) runs on the broker's I/O loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, NoServersError, OutboundBufferLimitError
+from nats.js.api import DeliverPolicy
+
+from taskmill.brokers.nats.config import NatsConfig, parse_url
+from taskmill.brokers.nats.connection import (
+    CasError,
+    Requests,
+    ack_seq,
+    bucket_stream,
+    connect,
+    ensure_streams,
+    server_has_schedules,
+    status,
+)
+from taskmill.errors import BrokerError, BrokerUnavailableError
+from taskmill.portal import Portal
+from taskmill.urls import scrub
+
+T = TypeVar("T")
+
+_UNAVAILABLE = (
+    TimeoutError,
+    ConnectionClosedError,
+    NoServersError,
+    OutboundBufferLimitError,
+    BrokerUnavailableError,
+)
+
+
+@dataclass
+class Session:
+    """One event loop's connection and what hangs on it."""
+
+    nc: Client
+    requests: Requests
+    lanes: dict[str, Any] = field(default_factory=dict)
+    """consumer name -> ``dispatch.Lane`` (the pullers of this loop)."""
+    wake_version: int = 0
+    seen_version: int = 0
+    woken: asyncio.Event = field(default_factory=asyncio.Event)
+    wake_sub: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A KV value and its revision (the stream sequence that wrote it)."""
+
+    revision: int
+    value: bytes
+    deleted: bool = False
+    stored_at: float = 0.0
+
+
+class Store:
+    """Sessions, KV operations and bucket scans; ``NatsBroker`` is made on top."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.config: NatsConfig = parse_url(url)
+        self._io: Portal | None = None
+        self._io_lock = threading.Lock()
+        self._sessions: dict[asyncio.AbstractEventLoop, Session] = {}
+        self._opening: dict[asyncio.AbstractEventLoop, asyncio.Future[Session]] = {}
+        self._attached: set[asyncio.AbstractEventLoop] = set()
+        self._detached: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        self._ready = False
+        self.schedules_on_server = False
+
+    # --- loops and sessions ---------------------------------------------------------------
+
+    def _io_loop(self) -> asyncio.AbstractEventLoop:
+        io = self._io
+        if io is None:
+            with self._io_lock:
+                if self._io is None:
+                    self._io = Portal(name="taskmill-nats-io")
+                io = self._io
+        return io.loop
+
+    async def _session(self) -> Session:
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is not None:
+            return session
+        if loop in self._detached:
+            raise BrokerUnavailableError(
+                "the worker detached from this event loop: no new NATS connection is made here"
+            )
+        opening = self._opening.get(loop)
+        if opening is None:
+            opening = self._opening[loop] = loop.create_future()
+            try:
+                session = await self._new_session()
+            except BaseException as exc:
+                del self._opening[loop]
+                opening.set_exception(exc)
+                opening.exception()  # retrieved: the caller raises it
+                raise
+            del self._opening[loop]
+            self._sessions[loop] = session
+            opening.set_result(session)
+            return session
+        return await opening
+
+    async def _new_session(self) -> Session:
+        nc = await connect(self.config, name=f"taskmill {self.config.prefix}")
+        requests = Requests(nc)
+        await requests.start()
+        session = Session(nc=nc, requests=requests)
+        if not self._ready:
+            self.schedules_on_server = self.config.schedules == "server" or (
+                self.config.schedules == "auto" and server_has_schedules(nc)
+            )
+            if self.config.schedules == "server" and not server_has_schedules(nc):
+                raise BrokerError(
+                    f"schedules=server needs nats-server 2.12 or later; {self.config.where} "
+                    f"runs {nc._server_info.get('version')}",
+                    permanent=True,
+                )
+            await self._retrying(
+                lambda: ensure_streams(nc, self.config, schedules=self.schedules_on_server)
+            )
+            self._ready = True
+        await self._session_opened(session)
+        return session
+
+    async def _session_opened(self, session: Session) -> None:
+        """Subscriptions a session needs (the broker adds its wake-up subscription)."""
+
+    async def _close_session(self, loop: asyncio.AbstractEventLoop) -> None:
+        session = self._sessions.pop(loop, None)
+        if session is None:
+            return
+        session.requests.fail_all(BrokerUnavailableError("the NATS connection was closed"))
+        with contextlib.suppress(Exception):
+            await session.nc.close()
+
+    # --- errors and retries ---------------------------------------------------------------
+
+    def _unavailable(self, exc: BaseException) -> BrokerUnavailableError:
+        message = (
+            f"NATS at {self.config.where} did not answer within "
+            f"{self.config.unavailable_after_s:g} s ({type(exc).__name__}: {exc}). A write "
+            "that was under way may still have been applied; sending the same job again is "
+            "safe (its id is checked)"
+        )
+        return BrokerUnavailableError(scrub(message, self.url))
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + self.config.unavailable_after_s
+        delay = 0.05
+        while True:
+            try:
+                async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                    return await call()
+            except _UNAVAILABLE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise self._unavailable(exc) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # --- key-value ------------------------------------------------------------------------
+
+    def _subject(self, what: str, key: str) -> str:
+        return f"$KV.{self.config.bucket(what)}.{key}"
+
+    async def _get_many(self, what: str, keys: Sequence[str]) -> list[Entry | None]:
+        """Direct gets of the last value of each key, sent together (one round trip)."""
+        if not keys:
+            return []
+        session = await self._session()
+        stream = bucket_stream(self.config.bucket(what))
+        futures = [
+            await session.requests.send(
+                f"$JS.API.DIRECT.GET.{stream}.{self._subject(what, key)}", b""
+            )
+            for key in keys
+        ]
+        replies = await asyncio.gather(*futures)
+        return [_entry(msg) for msg in replies]
+
+    async def _get(self, what: str, key: str) -> Entry | None:
+        return (await self._get_many(what, [key]))[0]
+
+    async def _put_many(
+        self, what: str, writes: Sequence[tuple[str, bytes, int | None]]
+    ) -> list[int | CasError]:
+        """Writes ``(key, value, expected revision)`` (None: no check; 0: the key must not
+        exist) together; each gives its new revision or the ``CasError`` of a lost CAS."""
+        if not writes:
+            return []
+        session = await self._session()
+        futures = []
+        for key, value, last in writes:
+            headers = None if last is None else {"Nats-Expected-Last-Subject-Sequence": str(last)}
+            futures.append(await session.requests.send(self._subject(what, key), value, headers))
+        out: list[int | CasError] = []
+        for msg in await asyncio.gather(*futures):
+            try:
+                out.append(ack_seq(msg))
+            except CasError as exc:
+                out.append(exc)
+        return out
+
+    async def _put(self, what: str, key: str, value: bytes, last: int | None = None) -> int:
+        result = (await self._put_many(what, [(key, value, last)]))[0]
+        if isinstance(result, CasError):
+            raise result
+        return result
+
+    async def _delete(self, what: str, key: str, last: int | None = None) -> bool:
+        """A delete marker (CAS on ``last`` if given); False if the CAS lost."""
+        session = await self._session()
+        headers = {"KV-Operation": "DEL"}
+        if last is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+        msg = await session.requests.request(self._subject(what, key), b"", headers)
+        try:
+            ack_seq(msg)
+        except CasError:
+            return False
+        return True
+
+    async def _erase(self, what: str, revisions: Sequence[int]) -> int:
+        """Remove stored messages by revision (no marker is left). How many were there."""
+        session = await self._session()
+        stream = bucket_stream(self.config.bucket(what))
+        futures = [
+            await session.requests.send(
+                f"$JS.API.STREAM.MSG.DELETE.{stream}",
+                json.dumps({"seq": rev, "no_erase": True}).encode(),
+            )
+            for rev in revisions
+        ]
+        replies = await asyncio.gather(*futures)
+        return sum(1 for msg in replies if json.loads(msg.data or b"{}").get("success"))
+
+    async def _keys(self, what: str, pattern: str = ">") -> list[str]:
+        """The keys of a bucket with a value or a marker (one stream info request)."""
+        session = await self._session()
+        bucket = self.config.bucket(what)
+        prefix = f"$KV.{bucket}."
+        keys: list[str] = []
+        offset = 0
+        while True:
+            msg = await session.requests.request(
+                f"$JS.API.STREAM.INFO.{bucket_stream(bucket)}",
+                json.dumps({"subjects_filter": prefix + pattern, "offset": offset}).encode(),
+            )
+            info = json.loads(msg.data)
+            if "error" in info:
+                raise BrokerError(f"NATS refused stream info: {info['error']}")
+            subjects = info.get("state", {}).get("subjects") or {}
+            keys.extend(s[len(prefix) :] for s in subjects)
+            total = int(info.get("total", 0) or 0)
+            offset += len(subjects)
+            if not subjects or offset >= total:
+                return keys
+
+    async def _scan(self, what: str) -> AsyncIterator[tuple[str, Entry]]:
+        """Every key of a bucket with its last value (markers included), in no order."""
+        session = await self._session()
+        bucket = self.config.bucket(what)
+        stream = bucket_stream(bucket)
+        js = session.nc.jetstream()
+        info = await js.stream_info(stream)
+        if not info.state.messages:
+            return
+        prefix = f"$KV.{bucket}."
+        sub = await js.subscribe(
+            prefix + ">",
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            stream=stream,
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=self.config.unavailable_after_s)
+                meta = msg.metadata
+                deleted = bool(msg.headers and msg.headers.get("KV-Operation"))
+                stored = meta.timestamp.timestamp() if meta.timestamp else 0.0
+                entry = Entry(meta.sequence.stream, msg.data, deleted, stored)
+                yield msg.subject[len(prefix) :], entry
+                if not meta.num_pending:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+
+def _entry(msg: Msg) -> Entry | None:
+    code = status(msg)
+    if code is not None:
+        if code == "404":
+            return None
+        raise BrokerError(f"NATS direct get failed: {code} {msg.headers}")
+    headers = msg.headers or {}
+    revision = int(headers.get("Nats-Sequence", 0))
+    deleted = headers.get("KV-Operation") in ("DEL", "PURGE")
+    return Entry(revision, msg.data, deleted, _stamp(headers.get("Nats-Time-Stamp")))
+
+
+def _stamp(raw: str | None) -> float:
+    """An RFC 3339 time with nanoseconds, as Unix seconds (0.0 if absent)."""
+    if not raw:
+        return 0.0
+    from datetime import datetime
+
+    text = raw.rstrip("Z")
+    whole, _, fraction = text.partition(".")
+    base = datetime.fromisoformat(whole + "+00:00").timestamp()
+    return base + (float("0." + fraction) if fraction else 0.0)
