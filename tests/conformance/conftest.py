@@ -57,11 +57,18 @@ def _postgres_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"{server.url}?schema=t{uuid.uuid4().hex[:12]}"
 
 
+def _nats_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    # the session's server (started on first use), under a prefix no other test shares
+    server = request.getfixturevalue("nats_server")
+    return f"{server.url}?prefix=t{uuid.uuid4().hex[:12]}"
+
+
 BROKERS: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
     "memory": _memory_url,
     "sqlite": _sqlite_url,
     "redis": _redis_url,
     "postgres": _postgres_url,
+    "nats": _nats_url,
 }
 
 
@@ -117,6 +124,48 @@ def _corrupt_postgres(app: App, job_id: str) -> None:
         assert cur.rowcount == 1
 
 
+def _corrupt_nats(app: App, job_id: str) -> None:
+    from taskmill.brokers.nats import NatsBroker
+    from taskmill.brokers.nats.config import token
+    from taskmill.brokers.nats.records import record_decoder, record_encoder
+
+    broker = app.broker
+    assert isinstance(broker, NatsBroker)
+
+    async def corrupt() -> None:
+        entry = await broker._get("jobs", token(job_id))
+        assert entry is not None, f"no record of {job_id}"
+        record = record_decoder.decode(entry.value)
+        record.payload = BAD_PAYLOAD
+        await broker._put("jobs", token(job_id), record_encoder.encode(record), entry.revision)
+
+    app.run_sync(corrupt())
+
+
+def _cleanup_nats(url: str) -> None:
+    # the session's server outlives the test: drop every stream under the test's prefix
+    import asyncio
+
+    import nats
+
+    from taskmill.brokers.nats import parse_url
+
+    config = parse_url(url)
+
+    async def drop() -> None:
+        nc = await nats.connect(config.servers)
+        try:
+            js = nc.jetstream()
+            for info in await js.streams_info():
+                name = info.config.name or ""
+                if name.startswith(config.prefix + "_") or name.startswith(f"KV_{config.prefix}_"):
+                    await js.delete_stream(name)
+        finally:
+            await nc.close()
+
+    asyncio.run(drop())
+
+
 def _cleanup_sqlite(url: str) -> None:
     # the directory of wake-up sockets lives in the temp dir, not beside the database
     shutil.rmtree(channel_dir(parse_url(url)[0]), ignore_errors=True)
@@ -147,6 +196,7 @@ CLEANUPS: dict[str, Callable[[str], None]] = {
     "sqlite": _cleanup_sqlite,
     "redis": _cleanup_redis,
     "postgres": _cleanup_postgres,
+    "nats": _cleanup_nats,
 }
 
 CORRUPTERS: dict[str, Callable[[App, str], None]] = {
@@ -154,6 +204,7 @@ CORRUPTERS: dict[str, Callable[[App, str], None]] = {
     "sqlite": _corrupt_sqlite,
     "redis": _corrupt_redis,
     "postgres": _corrupt_postgres,
+    "nats": _corrupt_nats,
 }
 
 

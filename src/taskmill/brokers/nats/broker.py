@@ -61,7 +61,7 @@ from taskmill.brokers.nats.records import (
     record_encoder,
 )
 from taskmill.brokers.nats.store import Entry, Session
-from taskmill.errors import DuplicateJobError
+from taskmill.errors import DuplicateJobError, PayloadTooLargeError
 from taskmill.job import (
     Cancelled,
     Claim,
@@ -180,8 +180,9 @@ class NatsBroker(Admin, Features, Broker):
     ) -> EnqueueResult:
         if connection is not None:
             raise TypeError("the NATS broker has no transactions: connection= is not supported")
+        # the I/O loop's own coroutine, not ``self.enqueue``: one broker call per send
         future = asyncio.run_coroutine_threadsafe(
-            self.enqueue(jobs, on_conflict=on_conflict), self._io_loop()
+            self._retrying(lambda: self._enqueue(jobs, on_conflict)), self._io_loop()
         )
         return future.result()
 
@@ -197,6 +198,7 @@ class NatsBroker(Admin, Features, Broker):
                 continue
             seen.add(job.id)
             fresh.append((i, new_record(job, now, base + i)))
+        await self._check_sizes([r for _, r in fresh])
         await self._reserve_keys(fresh, result, on_conflict)
         fresh = [(i, r) for i, r in fresh if i not in result.existing]
         for queue, priority in {(r.queue, r.priority) for _, r in fresh}:
@@ -212,6 +214,21 @@ class NatsBroker(Admin, Features, Broker):
             await self._settle_existing(lost, result)
         await self._wake({r.queue for _, r in fresh if r.state is JobState.QUEUED})
         return result
+
+    async def _check_sizes(self, records: Sequence[Record]) -> None:
+        """A record must fit in one NATS message (the server's ``max_payload``, 1 MB by
+        default): say so before anything is written, rather than fail half-way."""
+        session = await self._session()
+        limit = session.nc.max_payload
+        for record in records:
+            size = len(record_encoder.encode(record)) + 512  # the result and error come later
+            if size > limit:
+                raise PayloadTooLargeError(
+                    f"job {record.id} ({record.task}) is {size} bytes stored, more than the "
+                    f"max_payload of {limit} bytes that the NATS server at "
+                    f"{self.config.where} allows: raise max_payload in the server's "
+                    "configuration (docs/brokers.md, NATS), or send less"
+                )
 
     async def _settle_existing(self, lost: list[tuple[int, Record]], result: EnqueueResult) -> None:
         """Records that were there before ours: the same job stored already, a record a
@@ -452,36 +469,41 @@ class NatsBroker(Admin, Features, Broker):
         if not finishes:
             return []
         now = self._now()
-        applied = {f.claim.job_id: False for f in finishes}
-        todo = list(finishes)
+        applied = [False] * len(finishes)
+        todo = list(enumerate(finishes))
         for _ in range(CAS_TRIES):
             if not todo:
                 break
-            entries = await self._get_many("jobs", [token(f.claim.job_id) for f in todo])
+            entries = await self._get_many("jobs", [token(f.claim.job_id) for _, f in todo])
             writes: list[tuple[str, bytes, int | None]] = []
-            done: list[tuple[Finish, Record]] = []
-            for f, entry in zip(todo, entries, strict=True):
+            done: list[tuple[int, Finish, Record]] = []
+            claimed: set[str] = set()
+            for (i, f), entry in zip(todo, entries, strict=True):
                 record = _holding(entry, f.claim)
-                if record is None or entry is None:
+                if record is None or entry is None or record.id in claimed:
                     continue
+                claimed.add(record.id)  # one write per job and round: the rest go next round
                 new = _finished(record, f, now)
                 writes.append((token(record.id), record_encoder.encode(new), entry.revision))
-                done.append((f, new))
-            again = [new for _, new in done if not new.state.finished]
-            await self._dispatch(again)
+                done.append((i, f, new))
+            await self._dispatch([new for _, _, new in done if not new.state.finished])
             results = await self._put_many("jobs", writes)
-            todo = []
-            for (f, new), rev in zip(done, results, strict=True):
+            todo = [
+                (i, f)
+                for i, f in todo
+                if f.claim.job_id in claimed and i not in {d[0] for d in done}
+            ]
+            for (i, f, new), rev in zip(done, results, strict=True):
                 if isinstance(rev, int):
-                    applied[f.claim.job_id] = True
+                    applied[i] = True
                     for held in self._held.values():
                         held.pop(new.id, None)
                     if new.state.finished and new.key is not None:
                         await self._release_key(new.key, new.id)
                 else:
-                    todo.append(f)
-            await self._wake({n.queue for _, n in done if n.state is JobState.QUEUED})
-        return [applied[f.claim.job_id] for f in finishes]
+                    todo.append((i, f))
+            await self._wake({n.queue for _, _, n in done if n.state is JobState.QUEUED})
+        return applied
 
     @on_io_loop
     async def record_progress(self, items: Sequence[Progress]) -> None:
@@ -554,20 +576,22 @@ class NatsBroker(Admin, Features, Broker):
         self, queues: Sequence[str], timeout: float, handover: HandOver | None = None
     ) -> list[Job]:
         session = await self._session()
-        if session.seen_version != session.wake_version:
-            session.seen_version = session.wake_version
-            return []
         lanes = [
             await self._lane(session, name)
             for _, names in await self._lanes_of(queues)
             for name in names
         ]
-        if any(lane.spare for lane in lanes):
-            return await self._take_spare(lanes, handover)
+        # events cleared before looking: what arrives after the look sets them again
         session.woken.clear()
-        now = time.monotonic()
         for lane in lanes:
             lane.arrived.clear()
+        if session.seen_version != session.wake_version:
+            session.seen_version = session.wake_version
+            return []
+        if any(lane.spare for lane in lanes):
+            return await self._take_spare(lanes, handover)
+        now = time.monotonic()
+        for lane in lanes:
             await lane.long_pull(timeout, now)
         waits = [asyncio.ensure_future(session.woken.wait())]
         waits += [asyncio.ensure_future(lane.arrived.wait()) for lane in lanes]

@@ -90,6 +90,7 @@ class Requests:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(exc)
+                fut.exception()  # whoever awaits it still gets it; nobody may: no warning
 
 
 def ack_seq(msg: Msg) -> int:
