@@ -616,6 +616,9 @@ class NatsServer:
             f'server_name: "{self.server_name}"',
             f'listen: "{self.host}:{self.port}"',
             f'http: "{self.host}:{self.http_port}"',
+            # a job of the default max_payload_bytes (1 MiB) and its record's fields must fit
+            # in one message; nats-server allows 1 MB unless told (docs/brokers.md, NATS)
+            "max_payload: 8MB",
             "jetstream {",
             f'  store_dir: "{self.store_dir}"',
         ]

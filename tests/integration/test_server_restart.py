@@ -3,7 +3,7 @@ process carries on without a restart of its own.
 
 The case runs on each server broker, with the server stopped (a clean shutdown) or killed
 (Redis: SIGKILL, with ``appendfsync always``; PostgreSQL: an immediate shutdown, so the next
-start replays the WAL), each time on a server of the test's own (``redis_server_aof``,
+start replays the WAL; NATS: SIGKILL, with ``sync_interval: always``), each time on a server of the test's own (``redis_server_aof``,
 ``postgres_server_own``). Workers are real ``taskmill worker`` processes. Waiting is polling
 until a deadline; the only sleeps are the outage's length (in ``restart``) and the producer's
 pacing.
@@ -24,7 +24,7 @@ import pytest
 from taskmill import App, BrokerUnavailableError, JobState
 from taskmill.testing import wait_until
 
-from . import postgres_app, redis_app
+from . import nats_app, postgres_app, redis_app
 from .support import Workers, all_jobs, state_counts, wait_registered
 
 
@@ -62,6 +62,11 @@ def _postgres_server(request: pytest.FixtureRequest) -> tuple[Restartable, str]:
     return server, server.create_database(f"t_{uuid.uuid4().hex[:12]}")
 
 
+def _nats_server(request: pytest.FixtureRequest) -> tuple[Restartable, str]:
+    server = request.getfixturevalue("nats_server_own")  # sync_interval: always
+    return server, f"{server.url}?prefix=restart{uuid.uuid4().hex[:10]}"
+
+
 BROKERS = {
     "redis": ServerBroker(
         "redis_app:app",
@@ -80,6 +85,15 @@ BROKERS = {
         pause_s=0.01,
         pacing_s=0.002,
         resend_timeout_s=40,
+    ),
+    "nats": ServerBroker(
+        "nats_app:app",
+        nats_app.SETTINGS,
+        nats_app.work,
+        _nats_server,
+        pause_s=0.02,
+        pacing_s=0.001,
+        resend_timeout_s=30,
     ),
 }
 

@@ -61,7 +61,7 @@ from taskmill.brokers.nats.records import (
     record_encoder,
 )
 from taskmill.brokers.nats.store import Entry, Session
-from taskmill.errors import DuplicateJobError, PayloadTooLargeError
+from taskmill.errors import BrokerUnavailableError, DuplicateJobError, PayloadTooLargeError
 from taskmill.job import (
     Cancelled,
     Claim,
@@ -81,6 +81,8 @@ from taskmill.settings import Settings
 log = logging.getLogger("taskmill.brokers.nats")
 
 _PULL_TIMEOUT_S = 5.0
+SWEEP_S = 30.0
+"""How often ``recover`` also reads every record for leases that ran out unseen."""
 
 _worker_encoder = msgspec.msgpack.Encoder()
 _worker_decoder = msgspec.msgpack.Decoder(WorkerInfo)
@@ -101,6 +103,7 @@ class NatsBroker(Admin, Features, Broker):
         self.result_ttl_s = Settings().result_ttl_s
         self._held: dict[str, dict[str, str]] = {}
         self._recovered: list[tuple[str, JobState]] = []
+        self._sweep_at = time.monotonic() + SWEEP_S
 
     def configure(self, settings: Settings) -> None:
         self.max_lost_leases = settings.max_lost_leases
@@ -442,7 +445,7 @@ class NatsBroker(Admin, Features, Broker):
         for _ in range(CAS_TRIES):
             if not todo:
                 break
-            entries = await self._get_many("jobs", [token(c.job_id) for c in todo])
+            entries = await self._confirmed(todo)
             writes: list[tuple[str, bytes, int | None]] = []
             pending: list[Claim] = []
             for claim, entry in zip(todo, entries, strict=True):
@@ -464,6 +467,32 @@ class NatsBroker(Admin, Features, Broker):
                     todo.append(claim)
         return held
 
+    async def _confirmed(self, claims: Sequence[Claim]) -> list[Entry | None]:
+        """The records of ``claims``; those that no longer hold their claim are read again
+        from the leader, as a replica may not have the claim's write yet (a claim judged lost
+        on an old value would be dropped by its worker while its record says running)."""
+        entries = await self._get_many("jobs", [token(c.job_id) for c in claims])
+        doubtful = [
+            i
+            for i, (c, e) in enumerate(zip(claims, entries, strict=True))
+            if _holding(e, c) is None
+        ]
+        if doubtful:
+            again = await self._get_many(
+                "jobs", [token(claims[i].job_id) for i in doubtful], leader=True
+            )
+            for i, entry in zip(doubtful, again, strict=True):
+                if entry is None:
+                    # a running job's record is never removed (purge takes waiting jobs,
+                    # delete and prune finished ones): a stream that lost track for a
+                    # moment; refusing the claim on it would strand the job as running
+                    raise BrokerUnavailableError(
+                        f"NATS has no record of job {claims[i].job_id} that a worker holds; "
+                        "asking again later"
+                    )
+                entries[i] = entry
+        return entries
+
     @on_io_loop
     async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
         if not finishes:
@@ -474,13 +503,14 @@ class NatsBroker(Admin, Features, Broker):
         for _ in range(CAS_TRIES):
             if not todo:
                 break
-            entries = await self._get_many("jobs", [token(f.claim.job_id) for _, f in todo])
+            entries = await self._confirmed([f.claim for _, f in todo])
             writes: list[tuple[str, bytes, int | None]] = []
             done: list[tuple[int, Finish, Record]] = []
             claimed: set[str] = set()
             for (i, f), entry in zip(todo, entries, strict=True):
                 record = _holding(entry, f.claim)
                 if record is None or entry is None or record.id in claimed:
+                    applied[i] = _finished_by(entry, f.claim)
                     continue
                 claimed.add(record.id)  # one write per job and round: the rest go next round
                 new = _finished(record, f, now)
@@ -520,6 +550,9 @@ class NatsBroker(Admin, Features, Broker):
         self.max_lost_leases = max_lost_leases
         recovered, self._recovered = self._recovered, []
         now = self._now()
+        if time.monotonic() >= self._sweep_at:
+            self._sweep_at = time.monotonic() + SWEEP_S
+            recovered += await self._sweep_expired(now)
         for name in await self._keys("leases"):
             entry = await self._get("leases", name)
             if entry is None or entry.deleted:
@@ -540,6 +573,18 @@ class NatsBroker(Admin, Features, Broker):
                 if done is not None:
                     recovered.append(done)
             await self._delete("leases", name, entry.revision)
+        return recovered
+
+    async def _sweep_expired(self, now: float) -> list[tuple[str, JobState]]:
+        """Every running record whose lease ran out, found by reading them all: the leases
+        bucket finds a dead worker's jobs at once, but a job can be missing from it (a claim
+        whose reply was lost, its worker never learning it held the job)."""
+        recovered: list[tuple[str, JobState]] = []
+        for entry, record in await self._records():
+            if record.state is JobState.RUNNING and (record.lease_expires_at or 0.0) < now:
+                done = await self._recover_record(record, entry.revision, now)
+                if done is not None:
+                    recovered.append(done)
         return recovered
 
     async def _recover_record(
@@ -647,9 +692,18 @@ def _holding(entry: Entry | None, claim: Claim) -> Record | None:
     return record
 
 
+def _finished_by(entry: Entry | None, claim: Claim) -> bool:
+    """Whether this claim's finish is the one the record holds (a reply lost, sent again)."""
+    if entry is None or entry.deleted:
+        return False
+    return record_decoder.decode(entry.value).done_by == claim.token
+
+
 def _finished(record: Record, finish: Finish, now: float) -> Record:
     o = finish.outcome
-    new = msgspec.structs.replace(record, lease_token=None, lease_expires_at=None)
+    new = msgspec.structs.replace(
+        record, lease_token=None, lease_expires_at=None, done_by=finish.claim.token
+    )
     if isinstance(o, Succeeded):
         new.state, new.result, new.finished_at = JobState.SUCCEEDED, o.result, now
     elif isinstance(o, Failed):

@@ -9,6 +9,8 @@ with ``_``, so two names never meet).
 >>> config = parse_url("nats://127.0.0.1:4222?prefix=shop&replicas=3")
 >>> config.servers, config.prefix, config.replicas
 (['nats://127.0.0.1:4222'], 'shop', 3)
+>>> parse_url("nats://10.0.0.1:4222,nats://10.0.0.2:4222").servers
+['nats://10.0.0.1:4222', 'nats://10.0.0.2:4222']
 >>> token("emails"), token("billing.eu")
 ('emails', '_YmlsbGluZy5ldQ')
 >>> priority_token(-3), priority_of_token("pn3")
@@ -121,6 +123,8 @@ def consumer_name(queue: str, priority: int) -> str:
 def parse_url(url: str) -> NatsConfig:
     """``nats://[user:password@]host:port[,host:port...][?prefix=...&replicas=...&storage=file|
     memory&schedules=auto|server|workers&unavailable_after=SECONDS&ack_wait=SECONDS]``."""
+    # "nats://a:4222,nats://b:4222" (as nats-py's docs write a cluster) means "nats://a,b"
+    url = url[:7] + url[7:].replace(",nats://", ",")
     parts = urlsplit(url)
     if parts.scheme.lower() != "nats":
         raise ConfigurationError(f"not a nats:// URL: {redact_url(url)!r}")

@@ -11,13 +11,13 @@ sequence (compare-and-set).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import (
@@ -34,7 +34,7 @@ from taskmill.errors import BrokerError, BrokerUnavailableError
 log = logging.getLogger("taskmill.brokers.nats")
 
 BUCKETS = ("jobs", "keys", "leases", "workers", "queues", "misc", "workflows")
-WRONG_LAST_SEQUENCE = 10071
+WRONG_LAST_SEQUENCE = (10071, 10164)
 REQUEST_TIMEOUT_S = 5.0
 
 
@@ -85,6 +85,22 @@ class Requests:
             if not fut.done():
                 fut.cancel()
 
+    async def replies(
+        self, futures: list[asyncio.Future[Msg]], timeout: float = REQUEST_TIMEOUT_S
+    ) -> list[Msg]:
+        """The replies of ``send``s, in order; ``BrokerUnavailableError`` if one is still
+        missing after ``timeout`` (a reply lost with a connection never comes)."""
+        try:
+            async with asyncio.timeout(timeout):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            for fut in futures:
+                fut.cancel()
+            raise BrokerUnavailableError(
+                f"NATS did not answer {sum(not f.done() or f.cancelled() for f in futures)} of "
+                f"{len(futures)} requests within {timeout:g} s"
+            ) from None
+
     def fail_all(self, exc: BaseException) -> None:
         pending, self._pending = self._pending, {}
         for fut in pending.values():
@@ -102,7 +118,10 @@ def ack_seq(msg: Msg) -> int:
         if not msg.data:
             raise BrokerUnavailableError(f"no JetStream answer for {msg.subject}: {msg.headers}")
         return int(reply["seq"])
-    if error.get("err_code") == WRONG_LAST_SEQUENCE:
+    # 10071 "wrong last sequence: N"; a clustered stream may answer 10164 "wrong last sequence"
+    if error.get("err_code") in WRONG_LAST_SEQUENCE or str(error.get("description", "")).startswith(
+        "wrong last sequence"
+    ):
         raise CasError(error.get("description", ""))
     raise BrokerError(f"NATS JetStream refused a write: {error.get('description', error)}")
 
@@ -113,15 +132,19 @@ def status(msg: Msg) -> str | None:
 
 
 async def connect(config: NatsConfig, *, name: str) -> Client:
-    """A connection that reconnects for ever on its own (calls time out meanwhile)."""
+    """A connection that reconnects for ever once it is up (calls time out meanwhile); the
+    first connect gives up after ``unavailable_after_s``, closing what it opened."""
+    wait_s = 0.2
+    nc = Client()
     try:
-        return await nats.connect(
+        await nc.connect(
             servers=config.servers,
             name=name,
-            connect_timeout=min(2.0, config.unavailable_after_s),
+            connect_timeout=min(2.0, config.unavailable_after_s),  # type: ignore[arg-type]
             allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.2,
+            # nats-py retries the first connect this many times per server too: bounded here
+            max_reconnect_attempts=max(1, int(config.unavailable_after_s / wait_s)),
+            reconnect_time_wait=wait_s,  # type: ignore[arg-type]  # seconds: floats work
             ping_interval=5,
             max_outstanding_pings=3,
             pending_size=64 * 1024 * 1024,
@@ -130,10 +153,16 @@ async def connect(config: NatsConfig, *, name: str) -> Client:
             reconnected_cb=_quiet,
             closed_cb=_quiet,
         )
-    except Exception as exc:
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        if not isinstance(exc, Exception):
+            raise
         raise BrokerUnavailableError(
             f"NATS at {config.where} could not be reached ({type(exc).__name__}: {exc})"
         ) from exc
+    nc.options["max_reconnect_attempts"] = -1  # up once: never give up on a server again
+    return nc
 
 
 async def _log_error(exc: Exception) -> None:

@@ -4,7 +4,6 @@ and unique keys."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -72,6 +71,9 @@ class Core(Store):
             await self._pause_consumer(name, True)
         self._known_lanes.add(name)
         self._lanes_at = 0.0
+        # idle workers long-poll the lanes they know: tell them of this one (its first job
+        # may be delayed, and a delayed job's pointer wakes nobody when it fires)
+        await session.nc.publish(self.config.wake_subject(queue), name.encode())
 
     async def _lanes_of(self, queues: Sequence[str]) -> list[tuple[int, list[str]]]:
         """The lanes (consumer names) of ``queues``, grouped by priority, highest first."""
@@ -166,7 +168,7 @@ class Core(Store):
             else:
                 subject = self.config.delayed_subject(int(r.run_at // 60))
                 futures.append(await session.requests.send(subject, body, headers))
-        for msg in await asyncio.gather(*futures):
+        for msg in await session.requests.replies(futures):
             ack_seq(msg)
 
     async def _wake(self, queues: set[str]) -> None:

@@ -8,6 +8,7 @@ caller (a producer's ``send()``, a test, the dashboard) runs on the broker's I/O
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import threading
@@ -185,20 +186,31 @@ class Store:
     def _subject(self, what: str, key: str) -> str:
         return f"$KV.{self.config.bucket(what)}.{key}"
 
-    async def _get_many(self, what: str, keys: Sequence[str]) -> list[Entry | None]:
-        """Direct gets of the last value of each key, sent together (one round trip)."""
+    async def _get_many(
+        self, what: str, keys: Sequence[str], *, leader: bool = False
+    ) -> list[Entry | None]:
+        """The last value of each key, asked together (one round trip). A direct get, which
+        any replica of a clustered bucket may answer, possibly from before a write it has not
+        yet received; ``leader=True`` asks the stream's leader, which has every acknowledged
+        write: for a decision that must not rest on an old value (a finish refused)."""
         if not keys:
             return []
         session = await self._session()
         stream = bucket_stream(self.config.bucket(what))
-        futures = [
-            await session.requests.send(
-                f"$JS.API.DIRECT.GET.{stream}.{self._subject(what, key)}", b""
-            )
-            for key in keys
-        ]
-        replies = await asyncio.gather(*futures)
-        return [_entry(msg) for msg in replies]
+        futures = []
+        for key in keys:
+            subject = self._subject(what, key)
+            if leader:
+                body = json.dumps({"last_by_subj": subject}).encode()
+                futures.append(
+                    await session.requests.send(f"$JS.API.STREAM.MSG.GET.{stream}", body)
+                )
+            else:
+                futures.append(
+                    await session.requests.send(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"")
+                )
+        replies = await session.requests.replies(futures)
+        return [_leader_entry(msg) if leader else _entry(msg) for msg in replies]
 
     async def _get(self, what: str, key: str) -> Entry | None:
         return (await self._get_many(what, [key]))[0]
@@ -216,7 +228,7 @@ class Store:
             headers = None if last is None else {"Nats-Expected-Last-Subject-Sequence": str(last)}
             futures.append(await session.requests.send(self._subject(what, key), value, headers))
         out: list[int | CasError] = []
-        for msg in await asyncio.gather(*futures):
+        for msg in await session.requests.replies(futures):
             try:
                 out.append(ack_seq(msg))
             except CasError as exc:
@@ -253,7 +265,7 @@ class Store:
             )
             for rev in revisions
         ]
-        replies = await asyncio.gather(*futures)
+        replies = await session.requests.replies(futures)
         return sum(1 for msg in replies if json.loads(msg.data or b"{}").get("success"))
 
     async def _keys(self, what: str, pattern: str = ">") -> list[str]:
@@ -318,6 +330,26 @@ def _entry(msg: Msg) -> Entry | None:
     revision = int(headers.get("Nats-Sequence", 0))
     deleted = headers.get("KV-Operation") in ("DEL", "PURGE")
     return Entry(revision, msg.data, deleted, _stamp(headers.get("Nats-Time-Stamp")))
+
+
+_NO_MESSAGE = 10037
+
+
+def _leader_entry(msg: Msg) -> Entry | None:
+    reply = json.loads(msg.data or b"{}")
+    error = reply.get("error")
+    if error is not None:
+        if error.get("err_code") == _NO_MESSAGE:
+            return None
+        # a stream between leaders answers errors of its own: ask again later, never "absent"
+        raise BrokerUnavailableError(f"NATS could not read: {error.get('description', error)}")
+    if not msg.data:
+        raise BrokerUnavailableError(f"no JetStream answer to a read: {msg.headers}")
+    message = reply["message"]
+    raw_headers = base64.b64decode(message.get("hdrs") or b"")
+    deleted = b"KV-Operation: DEL" in raw_headers or b"KV-Operation: PURGE" in raw_headers
+    data = base64.b64decode(message.get("data") or b"")
+    return Entry(int(message["seq"]), data, deleted, _stamp(message.get("time")))
 
 
 def _stamp(raw: str | None) -> float:

@@ -1,0 +1,321 @@
+"""What only the NATS broker has to show (issue 13): ack waits, fencing across a paused worker,
+prefixes, an unreachable server, a producer killed between its two writes, and a 3-node
+cluster losing a node mid-run. Every case runs against real ``nats-server`` processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from taskmill import App, BrokerUnavailableError, JobNotFoundError, JobState
+from taskmill.job import Job
+from taskmill.testing import running_worker, wait_until
+
+from . import nats_runs_app
+from .support import HERE, Workers, all_jobs, wait_registered
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _url(server_url: str, **options: str) -> str:
+    query = "&".join(
+        [f"prefix=n{uuid.uuid4().hex[:10]}", *(f"{k}={v}" for k, v in options.items())]
+    )
+    return f"{server_url}?{query}"
+
+
+def _runs(path: Path) -> collections.Counter[str]:
+    if not path.exists():
+        return collections.Counter()
+    return collections.Counter(line.split()[0] for line in path.read_text().splitlines())
+
+
+def test_a_job_longer_than_the_ack_wait_runs_once(nats_server, tmp_path: Path) -> None:
+    """taskiq-nats re-ran every job longer than its consumer's 30 s ack wait; here a claim
+    acknowledges its pointer at once and the record's lease (renewed by heartbeats) is what
+    keeps the job, so a job four times the ack wait runs once."""
+    app = App(_url(nats_server.url, ack_wait="1"), lease_s=2.0, heartbeat_s=0.2)
+    runs: list[str] = []
+
+    @app.task()
+    def slow() -> str:
+        runs.append("ran")
+        time.sleep(4.0)  # the job's own work: four ack waits long
+        return "done"
+
+    try:
+        with running_worker(app, concurrency=2):
+            handle = slow.send()
+            assert handle.result(timeout=30) == "done"
+        assert runs == ["ran"]
+        job = app.get_job(handle.id)
+        assert job.attempt == 1 and job.lost_leases == 0
+    finally:
+        app.close()
+
+
+def test_two_prefixes_on_one_server_stay_apart(nats_server) -> None:
+    left = App(_url(nats_server.url))
+    right = App(_url(nats_server.url))
+    ran: dict[str, list[str]] = {"left": [], "right": []}
+
+    for name, app in (("left", left), ("right", right)):
+
+        @app.task(name="mark")
+        def mark(side: str, _name: str = name) -> str:
+            ran[_name].append(side)
+            return side
+
+    try:
+        lefts = [left.get_task("mark").send("L") for _ in range(5)]
+        rights = [right.get_task("mark").send("R") for _ in range(3)]
+        assert {j.id for j in left.list_jobs().jobs} == {h.id for h in lefts}
+        assert {j.id for j in right.list_jobs().jobs} == {h.id for h in rights}
+        with pytest.raises(JobNotFoundError):
+            left.get_job(rights[0].id)
+        with running_worker(left):
+            assert [h.result(timeout=10) for h in lefts] == ["L"] * 5
+        assert ran == {"left": ["L"] * 5, "right": []}, "a worker ran another prefix's job"
+        assert all(right.get_job(h.id).state is JobState.QUEUED for h in rights)
+    finally:
+        left.close()
+        right.close()
+
+
+def test_an_unreachable_server_fails_within_the_bound(tmp_path: Path) -> None:
+    from servers import free_port
+
+    app = App(f"nats://127.0.0.1:{free_port()}?unavailable_after=1")
+
+    @app.task()
+    def noop() -> None:
+        return None
+
+    try:
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailableError, match=r"NATS at 127\.0\.0\.1:\d+"):
+            noop.send()
+        assert time.monotonic() - started < 5.0
+    finally:
+        app.close()
+
+
+def test_a_paused_workers_late_finish_is_refused(nats_server, tmp_path: Path) -> None:
+    """Worker A takes a job and is frozen (SIGSTOP) past its lease; worker B recovers and runs
+    the job; A is thawed and finishes: its write is refused (the record's lease token is B's),
+    and B's own run ends the job. Each claim acknowledged its own pointer, so A's late
+    acknowledgements cannot reach B's delivery: nothing is left pending on the stream."""
+    url = _url(nats_server.url)
+    runs, release = tmp_path / "runs.txt", tmp_path / "release"
+    env = {"RUNS_FILE": str(runs), "RELEASE_FILE": str(release)}
+    app = App(url, **nats_runs_app.SETTINGS)
+    hold = app.task(name="hold", retries=3, backoff=0.05)(nats_runs_app.hold)
+    workers = Workers(tmp_path, "nats_runs_app:app")
+    try:
+        first = workers.start(url, "--concurrency", "1", **env)
+        wait_registered(app, first, workers)
+        handle = hold.send()
+        wait_until(lambda: _runs(runs)[handle.id] == 1, what="worker A to start the job")
+        os.kill(first.pid, signal.SIGSTOP)
+        second = workers.start(url, "--concurrency", "1", **env)
+        wait_until(
+            lambda: _runs(runs)[handle.id] == 2,
+            what=lambda: f"worker B to run the job again:\n{workers.output()[-3000:]}",
+            timeout=30,
+        )
+        job = app.get_job(handle.id)
+        assert job.attempt == 2 and job.lost_leases == 1
+        os.kill(first.pid, signal.SIGCONT)
+        release.touch()  # both runs may end now: A's first (it was running), then B's
+        assert handle.result(timeout=20) == second.pid, "the job's result is B's, not A's"
+        done = app.get_job(handle.id)
+        assert done.state is JobState.SUCCEEDED and done.attempt == 2
+        assert _pending_on_stream(app) == 0
+    finally:
+        app.close()
+        workers.close()
+
+
+def _stored(app: App, job_id: str, *, leader: bool = False) -> Job | None:
+    app.open()
+    if not leader:
+        return app.run_sync(app.broker.get(job_id))
+    from taskmill.brokers.nats import NatsBroker
+    from taskmill.brokers.nats.config import token
+    from taskmill.brokers.nats.records import record_decoder
+
+    broker = app.broker
+    assert isinstance(broker, NatsBroker)
+
+    async def read() -> Job | None:
+        (entry,) = await broker._get_many("jobs", [token(job_id)], leader=True)
+        return None if entry is None else record_decoder.decode(entry.value).job()
+
+    return app.run_sync(read())
+
+
+def _brief(job: Job | None) -> str:
+    if job is None:
+        return "missing"
+    lease = None if job.lease_expires_at is None else round(job.lease_expires_at - time.time(), 1)
+    return (
+        f"{job.id} {job.state.value} attempt {job.attempt} {job.worker_id} lease {lease} "
+        f"token {job.lease_token} started {job.started_at}"
+    )
+
+
+def _pending_on_stream(app: App) -> int:
+    """Dispatch messages still stored (a work-queue stream keeps only unacknowledged ones)."""
+    from taskmill.brokers.nats import NatsBroker
+
+    broker = app.broker
+    assert isinstance(broker, NatsBroker)
+
+    async def count() -> int:
+        session = await broker._session()
+        info = await session.nc.jetstream().stream_info(broker.config.dispatch_stream)
+        return int(info.state.messages)
+
+    return app.run_sync(count())
+
+
+_KILLED_PRODUCER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from taskmill import App
+    from taskmill.brokers.nats.broker import NatsBroker
+
+    real = NatsBroker._dispatch
+
+    async def then_die(self, records, *, first=False):
+        await real(self, records, first=first)
+        await self._session()  # the pointers are stored: die before the records are written
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    NatsBroker._dispatch = then_die
+    app = App(sys.argv[1])
+    app.task(name="note")(lambda n, pause_s=0.0: n)
+    app.get_task("note").options(job_id=sys.argv[2]).send(7)
+    """
+)
+
+
+def test_a_producer_killed_between_its_two_writes_loses_nothing(
+    nats_server, tmp_path: Path
+) -> None:
+    """The pointer is written first; a send killed before its record is written leaves a
+    pointer that carries the job, and the worker that takes it writes the record itself: the
+    job runs once, and a send of the same id afterwards finds it."""
+    url = _url(nats_server.url)
+    job_id = f"killed-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_PRODUCER, url, job_id],
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    runs = tmp_path / "runs.txt"
+    os.environ["RUNS_FILE"] = str(runs)
+    app = App(url, **nats_runs_app.SETTINGS)
+    note = app.task(name="note", retries=5, backoff=0.05)(nats_runs_app.note)
+    try:
+        assert _stored(app, job_id) is None, "the record was written before the kill"
+        with running_worker(app):
+            wait_until(
+                lambda: (job := _stored(app, job_id)) is not None and job.state.finished,
+                what="the killed producer's job to run",
+            )
+            again = note.options(job_id=job_id).send(7)
+            assert again.id == job_id
+        assert app.get_job(job_id).state is JobState.SUCCEEDED
+        assert _runs(runs)[job_id] == 1, "the job ran more than once"
+    finally:
+        os.environ.pop("RUNS_FILE", None)
+        app.close()
+
+
+@pytest.mark.timeout(240)
+def test_a_cluster_node_killed_mid_run_loses_nothing(nats_cluster, tmp_path: Path) -> None:
+    """Three nodes, replicas 3; producers and workers connected to different nodes; one node
+    SIGKILLed while thousands of jobs go through: every acknowledged job succeeds, a job runs
+    twice only if it was in flight, work goes on, and the node comes back and catches up."""
+    nodes = nats_cluster.urls
+    prefix = f"c{uuid.uuid4().hex[:10]}"
+    options = f"prefix={prefix}&replicas=3&unavailable_after=20"
+    worker_urls = [f"{nodes[0]}?{options}", f"{nodes[1]}?{options}"]
+    producer_url = f"{nodes[2]},{nodes[1]}?{options}"
+    runs = tmp_path / "runs.txt"
+    env = {"RUNS_FILE": str(runs), "RELEASE_FILE": str(tmp_path / "unused")}
+    app = App(producer_url, **nats_runs_app.SETTINGS)
+    note = app.task(name="note", retries=5, backoff=0.05)(nats_runs_app.note)
+    workers = Workers(tmp_path, "nats_runs_app:app")
+    acked: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                acked.extend(h.id for h in note.send_many([(n + i, 0.002) for i in range(50)]))
+            except BrokerUnavailableError:
+                pass  # not acknowledged: allowed while the cluster elects new leaders
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            n += 50
+
+    try:
+        app.open()
+        procs = [workers.start(u, "--concurrency", "16", **env) for u in worker_urls]
+        for proc in procs:
+            wait_registered(app, proc, workers)
+        producer = threading.Thread(target=produce, name="producer", daemon=True)
+        producer.start()
+        try:
+            wait_until(lambda: len(acked) >= 1500 or errors, what="1,500 jobs sent", timeout=60)
+            nats_cluster.kill(0)  # the node the first worker is connected to
+            before = len(acked)
+            wait_until(
+                lambda: len(acked) >= before + 1500 or errors,
+                what="1,500 more jobs sent with a node down",
+                timeout=90,
+            )
+        finally:
+            stop.set()
+            producer.join(30)
+        assert not errors, f"the producer failed with {errors[0]!r}"
+        nats_cluster.start_node(0)
+
+        def missing() -> set[str]:
+            return set(acked) - set(all_jobs(app, JobState.SUCCEEDED))
+
+        wait_until(
+            lambda: not missing(),
+            what=lambda: (
+                f"{len(missing())} of {len(acked)} acknowledged jobs to succeed: "
+                f"{[_brief(_stored(app, i)) for i in sorted(missing())[:5]]} "
+                f"leader: {[_brief(_stored(app, i, leader=True)) for i in sorted(missing())[:5]]}"
+            ),
+            timeout=120,
+        )
+        counts = _runs(runs)
+        twice = [job_id for job_id in acked if counts[job_id] > 1]
+        assert len(twice) <= 16 * 2, f"{len(twice)} jobs ran twice: more than were in flight"
+        assert all(p.poll() is None for p in procs), workers.output()[-3000:]
+        assert len(acked) >= 3000
+    finally:
+        app.close()
+        workers.close()
