@@ -80,3 +80,10 @@ bench-postgres: install test-deps
 .PHONY: bench-sqlite
 bench-sqlite: install test-deps
 	$(BIN)/python -m bench.compare_sqlite $(BENCH_ARGS)
+
+# taskmill against TaskIQ with taskiq-nats (the Task Tracker seed's stack) on one nats-server that
+# it starts (JetStream, sync_interval: always; the binary of the test extra, in .venv/bin);
+# TaskIQ is installed into bench/.peers/, not into the project's virtualenv
+.PHONY: bench-nats
+bench-nats: install test-deps
+	$(BIN)/python -m bench.compare_nats $(BENCH_ARGS)
