@@ -115,7 +115,7 @@ class Admin(Core, Broker):
 
     @on_io_loop
     async def stats(self) -> list[QueueStats]:
-        now = self._now()
+        now = await self._fresh_now()
         out: dict[str, QueueStats] = {}
         for queue in await self._paused_queues():
             out[queue] = QueueStats(queue, {s.value: 0 for s in JobState}, None, True)
@@ -160,7 +160,7 @@ class Admin(Core, Broker):
     async def retry(self, job_ids: Sequence[str] | None) -> list[str]:
         if job_ids is None:
             job_ids = [r.id for _, r in await self._records() if r.state is JobState.FAILED]
-        now = self._now()
+        now = await self._fresh_now()
         done: list[str] = []
 
         async def again(record: Record) -> Record | None:
@@ -185,7 +185,7 @@ class Admin(Core, Broker):
 
     @on_io_loop
     async def cancel(self, job_id: str) -> JobState | None:
-        now = self._now()
+        now = await self._fresh_now()
 
         async def cancel(record: Record) -> Record | None:
             if record.state in (JobState.SCHEDULED, JobState.QUEUED):
@@ -204,7 +204,7 @@ class Admin(Core, Broker):
 
     @on_io_loop
     async def run_now(self, job_id: str) -> JobState | None:
-        now = self._now()
+        now = await self._fresh_now()
 
         async def due(record: Record) -> Record | None:
             if record.state is not JobState.SCHEDULED:

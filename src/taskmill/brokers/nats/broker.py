@@ -47,7 +47,7 @@ from taskmill.brokers.nats.config import (
     priority_of_token,
     token,
 )
-from taskmill.brokers.nats.connection import CasError
+from taskmill.brokers.nats.connection import BUCKETS, CasError
 from taskmill.brokers.nats.core import CAS_TRIES, GRACE_S
 from taskmill.brokers.nats.dispatch import Lane
 from taskmill.brokers.nats.features import Features
@@ -92,7 +92,7 @@ class NatsBroker(Admin, Features, Broker):
     name = "nats"
     capabilities = Capabilities(
         shared_across_processes=True,
-        server_clock=False,
+        server_clock=True,
         transactional_enqueue=False,
         push_wakeups=True,
     )
@@ -148,6 +148,41 @@ class NatsBroker(Admin, Features, Broker):
                 await session.nc.flush(timeout=2)
         await self._close_session(loop)
 
+    def storage_blocking(self) -> list[dict[str, Any]]:
+        """Create the streams and buckets now if they are missing, and describe each as the
+        server has it (``taskmill migrate`` prints this)."""
+        future = asyncio.run_coroutine_threadsafe(self._storage(), self._io_loop())
+        return future.result()
+
+    async def _storage(self) -> list[dict[str, Any]]:
+        session = await self._retrying(self._session)
+        js = session.nc.jetstream()
+        names = [self.config.dispatch_stream]
+        names += [f"KV_{self.config.bucket(what)}" for what in BUCKETS]
+        described = []
+        for name in names:
+            info = await js.stream_info(name)
+            c = info.config
+            described.append(
+                {
+                    "stream": name,
+                    "subjects": list(c.subjects or []),
+                    "retention": str(c.retention.value if c.retention else ""),
+                    "storage": str(c.storage.value if c.storage else ""),
+                    "replicas": c.num_replicas,
+                    "max_msgs_per_subject": c.max_msgs_per_subject,
+                    "max_age_s": c.max_age,
+                    "duplicate_window_s": c.duplicate_window,
+                    "scheduled_messages": bool(c.allow_msg_schedules),
+                    "messages": info.state.messages,
+                }
+            )
+        return described
+
+    @on_io_loop
+    async def now(self) -> float:
+        return await self._fresh_now()
+
     async def _session_opened(self, session: Session) -> None:
         async def woken(msg: Msg) -> None:
             session.wake_version += 1
@@ -191,7 +226,7 @@ class NatsBroker(Admin, Features, Broker):
 
     async def _enqueue(self, jobs: Sequence[NewJob], on_conflict: OnConflict) -> EnqueueResult:
         result = EnqueueResult(ids=[j.id for j in jobs])
-        now = self._now()
+        now = await self._fresh_now()
         base = time.time_ns()
         fresh: list[tuple[int, Record]] = []
         seen: set[str] = set()
@@ -320,7 +355,7 @@ class NatsBroker(Admin, Features, Broker):
     async def _claim_messages(
         self, got: list[tuple[Msg, Pointer]], limit: int, worker_id: str, lease_s: float
     ) -> list[Job]:
-        now = self._now()
+        now = await self._fresh_now()
         token_ = os.urandom(8).hex()
         expires = now + lease_s
         entries = await self._get_many("jobs", [token(p.id) for _, p in got])
@@ -417,7 +452,7 @@ class NatsBroker(Admin, Features, Broker):
     async def heartbeat(
         self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
     ) -> HeartbeatReply:
-        now = self._now()
+        now = await self._fresh_now()
         expires = now + lease_s
         reply = HeartbeatReply()
         self._held[worker.id] = {c.job_id: c.token for c in claims}
@@ -497,7 +532,7 @@ class NatsBroker(Admin, Features, Broker):
     async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
         if not finishes:
             return []
-        now = self._now()
+        now = await self._fresh_now()
         applied = [False] * len(finishes)
         todo = list(enumerate(finishes))
         for _ in range(CAS_TRIES):
@@ -549,7 +584,7 @@ class NatsBroker(Admin, Features, Broker):
     async def recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
         self.max_lost_leases = max_lost_leases
         recovered, self._recovered = self._recovered, []
-        now = self._now()
+        now = await self._fresh_now()
         if time.monotonic() >= self._sweep_at:
             self._sweep_at = time.monotonic() + SWEEP_S
             recovered += await self._sweep_expired(now)

@@ -30,6 +30,8 @@ GRACE_S = 30.0
 between its two writes (and whose job was too large to ride in the pointer); a unique key whose
 job is still missing after this long was taken by such a send."""
 CAS_TRIES = 5
+CLOCK_SYNC_S = 60.0
+"""How often a process measures the server's clock again."""
 _LANES_TTL_S = 1.0
 _FAR = "9999-12-31T00:00:00Z"
 
@@ -40,14 +42,33 @@ class Core(Store):
         self._lanes: dict[str, list[tuple[int, str]]] = {}
         self._lanes_at = 0.0
         self._known_lanes: set[str] = set()
+        self._clock_offset = 0.0
+        self._clock_synced_at = -CLOCK_SYNC_S
 
     # --- clocks and lanes -----------------------------------------------------------------
 
     def _now(self) -> float:
-        return time.time()
+        """The server's clock, as this process estimates it (``_sync_clock``)."""
+        return time.time() + self._clock_offset
 
-    async def now(self) -> float:
+    async def _fresh_now(self) -> float:
+        """``_now`` with an estimate at most ``CLOCK_SYNC_S`` old."""
+        if time.monotonic() >= self._clock_synced_at + CLOCK_SYNC_S:
+            await self._sync_clock()
         return self._now()
+
+    async def _sync_clock(self) -> None:
+        """Estimate how far the server's clock is from this one: NATS has no TIME command,
+        but every stored message carries the server's time. Write one, read its stamp, and
+        take the middle of the round trip (the error is at most half of it, well under a
+        millisecond on a LAN)."""
+        self._clock_synced_at = time.monotonic()
+        before = time.time()
+        revision = await self._put("misc", "clock", b"")
+        after = time.time()
+        entry = await self._get("misc", "clock")
+        if entry is not None and entry.revision == revision and entry.stored_at:
+            self._clock_offset = entry.stored_at - (before + after) / 2
 
     async def _ensure_lane(self, queue: str, priority: int) -> None:
         name = consumer_name(queue, priority)
@@ -137,7 +158,7 @@ class Core(Store):
         found = await self._get("jobs", token(holder))
         if found is None or found.deleted:
             # a send that took the key may still be writing its job: it holds it a while
-            return self._now() - entry.stored_at < GRACE_S
+            return await self._fresh_now() - entry.stored_at < GRACE_S
         return record_decoder.decode(found.value).pending
 
     async def _release_key(self, key: str, job_id: str) -> None:

@@ -96,7 +96,7 @@ class Features(Core, Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
 
     @on_io_loop
     async def save_workflow(self, workflow_id: str, spec: bytes) -> None:
-        record = _Workflow(spec, "running", self._now())
+        record = _Workflow(spec, "running", await self._fresh_now())
         with contextlib.suppress(CasError):  # stored already: it keeps what it has
             await self._put("workflows", token(workflow_id), _encoder.encode(record), 0)
 
@@ -110,7 +110,7 @@ class Features(Core, Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
 
     @on_io_loop
     async def end_workflow(self, workflow_id: str, state: str) -> bool:
-        now = self._now()
+        now = await self._fresh_now()
 
         def end(entry: Entry | None) -> tuple[bytes | None, bool]:
             if entry is None:
@@ -149,7 +149,7 @@ class Features(Core, Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
 
     @on_io_loop
     async def reserve_rate_slot(self, bucket: str, interval_s: float) -> float:
-        now = self._now()
+        now = await self._fresh_now()
 
         def reserve(entry: Entry | None) -> tuple[bytes | None, float]:
             start = max(float(entry.value) if entry is not None else now, now)
@@ -159,7 +159,7 @@ class Features(Core, Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
 
     @on_io_loop
     async def acquire_slot(self, bucket: str, holder: str, limit: int, ttl_s: float) -> bool:
-        now = self._now()
+        now = await self._fresh_now()
 
         def acquire(entry: Entry | None) -> tuple[bytes | None, bool]:
             holders = {} if entry is None else _slots_decoder.decode(entry.value)
