@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from taskmill import App, BrokerUnavailableError, JobNotFoundError, JobState
+from taskmill import App, BrokerUnavailableError, JobNotFoundError, JobState, current_job
 from taskmill.job import Job
 from taskmill.testing import running_worker, wait_until
 
@@ -319,3 +319,39 @@ def test_a_cluster_node_killed_mid_run_loses_nothing(nats_cluster, tmp_path: Pat
     finally:
         app.close()
         workers.close()
+
+
+def test_delays_and_retries_without_the_servers_scheduled_messages(nats_server) -> None:
+    """``schedules=workers`` (what a server before 2.12 gets): delayed jobs and retries wait
+    in a subject per minute and the workers' promoter moves them when due."""
+    app = App(
+        _url(nats_server.url, schedules="workers"),
+        lease_s=5.0,
+        heartbeat_s=0.2,
+        recover_interval_s=0.2,
+    )
+    started: list[float] = []
+
+    @app.task(retries=2, backoff=0.3)
+    def flaky(fail_first: bool) -> int:
+        started.append(time.time())
+        attempt = current_job().attempt
+        if fail_first and attempt == 1:
+            raise RuntimeError("again")
+        return attempt
+
+    try:
+        app.open()
+        assert not app.broker.schedules_on_server  # type: ignore[attr-defined]
+        with running_worker(app):
+            delayed = flaky.options(delay=1.0).send(False)
+            run_at = app.get_job(delayed.id).run_at
+            assert delayed.result(timeout=10) == 1
+            assert run_at <= started[0] < run_at + 1.5, "promoted late or early"
+            assert flaky.send(True).result(timeout=10) == 2, "the retry was never promoted"
+            later = flaky.options(delay=3600).send(False)
+            assert later.run_now() is JobState.SCHEDULED
+            assert later.result(timeout=10) == 1
+        assert _pending_on_stream(app) == 1, "only the hour-delayed pointer (now stale) is left"
+    finally:
+        app.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -47,8 +48,8 @@ from taskmill.brokers.nats.config import (
     priority_of_token,
     token,
 )
-from taskmill.brokers.nats.connection import BUCKETS, CasError
-from taskmill.brokers.nats.core import CAS_TRIES, GRACE_S
+from taskmill.brokers.nats.connection import BUCKETS, CasError, ack_seq
+from taskmill.brokers.nats.core import CAS_TRIES, GRACE_S, LANE_HEADER
 from taskmill.brokers.nats.dispatch import Lane
 from taskmill.brokers.nats.features import Features
 from taskmill.brokers.nats.records import (
@@ -588,27 +589,77 @@ class NatsBroker(Admin, Features, Broker):
         if time.monotonic() >= self._sweep_at:
             self._sweep_at = time.monotonic() + SWEEP_S
             recovered += await self._sweep_expired(now)
+        if not self.schedules_on_server:
+            await self._promote_due(now)
         for name in await self._keys("leases"):
-            entry = await self._get("leases", name)
-            if entry is None or entry.deleted:
-                continue
-            lease = msgspec.msgpack.decode(entry.value, type=LeaseEntry)
-            if lease.expires_at >= now:
-                continue
-            for job_id, lease_token in lease.claims.items():
-                found = await self._get("jobs", token(job_id))
-                if found is None or found.deleted:
-                    continue
-                record = record_decoder.decode(found.value)
-                if record.state is not JobState.RUNNING or record.lease_token != lease_token:
-                    continue
-                if (record.lease_expires_at or 0.0) >= now:
-                    continue
-                done = await self._recover_record(record, found.revision, now)
-                if done is not None:
-                    recovered.append(done)
-            await self._delete("leases", name, entry.revision)
+            recovered += await self._recover_lease(name, now)
         return recovered
+
+    async def _recover_lease(self, name: str, now: float) -> list[tuple[str, JobState]]:
+        """The jobs of one worker's lease entry, if it ran out: each still held by that
+        claim, with its own lease run out, is recovered; then the entry goes."""
+        entry = await self._get("leases", name)
+        if entry is None or entry.deleted:
+            return []
+        lease = msgspec.msgpack.decode(entry.value, type=LeaseEntry)
+        if lease.expires_at >= now:
+            return []
+        recovered: list[tuple[str, JobState]] = []
+        for job_id, lease_token in lease.claims.items():
+            found = await self._get("jobs", token(job_id))
+            if found is None or found.deleted:
+                continue
+            record = record_decoder.decode(found.value)
+            if record.state is not JobState.RUNNING or record.lease_token != lease_token:
+                continue
+            if (record.lease_expires_at or 0.0) >= now:
+                continue
+            done = await self._recover_record(record, found.revision, now)
+            if done is not None:
+                recovered.append(done)
+        await self._delete("leases", name, entry.revision)
+        return recovered
+
+    async def _promote_due(self, now: float) -> int:
+        """The workers' promoter (servers without scheduled messages, or
+        ``schedules=workers``): pointers of delayed jobs wait in a subject per minute of their
+        run_at; those due now move to their lane. Promoters racing each other are safe: the
+        moved pointer's message id is deduplicated, and a pointer is a pointer (the record's
+        CAS decides who runs it). How many queues were woken."""
+        stream = self.config.dispatch_stream
+        prefix = self.config.delayed_subject(0)[:-1]
+        current = int(now // 60)
+        minutes = sorted(
+            int(s[len(prefix) :])
+            for s in await self._subjects(stream, prefix + "*")
+            if s[len(prefix) :].isdigit()
+        )
+        woken: set[str] = set()
+        session = await self._session()
+        for minute in (m for m in minutes if m <= current):
+            subject, seq = self.config.delayed_subject(minute), 0
+            while (found := await self._next_message(stream, subject, seq)) is not None:
+                seq, msg = found
+                pointer = pointer_decoder.decode(msg.data)
+                seq += 1
+                if pointer.run_at > now:
+                    continue
+                lane = (msg.headers or {}).get(LANE_HEADER, "")
+                if lane.startswith(f"{self.config.prefix}.d."):
+                    headers = {"Nats-Msg-Id": f"{pointer.id}:{pointer.gen}:due"}
+                    ack_seq(await session.requests.request(lane, msg.data, headers))
+                    woken.add(lane.split(".")[2])
+                await self._erase_dispatch(seq - 1)
+        for qtok in woken:
+            await session.nc.publish(f"{self.config.prefix}.wake.{qtok}", b"")
+        return len(woken)
+
+    async def _erase_dispatch(self, seq: int) -> None:
+        session = await self._session()
+        await session.requests.request(
+            f"$JS.API.STREAM.MSG.DELETE.{self.config.dispatch_stream}",
+            json.dumps({"seq": seq, "no_erase": True}).encode(),
+        )
 
     async def _sweep_expired(self, now: float) -> list[tuple[str, JobState]]:
         """Every running record whose lease ran out, found by reading them all: the leases

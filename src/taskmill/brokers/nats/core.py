@@ -30,6 +30,7 @@ GRACE_S = 30.0
 between its two writes (and whose job was too large to ride in the pointer); a unique key whose
 job is still missing after this long was taken by such a send."""
 CAS_TRIES = 5
+LANE_HEADER = "Taskmill-Lane"
 CLOCK_SYNC_S = 60.0
 """How often a process measures the server's clock again."""
 _LANES_TTL_S = 1.0
@@ -188,6 +189,7 @@ class Core(Store):
                 futures.append(await session.requests.send(subject, body, headers))
             else:
                 subject = self.config.delayed_subject(int(r.run_at // 60))
+                headers[LANE_HEADER] = lane  # where the workers' promoter moves it
                 futures.append(await session.requests.send(subject, body, headers))
         for msg in await session.requests.replies(futures):
             ack_seq(msg)

@@ -270,25 +270,41 @@ class Store:
 
     async def _keys(self, what: str, pattern: str = ">") -> list[str]:
         """The keys of a bucket with a value or a marker (one stream info request)."""
-        session = await self._session()
         bucket = self.config.bucket(what)
         prefix = f"$KV.{bucket}."
-        keys: list[str] = []
+        subjects = await self._subjects(bucket_stream(bucket), prefix + pattern)
+        return [s[len(prefix) :] for s in subjects]
+
+    async def _subjects(self, stream: str, pattern: str) -> list[str]:
+        """The subjects of ``stream`` matching ``pattern`` that hold messages."""
+        session = await self._session()
+        found: list[str] = []
         offset = 0
         while True:
             msg = await session.requests.request(
-                f"$JS.API.STREAM.INFO.{bucket_stream(bucket)}",
-                json.dumps({"subjects_filter": prefix + pattern, "offset": offset}).encode(),
+                f"$JS.API.STREAM.INFO.{stream}",
+                json.dumps({"subjects_filter": pattern, "offset": offset}).encode(),
             )
             info = json.loads(msg.data)
             if "error" in info:
                 raise BrokerError(f"NATS refused stream info: {info['error']}")
             subjects = info.get("state", {}).get("subjects") or {}
-            keys.extend(s[len(prefix) :] for s in subjects)
-            total = int(info.get("total", 0) or 0)
+            found.extend(subjects)
             offset += len(subjects)
-            if not subjects or offset >= total:
-                return keys
+            if not subjects or offset >= int(info.get("total", 0) or 0):
+                return found
+
+    async def _next_message(self, stream: str, subject: str, seq: int) -> tuple[int, Msg] | None:
+        """The first message on ``subject`` at or after ``seq`` (a direct get), with its
+        sequence; None when there is none."""
+        session = await self._session()
+        body = json.dumps({"next_by_subj": subject, "seq": seq}).encode()
+        msg = await session.requests.request(f"$JS.API.DIRECT.GET.{stream}", body)
+        if status(msg) is not None:
+            if status(msg) == "404":
+                return None
+            raise BrokerUnavailableError(f"NATS direct get failed: {msg.headers}")
+        return int((msg.headers or {}).get("Nats-Sequence", 0)), msg
 
     async def _scan(self, what: str) -> AsyncIterator[tuple[str, Entry]]:
         """Every key of a bucket with its last value (markers included), in no order."""
