@@ -62,7 +62,7 @@ from taskmill.brokers.nats.records import (
     record_encoder,
 )
 from taskmill.brokers.nats.store import Entry, Session
-from taskmill.errors import BrokerUnavailableError, DuplicateJobError, PayloadTooLargeError
+from taskmill.errors import DuplicateJobError, PayloadTooLargeError
 from taskmill.job import (
     Cancelled,
     Claim,
@@ -104,6 +104,8 @@ class NatsBroker(Admin, Features, Broker):
         self.result_ttl_s = Settings().result_ttl_s
         self._held: dict[str, dict[str, str]] = {}
         self._recovered: list[tuple[str, JobState]] = []
+        # job id -> (revision, record) this process last wrote for a claim it holds
+        self._mine: dict[str, tuple[int, Record]] = {}
         self._sweep_at = time.monotonic() + SWEEP_S
 
     def configure(self, settings: Settings) -> None:
@@ -382,6 +384,7 @@ class NatsBroker(Admin, Features, Broker):
         for (msg, record), rev in zip(claims, results, strict=True):
             if isinstance(rev, int):
                 await msg.ack()
+                self._mine[record.id] = (rev, record)
                 jobs.append(record.job())
             else:
                 held.pop(record.id, None)
@@ -478,98 +481,116 @@ class NatsBroker(Admin, Features, Broker):
         lost CAS, from a fresh read). The ids still held."""
         held: set[str] = set()
         todo = list(claims)
+        stale: set[str] = set()
         for _ in range(CAS_TRIES):
             if not todo:
                 break
-            entries = await self._confirmed(todo)
+            found = await self._held_records(todo, stale)
             writes: list[tuple[str, bytes, int | None]] = []
-            pending: list[Claim] = []
-            for claim, entry in zip(todo, entries, strict=True):
-                record = _holding(entry, claim)
-                if record is None:
+            pending: list[tuple[Claim, Record]] = []
+            for claim, hit in zip(todo, found, strict=True):
+                if hit is None:
                     continue
-                new = change(record)
+                new = change(hit[1])
                 if new is None:
                     held.add(claim.job_id)
                     continue
-                writes.append((token(claim.job_id), record_encoder.encode(new), entry.revision))  # type: ignore[union-attr]
-                pending.append(claim)
+                writes.append((token(claim.job_id), record_encoder.encode(new), hit[0]))
+                pending.append((claim, new))
             results = await self._put_many("jobs", writes)
             todo = []
-            for claim, rev in zip(pending, results, strict=True):
+            for (claim, new), rev in zip(pending, results, strict=True):
                 if isinstance(rev, int):
                     held.add(claim.job_id)
+                    self._mine[claim.job_id] = (rev, new)
                 else:
+                    stale.add(claim.job_id)
                     todo.append(claim)
         return held
 
-    async def _confirmed(self, claims: Sequence[Claim]) -> list[Entry | None]:
-        """The records of ``claims``; those that no longer hold their claim are read again
-        from the leader, as a replica may not have the claim's write yet (a claim judged lost
-        on an old value would be dropped by its worker while its record says running)."""
-        entries = await self._get_many("jobs", [token(c.job_id) for c in claims])
-        doubtful = [
-            i
-            for i, (c, e) in enumerate(zip(claims, entries, strict=True))
-            if _holding(e, c) is None
-        ]
-        if doubtful:
-            again = await self._get_many(
-                "jobs", [token(claims[i].job_id) for i in doubtful], leader=True
-            )
-            for i, entry in zip(doubtful, again, strict=True):
-                if entry is None:
-                    # a running job's record is never removed (purge takes waiting jobs,
-                    # delete and prune finished ones): a stream that lost track for a
-                    # moment; refusing the claim on it would strand the job as running
-                    raise BrokerUnavailableError(
-                        f"NATS has no record of job {claims[i].job_id} that a worker holds; "
-                        "asking again later"
-                    )
-                entries[i] = entry
-        return entries
+    async def _held_records(
+        self, claims: Sequence[Claim], stale: set[str]
+    ) -> list[tuple[int, Record] | None]:
+        """(revision, record) of each claim's job while the claim holds it, else None.
+
+        This process's own last write is used where it has one (no read: a finish costs one
+        round trip); ``stale`` names jobs whose CAS on it lost, read afresh. Records that no
+        longer hold their claim are read again from the leader, as a replica may not have the
+        claim's write yet (a claim judged lost on an old value would be dropped by its worker
+        while its record says running)."""
+        found: list[tuple[int, Record] | None] = [None] * len(claims)
+        unread: list[int] = []
+        for i, claim in enumerate(claims):
+            mine = None if claim.job_id in stale else self._mine.get(claim.job_id)
+            if mine is not None and mine[1].lease_token == claim.token:
+                found[i] = mine
+            else:
+                unread.append(i)
+        for leader in (False, True):
+            if not unread:
+                break
+            keys = [token(claims[i].job_id) for i in unread]
+            entries = await self._get_many("jobs", keys, leader=leader)
+            doubtful = []
+            for i, entry in zip(unread, entries, strict=True):
+                record = _holding(entry, claims[i])
+                if record is None or entry is None:
+                    doubtful.append(i)
+                else:
+                    found[i] = (entry.revision, record)
+            unread = doubtful
+        for i in unread:
+            self._mine.pop(claims[i].job_id, None)  # not held: nothing of ours to remember
+        return found
 
     @on_io_loop
     async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
-        if not finishes:
-            return []
         now = await self._fresh_now()
         applied = [False] * len(finishes)
         todo = list(enumerate(finishes))
+        stale: set[str] = set()
         for _ in range(CAS_TRIES):
             if not todo:
                 break
-            entries = await self._confirmed([f.claim for _, f in todo])
-            writes: list[tuple[str, bytes, int | None]] = []
-            done: list[tuple[int, Finish, Record]] = []
-            claimed: set[str] = set()
-            for (i, f), entry in zip(todo, entries, strict=True):
-                record = _holding(entry, f.claim)
-                if record is None or entry is None or record.id in claimed:
-                    applied[i] = _finished_by(entry, f.claim)
-                    continue
-                claimed.add(record.id)  # one write per job and round: the rest go next round
-                new = _finished(record, f, now)
-                writes.append((token(record.id), record_encoder.encode(new), entry.revision))
-                done.append((i, f, new))
-            await self._dispatch([new for _, _, new in done if not new.state.finished])
-            results = await self._put_many("jobs", writes)
-            todo = [
-                (i, f)
-                for i, f in todo
-                if f.claim.job_id in claimed and i not in {d[0] for d in done}
-            ]
-            for (i, f, new), rev in zip(done, results, strict=True):
-                if isinstance(rev, int):
-                    applied[i] = True
-                    for held in self._held.values():
-                        held.pop(new.id, None)
-                    if new.state.finished and new.key is not None:
-                        await self._release_key(new.key, new.id)
-                else:
-                    todo.append((i, f))
-            await self._wake({n.queue for _, _, n in done if n.state is JobState.QUEUED})
+            todo = await self._finish_round(todo, stale, now, applied)
         return applied
+
+    async def _finish_round(
+        self, todo: list[tuple[int, Finish]], stale: set[str], now: float, applied: list[bool]
+    ) -> list[tuple[int, Finish]]:
+        """One CAS per job still held: what is left for another round (a lost CAS, or a
+        second finish of a job in the batch)."""
+        found = await self._held_records([f.claim for _, f in todo], stale)
+        writes: list[tuple[str, bytes, int | None]] = []
+        done: list[tuple[int, Finish, Record]] = []
+        later: list[tuple[int, Finish]] = []
+        for (i, f), hit in zip(todo, found, strict=True):
+            if hit is None:
+                continue
+            if any(new.id == hit[1].id for _, _, new in done):
+                later.append((i, f))
+                continue
+            new = _finished(hit[1], f, now)
+            writes.append((token(new.id), record_encoder.encode(new), hit[0]))
+            done.append((i, f, new))
+        await self._dispatch([new for _, _, new in done if not new.state.finished])
+        results = await self._put_many("jobs", writes)
+        for (i, f, new), rev in zip(done, results, strict=True):
+            if isinstance(rev, int):
+                applied[i] = True
+                await self._landed(new)
+            else:
+                stale.add(new.id)
+                later.append((i, f))
+        await self._wake({new.queue for _, _, new in done if new.state is JobState.QUEUED})
+        return later
+
+    async def _landed(self, new: Record) -> None:
+        self._mine.pop(new.id, None)
+        for held in self._held.values():
+            held.pop(new.id, None)
+        if new.state.finished and new.key is not None:
+            await self._release_key(new.key, new.id)
 
     @on_io_loop
     async def record_progress(self, items: Sequence[Progress]) -> None:
@@ -778,18 +799,9 @@ def _holding(entry: Entry | None, claim: Claim) -> Record | None:
     return record
 
 
-def _finished_by(entry: Entry | None, claim: Claim) -> bool:
-    """Whether this claim's finish is the one the record holds (a reply lost, sent again)."""
-    if entry is None or entry.deleted:
-        return False
-    return record_decoder.decode(entry.value).done_by == claim.token
-
-
 def _finished(record: Record, finish: Finish, now: float) -> Record:
     o = finish.outcome
-    new = msgspec.structs.replace(
-        record, lease_token=None, lease_expires_at=None, done_by=finish.claim.token
-    )
+    new = msgspec.structs.replace(record, lease_token=None, lease_expires_at=None)
     if isinstance(o, Succeeded):
         new.state, new.result, new.finished_at = JobState.SUCCEEDED, o.result, now
     elif isinstance(o, Failed):

@@ -48,9 +48,6 @@ class Record(msgspec.Struct, array_like=True, omit_defaults=False):
     gen: int = 0
     seq: int = 0
     """Enqueue order: the producer's clock in nanoseconds (ties broken by id)."""
-    done_by: str | None = None
-    """The lease token of the claim whose finish wrote this record: a finish sent again after
-    a lost reply finds it applied already, rather than stale."""
 
     def job(self) -> Job:
         return Job(

@@ -108,6 +108,10 @@ class Store:
             raise BrokerUnavailableError(
                 "the worker detached from this event loop: no new NATS connection is made here"
             )
+        if loop not in self._attached and loop is not self._io_loop():
+            # a connection here would outlive the loop unclosed: public methods hop to the
+            # I/O loop (``on_io_loop``); this is a call that skipped them
+            raise RuntimeError("the NATS broker's connections live on its I/O loop or a worker's")
         opening = self._opening.get(loop)
         if opening is None:
             opening = self._opening[loop] = loop.create_future()
