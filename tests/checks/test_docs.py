@@ -31,6 +31,7 @@ import pytest
 
 from taskmill.brokers.base import Broker, Capabilities
 from taskmill.brokers.memory import MemoryBroker
+from taskmill.brokers.nats import NatsBroker
 from taskmill.brokers.postgres import PostgresBroker
 from taskmill.brokers.redis import RedisBroker
 from taskmill.brokers.sqlite import SQLiteBroker
@@ -175,6 +176,7 @@ BROKERS: dict[str, type[Broker]] = {
     "sqlite": SQLiteBroker,
     "redis": RedisBroker,
     "postgres": PostgresBroker,
+    "nats": NatsBroker,
 }
 
 

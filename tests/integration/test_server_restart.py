@@ -3,10 +3,10 @@ process carries on without a restart of its own.
 
 The case runs on each server broker, with the server stopped (a clean shutdown) or killed
 (Redis: SIGKILL, with ``appendfsync always``; PostgreSQL: an immediate shutdown, so the next
-start replays the WAL; NATS: SIGKILL, with ``sync_interval: always``), each time on a server of the test's own (``redis_server_aof``,
-``postgres_server_own``). Workers are real ``taskmill worker`` processes. Waiting is polling
-until a deadline; the only sleeps are the outage's length (in ``restart``) and the producer's
-pacing.
+start replays the WAL; NATS: SIGKILL, with ``sync_interval: always``), each time on a server
+of the test's own (``redis_server_aof``, ``postgres_server_own``, ``nats_server_own``).
+Workers are real ``taskmill worker`` processes. Waiting is polling until a deadline; the only
+sleeps are the outage's length (in ``restart``) and the producer's pacing.
 """
 
 from __future__ import annotations
