@@ -10,6 +10,7 @@ PostgreSQL: one per session, a schema per test).
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sqlite3
 import uuid
@@ -139,13 +140,12 @@ def _corrupt_nats(app: App, job_id: str) -> None:
         record.payload = BAD_PAYLOAD
         await broker._put("jobs", token(job_id), record_encoder.encode(record), entry.revision)
 
-    app.run_sync(corrupt())
+    # on the broker's own I/O loop, where its connections live
+    asyncio.run_coroutine_threadsafe(corrupt(), broker._io_loop()).result(timeout=30)
 
 
 def _cleanup_nats(url: str) -> None:
     # the session's server outlives the test: drop every stream under the test's prefix
-    import asyncio
-
     import nats
 
     from taskmill.brokers.nats import parse_url

@@ -16,13 +16,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from servers import NatsServer
 from taskmill import App
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    # nats-py 2.16 gives a stream's retention and storage as plain strings, and
-    # NatsBroker.storage_blocking reads ``.value`` of them (AttributeError): both tests pass
-    # with getattr(c.retention, "value", c.retention) there. Remove this marker with that fix.
-    pytest.mark.xfail(raises=AssertionError, strict=True, reason="storage_blocking: str enums"),
-]
+pytestmark = pytest.mark.timeout(60)
 
 BUCKETS = ("jobs", "keys", "leases", "workers", "queues", "misc", "workflows")
 

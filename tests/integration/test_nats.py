@@ -5,6 +5,7 @@ cluster losing a node mid-run. Every case runs against real ``nats-server`` proc
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import signal
@@ -14,7 +15,9 @@ import textwrap
 import threading
 import time
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,6 +29,7 @@ from . import nats_runs_app
 from .support import HERE, Workers, all_jobs, wait_registered
 
 pytestmark = pytest.mark.timeout(120)
+T = TypeVar("T")
 
 
 def _url(server_url: str, **options: str) -> str:
@@ -162,7 +166,12 @@ def _stored(app: App, job_id: str, *, leader: bool = False) -> Job | None:
         (entry,) = await broker._get_many("jobs", [token(job_id)], leader=True)
         return None if entry is None else record_decoder.decode(entry.value).job()
 
-    return app.run_sync(read())
+    return _on_io_loop(broker, read())
+
+
+def _on_io_loop(broker: Any, coro: Coroutine[Any, Any, T]) -> T:
+    """Run a look at the broker's internals where its connections live."""
+    return asyncio.run_coroutine_threadsafe(coro, broker._io_loop()).result(timeout=30)
 
 
 def _brief(job: Job | None) -> str:
@@ -187,7 +196,7 @@ def _pending_on_stream(app: App) -> int:
         info = await session.nc.jetstream().stream_info(broker.config.dispatch_stream)
         return int(info.state.messages)
 
-    return app.run_sync(count())
+    return _on_io_loop(broker, count())
 
 
 _KILLED_PRODUCER = textwrap.dedent(

@@ -13,7 +13,8 @@ import uuid
 import pytest
 
 from servers import NatsServer
-from taskmill import App, JobNotFoundError, PayloadTooLargeError
+from taskmill import App, JobFailedError, JobNotFoundError, PayloadTooLargeError
+from taskmill.testing import running_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,5 +103,26 @@ def test_the_clock_is_the_servers_not_the_local_one(
         assert abs(server_now - time.time()) < 0.5, "the local clock's hour leaked through"
         job = app.get_job(app.task(name="noop")(lambda: None).send().id)
         assert abs(job.enqueued_at - time.time()) < 5.0
+    finally:
+        app.close()
+
+
+def test_a_result_too_large_for_the_server_fails_the_job_clearly(nats_server) -> None:
+    """The server's max_payload bounds a record; a result that would pass it cannot be stored,
+    so the job fails with an error that says why (rather than a finish retried for ever)."""
+    app = App(f"{nats_server.url}?prefix=big{uuid.uuid4().hex[:8]}", max_payload_bytes=1 << 20)
+
+    @app.task(retries=3)
+    def huge() -> str:
+        return "x" * (9 << 20)  # the test server allows 8 MB messages
+
+    try:
+        with running_worker(app):
+            handle = huge.send()
+            with pytest.raises(JobFailedError) as info:
+                handle.result(timeout=20)
+        assert info.value.type == "taskmill.errors.PayloadTooLargeError"
+        assert "max_payload" in info.value.message
+        assert app.get_job(handle.id).attempt == 1, "a result too large is not retried"
     finally:
         app.close()

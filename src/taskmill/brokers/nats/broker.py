@@ -66,6 +66,7 @@ from taskmill.errors import DuplicateJobError, PayloadTooLargeError
 from taskmill.job import (
     Cancelled,
     Claim,
+    ErrorInfo,
     Failed,
     Finish,
     Job,
@@ -170,8 +171,9 @@ class NatsBroker(Admin, Features, Broker):
                 {
                     "stream": name,
                     "subjects": list(c.subjects or []),
-                    "retention": str(c.retention.value if c.retention else ""),
-                    "storage": str(c.storage.value if c.storage else ""),
+                    # nats-py gives these as enums or as plain strings, depending on the call
+                    "retention": str(getattr(c.retention, "value", c.retention) or ""),
+                    "storage": str(getattr(c.storage, "value", c.storage) or ""),
                     "replicas": c.num_replicas,
                     "max_msgs_per_subject": c.max_msgs_per_subject,
                     "max_age_s": c.max_age,
@@ -561,6 +563,7 @@ class NatsBroker(Admin, Features, Broker):
         """One CAS per job still held: what is left for another round (a lost CAS, or a
         second finish of a job in the batch)."""
         found = await self._held_records([f.claim for _, f in todo], stale)
+        limit = (await self._session()).nc.max_payload
         writes: list[tuple[str, bytes, int | None]] = []
         done: list[tuple[int, Finish, Record]] = []
         later: list[tuple[int, Finish]] = []
@@ -571,7 +574,13 @@ class NatsBroker(Admin, Features, Broker):
                 later.append((i, f))
                 continue
             new = _finished(hit[1], f, now)
-            writes.append((token(new.id), record_encoder.encode(new), hit[0]))
+            encoded = record_encoder.encode(new)
+            if len(encoded) > limit:
+                new = _finished(
+                    hit[1], Finish(f.claim, Failed(_too_large(len(encoded), limit))), now
+                )
+                encoded = record_encoder.encode(new)
+            writes.append((token(new.id), encoded, hit[0]))
             done.append((i, f, new))
         await self._dispatch([new for _, _, new in done if not new.state.finished])
         results = await self._put_many("jobs", writes)
@@ -773,6 +782,17 @@ class NatsBroker(Admin, Features, Broker):
         self._held.pop(worker_id, None)
         await self._delete("workers", token(worker_id))
         await self._delete("leases", token(worker_id))
+
+
+def _too_large(size: int, limit: int) -> ErrorInfo:
+    """The error of a job whose result does not fit in one NATS message: failing it is the
+    one outcome that can be stored (retrying would make the same result again)."""
+    return ErrorInfo(
+        "taskmill.errors.PayloadTooLargeError",
+        f"the job's record with its result is {size} bytes, more than the max_payload of "
+        f"{limit} bytes the NATS server allows: return a reference to large data (a file, an "
+        "object store key), or raise max_payload in the server's configuration",
+    )
 
 
 def _running(

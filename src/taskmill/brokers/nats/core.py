@@ -4,6 +4,7 @@ and unique keys."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -44,6 +45,7 @@ class Core(Store):
         self._lanes_at = 0.0
         self._known_lanes: set[str] = set()
         self._clock_offset = 0.0
+        self._cas_locks: dict[tuple[asyncio.AbstractEventLoop, str, str], asyncio.Lock] = {}
         self._clock_synced_at = -CLOCK_SYNC_S
 
     # --- clocks and lanes -----------------------------------------------------------------

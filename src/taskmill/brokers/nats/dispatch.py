@@ -56,6 +56,8 @@ class Lane:
     async def _on_waited(self, msg: Msg) -> None:
         code = status(msg)
         if code is None:
+            # the long pull asked for one message: this one ends it (no status follows)
+            self._waiting_until = 0.0
             self.spare.append(msg)
             self.arrived.set()
         elif code in _END:

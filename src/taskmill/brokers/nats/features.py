@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -28,7 +30,7 @@ from taskmill.brokers.features import (
 )
 from taskmill.brokers.nats.config import NatsConfig, token
 from taskmill.brokers.nats.connection import CasError, connect
-from taskmill.brokers.nats.core import CAS_TRIES, Core
+from taskmill.brokers.nats.core import Core
 from taskmill.brokers.nats.records import record_decoder
 from taskmill.brokers.nats.store import Entry
 from taskmill.errors import BrokerUnavailableError
@@ -54,20 +56,33 @@ class Features(Core, Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
         self, what: str, key: str, change: Callable[[Entry | None], tuple[bytes | None, T]]
     ) -> T:
         """Read ``key``, write what ``change`` makes of it (None: nothing) by compare-and-set,
-        again from a fresh read when the CAS lost; the second value ``change`` returned."""
-        for _ in range(CAS_TRIES * 4):
-            entry = await self._get(what, key)
-            current = None if entry is None or entry.deleted else entry
-            value, answer = change(current)
-            if value is None:
+        again from a fresh read when the CAS lost; the second value ``change`` returned.
+
+        Callers in one process take turns on a key (a lock per key and loop), so only other
+        processes contend: 16 jobs of one worker reserving one rate limit's slots would
+        otherwise lose most of their CASes to each other. A lost CAS waits a random moment."""
+        lock = self._cas_locks.setdefault((asyncio.get_running_loop(), what, key), asyncio.Lock())
+        deadline = time.monotonic() + self.config.unavailable_after_s
+        async with lock:
+            while True:
+                entry = await self._get(what, key)
+                current = None if entry is None or entry.deleted else entry
+                value, answer = change(current)
+                if value is None:
+                    return answer
+                last = 0 if entry is None else entry.revision
+                try:
+                    await self._put(what, key, value, last)
+                except CasError:
+                    if time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(random.uniform(0, 0.005))
+                    continue
                 return answer
-            last = 0 if entry is None else entry.revision
-            try:
-                await self._put(what, key, value, last)
-            except CasError:
-                continue
-            return answer
-        raise BrokerUnavailableError(f"NATS: {what}/{key} kept changing under a CAS")
+        raise BrokerUnavailableError(
+            f"NATS: {what}/{key} kept changing under a compare-and-set for "
+            f"{self.config.unavailable_after_s:g} s"
+        )
 
     # --- schedules ------------------------------------------------------------------------
 
