@@ -1,7 +1,7 @@
 """Inspection and management on NATS: listing, counting, retrying, cancelling, pausing.
 
 NATS keeps no index beside a bucket's keys, so listings and counts read every record of the
-``jobs`` bucket (an ordered consumer, about 50,000 records a second on one core): fine for a
+``jobs`` bucket (an ordered consumer, about 20,000 records a second here): fine for a
 queue of thousands of jobs, slow for millions. Everything here keeps a worker's hot path
 (claims and finishes) out of it. Pausing a queue pauses its pull consumers on the server, so a
 paused queue costs the workers nothing.
