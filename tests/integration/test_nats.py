@@ -205,14 +205,11 @@ _KILLED_PRODUCER = textwrap.dedent(
     from taskmill import App
     from taskmill.brokers.nats.broker import NatsBroker
 
-    real = NatsBroker._dispatch
-
-    async def then_die(self, records, *, first=False):
-        await real(self, records, first=first)
-        await self._session()  # the pointers are stored: die before the records are written
+    async def pointers_then_die(self, records):
+        await self._dispatch(records, first=True)  # the pointers are stored, the records not
         os.kill(os.getpid(), signal.SIGKILL)
 
-    NatsBroker._dispatch = then_die
+    NatsBroker._store_new = pointers_then_die
     app = App(sys.argv[1])
     app.task(name="note")(lambda n, pause_s=0.0: n)
     app.get_task("note").options(job_id=sys.argv[2]).send(7)
@@ -223,9 +220,10 @@ _KILLED_PRODUCER = textwrap.dedent(
 def test_a_producer_killed_between_its_two_writes_loses_nothing(
     nats_server, tmp_path: Path
 ) -> None:
-    """The pointer is written first; a send killed before its record is written leaves a
-    pointer that carries the job, and the worker that takes it writes the record itself: the
-    job runs once, and a send of the same id afterwards finds it."""
+    """A send killed with its pointer stored and its record not leaves a pointer that carries
+    the job, and the worker that takes it writes the record itself: the job runs once, and a
+    send of the same id afterwards finds it. (The other half, a record whose pointer was
+    lost, is the sweep's: the next test.)"""
     url = _url(nats_server.url)
     job_id = f"killed-{uuid.uuid4().hex[:8]}"
     done = subprocess.run(
@@ -320,6 +318,20 @@ def test_a_cluster_node_killed_mid_run_loses_nothing(nats_cluster, tmp_path: Pat
             ),
             timeout=120,
         )
+        # the node that came back has caught up: its copy of the jobs bucket is the others'
+        stream = f"KV_{prefix}_jobs"
+        wait_until(
+            lambda: (
+                nats_cluster.nodes[0].stream_messages(stream)
+                == nats_cluster.nodes[1].stream_messages(stream)
+                is not None
+            ),
+            what=lambda: (
+                f"node 0's copy of {stream} to catch up: "
+                f"{[n.stream_messages(stream) for n in nats_cluster.nodes]}"
+            ),
+            timeout=60,
+        )
         counts = _runs(runs)
         twice = [job_id for job_id in acked if counts[job_id] > 1]
         assert len(twice) <= 16 * 2, f"{len(twice)} jobs ran twice: more than were in flight"
@@ -362,5 +374,46 @@ def test_delays_and_retries_without_the_servers_scheduled_messages(nats_server) 
             assert later.run_now() is JobState.SCHEDULED
             assert later.result(timeout=10) == 1
         assert _pending_on_stream(app) == 1, "only the hour-delayed pointer (now stale) is left"
+    finally:
+        app.close()
+
+
+def test_a_record_whose_pointer_was_lost_is_sent_again_by_the_sweep(nats_server) -> None:
+    """A send writes its pointer and record together; a server that crashed between storing
+    the two could keep the record alone. Nothing dispatches such a job, so the workers'
+    sweep sends the pointer of every waiting record last written 30 to 60 s ago (a pointer
+    still stored is dropped as a duplicate). The record is written here without a pointer,
+    and the sweep is run as if 45 s had passed."""
+    from taskmill.brokers.nats import NatsBroker
+    from taskmill.brokers.nats.config import token
+    from taskmill.brokers.nats.records import new_record, record_encoder
+    from taskmill.job import NewJob
+
+    app = App(_url(nats_server.url), lease_s=5.0, heartbeat_s=0.2)
+
+    @app.task(name="orphan")
+    def orphan() -> str:
+        return "ran"
+
+    broker = app.broker
+    assert isinstance(broker, NatsBroker)
+    try:
+        app.open()
+        now = app.run_sync(broker.now())
+        job = NewJob(id=f"orphan-{uuid.uuid4().hex[:8]}", task="orphan", queue="default",
+                     payload=b"[[],{}]")  # fmt: skip
+        record = new_record(job, now, time.time_ns())
+        write = broker._put("jobs", token(job.id), record_encoder.encode(record), 0)
+        _on_io_loop(broker, broker._ensure_lane("default", 0))
+        _on_io_loop(broker, write)
+        assert app.run_sync(broker.claim(["default"], 10, "w", 5.0)) == [], "a pointer exists"
+        assert _on_io_loop(broker, broker._sweep(now + 45.0)) == []
+        _on_io_loop(broker, broker._sweep(now + 45.0))  # another worker's sweep, the same
+        assert _pending_on_stream(app) == 1, "a pointer sent twice was stored twice"
+        with running_worker(app):
+            wait_until(
+                lambda: app.get_job(job.id).state is JobState.SUCCEEDED,
+                what="the swept job to run",
+            )
     finally:
         app.close()

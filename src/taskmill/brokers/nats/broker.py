@@ -10,10 +10,11 @@ The job record is the truth and the stream only dispatches (docs/brokers.md, "NA
   highest priority first; a claim acknowledges its pointer as soon as the record is claimed,
   so no consumer slot is held while a job runs and no late acknowledgement can reach a
   newer delivery;
-- a pointer is written before its record. A send that dies between the two leaves a pointer
-  without a record: the worker that takes it creates the record from the pointer (which
-  carries the job) or, for a large payload, drops it once it is older than a grace period.
-  A record without a pointer cannot happen, so nothing needs reconciling.
+- a send writes pointer and record together (one round trip). A pointer stored without its
+  record (a send that died) is made whole by the worker that takes it: the pointer carries
+  the job, or, for a large payload, is dropped once older than a grace period. A record
+  stored without its pointer (a server that crashed in between) is dispatched again by the
+  workers' sweep, deduplicated by the pointer's message id (``_sweep``).
 - delays and retries wait as the server's scheduled messages (nats-server 2.12+) or, on older
   servers, in a per-minute subject a promoter in the workers moves; never as a NAK with delay,
   which holds a consumer slot until it fires.
@@ -61,8 +62,8 @@ from taskmill.brokers.nats.records import (
     record_decoder,
     record_encoder,
 )
-from taskmill.brokers.nats.store import Entry, Session
-from taskmill.errors import DuplicateJobError, PayloadTooLargeError
+from taskmill.brokers.nats.store import Entry, Session, put_result
+from taskmill.errors import BrokerError, DuplicateJobError, PayloadTooLargeError
 from taskmill.job import (
     Cancelled,
     Claim,
@@ -84,6 +85,7 @@ log = logging.getLogger("taskmill.brokers.nats")
 
 _PULL_TIMEOUT_S = 5.0
 SWEEP_S = 30.0
+_WAITING = (JobState.SCHEDULED, JobState.QUEUED)
 """How often ``recover`` also reads every record for leases that ran out unseen."""
 
 _worker_encoder = msgspec.msgpack.Encoder()
@@ -212,7 +214,9 @@ class NatsBroker(Admin, Features, Broker):
     async def enqueue(
         self, jobs: Sequence[NewJob], *, on_conflict: OnConflict = "return"
     ) -> EnqueueResult:
-        return await self._retrying(lambda: self._enqueue(jobs, on_conflict))
+        # one enqueue order for every try: a try after a lost reply finds its own records
+        base = time.time_ns()
+        return await self._retrying(lambda: self._enqueue(jobs, on_conflict, base))
 
     def enqueue_blocking(
         self,
@@ -224,15 +228,17 @@ class NatsBroker(Admin, Features, Broker):
         if connection is not None:
             raise TypeError("the NATS broker has no transactions: connection= is not supported")
         # the I/O loop's own coroutine, not ``self.enqueue``: one broker call per send
+        base = time.time_ns()
         future = asyncio.run_coroutine_threadsafe(
-            self._retrying(lambda: self._enqueue(jobs, on_conflict)), self._io_loop()
+            self._retrying(lambda: self._enqueue(jobs, on_conflict, base)), self._io_loop()
         )
         return future.result()
 
-    async def _enqueue(self, jobs: Sequence[NewJob], on_conflict: OnConflict) -> EnqueueResult:
+    async def _enqueue(
+        self, jobs: Sequence[NewJob], on_conflict: OnConflict, base: int
+    ) -> EnqueueResult:
         result = EnqueueResult(ids=[j.id for j in jobs])
         now = await self._fresh_now()
-        base = time.time_ns()
         fresh: list[tuple[int, Record]] = []
         seen: set[str] = set()
         for i, job in enumerate(jobs):
@@ -246,10 +252,7 @@ class NatsBroker(Admin, Features, Broker):
         fresh = [(i, r) for i, r in fresh if i not in result.existing]
         for queue, priority in {(r.queue, r.priority) for _, r in fresh}:
             await self._ensure_lane(queue, priority)
-        await self._dispatch([r for _, r in fresh], first=True)
-        created = await self._put_many(
-            "jobs", [(token(r.id), record_encoder.encode(r), 0) for _, r in fresh]
-        )
+        created = await self._store_new([r for _, r in fresh])
         lost = [
             (i, r) for (i, r), rev in zip(fresh, created, strict=True) if not isinstance(rev, int)
         ]
@@ -257,6 +260,35 @@ class NatsBroker(Admin, Features, Broker):
             await self._settle_existing(lost, result)
         await self._wake({r.queue for _, r in fresh if r.state is JobState.QUEUED})
         return result
+
+    async def _store_new(self, records: list[Record]) -> list[int | CasError]:
+        """Each new job's pointer and record, sent together: one round trip for a send.
+
+        A pointer refused while its record was stored would leave a job nobody dispatches,
+        so that record is taken back before the error is raised; what a crash in between
+        leaves (a record whose pointer was never stored) the workers' sweep sends again
+        (``_sweep``). A pointer stored without its record is made whole by the worker that
+        takes it (``_claimable``)."""
+        if not records:
+            return []
+        session = await self._session()
+        pointers = await self._send_pointers(records, first=True)
+        puts = await self._send_puts(
+            "jobs", [(token(r.id), record_encoder.encode(r), 0) for r in records]
+        )
+        replies = await session.requests.replies(pointers + puts)
+        created = [put_result(msg) for msg in replies[len(records) :]]
+        refused: BrokerError | None = None
+        for msg, rev in zip(replies[: len(records)], created, strict=True):
+            try:
+                ack_seq(msg)
+            except BrokerError as exc:
+                refused = exc
+                if isinstance(rev, int):
+                    await self._erase("jobs", [rev])
+        if refused is not None:
+            raise refused
+        return created
 
     async def _check_sizes(self, records: Sequence[Record]) -> None:
         """A record must fit in one NATS message (the server's ``max_payload``, 1 MB by
@@ -618,7 +650,7 @@ class NatsBroker(Admin, Features, Broker):
         now = await self._fresh_now()
         if time.monotonic() >= self._sweep_at:
             self._sweep_at = time.monotonic() + SWEEP_S
-            recovered += await self._sweep_expired(now)
+            recovered += await self._sweep(now)
         if not self.schedules_on_server:
             await self._promote_due(now)
         for name in await self._keys("leases"):
@@ -691,16 +723,25 @@ class NatsBroker(Admin, Features, Broker):
             json.dumps({"seq": seq, "no_erase": True}).encode(),
         )
 
-    async def _sweep_expired(self, now: float) -> list[tuple[str, JobState]]:
-        """Every running record whose lease ran out, found by reading them all: the leases
-        bucket finds a dead worker's jobs at once, but a job can be missing from it (a claim
-        whose reply was lost, its worker never learning it held the job)."""
+    async def _sweep(self, now: float) -> list[tuple[str, JobState]]:
+        """Read every record, for two things nothing else would find.
+
+        A running job whose lease ran out though no lease entry names it (a claim whose
+        reply was lost: its worker never learnt it held the job) is recovered. A waiting
+        job last written 30 to 60 s ago gets its pointer sent again: stored already, that
+        pointer is dropped as a duplicate (the stream's window is 2 minutes); lost with a
+        server that crashed between a send's two writes, it is stored now. Sweeps come
+        every ``SWEEP_S``, so each waiting record is looked at once."""
         recovered: list[tuple[str, JobState]] = []
+        again: list[Record] = []
         for entry, record in await self._records():
             if record.state is JobState.RUNNING and (record.lease_expires_at or 0.0) < now:
                 done = await self._recover_record(record, entry.revision, now)
                 if done is not None:
                     recovered.append(done)
+            elif record.state in _WAITING and now - 2 * SWEEP_S < entry.stored_at <= now - SWEEP_S:
+                again.append(record)
+        await self._dispatch(again)
         return recovered
 
     async def _recover_record(

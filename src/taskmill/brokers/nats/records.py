@@ -3,9 +3,9 @@ dispatch message that points a worker at it.
 
 A record changes only by compare-and-set on its KV revision. ``gen`` counts the times the job
 was dispatched (sent, retried, recovered, run now): a pointer names the ``gen`` it was made
-for, and one whose ``gen`` is no longer the record's is stale and dropped. A pointer is written
-*before* the record it points to and carries the job while its payload is small, so a worker
-that reads it before the record exists creates the record itself (see ``broker.py``).
+for, and one whose ``gen`` is no longer the record's is stale and dropped. A send writes the
+pointer with its record, and the pointer carries the job while its payload is small, so a
+worker that reads it before the record exists creates the record itself (see ``broker.py``).
 """
 
 from __future__ import annotations

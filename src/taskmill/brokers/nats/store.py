@@ -227,17 +227,19 @@ class Store:
         if not writes:
             return []
         session = await self._session()
+        futures = await self._send_puts(what, writes)
+        return [put_result(msg) for msg in await session.requests.replies(futures)]
+
+    async def _send_puts(
+        self, what: str, writes: Sequence[tuple[str, bytes, int | None]]
+    ) -> list[asyncio.Future[Msg]]:
+        """``_put_many``'s writes sent, their replies not awaited (``put_result`` reads one)."""
+        session = await self._session()
         futures = []
         for key, value, last in writes:
             headers = None if last is None else {"Nats-Expected-Last-Subject-Sequence": str(last)}
             futures.append(await session.requests.send(self._subject(what, key), value, headers))
-        out: list[int | CasError] = []
-        for msg in await session.requests.replies(futures):
-            try:
-                out.append(ack_seq(msg))
-            except CasError as exc:
-                out.append(exc)
-        return out
+        return futures
 
     async def _put(self, what: str, key: str, value: bytes, last: int | None = None) -> int:
         result = (await self._put_many(what, [(key, value, last)]))[0]
@@ -338,6 +340,14 @@ class Store:
                     return
         finally:
             await sub.unsubscribe()
+
+
+def put_result(msg: Msg) -> int | CasError:
+    """The new revision a write's reply gives, or the ``CasError`` of a lost CAS."""
+    try:
+        return ack_seq(msg)
+    except CasError as exc:
+        return exc
 
 
 def _entry(msg: Msg) -> Entry | None:
