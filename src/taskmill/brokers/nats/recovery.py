@@ -1,0 +1,168 @@
+"""Recovery on NATS: jobs whose worker stopped renewing its lease, jobs whose lease ran out
+unseen, pointers lost with a server, and delayed jobs that came due without the server's
+scheduled messages. All of it runs in ``recover``, which every worker calls every
+``recover_interval_s``; the full reads (``_sweep``) at most once per ``SWEEP_S``."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import msgspec
+
+from taskmill.brokers._io import on_io_loop
+from taskmill.brokers._rows import recovered_error
+from taskmill.brokers.nats.admin import Admin
+from taskmill.brokers.nats.config import token
+from taskmill.brokers.nats.connection import CasError, ack_seq
+from taskmill.brokers.nats.core import LANE_HEADER
+from taskmill.brokers.nats.records import (
+    LeaseEntry,
+    Record,
+    pointer_decoder,
+    record_decoder,
+    record_encoder,
+)
+from taskmill.job import JobState
+
+SWEEP_S = 30.0
+"""How often ``recover`` also reads every record (``_sweep``)."""
+_WAITING = (JobState.SCHEDULED, JobState.QUEUED)
+
+
+class Recovery(Admin):
+    max_lost_leases: int
+    _recovered: list[tuple[str, JobState]]
+    """Recovered by a claim that found a running job's pointer redelivered: told by the next
+    ``recover``."""
+    _sweep_at: float
+
+    @on_io_loop
+    async def recover(self, max_lost_leases: int) -> list[tuple[str, JobState]]:
+        self.max_lost_leases = max_lost_leases
+        recovered, self._recovered = self._recovered, []
+        now = await self._fresh_now()
+        if time.monotonic() >= self._sweep_at:
+            self._sweep_at = time.monotonic() + SWEEP_S
+            recovered += await self._sweep(now)
+        if not self.schedules_on_server:
+            await self._promote_due(now)
+        for name in await self._keys("leases"):
+            recovered += await self._recover_lease(name, now)
+        return recovered
+
+    async def _recover_lease(self, name: str, now: float) -> list[tuple[str, JobState]]:
+        """The jobs of one worker's lease entry, if it ran out: each still held by that
+        claim, with its own lease run out, is recovered; then the entry goes."""
+        entry = await self._get("leases", name)
+        if entry is None or entry.deleted:
+            return []
+        lease = msgspec.msgpack.decode(entry.value, type=LeaseEntry)
+        if lease.expires_at >= now:
+            return []
+        recovered: list[tuple[str, JobState]] = []
+        for job_id, lease_token in lease.claims.items():
+            found = await self._get("jobs", token(job_id))
+            if found is None or found.deleted:
+                continue
+            record = record_decoder.decode(found.value)
+            if record.state is not JobState.RUNNING or record.lease_token != lease_token:
+                continue
+            if (record.lease_expires_at or 0.0) >= now:
+                continue
+            done = await self._recover_record(record, found.revision, now)
+            if done is not None:
+                recovered.append(done)
+        await self._delete("leases", name, entry.revision)
+        return recovered
+
+    async def _promote_due(self, now: float) -> int:
+        """The workers' promoter (servers without scheduled messages, or
+        ``schedules=workers``): pointers of delayed jobs wait in a subject per minute of their
+        run_at; those due now move to their lane. Promoters racing each other are safe: the
+        moved pointer's message id is deduplicated, and a pointer is a pointer (the record's
+        CAS decides who runs it). How many queues were woken."""
+        stream = self.config.dispatch_stream
+        prefix = self.config.delayed_subject(0)[:-1]
+        current = int(now // 60)
+        minutes = sorted(
+            int(s[len(prefix) :])
+            for s in await self._subjects(stream, prefix + "*")
+            if s[len(prefix) :].isdigit()
+        )
+        woken: set[str] = set()
+        session = await self._session()
+        for minute in (m for m in minutes if m <= current):
+            subject, seq = self.config.delayed_subject(minute), 0
+            while (found := await self._next_message(stream, subject, seq)) is not None:
+                seq, msg = found
+                pointer = pointer_decoder.decode(msg.data)
+                seq += 1
+                if pointer.run_at > now:
+                    continue
+                lane = (msg.headers or {}).get(LANE_HEADER, "")
+                if lane.startswith(f"{self.config.prefix}.d."):
+                    headers = {"Nats-Msg-Id": f"{pointer.id}:{pointer.gen}:due"}
+                    ack_seq(await session.requests.request(lane, msg.data, headers))
+                    woken.add(lane.split(".")[2])
+                await self._erase_dispatch(seq - 1)
+        for qtok in woken:
+            await session.nc.publish(f"{self.config.prefix}.wake.{qtok}", b"")
+        return len(woken)
+
+    async def _erase_dispatch(self, seq: int) -> None:
+        session = await self._session()
+        await session.requests.request(
+            f"$JS.API.STREAM.MSG.DELETE.{self.config.dispatch_stream}",
+            json.dumps({"seq": seq, "no_erase": True}).encode(),
+        )
+
+    async def _sweep(self, now: float) -> list[tuple[str, JobState]]:
+        """Read every record, for two things nothing else would find.
+
+        A running job whose lease ran out though no lease entry names it (a claim whose
+        reply was lost: its worker never learnt it held the job) is recovered. A waiting
+        job last written 30 to 60 s ago gets its pointer sent again: stored already, that
+        pointer is dropped as a duplicate (the stream's window is 2 minutes); lost with a
+        server that crashed between a send's two writes, it is stored now. Sweeps come
+        every ``SWEEP_S``, so each waiting record is looked at once."""
+        recovered: list[tuple[str, JobState]] = []
+        again: list[Record] = []
+        for entry, record in await self._records():
+            if record.state is JobState.RUNNING and (record.lease_expires_at or 0.0) < now:
+                done = await self._recover_record(record, entry.revision, now)
+                if done is not None:
+                    recovered.append(done)
+            elif record.state in _WAITING and now - 2 * SWEEP_S < entry.stored_at <= now - SWEEP_S:
+                again.append(record)
+        await self._dispatch(again)
+        return recovered
+
+    async def _recover_record(
+        self, record: Record, revision: int, now: float
+    ) -> tuple[str, JobState] | None:
+        lost = record.lost_leases + 1
+        new = msgspec.structs.replace(
+            record,
+            lost_leases=lost,
+            error=recovered_error(record.attempt, record.worker_id, lost),
+            lease_token=None,
+            lease_expires_at=None,
+            worker_id=None,
+        )
+        if record.cancel_requested:
+            new.state, new.finished_at = JobState.CANCELLED, now
+        elif lost >= self.max_lost_leases:
+            new.state, new.finished_at = JobState.FAILED, now
+        else:
+            new.state, new.gen = JobState.QUEUED, record.gen + 1
+            await self._dispatch([new])
+        try:
+            await self._put("jobs", token(record.id), record_encoder.encode(new), revision)
+        except CasError:
+            return None
+        if new.state.finished and new.key is not None:
+            await self._release_key(new.key, new.id)
+        if new.state is JobState.QUEUED:
+            await self._wake({new.queue})
+        return new.id, new.state
