@@ -157,18 +157,27 @@ def test_last_progress_event_comes_before_the_outcome(app: App) -> None:
 
         from taskmill.events import subscribe
 
-        ready = asyncio.Event()
+        ready, arrived = asyncio.Event(), asyncio.Event()
 
         async def collect() -> None:
             async for event in subscribe(app, ready=ready):
                 seen[event.job_id].append(event)
-                if len(ids) == 20 and all(any(e.finished for e in seen[i]) for i in ids):
-                    return
+                arrived.set()
 
         listener = asyncio.create_task(collect())
         await ready.wait()
         ids.extend([(await stepper.asend(i)).id for i in range(20)])
-        await asyncio.wait_for(listener, 30)
+        # judged here, not in collect(): every job may finish before the last send returns,
+        # and then no event comes after the ids are known
+        try:
+            async with asyncio.timeout(30):
+                while True:
+                    arrived.clear()
+                    if all(any(e.finished for e in seen[i]) for i in ids):
+                        break
+                    await arrived.wait()
+        finally:
+            listener.cancel()
 
     with running_worker(app, scheduler=False):
         app.run_sync(main())
