@@ -205,7 +205,7 @@ _KILLED_PRODUCER = textwrap.dedent(
     from taskmill import App
     from taskmill.brokers.nats.broker import NatsBroker
 
-    async def pointers_then_die(self, records):
+    async def pointers_then_die(self, records, encoded):
         await self._dispatch(records, first=True)  # the pointers are stored, the records not
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -243,12 +243,12 @@ class NatsBroker(Recovery, Features, Broker):
                 continue
             seen.add(job.id)
             fresh.append((i, new_record(job, now, base + i)))
-        await self._check_sizes([r for _, r in fresh])
+        encoded = await self._encoded_within_limit([r for _, r in fresh])
         await self._reserve_keys(fresh, result, on_conflict)
         fresh = [(i, r) for i, r in fresh if i not in result.existing]
         for queue, priority in {(r.queue, r.priority) for _, r in fresh}:
             await self._ensure_lane(queue, priority)
-        created = await self._store_new([r for _, r in fresh])
+        created = await self._store_new([r for _, r in fresh], encoded)
         lost = [
             (i, r) for (i, r), rev in zip(fresh, created, strict=True) if not isinstance(rev, int)
         ]
@@ -257,7 +257,9 @@ class NatsBroker(Recovery, Features, Broker):
         await self._wake({r.queue for _, r in fresh if r.state is JobState.QUEUED})
         return result
 
-    async def _store_new(self, records: list[Record]) -> list[int | CasError]:
+    async def _store_new(
+        self, records: list[Record], encoded: dict[str, bytes]
+    ) -> list[int | CasError]:
         """Each new job's pointer and record, sent together: one round trip for a send.
 
         A pointer refused while its record was stored would leave a job nobody dispatches,
@@ -269,9 +271,7 @@ class NatsBroker(Recovery, Features, Broker):
             return []
         session = await self._session()
         pointers = await self._send_pointers(records, first=True)
-        puts = await self._send_puts(
-            "jobs", [(token(r.id), record_encoder.encode(r), 0) for r in records]
-        )
+        puts = await self._send_puts("jobs", [(token(r.id), encoded[r.id], 0) for r in records])
         replies = await session.requests.replies(pointers + puts)
         created = [put_result(msg) for msg in replies[len(records) :]]
         refused: BrokerError | None = None
@@ -286,13 +286,16 @@ class NatsBroker(Recovery, Features, Broker):
             raise refused
         return created
 
-    async def _check_sizes(self, records: Sequence[Record]) -> None:
-        """A record must fit in one NATS message (the server's ``max_payload``, 1 MB by
-        default): say so before anything is written, rather than fail half-way."""
+    async def _encoded_within_limit(self, records: Sequence[Record]) -> dict[str, bytes]:
+        """Each record encoded (by job id), once: a record must fit in one NATS message (the
+        server's ``max_payload``, 1 MB by default), said before anything is written rather
+        than failing half-way."""
         session = await self._session()
         limit = session.nc.max_payload
+        encoded: dict[str, bytes] = {}
         for record in records:
-            size = len(record_encoder.encode(record)) + 512  # the result and error come later
+            encoded[record.id] = record_encoder.encode(record)
+            size = len(encoded[record.id]) + 512  # the result and error come later
             if size > limit:
                 raise PayloadTooLargeError(
                     f"job {record.id} ({record.task}) is {size} bytes stored, more than the "
@@ -300,6 +303,7 @@ class NatsBroker(Recovery, Features, Broker):
                     f"{self.config.where} allows: raise max_payload in the server's "
                     "configuration (docs/brokers.md, NATS), or send less"
                 )
+        return encoded
 
     async def _settle_existing(self, lost: list[tuple[int, Record]], result: EnqueueResult) -> None:
         """Records that were there before ours: the same job stored already, a record a

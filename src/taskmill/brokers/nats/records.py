@@ -12,70 +12,25 @@ from __future__ import annotations
 
 import msgspec
 
-from taskmill.job import ErrorInfo, Job, JobState, Meta, NewJob
+from taskmill.job import Job, JobState, NewJob
 
 POINTER_JOB_MAX_BYTES = 16 * 1024
 """A pointer carries the whole job up to this size of payload (else only its id)."""
 
 
-class Record(msgspec.Struct, array_like=True, omit_defaults=False):
-    """A job as the KV bucket holds it: ``Job``'s fields, then ``gen`` and ``seq``."""
+class Record(Job, array_like=True):
+    """A job as the KV bucket holds it: ``Job``'s fields (in their order, as an array), then
+    ``gen`` and ``seq``."""
 
-    id: str
-    task: str
-    queue: str
-    state: JobState
-    payload: bytes
-    priority: int = 0
-    attempt: int = 0
-    max_attempts: int = 1
-    run_at: float = 0.0
-    enqueued_at: float = 0.0
-    started_at: float | None = None
-    finished_at: float | None = None
-    timeout_s: float | None = None
-    key: str | None = None
-    lease_token: str | None = None
-    lease_expires_at: float | None = None
-    worker_id: str | None = None
-    lost_leases: int = 0
-    cancel_requested: bool = False
-    result: bytes | None = None
-    error: ErrorInfo | None = None
-    progress: float | None = None
-    progress_message: str | None = None
-    meta: Meta = msgspec.field(default_factory=dict)
     gen: int = 0
     seq: int = 0
     """Enqueue order: the producer's clock in nanoseconds (ties broken by id)."""
 
     def job(self) -> Job:
-        return Job(
-            id=self.id,
-            task=self.task,
-            queue=self.queue,
-            state=self.state,
-            payload=self.payload,
-            priority=self.priority,
-            attempt=self.attempt,
-            max_attempts=self.max_attempts,
-            run_at=self.run_at,
-            enqueued_at=self.enqueued_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            timeout_s=self.timeout_s,
-            key=self.key,
-            lease_token=self.lease_token,
-            lease_expires_at=self.lease_expires_at,
-            worker_id=self.worker_id,
-            lost_leases=self.lost_leases,
-            cancel_requested=self.cancel_requested,
-            result=self.result,
-            error=self.error,
-            progress=self.progress,
-            progress_message=self.progress_message,
-            meta=dict(self.meta),
-        )
+        """A plain ``Job`` (what the broker contract returns), its metadata a copy."""
+        fields = {name: getattr(self, name) for name in Job.__struct_fields__}
+        fields["meta"] = dict(self.meta)
+        return Job(**fields)
 
     @property
     def pending(self) -> bool:
