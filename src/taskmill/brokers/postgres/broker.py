@@ -117,6 +117,7 @@ def _enqueue_params(jobs: Sequence[NewJob], channel: str) -> dict[str, Any]:
             "key": j.key,
             "meta": _meta_text(j.meta),
             "channel": channel,
+            "size": 1,
         }
     # arrays go in binary (no text escaping, bytea not hex-encoded), which types each array by
     # its first element: numbers are made uniformly float or int first
@@ -133,6 +134,7 @@ def _enqueue_params(jobs: Sequence[NewJob], channel: str) -> dict[str, Any]:
         "keys": [j.key for j in jobs],
         "metas": [_meta_text(j.meta) for j in jobs],
         "channel": channel,
+        "size": len(jobs),
     }
 
 
@@ -347,8 +349,9 @@ class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
             stored_keyed = set(row[0]) if row is not None else set()
             stored_before: set[str] = set()
             if row is not None and row[2] < len(batch):  # some ids or keys were taken
-                ids = [j.id for j in batch]
-                found = conn.execute(self._q["stored_before"], {"ids": ids, "at": row[3]})
+                stored_now = set(row[3])
+                ids = [j.id for j in batch if j.id not in stored_now]
+                found = conn.execute(self._q["stored_ids"], {"ids": ids})
                 stored_before = {r[0] for r in found}
             for i in todo:
                 if jobs[i].id in stored_before:  # the same job, stored already

@@ -47,8 +47,9 @@ SELECT max(version) FROM {schema}.schema_version;
 -- already is the same job, and a unique key held by a pending job makes the row a no-op (DO
 -- NOTHING on either; within the batch the first job with a key wins). The reply lists the
 -- keyed jobs that were stored, so the caller can look up the others, how many rows were
--- stored, and this statement's enqueue time (when fewer rows than jobs were stored, the jobs
--- stored before under the same ids are those with another enqueue time).
+-- stored, and, only when fewer rows than jobs were stored, the ids this statement stored (a
+-- job not among them whose id is in the table was stored before: the same job; comparing
+-- enqueue times instead misread two concurrent statements in the same microsecond).
 WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
 batch AS (
     SELECT b.*, clock.now,
@@ -80,7 +81,7 @@ wake AS (
 SELECT coalesce(array_agg(id) FILTER (WHERE key IS NOT NULL), '{}'::text[]),
        (SELECT count(*) FROM wake),
        count(*),
-       (SELECT now FROM clock)
+       CASE WHEN count(*) < %(size)s::integer THEN coalesce(array_agg(id), '{}'::text[]) END
 FROM inserted;
 
 -- name: enqueue_rows
@@ -103,9 +104,6 @@ WHERE key = ANY(%(keys)s::text[]) AND state IN ('scheduled', 'queued', 'running'
 
 -- name: stored_ids
 SELECT id FROM {schema}.jobs WHERE id = ANY(%(ids)s::text[]);
-
--- name: stored_before
-SELECT id FROM {schema}.jobs WHERE id = ANY(%(ids)s::text[]) AND enqueued_at <> %(at)s;
 
 -- name: promote_due
 -- Due scheduled jobs become queued, earliest first, at most 10,000 per claim (a million jobs
