@@ -662,9 +662,16 @@ class NatsBroker(Recovery, Features, Broker):
             return []
         if any(lane.spare for lane in lanes):
             return await self._take_spare(lanes, handover)
-        now = time.monotonic()
-        for lane in lanes:
-            await lane.long_pull(timeout, now)
+        if handover is not None:
+            # Only a wait that takes hand-overs sends long pulls. The other kind is cancelled
+            # as soon as one of the worker's own jobs ends (run_until_idle), and a long pull it
+            # left on the server would be served before that worker's next claim: a job sent
+            # meanwhile would go to the long pull, the claim would find nothing, and
+            # run_until_idle would end with the job due. Such a wait learns of new jobs from
+            # the wake-up subjects, and of delayed ones when it times out.
+            now = time.monotonic()
+            for lane in lanes:
+                await lane.long_pull(timeout, now)
         waits = [asyncio.ensure_future(session.woken.wait())]
         waits += [asyncio.ensure_future(lane.arrived.wait()) for lane in lanes]
         try:

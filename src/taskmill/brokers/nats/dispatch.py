@@ -45,6 +45,13 @@ class Lane:
         ]
 
     async def close(self) -> None:
+        # messages a long pull brought that no claim took: handed back at once, not left to
+        # come back only when the ack wait runs out
+        while self.spare:
+            msg = self.spare.popleft()
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(msg.reply, b"-NAK")
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -81,6 +88,11 @@ class Lane:
                         taken.append(msg)
                     elif code in _END:
                         break
+        # a long pull sent earlier is ahead of this one in the consumer's queue: a message
+        # stored just now went to it, and the server sends that delivery before this pull's
+        # "no messages" (one queue per consumer), so it is in spare by now
+        while self.spare and len(taken) < batch:
+            taken.append(self.spare.popleft())
         return taken
 
     async def long_pull(self, expires_s: float, now: float) -> None:

@@ -159,6 +159,10 @@ class Store:
             return
         session.requests.fail_all(BrokerUnavailableError("the NATS connection was closed"))
         with contextlib.suppress(Exception):
+            for lane in session.lanes.values():
+                await lane.close()
+            await session.nc.flush(timeout=1)
+        with contextlib.suppress(Exception):
             await session.nc.close()
 
     # --- errors and retries ---------------------------------------------------------------
