@@ -15,6 +15,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -317,3 +318,27 @@ def test_a_wait_cancelled_as_it_starts_blocking_ends_at_once(app: App) -> None:
 
     durations = app.run_sync(scenario())
     assert max(durations) < 1.0, [round(d, 3) for d in durations]
+
+
+def test_a_wake_token_an_orphaned_wait_took_is_back_before_detach_returns(app: App) -> None:
+    """A cancelled wait's BLPOP goes on (shielded); a wake token it pops is pushed back. A
+    detach right after must see that push through before it closes the loop's clients: else
+    the token is lost (an idle worker sleeps through a job) or the push runs on a closed
+    client (seen once in CI as "Event loop is closed" at teardown)."""
+    broker: Any = app.broker
+    wake = f"{broker.prefix}q:default:wake"
+
+    async def scenario() -> tuple[int, bool]:
+        await broker.attach()
+        popped: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
+        popped.set_result((wake.encode(), b"token"))
+        broker._orphaned_pop(popped)  # what the BLPOP's done callback does
+        await broker.detach()
+        left = broker._aclients.get(asyncio.get_running_loop())
+        client = redis.asyncio.Redis.from_url(app.url.split("?")[0])
+        try:
+            return int(await client.llen(wake)), left is None
+        finally:
+            await client.aclose()
+
+    assert app.run_sync(scenario()) == (1, True)

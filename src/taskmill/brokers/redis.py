@@ -559,18 +559,20 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
 
     async def _close_loop_clients(self) -> None:
         loop = asyncio.get_running_loop()
-        orphans = set(self._orphans.pop(loop, set()))
         blocking = self._ablocking.get(loop)
         # waits whose callers were cancelled may still block on the server: closing their
         # sockets ends them at once (a cancel might wait out the block); those not blocking
         # yet end at their next step (_check_not_detached). Again until all ended: one may
-        # have taken a connection from the pool just after it was emptied.
+        # have taken a connection from the pool just after it was emptied, and one that
+        # ended with a wake token adds the push that gives it back, to see through too.
         while True:
             if blocking is not None:
                 await blocking.connection_pool.disconnect()
+            orphans = self._orphans.pop(loop, set())
             if not orphans:
                 break
-            _, orphans = await asyncio.wait(orphans, timeout=0.5)
+            _, pending = await asyncio.wait(orphans, timeout=0.5)
+            self._orphans.setdefault(loop, set()).update(pending)
         for clients in (self._aclients, self._ablocking):
             client = clients.pop(loop, None)
             if client is not None:
@@ -743,9 +745,14 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         if popped is None or popped[0].endswith(b":inbox"):
             return
         key, value = popped[0].decode(), popped[1]
-        with contextlib.suppress(RuntimeError):  # the worker's loop is closing: it stops anyway
+        # the worker's loop is closing, or detached with its client gone: it stops anyway
+        with contextlib.suppress(RuntimeError, BrokerUnavailableError):
             task = asyncio.ensure_future(self._client().lpush(key, value))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            # a detach under way sees it through before it closes the client it runs on
+            orphans = self._orphans.setdefault(task.get_loop(), set())
+            orphans.add(task)
+            task.add_done_callback(orphans.discard)
 
     @on_io_loop
     async def unregister_worker(self, worker_id: str) -> None:
