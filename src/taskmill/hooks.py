@@ -53,7 +53,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from taskmill.errors import ConfigurationError, SerializationError
 from taskmill.meta import check_meta
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from taskmill.context import JobContext
-    from taskmill.job import Job, NewJob
+    from taskmill.job import Job, Meta, NewJob
 
 log = logging.getLogger("taskmill.hooks")
 
@@ -246,8 +246,9 @@ class Instrumentation(Protocol):
     ``running(job)`` is entered in the worker just before the function of ``job`` (the ``Job``
     as claimed) is called and left when it returned or raised, with its exception (a time
     limit's and an interrupt's too), in the job's own asyncio task: a context variable it sets
-    is seen by an async function and by a sync one in the thread pool or ``--pool async``;
-    a function in a ``--pool process`` child runs in another process and sees none of it.
+    is seen by an async function and by a sync one in the thread pool or ``--pool async``.
+    A function in a ``--pool process`` child runs in another process: it sees that context
+    only through an instrumentation that is also a ``CarriedInstrumentation``.
 
     Instrumentations run in the order they were added; each ``sending`` gets the jobs the
     previous one yielded. Unlike a hook's, an instrumentation's error is not swallowed: it is
@@ -257,6 +258,39 @@ class Instrumentation(Protocol):
     def sending(self, jobs: Sequence[NewJob]) -> AbstractContextManager[Sequence[NewJob]]: ...
 
     def running(self, job: Job) -> AbstractContextManager[object]: ...
+
+
+@runtime_checkable
+class CarriedInstrumentation(Instrumentation, Protocol):
+    """An instrumentation whose context reaches a function run in a ``--pool process``
+    child. In the worker, inside ``running``, ``carry()`` gives what the child needs of the
+    current context, as metadata (a trace context: the worker's span); the child, which
+    imported the app and so has the same instrumentations, enters ``carried(meta)`` around
+    the function, with what every instrumentation of the app carried (each reads its own
+    keys). ``running`` itself is not entered in the child: the worker's wraps the run."""
+
+    def carry(self) -> Meta: ...
+
+    def carried(self, meta: Meta) -> AbstractContextManager[object]: ...
+
+
+def carry(instrumentations: Sequence[Instrumentation]) -> Meta:
+    """What the ``CarriedInstrumentation``s carry to a child, merged (empty: none is)."""
+    carried: Meta = {}
+    for instrumentation in instrumentations:
+        if isinstance(instrumentation, CarriedInstrumentation):
+            carried.update(instrumentation.carry())
+    return carried
+
+
+@contextlib.contextmanager
+def carried_context(instrumentations: Sequence[Instrumentation], meta: Meta) -> Iterator[None]:
+    """In a child process: every ``CarriedInstrumentation``'s ``carried`` around the call."""
+    with contextlib.ExitStack() as stack:
+        for instrumentation in instrumentations:
+            if isinstance(instrumentation, CarriedInstrumentation):
+                stack.enter_context(instrumentation.carried(meta))
+        yield
 
 
 @contextlib.contextmanager

@@ -215,3 +215,36 @@ def test_a_bad_instrumentation_is_a_precise_error_and_stores_nothing(
     with pytest.raises(ConfigurationError, match=message):
         noop.send_many([(), ()])
     assert app.list_jobs().jobs == []
+
+
+class CarriedStamp(Stamp):
+    """A ``CarriedInstrumentation``: the stamp current in the worker goes to a child."""
+
+    def carry(self) -> dict[str, str | int | float | bool | None]:
+        return {self.key: stamp.get()}
+
+    @contextlib.contextmanager
+    def carried(self, meta: dict[str, str | int | float | bool | None]) -> Iterator[None]:
+        token = stamp.set(f"child got {meta[self.key]}")
+        try:
+            yield
+        finally:
+            stamp.reset(token)
+
+
+@pytest.mark.timeout(30)
+def test_what_a_carried_instrumentation_carries_is_current_around_a_childs_call() -> None:
+    from taskmill.hooks import CarriedInstrumentation, carried_context, carry
+
+    plain, carried = Stamp("p", "plain"), CarriedStamp("c", "carried")
+    assert not isinstance(plain, CarriedInstrumentation)
+    assert isinstance(carried, CarriedInstrumentation)
+    token = stamp.set("the worker's span")
+    try:
+        meta = carry([plain, carried])  # the plain one carries nothing
+    finally:
+        stamp.reset(token)
+    assert meta == {"carried": "the worker's span"}
+    with carried_context([plain, carried], meta):
+        assert stamp.get() == "child got the worker's span"
+    assert stamp.get() == "none"
