@@ -337,7 +337,8 @@ from taskmill.integrations.otel import instrument
 app = App()  # TASKMILL_URL
 
 provider = TracerProvider()
-spans_file = open(os.environ["SPANS_FILE"], "a")
+# one file per process: with --pool process, the children run the functions and export too
+spans_file = open(os.path.join(os.environ["SPANS_DIR"], f"{os.getpid()}.jsonl"), "a")
 provider.add_span_processor(
     SimpleSpanProcessor(
         ConsoleSpanExporter(out=spans_file, formatter=lambda s: s.to_json(indent=None) + "\\n")
@@ -355,17 +356,22 @@ def greet(name: str) -> str:
 '''
 
 
-def read_spans(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_spans(directory: Path) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for path in directory.glob("*.jsonl")
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
 
 
 @pytest.mark.timeout(60)
-def test_the_trace_crosses_into_a_worker_process(traced: Traced, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_the_trace_crosses_into_a_worker_process(traced: Traced, tmp_path: Path, pool: str) -> None:
     (tmp_path / "traced_worker.py").write_text(textwrap.dedent(WORKER_APP))
     url = "sqlite:///" + str(tmp_path / "jobs.db")
-    spans_file = tmp_path / "worker-spans.jsonl"
+    spans_dir = tmp_path / "spans"
+    spans_dir.mkdir()
 
     producer = App(url)
     instrument(producer, tracer_provider=traced.provider)
@@ -378,12 +384,22 @@ def test_the_trace_crosses_into_a_worker_process(traced: Traced, tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMILL_")}
     env |= {
         "TASKMILL_URL": url,
-        "SPANS_FILE": str(spans_file),
+        "SPANS_DIR": str(spans_dir),
         "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "src")]),
     }
     log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "taskmill", "worker", "traced_worker:app", "-c", "2"],
+        [
+            sys.executable,
+            "-m",
+            "taskmill",
+            "worker",
+            "traced_worker:app",
+            "-c",
+            "2",
+            "--pool",
+            pool,
+        ],
         env=env,
         cwd=tmp_path,
         stdout=log,
@@ -393,7 +409,7 @@ def test_the_trace_crosses_into_a_worker_process(traced: Traced, tmp_path: Path)
         assert handle.result(timeout=45) == "hello ada"
 
         def worker_spans() -> list[dict[str, Any]] | None:
-            spans = read_spans(spans_file)
+            spans = read_spans(spans_dir)
             return spans if len(spans) >= 2 else None
 
         spans = {s["name"]: s for s in wait_until(worker_spans, timeout=15, what="2 spans")}
@@ -407,6 +423,9 @@ def test_the_trace_crosses_into_a_worker_process(traced: Traced, tmp_path: Path)
     assert process["context"]["trace_id"] == f"0x{trace_id(send):032x}"
     assert process["parent_id"] == f"0x{span_id(send):016x}"
     assert process["attributes"]["messaging.message.id"] == handle.id
+    # made by the function: in the worker's process, or (--pool process) in its child
     assert inner["context"]["trace_id"] == process["context"]["trace_id"]
     assert inner["parent_id"] == process["context"]["span_id"]
+    processes = {path.stem for path in spans_dir.glob("*.jsonl")}
+    assert len(processes) == (2 if pool == "process" else 1)
     producer.close()

@@ -3,8 +3,9 @@
 Each send makes a ``send {queue}`` span (kind PRODUCER) around the broker write and stores
 its W3C trace context (``traceparent``, and ``tracestate`` when there is one) in the job's
 metadata; each run makes a ``process {queue}`` span (kind CONSUMER) around the function,
-a child of that context and linked to it, current while the function runs, so the spans the
-function makes (and the sends it makes) belong to the job's trace. Attributes follow the
+a child of that context and linked to it, current while the function runs (in a ``--pool
+process`` child too), so the spans the function makes (and the sends it makes) belong to the
+job's trace. Attributes follow the
 OpenTelemetry messaging conventions (``messaging.system`` = ``"taskmill"``, the queue as
 ``messaging.destination.name``, the job id as ``messaging.message.id``), with
 ``taskmill.task`` and ``taskmill.attempt``; an exception the function raised is recorded on
@@ -28,6 +29,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import msgspec
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -36,7 +38,7 @@ from opentelemetry.util.types import AttributeValue
 
 import taskmill
 from taskmill.app import App
-from taskmill.job import Job, NewJob
+from taskmill.job import Job, Meta, NewJob
 
 __all__ = ["TaskmillInstrumentation", "instrument", "uninstrument"]
 
@@ -45,12 +47,13 @@ SYSTEM = "taskmill"
 
 
 class TaskmillInstrumentation:
-    """The ``taskmill.hooks.Instrumentation`` that traces: ``instrument(app)`` makes and adds
-    one. ``tracer_provider``: where the spans go (default: the global provider, looked up at
-    each span, so one configured after ``instrument`` is used). ``propagator``: how the trace
-    context is written into a job's metadata and read back (default: W3C Trace Context;
-    ``opentelemetry.propagate.get_global_textmap()`` for the process's configured one, whose
-    keys, baggage included, then count against the job's 4 KiB of metadata)."""
+    """The ``taskmill.hooks.CarriedInstrumentation`` that traces: ``instrument(app)`` makes
+    and adds one. ``tracer_provider``: where the spans go (default: the global provider, as
+    it is when a span starts, so one configured after ``instrument`` is used).
+    ``propagator``: how the trace context is written into a job's metadata and read back
+    (default: W3C Trace Context; ``opentelemetry.propagate.get_global_textmap()`` for the
+    process's configured one, whose keys, baggage included, then count against the job's
+    4 KiB of metadata)."""
 
     def __init__(
         self,
@@ -109,6 +112,24 @@ class TaskmillInstrumentation:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
                 raise
+
+    def carry(self) -> Meta:
+        """In the worker, inside ``running``: the ``process`` span's context, for a
+        ``--pool process`` child to make current around the function."""
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier)
+        return dict(carrier)
+
+    @contextlib.contextmanager
+    def carried(self, meta: Meta) -> Iterator[None]:
+        """In a ``--pool process`` child: the worker's ``process`` span current again, so
+        the spans the function makes are its children."""
+        carrier = {key: value for key, value in meta.items() if isinstance(value, str)}
+        token = otel_context.attach(self._propagator.extract(carrier))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
 
 
 def _error_type(exc: BaseException) -> str:
