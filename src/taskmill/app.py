@@ -17,7 +17,7 @@ from taskmill.client import Client
 from taskmill.errors import ConfigurationError, UnknownScheduleError, UnknownTaskError
 from taskmill.events import Event, subscribe
 from taskmill.handle import JobHandle
-from taskmill.hooks import Hook, Hooks
+from taskmill.hooks import Hook, Hooks, Instrumentation
 from taskmill.job import Job
 from taskmill.limits import Limit, QueueOptions, WhenFull, parse_rate
 from taskmill.meta import check_meta
@@ -418,6 +418,21 @@ class App(AdminAPI):
         """Call ``hook(job, error, delay)`` in the worker when a job will be retried."""
         self.hooks.add("on_retry", hook)
         return hook
+
+    # --- instrumentation (see taskmill.hooks.Instrumentation) ---------------------------------
+
+    def add_instrumentation(self, instrumentation: Instrumentation) -> None:
+        """Wrap every send of this app and every run of its jobs in ``instrumentation``'s
+        context managers (``taskmill.hooks.Instrumentation``), after those added before.
+        Add it in the producer and in the worker (the app's module is the place for both);
+        ``taskmill.integrations.otel.instrument(app)`` adds tracing this way."""
+        if instrumentation not in self.registry.instrumentations:
+            self.registry.instrumentations.append(instrumentation)
+
+    def remove_instrumentation(self, instrumentation: Instrumentation) -> None:
+        """Stop wrapping sends and runs in ``instrumentation`` (no error if it was not added)."""
+        if instrumentation in self.registry.instrumentations:
+            self.registry.instrumentations.remove(instrumentation)
 
     def send_task(
         self,

@@ -6,7 +6,8 @@ synchronous twin for ``send()``): a task's ``send``, ``send_many`` and ``app.sen
 periodic schedule's tick, a workflow's step. In order, the pipeline
 
 1. checks the ``max_depth`` of the queues the jobs go to (``taskmill.limits``);
-2. stores the jobs in one broker call;
+2. stores the jobs in one broker call, inside the app's instrumentations' ``sending`` (which
+   may add metadata: a trace context; ``taskmill.hooks.Instrumentation``);
 3. publishes a ``queued`` (or ``scheduled``) event for each job stored, if events are on;
 4. calls the ``on_enqueue`` hooks of each job stored: its task's, then the app's.
 
@@ -47,7 +48,7 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 from taskmill.brokers import Broker, EnqueueResult, broker_from_url
 from taskmill.errors import JobNotFoundError
 from taskmill.events import FinishWatch, enqueued, publish
-from taskmill.hooks import Hook, arun_hooks, run_hooks_blocking
+from taskmill.hooks import Hook, arun_hooks, instrumented_send, run_hooks_blocking
 from taskmill.job import Job, JobState, NewJob
 from taskmill.limits import check_depth, limited_queues
 from taskmill.portal import Portal
@@ -206,7 +207,15 @@ class Client:
         of every job, or one per job."""
         if depth != "skip" and limited_queues(self.registry.queue_options, jobs):
             self.run_sync(self.check_room(jobs, wait=depth == "queue"))
-        result = self.broker.enqueue_blocking(jobs, on_conflict=on_conflict, connection=connection)
+        if self.registry.instrumentations:
+            with instrumented_send(self.registry.instrumentations, jobs) as jobs:
+                result = self.broker.enqueue_blocking(
+                    jobs, on_conflict=on_conflict, connection=connection
+                )
+        else:
+            result = self.broker.enqueue_blocking(
+                jobs, on_conflict=on_conflict, connection=connection
+            )
         self._opened = True
         for observe in self.enqueue_observers:
             observe(jobs, result)
@@ -229,7 +238,11 @@ class Client:
         if depth != "skip" and limited_queues(self.registry.queue_options, jobs):
             await self.check_room(jobs, wait=depth == "queue")
         broker = await self.abroker()
-        result = await broker.enqueue(jobs, on_conflict=on_conflict)
+        if self.registry.instrumentations:
+            with instrumented_send(self.registry.instrumentations, jobs) as jobs:
+                result = await broker.enqueue(jobs, on_conflict=on_conflict)
+        else:
+            result = await broker.enqueue(jobs, on_conflict=on_conflict)
         for observe in self.enqueue_observers:
             observe(jobs, result)
         if self.settings.events:

@@ -33,24 +33,37 @@ never changes the job's outcome, and the hooks after it still run.
     1
     >>> seen
     [('task hook', 3), ('add', (1, 2), 3)]
+
+Instrumentation (``app.add_instrumentation``) is the other seam: where a hook is told of a
+moment, an instrumentation wraps it. Its ``sending(jobs)`` is a context manager around the
+broker write of each enqueue, which may hand back copies of the jobs with keys added to their
+metadata (a trace context stored with the job); its ``running(job)`` one around the call of a
+job's function in the worker, entered in the context the function runs in (so what it makes
+current, the function sees) and left with the function's exception, if any. An app without
+instrumentation pays one truth test per send and per run. ``taskmill.integrations.otel`` is
+one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from taskmill.errors import SerializationError
+from taskmill.errors import ConfigurationError, SerializationError
+from taskmill.meta import check_meta
 from taskmill.serialization import decode_payload
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from taskmill.context import JobContext
-    from taskmill.job import Job
+    from taskmill.job import Job, Meta, NewJob
 
 log = logging.getLogger("taskmill.hooks")
 
@@ -213,3 +226,103 @@ def run_hooks_blocking(
                     run_async(result)
             except Exception:
                 _report(hook, name, job_id, task)
+
+
+# --- instrumentation: context managers around the send and the run ---------------------------
+
+
+class Instrumentation(Protocol):
+    """What ``app.add_instrumentation`` takes: two context managers around the moments a
+    tracer (or a profiler, or a log context) needs to wrap.
+
+    ``sending(jobs)`` is entered in the process that enqueues, on the caller's thread (or task)
+    and in its context, just before the broker stores ``jobs`` (those of one send, one
+    ``send_many``, one periodic tick or one workflow's released steps), and left once the
+    broker answered, with its error if it raised. It yields the jobs to store: ``jobs`` itself,
+    or copies (``msgspec.structs.replace``) whose ``meta`` has keys added; nothing else may
+    change. What it adds is checked as metadata (``taskmill.meta``), stored with the job on
+    every broker, kept across retries, and read back as ``job.meta`` in ``running``.
+
+    ``running(job)`` is entered in the worker just before the function of ``job`` (the ``Job``
+    as claimed) is called and left when it returned or raised, with its exception (a time
+    limit's and an interrupt's too), in the job's own asyncio task: a context variable it sets
+    is seen by an async function and by a sync one in the thread pool or ``--pool async``.
+    A function in a ``--pool process`` child runs in another process: it sees that context
+    only through an instrumentation that is also a ``CarriedInstrumentation``.
+
+    Instrumentations run in the order they were added; each ``sending`` gets the jobs the
+    previous one yielded. Unlike a hook's, an instrumentation's error is not swallowed: it is
+    the send's (or the run's) error.
+    """
+
+    def sending(self, jobs: Sequence[NewJob]) -> AbstractContextManager[Sequence[NewJob]]: ...
+
+    def running(self, job: Job) -> AbstractContextManager[object]: ...
+
+
+@runtime_checkable
+class CarriedInstrumentation(Instrumentation, Protocol):
+    """An instrumentation whose context reaches a function run in a ``--pool process``
+    child. In the worker, inside ``running``, ``carry()`` gives what the child needs of the
+    current context, as metadata (a trace context: the worker's span); the child, which
+    imported the app and so has the same instrumentations, enters ``carried(meta)`` around
+    the function, with what every instrumentation of the app carried (each reads its own
+    keys). ``running`` itself is not entered in the child: the worker's wraps the run."""
+
+    def carry(self) -> Meta: ...
+
+    def carried(self, meta: Meta) -> AbstractContextManager[object]: ...
+
+
+def carry(instrumentations: Sequence[Instrumentation]) -> Meta:
+    """What the ``CarriedInstrumentation``s carry to a child, merged (empty: none is)."""
+    carried: Meta = {}
+    for instrumentation in instrumentations:
+        if isinstance(instrumentation, CarriedInstrumentation):
+            carried.update(instrumentation.carry())
+    return carried
+
+
+@contextlib.contextmanager
+def carried_context(instrumentations: Sequence[Instrumentation], meta: Meta) -> Iterator[None]:
+    """In a child process: every ``CarriedInstrumentation``'s ``carried`` around the call."""
+    with contextlib.ExitStack() as stack:
+        for instrumentation in instrumentations:
+            if isinstance(instrumentation, CarriedInstrumentation):
+                stack.enter_context(instrumentation.carried(meta))
+        yield
+
+
+@contextlib.contextmanager
+def instrumented_send(
+    instrumentations: Sequence[Instrumentation], jobs: Sequence[NewJob]
+) -> Iterator[Sequence[NewJob]]:
+    """Every instrumentation's ``sending`` around the broker write; the jobs to store."""
+    with contextlib.ExitStack() as stack:
+        for instrumentation in instrumentations:
+            given = jobs
+            jobs = stack.enter_context(instrumentation.sending(jobs))
+            if jobs is not given:
+                _check_sent(instrumentation, given, jobs)
+        yield jobs
+
+
+def _check_sent(
+    instrumentation: Instrumentation, given: Sequence[NewJob], jobs: Sequence[NewJob]
+) -> None:
+    if [j.id for j in jobs] != [j.id for j in given]:
+        raise ConfigurationError(
+            f"instrumentation {instrumentation!r} changed which jobs are sent: its sending() "
+            "must yield the jobs it was given, or copies of them in the same order"
+        )
+    for job in jobs:
+        check_meta(job.meta, what=f"meta of job {job.id} as {instrumentation!r} left it")
+
+
+@contextlib.contextmanager
+def instrumented_run(instrumentations: Sequence[Instrumentation], job: Job) -> Iterator[None]:
+    """Every instrumentation's ``running`` around the call of a job's function."""
+    with contextlib.ExitStack() as stack:
+        for instrumentation in instrumentations:
+            stack.enter_context(instrumentation.running(job))
+        yield

@@ -35,7 +35,7 @@ from taskmill._ids import uuid7
 from taskmill.brokers.base import OnConflict
 from taskmill.conversion import TaskTypes
 from taskmill.errors import ConfigurationError, UnknownTaskError
-from taskmill.hooks import Hook, HookName, Hooks
+from taskmill.hooks import Hook, HookName, Hooks, Instrumentation
 from taskmill.job import Job, Meta, NewJob
 from taskmill.limits import SPACING, Limit, QueueOptions, WhenFull, queue_options
 from taskmill.retry import RetryPolicy
@@ -164,13 +164,16 @@ class TaskDefinition:
 
 
 class Registry:
-    """Tasks by name, periodic schedules by name, options by queue, and the app-wide hooks."""
+    """Tasks by name, periodic schedules by name, options by queue, the app-wide hooks and
+    the instrumentations."""
 
     def __init__(self) -> None:
         self.tasks: dict[str, TaskDefinition] = {}
         self.schedules: dict[str, Schedule] = {}
         self.queue_options: dict[str, QueueOptions] = {}
         self.hooks = Hooks()
+        self.instrumentations: list[Instrumentation] = []
+        """Wrapping every send and every run, in order (``taskmill.hooks.Instrumentation``)."""
 
     def __repr__(self) -> str:
         return f"<Registry tasks={len(self.tasks)} schedules={len(self.schedules)}>"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from taskmill.brokers.features import limit_store
 from taskmill.context import JobContext
 from taskmill.errors import SerializationError, UnknownTaskError
-from taskmill.hooks import HookName, JobView, arun_hooks
+from taskmill.hooks import HookName, JobView, arun_hooks, instrumented_run
 from taskmill.job import Claim, Failed, Job, Outcome, RetryAt, Succeeded
 from taskmill.limits import hold_slot, wait_for_rate_slots
 from taskmill.retry import Interrupt, RetryPolicy, decide
@@ -250,7 +250,9 @@ class Pipeline:
             return self._decide(r, exc=exc)
         try:
             soft_s = soft_limit_s(task, r.job)
-            if task.is_async:  # on this loop, whatever the pool: pools are for sync functions
+            if self.registry.instrumentations:
+                value = await self._call_instrumented(task, args, kwargs, r, soft_s)
+            elif task.is_async:  # on this loop, whatever the pool: pools are for sync functions
                 value = await call_async(task, args, kwargs, r.ctx, r.job.timeout_s, soft_s)
             else:
                 value = await self.runner.call(task, args, kwargs, r.ctx, r.job.timeout_s, soft_s)
@@ -263,6 +265,22 @@ class Pipeline:
         except BaseException as exc:
             return self._decide(r, exc=exc, policy=task.policy)
         return self._decide(r, result=result)
+
+    async def _call_instrumented(
+        self,
+        task: TaskDefinition,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        r: JobRun,
+        soft_s: float | None,
+    ) -> Any:
+        """The call inside the app's instrumentations' ``running``, entered in the job's own
+        asyncio task: what they make current, the function sees (a thread's call copies this
+        task's context)."""
+        with instrumented_run(self.registry.instrumentations, r.job):
+            if task.is_async:
+                return await call_async(task, args, kwargs, r.ctx, r.job.timeout_s, soft_s)
+            return await self.runner.call(task, args, kwargs, r.ctx, r.job.timeout_s, soft_s)
 
     # --- release, outcome hooks -------------------------------------------------------------
 

@@ -23,14 +23,15 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
 from taskmill.context import JobContext, reset_current, set_current
 from taskmill.errors import SoftTimeLimitExceeded, TaskTimeoutError, WorkerLostError
-from taskmill.job import ErrorInfo
+from taskmill.hooks import Instrumentation, carried_context, carry
+from taskmill.job import ErrorInfo, Meta
 from taskmill.logs import JsonFormatter, LogFormat
 from taskmill.logs import configure as configure_logging
 from taskmill.registry import Registry, TaskDefinition
@@ -70,10 +71,11 @@ class _Child:
         ctx: JobContext,
         timeout_s: float | None,
         soft_timeout_s: float | None = None,
+        carried: Meta | None = None,
     ) -> Any:
         self.jobs_done += 1
         self.conn.send(
-            ("run", ctx.id, task, ctx.queue, ctx.attempt, ctx.max_attempts, args, kwargs)
+            ("run", ctx.id, task, ctx.queue, ctx.attempt, ctx.max_attempts, args, kwargs, carried)
         )
         started = time.monotonic()
         cancel_sent = soft_sent = False
@@ -152,9 +154,17 @@ class _Child:
 
 
 class ProcessRunner:
-    def __init__(self, app_path: str, size: int, max_tasks_per_child: int | None) -> None:
+    def __init__(
+        self,
+        app_path: str,
+        size: int,
+        max_tasks_per_child: int | None,
+        instrumentations: Sequence[Instrumentation] = (),
+    ) -> None:
         self.app_path = app_path
         self.max_tasks_per_child = max_tasks_per_child
+        self.instrumentations = instrumentations
+        """The app's (a live list): what they carry goes with each job to its child."""
         self._idle: list[_Child] = []
         self._threads = ThreadPoolExecutor(size, thread_name_prefix="taskmill-child-io")
         self._all: set[_Child] = set()
@@ -174,9 +184,19 @@ class ProcessRunner:
             child = await loop.run_in_executor(self._threads, _Child, self.app_path)
             self._all.add(child)
         reusable = False
+        # here, in the job's own asyncio task: inside the instrumentations' running()
+        carried = carry(self.instrumentations) if self.instrumentations else None
         try:
             result = await loop.run_in_executor(
-                self._threads, child.run, task.name, args, kwargs, ctx, timeout_s, soft_timeout_s
+                self._threads,
+                child.run,
+                task.name,
+                args,
+                kwargs,
+                ctx,
+                timeout_s,
+                soft_timeout_s,
+                carried,
             )
             reusable = True
             return result
@@ -349,7 +369,7 @@ def _run_in_child(
 ) -> None:
     """Run one job sent by the worker and send back its result or its error (the task's
     retry policy applied here: the exception object stays in this process)."""
-    _, job_id, task_name, queue_name, attempt, max_attempts, args, kwargs = msg
+    _, job_id, task_name, queue_name, attempt, max_attempts, args, kwargs, carried = msg
     ctx = JobContext(
         id=job_id,
         task=task_name,
@@ -365,9 +385,10 @@ def _run_in_child(
         task = app.get_task(task_name)
         soft_limit.enter(ctx)
         try:
-            value = task.fn(*args, **kwargs)
-            if task.is_async:
-                value = asyncio.run(value)
+            with _carried(app, carried):
+                value = task.fn(*args, **kwargs)
+                if task.is_async:  # asyncio.run copies this context into its task
+                    value = asyncio.run(value)
         finally:
             soft_limit.leave()
         conn.send(("ok", encode(value, what=f"result of task {task_name!r}")))
@@ -382,3 +403,10 @@ def _run_in_child(
         conn.send(("error", payload, retryable, delay, isinstance(exc, Cancel)))
     finally:
         reset_current(token)
+
+
+def _carried(app: Registry, carried: Meta | None) -> contextlib.AbstractContextManager[object]:
+    """The context the worker's instrumentations carried, made current for the function."""
+    if not carried:
+        return contextlib.nullcontext()
+    return carried_context(app.instrumentations, carried)

@@ -237,7 +237,12 @@ class Worker:
             from taskmill.worker.process_pool import ProcessRunner
 
             assert self.app_path is not None  # checked in __init__
-            return ProcessRunner(self.app_path, self.concurrency, self.max_tasks_per_child)
+            return ProcessRunner(
+                self.app_path,
+                self.concurrency,
+                self.max_tasks_per_child,
+                self.registry.instrumentations,
+            )
         if self.pool == "async":
             return InlineRunner()
         return ThreadRunner(self.concurrency)
