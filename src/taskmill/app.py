@@ -62,6 +62,18 @@ class TaskDecorator(Protocol):
     def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
 
+class ScheduleDecorator(Protocol):
+    """What ``app.periodic(...)`` returns: it takes a task, or a plain function it registers
+    as one, and returns the task with the function's signature."""
+
+    @overload
+    def __call__(self, target: Task[P, R], /) -> Task[P, R]: ...
+    @overload
+    def __call__(self, target: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+    @overload
+    def __call__(self, target: Callable[P, R], /) -> Task[P, R]: ...
+
+
 class App(AdminAPI):
     """Tasks, a broker and settings. Declaring tasks does no I/O; the broker is connected on
     first use, and closed by ``close()`` (or the ``with`` block). The admin API (``stats``,
@@ -256,7 +268,7 @@ class App(AdminAPI):
         max_misfires: int = 100,
         overlap: Overlap = "allow",
         meta: Mapping[str, Any] | None = None,
-    ) -> Callable[[Task[P, R] | Callable[P, R]], Task[P, R]]:
+    ) -> ScheduleDecorator:
         """Run a task on a schedule: a ``cron`` expression evaluated in ``tz``, or ``every``
         fixed interval (a ``timedelta`` or seconds), with fixed ``args``/``kwargs``. Put it
         above ``@app.task(...)``, or on a plain function (registered with the defaults).
@@ -280,8 +292,8 @@ class App(AdminAPI):
         """
         interval = timedelta(seconds=every) if isinstance(every, int | float) else every
 
-        def register(target: Task[P, R] | Callable[P, R]) -> Task[P, R]:
-            task: Task[P, R] = target if isinstance(target, Task) else self.task(target)
+        def register(target: Task[Any, Any] | Callable[..., Any]) -> Task[Any, Any]:
+            task: Task[Any, Any] = target if isinstance(target, Task) else self.task(target)
             if task.client is not self.client:
                 raise ConfigurationError(f"task {task.name!r} belongs to another app")
             schedule = Schedule(
@@ -301,7 +313,7 @@ class App(AdminAPI):
             self.registry.add_schedule(schedule)
             return task
 
-        return register
+        return cast(ScheduleDecorator, register)
 
     def configure_queue(
         self,

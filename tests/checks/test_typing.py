@@ -26,6 +26,21 @@ async def greet(name: str, *, loud: bool = False) -> str:
     return name.upper() if loud else name
 
 
+@app.periodic(cron="0 2 * * *", tz="Europe/Paris")
+@app.task(retries=1)
+def nightly(region: str = "eu") -> int:
+    return len(region)
+
+
+@app.periodic(every=60)
+async def tick() -> None: ...
+
+
+@app.periodic(every=60)
+def plain(n: int = 1) -> int:
+    return n
+
+
 def correct() -> None:
     h: JobHandle[int] = add.send(1, 2)
     add.send(a=1, b=2)
@@ -33,7 +48,10 @@ def correct() -> None:
     g: JobHandle[str] = greet.send("ann", loud=True)
     r: int = h.result(timeout=1)
     s: int = add(1, 2)
-    print(g, r, s)
+    n: JobHandle[int] = nightly.send("us")
+    p: JobHandle[int] = plain.send(2)
+    t: JobHandle[None] = tick.send()
+    print(g, r, s, n, p, t)
 
 
 async def correct_async() -> None:
@@ -44,7 +62,7 @@ async def correct_async() -> None:
 
 # every line marked "# E" must have a mypy error, and no other line may have one
 WRONG = """
-from tasks import add, greet
+from tasks import add, greet, nightly
 
 
 async def wrong() -> None:
@@ -58,6 +76,7 @@ async def wrong() -> None:
     await greet.asend(3)  # E
     x: str = add.send(1, 2).result()  # E
     add("x", 2)  # E
+    nightly.send(3)  # E
     print(x)
 """
 

@@ -538,6 +538,18 @@ def test_schedules_lists_next_runs_and_a_worker_runs_the_ticks(cli: Cli) -> None
     assert worker.wait(timeout=30) == 0
 
 
+@pytest.mark.timeout(60)
+def test_schedules_trigger_sends_a_schedules_job_now(cli: Cli) -> None:
+    job_id = cli.ok("schedules", "trigger", "nightly", "--app", "cliapp:scheduled").strip()
+    shown = cli.json("jobs", "show", job_id, "--app", "cliapp:scheduled")
+    assert (shown["task"], shown["state"]) == ("tick", "queued")
+    rows = {r["name"]: r for r in cli.json("schedules", "--app", "cliapp:scheduled")}
+    assert rows["nightly"]["last_tick"] is None  # its timetable did not move
+    r = cli.run("schedules", "trigger", "weekly", "--app", "cliapp:scheduled")
+    assert r.returncode == 1
+    assert one_error_line(r) == ("error: no schedule named 'weekly' (known: every-second, nightly)")
+
+
 @pytest.mark.timeout(30)
 def test_scheduler_without_schedules_is_a_usage_error(cli: Cli) -> None:
     r = cli.run("scheduler", "--app", "cliapp:app")

@@ -32,15 +32,18 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("-n", "--next", "n_next", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many next run times to show.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @app_option
-@click.pass_obj
-def schedules(env: Env, n_next: int, as_json: bool) -> None:
+@click.pass_context
+def schedules(ctx: click.Context, n_next: int, as_json: bool) -> None:
     """List the app's periodic schedules: when each runs next (UTC), its last tick and the
-    state of that tick's job."""
+    state of that tick's job. `taskmill schedules trigger NAME` sends one's job now."""
+    if ctx.invoked_subcommand is not None:
+        return
+    env: Env = ctx.obj
     app = env.app(need_tasks=True)
     statuses = app.run_sync(schedule_statuses(app, n_next))
     rows: list[dict[str, Any]] = [
@@ -75,6 +78,20 @@ def schedules(env: Env, n_next: int, as_json: bool) -> None:
             state_text(row["last_state"]) if row["last_state"] else Text("-"),
         )
     env.out.print(table)
+
+
+@schedules.command()
+@click.argument("name")
+@app_option
+@click.pass_obj
+def trigger(env: Env, name: str) -> None:
+    """Send the schedule NAME's job now, outside its timetable (its ticks do not move). With
+    overlap="skip", a run still pending is shown instead of a new one. Prints the job's id."""
+    app = env.app(need_tasks=True)
+    handle = app.trigger_schedule(name)
+    if handle.existing:
+        env.err.print(f"a run of {name!r} is still pending: {handle.id}", highlight=False)
+    click.echo(handle.id)
 
 
 @cli.command()
