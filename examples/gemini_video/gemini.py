@@ -149,13 +149,17 @@ class FakeGemini:
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+            if self._server is not None:
+                await self._server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
     def script(self, project: str, faults: list[str]) -> None:
         unknown = [f for f in faults if f not in FAULTS]
@@ -171,6 +175,12 @@ class FakeGemini:
     def slow(self, project: str, seconds: float) -> None:
         with self._lock:
             self._plans.setdefault(project, _Plan()).latency_s = seconds
+
+    def pending_faults(self, project: str) -> int:
+        """How many scripted failures of ``project`` are still to come."""
+        with self._lock:
+            plan = self._plans.get(project)
+            return len(plan.script) if plan is not None else 0
 
     def _decide(self, project: str) -> tuple[str, float]:
         """The fault for this request ("" for none) and its latency."""
