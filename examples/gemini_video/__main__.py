@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -35,8 +36,9 @@ from rich.table import Table
 
 from examples.gemini_video.fleet import DASHBOARD_USER, POOLS, Fleet, pool_of, run_foreground
 from examples.gemini_video.gemini import FakeBehaviour, FakeGemini
-from examples.gemini_video.redis_starter import ThrowawayRedis
+from examples.gemini_video.redis_starter import RedisNotFoundError, ThrowawayRedis
 from taskmill import Job, JobHandle
+from taskmill.errors import TaskmillError
 
 DEMO_TIME_SCALE = "0.01"  # the seed's limits / 100: a caption may take 9 s, a render 36 s
 DEADLINE_S = 120.0
@@ -48,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     if command == "workers":
         return run_foreground(args.dashboard_port)
     if command == "demo":
-        return demo(args.redis_url, args.dashboard_port, args.scale, args.serve)
+        signal.signal(signal.SIGTERM, _interrupt)  # cleans up as Ctrl-C does
+        try:
+            return demo(args.redis_url, args.dashboard_port, args.scale, args.serve)
+        except (RedisNotFoundError, TaskmillError, TimeoutError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
     from examples.gemini_video import client
     from examples.gemini_video.app import app, render_video
 
@@ -63,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             job = handle.info()
             echo(json.dumps({"id": job.id, "task": job.task, "queue": job.queue}))
         return 0
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def echo(line: str) -> None:

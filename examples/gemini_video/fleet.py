@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from taskmill import App
+from taskmill.errors import TaskmillError
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_PATH = "examples.gemini_video.app:app"
@@ -164,9 +165,14 @@ def run_foreground(dashboard_port: int | None) -> int:
     """``python -m examples.gemini_video workers``: the fleet until SIGTERM or Ctrl-C."""
     from examples.gemini_video.app import app
 
-    fleet = Fleet(
-        dashboard_port=dashboard_port, password=os.environ.get("GEMINI_VIDEO_DASHBOARD_PASSWORD")
-    )
+    try:
+        fleet = Fleet(
+            dashboard_port=dashboard_port,
+            password=os.environ.get("GEMINI_VIDEO_DASHBOARD_PASSWORD"),
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -184,7 +190,7 @@ def run_foreground(dashboard_port: int | None) -> int:
         count = fleet.wait_ready(app)
         where = f"; dashboard http://127.0.0.1:{dashboard_port}/" if dashboard_port else ""
         print(f"fleet ready: {count} worker processes in {len(POOLS)} pools{where}", flush=True)
-    except (TimeoutError, RuntimeError) as exc:
+    except (TimeoutError, RuntimeError, TaskmillError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         fleet.stop()
         return 1
