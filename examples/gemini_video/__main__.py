@@ -3,8 +3,8 @@
 - ``demo`` (the default): start a throwaway redis-server (unless ``--redis-url``), the fake
   Gemini service, every worker pool and the dashboard with a login; send a workload across
   the pools (with Gemini failures, a time limit overrun and a bad request in it), follow one
-  render live, and print a summary per pool and queue, then the dashboard's URL and login
-  (``--serve`` keeps everything up until Ctrl-C).
+  render live, and print a summary per pool and queue; with ``--serve``, then print the
+  dashboard's URL and login and stay up until Ctrl-C.
 - ``workers [--dashboard-port P]``: the fleet alone (every pool from one ``taskmill worker``
   command, and the dashboard), on ``GEMINI_VIDEO_URL``, until SIGTERM or Ctrl-C.
 - ``render PROJECT [--scenes N] [--watch]``: send a render; print its id, and with
@@ -45,6 +45,9 @@ DEADLINE_S = 120.0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["demo", *argv]  # the demo's options without its name
     args = parser().parse_args(argv)
     command = args.command or "demo"
     if command == "workers":
@@ -58,15 +61,24 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         except KeyboardInterrupt:
             return 130
+    try:
+        return client_command(args)
+    except TaskmillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def client_command(args: argparse.Namespace) -> int:
+    """``render``, ``watch`` and ``workload``: a client of a running fleet."""
     from examples.gemini_video import client
     from examples.gemini_video.app import app, render_video
 
     with app:
-        if command == "render":
+        if args.command == "render":
             handle = render_video.send(args.project, args.scenes)
             print(handle.id, flush=True)
             return client.follow(app, handle.id, echo) if args.watch else 0
-        if command == "watch":
+        if args.command == "watch":
             return client.follow(app, args.job_id, echo)
         for handle in client.send_workload(args.scale):
             job = handle.info()
@@ -96,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
         help="a Redis to use (default: start a throwaway redis-server)",
     )
     demo_p.add_argument("--dashboard-port", type=int, default=0, help="0: a free port")
-    demo_p.add_argument("--scale", type=int, default=4, help="how many of each kind of job")
+    demo_p.add_argument("--scale", type=positive, default=4, help="how many of each kind of job")
     demo_p.add_argument("--serve", action="store_true", help="keep serving until Ctrl-C")
     workers_p = sub.add_parser("workers", help="every worker pool, from one command")
     workers_p.add_argument(
@@ -107,14 +119,24 @@ def parser() -> argparse.ArgumentParser:
     )
     render_p = sub.add_parser("render", help="send a render")
     render_p.add_argument("project")
-    render_p.add_argument("--scenes", type=int, default=3)
+    render_p.add_argument("--scenes", type=positive, default=3)
     render_p.add_argument("--watch", action="store_true", help="follow its progress live")
     watch_p = sub.add_parser("watch", help="follow a job's progress live")
     watch_p.add_argument("job_id")
     workload_p = sub.add_parser("workload", help="send the demo's mix of jobs")
-    workload_p.add_argument("--scale", type=int, default=1)
+    workload_p.add_argument("--scale", type=positive, default=1)
     p.set_defaults(redis_url=None, dashboard_port=0, scale=4, serve=False)
     return p
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
+    return value
 
 
 def demo(redis_url: str | None, dashboard_port: int, scale: int, serve: bool) -> int:
