@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 APP_PATH = "examples.gemini_video.app:app"
 WORKER_NAME = "gemini-video"
 DASHBOARD_USER = "ops"
+DRAIN_TIMEOUT_S = 10
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ def taskmill_argv(*args: str) -> list[str]:
 def worker_argv() -> list[str]:
     """The one command that starts every pool."""
     specs = [arg for pool in POOLS for arg in ("--pool-spec", pool.spec)]
-    return taskmill_argv("worker", APP_PATH, *specs, "--name", WORKER_NAME, "--drain-timeout", "10")
+    drain = ("--drain-timeout", str(DRAIN_TIMEOUT_S))
+    return taskmill_argv("worker", APP_PATH, *specs, "--name", WORKER_NAME, *drain)
 
 
 def dashboard_argv(port: int) -> list[str]:
@@ -125,10 +127,13 @@ class Fleet:
             )
         return self
 
-    def wait_ready(self, app: App, timeout_s: float = 60.0) -> int:
-        """Wait until every pool's processes heartbeat; their number."""
+    def wait_ready(
+        self, app: App, timeout_s: float = 60.0, interrupted: Callable[[], bool] = lambda: False
+    ) -> int:
+        """Wait until every pool's processes heartbeat (their number), or ``interrupted()``
+        (0)."""
         deadline = time.monotonic() + timeout_s
-        while True:
+        while not interrupted():
             self.check_running()
             alive = [w for w in app.workers() if not w.lost and w.id.startswith(WORKER_NAME)]
             if len(alive) >= self.expected_processes:
@@ -139,6 +144,7 @@ class Fleet:
                     f"within {timeout_s:.0f} s"
                 )
             time.sleep(0.2)
+        return 0
 
     def check_running(self) -> None:
         for proc in self.procs:
@@ -146,15 +152,19 @@ class Fleet:
                 what = "the dashboard" if proc is not self.procs[0] else "taskmill worker"
                 raise RuntimeError(f"{what} exited early with code {proc.returncode}")
 
-    def stop(self, timeout_s: float = 20.0) -> int:
-        """SIGTERM every child, wait for each; the worst exit code."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+    def stop(self, *, signalled: bool = False, timeout_s: float = DRAIN_TIMEOUT_S + 10) -> int:
+        """SIGTERM every child and wait for each (then kill what is left); the worst exit code.
+        ``signalled``: a Ctrl-C reached the children already, so they are draining; a second
+        signal would stop them at once instead, so only wait."""
+        if not signalled:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
         codes = []
         for proc in self.procs:
             try:
-                codes.append(proc.wait(timeout_s))
+                codes.append(proc.wait(max(0.1, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 codes.append(proc.wait())
@@ -173,29 +183,25 @@ def run_foreground(dashboard_port: int | None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    stopping = False
+    received: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        if signum == signal.SIGTERM:  # a Ctrl-C reached the children already
-            for proc in fleet.procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
+        received.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     fleet.start()
     try:
-        count = fleet.wait_ready(app)
+        count = fleet.wait_ready(app, interrupted=lambda: bool(received))
         where = f"; dashboard http://127.0.0.1:{dashboard_port}/" if dashboard_port else ""
-        print(f"fleet ready: {count} worker processes in {len(POOLS)} pools{where}", flush=True)
+        if count:
+            print(f"fleet ready: {count} worker processes in {len(POOLS)} pools{where}", flush=True)
     except (TimeoutError, RuntimeError, TaskmillError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         fleet.stop()
         return 1
     finally:
         app.close()
-    while not stopping and all(p.poll() is None for p in fleet.procs):
+    while not received and all(p.poll() is None for p in fleet.procs):
         time.sleep(0.2)
-    return fleet.stop()
+    return fleet.stop(signalled=received[:1] == [signal.SIGINT])
