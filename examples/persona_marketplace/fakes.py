@@ -7,8 +7,9 @@ that holds after them::
 
     services.set_fault("eminescu", "quotes", plan=["429", "timeout"], then="ok")
 
-Behaviours: ``ok``; ``500`` and ``429`` (with ``Retry-After``); ``timeout`` (the answer comes
-after ``timeout_s``, later than any sane client waits); ``endless`` (the source never runs out
+Behaviours: ``ok``; ``slow`` (the answer comes after ``slow_s``); ``500`` and ``429`` (with
+``Retry-After``); ``timeout`` (the answer comes after ``timeout_s``, later than any sane client
+waits); ``endless`` (the source never runs out
 of pages, so reading it takes for ever); ``stall`` (as ``endless``, and the embedding service
 hangs for that source too). Control is over HTTP as well (``PUT /_faults/{persona}/{source}``),
 so a fake started by one process can be steered from another.
@@ -26,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-BEHAVIOURS = ("ok", "500", "429", "timeout", "endless", "stall")
+BEHAVIOURS = ("ok", "slow", "500", "429", "timeout", "endless", "stall")
 SOURCES = ("profile", "works", "quotes")
 PAGE_SIZE = 4
 CORPUS_SIZE = {"profile": 3, "works": 12, "quotes": 8}
@@ -50,6 +51,7 @@ class FakeServices:
     """The two services on one loopback port, served by threads of this process."""
 
     latency_s: tuple[float, float] = (0.01, 0.05)
+    slow_s: float = 1.5
     timeout_s: float = 10.0
     page_delay_s: float = 0.2
     """How long each page of an ``endless`` or ``stall`` source takes."""
@@ -196,8 +198,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _fail(self, behaviour: str) -> bool:
         """Answer with the injected fault, if it is one; True if it answered."""
-        if behaviour == "timeout":
-            self.fake._sleep(self.fake.timeout_s)
+        if behaviour in ("slow", "timeout"):
+            self.fake._sleep(self.fake.slow_s if behaviour == "slow" else self.fake.timeout_s)
         else:
             self._latency()
         if behaviour == "500":
