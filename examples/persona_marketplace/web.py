@@ -25,7 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from examples.persona_marketplace.status import persona_status
 from examples.persona_marketplace.tasks import SOURCES, PersonaTasks
 from taskmill import JobNotFoundError
-from taskmill.web import WebConfig, create_app
+from taskmill.integrations.fastapi import mount_dashboard, taskmill_lifespan
+from taskmill.web import WebConfig
 
 PersonaId = Annotated[
     str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="letters, digits, _ and -")
@@ -38,16 +39,16 @@ def create_api(tasks: PersonaTasks, dashboard: WebConfig) -> FastAPI:
         raise ValueError("the dashboard mounted in the marketplace needs users or tokens")
 
     @asynccontextmanager
-    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-        await tasks.app.aopen()
+    async def status_table(api: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(tasks.status.create)
-        try:
-            yield
-        finally:
-            await tasks.app.aclose()
+        yield
 
-    api = FastAPI(title="persona marketplace", lifespan=lifespan)
-    api.mount("/dashboard", create_app(tasks.app, dashboard))
+    # the workers are `taskmill worker` processes, as the seed's were `celery worker`: the
+    # web process only opens the App (for sends and lookups) and closes it at shutdown
+    api = FastAPI(
+        title="persona marketplace", lifespan=taskmill_lifespan(tasks.app, then=status_table)
+    )
+    mount_dashboard(api, tasks.app, "/dashboard", dashboard)
     _persona_routes(api, tasks)
     _job_routes(api, tasks)
     return api
