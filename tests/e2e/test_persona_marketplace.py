@@ -264,6 +264,22 @@ def test_the_soft_limit_keeps_what_was_read_and_the_hard_limit_ends_the_job(
 
 
 @pytest.mark.timeout(30)
+def test_bad_ids_are_refused_precisely(market: Market) -> None:
+    refused = market.api.post("/api/personas/not a persona!/ingest")
+    assert refused.status_code == 422
+    (problem,) = refused.json()["detail"]
+    assert problem["loc"] == ["path", "persona_id"]
+    assert "should match pattern" in problem["msg"]
+    # an id nobody sent is not found (Celery's AsyncResult would say PENDING)
+    unknown = market.api.get("/api/jobs/wf:no-such-ingestion:0")
+    assert (unknown.status_code, unknown.json()) == (
+        404,
+        {"detail": "no ingestion job 'wf:no-such-ingestion:0'"},
+    )
+    assert market.api.get("/api/ingestions/no-such-ingestion").status_code == 404
+
+
+@pytest.mark.timeout(30)
 def test_the_dashboard_needs_a_login(market: Market) -> None:
     for path in ("/dashboard/", "/dashboard/jobs", "/dashboard/api/v1/workers"):
         anonymous = market.api.get(path)
