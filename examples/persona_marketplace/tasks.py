@@ -87,7 +87,6 @@ def _ingestion_of(config: Config, source: str) -> Callable[[str], int]:
     def ingest(persona_id: str) -> int:
         return ingest_source(config, persona_id, source)
 
-    ingest.__name__ = ingest.__qualname__ = f"ingest_{source}"
     return ingest
 
 
@@ -158,6 +157,7 @@ class StatusHooks:
 
 
 def source_of(task_name: str) -> str:
+    """``works`` for ``persona.ingest_works``."""
     return task_name.removeprefix("persona.ingest_")
 
 

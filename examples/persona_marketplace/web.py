@@ -23,7 +23,7 @@ from fastapi import FastAPI, HTTPException, Path
 from starlette.concurrency import run_in_threadpool
 
 from examples.persona_marketplace.status import persona_status
-from examples.persona_marketplace.tasks import SOURCES, PersonaTasks
+from examples.persona_marketplace.tasks import SOURCES, PersonaTasks, source_of
 from taskmill import JobNotFoundError
 from taskmill.integrations.fastapi import mount_dashboard, taskmill_lifespan
 from taskmill.web import WebConfig
@@ -59,7 +59,7 @@ def _persona_routes(api: FastAPI, tasks: PersonaTasks) -> None:
     async def ingest(persona_id: PersonaId) -> dict[str, Any]:
         flow = await tasks.ingestion(persona_id).asend()
         steps = (await tasks.app.aget_workflow(flow.id)).steps
-        jobs = {s.task.removeprefix("persona.ingest_"): s.job_id for s in steps}
+        jobs = {source_of(s.task): s.job_id for s in steps}
         return {"ingestion": flow.id, "jobs": {source: jobs[source] for source in SOURCES}}
 
     @api.get("/api/personas/{persona_id}")
@@ -102,5 +102,7 @@ def _job_routes(api: FastAPI, tasks: PersonaTasks) -> None:
         if await run_in_threadpool(tasks.status.get, job_id) is None:
             raise HTTPException(404, f"no ingestion job {job_id!r}")
         if not await tasks.app.aretry_jobs([job_id]):
-            raise HTTPException(409, f"job {job_id!r} is not failed: only failed jobs are retried")
+            raise HTTPException(
+                409, f"job {job_id!r} is neither failed nor cancelled: there is nothing to retry"
+            )
         return {"job_id": job_id, "taskmill_state": "queued"}
