@@ -3,7 +3,7 @@ app under uvicorn on a loopback port, two real ``taskmill worker --pool process`
 the session's Redis (a key prefix of this module's own), and the fake source and embedding
 services. Everything is driven through the app's HTTP API and the dashboard mounted in it.
 
-The workers run with short limits (soft 4 s, hard 6 s) and a 3 s lease, so the time-limit and
+The workers run with short limits (soft 4 s, hard 6 s) and a 4 s lease, so the time-limit and
 killed-worker cases take seconds.
 """
 
@@ -116,7 +116,7 @@ def market(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
         services_url=services.url,
         soft_limit_s=4.0,
         hard_limit_s=6.0,
-        lease_s=3.0,
+        lease_s=4.0,
         http_timeout_s=2.0,
         embed_timeout_s=30.0,
         retry_base_s=0.1,
