@@ -7,6 +7,7 @@ its auth."""
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,17 +18,20 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.websockets import WebSocketState
+from websockets.sync.client import connect
 
-from taskmill import App, JobState
+from taskmill import App, JobState, current_job
 from taskmill.errors import ConfigurationError
 from taskmill.integrations.fastapi import TaskmillApp, TaskmillWorker
 from taskmill.integrations.starlette import (
     dashboard_mount,
+    forward_events,
     mount_dashboard,
     taskmill_app,
     taskmill_lifespan,
@@ -417,4 +421,82 @@ def test_shutdown_hands_back_a_job_still_running_after_the_drain_timeout(tmp_pat
         assert (job.state, job.attempt) == (JobState.QUEUED, 0)
     finally:
         release.set()  # let the abandoned thread of the old worker end
+        tasks.close()
+
+
+# --- events over a WebSocket -------------------------------------------------------------------
+
+
+def events_site(tasks: App, left: threading.Event) -> FastAPI:
+    api = FastAPI(lifespan=taskmill_lifespan(tasks, worker={"concurrency": 2}))
+
+    @api.websocket("/jobs/{job_id}/events")
+    async def job_events(websocket: WebSocket, job_id: str, app: TaskmillApp) -> None:
+        await websocket.accept()
+        sent = await forward_events(websocket, app.job(job_id).awatch())
+        if websocket.client_state is WebSocketState.CONNECTED:
+            await websocket.close()
+        if sent:
+            left.set()
+
+    return api
+
+
+@pytest.mark.timeout(60)
+def test_a_jobs_events_reach_a_websocket_client_until_it_finishes(tmp_path: Path) -> None:
+    tasks = App(sqlite_url(tmp_path), events=True)
+    go = threading.Event()
+
+    @tasks.task()
+    def render(frames: int) -> str:
+        assert go.wait(30), "the test never let the job go"
+        job = current_job()
+        for i in range(frames):
+            job.progress((i + 1) / frames, f"frame {i + 1}")
+        return "video.mp4"
+
+    left = threading.Event()
+    with serving(events_site(tasks, left)) as served:
+        handle = render.send(3)
+        url = served.url.replace("http://", "ws://") + f"/jobs/{handle.id}/events"
+        received: list[dict[str, Any]] = []
+        with connect(url, open_timeout=10) as ws:
+            first = json.loads(ws.recv(timeout=10))  # the job's state now: nothing after is missed
+            go.set()
+            received.append(first)
+            # iterating ends when the server closes normally (an error would raise)
+            received += [json.loads(message) for message in ws]
+    states = [e["state"] for e in received if e["progress"] is None]
+    assert states[0] in ("queued", "running") and states[-1] == "succeeded"
+    progress = [(e["progress"], e["message"]) for e in received if e["progress"] is not None]
+    assert progress and progress[-1] == (1.0, "frame 3")  # at most 10 a second: the last kept
+    assert {e["job_id"] for e in received} == {handle.id}
+    assert set(received[0]) >= {"task", "queue", "attempt", "seq", "workflow_id"}
+    assert "result" not in received[-1] and "args" not in received[-1]
+    assert left.is_set()
+    tasks.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_leaves_ends_the_forwarding_at_once(tmp_path: Path) -> None:
+    tasks = App(sqlite_url(tmp_path), events=True)
+    release = threading.Event()
+
+    @tasks.task()
+    def held() -> None:
+        assert release.wait(30), "the test never released the job"
+
+    left = threading.Event()
+    try:
+        with serving(events_site(tasks, left)) as served:
+            handle = held.send()
+            url = served.url.replace("http://", "ws://") + f"/jobs/{handle.id}/events"
+            with connect(url, open_timeout=10) as ws:
+                assert json.loads(ws.recv(timeout=10))["job_id"] == handle.id
+            # the job still runs, so only the client's leaving can end the forwarding
+            assert left.wait(10), "forward_events did not return after the client left"
+            assert handle.status() in (JobState.QUEUED, JobState.RUNNING)
+            release.set()
+    finally:
+        release.set()
         tasks.close()

@@ -9,6 +9,9 @@ Starlette alone with the ``web`` extra). See docs/fastapi.md.
 - ``taskmill_app(connection)`` and ``taskmill_worker(connection)``: those two, for
   ``Depends`` (FastAPI) or a plain call (Starlette), with a clear error when the lifespan did
   not run.
+- ``forward_events(websocket, events)``: live job events (``handle.awatch()``,
+  ``app.events(...)``) to a browser over a WebSocket, as JSON, until they end or the client
+  goes away.
 - ``mount_dashboard(site, app, "/tasks", config)``: taskmill's dashboard, HTTP API, health and
   metrics (``taskmill.web.create_app``) under a prefix of your application, behind the
   dashboard's own auth (with none configured: loopback clients only).
@@ -37,17 +40,22 @@ False
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from starlette.routing import Mount
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from taskmill.app import App
 from taskmill.errors import ConfigurationError
+from taskmill.events import Event
 from taskmill.web import WebConfig, create_app
 from taskmill.worker.embed import EmbeddedWorker
 from taskmill.worker.worker import Worker
@@ -202,6 +210,62 @@ def taskmill_worker(connection: HTTPConnection) -> EmbeddedWorker:
     return worker
 
 
+# --- live events to a browser -----------------------------------------------------------------
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    """An event as the JSON object ``forward_events`` sends: its fields (``job_id``, ``task``,
+    ``queue``, ``state``, ``attempt``, ``at``, ``seq``, ``progress``, ``message``) and
+    ``workflow_id``. No arguments, no results: what a browser may see of any job."""
+    return {**msgspec.structs.asdict(event), "workflow_id": event.workflow_id}
+
+
+async def forward_events(websocket: WebSocket, events: AsyncIterator[Event]) -> int:
+    """Send each of ``events`` to an accepted ``websocket``, one JSON text message each
+    (``event_json``), until they end (``handle.awatch()`` ends when its job finishes) or the
+    client goes away (then the subscription is closed at once, not at the next event). Returns
+    how many were sent; the websocket is left open for you to close. Messages the client
+    sends meanwhile are read and dropped.
+
+    >>> async def progress(websocket: WebSocket, job_id: str) -> None:  # a WebSocket route
+    ...     await websocket.accept()
+    ...     await forward_events(websocket, tasks.job(job_id).awatch())
+    ...     await websocket.close()
+    """
+    gone = asyncio.ensure_future(_until_disconnected(websocket))
+    sent = 0
+    try:
+        while True:
+            upcoming = asyncio.ensure_future(anext(events))
+            await asyncio.wait({upcoming, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not upcoming.done():  # the client left while no event came
+                upcoming.cancel()
+                await asyncio.wait({upcoming})
+                return sent
+            try:
+                event = upcoming.result()
+            except StopAsyncIteration:
+                return sent
+            try:
+                await websocket.send_json(event_json(event))
+            except (WebSocketDisconnect, OSError, RuntimeError):
+                return sent  # gone between two events (the server says so in one of these)
+            sent += 1
+    finally:
+        gone.cancel()
+        with contextlib.suppress(BaseException):
+            await gone
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+
+
+async def _until_disconnected(websocket: WebSocket) -> None:
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass
+
+
 # --- the dashboard and the HTTP API ----------------------------------------------------------
 
 
@@ -270,6 +334,8 @@ __all__ = [
     "TaskmillLifespan",
     "check_prefix",
     "dashboard_mount",
+    "event_json",
+    "forward_events",
     "mount_dashboard",
     "taskmill_app",
     "taskmill_lifespan",
