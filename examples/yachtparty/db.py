@@ -7,6 +7,7 @@ written by taskmill hooks (``tasks.py``).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -47,6 +48,8 @@ CREATE TABLE IF NOT EXISTS agent_actions_log (
     context_id text NOT NULL,
     context_type text NOT NULL DEFAULT 'agent_task',
     attempt integer NOT NULL,
+    scheduled_for timestamptz NOT NULL,
+    started_at timestamptz,
     latency_ms double precision,
     wait_ms double precision,
     input_data jsonb NOT NULL,
@@ -75,15 +78,18 @@ class Database:
             self.conninfo, min_size=1, max_size=max_size, open=False, kwargs={"autocommit": True}
         )
         self._opened = False
+        self._opening = threading.Lock()  # hooks run on several threads: open the pool once
 
     def open(self) -> None:
-        if not self._opened:
-            self._pool.open(wait=True, timeout=30)
-            self._opened = True
+        with self._opening:
+            if not self._opened:
+                self._pool.open(wait=True, timeout=30)
+                self._opened = True
 
     def close(self) -> None:
-        self._pool.close()
-        self._opened = False
+        with self._opening:
+            self._pool.close()
+            self._opened = False
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -136,17 +142,21 @@ class Database:
         with self.connection() as conn:
             conn.execute(
                 "INSERT INTO agent_actions_log (action_type, outcome, user_id, context_id, "
-                "attempt, latency_ms, wait_ms, input_data, output_data, error) VALUES "
-                "(%(action_type)s, %(outcome)s, %(user_id)s, %(context_id)s, %(attempt)s, "
-                "%(latency_ms)s, %(wait_ms)s, %(input_data)s, %(output_data)s, %(error)s)",
+                "attempt, scheduled_for, started_at, latency_ms, wait_ms, input_data, "
+                "output_data, error) VALUES (%(action_type)s, %(outcome)s, %(user_id)s, "
+                "%(context_id)s, %(attempt)s, to_timestamp(%(scheduled_for)s), "
+                "to_timestamp(%(started_at)s), %(latency_ms)s, %(wait_ms)s, %(input_data)s, "
+                "%(output_data)s, %(error)s)",
                 row,
             )
 
     def actions(self, context_id: str) -> list[dict[str, Any]]:
-        """The log rows of one task (job), oldest first."""
+        """The log rows of one task (job), oldest first; times as Unix seconds."""
         return self.rows(
             "SELECT action_type, outcome, attempt, latency_ms, wait_ms, error, output_data, "
-            "extract(epoch FROM created_at)::float8 AS at "
+            "extract(epoch FROM scheduled_for)::float8 AS scheduled_for, "
+            "extract(epoch FROM started_at)::float8 AS started_at, "
+            "extract(epoch FROM created_at)::float8 AS logged_at "
             "FROM agent_actions_log WHERE context_id = %s ORDER BY id",
             (context_id,),
         )

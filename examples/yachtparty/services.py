@@ -17,6 +17,7 @@ import asyncio
 import random
 import socket
 import threading
+import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -57,6 +58,13 @@ class Faults:
         return None
 
 
+async def _hang(request: Request, seconds: float) -> None:
+    """No answer for ``seconds``, or until the caller gives up and hangs up."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not await request.is_disconnected():
+        await asyncio.sleep(0.05)
+
+
 def _bad_request(message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=400)
 
@@ -74,7 +82,7 @@ def fake_services(hang_s: float = 30.0) -> Starlette:
             await asyncio.sleep(random.uniform(0.005, 0.03))
             fault = faults.next(path, body.get("user_id"))
             if fault == "timeout":
-                await asyncio.sleep(faults.hang_s)
+                await _hang(request, faults.hang_s)
             elif fault is not None:
                 return JSONResponse({"error": f"injected {fault}"}, status_code=int(fault))
             if path == "/events":
@@ -132,7 +140,7 @@ def serve(asgi: Any, *, port: int = 0, timeout_s: float = 30.0) -> Served:
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     config = uvicorn.Config(
         asgi, log_level="warning", access_log=False, lifespan="on",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=2,
     )  # fmt: skip
     server = uvicorn.Server(config)
     errors: list[BaseException] = []

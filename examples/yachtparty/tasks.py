@@ -57,7 +57,7 @@ class ActionLog:
         self._write(job, "succeeded", output=result)
 
     def retrying(self, job: JobView, error: ErrorInfo, delay: float) -> None:
-        self._write(job, "retrying", error=f"{error.type}: {error.message} (next in {delay:g} s)")
+        self._write(job, "retrying", error=f"{error.type}: {error.message} (next in {delay:.1f} s)")
 
     def failed(self, job: JobView, error: ErrorInfo) -> None:
         self._write(job, "failed", error=f"{error.type}: {error.message}")
@@ -72,6 +72,8 @@ class ActionLog:
             "user_id": job.meta.get("user_id"),
             "context_id": job.id,
             "attempt": job.attempt,
+            "scheduled_for": job.run_at,
+            "started_at": started,
             "latency_ms": None if job.duration_s is None else job.duration_s * 1000,
             "wait_ms": None if started is None else max(0.0, started - job.run_at) * 1000,
             "input_data": {"args": list(job.args), "kwargs": dict(job.kwargs)},

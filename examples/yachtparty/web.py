@@ -107,6 +107,7 @@ def task_view(job: Job, actions: list[dict[str, Any]]) -> dict[str, Any]:
         "attempt": job.attempt,
         "max_attempts": job.max_attempts,
         "scheduled_for": _iso(job.run_at),
+        "started_at": _iso(job.started_at),
         "completed_at": _iso(job.finished_at),
         "result": None if job.result is None else json.loads(job.result),
         "error": None if job.error is None else f"{job.error.type}: {job.error.message}",
