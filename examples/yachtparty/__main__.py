@@ -56,8 +56,8 @@ class Client:
             return exc.code, json.load(exc)
 
 
-def scenario(api: Client, faults: Client, console: Console) -> dict[str, str]:
-    """Send the demo's work; task id -> what it is."""
+def scenario(api: Client, faults: Client, console: Console) -> tuple[dict[str, str], str]:
+    """Send the demo's work; task id -> what it is, and the id of the followup that failed."""
     for user, name in (("alice", "Alice"), ("bob", "Bob"), ("carol", "Carol")):
         api("POST", "/users", {"id": user, "name": name})
     faults("POST", "/faults", {"path": "/events", "errors": ["500", "429", "timeout"]})
@@ -101,7 +101,7 @@ def scenario(api: Client, faults: Client, console: Console) -> dict[str, str]:
     assert status == 200, reply
     console.print(f"POST /process-task for the failed followup -> {reply['action']}")
     wait_finished(api, [followup])
-    return sent
+    return sent, followup
 
 
 def wait_finished(api: Client, task_ids: list[str]) -> None:
@@ -139,10 +139,35 @@ def summary(api: Client, sent: dict[str, str]) -> list[Table]:
     return [outcomes, latency]
 
 
+def timeline(api: Client, task_id: str) -> Table:
+    """One task's rows of the action log, times from its first start."""
+    actions = api("GET", f"/tasks/{task_id}")[1]["actions"]
+    t0 = actions[0]["started_at"]
+    table = Table(title="bob's followup in the action log (s from its first start)",
+                  title_justify="left")  # fmt: skip
+    for column in ("attempt", "outcome", "due", "started", "latency ms", "error"):
+        table.add_column(column, justify="left" if column in ("outcome", "error") else "right")
+    for a in actions:
+        table.add_row(
+            str(a["attempt"]), a["outcome"], f"{a['scheduled_for'] - t0:+.2f}",
+            f"{a['started_at'] - t0:+.2f}", f"{a['latency_ms']:.1f}",
+            _short(a["error"]),
+        )  # fmt: skip
+    return table
+
+
+def _short(error: str | None) -> str:
+    """``pkg.mod.ServiceError: message`` as ``ServiceError: message``."""
+    if error is None:
+        return ""
+    kind, _, message = error.partition(": ")
+    return f"{kind.rsplit('.', 1)[-1]}: {message}"
+
+
 def run(config: Config, console: Console, *, keep_serving: bool) -> int:
     with ExitStack() as stack:
         processor: Processor = build(config)
-        stack.callback(processor.close)
+        stack.callback(processor.close)  # the service closes it too; this covers a failed start
         web = serve(create_web(processor, worker=True), port=int(os.environ.get("PORT", "0")))
         stack.callback(web.stop)
         console.print(
@@ -150,10 +175,12 @@ def run(config: Config, console: Console, *, keep_serving: bool) -> int:
             f"{web.url}/taskmill/), a minute lasts {config.minute_s:g} s"
         )
         api = Client(web.url)
-        sent = scenario(api, Client(config.services_url), console)
-        for table in summary(api, sent):
+        sent, followup = scenario(api, Client(config.services_url), console)
+        for table in [*summary(api, sent), timeline(api, followup)]:
             console.print(table)
-        console.print_json(data=api("GET", "/health")[1])
+        health = api("GET", "/health")[1]
+        console.print("GET /health (without byType, shown above):")
+        console.print_json(data={k: v for k, v in health.items() if k != "byType"})
         if keep_serving:
             console.print(f"serving at {web.url} until Ctrl-C")
             try:

@@ -4,7 +4,7 @@
   ``scheduled_for`` or ``delay_s``);
 - ``GET /tasks/{id}``: a task's state, attempts, result or error, and its action-log rows;
 - ``POST /process-task`` ``{"task_id"}``: run it now (scheduled), or again (failed);
-- ``POST /trigger-poll``: every scheduled task runs now;
+- ``POST /trigger-poll``: every task scheduled for later runs now (retries keep their wait);
 - ``GET /health``: statistics: the action log's, taskmill's queue counts, live workers;
 - ``POST /users``, ``GET /users/{id}``: the users the agents work for, with their messages;
 - ``POST /messages``: an inbound message and its re-engagement check, in one transaction;
@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
+from examples.yachtparty.config import Config
 from examples.yachtparty.db import UnknownUserError
 from examples.yachtparty.handlers import QUIET_MINUTES
 from examples.yachtparty.tasks import (
@@ -35,6 +36,7 @@ from examples.yachtparty.tasks import (
     QUEUE,
     Processor,
     UnknownTaskTypeError,
+    build,
     task_type_of,
 )
 from taskmill import Job, JobNotFoundError, JobState
@@ -172,7 +174,9 @@ class Routes:
 
     async def trigger_poll(self, request: Request) -> JSONResponse:
         """No poll to trigger: due tasks run at once. What is left is what the seed used it
-        for in tests: make every scheduled task due now."""
+        for in tests: every task scheduled for later runs now. A task waiting for its next
+        retry keeps its back-off, as the seed's poll left it (``/process-task`` runs one
+        such task now)."""
         ids: list[str] = []
         cursor: str | None = None
         while True:
@@ -180,6 +184,8 @@ class Routes:
                 state="scheduled", queue=QUEUE, limit=1000, cursor=cursor, count=False
             )
             for job in page.jobs:
+                if job.attempt > 0:  # it ran, and waits for its retry
+                    continue
                 if await self.app.arun_job_now(job.id) is JobState.SCHEDULED:
                     ids.append(job.id)
             cursor = page.next_cursor
@@ -302,10 +308,10 @@ def _guarded(handler: Handler) -> Handler:
 
 
 def create_web(processor: Processor, *, worker: bool = False, concurrency: int = 8) -> Starlette:
-    """The HTTP service on ``processor``. It creates the app's tables at start. ``worker``
-    also runs a taskmill worker in the service's own loop, as the seed's one Cloud Run
-    service both served and polled (docs/embedding.md); without it, ``taskmill worker``
-    processes run the tasks. The caller closes ``processor``."""
+    """The HTTP service on ``processor``: it creates the app's tables at start, and closes
+    ``processor`` when it stops. ``worker`` also runs a taskmill worker in the service's own
+    loop, as the seed's one Cloud Run service both served and polled (docs/embedding.md);
+    ``taskmill worker`` processes may run the tasks instead, or as well."""
     routes = Routes(processor)
 
     @asynccontextmanager
@@ -313,6 +319,7 @@ def create_web(processor: Processor, *, worker: bool = False, concurrency: int =
         await run_in_threadpool(processor.db.create_tables)
         await processor.app.aopen()
         async with AsyncExitStack() as stack:
+            stack.push_async_callback(run_in_threadpool, processor.close)
             if worker:
                 await stack.enter_async_context(
                     processor.app.worker(queues=[QUEUE], concurrency=concurrency, name="web")
@@ -336,3 +343,9 @@ def create_web(processor: Processor, *, worker: bool = False, concurrency: int =
         ],
         lifespan=lifespan,
     )
+
+
+def from_env() -> Starlette:
+    """The service as deployed: settings from the environment (``config.Config.from_env``),
+    a worker inside. ``uvicorn --factory examples.yachtparty.web:from_env --port 8080``."""
+    return create_web(build(Config.from_env()), worker=True)

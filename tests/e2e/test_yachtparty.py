@@ -340,7 +340,7 @@ def test_a_task_of_a_killed_worker_completes_on_another(make_yacht: Callable[...
 
     yacht.start_worker("-c", "2")
     done = yacht.wait_status(task_id, "succeeded", timeout=30)
-    assert done["lost_leases"] == 1
+    assert done["lost_leases"] == 1 and done["attempt"] == 2  # the killed run counts
     assert [a["outcome"] for a in done["actions"]] == ["succeeded"]  # the killed run logged none
     assert yacht.calls()["calls"]["/events"] == 2
     assert yacht.health()["workers"]["lost"] <= 1
