@@ -136,15 +136,20 @@ class Routes:
         context = body.get("context") or {}
         if not isinstance(context, dict):
             raise BadRequestError(f"'context' must be a JSON object, not {context!r}")
+        if "user_id" in context:
+            raise BadRequestError("'user_id' is a field of its own, not part of 'context'")
         priority = body.get("priority") or "medium"
         if priority not in PRIORITIES:
             raise BadRequestError(f"'priority' must be one of {', '.join(PRIORITIES)}")
         created_by = _field(body, "created_by", str, required=False) or "api"
         options = {"priority": PRIORITIES[priority], "meta": {"created_by": created_by}}
         kwargs = {"user_id": user_id, **context}
-        handle = await run_in_threadpool(
-            self.processor.send, task_type, kwargs, **options, **_when(body)
-        )
+        try:
+            handle = await run_in_threadpool(
+                self.processor.send, task_type, kwargs, **options, **_when(body)
+            )
+        except TypeError as exc:  # the context does not fit the handler's parameters
+            raise BadRequestError(str(exc)) from None
         job = await self.app.aget_job(handle.id)
         return JSONResponse(
             {"success": True, "task_id": job.id, "status": job.state.value,
@@ -299,7 +304,7 @@ def _guarded(handler: Handler) -> Handler:
             return await handler(request)
         except BadRequestError as exc:
             return _error(exc.status, str(exc))
-        except (UnknownTaskTypeError, TypeError) as exc:  # TypeError: arguments do not bind
+        except UnknownTaskTypeError as exc:
             return _error(422, str(exc))
         except (JobNotFoundError, UnknownUserError) as exc:
             return _error(404, exc.args[0] if exc.args else str(exc))

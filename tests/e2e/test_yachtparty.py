@@ -387,3 +387,28 @@ def _numbers_used(yacht: Yacht) -> tuple[int, int]:
         ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_is_refused_precisely_and_stores_nothing(
+    make_yacht: Callable[..., Yacht],
+) -> None:
+    yacht = make_yacht()
+    task = {"task_type": "research_solution", "user_id": "hal", "context": {"description": "x"}}
+    refused = {
+        "unknown task_type 'send_pigeon' (known: research_solution,": {
+            **task, "task_type": "send_pigeon"},
+        "missing a required argument: 'description'": {**task, "context": {}},
+        "'priority' must be one of urgent, high, medium, low": {**task, "priority": "asap"},
+        "'scheduled_for' needs a time zone": {**task, "scheduled_for": "2030-01-01T09:00"},
+        "'delay_s' must be a number of seconds >= 0, not -5": {**task, "delay_s": -5},
+        "'user_id' is a field of its own": {**task, "context": {"user_id": "x"}},
+    }  # fmt: skip
+    for message, body in refused.items():
+        reply = yacht.api.post("/tasks", json=body)
+        assert reply.status_code == 422 and message in reply.json()["error"], reply.text
+    reply = yacht.api.post("/tasks", content=b"{not json", headers={"Content-Type": "x"})
+    assert reply.status_code == 400 and reply.json()["error"] == "the body is not valid JSON"
+    reply = yacht.api.post("/process-task", json={"task_id": "no-such-task"})
+    assert reply.status_code == 404 and "no-such-task" in reply.json()["error"]
+    assert yacht.processor.app.list_jobs().total == 0
