@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Protocol
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from examples.yachtparty.config import Config
@@ -21,7 +22,8 @@ from taskmill import JobHandle, current_job
 
 # the fields update_user_profile may set (the seed's allowlist, "for security")
 PROFILE_FIELDS = frozenset({"name", "company", "title", "email", "timezone"})
-# a user who has not written for this many minutes gets a nudge, three at most
+# a user who has not written for this many minutes gets a nudge; the check after the last
+# nudge pauses the conversation
 QUIET_MINUTES = 24 * 60
 NUDGES = 2
 
@@ -58,12 +60,15 @@ class AgentHandlers:
         """Write the follow-up message, then hand it to the SMS gateway. A second run of the
         same job finds its message written already (``job_id`` is unique) and only resends."""
         job_id = current_job().id
-        with self.db.connection() as conn:
-            conn.execute(
-                "INSERT INTO messages (user_id, direction, body, job_id) "
-                "VALUES (%s, 'outbound', %s, %s) ON CONFLICT (job_id) DO NOTHING",
-                (user_id, message, job_id),
-            )
+        try:
+            with self.db.connection() as conn:
+                conn.execute(
+                    "INSERT INTO messages (user_id, direction, body, job_id) "
+                    "VALUES (%s, 'outbound', %s, %s) ON CONFLICT (job_id) DO NOTHING",
+                    (user_id, message, job_id),
+                )
+        except psycopg.errors.ForeignKeyViolation:
+            raise PermanentTaskError(f"no user {user_id!r}") from None
         reply = self._post("/sms", {"user_id": user_id, "body": message})
         return {"sid": reply["sid"]}
 
