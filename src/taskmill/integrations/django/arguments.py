@@ -25,7 +25,7 @@ from taskmill.errors import SerializationError
 __all__ = ["normalise", "to_json"]
 
 _ALLOWED = (
-    "Django tasks take str, int, float, bool, None, and lists and dicts of them "
+    "Django tasks take and return str, int, float, bool, None, and lists and dicts of them "
     "(tuples are sent as lists, bytes as UTF-8 text)"
 )
 
@@ -59,7 +59,9 @@ def to_json(value: Any, where: str, task: str) -> Any:
         return {_key(k, where, task): to_json(v, f"{where}[{k!r}]", task) for k, v in value.items()}
     if isinstance(value, Sequence):
         return [to_json(v, f"{where}[{i}]", task) for i, v in enumerate(value)]
-    raise _error(task, where, f"is a {type(value).__qualname__}, which cannot be sent: {_ALLOWED}")
+    raise _error(
+        task, where, f"is a {type(value).__qualname__}, which JSON cannot carry: {_ALLOWED}"
+    )
 
 
 def _key(key: Any, where: str, task: str) -> str:
@@ -67,8 +69,8 @@ def _key(key: Any, where: str, task: str) -> str:
         raise _error(
             task,
             where,
-            f"has the key {key!r}, a {type(key).__qualname__}: JSON object keys are strings, "
-            "so the task would receive it as text",
+            f"has a key that is not a string, {key!r}: JSON object keys are strings, so the "
+            "task would receive it as text",
         )
     return key
 
