@@ -47,7 +47,7 @@ from taskmill.integrations.django._compat import (
 )
 from taskmill.testing import wait_until
 from shop.models import Note, Order
-from shop.tasks import add, add_later, attempt, bad_result, fail, note, ship
+from shop.tasks import add, add_later, attempt, bad_result, fail, flaky, note, ship
 
 
 def finished(task, result_id):
@@ -72,6 +72,7 @@ class DjangoProject:
     tmp: Path
     url: str
     on_commit: bool = False
+    retries: int = 0
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKMILL_", "DJANGO_"))}
@@ -85,6 +86,7 @@ class DjangoProject:
             "DJANGO_SETTINGS_MODULE": "project.settings",
             "DJANGO_DB": str(self.tmp / "django.db"),
             "TASKMILL_ON_COMMIT": "1" if self.on_commit else "0",
+            "TASKMILL_RETRIES": str(self.retries),
         }
 
     def run(self, code: str) -> Any:
@@ -111,8 +113,10 @@ def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"{server.url}?prefix=django-{os.getpid()}-{next(_prefixes)}:"
 
 
-def _project(tmp_path: Path, url: str, *, on_commit: bool = False) -> DjangoProject:
-    project = DjangoProject(tmp_path, url, on_commit)
+def _project(
+    tmp_path: Path, url: str, *, on_commit: bool = False, retries: int = 0
+) -> DjangoProject:
+    project = DjangoProject(tmp_path, url, on_commit, retries)
     project.run(
         "from django.core.management import call_command\n"
         "call_command('migrate', run_syncdb=True, verbosity=0)\nout(True)"
@@ -219,6 +223,29 @@ def test_a_failing_task_shows_its_error(
     status, traceback = got["unsendable"]
     assert status == "FAILED"
     assert "task 'shop.tasks.bad_result': its return value is a set" in traceback
+
+
+@pytest.mark.timeout(90)
+def test_a_task_that_failed_once_is_retried_when_the_backend_allows_it(
+    tmp_path: Path, workers: Workers
+) -> None:
+    project = _project(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", retries=1)
+    with App(project.url) as observer:
+        start_worker(project, workers, observer)
+        got = project.run(
+            """
+            done = finished(flaky, flaky.enqueue("parcel 7").id)
+            gave_up = finished(fail, fail.enqueue("still out of stock").id)
+            out({
+                "done": [done.status, done.return_value, done.attempts],
+                "gave_up": [gave_up.status, gave_up.attempts, gave_up.errors[0].traceback],
+            })
+            """
+        )
+    assert got["done"] == ["SUCCESSFUL", "parcel 7 on attempt 2", 2]
+    status, attempts, traceback = got["gave_up"]
+    assert (status, attempts) == ("FAILED", 2)
+    assert "ValueError: still out of stock" in traceback
 
 
 @pytest.mark.timeout(90)

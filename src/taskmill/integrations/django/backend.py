@@ -243,6 +243,13 @@ def _shared_tasks(
             return known[1]
         app = DjangoTasksApp(config.url, **config.app_settings)
         app.django_queues = queues
-        tasks = DjangoTasks(app, alias, sender, retries=config.retries, timeout_s=config.timeout_s)
+        tasks = DjangoTasks(
+            app,
+            alias,
+            sender,
+            retries=config.retries,
+            backoff_s=config.backoff_s,
+            timeout_s=config.timeout_s,
+        )
         _shared[alias] = (key, tasks)
         return tasks

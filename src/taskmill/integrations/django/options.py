@@ -6,7 +6,9 @@
   if it rolls back (default ``False``); ``database``: the Django database whose transactions
   count (default ``"default"``);
 - ``retries``: extra attempts of a task that raised (default ``0``: a Django task runs once,
-  as Django's own backends run it); ``timeout``: seconds an attempt may run (default: no limit);
+  as Django's own backends run it); ``backoff``: seconds between attempts (default:
+  taskmill's exponential backoff from 1 s, jittered, capped at 1 h); ``timeout``: seconds an
+  attempt may run (default: no limit);
 - ``modules``: modules a worker imports for their tasks, besides each installed app's
   ``tasks`` module;
 - anything else is a taskmill ``App`` setting (``lease_s``, ``events``, ``result_ttl_s``...).
@@ -40,6 +42,7 @@ class BackendOptions:
     enqueue_on_commit: bool = False
     database: str = "default"
     retries: int = 0
+    backoff_s: float | None = None
     timeout_s: float | None = None
     modules: tuple[str, ...] = ()
     app_settings: dict[str, Any] = field(default_factory=dict)
@@ -63,6 +66,7 @@ class BackendOptions:
             ),
             database=take("database", _is_text, "a database alias (a string)", "default"),
             retries=take("retries", _is_count, "a whole number >= 0", 0),
+            backoff_s=take("backoff", _is_seconds, "a number of seconds above 0", None),
             timeout_s=take("timeout", _is_seconds, "a number of seconds above 0", None),
             modules=tuple(take("modules", _is_names, "a list of module names", ())),
             app_settings=rest,
@@ -70,7 +74,7 @@ class BackendOptions:
         try:
             Settings.build(rest)
         except ConfigurationError as exc:
-            known = "url, enqueue_on_commit, database, retries, timeout, modules"
+            known = "url, enqueue_on_commit, database, retries, backoff, timeout, modules"
             raise ImproperlyConfigured(
                 f"{where}: {exc} (and this backend's own: {known})"
             ) from None

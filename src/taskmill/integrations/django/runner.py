@@ -49,13 +49,21 @@ class DjangoTasks:
     """The Django tasks of one backend (``alias``) as tasks of its taskmill ``app``."""
 
     def __init__(
-        self, app: App, alias: str, sender: type, *, retries: int, timeout_s: float | None
+        self,
+        app: App,
+        alias: str,
+        sender: type,
+        *,
+        retries: int,
+        backoff_s: float | None,
+        timeout_s: float | None,
     ) -> None:
         self.app = app
         self.alias = alias
         self.sender = sender
         """What Django's signals are sent as coming from: the backend's class."""
         self.retries = retries
+        self.backoff_s = backoff_s
         self.timeout_s = timeout_s
         self._latest: dict[str, Task[Any, Any]] = {}
 
@@ -68,7 +76,11 @@ class DjangoTasks:
         if known is not None:
             return known
         register = self.app.task(
-            name=name, queue=task.queue_name, retries=self.retries, timeout=self.timeout_s
+            name=name,
+            queue=task.queue_name,
+            retries=self.retries,
+            backoff=self.backoff_s,
+            timeout=self.timeout_s,
         )
         return register(self._runner(name, task))
 

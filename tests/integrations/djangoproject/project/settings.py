@@ -21,6 +21,8 @@ TASKS = {
         "OPTIONS": {
             "url": os.environ["TASKMILL_URL"],
             "enqueue_on_commit": os.environ.get("TASKMILL_ON_COMMIT") == "1",
+            "retries": int(os.environ.get("TASKMILL_RETRIES", "0")),
+            "backoff": 0.2,
             "lease_s": 5.0,
         },
     },

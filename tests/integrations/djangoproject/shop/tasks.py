@@ -50,3 +50,10 @@ async def add_later(a: int, b: int) -> int:
 @task
 def bad_result() -> object:
     return {1, 2}
+
+
+@task(takes_context=True)
+def flaky(context: TaskContext, label: str) -> str:
+    if context.attempt < 2:
+        raise ConnectionError(f"{label}: the courier API timed out")
+    return f"{label} on attempt {context.attempt}"
