@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 
 from integration.support import Workers, all_jobs, wait_registered
-from servers import RedisServer
+from servers import PostgresServer, RedisServer
 from taskmill import App, JobState
 from taskmill.testing import wait_until
 
@@ -71,8 +72,11 @@ class DjangoProject:
 
     tmp: Path
     url: str
-    on_commit: bool = False
+    enqueue: str = "now"
+    """How ``enqueue`` inside a transaction sends: ``now``, ``on_commit``, ``in_transaction``."""
     retries: int = 0
+    database: str = ""
+    """Django's database: a SQLite file or a ``postgresql://`` URL (default: a file in tmp)."""
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKMILL_", "DJANGO_"))}
@@ -84,8 +88,8 @@ class DjangoProject:
     def django_env(self) -> dict[str, str]:
         return {
             "DJANGO_SETTINGS_MODULE": "project.settings",
-            "DJANGO_DB": str(self.tmp / "django.db"),
-            "TASKMILL_ON_COMMIT": "1" if self.on_commit else "0",
+            "DJANGO_DB": self.database or str(self.tmp / "django.db"),
+            "TASKMILL_ENQUEUE": self.enqueue,
             "TASKMILL_RETRIES": str(self.retries),
         }
 
@@ -114,9 +118,9 @@ def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def _project(
-    tmp_path: Path, url: str, *, on_commit: bool = False, retries: int = 0
+    tmp_path: Path, url: str, *, enqueue: str = "now", retries: int = 0, database: str = ""
 ) -> DjangoProject:
-    project = DjangoProject(tmp_path, url, on_commit, retries)
+    project = DjangoProject(tmp_path, url, enqueue, retries, database)
     project.run(
         "from django.core.management import call_command\n"
         "call_command('migrate', run_syncdb=True, verbosity=0)\nout(True)"
@@ -248,11 +252,33 @@ def test_a_task_that_failed_once_is_retried_when_the_backend_allows_it(
     assert "ValueError: still out of stock" in traceback
 
 
+@pytest.fixture(params=["on_commit-sqlite", "in_transaction-sqlite", "in_transaction-postgres"])
+def tied_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DjangoProject]:
+    """A project whose sends inside a transaction wait for its commit (``on_commit``, broker
+    and Django on two SQLite files) or are written in it (``in_transaction``: the broker is
+    Django's own database, a SQLite file or a PostgreSQL database)."""
+    enqueue, kind = request.param.split("-")
+    if kind == "sqlite":
+        django_db = tmp_path / ("jobs.db" if enqueue == "in_transaction" else "django.db")
+        yield _project(
+            tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", enqueue=enqueue, database=str(django_db)
+        )
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"django_{uuid.uuid4().hex[:12]}"
+    url = server.create_database(name)
+    try:
+        yield _project(tmp_path, url, enqueue=enqueue, database=url)
+    finally:
+        with server.connect() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.mark.timeout(90)
-def test_enqueue_on_commit_sends_once_on_commit_and_nothing_on_rollback(
-    tmp_path: Path, workers: Workers
+def test_a_send_tied_to_a_transaction_happens_once_on_commit_and_never_on_rollback(
+    tied_project: DjangoProject, workers: Workers
 ) -> None:
-    project = _project(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", on_commit=True)
+    project = tied_project
     got = project.run(
         """
         class Rollback(Exception):
@@ -269,35 +295,38 @@ def test_enqueue_on_commit_sends_once_on_commit_and_nothing_on_rollback(
             kept = ship.enqueue(order.id)
             try:
                 ship.get_result(kept.id)
-                before_commit = "sent"
+                before_commit = "visible"
             except TaskResultDoesNotExist:
-                before_commit = "not sent"
+                before_commit = "not visible"
         try:
             ship.get_result(lost.id)
-            rolled_back = "sent"
+            rolled_back = "visible"
         except TaskResultDoesNotExist:
-            rolled_back = "not sent"
+            rolled_back = "not visible"
         out({
-            "ids": [lost.id, kept.id, order.id],
+            "ids": [kept.id, order.id],
             "before_commit": before_commit,
             "rolled_back": rolled_back,
             "after_commit": ship.get_result(kept.id).status,
+            "outside": ship.get_result(ship.enqueue(order.id).id).status,
         })
         """
     )
-    _lost_id, kept_id, order_id = got["ids"]
-    assert got["before_commit"] == "not sent"
-    assert got["rolled_back"] == "not sent"
+    kept_id, order_id = got["ids"]
+    assert got["before_commit"] == "not visible"
+    assert got["rolled_back"] == "not visible"
     assert got["after_commit"] == "READY"
+    assert got["outside"] == "READY"  # outside a transaction: sent at once
     with App(project.url) as observer:
-        assert list(all_jobs(observer)) == [kept_id]
+        jobs = all_jobs(observer)
+        assert len(jobs) == 2 and kept_id in jobs
         start_worker(project, workers, observer)
         wait_until(
-            lambda: observer.get_job(kept_id).state is JobState.SUCCEEDED,
+            lambda: all(j.state is JobState.SUCCEEDED for j in all_jobs(observer).values()),
             timeout=30,
-            what="the committed job to succeed",
+            what="both jobs to succeed",
         )
-        assert list(all_jobs(observer)) == [kept_id]
+        assert len(all_jobs(observer)) == 2
     shipped = project.run(
         f"""
         out([Order.objects.get(id={order_id}).shipped, ship.get_result({kept_id!r}).return_value])

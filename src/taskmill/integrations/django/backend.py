@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from django import conf  # type: ignore[import-untyped]
 from django.core import checks  # type: ignore[import-untyped]
 from django.db import transaction  # type: ignore[import-untyped]
 from django.utils import timezone  # type: ignore[import-untyped]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped]
-from typing_extensions import ParamSpec
 
 from taskmill._ids import uuid7
 from taskmill.app import App
@@ -103,17 +103,32 @@ class TaskmillBackend(BaseTaskBackend):
         args: P.args,  # type: ignore[valid-type]
         kwargs: P.kwargs,  # type: ignore[valid-type]
     ) -> TaskResult[T]:
-        """Send ``task(*args, **kwargs)`` now, or when the transaction commits with
-        ``enqueue_on_commit`` (inside ``atomic``; outside one Django runs it at once). Bad
-        arguments raise here either way, naming the task and the argument."""
+        """Send ``task(*args, **kwargs)``: now; or, inside ``atomic``, when the transaction
+        commits (``enqueue_on_commit``) or in it (``enqueue_in_transaction``). Bad arguments
+        raise here in every case, naming the task and the argument."""
         bound, json_args, json_kwargs = self._prepare(task, args, kwargs)
         result = self._ready(task, bound, json_args, json_kwargs)
+        connection = self._open_transaction()
+        if connection is not None:
+            bound = BoundTask(bound.task, replace(bound.opts, connection=connection))
         send = partial(self._send, bound, json_args, json_kwargs, result)
         if self.config.enqueue_on_commit:
-            transaction.on_commit(send, using=self.config.database)
+            transaction.on_commit(send, using=self.config.database)  # outside atomic: at once
         else:
             send()
         return result
+
+    def _open_transaction(self) -> Any:
+        """With ``enqueue_in_transaction``, the DB-API connection of the open ``atomic`` block
+        (SQLite's ``sqlite3.Connection``, PostgreSQL's psycopg one) for taskmill to write the
+        job in; ``None`` outside one (Django's autocommit: a send is its own transaction)."""
+        if not self.config.enqueue_in_transaction:
+            return None
+        django_connection = transaction.get_connection(self.config.database)
+        if not django_connection.in_atomic_block:
+            return None
+        django_connection.ensure_connection()
+        return django_connection.connection
 
     async def aenqueue(
         self,
@@ -122,7 +137,7 @@ class TaskmillBackend(BaseTaskBackend):
         kwargs: P.kwargs,  # type: ignore[valid-type]
     ) -> TaskResult[T]:
         """``enqueue`` for async code: sends at once (Django's transactions are synchronous,
-        so async code has no open one to wait for)."""
+        so async code has no open one to wait for or to write in)."""
         bound, json_args, json_kwargs = self._prepare(task, args, kwargs)
         result = self._ready(task, bound, json_args, json_kwargs)
         await bound.asend(*json_args, **json_kwargs)
@@ -210,11 +225,13 @@ class TaskmillBackend(BaseTaskBackend):
         return found
 
     def check(self, **kwargs: Any) -> Iterable[checks.CheckMessage]:
-        if self.config.enqueue_on_commit and self.config.database not in conf.settings.DATABASES:
+        config = self.config
+        tied = config.enqueue_on_commit or config.enqueue_in_transaction
+        if tied and config.database not in conf.settings.DATABASES:
             yield checks.Error(
-                f"TASKS[{self.alias!r}]: enqueue_on_commit waits for the transactions of "
-                f"database {self.config.database!r}, which DATABASES does not have",
-                hint="Set OPTIONS['database'] to one of DATABASES, or enqueue_on_commit to False.",
+                f"TASKS[{self.alias!r}]: sends are tied to the transactions of database "
+                f"{config.database!r}, which DATABASES does not have",
+                hint="Set OPTIONS['database'] to one of DATABASES.",
                 id="taskmill.E001",
             )
 
@@ -243,6 +260,10 @@ def _shared_tasks(
             return known[1]
         app = DjangoTasksApp(config.url, **config.app_settings)
         app.django_queues = queues
+        if config.enqueue_in_transaction:
+            # Opened now, not at the first send: a SQLite broker's first open writes to the
+            # file, which the transaction a send is made in holds locked until it ends.
+            app.open()
         tasks = DjangoTasks(
             app,
             alias,

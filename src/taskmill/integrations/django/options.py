@@ -3,8 +3,10 @@
 - ``url``: the broker (default: ``TASKMILL_URL``, else ``sqlite:///taskmill.db`` in the
   working directory, as for ``App``);
 - ``enqueue_on_commit``: ``enqueue`` inside a transaction sends when it commits, and nothing
-  if it rolls back (default ``False``); ``database``: the Django database whose transactions
-  count (default ``"default"``);
+  if it rolls back (default ``False``); ``enqueue_in_transaction``: ``enqueue`` inside a
+  transaction writes the job in it, on Django's own connection (default ``False``; the broker
+  must be Django's database: its SQLite file, or its PostgreSQL database with psycopg 3);
+  ``database``: the Django database whose transactions count (default ``"default"``);
 - ``retries``: extra attempts of a task that raised (default ``0``: a Django task runs once,
   as Django's own backends run it); ``backoff``: seconds between attempts (default:
   taskmill's exponential backoff from 1 s, jittered, capped at 1 h); ``timeout``: seconds an
@@ -40,6 +42,7 @@ __all__ = ["BackendOptions"]
 class BackendOptions:
     url: str | None = None
     enqueue_on_commit: bool = False
+    enqueue_in_transaction: bool = False
     database: str = "default"
     retries: int = 0
     backoff_s: float | None = None
@@ -61,9 +64,8 @@ class BackendOptions:
 
         parsed = cls(
             url=take("url", _is_text, "a broker URL (a string)", None),
-            enqueue_on_commit=take(
-                "enqueue_on_commit", lambda v: isinstance(v, bool), "True or False", False
-            ),
+            enqueue_on_commit=take("enqueue_on_commit", _is_bool, "True or False", False),
+            enqueue_in_transaction=take("enqueue_in_transaction", _is_bool, "True or False", False),
             database=take("database", _is_text, "a database alias (a string)", "default"),
             retries=take("retries", _is_count, "a whole number >= 0", 0),
             backoff_s=take("backoff", _is_seconds, "a number of seconds above 0", None),
@@ -71,14 +73,26 @@ class BackendOptions:
             modules=tuple(take("modules", _is_names, "a list of module names", ())),
             app_settings=rest,
         )
+        if parsed.enqueue_on_commit and parsed.enqueue_in_transaction:
+            raise ImproperlyConfigured(
+                f"{where}: enqueue_on_commit and enqueue_in_transaction are two ways to tie a "
+                "send to a transaction: choose one"
+            )
         try:
             Settings.build(rest)
         except ConfigurationError as exc:
-            known = "url, enqueue_on_commit, database, retries, backoff, timeout, modules"
+            known = (
+                "url, enqueue_on_commit, enqueue_in_transaction, database, retries, backoff, "
+                "timeout, modules"
+            )
             raise ImproperlyConfigured(
                 f"{where}: {exc} (and this backend's own: {known})"
             ) from None
         return parsed
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
 
 
 def _is_text(value: Any) -> bool:
