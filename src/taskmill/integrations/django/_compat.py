@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # mypy checks against the backport: Django ships no type hints
-    from django_tasks import DEFAULT_TASK_QUEUE_NAME, task_backends
+    from django_tasks import task_backends
     from django_tasks.backends.base import BaseTaskBackend
     from django_tasks.base import (
         TASK_MAX_PRIORITY,
@@ -23,11 +23,9 @@ if TYPE_CHECKING:  # mypy checks against the backport: Django ships no type hint
     )
     from django_tasks.exceptions import InvalidTaskError, TaskResultDoesNotExist
     from django_tasks.signals import task_enqueued, task_finished, task_started
-
-    FRAMEWORK = "django_tasks"
 else:
     try:
-        from django.tasks import DEFAULT_TASK_QUEUE_NAME, task_backends
+        from django.tasks import task_backends
         from django.tasks.backends.base import BaseTaskBackend
         from django.tasks.base import (
             TASK_MAX_PRIORITY,
@@ -38,13 +36,15 @@ else:
             TaskResult,
             TaskResultStatus,
         )
-        from django.tasks.exceptions import InvalidTask as InvalidTaskError
         from django.tasks.exceptions import TaskResultDoesNotExist
         from django.tasks.signals import task_enqueued, task_finished, task_started
 
-        FRAMEWORK = "django.tasks"
+        try:
+            from django.tasks.exceptions import InvalidTask as InvalidTaskError
+        except ImportError:  # its name during Django 6's development
+            from django.tasks.exceptions import InvalidTaskError
     except ImportError:
-        from django_tasks import DEFAULT_TASK_QUEUE_NAME, task_backends
+        from django_tasks import task_backends
         from django_tasks.backends.base import BaseTaskBackend
         from django_tasks.base import (
             TASK_MAX_PRIORITY,
@@ -58,11 +58,7 @@ else:
         from django_tasks.exceptions import InvalidTaskError, TaskResultDoesNotExist
         from django_tasks.signals import task_enqueued, task_finished, task_started
 
-        FRAMEWORK = "django_tasks"
-
 __all__ = [
-    "DEFAULT_TASK_QUEUE_NAME",
-    "FRAMEWORK",
     "TASK_MAX_PRIORITY",
     "TASK_MIN_PRIORITY",
     "BaseTaskBackend",

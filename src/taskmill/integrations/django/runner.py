@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import os
 import socket
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from inspect import iscoroutinefunction
@@ -66,15 +67,18 @@ class DjangoTasks:
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
         self._latest: dict[str, Task[Any, Any]] = {}
+        self._lock = threading.Lock()  # two threads' first sight must not register two
 
     def register(self, task: Task[Any, Any]) -> TaskmillTask[Any, Any]:
         """The taskmill task of a Django task (made on first sight). A module imported again
         makes new function objects: the runner calls the latest."""
         name = task.module_path
-        self._latest[name] = task
-        known = self.app.tasks.get(name)
-        if known is not None:
-            return known
+        with self._lock:
+            self._latest[name] = task
+            known = self.app.tasks.get(name)
+            return known if known is not None else self._register(name, task)
+
+    def _register(self, name: str, task: Task[Any, Any]) -> TaskmillTask[Any, Any]:
         register = self.app.task(
             name=name,
             queue=task.queue_name,
