@@ -424,6 +424,35 @@ def test_bad_arguments_are_refused_naming_the_task_and_nothing_is_sent(
 
 
 @pytest.mark.timeout(60)
+def test_a_waiting_job_reads_ready_and_a_cancelled_one_failed(
+    sqlite_project: DjangoProject,
+) -> None:
+    got = sqlite_project.run(
+        """
+        run_after = timezone.now() + timedelta(hours=1)
+        sent = note.using(run_after=run_after, priority=-20).enqueue("someday")
+        waiting = note.get_result(sent.id)
+        task_backends["default"].app.job(sent.id).cancel()
+        cancelled = note.get_result(sent.id)
+        try:
+            add.get_result(sent.id)
+        except Exception as exc:
+            other_task = type(exc).__name__
+        out({
+            "waiting": [waiting.status, waiting.attempts, waiting.task.priority,
+                        abs(waiting.task.run_after - run_after) < timedelta(milliseconds=1)],
+            "cancelled": [cancelled.status, cancelled.is_finished,
+                          cancelled.errors[0].exception_class.__qualname__],
+            "other_task": other_task,
+        })
+        """
+    )
+    assert got["waiting"] == ["READY", 0, -20, True]
+    assert got["cancelled"] == ["FAILED", True, "JobCancelledError"]
+    assert got["other_task"] == "TaskResultMismatch"
+
+
+@pytest.mark.timeout(60)
 def test_a_worker_without_django_settings_says_what_to_set(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
     env["TASKMILL_URL"] = f"sqlite:///{tmp_path / 'jobs.db'}"

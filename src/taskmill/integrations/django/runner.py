@@ -102,7 +102,7 @@ class DjangoTasks:
                 try:
                     value = await django_task.acall(*_with_context(result), *args, **kwargs)
                     return self._succeeded(result, value)
-                except BaseException as exc:
+                except Exception as exc:  # not a cancel: a shutdown hands the job back
                     self._failed(result, exc)
                     raise
 
@@ -110,14 +110,15 @@ class DjangoTasks:
 
             def run(*args: Any, **kwargs: Any) -> Any:
                 django_task = self._latest[name]
-                result = self._started(django_task, args, kwargs)
                 close_old_connections()
                 try:
-                    value = django_task.call(*_with_context(result), *args, **kwargs)
-                    return self._succeeded(result, value)
-                except BaseException as exc:
-                    self._failed(result, exc)
-                    raise
+                    result = self._started(django_task, args, kwargs)
+                    try:
+                        value = django_task.call(*_with_context(result), *args, **kwargs)
+                        return self._succeeded(result, value)
+                    except Exception as exc:
+                        self._failed(result, exc)
+                        raise
                 finally:
                     close_old_connections()
 
