@@ -26,6 +26,7 @@ from django.utils import timezone  # type: ignore[import-untyped]
 from taskmill.integrations.django._compat import (
     TASK_MAX_PRIORITY,
     TASK_MIN_PRIORITY,
+    InvalidTaskError,
     Task,
     TaskError,
     TaskResult,
@@ -95,7 +96,10 @@ def _as_sent(task: Task[Any, Any], job: Job) -> Task[Any, Any]:
     may run from when it was delayed (or waits for a retry)."""
     priority = min(max(job.priority, TASK_MIN_PRIORITY), TASK_MAX_PRIORITY)
     run_after = as_django_time(job.run_at) if job.run_at > job.enqueued_at + 0.001 else None
-    return task.using(priority=priority, queue_name=job.queue, run_after=run_after)
+    try:
+        return task.using(priority=priority, queue_name=job.queue, run_after=run_after)
+    except InvalidTaskError:  # a queue QUEUES no longer lists: the result is still readable
+        return task.using(priority=priority, run_after=run_after)
 
 
 def _errors(job: Job) -> list[TaskError]:
