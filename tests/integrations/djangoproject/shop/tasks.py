@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 try:
-    from django.tasks import task  # type: ignore[import-not-found, unused-ignore]
-    from django.tasks.base import TaskContext  # type: ignore[import-not-found, unused-ignore]
+    from django.tasks import task
+    from django.tasks.base import TaskContext
 except ImportError:
     from django_tasks import TaskContext, task
 
