@@ -11,9 +11,10 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from flask import Flask, current_app, jsonify
+from flask import Flask, Response, current_app, jsonify
 
 from taskmill import App, JobState
 from taskmill.errors import ConfigurationError
@@ -21,7 +22,7 @@ from taskmill.integrations.flask import EXTENSION_KEY, FlaskTask, Taskmill, curr
 from taskmill.testing import wait_until
 
 
-def make_flask(name: str = "shop", **config: object) -> Flask:
+def make_flask(name: str = "shop", **config: Any) -> Flask:
     flask_app = Flask(name)
     flask_app.config.update(config)
     return flask_app
@@ -68,7 +69,7 @@ def test_url_and_settings_come_from_the_flask_config(tmp_path: Path, closing: li
         ),
     ],
 )
-def test_bad_config_is_refused_naming_the_key(config: dict[str, object], message: str) -> None:
+def test_bad_config_is_refused_naming_the_key(config: dict[str, Any], message: str) -> None:
     flask_app = make_flask(**config)
     with pytest.raises(ConfigurationError) as info:
         Taskmill(flask_app)
@@ -138,7 +139,7 @@ def test_jobs_run_inside_the_flask_app_context(closing: list[App]) -> None:
     closing.append(ext.get_app(flask_app))
 
     @flask_app.post("/greet/<name>")
-    def greet(name: str) -> object:
+    def greet(name: str) -> Response:
         return jsonify(
             plain=greeting.send(name).result(timeout=5), loud=shout.send(name).result(timeout=5)
         )
@@ -195,27 +196,28 @@ def test_an_embedded_worker_runs_what_a_view_sends(tmp_path: Path, closing: list
 
     @ext.task(retries=0)
     def total(prices: list[int]) -> int:
-        return sum(prices) * current_app.config["VAT"]
+        vat: int = current_app.config["VAT"]
+        return sum(prices) * vat
 
     flask_app = make_flask(TASKMILL_URL=f"sqlite:///{tmp_path}/jobs.db", VAT=2)
     ext.init_app(flask_app)
     closing.append(ext.get_app(flask_app))
 
     @flask_app.post("/orders")
-    def order() -> object:
+    def order() -> Response:
         return jsonify(job=total.send([1, 2, 3]).id)
 
     @flask_app.get("/orders/<job_id>")
-    def order_status(job_id: str) -> object:
+    def order_status(job_id: str) -> Response:
         job = current_taskmill.get_job(job_id)
         return jsonify(state=job.state.value)
 
     worker = ext.start_worker(flask_app, concurrency=2, name="web")
     try:
         client = flask_app.test_client()
-        job_id = client.post("/orders").json["job"]
+        job_id = client.post("/orders").get_json()["job"]
         wait_until(
-            lambda: client.get(f"/orders/{job_id}").json["state"] == "succeeded",
+            lambda: client.get(f"/orders/{job_id}").get_json()["state"] == "succeeded",
             what="the order job to succeed",
             timeout=20,
         )
