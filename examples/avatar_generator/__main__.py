@@ -94,6 +94,9 @@ def _follow(base: str, ids: list[str]) -> list[dict[str, Any]]:
             if seen.get(r["id"]) != r["status"]:
                 seen[r["id"]] = r["status"]
                 print(f"  {r['id'][-8:]} {r['status']:<10} {r['personas']:>3} avatars")
+                for b in r["batches"]:
+                    if b["state"] == "failed":
+                        print(f"           batch {b['number']} failed: {b['error']}")
         if all(r["status"] not in ACTIVE for r in found):
             return found
         if time.monotonic() > deadline:

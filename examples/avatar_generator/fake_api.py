@@ -36,7 +36,7 @@ class Fault:
 class FakeAvatarApi:
     """The fake API on a free loopback port, served by a thread: ``start()``, ``stop()``."""
 
-    def __init__(self, *, latency_s: float = 0.2, retry_after_s: int = 1) -> None:
+    def __init__(self, *, latency_s: float = 0.2, retry_after_s: int = 1, port: int = 0) -> None:
         self.latency_s = latency_s
         self.retry_after_s = retry_after_s
         self.calls: dict[tuple[str, int], int] = {}
@@ -44,7 +44,7 @@ class FakeAvatarApi:
         self.max_in_flight = 0
         self._faults: dict[tuple[str, int], Fault] = {}
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -148,3 +148,13 @@ def _handler(api: FakeAvatarApi) -> type[BaseHTTPRequestHandler]:
             """Quiet: the demo prints its own summary."""
 
     return Handler
+
+
+if __name__ == "__main__":  # python -m examples.avatar_generator.fake_api 8089
+    import sys
+
+    api = FakeAvatarApi(latency_s=2.0, port=int(sys.argv[1]) if len(sys.argv) > 1 else 8089)
+    print(f"fake persona API at {api.url} (Ctrl-C to stop)")
+    api.start()
+    with contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
