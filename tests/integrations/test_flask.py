@@ -298,7 +298,7 @@ def create_app() -> Flask:
 
 
 @pytest.mark.timeout(60)
-def test_flask_taskmill_worker_runs_jobs_in_a_real_process(
+def test_flask_taskmill_worker_runs_jobs_in_real_processes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     module = f"flaskjobs_{uuid.uuid4().hex[:8]}"
@@ -316,7 +316,7 @@ def test_flask_taskmill_worker_runs_jobs_in_a_real_process(
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "flask", "--app", f"{module}:create_app", "taskmill",
-                 "worker", "-c", "2", "--name", "flaskworker"],
+                 "worker", "-c", "2", "-p", "2", "--name", "flaskworker"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
             )  # fmt: skip
             try:
@@ -325,7 +325,10 @@ def test_flask_taskmill_worker_runs_jobs_in_a_real_process(
                     handles = [label.send(n) for n in range(3)]
                 results = [h.result(timeout=30) for h in handles]
                 assert results == ["item-0", "item-1", "item-2"]
-                assert any(w.id.startswith("flaskworker@") for w in app.workers())
+                # -p 2: two child processes, each of which loaded the Flask app again
+                children = [w for w in app.workers() if w.id.startswith("flaskworker@")]
+                assert len(children) == 2
+                assert proc.pid not in {w.pid for w in children}
             finally:
                 proc.send_signal(signal.SIGTERM)
                 code = proc.wait(timeout=30)
@@ -375,3 +378,58 @@ def test_the_worker_stops_and_the_app_closes_at_exit(tmp_path: Path) -> None:
     assert "Exception ignored" not in done.stderr, done.stderr
     with App(url) as app:
         assert app.workers() == []  # the worker signed off: it drained, it was not abandoned
+
+
+def test_the_childrens_app_path_outside_flask_taskmill_worker_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import taskmill.integrations.flask as integration
+
+    monkeypatch.delenv("TASKMILL_FLASK_APP", raising=False)
+    with pytest.raises(ConfigurationError, match="child processes of 'flask taskmill worker'"):
+        integration.cli_app  # noqa: B018 (the module attribute is made on access)
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        integration.no_such_thing  # noqa: B018
+
+
+TYPED_SENDS = """
+from taskmill import JobHandle
+from taskmill.integrations.flask import Taskmill
+
+ext = Taskmill()
+
+
+@ext.task
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@ext.task(retries=1)
+async def greet(name: str) -> str:
+    return name
+
+
+def correct() -> None:
+    h: JobHandle[int] = add.send(1, 2)
+    g: JobHandle[str] = greet.send("ada")
+
+
+def wrong() -> None:
+    add.send("one", 2)
+    greet.send(name=3)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_sends_of_declared_tasks_are_type_checked(tmp_path: Path) -> None:
+    module = tmp_path / "typed_sends.py"
+    module.write_text(TYPED_SENDS)
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(module)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    lines = sorted(int(line.split(":")[1]) for line in errors)
+    assert lines == [24, 25], done.stdout

@@ -26,6 +26,7 @@ import concurrent.futures.thread  # noqa: F401  (imported early on purpose: see 
 import dataclasses
 import functools
 import inspect
+import os
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -33,6 +34,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 import click
 from flask import Flask, current_app, has_app_context
+from flask.cli import ScriptInfo
 from werkzeug.local import LocalProxy
 
 from taskmill.app import App
@@ -373,15 +375,27 @@ class _BoundGroup(click.Group):
             raise CliError(" ".join(str(exc).split())) from None
 
 
+_CHILD_ENV = "TASKMILL_FLASK_APP"
+_CHILD_PATH = f"{__name__}:cli_app"
+
+
 def command_group(taskmill_app: App, name: str = "taskmill") -> click.Group:
     """taskmill's CLI commands (the same command objects) as a group bound to
-    ``taskmill_app``: ``flask taskmill worker -c 8``, ``flask taskmill jobs list``. Commands
-    that start child processes (``worker -p N``, ``--pool-spec``, ``--pool process``) need
-    ``--app module:attr`` naming the App for the children to import."""
+    ``taskmill_app``: ``flask taskmill worker -c 8``, ``flask taskmill jobs list``.
+
+    Under the ``flask`` command, the child processes of ``worker -p N``, ``--pool-spec`` and
+    ``--pool process`` load the Flask app as the parent did (``--app``, or the files Flask
+    looks for) and take its taskmill App; ``--app module:attr`` names another App for them."""
 
     @click.pass_context
     def bind(ctx: click.Context) -> None:
-        ctx.obj = Env(_app=taskmill_app, _loaded=True)
+        env = Env(_app=taskmill_app, _loaded=True)
+        info = ctx.find_object(ScriptInfo)
+        if info is not None and info.create_app is None:
+            # children are processes of their own: they find the Flask app from these
+            os.environ[_CHILD_ENV] = info.app_import_path or ""
+            env.app_path = _CHILD_PATH
+        ctx.obj = env
 
     return _BoundGroup(
         name=name,
@@ -389,3 +403,17 @@ def command_group(taskmill_app: App, name: str = "taskmill") -> click.Group:
         callback=bind,
         help="taskmill's commands, on this Flask app's taskmill App.",
     )
+
+
+def __getattr__(name: str) -> Any:
+    """``cli_app``: the taskmill App of the Flask app that ``flask ... taskmill worker``
+    loaded, loaded again the same way in a worker's child process (see ``command_group``)."""
+    if name != "cli_app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _CHILD_ENV not in os.environ:
+        raise ConfigurationError(
+            f"{_CHILD_PATH} is for the child processes of 'flask taskmill worker'; "
+            f"{_CHILD_ENV} is not set"
+        )
+    info = ScriptInfo(app_import_path=os.environ[_CHILD_ENV] or None)
+    return _app_of(info.load_app())
