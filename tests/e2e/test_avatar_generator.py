@@ -93,7 +93,7 @@ def stack(
         "TASKMILL_URL": url,
         "TASKMILL_LEASE_S": LEASE_S,
         "AVATAR_API_URL": api.url,
-        "AVATAR_API_TIMEOUT_S": 1,
+        "AVATAR_API_TIMEOUT_S": 2,
     }
     flask_app = create_app(**config)
     flask_app.extensions[EXTENSION_KEY].open()  # the schema exists before the workers start
@@ -133,7 +133,7 @@ def test_failed_api_calls_are_retried_until_they_succeed(stack: Stack) -> None:
     prompt = "flaky painters"
     stack.api.inject(prompt, 0, "500")
     stack.api.inject(prompt, 1, "429")
-    stack.api.inject(prompt, 2, "timeout", seconds=2.5)  # the client waits 1 s
+    stack.api.inject(prompt, 2, "timeout", seconds=4)  # the client waits 2 s
     request_id = stack.send(prompt, 60)
     done = stack.wait_status(request_id, "completed")
     assert done["personas"] == 60
@@ -163,8 +163,8 @@ def test_a_rejected_batch_leaves_a_partial_request_retried_from_the_api(stack: S
     again = call("POST", f"{stack.server.url}/api/requests/{request_id}/retry")
     assert again == (409, {"retried": []})
 
-    all_refused = stack.send("refused", 20)
     stack.api.inject("refused", 0, "reject")
+    all_refused = stack.send("refused", 20)
     assert stack.wait_status(all_refused, "failed")["personas"] == 0
 
 

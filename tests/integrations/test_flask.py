@@ -17,6 +17,7 @@ import pytest
 from flask import Flask, Response, current_app, jsonify
 
 from taskmill import App, JobState
+from taskmill.admin import WorkerStatus
 from taskmill.errors import ConfigurationError
 from taskmill.integrations.flask import EXTENSION_KEY, FlaskTask, Taskmill, current_taskmill
 from taskmill.testing import wait_until
@@ -326,8 +327,11 @@ def test_flask_taskmill_worker_runs_jobs_in_real_processes(
                 results = [h.result(timeout=30) for h in handles]
                 assert results == ["item-0", "item-1", "item-2"]
                 # -p 2: two child processes, each of which loaded the Flask app again
-                children = [w for w in app.workers() if w.id.startswith("flaskworker@")]
-                assert len(children) == 2
+                children = wait_until(
+                    lambda: _registered(app, "flaskworker@", 2),
+                    what="both child processes to register",
+                    timeout=20,
+                )
                 assert proc.pid not in {w.pid for w in children}
             finally:
                 proc.send_signal(signal.SIGTERM)
@@ -337,6 +341,12 @@ def test_flask_taskmill_worker_runs_jobs_in_real_processes(
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop(module, None)
+
+
+def _registered(app: App, prefix: str, count: int) -> list[WorkerStatus] | None:
+    """The workers whose id starts with ``prefix``, once there are ``count`` of them."""
+    found = [w for w in app.workers() if w.id.startswith(prefix)]
+    return found if len(found) == count else None
 
 
 EXITING_SCRIPT = """
