@@ -23,6 +23,7 @@ from typing import Any
 from examples.avatar_generator.fake_api import FakeAvatarApi
 from examples.avatar_generator.run import Server, Workers, call
 from examples.avatar_generator.web import ACTIVE, create_app
+from taskmill.urls import redact_url
 
 DEADLINE_S = 60.0
 DEMO_REQUESTS = [  # (prompt, avatars, faults: batch -> kind)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for _ in range(2):
             workers.start("-c", "8")
-        print(f"web app: {server.url}   workers: 2 x 8 slots   broker: {url.split('?')[0]}")
+        print(f"web app: {server.url}   workers: 2 x 8 slots   broker: {redact_url(url)}")
         ids = [_send(server.url, prompt, n) for prompt, n, _ in DEMO_REQUESTS]
         final = _follow(server.url, ids)
         partial = [r["id"] for r in final if r["status"] in ("partial", "failed")]
@@ -94,7 +95,7 @@ def _follow(base: str, ids: list[str]) -> list[dict[str, Any]]:
             if seen.get(r["id"]) != r["status"]:
                 seen[r["id"]] = r["status"]
                 print(f"  {r['id'][-8:]} {r['status']:<10} {r['personas']:>3} avatars")
-                for b in r["batches"]:
+                for b in r["batches"] if r["status"] in ("partial", "failed") else []:
                     if b["state"] == "failed":
                         print(f"           batch {b['number']} failed: {b['error']}")
         if all(r["status"] not in ACTIVE for r in found):
