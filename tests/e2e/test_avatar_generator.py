@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from flask import Flask
 
@@ -163,9 +164,15 @@ def test_a_rejected_batch_leaves_a_partial_request_retried_from_the_api(stack: S
     again = call("POST", f"{stack.server.url}/api/requests/{request_id}/retry")
     assert again == (409, {"retried": []})
 
+    # the same through the HTML form and its retry button
     stack.api.inject("refused", 0, "reject")
-    all_refused = stack.send("refused", 20)
+    made = httpx.post(f"{stack.server.url}/requests", data={"prompt": "refused", "quantity": 20})
+    assert made.status_code == 303
+    all_refused = made.headers["location"].removeprefix("/requests/")
     assert stack.wait_status(all_refused, "failed")["personas"] == 0
+    retried = httpx.post(f"{stack.server.url}/requests/{all_refused}/retry")
+    assert (retried.status_code, retried.headers["location"]) == (303, made.headers["location"])
+    assert stack.wait_status(all_refused, "completed")["personas"] == 20
 
 
 @pytest.mark.timeout(60)
