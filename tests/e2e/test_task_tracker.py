@@ -6,7 +6,8 @@ model (``python -m examples.task_tracker model``; faults scripted per test throu
 ``/faults`` endpoint).
 
 Most tests share one set of processes on the session's NATS server, under a prefix of this
-module's own; the NATS restart gets a server and processes of its own.
+module's own; the model timeout case gets processes (and a prefix) of its own, and the NATS
+restart a server and processes of its own.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Tracker:
     model: Model
     directory: Path
     lease_s: float
+    model_timeout_s: float = 30.0
     base: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -54,7 +56,7 @@ class Tracker:
             TASK_TRACKER_MODEL_URL=self.model.url,
             TASK_TRACKER_DB=str(self.directory / "messages.db"),
             TASK_TRACKER_LEASE_S=str(self.lease_s),
-            TASK_TRACKER_MODEL_TIMEOUT_S="30",
+            TASK_TRACKER_MODEL_TIMEOUT_S=str(self.model_timeout_s),
             PYTHONPATH=str(ROOT),
             PYTHONUNBUFFERED="1",
         )
@@ -342,6 +344,32 @@ def test_a_job_of_a_sigkilled_worker_completes_on_another(
     finally:
         tracker.start_worker(victim)  # back to two for whatever runs next
         tracker.wait_workers(victim)
+
+
+@pytest.fixture
+def impatient_tracker(nats_server: NatsServer, model: Model, tmp_path: Path) -> Iterator[Tracker]:
+    """Processes of their own (a prefix of their own) whose model calls give up after 1 s."""
+    url = f"{nats_server.url}?prefix=tt{uuid.uuid4().hex[:10]}"
+    tracker = Tracker(url, model, tmp_path, lease_s=10.0, model_timeout_s=1.0)
+    try:
+        tracker.start_web()
+        tracker.start_worker("impatient")
+        tracker.wait_workers("impatient")
+        yield tracker
+    finally:
+        tracker.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_model_call_that_times_out_is_retried(impatient_tracker: Tracker, model: Model) -> None:
+    token = f"hung-{uuid.uuid4().hex[:8]}"
+    fault(model, token, 200, times=1, delay_s=4)  # answers after the caller gave up
+    with httpx.Client(base_url=impatient_tracker.base, timeout=30) as http:
+        key = send(http, f"{NOISE} {token}")
+        done = result(http, key)
+        assert done.status_code == 200, done.text
+        score = job(http, f"score-{key}")
+        assert (score["state"], score["attempt"]) == ("succeeded", 2)
 
 
 @pytest.fixture
