@@ -27,7 +27,7 @@ from starlette.websockets import WebSocketState
 from websockets.sync.client import connect
 
 from taskmill import App, JobState, current_job
-from taskmill.errors import ConfigurationError
+from taskmill.errors import BrokerError, ConfigurationError
 from taskmill.integrations.fastapi import TaskmillApp, TaskmillWorker
 from taskmill.integrations.starlette import (
     dashboard_mount,
@@ -502,3 +502,16 @@ def test_a_client_that_leaves_ends_the_forwarding_at_once(tmp_path: Path) -> Non
     finally:
         release.set()
         tasks.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_broker_that_cannot_be_opened_fails_the_startup(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("a file where the database's directory should be")
+    steps: list[str] = []
+    tasks = RecordingApp(f"sqlite:///{tmp_path / 'not-a-dir' / 'jobs.db'}", steps)
+    site = Starlette(lifespan=taskmill_lifespan(tasks, worker=True))
+    with pytest.raises(BrokerError, match="cannot create the database directory"):
+        async with site.router.lifespan_context(site):
+            pytest.fail("the server must not serve")
+    assert steps == ["open", "close"]
+    assert site.state.taskmill_worker is None
