@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "web":
         return serve_web(args.host, args.port)
     if args.command == "model":
-        return serve_model(args.port, args.error_rate)
+        return serve_model(args.port, ModelState(args.latency_s, args.error_rate))
     return run_all(args)
 
 
@@ -64,8 +64,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--error-rate", type=float, default=0.15,
                         help="share of model calls that fail with a 500 or a 429")  # fmt: skip
+    parser.add_argument("--latency-s", type=latency, default=(0.05, 0.5), metavar="MIN:MAX",
+                        help="the model's latency, at random between the two")  # fmt: skip
     parser.add_argument("--no-samples", action="store_true", help="send no sample messages")
     return parser.parse_args(argv)
+
+
+def latency(text: str) -> tuple[float, float]:
+    low, _, high = text.partition(":")
+    try:
+        bounds = (float(low), float(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN:MAX in seconds") from None
+    if not 0 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: want 0 <= MIN <= MAX")
+    return bounds
 
 
 def serve_web(host: str, port: int) -> int:
@@ -76,8 +89,8 @@ def serve_web(host: str, port: int) -> int:
     return 0
 
 
-def serve_model(port: int, error_rate: float) -> int:
-    service = ModelService(ModelState(error_rate=error_rate), port=port).start()
+def serve_model(port: int, state: ModelState) -> int:
+    service = ModelService(state, port=port).start()
     print(f"fake model at {service.url}", flush=True)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
@@ -92,7 +105,7 @@ def run_all(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         url = args.url or stack.enter_context(NatsServer(workdir / "nats")).url
-        model = ModelState(latency_s=(0.05, 0.5), error_rate=args.error_rate)
+        model = ModelState(latency_s=args.latency_s, error_rate=args.error_rate)
         model.faults.append(Fault(match="gibberish", status=422, times=1))
         service = stack.enter_context(ModelService(model))
         os.environ.update(

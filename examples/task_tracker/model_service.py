@@ -5,7 +5,8 @@ providers, with latency and injected errors, so retries and failures really happ
 - ``POST /extract`` ``{"text": ...}`` → ``{"topics": [...]}``
 - ``POST /faults`` ``{"match": "text", "status": 500|429|422|..., "times": n, "delay_s": s,
   "retry_after_s": s}``: the next ``n`` calls (``-1``: every one) whose text contains
-  ``match`` wait ``delay_s`` and answer ``status`` (a 429 with ``Retry-After``);
+  ``match`` wait ``delay_s`` and answer ``status`` (a 429 with ``Retry-After``; 200: a
+  slow answer, but a right one);
   ``DELETE /faults`` removes them all.
 - ``GET /calls``: calls and answers so far, per path and status.
 
@@ -136,7 +137,7 @@ async def injected(state: ModelState, text: str) -> Response | None:
             if fault.times > 0:
                 fault.times -= 1
             await asyncio.sleep(fault.delay_s)
-            return _error(fault.status, fault.retry_after_s)
+            return None if fault.status == 200 else _error(fault.status, fault.retry_after_s)
     if state.error_rate and state.rng.random() < state.error_rate:
         return _error(state.rng.choice([500, 429]), 1.0)
     return None
@@ -157,8 +158,9 @@ class ModelService:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))  # bound now: the port is ours before it serves
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        # a call still waiting on its injected delay must not hold the shutdown
         config = uvicorn.Config(build(self.state), log_level="warning", access_log=False,
-                                lifespan="off")  # fmt: skip
+                                lifespan="off", timeout_graceful_shutdown=1)  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="fake-model", daemon=True)
 

@@ -306,9 +306,10 @@ def test_a_job_sent_from_an_endpoint_runs_on_the_embedded_worker(tmp_path: Path)
     tasks = App(sqlite_url(tmp_path))
     api, _ = fastapi_site(tasks, worker={"concurrency": 4, "name": "web"})
     with serving(api) as served, httpx.Client(base_url=served.url, timeout=20) as http:
-        assert http.get("/healthz").json() == {"worker": True}
         job_id = http.post("/double/21").json()["job"]
         assert http.get(f"/jobs/{job_id}/result").json() == {"result": 42}
+        # healthy since its first heartbeat, taken before it claimed anything
+        assert http.get("/healthz").json() == {"worker": True}
         # the dashboard's API under the prefix names the worker that ran it
         job = http.get(f"/tasks/api/v1/jobs/{job_id}", headers=basic("ops", "a long secret"))
         assert job.status_code == 200, job.text
@@ -350,7 +351,8 @@ def test_without_auth_only_loopback_clients_reach_the_mounted_dashboard(tmp_path
         ],
     )
     with serving(site) as served, httpx.Client(base_url=served.url, timeout=20) as http:
-        assert http.get("/status").json() == {"url": tasks.url, "worker": True}
+        wait_until(lambda: http.get("/status").json() == {"url": tasks.url, "worker": True},
+                   what="the worker's first heartbeat")  # fmt: skip
         assert http.get("/ops/taskmill/api/v1/queues").status_code == 200
         # a client behind a proxy on this host: uvicorn trusts the loopback proxy's header,
         # so the dashboard sees the real client, and refuses it
@@ -500,3 +502,16 @@ def test_a_client_that_leaves_ends_the_forwarding_at_once(tmp_path: Path) -> Non
     finally:
         release.set()
         tasks.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_broker_that_cannot_be_opened_fails_the_startup(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("a file where the database's directory should be")
+    steps: list[str] = []
+    tasks = RecordingApp(f"sqlite:///{tmp_path / 'not-a-dir' / 'jobs.db'}", steps)
+    site = Starlette(lifespan=taskmill_lifespan(tasks, worker=True))
+    with pytest.raises(NotADirectoryError, match=r"not-a-dir/jobs\.db"):  # names the path
+        async with site.router.lifespan_context(site):
+            pytest.fail("the server must not serve")
+    assert steps == ["open", "close"]
+    assert site.state.taskmill_worker is None

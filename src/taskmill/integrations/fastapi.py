@@ -12,16 +12,16 @@ annotated dependencies. See docs/fastapi.md.
 >>> from taskmill import App
 >>> tasks = App("memory://")
 >>> api = FastAPI(lifespan=taskmill_lifespan(tasks, worker=True))
->>> @api.get("/healthz")
-... def healthz(worker: TaskmillWorker) -> dict[str, bool]:
-...     return {"worker": worker.healthy}
+>>> @api.get("/worker")
+... def worker_state(worker: TaskmillWorker) -> dict[str, bool]:
+...     return {"running": worker.running}
 >>> async def probe() -> object:
 ...     async with api.router.lifespan_context(api):  # the server's startup and shutdown
 ...         transport = httpx.ASGITransport(app=api)
 ...         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-...             return (await client.get("/healthz")).json()
+...             return (await client.get("/worker")).json()
 >>> asyncio.run(probe())
-{'worker': True}
+{'running': True}
 """
 
 from __future__ import annotations

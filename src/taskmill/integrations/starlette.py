@@ -111,8 +111,9 @@ class TaskmillLifespan:
         state = site.state
         setattr(state, STATE_WORKER, None)
         async with AsyncExitStack() as stack:
-            await self.app.aopen()
+            # closed even when opening fails half-way (a broker made, its connect refused)
             stack.push_async_callback(self.app.aclose)
+            await self.app.aopen()
             setattr(state, STATE_APP, self.app)
             # your lifespan before the worker: the jobs may use what it sets up, and the
             # worker drains before your lifespan tears that down
