@@ -88,7 +88,9 @@ _worker_encoder = msgspec.msgpack.Encoder()
 _worker_decoder = msgspec.msgpack.Decoder(WorkerInfo)
 
 
-class NatsBroker(Recovery, Features, Broker):
+# Features before Recovery: its _prune_workflows must override Admin's empty one, or ended
+# workflows are never pruned.
+class NatsBroker(Features, Recovery, Broker):
     name = "nats"
     capabilities = Capabilities(
         shared_across_processes=True,
