@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, overload
@@ -41,6 +41,7 @@ from taskmill.task import (
 from taskmill.urls import redact_url
 from taskmill.workflows import (
     WorkflowStatus,
+    resume,
     running_workflow_statuses,
     workflow_status,
 )
@@ -564,6 +565,20 @@ class App(AdminAPI):
         >>> app.close()
         """
         return self.run_sync(self.aschedule_statuses(n_next))
+
+    async def aretry_jobs(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        queue: str | None = None,
+        task: str | None = None,
+    ) -> list[str]:
+        """``AdminAPI.aretry_jobs``; and a failed workflow whose failed steps are all retried
+        runs again: each retried step, once it succeeds, releases what comes after it
+        (``taskmill.workflows.resume``, docs/workflows.md)."""
+        retried = await super().aretry_jobs(ids, queue=queue, task=task)
+        await resume(self.client, retried)
+        return retried
 
     async def aget_workflow(self, workflow_id: str) -> WorkflowStatus:
         """A workflow: its state, times, and each step's task, job id, state and parents;

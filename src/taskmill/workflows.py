@@ -7,7 +7,8 @@ under that id once all its parents have finished, and since no broker stores an 
 the parents that finish at once (or a sweeper that comes later) release it exactly once.
 Whoever finishes a step advances the workflow (the worker, right after the outcome is
 stored), and every worker's maintenance loop sweeps the running workflows, so a worker that
-dies between the two loses nothing.
+dies between the two loses nothing. Retrying the failed steps of a failed workflow
+(``App.retry_jobs``) resumes it (``resume``).
 
 A step's input is the result of what came before it, passed as its first argument: the
 previous step's result in a chain, or the list of a group's results (in order; a nested
@@ -289,6 +290,15 @@ class _View:
                 )
         return found
 
+    def lost(self) -> list[str]:
+        """Steps whose job is gone though it was enqueued: a first step, or a parent of a
+        step enqueued. Pruning removed it (a step's job finishes, and is pruned, before its
+        workflow ends)."""
+        enqueued = [name for name, job in self.jobs.items() if job is not None]
+        needed = {n for n, s in self.spec.steps.items() if s.input is None}
+        needed.update(p for n in enqueued for p in _names(self.spec.steps[n].input))
+        return sorted(n for n in needed if self.jobs.get(n) is None)
+
 
 async def _view(broker: Broker, workflow_id: str, spec: Spec) -> _View:
     names = list(spec.steps)
@@ -342,6 +352,54 @@ async def _cancel_pending(broker: Broker, view: _View) -> None:
     for job in view.jobs.values():
         if job is not None and job.state not in FINISHED_STATES:
             await broker.cancel(job.id)
+
+
+async def resume(client: Client, retried: Iterable[str]) -> list[str]:
+    """Resume the failed workflows of steps just retried (what ``App.retry_jobs`` calls
+    after the broker requeued them): a workflow that no failed or cancelled step blocks any
+    more is ``running`` again, and advanced at once, so what its retried steps release when
+    they succeed is released, and the steps its failure held back (in other branches) are
+    released now. Returns the ids of the workflows resumed.
+
+    Left as they are: a workflow that is not ``failed`` (running, succeeded, cancelled:
+    a retried step runs alone), one that another failed step still blocks (it resumes when
+    that one is retried too), and one whose enqueued steps' jobs were pruned (resuming
+    would enqueue them again and run them twice)."""
+    workflow_ids = sorted({w for job_id in retried if (w := workflow_of(job_id)) is not None})
+    if not workflow_ids:
+        return []
+    broker = await client.abroker()
+    if not provides(broker, WorkflowStore):
+        return []  # a job whose id looks like a step's, with no workflow behind it
+    resumed = []
+    for workflow_id in workflow_ids:
+        if await _reopen(broker, workflow_id):
+            resumed.append(workflow_id)
+            try:
+                await advance(client, workflow_id)
+            except Exception as exc:  # the retry is done; any worker's sweep advances it
+                log.error("workflow %s: advancing after a retry failed: %s", workflow_id, exc)
+    return resumed
+
+
+async def _reopen(broker: Broker, workflow_id: str) -> bool:
+    store = workflow_store(broker)
+    record = await store.get_workflow(workflow_id)
+    if record is None or record.state != "failed":
+        return False
+    view = await _view(broker, workflow_id, _spec_decoder.decode(record.spec))
+    if view.blocked_failures():
+        return False
+    lost = view.lost()
+    if lost:
+        log.warning(
+            "workflow %s stays failed: the jobs of its steps %s were pruned, and resuming "
+            "would run them again",
+            workflow_id,
+            ", ".join(lost),
+        )
+        return False
+    return await store.reopen_workflow(workflow_id)
 
 
 async def sweep(client: Client, limit: int = 1000) -> int:

@@ -77,6 +77,13 @@ class WorkflowStore(Protocol):
         ...
 
     @abc.abstractmethod
+    async def reopen_workflow(self, workflow_id: str) -> bool:
+        """``failed`` becomes ``running`` again, with no finish time (a failed step was
+        retried: ``taskmill.workflows.resume``); False if the workflow was not failed
+        (running, succeeded, cancelled, or unknown: pruned)."""
+        ...
+
+    @abc.abstractmethod
     async def running_workflows(self, limit: int = 1000) -> list[str]:
         """Ids of running workflows, oldest first."""
         ...

@@ -534,6 +534,16 @@ class MemoryBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             )
             return True
 
+    async def reopen_workflow(self, workflow_id: str) -> bool:
+        with self._lock:
+            record = self._workflows.get(workflow_id)
+            if record is None or record.state != "failed":
+                return False
+            self._workflows[workflow_id] = dataclasses.replace(
+                record, state="running", finished_at=None
+            )
+            return True
+
     async def running_workflows(self, limit: int = 1000) -> list[str]:
         with self._lock:
             running = [w for w in self._workflows.values() if w.state == "running"]

@@ -140,8 +140,8 @@ def _load_scripts() -> dict[str, str]:
     finishes = lua.joinpath("_finishes.lua").read_text("utf-8")
     scripts = {}
     for name in ("enqueue", "claim", "finish", "heartbeat", "progress", "recover", "cancel",
-                 "retry", "purge", "prune", "idle", "unregister", "save_workflow",
-                 "end_workflow", "rate_slot", "slot", "run_now", "delete"):  # fmt: skip
+                 "retry", "purge", "prune", "idle", "unregister", "save_workflow", "end_workflow",
+                 "reopen_workflow", "rate_slot", "slot", "run_now", "delete"):  # fmt: skip
         body = lua.joinpath(f"{name}.lua").read_text("utf-8")
         prelude = common + (finishes if name in ("claim", "finish") else "")
         scripts[name] = prelude + "\n" + body
@@ -1158,6 +1158,10 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
     async def end_workflow(self, workflow_id: str, state: str) -> bool:
         ttl = max(1, int(self.result_ttl_s))
         return bool(await self._eval("end_workflow", workflow_id, state, ttl))
+
+    @on_io_loop
+    async def reopen_workflow(self, workflow_id: str) -> bool:
+        return bool(await self._eval("reopen_workflow", workflow_id))
 
     @on_io_loop
     async def running_workflows(self, limit: int = 1000) -> list[str]:

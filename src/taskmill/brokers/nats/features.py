@@ -138,6 +138,18 @@ class Features(Core, Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
         return await self._cas_loop("workflows", token(workflow_id), end)
 
     @on_io_loop
+    async def reopen_workflow(self, workflow_id: str) -> bool:
+        def reopen(entry: Entry | None) -> tuple[bytes | None, bool]:
+            if entry is None:
+                return None, False
+            w = _workflow_decoder.decode(entry.value)
+            if w.state != "failed":
+                return None, False
+            return _encoder.encode(_Workflow(w.spec, "running", w.created_at)), True
+
+        return await self._cas_loop("workflows", token(workflow_id), reopen)
+
+    @on_io_loop
     async def running_workflows(self, limit: int = 1000) -> list[str]:
         from taskmill.brokers.nats.config import untoken
 

@@ -817,6 +817,10 @@ class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
         return await self._db.execute(self._q["end_workflow"], params) == 1
 
     @on_io_loop
+    async def reopen_workflow(self, workflow_id: str) -> bool:
+        return await self._db.execute(self._q["reopen_workflow"], {"id": workflow_id}) == 1
+
+    @on_io_loop
     async def running_workflows(self, limit: int = 1000) -> list[str]:
         return [r[0] for r in await self._db.fetch(self._q["running_workflows"], {"limit": limit})]
 

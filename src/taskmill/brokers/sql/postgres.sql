@@ -509,6 +509,10 @@ FROM {schema}.workflows WHERE id = %(id)s;
 UPDATE {schema}.workflows SET state = %(state)s, finished_at = now()
 WHERE id = %(id)s AND state = 'running';
 
+-- name: reopen_workflow
+UPDATE {schema}.workflows SET state = 'running', finished_at = NULL
+WHERE id = %(id)s AND state = 'failed';
+
 -- name: running_workflows
 SELECT id FROM {schema}.workflows WHERE state = 'running' ORDER BY created_at LIMIT %(limit)s;
 

@@ -350,6 +350,10 @@ SELECT id, spec, state, created_at, finished_at FROM taskmill_workflows WHERE id
 -- name: end_workflow
 UPDATE taskmill_workflows SET state = ?, finished_at = ? WHERE id = ? AND state = 'running';
 
+-- name: reopen_workflow
+UPDATE taskmill_workflows SET state = 'running', finished_at = NULL
+WHERE id = ? AND state = 'failed';
+
 -- name: running_workflows
 SELECT id FROM taskmill_workflows WHERE state = 'running' ORDER BY created_at LIMIT ?;
 

@@ -718,6 +718,12 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         return changed == 1
 
     @on_database_thread
+    def reopen_workflow(self, workflow_id: str) -> bool:
+        with self._db.write() as c:
+            changed: int = c.execute(Q["reopen_workflow"], (workflow_id,)).rowcount
+        return changed == 1
+
+    @on_database_thread
     def running_workflows(self, limit: int = 1000) -> list[str]:
         return [r[0] for r in self._db.query(Q["running_workflows"], (limit,))]
 
