@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from examples._support.serving import Served, serve  # noqa: E402
 from examples.yachtparty.config import Config  # noqa: E402
-from examples.yachtparty.services import Served, fake_services, serve  # noqa: E402
+from examples.yachtparty.services import fake_services  # noqa: E402
 from examples.yachtparty.tasks import Processor, build  # noqa: E402
 from examples.yachtparty.web import create_web  # noqa: E402
 
