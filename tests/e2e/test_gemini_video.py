@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from examples.gemini_video.fleet import POOLS, WORKER_NAME, pool_of
+from examples.gemini_video.gemini import FakeBehaviour, FakeGemini
 
 from servers import RedisServer
 from taskmill import App, JobState
@@ -32,11 +34,7 @@ from taskmill.job import Job
 from taskmill.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # examples/ is a folder of the repository, not an installed package
-    sys.path.insert(0, str(ROOT))
 
-from examples.gemini_video.fleet import POOLS, WORKER_NAME, pool_of  # noqa: E402
-from examples.gemini_video.gemini import FakeBehaviour, FakeGemini  # noqa: E402
 
 APP = "examples.gemini_video.app:app"
 TASKS = "examples.gemini_video.app."

@@ -24,21 +24,19 @@ from typing import IO, Any
 import httpx
 import pytest
 import redis
+from examples._support.serving import Served, serve
+from examples.persona_marketplace.config import Config
+from examples.persona_marketplace.fakes import CHUNKS_PER_DOCUMENT, CORPUS_SIZE, FakeServices
+from examples.persona_marketplace.serving import start_worker
+from examples.persona_marketplace.tasks import build
+from examples.persona_marketplace.web import create_api
 
 from servers import RedisServer
 from taskmill.testing import wait_until
 from taskmill.web import WebConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # the examples are a package at the repository's root
-    sys.path.insert(0, str(ROOT))
 
-from examples._support.serving import Served, serve  # noqa: E402
-from examples.persona_marketplace.config import Config  # noqa: E402
-from examples.persona_marketplace.fakes import CHUNKS_PER_DOCUMENT, CORPUS_SIZE, FakeServices  # noqa: E402
-from examples.persona_marketplace.serving import start_worker  # noqa: E402
-from examples.persona_marketplace.tasks import build  # noqa: E402
-from examples.persona_marketplace.web import create_api  # noqa: E402
 
 PASSWORD = "a long dashboard secret"
 AUTH = ("ops", PASSWORD)
