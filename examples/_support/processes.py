@@ -91,3 +91,14 @@ def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals, *, group: bool) 
             os.killpg(proc.pid, sig)
         else:
             proc.send_signal(sig)
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM raise ``KeyboardInterrupt``, as Ctrl-C does: a demo stopped by a process
+    manager (or a test's timeout) unwinds and stops the servers and workers it started, which
+    run in sessions of their own and would otherwise outlive it. Call it from the main thread."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt

@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from examples._support.processes import interrupt_on_sigterm
 from examples._support.servers import ServerMissingError, ThrowawayRedis, free_port
 from examples.gemini_video.fleet import DASHBOARD_USER, POOLS, Fleet, pool_of, run_foreground
 from examples.gemini_video.gemini import FakeBehaviour, FakeGemini
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "workers":
         return run_foreground(args.dashboard_port)
     if command == "demo":
-        signal.signal(signal.SIGTERM, _interrupt)  # cleans up as Ctrl-C does
+        interrupt_on_sigterm()  # cleans up as Ctrl-C does
         try:
             return demo(args.redis_url, args.dashboard_port, args.scale, args.serve)
         except (ServerMissingError, TaskmillError, TimeoutError, RuntimeError) as exc:
@@ -84,10 +84,6 @@ def client_command(args: argparse.Namespace) -> int:
             job = handle.info()
             echo(json.dumps({"id": job.id, "task": job.task, "queue": job.queue}))
         return 0
-
-
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def echo(line: str) -> None:

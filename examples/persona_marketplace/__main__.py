@@ -30,7 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from examples._support.processes import stop
+from examples._support.processes import interrupt_on_sigterm, stop
 from examples._support.servers import ThrowawayRedis
 from examples._support.serving import serve
 from examples.persona_marketplace.config import Config
@@ -46,6 +46,7 @@ DEADLINE_S = 90.0
 
 def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
+    interrupt_on_sigterm()  # SIGTERM stops the worker and redis-server as Ctrl-C does
     console = Console(width=None if sys.stdout.isatty() else 120)
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="persona-") as tmp:
         workdir = Path(tmp)

@@ -28,6 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from examples._support.processes import interrupt_on_sigterm
 from examples._support.servers import ServerMissingError, ThrowawayPostgres
 from examples._support.serving import serve
 from examples.yachtparty.config import Config, ConfigError
@@ -195,6 +196,7 @@ def run(config: Config, console: Console, *, keep_serving: bool) -> int:
 
 def main(argv: list[str]) -> int:
     console = Console(width=None if sys.stdout.isatty() else 110)
+    interrupt_on_sigterm()  # SIGTERM stops the throwaway PostgreSQL as Ctrl-C does
     env = dict(os.environ)
     env.setdefault("YACHTPARTY_MINUTE_S", "0.5")
     env.setdefault("YACHTPARTY_HTTP_TIMEOUT_S", "1")

@@ -24,6 +24,7 @@ from typing import IO, Any
 import httpx
 import pytest
 import redis
+from examples._support.processes import stop
 from examples._support.serving import Served, serve
 from examples.persona_marketplace.config import Config
 from examples.persona_marketplace.fakes import CHUNKS_PER_DOCUMENT, CORPUS_SIZE, FakeServices
@@ -332,16 +333,21 @@ def test_the_demo_runs_with_one_command(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKMILL_", "PERSONA_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PERSONA_DASHBOARD_PASSWORD"] = PASSWORD
-    demo = subprocess.run(
+    demo = subprocess.Popen(
         [sys.executable, "-m", "examples.persona_marketplace", "--once", "--port", "0"],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=80,
     )
-    assert demo.returncode == 0, demo.stdout + demo.stderr
-    out = demo.stdout
+    try:
+        out, err = demo.communicate(timeout=60)
+    finally:
+        # its redis-server and worker run in sessions of their own: a demo killed outright
+        # would leave them running, so it gets SIGTERM and stops them first
+        stop(demo, timeout_s=20)
+    assert demo.returncode == 0, out + err
     assert "UpstreamError: 500 Internal Server Error" in out  # quotes, before the retry
     assert "persona eminescu: active" in out
     assert re.search(r"dashboard +http://127\.0\.0\.1:\d+/dashboard/ +log in as admin", out)

@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from examples._support.processes import stop
 from websockets.sync.client import connect
 
 from servers import NatsServer, free_port
@@ -165,8 +166,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
         wait_until(up, timeout=30, interval=0.1, what="the fake model to serve")
         yield served
     finally:
-        proc.terminate()
-        proc.wait(15)
+        stop(proc, timeout_s=15)  # SIGTERM, then SIGKILL: a hung model must not outlive the test
 
 
 @pytest.fixture(scope="module")
