@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 """The repository's root: the working directory and ``PYTHONPATH`` of the children."""
@@ -35,7 +36,7 @@ def child_env(
 
 
 def stop(
-    proc: subprocess.Popen[bytes],
+    proc: subprocess.Popen[Any],
     *,
     sig: signal.Signals = signal.SIGTERM,
     timeout_s: float = 10.0,
@@ -48,7 +49,7 @@ def stop(
 
 
 def stop_all(
-    procs: Sequence[subprocess.Popen[bytes]],
+    procs: Sequence[subprocess.Popen[Any]],
     *,
     sig: signal.Signals = signal.SIGTERM,
     timeout_s: float = 10.0,
@@ -70,7 +71,7 @@ def stop_all(
     return codes
 
 
-def kill(proc: subprocess.Popen[bytes], *, group: bool = False) -> None:
+def kill(proc: subprocess.Popen[Any], *, group: bool = False) -> None:
     """SIGKILL: no drain, no sign-off (the worker's jobs come back when their leases expire).
     A process that leads a process group of its own takes that group with it: what it
     started must not outlive it."""
@@ -78,14 +79,14 @@ def kill(proc: subprocess.Popen[bytes], *, group: bool = False) -> None:
     proc.wait(10)
 
 
-def _leads_group(proc: subprocess.Popen[bytes]) -> bool:
+def _leads_group(proc: subprocess.Popen[Any]) -> bool:
     try:
         return os.getpgid(proc.pid) == proc.pid
     except ProcessLookupError:
         return False
 
 
-def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals, *, group: bool) -> None:
+def _signal(proc: subprocess.Popen[Any], sig: signal.Signals, *, group: bool) -> None:
     with contextlib.suppress(ProcessLookupError):
         if group:
             os.killpg(proc.pid, sig)

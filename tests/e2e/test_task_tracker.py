@@ -12,6 +12,7 @@ restart a server and processes of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -89,6 +90,18 @@ class Tracker:
                 return False
 
         wait_until(serving, timeout=30, interval=0.1, what="the web server to serve")
+
+    @contextlib.contextmanager
+    def running(self, *workers: str) -> Iterator[None]:
+        """The web server and these workers, registered; all stopped after, whatever failed."""
+        try:
+            self.start_web()
+            for name in workers:
+                self.start_worker(name)
+            self.wait_workers(*workers)
+            yield
+        finally:
+            self.stop()
 
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
         # a short drain: a test's teardown must not wait for a job a fault holds up
@@ -175,14 +188,8 @@ def tracker(
 ) -> Iterator[Tracker]:
     url = f"{nats_server.url}?prefix=tt{uuid.uuid4().hex[:10]}"
     tracker = Tracker(url, model, tmp_path_factory.mktemp("task-tracker"), LEASE_S)
-    try:
-        tracker.start_web()
-        tracker.start_worker("w1")
-        tracker.start_worker("w2")
-        tracker.wait_workers("w1", "w2")
+    with tracker.running("w1", "w2"):
         yield tracker
-    finally:
-        tracker.stop()
 
 
 @pytest.fixture
@@ -351,13 +358,8 @@ def impatient_tracker(nats_server: NatsServer, model: Model, tmp_path: Path) -> 
     """Processes of their own (a prefix of their own) whose model calls give up after 1 s."""
     url = f"{nats_server.url}?prefix=tt{uuid.uuid4().hex[:10]}"
     tracker = Tracker(url, model, tmp_path, lease_s=10.0, model_timeout_s=1.0)
-    try:
-        tracker.start_web()
-        tracker.start_worker("impatient")
-        tracker.wait_workers("impatient")
+    with tracker.running("impatient"):
         yield tracker
-    finally:
-        tracker.stop()
 
 
 @pytest.mark.timeout(60)
@@ -376,13 +378,8 @@ def test_a_model_call_that_times_out_is_retried(impatient_tracker: Tracker, mode
 def own_tracker(nats_server_own: NatsServer, model: Model, tmp_path: Path) -> Iterator[Tracker]:
     tracker = Tracker(nats_server_own.url, model, tmp_path / "tracker", lease_s=10.0)
     tracker.directory.mkdir()
-    try:
-        tracker.start_web()
-        tracker.start_worker("solo")
-        tracker.wait_workers("solo")
+    with tracker.running("solo"):
         yield tracker
-    finally:
-        tracker.stop()
 
 
 @pytest.mark.timeout(90)
