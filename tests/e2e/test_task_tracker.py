@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,15 +81,7 @@ class Tracker:
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         web = self.spawn("web", "-m", "examples.task_tracker", "web", "--port", str(port))
-
-        def serving() -> bool:
-            assert web.poll() is None, f"the web server exited:\n{self.logs()}"
-            try:
-                return httpx.get(self.base + "/", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(serving, timeout=30, interval=0.1, what="the web server to serve")
+        wait_serving(web, self.base + "/", "the web server", self.logs)
 
     @contextlib.contextmanager
     def running(self, *workers: str) -> Iterator[None]:
@@ -145,6 +137,21 @@ class Tracker:
         )
 
 
+def wait_serving(
+    proc: subprocess.Popen[bytes], url: str, what: str, logs: Callable[[], str]
+) -> None:
+    """Until ``url`` answers 200; at once if ``proc``, which serves it, exited."""
+
+    def serving() -> bool:
+        assert proc.poll() is None, f"{what} exited:\n{logs()}"
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(serving, timeout=30, interval=0.1, what=f"{what} to serve")
+
+
 # --- fixtures ------------------------------------------------------------------------------------
 
 
@@ -167,16 +174,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
         proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     served = Model(f"http://127.0.0.1:{port}", proc)
-
-    def up() -> bool:
-        assert proc.poll() is None, f"the model exited:\n{log.read_text()}"
-        try:
-            return httpx.get(served.url + "/calls", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        wait_until(up, timeout=30, interval=0.1, what="the fake model to serve")
+        wait_serving(proc, served.url + "/calls", "the fake model", log.read_text)
         yield served
     finally:
         stop(proc, timeout_s=15)  # SIGTERM, then SIGKILL: a hung model must not outlive the test
