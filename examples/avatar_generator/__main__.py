@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from examples._support.processes import interrupt_on_sigterm
 from examples.avatar_generator.fake_api import FakeAvatarApi
 from examples.avatar_generator.run import Server, Workers, call
 from examples.avatar_generator.web import ACTIVE, create_app
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help="keep serving the page at the end")
     parser.add_argument("--port", type=int, default=0, help="the web app's port (0: any free)")
     options = parser.parse_args(argv)
+    interrupt_on_sigterm()  # SIGTERM stops the workers as Ctrl-C does
     workdir = Path(tempfile.mkdtemp(prefix="avatar-generator-"))
     url = (
         os.environ.get("FLASK_TASKMILL_URL")

@@ -3,11 +3,8 @@ loopback port. Used by ``python -m examples.avatar_generator`` and by its end-to
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +15,8 @@ from typing import IO, Any
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
-ROOT = Path(__file__).resolve().parents[2]
+from examples._support.processes import ROOT, child_env, kill, stop_all
+
 FACTORY = "examples.avatar_generator.web:create_app"
 
 
@@ -28,12 +26,12 @@ class Workers:
 
     def __init__(self, log_dir: Path, config: dict[str, Any]) -> None:
         self.log_dir = log_dir
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMILL_")}
-        for key, value in config.items():
-            self.env[f"FLASK_{key}"] = value if isinstance(value, str) else json.dumps(value)
-        paths = [str(ROOT), self.env.get("PYTHONPATH")]
-        self.env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-        self.env["PYTHONUNBUFFERED"] = "1"
+        self.env = child_env(
+            {
+                f"FLASK_{key}": value if isinstance(value, str) else json.dumps(value)
+                for key, value in config.items()
+            }
+        )
         self.procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
@@ -48,9 +46,7 @@ class Workers:
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL: no drain, no sign-off; its jobs come back when their leases expire."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        kill(proc, group=True)
 
     def output(self) -> str:
         logs = sorted(self.log_dir.glob("worker-*.log"))
@@ -58,16 +54,8 @@ class Workers:
 
     def stop(self, timeout: float = 30) -> list[int | None]:
         """SIGTERM every worker (they drain), wait, SIGKILL the ones still there."""
-        for proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        codes: list[int | None] = []
-        for proc, log in self.procs:
-            try:
-                codes.append(proc.wait(timeout=timeout))
-            except subprocess.TimeoutExpired:
-                self.kill(proc)
-                codes.append(None)
+        codes = stop_all([proc for proc, _ in self.procs], timeout_s=timeout)
+        for _, log in self.procs:
             log.close()
         return codes
 

@@ -20,8 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import sys
 import tempfile
 import time
@@ -34,14 +32,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from examples._support.processes import interrupt_on_sigterm
+from examples._support.servers import ServerMissingError, ThrowawayRedis, free_port
 from examples.gemini_video.fleet import DASHBOARD_USER, POOLS, Fleet, pool_of, run_foreground
 from examples.gemini_video.gemini import FakeBehaviour, FakeGemini
-from examples.gemini_video.redis_starter import RedisNotFoundError, ThrowawayRedis
 from taskmill import Job, JobHandle
 from taskmill.errors import TaskmillError
 
 DEMO_TIME_SCALE = "0.01"  # the seed's limits / 100: a caption may take 9 s, a render 36 s
 DEADLINE_S = 120.0
+REDIS_HINT = "or pass --redis-url redis://HOST:PORT/0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     if command == "workers":
         return run_foreground(args.dashboard_port)
     if command == "demo":
-        signal.signal(signal.SIGTERM, _interrupt)  # cleans up as Ctrl-C does
+        interrupt_on_sigterm()  # cleans up as Ctrl-C does
         try:
             return demo(args.redis_url, args.dashboard_port, args.scale, args.serve)
-        except (RedisNotFoundError, TaskmillError, TimeoutError, RuntimeError) as exc:
+        except (ServerMissingError, TaskmillError, TimeoutError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
@@ -84,10 +84,6 @@ def client_command(args: argparse.Namespace) -> int:
             job = handle.info()
             echo(json.dumps({"id": job.id, "task": job.task, "queue": job.queue}))
         return 0
-
-
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def echo(line: str) -> None:
@@ -143,7 +139,7 @@ def demo(redis_url: str | None, dashboard_port: int, scale: int, serve: bool) ->
     console = Console(width=None if sys.stdout.isatty() else 120)
     with ExitStack() as stack:
         if not redis_url:
-            redis_url = stack.enter_context(ThrowawayRedis()).url
+            redis_url = stack.enter_context(ThrowawayRedis(hint=REDIS_HINT)).url
             console.print(f"started a throwaway redis-server at {redis_url}")
         fake = FakeGemini(FakeBehaviour(rate_429=0.08, rate_500=0.05, rate_timeout=0.03, hang_s=5))
         stack.callback(fake.start().stop)
@@ -282,12 +278,6 @@ def wait_for_interrupt(fleet: Fleet) -> None:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":

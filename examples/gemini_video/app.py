@@ -24,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from examples._support.env import env_seconds
 from examples.gemini_video.gemini import GeminiTransientError, generate
 from taskmill import App, Backoff, current_job
 from taskmill.errors import ConfigurationError
@@ -31,21 +32,18 @@ from taskmill.errors import ConfigurationError
 DEFAULT_URL = "redis://127.0.0.1:6379/0?prefix=gemini-video:"
 
 
-def _number(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a number of seconds, not {raw!r}") from None
-    if value <= 0:
-        raise ConfigurationError(f"{name} must be more than 0, not {raw!r}")
-    return value
+def _seconds(name: str, default: float) -> float:
+    return env_seconds(os.environ, name, default, error=ConfigurationError)
 
 
 GEMINI_URL = os.environ.get("GEMINI_API_URL", "http://127.0.0.1:8089")
-TIME_SCALE = _number("GEMINI_VIDEO_TIME_SCALE", 1.0)
+TIME_SCALE = env_seconds(
+    os.environ,
+    "GEMINI_VIDEO_TIME_SCALE",
+    1.0,
+    error=ConfigurationError,
+    unit="times the seed's limits",
+)
 CLEANUP_TZ = os.environ.get("GEMINI_VIDEO_TZ", "America/New_York")
 TEMP_DIR = Path(
     os.environ.get("GEMINI_VIDEO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gemini-video"
@@ -56,7 +54,7 @@ GEMINI_CALL_TIMEOUT_S = 2.0
 app = App(
     os.environ.get("GEMINI_VIDEO_URL", DEFAULT_URL),
     events=True,  # progress and transitions over Redis pub/sub, for the render client
-    lease_s=_number("GEMINI_VIDEO_LEASE_S", 30.0),
+    lease_s=_seconds("GEMINI_VIDEO_LEASE_S", 30.0),
 )
 
 # Gemini's 429s and 500s are retried with back-off; a refused request, a bad codec or a time

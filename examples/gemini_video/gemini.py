@@ -18,10 +18,12 @@ import json
 import random
 import socket
 import threading
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from examples._support.faults import FaultScript
 
 FAULTS = ("429", "500", "timeout")
 """What a scripted or random failure can be: a status the fake answers, or no answer at all."""
@@ -106,7 +108,6 @@ class FakeBehaviour:
 
 @dataclass
 class _Plan:
-    script: deque[str] = field(default_factory=deque)
     outage: bool = False
     latency_s: float | None = None
 
@@ -125,6 +126,7 @@ class FakeGemini:
         self.answered: Counter[str] = Counter()
         self._rng = random.Random(self.behaviour.seed)
         self._plans: dict[str, _Plan] = {}
+        self._scripts = FaultScript[str](FAULTS.__contains__, "one of " + ", ".join(FAULTS))
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
@@ -162,11 +164,9 @@ class FakeGemini:
         self._loop.close()
 
     def script(self, project: str, faults: list[str]) -> None:
-        unknown = [f for f in faults if f not in FAULTS]
-        if unknown:
-            raise ValueError(f"unknown fault(s) {unknown}; each is one of {', '.join(FAULTS)}")
+        self._scripts.add(project, faults)
         with self._lock:
-            self._plans.setdefault(project, _Plan()).script.extend(faults)
+            self._plans.setdefault(project, _Plan())
 
     def outage(self, project: str, on: bool) -> None:
         with self._lock:
@@ -178,9 +178,7 @@ class FakeGemini:
 
     def pending_faults(self, project: str) -> int:
         """How many scripted failures of ``project`` are still to come."""
-        with self._lock:
-            plan = self._plans.get(project)
-            return len(plan.script) if plan is not None else 0
+        return self._scripts.pending(project)
 
     def _decide(self, project: str) -> tuple[str, float]:
         """The fault for this request ("" for none) and its latency."""
@@ -192,8 +190,9 @@ class FakeGemini:
                 latency = plan.latency_s
             if plan is not None and plan.outage:
                 return "500", latency
-            if plan is not None and plan.script:
-                return plan.script.popleft(), latency
+            scripted = self._scripts.next(project)
+            if scripted is not None:
+                return scripted, latency
             if plan is not None:  # a scripted project is spared the random failures
                 return "", latency
             roll = self._rng.random()

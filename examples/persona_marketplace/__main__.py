@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import secrets
-import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,10 +30,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from examples._support.processes import interrupt_on_sigterm, stop
+from examples._support.servers import ThrowawayRedis
+from examples._support.serving import serve
 from examples.persona_marketplace.config import Config
 from examples.persona_marketplace.fakes import FakeServices
-from examples.persona_marketplace.redis_server import ThrowawayRedis
-from examples.persona_marketplace.serving import serve, start_worker
+from examples.persona_marketplace.serving import start_worker
 from examples.persona_marketplace.tasks import build
 from examples.persona_marketplace.web import create_api
 from taskmill.web import WebConfig
@@ -44,6 +46,7 @@ DEADLINE_S = 90.0
 
 def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
+    interrupt_on_sigterm()  # SIGTERM stops the worker and redis-server as Ctrl-C does
     console = Console(width=None if sys.stdout.isatty() else 120)
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="persona-") as tmp:
         workdir = Path(tmp)
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         log = stack.enter_context((workdir / "worker.log").open("wb"))
         worker = start_worker(config, log, "-c", "3", "--log-level", "warning")
         stack.callback(_stop_worker, worker)
-        served = serve(api, options.port)
+        served = serve(api, port=options.port)
         stack.callback(served.stop)
         console.print(
             f"[bold]persona marketplace[/bold] on {broker_url}: API {served.url}, "
@@ -158,14 +161,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def _throwaway_redis(stack: ExitStack, workdir: Path, console: Console) -> str:
     directory = workdir / "redis"
     directory.mkdir()
-    redis = ThrowawayRedis(directory).start()
+    redis = ThrowawayRedis(directory, hint="or give the URL of a running Redis with --redis-url")
+    redis.start()
     stack.callback(redis.stop)
     return redis.url
 
 
-def _stop_worker(worker: Any) -> None:
-    worker.send_signal(signal.SIGTERM)  # drains: running jobs get 30 s
-    worker.wait(timeout=40)
+def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    stop(worker, timeout_s=40)  # SIGTERM: it drains, and running jobs get 30 s
 
 
 def _wait_for_interrupt() -> None:

@@ -9,6 +9,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from examples._support.env import parse_seconds
+
 ENV_PREFIX = "PERSONA_"
 
 
@@ -53,7 +55,7 @@ class Config:
                 if f.default is dataclasses.MISSING:
                     raise KeyError(f"{name} is not set: the persona example needs it")
                 continue
-            values[f.name] = raw if f.type == "str" else _seconds(name, raw)
+            values[f.name] = raw if f.type == "str" else parse_seconds(name, raw)
         return cls(**values)  # type: ignore[arg-type]
 
     def to_env(self) -> dict[str, str]:
@@ -62,13 +64,3 @@ class Config:
             ENV_PREFIX + f.name.upper(): str(getattr(self, f.name))
             for f in dataclasses.fields(self)
         }
-
-
-def _seconds(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"{name} must be more than 0 seconds, not {raw!r}")
-    return value

@@ -27,6 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from examples._support.faults import FaultScript
+
 BEHAVIOURS = ("ok", "slow", "500", "429", "timeout", "endless", "stall")
 SOURCES = ("profile", "works", "quotes")
 PAGE_SIZE = 4
@@ -38,15 +40,6 @@ _PATH = re.compile(r"^/(sources|embed|_faults|_calls)/([A-Za-z0-9_-]{1,64})/([a-
 
 
 @dataclass
-class Fault:
-    plan: list[str]
-    then: str = "ok"
-
-    def next(self) -> str:
-        return self.plan.pop(0) if self.plan else self.then
-
-
-@dataclass
 class FakeServices:
     """The two services on one loopback port, served by threads of this process."""
 
@@ -55,7 +48,10 @@ class FakeServices:
     timeout_s: float = 10.0
     page_delay_s: float = 0.2
     """How long each page of an ``endless`` or ``stall`` source takes."""
-    _faults: dict[tuple[str, str], Fault] = field(default_factory=dict)
+    _plans: FaultScript[tuple[str, str]] = field(
+        default_factory=lambda: FaultScript(BEHAVIOURS.__contains__, f"one of {BEHAVIOURS}")
+    )
+    _then: dict[tuple[str, str], str] = field(default_factory=dict)
     _calls: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -93,8 +89,9 @@ class FakeServices:
                 f"fault for {persona}/{source}: sources are {SOURCES}, behaviours "
                 f"{BEHAVIOURS}; got source {source!r}, behaviours {unknown}"
             )
+        self._plans.replace((persona, source), plan)
         with self._lock:
-            self._faults[persona, source] = Fault(list(plan), then)
+            self._then[persona, source] = then
 
     def calls(self, persona: str, source: str) -> dict[str, int]:
         """How many calls each endpoint (``sources``, ``embed``) got for this source."""
@@ -104,12 +101,12 @@ class FakeServices:
     def _behaviour(self, kind: str, persona: str, source: str) -> str:
         with self._lock:
             self._calls[kind, persona, source] += 1
-            fault = self._faults.get((persona, source))
-            if fault is None:
-                return "ok"
-            if kind == "embed":  # the plan is the source's; embedding only stalls with it
-                return "stall" if fault.then == "stall" and not fault.plan else "ok"
-            return fault.next()
+            then = self._then.get((persona, source), "ok")
+        if kind == "embed":  # the plan is the source's; embedding only stalls with it
+            return (
+                "stall" if then == "stall" and not self._plans.pending((persona, source)) else "ok"
+            )
+        return self._plans.next((persona, source)) or then
 
     def _sleep(self, seconds: float) -> None:
         self._stopping.wait(seconds)

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import uvicorn
 
+from examples._support.processes import ROOT, child_env, stop
+from examples._support.servers import ThrowawayNats
 from examples.task_tracker.model_service import Fault, ModelService, ModelState
-from examples.task_tracker.nats_server import NatsServer
 
-ROOT = Path(__file__).resolve().parents[2]
+NATS_HINT = "or give the URL of a running server with --url nats://host:4222"
 SAMPLES = [
     ("alice", "Decision: the release deadline moves to Friday, customer agreed"),
     ("bob", "lol"),
@@ -104,7 +105,7 @@ def run_all(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="task-tracker-"))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        url = args.url or stack.enter_context(NatsServer(workdir / "nats")).url
+        url = args.url or stack.enter_context(ThrowawayNats(workdir / "nats", hint=NATS_HINT)).url
         model = ModelState(latency_s=args.latency_s, error_rate=args.error_rate)
         model.faults.append(Fault(match="gibberish", status=422, times=1))
         service = stack.enter_context(ModelService(model))
@@ -112,7 +113,6 @@ def run_all(args: argparse.Namespace) -> int:
             TASKMILL_URL=url,
             TASK_TRACKER_MODEL_URL=service.url,
             TASK_TRACKER_DB=str(workdir / "messages.db"),
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         )
         workers = start_workers(args.workers, workdir / "workers.log")
         stack.callback(stop_workers, workers)
@@ -140,18 +140,13 @@ def start_workers(n: int, log_path: Path) -> subprocess.Popen[bytes]:
         # a session of their own: Ctrl-C in the terminal reaches this process only, which then
         # sends one SIGTERM (a second signal would make them stop without draining)
         return subprocess.Popen(
-            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            argv, cwd=ROOT, env=child_env(drop_prefixes=()), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
 
 
 def stop_workers(workers: subprocess.Popen[bytes]) -> None:
-    if workers.poll() is None:
-        workers.send_signal(signal.SIGTERM)  # drain: running jobs get 30 s to finish
-        try:
-            workers.wait(40)
-        except subprocess.TimeoutExpired:
-            workers.kill()
-            workers.wait()
+    stop(workers, timeout_s=40)  # SIGTERM: they drain, and running jobs get 30 s to finish
 
 
 def send_samples(base: str) -> None:

@@ -19,18 +19,15 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import socket
-import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from examples._support.serving import Served, serve
 
 KEYWORDS = {
     "decision": "decision", "decided": "decision", "deadline": "deadline", "release": "release",
@@ -154,37 +151,25 @@ class ModelService:
 
     def __init__(self, state: ModelState | None = None, port: int = 0) -> None:
         self.state = state or ModelState()
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))  # bound now: the port is ours before it serves
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        # a call still waiting on its injected delay must not hold the shutdown
-        config = uvicorn.Config(build(self.state), log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=1)  # fmt: skip
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self._run, name="fake-model", daemon=True)
+        self.port = port
+        self.served: Served | None = None
 
-    def _run(self) -> None:
-        try:
-            self.server.run(sockets=[self.sock])
-        finally:
-            self.sock.close()
+    @property
+    def url(self) -> str:
+        assert self.served is not None, "start() the fake model first"
+        return self.served.url
 
-    def start(self, timeout: float = 15.0) -> ModelService:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:  # poll until a deadline: uvicorn has no ready event
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the fake model service did not start")
-            time.sleep(0.02)
+    def start(self) -> ModelService:
+        # a call still waiting on its injected delay must not hold the shutdown: 1 s of grace
+        self.served = serve(build(self.state), port=self.port, lifespan="off", grace_s=1)
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        if self.served is not None:
+            self.served.stop()
 
     def __enter__(self) -> ModelService:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from examples._support.env import env_seconds
+
 DEFAULT_DB = str(Path(os.environ.get("TMPDIR", "/tmp")) / "task_tracker" / "messages.db")
 
 
@@ -33,8 +35,8 @@ class Settings:
             broker_url=env.get("TASKMILL_URL", "nats://127.0.0.1:4222"),
             model_url=env.get("TASK_TRACKER_MODEL_URL", "http://127.0.0.1:8766"),
             db_path=env.get("TASK_TRACKER_DB", DEFAULT_DB),
-            lease_s=float(env.get("TASK_TRACKER_LEASE_S", "30")),
-            model_timeout_s=float(env.get("TASK_TRACKER_MODEL_TIMEOUT_S", "5")),
+            lease_s=env_seconds(env, "TASK_TRACKER_LEASE_S", 30.0),
+            model_timeout_s=env_seconds(env, "TASK_TRACKER_MODEL_TIMEOUT_S", 5.0),
         )
 
 

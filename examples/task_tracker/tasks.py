@@ -50,15 +50,21 @@ def save_message(chat_id: int, message_id: int, author: str, text: str) -> dict[
     return {"message": key, "new": new}
 
 
+def text_of(key: str) -> str:
+    """The saved message's text; a step sent for a message never saved fails (and shows)."""
+    message = store().get(key)
+    if message is None:
+        raise LookupError(f"no message {key}")
+    return str(message["text"])
+
+
 @app.task(retries=4, backoff=Backoff(base=0.5, cap=10), dont_retry_on=ModelRejected, timeout=60)
 def score_message(key: str) -> dict[str, Any]:
     """Ask the model how much the message matters; extract its knowledge if it is signal."""
     job = current_job()
-    message = store().get(key)
-    if message is None:
-        raise LookupError(f"no message {key}")
+    text = text_of(key)
     job.progress(0.2, "asking the scoring model")
-    answer = call_model(settings.model_url, "/score", message["text"], settings.model_timeout_s)
+    answer = call_model(settings.model_url, "/score", text, settings.model_timeout_s)
     score, factors = float(answer["score"]), dict(answer["factors"])
     classification = classify(score, settings.signal_threshold)
     store().set_score(key, score, classification, factors)
@@ -73,11 +79,9 @@ def score_message(key: str) -> dict[str, Any]:
 def extract_knowledge(key: str) -> dict[str, Any]:
     """Ask the model for the message's topics and keep them."""
     job = current_job()
-    message = store().get(key)
-    if message is None:
-        raise LookupError(f"no message {key}")
+    text = text_of(key)
     job.progress(0.3, "extracting topics")
-    answer = call_model(settings.model_url, "/extract", message["text"], settings.model_timeout_s)
+    answer = call_model(settings.model_url, "/extract", text, settings.model_timeout_s)
     topics = [str(t) for t in answer["topics"]]
     job.progress(0.8, f"saving {len(topics)} topic(s)")
     store().set_topics(key, topics)

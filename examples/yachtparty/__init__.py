@@ -4,5 +4,6 @@
 local fake of the external services, with injected faults), ``handlers`` (one per task type),
 ``tasks`` (the taskmill app: one task per type, the 1/2/4-minute retries, the action-log
 hooks), ``worker`` (the app the ``taskmill worker`` command loads), ``web`` (the HTTP
-service), ``pgserver`` (a throwaway PostgreSQL) and ``__main__`` (the one-command demo).
+service) and ``__main__`` (the one-command demo). The throwaway PostgreSQL and the serving on a
+thread are shared with the other examples (``examples._support``).
 """

@@ -1,6 +1,7 @@
 """``python -m examples.yachtparty``: the task processor, driven through its HTTP endpoints.
 
-1. PostgreSQL: ``DATABASE_URL`` if set, else a throwaway server started here (``pgserver``);
+1. PostgreSQL: ``DATABASE_URL`` if set, else a throwaway server started here
+   (``examples._support.servers``);
 2. the fake external services, and the web service with a worker inside it (as the seed's one
    Cloud Run service), on loopback ports;
 3. users, tasks of every type and priority (some due later, one an hour ahead), faults injected
@@ -27,9 +28,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from examples._support.processes import interrupt_on_sigterm
+from examples._support.servers import ServerMissingError, ThrowawayPostgres
+from examples._support.serving import serve
 from examples.yachtparty.config import Config, ConfigError
-from examples.yachtparty.pgserver import PostgresMissingError, ThrowawayPostgres
-from examples.yachtparty.services import fake_services, serve
+from examples.yachtparty.services import fake_services
 from examples.yachtparty.tasks import Processor, build
 from examples.yachtparty.web import create_web
 
@@ -193,6 +196,7 @@ def run(config: Config, console: Console, *, keep_serving: bool) -> int:
 
 def main(argv: list[str]) -> int:
     console = Console(width=None if sys.stdout.isatty() else 110)
+    interrupt_on_sigterm()  # SIGTERM stops the throwaway PostgreSQL as Ctrl-C does
     env = dict(os.environ)
     env.setdefault("YACHTPARTY_MINUTE_S", "0.5")
     env.setdefault("YACHTPARTY_HTTP_TIMEOUT_S", "1")
@@ -202,8 +206,9 @@ def main(argv: list[str]) -> int:
         env["YACHTPARTY_SERVICES_URL"] = services.url
         if not (env.get("DATABASE_URL") or env.get("TASKMILL_URL")):
             try:
-                env["DATABASE_URL"] = stack.enter_context(ThrowawayPostgres())
-            except PostgresMissingError as exc:
+                postgres = ThrowawayPostgres(hint="or set DATABASE_URL=postgresql://user@host/db")
+                env["DATABASE_URL"] = stack.enter_context(postgres).url
+            except ServerMissingError as exc:
                 console.print(f"[red]{exc}[/red]")
                 return 2
             console.print(f"started a throwaway PostgreSQL at {env['DATABASE_URL']}")

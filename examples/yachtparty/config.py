@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from examples._support.env import env_seconds
 from taskmill.urls import redact_url
 
 
@@ -13,16 +14,7 @@ class ConfigError(RuntimeError):
 
 
 def _number(env: dict[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, not {raw!r}") from None
-    if not value > 0:
-        raise ConfigError(f"{name} must be more than 0, not {raw!r}")
-    return value
+    return env_seconds(env, name, default, error=ConfigError)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""A local fake of the external services the handlers call, and a way to serve an ASGI app.
+"""A local fake of the external services the handlers call (``examples._support.serving``
+serves it).
 
 - ``POST /events``: the event bus that starts the Solution Saga (``research_solution``);
 - ``POST /sms``: the SMS gateway (``schedule_followup``);
@@ -15,21 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
-import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from taskmill.testing import wait_until
+from examples._support.faults import FaultScript, http_status_or_timeout
 
 PATHS = ("/events", "/sms")
 
@@ -39,23 +36,20 @@ class Faults:
     """What the fake will do wrong next, and what it was asked so far."""
 
     hang_s: float = 30.0
-    pending: dict[tuple[str, str | None], deque[str]] = field(default_factory=dict)
+    pending: FaultScript[tuple[str, str | None]] = field(
+        default_factory=lambda: FaultScript(
+            http_status_or_timeout, "a status code 400-599 or 'timeout'"
+        )
+    )
     calls: Counter[str] = field(default_factory=Counter)
     in_flight: Counter[str] = field(default_factory=Counter)
 
     def add(self, path: str, user_id: str | None, errors: list[str]) -> None:
-        for error in errors:
-            if error != "timeout" and not (error.isdigit() and 400 <= int(error) <= 599):
-                raise ValueError(f"a fault is a status code 400-599 or 'timeout', not {error!r}")
-        self.pending.setdefault((path, user_id), deque()).extend(errors)
+        self.pending.add((path, user_id), errors)
 
     def next(self, path: str, user_id: str | None) -> str | None:
         """The fault for this call: the user's own first, then the path's."""
-        for key in ((path, user_id), (path, None)):
-            queue = self.pending.get(key)
-            if queue:
-                return queue.popleft()
-        return None
+        return self.pending.next((path, user_id), (path, None))
 
 
 async def _hang(request: Request, seconds: float) -> None:
@@ -102,7 +96,7 @@ def fake_services(hang_s: float = 30.0) -> Starlette:
             faults.add(path, user_id, errors)
         except ValueError as exc:
             return _bad_request(str(exc))
-        return JSONResponse({"pending": sum(len(q) for q in faults.pending.values())})
+        return JSONResponse({"pending": faults.pending.total()})
 
     async def calls(request: Request) -> JSONResponse:
         return JSONResponse({"calls": dict(faults.calls), "in_flight": dict(faults.in_flight)})
@@ -115,49 +109,3 @@ def fake_services(hang_s: float = 30.0) -> Starlette:
     app = Starlette(routes=routes)
     app.state.faults = faults
     return app
-
-
-@dataclass
-class Served:
-    """An ASGI app served by uvicorn on a loopback port, on a thread of this process."""
-
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
-def serve(asgi: Any, *, port: int = 0, timeout_s: float = 30.0) -> Served:
-    """Serve ``asgi`` on 127.0.0.1 (``port`` 0: one the OS picks, bound here so nothing else
-    takes it meanwhile); returns once the app's start-up (its lifespan) has run and the server
-    accepts connections."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(
-        asgi, log_level="warning", access_log=False, lifespan="on",
-        timeout_graceful_shutdown=2,
-    )  # fmt: skip
-    server = uvicorn.Server(config)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            server.run(sockets=[sock])
-        except BaseException as exc:  # reported by the wait below
-            errors.append(exc)
-        finally:
-            sock.close()
-
-    thread = threading.Thread(target=run, name=f"uvicorn {url}", daemon=True)
-    thread.start()
-    wait_until(
-        lambda: server.started or not thread.is_alive(), timeout=timeout_s, what=f"{url} to start"
-    )
-    if not server.started:
-        raise RuntimeError(f"the server at {url} did not start: {errors[0] if errors else '?'}")
-    return Served(url, server, thread)

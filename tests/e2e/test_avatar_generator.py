@@ -5,7 +5,6 @@ SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import doctest
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from examples.avatar_generator import status, tasks
+from examples.avatar_generator.fake_api import FakeAvatarApi
+from examples.avatar_generator.run import Server, Workers, call
+from examples.avatar_generator.web import create_app
 from flask import Flask
 
 from taskmill import App
@@ -21,13 +24,7 @@ from taskmill.integrations.flask import EXTENSION_KEY
 from taskmill.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # pytest puts tests/ on the path, not the checkout's root
-    sys.path.insert(0, str(ROOT))
 
-from examples.avatar_generator import status, tasks  # noqa: E402
-from examples.avatar_generator.fake_api import FakeAvatarApi  # noqa: E402
-from examples.avatar_generator.run import Server, Workers, call  # noqa: E402
-from examples.avatar_generator.web import create_app  # noqa: E402
 
 LEASE_S = 2  # a SIGKILLed worker's job is back within seconds
 

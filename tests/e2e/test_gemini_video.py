@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -25,18 +24,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from examples.gemini_video.fleet import POOLS, WORKER_NAME, pool_of
+from examples.gemini_video.gemini import FakeBehaviour, FakeGemini
 
-from servers import RedisServer
+from servers import RedisServer, free_port
 from taskmill import App, JobState
 from taskmill.job import Job
 from taskmill.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # examples/ is a folder of the repository, not an installed package
-    sys.path.insert(0, str(ROOT))
 
-from examples.gemini_video.fleet import POOLS, WORKER_NAME, pool_of  # noqa: E402
-from examples.gemini_video.gemini import FakeBehaviour, FakeGemini  # noqa: E402
 
 APP = "examples.gemini_video.app:app"
 TASKS = "examples.gemini_video.app."
@@ -88,47 +85,39 @@ class Fleet:
         return httpx.Client(base_url=self.dashboard, auth=auth, timeout=10)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    gemini = FakeGemini(FakeBehaviour(latency_s=(0.005, 0.02), hang_s=10)).start()
-    url = f"{redis_server.url}?prefix=gv-e2e-{uuid.uuid4().hex[:8]}:"
-    port, password = _free_port(), secrets.token_urlsafe(12)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKMILL_", "GEMINI_"))}
-    env |= {
-        "GEMINI_VIDEO_URL": url,
-        "GEMINI_API_URL": gemini.url,
-        "GEMINI_VIDEO_LEASE_S": LEASE_S,
-        "GEMINI_VIDEO_TIME_SCALE": TIME_SCALE,
-        "GEMINI_VIDEO_DASHBOARD_PASSWORD": password,
-        "PYTHONPATH": str(ROOT),
-        "PYTHONUNBUFFERED": "1",
-    }
-    log = tmp_path_factory.mktemp("gemini-video") / "fleet.log"
-    with log.open("wb") as out:
-        launcher = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "examples.gemini_video",
-                "workers",
-                "--dashboard-port",
-                str(port),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its children too: the teardown's killpg reaches them all
-        )
-    app = App(url)
-    fleet = Fleet(url, env, f"http://127.0.0.1:{port}", password, app, gemini, log)
-    try:
+    with contextlib.ExitStack() as stack:  # what started is stopped, whatever fails after
+        gemini = FakeGemini(FakeBehaviour(latency_s=(0.005, 0.02), hang_s=10)).start()
+        stack.callback(gemini.stop)
+        url = f"{redis_server.url}?prefix=gv-e2e-{uuid.uuid4().hex[:8]}:"
+        port, password = free_port(), secrets.token_urlsafe(12)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKMILL_", "GEMINI_"))}
+        env |= {
+            "GEMINI_VIDEO_URL": url,
+            "GEMINI_API_URL": gemini.url,
+            "GEMINI_VIDEO_LEASE_S": LEASE_S,
+            "GEMINI_VIDEO_TIME_SCALE": TIME_SCALE,
+            "GEMINI_VIDEO_DASHBOARD_PASSWORD": password,
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+        }
+        log = tmp_path_factory.mktemp("gemini-video") / "fleet.log"
+        argv = [sys.executable, "-m", "examples.gemini_video", "workers", "--dashboard-port",
+                str(port)]  # fmt: skip
+        with log.open("wb") as out:
+            launcher = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its children too: the teardown reaches them all
+            )
+        stack.callback(_stop_fleet, launcher)
+        app = App(url)
+        stack.callback(app.close)
+        fleet = Fleet(url, env, f"http://127.0.0.1:{port}", password, app, gemini, log)
 
         def ready() -> bool:
             assert launcher.poll() is None, f"the launcher exited:\n{log.read_text()}"
@@ -137,15 +126,16 @@ def fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
         wait_until(ready, timeout=60, interval=0.2, what=lambda: f"the fleet:\n{log.read_text()}")
         wait_until(lambda: _answers(f"{fleet.dashboard}/health"), timeout=30, what="the dashboard")
         yield fleet
-    finally:
-        launcher.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            launcher.wait(25)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launcher.pid, signal.SIGKILL)  # whatever did not drain in time
-        launcher.wait(10)
-        app.close()
-        gemini.stop()
+
+
+def _stop_fleet(launcher: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the pools drain, 10 s at most), then SIGKILL to whatever did not end."""
+    launcher.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        launcher.wait(25)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait(10)
 
 
 def _answers(url: str) -> bool:

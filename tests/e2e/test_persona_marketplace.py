@@ -24,20 +24,20 @@ from typing import IO, Any
 import httpx
 import pytest
 import redis
+from examples._support.processes import stop
+from examples._support.serving import Served, serve
+from examples.persona_marketplace.config import Config
+from examples.persona_marketplace.fakes import CHUNKS_PER_DOCUMENT, CORPUS_SIZE, FakeServices
+from examples.persona_marketplace.serving import start_worker
+from examples.persona_marketplace.tasks import build
+from examples.persona_marketplace.web import create_api
 
 from servers import RedisServer
 from taskmill.testing import wait_until
 from taskmill.web import WebConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # the examples are a package at the repository's root
-    sys.path.insert(0, str(ROOT))
 
-from examples.persona_marketplace.config import Config  # noqa: E402
-from examples.persona_marketplace.fakes import CHUNKS_PER_DOCUMENT, CORPUS_SIZE, FakeServices  # noqa: E402
-from examples.persona_marketplace.serving import Served, serve, start_worker  # noqa: E402
-from examples.persona_marketplace.tasks import build  # noqa: E402
-from examples.persona_marketplace.web import create_api  # noqa: E402
 
 PASSWORD = "a long dashboard secret"
 AUTH = ("ops", PASSWORD)
@@ -333,16 +333,21 @@ def test_the_demo_runs_with_one_command(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKMILL_", "PERSONA_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PERSONA_DASHBOARD_PASSWORD"] = PASSWORD
-    demo = subprocess.run(
+    demo = subprocess.Popen(
         [sys.executable, "-m", "examples.persona_marketplace", "--once", "--port", "0"],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=80,
     )
-    assert demo.returncode == 0, demo.stdout + demo.stderr
-    out = demo.stdout
+    try:
+        out, err = demo.communicate(timeout=60)
+    finally:
+        # its redis-server and worker run in sessions of their own: a demo killed outright
+        # would leave them running, so it gets SIGTERM and stops them first
+        stop(demo, timeout_s=20)
+    assert demo.returncode == 0, out + err
     assert "UpstreamError: 500 Internal Server Error" in out  # quotes, before the retry
     assert "persona eminescu: active" in out
     assert re.search(r"dashboard +http://127\.0\.0\.1:\d+/dashboard/ +log in as admin", out)

@@ -12,19 +12,21 @@ restart a server and processes of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from examples._support.processes import stop
 from websockets.sync.client import connect
 
 from servers import NatsServer, free_port
@@ -79,15 +81,19 @@ class Tracker:
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         web = self.spawn("web", "-m", "examples.task_tracker", "web", "--port", str(port))
+        wait_serving(web, self.base + "/", "the web server", self.logs)
 
-        def serving() -> bool:
-            assert web.poll() is None, f"the web server exited:\n{self.logs()}"
-            try:
-                return httpx.get(self.base + "/", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(serving, timeout=30, interval=0.1, what="the web server to serve")
+    @contextlib.contextmanager
+    def running(self, *workers: str) -> Iterator[None]:
+        """The web server and these workers, registered; all stopped after, whatever failed."""
+        try:
+            self.start_web()
+            for name in workers:
+                self.start_worker(name)
+            self.wait_workers(*workers)
+            yield
+        finally:
+            self.stop()
 
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
         # a short drain: a test's teardown must not wait for a job a fault holds up
@@ -131,6 +137,21 @@ class Tracker:
         )
 
 
+def wait_serving(
+    proc: subprocess.Popen[bytes], url: str, what: str, logs: Callable[[], str]
+) -> None:
+    """Until ``url`` answers 200; at once if ``proc``, which serves it, exited."""
+
+    def serving() -> bool:
+        assert proc.poll() is None, f"{what} exited:\n{logs()}"
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(serving, timeout=30, interval=0.1, what=f"{what} to serve")
+
+
 # --- fixtures ------------------------------------------------------------------------------------
 
 
@@ -153,20 +174,11 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
         proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     served = Model(f"http://127.0.0.1:{port}", proc)
-
-    def up() -> bool:
-        assert proc.poll() is None, f"the model exited:\n{log.read_text()}"
-        try:
-            return httpx.get(served.url + "/calls", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        wait_until(up, timeout=30, interval=0.1, what="the fake model to serve")
+        wait_serving(proc, served.url + "/calls", "the fake model", log.read_text)
         yield served
     finally:
-        proc.terminate()
-        proc.wait(15)
+        stop(proc, timeout_s=15)  # SIGTERM, then SIGKILL: a hung model must not outlive the test
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +187,8 @@ def tracker(
 ) -> Iterator[Tracker]:
     url = f"{nats_server.url}?prefix=tt{uuid.uuid4().hex[:10]}"
     tracker = Tracker(url, model, tmp_path_factory.mktemp("task-tracker"), LEASE_S)
-    try:
-        tracker.start_web()
-        tracker.start_worker("w1")
-        tracker.start_worker("w2")
-        tracker.wait_workers("w1", "w2")
+    with tracker.running("w1", "w2"):
         yield tracker
-    finally:
-        tracker.stop()
 
 
 @pytest.fixture
@@ -351,13 +357,8 @@ def impatient_tracker(nats_server: NatsServer, model: Model, tmp_path: Path) -> 
     """Processes of their own (a prefix of their own) whose model calls give up after 1 s."""
     url = f"{nats_server.url}?prefix=tt{uuid.uuid4().hex[:10]}"
     tracker = Tracker(url, model, tmp_path, lease_s=10.0, model_timeout_s=1.0)
-    try:
-        tracker.start_web()
-        tracker.start_worker("impatient")
-        tracker.wait_workers("impatient")
+    with tracker.running("impatient"):
         yield tracker
-    finally:
-        tracker.stop()
 
 
 @pytest.mark.timeout(60)
@@ -376,13 +377,8 @@ def test_a_model_call_that_times_out_is_retried(impatient_tracker: Tracker, mode
 def own_tracker(nats_server_own: NatsServer, model: Model, tmp_path: Path) -> Iterator[Tracker]:
     tracker = Tracker(nats_server_own.url, model, tmp_path / "tracker", lease_s=10.0)
     tracker.directory.mkdir()
-    try:
-        tracker.start_web()
-        tracker.start_worker("solo")
-        tracker.wait_workers("solo")
+    with tracker.running("solo"):
         yield tracker
-    finally:
-        tracker.stop()
 
 
 @pytest.mark.timeout(90)

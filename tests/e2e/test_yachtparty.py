@@ -24,20 +24,17 @@ from typing import IO, Any
 
 import httpx
 import pytest
+from examples._support.serving import Served, serve
+from examples.yachtparty.config import Config
+from examples.yachtparty.services import fake_services
+from examples.yachtparty.tasks import Processor, build
+from examples.yachtparty.web import create_web
 
 from servers import PostgresServer
 from taskmill.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-# examples/ is not an installed package: import it from the checkout, as
-# ``python -m examples.yachtparty`` does from the repository's root
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from examples.yachtparty.config import Config  # noqa: E402
-from examples.yachtparty.services import Served, fake_services, serve  # noqa: E402
-from examples.yachtparty.tasks import Processor, build  # noqa: E402
-from examples.yachtparty.web import create_web  # noqa: E402
 
 MINUTE_S = 0.2
 FINISHED = ("succeeded", "failed", "cancelled")
