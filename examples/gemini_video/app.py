@@ -67,10 +67,6 @@ def limit(seed_seconds: float) -> float:
     return seed_seconds * TIME_SCALE
 
 
-# mypy infers periodic()'s type variables as Never when it decorates a Task (a typing gap in
-# taskmill's App.periodic, reported), hence the ignores on the four schedules below.
-
-
 # --- ML service: queues hubspot-webhook-events, fatigue-monitoring, budget-optimization ------
 
 
@@ -88,7 +84,7 @@ async def process_hubspot_webhook(deal: dict[str, Any]) -> dict[str, Any]:
     return {"deal": deal["dealId"], "synthetic_revenue": revenue, "attributed": won}
 
 
-@app.periodic(every=timedelta(hours=6), name="monitor-fatigue", overlap="skip")  # type: ignore[arg-type]
+@app.periodic(every=timedelta(hours=6), name="monitor-fatigue", overlap="skip")
 @app.task(
     queue="fatigue-monitoring", retries=3, backoff=GEMINI_BACKOFF, retry_on=GeminiTransientError
 )
@@ -99,7 +95,7 @@ async def monitor_fatigue() -> dict[str, Any]:
     return {"checked": len(ads), "fatigued": fatigued}
 
 
-@app.periodic(every=timedelta(hours=12), name="auto-index-winners", overlap="skip")  # type: ignore[arg-type]
+@app.periodic(every=timedelta(hours=12), name="auto-index-winners", overlap="skip")
 @app.task(
     queue="budget-optimization", retries=3, backoff=GEMINI_BACKOFF, retry_on=GeminiTransientError
 )
@@ -180,7 +176,7 @@ async def generate_captions(video: str, duration_s: float, language: str = "auto
 # --- maintenance: the video agent's Beat schedules, queue video-maintenance ------------------
 
 
-@app.periodic(cron="0 2 * * *", tz=CLEANUP_TZ, name="cleanup-temp-files", misfire="once")  # type: ignore[arg-type]
+@app.periodic(cron="0 2 * * *", tz=CLEANUP_TZ, name="cleanup-temp-files", misfire="once")
 @app.task(queue="video-maintenance")
 async def cleanup_temp_files(max_age_days: float = 7.0) -> dict[str, int]:
     """Daily at 02:00: delete temporary files older than ``max_age_days``."""
@@ -197,7 +193,7 @@ def _sweep(directory: Path, cutoff: float) -> int:
     return removed
 
 
-@app.periodic(every=60, name="monitor-resources", overlap="skip")  # type: ignore[arg-type]
+@app.periodic(every=60, name="monitor-resources", overlap="skip")
 @app.task(queue="video-maintenance", retries=0)
 async def monitor_resources() -> dict[str, float]:
     """Every minute: load and disk use; the dashboard shows the result."""
