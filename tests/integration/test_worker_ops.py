@@ -56,10 +56,18 @@ def health(port: int) -> tuple[int, dict[str, Any]] | None:
         return None
 
 
-def wait_health(port: int, code: int, what: str, timeout: float = 20.0) -> dict[str, Any]:
+def wait_health(
+    port: int, code: int, what: str, timeout: float = 20.0, heartbeats: bool = False
+) -> dict[str, Any]:
+    """Until the endpoint answers ``code``; with ``heartbeats``, also until every worker it
+    answers for heartbeated (not only started: ``"starting"`` is healthy too)."""
+
     def check() -> dict[str, Any] | None:
         got = health(port)
-        return got[1] if got is not None and got[0] == code else None
+        if got is None or got[0] != code:
+            return None
+        statuses = [p["status"] for p in got[1].get("processes", [got[1]])]
+        return got[1] if not heartbeats or set(statuses) == {"ok"} else None
 
     return wait_until(check, what=f"{what} (HTTP {code} on port {port})", timeout=timeout)
 
@@ -84,7 +92,9 @@ def test_health_endpoint_answers_503_while_the_workers_loop_is_blocked(cli: Cli)
     port = free_port()
     # --pool async runs the sync `block` task on the event loop: no heartbeat while it runs
     worker = cli.spawn("worker", "--pool", "async", "--health-port", str(port), "--name", "solo")
-    body = wait_health(port, 200, "the worker to be healthy")
+    started = wait_health(port, 200, "the worker to be healthy from its start")
+    assert started["status"] in ("starting", "ok")
+    body = wait_health(port, 200, "the worker's first heartbeat", heartbeats=True)
     assert body["status"] == "ok" and body["worker"].startswith("solo@")
     assert body["max_age_s"] == 1.5  # three heartbeats of cliapp's 0.5 s
 
@@ -109,7 +119,7 @@ def test_health_endpoint_answers_503_while_the_workers_loop_is_blocked(cli: Cli)
 def test_supervisor_health_answers_for_every_child(cli: Cli) -> None:
     port = free_port()
     supervisor = cli.spawn("worker", "-p", "2", "--health-port", str(port), name="supervisor")
-    body = wait_health(port, 200, "both children to be healthy")
+    body = wait_health(port, 200, "both children to heartbeat", heartbeats=True)
     assert [p["status"] for p in body["processes"]] == ["ok", "ok"]
     children = {w["pid"] for w in pools_of(cli, 2)}
     assert {p["pid"] for p in body["processes"]} == children

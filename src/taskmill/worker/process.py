@@ -266,11 +266,14 @@ def beat_to(fd: int) -> Callable[[], None]:
 
 
 def worker_health(w: Worker) -> Callable[[], Status]:
+    """The status of ``w``, about to start: made just before its run, so the start counts
+    from now."""
     max_age_s = MISSED_HEARTBEATS * w.heartbeat_s
+    started = time.monotonic()
 
     def status() -> Status:
         healthy, details = heartbeat_status(
-            w.last_heartbeat_ok, max_age_s=max_age_s, now=time.monotonic()
+            w.last_heartbeat_ok, started=started, max_age_s=max_age_s, now=time.monotonic()
         )
         return healthy, {**details, "worker": w.id}
 
