@@ -4,7 +4,8 @@
 that was stored; a send that matched a pending key or a stored id stored nothing and calls
 nothing). In the worker: ``on_start(job)`` just before the function runs, then one of
 ``on_success(job, result)``, ``on_failure(job, error)`` (no attempt left, or not retryable;
-``error`` is an ``ErrorInfo``) and ``on_retry(job, error, delay)`` (``delay`` in seconds).
+``error`` is an ``ErrorInfo``) and ``on_retry(job, error, delay)`` (``delay``: the seconds
+chosen by ``Retry(delay=)`` or the back-off, not what is left of them when the hook runs).
 A cancelled job, or one handed back at shutdown, calls none of the three.
 
 In the worker, ``job`` is a ``JobView``: the ``Job`` record as claimed (state ``running``),

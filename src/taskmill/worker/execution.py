@@ -339,8 +339,7 @@ class Pipeline:
         elif isinstance(outcome, Failed):
             await self._hooks("on_failure", r, outcome.error)
         elif isinstance(outcome, RetryAt):
-            delay = max(0.0, outcome.run_at - time.time())
-            await self._hooks("on_retry", r, outcome.error, delay)
+            await self._hooks("on_retry", r, outcome.error, outcome.delay_s)
 
 
 # --- the steps' helpers -----------------------------------------------------------------------
