@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -184,10 +185,7 @@ class Database:
         """This thread's connection; reopened if the file was deleted or replaced under us."""
         local = self.local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        try:
-            inode = os.stat(self.path).st_ino
-        except FileNotFoundError:
-            inode = None
+        inode = self._inode_now()
         if inode is None or inode != self._inode:
             with self._open_lock:
                 if inode is None or inode != self._inode:
@@ -209,6 +207,19 @@ class Database:
             local.generation = self._generation
         return conn
 
+    def _inode_now(self) -> int | None:
+        """The file's inode; None if there is no file (yet). A path that cannot hold one (a
+        part of it is a file, a directory we may not search) is a permanent ``BrokerError``."""
+        try:
+            return os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._cannot_open(_path_problem(self.path, exc)) from None
+
+    def _cannot_open(self, why: str) -> BrokerError:
+        return BrokerError(f"cannot open SQLite database {self.path}: {why}", permanent=True)
+
     def directory(self) -> str:
         return os.path.dirname(os.path.abspath(self.path))
 
@@ -216,10 +227,9 @@ class Database:
         """Create the schema (idempotent) and switch the file to WAL. Caller holds the lock."""
         directory = self.directory()
         if not os.path.isdir(directory):
-            raise BrokerError(
-                f"cannot open SQLite database {self.path}: {directory} does not exist",
-                permanent=True,
-            )
+            raise self._cannot_open(f"{directory} does not exist")
+        if os.path.isdir(self.path):
+            raise self._cannot_open("it is a directory")
         with self.errors():
             conn = self._connect(self.busy_timeout_ms)
             try:
@@ -354,6 +364,16 @@ class Database:
         if conn is not None:
             conn.close()
             self.local.conn = None
+
+
+def _path_problem(path: str, exc: OSError) -> str:
+    """Why ``path`` cannot be a file: which part of it is a file, say, rather than only the
+    OS's "Not a directory"."""
+    if isinstance(exc, NotADirectoryError):
+        for parent in Path(path).absolute().parents:  # the nearest first
+            if parent.exists() and not parent.is_dir():
+                return f"{parent} is a file, not a directory"
+    return exc.strerror or str(exc)
 
 
 class _OnDatabase(Protocol):
