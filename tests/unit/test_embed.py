@@ -320,6 +320,41 @@ async def test_a_stop_ends_the_start_retries_at_once(
     assert not worker.connected.is_set()
 
 
+# --- a lease of its own ---------------------------------------------------------------------------
+
+
+def test_an_embedded_worker_may_take_a_lease_of_its_own() -> None:
+    app = App("memory://")  # a 30 s lease, 2 s heartbeats
+    go = threading.Event()
+
+    @app.task(name="gate")
+    def gate() -> bool:
+        return go.wait(GATE_LIMIT_S)
+
+    try:
+        with app.worker_thread(lease_s=3) as w:
+            # the heartbeat and recovery intervals follow the lease
+            assert (w.worker.lease_s, w.worker.heartbeat_s) == (3, 1.0)
+            assert w.worker.settings.effective_recover_interval_s == 1.5
+            handle = gate.send()
+            wait_until(lambda: handle.status() is JobState.RUNNING, what="the job to run")
+            expires = handle.info().lease_expires_at
+            assert expires is not None and 0 < expires - time.time() <= 3
+            go.set()
+            assert handle.result(timeout=10) is True
+    finally:
+        go.set()
+        app.close()
+
+
+def test_a_lease_the_settings_refuse_is_refused_by_name() -> None:
+    app = App("memory://", heartbeat_s=2)
+    with pytest.raises(ConfigurationError, match=r"shorter than lease_s \(here heartbeat_s=2, "):
+        app.worker(lease_s=2)
+    with pytest.raises(ConfigurationError, match="lease_s must be > 0"):
+        app.worker_thread(lease_s=0)
+
+
 # --- names ----------------------------------------------------------------------------------------
 
 
