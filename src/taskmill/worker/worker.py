@@ -270,6 +270,7 @@ class Worker:
             lease_s=self.lease_s,
             finished=self._finished,
             metrics=counts,
+            hook_threads=min(self.concurrency, 32),
         )
         if self._events_on:
             self._publisher = Publisher(broker, worker_id=self.id)
@@ -313,6 +314,7 @@ class Worker:
         with contextlib.suppress(Exception):
             await self._broker.unregister_worker(self.id)
         runner.close()
+        self._pipeline.hook_threads.shutdown(wait=False)
         with contextlib.suppress(Exception):
             await self._broker.detach()
         if self.metrics is not None:

@@ -9,7 +9,6 @@ on one connection; synchronous producers (``send()`` from any thread) use their 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -18,7 +17,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
@@ -26,6 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from taskmill.brokers.sqlite.schema import SCHEMA_VERSION, upgrade
 from taskmill.errors import BrokerError, BrokerUnavailableError, ConfigurationError
+from taskmill.portal import DaemonThreads
 from taskmill.urls import redact_url
 
 log = logging.getLogger("taskmill.brokers.sqlite")
@@ -135,7 +134,7 @@ class Database:
         """Per-thread state: the thread's connection, and what others keep per thread."""
         self._generation = 0
         self._inode: int | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: DaemonThreads | None = None
         self._open_lock = threading.Lock()
         # every thread's connection, so close() can close the ones of producer threads too
         self._conns: set[sqlite3.Connection] = set()
@@ -335,21 +334,21 @@ class Database:
         with self.errors():
             self.conn()
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="taskmill-sqlite")
+            # not a ThreadPoolExecutor: closing from an atexit hook must still reach it
+            self._executor = DaemonThreads(1, "taskmill-sqlite")
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn`` on the database's thread."""
         if self._executor is None:
             raise BrokerError("the SQLite broker is not open")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        return await self._executor.run(lambda: fn(*args, **kwargs))
 
     async def close(self) -> None:
         """Close every thread's connection and stop the thread. A thread that uses the
         database again reconnects."""
         if self._executor is not None:
             executor, self._executor = self._executor, None
-            await asyncio.get_running_loop().run_in_executor(executor, self.close_thread)
+            await executor.run(self.close_thread)
             executor.shutdown(wait=True)
         self.close_thread()
         with self._conns_lock:
