@@ -138,9 +138,19 @@ def snapshot(job: Job, now: float) -> Event:
                  job.progress, job.progress_message)  # fmt: skip
 
 
-async def watch(source: BrokerSource, job_id: str) -> AsyncGenerator[Event, None]:
+RECHECK_S = 1.0
+"""How often a watch reads its job again, in case the finishing event was lost."""
+
+
+async def watch(
+    source: BrokerSource, job_id: str, recheck_s: float = RECHECK_S
+) -> AsyncGenerator[Event, None]:
     """One job's events until it finishes, starting with its current state (read once the
-    subscription listens, so nothing between the two is missed)."""
+    subscription listens, so nothing between the two is missed).
+
+    Events are delivered at most once, so the job is also read again every ``recheck_s``:
+    once the record says it finished, the watch ends with the event it would have ended on
+    (``ended``: the final state, its attempt and ``seq``), whether or not that came."""
     ready = asyncio.Event()
     stream = subscribe(source, job_id=job_id, ready=ready)
     pending = asyncio.ensure_future(stream.__anext__())
@@ -150,15 +160,24 @@ async def watch(source: BrokerSource, job_id: str) -> AsyncGenerator[Event, None
         listening.cancel()
         if pending.done() and pending.exception() is not None:
             raise pending.exception()  # type: ignore[misc]
-        job = await (await source.abroker()).get(job_id)
-        if job is None:
-            raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
+        broker = await source.abroker()
+        job = await _read(broker, job_id)
         first = snapshot(job, time.time())
         yield first
         if job.state.finished:
             return
+        recheck_at = time.monotonic() + recheck_s
         while True:
-            event = await pending
+            wait_s = max(0.0, recheck_at - time.monotonic())
+            done, _ = await asyncio.wait({pending}, timeout=wait_s)
+            if not done:
+                job = await _read(broker, job_id)
+                if job.state.finished:  # its finishing event was lost, or is late
+                    yield ended(job, job.state, time.time())
+                    return
+                recheck_at = time.monotonic() + recheck_s
+                continue
+            event = pending.result()
             pending = asyncio.ensure_future(stream.__anext__())
             repeat = event.seq == first.seq and event.state == first.state
             if event.seq < first.seq or (repeat and event.progress is None and not event.message):
@@ -171,6 +190,13 @@ async def watch(source: BrokerSource, job_id: str) -> AsyncGenerator[Event, None
         with contextlib.suppress(BaseException):
             await pending
         await stream.aclose()
+
+
+async def _read(broker: Broker, job_id: str) -> Job:
+    job = await broker.get(job_id)
+    if job is None:
+        raise JobNotFoundError(f"job {job_id} does not exist (or was pruned)")
+    return job
 
 
 def payloads(events: Sequence[Event]) -> list[bytes]:

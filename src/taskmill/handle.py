@@ -100,7 +100,9 @@ class JobHandle(Generic[R]):
 
     def awatch(self) -> AsyncGenerator[Event, None]:
         """This job's live events until it finishes: first its current state, then every
-        transition and progress report (``App(events=True)`` where it is sent and run)."""
+        transition and progress report (``App(events=True)`` where it is sent and run). It
+        also reads the job every second: if the finishing event is lost (delivery is at most
+        once), the record's final state ends it, as the event it missed would have."""
         return watch(self._client, self.id)
 
     # --- sync -------------------------------------------------------------------------------

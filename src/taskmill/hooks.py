@@ -4,7 +4,8 @@
 that was stored; a send that matched a pending key or a stored id stored nothing and calls
 nothing). In the worker: ``on_start(job)`` just before the function runs, then one of
 ``on_success(job, result)``, ``on_failure(job, error)`` (no attempt left, or not retryable;
-``error`` is an ``ErrorInfo``) and ``on_retry(job, error, delay)`` (``delay`` in seconds).
+``error`` is an ``ErrorInfo``) and ``on_retry(job, error, delay)`` (``delay``: the seconds
+chosen by ``Retry(delay=)`` or the back-off, not what is left of them when the hook runs).
 A cancelled job, or one handed back at shutdown, calls none of the three.
 
 In the worker, ``job`` is a ``JobView``: the ``Job`` record as claimed (state ``running``),
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from taskmill.errors import ConfigurationError, SerializationError
 from taskmill.meta import check_meta
+from taskmill.portal import DaemonThreads
 from taskmill.serialization import decode_payload
 
 if TYPE_CHECKING:
@@ -192,17 +195,26 @@ def _report(hook: Hook, name: str, job_id: str, task: str) -> None:
 
 
 async def arun_hooks(
-    lists: Iterable[list[Hook]], name: str, job_id: str, task: str, *args: Any
+    lists: Iterable[list[Hook]],
+    name: str,
+    job_id: str,
+    task: str,
+    *args: Any,
+    threads: DaemonThreads | None = None,
 ) -> None:
     """Call every hook of ``lists`` in order, on the running loop: async ones awaited, sync
-    ones in a thread. Errors are logged, never raised."""
+    ones in a thread (one of ``threads``, which work at interpreter exit too: a worker's;
+    else the loop's default executor). Errors are logged, never raised."""
     for hooks in lists:
         for hook in hooks:
             try:
                 if inspect.iscoroutinefunction(hook):
                     await hook(*args)
                 else:
-                    result = await asyncio.to_thread(hook, *args)
+                    if threads is None:
+                        result = await asyncio.to_thread(hook, *args)
+                    else:
+                        result = await threads.run(contextvars.copy_context().run, hook, *args)
                     if inspect.isawaitable(result):
                         await result
             except Exception:

@@ -122,6 +122,9 @@ class Succeeded(msgspec.Struct, frozen=True):
 class RetryAt(msgspec.Struct, frozen=True):
     run_at: float
     error: ErrorInfo
+    delay_s: float = 0.0
+    """The delay chosen (``Retry(delay=)``'s, or the task's back-off), which ``run_at`` adds
+    to the time of the decision; what ``on_retry`` hooks are given."""
 
 
 class Failed(msgspec.Struct, frozen=True):

@@ -186,7 +186,8 @@ def decide(
     delay = exc.delay if isinstance(exc, Retry | RemoteError) else None
     if delay is None:
         delay = policy.backoff.delay(attempt)
-    return RetryAt(run_at=(time.time() if now is None else now) + max(0.0, delay), error=info)
+    delay = max(0.0, float(delay))
+    return RetryAt(run_at=(time.time() if now is None else now) + delay, error=info, delay_s=delay)
 
 
 def exception_types(

@@ -40,7 +40,8 @@ class Settings:
             (self.lease_s > 0, "lease_s must be > 0"),
             (
                 self.heartbeat_s is None or 0 < self.heartbeat_s < self.lease_s,
-                "heartbeat_s must be > 0 and shorter than lease_s",
+                "heartbeat_s must be > 0 and shorter than lease_s (here heartbeat_s="
+                f"{self.heartbeat_s!r}, lease_s={self.lease_s!r})",
             ),
             (self.max_lost_leases >= 1, "max_lost_leases must be >= 1"),
             (self.max_payload_bytes >= 64, "max_payload_bytes must be >= 64"),
@@ -67,6 +68,17 @@ class Settings:
         if self.recover_interval_s is not None:
             return self.recover_interval_s
         return min(self.lease_s / 2, 5.0)
+
+    def with_lease(self, lease_s: float) -> Settings:
+        """These settings with another ``lease_s`` (one worker's, ``taskmill worker
+        --lease``): the heartbeat and recovery intervals follow it unless set explicitly.
+        ``ConfigurationError`` if the rules refuse it (a lease not longer than an explicit
+        ``heartbeat_s``).
+
+        >>> Settings(lease_s=30).with_lease(3).effective_heartbeat_s
+        1.0
+        """
+        return dataclasses.replace(self, lease_s=lease_s)
 
     @classmethod
     def build(cls, options: dict[str, Any]) -> Settings:

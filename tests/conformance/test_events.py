@@ -5,6 +5,7 @@ subscriber in another process that sees every transition of 1,000 jobs in order 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -186,3 +187,30 @@ def test_last_progress_event_comes_before_the_outcome(app: App) -> None:
         last_progress = [e for e in events if e.progress is not None][-1]
         assert (last_progress.progress, last_progress.message) == (1.0, "step 4")
         assert events.index(last_progress) < [e.state for e in events].index("succeeded")
+
+
+@pytest.mark.timeout(60)
+def test_watch_ends_on_the_stored_outcome_when_the_finishing_event_is_lost(
+    app: App, app_factory: AppFactory
+) -> None:
+    """Events are at most once (a reconnect loses what was published meanwhile). Here the
+    worker's app has events off, so neither its ``running`` nor its outcome is published:
+    the watch still ends, on the job record, with the event it missed."""
+    quiet = app_factory(share=app, events=False)
+
+    def fails(x: int) -> int:
+        raise ValueError(f"no {x}")
+
+    watched = app.task(name="fails", retries=0)(fails)
+    quiet.task(name="fails", retries=0)(fails)
+    handle = watched.send(7)
+    events = handle.watch()
+    assert next(events).state == "queued"
+    seen: list[Event] = []
+    follower = threading.Thread(target=lambda: seen.extend(events), daemon=True)
+    with running_worker(quiet, scheduler=False):
+        follower.start()
+        follower.join(20)  # the job fails at once; the watch reads it again every second
+    assert not follower.is_alive(), "the watch waits for an event that will never come"
+    assert [(e.state, e.attempt, e.seq, e.finished) for e in seen] == [("failed", 1, 2, True)]
+    assert seen[0].job_id == handle.id and seen[0].task == "fails"

@@ -306,6 +306,75 @@ def test_supervised_workers_on_a_read_only_file_are_not_restarted(db: Path, tmp_
     assert "Traceback" not in proc.stderr
 
 
+# --- a path that cannot hold the file ------------------------------------------------------------
+
+
+def bad_path(tmp_path: Path, case: str) -> tuple[Path, str]:
+    """A database path that cannot be a file, and the cause its error must name."""
+    (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "a-dir").mkdir()
+    return {
+        "under a file": (
+            tmp_path / "a-file" / "jobs.db",
+            f"{tmp_path / 'a-file'} is a file, not a directory",
+        ),
+        "deeper under a file": (
+            tmp_path / "a-file" / "sub" / "jobs.db",
+            f"{tmp_path / 'a-file'} is a file, not a directory",
+        ),
+        "in a missing directory": (
+            tmp_path / "gone" / "jobs.db",
+            f"{tmp_path / 'gone'} does not exist",
+        ),
+        "a directory": (tmp_path / "a-dir", "it is a directory"),
+    }[case]
+
+
+BAD_PATHS = ["under a file", "deeper under a file", "in a missing directory", "a directory"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", BAD_PATHS)
+def test_a_path_that_cannot_hold_the_database_is_a_permanent_error_naming_it(
+    tmp_path: Path, case: str
+) -> None:
+    path, cause = bad_path(tmp_path, case)
+    app = make_app(path)
+    try:
+        with pytest.raises(BrokerError) as info:
+            app.tasks["echo"].send(1)
+        assert str(info.value) == f"cannot open SQLite database {path}: {cause}"
+        assert info.value.permanent and not isinstance(info.value, BrokerUnavailableError)
+    finally:
+        app.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", ["under a file", "a directory"])
+def test_the_cli_and_a_worker_say_in_one_line_why_the_path_cannot_hold_the_database(
+    tmp_path: Path, case: str
+) -> None:
+    path, cause = bad_path(tmp_path, case)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMILL_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    env["TASKMILL_URL"] = f"sqlite:///{path}"
+
+    def taskmill(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "taskmill", *args],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30,
+        )  # fmt: skip
+
+    queues = taskmill("queues")
+    assert queues.returncode == 1, queues.stderr
+    assert queues.stderr.splitlines() == [f"error: cannot open SQLite database {path}: {cause}"]
+    worker = taskmill("worker", "cliapp:app", "--log-level", "error")
+    assert worker.returncode == 3, worker.stderr  # no restart fixes it
+    stopped = [line for line in worker.stderr.splitlines() if _FINAL.search(line)]
+    assert len(stopped) == 1 and f"cannot open SQLite database {path}: {cause}" in stopped[0]
+    assert "Traceback" not in worker.stderr
+
+
 # --- locked for long -----------------------------------------------------------------------------
 
 

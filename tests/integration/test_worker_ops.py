@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,8 +29,8 @@ from taskmill import App
 from taskmill.testing import wait_until
 
 from .redis_app import SETTINGS
-from .support import Workers
-from .test_cli import Cli, alive_workers, one_error_line, wait_state
+from .support import Workers, all_jobs
+from .test_cli import Cli, alive_workers, one_error_line, stop, wait_state
 
 STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
 """How every log line of a worker process starts (LOG_FORMAT's asctime)."""
@@ -56,10 +57,18 @@ def health(port: int) -> tuple[int, dict[str, Any]] | None:
         return None
 
 
-def wait_health(port: int, code: int, what: str, timeout: float = 20.0) -> dict[str, Any]:
+def wait_health(
+    port: int, code: int, what: str, timeout: float = 20.0, heartbeats: bool = False
+) -> dict[str, Any]:
+    """Until the endpoint answers ``code``; with ``heartbeats``, also until every worker it
+    answers for heartbeated (not only started: ``"starting"`` is healthy too)."""
+
     def check() -> dict[str, Any] | None:
         got = health(port)
-        return got[1] if got is not None and got[0] == code else None
+        if got is None or got[0] != code:
+            return None
+        statuses = [p["status"] for p in got[1].get("processes", [got[1]])]
+        return got[1] if not heartbeats or set(statuses) == {"ok"} else None
 
     return wait_until(check, what=f"{what} (HTTP {code} on port {port})", timeout=timeout)
 
@@ -84,7 +93,9 @@ def test_health_endpoint_answers_503_while_the_workers_loop_is_blocked(cli: Cli)
     port = free_port()
     # --pool async runs the sync `block` task on the event loop: no heartbeat while it runs
     worker = cli.spawn("worker", "--pool", "async", "--health-port", str(port), "--name", "solo")
-    body = wait_health(port, 200, "the worker to be healthy")
+    started = wait_health(port, 200, "the worker to be healthy from its start")
+    assert started["status"] in ("starting", "ok")
+    body = wait_health(port, 200, "the worker's first heartbeat", heartbeats=True)
     assert body["status"] == "ok" and body["worker"].startswith("solo@")
     assert body["max_age_s"] == 1.5  # three heartbeats of cliapp's 0.5 s
 
@@ -109,7 +120,7 @@ def test_health_endpoint_answers_503_while_the_workers_loop_is_blocked(cli: Cli)
 def test_supervisor_health_answers_for_every_child(cli: Cli) -> None:
     port = free_port()
     supervisor = cli.spawn("worker", "-p", "2", "--health-port", str(port), name="supervisor")
-    body = wait_health(port, 200, "both children to be healthy")
+    body = wait_health(port, 200, "both children to heartbeat", heartbeats=True)
     assert [p["status"] for p in body["processes"]] == ["ok", "ok"]
     children = {w["pid"] for w in pools_of(cli, 2)}
     assert {p["pid"] for p in body["processes"]} == children
@@ -274,6 +285,55 @@ def test_pool_specs_replace_queues_and_processes(cli: Cli, other: list[str]) -> 
     assert f"--pool-spec sets each pool's queues and processes: drop {other[0]}" in (
         one_error_line(r)
     )
+
+
+# --- --lease: a worker's own lease ---------------------------------------------------------------
+
+
+def lease_left(cli: Cli, job_id: str) -> float:
+    """Seconds until the running job's lease expires, as stored."""
+    with App(cli.url) as app:
+        job = all_jobs(app)[job_id]
+    assert job.lease_expires_at is not None
+    return job.lease_expires_at - time.time()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_killed_workers_job_runs_again_within_its_lease(cli: Cli, processes: str) -> None:
+    """cliapp's App keeps the default 30 s lease; ``--lease 2`` (reaching -p N's children too)
+    brings the job of a SIGKILLed worker back within seconds."""
+    killed = cli.spawn("worker", "--lease", "2", "-p", processes, name="killed")
+    release = cli.tmp_path / "release"
+    job = cli.send("block", json.dumps([str(release)]))
+    wait_state(cli, job, "running")
+    assert 0 < lease_left(cli, job) <= 2.0  # the claim's lease is the worker's, not 30 s
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=10)
+    release.touch()
+    rescuer = cli.spawn("worker", "--lease", "2", name="rescuer")
+    done = wait_state(cli, job, "succeeded", timeout=20)  # 30 s leases would not make it
+    assert done["result"] == "released" and done["lost_leases"] == 1
+    assert stop(rescuer) == 0, cli.output()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--lease", "0.5"],  # cliapp sets heartbeat_s=0.5
+            "Invalid value for '--lease': 0.5 s is not longer than the app's heartbeat_s "
+            "(0.5 s): a claim must outlast the heartbeats that renew it",
+        ),
+        (["--lease", "0", "-p", "2"], "Invalid value for '--lease': 0.0 is not in the range x>0"),
+        (["--lease", "soon"], "Invalid value for '--lease': 'soon' is not a valid float"),
+    ],
+)
+def test_a_lease_the_settings_refuse_is_a_usage_error(
+    cli: Cli, args: list[str], message: str
+) -> None:
+    r = cli.run("worker", *args)
+    assert r.returncode == 2 and message in one_error_line(r)
 
 
 # --- the start: an unreachable broker is retried; a broken one is not -----------------------------

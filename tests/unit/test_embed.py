@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 from taskmill import App, BrokerError, BrokerUnavailableError, ConfigurationError, JobState
+from taskmill.brokers.base import HeartbeatReply
 from taskmill.brokers.memory import MemoryBroker
+from taskmill.job import Claim, WorkerInfo
 from taskmill.testing import await_until, wait_until
 from taskmill.worker import Worker
 from taskmill.worker import worker as worker_module
 from taskmill.worker.names import check_name, name_of
+from taskmill.worker.process import worker_health
+from taskmill.worker.supervisor import Pool, Supervisor
 
 GATE_LIMIT_S = 20.0
 
@@ -52,6 +57,21 @@ class AttachFailsOnCue(MemoryBroker):
     async def attach(self) -> None:
         await self.fail.wait()
         raise RuntimeError("attach broke")
+
+
+class HeartbeatOnCue(MemoryBroker):
+    """Takes no heartbeat until ``beat`` is set (from any thread): a worker whose first
+    heartbeat is slow, or that is stuck before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.beat = threading.Event()
+
+    async def heartbeat(
+        self, worker: WorkerInfo, claims: Sequence[Claim], lease_s: float
+    ) -> HeartbeatReply:
+        await asyncio.to_thread(self.beat.wait, GATE_LIMIT_S)
+        return await super().heartbeat(worker, claims, lease_s)
 
 
 @pytest.fixture
@@ -148,6 +168,21 @@ async def test_the_blocks_own_error_wins_over_the_workers(
     assert any("also failed while its block raised" in r.getMessage() for r in caplog.records)
 
 
+async def test_async_worker_is_healthy_from_its_start_until_a_heartbeat_is_overdue(
+    app: App,
+) -> None:
+    broker = HeartbeatOnCue()
+    use_broker(app, broker)
+    async with app.worker() as w:
+        # a probe right after start-up: no heartbeat yet, but none is due yet either
+        assert w.worker.last_heartbeat_ok is None and w.healthy
+        # still none three intervals (0.6 s) later: stuck
+        await await_until(lambda: not w.healthy, what="the worker to be overdue")
+        broker.beat.set()
+        await await_until(lambda: w.healthy, what="healthy after the first heartbeat")
+    assert not w.healthy
+
+
 # --- app.worker_thread() --------------------------------------------------------------------------
 
 
@@ -167,6 +202,39 @@ def test_thread_worker_runs_jobs_reports_health_and_stops(app: App) -> None:
     assert not w.running and not w.healthy
     with pytest.raises(RuntimeError, match="started already"):
         w.start()
+
+
+def test_thread_worker_is_healthy_from_its_start_until_a_heartbeat_is_overdue(app: App) -> None:
+    broker = HeartbeatOnCue()
+    use_broker(app, broker)
+    with app.worker_thread() as w:
+        assert w.worker.last_heartbeat_ok is None and w.healthy
+        wait_until(lambda: not w.healthy, what="the worker to be overdue")
+        broker.beat.set()
+        wait_until(lambda: w.healthy, what="healthy after the first heartbeat")
+
+
+def test_the_liveness_endpoints_status_counts_a_start_as_healthy(app: App) -> None:
+    w = Worker(app)  # never run: no heartbeat comes
+    status = worker_health(w)
+    healthy, details = status()
+    assert healthy and details["status"] == "starting"
+    wait_until(lambda: not status()[0], what="the worker to be overdue")
+    assert status()[1]["status"] == "no heartbeat"
+
+
+def test_a_supervisors_new_child_is_healthy_until_its_heartbeat_is_overdue() -> None:
+    child = [sys.executable, "-c", "import time; time.sleep(60)"]
+    supervisor = Supervisor([Pool(child, 1)], heartbeat_max_age_s=0.5)
+    slot = supervisor.slots[0]
+    supervisor._spawn(slot)
+    try:
+        healthy, details = supervisor.health()
+        assert healthy and details["processes"][0]["status"] == "starting"
+        wait_until(lambda: not supervisor.health()[0], what="the child to be overdue")
+        assert supervisor.health()[1]["processes"][0]["status"] == "no heartbeat"
+    finally:
+        supervisor._kill_all()
 
 
 def test_thread_worker_start_error_raises_from_start() -> None:
@@ -250,6 +318,41 @@ async def test_a_stop_ends_the_start_retries_at_once(
     async with asyncio.timeout(5):  # not the 30 s back-off
         assert await task == 0
     assert not worker.connected.is_set()
+
+
+# --- a lease of its own ---------------------------------------------------------------------------
+
+
+def test_an_embedded_worker_may_take_a_lease_of_its_own() -> None:
+    app = App("memory://")  # a 30 s lease, 2 s heartbeats
+    go = threading.Event()
+
+    @app.task(name="gate")
+    def gate() -> bool:
+        return go.wait(GATE_LIMIT_S)
+
+    try:
+        with app.worker_thread(lease_s=3) as w:
+            # the heartbeat and recovery intervals follow the lease
+            assert (w.worker.lease_s, w.worker.heartbeat_s) == (3, 1.0)
+            assert w.worker.settings.effective_recover_interval_s == 1.5
+            handle = gate.send()
+            wait_until(lambda: handle.status() is JobState.RUNNING, what="the job to run")
+            expires = handle.info().lease_expires_at
+            assert expires is not None and 0 < expires - time.time() <= 3
+            go.set()
+            assert handle.result(timeout=10) is True
+    finally:
+        go.set()
+        app.close()
+
+
+def test_a_lease_the_settings_refuse_is_refused_by_name() -> None:
+    app = App("memory://", heartbeat_s=2)
+    with pytest.raises(ConfigurationError, match=r"shorter than lease_s \(here heartbeat_s=2, "):
+        app.worker(lease_s=2)
+    with pytest.raises(ConfigurationError, match="lease_s must be > 0"):
+        app.worker_thread(lease_s=0)
 
 
 # --- names ----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -208,8 +209,25 @@ def test_on_retry_gets_the_delay_before_the_next_attempt(app: App) -> None:
     app.run_until_idle()
     assert by_backoff.status() is JobState.SCHEDULED
     assert by_request.status() is JobState.SCHEDULED
-    assert 55 < delays["backoff"] <= 60
-    assert 115 < delays["asked"] <= 120
+    # the delay asked for, exactly: not what is left of it once the hook runs
+    assert delays == {"backoff": 60.0, "asked": 120.0}
+
+
+@pytest.mark.timeout(30)
+def test_on_retry_gets_the_jittered_delay_that_scheduled_the_retry(app: App) -> None:
+    got: list[tuple[float, float]] = []
+    app.on_retry(lambda job, error, delay: got.append((delay, time.time())))
+
+    @app.task(retries=1, backoff=Backoff(base=60, cap=600, jitter=True))
+    def fails() -> None:
+        raise ValueError("again")
+
+    handle = fails.send()
+    app.run_until_idle()
+    [(delay, hook_at)] = got
+    assert 30 <= delay <= 60  # jittered: between half the base and all of it
+    # the stored retry is that delay after the decision, taken just before the hook
+    assert hook_at - 5 < handle.info().run_at - delay <= hook_at
 
 
 @pytest.mark.timeout(30)

@@ -244,11 +244,11 @@ def test_a_remote_error_carries_the_childs_decision_and_error() -> None:
         now=NOW,
         exc=RemoteError(info, retryable=True, delay=4),
     )
-    assert retry == RetryAt(run_at=NOW + 4, error=info)
+    assert retry == RetryAt(run_at=NOW + 4, error=info, delay_s=4.0)
     no_delay = decide(
         attempt=1, max_attempts=3, policy=policy(), now=NOW, exc=RemoteError(info, retryable=True)
     )
-    assert no_delay == RetryAt(run_at=NOW + 10, error=info)
+    assert no_delay == RetryAt(run_at=NOW + 10, error=info, delay_s=10.0)
     failed = decide(
         attempt=1, max_attempts=3, policy=policy(), now=NOW, exc=RemoteError(info, retryable=False)
     )

@@ -20,11 +20,13 @@ from taskmill.cli._base import (
     log_options,
     target_options,
 )
+from taskmill.errors import ConfigurationError
 from taskmill.job import WorkerInfo
 from taskmill.logs import LogFormat
 from taskmill.logs import configure as configure_logging
 
 if TYPE_CHECKING:
+    from taskmill.settings import Settings
     from taskmill.worker.process import PoolSpec
 
 # --- worker -------------------------------------------------------------------------------------
@@ -120,6 +122,14 @@ if TYPE_CHECKING:
     help="Give up (exit code 3) if the broker is still unreachable after S seconds at start "
     "(default: retry for ever, with back-off).",
 )
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="How long this worker's claims last without a heartbeat (default: the app's lease_s): "
+    "a killed worker's jobs run again after it. The heartbeat follows (a third of it, at most "
+    "2 s) unless the app sets heartbeat_s.",
+)
 @click.option("--parent-pid", type=int, hidden=True)
 @click.option("--heartbeat-fd", type=int, hidden=True)
 @click.option("--metrics-dir", hidden=True)
@@ -144,6 +154,7 @@ def worker(
     metrics_port: int | None,
     metrics_host: str,
     max_start_wait: float | None,
+    lease: float | None,
     parent_pid: int | None,
     heartbeat_fd: int | None,
     metrics_dir: str | None,
@@ -168,6 +179,8 @@ def worker(
         raise click.UsageError("--max-tasks-per-child needs --pool process")
     if name is not None:
         _check_name(name)
+    if lease is not None:
+        _check_lease(app.settings, lease)
     pools = _parse_pool_specs(ctx, pool_specs, concurrency) if pool_specs else None
     queue_list = parse_queues(queues) if queues is not None else app.queues()
     configure_logging(log_level, cast("LogFormat", log_format))  # click.Choice checked it
@@ -195,6 +208,7 @@ def worker(
             health=None if health_port is None else (health_host, health_port),
             metrics=None if metrics_port is None else (metrics_host, metrics_port),
             metrics_dir=metrics_dir,
+            lease_s=lease,
         )
         if code:
             raise click.exceptions.Exit(code)
@@ -208,12 +222,13 @@ def worker(
         "--max-tasks-per-child": max_tasks_per_child,
         "--name": name,
         "--max-start-wait": max_start_wait,
+        "--lease": lease,
     }
     common += [part for flag, v in optional.items() if v is not None for part in (flag, str(v))]
     specs = pools or [PoolSpec(queue_list, processes, concurrency)]
     metrics = None if metrics_port is None else (metrics_host, metrics_port)
     raise click.exceptions.Exit(
-        supervise(app, app_path, specs, common, health_host, health_port, metrics)
+        supervise(app, app_path, specs, common, health_host, health_port, metrics, lease_s=lease)
     )
 
 
@@ -231,6 +246,21 @@ def _check_name(name: str) -> None:
         check_name(name)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--name'") from None
+
+
+def _check_lease(settings: Settings, lease: float) -> None:
+    heartbeat = settings.heartbeat_s
+    if heartbeat is not None and lease <= heartbeat:
+        raise click.BadParameter(
+            f"{lease:g} s is not longer than the app's heartbeat_s ({heartbeat:g} s): a claim "
+            "must outlast the heartbeats that renew it; give a longer lease, or a shorter "
+            "heartbeat_s to the App",
+            param_hint="'--lease'",
+        )
+    try:
+        settings.with_lease(lease)
+    except ConfigurationError as exc:  # a rule added later: its own words
+        raise click.BadParameter(f"{lease:g} s: {exc}", param_hint="'--lease'") from None
 
 
 def _parse_pool_specs(

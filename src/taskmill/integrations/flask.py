@@ -22,12 +22,10 @@ See docs/flask.md.
 from __future__ import annotations
 
 import atexit
-import concurrent.futures.thread  # noqa: F401  (imported early on purpose: see _at_exit)
 import dataclasses
 import functools
 import inspect
 import os
-import threading
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
@@ -117,7 +115,7 @@ class Taskmill:
             register(taskmill_app, app)
         app.extensions[EXTENSION_KEY] = taskmill_app
         self._apps[app] = taskmill_app
-        _at_exit(taskmill_app.close)
+        atexit.register(taskmill_app.close)
         if self.cli_group is not None:
             app.cli.add_command(command_group(taskmill_app, self.cli_group))
 
@@ -138,7 +136,7 @@ class Taskmill:
             if worker.running:
                 worker.stop(timeout=stop_timeout_s)
 
-        _at_exit(stop_at_exit)  # runs before the App's close: exit hooks run last-in first-out
+        atexit.register(stop_at_exit)  # runs before the App's close: last in, first out
         return worker
 
     # --- declarations, made on every App this extension makes --------------------------------
@@ -284,20 +282,6 @@ def _app_of(app: Flask | None, what: str = "the taskmill App") -> App:
         raise RuntimeError(
             f"Flask app {app.name!r} has no taskmill App: call Taskmill.init_app(app) first"
         ) from None
-
-
-def _at_exit(hook: Callable[[], object]) -> None:
-    """Call ``hook`` as the interpreter exits, before the thread pools shut down.
-
-    ``atexit`` is too late: by then ``concurrent.futures`` refuses new work in every thread
-    pool, and closing a broker or draining a worker needs one (the SQLite broker's
-    connection thread, the worker's sync tasks). The hooks ``threading`` runs at its shutdown
-    come before that, in reverse order of registration; ``atexit`` is the fallback where
-    that hook is missing. The thread pools' own hook is registered when
-    ``concurrent.futures.thread`` is first imported, which this module does at its top, so
-    that it is always registered before (and so runs after) ours."""
-    register = getattr(threading, "_register_atexit", atexit.register)
-    register(hook)
 
 
 # --- configuration ------------------------------------------------------------------------------

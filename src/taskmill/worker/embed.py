@@ -53,9 +53,12 @@ def _make_worker(
     return Worker(app, queues=queues or default, concurrency=concurrency, **options)
 
 
-def _healthy(worker: Worker) -> bool:
+def _healthy(worker: Worker, started: float | None) -> bool:
+    if started is None:
+        return False
     healthy, _ = heartbeat_status(
         worker.last_heartbeat_ok,
+        started=started,
         max_age_s=MISSED_HEARTBEATS * worker.heartbeat_s,
         now=time.monotonic(),
     )
@@ -98,6 +101,7 @@ class EmbeddedWorker:
     ) -> None:
         self.worker = _make_worker(app, queues, concurrency, options)
         self._task: asyncio.Task[int] | None = None
+        self._started: float | None = None  # time.monotonic() once the broker was open
         self._stopping = False
 
     @property
@@ -111,14 +115,16 @@ class EmbeddedWorker:
 
     @property
     def healthy(self) -> bool:
-        """Running, and the broker took a heartbeat within three heartbeat intervals (what
-        ``taskmill worker --health-port`` answers 200 for): for a web app's own probe."""
-        return self.running and _healthy(self.worker)
+        """Running, and the broker took a heartbeat within three heartbeat intervals, or none
+        yet but started (entered) less than three intervals ago (the rule of ``taskmill
+        worker --health-port``): for a web app's own probe, true from start-up on."""
+        return self.running and _healthy(self.worker, self._started)
 
     async def start(self) -> EmbeddedWorker:
         if self._task is not None:
             raise RuntimeError("this worker was started already; make a new one")
         self._task = await _run_until_connected(self.worker)
+        self._started = time.monotonic()
         self._task.add_done_callback(self._ended)
         return self
 
@@ -187,6 +193,7 @@ class WorkerThread:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._started: float | None = None  # time.monotonic() once the broker was open
         self._stopping = False
 
     @property
@@ -199,8 +206,9 @@ class WorkerThread:
 
     @property
     def healthy(self) -> bool:
-        """Running, and the broker took a heartbeat within three heartbeat intervals."""
-        return self.running and _healthy(self.worker)
+        """Running, and the broker took a heartbeat within three heartbeat intervals, or none
+        yet but started less than three intervals ago."""
+        return self.running and _healthy(self.worker, self._started)
 
     def start(self) -> WorkerThread:
         if self._thread is not None:
@@ -254,6 +262,7 @@ class WorkerThread:
 
     async def _main(self) -> None:
         task = await _run_until_connected(self.worker)
+        self._started = time.monotonic()
         self._ready.set()
         await task
 

@@ -28,6 +28,7 @@ from taskmill.errors import SerializationError, UnknownTaskError
 from taskmill.hooks import HookName, JobView, arun_hooks, instrumented_run
 from taskmill.job import Claim, Failed, Job, Outcome, RetryAt, Succeeded
 from taskmill.limits import hold_slot, wait_for_rate_slots
+from taskmill.portal import DaemonThreads
 from taskmill.retry import Interrupt, RetryPolicy, decide
 from taskmill.serialization import encode, payload_options, try_decode
 from taskmill.worker.joblog import job_log, log_outcome, log_start
@@ -105,6 +106,7 @@ class Pipeline:
         lease_s: float,
         finished: Callable[[JobRun, Outcome], None],
         metrics: JobMetrics | None = None,
+        hook_threads: int = 8,
     ) -> None:
         self.registry = registry
         self.runner = runner
@@ -115,6 +117,9 @@ class Pipeline:
         """The last step: the worker takes the outcome (to the outbox)."""
         self.metrics = metrics
         """Counts each outcome with its run time (``--metrics-port``)."""
+        # sync hooks' threads: not the loop's executor, which refuses work at interpreter
+        # exit, when a worker thread stopped from an atexit hook drains its jobs
+        self.hook_threads = DaemonThreads(hook_threads, "taskmill-hooks")
         self._plain: dict[tuple[str, str], bool] = {}  # (task, queue) -> the fast path applies
 
     # --- resolve ----------------------------------------------------------------------------
@@ -327,7 +332,9 @@ class Pipeline:
         lists = self.registry.hook_lists(r.task, name)
         if any(lists):
             view = JobView.of(r.job, r.ctx, duration_s=r.duration_s, result=result)
-            await arun_hooks(lists, name, r.job.id, r.job.task, view, *args)
+            await arun_hooks(
+                lists, name, r.job.id, r.job.task, view, *args, threads=self.hook_threads
+            )
 
     async def _outcome_hooks(self, r: JobRun, outcome: Outcome) -> None:
         """on_success / on_failure / on_retry: after the outcome is decided, before it is
@@ -339,8 +346,7 @@ class Pipeline:
         elif isinstance(outcome, Failed):
             await self._hooks("on_failure", r, outcome.error)
         elif isinstance(outcome, RetryAt):
-            delay = max(0.0, outcome.run_at - time.time())
-            await self._hooks("on_retry", r, outcome.error, delay)
+            await self._hooks("on_retry", r, outcome.error, outcome.delay_s)
 
 
 # --- the steps' helpers -----------------------------------------------------------------------

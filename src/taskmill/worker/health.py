@@ -7,13 +7,18 @@ own thread, it still answers (``503``) while the worker's event loop is blocked,
 by a sync task on ``--pool async``: that is when a liveness probe matters.
 
 Healthy means a recent heartbeat: the broker took one within ``max_age_s`` (three heartbeat
-intervals, the rule ``taskmill workers`` uses to call a worker lost).
+intervals, the rule ``taskmill workers`` uses to call a worker lost). Before its first
+heartbeat, a worker that started at most ``max_age_s`` ago is healthy too (``"starting"``): it
+is not late yet, and a probe right after start-up must not fail it. One that is still without a
+heartbeat after that is stuck (``"no heartbeat"``: the broker unreachable, its loop blocked).
 
->>> heartbeat_status(None, max_age_s=6.0, now=100.0)
-(False, {'status': 'starting', 'heartbeat_age_s': None, 'max_age_s': 6.0})
->>> heartbeat_status(97.5, max_age_s=6.0, now=100.0)
+>>> heartbeat_status(None, started=98.0, max_age_s=6.0, now=100.0)
+(True, {'status': 'starting', 'heartbeat_age_s': None, 'max_age_s': 6.0})
+>>> heartbeat_status(None, started=90.0, max_age_s=6.0, now=100.0)[1]['status']
+'no heartbeat'
+>>> heartbeat_status(97.5, started=90.0, max_age_s=6.0, now=100.0)
 (True, {'status': 'ok', 'heartbeat_age_s': 2.5, 'max_age_s': 6.0})
->>> heartbeat_status(90.0, max_age_s=6.0, now=100.0)[1]['status']
+>>> heartbeat_status(90.0, started=80.0, max_age_s=6.0, now=100.0)[1]['status']
 'stale'
 """
 
@@ -38,12 +43,17 @@ _READ_TIMEOUT_S = 5.0
 _MAX_REQUEST_BYTES = 8192
 
 
-def heartbeat_status(last_ok: float | None, *, max_age_s: float, now: float) -> Status:
+def heartbeat_status(
+    last_ok: float | None, *, started: float, max_age_s: float, now: float
+) -> Status:
     """Healthy if the last heartbeat the broker took (``last_ok``, a ``time.monotonic()``
-    value; ``None``: none yet) is at most ``max_age_s`` old."""
+    value; ``None``: none yet) is at most ``max_age_s`` old, or, with none yet, if the worker
+    started (``started``, a ``time.monotonic()`` value) at most ``max_age_s`` ago."""
     max_age_s = round(max_age_s, 3)
     if last_ok is None:
-        return False, {"status": "starting", "heartbeat_age_s": None, "max_age_s": max_age_s}
+        starting = now - started <= max_age_s
+        status = "starting" if starting else "no heartbeat"
+        return starting, {"status": status, "heartbeat_age_s": None, "max_age_s": max_age_s}
     age = round(now - last_ok, 3)
     healthy = age <= max_age_s
     return healthy, {

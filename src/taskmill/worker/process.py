@@ -89,10 +89,12 @@ def supervise(
     health_host: str,
     health_port: int | None,
     metrics: tuple[str, int] | None = None,
+    lease_s: float | None = None,
 ) -> int:
     """Run the pools of ``specs`` under a supervisor until stopped; its exit code. With
     ``metrics`` (host, port), one endpoint serves the counts of every worker process, which
-    each writes to a directory made here (``taskmill.worker.metrics``)."""
+    each writes to a directory made here (``taskmill.worker.metrics``). ``lease_s``: the
+    children's (``common`` passes it to them), which their heartbeat intervals follow."""
     metrics_dir = None if metrics is None else MetricsDir.create()
     if metrics_dir is not None:
         common = [*common, METRICS_DIR_OPTION, str(metrics_dir.path)]
@@ -111,9 +113,12 @@ def supervise(
                 spec.processes,
                 spec.concurrency,
             )
+    settings = app.client.settings
+    if lease_s is not None:
+        settings = settings.with_lease(lease_s)
     supervisor = Supervisor(
         pools,
-        heartbeat_max_age_s=app.client.settings.lost_after_s,
+        heartbeat_max_age_s=settings.lost_after_s,
         on_exit=None if metrics_dir is None else metrics_dir.retire,
     )
     servers: list[HealthServer | MetricsServer] = []
@@ -180,11 +185,13 @@ def run_worker_process(
     health: tuple[str, int] | None = None,
     metrics: tuple[str, int] | None = None,
     metrics_dir: str | None = None,
+    lease_s: float | None = None,
 ) -> int:
     """One worker in this process, until a signal stops it (or its supervisor goes away).
     Returns the process's exit code: 0 after a stop, ``NO_RESTART_EXIT_CODE`` when it stopped
     on an error no restart fixes, 1 for any other error (logged). ``metrics``: serve its
-    counts on (host, port); ``metrics_dir``: write them there for its supervisor."""
+    counts on (host, port); ``metrics_dir``: write them there for its supervisor.
+    ``lease_s``: the worker's lease instead of the app's (``--lease``)."""
     counts, metrics_server = worker_metrics(metrics, metrics_dir)
 
     w = Worker(
@@ -200,6 +207,7 @@ def run_worker_process(
         max_start_wait_s=max_start_wait_s,
         on_heartbeat=None if heartbeat_fd is None else beat_to(heartbeat_fd),
         metrics=counts,
+        lease_s=lease_s,
     )
     server = None if health is None else serve_health(*health, worker_health(w))
 
@@ -266,11 +274,14 @@ def beat_to(fd: int) -> Callable[[], None]:
 
 
 def worker_health(w: Worker) -> Callable[[], Status]:
+    """The status of ``w``, about to start: made just before its run, so the start counts
+    from now."""
     max_age_s = MISSED_HEARTBEATS * w.heartbeat_s
+    started = time.monotonic()
 
     def status() -> Status:
         healthy, details = heartbeat_status(
-            w.last_heartbeat_ok, max_age_s=max_age_s, now=time.monotonic()
+            w.last_heartbeat_ok, started=started, max_age_s=max_age_s, now=time.monotonic()
         )
         return healthy, {**details, "worker": w.id}
 

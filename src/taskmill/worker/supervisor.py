@@ -225,18 +225,19 @@ class Supervisor:
             slot.beats = None
 
     def health(self) -> Status:
-        """Healthy while every child runs and heartbeated within ``heartbeat_max_age_s``
-        (one that is being restarted is not). Safe to call from another thread."""
+        """Healthy while every child runs and heartbeated within ``heartbeat_max_age_s``, or
+        has none yet but started less than that ago (one that is being restarted is not).
+        Safe to call from another thread."""
         now = time.monotonic()
         children = []
         for slot in self.slots:
             proc = slot.proc
             ok, details = heartbeat_status(
-                slot.last_beat if proc is not None else None,
-                max_age_s=self.heartbeat_max_age_s,
-                now=now,
+                slot.last_beat, started=slot.started_at, max_age_s=self.heartbeat_max_age_s, now=now
             )
-            status = details["status"] if proc is not None else "restarting"
+            if proc is None:
+                ok, details["status"] = False, "restarting"
+            status = details["status"]
             children.append(
                 {
                     "pool": slot.pool.name,

@@ -65,6 +65,9 @@ class Worker:
     up to 30 s, for ever or until ``max_start_wait_s``; any other error at start is raised.
     ``on_heartbeat`` is called on the worker's loop after each heartbeat the broker took.
     ``metrics`` counts its jobs (``taskmill.worker.metrics``; ``--metrics-port``).
+    ``lease_s`` replaces the app's ``lease_s`` for this worker's claims (``taskmill worker
+    --lease``); its heartbeat and recovery intervals follow it unless the app sets them
+    (``Settings.with_lease``: ``ConfigurationError`` if the settings refuse it).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class Worker:
         max_start_wait_s: float | None = None,
         on_heartbeat: Callable[[], None] | None = None,
         metrics: WorkerMetrics | None = None,
+        lease_s: float | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -93,6 +97,9 @@ class Worker:
         self.registry = app.registry
         self.client = app.client
         settings = self.client.settings
+        if lease_s is not None:
+            settings = settings.with_lease(lease_s)
+        self.settings = settings  # the app's, with this worker's lease
         self.queues = list(queues) if queues else [settings.default_queue]
         self.concurrency = concurrency
         self.pool: PoolKind = pool
@@ -263,6 +270,7 @@ class Worker:
             lease_s=self.lease_s,
             finished=self._finished,
             metrics=counts,
+            hook_threads=min(self.concurrency, 32),
         )
         if self._events_on:
             self._publisher = Publisher(broker, worker_id=self.id)
@@ -306,6 +314,7 @@ class Worker:
         with contextlib.suppress(Exception):
             await self._broker.unregister_worker(self.id)
         runner.close()
+        self._pipeline.hook_threads.shutdown(wait=False)
         with contextlib.suppress(Exception):
             await self._broker.detach()
         if self.metrics is not None:
@@ -573,7 +582,7 @@ class Worker:
     # --- maintenance ----------------------------------------------------------------------------
 
     async def _maintenance_loop(self) -> None:
-        settings = self.client.settings
+        settings = self.settings
         interval = settings.effective_recover_interval_s
         next_prune = time.monotonic() + random.uniform(0, settings.prune_interval_s)
         while True:

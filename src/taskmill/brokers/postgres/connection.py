@@ -28,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed
 from taskmill.brokers.postgres.config import READ_QUERIES, PostgresConfig, queries
 from taskmill.brokers.postgres.listener import Listener
 from taskmill.errors import BrokerError, BrokerUnavailableError
-from taskmill.portal import Portal
+from taskmill.portal import Portal, in_daemon_thread
 from taskmill.urls import scrub
 
 T = TypeVar("T")
@@ -337,11 +337,13 @@ class Connections:
     async def close(self) -> None:
         """Close every pool and the I/O loop (from a loop that is not the I/O loop)."""
         await self.detach()
+        # on daemon threads of our own: an App closed from an atexit hook gets here after the
+        # loop's executor stopped taking work
         if self._io is not None:
-            await asyncio.to_thread(self.close_io_blocking, 10.0)
+            await in_daemon_thread(self.close_io_blocking, 10.0)
         if self._sync_pool is not None:
             pool, self._sync_pool = self._sync_pool, None
-            await asyncio.to_thread(pool.close)
+            await in_daemon_thread(pool.close)
 
     async def close_loop_state(self) -> None:
         state = self._loops.pop(asyncio.get_running_loop(), None)

@@ -9,7 +9,6 @@ on one connection; synchronous producers (``send()`` from any thread) use their 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -18,13 +17,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from taskmill.brokers.sqlite.schema import SCHEMA_VERSION, upgrade
 from taskmill.errors import BrokerError, BrokerUnavailableError, ConfigurationError
+from taskmill.portal import DaemonThreads
 from taskmill.urls import redact_url
 
 log = logging.getLogger("taskmill.brokers.sqlite")
@@ -134,7 +134,7 @@ class Database:
         """Per-thread state: the thread's connection, and what others keep per thread."""
         self._generation = 0
         self._inode: int | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: DaemonThreads | None = None
         self._open_lock = threading.Lock()
         # every thread's connection, so close() can close the ones of producer threads too
         self._conns: set[sqlite3.Connection] = set()
@@ -184,10 +184,7 @@ class Database:
         """This thread's connection; reopened if the file was deleted or replaced under us."""
         local = self.local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        try:
-            inode = os.stat(self.path).st_ino
-        except FileNotFoundError:
-            inode = None
+        inode = self._inode_now()
         if inode is None or inode != self._inode:
             with self._open_lock:
                 if inode is None or inode != self._inode:
@@ -209,6 +206,19 @@ class Database:
             local.generation = self._generation
         return conn
 
+    def _inode_now(self) -> int | None:
+        """The file's inode; None if there is no file (yet). A path that cannot hold one (a
+        part of it is a file, a directory we may not search) is a permanent ``BrokerError``."""
+        try:
+            return os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._cannot_open(_path_problem(self.path, exc)) from None
+
+    def _cannot_open(self, why: str) -> BrokerError:
+        return BrokerError(f"cannot open SQLite database {self.path}: {why}", permanent=True)
+
     def directory(self) -> str:
         return os.path.dirname(os.path.abspath(self.path))
 
@@ -216,10 +226,9 @@ class Database:
         """Create the schema (idempotent) and switch the file to WAL. Caller holds the lock."""
         directory = self.directory()
         if not os.path.isdir(directory):
-            raise BrokerError(
-                f"cannot open SQLite database {self.path}: {directory} does not exist",
-                permanent=True,
-            )
+            raise self._cannot_open(f"{directory} does not exist")
+        if os.path.isdir(self.path):
+            raise self._cannot_open("it is a directory")
         with self.errors():
             conn = self._connect(self.busy_timeout_ms)
             try:
@@ -325,21 +334,21 @@ class Database:
         with self.errors():
             self.conn()
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="taskmill-sqlite")
+            # not a ThreadPoolExecutor: closing from an atexit hook must still reach it
+            self._executor = DaemonThreads(1, "taskmill-sqlite")
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn`` on the database's thread."""
         if self._executor is None:
             raise BrokerError("the SQLite broker is not open")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        return await self._executor.run(lambda: fn(*args, **kwargs))
 
     async def close(self) -> None:
         """Close every thread's connection and stop the thread. A thread that uses the
         database again reconnects."""
         if self._executor is not None:
             executor, self._executor = self._executor, None
-            await asyncio.get_running_loop().run_in_executor(executor, self.close_thread)
+            await executor.run(self.close_thread)
             executor.shutdown(wait=True)
         self.close_thread()
         with self._conns_lock:
@@ -354,6 +363,16 @@ class Database:
         if conn is not None:
             conn.close()
             self.local.conn = None
+
+
+def _path_problem(path: str, exc: OSError) -> str:
+    """Why ``path`` cannot be a file: which part of it is a file, say, rather than only the
+    OS's "Not a directory"."""
+    if isinstance(exc, NotADirectoryError):
+        for parent in Path(path).absolute().parents:  # the nearest first
+            if parent.exists() and not parent.is_dir():
+                return f"{parent} is a file, not a directory"
+    return exc.strerror or str(exc)
 
 
 class _OnDatabase(Protocol):
