@@ -16,9 +16,9 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
-from redis.exceptions import MaxConnectionsError
 
 from servers import NatsServer, PostgresServer, RedisServer
 from taskmill import App, BrokerUnavailableError
@@ -144,13 +144,6 @@ def test_t19_nats(nats_server: NatsServer) -> None:
     check("nats", *probe(url, nats_server.host, nats_server.port))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=MaxConnectionsError,
-    reason="finding: each thread that sends on Redis opens a connection of its own, kept "
-    "until app.close() even after the thread ends; redis-py 8's pool allows 100, so the "
-    "101st sending thread gets redis.exceptions.MaxConnectionsError, not a BrokerError",
-)
 def test_threads_that_send_one_after_another_never_exhaust_redis_connections(
     redis_server: RedisServer,
 ) -> None:
@@ -171,5 +164,13 @@ def test_threads_that_send_one_after_another_never_exhaust_redis_connections(
             thread.join(10)
             if errors:
                 raise errors[0]
+        assert sum(q.counts["queued"] for q in app.stats()) == 110
+        broker: Any = app.broker
+        # each ended thread's connection is closed, not kept until app.close()
+        wait_until(
+            lambda: len(broker._sync_connections) == 0,
+            timeout=10,
+            what=lambda: f"ended threads' connections closed ({len(broker._sync_connections)})",
+        )
     finally:
         app.close()

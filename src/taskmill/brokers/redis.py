@@ -288,6 +288,26 @@ def _refused(script: str, exc: ResponseError) -> DuplicateJobError | BrokerError
     return error
 
 
+class _ThreadConnection:
+    """A thread's own connection for blocking sends, in that thread's locals."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+
+
+def _drop_connection(broker: weakref.ref[RedisBroker], conn: Any) -> None:
+    """Close a connection whose thread ended (unless the broker closed it already)."""
+    owner = broker()
+    if owner is not None:
+        with owner._io_lock:
+            owner._sync_connections.discard(conn)
+    with contextlib.suppress(Exception):
+        conn.disconnect()
+
+
 class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
     name = "redis"
     capabilities = Capabilities(
@@ -317,7 +337,7 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         self._delivered: dict[str, list[str]] = {}
         self._sync: Any = None
         self._sync_local = threading.local()
-        self._sync_connections: list[Any] = []
+        self._sync_connections: set[Any] = set()
         self._checked = False
 
     def configure(self, settings: Settings) -> None:
@@ -454,13 +474,18 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         """This thread's own connection for blocking sends. Commands go straight to it, not
         through the client and its pool: that bookkeeping cost a send() loop about a third of
         its rate. One per thread (and per process: a forked child opens its own)."""
-        conn = getattr(self._sync_local, "conn", None)
-        if conn is None or self._sync_local.pid != os.getpid():
-            conn = self._sync_client().connection_pool.make_connection()
-            self._sync_local.conn, self._sync_local.pid = conn, os.getpid()
+        held: _ThreadConnection | None = getattr(self._sync_local, "held", None)
+        if held is None or held.pid != os.getpid():
+            # made from the pool's settings but not counted by it: a pool allows 100, and a
+            # program whose threads come and go (a thread pool) sends from many more
+            pool = self._sync_client().connection_pool
+            held = _ThreadConnection(pool.connection_class(**pool.connection_kwargs))
+            self._sync_local.held = held
             with self._io_lock:
-                self._sync_connections.append(conn)
-        return conn
+                self._sync_connections.add(held.conn)
+            # the thread's locals go when it ends, and with them its connection
+            weakref.finalize(held, _drop_connection, weakref.ref(self), held.conn)
+        return held.conn
 
     def _eval_blocking(self, name: str, *args: Any) -> Any:
         conn = self._sync_connection()
@@ -545,7 +570,7 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             self._io.close()
             self._io = None
         with self._io_lock:
-            connections, self._sync_connections = self._sync_connections, []
+            connections, self._sync_connections = self._sync_connections, set()
         for conn in connections:
             conn.disconnect()
         self._sync_local = threading.local()
