@@ -221,3 +221,37 @@ def test_a_closing_worker_hands_back_what_its_long_pull_received(nats_server: Na
         assert time.monotonic() - started < 10
     finally:
         second.close()
+
+
+def test_a_heartbeat_keeps_in_the_lease_entry_a_claim_that_landed_during_it(
+    nats_server: NatsServer,
+) -> None:
+    """A worker lists its claims when a heartbeat begins; a claim that lands meanwhile must
+    stay in the worker's lease entry, which `recover` reads when the worker dies. The heartbeat
+    used to replace the entry with its list: a worker killed then left that job to the 30 s
+    sweep (found by the T1 crash storm in tests/faults). Staged here: two jobs claimed, then
+    a heartbeat that lists only the first."""
+    from taskmill.brokers.nats.config import token
+    from taskmill.brokers.nats.records import lease_decoder
+    from taskmill.job import Claim, WorkerInfo
+
+    app = App(_url(nats_server.url))
+    noop = app.task(name="noop")(lambda: None)
+    broker: Any = app.broker
+    try:
+        first, second = noop.send().id, noop.send().id
+
+        async def scenario() -> dict[str, str]:
+            claimed = await broker.claim(["default"], 2, "w1", 30.0)
+            assert {j.id for j in claimed} == {first, second}
+            tokens = {j.id: j.lease_token for j in claimed}
+            now = time.time()
+            info = WorkerInfo("w1", "host", 1, ["default"], 8, now, now)
+            await broker.heartbeat(info, [Claim(first, tokens[first])], 30.0)
+            entry = await broker._get("leases", token("w1"))
+            return dict(lease_decoder.decode(entry.value).claims)
+
+        held = _on_io_loop(app, scenario())
+        assert set(held) == {first, second}
+    finally:
+        app.close()

@@ -411,10 +411,8 @@ class NatsBroker(Features, Recovery, Broker):
             held[record.id] = token_
         if not claims:
             return []
-        lease = LeaseEntry(worker_id, expires, dict(held))
         results, _ = await asyncio.gather(
-            self._put_many("jobs", writes),
-            self._put("leases", token(worker_id), record_encoder.encode(lease)),
+            self._put_many("jobs", writes), self._write_lease(worker_id, expires)
         )
         jobs: list[Job] = []
         for (msg, record), rev in zip(claims, results, strict=True):
@@ -495,12 +493,15 @@ class NatsBroker(Features, Recovery, Broker):
         now = await self._fresh_now()
         expires = now + lease_s
         reply = HeartbeatReply()
-        self._held[worker.id] = {c.job_id: c.token for c in claims}
+        # added to, not replaced: the worker listed its claims when this call began, and a
+        # claim that landed since must stay in the lease entry (else a kill now would leave
+        # that job to the 30 s sweep instead of the lease); finishes take their own out
+        held = self._held.setdefault(worker.id, {})
+        held.update({c.job_id: c.token for c in claims})
         info = msgspec.structs.replace(worker, heartbeat_at=now)
-        lease = LeaseEntry(worker.id, expires, dict(self._held[worker.id]))
         await asyncio.gather(
             self._put("workers", token(worker.id), _worker_encoder.encode(info)),
-            self._put("leases", token(worker.id), record_encoder.encode(lease)),
+            self._write_lease(worker.id, expires),
         )
 
         def extend(record: Record) -> Record | None:
@@ -508,9 +509,23 @@ class NatsBroker(Features, Recovery, Broker):
                 reply.cancel_requested.add(record.id)
             return msgspec.structs.replace(record, lease_expires_at=expires)
 
-        held = await self._update_held(claims, extend)
-        reply.lost.update(c.job_id for c in claims if c.job_id not in held)
+        kept = await self._update_held(claims, extend)
+        reply.lost.update(c.job_id for c in claims if c.job_id not in kept)
+        for job_id in reply.lost:
+            held.pop(job_id, None)
         return reply
+
+    async def _write_lease(self, worker_id: str, expires: float) -> None:
+        """Store the worker's lease entry: the jobs it holds. Claims and heartbeats write it
+        at once; one whose snapshot went stale while its write was under way writes again,
+        so the entry stored last lists every job held."""
+        held = self._held.setdefault(worker_id, {})
+        for _ in range(CAS_TRIES):
+            snapshot = dict(held)
+            lease = LeaseEntry(worker_id, expires, snapshot)
+            await self._put("leases", token(worker_id), record_encoder.encode(lease))
+            if held == snapshot:
+                return
 
     async def _update_held(self, claims: Sequence[Claim], change: Any) -> set[str]:
         """CAS ``change(record)`` onto each running record the claim still holds (again on a
