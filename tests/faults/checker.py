@@ -12,12 +12,18 @@ How each figure counts (docs/reliability.md says the same):
 - ``unexplained_duplicates``: a duplicated job with an earlier completed execution whose
   process was not killed by a recorded fault between that execution's start and the next
   execution's start (only a kill can have cost it its lease).
-- ``recovery_times``: for every execution a kill interrupted (running in the killed process at
-  the kill), seconds from the kill to the start of the job's next execution.
+- ``unexplained_interruptions``: an execution cut short (no end recorded) with no recorded
+  kill of its process after its start: a process died that the test did not kill.
+- ``recovery_times``: for every execution a kill cut short, seconds from the kill to the start
+  of the job's next execution.
+
+A kill's time is taken just after the signal was sent, so every execution of the killed
+process started before it.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,12 +45,21 @@ class CheckResult:
     recovered: list[str] = field(default_factory=list)
     stuck: dict[str, str] = field(default_factory=dict)
     unexplained_duplicates: list[str] = field(default_factory=list)
+    interrupted: int = 0
+    unexplained_interruptions: list[str] = field(default_factory=list)
     recovery_times: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """No loss, nothing unexpected, nothing stuck, every duplicate explained."""
-        return not (self.lost or self.unexpected or self.stuck or self.unexplained_duplicates)
+        """No loss, nothing unexpected, nothing stuck, every duplicate and every execution
+        cut short explained by a kill."""
+        return not (
+            self.lost
+            or self.unexpected
+            or self.stuck
+            or self.unexplained_duplicates
+            or self.unexplained_interruptions
+        )
 
     @property
     def duplicates(self) -> int:
@@ -63,7 +78,9 @@ class CheckResult:
             f" {self.completed}, kills {self.kills}, duplicates {self.duplicates}"
             f" ({len(self.duplicated)} jobs), lost {len(self.lost)}, unexpected"
             f" {len(self.unexpected)}, stuck {len(self.stuck)}, unexplained duplicates"
-            f" {len(self.unexplained_duplicates)}, recovered {len(self.recovered)}, {recovery}"
+            f" {len(self.unexplained_duplicates)}, cut short {self.interrupted} (unexplained"
+            f" {len(self.unexplained_interruptions)}), recovered {len(self.recovered)},"
+            f" {recovery}"
         )
         details = [
             f"  {name}: {_sample(value)}"
@@ -72,6 +89,7 @@ class CheckResult:
                 ("unexpected", self.unexpected),
                 ("stuck", self.stuck),
                 ("unexplained_duplicates", self.unexplained_duplicates),
+                ("unexplained_interruptions", self.unexplained_interruptions),
             )
             if value
         ]
@@ -115,6 +133,11 @@ def check(records: Records, states: Mapping[str, str]) -> CheckResult:
     result.unexplained_duplicates = [
         j for j in result.duplicated if not _explained(completed[j], runs[j], kills)
     ]
+    cut_short = [e for e in records.executions if e.t_end is None]
+    result.interrupted = len(cut_short)
+    result.unexplained_interruptions = sorted(
+        {e.job_id for e in cut_short if not _killed(e, kills, until=float("inf"))}
+    )
     result.recovery_times = _recovery_times(runs, kills)
     return result
 
@@ -133,13 +156,14 @@ def _explained(done: list[Execution], every: list[Execution], kills: list[Fault]
 
 
 def _recovery_times(runs: Mapping[str, list[Execution]], kills: list[Fault]) -> list[float]:
+    """Kill -> next start of each execution it cut short (the first kill of the process after
+    the execution's start)."""
     times = []
-    for kill in kills:
-        for job_runs in runs.values():
-            for i, execution in enumerate(job_runs):
-                in_flight = execution.t_start <= kill.t and (
-                    execution.t_end is None or execution.t_end > kill.t
-                )
-                if execution.pid == kill.pid and in_flight and i + 1 < len(job_runs):
-                    times.append(job_runs[i + 1].t_start - kill.t)
+    for job_runs in runs.values():
+        for execution, following in itertools.pairwise(job_runs):
+            if execution.t_end is not None:
+                continue
+            after = [k.t for k in kills if k.pid == execution.pid and k.t >= execution.t_start]
+            if after:
+                times.append(following.t_start - min(after))
     return times

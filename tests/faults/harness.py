@@ -72,7 +72,7 @@ def kill_children(
     supervisor: Supervisor, ledger: Ledger, schedule: list[Kill], start: float
 ) -> list[int]:
     """Run ``schedule`` from ``start`` (a ``time.monotonic()``): at each kill, SIGKILL one of
-    the live children (recorded in the ledger first). The pids killed."""
+    the live children, then record it in the ledger. The pids killed."""
     killed = []
     for kill in schedule:
         delay = start + kill.at_s - time.monotonic()
@@ -80,8 +80,10 @@ def kill_children(
             time.sleep(delay)  # the schedule's own timing, not a wait for some state
         pids = wait_until(supervisor.children, what="a live worker child", timeout=20)
         victim = pids[kill.target % len(pids)]
-        ledger.record_fault("kill -9", victim, "worker child")
         os.kill(victim, signal.SIGKILL)
+        # the time after the kill: every execution in the victim started before it (a time
+        # taken before, then an fsync of the ledger, let executions start after "the kill")
+        ledger.record_fault("kill -9", victim, "worker child", t=time.time())
         killed.append(victim)
     return killed
 

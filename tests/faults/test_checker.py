@@ -73,8 +73,16 @@ def test_an_execution_cut_short_is_no_duplicate_and_gives_a_recovery_time() -> N
     runs = [run("a", 1, None, pid=100), run("a", 4.5, 5, pid=200), run("b", 1, 1.5)]
     result = check(Records(ok("a", "b"), runs, [kill(2.0)]), {})
     assert result.ok and result.duplicated == {} and result.executions == 3
-    assert result.recovery_times == [2.5]
+    assert result.recovery_times == [2.5] and result.interrupted == 1
+    assert "cut short 1 (unexplained 0)" in result.summary()
     assert "recovery median 2.50 s max 2.50 s (n=1)" in result.summary()
+
+
+def test_an_execution_cut_short_without_a_kill_of_its_process_is_unexplained() -> None:
+    runs = [run("a", 3, None, pid=100), run("a", 4.5, 5, pid=200), run("b", 1, None, pid=300)]
+    result = check(Records(ok("a", "b"), runs, [kill(2.0, pid=100), kill(1.5, pid=300)]), {})
+    assert result.unexplained_interruptions == ["a"] and not result.ok  # killed before it ran
+    assert result.lost == ["b"]
 
 
 def test_the_ledger_file_reads_back_what_was_written(tmp_path: Path) -> None:
