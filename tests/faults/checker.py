@@ -14,8 +14,9 @@ How each figure counts (docs/reliability.md says the same):
   execution's start (only a kill can have cost it its lease).
 - ``unexplained_interruptions``: an execution cut short (no end recorded) with no recorded
   kill of its process after its start: a process died that the test did not kill.
-- ``recovery_times``: for every execution a kill cut short, seconds from the kill to the start
-  of the job's next execution.
+- ``recovery_times``: for every execution followed by another of the same job whose process
+  was killed in between (cut short, or completed but not acknowledged), seconds from the kill
+  to the start of the job's next execution.
 
 A kill's time is taken just after the signal was sent, so every execution of the killed
 process started before it.
@@ -156,14 +157,16 @@ def _explained(done: list[Execution], every: list[Execution], kills: list[Fault]
 
 
 def _recovery_times(runs: Mapping[str, list[Execution]], kills: list[Fault]) -> list[float]:
-    """Kill -> next start of each execution it cut short (the first kill of the process after
-    the execution's start)."""
+    """Kill -> the job's next start, for each execution a kill of its process ended or
+    orphaned (cut short, or completed but not acknowledged: its duplicate)."""
     times = []
     for job_runs in runs.values():
         for execution, following in itertools.pairwise(job_runs):
-            if execution.t_end is not None:
-                continue
-            after = [k.t for k in kills if k.pid == execution.pid and k.t >= execution.t_start]
+            after = [
+                k.t
+                for k in kills
+                if k.pid == execution.pid and execution.t_start <= k.t <= following.t_start
+            ]
             if after:
                 times.append(following.t_start - min(after))
     return times

@@ -60,6 +60,7 @@ def test_a_duplicate_whose_first_process_was_killed_after_it_started_is_explaine
     result = check(Records(ok("a"), runs, [kill(2.5, pid=100)]), {"a": "succeeded"})
     assert result.duplicated == {"a": 2} and result.duplicates == 1
     assert result.unexplained_duplicates == [] and result.ok
+    assert result.recovery_times == [2.5]  # from the kill to the second run
 
 
 def test_a_duplicate_without_a_kill_of_the_earlier_process_is_unexplained() -> None:
