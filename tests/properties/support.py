@@ -1,0 +1,76 @@
+"""Shared by the property tests: a memory broker that counts its writes, and an exact
+comparison of a value sent with the value received (same types, same bits)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from hypothesis import settings
+
+from taskmill.brokers.base import EnqueueResult, OnConflict
+from taskmill.brokers.memory import MemoryBroker
+from taskmill.job import NewJob
+
+
+def scaled(share: float) -> int:
+    """``share`` of the loaded profile's example count (at least 1): for tests whose examples
+    cost more than the default's."""
+    return max(1, int(settings.default.max_examples * share))
+
+
+class CountingBroker(MemoryBroker):
+    """The memory broker, counting the jobs each enqueue stores (every producer write goes
+    through ``_enqueue``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def _enqueue(self, jobs: Sequence[NewJob], on_conflict: OnConflict) -> EnqueueResult:
+        self.writes += len(jobs)
+        return super()._enqueue(jobs, on_conflict)
+
+
+def same(sent: Any, got: Any) -> bool:
+    """Whether ``got`` is ``sent`` again: equal, of the same type all the way down, floats and
+    decimals bit for bit (``-0.0``, the exponent of ``Decimal("1.10")``). A datetime may come
+    back with another ``tzinfo`` object, but the same instant and UTC offset."""
+    if isinstance(sent, datetime) and isinstance(got, datetime):
+        return (
+            type(got) is datetime
+            and sent == got
+            and sent.utcoffset() == got.utcoffset()
+            and (sent.tzinfo is None) == (got.tzinfo is None)
+        )
+    if type(sent) is not type(got):
+        return False
+    if isinstance(sent, float):
+        return math.copysign(1.0, sent) == math.copysign(1.0, got) and (
+            sent == got or (math.isnan(sent) and math.isnan(got))
+        )
+    if isinstance(sent, Decimal):
+        return sent.as_tuple() == got.as_tuple()
+    if isinstance(sent, list | tuple):
+        return len(sent) == len(got) and all(same(a, b) for a, b in zip(sent, got, strict=True))
+    if isinstance(sent, dict):
+        return sent.keys() == got.keys() and all(
+            same(k, _key(got, k)) and same(v, got[k]) for k, v in sent.items()
+        )
+    if isinstance(sent, msgspec.Struct):
+        return all(same(getattr(sent, f), getattr(got, f)) for f in sent.__struct_fields__)
+    if dataclasses.is_dataclass(sent):
+        return all(
+            same(getattr(sent, f.name), getattr(got, f.name)) for f in dataclasses.fields(sent)
+        )
+    return bool(sent == got)
+
+
+def _key(mapping: dict[Any, Any], key: Any) -> Any:
+    """The key object ``mapping`` holds that equals ``key`` (to compare its type)."""
+    return next(k for k in mapping if k == key)
