@@ -9,13 +9,13 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-_COMMON = {
-    "deadline": None,
-    "print_blob": True,
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
-    "database": None,
-}
-settings.register_profile("ci", max_examples=1_000, derandomize=True, **_COMMON)
-settings.register_profile("nightly", max_examples=100_000, derandomize=True, **_COMMON)
-settings.register_profile("explore", max_examples=5_000, derandomize=False, **_COMMON)
+_COMMON = settings(
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    database=None,
+)
+settings.register_profile("ci", _COMMON, max_examples=1_000, derandomize=True)
+settings.register_profile("nightly", _COMMON, max_examples=100_000, derandomize=True)
+settings.register_profile("explore", _COMMON, max_examples=5_000, derandomize=False)
 settings.load_profile(os.environ.get("TASKMILL_HYPOTHESIS", "ci"))

@@ -21,7 +21,9 @@ from taskmill.job import NewJob
 def scaled(share: float) -> int:
     """``share`` of the loaded profile's example count (at least 1): for tests whose examples
     cost more than the default's."""
-    return max(1, int(settings.default.max_examples * share))
+    loaded = settings.default
+    assert loaded is not None
+    return max(1, int(loaded.max_examples * share))
 
 
 class CountingBroker(MemoryBroker):
@@ -55,7 +57,7 @@ def same(sent: Any, got: Any) -> bool:
             sent == got or (math.isnan(sent) and math.isnan(got))
         )
     if isinstance(sent, Decimal):
-        return sent.as_tuple() == got.as_tuple()
+        return bool(sent.as_tuple() == got.as_tuple())
     if isinstance(sent, list | tuple):
         return len(sent) == len(got) and all(same(a, b) for a, b in zip(sent, got, strict=True))
     if isinstance(sent, dict):

@@ -19,6 +19,7 @@ the job in the broker and then runs ``run_until_idle`` itself.)
 from __future__ import annotations
 
 import threading
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -73,9 +74,14 @@ zones = st.one_of(
     st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: timezone(timedelta(minutes=m))),
     st.timezones(),
 )
-aware = st.datetimes(timezones=zones).filter(
-    lambda d: d.utcoffset() is not None and d.utcoffset() % timedelta(minutes=1) == timedelta(0)
-)
+
+
+def _whole_minutes(moment: datetime) -> bool:
+    offset = moment.utcoffset()
+    return offset is not None and offset % timedelta(minutes=1) == timedelta(0)
+
+
+aware: st.SearchStrategy[datetime] = st.datetimes(timezones=zones).filter(_whole_minutes)
 decimals = st.decimals(allow_nan=True, allow_infinity=True)
 points = st.builds(Point, ints, finite, texts, st.none() | aware)
 items = st.builds(
@@ -113,27 +119,32 @@ KEYS: list[Typed] = [
 ]
 
 
+def _of(origin: type, *args: Any) -> Any:
+    """``origin[args]`` (``list[int]``), made at run time."""
+    return types.GenericAlias(origin, args)
+
+
 def _containers(inner: st.SearchStrategy[Typed]) -> st.SearchStrategy[Typed]:
     def lists(t: Typed) -> Typed:
-        return list[t[0]], st.lists(t[1], max_size=4)  # type: ignore[name-defined]
+        return _of(list, t[0]), st.lists(t[1], max_size=4)
 
     def tuples(t: Typed) -> Typed:
-        return tuple[t[0], ...], st.lists(t[1], max_size=4).map(tuple)  # type: ignore[name-defined]
+        return _of(tuple, t[0], ...), st.lists(t[1], max_size=4).map(tuple)
 
     def pairs(a: Typed, b: Typed) -> Typed:
-        return tuple[a[0], b[0]], st.tuples(a[1], b[1])  # type: ignore[name-defined]
+        return _of(tuple, a[0], b[0]), st.tuples(a[1], b[1])
 
     def optional(t: Typed) -> Typed:
-        return t[0] | None if t[0] is not None else None, st.none() | t[1]
+        return (t[0] | None if t[0] is not None else None), st.none() | t[1]
 
     def dicts(k: Typed, v: Typed) -> Typed:
-        return dict[k[0], v[0]], st.dictionaries(k[1], v[1], max_size=4)  # type: ignore[name-defined]
+        return _of(dict, k[0], v[0]), st.dictionaries(k[1], v[1], max_size=4)
 
     def sets(k: Typed) -> Typed:
-        return set[k[0]], st.sets(k[1], max_size=4)  # type: ignore[name-defined]
+        return _of(set, k[0]), st.sets(k[1], max_size=4)
 
     def frozensets(k: Typed) -> Typed:
-        return frozenset[k[0]], st.frozensets(k[1], max_size=4)  # type: ignore[name-defined]
+        return _of(frozenset, k[0]), st.frozensets(k[1], max_size=4)
 
     keys = st.sampled_from(KEYS)
     return st.one_of(
