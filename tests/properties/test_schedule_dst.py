@@ -17,12 +17,14 @@ a DST change: strictly increasing, none missing, none doubled.
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from typing import Any
 from zoneinfo import ZoneInfo
 
-from hypothesis import example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from taskmill.schedules import EPOCH, Schedule
@@ -276,3 +278,113 @@ def test_every_ticks_count_real_time(
     first = since // step_us + 1
     expected = [EPOCH + timedelta(microseconds=(first + i) * step_us) for i in range(count + 1)]
     assert got == expected, f"every {step} after {after}: {got[:3]} != {expected[:3]}"
+
+
+# --- scheduler passes: the marks, late and missed ticks -------------------------------------
+
+GRACE = timedelta(seconds=30)
+
+
+def expected_passes(
+    reference: list[datetime], passes: list[datetime], misfire: str, max_misfires: int
+) -> list[datetime]:
+    """What passes at ``passes`` enqueue after the first, per docs/schedules.md: a tick is
+    looked at by the first pass at or after it; on time if at most ``GRACE`` late, else missed
+    (``skip``: dropped; ``once``: the latest missed runs if that pass has no on-time tick;
+    ``all``: the latest ``max_misfires`` missed run)."""
+    out: list[datetime] = []
+    i = 0
+    for previous, now in itertools.pairwise(passes):
+        seen = []
+        while i < len(reference) and reference[i] <= now:
+            if reference[i] > previous:
+                seen.append(reference[i])
+            i += 1
+        on_time = [t for t in seen if now - t <= GRACE]
+        missed = [t for t in seen if now - t > GRACE]
+        if misfire == "skip":
+            out += on_time
+        elif misfire == "once":
+            out += on_time or missed[-1:]
+        else:
+            out += missed[-max_misfires:] + on_time
+    return out
+
+
+@st.composite
+def crossing(draw: st.DrawFn) -> tuple[str, datetime, datetime]:
+    """One to twelve hours of a zone, starting up to six hours before a DST change of it."""
+    zone = draw(st.sampled_from(ZONES))
+    change = draw(st.sampled_from(transitions(zone, draw(st.integers(2020, 2032)))))
+    after = change - timedelta(seconds=draw(st.integers(0, 6 * 3600)))
+    return zone, after, after + timedelta(seconds=draw(st.integers(3600, 12 * 3600)))
+
+
+@st.composite
+def pass_times(draw: st.DrawFn, window: tuple[str, datetime, datetime]) -> list[datetime]:
+    """Scheduler passes from the window's start: mostly up to ``GRACE`` apart (a busy
+    scheduler), with now and then every scheduler down for up to three hours."""
+    _, after, until = window
+    rng = random.Random(draw(st.integers(0, 2**32)))  # one draw: the passes are many
+    downtime = draw(st.floats(0.0, 1.0))
+    moment, passes = after, [after]
+    while moment < until:
+        if rng.random() < downtime / 200:
+            gap = timedelta(seconds=rng.uniform(31, 3 * 3600))
+        else:
+            gap = timedelta(microseconds=rng.randint(1, 30_000_000))
+        moment += gap
+        passes.append(moment)
+    return passes
+
+
+@settings(max_examples=scaled(0.1))
+@given(
+    st.one_of(crons.map(lambda c: c.text), st.sampled_from([1, 7, 60, 900, 3600])),
+    crossing(),
+    st.sampled_from(["skip", "once", "all"]),
+    st.sampled_from([1, 3, 100]),
+    st.data(),
+)
+def test_scheduler_passes_enqueue_each_tick_once(
+    when: str | int,
+    window: tuple[str, datetime, datetime],
+    misfire: Any,
+    max_misfires: int,
+    data: st.DataObject,
+) -> None:
+    """Passes of the scheduler over a range crossing a DST change, the mark kept as the
+    broker keeps it (a float timestamp): each tick enqueued at most once, in order, exactly
+    the ones the documented late/missed policy runs."""
+    zone, after, until = window
+    if isinstance(when, str):
+        schedule = Schedule(
+            "s", "t", cron=when, tz=zone, misfire=misfire, max_misfires=max_misfires
+        )
+    else:
+        schedule = Schedule(
+            "s", "t", every=timedelta(seconds=when), misfire=misfire, max_misfires=max_misfires
+        )
+    passes = data.draw(pass_times((zone, after, until)))
+    mark: float | None = None
+    enqueued: list[datetime] = []
+    for now in passes:
+        last = datetime.fromtimestamp(mark, UTC) if mark is not None else None
+        due = schedule.due(last, now)
+        if last is None:  # a new schedule: its latest on-time tick, or nothing
+            assert len(due) <= 1 and all(now - t <= GRACE for t in due), due
+        if due:
+            mark = due[-1].timestamp()
+        enqueued += due
+    assert all(a < b for a, b in itertools.pairwise(enqueued)), "a tick twice, or out of order"
+    first = next(i for i, t in enumerate(passes) if mark is None or t >= enqueued[0])
+    event("ticks enqueued" if enqueued else "no tick in the range")
+    if mark is None:
+        return  # nothing ever ran (no tick on time at the first passes): nothing to compare
+    start = passes[first]
+    reference = taken(schedule, enqueued[0], passes[-1])
+    expected = [enqueued[0], *expected_passes(reference, passes[first:], misfire, max_misfires)]
+    assert enqueued == expected, (
+        f"missing {sorted(set(expected) - set(enqueued))[:3]}, "
+        f"extra {sorted(set(enqueued) - set(expected))[:3]} (first pass {start})"
+    )
