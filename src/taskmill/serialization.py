@@ -23,6 +23,8 @@ def encode(value: Any, *, what: str) -> bytes:
             f"{what} cannot be stored as JSON: a str holds {exc.object[exc.start : exc.end]!r}, "
             f"a lone surrogate, which is not text (UTF-8)"
         ) from None
+    except ValueError as exc:  # an int of more than sys.get_int_max_str_digits() digits
+        raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from None
     except RecursionError:  # msgspec stops at the interpreter's recursion limit
         raise SerializationError(
             f"{what} cannot be stored as JSON: nested too deeply (about "

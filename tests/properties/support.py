@@ -42,11 +42,14 @@ class CountingBroker(MemoryBroker):
 def same(sent: Any, got: Any) -> bool:
     """Whether ``got`` is ``sent`` again: equal, of the same type all the way down, floats and
     decimals bit for bit (``-0.0``, the exponent of ``Decimal("1.10")``). A datetime may come
-    back with another ``tzinfo`` object, but the same instant and UTC offset."""
+    back with another ``tzinfo`` object (a fixed offset for a ``ZoneInfo``), but the same
+    wall time and UTC offset."""
     if isinstance(sent, datetime) and isinstance(got, datetime):
+        # the same wall time and UTC offset (so the same instant); not ``==``, which is
+        # False across zones for a time in a fold or gap (PEP 495), whatever the offsets
         return (
             type(got) is datetime
-            and sent == got
+            and sent.replace(tzinfo=None, fold=0) == got.replace(tzinfo=None, fold=0)
             and sent.utcoffset() == got.utcoffset()
             and (sent.tzinfo is None) == (got.tzinfo is None)
         )
@@ -71,6 +74,23 @@ def same(sent: Any, got: Any) -> bool:
             same(getattr(sent, f.name), getattr(got, f.name)) for f in dataclasses.fields(sent)
         )
     return bool(sent == got)
+
+
+def difference(sent: Any, got: Any, path: str = "") -> str:
+    """Where ``got`` first differs from ``sent`` (for a failure's message), or ``""``."""
+    if isinstance(sent, list | tuple) and type(sent) is type(got) and len(sent) == len(got):
+        for i, (a, b) in enumerate(zip(sent, got, strict=True)):
+            found = difference(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return ""
+    if isinstance(sent, dict) and isinstance(got, dict) and sent.keys() == got.keys():
+        for k, v in sent.items():
+            found = difference(v, got[k], f"{path}[{k!r}]")
+            if found:
+                return found
+        return ""
+    return "" if same(sent, got) else f"at {path or 'the top'}: {sent!r} became {got!r}"
 
 
 def _key(mapping: dict[Any, Any], key: Any) -> Any:
