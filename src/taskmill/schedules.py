@@ -117,7 +117,11 @@ class Schedule:
                 n += 1
         assert self.cron is not None
         for local in CronSim(self.cron, after.astimezone(self.zone)):
-            yield local.astimezone(UTC)
+            tick = local.astimezone(UTC)
+            # cronsim walks a fixed-time job's wall clock: from inside the second pass of a
+            # repeated hour it gives the first, an instant before ``after``: not a tick after it
+            if tick > after:
+                yield tick
 
     def next_ticks(self, after: datetime, n: int = 3) -> list[datetime]:
         ticks = self.ticks_after(after)

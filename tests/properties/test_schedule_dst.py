@@ -27,6 +27,8 @@ from zoneinfo import ZoneInfo
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
+from taskmill import App
+from taskmill.scheduler import MAX_SLEEP_S, Scheduler
 from taskmill.schedules import EPOCH, Schedule
 
 from .support import scaled
@@ -234,6 +236,10 @@ def _strictly_increasing(ticks: list[datetime]) -> bool:
         datetime(2026, 10, 25, 3, tzinfo=UTC),
     ),
 )
+@example(  # from inside New York's second 01:00 hour, 01:01 EDT (an hour ago) was returned
+    Cron(Field("1", frozenset([1])), Field("0-1", frozenset([0, 1])), None),
+    ("America/New_York", datetime(2020, 11, 1, 6, tzinfo=UTC), datetime(2020, 11, 2, tzinfo=UTC)),
+)
 def test_cron_ticks_match_the_reference(cron: Cron, window: tuple[str, datetime, datetime]) -> None:
     zone, after, until = window
     schedule = Schedule("s", "t", cron=cron.text, tz=zone)
@@ -388,3 +394,25 @@ def test_scheduler_passes_enqueue_each_tick_once(
         f"missing {sorted(set(expected) - set(enqueued))[:3]}, "
         f"extra {sorted(set(enqueued) - set(expected))[:3]} (first pass {start})"
     )
+
+
+def test_scheduler_sleeps_in_the_second_pass_of_a_repeated_hour() -> None:
+    """At 01:10 EST, the second 01:10 of New York's fall-back night, ``30 1 * * *`` ran at
+    01:30 EDT an hour ago: the next tick is tomorrow. cronsim gave the past 01:30 EDT, so the
+    scheduler's sleep was 0 and it ran pass after pass until 01:30 EST."""
+    app = App("memory://")
+
+    @app.periodic(cron="30 1 * * *", tz="America/New_York")
+    @app.task(name="props.nightly")
+    def nightly() -> None: ...
+
+    now = datetime(2026, 11, 1, 6, 10, tzinfo=UTC)  # 01:10 EST
+
+    async def clock() -> float:
+        return now.timestamp()
+
+    try:
+        sleep = app.run_sync(Scheduler(app, clock=clock).seconds_to_next_tick())
+    finally:
+        app.close()
+    assert sleep == MAX_SLEEP_S
