@@ -23,7 +23,6 @@ repeated hour runs once, at its first occurrence; an hourly schedule runs in eac
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,6 +42,7 @@ Overlap = Literal["allow", "skip"]
 run as well, or ``skip`` it."""
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,14 +108,20 @@ class Schedule:
         """Tick instants (UTC) strictly after ``after`` (an aware datetime), in order."""
         after = _aware(after)
         if self.every is not None:
-            step = self.every.total_seconds()
-            n = math.floor((after - EPOCH).total_seconds() / step) + 1
+            # in whole microseconds (timedelta's unit), exactly: float seconds could round a
+            # tick to just before ``after`` or just after the next one
+            step = self.every // _MICROSECOND
+            n = (after - EPOCH) // _MICROSECOND // step + 1
             while True:
-                yield EPOCH + timedelta(seconds=n * step)
+                yield EPOCH + n * step * _MICROSECOND
                 n += 1
         assert self.cron is not None
         for local in CronSim(self.cron, after.astimezone(self.zone)):
-            yield local.astimezone(UTC)
+            tick = local.astimezone(UTC)
+            # cronsim walks a fixed-time job's wall clock: from inside the second pass of a
+            # repeated hour it gives the first, an instant before ``after``: not a tick after it
+            if tick > after:
+                yield tick
 
     def next_ticks(self, after: datetime, n: int = 3) -> list[datetime]:
         ticks = self.ticks_after(after)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import msgspec
@@ -17,6 +18,18 @@ def encode(value: Any, *, what: str) -> bytes:
         return _encoder.encode(value)
     except (TypeError, msgspec.EncodeError, OverflowError) as exc:
         raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from None
+    except UnicodeEncodeError as exc:  # a lone surrogate: not UTF-8, so not JSON text
+        raise SerializationError(
+            f"{what} cannot be stored as JSON: a str holds {exc.object[exc.start : exc.end]!r}, "
+            f"a lone surrogate, which is not text (UTF-8)"
+        ) from None
+    except ValueError as exc:  # an int of more than sys.get_int_max_str_digits() digits
+        raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from None
+    except RecursionError:  # msgspec stops at the interpreter's recursion limit
+        raise SerializationError(
+            f"{what} cannot be stored as JSON: nested too deeply (about "
+            f"{sys.getrecursionlimit():,} levels at most)"
+        ) from None
 
 
 def encode_payload(
