@@ -10,11 +10,8 @@ the temp dir, a Redis key prefix, a PostgreSQL schema of its own), ``web_app`` t
 
 from __future__ import annotations
 
-import socket
-import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -23,66 +20,21 @@ import httpx
 import psycopg
 import pytest
 import redis
-import uvicorn
+from examples._support.serving import Served
+from examples._support.serving import serve as serve_asgi
 
 from taskmill import App
 from taskmill.brokers import postgres as pg
-from taskmill.testing import wait_until
 from taskmill.web import WebConfig, create_app
 from web.webapp import build_app
 
 WEB_BROKERS = ("sqlite", "redis", "postgres")
 
 
-@dataclass
-class Served:
-    """A uvicorn server running ``create_app(app, config)`` on a thread of this process."""
-
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        assert not self.thread.is_alive(), "the uvicorn server did not stop within 15 s"
-
-
 def start_server(app: App, config: WebConfig | None = None) -> Served:
-    """Serve ``app`` on a loopback port the OS picked (bound here, so no other process can
-    take it between choosing and listening)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv_config = uvicorn.Config(
-        create_app(app, config),
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(uv_config)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            server.run(sockets=[sock])
-        except BaseException as exc:  # reported by the wait below
-            errors.append(exc)
-        finally:
-            sock.close()
-
-    thread = threading.Thread(target=run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-
-    def started() -> bool:
-        assert not errors, f"uvicorn failed to start: {errors[0]!r}"
-        assert thread.is_alive() or server.started, "uvicorn exited at start"
-        return server.started
-
-    wait_until(started, timeout=15, what="uvicorn to start")
-    return Served(f"http://127.0.0.1:{port}", server, thread)
+    """Serve ``app`` on a loopback port the OS picked (bound first, so no other process can
+    take it between choosing and listening): the examples' own serving helper."""
+    return serve_asgi(create_app(app, config), lifespan="off", grace_s=2, timeout_s=15)
 
 
 @pytest.fixture
@@ -98,6 +50,7 @@ def serve() -> Iterator[Callable[..., str]]:
     yield make
     for served in reversed(servers):
         served.stop()
+        assert not served.thread.is_alive(), "the uvicorn server did not stop within 15 s"
 
 
 # --- brokers -----------------------------------------------------------------------------------
