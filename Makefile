@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 PY_PATHS := $(wildcard src tests bench examples)
 
 .PHONY: demo test test-fast test-slow test-deps lint typecheck unit checks install bench \
-	bench-redis bench-postgres
+	bench-redis bench-postgres soak
 
 $(BIN)/python:
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -61,6 +61,10 @@ test-fast: install lint typecheck test-deps
 
 test-slow: install test-deps
 	$(BIN)/pytest -q -m slow
+
+# the fault suite at full size (docs/reliability.md): hours; run it, publish its figures
+soak: install test-deps
+	FAULTS_SIZE=full $(BIN)/pytest -rA tests/faults
 
 bench: install
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)

@@ -22,16 +22,17 @@ from faults.checker import check
 from faults.harness import Producer, Supervisor, drain, kill_children
 from faults.ledger import Ledger
 from faults.schedule import SEED_ENV, kill_schedule, seed_from_env
+from faults.sizes import sized
 from servers import NatsServer, PostgresServer, RedisServer
 from taskmill import App
 
-JOBS = 1_500
-KILLS = 8
+JOBS = sized(ci=1_500, full=100_000)
+KILLS = sized(ci=8, full=160)
 EVERY_S = 2.0
 PROCESSES = 2
 CONCURRENCY = 8
 LEASE_S = 2.0
-DRAIN_S = 75.0
+DRAIN_S = sized(ci=75.0, full=600.0)
 """Long enough for a job on NATS that waits for the 30 s sweep (docs/reliability.md)."""
 
 BROKERS = ["sqlite", "redis", "postgres", "nats"]
@@ -74,7 +75,7 @@ def cleanup() -> Iterator[list[Callable[[], None]]]:
         call()
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(sized(ci=180, full=1_800))
 def test_worker_crash_storm(
     broker_url: str, tmp_path: Path, cleanup: list[Callable[[], None]]
 ) -> None:
@@ -103,7 +104,7 @@ def test_worker_crash_storm(
     started = time.monotonic()
     producer.start()
     killed = kill_children(supervisor, ledger, schedule, start=time.monotonic())
-    producer.join(timeout=60)
+    producer.join(timeout=sized(ci=60, full=600))
     assert not producer.is_alive(), "the producer did not finish"
     assert producer.error is None, f"the producer failed: {producer.error!r}"
     states = drain(app, JOBS, timeout=DRAIN_S)
