@@ -7,9 +7,9 @@ The worker keeps the loops around them:
 - claim: take up to as many due jobs as there are free slots, in one broker call that also
   carries the outcomes waiting to be written;
 - flush: write outcomes (and coalesced progress) when no claim is coming to carry them;
-- heartbeat: extend every held lease, learn of cancels and lost leases;
+- heartbeat: extend every held lease, learn of cancels and lost leases (``leases.py``);
 - maintenance: recover expired leases (anyone's), sweep running workflows, prune old finished
-  jobs;
+  jobs (``maintenance.py``);
 - events (``App(events=True)``): publish the jobs' events in the order they were made.
 """
 
@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
 import socket
 import time
@@ -27,17 +26,19 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from taskmill._ids import workflow_of
-from taskmill.brokers.base import Broker, HandOver, HeartbeatReply
+from taskmill.brokers.base import Broker, HandOver
 from taskmill.errors import BrokerError, BrokerUnavailableError
 from taskmill.events import started
 from taskmill.job import Failed, Job, Outcome, Released, RetryAt, WorkerInfo
 from taskmill.retry import Interrupt
 from taskmill.urls import redact_url
 from taskmill.worker.execution import JobRun, Pipeline
+from taskmill.worker.leases import LeaseKeeper
+from taskmill.worker.maintenance import maintain
 from taskmill.worker.names import worker_id
 from taskmill.worker.outbox import Batch, Outbox, Publisher
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
-from taskmill.workflows import advance, sweep
+from taskmill.workflows import advance
 
 if TYPE_CHECKING:
     from taskmill.client import AppParts
@@ -116,7 +117,6 @@ class Worker:
         self.metrics = metrics
         # set once the broker is open: before it, run() only retries reaching the broker
         self.connected = asyncio.Event()
-        self.last_heartbeat_ok: float | None = None  # time.monotonic() of the last one taken
         self.started_at = time.time()
         self.jobs_done = 0
         self.processed = self.failed = 0  # runs with an outcome written, those that raised
@@ -138,6 +138,12 @@ class Worker:
         self._pipeline: Pipeline
         self._outbox: Outbox
         self._publisher: Publisher | None = None  # events on: the jobs' events
+        self._leases: LeaseKeeper | None = None
+
+    @property
+    def last_heartbeat_ok(self) -> float | None:
+        """``time.monotonic()`` when the last heartbeat the broker took came back."""
+        return None if self._leases is None else self._leases.last_ok
 
     # --- control (thread-safe) ----------------------------------------------------------------
 
@@ -189,9 +195,10 @@ class Worker:
         self.connected.set()
         await broker.attach()
         runner = self._make_parts(broker, self._loop)
-        background = self._start_loops(until_idle)
+        leases = self._keep_leases(broker)
+        background = self._start_loops(until_idle, leases)
         if self.register:
-            await self._heartbeat_once()
+            await leases.beat()
             log.info(
                 "worker %s started: queues=%s concurrency=%d pool=%s broker=%s",
                 self.id,
@@ -284,10 +291,25 @@ class Worker:
         )
         return runner
 
-    def _start_loops(self, until_idle: bool) -> list[asyncio.Task[Any]]:
+    def _keep_leases(self, broker: Broker) -> LeaseKeeper:
+        self._leases = LeaseKeeper(
+            broker,
+            self._pipeline,
+            worker_id=self.id,
+            lease_s=self.lease_s,
+            interval_s=self.heartbeat_s,
+            runs=self._running,
+            owed=self._outbox.claims,
+            info=self._info,
+            register=self.register,
+            on_heartbeat=self.on_heartbeat,
+        )
+        return self._leases
+
+    def _start_loops(self, until_idle: bool, leases: LeaseKeeper) -> list[asyncio.Task[Any]]:
         loops = [
             asyncio.create_task(self._flush_loop(), name="taskmill-flush"),
-            asyncio.create_task(self._heartbeat_loop(), name="taskmill-heartbeat"),
+            asyncio.create_task(leases.run(), name="taskmill-heartbeat"),
         ]
         if self._publisher is not None:
             loops.append(asyncio.create_task(self._publisher.run(), name="taskmill-events"))
@@ -295,7 +317,8 @@ class Worker:
             self.client.enqueue_observers.append(self.metrics.counts.enqueued)
             loops.append(asyncio.create_task(self.metrics.run(), name="taskmill-metrics"))
         if not until_idle:
-            loops.append(asyncio.create_task(self._maintenance_loop(), name="taskmill-maint"))
+            upkeep = maintain(self._broker, self.client, self.settings, self.id)
+            loops.append(asyncio.create_task(upkeep, name="taskmill-maint"))
             if self.scheduler and self.registry.schedules:
                 from taskmill.scheduler import Scheduler
 
@@ -523,36 +546,8 @@ class Worker:
                 log.error("workflow %s: advancing failed (the sweep retries): %s", workflow_id, exc)
         return bool(workflows)
 
-    # --- heartbeats -----------------------------------------------------------------------------
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            await self._heartbeat_once()
-
-    async def _heartbeat_once(self) -> None:
-        running = [r.claim for r in self._running.values()]
-        # the reply names lost jobs by id: by the time it comes, a job lost under the token
-        # sent may run here again under a new one (its retry, claimed meanwhile), not lost
-        sent_tokens = {c.job_id: c.token for c in running}
-        claims = running + self._outbox.claims()
-        if not claims and not self.register:
-            return  # an unregistered (in-process test) worker has nothing to report
-        try:
-            reply = await self._broker.heartbeat(self._info(), claims, self.lease_s)
-        except Exception as exc:
-            log.error("worker %s: heartbeat failed: %s", self.id, exc)
-            return
-        self.last_heartbeat_ok = time.monotonic()
-        if self.on_heartbeat is not None:
-            try:
-                self.on_heartbeat()
-            except Exception:  # an observer's bug must not stop the heartbeats
-                log.exception("worker %s: on_heartbeat failed", self.id)
-        await self._pipeline.renew_slots(list(self._running.values()))
-        self._interrupt_as_told(reply, sent_tokens)
-
     def _info(self) -> WorkerInfo:
+        """What a heartbeat tells the broker about this worker."""
         return WorkerInfo(
             id=self.id,
             host=socket.gethostname(),
@@ -565,42 +560,6 @@ class Worker:
             processed=self.processed,
             failed=self.failed,
         )
-
-    def _interrupt_as_told(self, reply: HeartbeatReply, sent_tokens: dict[str, str]) -> None:
-        for job_id in reply.lost:
-            run = self._running.get(job_id)
-            if run is not None and not run.lost and run.claim.token == sent_tokens.get(job_id):
-                log.warning("job %s (%s): lease lost; stopping it here", job_id, run.job.task)
-                run.lost = True
-                run.interrupt(Interrupt.LOST)
-        for job_id in reply.cancel_requested:
-            run = self._running.get(job_id)
-            if run is not None and not run.interrupted:
-                log.info("job %s (%s): cancel requested", job_id, run.job.task)
-                run.interrupt(Interrupt.CANCEL)
-
-    # --- maintenance ----------------------------------------------------------------------------
-
-    async def _maintenance_loop(self) -> None:
-        settings = self.settings
-        interval = settings.effective_recover_interval_s
-        next_prune = time.monotonic() + random.uniform(0, settings.prune_interval_s)
-        while True:
-            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-            try:
-                for job_id, state in await self._broker.recover(settings.max_lost_leases):
-                    log.warning("job %s: lease expired, recovered to %s", job_id, state.value)
-                await sweep(self.client)
-                if time.monotonic() >= next_prune:
-                    next_prune = time.monotonic() + settings.prune_interval_s
-                    await self._prune(settings.result_ttl_s)
-            except Exception as exc:
-                log.error("worker %s: maintenance failed: %s", self.id, exc)
-
-    async def _prune(self, result_ttl_s: float) -> None:
-        cutoff = await self._broker.now() - result_ttl_s
-        while await self._broker.prune(cutoff, 1000) == 1000:
-            await asyncio.sleep(0)
 
     # --- stopping -------------------------------------------------------------------------------
 
