@@ -279,11 +279,6 @@ def test_recovered_jobs_finish_elsewhere_once_and_late_outcomes_are_rejected(
     assert o.a_runs_started_in_partition == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding (T8): a partitioned worker only learns its leases are lost from a "
-    "heartbeat reply, so it cannot mark them lost while cut off; no local lease deadline",
-)
 def test_isolated_worker_marks_its_jobs_lease_lost_within_lease_plus_1s(
     observed: Observed,
 ) -> None:

@@ -61,6 +61,7 @@ def _healthy(worker: Worker, started: float | None) -> bool:
         started=started,
         max_age_s=MISSED_HEARTBEATS * worker.heartbeat_s,
         now=time.monotonic(),
+        out_of_contact=worker.out_of_contact,
     )
     return healthy
 

@@ -20,6 +20,12 @@ heartbeat after that is stuck (``"no heartbeat"``: the broker unreachable, its l
 (True, {'status': 'ok', 'heartbeat_age_s': 2.5, 'max_age_s': 6.0})
 >>> heartbeat_status(90.0, started=80.0, max_age_s=6.0, now=100.0)[1]['status']
 'stale'
+
+A worker out of contact (no heartbeat taken for longer than its lease: it dropped its jobs and
+claims none, see ``taskmill.worker.leases``) is unhealthy whatever the age says:
+
+>>> heartbeat_status(97.5, started=90.0, max_age_s=6.0, now=100.0, out_of_contact=True)
+(False, {'status': 'out of contact', 'heartbeat_age_s': 2.5, 'max_age_s': 6.0})
 """
 
 from __future__ import annotations
@@ -44,20 +50,27 @@ _MAX_REQUEST_BYTES = 8192
 
 
 def heartbeat_status(
-    last_ok: float | None, *, started: float, max_age_s: float, now: float
+    last_ok: float | None,
+    *,
+    started: float,
+    max_age_s: float,
+    now: float,
+    out_of_contact: bool = False,
 ) -> Status:
     """Healthy if the last heartbeat the broker took (``last_ok``, a ``time.monotonic()``
     value; ``None``: none yet) is at most ``max_age_s`` old, or, with none yet, if the worker
-    started (``started``, a ``time.monotonic()`` value) at most ``max_age_s`` ago."""
+    started (``started``, a ``time.monotonic()`` value) at most ``max_age_s`` ago; never while
+    ``out_of_contact``."""
     max_age_s = round(max_age_s, 3)
     if last_ok is None:
         starting = now - started <= max_age_s
         status = "starting" if starting else "no heartbeat"
         return starting, {"status": status, "heartbeat_age_s": None, "max_age_s": max_age_s}
     age = round(now - last_ok, 3)
-    healthy = age <= max_age_s
+    healthy = age <= max_age_s and not out_of_contact
+    status = "out of contact" if out_of_contact else "ok" if healthy else "stale"
     return healthy, {
-        "status": "ok" if healthy else "stale",
+        "status": status,
         "heartbeat_age_s": age,
         "max_age_s": max_age_s,
     }

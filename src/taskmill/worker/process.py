@@ -281,7 +281,11 @@ def worker_health(w: Worker) -> Callable[[], Status]:
 
     def status() -> Status:
         healthy, details = heartbeat_status(
-            w.last_heartbeat_ok, started=started, max_age_s=max_age_s, now=time.monotonic()
+            w.last_heartbeat_ok,
+            started=started,
+            max_age_s=max_age_s,
+            now=time.monotonic(),
+            out_of_contact=w.out_of_contact,
         )
         return healthy, {**details, "worker": w.id}
 

@@ -145,6 +145,12 @@ class Worker:
         """``time.monotonic()`` when the last heartbeat the broker took came back."""
         return None if self._leases is None else self._leases.last_ok
 
+    @property
+    def out_of_contact(self) -> bool:
+        """No heartbeat taken for longer than the lease: the jobs it held are marked lost and
+        it claims none until one is taken (``taskmill.worker.leases``)."""
+        return self._leases is not None and self._leases.out_of_contact
+
     # --- control (thread-safe) ----------------------------------------------------------------
 
     def stop(self) -> None:
@@ -208,7 +214,7 @@ class Worker:
                 redact_url(self.client.url),
             )
         try:
-            await self._claim_loop(until_idle)
+            await self._claim_loop(until_idle, leases)
             await self._drain()
             await self._flush_all()
         finally:
@@ -362,12 +368,11 @@ class Worker:
 
     # --- claiming -------------------------------------------------------------------------------
 
-    async def _claim_loop(self, until_idle: bool) -> None:
+    async def _claim_loop(self, until_idle: bool, leases: LeaseKeeper) -> None:
         backoff = _CLAIM_RETRY_FIRST_S
         while not self._stop_event.is_set():
-            free = self.concurrency - len(self._running)
-            if free <= 0:
-                await self._wait_for_a_slot()
+            free = await self._free_slots(leases)
+            if not free:
                 continue
             try:
                 jobs, advanced = await self._finish_and_claim(free)
@@ -389,6 +394,28 @@ class Worker:
             else:
                 self._progressed.clear()
                 await self._idle_wait(self._progressed)
+
+    async def _free_slots(self, leases: LeaseKeeper) -> int:
+        """How many jobs to claim; 0 after waiting for a free slot, or for contact (out of
+        contact, the leases are in doubt: no claim, see ``leases.py``)."""
+        free = self.concurrency - len(self._running)
+        if free <= 0:
+            await self._wait_for_a_slot()
+            return 0
+        if not leases.in_contact.is_set():
+            await self._wait_for_contact(leases)
+            return 0
+        return free
+
+    async def _wait_for_contact(self, leases: LeaseKeeper) -> None:
+        if self._outbox.pending:  # no claim will carry them meanwhile
+            self._flush_wake.set()
+        waiters = [asyncio.create_task(e.wait()) for e in (leases.in_contact, self._stop_event)]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in waiters:
+                t.cancel()
 
     async def _wait_for_a_slot(self) -> None:
         self._progressed.clear()
