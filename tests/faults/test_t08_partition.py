@@ -14,7 +14,10 @@ The scenario runs once per broker (a module fixture); each test reads what it ob
 from __future__ import annotations
 
 import json
+import re
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -72,6 +75,8 @@ class Observed:
     final: dict[str, Job]
     runs: dict[str, list[tuple[int, int]]]  # job id -> [(attempt, pid)] from the ran- marks
     a_runs_started_in_partition: int
+    health_cut_off: tuple[int, str]  # A's --health-port answer once it marked its jobs lost
+    health_healed: tuple[int, str]  # and once it heartbeated again after the heal
     lost_marked_s: dict[str, float]  # job id -> s after the partition A logged "lease lost"
     rejected: set[str]  # job ids whose outcome from A the broker rejected as stale
     log: str = field(repr=False)
@@ -94,7 +99,8 @@ def summary(o: Observed) -> str:
         f"A marked lease-lost at {lost} s (healed at {o.healed_at - o.partition_at:.2f} s); "
         f"outcomes rejected by fencing {len(o.rejected)}/{len(o.ids)}; "
         f"A runs started in the partition {o.a_runs_started_in_partition}; extra jobs sent "
-        f"in the partition started after {extra} s"
+        f"in the partition started after {extra} s; A's health cut off {o.health_cut_off}, "
+        f"after the heal {o.health_healed}"
     )
 
 
@@ -131,7 +137,9 @@ def run_partition(broker: str, url: str, host: str, port: int, tmp: Path) -> Obs
     common = ["--lease", f"{LEASE_S:g}", "--log-format", "json", "--drain-timeout", "1"]
     with FaultProxy(host, port) as proxy:
         try:
-            a = workers.start(proxy.url(url), *common, "-c", str(A_CONCURRENCY), **env)
+            a = workers.start(
+                proxy.url(url), *common, "-c", str(A_CONCURRENCY), "--health-port", "0", **env
+            )
             wait_registered(app, a, workers)
             ids = [task.send(i).id for i in range(N_JOBS)]
             wait_until(
@@ -167,11 +175,19 @@ def run_partition(broker: str, url: str, host: str, port: int, tmp: Path) -> Obs
             time.sleep(max(0.0, partition_at + PARTITION_S - time.time()))  # the outage's length
             a_in_partition = sum(1 for r in runs_of(gate) if r[2] == a.pid and r[0] not in ids)
             before_heal = all_jobs(app)
+            a_log = workers.procs[0][1]
+            health_url = wait_until(
+                lambda: _health_url(a_log.read_text()), what="A's liveness endpoint", timeout=10
+            )
+            health_cut_off = wait_until(
+                lambda: _health(health_url) if "no heartbeat taken" in a_log.read_text() else None,
+                what="A to log that it is out of contact",
+                timeout=10,
+            )
             assert a.poll() is None, f"A exited during the partition:\n{workers.output()}"
 
             healed_at = time.time()
             proxy.heal()
-            a_log = workers.procs[0][1]
 
             def outcome_settled() -> bool:
                 text = a_log.read_text()
@@ -195,6 +211,11 @@ def run_partition(broker: str, url: str, host: str, port: int, tmp: Path) -> Obs
                 timeout=15,
             )
             final = all_jobs(app)
+            health_healed = wait_until(
+                lambda: (got := _health(health_url))[0] == 200 and got,
+                what="A's liveness endpoint to answer 200 again",
+                timeout=15,
+            )
             records = log_records(a_log)
             lost_marked: dict[str, float] = {}
             rejected: set[str] = set()
@@ -220,6 +241,8 @@ def run_partition(broker: str, url: str, host: str, port: int, tmp: Path) -> Obs
                 final=final,
                 runs=runs,
                 a_runs_started_in_partition=a_in_partition,
+                health_cut_off=health_cut_off,
+                health_healed=health_healed,
                 lost_marked_s=lost_marked,
                 rejected=rejected,
                 log=workers.output(),
@@ -288,3 +311,20 @@ def test_isolated_worker_marks_its_jobs_lease_lost_within_lease_plus_1s(
         if observed.lost_marked_s.get(i, float("inf")) > LOST_MARK_BOUND_S
     }
     assert not late, f"marked lease-lost after (s), None = never: {late}"
+    code, status = observed.health_cut_off
+    assert (code, status) == (503, "out of contact"), observed.health_cut_off
+    assert observed.health_healed == (200, "ok"), observed.health_healed
+
+
+def _health_url(log: str) -> str | None:
+    match = re.search(r"liveness endpoint on (http://[0-9.]+:[0-9]+/)", log)
+    return None if match is None else match[1]
+
+
+def _health(url: str) -> tuple[int, str]:
+    """The status code and ``status`` of a ``--health-port`` answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())["status"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["status"]
