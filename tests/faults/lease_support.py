@@ -19,11 +19,13 @@ from taskmill.testing import wait_until
 BROKERS = ["sqlite", "redis", "postgres", "nats"]
 
 
-def own_broker(request: pytest.FixtureRequest, tmp_path: Path, tag: str) -> Iterator[str]:
+def own_broker(
+    request: pytest.FixtureRequest, tmp_path: Path, tag: str, ack_wait_s: float
+) -> Iterator[str]:
     """The URL of a broker of this test's own (``request.param`` names its kind): an SQLite
     file, a Redis prefix, a PostgreSQL database or a NATS prefix on the session's servers;
-    removed afterwards. NATS's ``ack_wait`` is the lease: a dispatch message a stopped worker
-    pulled comes back after it, not after the 30 s default."""
+    removed afterwards. NATS's ``ack_wait`` is ``ack_wait_s`` (the test's lease): a dispatch
+    message a stopped worker pulled comes back after it, not after the 30 s default."""
     name: str = request.param
     unique = f"{tag}{uuid.uuid4().hex[:10]}"
     if name == "sqlite":
@@ -44,7 +46,7 @@ def own_broker(request: pytest.FixtureRequest, tmp_path: Path, tag: str) -> Iter
             admin.execute(f'DROP DATABASE IF EXISTS "{unique}" WITH (FORCE)')
     else:
         nats: NatsServer = request.getfixturevalue("nats_server")
-        yield f"{nats.url}?prefix={unique}&ack_wait=2"
+        yield f"{nats.url}?prefix={unique}&ack_wait={ack_wait_s:g}"
 
 
 def jobs_of(app: App, ids: list[str]) -> dict[str, Job]:

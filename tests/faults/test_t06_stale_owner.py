@@ -38,15 +38,15 @@ PROCESSES = 2
 CONCURRENCY = 8
 JOBS = PROCESSES * CONCURRENCY
 """Every slot of A: the plan's 16 jobs of one stopped node."""
-LEASE_S = 2.0
-STOP_S = sized(ci=3 * LEASE_S, full=3 * 5.0)
+LEASE_S = sized(ci=2.0, full=5.0)
+STOP_S = 3 * LEASE_S
 """How long A stays stopped at least (3 x lease); longer if B has not finished by then."""
 RECOVER_WAIT_S = sized(ci=45.0, full=120.0)
 
 
 @pytest.fixture(params=BROKERS)
 def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield from own_broker(request, tmp_path, "t6")
+    yield from own_broker(request, tmp_path, "t6", ack_wait_s=LEASE_S)
 
 
 @pytest.fixture

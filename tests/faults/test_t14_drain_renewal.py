@@ -39,7 +39,7 @@ DRAIN_S = sized(ci=30.0, full=60.0)
 
 @pytest.fixture(params=BROKERS)
 def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield from own_broker(request, tmp_path, "t14")
+    yield from own_broker(request, tmp_path, "t14", ack_wait_s=LEASE_S)
 
 
 @pytest.fixture
