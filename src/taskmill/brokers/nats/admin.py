@@ -30,11 +30,18 @@ _Change = Callable[[Record], Awaitable[Record | None]]
 
 class Admin(Core, Broker):
     async def _records(self) -> list[tuple[Entry, Record]]:
-        out: list[tuple[Entry, Record]] = []
-        async for _, entry in self._scan("jobs"):
-            if not entry.deleted:
-                out.append((entry, record_decoder.decode(entry.value)))
-        return out
+        """Every stored job's record, once each: a scan also yields the writes made while it
+        runs, so a job that changed meanwhile comes twice (its latest revision is kept)."""
+        latest: dict[str, Entry] = {}
+        async for key, entry in self._scan("jobs"):
+            seen = latest.get(key)
+            if seen is None or entry.revision > seen.revision:
+                latest[key] = entry
+        return [
+            (entry, record_decoder.decode(entry.value))
+            for entry in latest.values()
+            if not entry.deleted
+        ]
 
     @on_io_loop
     async def get(self, job_id: str) -> Job | None:
