@@ -28,7 +28,7 @@ GOOD = sized(ci=800, full=20_000)
 PAUSE_MS = 10
 N = 3
 """``Settings.max_lost_leases``, the default."""
-MIN_RATIO = sized(ci=0.2, full=0.5)
+MIN_RATIO = sized(ci=0.1, full=0.5)
 """Good-job throughput while crash jobs are pending, against the clean run's: the plan's 50 %
 at full size, lenient at CI size (a handful of restarts on a loaded machine); printed."""
 ARGS = ("-p", "2", "-c", "4", "--lease", "2")
@@ -102,7 +102,8 @@ def test_crash_poison(
         # at most N runs: fewer when the job was lost with a process another job killed
         # before its body began (it is quarantined all the same: see docs/reliability.md)
         assert runs[job.id] <= N, (job.id, runs[job.id])
-    assert restarts == sum(runs[i] for i in crash_ids), log
+    # one restart per process a crash job took down (two bodies can share one process)
+    assert 1 <= restarts <= sum(runs[i] for i in crash_ids), log
     # a good job claimed with a crash job by the process it kills loses its lease too; one
     # that shared N such deaths is quarantined with it (reported, not lost)
     for job in collateral:
