@@ -28,9 +28,10 @@ GOOD = sized(ci=800, full=20_000)
 PAUSE_MS = 10
 N = 3
 """``Settings.max_lost_leases``, the default."""
-MIN_RATIO = sized(ci=0.1, full=0.5)
-"""Good-job throughput while crash jobs are pending, against the clean run's: the plan's 50 %
-at full size, lenient at CI size (a handful of restarts on a loaded machine); printed."""
+MIN_RATIO = sized(ci=0.2, full=0.5)
+"""Throughput of the good jobs no crash touched while crash jobs are pending, against the clean
+run's: the plan's 50 % at full size, lenient at CI size (a handful of process restarts, each
+an import of the app, on a loaded machine); printed, with the all-good-jobs figure."""
 ARGS = ("-p", "2", "-c", "4", "--lease", "2")
 
 
@@ -85,15 +86,24 @@ def test_crash_poison(
     runs = Counter(e.job_id for e in ledger.read().executions)
     pending_until = max(j.finished_at or 0.0 for j in crashers)
     last_good = max(j.finished_at or 0.0 for j in good)
-    rate = _window_rate(good, min(pending_until, last_good))
+    all_ratio = _window_rate(good, min(pending_until, last_good)) / clean_rate
+    # The throughput gate reads the good jobs no crash touched: a good job claimed in the
+    # same batch as a crash job dies with its process and waits for its lease to expire (2 s,
+    # up to 3 times), so the last good finishes, and the all-good figure, measure the lease,
+    # not the pool's work (0.10-0.55 in runs where nothing else differed)
+    untouched = [j for j in good if j.lost_leases == 0]
+    last_untouched = max(j.finished_at or 0.0 for j in untouched)
+    rate = _window_rate(untouched, min(pending_until, last_untouched))
     ratio = rate / clean_rate
+    batch_mates = sum(1 for j in good if j.lost_leases > 0)
     collateral = [j for j in good if j.state is not JobState.SUCCEEDED]
     print(
         f"T10 {name}: {CRASHERS} crash jobs, executions {sorted(runs[i] for i in crash_ids)} "
         f"(N = {N}), states {Counter(str(j.state) for j in crashers)}, lost leases "
         f"{sorted(j.lost_leases for j in crashers)}; restarts {restarts}; good {len(good)}, "
-        f"not succeeded {len(collateral)}; good throughput while crash jobs pending "
-        f"{rate:.0f}/s vs clean {clean_rate:.0f}/s (ratio {ratio:.2f})"
+        f"lost a lease with a crash {batch_mates}, quarantined {len(collateral)}; untouched "
+        f"good throughput while crash jobs pending {rate:.0f}/s vs clean {clean_rate:.0f}/s "
+        f"(ratio {ratio:.2f}; all good {all_ratio:.2f})"
     )
     for job in crashers:
         assert job.state is JobState.FAILED, (job.id, job.state)
