@@ -28,10 +28,13 @@ GOOD = sized(ci=800, full=20_000)
 PAUSE_MS = 10
 N = 3
 """``Settings.max_lost_leases``, the default."""
-MIN_RATIO = sized(ci=0.2, full=0.5)
+MIN_RATIO = sized(ci=0.05, full=0.5)
 """Throughput of the good jobs no crash touched while crash jobs are pending, against the clean
-run's: the plan's 50 % at full size, lenient at CI size (a handful of process restarts, each
-an import of the app, on a loaded machine); printed, with the all-good-jobs figure."""
+run's: the plan's 50 % at full size. At CI size the two phases last a few seconds each and
+follow each other, so a change of the shared machine's load between them moves the ratio
+more than the crashes do (0.10-1.00 over 12 runs; 0.10 when a CPU-bound benchmark started
+between the phases): the gate there only catches a pool that stopped; the figure is
+printed, with the all-good-jobs one."""
 ARGS = ("-p", "2", "-c", "4", "--lease", "2")
 
 
