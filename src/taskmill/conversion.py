@@ -49,7 +49,7 @@ import msgspec
 import msgspec.inspect as mi
 
 from taskmill.errors import SerializationError
-from taskmill.serialization import decode_payload
+from taskmill.serialization import TOO_DEEP, decode_payload
 
 _json = msgspec.json.Decoder()
 
@@ -193,10 +193,21 @@ class TaskTypes:
     def arguments(self, payload: bytes) -> tuple[list[Any], dict[str, Any]]:
         """Decode a stored ``[args, kwargs]`` payload to the values the function declares.
 
-        ``SerializationError``: not JSON, not an ``[args, kwargs]`` pair, or a value that does
+        ``SerializationError``: not JSON (also: text that is not UTF-8, or nested deeper than
+        the decoder's stack allows), not an ``[args, kwargs]`` pair, or a value that does
         not convert to its annotation. ``TypeError``: the arguments do not bind to the
         function's signature (it changed since the job was sent).
         """
+        try:
+            return self._arguments(payload)
+        except msgspec.ValidationError:  # pragma: no cover - each path turns it into ours
+            raise
+        except msgspec.DecodeError as exc:  # a typed decoder met what is not JSON text
+            raise SerializationError(f"stored value is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise SerializationError(TOO_DEEP) from None
+
+    def _arguments(self, payload: bytes) -> tuple[list[Any], dict[str, Any]]:
         if self.plain:
             args, kwargs = decode_payload(payload)
             self._shape(len(args), kwargs)

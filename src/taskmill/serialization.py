@@ -52,11 +52,19 @@ def encode_payload(
     return data
 
 
+TOO_DEEP = (
+    "stored value is nested too deeply to decode (more levels than the interpreter's "
+    f"recursion limit, {sys.getrecursionlimit():,}, allows)"
+)
+
+
 def decode(data: bytes | str) -> Any:
     try:
         return _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise SerializationError(f"stored value is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise SerializationError(TOO_DEEP) from None
 
 
 def decode_payload(data: bytes) -> tuple[list[Any], dict[str, Any]]:
@@ -81,7 +89,7 @@ def payload_options(data: bytes) -> dict[str, Any]:
     skipped, not decoded; ``SerializationError`` if the options are malformed."""
     try:
         items = _raw_items.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return {}  # not a list: decode_payload says what is wrong with it
     if len(items) != 3:
         return {}
@@ -108,5 +116,5 @@ def try_decode(data: bytes) -> Any:
     """Decode for display: a corrupt value is shown as text rather than raising."""
     try:
         return _decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return data.decode("utf-8", "replace")

@@ -16,6 +16,7 @@ import pytest
 
 from taskmill import App
 from taskmill.context import JobContext
+from taskmill.errors import TaskTimeoutError
 from taskmill.task import Task
 from taskmill.worker import pools
 from taskmill.worker.pools import ThreadRunner
@@ -228,3 +229,57 @@ def test_threads_are_daemons_started_on_demand_and_end_when_closed(app: App) -> 
     while seen[0].is_alive() and time.monotonic() < deadline:
         seen[0].join(0.05)
     assert not seen[0].is_alive()
+
+
+def test_a_thread_stuck_past_its_hard_limit_is_replaced_up_to_the_pool_size(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run given up at its hard time limit keeps its thread (it cannot be stopped), but
+    not the pool's capacity: another thread takes its place, as many as the pool has threads;
+    past that the pool says it is shrinking (CRITICAL). Threads that come back unstuck end
+    while the pool has more than it needs."""
+    release = threading.Event()
+
+    def work(what: str) -> str:
+        if what == "hang":
+            release.wait(20)  # deaf to current_job().cancelled
+        return what
+
+    task = app.task(name="work")(work)
+
+    async def limited(runner: ThreadRunner, what: str, i: int) -> Any:
+        return await runner.call(task, [what], {}, context(i), 0.2)
+
+    async def main() -> None:
+        runner = ThreadRunner(2)
+        try:
+            for i in range(2):  # as many hung runs as threads: both replaced
+                with pytest.raises(TaskTimeoutError):
+                    await limited(runner, "hang", i)
+            assert await limited(runner, "ok", 10) == "ok"
+            assert await asyncio.gather(*(limited(runner, "ok", 20 + i) for i in range(2))) == [
+                "ok",
+                "ok",
+            ]
+            assert "CRITICAL" not in caplog.text
+            for i in range(2):  # past the bound: no replacement for these
+                with pytest.raises(TaskTimeoutError):
+                    await limited(runner, "hang", 30 + i)
+            with pytest.raises(TaskTimeoutError):  # no thread left to run it
+                await limited(runner, "ok", 40)
+            assert caplog.text.count("restart this worker") == 2
+            release.set()  # the stuck calls return; the pool is back to 2 threads
+            assert await limited(runner, "ok", 50) == "ok"
+            pool = runner._pool
+            assert pool is not None
+            deadline = time.monotonic() + 10
+            while len(pool._threads) > 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert len(pool._threads) == 2 and pool._stuck == 0
+        finally:
+            release.set()
+            runner.close()
+
+    with caplog.at_level("WARNING", logger="taskmill.worker"):
+        asyncio.run(main())
+    assert caplog.text.count("another thread takes its place") == 2

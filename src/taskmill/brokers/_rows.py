@@ -84,6 +84,20 @@ def decode_error(raw: bytes | str | None) -> ErrorInfo | None:
         return ErrorInfo("unknown", text)
 
 
+def unreadable_record(where: str, exc: BaseException) -> ErrorInfo:
+    """The error of a stored record that cannot be read as a job (written by another tool,
+    or damaged): brokers fail it without running it, and carry on with the others.
+
+    >>> unreadable_record("seq 7", KeyError("task")).message[:64]
+    "stored record (seq 7) cannot be read as a job (KeyError: 'task')"
+    """
+    return ErrorInfo(
+        "taskmill.errors.SerializationError",
+        f"stored record ({where}) cannot be read as a job ({type(exc).__name__}: {exc}); "
+        "failed without running",
+    )
+
+
 def job_from_row(r: Sequence[Any]) -> Job:
     """A job from the values of ``JOB_COLUMNS``, in that order."""
     return Job(
@@ -91,7 +105,7 @@ def job_from_row(r: Sequence[Any]) -> Job:
         task=r[1],
         queue=r[2],
         state=JobState(r[3]),
-        payload=r[4] if isinstance(r[4], bytes) else bytes(r[4]),
+        payload=r[4] if isinstance(r[4], bytes) else _blob(r[4]),
         priority=r[5],
         attempt=r[6],
         max_attempts=r[7],
@@ -112,6 +126,16 @@ def job_from_row(r: Sequence[Any]) -> Job:
         progress_message=r[22],
         meta=decode_meta(r[23]),
     )
+
+
+def _blob(value: object) -> bytes:
+    """A payload read as another type than bytes: a ``memoryview``, or text (SQLite stores
+    what it is given: a row written by another tool may hold its JSON as TEXT)."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (memoryview, bytearray)):
+        return bytes(value)
+    raise TypeError(f"payload stored as {type(value).__name__}, not bytes")
 
 
 SUCCEEDED, RETRY, FAILED, CANCELLED, RELEASED = "S", "R", "F", "C", "L"

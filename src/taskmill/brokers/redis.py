@@ -67,6 +67,7 @@ from taskmill.brokers._rows import (
     RETRY,
     decode_error,
     flatten_outcomes,
+    unreadable_record,
 )
 from taskmill.brokers.base import (
     Broker,
@@ -96,6 +97,7 @@ from taskmill.errors import (
 )
 from taskmill.job import (
     Claim,
+    Failed,
     Finish,
     Job,
     JobState,
@@ -215,6 +217,24 @@ def _job(fields: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         progress_message=_text(d.get(b"progress_message")),
         meta=decode_meta(d.get(b"meta")),
     )
+
+
+def _listable(replies: Sequence[Any]) -> list[Job]:
+    """The jobs of HGETALL replies (empty ones: deleted meanwhile); a hash that does not read
+    as a job is left out (logged), so a listing shows the others."""
+    try:
+        return [_job(flat) for flat in replies if flat]
+    except Exception:
+        pass
+    jobs = []
+    for flat in replies:
+        if flat:
+            try:
+                jobs.append(_job(flat))
+            except Exception as exc:
+                shown = flat.get(b"id", b"?")[:80]
+                log.warning("listing leaves out job hash %r, unreadable: %r", shown, exc)
+    return jobs
 
 
 def _run_at_of_score(score: float) -> float:
@@ -663,8 +683,30 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             self._delivered.setdefault(worker_id, [])[:0] = acked
             raise
         applied = [c == "1" for c in reply[1].decode()]
-        jobs = [_job(flat) for flat in reply[2:]]
+        try:
+            jobs = [_job(flat) for flat in reply[2:]]
+        except Exception:  # one hash is unreadable: the others are claimed all the same
+            jobs = await self._readable(reply[2:], token)
         return applied, jobs
+
+    async def _readable(self, replies: Sequence[Any], token: str) -> list[Job]:
+        """The jobs of claimed hashes that read as jobs; each other one is failed at once
+        (``SerializationError`` naming its key and what is wrong), logged, not run. The claim
+        wrote its ``id``, ``queue`` and lease token, so a finish can fail it."""
+        jobs: list[Job] = []
+        failures: list[Finish] = []
+        for flat in replies:
+            try:
+                jobs.append(_job(flat))
+            except Exception as exc:
+                fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+                job_id = fields[b"id"].decode("utf-8", "replace")
+                error = unreadable_record(f"key {self._key('job', job_id)}", exc)
+                log.error("%s", error.message)
+                failures.append(Finish(Claim(job_id, token), Failed(error)))
+        if failures:
+            await self._eval("finish", repr(self.result_ttl_s), *_finish_args(failures))
+        return jobs
 
     @on_io_loop
     async def heartbeat(
@@ -998,7 +1040,7 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         async with self._client().pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(self._key("job", job_id))
-            return [_job(flat) for flat in await pipe.execute() if flat]
+            return _listable(await pipe.execute())
 
     async def _count(
         self, client: Any, query: JobQuery, indexes: list[tuple[str, JobState]], sizes: list[int]

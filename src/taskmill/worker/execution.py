@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskmill.brokers.features import limit_store
 from taskmill.context import JobContext
-from taskmill.errors import SerializationError, UnknownTaskError
+from taskmill.errors import PayloadTooLargeError, SerializationError, UnknownTaskError
 from taskmill.hooks import HookName, JobView, arun_hooks, instrumented_run
 from taskmill.job import Claim, Failed, Job, Outcome, RetryAt, Succeeded
 from taskmill.limits import hold_slot, wait_for_rate_slots
@@ -107,6 +107,7 @@ class Pipeline:
         finished: Callable[[JobRun, Outcome], None],
         metrics: JobMetrics | None = None,
         hook_threads: int = 8,
+        max_payload_bytes: int | None = None,
     ) -> None:
         self.registry = registry
         self.runner = runner
@@ -117,6 +118,9 @@ class Pipeline:
         """The last step: the worker takes the outcome (to the outbox)."""
         self.metrics = metrics
         """Counts each outcome with its run time (``--metrics-port``)."""
+        self.max_payload_bytes = max_payload_bytes
+        """A stored payload longer than this fails its job unread (the app's limit at send;
+        a longer one was written by something else: an older app, another tool)."""
         # sync hooks' threads: not the loop's executor, which refuses work at interpreter
         # exit, when a worker thread stopped from an atexit hook drains its jobs
         self.hook_threads = DaemonThreads(hook_threads, "taskmill-hooks")
@@ -226,8 +230,8 @@ class Pipeline:
         if task is None:
             return None  # the call step fails it as unknown
         try:  # decoded once for the run: hooks, current_job() and the call read them too
-            args, kwargs = arguments(task, r.job, r.ctx)
-        except (SerializationError, TypeError) as exc:
+            args, kwargs = self._arguments(task, r)
+        except (SerializationError, PayloadTooLargeError, TypeError) as exc:
             return self._decide(r, exc=exc)
         buckets = self.registry.rate_buckets(task, r.job)
         if buckets:
@@ -250,8 +254,8 @@ class Pipeline:
         if task is None:
             return self._decide(r, exc=unknown_task(self.registry, r.job))
         try:
-            args, kwargs = arguments(task, r.job, r.ctx)
-        except (SerializationError, TypeError) as exc:
+            args, kwargs = self._arguments(task, r)
+        except (SerializationError, PayloadTooLargeError, TypeError) as exc:
             return self._decide(r, exc=exc)
         try:
             soft_s = soft_limit_s(task, r.job)
@@ -270,6 +274,16 @@ class Pipeline:
         except BaseException as exc:
             return self._decide(r, exc=exc, policy=task.policy)
         return self._decide(r, result=result)
+
+    def _arguments(self, task: TaskDefinition, r: JobRun) -> tuple[list[Any], dict[str, Any]]:
+        """``arguments``, after checking the stored payload's size against the app's limit."""
+        limit = self.max_payload_bytes
+        if limit is not None and len(r.job.payload) > limit and r.ctx._arguments is None:
+            raise PayloadTooLargeError(
+                f"stored arguments of task {task.name!r} are {len(r.job.payload):,} bytes; the "
+                f"limit is {limit:,} (App(max_payload_bytes=...)): not decoded"
+            )
+        return arguments(task, r.job, r.ctx)
 
     async def _call_instrumented(
         self,

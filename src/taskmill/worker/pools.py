@@ -174,6 +174,10 @@ class _Call:
     kwargs: dict[str, Any]
     started: threading.Event | None
     expected_s: float  # how long calls of ``fn`` took lately
+    # under TaskThreads._lock: a thread took it, it returned, its run was given up (abandon)
+    running: bool = False
+    done: bool = False
+    abandoned: bool = False
 
 
 class TaskThreads:
@@ -201,6 +205,14 @@ class TaskThreads:
     Threads are daemons, started on demand up to ``threads``: ``ThreadPoolExecutor`` joins its
     threads at interpreter exit, so one sync task that ignores ``current_job().cancelled``
     would keep a stopped worker's process alive after its job was handed back.
+
+    A call whose run was given up while it ran (``abandon``: its hard time limit passed) keeps
+    its thread until the function returns, which may be never. So that the pool still runs
+    ``threads`` calls at once, such a thread is not counted: a replacement may start, up to
+    ``threads`` replacements (at most twice ``threads`` threads in all). Past that bound the
+    pool shrinks by one thread per further abandoned run, and says so (CRITICAL, each time): the
+    worker should be restarted. A stuck thread whose call does return later ends if the pool
+    has more threads than it needs.
     """
 
     def __init__(
@@ -221,6 +233,8 @@ class TaskThreads:
         self._queued_s = 0.0  # the expected durations of the calls queued, summed
         self._idle: list[threading.Lock] = []  # a sleeping thread's wake-up (held while asleep)
         self._threads: list[threading.Thread] = []
+        self._started = 0  # threads ever started (their names' numbers)
+        self._stuck = 0  # threads running an abandoned call
         self._awake = 0  # threads running a call or about to look at the queue
         self._last_start = 0.0  # time.monotonic() at which a thread last took a call
         self._durations: dict[Callable[..., Any], float] = {}  # see expected_s
@@ -260,7 +274,7 @@ class TaskThreads:
         self._kick_due = False
         with self._lock:
             wanted = min(len(self._queue), max(1, math.ceil(self._queued_s / self._spread_s)))
-            for _ in range(wanted - self._awake):
+            for _ in range(wanted - (self._awake - self._stuck)):
                 if not self._wake_one():
                     break
 
@@ -270,16 +284,17 @@ class TaskThreads:
             self._awake += 1
             self._idle.pop().release()
             return True
-        if len(self._threads) < self._max:
+        if len(self._threads) < self._max + min(self._stuck, self._max):
             self._awake += 1
             wake = threading.Lock()
             wake.acquire()
             thread = threading.Thread(
                 target=self._work,
                 args=(wake,),
-                name=f"{self._name}_{len(self._threads)}",
+                name=f"{self._name}_{self._started}",
                 daemon=True,
             )
+            self._started += 1
             self._threads.append(thread)
             thread.start()
             return True
@@ -303,6 +318,37 @@ class TaskThreads:
         if again:
             self._watch = self._loop.call_later(self._stall_s, self._on_watch)
 
+    def abandon(self, call: _Call) -> None:
+        """``call``'s run is given up (on the loop's thread: its hard time limit passed). If
+        a thread is running it, that thread no longer counts against ``threads``: another
+        may start in its place (see the class)."""
+        with self._lock:
+            if not call.running or call.done or call.abandoned:
+                return  # not started (it never will: its future is cancelled) or returned
+            call.abandoned = True
+            self._stuck += 1
+            stuck, replaced = self._stuck, self._stuck <= self._max
+            if replaced and self._queue:
+                self._wake_one()
+        if replaced:
+            log.warning(
+                "a task thread is stuck in a run given up at its hard time limit; another "
+                "thread takes its place (%d stuck, at most %d replaced; --pool process can "
+                "stop such runs)",
+                stuck,
+                self._max,
+            )
+        else:
+            log.critical(
+                "%d task threads are stuck in runs given up at their hard time limits, more "
+                "than the %d the pool replaces: it now runs %d sync calls at once instead of "
+                "%d; restart this worker (--pool process stops such runs)",
+                stuck,
+                self._max,
+                max(2 * self._max - stuck, 0),
+                self._max,
+            )
+
     def _work(self, wake: threading.Lock) -> None:
         while True:
             with self._lock:
@@ -310,6 +356,7 @@ class TaskThreads:
                 if call is not None:
                     self._queued_s -= call.expected_s
                     self._last_start = time.monotonic()
+                    call.running = True
                 else:
                     self._awake -= 1
                     if self._closed:
@@ -317,8 +364,30 @@ class TaskThreads:
                     self._idle.append(wake)
             if call is None:
                 wake.acquire()  # released by _wake_one (or shutdown)
-            elif not call.future.cancelled():  # else: given up before it started (a stop)
+                continue
+            if not call.future.cancelled():  # else: given up before it started (a stop)
                 self._run(call)
+            else:
+                with self._lock:
+                    self._returned(call)
+            if call.abandoned and self._surplus():
+                return
+
+    def _returned(self, call: _Call) -> None:
+        """``call`` is over on its thread (under the lock)."""
+        call.done = True
+        if call.abandoned:
+            self._stuck -= 1
+
+    def _surplus(self) -> bool:
+        """After an abandoned call returned: end this thread if the pool has more than it
+        needs (its replacement started meanwhile)."""
+        with self._lock:
+            if len(self._threads) <= self._max + min(self._stuck, self._max):
+                return False
+            self._threads.remove(threading.current_thread())
+            self._awake -= 1
+            return True
 
     def _run(self, call: _Call) -> None:
         began = time.monotonic()
@@ -334,6 +403,7 @@ class TaskThreads:
             known = self._durations.get(call.fn)
             self._durations[call.fn] = took if known is None else min(took, known * _RISE)
             self._results.append((call, value, error))
+            self._returned(call)
             hand_over = not self._delivery_due and not self._queue
             self._delivery_due |= hand_over
         if hand_over:
@@ -417,6 +487,7 @@ class ThreadRunner:
         loop = asyncio.get_running_loop()
         if self._pool is None:
             self._pool = TaskThreads(self._threads, "taskmill-task", loop, _SPREAD_S, _STALL_S)
+        pool = self._pool
         fut = loop.create_future()
         # An idle worker's first job: the loop goes straight on to its next claim, holding
         # the GIL for that while the woken thread waits for it (a few hundred microseconds
@@ -425,10 +496,10 @@ class ThreadRunner:
         # a no-op job a quarter of its CPU time.
         lone = not self._active and time.monotonic() - self._last_done >= _QUIET_S
         started = threading.Event() if lone else None
-        expected = self._pool.expected_s(task.fn)
+        expected = pool.expected_s(task.fn)
         context = contextvars.copy_context()
         call = _Call(fut, context, ctx, task.fn, args, kwargs, started, expected)
-        self._pool.submit(call, now=started is not None)
+        pool.submit(call, now=started is not None)
         if started is not None:
             started.wait(_HANDOFF_WAIT_S)
         self._active += 1
@@ -439,6 +510,9 @@ class ThreadRunner:
         )
         try:
             return await self._result(fut, task, ctx, timeout_s)
+        except TaskTimeoutError:
+            pool.abandon(call)
+            raise
         finally:
             self._active -= 1
             if not self._active:

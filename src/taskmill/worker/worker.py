@@ -284,6 +284,7 @@ class Worker:
             finished=self._finished,
             metrics=counts,
             hook_threads=min(self.concurrency, 32),
+            max_payload_bytes=self.settings.max_payload_bytes,
         )
         if self._events_on:
             self._publisher = Publisher(broker, worker_id=self.id)

@@ -40,8 +40,10 @@ end
 local function start_job(id, queue, worker, token, expires, now)
   local jk = job_key(id)
   redis.call('HINCRBY', jk, 'attempt', 1)
+  -- id and queue too: a hash written by another tool without them still names its job, and
+  -- a finish can find its queue (the Python side fails a hash it cannot read as a job)
   redis.call('HSET', jk, 'state', 'running', 'lease_token', token, 'lease_expires_at', expires,
-    'worker_id', worker, 'started_at', now, 'cancel_requested', 0)
+    'worker_id', worker, 'started_at', now, 'cancel_requested', 0, 'id', id, 'queue', queue)
   redis.call('ZADD', P .. 'running', expires, id)
   redis.call('SADD', qkey(queue, 'running'), id)
 end

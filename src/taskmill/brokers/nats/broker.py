@@ -34,6 +34,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from taskmill.brokers._io import on_io_loop
+from taskmill.brokers._rows import unreadable_record
 from taskmill.brokers.base import (
     Broker,
     Capabilities,
@@ -438,10 +439,10 @@ class NatsBroker(Features, Recovery, Broker):
             else:
                 await msg.nak(0.05)
             return None, None
-        if entry.deleted:
+        record = None if entry.deleted else await self._decoded(pointer, entry, now)
+        if record is None:  # deleted, or set aside: unreadable
             await msg.term()
             return None, None
-        record = record_decoder.decode(entry.value)
         if record.gen != pointer.gen:
             if record.gen < pointer.gen and _age(msg, now) < GRACE_S:
                 await msg.nak(0.05)  # the record of this dispatch is being written
@@ -459,6 +460,43 @@ class NatsBroker(Features, Recovery, Broker):
         else:
             await msg.term()
         return None, None
+
+    async def _decoded(self, pointer: Pointer, entry: Entry, now: float) -> Record | None:
+        try:
+            return record_decoder.decode(entry.value)
+        except msgspec.DecodeError as exc:
+            await self._set_aside(pointer, entry, now, exc)
+            return None
+
+    async def _set_aside(
+        self, pointer: Pointer, entry: Entry, now: float, exc: BaseException
+    ) -> None:
+        """A job's KV record that does not decode (written by another tool, or damaged):
+        replace it (CAS on its revision) with a failed record that keeps its bytes as the
+        payload and names it in its error, so claims, listings and the recovery scan go on."""
+        first = pointer.record
+        error = unreadable_record(f"KV record of id {pointer.id!r:.80}", exc)
+        record = Record(
+            id=pointer.id,
+            task=first.task if first is not None else "?",
+            queue=first.queue if first is not None else "?",
+            state=JobState.FAILED,
+            payload=entry.value,
+            priority=pointer.priority,
+            run_at=pointer.run_at,
+            enqueued_at=first.enqueued_at if first is not None else now,
+            finished_at=now,
+            error=error,
+            gen=pointer.gen,
+            seq=pointer.seq,
+        )
+        try:
+            await self._put(
+                "jobs", token(pointer.id), record_encoder.encode(record), entry.revision
+            )
+        except CasError:
+            return  # changed meanwhile: whoever changed it deals with it
+        log.error("%s", error.message)
 
     async def _redelivered_running(
         self, msg: Msg, record: Record, revision: int, now: float

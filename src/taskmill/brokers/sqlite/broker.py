@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import sqlite3
 import threading
@@ -21,12 +22,15 @@ import msgspec
 from taskmill.brokers._rows import (
     CANCELLED,
     FAILED,
+    JOB_COLUMNS,
     RECOVERED_ERROR_TYPE,
     RECOVERED_MESSAGE,
     RETRY,
     SUCCEEDED,
+    encode_error,
     flatten_outcomes,
     job_from_row,
+    unreadable_record,
 )
 from taskmill.brokers.base import (
     Broker,
@@ -63,6 +67,47 @@ from taskmill.job import (
     WorkerInfo,
 )
 from taskmill.meta import encode_meta
+
+log = logging.getLogger("taskmill.broker")
+
+
+_UNDECODABLE = "Could not decode to UTF-8"
+"""What ``sqlite3`` says when a text column holds bytes that are not UTF-8."""
+
+
+def _fetch_lenient(c: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """``sql``'s rows; text that is not UTF-8 read with U+FFFD for the bad bytes, not raised
+    (a listing must show the other records)."""
+    try:
+        return c.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if _UNDECODABLE not in str(exc):
+            raise
+    c.text_factory = lambda raw: raw.decode("utf-8", "replace")
+    try:
+        return c.execute(sql, params).fetchall()
+    finally:
+        c.text_factory = str
+
+
+def _listable(rows: Sequence[Any]) -> list[Job]:
+    """The jobs of ``rows`` that read as jobs; the others are left out (logged)."""
+    jobs = []
+    for r in rows:
+        try:
+            jobs.append(job_from_row(r[1:]))
+        except Exception as exc:
+            log.warning("listing leaves out stored record seq %s, id %.80r: %r", r[0], r[1], exc)
+    return jobs
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
 
 EVENTS_KEPT_S = 3600.0
 """Events are a polled table here: kept an hour, so a subscriber that polls late misses none."""
@@ -333,6 +378,27 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         finishes: Sequence[Finish],
         applied: list[bool],
     ) -> list[Job]:
+        try:
+            return self._claim_once(queues, limit, worker_id, lease_s, finishes, applied)
+        except BrokerError as exc:
+            if _UNDECODABLE not in str(exc):
+                raise
+            # a text column of a candidate is not UTF-8: the claim rolled back. Set the
+            # unreadable records aside (another worker may have done so first), then claim
+            # again, once (else every claim would fail on them)
+            del applied[:]
+            self._set_aside_undecodable(queues, limit)
+        return self._claim_once(queues, limit, worker_id, lease_s, finishes, applied)
+
+    def _claim_once(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_s: float,
+        finishes: Sequence[Finish],
+        applied: list[bool],
+    ) -> list[Job]:
         # listen before the first claim, so a notify after an empty claim is not missed; and
         # the baseline for wait(): any commit after this wakes it
         self._wake.listener()
@@ -353,7 +419,84 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         if notify:
             self._wake.notify()
         rows.sort(key=lambda r: (-r[6], r[9], r[0]))  # priority desc, run_at, enqueue order
-        return [job_from_row(r[1:]) for r in rows]
+        try:
+            return [job_from_row(r[1:]) for r in rows]
+        except Exception:  # one record is unreadable: the others are claimed all the same
+            return self._readable(rows, token)
+
+    def _readable(self, rows: list[Any], token: str) -> list[Job]:
+        """The jobs of claimed ``rows`` that read as jobs; each other one is failed at once
+        (``SerializationError`` naming the record and what is wrong), logged, not run."""
+        jobs: list[Job] = []
+        bad: list[tuple[bytes, int]] = []
+        for r in rows:
+            try:
+                jobs.append(job_from_row(r[1:]))
+            except Exception as exc:
+                error = unreadable_record(f"seq {r[0]}, id {r[1]!r:.80}", exc)
+                log.error("%s", error.message)
+                bad.append((encode_error(error), r[0]))
+        now = time.time()
+        with self._db.write() as c:
+            c.executemany(
+                "UPDATE taskmill_jobs SET state = 'failed', error = ?, finished_at = ?,"
+                " lease_token = NULL, lease_expires_at = NULL, payload = CAST(payload AS BLOB)"
+                " WHERE seq = ? AND lease_token = ? AND state = 'running'",
+                [(error, now, seq, token) for error, seq in bad],
+            )
+        return jobs
+
+    def _set_aside_undecodable(self, queues: Sequence[str], limit: int) -> bool:
+        """Fail the queued records first in line whose text columns are not UTF-8 (``sqlite3``
+        cannot read them: any statement returning one raises). Each such column is rewritten
+        readable (the id as ``unreadable-SEQ``, a payload as its bytes, other text with
+        U+FFFD for the bad bytes); the error keeps the original bytes, in hex. True if any."""
+        now = time.time()
+        marks = ",".join("?" * len(queues))
+        probe = ", ".join(f"typeof({col}), CAST({col} AS BLOB)" for col in JOB_COLUMNS)
+        found = False
+        with self._db.write() as c:
+            c.text_factory = bytes
+            try:
+                rows = c.execute(
+                    f"SELECT seq, {probe} FROM taskmill_jobs WHERE state = 'queued' AND queue"
+                    f" IN ({marks}) ORDER BY priority DESC, run_at, seq LIMIT ?",
+                    [*queues, limit],
+                ).fetchall()
+            finally:
+                c.text_factory = str
+            for row in rows:
+                seq, values = row[0], row[1:]
+                unreadable: dict[str, bytes] = {}
+                for i, col in enumerate(JOB_COLUMNS):
+                    kind, raw = values[2 * i], values[2 * i + 1]
+                    if kind == b"text" and not _utf8(raw):
+                        unreadable[col] = raw
+                if not unreadable:
+                    continue
+                found = True
+                what = ", ".join(f"{col} {raw[:64].hex()}" for col, raw in unreadable.items())
+                error = unreadable_record(
+                    f"seq {seq}", ValueError(f"text not valid UTF-8 (hex): {what}")
+                )
+                log.error("%s", error.message)
+                sets: list[str] = []
+                params: list[Any] = []
+                for col, raw in unreadable.items():
+                    sets.append(f"{col} = ?")  # col: one of JOB_COLUMNS
+                    if col == "id":
+                        params.append(f"unreadable-{seq}")
+                    elif col in ("payload", "result"):
+                        params.append(raw)
+                    else:
+                        params.append(raw.decode("utf-8", "replace"))
+                c.execute(
+                    f"UPDATE taskmill_jobs SET {', '.join(sets)}, state = 'failed', error = ?,"
+                    " finished_at = ?, lease_token = NULL, lease_expires_at = NULL"
+                    " WHERE seq = ?",
+                    (*params, encode_error(error), now, seq),
+                )
+        return found
 
     def _claim_statement(self, n_queues: int) -> str:
         sql = self._claim_sql.get(n_queues)
@@ -570,11 +713,14 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             f"ORDER BY {order} LIMIT ?"
         )
         with self._db.snapshot() as c:  # one state of the file for the page and its count
-            rows = c.execute(sql, [*page_params, limit + 1]).fetchall()
+            rows = _fetch_lenient(c, sql, [*page_params, limit + 1])
             total, estimated = None, False
             if count:
                 total, estimated = _count(c, query)
-        jobs = [job_from_row(r[1:]) for r in rows[:limit]]
+        try:
+            jobs = [job_from_row(r[1:]) for r in rows[:limit]]
+        except Exception:  # a record no worker claimed yet that does not read as a job
+            jobs = _listable(rows[:limit])
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1]
