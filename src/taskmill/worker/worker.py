@@ -9,7 +9,7 @@ The worker keeps the loops around them:
 - flush: write outcomes (and coalesced progress) when no claim is coming to carry them;
 - heartbeat: extend every held lease, learn of cancels and lost leases;
 - maintenance: recover expired leases (anyone's), sweep running workflows, prune old finished
-  jobs;
+  jobs, and now and then ask the broker what needs an operator (``health_warnings``);
 - events (``App(events=True)``): publish the jobs' events in the order they were made.
 """
 
@@ -51,6 +51,8 @@ _START_RETRY_CAP_S = 30.0
 _CLAIM_RETRY_FIRST_S = 0.05
 _CLAIM_RETRY_CAP_S = 5.0
 _FLUSH_RETRY_S = 0.5
+HEALTH_CHECK_S = 10.0
+"""How often the maintenance loop asks the broker for its ``health_warnings``."""
 
 
 class Worker:
@@ -133,6 +135,7 @@ class Worker:
         self._idle_task: asyncio.Task[list[Job]] | None = None
         self._events_on = settings.events
         self._fatal: BrokerError | None = None  # a permanent broker error: run() raises it
+        self.broker_warnings: dict[str, str] = {}  # the broker's health_warnings, last asked
         # made by run(), once the broker is open
         self._broker: Broker
         self._pipeline: Pipeline
@@ -585,6 +588,7 @@ class Worker:
         settings = self.settings
         interval = settings.effective_recover_interval_s
         next_prune = time.monotonic() + random.uniform(0, settings.prune_interval_s)
+        next_check = time.monotonic()
         while True:
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))
             try:
@@ -594,8 +598,20 @@ class Worker:
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + settings.prune_interval_s
                     await self._prune(settings.result_ttl_s)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + HEALTH_CHECK_S
+                    self._note_warnings(await self._broker.health_warnings())
             except Exception as exc:
                 log.error("worker %s: maintenance failed: %s", self.id, exc)
+
+    def _note_warnings(self, found: dict[str, str]) -> None:
+        """Log each warning once while it lasts (a key new since the last check), and its end."""
+        for key, message in found.items():
+            if key not in self.broker_warnings:
+                log.warning("worker %s: broker warning (%s): %s", self.id, key, message)
+        for key in self.broker_warnings.keys() - found.keys():
+            log.info("worker %s: broker warning (%s) is over", self.id, key)
+        self.broker_warnings = found
 
     async def _prune(self, result_ttl_s: float) -> None:
         cutoff = await self._broker.now() - result_ttl_s
