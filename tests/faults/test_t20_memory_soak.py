@@ -6,7 +6,8 @@ The worker's RSS, open fds and threads are read from ``/proc`` at every twentiet
 (by jobs done, as its heartbeats report them). Warm-up: the first 10 % of the jobs. Pass:
 RSS at the end at most 10 % above the warm-up sample; no upward trend (the least-squares
 slope over the samples after warm-up, projected over those jobs, under 5 % of the warm-up
-RSS); fds the same at every sample after warm-up; threads never above the warm-up count.
+RSS); open fds after warm-up within the headroom of the connection pools (they open
+connections on demand); threads the same at every sample (the task threads all started before).
 ``GROWTH_TRACEMALLOC=FILE`` in the worker's environment finds what grows (``growth_app``).
 """
 
@@ -36,8 +37,8 @@ from taskmill.testing import wait_until
 
 JOBS = {
     "sqlite": sized(ci=20_000, full=1_000_000),
-    "redis": sized(ci=12_000, full=1_000_000),
-    "postgres": sized(ci=8_000, full=1_000_000),
+    "redis": sized(ci=10_000, full=1_000_000),
+    "postgres": sized(ci=6_000, full=1_000_000),
     "nats": sized(ci=6_000, full=1_000_000),
 }
 """Per broker: the CI sizes fit ~30 s on the loaded 2-core machine, where one worker process
@@ -56,9 +57,13 @@ NATS_GAP = (
 )
 SWEPT_S = SWEEP_S + 5.0
 """On NATS the last sample waits until a sweep over every job of the run has come and gone."""
-POOL_HEADROOM = {"postgres": 7}
-"""Connections a pool may open on demand after warm-up: PostgreSQL's pool grows from 1 to
-``pool_size`` (8) when the worker's loops overlap; the other brokers' connections are fixed."""
+FDS_HEADROOM = {"postgres": 7}
+"""Connections opened on demand after warm-up, at most: the worker's loops (claim or idle wait,
+flush, heartbeat, maintenance) may each hold one at once, so a pool grows by up to 4 when they
+overlap (seen on Redis: 13 to 14 fds at ~4,000 jobs, then steady); PostgreSQL's pool grows
+from 1 to ``pool_size`` (8). A leak of one fd per thousand jobs passes no CI run, and at full
+size one per 100,000."""
+FDS_DEFAULT_HEADROOM = 4
 SAMPLES = 20
 WARMUP = 0.10
 """The plan's warm-up (the first 100,000 of 1,000,000 jobs). Measured: the pool's threads,
@@ -140,7 +145,7 @@ def test_memory_soak(broker: tuple[str, str], tmp_path: Path) -> None:
     per_job = slope([s.jobs for s in after], [s.rss_kb * 1024 for s in after])
     projected = per_job * (end.jobs - warm.jobs)
     growth = end.rss_kb / warm.rss_kb - 1
-    fds_bound = warm.fds + POOL_HEADROOM.get(name, 0)
+    fds_bound = warm.fds + FDS_HEADROOM.get(name, FDS_DEFAULT_HEADROOM)
     print(
         f"T20 {name}: {steps} jobs ({failed} failed) in {elapsed:.1f} s ({steps / elapsed:.0f}/s);"
         f" RSS start {start.rss_kb / 1024:.1f} MiB, warm-up ({warm.jobs} jobs) "

@@ -11,9 +11,10 @@ retention alone). Pass, at the end: stored jobs <= 1.2 x rate x that period + th
 finished yet. Redis: once the last jobs finished, no key without a TTL outside the fixed
 allowlist of structural keys (the broker's key layout), and its indexes bounded like the jobs.
 PostgreSQL: the queue wait of the last fifth of the run (enqueue to start: the claim's
-latency, the worker being idle between jobs) at most 2 x the first fifth's, p99 (with a 50 ms
-floor for a loaded machine). SQLite: the file's size plateaus (at the end at most 1.25 x its
-size at half time). NATS: the jobs bucket and the dispatch stream bounded (reported).
+latency, the worker being idle between jobs) at most 2 x the first fifth's (p99 at full size,
+the median at CI size: ``GATE_PERCENTILE``). SQLite: the file's size plateaus (at the end at
+most 1.25 x its size at half time). NATS: the jobs bucket and the dispatch stream bounded
+(reported).
 """
 
 from __future__ import annotations
@@ -172,8 +173,17 @@ def unfinished(app: App) -> int:
     return sum(counts.get(s, 0) for s in ("scheduled", "queued", "running"))
 
 
-def p99(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else max(values, default=0)
+def quantile(values: list[float], percent: int) -> float:
+    return statistics.quantiles(values, n=100)[percent - 1]
+
+
+GATE_PERCENTILE = sized(ci=50, full=99)
+"""The queue wait's percentile compared: the plan's p99 over 5-minute windows at full size; at
+CI size the windows are 5 s (~500 jobs), whose p99 is the fifth-slowest job and follows the
+machine's hiccups (one run: 48 ms in the first fifth, 205 ms in the last, with no backlog and a
+table of 600 rows), so the median is compared there and the p99 reported."""
+GATE_FLOOR_S = sized(ci=0.02, full=0.05)
+"""An absolute allowance beside the 2x, for a loaded machine's millisecond noise."""
 
 
 @dataclass
@@ -221,10 +231,14 @@ def nats_verdict(store: Store, run: Run, bound: float) -> Verdict:
 def postgres_verdict(store: Store, run: Run, bound: float) -> Verdict:
     t0 = min(t for t, _ in store.waits)
     fifth = RUN_S / 5
-    first = p99([w for t, w in store.waits if t < t0 + fifth])
-    last = p99([w for t, w in store.waits if t >= t0 + 4 * fifth])
-    text = f"; queue wait p99 first fifth {first * 1000:.1f} ms, last {last * 1000:.1f} ms"
-    return text, [] if last <= max(2 * first, first + 0.05) else ["claims got slower"]
+    first = [w for t, w in store.waits if t < t0 + fifth]
+    last = [w for t, w in store.waits if t >= t0 + 4 * fifth]
+    text = "; queue wait first fifth / last fifth: " + ", ".join(
+        f"p{p} {quantile(first, p) * 1000:.1f} / {quantile(last, p) * 1000:.1f} ms"
+        for p in (50, 99)
+    )
+    a, b = quantile(first, GATE_PERCENTILE), quantile(last, GATE_PERCENTILE)
+    return text, [] if b <= max(2 * a, a + GATE_FLOOR_S) else ["claims got slower"]
 
 
 VERDICTS = {
