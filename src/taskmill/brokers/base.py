@@ -312,6 +312,14 @@ class Broker(abc.ABC):
     async def prune(self, finished_before: float, limit: int = 1000) -> int:
         """Delete up to ``limit`` finished jobs whose ``finished_at`` is older than given."""
 
+    async def health_warnings(self) -> dict[str, str]:
+        """What about the broker's store needs an operator now, by a stable key (a message
+        each; empty if nothing). Workers call it with their maintenance (every
+        ``HEALTH_CHECK_S``, never per job), log each key at WARNING once while it lasts and
+        show the messages in their liveness endpoint's reply. PostgreSQL: a transaction
+        holding a snapshot so long that vacuum cannot clean the jobs table."""
+        return {}
+
     # --- inspection and management --------------------------------------------------------------
 
     @abc.abstractmethod

@@ -4,7 +4,9 @@ Every recovery interval (± 20 %, so that workers started together spread out): 
 expired leases of any worker (``Broker.recover``: a job whose worker died goes back to the
 queue, or fails after ``max_lost_leases``), sweep running workflows (``workflows.sweep``
 advances those a worker died before advancing), and every ``prune_interval_s`` prune finished
-jobs older than ``result_ttl_s``. Every worker does it; each step is safe to run concurrently.
+jobs older than ``result_ttl_s``. Every ``HEALTH_CHECK_S`` it also asks the broker what needs
+an operator (``Broker.health_warnings``: a PostgreSQL snapshot held open, say) and logs each
+warning once while it lasts. Every worker does it; each step is safe to run concurrently.
 """
 
 from __future__ import annotations
@@ -25,14 +27,36 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskmill.worker")
 
 PRUNE_BATCH = 1000
+HEALTH_CHECK_S = 10.0
+"""How often the maintenance loop asks the broker for its ``health_warnings``."""
 
-__all__ = ["maintain", "prune"]
+__all__ = ["HEALTH_CHECK_S", "BrokerWarnings", "maintain", "prune"]
 
 
-async def maintain(broker: Broker, client: Client, settings: Settings, worker_id: str) -> None:
+class BrokerWarnings:
+    """The broker's warnings when last asked, each logged once: at WARNING when it appears,
+    at INFO when it is over."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.current: dict[str, str] = {}
+
+    def note(self, found: dict[str, str]) -> None:
+        for key, message in found.items():
+            if key not in self.current:
+                log.warning("worker %s: broker warning (%s): %s", self.worker_id, key, message)
+        for key in self.current.keys() - found.keys():
+            log.info("worker %s: broker warning (%s) is over", self.worker_id, key)
+        self.current = found
+
+
+async def maintain(
+    broker: Broker, client: Client, settings: Settings, warnings: BrokerWarnings
+) -> None:
     """The upkeep loop, until cancelled; a failed round is logged and the next one comes."""
     interval = settings.effective_recover_interval_s
     next_prune = time.monotonic() + random.uniform(0, settings.prune_interval_s)
+    next_check = time.monotonic()
     while True:
         await asyncio.sleep(interval * random.uniform(0.8, 1.2))
         try:
@@ -42,8 +66,11 @@ async def maintain(broker: Broker, client: Client, settings: Settings, worker_id
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + settings.prune_interval_s
                 await prune(broker, settings.result_ttl_s)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + HEALTH_CHECK_S
+                warnings.note(await broker.health_warnings())
         except Exception as exc:
-            log.error("worker %s: maintenance failed: %s", worker_id, exc)
+            log.error("worker %s: maintenance failed: %s", warnings.worker_id, exc)
 
 
 async def prune(broker: Broker, result_ttl_s: float) -> None:

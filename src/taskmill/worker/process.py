@@ -275,7 +275,7 @@ def beat_to(fd: int) -> Callable[[], None]:
 
 def worker_health(w: Worker) -> Callable[[], Status]:
     """The status of ``w``, about to start: made just before its run, so the start counts
-    from now."""
+    from now. The broker's warnings (``Worker.broker_warnings``), if any, are in it too."""
     max_age_s = MISSED_HEARTBEATS * w.heartbeat_s
     started = time.monotonic()
 
@@ -287,7 +287,10 @@ def worker_health(w: Worker) -> Callable[[], Status]:
             now=time.monotonic(),
             out_of_contact=w.out_of_contact,
         )
-        return healthy, {**details, "worker": w.id}
+        # the broker's warnings are for an operator: they do not make the worker unhealthy
+        warnings = w.broker_warnings
+        extra = {"warnings": dict(warnings)} if warnings else {}
+        return healthy, {**details, "worker": w.id, **extra}
 
     return status
 

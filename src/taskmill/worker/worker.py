@@ -9,7 +9,7 @@ The worker keeps the loops around them:
 - flush: write outcomes (and coalesced progress) when no claim is coming to carry them;
 - heartbeat: extend every held lease, learn of cancels and lost leases (``leases.py``);
 - maintenance: recover expired leases (anyone's), sweep running workflows, prune old finished
-  jobs (``maintenance.py``);
+  jobs, and now and then ask the broker what needs an operator (``maintenance.py``);
 - events (``App(events=True)``): publish the jobs' events in the order they were made.
 """
 
@@ -34,7 +34,7 @@ from taskmill.retry import Interrupt
 from taskmill.urls import redact_url
 from taskmill.worker.execution import JobRun, Pipeline
 from taskmill.worker.leases import LeaseKeeper
-from taskmill.worker.maintenance import maintain
+from taskmill.worker.maintenance import BrokerWarnings, maintain
 from taskmill.worker.names import worker_id
 from taskmill.worker.outbox import Batch, Outbox, Publisher
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
@@ -133,6 +133,7 @@ class Worker:
         self._idle_task: asyncio.Task[list[Job]] | None = None
         self._events_on = settings.events
         self._fatal: BrokerError | None = None  # a permanent broker error: run() raises it
+        self._warnings = BrokerWarnings(self.id)
         # made by run(), once the broker is open
         self._broker: Broker
         self._pipeline: Pipeline
@@ -150,6 +151,12 @@ class Worker:
         """No heartbeat taken for longer than the lease: the jobs it held are marked lost and
         it claims none until one is taken (``taskmill.worker.leases``)."""
         return self._leases is not None and self._leases.out_of_contact
+
+    @property
+    def broker_warnings(self) -> dict[str, str]:
+        """The broker's ``health_warnings`` when last asked: for an operator (the health
+        endpoint shows them), not a reason to stop."""
+        return self._warnings.current
 
     # --- control (thread-safe) ----------------------------------------------------------------
 
@@ -324,7 +331,7 @@ class Worker:
             self.client.enqueue_observers.append(self.metrics.counts.enqueued)
             loops.append(asyncio.create_task(self.metrics.run(), name="taskmill-metrics"))
         if not until_idle:
-            upkeep = maintain(self._broker, self.client, self.settings, self.id)
+            upkeep = maintain(self._broker, self.client, self.settings, self._warnings)
             loops.append(asyncio.create_task(upkeep, name="taskmill-maint"))
             if self.scheduler and self.registry.schedules:
                 from taskmill.scheduler import Scheduler

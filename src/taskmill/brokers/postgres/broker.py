@@ -573,6 +573,25 @@ class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
 
         return await self._db.run(op)
 
+    @on_io_loop
+    async def health_warnings(self) -> dict[str, str]:
+        rows = await self._db.fetch(self._q["oldest_snapshot"])
+        if not rows:
+            return {}
+        pid, application, state, held_s, xmin_age = rows[0]
+        if held_s is None or held_s < self.config.snapshot_warn_s:
+            return {}
+        return {
+            "pinned_snapshot": (
+                f"a transaction has held a snapshot for {held_s:.0f} s (pid {pid}, "
+                f"application {application!r}, {state}; its xmin is {xmin_age} transactions "
+                f"old): vacuum cannot remove the dead rows of {self.schema}.jobs meanwhile, "
+                "and claims slow down as they pile up; end it, or set "
+                "idle_in_transaction_session_timeout (snapshot_warn_s="
+                f"{self.config.snapshot_warn_s:g})"
+            )
+        }
+
     # --- inspection and management ----------------------------------------------------------
 
     @on_io_loop

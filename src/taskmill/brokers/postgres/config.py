@@ -36,6 +36,9 @@ class PostgresConfig:
     migrate: bool = True
     unavailable_after_s: float = 5.0
     pool_size: int = 8
+    snapshot_warn_s: float = 30.0
+    """A transaction of this database holding a snapshot longer than this is warned about
+    (``PostgresBroker.health_warnings``): vacuum removes nothing newer than it."""
 
 
 def _bool_option(options: dict[str, str], name: str, default: bool, url: str) -> bool:
@@ -51,7 +54,8 @@ def _bool_option(options: dict[str, str], name: str, default: bool, url: str) ->
 
 
 def parse_url(url: str) -> PostgresConfig:
-    """``postgresql://user:pass@host:port/db?schema=s&migrate=false&unavailable_after_s=5``.
+    """``postgresql://user:pass@host:port/db?schema=s&migrate=false&unavailable_after_s=5``
+    (also ``pool_size=8``, ``snapshot_warn_s=30``).
 
     >>> parse_url("postgres://u@db.internal/app?schema=jobs&sslmode=require").schema
     'jobs'
@@ -71,12 +75,15 @@ def parse_url(url: str) -> PostgresConfig:
     try:
         unavailable_after_s = float(options.pop("unavailable_after_s", "5"))
         pool_size = int(options.pop("pool_size", "8"))
+        snapshot_warn_s = float(options.pop("snapshot_warn_s", "30"))
     except ValueError:
         raise ConfigurationError(
-            f"unavailable_after_s and pool_size in {shown!r} must be numbers"
+            f"unavailable_after_s, pool_size and snapshot_warn_s in {shown!r} must be numbers"
         ) from None
-    if not unavailable_after_s > 0 or pool_size < 2:
-        raise ConfigurationError(f"{shown!r}: need unavailable_after_s > 0 and pool_size >= 2")
+    if not unavailable_after_s > 0 or pool_size < 2 or not snapshot_warn_s > 0:
+        raise ConfigurationError(
+            f"{shown!r}: need unavailable_after_s > 0, pool_size >= 2 and snapshot_warn_s > 0"
+        )
     # named in pg_stat_activity (and what an operator's pg_terminate_backend filters on)
     options.setdefault("application_name", "taskmill")
     # libpq's connect timeout is whole seconds, at least 2
@@ -86,7 +93,9 @@ def parse_url(url: str) -> PostgresConfig:
     conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, query, ""))
     host = parts.hostname or "localhost"
     where = f"{host}:{parts.port or 5432}{parts.path or '/'}"
-    return PostgresConfig(conninfo, where, schema, migrate, unavailable_after_s, pool_size)
+    return PostgresConfig(
+        conninfo, where, schema, migrate, unavailable_after_s, pool_size, snapshot_warn_s
+    )
 
 
 def queries(schema: str) -> dict[str, str]:

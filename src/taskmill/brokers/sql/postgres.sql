@@ -173,6 +173,19 @@ SELECT set_config('vacuum_cost_limit', '2000', false), set_config('vacuum_cost_d
 -- rows, but the ready index's dead entries are what claims pay for).
 VACUUM (SKIP_LOCKED, INDEX_CLEANUP ON) {schema}.jobs;
 
+-- name: oldest_snapshot
+-- The transaction of this database that has held a snapshot longest (its backend_xmin): no
+-- vacuum removes a row version newer than it, so the dead entries claims walk pile up. Its
+-- pid, application name, state, seconds since it began and the age of its xmin in
+-- transaction ids. A role without pg_read_all_stats sees only its own role's sessions here.
+SELECT pid, coalesce(application_name, ''), coalesce(state, ''),
+       extract(epoch FROM clock_timestamp() - xact_start)::float8, age(backend_xmin)
+FROM pg_stat_activity
+WHERE datname = current_database() AND backend_xmin IS NOT NULL AND xact_start IS NOT NULL
+  AND pid <> pg_backend_pid()
+ORDER BY xact_start
+LIMIT 1;
+
 -- name: finish
 -- A batch of outcomes in one statement; each row applies only while the job is running with
 -- the claim's token (fencing). kind: S succeeded, F failed, C cancelled, R retry after
