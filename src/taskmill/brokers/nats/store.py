@@ -129,8 +129,25 @@ class Store:
         return await opening
 
     async def _new_session(self) -> Session:
-        nc = await connect(self.config, name=f"taskmill {self.config.prefix}")
+        opened: list[Requests] = []
+
+        async def disconnected() -> None:
+            # a reply not received yet never comes (it was for the lost connection): fail its
+            # request now, and its caller retries once reconnected, instead of waiting out
+            # the request's timeout (5 s of a worker doing nothing after a server restart)
+            for requests in opened:
+                requests.fail_all(
+                    BrokerUnavailableError(
+                        "the NATS connection was lost before the reply (a write under way may "
+                        "still have been applied)"
+                    )
+                )
+
+        nc = await connect(
+            self.config, name=f"taskmill {self.config.prefix}", disconnected=disconnected
+        )
         requests = Requests(nc)
+        opened.append(requests)
         await requests.start()
         session = Session(nc=nc, requests=requests)
         if not self._ready:
@@ -317,7 +334,17 @@ class Store:
         return int((msg.headers or {}).get("Nats-Sequence", 0)), msg
 
     async def _scan(self, what: str) -> AsyncIterator[tuple[str, Entry]]:
-        """Every key of a bucket with its last value (markers included), in no order."""
+        """Every key of a bucket with its last value (markers included), in no order, each key
+        once: a key written while the scan runs is delivered again (the consumer goes on with
+        new messages), so the scan is read whole and the latest revision of each key kept."""
+        latest: dict[str, Entry] = {}
+        async for key, entry in self._scan_messages(what):
+            latest[key] = entry  # the stream delivers in order: a later one is newer
+        for key, entry in latest.items():
+            yield key, entry
+
+    async def _scan_messages(self, what: str) -> AsyncIterator[tuple[str, Entry]]:
+        """The last message of each key of a bucket, then whatever is written meanwhile."""
         session = await self._session()
         bucket = self.config.bucket(what)
         stream = bucket_stream(bucket)
