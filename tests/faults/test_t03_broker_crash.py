@@ -41,13 +41,13 @@ from taskmill import App
 from taskmill.testing import wait_until
 
 CRASHES = sized(ci=3, full=40)
-EVERY_S = sized(ci=5.0, full=15.0)
+EVERY_S = sized(ci=4.0, full=15.0)
 """A crash every this many seconds (the plan's 15 s at full size); a tail as long follows the
 last one, so every restart is followed by jobs."""
 CONNECTION_KILLS_BETWEEN = sized(ci=1, full=2)
 """Connection kills evenly spaced after each crash (the plan: every 5 s)."""
 DOWN_S = 1.0
-JOBS = sized(ci=1_400, full=50_000)
+JOBS = sized(ci=1_100, full=50_000)
 PROCESSES = 2
 CONCURRENCY = 8
 LEASE_S = 5.0
