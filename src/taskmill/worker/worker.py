@@ -51,6 +51,7 @@ _START_RETRY_CAP_S = 30.0
 _CLAIM_RETRY_FIRST_S = 0.05
 _CLAIM_RETRY_CAP_S = 5.0
 _FLUSH_RETRY_S = 0.5
+_EPOCH_CHECK_S = 1.0
 
 
 class Worker:
@@ -120,6 +121,8 @@ class Worker:
         self.started_at = time.time()
         self.jobs_done = 0
         self.processed = self.failed = 0  # runs with an outcome written, those that raised
+        self.broker_came_back_empty = 0
+        """Times this worker found the broker's epoch marker gone: it lost its data."""
         self.lease_s = settings.lease_s
         self.heartbeat_s = settings.effective_heartbeat_s
         self._running: dict[str, JobRun] = {}
@@ -296,6 +299,7 @@ class Worker:
             loops.append(asyncio.create_task(self.metrics.run(), name="taskmill-metrics"))
         if not until_idle:
             loops.append(asyncio.create_task(self._maintenance_loop(), name="taskmill-maint"))
+            loops.append(asyncio.create_task(self._epoch_loop(), name="taskmill-epoch"))
             if self.scheduler and self.registry.schedules:
                 from taskmill.scheduler import Scheduler
 
@@ -596,6 +600,48 @@ class Worker:
                     await self._prune(settings.result_ttl_s)
             except Exception as exc:
                 log.error("worker %s: maintenance failed: %s", self.id, exc)
+
+    async def _epoch_loop(self) -> None:
+        """Tell a broker that came back empty from an empty one: every ``_EPOCH_CHECK_S`` read
+        the store's epoch marker (``Broker.epoch``); a marker gone (or another one: a worker
+        elsewhere found it gone first) means the broker lost what it stored (a Redis restarted
+        without persistence, a NATS store wiped). That is logged at CRITICAL, counted
+        (``broker_came_back_empty``, the metric ``taskmill_worker_broker_came_back_empty_total``)
+        and the marker written again; the worker keeps running, as new work still flows: what
+        was lost is for the operator to judge. Brokers that keep no marker end the loop."""
+        seen: str | None = None
+        while seen is None:
+            try:
+                seen = await self._broker.epoch(mark=True)
+            except Exception as exc:
+                log.error("worker %s: reading the broker's epoch failed: %s", self.id, exc)
+                await asyncio.sleep(_EPOCH_CHECK_S)
+                continue
+            if seen is None:
+                return
+        while True:
+            await asyncio.sleep(_EPOCH_CHECK_S)
+            try:
+                now = await self._broker.epoch()
+                if now == seen:
+                    continue
+                gone = now is None
+                if now is None:
+                    now = await self._broker.epoch(mark=True)
+            except Exception:  # unreachable: the claim and heartbeat loops say so
+                continue
+            self.broker_came_back_empty += 1
+            if self.metrics is not None:
+                self.metrics.counts.broker_came_back_empty()
+            log.critical(
+                "worker %s: the broker came back empty (its epoch marker %s %s; marked %s): "
+                "every job, result and schedule mark it stored before is lost; running on",
+                self.id,
+                seen,
+                "is gone" if gone else "was replaced",
+                now,
+            )
+            seen = now
 
     async def _prune(self, result_ttl_s: float) -> None:
         cutoff = await self._broker.now() - result_ttl_s

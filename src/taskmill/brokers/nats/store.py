@@ -13,6 +13,7 @@ import contextlib
 import json
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -163,9 +164,35 @@ class Store:
             await self._retrying(
                 lambda: ensure_streams(nc, self.config, schedules=self.schedules_on_server)
             )
+            await self._retrying(lambda: self._mark_epoch(session))
             self._ready = True
         await self._session_opened(session)
         return session
+
+    async def _mark_epoch(self, session: Session) -> None:
+        """Write the store's epoch marker if there is none (``Broker.epoch``)."""
+        subject = self._subject("misc", "epoch")
+        headers = {"Nats-Expected-Last-Subject-Sequence": "0"}
+        msg = await session.requests.request(subject, uuid.uuid4().hex.encode(), headers)
+        with contextlib.suppress(CasError):
+            ack_seq(msg)
+
+    async def read_epoch(self, *, mark: bool) -> str | None:
+        """``Broker.epoch`` on this store: streams deleted or wiped with the server's store are
+        made again (empty) when ``mark`` is given, as at the first open."""
+        session = await self._retrying(self._session)
+        if mark:
+            await self._retrying(
+                lambda: ensure_streams(session.nc, self.config, schedules=self.schedules_on_server)
+            )
+            await self._retrying(lambda: self._mark_epoch(session))
+        try:
+            entry = await self._retrying(lambda: self._get("misc", "epoch"))
+        except BrokerError as exc:
+            if "503" in str(exc):  # no stream answers the direct get: it is gone
+                return None
+            raise
+        return None if entry is None or entry.deleted else entry.value.decode()
 
     async def _session_opened(self, session: Session) -> None:
         """Subscriptions a session needs (the broker adds its wake-up subscription)."""
