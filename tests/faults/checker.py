@@ -7,11 +7,14 @@ How each figure counts (docs/reliability.md says the same):
 - ``unexpected``: a job that ran but was never enqueued with outcome ``ok`` or ``unknown``
   (an ``error`` outcome says the job was not stored; running it anyway is unexpected).
 - ``duplicated``: a job with more than one completed execution (job id -> count).
-- ``recovered``: an ``unknown``-outcome enqueue whose job the broker has or ran.
+- ``recovered``: an ``unknown``-outcome enqueue whose job the broker has or ran (no other
+  attempt for it), or that a later send of the same id found stored (``existing``).
 - ``stuck``: a job the broker still holds in a non-terminal state after the drain.
 - ``unexplained_duplicates``: a duplicated job with an earlier completed execution whose
   process was not killed by a recorded fault between that execution's start and the next
-  execution's start (only a kill can have cost it its lease).
+  execution's start, and with no broker fault (``BROKER_FAULTS``: the broker killed, the
+  workers' connections killed, the broker's replies dropped) lasting into that span: only
+  those can have cost it its lease or its acknowledgement.
 - ``unexplained_interruptions``: an execution cut short (no end recorded) with no recorded
   kill of its process after its start: a process died that the test did not kill.
 - ``recovery_times``: for every execution followed by another of the same job whose process
@@ -33,6 +36,19 @@ from faults.ledger import Execution, Fault, Outcome, Records
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
+KILL = "kill -9"
+"""A worker process killed (its ``pid``)."""
+BROKER_KILL = "broker kill -9"
+"""The broker's server killed (``t``) and back, accepting connections (``t_end``)."""
+CONNECTION_KILL = "connection kill"
+"""The workers' connections to the broker killed by the server (``CLIENT KILL``,
+``pg_terminate_backend``) or reset by the fault proxy."""
+DROP_REPLIES = "drop replies"
+"""The broker's replies to the workers thrown away from ``t`` to ``t_end`` (the proxy)."""
+BROKER_FAULTS = frozenset({BROKER_KILL, CONNECTION_KILL, DROP_REPLIES})
+"""Faults of the broker or of every worker's connection to it: any worker's lease or
+acknowledgement may be lost to them, whatever its pid."""
+
 
 @dataclass
 class CheckResult:
@@ -40,6 +56,7 @@ class CheckResult:
     executions: int
     completed: int
     kills: int
+    broker_faults: int = 0
     lost: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     duplicated: dict[str, int] = field(default_factory=dict)
@@ -76,7 +93,9 @@ class CheckResult:
         )
         head = (
             f"jobs {self.enqueued_ok}, executions {self.executions}, completed"
-            f" {self.completed}, kills {self.kills}, duplicates {self.duplicates}"
+            f" {self.completed}, kills {self.kills},"
+            + (f" broker faults {self.broker_faults}," if self.broker_faults else "")
+            + f" duplicates {self.duplicates}"
             f" ({len(self.duplicated)} jobs), lost {len(self.lost)}, unexpected"
             f" {len(self.unexpected)}, stuck {len(self.stuck)}, unexplained duplicates"
             f" {len(self.unexplained_duplicates)}, cut short {self.interrupted} (unexplained"
@@ -114,8 +133,10 @@ def check(records: Records, states: Mapping[str, str]) -> CheckResult:
         runs[execution.job_id].append(execution)
     for job_runs in runs.values():
         job_runs.sort(key=lambda e: e.t_start)
-    kills = [f for f in records.faults if f.kind == "kill -9"]
-    acknowledged = sorted(j for j, o in outcomes.items() if Outcome.OK in o)
+    kills = [f for f in records.faults if f.kind == KILL]
+    broker_faults = [f for f in records.faults if f.kind in BROKER_FAULTS]
+    stored = {Outcome.OK, Outcome.EXISTING}
+    acknowledged = sorted(j for j, o in outcomes.items() if o & stored)
     completed = {j: [e for e in rs if e.t_end is not None] for j, rs in runs.items()}
 
     result = CheckResult(
@@ -123,16 +144,20 @@ def check(records: Records, states: Mapping[str, str]) -> CheckResult:
         executions=len(records.executions),
         completed=sum(len(c) for c in completed.values()),
         kills=len(kills),
+        broker_faults=len(broker_faults),
     )
     result.lost = [j for j in acknowledged if not completed.get(j)]
-    result.unexpected = sorted(j for j in runs if not outcomes[j] & {Outcome.OK, Outcome.UNKNOWN})
+    result.unexpected = sorted(j for j in runs if not outcomes[j] & {*stored, Outcome.UNKNOWN})
     result.duplicated = {j: len(c) for j, c in sorted(completed.items()) if len(c) > 1}
     result.recovered = sorted(
-        j for j, o in outcomes.items() if o == {Outcome.UNKNOWN} and (j in states or j in runs)
+        j
+        for j, o in outcomes.items()
+        if Outcome.UNKNOWN in o
+        and (Outcome.EXISTING in o or (o == {Outcome.UNKNOWN} and (j in states or j in runs)))
     )
     result.stuck = {j: s for j, s in sorted(states.items()) if s not in TERMINAL_STATES}
     result.unexplained_duplicates = [
-        j for j in result.duplicated if not _explained(completed[j], runs[j], kills)
+        j for j in result.duplicated if not _explained(completed[j], runs[j], kills, broker_faults)
     ]
     cut_short = [e for e in records.executions if e.t_end is None]
     result.interrupted = len(cut_short)
@@ -147,11 +172,24 @@ def _killed(execution: Execution, kills: list[Fault], until: float) -> bool:
     return any(k.pid == execution.pid and execution.t_start <= k.t <= until for k in kills)
 
 
-def _explained(done: list[Execution], every: list[Execution], kills: list[Fault]) -> bool:
-    """Every completed execution but the last was killed before the job's next start."""
+def _broker_fault(execution: Execution, faults: list[Fault], until: float) -> bool:
+    """A broker fault lasting into [the execution's start, ``until``]."""
+    return any(
+        f.t <= until and execution.t_start <= (f.t if f.t_end is None else f.t_end) for f in faults
+    )
+
+
+def _explained(
+    done: list[Execution], every: list[Execution], kills: list[Fault], broker: list[Fault]
+) -> bool:
+    """Every completed execution but the last was killed, or met a broker fault, before the
+    job's next start."""
     for execution in done[:-1]:
         later = [e.t_start for e in every if e.t_start > execution.t_start]
-        if not later or not _killed(execution, kills, until=later[0]):
+        if not later or not (
+            _killed(execution, kills, until=later[0])
+            or _broker_fault(execution, broker, until=later[0])
+        ):
             return False
     return True
 

@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS executions (
     incarnation TEXT NOT NULL, pid INTEGER NOT NULL, t_start REAL NOT NULL, t_end REAL);
 CREATE TABLE IF NOT EXISTS faults (
     seq INTEGER PRIMARY KEY, t REAL NOT NULL, kind TEXT NOT NULL, pid INTEGER NOT NULL,
-    target TEXT NOT NULL);
+    target TEXT NOT NULL, t_end REAL);
 """
 
 
@@ -42,6 +42,9 @@ class Outcome(StrEnum):
     """The call failed in a way that says the job was not stored."""
     UNKNOWN = "unknown"
     """The call failed without saying whether the job was stored (a timeout, a lost reply)."""
+    EXISTING = "existing"
+    """The broker acknowledged a send that repeated an earlier attempt's job id and said the
+    job was stored already: that earlier attempt (of outcome ``unknown``) did commit."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class Fault:
     """The process it was done to."""
     target: str = ""
     """What that process was (``worker child``...)."""
+    t_end: float | None = None
+    """For a fault that lasts (a broker down, replies dropped): when it ended. None: a
+    moment (a kill)."""
 
 
 @dataclass(frozen=True)
@@ -142,10 +148,17 @@ class Ledger:
     def end_execution(self, seq: int) -> None:
         self._write("UPDATE executions SET t_end = ? WHERE seq = ?", (time.time(), seq))
 
-    def record_fault(self, kind: str, pid: int, target: str = "", t: float | None = None) -> None:
+    def record_fault(
+        self,
+        kind: str,
+        pid: int,
+        target: str = "",
+        t: float | None = None,
+        t_end: float | None = None,
+    ) -> None:
         self._write(
-            "INSERT INTO faults (t, kind, pid, target) VALUES (?, ?, ?, ?)",
-            (time.time() if t is None else t, kind, pid, target),
+            "INSERT INTO faults (t, kind, pid, target, t_end) VALUES (?, ?, ?, ?, ?)",
+            (time.time() if t is None else t, kind, pid, target, t_end),
         )
 
     def read(self) -> Records:
@@ -164,7 +177,7 @@ class Ledger:
             ]
             faults = [
                 Fault(*r)
-                for r in conn.execute("SELECT t, kind, pid, target FROM faults ORDER BY seq")
+                for r in conn.execute("SELECT t, kind, pid, target, t_end FROM faults ORDER BY seq")
             ]
         finally:
             conn.close()

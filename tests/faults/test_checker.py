@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from faults.checker import check
+from faults.checker import BROKER_KILL, CONNECTION_KILL, DROP_REPLIES, check
 from faults.ledger import Enqueue, Execution, Fault, Ledger, Outcome, Records
 from faults.schedule import kill_schedule
 
@@ -70,6 +70,58 @@ def test_a_duplicate_without_a_kill_of_the_earlier_process_is_unexplained() -> N
         assert result.unexplained_duplicates == ["a"] and not result.ok, faults
 
 
+def broker_fault(kind: str, t: float, t_end: float | None = None) -> Fault:
+    return Fault(t, kind, 0, "broker", t_end)
+
+
+def test_a_broker_fault_during_the_earlier_run_explains_a_duplicate_on_any_pid() -> None:
+    runs = [run("a", 1, 2, pid=100), run("a", 5, 6, pid=200)]
+    for fault in (
+        broker_fault(BROKER_KILL, 1.5, 3.0),  # killed during the run, back after it
+        broker_fault(BROKER_KILL, 0.5, 1.2),  # down at its start, back during it
+        broker_fault(CONNECTION_KILL, 2.5),  # its acknowledgement's connection killed
+        broker_fault(DROP_REPLIES, 4.0, 4.5),  # replies dropped before the rerun
+    ):
+        result = check(Records(ok("a"), runs, [fault]), {"a": "succeeded"})
+        assert result.unexplained_duplicates == [] and result.ok, fault
+        assert result.broker_faults == 1 and result.kills == 0
+        assert "kills 0, broker faults 1, duplicates 1" in result.summary()
+
+
+def test_a_broker_fault_outside_the_span_explains_no_duplicate() -> None:
+    runs = [run("a", 1, 2, pid=100), run("a", 5, 6, pid=200)]
+    for fault in (
+        broker_fault(BROKER_KILL, 0.2, 0.8),  # over before the first run began
+        broker_fault(CONNECTION_KILL, 0.5),
+        broker_fault(DROP_REPLIES, 5.5, 7.0),  # began after the rerun started
+        Fault(2.5, "pause", 0, "broker"),  # not a broker fault the checker knows
+    ):
+        result = check(Records(ok("a"), runs, [fault]), {})
+        assert result.unexplained_duplicates == ["a"] and not result.ok, fault
+
+
+def test_a_broker_fault_explains_no_execution_cut_short() -> None:
+    runs = [run("a", 1, None, pid=100), run("a", 4.5, 5, pid=200)]
+    result = check(Records(ok("a"), runs, [broker_fault(BROKER_KILL, 2.0, 3.0)]), {})
+    assert result.unexplained_interruptions == ["a"] and result.recovery_times == []
+
+
+def test_a_resend_that_finds_the_job_stored_recovers_the_unknown_attempt() -> None:
+    enqueues = [
+        Enqueue("committed", 0.0, Outcome.UNKNOWN),
+        Enqueue("committed", 1.0, Outcome.EXISTING),
+        Enqueue("resent", 0.0, Outcome.UNKNOWN),
+        Enqueue("resent", 1.0, Outcome.OK),
+        Enqueue("plain", 0.0, Outcome.EXISTING),  # not a resend of an unknown: no recovery
+    ]
+    runs = [run("committed", 2, 3), run("resent", 2, 3), run("plain", 2, 3)]
+    result = check(Records(enqueues, runs, []), {})
+    assert result.recovered == ["committed"] and result.ok
+    assert result.enqueued_ok == 3 and result.unexpected == []
+    lost = check(Records(enqueues, runs[1:], []), {})
+    assert lost.lost == ["committed"]  # acknowledged by the resend, so it must run
+
+
 def test_an_execution_cut_short_is_no_duplicate_and_gives_a_recovery_time() -> None:
     runs = [run("a", 1, None, pid=100), run("a", 4.5, 5, pid=200), run("b", 1, 1.5)]
     result = check(Records(ok("a", "b"), runs, [kill(2.0)]), {})
@@ -94,6 +146,7 @@ def test_the_ledger_file_reads_back_what_was_written(tmp_path: Path) -> None:
     ledger.end_execution(seq)
     ledger.start_execution("a", 2)
     ledger.record_fault("kill -9", 42, "worker child", t=3.0)
+    ledger.record_fault(BROKER_KILL, 7, "broker", t=4.0, t_end=5.5)
     records = Ledger(tmp_path / "ledger.db").read()
     assert records.enqueues == [
         Enqueue("a", 1.0, Outcome.OK),
@@ -103,7 +156,10 @@ def test_the_ledger_file_reads_back_what_was_written(tmp_path: Path) -> None:
         ("a", 1, False),
         ("a", 2, True),
     ]
-    assert records.faults == [Fault(3.0, "kill -9", 42, "worker child")]
+    assert records.faults == [
+        Fault(3.0, "kill -9", 42, "worker child"),
+        Fault(4.0, BROKER_KILL, 7, "broker", 5.5),
+    ]
 
 
 def test_a_seed_gives_the_same_schedule() -> None:

@@ -215,6 +215,18 @@ class Broker(abc.ABC):
         """Release what is bound to the running event loop (that loop is about to end); the
         broker stays usable from other loops. Workers call it when they stop."""
 
+    # --- the store's epoch ----------------------------------------------------------------------
+
+    async def epoch(self, *, mark: bool = False) -> str | None:
+        """The store's epoch marker: a random id written when the store is first opened, so
+        that a store that lost its data (a Redis restarted without persistence, a NATS store
+        wiped or its streams deleted) can be told from one that is merely empty: its marker
+        is gone. ``mark``: write a new marker if none is stored, then return the stored one.
+        ``None``: no marker stored, or (this default) a broker that keeps none, because its
+        storage cannot vanish unnoticed (a database whose tables are gone fails loudly).
+        Workers compare it every second (``taskmill.worker``)."""
+        return None
+
     # --- producers ----------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -13,6 +13,8 @@ Layout under the key prefix (default ``taskmill:``):
 - ``jobs``: every job by the order it was stored (score: a counter, ``seq``), for listings;
   ``layout``: 2 once jobs stored before that index existed were added to it;
 - ``key:{key}``: the pending job holding a unique key; ``paused``, ``queues``;
+- ``epoch``: a random id set when the store is first opened; workers that find it gone or
+  changed report that Redis came back empty (``Broker.epoch``);
 - ``q:{queue}:wake``: a short list of wake tokens; an idle worker ``BLPOP``s the lists of its
   queues, so one token wakes one worker, and a token pushed between a worker's empty claim and
   its wait is still there when it waits; ``idle`` marks that some worker recently found no work
@@ -38,6 +40,7 @@ import math
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from importlib import resources
@@ -547,6 +550,16 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             self._checked = True
             await self._check_server()
             await self._index_older_jobs()
+            await self.epoch(mark=True)
+
+    @on_io_loop
+    async def epoch(self, *, mark: bool = False) -> str | None:
+        key = self._key("epoch")
+        if mark:
+            new = uuid.uuid4().hex
+            await self._retrying(lambda: self._client().set(key, new, nx=True))
+        value = await self._retrying(lambda: self._client().get(key), writes=False)
+        return None if value is None else value.decode() if isinstance(value, bytes) else value
 
     async def _check_server(self) -> None:
         client = self._client()

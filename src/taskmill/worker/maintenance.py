@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from taskmill.workflows import sweep
@@ -30,7 +31,10 @@ PRUNE_BATCH = 1000
 HEALTH_CHECK_S = 10.0
 """How often the maintenance loop asks the broker for its ``health_warnings``."""
 
-__all__ = ["HEALTH_CHECK_S", "BrokerWarnings", "maintain", "prune"]
+EPOCH_CHECK_S = 1.0
+"""How often a worker reads the broker's epoch marker (a read of one key)."""
+
+__all__ = ["EPOCH_CHECK_S", "HEALTH_CHECK_S", "BrokerWarnings", "maintain", "prune", "watch_epoch"]
 
 
 class BrokerWarnings:
@@ -79,3 +83,45 @@ async def prune(broker: Broker, result_ttl_s: float) -> None:
     cutoff = await broker.now() - result_ttl_s
     while await broker.prune(cutoff, PRUNE_BATCH) == PRUNE_BATCH:
         await asyncio.sleep(0)
+
+
+async def watch_epoch(broker: Broker, worker_id: str, came_back_empty: Callable[[], None]) -> None:
+    """Tell a broker that came back empty from an empty one: every ``EPOCH_CHECK_S`` read the
+    store's epoch marker (``Broker.epoch``); a marker gone (or another one: a worker elsewhere
+    found it gone first) means the broker lost what it stored (a Redis restarted without
+    persistence, a NATS store wiped). That is logged at CRITICAL, reported
+    (``came_back_empty``: the worker counts it, the metric
+    ``taskmill_worker_broker_came_back_empty_total``) and the marker written again; the worker
+    keeps running, as new work still flows: what was lost is for the operator to judge.
+    Brokers that keep no marker end the loop."""
+    seen: str | None = None
+    while seen is None:
+        try:
+            seen = await broker.epoch(mark=True)
+        except Exception as exc:
+            log.error("worker %s: reading the broker's epoch failed: %s", worker_id, exc)
+            await asyncio.sleep(EPOCH_CHECK_S)
+            continue
+        if seen is None:
+            return
+    while True:
+        await asyncio.sleep(EPOCH_CHECK_S)
+        try:
+            now = await broker.epoch()
+            if now == seen:
+                continue
+            gone = now is None
+            if now is None:
+                now = await broker.epoch(mark=True)
+        except Exception:  # unreachable: the claim and heartbeat loops say so
+            continue
+        came_back_empty()
+        log.critical(
+            "worker %s: the broker came back empty (its epoch marker %s %s; marked %s): "
+            "every job, result and schedule mark it stored before is lost; running on",
+            worker_id,
+            seen,
+            "is gone" if gone else "was replaced",
+            now,
+        )
+        seen = now

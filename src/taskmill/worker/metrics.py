@@ -8,7 +8,9 @@ What a worker process counts, by queue and task (never a job id or an argument):
   ``outcome``: succeeded, failed, retried, cancelled, released, lost);
 - ``taskmill_worker_job_run_seconds`` and ``taskmill_worker_job_queue_wait_seconds``:
   histograms of the run time and of the wait between the job's due time and its start;
-- ``taskmill_worker_outcomes_rejected_total``: outcomes the broker refused (a stale lease).
+- ``taskmill_worker_outcomes_rejected_total``: outcomes the broker refused (a stale lease);
+- ``taskmill_worker_broker_came_back_empty_total``: times a worker found the broker's epoch
+  marker gone or changed (``Broker.epoch``): the broker lost its data.
 
 **Cost.** The counts live in plain dicts of one ``JobMetrics`` per worker, updated on the
 worker's event loop thread where the outcome is decided (``execution.Pipeline.run``) and where
@@ -87,6 +89,7 @@ ENQUEUED = "taskmill_worker_jobs_enqueued"
 STARTED = "taskmill_worker_jobs_started"
 FINISHED = "taskmill_worker_jobs_finished"
 REJECTED = "taskmill_worker_outcomes_rejected"
+EMPTIED = "taskmill_worker_broker_came_back_empty"
 RUN = "taskmill_worker_job_run_seconds"
 WAIT = "taskmill_worker_job_queue_wait_seconds"
 
@@ -95,6 +98,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     STARTED: ("Jobs the worker processes started.", ("queue", "task")),
     FINISHED: ("Runs that ended, by outcome.", ("queue", "task", "outcome")),
     REJECTED: ("Outcomes the broker refused: the lease was stale (the job was recovered).", ()),
+    EMPTIED: ("Times the broker's epoch marker was found gone: it lost its data.", ()),
 }  # fmt: skip
 """Each counter's help text and label names (exposed with the ``_total`` suffix)."""
 
@@ -178,6 +182,7 @@ class JobMetrics:
     def __init__(self) -> None:
         self._series: dict[tuple[str, str], _Series] = {}
         self._rejected = 0
+        self._emptied = 0
         self._enqueue_lock = threading.Lock()
         self._enqueued: dict[tuple[str, str], int] = {}
 
@@ -209,6 +214,9 @@ class JobMetrics:
     def rejected(self, n: int) -> None:
         self._rejected += n
 
+    def broker_came_back_empty(self) -> None:
+        self._emptied += 1
+
     def enqueued(self, jobs: Sequence[NewJob], result: EnqueueResult) -> None:
         """A ``Client`` enqueue observer: count the jobs the broker stored."""
         existing = result.existing
@@ -235,6 +243,7 @@ class JobMetrics:
             for kind, n in s.outcomes.items():
                 counters[(FINISHED, (*labels, kind))] = float(n)
         counters[(REJECTED, ())] = float(self._rejected)  # 0 too: a series to alert on
+        counters[(EMPTIED, ())] = float(self._emptied)
         return Totals(counters, histograms)
 
 

@@ -34,7 +34,7 @@ from taskmill.retry import Interrupt
 from taskmill.urls import redact_url
 from taskmill.worker.execution import JobRun, Pipeline
 from taskmill.worker.leases import LeaseKeeper
-from taskmill.worker.maintenance import BrokerWarnings, maintain
+from taskmill.worker.maintenance import BrokerWarnings, maintain, watch_epoch
 from taskmill.worker.names import worker_id
 from taskmill.worker.outbox import Batch, Outbox, Publisher
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
@@ -120,6 +120,8 @@ class Worker:
         self.started_at = time.time()
         self.jobs_done = 0
         self.processed = self.failed = 0  # runs with an outcome written, those that raised
+        self.broker_came_back_empty = 0
+        """Times this worker found the broker's epoch marker gone: it lost its data."""
         self.lease_s = settings.lease_s
         self.heartbeat_s = settings.effective_heartbeat_s
         self._running: dict[str, JobRun] = {}
@@ -333,12 +335,19 @@ class Worker:
         if not until_idle:
             upkeep = maintain(self._broker, self.client, self.settings, self._warnings)
             loops.append(asyncio.create_task(upkeep, name="taskmill-maint"))
+            epoch = watch_epoch(self._broker, self.id, self._came_back_empty)
+            loops.append(asyncio.create_task(epoch, name="taskmill-epoch"))
             if self.scheduler and self.registry.schedules:
                 from taskmill.scheduler import Scheduler
 
                 schedules = Scheduler(self.app).run(self._stop_event)
                 loops.append(asyncio.create_task(schedules, name="taskmill-scheduler"))
         return loops
+
+    def _came_back_empty(self) -> None:
+        self.broker_came_back_empty += 1
+        if self.metrics is not None:
+            self.metrics.counts.broker_came_back_empty()
 
     async def _close(self, background: list[asyncio.Task[Any]], runner: Runner) -> None:
         await _cancel_and_wait(background)

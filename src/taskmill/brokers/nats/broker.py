@@ -120,6 +120,10 @@ class NatsBroker(Features, Recovery, Broker):
     async def open(self) -> None:
         await self._retrying(self._session)
 
+    @on_io_loop
+    async def epoch(self, *, mark: bool = False) -> str | None:
+        return await self.read_epoch(mark=mark)
+
     async def close(self) -> None:
         await self.detach()
         if self._io is not None:

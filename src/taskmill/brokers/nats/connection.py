@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from nats.aio.client import Client
@@ -131,9 +131,15 @@ def status(msg: Msg) -> str | None:
     return None if not headers else headers.get("Status")
 
 
-async def connect(config: NatsConfig, *, name: str) -> Client:
+async def connect(
+    config: NatsConfig,
+    *,
+    name: str,
+    disconnected: Callable[[], Awaitable[None]] | None = None,
+) -> Client:
     """A connection that reconnects for ever once it is up (calls time out meanwhile); the
-    first connect gives up after ``unavailable_after_s``, closing what it opened."""
+    first connect gives up after ``unavailable_after_s``, closing what it opened.
+    ``disconnected`` is called each time the connection is lost."""
     wait_s = 0.2
     nc = Client()
     try:
@@ -149,7 +155,7 @@ async def connect(config: NatsConfig, *, name: str) -> Client:
             max_outstanding_pings=3,
             pending_size=64 * 1024 * 1024,
             error_cb=_log_error,
-            disconnected_cb=_quiet,
+            disconnected_cb=disconnected or _quiet,
             reconnected_cb=_quiet,
             closed_cb=_quiet,
         )

@@ -13,6 +13,7 @@ import contextlib
 import json
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -129,8 +130,25 @@ class Store:
         return await opening
 
     async def _new_session(self) -> Session:
-        nc = await connect(self.config, name=f"taskmill {self.config.prefix}")
+        opened: list[Requests] = []
+
+        async def disconnected() -> None:
+            # a reply not received yet never comes (it was for the lost connection): fail its
+            # request now, and its caller retries once reconnected, instead of waiting out
+            # the request's timeout (5 s of a worker doing nothing after a server restart)
+            for requests in opened:
+                requests.fail_all(
+                    BrokerUnavailableError(
+                        "the NATS connection was lost before the reply (a write under way may "
+                        "still have been applied)"
+                    )
+                )
+
+        nc = await connect(
+            self.config, name=f"taskmill {self.config.prefix}", disconnected=disconnected
+        )
         requests = Requests(nc)
+        opened.append(requests)
         await requests.start()
         session = Session(nc=nc, requests=requests)
         if not self._ready:
@@ -146,9 +164,35 @@ class Store:
             await self._retrying(
                 lambda: ensure_streams(nc, self.config, schedules=self.schedules_on_server)
             )
+            await self._retrying(lambda: self._mark_epoch(session))
             self._ready = True
         await self._session_opened(session)
         return session
+
+    async def _mark_epoch(self, session: Session) -> None:
+        """Write the store's epoch marker if there is none (``Broker.epoch``)."""
+        subject = self._subject("misc", "epoch")
+        headers = {"Nats-Expected-Last-Subject-Sequence": "0"}
+        msg = await session.requests.request(subject, uuid.uuid4().hex.encode(), headers)
+        with contextlib.suppress(CasError):
+            ack_seq(msg)
+
+    async def read_epoch(self, *, mark: bool) -> str | None:
+        """``Broker.epoch`` on this store: streams deleted or wiped with the server's store are
+        made again (empty) when ``mark`` is given, as at the first open."""
+        session = await self._retrying(self._session)
+        if mark:
+            await self._retrying(
+                lambda: ensure_streams(session.nc, self.config, schedules=self.schedules_on_server)
+            )
+            await self._retrying(lambda: self._mark_epoch(session))
+        try:
+            entry = await self._retrying(lambda: self._get("misc", "epoch"))
+        except BrokerError as exc:
+            if "503" in str(exc):  # no stream answers the direct get: it is gone
+                return None
+            raise
+        return None if entry is None or entry.deleted else entry.value.decode()
 
     async def _session_opened(self, session: Session) -> None:
         """Subscriptions a session needs (the broker adds its wake-up subscription)."""
@@ -317,7 +361,17 @@ class Store:
         return int((msg.headers or {}).get("Nats-Sequence", 0)), msg
 
     async def _scan(self, what: str) -> AsyncIterator[tuple[str, Entry]]:
-        """Every key of a bucket with its last value (markers included), in no order."""
+        """Every key of a bucket with its last value (markers included), in no order, each key
+        once: a key written while the scan runs is delivered again (the consumer goes on with
+        new messages), so the scan is read whole and the latest revision of each key kept."""
+        latest: dict[str, Entry] = {}
+        async for key, entry in self._scan_messages(what):
+            latest[key] = entry  # the stream delivers in order: a later one is newer
+        for key, entry in latest.items():
+            yield key, entry
+
+    async def _scan_messages(self, what: str) -> AsyncIterator[tuple[str, Entry]]:
+        """The last message of each key of a bucket, then whatever is written meanwhile."""
         session = await self._session()
         bucket = self.config.bucket(what)
         stream = bucket_stream(bucket)

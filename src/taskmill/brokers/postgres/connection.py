@@ -13,6 +13,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import heapq
+import itertools
+import math
+import os
+import socket
 import threading
 import time
 import weakref
@@ -104,6 +109,82 @@ def savepoint(conn: SyncConn) -> Iterator[None]:
 
 
 @dataclass(eq=False)
+class _Bound:
+    conn: SyncConn
+    done: bool = False
+    fired: bool = False
+
+
+class Watchdog:
+    """Bounds statements on blocking connections. psycopg's synchronous calls wait on the
+    socket with no timeout, so a server that went silent after the connection was made (a
+    frozen host, a network that drops packets) would hold a ``send()`` for as long as TCP
+    keeps the connection, past ``unavailable_after_s``. One daemon thread watches the
+    deadlines; when an operation outlasts its own, the thread shuts the connection's socket
+    down: the blocked call fails at once (an ``OperationalError``: the server "closed the
+    connection"), and the connection, broken, is closed rather than pooled again.
+
+    Cheap on the hot path: arming and disarming take one lock and touch a heap that holds only
+    the operations under way (a finished one is popped when it is at the top, as it usually
+    is); the thread is woken only when a deadline earlier than the one it waits for arrives.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Bound]] = []
+        self._seq = itertools.count()
+        self._waiting_until = math.inf
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def bound(self, conn: SyncConn, deadline: float) -> Iterator[None]:
+        """Run the block on ``conn`` with its socket shut down at ``deadline`` (a
+        ``time.monotonic()``) if the block is still running then."""
+        entry = _Bound(conn)
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, next(self._seq), entry))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._watch, name="taskmill-postgres-watchdog", daemon=True
+                )
+                self._thread.start()
+            elif deadline < self._waiting_until:
+                self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                entry.done = True
+                fired = entry.fired
+                while self._heap and self._heap[0][2].done:
+                    heapq.heappop(self._heap)
+            if fired:  # the socket is shut: the connection is of no more use
+                conn.close()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][2].done or self._heap[0][0] <= now):
+                    _, _, entry = heapq.heappop(self._heap)
+                    if not entry.done:
+                        entry.fired = True
+                        _shut_down(entry.conn)
+                self._waiting_until = self._heap[0][0] if self._heap else math.inf
+                timeout = None if not self._heap else max(0.0, self._waiting_until - now)
+                self._cond.wait(timeout)
+
+
+def _shut_down(conn: SyncConn) -> None:
+    """Shut down ``conn``'s socket under the call blocked on it (through a duplicate of the
+    descriptor: closing the connection from this thread would free what that call uses)."""
+    with contextlib.suppress(OSError, psycopg.Error):
+        fd = os.dup(conn.fileno())
+        with socket.socket(fileno=fd) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass(eq=False)
 class LoopState:
     """What the broker keeps per event loop: a pool, a listener, and the claims' marks."""
 
@@ -140,6 +221,7 @@ class Connections:
         """Worker loops: their calls run there, on pools of their own."""
         self._sync_pool: ConnectionPool[SyncConn] | None = None
         self._sync_lock = threading.Lock()
+        self._watchdog = Watchdog()
 
     # --- errors and retries ---------------------------------------------------------------
 
@@ -217,14 +299,22 @@ class Connections:
 
     def run_blocking(self, op: Callable[[SyncConn, bool], T]) -> T:
         """``op(conn, retried)`` on a connection of the synchronous pool, retried like
-        ``run``. ``retried`` tells a write that an earlier try may have been applied."""
+        ``run``. ``retried`` tells a write that an earlier try may have been applied.
+
+        The bound covers the statements too: an ``op`` still waiting for the server at the
+        deadline has its connection shut down under it (``Watchdog``), and the call raises
+        ``BrokerUnavailableError``, whose message says that a write under way may still have
+        been applied."""
         deadline = time.monotonic() + self.config.unavailable_after_s
         delay = 0.0
         retried = False
         while True:
             budget = max(0.01, deadline - time.monotonic())
             try:
-                with self._sync().connection(timeout=budget) as conn:
+                with (
+                    self._sync().connection(timeout=budget) as conn,
+                    self._watchdog.bound(conn, deadline),
+                ):
                     return op(conn, retried)
             except PoolClosed:
                 raise BrokerError("the PostgreSQL broker is closed") from None
