@@ -27,17 +27,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from taskmill._ids import workflow_of
 from taskmill.brokers.base import Broker, HandOver
-from taskmill.errors import BrokerError, BrokerUnavailableError
+from taskmill.errors import BrokerError
 from taskmill.events import started
 from taskmill.job import Failed, Job, Outcome, Released, RetryAt, WorkerInfo
-from taskmill.retry import Interrupt
 from taskmill.urls import redact_url
 from taskmill.worker.execution import JobRun, Pipeline
 from taskmill.worker.leases import LeaseKeeper
 from taskmill.worker.maintenance import maintain
 from taskmill.worker.names import worker_id
+from taskmill.worker.opening import open_broker
 from taskmill.worker.outbox import Batch, Outbox, Publisher
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
+from taskmill.worker.stopping import Stop, cancel_and_wait, drain
 from taskmill.workflows import advance
 
 if TYPE_CHECKING:
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskmill.worker")
 
 PoolKind = Literal["async", "thread", "process"]
-_START_RETRY_FIRST_S = 0.5
-_START_RETRY_CAP_S = 30.0
 _CLAIM_RETRY_FIRST_S = 0.05
 _CLAIM_RETRY_CAP_S = 5.0
 _FLUSH_RETRY_S = 0.5
@@ -124,9 +123,7 @@ class Worker:
         self.heartbeat_s = settings.effective_heartbeat_s
         self._running: dict[str, JobRun] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # set by run(): stop() calls into it
-        self._stop_requested = False
-        self._stop_now = False
-        self._stop_event = asyncio.Event()
+        self._stop = Stop()
         self._progressed = asyncio.Event()  # a job ended, or outcomes were written
         self._flush_wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()  # one flush at a time (see _flush_all)
@@ -156,9 +153,7 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; running jobs get ``drain_timeout_s`` to finish. Call again to stop
         at once (running jobs are handed back without spending an attempt)."""
-        if self._stop_requested:
-            self._stop_now = True
-        self._stop_requested = True
+        self._stop.request()
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
@@ -174,14 +169,14 @@ class Worker:
 
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
-        if self._stop_requested:
+        if self._stop.requested:
             log.warning("worker %s: %s again: stopping now", self.id, name)
         else:  # a normal shutdown (a deploy, a scale-down): nothing to warn about
             log.info("worker %s: %s: draining (send again to stop at once)", self.id, name)
         self.stop()
 
     def _wake_for_stop(self) -> None:
-        self._stop_event.set()
+        self._stop.set()
         self._progressed.set()
         if self._idle_task is not None:
             self._idle_task.cancel()
@@ -192,9 +187,11 @@ class Worker:
         """Run until stopped (or, with ``until_idle``, until nothing is due or running).
         Returns how many jobs this worker finished."""
         self._loop = asyncio.get_running_loop()
-        if self._stop_requested:
-            self._stop_event.set()
-        broker = await self._open_broker()
+        if self._stop.requested:
+            self._stop.set()
+        broker = await open_broker(
+            self.client, self._stop, max_wait_s=self.max_start_wait_s, worker_id=self.id
+        )
         if broker is None:
             return 0  # stopped while the broker was unreachable
         self._broker = broker
@@ -215,42 +212,19 @@ class Worker:
             )
         try:
             await self._claim_loop(until_idle, leases)
-            await self._drain()
+            await drain(
+                self._running,
+                self._progressed,
+                self._stop,
+                timeout_s=self.drain_timeout_s,
+                worker_id=self.id,
+            )
             await self._flush_all()
         finally:
             await self._close(background, runner)
         if self._fatal is not None:
             raise self._fatal
         return self.jobs_done
-
-    async def _open_broker(self) -> Broker | None:
-        """The app's broker, opened; one that cannot be reached is retried with back-off
-        (``None`` if the worker is stopped meanwhile). Other errors are raised: a read-only
-        file or a refused login does not get better by waiting."""
-        deadline = (
-            None if self.max_start_wait_s is None else time.monotonic() + self.max_start_wait_s
-        )
-        delay = _START_RETRY_FIRST_S
-        while True:
-            try:
-                return await self.client.abroker()
-            except BrokerUnavailableError as exc:
-                if self._stop_event.is_set():
-                    return None
-                if deadline is not None and time.monotonic() + delay > deadline:
-                    raise BrokerUnavailableError(
-                        f"gave up reaching the broker after {self.max_start_wait_s:g} s: {exc}"
-                    ) from exc
-                log.warning(
-                    "worker %s: cannot reach the broker at start, retrying in %.1f s: %s",
-                    self.id,
-                    delay,
-                    exc,
-                )
-            await self._sleep_unless_stopped(delay)
-            if self._stop_event.is_set():
-                return None
-            delay = min(delay * 2, _START_RETRY_CAP_S)
 
     def _make_runner(self) -> Runner:
         if self.pool == "process":
@@ -328,12 +302,12 @@ class Worker:
             if self.scheduler and self.registry.schedules:
                 from taskmill.scheduler import Scheduler
 
-                schedules = Scheduler(self.app).run(self._stop_event)
+                schedules = Scheduler(self.app).run(self._stop.event)
                 loops.append(asyncio.create_task(schedules, name="taskmill-scheduler"))
         return loops
 
     async def _close(self, background: list[asyncio.Task[Any]], runner: Runner) -> None:
-        await _cancel_and_wait(background)
+        await cancel_and_wait(background)
         if self._outbox.pending:  # a flush that failed on the way out: one last try
             with contextlib.suppress(Exception):
                 await self._flush_all()
@@ -358,19 +332,13 @@ class Worker:
         and let run() raise it."""
         log.error("worker %s: stopping: %s", self.id, exc)
         self._fatal = exc
-        self._stop_requested = self._stop_now = True
-        self._stop_event.set()
-
-    async def _sleep_unless_stopped(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stop_event.wait()
+        self._stop.at_once()
 
     # --- claiming -------------------------------------------------------------------------------
 
     async def _claim_loop(self, until_idle: bool, leases: LeaseKeeper) -> None:
         backoff = _CLAIM_RETRY_FIRST_S
-        while not self._stop_event.is_set():
+        while not self._stop.is_set():
             free = await self._free_slots(leases)
             if not free:
                 continue
@@ -410,7 +378,7 @@ class Worker:
     async def _wait_for_contact(self, leases: LeaseKeeper) -> None:
         if self._outbox.pending:  # no claim will carry them meanwhile
             self._flush_wake.set()
-        waiters = [asyncio.create_task(e.wait()) for e in (leases.in_contact, self._stop_event)]
+        waiters = [asyncio.create_task(e.wait()) for e in (leases.in_contact, self._stop.event)]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -446,11 +414,11 @@ class Worker:
             self._stop_for_good(exc)
             return False
         log.error("worker %s: claim failed, retrying in %.2f s: %s", self.id, backoff, exc)
-        await self._sleep_unless_stopped(backoff)
+        await self._stop.sleep(backoff)
         return True
 
     async def _idle_wait(self, also: asyncio.Event | None) -> None:
-        if self._stop_event.is_set():
+        if self._stop.is_set():
             return  # stop() came during the claim: there was no idle task for it to cancel
         # a job handed over while waiting is ours already; only a plain idle wait (no event that
         # could cancel it mid-reply) takes hand-overs, so a cancelled wait loses none
@@ -476,7 +444,7 @@ class Worker:
         exc = idle.exception()
         if exc is not None:
             log.error("waiting for work failed: %s", exc)
-            await self._sleep_unless_stopped(0.5)
+            await self._stop.sleep(0.5)
             return
         handed = idle.result()
         for job in handed:
@@ -514,7 +482,7 @@ class Worker:
                 self.failed += isinstance(outcome, Failed | RetryAt)
             # a claim loop about to claim carries the outcome in its transaction; only an
             # idle or stopping one leaves it to the flusher
-            if self._idle_task is not None or self._stop_requested:
+            if self._idle_task is not None or self._stop.requested:
                 self._flush_wake.set()
         self._progressed.set()
 
@@ -538,7 +506,7 @@ class Worker:
         try:
             batch = await self._outbox.flush()
         except Exception:  # logged by the outbox
-            await self._sleep_unless_stopped(_FLUSH_RETRY_S)
+            await self._stop.sleep(_FLUSH_RETRY_S)
             self._flush_wake.set()
             return False
         if batch is None:
@@ -557,7 +525,7 @@ class Worker:
             for _ in range(20):
                 if not self._outbox.owes:
                     return
-                if not await self._flush_once() and self._stop_now:
+                if not await self._flush_once() and self._stop.now:
                     return
 
     async def _advance_workflows(self, batch: Batch) -> bool:
@@ -587,46 +555,6 @@ class Worker:
             processed=self.processed,
             failed=self.failed,
         )
-
-    # --- stopping -------------------------------------------------------------------------------
-
-    async def _drain(self) -> None:
-        deadline = time.monotonic() + self.drain_timeout_s
-        if self._running:
-            log.info(
-                "worker %s: draining %d running jobs (up to %.0f s)",
-                self.id,
-                len(self._running),
-                self.drain_timeout_s,
-            )
-        while self._running and not self._stop_now:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._progressed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._progressed.wait()
-        leftovers = list(self._running.values())
-        for run in leftovers:
-            log.warning(
-                "job %s (%s): still running at shutdown; handing it back", run.job.id, run.job.task
-            )
-            run.interrupt(Interrupt.SHUTDOWN)
-        handles = [run.handle for run in leftovers if run.handle is not None]
-        if handles:
-            await asyncio.gather(*handles, return_exceptions=True)
-
-
-async def _cancel_and_wait(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    """Cancel the tasks and wait until they end, cancelling again those still running after
-    a second: redis-py can swallow a cancel that lands while a command starts (the task goes
-    on to its next await and would run forever; a worker hung on stop, seen in the suite)."""
-    pending = set(tasks)
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=1.0)
 
 
 __all__ = ["Worker"]
