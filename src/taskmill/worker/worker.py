@@ -25,21 +25,20 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from taskmill._ids import workflow_of
 from taskmill.brokers.base import Broker, HandOver
 from taskmill.errors import BrokerError
 from taskmill.events import started
 from taskmill.job import Failed, Job, Outcome, Released, RetryAt, WorkerInfo
 from taskmill.urls import redact_url
 from taskmill.worker.execution import JobRun, Pipeline
+from taskmill.worker.flushing import Flusher, advance_workflows
 from taskmill.worker.leases import LeaseKeeper
 from taskmill.worker.maintenance import maintain
 from taskmill.worker.names import worker_id
 from taskmill.worker.opening import open_broker
-from taskmill.worker.outbox import Batch, Outbox, Publisher
+from taskmill.worker.outbox import Outbox, Publisher
 from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
 from taskmill.worker.stopping import Stop, cancel_and_wait, drain
-from taskmill.workflows import advance
 
 if TYPE_CHECKING:
     from taskmill.client import AppParts
@@ -50,7 +49,6 @@ log = logging.getLogger("taskmill.worker")
 PoolKind = Literal["async", "thread", "process"]
 _CLAIM_RETRY_FIRST_S = 0.05
 _CLAIM_RETRY_CAP_S = 5.0
-_FLUSH_RETRY_S = 0.5
 
 
 class Worker:
@@ -125,8 +123,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None  # set by run(): stop() calls into it
         self._stop = Stop()
         self._progressed = asyncio.Event()  # a job ended, or outcomes were written
-        self._flush_wake = asyncio.Event()
-        self._flush_lock = asyncio.Lock()  # one flush at a time (see _flush_all)
+        self._flush_wake = asyncio.Event()  # the outbox has something to write
         self._idle_task: asyncio.Task[list[Job]] | None = None
         self._events_on = settings.events
         self._fatal: BrokerError | None = None  # a permanent broker error: run() raises it
@@ -134,6 +131,7 @@ class Worker:
         self._broker: Broker
         self._pipeline: Pipeline
         self._outbox: Outbox
+        self._flusher: Flusher
         self._publisher: Publisher | None = None  # events on: the jobs' events
         self._leases: LeaseKeeper | None = None
 
@@ -219,7 +217,7 @@ class Worker:
                 timeout_s=self.drain_timeout_s,
                 worker_id=self.id,
             )
-            await self._flush_all()
+            await self._flusher.flush_all()
         finally:
             await self._close(background, runner)
         if self._fatal is not None:
@@ -269,6 +267,13 @@ class Worker:
             emit=None if self._publisher is None else self._publisher.emit,
             rejected=None if counts is None else counts.rejected,
         )
+        self._flusher = Flusher(
+            self._outbox,
+            self.client,
+            wake=self._flush_wake,
+            progressed=self._progressed,
+            stop=self._stop,
+        )
         return runner
 
     def _keep_leases(self, broker: Broker) -> LeaseKeeper:
@@ -288,7 +293,7 @@ class Worker:
 
     def _start_loops(self, until_idle: bool, leases: LeaseKeeper) -> list[asyncio.Task[Any]]:
         loops = [
-            asyncio.create_task(self._flush_loop(), name="taskmill-flush"),
+            asyncio.create_task(self._flusher.run(), name="taskmill-flush"),
             asyncio.create_task(leases.run(), name="taskmill-heartbeat"),
         ]
         if self._publisher is not None:
@@ -310,7 +315,7 @@ class Worker:
         await cancel_and_wait(background)
         if self._outbox.pending:  # a flush that failed on the way out: one last try
             with contextlib.suppress(Exception):
-                await self._flush_all()
+                await self._flusher.flush_all()
         if self._publisher is not None:  # after the last outcomes: their events too
             await self._publisher.publish()  # what the cancelled publisher had not sent
         # always: it also hands back jobs handed over to this worker that it never took
@@ -376,8 +381,7 @@ class Worker:
         return free
 
     async def _wait_for_contact(self, leases: LeaseKeeper) -> None:
-        if self._outbox.pending:  # no claim will carry them meanwhile
-            self._flush_wake.set()
+        self._flusher.wake_if_pending()  # no claim will carry them meanwhile
         waiters = [asyncio.create_task(e.wait()) for e in (leases.in_contact, self._stop.event)]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -406,7 +410,7 @@ class Worker:
             raise
         outbox.landed(batch, applied)
         outbox.release(batch)
-        return jobs, await self._advance_workflows(batch)
+        return jobs, await advance_workflows(self.client, batch)
 
     async def _claim_failed(self, exc: Exception, backoff: float) -> bool:
         """Wait ``backoff`` before the next claim; False if no retry can fix the error."""
@@ -426,8 +430,7 @@ class Worker:
         idle = self._idle_task = asyncio.create_task(
             self._broker.wait(self.queues, self.idle_poll_s, handover)
         )
-        if self._outbox.pending:
-            self._flush_wake.set()
+        self._flusher.wake_if_pending()
         waiters: list[asyncio.Future[Any]] = [idle]
         if also is not None:
             waiters.append(asyncio.create_task(also.wait()))
@@ -490,56 +493,6 @@ class Worker:
         run = self._running.get(job_id)  # from the task's thread
         if run is not None:
             self._outbox.report(run, fraction, message)
-
-    # --- flushing -------------------------------------------------------------------------------
-
-    async def _flush_loop(self) -> None:
-        wake = self._flush_wake
-        while True:
-            await wake.wait()
-            wake.clear()
-            async with self._flush_lock:
-                await self._flush_once()
-
-    async def _flush_once(self) -> bool:
-        """Write progress and outcomes; False if the broker refused (kept for later)."""
-        try:
-            batch = await self._outbox.flush()
-        except Exception:  # logged by the outbox
-            await self._stop.sleep(_FLUSH_RETRY_S)
-            self._flush_wake.set()
-            return False
-        if batch is None:
-            return True
-        try:  # still on its way meanwhile: run_until_idle must not end before steps it releases
-            await self._advance_workflows(batch)
-        finally:
-            self._outbox.release(batch)
-        self._progressed.set()
-        return True
-
-    async def _flush_all(self) -> None:
-        # the flush loop may be writing a batch that already left the outbox: wait for it to
-        # land, or cancelling the loop on the way out drops that batch
-        async with self._flush_lock:
-            for _ in range(20):
-                if not self._outbox.owes:
-                    return
-                if not await self._flush_once() and self._stop.now:
-                    return
-
-    async def _advance_workflows(self, batch: Batch) -> bool:
-        """A step of a workflow whose outcome is stored may release the next steps: advance
-        its workflow now (the maintenance sweep would, later). True if there was one."""
-        workflows = {
-            wf for finish in batch.stored if (wf := workflow_of(finish.claim.job_id)) is not None
-        }
-        for workflow_id in workflows:
-            try:
-                await advance(self.client, workflow_id)
-            except Exception as exc:
-                log.error("workflow %s: advancing failed (the sweep retries): %s", workflow_id, exc)
-        return bool(workflows)
 
     def _info(self) -> WorkerInfo:
         """What a heartbeat tells the broker about this worker."""
