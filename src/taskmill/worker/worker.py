@@ -32,6 +32,7 @@ from taskmill.job import Failed, Job, Outcome, Released, RetryAt, WorkerInfo
 from taskmill.urls import redact_url
 from taskmill.worker.execution import JobRun, Pipeline
 from taskmill.worker.flushing import Flusher, advance_workflows
+from taskmill.worker.idle import IdleWait, first_of
 from taskmill.worker.leases import LeaseKeeper
 from taskmill.worker.maintenance import maintain
 from taskmill.worker.names import worker_id
@@ -124,7 +125,7 @@ class Worker:
         self._stop = Stop()
         self._progressed = asyncio.Event()  # a job ended, or outcomes were written
         self._flush_wake = asyncio.Event()  # the outbox has something to write
-        self._idle_task: asyncio.Task[list[Job]] | None = None
+        self._idle: IdleWait | None = None  # made by run(), once the broker is open
         self._events_on = settings.events
         self._fatal: BrokerError | None = None  # a permanent broker error: run() raises it
         # made by run(), once the broker is open
@@ -145,6 +146,11 @@ class Worker:
         """No heartbeat taken for longer than the lease: the jobs it held are marked lost and
         it claims none until one is taken (``taskmill.worker.leases``)."""
         return self._leases is not None and self._leases.out_of_contact
+
+    @property
+    def waiting_for_work(self) -> bool:
+        """Its last claim found nothing due: it waits for a wake-up (``Broker.wait``)."""
+        return self._idle is not None and self._idle.waiting
 
     # --- control (thread-safe) ----------------------------------------------------------------
 
@@ -176,8 +182,8 @@ class Worker:
     def _wake_for_stop(self) -> None:
         self._stop.set()
         self._progressed.set()
-        if self._idle_task is not None:
-            self._idle_task.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -209,7 +215,7 @@ class Worker:
                 redact_url(self.client.url),
             )
         try:
-            await self._claim_loop(until_idle, leases)
+            await self._claim_loop(until_idle, leases, self._wait_for_work(broker))
             await drain(
                 self._running,
                 self._progressed,
@@ -276,6 +282,18 @@ class Worker:
         )
         return runner
 
+    def _wait_for_work(self, broker: Broker) -> IdleWait:
+        self._idle = IdleWait(
+            broker,
+            queues=self.queues,
+            poll_s=self.idle_poll_s,
+            handover=HandOver(self.id, self.lease_s),
+            stop=self._stop,
+            flusher=self._flusher,
+            start=self._start,
+        )
+        return self._idle
+
     def _keep_leases(self, broker: Broker) -> LeaseKeeper:
         self._leases = LeaseKeeper(
             broker,
@@ -341,7 +359,7 @@ class Worker:
 
     # --- claiming -------------------------------------------------------------------------------
 
-    async def _claim_loop(self, until_idle: bool, leases: LeaseKeeper) -> None:
+    async def _claim_loop(self, until_idle: bool, leases: LeaseKeeper, idle: IdleWait) -> None:
         backoff = _CLAIM_RETRY_FIRST_S
         while not self._stop.is_set():
             free = await self._free_slots(leases)
@@ -361,12 +379,12 @@ class Worker:
                 continue
             if not until_idle:
                 if not jobs:
-                    await self._idle_wait(None)
+                    await idle.wait()
             elif not jobs and not self._running and self._outbox.settled:
                 return
             else:
                 self._progressed.clear()
-                await self._idle_wait(self._progressed)
+                await idle.wait(self._progressed)
 
     async def _free_slots(self, leases: LeaseKeeper) -> int:
         """How many jobs to claim; 0 after waiting for a free slot, or for contact (out of
@@ -382,12 +400,7 @@ class Worker:
 
     async def _wait_for_contact(self, leases: LeaseKeeper) -> None:
         self._flusher.wake_if_pending()  # no claim will carry them meanwhile
-        waiters = [asyncio.create_task(e.wait()) for e in (leases.in_contact, self._stop.event)]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in waiters:
-                t.cancel()
+        await first_of(leases.in_contact, self._stop.event)
 
     async def _wait_for_a_slot(self) -> None:
         self._progressed.clear()
@@ -421,40 +434,6 @@ class Worker:
         await self._stop.sleep(backoff)
         return True
 
-    async def _idle_wait(self, also: asyncio.Event | None) -> None:
-        if self._stop.is_set():
-            return  # stop() came during the claim: there was no idle task for it to cancel
-        # a job handed over while waiting is ours already; only a plain idle wait (no event that
-        # could cancel it mid-reply) takes hand-overs, so a cancelled wait loses none
-        handover = None if also is not None else HandOver(self.id, self.lease_s)
-        idle = self._idle_task = asyncio.create_task(
-            self._broker.wait(self.queues, self.idle_poll_s, handover)
-        )
-        self._flusher.wake_if_pending()
-        waiters: list[asyncio.Future[Any]] = [idle]
-        if also is not None:
-            waiters.append(asyncio.create_task(also.wait()))
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in waiters:
-                t.cancel()
-            self._idle_task = None
-        if idle.done() and not idle.cancelled():
-            await self._woken(idle)
-
-    async def _woken(self, idle: asyncio.Task[list[Job]]) -> None:
-        exc = idle.exception()
-        if exc is not None:
-            log.error("waiting for work failed: %s", exc)
-            await self._stop.sleep(0.5)
-            return
-        handed = idle.result()
-        for job in handed:
-            self._start(job)
-        if handed:
-            await asyncio.sleep(0)
-
     # --- running ----------------------------------------------------------------------------
 
     def _start(self, job: Job) -> None:
@@ -485,7 +464,7 @@ class Worker:
                 self.failed += isinstance(outcome, Failed | RetryAt)
             # a claim loop about to claim carries the outcome in its transaction; only an
             # idle or stopping one leaves it to the flusher
-            if self._idle_task is not None or self._stop.requested:
+            if self.waiting_for_work or self._stop.requested:
                 self._flush_wake.set()
         self._progressed.set()
 
