@@ -411,18 +411,7 @@ class Worker:
     async def _finish_and_claim(self, free: int) -> tuple[list[Job], bool]:
         """Claim up to ``free`` jobs; the outcomes waiting ride along (one transaction).
         The jobs, and whether a workflow advanced (steps it released may be due)."""
-        outbox = self._outbox
-        batch = outbox.take()
-        try:
-            await outbox.ready(batch)
-            applied, jobs = await self._broker.finish_and_claim(
-                batch.finishes, self.queues, free, self.id, self.lease_s
-            )
-        except BaseException as exc:
-            outbox.failed(batch, exc)
-            raise
-        outbox.landed(batch, applied)
-        outbox.release(batch)
+        batch, jobs = await self._outbox.finish_and_claim(self.queues, free, self.lease_s)
         return jobs, await advance_workflows(self.client, batch)
 
     async def _claim_failed(self, exc: Exception, backoff: float) -> bool:
