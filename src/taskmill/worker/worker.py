@@ -23,7 +23,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from taskmill.brokers.base import Broker, HandOver
 from taskmill.errors import BrokerError
@@ -38,7 +38,8 @@ from taskmill.worker.maintenance import maintain
 from taskmill.worker.names import worker_id
 from taskmill.worker.opening import open_broker
 from taskmill.worker.outbox import Outbox, Publisher
-from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
+from taskmill.worker.pools import Runner
+from taskmill.worker.runners import PoolKind, make_runner
 from taskmill.worker.stopping import Stop, cancel_and_wait, drain
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskmill.worker")
 
-PoolKind = Literal["async", "thread", "process"]
 _CLAIM_RETRY_FIRST_S = 0.05
 _CLAIM_RETRY_CAP_S = 5.0
 
@@ -230,28 +230,19 @@ class Worker:
             raise self._fatal
         return self.jobs_done
 
-    def _make_runner(self) -> Runner:
-        if self.pool == "process":
-            from taskmill.worker.process_pool import ProcessRunner
-
-            assert self.app_path is not None  # checked in __init__
-            return ProcessRunner(
-                self.app_path,
-                self.concurrency,
-                self.max_tasks_per_child,
-                self.registry.instrumentations,
-            )
-        if self.pool == "async":
-            return InlineRunner()
-        return ThreadRunner(self.concurrency)
-
     def _make_parts(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> Runner:
         """The pipeline with its runner, the outbox, the publisher (events on)."""
 
         def later(delay: float, fn: Callable[[], None]) -> None:  # from a task's thread
             loop.call_soon_threadsafe(loop.call_later, delay, fn)
 
-        runner = self._make_runner()
+        runner = make_runner(
+            self.pool,
+            self.concurrency,
+            app_path=self.app_path,
+            max_tasks_per_child=self.max_tasks_per_child,
+            instrumentations=self.registry.instrumentations,
+        )
         counts = None if self.metrics is None else self.metrics.counts
         self._pipeline = Pipeline(
             self.registry,
