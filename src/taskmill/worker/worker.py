@@ -2,15 +2,20 @@
 
 Each claimed job runs in an asyncio task of its own, through the steps of
 ``execution.Pipeline``; its outcome goes to the ``outbox.Outbox`` until the broker has it.
-The worker keeps the loops around them:
+``Worker`` keeps the table of running jobs, the claim loop and the life cycle, and starts the
+other loops, each in a module of its own:
 
-- claim: take up to as many due jobs as there are free slots, in one broker call that also
-  carries the outcomes waiting to be written;
-- flush: write outcomes (and coalesced progress) when no claim is coming to carry them;
+- claim (here): take up to as many due jobs as there are free slots, in one broker call that
+  also carries the outcomes waiting to be written; with nothing due, wait for work
+  (``idle.py``);
+- flush: write outcomes (and coalesced progress) when no claim is coming to carry them
+  (``flushing.py``);
 - heartbeat: extend every held lease, learn of cancels and lost leases (``leases.py``);
 - maintenance: recover expired leases (anyone's), sweep running workflows, prune old finished
   jobs (``maintenance.py``);
 - events (``App(events=True)``): publish the jobs' events in the order they were made.
+
+Opening the broker at start is ``opening.py``; the stop request and the drain ``stopping.py``.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ class Worker:
     ``name`` is kept in the worker's id (``name@host-pid-random``, see
     ``taskmill.worker.names``). A broker that cannot be reached at start
     (``BrokerUnavailableError``) is retried, logged at WARNING each time, after 0.5 s doubling
-    up to 30 s, for ever or until ``max_start_wait_s``; any other error at start is raised.
+    up to 30 s, for ever or until ``max_start_wait_s``; any other error at start is raised
+    (``taskmill.worker.opening``).
     ``on_heartbeat`` is called on the worker's loop after each heartbeat the broker took.
     ``metrics`` counts its jobs (``taskmill.worker.metrics``; ``--metrics-port``).
     ``lease_s`` replaces the app's ``lease_s`` for this worker's claims (``taskmill worker
