@@ -14,7 +14,7 @@ from taskmill import (
     SerializationError,
 )
 from taskmill.testing import running_worker
-from taskmill.worker.worker import PoolKind
+from taskmill.worker.runners import PoolKind
 
 from .conftest import AppFactory
 from .helpers import opened

@@ -163,7 +163,7 @@ def test_a_stored_job_id_sent_while_a_worker_waits_is_not_stored_again(app: App)
     with running_worker(app) as worker:
         first = charge.options(job_id="charge-9").send(1)
         assert first.result(timeout=10) == 1
-        wait_until(lambda: worker._idle_task is not None, what="the worker to wait for work")
+        wait_until(lambda: worker.waiting_for_work, what="the worker to wait for work")
         again = charge.options(job_id="charge-9").send(1)
         assert (again.id, again.existing) == ("charge-9", True)
         fresh = charge.send(2)

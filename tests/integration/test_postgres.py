@@ -631,17 +631,13 @@ def test_idle_workers_are_woken_not_polling(database: Database) -> None:
     try:
         with running_worker(app, idle_poll_s=30.0) as worker:
             assert task.send(0).result(timeout=10) == 0
-            wait_until(
-                lambda: worker._idle_task is not None, what="the worker to go idle", timeout=20
-            )
+            wait_until(lambda: worker.waiting_for_work, what="the worker to go idle", timeout=20)
             sent = time.time()
             handle = task.send(1)
             assert handle.result(timeout=10) == 1
             started = app.get_job(handle.id).started_at
             assert started is not None and started - sent < WOKEN_S
-            wait_until(
-                lambda: worker._idle_task is not None, what="the worker to go idle", timeout=20
-            )
+            wait_until(lambda: worker.waiting_for_work, what="the worker to go idle", timeout=20)
             later = task.options(delay=1.0).send(2)
             assert later.result(timeout=10) == 2
             job = app.get_job(later.id)

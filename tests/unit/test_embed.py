@@ -21,8 +21,7 @@ from taskmill.brokers.base import HeartbeatReply
 from taskmill.brokers.memory import MemoryBroker
 from taskmill.job import Claim, WorkerInfo
 from taskmill.testing import await_until, wait_until
-from taskmill.worker import Worker
-from taskmill.worker import worker as worker_module
+from taskmill.worker import Worker, opening
 from taskmill.worker.names import check_name, name_of
 from taskmill.worker.process import worker_health
 from taskmill.worker.supervisor import Pool, Supervisor
@@ -87,7 +86,7 @@ def use_broker(app: App, broker: MemoryBroker) -> None:
 
 @pytest.fixture
 def quick_start_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker_module, "_START_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(opening, "RETRY_FIRST_S", 0.01)
 
 
 def start_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -308,7 +307,7 @@ def test_max_start_wait_gives_up(app: App) -> None:
 async def test_a_stop_ends_the_start_retries_at_once(
     app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(worker_module, "_START_RETRY_FIRST_S", 30.0)
+    monkeypatch.setattr(opening, "RETRY_FIRST_S", 30.0)
     broker = FlakyOpen(10**6, BrokerUnavailableError("down"))
     use_broker(app, broker)
     worker = Worker(app)

@@ -33,6 +33,7 @@ class Recording(MemoryBroker):
         self.hold_progress: asyncio.Event | None = None
         self.progress_started = asyncio.Event()
         self.fail_finish = 0
+        self.fail_claim = 0
 
     async def record_progress(self, items: Sequence[Progress]) -> None:
         self.progress_started.set()
@@ -40,6 +41,21 @@ class Recording(MemoryBroker):
             await self.hold_progress.wait()
         self.calls.append(("progress", [f"{p.claim.job_id}={p.fraction}" for p in items]))
         await super().record_progress(items)
+
+    async def finish_and_claim(
+        self,
+        finishes: Sequence[Finish],
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_s: float,
+    ) -> tuple[list[bool], list[Job]]:
+        if self.fail_claim:
+            self.fail_claim -= 1
+            raise BrokerUnavailableError("the broker is down (nothing was written)")
+        self.calls.append(("finish_and_claim", [f.claim.job_id for f in finishes]))
+        applied = await MemoryBroker.finish(self, finishes)
+        return applied, await self.claim(queues, limit, worker_id, lease_s)
 
     async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
         if self.fail_finish:
@@ -150,6 +166,30 @@ async def test_a_batch_that_was_not_written_goes_first_in_the_next_one() -> None
     second = s.outbox.take()
     assert [f.claim for f in second.finishes] == [a.claim, b.claim]
     assert [p.claim for p, _ in second.final] == [a.claim]  # a's last report went with it
+
+
+async def test_outcomes_ride_along_with_a_claim_and_go_back_if_it_fails() -> None:
+    s = Setup()
+    a, b = await s.runs(2)
+    await s.broker.enqueue([NewJob(id="next", task="t", queue="q", payload=b"[[],{}]")])
+    s.outbox.report(a, 0.5, "half")
+    s.outbox.add(a, done())
+    s.broker.fail_claim = 1
+    with pytest.raises(BrokerUnavailableError):
+        await s.outbox.finish_and_claim(["q"], 1, 60.0)
+    assert s.outbox.pending and s.outbox.claims() == [a.claim]  # put back, lease still covered
+
+    s.outbox.add(b, done())
+    batch, jobs = await s.outbox.finish_and_claim(["q"], 1, 60.0)
+    assert [j.id for j in jobs] == ["next"]
+    assert batch.stored == batch.finishes and [f.claim for f in batch.stored] == [a.claim, b.claim]
+    assert s.outbox.settled and s.outbox.claims() == []
+    # the last report goes first each time: a claim that failed may have written it or not
+    assert s.broker.calls == [
+        ("progress", ["job-0=0.5"]),
+        ("progress", ["job-0=0.5"]),
+        ("finish_and_claim", ["job-0", "job-1"]),
+    ]
 
 
 async def test_a_failed_flush_keeps_the_outcomes_and_their_last_reports() -> None:

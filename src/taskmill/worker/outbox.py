@@ -3,8 +3,8 @@
 The outbox holds each outcome from the moment its run ends until the broker has it, and keeps
 the order rules between outcomes, progress and events:
 
-- **Outcomes ride along with claims.** While the worker is busy, the claim loop carries the
-  outcomes waiting (``take``) in its ``finish_and_claim``: one transaction for both. When the
+- **Outcomes ride along with claims.** While the worker is busy, the claim loop claims through
+  ``finish_and_claim``, which carries the outcomes waiting: one transaction for both. When the
   worker is idle or stopping, the flush loop writes them (``flush``). A batch that fails to
   be written is put back and goes with the next one; until it is written, heartbeats keep its
   jobs' leases alive (``claims`` covers every outcome not written yet: waiting, riding with a
@@ -30,7 +30,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -219,6 +219,26 @@ class Outbox:
     def release(self, batch: Batch) -> None:
         """Done with a batch that landed (its leases need no more heartbeats)."""
         self._in_flight.remove(batch)
+
+    async def finish_and_claim(
+        self, queues: Sequence[str], limit: int, lease_s: float
+    ) -> tuple[Batch, list[Job]]:
+        """Claim up to ``limit`` jobs for this worker, carrying every outcome waiting in the
+        same broker call (one transaction): the batch written, already released (its
+        ``stored`` says which outcomes the broker applied), and the jobs claimed. A claim that
+        fails puts the batch back, and the error is raised."""
+        batch = self.take()
+        try:
+            await self.ready(batch)
+            applied, jobs = await self._broker.finish_and_claim(
+                batch.finishes, queues, limit, self._worker_id, lease_s
+            )
+        except BaseException as exc:
+            self.failed(batch, exc)
+            raise
+        self.landed(batch, applied)
+        self.release(batch)
+        return batch, jobs
 
     # --- the flush loop's writes ----------------------------------------------------------------
 

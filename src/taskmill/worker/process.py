@@ -28,8 +28,9 @@ from taskmill.worker.metrics import (
     MetricsServer,
     WorkerMetrics,
 )
+from taskmill.worker.runners import PoolKind
 from taskmill.worker.supervisor import NO_RESTART_EXIT_CODE, Pool, Supervisor
-from taskmill.worker.worker import PoolKind, Worker
+from taskmill.worker.worker import Worker
 
 if TYPE_CHECKING:
     from taskmill.client import AppParts

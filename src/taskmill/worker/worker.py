@@ -2,15 +2,20 @@
 
 Each claimed job runs in an asyncio task of its own, through the steps of
 ``execution.Pipeline``; its outcome goes to the ``outbox.Outbox`` until the broker has it.
-The worker keeps the loops around them:
+``Worker`` keeps the table of running jobs, the claim loop and the life cycle, and starts the
+other loops, each in a module of its own:
 
-- claim: take up to as many due jobs as there are free slots, in one broker call that also
-  carries the outcomes waiting to be written;
-- flush: write outcomes (and coalesced progress) when no claim is coming to carry them;
+- claim (here): take up to as many due jobs as there are free slots, in one broker call that
+  also carries the outcomes waiting to be written; with nothing due, wait for work
+  (``idle.py``);
+- flush: write outcomes (and coalesced progress) when no claim is coming to carry them
+  (``flushing.py``);
 - heartbeat: extend every held lease, learn of cancels and lost leases (``leases.py``);
 - maintenance: recover expired leases (anyone's), sweep running workflows, prune old finished
   jobs, and now and then ask the broker what needs an operator (``maintenance.py``);
 - events (``App(events=True)``): publish the jobs' events in the order they were made.
+
+Opening the broker at start is ``opening.py``; the stop request and the drain ``stopping.py``.
 """
 
 from __future__ import annotations
@@ -23,22 +28,24 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from taskmill._ids import workflow_of
 from taskmill.brokers.base import Broker, HandOver
-from taskmill.errors import BrokerError, BrokerUnavailableError
+from taskmill.errors import BrokerError
 from taskmill.events import started
 from taskmill.job import Failed, Job, Outcome, Released, RetryAt, WorkerInfo
-from taskmill.retry import Interrupt
 from taskmill.urls import redact_url
 from taskmill.worker.execution import JobRun, Pipeline
+from taskmill.worker.flushing import Flusher, advance_workflows
+from taskmill.worker.idle import IdleWait, first_of
 from taskmill.worker.leases import LeaseKeeper
 from taskmill.worker.maintenance import BrokerWarnings, maintain, watch_epoch
 from taskmill.worker.names import worker_id
-from taskmill.worker.outbox import Batch, Outbox, Publisher
-from taskmill.worker.pools import InlineRunner, Runner, ThreadRunner
-from taskmill.workflows import advance
+from taskmill.worker.opening import open_broker
+from taskmill.worker.outbox import Outbox, Publisher
+from taskmill.worker.pools import Runner
+from taskmill.worker.runners import PoolKind, make_runner
+from taskmill.worker.stopping import Stop, cancel_and_wait, drain
 
 if TYPE_CHECKING:
     from taskmill.client import AppParts
@@ -46,12 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskmill.worker")
 
-PoolKind = Literal["async", "thread", "process"]
-_START_RETRY_FIRST_S = 0.5
-_START_RETRY_CAP_S = 30.0
 _CLAIM_RETRY_FIRST_S = 0.05
 _CLAIM_RETRY_CAP_S = 5.0
-_FLUSH_RETRY_S = 0.5
 
 
 class Worker:
@@ -63,7 +66,8 @@ class Worker:
     ``name`` is kept in the worker's id (``name@host-pid-random``, see
     ``taskmill.worker.names``). A broker that cannot be reached at start
     (``BrokerUnavailableError``) is retried, logged at WARNING each time, after 0.5 s doubling
-    up to 30 s, for ever or until ``max_start_wait_s``; any other error at start is raised.
+    up to 30 s, for ever or until ``max_start_wait_s``; any other error at start is raised
+    (``taskmill.worker.opening``).
     ``on_heartbeat`` is called on the worker's loop after each heartbeat the broker took.
     ``metrics`` counts its jobs (``taskmill.worker.metrics``; ``--metrics-port``).
     ``lease_s`` replaces the app's ``lease_s`` for this worker's claims (``taskmill worker
@@ -126,13 +130,10 @@ class Worker:
         self.heartbeat_s = settings.effective_heartbeat_s
         self._running: dict[str, JobRun] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # set by run(): stop() calls into it
-        self._stop_requested = False
-        self._stop_now = False
-        self._stop_event = asyncio.Event()
+        self._stop = Stop()
         self._progressed = asyncio.Event()  # a job ended, or outcomes were written
-        self._flush_wake = asyncio.Event()
-        self._flush_lock = asyncio.Lock()  # one flush at a time (see _flush_all)
-        self._idle_task: asyncio.Task[list[Job]] | None = None
+        self._flush_wake = asyncio.Event()  # the outbox has something to write
+        self._idle: IdleWait | None = None  # made by run(), once the broker is open
         self._events_on = settings.events
         self._fatal: BrokerError | None = None  # a permanent broker error: run() raises it
         self._warnings = BrokerWarnings(self.id)
@@ -140,6 +141,7 @@ class Worker:
         self._broker: Broker
         self._pipeline: Pipeline
         self._outbox: Outbox
+        self._flusher: Flusher
         self._publisher: Publisher | None = None  # events on: the jobs' events
         self._leases: LeaseKeeper | None = None
 
@@ -160,14 +162,17 @@ class Worker:
         endpoint shows them), not a reason to stop."""
         return self._warnings.current
 
+    @property
+    def waiting_for_work(self) -> bool:
+        """Its last claim found nothing due: it waits for a wake-up (``Broker.wait``)."""
+        return self._idle is not None and self._idle.waiting
+
     # --- control (thread-safe) ----------------------------------------------------------------
 
     def stop(self) -> None:
         """Stop claiming; running jobs get ``drain_timeout_s`` to finish. Call again to stop
         at once (running jobs are handed back without spending an attempt)."""
-        if self._stop_requested:
-            self._stop_now = True
-        self._stop_requested = True
+        self._stop.request()
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
@@ -183,17 +188,17 @@ class Worker:
 
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
-        if self._stop_requested:
+        if self._stop.requested:
             log.warning("worker %s: %s again: stopping now", self.id, name)
         else:  # a normal shutdown (a deploy, a scale-down): nothing to warn about
             log.info("worker %s: %s: draining (send again to stop at once)", self.id, name)
         self.stop()
 
     def _wake_for_stop(self) -> None:
-        self._stop_event.set()
+        self._stop.set()
         self._progressed.set()
-        if self._idle_task is not None:
-            self._idle_task.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -201,9 +206,11 @@ class Worker:
         """Run until stopped (or, with ``until_idle``, until nothing is due or running).
         Returns how many jobs this worker finished."""
         self._loop = asyncio.get_running_loop()
-        if self._stop_requested:
-            self._stop_event.set()
-        broker = await self._open_broker()
+        if self._stop.requested:
+            self._stop.set()
+        broker = await open_broker(
+            self.client, self._stop, max_wait_s=self.max_start_wait_s, worker_id=self.id
+        )
         if broker is None:
             return 0  # stopped while the broker was unreachable
         self._broker = broker
@@ -223,58 +230,20 @@ class Worker:
                 redact_url(self.client.url),
             )
         try:
-            await self._claim_loop(until_idle, leases)
-            await self._drain()
-            await self._flush_all()
+            await self._claim_loop(until_idle, leases, self._wait_for_work(broker))
+            await drain(
+                self._running,
+                self._progressed,
+                self._stop,
+                timeout_s=self.drain_timeout_s,
+                worker_id=self.id,
+            )
+            await self._flusher.flush_all()
         finally:
             await self._close(background, runner)
         if self._fatal is not None:
             raise self._fatal
         return self.jobs_done
-
-    async def _open_broker(self) -> Broker | None:
-        """The app's broker, opened; one that cannot be reached is retried with back-off
-        (``None`` if the worker is stopped meanwhile). Other errors are raised: a read-only
-        file or a refused login does not get better by waiting."""
-        deadline = (
-            None if self.max_start_wait_s is None else time.monotonic() + self.max_start_wait_s
-        )
-        delay = _START_RETRY_FIRST_S
-        while True:
-            try:
-                return await self.client.abroker()
-            except BrokerUnavailableError as exc:
-                if self._stop_event.is_set():
-                    return None
-                if deadline is not None and time.monotonic() + delay > deadline:
-                    raise BrokerUnavailableError(
-                        f"gave up reaching the broker after {self.max_start_wait_s:g} s: {exc}"
-                    ) from exc
-                log.warning(
-                    "worker %s: cannot reach the broker at start, retrying in %.1f s: %s",
-                    self.id,
-                    delay,
-                    exc,
-                )
-            await self._sleep_unless_stopped(delay)
-            if self._stop_event.is_set():
-                return None
-            delay = min(delay * 2, _START_RETRY_CAP_S)
-
-    def _make_runner(self) -> Runner:
-        if self.pool == "process":
-            from taskmill.worker.process_pool import ProcessRunner
-
-            assert self.app_path is not None  # checked in __init__
-            return ProcessRunner(
-                self.app_path,
-                self.concurrency,
-                self.max_tasks_per_child,
-                self.registry.instrumentations,
-            )
-        if self.pool == "async":
-            return InlineRunner()
-        return ThreadRunner(self.concurrency)
 
     def _make_parts(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> Runner:
         """The pipeline with its runner, the outbox, the publisher (events on)."""
@@ -282,7 +251,13 @@ class Worker:
         def later(delay: float, fn: Callable[[], None]) -> None:  # from a task's thread
             loop.call_soon_threadsafe(loop.call_later, delay, fn)
 
-        runner = self._make_runner()
+        runner = make_runner(
+            self.pool,
+            self.concurrency,
+            app_path=self.app_path,
+            max_tasks_per_child=self.max_tasks_per_child,
+            instrumentations=self.registry.instrumentations,
+        )
         counts = None if self.metrics is None else self.metrics.counts
         self._pipeline = Pipeline(
             self.registry,
@@ -305,7 +280,26 @@ class Worker:
             emit=None if self._publisher is None else self._publisher.emit,
             rejected=None if counts is None else counts.rejected,
         )
+        self._flusher = Flusher(
+            self._outbox,
+            self.client,
+            wake=self._flush_wake,
+            progressed=self._progressed,
+            stop=self._stop,
+        )
         return runner
+
+    def _wait_for_work(self, broker: Broker) -> IdleWait:
+        self._idle = IdleWait(
+            broker,
+            queues=self.queues,
+            poll_s=self.idle_poll_s,
+            handover=HandOver(self.id, self.lease_s),
+            stop=self._stop,
+            flusher=self._flusher,
+            start=self._start,
+        )
+        return self._idle
 
     def _keep_leases(self, broker: Broker) -> LeaseKeeper:
         self._leases = LeaseKeeper(
@@ -324,7 +318,7 @@ class Worker:
 
     def _start_loops(self, until_idle: bool, leases: LeaseKeeper) -> list[asyncio.Task[Any]]:
         loops = [
-            asyncio.create_task(self._flush_loop(), name="taskmill-flush"),
+            asyncio.create_task(self._flusher.run(), name="taskmill-flush"),
             asyncio.create_task(leases.run(), name="taskmill-heartbeat"),
         ]
         if self._publisher is not None:
@@ -340,7 +334,7 @@ class Worker:
             if self.scheduler and self.registry.schedules:
                 from taskmill.scheduler import Scheduler
 
-                schedules = Scheduler(self.app).run(self._stop_event)
+                schedules = Scheduler(self.app).run(self._stop.event)
                 loops.append(asyncio.create_task(schedules, name="taskmill-scheduler"))
         return loops
 
@@ -350,10 +344,10 @@ class Worker:
             self.metrics.counts.broker_came_back_empty()
 
     async def _close(self, background: list[asyncio.Task[Any]], runner: Runner) -> None:
-        await _cancel_and_wait(background)
+        await cancel_and_wait(background)
         if self._outbox.pending:  # a flush that failed on the way out: one last try
             with contextlib.suppress(Exception):
-                await self._flush_all()
+                await self._flusher.flush_all()
         if self._publisher is not None:  # after the last outcomes: their events too
             await self._publisher.publish()  # what the cancelled publisher had not sent
         # always: it also hands back jobs handed over to this worker that it never took
@@ -375,19 +369,13 @@ class Worker:
         and let run() raise it."""
         log.error("worker %s: stopping: %s", self.id, exc)
         self._fatal = exc
-        self._stop_requested = self._stop_now = True
-        self._stop_event.set()
-
-    async def _sleep_unless_stopped(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stop_event.wait()
+        self._stop.at_once()
 
     # --- claiming -------------------------------------------------------------------------------
 
-    async def _claim_loop(self, until_idle: bool, leases: LeaseKeeper) -> None:
+    async def _claim_loop(self, until_idle: bool, leases: LeaseKeeper, idle: IdleWait) -> None:
         backoff = _CLAIM_RETRY_FIRST_S
-        while not self._stop_event.is_set():
+        while not self._stop.is_set():
             free = await self._free_slots(leases)
             if not free:
                 continue
@@ -405,12 +393,12 @@ class Worker:
                 continue
             if not until_idle:
                 if not jobs:
-                    await self._idle_wait(None)
+                    await idle.wait()
             elif not jobs and not self._running and self._outbox.settled:
                 return
             else:
                 self._progressed.clear()
-                await self._idle_wait(self._progressed)
+                await idle.wait(self._progressed)
 
     async def _free_slots(self, leases: LeaseKeeper) -> int:
         """How many jobs to claim; 0 after waiting for a free slot, or for contact (out of
@@ -425,14 +413,8 @@ class Worker:
         return free
 
     async def _wait_for_contact(self, leases: LeaseKeeper) -> None:
-        if self._outbox.pending:  # no claim will carry them meanwhile
-            self._flush_wake.set()
-        waiters = [asyncio.create_task(e.wait()) for e in (leases.in_contact, self._stop_event)]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in waiters:
-                t.cancel()
+        self._flusher.wake_if_pending()  # no claim will carry them meanwhile
+        await first_of(leases.in_contact, self._stop.event)
 
     async def _wait_for_a_slot(self) -> None:
         self._progressed.clear()
@@ -443,19 +425,8 @@ class Worker:
     async def _finish_and_claim(self, free: int) -> tuple[list[Job], bool]:
         """Claim up to ``free`` jobs; the outcomes waiting ride along (one transaction).
         The jobs, and whether a workflow advanced (steps it released may be due)."""
-        outbox = self._outbox
-        batch = outbox.take()
-        try:
-            await outbox.ready(batch)
-            applied, jobs = await self._broker.finish_and_claim(
-                batch.finishes, self.queues, free, self.id, self.lease_s
-            )
-        except BaseException as exc:
-            outbox.failed(batch, exc)
-            raise
-        outbox.landed(batch, applied)
-        outbox.release(batch)
-        return jobs, await self._advance_workflows(batch)
+        batch, jobs = await self._outbox.finish_and_claim(self.queues, free, self.lease_s)
+        return jobs, await advance_workflows(self.client, batch)
 
     async def _claim_failed(self, exc: Exception, backoff: float) -> bool:
         """Wait ``backoff`` before the next claim; False if no retry can fix the error."""
@@ -463,43 +434,8 @@ class Worker:
             self._stop_for_good(exc)
             return False
         log.error("worker %s: claim failed, retrying in %.2f s: %s", self.id, backoff, exc)
-        await self._sleep_unless_stopped(backoff)
+        await self._stop.sleep(backoff)
         return True
-
-    async def _idle_wait(self, also: asyncio.Event | None) -> None:
-        if self._stop_event.is_set():
-            return  # stop() came during the claim: there was no idle task for it to cancel
-        # a job handed over while waiting is ours already; only a plain idle wait (no event that
-        # could cancel it mid-reply) takes hand-overs, so a cancelled wait loses none
-        handover = None if also is not None else HandOver(self.id, self.lease_s)
-        idle = self._idle_task = asyncio.create_task(
-            self._broker.wait(self.queues, self.idle_poll_s, handover)
-        )
-        if self._outbox.pending:
-            self._flush_wake.set()
-        waiters: list[asyncio.Future[Any]] = [idle]
-        if also is not None:
-            waiters.append(asyncio.create_task(also.wait()))
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in waiters:
-                t.cancel()
-            self._idle_task = None
-        if idle.done() and not idle.cancelled():
-            await self._woken(idle)
-
-    async def _woken(self, idle: asyncio.Task[list[Job]]) -> None:
-        exc = idle.exception()
-        if exc is not None:
-            log.error("waiting for work failed: %s", exc)
-            await self._sleep_unless_stopped(0.5)
-            return
-        handed = idle.result()
-        for job in handed:
-            self._start(job)
-        if handed:
-            await asyncio.sleep(0)
 
     # --- running ----------------------------------------------------------------------------
 
@@ -531,7 +467,7 @@ class Worker:
                 self.failed += isinstance(outcome, Failed | RetryAt)
             # a claim loop about to claim carries the outcome in its transaction; only an
             # idle or stopping one leaves it to the flusher
-            if self._idle_task is not None or self._stop_requested:
+            if self.waiting_for_work or self._stop.requested:
                 self._flush_wake.set()
         self._progressed.set()
 
@@ -539,56 +475,6 @@ class Worker:
         run = self._running.get(job_id)  # from the task's thread
         if run is not None:
             self._outbox.report(run, fraction, message)
-
-    # --- flushing -------------------------------------------------------------------------------
-
-    async def _flush_loop(self) -> None:
-        wake = self._flush_wake
-        while True:
-            await wake.wait()
-            wake.clear()
-            async with self._flush_lock:
-                await self._flush_once()
-
-    async def _flush_once(self) -> bool:
-        """Write progress and outcomes; False if the broker refused (kept for later)."""
-        try:
-            batch = await self._outbox.flush()
-        except Exception:  # logged by the outbox
-            await self._sleep_unless_stopped(_FLUSH_RETRY_S)
-            self._flush_wake.set()
-            return False
-        if batch is None:
-            return True
-        try:  # still on its way meanwhile: run_until_idle must not end before steps it releases
-            await self._advance_workflows(batch)
-        finally:
-            self._outbox.release(batch)
-        self._progressed.set()
-        return True
-
-    async def _flush_all(self) -> None:
-        # the flush loop may be writing a batch that already left the outbox: wait for it to
-        # land, or cancelling the loop on the way out drops that batch
-        async with self._flush_lock:
-            for _ in range(20):
-                if not self._outbox.owes:
-                    return
-                if not await self._flush_once() and self._stop_now:
-                    return
-
-    async def _advance_workflows(self, batch: Batch) -> bool:
-        """A step of a workflow whose outcome is stored may release the next steps: advance
-        its workflow now (the maintenance sweep would, later). True if there was one."""
-        workflows = {
-            wf for finish in batch.stored if (wf := workflow_of(finish.claim.job_id)) is not None
-        }
-        for workflow_id in workflows:
-            try:
-                await advance(self.client, workflow_id)
-            except Exception as exc:
-                log.error("workflow %s: advancing failed (the sweep retries): %s", workflow_id, exc)
-        return bool(workflows)
 
     def _info(self) -> WorkerInfo:
         """What a heartbeat tells the broker about this worker."""
@@ -604,46 +490,6 @@ class Worker:
             processed=self.processed,
             failed=self.failed,
         )
-
-    # --- stopping -------------------------------------------------------------------------------
-
-    async def _drain(self) -> None:
-        deadline = time.monotonic() + self.drain_timeout_s
-        if self._running:
-            log.info(
-                "worker %s: draining %d running jobs (up to %.0f s)",
-                self.id,
-                len(self._running),
-                self.drain_timeout_s,
-            )
-        while self._running and not self._stop_now:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._progressed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._progressed.wait()
-        leftovers = list(self._running.values())
-        for run in leftovers:
-            log.warning(
-                "job %s (%s): still running at shutdown; handing it back", run.job.id, run.job.task
-            )
-            run.interrupt(Interrupt.SHUTDOWN)
-        handles = [run.handle for run in leftovers if run.handle is not None]
-        if handles:
-            await asyncio.gather(*handles, return_exceptions=True)
-
-
-async def _cancel_and_wait(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    """Cancel the tasks and wait until they end, cancelling again those still running after
-    a second: redis-py can swallow a cancel that lands while a command starts (the task goes
-    on to its next await and would run forever; a worker hung on stop, seen in the suite)."""
-    pending = set(tasks)
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=1.0)
 
 
 __all__ = ["Worker"]

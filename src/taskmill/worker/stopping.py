@@ -1,0 +1,113 @@
+"""How a worker stops: the stop request, the drain of running jobs, and the end of its loops.
+
+``Worker.stop()`` may be called from any thread, and twice: the first call drains (running
+jobs get ``drain_timeout_s`` to finish), the second stops at once (running jobs are handed
+back without spending an attempt). ``Stop`` keeps that request; the worker's loops read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from taskmill.retry import Interrupt
+
+if TYPE_CHECKING:
+    from taskmill.worker.execution import JobRun
+
+log = logging.getLogger("taskmill.worker")
+
+__all__ = ["Stop", "cancel_and_wait", "drain"]
+
+
+class Stop:
+    """A worker's stop request.
+
+    ``request`` only sets plain flags, so any thread may call it; ``event`` is an
+    ``asyncio.Event``, which is not thread-safe: the worker's loop sets it (``set``) once it
+    hears of the request, and the loops wait on it.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False  # stop claiming; running jobs may finish
+        self.now = False  # do not wait for running jobs, nor retry a failed write
+        self.event = asyncio.Event()
+
+    def request(self) -> None:
+        """The first request drains, the next one stops at once."""
+        if self.requested:
+            self.now = True
+        self.requested = True
+
+    def set(self) -> None:
+        """On the worker's loop: wake what waits for the stop."""
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def at_once(self) -> None:
+        """On the worker's loop: stop now (an error no retry can fix)."""
+        self.requested = self.now = True
+        self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until the stop comes."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.event.wait()
+
+
+async def drain(
+    running: dict[str, JobRun],
+    progressed: asyncio.Event,
+    stop: Stop,
+    *,
+    timeout_s: float,
+    worker_id: str,
+) -> None:
+    """Let the running jobs finish within ``timeout_s`` (``progressed`` is set as each one
+    ends), then interrupt those left so that they hand their job back, and wait for them."""
+    deadline = time.monotonic() + timeout_s
+    if running:
+        log.info(
+            "worker %s: draining %d running jobs (up to %.0f s)",
+            worker_id,
+            len(running),
+            timeout_s,
+        )
+    while running and not stop.now:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        progressed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(remaining):
+                await progressed.wait()
+    leftovers = list(running.values())
+    for run in leftovers:
+        log.warning(
+            "job %s (%s): still running at shutdown; handing it back", run.job.id, run.job.task
+        )
+        run.interrupt(Interrupt.SHUTDOWN)
+    handles = [run.handle for run in leftovers if run.handle is not None]
+    if handles:
+        await asyncio.gather(*handles, return_exceptions=True)
+
+
+async def cancel_and_wait(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks and wait until they end, cancelling again those still running after
+    a second: redis-py can swallow a cancel that lands while a command starts (the task goes
+    on to its next await and would run forever; a worker hung on stop, seen in the suite)."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
