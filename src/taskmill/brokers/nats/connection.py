@@ -175,8 +175,8 @@ async def connect(config: NatsConfig, *, name: str) -> Client:
                 permanent=True,
             )
     except BaseException as exc:
+        _abort(nc)
         with contextlib.suppress(Exception):
-            # bounded: after a failed TLS handshake nats-py's close can wait for ever
             await asyncio.wait_for(nc.close(), 2.0)
         if not isinstance(exc, Exception) or isinstance(exc, BrokerError):
             raise
@@ -189,6 +189,16 @@ async def connect(config: NatsConfig, *, name: str) -> Client:
     connecting = False
     nc.options["max_reconnect_attempts"] = -1  # up once: never give up on a server again
     return nc
+
+
+def _abort(nc: Client) -> None:
+    """Close the sockets of a connect that failed. After a failed TLS handshake nats-py's
+    own close waits for ever (on the stream it wrapped), so its socket would be left open."""
+    transport = getattr(nc, "_transport", None)
+    for name in ("_io_writer", "_bare_io_writer"):
+        writer = getattr(transport, name, None)
+        if writer is not None:
+            writer.transport.abort()
 
 
 def tls_options(config: NatsConfig) -> dict[str, Any]:
