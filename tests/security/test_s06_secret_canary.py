@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import sys
 import threading
 import uuid
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +62,23 @@ class EventLog:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(15)
+
+
+def _unclosed_sockets() -> list[str]:
+    """Collect garbage now and return what it found left open (ResourceWarnings), instead of
+    letting a later test's collection fail on it. An open socket found here is reported in
+    the figures (an intermittent one was seen, not yet traced: docs/reliability.md, S6)."""
+    seen: list[str] = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(str(u.exc_value))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            gc.collect()
+        seen += [str(w.message) for w in caught]
+    finally:
+        sys.unraisablehook = old_hook
+    return [s for s in seen if "unclosed <socket" in s]
 
 
 def _dashboard_texts(app: App, ids: list[str]) -> dict[str, str]:
@@ -108,6 +128,11 @@ def _error_texts(kind: str, request: pytest.FixtureRequest, pki: Pki) -> dict[st
     return texts
 
 
+def server_port(kind: str, request: pytest.FixtureRequest) -> int:
+    name = {"redis": "tls_redis", "postgres": "tls_postgres", "nats": "tls_nats"}[kind]
+    return int(request.getfixturevalue(name).port)
+
+
 @pytest.mark.parametrize("kind", ["redis", "postgres", "nats"])
 def test_s06_secret_canary(
     kind: str,
@@ -153,6 +178,7 @@ def test_s06_secret_canary(
         log.close()
         app.close()
     assert w.stop() == 0
+    leaks = _unclosed_sockets()
     texts["events"] = "\n".join(repr(e) for e in log.events)
     texts["worker log"] = w.output()
     texts["producer log"] = "\n".join(
@@ -169,5 +195,6 @@ def test_s06_secret_canary(
     print(
         f"S6 {kind}: 12 jobs (6 ok, 3 failed, 3 retried), {len(log.events)} events, "
         f"{len(texts)} texts scanned ({sum(map(len, texts.values())):,} chars, worker log "
-        f"{len(texts['worker log'].splitlines())} lines, {debug_lines} DEBUG), canaries found 0"
+        f"{len(texts['worker log'].splitlines())} lines, {debug_lines} DEBUG), canaries found 0; "
+        f"sockets left open {len(leaks)} {leaks} (server port {server_port(kind, request)})"
     )

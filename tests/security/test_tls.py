@@ -7,6 +7,7 @@ a permanent error saying the certificate does not verify, by a producer and by a
 
 from __future__ import annotations
 
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -18,7 +19,9 @@ from security.canary_app import build
 from security.conftest import BROKER_PASSWORD, NATS_USER, Worker, broker_url
 from security.tls import Pki, TlsNatsServer, TlsPostgresServer
 from servers import NatsServer
-from taskmill.errors import BrokerError
+from taskmill.brokers.nats.config import parse_url
+from taskmill.brokers.nats.connection import tls_options
+from taskmill.errors import BrokerError, ConfigurationError
 from taskmill.testing import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -134,3 +137,18 @@ def test_nats_refuses_a_server_without_tls_when_the_url_asks_for_it(
 ) -> None:
     url = f"{nats_server.url}?prefix=notls&tls_ca={pki.ca}"
     _refused(url, "does not require TLS")
+
+
+def test_nats_tls_options_make_the_context(pki: Pki) -> None:
+    """``tls_cert``/``tls_key`` load into the SSL context (not yet run against a server that
+    verifies clients); a file that cannot be read is a ConfigurationError naming the cause."""
+    config = parse_url(f"nats://127.0.0.1:4222?tls_ca={pki.ca}&tls_cert={pki.cert}"
+                       f"&tls_key={pki.key}&tls_hostname=localhost")  # fmt: skip
+    options = tls_options(config)
+    assert isinstance(options["tls"], ssl.SSLContext) and options["tls_hostname"] == "localhost"
+    assert options["tls"].verify_mode is ssl.CERT_REQUIRED
+    assert tls_options(parse_url("nats://127.0.0.1:4222")) == {}
+    with pytest.raises(ConfigurationError, match="TLS files"):
+        tls_options(parse_url(f"nats://127.0.0.1:4222?tls_ca={pki.ca}.missing"))
+    with pytest.raises(ConfigurationError, match="tls must be true or false"):
+        parse_url("nats://127.0.0.1:4222?tls=maybe")
