@@ -152,3 +152,29 @@ def test_nats_tls_options_make_the_context(pki: Pki) -> None:
         tls_options(parse_url(f"nats://127.0.0.1:4222?tls_ca={pki.ca}.missing"))
     with pytest.raises(ConfigurationError, match="tls must be true or false"):
         parse_url("nats://127.0.0.1:4222?tls=maybe")
+
+
+def test_nats_client_certificates(tmp_path: Path, pki: Pki) -> None:
+    """A server that verifies clients (``verify: true``): a URL with ``tls_cert``/``tls_key``
+    runs a job; one without a client certificate is refused at once, naming it."""
+    with TlsNatsServer(tmp_path / "nats-mtls", pki, verify_clients=True) as server:
+        base = server.url_with()  # ?tls_ca=...
+        url = f"{base}&tls_cert={pki.client_cert}&tls_key={pki.client_key}&prefix=mtls"
+        app = build(url)
+        try:
+            handle = app.get_task("sec.ok").send(4, "x")
+            app.run_until_idle()
+            assert handle.result(timeout=10) == {"n": 4, "length": 1}
+        finally:
+            app.close()
+        refused = build(f"{base}&prefix=mtls&unavailable_after=2")
+        started = time.monotonic()
+        try:
+            with pytest.raises(BrokerError) as caught:
+                refused.get_task("sec.ok").send(1, "x")
+        finally:
+            refused.close()
+        elapsed = time.monotonic() - started
+        assert caught.value.permanent and "client certificate" in str(caught.value)
+    print(f"TLS nats client certificates: job run; without one refused in {elapsed:.2f} s "
+          f"({type(caught.value).__name__}, permanent={caught.value.permanent})")  # fmt: skip

@@ -38,6 +38,9 @@ class Pki:
     key: Path
     wrong_ca: Path
     """A CA that signed nothing here: trusting only it, a client must refuse the server."""
+    client_cert: Path
+    """A client certificate the CA signed (for servers that verify clients)."""
+    client_key: Path
 
 
 def _name(common_name: str) -> x509.Name:
@@ -115,8 +118,24 @@ def make_pki(directory: Path) -> Pki:
     )
     (directory / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(key, directory / "server.key")
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (
+        x509.CertificateBuilder()
+        .subject_name(_name("taskmill-client"))
+        .issuer_name(ca_cert.subject)
+        .public_key(client_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / "client.pem").write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    _write_key(client_key, directory / "client.key")
     return Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key",
-               directory / "wrong-ca.pem")  # fmt: skip
+               directory / "wrong-ca.pem", directory / "client.pem",
+               directory / "client.key")  # fmt: skip
 
 
 # --- Redis -------------------------------------------------------------------------------------
@@ -231,9 +250,11 @@ class TlsNatsServer(NatsServer):
         *,
         users: dict[str, str] | None = None,
         token: str | None = None,
+        verify_clients: bool = False,
     ) -> None:
         super().__init__(directory, sync_always=False)
         self.pki = pki
+        self.verify_clients = verify_clients
         self.users = users or {}
         self.token = token
 
@@ -245,6 +266,7 @@ class TlsNatsServer(NatsServer):
                 f'  cert_file: "{self.pki.cert}"',
                 f'  key_file: "{self.pki.key}"',
                 "  timeout: 2",
+                *([f'  ca_file: "{self.pki.ca}"', "  verify: true"] if self.verify_clients else []),
                 "}",
             ]
         if self.token is not None:

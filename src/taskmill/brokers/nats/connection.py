@@ -224,6 +224,10 @@ def _refusal(exc: BaseException) -> str | None:
     while seen is not None:
         if isinstance(seen, ssl.SSLCertVerificationError):
             return f"refused: its TLS certificate does not verify ({seen.verify_message})"
+        if isinstance(seen, ssl.SSLError) and "CERTIFICATE_REQUIRED" in str(seen):
+            return "refused the connection: it requires a TLS client certificate (tls_cert)"
+        if isinstance(seen, ssl.SSLError) and "ALERT_BAD_CERTIFICATE" in str(seen):
+            return f"refused the TLS client certificate ({seen})"
         text = str(seen).lower()
         if "authorization violation" in text or "authentication" in text:
             return f"refused the connection's credentials ({seen})"
