@@ -228,8 +228,8 @@ def _refusal(exc: BaseException) -> str | None:
             return "refused the connection: it requires a TLS client certificate (tls_cert)"
         if isinstance(seen, ssl.SSLError) and "ALERT_BAD_CERTIFICATE" in str(seen):
             return f"refused the TLS client certificate ({seen})"
-        text = str(seen).lower()
-        if "authorization violation" in text or "authentication" in text:
+        # (not "Authentication Timeout": a slow client, which a retry may fix)
+        if "authorization violation" in str(seen).lower():
             return f"refused the connection's credentials ({seen})"
         seen = seen.__cause__ or seen.__context__
     return None
