@@ -39,6 +39,7 @@ given a ``Client`` or the pair, never the ``App``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import weakref
@@ -54,7 +55,7 @@ from taskmill.limits import check_depth, limited_queues
 from taskmill.portal import Portal
 from taskmill.registry import Registry, TaskDefinition
 from taskmill.settings import Settings
-from taskmill.urls import redact_url
+from taskmill.urls import exposure, redact_url
 
 T = TypeVar("T")
 
@@ -152,6 +153,8 @@ class Client:
         broker = self.broker
         if not self._opened:
             await broker.open()
+            if not self._opened:
+                _warn_if_exposed(self.url)
             self._opened = True
         return broker
 
@@ -379,3 +382,22 @@ class Client:
 
 
 __all__ = ["AppParts", "Client", "DepthCheck", "EnqueueObserver", "JobRunner"]
+
+
+security_log = logging.getLogger("taskmill.security")
+
+
+def _warn_if_exposed(url: str) -> None:
+    """A WARNING (on ``taskmill.security``) when the broker is on another machine and its URL
+    has no TLS or no credentials: anyone on the path can read the jobs, or use the broker.
+    Not refused (a broker on a private network without TLS is a choice many make); set that
+    logger's level to ERROR to silence it."""
+    missing = exposure(url)
+    if missing is not None:
+        security_log.warning(
+            "the broker %s is not on this machine and its URL has no %s: anyone on the "
+            "network path can read the jobs%s (see docs/brokers.md, TLS and credentials)",
+            redact_url(url),
+            missing,
+            " or use the broker" if "credentials" in missing else "",
+        )

@@ -100,6 +100,18 @@ class Job(msgspec.Struct):
     meta: Meta = msgspec.field(default_factory=dict)
     """Set at send (``options(meta=...)``), never changed: who or what the job is for."""
 
+    def __repr__(self) -> str:
+        """Every field but the arguments and the result, which may hold secrets (a log line
+        or a traceback that shows a job must not show them): their size instead."""
+        fields = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name in ("payload", "result") and value is not None:
+                fields.append(f"{name}=<{len(value)} bytes>")
+            else:
+                fields.append(f"{name}={value!r}")
+        return f"Job({', '.join(fields)})"
+
 
 class Claim(msgspec.Struct, frozen=True):
     """Proof that a worker holds a job: the id and the lease token the claim set.

@@ -3,8 +3,9 @@ URL goes through ``redact_url``."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 MASK = "***"
 
@@ -68,3 +69,66 @@ def scrub(text: str, url: str) -> str:
         if len(secret) >= 4:
             text = text.replace(secret, MASK)
     return text
+
+
+_TLS_SSLMODES = {"require", "verify-ca", "verify-full"}
+
+
+def _loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host in ("", "localhost") or host.startswith("/"):  # "" and "/...": a Unix socket
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure(url: str) -> str | None:
+    """What is missing for a broker URL to be safe on a network: None for a broker on this
+    machine (loopback, a Unix socket, SQLite, memory), else "TLS", "credentials" or both,
+    as the URL shows them (a PostgreSQL password may also come from ``PGPASSWORD`` or
+    ``~/.pgpass``, so only TLS is asked of a PostgreSQL URL).
+
+    >>> exposure("redis://10.0.0.5:6379/0")
+    'TLS and credentials'
+    >>> exposure("rediss://:pw@cache.internal:6380/0") is None
+    True
+    >>> exposure("postgresql://app@db.internal/app?sslmode=verify-full") is None
+    True
+    >>> exposure("nats://app:pw@127.0.0.1:4222") is None
+    True
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    options = dict(parse_qsl(parts.query))
+    netloc = parts.netloc.rpartition("@")[2]
+    hosts = [_host_of(h) for h in netloc.split(",")]
+    if scheme in ("redis", "rediss", "valkey", "valkeys"):
+        tls = scheme in ("rediss", "valkeys")
+        credentials = bool(url_secrets(url))
+    elif scheme in ("postgresql", "postgres"):
+        if "host" in options:  # libpq's host= option (several: comma-separated)
+            hosts = [_host_of(h) for h in options["host"].split(",")]
+        tls = options.get("sslmode", "").lower() in _TLS_SSLMODES
+        credentials = True
+    elif scheme == "nats":
+        tls = options.get("tls", "").lower() in ("true", "1", "yes") or any(
+            k.startswith("tls_") for k in options
+        )
+        credentials = "@" in parts.netloc
+    else:
+        return None
+    if all(_loopback(h) for h in hosts):
+        return None
+    missing = [what for what, ok in (("TLS", tls), ("credentials", credentials)) if not ok]
+    return " and ".join(missing) or None
+
+
+def _host_of(hostport: str) -> str:
+    """The host of ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
+    if hostport.startswith("["):
+        return hostport[1 : hostport.find("]")]
+    if hostport.count(":") == 1:
+        return hostport.split(":")[0]
+    return hostport

@@ -123,6 +123,8 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSErro
 # a server that answered, but not as a Redis that takes this URL (checked before _UNAVAILABLE:
 # redis-py's authentication errors are ConnectionErrors, yet no retry fixes a wrong password)
 _MISCONFIGURED = (InvalidResponse, AuthenticationError, AuthorizationError, ResponseError)
+# what redis-py's ConnectionError says when the TLS handshake failed for good
+_TLS_REFUSALS = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "certificate verify failed")
 _MAX_BLOCK_S = 60.0  # a wait longer than this returns early (spurious returns are allowed)
 _encoder = msgspec.json.Encoder()
 _FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
@@ -343,7 +345,7 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
     def __init__(self, url: str) -> None:
         self.url = url
         self._redis_url, self.prefix, self.unavailable_after_s = parse_url(url)
-        self.where = redact_url(self._redis_url).split("://", 1)[-1].split("@")[-1]
+        self.where = redact_url(self._redis_url).split("://", 1)[-1].split("@")[-1].split("?")[0]
         """host:port/db, for messages (never the password)."""
         self.result_ttl_s = Settings().result_ttl_s
         self._io: Portal | None = None
@@ -455,6 +457,16 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             return None
         return BrokerError(scrub(message, self.url), permanent=True)
 
+    def _tls_refused(self, exc: BaseException) -> BrokerError | None:
+        """The permanent error for a TLS handshake that no retry fixes (a certificate that
+        does not verify, a TLS client at a port that does not speak TLS); else None."""
+        text = str(exc)
+        if not any(sign in text for sign in _TLS_REFUSALS):
+            return None
+        return BrokerError(
+            scrub(f"Redis at {self.where} refused over TLS: {text}", self.url), permanent=True
+        )
+
     async def _retrying(self, call: Callable[[], Awaitable[T]], *, writes: bool = True) -> T:
         """Retry on a lost connection with back-off for up to ``unavailable_after_s`` in all:
         each attempt gets only the time that is left, so a server that accepts connections
@@ -474,6 +486,9 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
                     raise
                 raise refused from exc
             except (*_UNAVAILABLE, TimeoutError) as exc:
+                tls = self._tls_refused(exc)
+                if tls is not None:
+                    raise tls from exc
                 if time.monotonic() + delay > deadline:
                     raise self._unavailable(exc, writes=writes) from exc
                 await asyncio.sleep(delay)
@@ -535,6 +550,9 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
                 raise refused from exc
             except _UNAVAILABLE as exc:
                 conn.disconnect()  # reconnects on the next send
+                tls = self._tls_refused(exc)
+                if tls is not None:
+                    raise tls from exc
                 if time.monotonic() + delay > deadline:
                     raise self._unavailable(exc) from exc
                 time.sleep(delay)

@@ -33,7 +33,10 @@ Schedules = Literal["auto", "server", "workers"]
 
 _PLAIN = re.compile(r"[A-Za-z0-9-]+\Z")
 _PREFIX = re.compile(r"[A-Za-z0-9-]{1,32}\Z")
-_OPTIONS = ("prefix", "replicas", "storage", "schedules", "unavailable_after", "ack_wait")
+_OPTIONS = (
+    "prefix", "replicas", "storage", "schedules", "unavailable_after", "ack_wait",
+    "tls", "tls_ca", "tls_cert", "tls_key", "tls_hostname",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,17 @@ class NatsConfig:
     ack_wait_s: float = 30.0
     """How long a dispatch message taken by a worker that then died waits to be handed out
     again (a claim acknowledges it at once, so this only bounds a crash mid-claim)."""
+    tls: bool = False
+    """Connect over TLS only (``tls=true`` or a ``tls_*`` option): a server that does not
+    require TLS is refused rather than spoken to in clear."""
+    tls_ca: str | None = None
+    """A CA bundle (PEM) to verify the server's certificate with, instead of the system's."""
+    tls_cert: str | None = None
+    """A client certificate (PEM), for servers that verify clients (``verify: true``)."""
+    tls_key: str | None = None
+    """The client certificate's key (PEM); may be in ``tls_cert``'s file instead."""
+    tls_hostname: str | None = None
+    """The name to check the server's certificate against, when not the URL's host."""
 
     @property
     def where(self) -> str:
@@ -122,7 +136,14 @@ def consumer_name(queue: str, priority: int) -> str:
 
 def parse_url(url: str) -> NatsConfig:
     """``nats://[user:password@]host:port[,host:port...][?prefix=...&replicas=...&storage=file|
-    memory&schedules=auto|server|workers&unavailable_after=SECONDS&ack_wait=SECONDS]``."""
+    memory&schedules=auto|server|workers&unavailable_after=SECONDS&ack_wait=SECONDS]``;
+    ``tls=true`` for TLS with the system's CAs; ``tls_ca=PATH``, ``tls_cert=PATH&tls_key=PATH``
+    and ``tls_hostname=NAME`` each imply TLS.
+
+    >>> config = parse_url("nats://u:p@nats.internal:4222?tls_ca=/etc/ca.pem")
+    >>> config.servers, config.tls, config.tls_ca
+    (['nats://u:p@nats.internal:4222'], True, '/etc/ca.pem')
+    """
     # "nats://a:4222,nats://b:4222" (as nats-py's docs write a cluster) means "nats://a,b"
     url = url[:7] + url[7:].replace(",nats://", ",")
     parts = urlsplit(url)
@@ -158,7 +179,19 @@ def parse_url(url: str) -> NatsConfig:
         schedules=schedules,  # type: ignore[arg-type]
         unavailable_after_s=_number(options, "unavailable_after", 10.0, float, 0.1, 3600.0),
         ack_wait_s=_number(options, "ack_wait", 30.0, float, 1.0, 3600.0),
+        tls=_flag(options, "tls") or any(k.startswith("tls_") for k in options),
+        tls_ca=options.get("tls_ca"),
+        tls_cert=options.get("tls_cert"),
+        tls_key=options.get("tls_key"),
+        tls_hostname=options.get("tls_hostname"),
     )
+
+
+def _flag(options: dict[str, str], name: str) -> bool:
+    raw = options.get(name, "false").strip().lower()
+    if raw not in ("true", "1", "yes", "false", "0", "no"):
+        raise ConfigurationError(f"{name} must be true or false, not {raw!r}")
+    return raw in ("true", "1", "yes")
 
 
 def _number(

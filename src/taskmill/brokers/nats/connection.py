@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -29,7 +30,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from taskmill.brokers.nats.config import NatsConfig
-from taskmill.errors import BrokerError, BrokerUnavailableError
+from taskmill.errors import BrokerError, BrokerUnavailableError, ConfigurationError
 
 log = logging.getLogger("taskmill.brokers.nats")
 
@@ -142,9 +143,21 @@ async def connect(
     ``disconnected`` is called each time the connection is lost."""
     wait_s = 0.2
     nc = Client()
+    tls = tls_options(config)
+    connecting = True
+
+    async def on_error(exc: Exception) -> None:
+        # nats-py retries the first connect on any error, a refusal too: stop at one that no
+        # retry fixes (raised from here, it ends nats-py's connect)
+        refused = _refusal(exc) if connecting else None
+        if refused is not None:
+            raise BrokerError(f"NATS at {config.where} {refused}", permanent=True) from exc
+        await _log_error(exc)
+
     try:
         await nc.connect(
             servers=config.servers,
+            **tls,
             name=name,
             connect_timeout=min(2.0, config.unavailable_after_s),  # type: ignore[arg-type]
             allow_reconnect=True,
@@ -154,21 +167,78 @@ async def connect(
             ping_interval=5,
             max_outstanding_pings=3,
             pending_size=64 * 1024 * 1024,
-            error_cb=_log_error,
+            error_cb=on_error,
             disconnected_cb=disconnected or _quiet,
             reconnected_cb=_quiet,
             closed_cb=_quiet,
         )
+        if config.tls and not (nc._server_info or {}).get("tls_required"):
+            # nats-py upgrades to TLS only when the server asks: a server (or a man in the
+            # middle) that does not would be spoken to in clear
+            raise BrokerError(
+                f"NATS at {config.where} does not require TLS, and the URL asks for it: "
+                "configure a tls block on the server (or drop the URL's tls options)",
+                permanent=True,
+            )
     except BaseException as exc:
+        _abort(nc)
         with contextlib.suppress(Exception):
-            await nc.close()
-        if not isinstance(exc, Exception):
+            await asyncio.wait_for(nc.close(), 2.0)
+        if not isinstance(exc, Exception) or isinstance(exc, BrokerError):
             raise
+        refused = _refusal(exc)
+        if refused is not None:
+            raise BrokerError(f"NATS at {config.where} {refused}", permanent=True) from exc
         raise BrokerUnavailableError(
             f"NATS at {config.where} could not be reached ({type(exc).__name__}: {exc})"
         ) from exc
+    connecting = False
     nc.options["max_reconnect_attempts"] = -1  # up once: never give up on a server again
     return nc
+
+
+def _abort(nc: Client) -> None:
+    """Close the sockets of a connect that failed. After a failed TLS handshake nats-py's
+    own close waits for ever (on the stream it wrapped), so its socket would be left open."""
+    transport = getattr(nc, "_transport", None)
+    for name in ("_io_writer", "_bare_io_writer"):
+        writer = getattr(transport, name, None)
+        if writer is not None:
+            writer.transport.abort()
+
+
+def tls_options(config: NatsConfig) -> dict[str, Any]:
+    """nats-py's ``tls`` (and ``tls_hostname``) options for the URL's ``tls_*`` ones."""
+    if not config.tls:
+        return {}
+    try:
+        context = ssl.create_default_context(cafile=config.tls_ca)
+        if config.tls_cert is not None:
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"NATS TLS files of the URL cannot be used: {exc}") from None
+    options: dict[str, Any] = {"tls": context}
+    if config.tls_hostname is not None:
+        options["tls_hostname"] = config.tls_hostname
+    return options
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """Why the server refused us for good (no retry helps), from the connect's error chain:
+    a certificate that does not verify, or credentials it does not take."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"refused: its TLS certificate does not verify ({seen.verify_message})"
+        if isinstance(seen, ssl.SSLError) and "CERTIFICATE_REQUIRED" in str(seen):
+            return "refused the connection: it requires a TLS client certificate (tls_cert)"
+        if isinstance(seen, ssl.SSLError) and "ALERT_BAD_CERTIFICATE" in str(seen):
+            return f"refused the TLS client certificate ({seen})"
+        # (not "Authentication Timeout": a slow client, which a retry may fix)
+        if "authorization violation" in str(seen).lower():
+            return f"refused the connection's credentials ({seen})"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 async def _log_error(exc: Exception) -> None:

@@ -61,6 +61,15 @@ _NOT_POSTGRES = (
     "received invalid response",
 )
 
+# libpq's words for a TLS setting that no retry fixes (the certificate, its name, the CA file,
+# a server without TLS under sslmode=require or stricter)
+_TLS_REFUSED = (
+    "certificate verify failed",
+    "does not match host name",
+    "server does not support SSL, but SSL was required",
+    "root certificate file",
+)
+
 
 def retryable(exc: BaseException) -> bool:
     """Worth another try: the server is away, not refusing us. A connection the server
@@ -70,7 +79,7 @@ def retryable(exc: BaseException) -> bool:
         text = str(exc)
         if "FATAL:" in text and not any(t in text for t in _TRANSIENT_FATAL):
             return False
-        if any(t in text for t in _NOT_POSTGRES):
+        if any(t in text for t in (*_NOT_POSTGRES, *_TLS_REFUSED)):
             return False
     return isinstance(exc, RETRYABLE)
 
