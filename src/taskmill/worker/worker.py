@@ -23,7 +23,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from taskmill._ids import workflow_of
@@ -51,6 +51,11 @@ _START_RETRY_CAP_S = 30.0
 _CLAIM_RETRY_FIRST_S = 0.05
 _CLAIM_RETRY_CAP_S = 5.0
 _FLUSH_RETRY_S = 0.5
+STOP_WRITES_S = 1.5
+"""After the drain, how long the last writes (outcomes, hand-backs, the worker's
+unregistering) may take together. A broker that cannot be reached then does not hold the
+process for minutes of retries: it exits within the drain timeout + 2 s, and the jobs whose
+outcome or hand-back it could not write come back by lease expiry (docs/guarantees.md)."""
 
 
 class Worker:
@@ -133,6 +138,7 @@ class Worker:
         self._idle_task: asyncio.Task[list[Job]] | None = None
         self._events_on = settings.events
         self._fatal: BrokerError | None = None  # a permanent broker error: run() raises it
+        self._writes_by: float | None = None  # set by the drain: the last writes' deadline
         # made by run(), once the broker is open
         self._broker: Broker
         self._pipeline: Pipeline
@@ -203,7 +209,7 @@ class Worker:
         try:
             await self._claim_loop(until_idle)
             await self._drain()
-            await self._flush_all()
+            await self._bounded(self._flush_all(), "writing the last outcomes")
         finally:
             await self._close(background, runner)
         if self._fatal is not None:
@@ -307,16 +313,17 @@ class Worker:
         await _cancel_and_wait(background)
         if self._outbox.pending:  # a flush that failed on the way out: one last try
             with contextlib.suppress(Exception):
-                await self._flush_all()
+                await self._bounded(self._flush_all(), "writing the last outcomes")
         if self._publisher is not None:  # after the last outcomes: their events too
-            await self._publisher.publish()  # what the cancelled publisher had not sent
+            # what the cancelled publisher had not sent
+            await self._bounded(self._publisher.publish(), "publishing the last events")
         # always: it also hands back jobs handed over to this worker that it never took
         with contextlib.suppress(Exception):
-            await self._broker.unregister_worker(self.id)
+            await self._bounded(self._broker.unregister_worker(self.id), "unregistering")
         runner.close()
         self._pipeline.hook_threads.shutdown(wait=False)
         with contextlib.suppress(Exception):
-            await self._broker.detach()
+            await self._bounded(self._broker.detach(), "detaching from the broker")
         if self.metrics is not None:
             with contextlib.suppress(ValueError):
                 self.client.enqueue_observers.remove(self.metrics.counts.enqueued)
@@ -331,6 +338,24 @@ class Worker:
         self._fatal = exc
         self._stop_requested = self._stop_now = True
         self._stop_event.set()
+
+    async def _bounded(self, aw: Awaitable[object], what: str) -> None:
+        """``aw``, given up (logged) once the drain's last writes are out of time; unbounded
+        before the drain has set that time (a worker that failed at start)."""
+        if self._writes_by is None:
+            await aw
+            return
+        try:
+            async with asyncio.timeout(max(0.0, self._writes_by - time.monotonic())):
+                await aw
+        except TimeoutError:
+            log.warning(
+                "worker %s: %s: gave up after the drain (the broker did not answer within"
+                " %.1f s); jobs it still held come back when their leases expire",
+                self.id,
+                what,
+                STOP_WRITES_S,
+            )
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -630,6 +655,7 @@ class Worker:
         handles = [run.handle for run in leftovers if run.handle is not None]
         if handles:
             await asyncio.gather(*handles, return_exceptions=True)
+        self._writes_by = time.monotonic() + STOP_WRITES_S
 
 
 async def _cancel_and_wait(tasks: Sequence[asyncio.Task[Any]]) -> None:
