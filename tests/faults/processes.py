@@ -23,6 +23,10 @@ LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 """Debian's libfaketime (package ``faketime``, which scripts/install-test-deps.sh installs)."""
 
 
+FAKETIME_SITE = Path(__file__).resolve().parent / "faketime_site"
+"""Its ``sitecustomize`` works around libfaketime's broken ``time.sleep`` (see there)."""
+
+
 def faketime_env(offset_s: float) -> dict[str, str]:
     """The environment that runs a program ``offset_s`` seconds off the machine's wall clock
     (its monotonic clock stays real), through libfaketime preloaded: not the ``faketime``
@@ -55,8 +59,9 @@ class Proc:
         full_env.update(env or {})
         full_env["TASKMILL_URL"] = url
         full_env[LEDGER_ENV] = str(ledger.path)
+        site = [str(FAKETIME_SITE)] if clock_offset_s else []
         full_env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(TESTS), full_env.get("PYTHONPATH")])
+            filter(None, [*site, str(TESTS), full_env.get("PYTHONPATH")])
         )
         full_env["PYTHONUNBUFFERED"] = "1"
         if clock_offset_s:

@@ -36,6 +36,7 @@ from faults.producer_main import STOP_ENV
 from faults.schedule import SEED_ENV, kill_schedule, seed_from_env
 from faults.sizes import sized
 from taskmill import App
+from taskmill.testing import wait_until
 
 KILLS = sized(ci=40, full=200)
 EVERY_S = 0.5
@@ -117,7 +118,7 @@ def test_t05_sqlite_survives_kill_9_of_random_processes(
         nonlocal spawned
         spawned += 1
         args = ("-c", str(CONCURRENCY), "--lease", f"{LEASE_S:g}", "--drain-timeout", "5")
-        proc = Proc(tmp_path, f"w{spawned}", url, ledger, "worker", "faults.jobs:app", *args)
+        proc = Proc(tmp_path, f"w{spawned}", url, ledger, "worker", "faults.crash_app:app", *args)
         cleanup.append(proc.close)
         workers.append(proc)
 
@@ -160,6 +161,13 @@ def test_t05_sqlite_survives_kill_9_of_random_processes(
     records = ledger.read()
     sent = {e.job_id for e in records.enqueues}
     states = drain(app, len(sent & set(_broker_ids(app))), timeout=DRAIN_S)
+    # a worker that gets SIGTERM while it starts up exits -15: let each register first
+    pids = {w.pid for w in workers}
+    wait_until(
+        lambda: pids <= {i.pid for i in app.run_sync(app.broker.list_workers())},
+        what="the live workers to register",
+        timeout=30,
+    )
     for w in workers:
         w.proc.send_signal(signal.SIGTERM)
     codes = [w.proc.wait(timeout=30) for w in workers]
@@ -167,12 +175,15 @@ def test_t05_sqlite_survives_kill_9_of_random_processes(
     mode = sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0]
 
     result = check(ledger.read(), states)
+    jobs_now = app.run_sync(app.broker.list_jobs(limit=1_000_000))
+    poisoned = sum(1 for j in jobs_now if j.lost_leases >= 3)
     bad = [c for c in checks if c != "ok"]
     print(
         f"T5 sqlite synchronous={synchronous} (journal {mode}): {KILLS} kills in "
         f"{fault_s:.1f} s ({killed['worker']} workers, {killed['producer']} producers); "
         f"integrity_check ok {len(checks) - len(bad)}/{len(checks)} during, final "
-        f"{final_check!r}; {result.summary()}"
+        f"{final_check!r}; {result.summary()}; jobs that lost 3+ leases (failed under the "
+        f"default max_lost_leases) {poisoned}"
     )
     assert not bad, bad[:3]
     assert final_check == "ok"
