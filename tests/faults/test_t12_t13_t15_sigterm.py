@@ -54,7 +54,7 @@ LONG_LEASE_S = 30.0
 SHORT_LEASE_S = 3.0
 T12_EXIT_SLACK_S = 2.0
 """The plan says longest job + 1 s. From the last job's end to the process's exit (outcome
-written, unregistered, connections closed, interpreter gone) took 0.1-1.5 s on the shared
+written, unregistered, connections closed, interpreter gone) took 0.1-1.7 s on the shared
 2-core test machine, so the CI bound allows 2 s; the figures print the measured time."""
 EXIT_SLACK_S = 2.0
 """The plan's bound past the drain (T13: drain 5 s, exit within 7 s)."""
