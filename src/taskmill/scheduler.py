@@ -115,7 +115,10 @@ class Scheduler:
         by_queue: dict[str, _Ticks] = {}
         for schedule in schedules:
             last = marks.get(schedule.name)
-            due = schedule.due(datetime.fromtimestamp(last, UTC) if last is not None else None, now)
+            last_tick = datetime.fromtimestamp(last, UTC) if last is not None else None
+            due = schedule.due(last_tick, now)
+            if last_tick is not None:
+                _log_missed(schedule, last_tick, now, due)
             if due:
                 task = self.registry.get_task(schedule.task)
                 ticks = by_queue.setdefault(task.defaults.queue, _Ticks())
@@ -176,6 +179,36 @@ class Scheduler:
                 delay, backoff = backoff, min(backoff * 2, 10.0)
             # a few ms past the tick: the broker's clock must have reached it when we look
             await self._sleep(delay + 0.005, stop)
+
+
+MISSED_COUNT_CAP = 10_000
+"""How many missed ticks a log line counts at most (a minutely cron down for months)."""
+
+
+def _log_missed(schedule: Schedule, last: datetime, now: datetime, due: list[datetime]) -> None:
+    """Log (WARNING) the ticks after ``last`` that every scheduler missed (older than the
+    schedule's ``grace`` at ``now``) and that its ``misfire`` policy does not run."""
+    cutoff = now - schedule.grace
+    run = set(due)
+    count, first, latest = 0, None, None
+    for tick in schedule.ticks_after(last):
+        if tick >= cutoff or count >= MISSED_COUNT_CAP:
+            break
+        if tick not in run:
+            count += 1
+            first = first or tick
+            latest = tick
+    if count:
+        log.warning(
+            "scheduler: schedule %s: %s%d missed tick(s) from %s to %s not run "
+            "(misfire=%s; no scheduler ran at their time)",
+            schedule.name,
+            "at least " if count >= MISSED_COUNT_CAP else "",
+            count,
+            first.isoformat() if first else "?",
+            latest.isoformat() if latest else "?",
+            schedule.misfire,
+        )
 
 
 async def _sleep_unless_stopped(seconds: float, stop: asyncio.Event) -> None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from taskmill.errors import BrokerError, ConfigurationError, TaskmillError
 from taskmill.settings import MISSED_HEARTBEATS
@@ -169,6 +169,10 @@ def serve_health(host: str, port: int, status: Callable[[], Status]) -> HealthSe
     return server
 
 
+CLOSE_S = 1.0
+"""How long a worker process waits for its broker connections to close at exit."""
+
+
 def run_worker_process(
     app: AppParts,
     *,
@@ -222,10 +226,10 @@ def run_worker_process(
             watch = asyncio.create_task(watch_parent(w, parent_pid))
         try:
             await w.run()
-        finally:
-            if watch is not None:
-                watch.cancel()
-            await app.client.aclose()
+        except BaseException as exc:
+            await _close_or_exit(app, w, watch, exc)
+            raise
+        await _close_or_exit(app, w, watch, None)
 
     try:
         asyncio.run(main())
@@ -238,8 +242,7 @@ def run_worker_process(
             log.error("worker %s %s: %s", w.id, what, exc)
         else:  # not one of ours (a bug, or an error a broker let through): the traceback
             log.exception("worker %s %s: %s: %s", w.id, what, type(exc).__name__, exc)
-        final = not w.connected.is_set() or (isinstance(exc, BrokerError) and exc.permanent)
-        return NO_RESTART_EXIT_CODE if final else 1
+        return _error_code(w, exc)
     finally:
         if server is not None:
             server.close()
@@ -254,11 +257,62 @@ def run_worker_process(
             len(stuck),
             ", ".join(t.name for t in stuck),
         )
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _exit_now(0)
     return 0
+
+
+async def _close_or_exit(
+    app: AppParts, w: Worker, watch: asyncio.Task[None] | None, error: BaseException | None
+) -> None:
+    """After ``w`` stopped (on ``error``, if not None): close the app's connections, or leave
+    the process at once if that takes too long."""
+    if watch is not None:
+        watch.cancel()
+    if not await _closed_within(app, CLOSE_S):
+        log.warning(
+            "worker %s: the broker's connections did not close within %.0f s; exiting",
+            w.id,
+            CLOSE_S,
+        )
+        if error is not None:
+            log.error("worker %s stopped: %s", w.id, error)
+        _exit_now(0 if error is None else _error_code(w, error))
+
+
+async def _closed_within(app: AppParts, seconds: float) -> bool:
+    """Close the app's broker connections and end the loop's other tasks, within ``seconds``:
+    False if that did not happen. A broker that cannot be reached must not hold the process
+    at exit (the worker's last writes are bounded too, and closing writes nothing that
+    matters), and tasks of a close cut short may not end when cancelled (a connection attempt
+    to a silent server), which ``asyncio.run`` would wait for without end."""
+    deadline = time.monotonic() + seconds
+    try:
+        async with asyncio.timeout(seconds):
+            await app.client.aclose()
+    except TimeoutError:
+        return False
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    if not others:
+        return True
+    _, pending = await asyncio.wait(others, timeout=max(0.0, deadline - time.monotonic()))
+    return not pending
+
+
+def _error_code(w: Worker, exc: BaseException) -> int:
+    """The exit code of a worker process that stopped on ``exc``: ``NO_RESTART_EXIT_CODE``
+    when no restart can fix it (it never reached the broker, or the broker refused for good)."""
+    final = not w.connected.is_set() or (isinstance(exc, BrokerError) and exc.permanent)
+    return NO_RESTART_EXIT_CODE if final else 1
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without waiting for threads or tasks that would not end (logs flushed first)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def beat_to(fd: int) -> Callable[[], None]:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from taskmill.retry import Interrupt
@@ -111,3 +111,39 @@ async def cancel_and_wait(tasks: Sequence[asyncio.Task[Any]]) -> None:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=1.0)
+
+
+STOP_WRITES_S = 1.5
+"""After the drain, how long the last writes (outcomes, hand-backs, the worker's
+unregistering) may take together. A broker that cannot be reached then does not hold the
+process for minutes of retries: it exits within the drain timeout + 2 s, and the jobs whose
+outcome or hand-back it could not write come back by lease expiry (docs/guarantees.md)."""
+
+
+class LastWrites:
+    """The writes a stopping worker makes after its drain, under one shared deadline."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.by: float | None = None  # set when the drain ends
+
+    def start(self) -> None:
+        self.by = time.monotonic() + STOP_WRITES_S
+
+    async def bounded(self, aw: Awaitable[object], what: str) -> None:
+        """``aw``, given up (logged) once the last writes are out of time; unbounded before
+        the drain has set that time (a worker that failed at start)."""
+        if self.by is None:
+            await aw
+            return
+        try:
+            async with asyncio.timeout(max(0.0, self.by - time.monotonic())):
+                await aw
+        except TimeoutError:
+            log.warning(
+                "worker %s: %s: gave up after the drain (the broker did not answer within"
+                " %.1f s); jobs it still held come back when their leases expire",
+                self.worker_id,
+                what,
+                STOP_WRITES_S,
+            )

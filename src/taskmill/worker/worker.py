@@ -45,7 +45,7 @@ from taskmill.worker.opening import open_broker
 from taskmill.worker.outbox import Outbox, Publisher
 from taskmill.worker.pools import Runner
 from taskmill.worker.runners import PoolKind, make_runner
-from taskmill.worker.stopping import Stop, cancel_and_wait, drain
+from taskmill.worker.stopping import LastWrites, Stop, cancel_and_wait, drain
 
 if TYPE_CHECKING:
     from taskmill.client import AppParts
@@ -136,6 +136,7 @@ class Worker:
         self._idle: IdleWait | None = None  # made by run(), once the broker is open
         self._events_on = settings.events
         self._fatal: BrokerError | None = None  # a permanent broker error: run() raises it
+        self._last_writes = LastWrites(self.id)  # after the drain: one deadline for them all
         self._warnings = BrokerWarnings(self.id)
         # made by run(), once the broker is open
         self._broker: Broker
@@ -238,7 +239,8 @@ class Worker:
                 timeout_s=self.drain_timeout_s,
                 worker_id=self.id,
             )
-            await self._flusher.flush_all()
+            self._last_writes.start()
+            await self._last_writes.bounded(self._flusher.flush_all(), "writing the last outcomes")
         finally:
             await self._close(background, runner)
         if self._fatal is not None:
@@ -345,18 +347,20 @@ class Worker:
 
     async def _close(self, background: list[asyncio.Task[Any]], runner: Runner) -> None:
         await cancel_and_wait(background)
+        bounded = self._last_writes.bounded
         if self._outbox.pending:  # a flush that failed on the way out: one last try
             with contextlib.suppress(Exception):
-                await self._flusher.flush_all()
+                await bounded(self._flusher.flush_all(), "writing the last outcomes")
         if self._publisher is not None:  # after the last outcomes: their events too
-            await self._publisher.publish()  # what the cancelled publisher had not sent
+            # what the cancelled publisher had not sent
+            await bounded(self._publisher.publish(), "publishing the last events")
         # always: it also hands back jobs handed over to this worker that it never took
         with contextlib.suppress(Exception):
-            await self._broker.unregister_worker(self.id)
+            await bounded(self._broker.unregister_worker(self.id), "unregistering")
         runner.close()
         self._pipeline.hook_threads.shutdown(wait=False)
         with contextlib.suppress(Exception):
-            await self._broker.detach()
+            await bounded(self._broker.detach(), "detaching from the broker")
         if self.metrics is not None:
             with contextlib.suppress(ValueError):
                 self.client.enqueue_observers.remove(self.metrics.counts.enqueued)

@@ -451,8 +451,7 @@ class Connections:
                 await state.listener.close()
             if state.vacuum is not None:
                 state.vacuum.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await state.vacuum
+                await asyncio.gather(state.vacuum, return_exceptions=True)  # as Listener.close
             await state.pool.close()
 
     async def attach(self) -> None:
