@@ -170,16 +170,7 @@ echo "libfaketime: $LIBFAKETIME"
 
 if [ ! -x "$CHROMIUM" ]; then
   install_chromium
-  if [ ! -f "$LIBFAKETIME" ]; then
-  apt_install faketime "libfaketime ($LIBFAKETIME, for the clock-skew fault tests)"
-  if [ ! -f "$LIBFAKETIME" ]; then
-    say "apt-get installed faketime but $LIBFAKETIME is missing."
-    exit 1
-  fi
-fi
-echo "libfaketime: $LIBFAKETIME"
-
-if [ ! -x "$CHROMIUM" ]; then
+  if [ ! -x "$CHROMIUM" ]; then
     say "apt-get installed chromium but $CHROMIUM is missing."
     exit 1
   fi
