@@ -49,7 +49,7 @@ import msgspec
 import msgspec.inspect as mi
 
 from taskmill.errors import SerializationError
-from taskmill.serialization import decode_payload
+from taskmill.serialization import check_depth, decode, decode_payload, too_deep
 
 _json = msgspec.json.Decoder()
 
@@ -201,6 +201,7 @@ class TaskTypes:
             args, kwargs = decode_payload(payload)
             self._shape(len(args), kwargs)
             return args, kwargs
+        check_depth(payload, payload=True)
         raw_args, raw_kwargs = _split(payload)
         shape = self._shape(len(raw_args), raw_kwargs)
         if shape.decoder is not None:
@@ -315,16 +316,14 @@ class TaskTypes:
     def result(self, data: bytes) -> Any:
         """Decode a stored result: to the return annotation if msgspec can, else plain JSON.
 
-        ``SerializationError`` if it is not JSON or does not convert to the annotation.
+        ``SerializationError`` if it is not JSON, nests deeper than taskmill stores, or does
+        not convert to the annotation.
         """
         decoder = self.result_decoder
         if decoder is None:
-            try:
-                return _json.decode(data)
-            except msgspec.DecodeError as exc:
-                raise SerializationError(f"stored value is not valid JSON: {exc}") from None
+            return decode(data)
         try:
-            return decoder.decode(data)
+            value = decoder.decode(data)
         except msgspec.ValidationError as exc:
             raise SerializationError(
                 f"task {self.name!r}: its result ({json_type(data)}) does not convert to its "
@@ -332,6 +331,10 @@ class TaskTypes:
             ) from None
         except msgspec.DecodeError as exc:
             raise SerializationError(f"stored value is not valid JSON: {exc}") from None
+        except RecursionError:  # far past the limit
+            raise too_deep("stored value") from None
+        check_depth(data)
+        return value
 
 
 def _split(payload: bytes) -> tuple[list[msgspec.Raw], dict[str, msgspec.Raw]]:
