@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, NoReturn
 from uuid import UUID
 
 import msgspec
@@ -48,11 +47,17 @@ _INT_BOUND = 10**MAX_INT_DIGITS
 _MINUTE = timedelta(minutes=1)
 _PAYLOAD_DEPTH = MAX_DEPTH + 2
 """A stored payload, ``[[args...], {kwargs...}]``, nests two more than its arguments."""
-_OFFSET = re.compile(rb"[0-9][+-][0-9][0-9]:[0-9][0-9]\"")
-"""The end of an ISO 8601 time with a UTC offset (``...T09:00:00+02:00"``)."""
+_OFFSET = re.compile(rb":[0-9][0-9]\"")
+"""The end of an ISO 8601 time with a UTC offset (``...T09:00:00+02:00"``), and of others:
+it starts with a literal, which ``re`` finds fast."""
 _LONG_INT = re.compile(rb"(?<![0-9])[0-9]{%d}" % (MAX_INT_DIGITS + 1))
 """A run of more digits than an integer may have (starting at the run's first digit only, so
 the search stays linear)."""
+_STEP = (MAX_INT_DIGITS + 1) // 2
+_DIGIT_FLAGS = bytes(49 if 48 <= c <= 57 else 48 for c in range(256))  # digits b"1", others b"0"
+_NOT_MARKS = bytes(c for c in range(256) if c not in b"{[,:Zn")
+_sorted_encoder = msgspec.json.Encoder(order="deterministic")
+"""Refuses a dict with a key other than a str: in C, whether any dict of a value has one."""
 _STRING = re.compile(rb'"[^"]*"')
 _PLAIN = (str, bytes, bytearray, memoryview, date, timedelta, UUID, Decimal)
 """Stored as text, with nothing JSON would change (``datetime``, a ``date``, is checked
@@ -65,8 +70,11 @@ def encode(value: Any, *, what: str) -> bytes:
     """``value`` as JSON; ``SerializationError`` saying why and where if it cannot be stored,
     or JSON would change it (see the module's docstring). ``what`` starts the message
     (``"result of task 'x'"``)."""
-    data = _encode(value, what, lambda: _walk(value, "result", what))
-    if _suspect(data, objects=0, depth=MAX_DEPTH):
+    try:
+        data = _encoder.encode(value)
+    except Exception as exc:
+        _unencodable(exc, what, [(value, "result")])
+    if _needs_walk(value, data, objects=0, depth=MAX_DEPTH):
         _walk(value, "result", what)
     return data
 
@@ -82,17 +90,14 @@ def encode_payload(
     travel with the payload (a per-send ``soft_timeout_s``), so no broker stores a new field.
     ``SerializationError`` as ``encode`` says; ``PayloadTooLargeError`` past ``limit`` bytes."""
     envelope = (args, kwargs, options) if options else (args, kwargs)
-    what = f"arguments of task {task!r}"
-
-    def walk() -> None:
-        for index, arg in enumerate(args):
-            _walk(arg, f"args[{index}]", what)
-        for name, arg in kwargs.items():
-            _walk(arg, f"kwargs[{name!r}]", what)
-
-    data = _encode(envelope, what, walk)
-    if _suspect(data, objects=2 if options else 1, depth=_PAYLOAD_DEPTH):
-        walk()
+    try:
+        data = _encoder.encode(envelope)
+    except Exception as exc:
+        _unencodable(exc, f"arguments of task {task!r}", _places(args, kwargs))
+    if _needs_walk(envelope, data, objects=2 if options else 1, depth=_PAYLOAD_DEPTH):
+        what = f"arguments of task {task!r}"
+        for value, place in _places(args, kwargs):
+            _walk(value, place, what)
     if len(data) > limit:
         raise PayloadTooLargeError(
             f"arguments of task {task!r} are {len(data):,} bytes as JSON; the limit is "
@@ -102,49 +107,90 @@ def encode_payload(
     return data
 
 
-def _encode(value: Any, what: str, walk: Callable[[], None]) -> bytes:
-    """msgspec's JSON of ``value``. Where msgspec fails on an int too long for Python to write
-    or a value nested past the interpreter's recursion limit, ``walk`` (which raises saying
-    where, if it finds one) runs first."""
-    try:
-        return _encoder.encode(value)
-    except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-        raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from None
-    except UnicodeEncodeError as exc:  # a lone surrogate: not UTF-8, so not JSON text
-        raise SerializationError(
-            f"{what} cannot be stored as JSON: a str holds {exc.object[exc.start : exc.end]!r}, "
-            f"a lone surrogate, which is not text (UTF-8)"
-        ) from None
-    except ValueError as exc:  # an int of more than sys.get_int_max_str_digits() digits
-        walk()
-        raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from None
-    except RecursionError:  # msgspec stops at the interpreter's recursion limit
-        walk()
-        raise SerializationError(f"{what} cannot be stored as JSON: a value {_DEEP}") from None
+def _places(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[Any, str]]:
+    return [(a, f"args[{i}]") for i, a in enumerate(args)] + [
+        (v, f"kwargs[{k!r}]") for k, v in kwargs.items()
+    ]
 
 
-def _suspect(data: bytes, *, objects: int, depth: int) -> bool:
-    """Whether ``data``, msgspec's JSON of a value, may hide something the walk refuses: an
-    object past the envelope's ``objects`` (its keys may have collided), a ``null`` (a NaN
-    became one), a time with a UTC offset (it may have had seconds), a run of digits longer
-    than an integer may be, nesting past ``depth``. Scans of the bytes, in C."""
-    return (
-        data.count(b"{") > objects
-        or b"null" in data
-        or b'Z"' in data
-        or _OFFSET.search(data) is not None
-        or (len(data) > MAX_INT_DIGITS and _LONG_INT.search(data) is not None)
-        or nesting_exceeds(data, depth)
+def _unencodable(exc: Exception, what: str, places: list[tuple[Any, str]]) -> NoReturn:
+    """The ``SerializationError`` for what msgspec could not encode. Where it failed on an int
+    too long for Python to write, or nesting past the interpreter's recursion limit, the
+    walk says where first."""
+    if isinstance(exc, RecursionError | ValueError) and not isinstance(exc, UnicodeError):
+        for value, place in places:
+            _walk(value, place, what)
+    if isinstance(exc, UnicodeEncodeError):  # a lone surrogate: not UTF-8, so not JSON text
+        reason = (
+            f"a str holds {exc.object[exc.start : exc.end]!r}, a lone surrogate, which is not "
+            "text (UTF-8)"
+        )
+    elif isinstance(exc, RecursionError):
+        reason = f"a value {_DEEP}"
+    elif isinstance(exc, TypeError | msgspec.EncodeError | OverflowError | ValueError):
+        reason = str(exc)  # ValueError: an int past sys.get_int_max_str_digits() digits
+    else:
+        raise exc
+    raise SerializationError(f"{what} cannot be stored as JSON: {reason}") from None
+
+
+def _needs_walk(value: Any, data: bytes, *, objects: int, depth: int) -> bool:
+    """Whether ``value`` may hold something the walk refuses, judged from ``data`` (msgspec's
+    JSON of it) in C: an object past the envelope's ``objects`` with a key other than a str
+    (the ordered encoder refuses those), a ``null`` (a NaN became one), a time with a UTC
+    offset (it may have had seconds), a run of digits longer than an integer may be, nesting
+    past ``depth``. A value with few items for its size (long text) is walked: that costs less
+    than scanning it."""
+    size = len(data)
+    marks = data.translate(None, _NOT_MARKS)  # one pass; each check below reads a few bytes
+    if (
+        len(marks) <= depth
+        and not marks.strip(b"[{,")
+        and marks.count(b"{") <= objects
+        and size <= MAX_INT_DIGITS
+    ):
+        return False  # only the envelope's object, few brackets, short: the common case
+    if size > 1024 and marks.count(b",") * 64 < size:
+        return True
+    if marks.count(b"{") > objects:
+        try:
+            _sorted_encoder.encode(value)
+        except Exception:  # a key other than a str (or a set it cannot order): walk
+            return True
+    if b"n" in marks and b"null" in data:
+        return True
+    if (b"Z" in marks and b'Z"' in data) or (b":" in marks and _OFFSET.search(data)):
+        return True
+    if size > MAX_INT_DIGITS and _long_digits(data):
+        return True
+    return marks.count(b"[") + marks.count(b"{") > depth and nesting_exceeds(
+        data, depth, counted=True
     )
 
 
-def nesting_exceeds(data: bytes, limit: int) -> bool:
-    """Whether the JSON text ``data`` nests arrays and objects more than ``limit`` deep.
+def _long_digits(data: bytes) -> bool:
+    """Whether ``data`` has a run of more digits than an integer may have. Every
+    ``_STEP``-th byte is read first: such a run holds two of them in a row."""
+    sample = data[::_STEP].translate(_DIGIT_FLAGS)
+    at = sample.find(b"11")
+    while at >= 0:
+        window = data[
+            max(0, at * _STEP - MAX_INT_DIGITS - 1) : (at + 1) * _STEP + MAX_INT_DIGITS + 1
+        ]
+        if _LONG_INT.search(window):
+            return True
+        at = sample.find(b"11", at + 1)
+    return False
+
+
+def nesting_exceeds(data: bytes, limit: int, *, counted: bool = False) -> bool:
+    """Whether the JSON text ``data`` nests arrays and objects more than ``limit`` deep
+    (``counted``: the caller knows it has more brackets than that).
 
     >>> nesting_exceeds(b'[[1, "]]]"], {"a": [2]}]', 3), nesting_exceeds(b"[[[]]]", 2)
     (False, True)
     """
-    if data.count(b"[") + data.count(b"{") <= limit:
+    if not counted and data.count(b"[") + data.count(b"{") <= limit:
         return False  # fewer brackets than the limit: none can be deeper
     if b"\\" in data:  # escaped backslashes and quotes out of the way: strings end at a quote
         data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
