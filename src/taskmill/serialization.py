@@ -7,10 +7,12 @@ dict keys that become the same text (``{1: "a", "1": "b"}``), lists and objects 
 than ``MAX_DEPTH`` deep, integers of more than ``MAX_INT_DIGITS`` digits. Decoding refuses
 nesting past the same limit. docs/payloads.md ("Limits") says why each limit is what it is.
 
-The checks cost little on the send path: msgspec encodes in C; a few scans of its output, in C
-too, show whether the value can hold any of those (no ``null``, no ``{`` past the envelope's,
-no time offset, no long run of digits, few brackets: nothing can); only then is the value
-walked, in Python, to find what and where.
+The checks read msgspec's output before the value (msgspec has no option for any of these,
+and its ``enc_hook`` sees only types it does not know): one ``translate`` pass keeps the few
+bytes they look at, which decide the common payload alone; a dict's keys are checked by
+msgspec's ordered encoder, in C (it refuses keys other than ``str``); ``null``, a time offset,
+a long run of digits or many brackets send the value to the walk, in Python, which finds what
+and where (``_needs_walk``).
 
 >>> encode([1.5, None], what="result of task 't'")
 b'[1.5,null]'
