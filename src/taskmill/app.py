@@ -21,10 +21,12 @@ from taskmill.hooks import Hook, Hooks, Instrumentation
 from taskmill.job import Job
 from taskmill.limits import Limit, QueueOptions, WhenFull, parse_rate
 from taskmill.meta import check_meta
+from taskmill.names import check_name
 from taskmill.registry import Registry
 from taskmill.retry import Backoff, RetryPolicy, as_backoff, exception_types
 from taskmill.scheduler import ScheduleStatus, overlap_key, schedule_statuses
 from taskmill.schedules import Misfire, Overlap, Schedule
+from taskmill.serialization import encode_payload
 from taskmill.settings import Settings
 from taskmill.task import (
     KeyFunc,
@@ -292,6 +294,8 @@ class App(AdminAPI):
         ['sync-eu', 'taskmill.app.nightly_report']
         """
         interval = timedelta(seconds=every) if isinstance(every, int | float) else every
+        if name is not None:
+            check_name("schedule", name)  # before the function is registered as a task
 
         def register(target: Task[Any, Any] | Callable[..., Any]) -> Task[Any, Any]:
             task: Task[Any, Any] = target if isinstance(target, Task) else self.task(target)
@@ -311,6 +315,8 @@ class App(AdminAPI):
                 meta=check_meta(meta or {}),
             )
             task.bind_check(schedule.args, schedule.kwargs)
+            # stored at every tick: what cannot be stored is refused now, not at the first tick
+            encode_payload(task.name, schedule.args, dict(schedule.kwargs), task.max_payload_bytes)
             self.registry.add_schedule(schedule)
             return task
 
@@ -492,7 +498,7 @@ class App(AdminAPI):
             task = Task(
                 self.client,
                 _unregistered,
-                name=name,
+                name=check_name("task", name),
                 defaults=SendOptions(queue=self.settings.default_queue),
                 policy=RetryPolicy(backoff=Backoff()),
             )

@@ -49,7 +49,7 @@ import msgspec
 import msgspec.inspect as mi
 
 from taskmill.errors import SerializationError
-from taskmill.serialization import TOO_DEEP, decode_payload
+from taskmill.serialization import check_depth, decode, decode_payload, too_deep
 
 _json = msgspec.json.Decoder()
 
@@ -193,10 +193,10 @@ class TaskTypes:
     def arguments(self, payload: bytes) -> tuple[list[Any], dict[str, Any]]:
         """Decode a stored ``[args, kwargs]`` payload to the values the function declares.
 
-        ``SerializationError``: not JSON (also: text that is not UTF-8, or nested deeper than
-        the decoder's stack allows), not an ``[args, kwargs]`` pair, or a value that does
-        not convert to its annotation. ``TypeError``: the arguments do not bind to the
-        function's signature (it changed since the job was sent).
+        ``SerializationError``: not JSON (also: text that is not UTF-8, or nested past
+        ``MAX_DEPTH``), not an ``[args, kwargs]`` pair, or a value that does not convert to
+        its annotation. ``TypeError``: the arguments do not bind to the function's signature
+        (it changed since the job was sent).
         """
         try:
             return self._arguments(payload)
@@ -205,13 +205,14 @@ class TaskTypes:
         except msgspec.DecodeError as exc:  # a typed decoder met what is not JSON text
             raise SerializationError(f"stored value is not valid JSON: {exc}") from None
         except RecursionError:
-            raise SerializationError(TOO_DEEP) from None
+            raise too_deep("stored value") from None
 
     def _arguments(self, payload: bytes) -> tuple[list[Any], dict[str, Any]]:
         if self.plain:
             args, kwargs = decode_payload(payload)
             self._shape(len(args), kwargs)
             return args, kwargs
+        check_depth(payload, payload=True)
         raw_args, raw_kwargs = _split(payload)
         shape = self._shape(len(raw_args), raw_kwargs)
         if shape.decoder is not None:
@@ -326,16 +327,14 @@ class TaskTypes:
     def result(self, data: bytes) -> Any:
         """Decode a stored result: to the return annotation if msgspec can, else plain JSON.
 
-        ``SerializationError`` if it is not JSON or does not convert to the annotation.
+        ``SerializationError`` if it is not JSON, nests deeper than taskmill stores, or does
+        not convert to the annotation.
         """
         decoder = self.result_decoder
         if decoder is None:
-            try:
-                return _json.decode(data)
-            except msgspec.DecodeError as exc:
-                raise SerializationError(f"stored value is not valid JSON: {exc}") from None
+            return decode(data)
         try:
-            return decoder.decode(data)
+            value = decoder.decode(data)
         except msgspec.ValidationError as exc:
             raise SerializationError(
                 f"task {self.name!r}: its result ({json_type(data)}) does not convert to its "
@@ -343,6 +342,10 @@ class TaskTypes:
             ) from None
         except msgspec.DecodeError as exc:
             raise SerializationError(f"stored value is not valid JSON: {exc}") from None
+        except RecursionError:  # far past the limit
+            raise too_deep("stored value") from None
+        check_depth(data)
+        return value
 
 
 def _split(payload: bytes) -> tuple[list[msgspec.Raw], dict[str, msgspec.Raw]]:

@@ -38,6 +38,7 @@ from taskmill.errors import ConfigurationError, UnknownTaskError
 from taskmill.hooks import Hook, HookName, Hooks, Instrumentation
 from taskmill.job import Job, Meta, NewJob
 from taskmill.limits import SPACING, Limit, QueueOptions, WhenFull, queue_options
+from taskmill.names import check_name
 from taskmill.retry import RetryPolicy
 from taskmill.schedules import Schedule
 from taskmill.serialization import encode_payload
@@ -180,7 +181,10 @@ class Registry:
 
     def add_task(self, task: TaskDefinition) -> TaskDefinition:
         """Register ``task`` under its name; another function under the same name is an
-        error (the same one again replaces it: a module imported twice)."""
+        error (the same one again replaces it: a module imported twice), and so is a name
+        ``taskmill.names`` does not allow."""
+        check_name("task", task.name)
+        check_name("queue", task.defaults.queue)
         known = self.tasks.get(task.name)
         if known is not None and known.fn is not task.fn:
             raise ConfigurationError(f"two tasks are named {task.name!r}; give one a name=")
@@ -188,6 +192,7 @@ class Registry:
         return task
 
     def add_schedule(self, schedule: Schedule) -> None:
+        check_name("schedule", schedule.name)
         if schedule.name in self.schedules:
             raise ConfigurationError(f"two schedules are named {schedule.name!r}; give one a name=")
         self.schedules[schedule.name] = schedule
@@ -202,6 +207,7 @@ class Registry:
         full_timeout_s: float = 30.0,
     ) -> None:
         """Limits of a queue (see ``App.configure_queue``)."""
+        check_name("queue", name)
         self.queue_options[name] = queue_options(
             rate_limit=rate_limit,
             max_depth=max_depth,

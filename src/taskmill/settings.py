@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from taskmill.errors import ConfigurationError
+from taskmill.names import check_name
 
 MISSED_HEARTBEATS = 3
 """A worker whose last heartbeat is older than this many of its intervals is lost (it died
@@ -53,6 +54,7 @@ class Settings:
         for holds, message in rules:
             if not holds:
                 raise ConfigurationError(message)
+        check_name("queue", self.default_queue)
 
     @property
     def effective_heartbeat_s(self) -> float:

@@ -13,6 +13,7 @@ from taskmill.errors import ConfigurationError
 from taskmill.handle import JobHandle
 from taskmill.job import NewJob
 from taskmill.meta import check_meta
+from taskmill.names import check_name
 from taskmill.registry import KeyFunc, SendOptions, TaskDefinition
 from taskmill.retry import RetryPolicy
 from taskmill.workflows import Signature
@@ -341,7 +342,7 @@ def _job_id(job_id: str) -> str:
 
 
 _OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "queue": ("queue", _as_given),
+    "queue": ("queue", lambda value: check_name("queue", value)),
     "priority": ("priority", check_priority),
     "delay": ("delay_s", lambda value: seconds(value, "delay")),
     "run_at": ("run_at", _timestamp),

@@ -51,7 +51,7 @@ from taskmill.errors import (
     JobNotFoundError,
 )
 from taskmill.job import FINISHED_STATES, Job, JobState, NewJob
-from taskmill.serialization import decode
+from taskmill.serialization import decode, encode_payload
 
 if TYPE_CHECKING:
     from taskmill.brokers.base import Broker
@@ -221,6 +221,9 @@ async def asend_workflow(client: Client, canvas: Canvas) -> WorkflowHandle:
     for step in spec.steps.values():
         task = client.registry.get_task(step.task)  # unknown: fails here, before anything is stored
         task.bind_check((None, *step.args) if step.input is not None else step.args, step.kwargs)
+        # the step's own arguments are stored now, in the workflow: refused now if they cannot
+        # be (its input, a result, is checked when the step is enqueued)
+        encode_payload(task.name, tuple(step.args), dict(step.kwargs), task.max_payload_bytes)
     workflow_id = uuid7()
     nothing_yet = _View(spec, {})
     first = [

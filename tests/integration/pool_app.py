@@ -43,6 +43,10 @@ def build_app(url: str = "memory://", **settings: Any) -> App:
     def boom(n: int) -> None:
         raise LookupError(f"no row {n} in child {os.getpid()}")
 
+    @app.task(name="pool.nan", retries=3, backoff=0)
+    def nan() -> float:
+        return float("nan")
+
     @app.task(name="pool.quota", retries=3, backoff=0, dont_retry_on=QuotaExceededError)
     def quota() -> None:
         raise QuotaExceededError("monthly quota used up")

@@ -111,6 +111,22 @@ def test_errors_carry_the_remote_type_message_and_traceback(
         assert app.get_job(handle.id).attempt == 1
 
 
+def test_a_result_json_cannot_hold_fails_the_job_at_once(
+    app: App, pool: Callable[..., Any]
+) -> None:
+    """NaN was stored as null; refused now, and not retried (the child retried a result it
+    could not encode by the task's policy, the thread and async pools do not)."""
+    with pool():
+        handle = app.tasks["pool.nan"].send()
+        with pytest.raises(JobFailedError) as info:
+            handle.result(timeout=30)
+    assert info.value.type == "taskmill.errors.SerializationError"
+    assert "result of task 'pool.nan' cannot be stored as JSON: result is nan" in (
+        info.value.message
+    )
+    assert app.get_job(handle.id).attempt == 1
+
+
 def test_retry_decisions_are_made_by_the_tasks_policy_in_the_child(
     app: App, pool: Callable[..., Any]
 ) -> None:

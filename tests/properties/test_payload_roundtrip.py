@@ -7,9 +7,11 @@ For a task whose parameter and return value are annotated with a type docs/paylo
 msgspec ``Struct``s, ``Optional`` and unions), every generated argument either reaches the
 function equal to what was sent and of the annotated type, and comes back so from
 ``handle.result()``; or it is refused at ``send`` with taskmill's own error naming the task,
-and the broker stored nothing. Which of the two is decided up front (a lone surrogate, an
-int of more than 4,300 digits, or a payload over ``max_payload_bytes`` is refused;
-everything else goes through), so the test cannot pass by refusing everything.
+and the broker stored nothing. Which of the two is decided up front, from the limits
+docs/payloads.md lists (a lone surrogate, NaN or ±infinity, an int of more than 4,299
+digits, a UTC offset with seconds, dict keys that become the same text, nesting past 100, a
+payload over ``max_payload_bytes`` are refused; everything else goes through), so the test
+cannot pass by refusing everything.
 
 The job runs on the memory broker with ``app.run_until_idle()``: the worker's own decoding
 of the stored bytes. (Eager mode, ``memory://?eager=1``, is the same path: ``send`` stores
@@ -18,7 +20,8 @@ the job in the broker and then runs ``run_until_idle`` itself.)
 
 from __future__ import annotations
 
-import sys
+import math
+import random
 import threading
 import types
 import uuid
@@ -27,13 +30,14 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from taskmill import App, JobFailedError, PayloadTooLargeError, SerializationError
+from taskmill import App, PayloadTooLargeError, SerializationError
 
 from .support import CountingBroker, difference, same, scaled
 
@@ -66,37 +70,44 @@ texts = st.one_of(
     # a lone surrogate: not UTF-8, so not JSON: refused at send
     st.tuples(st.text(max_size=5), _SURROGATE, st.text(max_size=5)).map("".join),
 )
-# far beyond 64 bits too, up to and past Python's 4,300 digits of int-to-text conversion
+MAX_INT = 10**4299
+"""An int is stored if it has at most 4,299 digits, either sign (docs/payloads.md)."""
+
+# far beyond 64 bits too, up to and past the 4,299 digits an int may have; around that edge:
+# 4,299 digits (stored), 4,300 (refused: msgspec writes it, but reads back only 4,300
+# characters with the sign), 4,301 (past Python's int-to-text limit)
+_EDGE_INTS = {
+    "4,299 digits": MAX_INT - 1,
+    "-4,299 digits": -(MAX_INT - 1),
+    "-4,299 digits, 9...": -9 * 10**4298,
+    "4,300 digits": MAX_INT,
+    "-4,300 digits": -MAX_INT,
+    "4,300 digits, 9...": 9 * MAX_INT,
+    "4,301 digits": 10**4300,
+}
+"""By name: repr() fails on ints this long, and Hypothesis shows the choices."""
 
 
-def _digits(factor: int) -> int:
-    """4,300 digits (factor 1 to 9, and -9 to -1), or 4,301 (factor 10 or -10)."""
-    return factor * 10**4299
+def _edge_int(name: str) -> int:
+    return _EDGE_INTS[name]
 
 
 ints = st.one_of(
     st.integers(),
     st.integers(-(2**200), 2**200),
-    st.sampled_from([1, -9, 10, -10]).map(_digits),  # (repr() fails on ints this long)
+    st.sampled_from(sorted(_EDGE_INTS)).map(_edge_int),
 )
-finite = st.floats(allow_nan=False, allow_infinity=False)
-# whole-minute UTC offsets: JSON's RFC 3339 text has no seconds in an offset (see
-# test_datetime_offset_with_seconds below)
+floats = st.floats()  # NaN and ±inf too: refused (JSON has neither)
+# UTC offsets of whole minutes, and with seconds (refused: RFC 3339 text has minutes only)
 zones = st.one_of(
     st.just(UTC),
     st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: timezone(timedelta(minutes=m))),
-    st.timezones(),
+    st.integers(-86_399, 86_399).map(lambda s: timezone(timedelta(seconds=s))),
+    st.timezones(),  # (a zone's local mean time before 1900 or so has seconds too)
 )
-
-
-def _whole_minutes(moment: datetime) -> bool:
-    offset = moment.utcoffset()
-    return offset is not None and offset % timedelta(minutes=1) == timedelta(0)
-
-
-aware: st.SearchStrategy[datetime] = st.datetimes(timezones=zones).filter(_whole_minutes)
+aware: st.SearchStrategy[datetime] = st.datetimes(timezones=zones)
 decimals = st.decimals(allow_nan=True, allow_infinity=True)
-points = st.builds(Point, ints, finite, texts, st.none() | aware)
+points = st.builds(Point, ints, floats, texts, st.none() | aware)
 items = st.builds(
     Item,
     texts,
@@ -108,7 +119,7 @@ items = st.builds(
 
 LEAVES: list[Typed] = [
     (int, ints),
-    (float, finite),
+    (float, floats),
     (str, texts),
     (bytes, st.binary()),
     (bool, st.booleans()),
@@ -120,7 +131,7 @@ LEAVES: list[Typed] = [
     (Point, points),
     (Item, items),
     (int | str, st.one_of(ints, texts)),
-    (float | None, st.none() | finite),
+    (float | None, st.none() | floats),
 ]
 # hashable, and text-like or number-like in JSON: a set's members, a dict's keys
 KEYS: list[Typed] = [
@@ -128,7 +139,7 @@ KEYS: list[Typed] = [
     (int, ints),
     (uuid.UUID, st.uuids()),
     (date, st.dates()),
-    (float, finite),
+    (float, floats),
 ]
 
 
@@ -214,22 +225,37 @@ def harness() -> Iterator[Harness]:
 
 
 def _unstorable(value: Any) -> bool:
-    """Whether ``value`` holds a str with a lone surrogate (not UTF-8), or an int of more
-    digits than Python converts to text (``sys.get_int_max_str_digits()``, 4,300)."""
+    """Whether docs/payloads.md says ``value`` is refused at send: a str with a lone surrogate
+    (not UTF-8), NaN or ±infinity, an int of more than 4,299 digits, a datetime whose UTC
+    offset is not whole minutes, a dict with two keys that are the same text in JSON."""
     if isinstance(value, str):
         return any(0xD800 <= ord(c) <= 0xDFFF for c in value)
-    if isinstance(value, int):  # msgspec reads at most 4,300 characters, the sign included
-        digits = sys.get_int_max_str_digits()
-        return abs(value) >= 10**digits or (value < 0 and abs(value) >= 10 ** (digits - 1))
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return not -MAX_INT < value < MAX_INT
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, datetime):
+        offset = value.utcoffset()
+        return offset is not None and offset % timedelta(minutes=1) != timedelta(0)
     if isinstance(value, dict):
-        return any(_unstorable(k) or _unstorable(v) for k, v in value.items())
+        parts = any(_unstorable(k) or _unstorable(v) for k, v in value.items())
+        return parts or _keys_collide(value)
     if isinstance(value, list | tuple | set | frozenset):
         return any(_unstorable(v) for v in value)
     if isinstance(value, Point):
-        return _unstorable(value.label) or _unstorable(value.x)
+        return any(_unstorable(v) for v in (value.x, value.y, value.label, value.when))
     if isinstance(value, Item):
-        return _unstorable(value.name) or _unstorable(value.where)
+        return any(_unstorable(v) for v in (value.name, value.tags, value.where))
     return False
+
+
+def _keys_collide(mapping: dict[Any, Any]) -> bool:
+    """Whether two keys are one key of the stored JSON object (read back, it has fewer)."""
+    stored = msgspec.json.decode(msgspec.json.encode(mapping))
+    assert isinstance(stored, dict)
+    return len(stored) < len(mapping)
 
 
 def check_round_trip(h: Harness, annotation: Any, value: Any, *, keyword: bool) -> None:
@@ -265,13 +291,25 @@ def check_round_trip(h: Harness, annotation: Any, value: Any, *, keyword: bool) 
 @example((list[str], ["a", "\udfff"]), True)
 @example((int, 2**64), False)
 @example((int, 10**4300), False)  # 4,301 digits: was a bare ValueError at send
-@example((int, 10**4299), True)  # 4,300 digits: stored
+@example((int, 10**4299), True)  # 4,300 digits: refused (a negative one was stored unreadable)
+@example((int, -(10**4299)), False)
+@example((Any, -(10**4299)), False)  # unannotated: was stored, and unreadable by the worker
+@example((int, 10**4299 - 1), True)  # 4,299 digits: stored
+@example((Any, -(10**4299 - 1)), False)
 @example((int, -(2**200)), True)
 @example((dict[int, str], {2**70: "big key", -1: ""}), False)
 @example((Decimal, Decimal("sNaN")), False)
 @example((Decimal, Decimal("-0.000")), False)
 @example((float, -0.0), False)
 @example((float, 5e-324), False)
+@example((float, float("nan")), False)  # was stored as null
+@example((float | None, float("-inf")), True)  # was received as None
+@example((Any, [1.5, float("inf")]), False)
+@example((dict[float, int], {float("nan"): 1}), False)  # was stored as the key "nan"
+@example((dict[int, str], {1: "int", -1: "minus"}), False)
+@example((datetime, datetime(1900, 1, 1, tzinfo=timezone(timedelta(seconds=561)))), False)
+@example((datetime, datetime(1960, 1, 1, tzinfo=ZoneInfo("Africa/Monrovia"))), True)  # -0:44:30
+@example((datetime, datetime(2000, 1, 1, tzinfo=timezone(timedelta(seconds=20)))), False)
 def test_arguments_and_results_round_trip(
     harness: Harness, case: tuple[Any, Any], keyword: bool
 ) -> None:
@@ -302,32 +340,44 @@ def test_payload_size_limit(harness: Harness, offset: int, char: str) -> None:
 # --- nesting depth ----------------------------------------------------------------------------
 
 
-def _nested(depth: int) -> list[Any]:
-    value: list[Any] = []
+MAX_DEPTH = 100
+"""Lists and objects may nest this deep in an argument or a result (docs/payloads.md)."""
+
+
+def _nested(depth: int, seed: int = 0) -> Any:
+    """A value nested ``depth`` deep: lists, or (with a seed) lists and dicts as it says."""
+    shapes = random.Random(seed)
+    value: Any = []
     for _ in range(depth - 1):
-        value = [value]
+        value = {"k": value} if seed and shapes.random() < 0.5 else [value]
     return value
 
 
 @settings(max_examples=scaled(0.1))
-@given(st.integers(1, 1200))
-@example(1100)  # beyond the interpreter's recursion limit: was a bare RecursionError at send
-def test_deep_nesting_is_refused_or_round_trips(harness: Harness, depth: int) -> None:
-    """A list nested ``depth`` deep either round-trips or is refused at send with
-    ``SerializationError`` (msgspec stops at the interpreter's recursion limit, ~1000 levels
-    less the caller's stack)."""
+@given(st.integers(1, 1200), st.integers(0, 2**32))
+@example(100, 0)  # the deepest stored
+@example(101, 0)  # refused
+@example(101, 7)
+@example(1100, 0)  # beyond the interpreter's recursion limit: was a bare RecursionError at send
+def test_nesting_past_the_limit_is_refused(harness: Harness, depth: int, seed: int) -> None:
+    """A value nested ``depth`` deep (lists, or lists and dicts) round-trips if ``depth`` is at
+    most 100, and is refused at send with ``SerializationError`` past it: taskmill's own limit,
+    the same wherever the send is made from (msgspec's own was the interpreter's recursion
+    limit less the stack in use)."""
     broker = harness.fresh()
-    task = harness.task(list[Any])
-    value = _nested(depth)
+    task = harness.task(Any)
+    value = _nested(depth, seed)
     refused: SerializationError | None = None
     try:
         handle = task.send(value)
     except SerializationError as exc:
         refused = exc
     if refused is not None:
-        assert depth > 500, f"refused at depth {depth}: {refused}"
+        assert depth > MAX_DEPTH, f"refused at depth {depth}: {refused}"
+        assert repr(task.name) in str(refused) and "100 deep" in str(refused)
         assert broker.writes == 0
         return
+    assert depth <= MAX_DEPTH, f"accepted at depth {depth}"
     harness.app.run_until_idle()
     assert harness.received == [value]
     assert handle.result(timeout=5) == value
@@ -352,71 +402,91 @@ def _in_fresh_thread(fn: Callable[[], Any]) -> Any:
     return value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=JobFailedError,
-    reason="no nesting limit of taskmill's own: msgspec's is the interpreter's recursion limit "
-    "less the stack in use, so a payload that a send from shallow code accepts can be too deep "
-    "for the worker's (deeper) decode, and the job fails with RecursionError",
-)
 def test_what_send_accepts_the_worker_decodes(harness: Harness) -> None:
+    """The limit does not depend on the stack: a send from shallow code (a fresh thread)
+    accepts 100 levels and refuses 101, and the worker (deeper) decodes what it accepted.
+    (Before the limit, a send from shallow code accepted ~990 levels that the worker's decode,
+    deeper in its own stack, failed with RecursionError.)"""
     task = harness.task(list[Any])
-    for depth in range(900, 1000, 5):
+    broker = harness.fresh()
+    handle = _in_fresh_thread(lambda: task.send(_nested(MAX_DEPTH)))
+    assert broker.writes == 1
+    harness.app.run_until_idle()
+    assert handle.result(timeout=5) == _nested(MAX_DEPTH)
+    for depth in (MAX_DEPTH + 1, 990):
         broker = harness.fresh()
-        try:
-            handle = _in_fresh_thread(lambda d=depth: task.send(_nested(d)))  # type: ignore[misc]
-        except SerializationError:
-            break  # too deep to send: refused, as it should be
-        assert broker.writes == 1
-        harness.app.run_until_idle()
-        handle.result(timeout=5)  # JobFailedError: RecursionError in the worker
+        with pytest.raises(SerializationError, match="more than 100 deep"):
+            _in_fresh_thread(lambda d=depth: task.send(_nested(d)))  # type: ignore[misc]
+        assert broker.writes == 0
 
 
-# --- known gaps, pinned ---------------------------------------------------------------------
+# --- what JSON would change: refused -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="msgspec encodes NaN and ±inf as JSON null: a float | None parameter receives None "
-    "(and an unannotated one too), silently; a float one is refused with a message about null",
-)
 @given(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
-def test_non_finite_floats_round_trip_or_are_refused(harness: Harness, value: float) -> None:
+def test_non_finite_floats_are_refused(harness: Harness, value: float) -> None:
+    """NaN and ±inf were stored as JSON null: a ``float | None`` (or unannotated) parameter
+    received None, silently. Now refused at send, wherever they are."""
     check_round_trip(harness, float | None, value, keyword=False)
+    check_round_trip(harness, Any, [value], keyword=True)
+    check_round_trip(harness, dict[str, float], {"x": value}, keyword=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="RFC 3339 offsets have whole minutes: msgspec writes +00:09 for Paris' 1900 offset "
-    "of 0:09:21, and the datetime received is 21 s off the one sent, silently",
-)
 def test_datetime_offset_with_seconds(harness: Harness) -> None:
+    """RFC 3339 offsets have whole minutes: msgspec wrote +00:09 for Paris' 1900 offset of
+    0:09:21, and the datetime received was 21 s off the one sent. Now refused at send."""
     sent = datetime(1900, 1, 1, tzinfo=timezone(timedelta(minutes=9, seconds=21)))
     check_round_trip(harness, datetime, sent, keyword=False)
+    check_round_trip(harness, datetime, sent.astimezone(UTC), keyword=False)  # what to send
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="dict keys are stored as JSON text, so keys 1 and '1' become one key: the send is "
-    "accepted and the function receives one entry, silently",
-)
 def test_dict_keys_that_collide_as_text(harness: Harness) -> None:
+    """Dict keys are stored as JSON text, so keys 1 and '1' were one key: the function
+    received one entry, silently. Now refused at send."""
     check_round_trip(harness, dict[int, str], {1: "int", "1": "str"}, keyword=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=JobFailedError,
-    reason="msgspec reads an integer of at most 4,300 characters, the minus sign included, but "
-    "writes 4,300 digits and a sign: without an annotation to check at send, -10**4299 is "
-    "stored and the worker cannot read it (an int annotation is refused at send)",
+@given(
+    st.dictionaries(
+        st.one_of(st.integers(-3, 3), st.integers(-3, 3).map(str), st.sampled_from([1.0, 0.5])),
+        st.integers(0, 9),
+        max_size=6,
+    )
 )
-def test_negative_int_of_4300_digits_without_annotation(harness: Harness) -> None:
+def test_keys_that_become_the_same_text_are_refused(
+    harness: Harness, mapping: dict[Any, int]
+) -> None:
+    """An unannotated dict of int, str and float keys reaches the function with its keys as
+    text, unless two keys are the same text (``1`` and ``"1"``, ``0.5`` and ``"0.5"``): then the
+    send is refused and nothing is stored."""
     broker = harness.fresh()
-    handle = harness.task(Any).send(-(10**4299))
-    assert broker.writes == 1
+    task = harness.task(Any)
+    texts = [k if isinstance(k, str) else repr(k) for k in mapping]
+    collide = len(set(texts)) < len(texts)
+    refused: SerializationError | None = None
+    try:
+        handle = task.send(mapping)
+    except SerializationError as exc:
+        refused = exc
+    if refused is not None:
+        assert collide, f"refused keys that do not collide: {refused}"
+        assert repr(task.name) in str(refused) and "JSON text" in str(refused)
+        assert broker.writes == 0
+        return
+    assert not collide, "accepted keys that collide"
     harness.app.run_until_idle()
-    handle.result(timeout=5)
+    as_text = dict(zip(texts, mapping.values(), strict=True))
+    assert harness.received == [as_text]
+    assert handle.result(timeout=5) == as_text
+
+
+def test_ints_of_4300_digits_are_refused_either_sign(harness: Harness) -> None:
+    """msgspec reads back an integer of at most 4,300 characters, the minus sign included, but
+    wrote 4,300 digits and a sign: -10**4299 was stored, unannotated, and the worker could not
+    read it. Now an int of 4,300 digits is refused either sign, and 4,299 round-trip."""
+    for value in (-MAX_INT, MAX_INT, 9 * MAX_INT):
+        for annotation in (Any, int):
+            check_round_trip(harness, annotation, value, keyword=False)
+    for value in (MAX_INT - 1, -(MAX_INT - 1)):
+        for annotation in (Any, int, float | int):
+            check_round_trip(harness, annotation, value, keyword=True)

@@ -29,7 +29,12 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from taskmill.context import JobContext, reset_current, set_current
-from taskmill.errors import SoftTimeLimitExceeded, TaskTimeoutError, WorkerLostError
+from taskmill.errors import (
+    SerializationError,
+    SoftTimeLimitExceeded,
+    TaskTimeoutError,
+    WorkerLostError,
+)
 from taskmill.hooks import Instrumentation, carried_context, carry
 from taskmill.job import ErrorInfo, Meta
 from taskmill.logs import JsonFormatter, LogFormat
@@ -394,8 +399,10 @@ def _run_in_child(
         conn.send(("ok", encode(value, what=f"result of task {task_name!r}")))
     except BaseException as exc:
         info = error_info(exc)
-        try:
-            retryable = app.get_task(task_name).policy.retryable(exc)
+        try:  # as in the thread pool: no retry makes a result (or arguments) convert
+            retryable = not isinstance(exc, SerializationError) and app.get_task(
+                task_name
+            ).policy.retryable(exc)
         except Exception:
             retryable = False
         delay = exc.delay if isinstance(exc, Retry) else None
