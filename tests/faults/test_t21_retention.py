@@ -61,7 +61,7 @@ FAIL_EVERY = 10
 SLACK = 1.2
 
 REDIS_STRUCTURAL = (
-    "jobs", "layout", "seq", "queues", "paused", "running", "workers", "workflows",
+    "jobs", "layout", "epoch", "seq", "queues", "paused", "running", "workers", "workflows",
     "schedules", "q:*:ready", "q:*:scheduled", "q:*:running", "q:*:succeeded", "q:*:failed",
     "q:*:cancelled", "q:*:wake",
 )  # fmt: skip
