@@ -86,7 +86,7 @@ KINDS = [
          ("taskmill.errors.PayloadTooLargeError",), "limit"),
     Kind("nesting depth", "poison.good",
          lambda i, _: b"[[" + b"[" * DEPTH + b"]" * DEPTH + b"], {}]", (SERIALIZATION,),
-         "nested too deeply"),
+         "more than 100 deep"),
     Kind("invalid UTF-8", "poison.echo", lambda i, _: b'[["\xff\xfe%d"], {}]' % i,
          (SERIALIZATION,), "UTF-8"),
     Kind("pickle", "poison.good", _pickle, (SERIALIZATION,), "not valid JSON"),
