@@ -26,6 +26,7 @@ from starlette.routing import Mount, Route
 
 from servers import free_port
 from taskmill import App, JobState
+from taskmill.errors import ConfigurationError
 from taskmill.testing import wait_until
 from taskmill.web import WebConfig, create_app
 from taskmill.web.security import PUBLIC_PATHS
@@ -150,8 +151,11 @@ def test_s5_hostile_text_is_escaped_on_every_page(tmp_path: Path) -> None:
         ):
             try:
                 call()
-            except (ValueError, TypeError) as exc:
+            except ConfigurationError as exc:
                 refused.append(f"{what}: {type(exc).__name__}")
+        # names are checked at declaration and at send (docs/payloads.md, limits): markup
+        # cannot become a queue or task name, so it is in arguments, errors and metadata only
+        assert refused == ["queue name: ConfigurationError", "task name: ConfigurationError"]
         failed = fail.options(meta={"note": HOSTILE}).send(HOSTILE)
         done = ok.send(HOSTILE)
         app.run_until_idle()
