@@ -67,14 +67,6 @@ def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"{nats.url}?prefix=t1{uuid.uuid4().hex[:10]}&ack_wait=2"
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
 @pytest.mark.timeout(sized(ci=180, full=1_800))
 def test_worker_crash_storm(
     broker_url: str, tmp_path: Path, cleanup: list[Callable[[], None]]

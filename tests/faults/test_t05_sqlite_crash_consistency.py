@@ -21,7 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -45,14 +45,6 @@ PRODUCERS = 2
 CONCURRENCY = 4
 LEASE_S = 2.0
 DRAIN_S = sized(ci=60.0, full=180.0)
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
 
 
 class Producer:

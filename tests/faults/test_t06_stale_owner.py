@@ -49,14 +49,6 @@ def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield from own_broker(request, tmp_path, "t6", ack_wait_s=LEASE_S)
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
 def refusals(log: str, ids: list[str]) -> dict[str, str]:
     """Job id -> how A refused its own outcome: ``fencing`` (the broker rejected it), ``reply``
     (a heartbeat reply named the job lost) or ``deadline`` (A's own lease deadline passed)."""

@@ -100,14 +100,6 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
         yield name, url
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
 def _check_pickle_recipe(tmp_path: Path) -> None:
     """The pickle class's bytes do create their canary when unpickled (in a child process,
     with a canary path of its own): so a worker that unpickled them would create the real one."""

@@ -64,14 +64,6 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
         yield name, url
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
 def _write_sqlite(url: str, tag: str) -> dict[str, Expect]:
     """Rows ``sqlite3`` or ``job_from_row`` cannot read as written. The row whose id is not
     UTF-8 has no id to name it by: it is set aside as ``unreadable-SEQ`` (looked up after)."""

@@ -45,14 +45,6 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
         yield name, url
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
 def _window_rate(good: list[Job], until: float) -> float:
     """Good jobs finished per second from the first good start to ``until``."""
     start = min(j.started_at for j in good if j.started_at is not None)

@@ -39,14 +39,6 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
         yield name, url
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
 @pytest.mark.timeout(sized(ci=90, full=1_800))
 def test_exception_poison(
     broker: tuple[str, str], tmp_path: Path, cleanup: list[Callable[[], None]]

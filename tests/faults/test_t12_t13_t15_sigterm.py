@@ -80,14 +80,6 @@ def server_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Br
         yield b
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
 class Scene:
     """A test's broker, ledger, client app and worker processes."""
 

@@ -42,14 +42,6 @@ def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield from own_broker(request, tmp_path, "t14", ack_wait_s=LEASE_S)
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
 @pytest.mark.timeout(sized(ci=120, full=300))
 def test_a_draining_worker_keeps_its_leases(
     broker_url: str,

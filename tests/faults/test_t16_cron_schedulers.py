@@ -58,14 +58,6 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerUnd
         yield b
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
 class Poller(threading.Thread):
     """Notes, for each job id, the machine's time when it was first seen in the broker (taken
     just before the listing that saw it: a job stored during the listing gets a time a little

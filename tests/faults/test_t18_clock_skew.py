@@ -75,14 +75,6 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerUnd
         yield b
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
 def on_machine_clock(records: Records, offsets: dict[int, float]) -> Records:
     """``records`` with each execution's times taken back to the machine's clock."""
     fixed = []

@@ -61,14 +61,6 @@ def sqlite_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tu
         yield "sqlite", url
 
 
-@pytest.fixture
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    calls: list[Callable[[], None]] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
 _TIMED_OUT = re.compile(
     r"job (\S+) \(poison\.hang\) (?:attempt \d+ of \d+ failed|failed on attempt \d+ of \d+) "
     r"after ([\d.]+) s(?:, retrying in [\d.]+ s)?: taskmill\.errors\.TaskTimeoutError"
