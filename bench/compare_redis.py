@@ -53,7 +53,10 @@ all, since per-job INFO lines would measure the logger):
 taskmill only, also: the bulk enqueue rate (``send_many`` in batches of 1,000, the drain's own
 enqueue) and a plain ``send()`` loop against one connection's ceiling: a loop of ``EVALSHA`` of
 an empty script with redis-py's sync client (a round trip and a script call, as a ``send()``
-is), with an ``INCR`` loop as a second reference, measured back to back in one process.
+is), with an ``INCR`` loop as a second reference and a loop of the least script an atomic enqueue
+with the server's clock must run (``MINIMAL_ENQUEUE`` in bench/peers/taskmill_app.py: TIME,
+EXISTS, HSET of the job, ZADD of the ready index): the floor for any enqueue that keeps both,
+measured back to back in one process.
 
 Robustness: every phase has a timeout, a drain that makes no progress for 30 s fails early,
 every subprocess runs in its own process group and is killed at the end, and a library that
@@ -226,8 +229,12 @@ def extras_lines(extras: dict[str, Any] | str | None, rows: list[Row]) -> list[s
         f"an empty script (the ceiling: a round trip and a script call): {ceiling:,.0f}/s, "
         f"ratio {send / ceiling:.0%} (target ≥ {TARGET_SEND:.0%}: "
         f"{'met' if send / ceiling >= TARGET_SEND else 'NOT met'}); its INCR loop: "
-        f"{incr:,.0f}/s, ratio {send / incr:.0%} ({extras['n']:,} calls each, the three loops "
-        f"taking turns in tenths); per send(): {extras['writes_per_send']:.2f} socket writes "
+        f"{incr:,.0f}/s, ratio {send / incr:.0%} ({extras['n']:,} calls each, the four loops "
+        f"taking turns in tenths); the least atomic enqueue script with the server's clock "
+        f"(TIME, EXISTS, HSET, ZADD; bench/peers/taskmill_app.py MINIMAL_ENQUEUE): "
+        f"{extras['minimal_loop']:,.0f}/s, {extras['minimal_loop'] / ceiling:.0%} of the "
+        f"ceiling, send() at {send / extras['minimal_loop']:.0%} of it; per send(): "
+        f"{extras['writes_per_send']:.2f} socket writes "
         f"(round trips), {extras['commands_per_send']:.2f} Redis commands (including those run "
         f"by Lua), {extras['script_us']:.1f} us of server time in the enqueue script"
     )

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -96,19 +97,25 @@ def _count_writes() -> None:
     patch(redis.connection.AbstractConnection)
 
 
-def extras(n: int) -> dict[str, Any]:
-    """A plain ``send()`` loop against one connection's ceiling: a loop of ``EVALSHA`` of an
-    empty script (a round trip plus a script call's overhead: a ``send()`` is one script call),
-    and an ``INCR`` loop as a second reference, both with redis-py's sync client. The three
-    loops take turns in chunks of n/10 calls, so that a load that comes and goes on the machine
-    weighs on each alike; each rate is its calls over its own time. Then, in a pass of its own,
-    how many Redis commands (server side, counting those run inside Lua scripts) and socket
-    writes (client side: round trips) one ``send()`` costs, and the server's time per call of
-    the enqueue script (commandstats)."""
-    _count_writes()
-    client = redis.Redis.from_url(_common.redis_url())
-    drain_probe.send()  # open the broker and load its scripts outside the timed part
+# What any atomic enqueue that takes the server's clock must run, and nothing else: the time,
+# the id check, the job's hash (the fields a claim needs), the ready index.
+MINIMAL_ENQUEUE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local jk = ARGV[1] .. 'job:' .. ARGV[2]
+if redis.call('EXISTS', jk) == 1 then return 0 end
+redis.call('HSET', jk, 'id', ARGV[2], 'task', ARGV[3], 'queue', ARGV[4], 'state', 'queued',
+  'payload', ARGV[5], 'priority', ARGV[6], 'max_attempts', ARGV[7], 'run_at', now,
+  'enqueued_at', now)
+redis.call('ZADD', ARGV[1] .. 'q:' .. ARGV[4] .. ':ready', now, ARGV[2])
+return 1
+"""
+
+
+def _reference_loops(client: redis.Redis) -> dict[str, Callable[[int], None]]:
+    """The loops ``extras`` times, by name: each makes ``k`` calls."""
     empty = client.script_load("")
+    minimal = client.script_load(MINIMAL_ENQUEUE)
     client.incr("cmp:ceiling")
 
     def evalsha_loop(k: int) -> None:
@@ -119,11 +126,38 @@ def extras(n: int) -> dict[str, Any]:
         for _ in range(k):
             client.incr("cmp:ceiling")
 
+    def minimal_loop(k: int) -> None:
+        for i in range(k):
+            job_id = f"{k}-{i}-{time.time_ns()}"
+            client.evalsha(minimal, 0, "cmp:min:", job_id, "drain_probe", "default", "[]", 0, 1)
+
     def send_loop(k: int) -> None:
         for _ in range(k):
             drain_probe.send()
 
-    loops = {"evalsha_loop": evalsha_loop, "incr_loop": incr_loop, "send_loop": send_loop}
+    return {
+        "evalsha_loop": evalsha_loop,
+        "incr_loop": incr_loop,
+        "minimal_loop": minimal_loop,
+        "send_loop": send_loop,
+    }
+
+
+def extras(n: int) -> dict[str, Any]:
+    """A plain ``send()`` loop against one connection's ceiling: a loop of ``EVALSHA`` of an
+    empty script (a round trip plus a script call's overhead: a ``send()`` is one script call),
+    an ``INCR`` loop as a second reference, and a loop of the least script an atomic enqueue
+    with the server's clock can be (``MINIMAL_ENQUEUE``: the floor for any design that keeps
+    both), all with redis-py's sync client. The four
+    loops take turns in chunks of n/10 calls, so that a load that comes and goes on the machine
+    weighs on each alike; each rate is its calls over its own time. Then, in a pass of its own,
+    how many Redis commands (server side, counting those run inside Lua scripts) and socket
+    writes (client side: round trips) one ``send()`` costs, and the server's time per call of
+    the enqueue script (commandstats)."""
+    _count_writes()
+    client = redis.Redis.from_url(_common.redis_url())
+    drain_probe.send()  # open the broker and load its scripts outside the timed part
+    loops = _reference_loops(client)
     spent = dict.fromkeys(loops, 0.0)
     chunk = max(1, n // 10)
     for _ in range(10):
@@ -136,7 +170,7 @@ def extras(n: int) -> dict[str, Any]:
     client.config_resetstat()
     before = client.info("stats")["total_commands_processed"]
     w0 = _writes[0]
-    send_loop(chunk)
+    loops["send_loop"](chunk)
     writes = (_writes[0] - w0) / chunk
     # Redis commands per send() (nothing else talks to Redis now; minus our own INFO).
     commands = (client.info("stats")["total_commands_processed"] - before - 1) / chunk
