@@ -83,6 +83,13 @@ class Core(Store):
             rtt, offset = best
             self._clock_offset = 0.0 if abs(offset) <= rtt / 2 else offset
 
+    def _server_state_in_doubt(self) -> None:
+        # a lane made before is made again (adding a consumer that exists changes nothing):
+        # a producer that remembered lanes lost with a wiped store would store jobs that no
+        # consumer hands out
+        self._known_lanes.clear()
+        self._lanes_at = 0.0
+
     async def _ensure_lane(self, queue: str, priority: int) -> None:
         name = consumer_name(queue, priority)
         if name in self._known_lanes:

@@ -22,7 +22,9 @@ from typing import Any, TypeVar
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoServersError, OutboundBufferLimitError
-from nats.js.api import DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 
 from taskmill.brokers.nats.config import NatsConfig, parse_url
 from taskmill.brokers.nats.connection import (
@@ -40,6 +42,10 @@ from taskmill.portal import Portal
 from taskmill.urls import scrub
 
 T = TypeVar("T")
+SCAN_BATCH = 256
+"""Records a scan of a bucket holds at once (``_scan_messages``)."""
+_SCAN_IDLE_S = 30.0
+_SCAN_TRIES = 3
 
 _UNAVAILABLE = (
     TimeoutError,
@@ -133,6 +139,7 @@ class Store:
         opened: list[Requests] = []
 
         async def disconnected() -> None:
+            self._server_state_in_doubt()
             # a reply not received yet never comes (it was for the lost connection): fail its
             # request now, and its caller retries once reconnected, instead of waiting out
             # the request's timeout (5 s of a worker doing nothing after a server restart)
@@ -196,6 +203,10 @@ class Store:
 
     async def _session_opened(self, session: Session) -> None:
         """Subscriptions a session needs (the broker adds its wake-up subscription)."""
+
+    def _server_state_in_doubt(self) -> None:
+        """The connection was lost: the server may come back without what this process
+        made there (a store wiped, T4), so what it remembers of that is forgotten."""
 
     async def _close_session(self, loop: asyncio.AbstractEventLoop) -> None:
         session = self._sessions.pop(loop, None)
@@ -371,7 +382,15 @@ class Store:
             yield key, entry
 
     async def _scan_messages(self, what: str) -> AsyncIterator[tuple[str, Entry]]:
-        """The last message of each key of a bucket, then whatever is written meanwhile."""
+        """The last message of each key of a bucket, then whatever is written meanwhile.
+
+        Read in batches of ``SCAN_BATCH`` from a pull consumer of its own: a push consumer
+        sends as fast as the server can, and what the reader had not taken yet waited in
+        this process (a sweep over 8,000 records held 6.6 MiB at its peak, over 2,000 2.7:
+        the process's memory followed the jobs stored, T20); pulled, it is one batch.
+        A consumer lost on the way (a cluster node gone: 503) is made again and the scan
+        starts over, up to ``_SCAN_TRIES`` times: a key comes again, and every caller keeps
+        the latest revision of a key."""
         session = await self._session()
         bucket = self.config.bucket(what)
         stream = bucket_stream(bucket)
@@ -379,25 +398,50 @@ class Store:
         info = await js.stream_info(stream)
         if not info.state.messages:
             return
+        for attempt in range(1, _SCAN_TRIES + 1):
+            try:
+                async for key, entry in self._scan_pass(js, bucket):
+                    yield key, entry
+                return
+            except ServiceUnavailableError as exc:
+                if attempt == _SCAN_TRIES:
+                    raise BrokerUnavailableError(
+                        f"reading the {what} bucket on {self.config.where} failed "
+                        f"{_SCAN_TRIES} times: its consumer was lost ({exc})"
+                    ) from exc
+                await asyncio.sleep(0.1 * attempt)
+
+    async def _scan_pass(
+        self, js: JetStreamContext, bucket: str
+    ) -> AsyncIterator[tuple[str, Entry]]:
+        stream = bucket_stream(bucket)
         prefix = f"$KV.{bucket}."
-        sub = await js.subscribe(
-            prefix + ">",
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            stream=stream,
+        consumer = await js.add_consumer(
+            stream,
+            ConsumerConfig(
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                ack_policy=AckPolicy.NONE,
+                filter_subject=prefix + ">",
+                inactive_threshold=_SCAN_IDLE_S,  # gone by itself if this process dies
+                mem_storage=True,
+                max_waiting=1,
+            ),
         )
+        sub = await js.pull_subscribe_bind(consumer=consumer.name, stream=stream)
         try:
             while True:
-                msg = await sub.next_msg(timeout=self.config.unavailable_after_s)
-                meta = msg.metadata
-                deleted = bool(msg.headers and msg.headers.get("KV-Operation"))
-                stored = meta.timestamp.timestamp() if meta.timestamp else 0.0
-                entry = Entry(meta.sequence.stream, msg.data, deleted, stored)
-                yield msg.subject[len(prefix) :], entry
-                if not meta.num_pending:
-                    return
+                for msg in await sub.fetch(SCAN_BATCH, timeout=self.config.unavailable_after_s):
+                    meta = msg.metadata
+                    deleted = bool(msg.headers and msg.headers.get("KV-Operation"))
+                    stored = meta.timestamp.timestamp() if meta.timestamp else 0.0
+                    entry = Entry(meta.sequence.stream, msg.data, deleted, stored)
+                    yield msg.subject[len(prefix) :], entry
+                    if not meta.num_pending:
+                        return
         finally:
             await sub.unsubscribe()
+            with contextlib.suppress(Exception):  # else it goes after _SCAN_IDLE_S
+                await js.delete_consumer(stream, consumer.name)
 
 
 def put_result(msg: Msg) -> int | CasError:
