@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from examples._support.serving import serve as serve_asgi
 
@@ -278,3 +279,27 @@ def test_s9_tenant_isolation(
         f"S9 {kind}: {summary}; b's {len(before)} jobs unchanged, 0 passwords in "
         f"{len(texts)} texts, {time.monotonic() - started:.1f} s\n{lines}"
     )
+
+
+@pytest.mark.parametrize("tenants", ["postgres"], indirect=True)
+def test_s9_postgres_wake_channel_is_not_private(tenants: Tenants) -> None:
+    """What PostgreSQL cannot refuse: any role that may connect to the database may
+    ``LISTEN`` on, and ``NOTIFY``, any channel, tenant b's ``tb_wake`` included. Tenant a's
+    role hears b's wake-ups (their payload: a queue's name, or a delay in seconds and a queue)
+    and can send b's workers spurious ones (an empty claim each). Pinned here so that
+    docs/reliability.md (S9) stays true; no job data travels on the channel."""
+    conninfo = tenants.cross_url.split("?", 1)[0]
+    app_b = build(tenants.urls["b"])
+    try:
+        app_b.get_task("sec.ok").send(1, "x")  # creates b's schema's tables, wakes nobody yet
+        with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+            conn.execute("LISTEN tb_wake")
+            app_b.get_task("sec.ok").send(2, "x")
+            app_b.get_task("sec.ok").options(delay=60).send(3, "x")
+            heard = [n.payload for n in conn.notifies(timeout=10, stop_after=2)]
+            conn.execute("SELECT pg_notify('tb_wake', 'qdefault')")  # no refusal either
+    finally:
+        app_b.close()
+    assert heard[0] == "qdefault" and heard[1].startswith("s") and heard[1].endswith(" default")
+    assert not any(pw in " ".join(heard) for pw in tenants.passwords)
+    print(f"S9 postgres side channel: tenant a's role heard b's wake-ups {heard} and sent one")
