@@ -188,3 +188,52 @@ class AccountsNatsServer(NatsServer):
         urls = {t: url(t, f"tenant{t}") for t in TENANTS}
         return Tenants("nats", urls, url("a", "tenantb"),
                        tuple(_password(t, self.tag) for t in TENANTS))  # fmt: skip
+
+
+def nats_permissions(prefix: str) -> dict[str, list[str]]:
+    """The subjects a NATS user of taskmill with ``prefix`` must publish and subscribe to:
+    its own subjects, KV buckets and streams' JetStream API, nothing of another prefix."""
+    streams = [f"{prefix}_dispatch", *(f"KV_{prefix}_{what}" for what in NATS_BUCKETS)]
+    publish = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST", f"{prefix}.>"]
+    publish += [f"$KV.{prefix}_{what}.>" for what in NATS_BUCKETS]
+    for s in streams:
+        publish += [f"$JS.API.STREAM.*.{s}", f"$JS.API.STREAM.MSG.*.{s}",
+                    f"$JS.API.DIRECT.GET.{s}", f"$JS.API.DIRECT.GET.{s}.>",
+                    f"$JS.API.CONSUMER.*.{s}", f"$JS.API.CONSUMER.*.{s}.>",
+                    f"$JS.API.CONSUMER.MSG.NEXT.{s}.>", f"$JS.API.CONSUMER.DURABLE.CREATE.{s}.>",
+                    f"$JS.ACK.{s}.>", f"$JS.FC.{s}.>"]  # fmt: skip
+    return {"publish": publish, "subscribe": ["_INBOX.>", f"{prefix}.>"]}
+
+
+NATS_BUCKETS = ("jobs", "keys", "leases", "workers", "queues", "misc", "workflows")
+
+
+class PermissionsNatsServer(NatsServer):
+    """``nats-server -js`` with one account (the global one) and a user per tenant whose
+    subject permissions allow only its prefix's names (``nats_permissions``)."""
+
+    def __init__(self, directory: Path, tag: str) -> None:
+        super().__init__(directory, sync_always=False)
+        self.tag = tag
+
+    def config(self) -> str:
+        users = []
+        for t in TENANTS:
+            perms = nats_permissions(f"tenant{t}")
+            pub = ", ".join(f'"{s}"' for s in perms["publish"])
+            sub = ", ".join(f'"{s}"' for s in perms["subscribe"])
+            users.append(f'{{user: "user{t}", password: "{_password(t, self.tag)}", '
+                         f"permissions: {{publish: {{allow: [{pub}]}}, "
+                         f"subscribe: {{allow: [{sub}]}}}}}}")  # fmt: skip
+        block = "authorization {\n  users: [\n    " + ",\n    ".join(users) + "\n  ]\n}\n"
+        return super().config() + block
+
+    def tenants(self) -> Tenants:
+        def url(t: str, prefix: str, wait_s: int = 2) -> str:
+            return (f"nats://user{t}:{_password(t, self.tag)}@{self.host}:{self.port}"
+                    f"?prefix={prefix}&unavailable_after={wait_s}")  # fmt: skip
+
+        urls = {t: url(t, f"tenant{t}") for t in TENANTS}
+        # a refused subject gets no answer: a call fails when its wait is over (1 s here)
+        return Tenants("nats-permissions", urls, url("a", "tenantb", 1),
+                       tuple(_password(t, self.tag) for t in TENANTS))  # fmt: skip

@@ -30,6 +30,7 @@ from security.tenants import (
     TASKMILL_REDIS_COMMANDS,
     AccountsNatsServer,
     AclRedisServer,
+    PermissionsNatsServer,
     TenantPostgresServer,
     Tenants,
 )
@@ -45,6 +46,7 @@ REFUSALS = {
     "redis": ("refused this URL's user",),
     "postgres": ("permission denied",),
     "nats": ("permissions violation", "authorization violation"),
+    "nats-permissions": ("permissions violation",),
 }
 
 
@@ -67,6 +69,13 @@ def tenants(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Tenants]
             yield pg.tenants()
         finally:
             pg.cleanup()
+    elif kind == "nats-permissions":
+        perm_server = PermissionsNatsServer(tmp_path / "nats", tag)
+        perm_server.start()
+        try:
+            yield perm_server.tenants()
+        finally:
+            perm_server.kill()
     else:
         nats_server = AccountsNatsServer(tmp_path / "nats", tag)
         nats_server.start()
@@ -180,7 +189,9 @@ def _worker_refused(url: str, worker: Callable[..., Worker], texts: list[str]) -
     raise BrokerError(f"exit code {code}: {error}", permanent=code == 3)
 
 
-@pytest.mark.parametrize("tenants", ["redis", "postgres", "nats"], indirect=True)
+@pytest.mark.parametrize(
+    "tenants", ["redis", "postgres", "nats", "nats-permissions"], indirect=True
+)
 def test_s9_tenant_isolation(
     tenants: Tenants, caplog: pytest.LogCaptureFixture, worker: Callable[..., Worker]
 ) -> None:

@@ -83,6 +83,8 @@ class Store:
         self._io: Portal | None = None
         self._io_lock = threading.Lock()
         self._sessions: dict[asyncio.AbstractEventLoop, Session] = {}
+        self._denied: BrokerError | None = None
+        """A permissions violation the server reported, until a failed call reports it."""
         self._opening: dict[asyncio.AbstractEventLoop, asyncio.Future[Session]] = {}
         self._attached: set[asyncio.AbstractEventLoop] = set()
         self._detached: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
@@ -144,8 +146,16 @@ class Store:
                     )
                 )
 
+        def denied(message: str) -> None:
+            # the server refused a subject to this user and will answer nothing: the call
+            # waiting for that answer times out, and _retrying then says why
+            self._denied = self._permission_refusal(message)
+
         nc = await connect(
-            self.config, name=f"taskmill {self.config.prefix}", disconnected=disconnected
+            self.config,
+            name=f"taskmill {self.config.prefix}",
+            disconnected=disconnected,
+            denied=denied,
         )
         requests = Requests(nc)
         opened.append(requests)
@@ -220,6 +230,14 @@ class Store:
         )
         return BrokerUnavailableError(scrub(message, self.url))
 
+    def _permission_refusal(self, message: str) -> BrokerError:
+        text = (
+            f"NATS at {self.config.where} refused this URL's user: {message}. Its permissions "
+            f"must allow the subjects of the prefix {self.config.prefix!r} (docs/brokers.md, "
+            "several tenants on one server)"
+        )
+        return BrokerError(scrub(text, self.url), permanent=True)
+
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         deadline = time.monotonic() + self.config.unavailable_after_s
         delay = 0.05
@@ -228,6 +246,9 @@ class Store:
                 async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
                     return await call()
             except _UNAVAILABLE as exc:
+                refusal, self._denied = self._denied, None
+                if refusal is not None:  # no answer because the server refused the subject
+                    raise refusal from exc
                 if time.monotonic() + delay > deadline:
                     raise self._unavailable(exc) from exc
                 await asyncio.sleep(delay)
