@@ -191,10 +191,12 @@ class AccountsNatsServer(NatsServer):
 
 
 def nats_permissions(prefix: str) -> dict[str, list[str]]:
-    """The subjects a NATS user of taskmill with ``prefix`` must publish and subscribe to:
-    its own subjects, KV buckets and streams' JetStream API, nothing of another prefix."""
+    """The subjects a NATS user of taskmill with ``prefix`` may publish and subscribe to: its
+    own subjects, its KV buckets' subjects and its streams' JetStream API, nothing of another
+    prefix (docs/brokers.md). Enough for tenant a's run here (producer, ``run_until_idle``,
+    admin calls, events); a long-running worker process was not run under them."""
     streams = [f"{prefix}_dispatch", *(f"KV_{prefix}_{what}" for what in NATS_BUCKETS)]
-    publish = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST", f"{prefix}.>"]
+    publish = [f"{prefix}.>"]
     publish += [f"$KV.{prefix}_{what}.>" for what in NATS_BUCKETS]
     for s in streams:
         publish += [f"$JS.API.STREAM.*.{s}", f"$JS.API.STREAM.MSG.*.{s}",
