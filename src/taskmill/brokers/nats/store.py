@@ -157,26 +157,33 @@ class Store:
             disconnected=disconnected,
             denied=denied,
         )
-        requests = Requests(nc)
-        opened.append(requests)
-        await requests.start()
-        session = Session(nc=nc, requests=requests)
-        if not self._ready:
-            self.schedules_on_server = self.config.schedules == "server" or (
-                self.config.schedules == "auto" and server_has_schedules(nc)
-            )
-            if self.config.schedules == "server" and not server_has_schedules(nc):
-                raise BrokerError(
-                    f"schedules=server needs nats-server 2.12 or later; {self.config.where} "
-                    f"runs {nc._server_info.get('version')}",
-                    permanent=True,
+        try:
+            requests = Requests(nc)
+            opened.append(requests)
+            await requests.start()
+            session = Session(nc=nc, requests=requests)
+            if not self._ready:
+                self.schedules_on_server = self.config.schedules == "server" or (
+                    self.config.schedules == "auto" and server_has_schedules(nc)
                 )
-            await self._retrying(
-                lambda: ensure_streams(nc, self.config, schedules=self.schedules_on_server)
-            )
-            await self._retrying(lambda: self._mark_epoch(session))
-            self._ready = True
-        await self._session_opened(session)
+                if self.config.schedules == "server" and not server_has_schedules(nc):
+                    raise BrokerError(
+                        f"schedules=server needs nats-server 2.12 or later; "
+                        f"{self.config.where} runs {nc._server_info.get('version')}",
+                        permanent=True,
+                    )
+                await self._retrying(
+                    lambda: ensure_streams(nc, self.config, schedules=self.schedules_on_server)
+                )
+                await self._retrying(lambda: self._mark_epoch(session))
+                self._ready = True
+            await self._session_opened(session)
+        except BaseException:
+            # the session is not kept: its connection would be left open (a refused stream
+            # set-up, retried by each call, opened one more every time)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 2.0)
+            raise
         return session
 
     async def _mark_epoch(self, session: Session) -> None:
