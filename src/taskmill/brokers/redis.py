@@ -57,6 +57,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     InvalidResponse,
+    NoPermissionError,
     NoScriptError,
     ResponseError,
 )
@@ -125,6 +126,13 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSErro
 _MISCONFIGURED = (InvalidResponse, AuthenticationError, AuthorizationError, ResponseError)
 # what redis-py's ConnectionError says when the TLS handshake failed for good
 _TLS_REFUSALS = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "certificate verify failed")
+# what Redis says when the URL's user's ACL does not allow a key, channel or command: a plain
+# command's NOPERM (redis-py drops the word), or a command a script ran
+_ACL_REFUSALS = (
+    "NOPERM",
+    "no permissions to",
+    "executing the script can't",
+)
 _MAX_BLOCK_S = 60.0  # a wait longer than this returns early (spurious returns are allowed)
 _encoder = msgspec.json.Encoder()
 _FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
@@ -448,6 +456,14 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         elif isinstance(exc, AuthenticationError | AuthorizationError):
             given = "its" if url_secrets(self.url) else "no"
             message = f"Redis at {self.where} refused the connection with {given} password: {exc}"
+        elif isinstance(exc, NoPermissionError) or (
+            isinstance(exc, ResponseError) and any(sign in str(exc) for sign in _ACL_REFUSALS)
+        ):
+            message = (
+                f"Redis at {self.where} refused this URL's user ({exc}): its ACL must allow "
+                f"the keys and channels that start with the prefix {self.prefix!r} and the "
+                "commands taskmill runs (docs/brokers.md, ACL users)"
+            )
         elif isinstance(exc, ResponseError) and "DB index" in str(exc):
             message = (
                 f"Redis at {self.where} refused the database the URL names ({exc}); the "
@@ -566,8 +582,14 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         await self._retrying(self._client().ping, writes=False)
         if not self._checked:
             self._checked = True
-            await self._check_server()
-            await self._index_older_jobs()
+            try:
+                await self._check_server()
+                await self._index_older_jobs()
+            except ResponseError as exc:  # e.g. an ACL that does not allow the prefix's keys
+                refused = self._misconfigured(exc)
+                if refused is None:
+                    raise
+                raise refused from exc
             await self.epoch(mark=True)
 
     @on_io_loop

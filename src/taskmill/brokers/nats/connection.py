@@ -137,10 +137,13 @@ async def connect(
     *,
     name: str,
     disconnected: Callable[[], Awaitable[None]] | None = None,
+    denied: Callable[[str], None] | None = None,
 ) -> Client:
     """A connection that reconnects for ever once it is up (calls time out meanwhile); the
     first connect gives up after ``unavailable_after_s``, closing what it opened.
-    ``disconnected`` is called each time the connection is lost."""
+    ``disconnected`` is called each time the connection is lost; ``denied`` with the
+    server's message each time it refuses a subject to the URL's user (a permissions
+    violation: the server answers nothing else, so the request would only time out)."""
     wait_s = 0.2
     nc = Client()
     tls = tls_options(config)
@@ -152,6 +155,8 @@ async def connect(
         refused = _refusal(exc) if connecting else None
         if refused is not None:
             raise BrokerError(f"NATS at {config.where} {refused}", permanent=True) from exc
+        if denied is not None and "permissions violation" in str(exc).lower():
+            denied(str(exc))
         await _log_error(exc)
 
     try:

@@ -89,6 +89,8 @@ class Store:
         self._io: Portal | None = None
         self._io_lock = threading.Lock()
         self._sessions: dict[asyncio.AbstractEventLoop, Session] = {}
+        self._denied: BrokerError | None = None
+        """A permissions violation the server reported, until a failed call reports it."""
         self._opening: dict[asyncio.AbstractEventLoop, asyncio.Future[Session]] = {}
         self._attached: set[asyncio.AbstractEventLoop] = set()
         self._detached: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
@@ -151,29 +153,44 @@ class Store:
                     )
                 )
 
+        def denied(message: str) -> None:
+            # the server refused a subject to this user and will answer nothing: the call
+            # waiting for that answer times out, and _retrying then says why
+            self._denied = self._permission_refusal(message)
+
         nc = await connect(
-            self.config, name=f"taskmill {self.config.prefix}", disconnected=disconnected
+            self.config,
+            name=f"taskmill {self.config.prefix}",
+            disconnected=disconnected,
+            denied=denied,
         )
-        requests = Requests(nc)
-        opened.append(requests)
-        await requests.start()
-        session = Session(nc=nc, requests=requests)
-        if not self._ready:
-            self.schedules_on_server = self.config.schedules == "server" or (
-                self.config.schedules == "auto" and server_has_schedules(nc)
-            )
-            if self.config.schedules == "server" and not server_has_schedules(nc):
-                raise BrokerError(
-                    f"schedules=server needs nats-server 2.12 or later; {self.config.where} "
-                    f"runs {nc._server_info.get('version')}",
-                    permanent=True,
+        try:
+            requests = Requests(nc)
+            opened.append(requests)
+            await requests.start()
+            session = Session(nc=nc, requests=requests)
+            if not self._ready:
+                self.schedules_on_server = self.config.schedules == "server" or (
+                    self.config.schedules == "auto" and server_has_schedules(nc)
                 )
-            await self._retrying(
-                lambda: ensure_streams(nc, self.config, schedules=self.schedules_on_server)
-            )
-            await self._retrying(lambda: self._mark_epoch(session))
-            self._ready = True
-        await self._session_opened(session)
+                if self.config.schedules == "server" and not server_has_schedules(nc):
+                    raise BrokerError(
+                        f"schedules=server needs nats-server 2.12 or later; "
+                        f"{self.config.where} runs {nc._server_info.get('version')}",
+                        permanent=True,
+                    )
+                await self._retrying(
+                    lambda: ensure_streams(nc, self.config, schedules=self.schedules_on_server)
+                )
+                await self._retrying(lambda: self._mark_epoch(session))
+                self._ready = True
+            await self._session_opened(session)
+        except BaseException:
+            # the session is not kept: its connection would be left open (a refused stream
+            # set-up, retried by each call, opened one more every time)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 2.0)
+            raise
         return session
 
     async def _mark_epoch(self, session: Session) -> None:
@@ -231,6 +248,14 @@ class Store:
         )
         return BrokerUnavailableError(scrub(message, self.url))
 
+    def _permission_refusal(self, message: str) -> BrokerError:
+        text = (
+            f"NATS at {self.config.where} refused this URL's user: {message}. Its permissions "
+            f"must allow the subjects of the prefix {self.config.prefix!r} (docs/brokers.md, "
+            "several tenants on one server)"
+        )
+        return BrokerError(scrub(text, self.url), permanent=True)
+
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         deadline = time.monotonic() + self.config.unavailable_after_s
         delay = 0.05
@@ -239,6 +264,9 @@ class Store:
                 async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
                     return await call()
             except _UNAVAILABLE as exc:
+                refusal, self._denied = self._denied, None
+                if refusal is not None:  # no answer because the server refused the subject
+                    raise refusal from exc
                 if time.monotonic() + delay > deadline:
                     raise self._unavailable(exc) from exc
                 await asyncio.sleep(delay)

@@ -256,9 +256,14 @@ class Connections:
             hint = f" (are taskmill's tables in schema {schema!r}? see `taskmill migrate`)"
         if any(t in str(exc) for t in _NOT_POSTGRES):
             hint = " (is this the port of a PostgreSQL server?)"
+        # a role without rights on the schema (another tenant's, say): no retry grants them
+        denied = isinstance(exc, psycopg.errors.InsufficientPrivilege)
+        if denied:
+            hint = (f" (the URL's role needs USAGE on schema {self.config.schema!r} and rights "
+                    "on its tables: docs/brokers.md, roles)")  # fmt: skip
         message = scrub(f"PostgreSQL at {self.config.where}: {exc}{hint}".strip(), self.url)
         connection_refused = isinstance(exc, RETRYABLE) and not retryable(exc)
-        return BrokerError(message, permanent=connection_refused)
+        return BrokerError(message, permanent=connection_refused or denied)
 
     async def run(self, op: Callable[[AsyncConn], Awaitable[T]], *, writes: bool = True) -> T:
         """``op`` on a pooled connection of the running loop. A lost connection is retried

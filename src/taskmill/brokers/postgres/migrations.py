@@ -51,6 +51,9 @@ def apply_migrations(conn: SyncConn, schema: str, target: int | None = None) -> 
     applied: list[Migration] = []
     with conn.transaction():
         conn.execute(q["migration_lock"], {"lock_class": _LOCK_CLASS, "schema": schema})
+        exists = conn.execute(q["schema_exists"], {"schema": schema}).fetchone()
+        if not (exists and exists[0]):
+            conn.execute(q["create_schema"])
         conn.execute(q["version_table"])
         done = {row[0] for row in conn.execute(q["applied_versions"])}
         for migration in migrations():

@@ -14,8 +14,16 @@ date_part('epoch', j.started_at), date_part('epoch', j.finished_at), j.timeout_s
 j.lease_token, date_part('epoch', j.lease_expires_at), j.worker_id, j.lost_leases,
 j.cancel_requested, j.result, j.error::text, j.progress, j.progress_message, j.meta::text
 
--- name: version_table
+-- name: schema_exists
+-- The schema's name parsed as the statements below parse it (folded to lower case).
+SELECT to_regnamespace(%(schema)s) IS NOT NULL;
+
+-- name: create_schema
+-- Only when it does not exist: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even
+-- then, which a role that owns its schema but may not make others does not have.
 CREATE SCHEMA IF NOT EXISTS {schema};
+
+-- name: version_table
 CREATE TABLE IF NOT EXISTS {schema}.schema_version (
     version    integer     PRIMARY KEY,
     name       text        NOT NULL,
