@@ -14,7 +14,6 @@ import pytest
 
 from taskmill import App, ConfigurationError, JobState, Limit, QueueFullError
 from taskmill.brokers.features import limit_store
-from taskmill.limits import SPACING
 from taskmill.testing import await_until, running_worker
 
 from .apps import build_app, create_starts_table, starts
@@ -106,20 +105,35 @@ def test_bad_limits_are_refused() -> None:
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_a_rate_limit_holds_across_two_worker_processes(broker_url: str, tmp_path: Path) -> None:
-    """200 jobs at "50/s" over 2 worker processes: they take at least 3.5 s, and no
-    one-second window of start times holds more than 50."""
+    """200 jobs at "50/s" sent to 2 running worker processes: both run some, and however
+    late a worker wakes up, by any moment ``t`` after the send at most ``1 + 50 * t`` of them
+    have started (at most 200 in 3.98 s: the rate limit, with no burst, across processes).
+
+    Why not "no window of 0.9 s holds more than 50 starts", as this test said before: the
+    broker spaces the reserved starts, and a job starts when its worker wakes up, after its
+    reserved time. On a loaded machine a worker that wakes late starts its jobs in a bunch
+    behind jobs that started on time: up to 55 starts in 0.9 s on Redis and 63 on NATS were
+    seen (in 12 runs each, load average 15 on 2 cores). A late start cannot make more jobs
+    start by a moment than were reserved by then, so this bound holds whatever the delays;
+    a limit counted per process breaks it within the first second (seen: start 30 at 0.6 s)."""
     db = tmp_path / "starts.db"
     create_starts_table(db)
     app = build_app(broker_url)
     env = subprocess_env(broker_url, {})
     try:
         task = app.tasks["conformance.rate_limited"]
-        task.send_many([(str(db),)] * 200)
         with processes() as start:
             procs = [
                 start(worker_args(concurrency=16), env, tmp_path / f"worker-{i}.log")
                 for i in range(2)
             ]
+            wait_until(
+                lambda: len(app.workers()) == 2,
+                timeout=60,
+                what=lambda: f"2 workers registered: {[p.output() for p in procs]}",
+            )
+            sent_at = time.time()  # no start can be reserved before it
+            task.send_many([(str(db),)] * 200)
             wait_until(
                 lambda: len(starts(db)) >= 200,
                 timeout=60,
@@ -128,14 +142,17 @@ def test_a_rate_limit_holds_across_two_worker_processes(broker_url: str, tmp_pat
             )
     finally:
         app.close()
-    at = [t for t, _ in starts(db)]
-    assert at[-1] - at[0] >= 3.5
-    # The broker spaces reserved starts; a task starts when its worker wakes up, a little after
-    # its reserved time (later still on a loaded machine). Starts woken up to 100 ms late fit
-    # 50 to any 0.9 s window (51 in a 1 s window was seen once, with both cores busy).
-    window = 0.9
-    busiest = max(sum(1 for t in at[i:] if t < start + window) for i, start in enumerate(at))
-    assert busiest <= 50, f"{busiest} starts in {window} s (spacing {SPACING})"
+    rows = starts(db)
+    assert len({pid for _, pid in rows}) == 2, "one worker process ran every job"
+    # the k-th start (from 0) comes k intervals after the send at the earliest; 1 ms of
+    # slack for the rounding of the broker's clock
+    interval, slack = 1 / 50, 0.001
+    early = [
+        (k, round(at - sent_at, 4))
+        for k, (at, _) in enumerate(rows)
+        if at < sent_at + k * interval - slack
+    ]
+    assert not early, f"starts too early (k, seconds after the send): {early[:10]}"
 
 
 def test_concurrency_slots_are_held_refreshed_released_and_expire(app: App) -> None:

@@ -6,12 +6,13 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
-from taskmill import App, Backoff, Limit, current_job
-from taskmill.brokers.base import HeartbeatReply
+from taskmill import App, Backoff, Limit, chain, current_job
+from taskmill.brokers.base import EnqueueResult, HeartbeatReply, OnConflict
 from taskmill.brokers.memory import MemoryBroker
-from taskmill.job import Claim, Finish, Job, JobState, Progress, WorkerInfo
+from taskmill.job import Claim, Finish, Job, JobState, NewJob, Progress, WorkerInfo
 from taskmill.task import Task
-from taskmill.testing import running_worker, wait_until
+from taskmill.testing import await_until, running_worker, wait_until
+from taskmill.workflows import step_job_id
 
 
 class LateHeartbeat(MemoryBroker):
@@ -188,4 +189,87 @@ def test_a_job_releasing_its_slot_at_a_shutdown_keeps_its_outcome() -> None:
         assert (job.state, job.lost_leases) == (JobState.SUCCEEDED, 0)
     finally:
         broker.go_on.set()
+        app.close()
+
+
+class FlushDuringEmptyClaim(MemoryBroker):
+    """Stages the race of ``run_until_idle`` against the flush that advances a workflow:
+    the flush loop writes the outcome of the step ``target`` while the claim loop claims with
+    nothing to carry. That claim runs first and finds nothing (the flush has not released
+    the next step yet), and its reply comes back only once the flush has released the next
+    step (seen on Redis under load: the worker left, the released step stayed queued)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.target = ""
+        self.flushing = threading.Event()  # the flush of target's outcome is on its way
+        self.claimed = threading.Event()  # an empty claim ran meanwhile, and found nothing
+        self.released = threading.Event()  # the flush's advance enqueued the next step
+
+    async def finish(self, finishes: Sequence[Finish]) -> list[bool]:
+        applied = await super().finish(finishes)
+        if any(f.claim.job_id == self.target for f in finishes) and not self.flushing.is_set():
+            self.flushing.set()
+            await _until(self.claimed)
+        return applied
+
+    async def enqueue(
+        self, jobs: Sequence[NewJob], *, on_conflict: OnConflict = "return"
+    ) -> EnqueueResult:
+        result = await super().enqueue(jobs, on_conflict=on_conflict)
+        if self.claimed.is_set():
+            self.released.set()
+        return result
+
+    async def finish_and_claim(
+        self,
+        finishes: Sequence[Finish],
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_s: float,
+    ) -> tuple[list[bool], list[Job]]:
+        stage = not finishes and self.flushing.is_set() and not self.claimed.is_set()
+        applied, jobs = await super().finish_and_claim(finishes, queues, limit, worker_id, lease_s)
+        if stage and not jobs:
+            self.claimed.set()
+            await _until(self.released)
+        return applied, jobs
+
+
+async def _until(event: threading.Event) -> None:
+    await await_until(event.is_set, timeout=10, interval=0.005, what="the staged race's next step")
+
+
+def test_run_until_idle_waits_for_the_steps_a_flush_releases() -> None:
+    """A claim that found nothing while a flush was writing a workflow step's outcome proves
+    nothing: the flush may release the next step after that claim looked. ``run_until_idle``
+    ended there, with the workflow running and its next step queued for ever."""
+    broker = FlushDuringEmptyClaim()
+    app = App("memory://")
+    app.client.use_broker(broker)
+    down = {"pricing": True}
+
+    @app.task()
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(retries=0)
+    def price(total: int) -> int:
+        if down["pricing"]:
+            raise ConnectionError("pricing service unreachable")
+        return total * 2
+
+    try:
+        handle = chain(add.s(1, 2), price.s(), add.s(100)).send()
+        app.run_until_idle()
+        assert handle.status() == "failed"
+        down["pricing"] = False
+        broker.target = step_job_id(handle.id, "1")
+        app.retry_jobs([broker.target])
+        app.run_until_idle()
+        assert broker.released.is_set(), "the race was not staged"
+        assert handle.status() == "succeeded"
+        assert handle.result(timeout=1) == 106
+    finally:
         app.close()

@@ -116,6 +116,11 @@ class Outbox:
         return not self._pending and not self._in_flight
 
     @property
+    def writing(self) -> bool:
+        """Outcomes are on their way (riding along with a claim, or being flushed)."""
+        return bool(self._in_flight)
+
+    @property
     def owes(self) -> bool:
         """Outcomes or progress reports wait to be written."""
         return bool(self._pending or self._progress)

@@ -383,6 +383,11 @@ class Worker:
             free = await self._free_slots(leases)
             if not free:
                 continue
+            # until_idle: a claim that finds nothing ends the run only if nothing could have
+            # released work behind its back (a job running, a flush advancing a workflow);
+            # progress made during the claim wakes the wait after it (the only one on it)
+            quiet = not self._running and not self._outbox.writing
+            self._progressed.clear()
             try:
                 jobs, advanced = await self._finish_and_claim(free)
             except Exception as exc:
@@ -398,10 +403,9 @@ class Worker:
             if not until_idle:
                 if not jobs:
                     await idle.wait()
-            elif not jobs and not self._running and self._outbox.settled:
+            elif not jobs and quiet and not self._running and self._outbox.settled:
                 return
             else:
-                self._progressed.clear()
                 await idle.wait(self._progressed)
 
     async def _free_slots(self, leases: LeaseKeeper) -> int:
