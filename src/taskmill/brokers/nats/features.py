@@ -176,9 +176,12 @@ class Features(Core, Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
 
     @on_io_loop
     async def reserve_rate_slot(self, bucket: str, interval_s: float) -> float:
-        now = await self._fresh_now()
+        await self._fresh_now()
 
         def reserve(entry: Entry | None) -> tuple[bytes | None, float]:
+            # the time of this try, not of the call: tries wait for this process's CAS lock,
+            # and a delay counted from before that wait would start the job late
+            now = self._now()
             start = max(float(entry.value) if entry is not None else now, now)
             return repr(start + interval_s).encode(), start - now
 
