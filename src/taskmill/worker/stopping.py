@@ -2,7 +2,9 @@
 
 ``Worker.stop()`` may be called from any thread, and twice: the first call drains (running
 jobs get ``drain_timeout_s`` to finish), the second stops at once (running jobs are handed
-back without spending an attempt). ``Stop`` keeps that request; the worker's loops read it.
+back without spending an attempt). ``Stop`` keeps that request and wakes the worker's loop
+with it; the worker's loops read it. ``install_signal_handlers`` makes SIGTERM and SIGINT
+such requests.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from taskmill.retry import Interrupt
@@ -21,27 +24,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskmill.worker")
 
-__all__ = ["Stop", "cancel_and_wait", "drain"]
+__all__ = ["LastWrites", "Stop", "cancel_and_wait", "drain", "install_signal_handlers"]
 
 
 class Stop:
     """A worker's stop request.
 
-    ``request`` only sets plain flags, so any thread may call it; ``event`` is an
-    ``asyncio.Event``, which is not thread-safe: the worker's loop sets it (``set``) once it
-    hears of the request, and the loops wait on it.
+    ``request`` sets plain flags, then hands ``wake`` to the worker's ``loop`` (once known)
+    with ``call_soon_threadsafe``, so any thread may call it. ``event`` is an
+    ``asyncio.Event``, which is not thread-safe: ``wake`` sets it (``set``) on the worker's
+    loop, and the loops wait on it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wake: Callable[[], None] | None = None) -> None:
         self.requested = False  # stop claiming; running jobs may finish
         self.now = False  # do not wait for running jobs, nor retry a failed write
         self.event = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the worker's: set by Worker.run
+        self._wake = self.set if wake is None else wake  # on that loop: hears of the request
 
     def request(self) -> None:
         """The first request drains, the next one stops at once."""
         if self.requested:
             self.now = True
         self.requested = True
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._wake)
 
     def set(self) -> None:
         """On the worker's loop: wake what waits for the stop."""
@@ -63,6 +73,22 @@ class Stop:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self.event.wait()
+
+
+def install_signal_handlers(stop: Stop, *, worker_id: str) -> None:
+    """SIGTERM/SIGINT on the running loop: the first drains, the second stops at once."""
+    loop = stop.loop = asyncio.get_running_loop()
+
+    def on_signal(sig: int) -> None:
+        name = signal.Signals(sig).name
+        if stop.requested:
+            log.warning("worker %s: %s again: stopping now", worker_id, name)
+        else:  # a normal shutdown (a deploy, a scale-down): nothing to warn about
+            log.info("worker %s: %s: draining (send again to stop at once)", worker_id, name)
+        stop.request()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
 
 
 async def drain(

@@ -15,7 +15,8 @@ other loops, each in a module of its own:
   jobs, and now and then ask the broker what needs an operator (``maintenance.py``);
 - events (``App(events=True)``): publish the jobs' events in the order they were made.
 
-Opening the broker at start is ``opening.py``; the stop request and the drain ``stopping.py``.
+Opening the broker at start is ``opening.py``; building the parts of a run (and closing them)
+``parts.py``; the stop request, the signals and the drain ``stopping.py``.
 """
 
 from __future__ import annotations
@@ -23,17 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
-import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from taskmill.brokers.base import Broker, HandOver
 from taskmill.errors import BrokerError
 from taskmill.events import started
-from taskmill.job import Failed, Job, Outcome, Released, RetryAt, WorkerInfo
+from taskmill.job import Failed, Job, Outcome, Released, RetryAt
 from taskmill.urls import redact_url
 from taskmill.worker.execution import JobRun, Pipeline
 from taskmill.worker.flushing import Flusher, advance_workflows
@@ -43,9 +40,15 @@ from taskmill.worker.maintenance import BrokerWarnings, maintain, watch_epoch
 from taskmill.worker.names import worker_id
 from taskmill.worker.opening import open_broker
 from taskmill.worker.outbox import Outbox, Publisher
-from taskmill.worker.pools import Runner
-from taskmill.worker.runners import PoolKind, make_runner
-from taskmill.worker.stopping import LastWrites, Stop, cancel_and_wait, drain
+from taskmill.worker.parts import Parts
+from taskmill.worker.runners import PoolKind
+from taskmill.worker.stopping import (
+    LastWrites,
+    Stop,
+    cancel_and_wait,
+    drain,
+    install_signal_handlers,
+)
 
 if TYPE_CHECKING:
     from taskmill.client import AppParts
@@ -129,33 +132,29 @@ class Worker:
         self.lease_s = settings.lease_s
         self.heartbeat_s = settings.effective_heartbeat_s
         self._running: dict[str, JobRun] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None  # set by run(): stop() calls into it
-        self._stop = Stop()
+        self._stop = Stop(wake=self._wake_for_stop)  # run() tells it the loop to wake
         self._progressed = asyncio.Event()  # a job ended, or outcomes were written
         self._flush_wake = asyncio.Event()  # the outbox has something to write
-        self._idle: IdleWait | None = None  # made by run(), once the broker is open
-        self._events_on = settings.events
         self._fatal: BrokerError | None = None  # a permanent broker error: run() raises it
         self._last_writes = LastWrites(self.id)  # after the drain: one deadline for them all
         self._warnings = BrokerWarnings(self.id)
-        # made by run(), once the broker is open
-        self._broker: Broker
+        self._parts: Parts | None = None  # built by run(), once the broker is open
+        # the parts the claim loop and each job use, once built
         self._pipeline: Pipeline
         self._outbox: Outbox
         self._flusher: Flusher
         self._publisher: Publisher | None = None  # events on: the jobs' events
-        self._leases: LeaseKeeper | None = None
 
     @property
     def last_heartbeat_ok(self) -> float | None:
         """``time.monotonic()`` when the last heartbeat the broker took came back."""
-        return None if self._leases is None else self._leases.last_ok
+        return None if self._parts is None else self._parts.leases.last_ok
 
     @property
     def out_of_contact(self) -> bool:
         """No heartbeat taken for longer than the lease: the jobs it held are marked lost and
         it claims none until one is taken (``taskmill.worker.leases``)."""
-        return self._leases is not None and self._leases.out_of_contact
+        return self._parts is not None and self._parts.leases.out_of_contact
 
     @property
     def broker_warnings(self) -> dict[str, str]:
@@ -166,7 +165,7 @@ class Worker:
     @property
     def waiting_for_work(self) -> bool:
         """Its last claim found nothing due: it waits for a wake-up (``Broker.wait``)."""
-        return self._idle is not None and self._idle.waiting
+        return self._parts is not None and self._parts.idle.waiting
 
     # --- control (thread-safe) ----------------------------------------------------------------
 
@@ -174,39 +173,24 @@ class Worker:
         """Stop claiming; running jobs get ``drain_timeout_s`` to finish. Call again to stop
         at once (running jobs are handed back without spending an attempt)."""
         self._stop.request()
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._wake_for_stop)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: the first drains (see ``stop``), the second stops at once.
         Call from inside ``run``'s loop, before or while it runs (the CLI does)."""
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        install_signal_handlers(self._stop, worker_id=self.id)
 
-    def _on_signal(self, sig: int) -> None:
-        name = signal.Signals(sig).name
-        if self._stop.requested:
-            log.warning("worker %s: %s again: stopping now", self.id, name)
-        else:  # a normal shutdown (a deploy, a scale-down): nothing to warn about
-            log.info("worker %s: %s: draining (send again to stop at once)", self.id, name)
-        self.stop()
-
-    def _wake_for_stop(self) -> None:
+    def _wake_for_stop(self) -> None:  # on the worker's loop (Stop.request)
         self._stop.set()
         self._progressed.set()
-        if self._idle is not None:
-            self._idle.cancel()
+        if self._parts is not None:
+            self._parts.idle.cancel()
 
     # --- life cycle -----------------------------------------------------------------------------
 
     async def run(self, *, until_idle: bool = False) -> int:
         """Run until stopped (or, with ``until_idle``, until nothing is due or running).
         Returns how many jobs this worker finished."""
-        self._loop = asyncio.get_running_loop()
+        self._stop.loop = asyncio.get_running_loop()
         if self._stop.requested:
             self._stop.set()
         broker = await open_broker(
@@ -214,14 +198,23 @@ class Worker:
         )
         if broker is None:
             return 0  # stopped while the broker was unreachable
-        self._broker = broker
         self.connected.set()
         await broker.attach()
-        runner = self._make_parts(broker, self._loop)
-        leases = self._keep_leases(broker)
-        background = self._start_loops(until_idle, leases)
+        parts = self._parts = Parts(
+            self,
+            broker,
+            running=self._running,
+            finished=self._finished,
+            start=self._start,
+            wake=self._flush_wake,
+            progressed=self._progressed,
+            stop=self._stop,
+        )
+        self._pipeline, self._outbox, self._flusher = parts.pipeline, parts.outbox, parts.flusher
+        self._publisher = parts.publisher
+        background = self._start_loops(until_idle, parts)
         if self.register:
-            await leases.beat()
+            await parts.leases.beat()
             log.info(
                 "worker %s started: queues=%s concurrency=%d pool=%s broker=%s",
                 self.id,
@@ -231,7 +224,7 @@ class Worker:
                 redact_url(self.client.url),
             )
         try:
-            await self._claim_loop(until_idle, leases, self._wait_for_work(broker))
+            await self._claim_loop(until_idle, parts.leases, parts.idle)
             await drain(
                 self._running,
                 self._progressed,
@@ -242,96 +235,25 @@ class Worker:
             self._last_writes.start()
             await self._last_writes.bounded(self._flusher.flush_all(), "writing the last outcomes")
         finally:
-            await self._close(background, runner)
+            await self._close(background, parts)
         if self._fatal is not None:
             raise self._fatal
         return self.jobs_done
 
-    def _make_parts(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> Runner:
-        """The pipeline with its runner, the outbox, the publisher (events on)."""
-
-        def later(delay: float, fn: Callable[[], None]) -> None:  # from a task's thread
-            loop.call_soon_threadsafe(loop.call_later, delay, fn)
-
-        runner = make_runner(
-            self.pool,
-            self.concurrency,
-            app_path=self.app_path,
-            max_tasks_per_child=self.max_tasks_per_child,
-            instrumentations=self.registry.instrumentations,
-        )
-        counts = None if self.metrics is None else self.metrics.counts
-        self._pipeline = Pipeline(
-            self.registry,
-            runner,
-            broker,
-            worker_id=self.id,
-            lease_s=self.lease_s,
-            finished=self._finished,
-            metrics=counts,
-            hook_threads=min(self.concurrency, 32),
-            max_payload_bytes=self.settings.max_payload_bytes,
-        )
-        if self._events_on:
-            self._publisher = Publisher(broker, worker_id=self.id)
-        self._outbox = Outbox(
-            broker,
-            worker_id=self.id,
-            wake=self._flush_wake.set,
-            later=later,
-            emit=None if self._publisher is None else self._publisher.emit,
-            rejected=None if counts is None else counts.rejected,
-        )
-        self._flusher = Flusher(
-            self._outbox,
-            self.client,
-            wake=self._flush_wake,
-            progressed=self._progressed,
-            stop=self._stop,
-        )
-        return runner
-
-    def _wait_for_work(self, broker: Broker) -> IdleWait:
-        self._idle = IdleWait(
-            broker,
-            queues=self.queues,
-            poll_s=self.idle_poll_s,
-            handover=HandOver(self.id, self.lease_s),
-            stop=self._stop,
-            flusher=self._flusher,
-            start=self._start,
-        )
-        return self._idle
-
-    def _keep_leases(self, broker: Broker) -> LeaseKeeper:
-        self._leases = LeaseKeeper(
-            broker,
-            self._pipeline,
-            worker_id=self.id,
-            lease_s=self.lease_s,
-            interval_s=self.heartbeat_s,
-            runs=self._running,
-            owed=self._outbox.claims,
-            info=self._info,
-            register=self.register,
-            on_heartbeat=self.on_heartbeat,
-        )
-        return self._leases
-
-    def _start_loops(self, until_idle: bool, leases: LeaseKeeper) -> list[asyncio.Task[Any]]:
+    def _start_loops(self, until_idle: bool, parts: Parts) -> list[asyncio.Task[Any]]:
         loops = [
-            asyncio.create_task(self._flusher.run(), name="taskmill-flush"),
-            asyncio.create_task(leases.run(), name="taskmill-heartbeat"),
+            asyncio.create_task(parts.flusher.run(), name="taskmill-flush"),
+            asyncio.create_task(parts.leases.run(), name="taskmill-heartbeat"),
         ]
-        if self._publisher is not None:
-            loops.append(asyncio.create_task(self._publisher.run(), name="taskmill-events"))
+        if parts.publisher is not None:
+            loops.append(asyncio.create_task(parts.publisher.run(), name="taskmill-events"))
         if self.metrics is not None:
             self.client.enqueue_observers.append(self.metrics.counts.enqueued)
             loops.append(asyncio.create_task(self.metrics.run(), name="taskmill-metrics"))
         if not until_idle:
-            upkeep = maintain(self._broker, self.client, self.settings, self._warnings)
+            upkeep = maintain(parts.broker, self.client, self.settings, self._warnings)
             loops.append(asyncio.create_task(upkeep, name="taskmill-maint"))
-            epoch = watch_epoch(self._broker, self.id, self._came_back_empty)
+            epoch = watch_epoch(parts.broker, self.id, self._came_back_empty)
             loops.append(asyncio.create_task(epoch, name="taskmill-epoch"))
             if self.scheduler and self.registry.schedules:
                 from taskmill.scheduler import Scheduler
@@ -345,22 +267,9 @@ class Worker:
         if self.metrics is not None:
             self.metrics.counts.broker_came_back_empty()
 
-    async def _close(self, background: list[asyncio.Task[Any]], runner: Runner) -> None:
+    async def _close(self, background: list[asyncio.Task[Any]], parts: Parts) -> None:
         await cancel_and_wait(background)
-        bounded = self._last_writes.bounded
-        if self._outbox.pending:  # a flush that failed on the way out: one last try
-            with contextlib.suppress(Exception):
-                await bounded(self._flusher.flush_all(), "writing the last outcomes")
-        if self._publisher is not None:  # after the last outcomes: their events too
-            # what the cancelled publisher had not sent
-            await bounded(self._publisher.publish(), "publishing the last events")
-        # always: it also hands back jobs handed over to this worker that it never took
-        with contextlib.suppress(Exception):
-            await bounded(self._broker.unregister_worker(self.id), "unregistering")
-        runner.close()
-        self._pipeline.hook_threads.shutdown(wait=False)
-        with contextlib.suppress(Exception):
-            await bounded(self._broker.detach(), "detaching from the broker")
+        await parts.close(self._last_writes)
         if self.metrics is not None:
             with contextlib.suppress(ValueError):
                 self.client.enqueue_observers.remove(self.metrics.counts.enqueued)
@@ -483,21 +392,6 @@ class Worker:
         run = self._running.get(job_id)  # from the task's thread
         if run is not None:
             self._outbox.report(run, fraction, message)
-
-    def _info(self) -> WorkerInfo:
-        """What a heartbeat tells the broker about this worker."""
-        return WorkerInfo(
-            id=self.id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            queues=self.queues,
-            concurrency=self.concurrency,
-            started_at=self.started_at,
-            heartbeat_at=time.time(),
-            running=list(self._running),
-            processed=self.processed,
-            failed=self.failed,
-        )
 
 
 __all__ = ["Worker"]
