@@ -512,3 +512,17 @@ def test_a_bulk_send_whose_batch_is_refused_is_sent_job_by_job(nats_server) -> N
         assert again.existing == {0, 1, 2}
     finally:
         app.close()
+
+
+def test_a_bulk_send_past_one_batch_stores_every_job(nats_server) -> None:
+    """An atomic batch holds at most 1,000 messages: 2,500 jobs go as three slices (two
+    batches each), every record and pointer stored once."""
+    app = App(_url(nats_server.url))
+    task = app.task(name="bulk")(lambda n: n)
+    try:
+        handles = task.send_many([(n,) for n in range(2_500)])
+        assert len({h.id for h in handles}) == 2_500
+        assert set(all_jobs(app)) == {h.id for h in handles}
+        assert _pending_on_stream(app) == 2_500
+    finally:
+        app.close()

@@ -94,6 +94,9 @@ _PULL_TIMEOUT_S = 5.0
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _ATOMIC_DISABLED = 10174
 """nats-server's "atomic publish is disabled" (on this stream)."""
+_SLICES_IN_FLIGHT = 8
+"""Slices sent before their acknowledgements are awaited: nats-server takes at most 50
+batches under way on a stream (from every producer together)."""
 _BATCH_BYTES = 8 * 1024 * 1024
 """An atomic batch is held by the server until its last message: at most this much in one."""
 
@@ -319,34 +322,37 @@ class NatsBroker(Features, Recovery, Broker):
     ) -> list[int | CasError]:
         """``_store_new`` as atomic batches (nats-server 2.12): per slice of jobs, the records
         in one batch (each still a create: expected last subject sequence 0), then the
-        pointers in another; one reply per batch instead of one per message, all awaited
-        together. A batch is stored whole or not at all, so a producer that dies part-way
-        leaves what a single send's death leaves (pointers without records, taken by the
-        workers; records without pointers, sent again by the sweep). A batch the server
-        refuses (a job id stored already, a pointer already sent, too many batches under
-        way) is sent again message by message (``_store_each``), which sorts out each job."""
+        pointers in another; one reply per batch instead of one per message, awaited together
+        (``_SLICES_IN_FLIGHT`` slices at a time). A batch is stored whole or not at all, so a
+        producer that dies part-way leaves what a single send's death leaves (pointers
+        without records, taken by the workers; records without pointers, sent again by the
+        sweep). A batch the server refuses (a job id stored already, a pointer already sent,
+        too many batches under way) is sent again message by message (``_store_each``),
+        which sorts out each job."""
         session = await self._session()
-        slices = _slices(records, encoded)
-        acks = []
-        for part in slices:
-            puts = [
-                (self._subject("jobs", token(r.id)), encoded[r.id], {_EXPECTED_LAST: "0"})
-                for r in part
-            ]
-            acks.append(await session.requests.send_batch(puts))
-            acks.append(await session.requests.send_batch(self._pointer_messages(part, True)))
-        replies = await session.requests.replies(acks)
         created: list[int | CasError] = []
-        for n, part in enumerate(slices):
-            stored, dispatched = batch_ack(replies[2 * n]), batch_ack(replies[2 * n + 1])
-            if isinstance(stored, tuple) and isinstance(dispatched, tuple):
-                last, count = stored
-                created += range(last - count + 1, last + 1)
-                continue
-            for refusal in (stored, dispatched):
-                if isinstance(refusal, dict) and refusal.get("err_code") == _ATOMIC_DISABLED:
-                    self.atomic_batches = False  # the stream was changed under us
-            created += await self._store_each(part, encoded)
+        slices = _slices(records, encoded)
+        for start in range(0, len(slices), _SLICES_IN_FLIGHT):
+            window = slices[start : start + _SLICES_IN_FLIGHT]
+            acks = []
+            for part in window:
+                puts = [
+                    (self._subject("jobs", token(r.id)), encoded[r.id], {_EXPECTED_LAST: "0"})
+                    for r in part
+                ]
+                acks.append(await session.requests.send_batch(puts))
+                acks.append(await session.requests.send_batch(self._pointer_messages(part, True)))
+            replies = await session.requests.replies(acks)
+            for n, part in enumerate(window):
+                stored, dispatched = batch_ack(replies[2 * n]), batch_ack(replies[2 * n + 1])
+                if isinstance(stored, tuple) and isinstance(dispatched, tuple):
+                    last, count = stored
+                    created += range(last - count + 1, last + 1)
+                    continue
+                for refusal in (stored, dispatched):
+                    if isinstance(refusal, dict) and refusal.get("err_code") == _ATOMIC_DISABLED:
+                        self.atomic_batches = False  # the stream was changed under us
+                created += await self._store_each(part, encoded)
         return created
 
     async def _encoded_within_limit(self, records: Sequence[Record]) -> dict[str, bytes]:
