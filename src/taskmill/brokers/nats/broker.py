@@ -888,9 +888,6 @@ def _age(msg: Msg, now: float) -> float:
     return now - stamp.timestamp() if stamp else 0.0
 
 
-__all__ = ["NatsBroker"]
-
-
 def _slices(records: list[Record], encoded: dict[str, bytes]) -> list[list[Record]]:
     """``records`` in slices of at most ``ATOMIC_BATCH_MAX`` jobs and about ``_BATCH_BYTES``
     (a pointer may carry its job: twice a record's size counted)."""
@@ -904,3 +901,6 @@ def _slices(records: list[Record], encoded: dict[str, bytes]) -> list[list[Recor
         slices[-1].append(record)
         size += grows
     return slices
+
+
+__all__ = ["NatsBroker"]
