@@ -907,10 +907,29 @@ class NatsCluster:
         deadline = time.monotonic() + timeout
         for node in self.nodes:
             node.wait_ready(max(0.1, deadline - time.monotonic()))
-        while self.meta_leader() is None:
+        while self.meta_leader() is None or not self._peers_current():
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"{self!r}: the nodes do not agree on a meta leader")
+                raise RuntimeError(
+                    f"{self!r}: the nodes do not agree on a meta leader that sees every peer"
+                )
             time.sleep(0.05)
+
+    def _peers_current(self) -> bool:
+        """Whether the meta leader sees every other node as current: until then a stream of
+        ``replicas=3`` is refused ("no suitable peers for placement, peer offline")."""
+        leader = self.meta_leader()
+        for node in self.nodes:
+            if node.server_name != leader:
+                continue
+            try:
+                meta = node.jsz().get("meta_cluster") or {}
+            except (OSError, AssertionError):
+                return False
+            peers = meta.get("replicas") or []
+            return len(peers) == len(self.nodes) - 1 and all(
+                p.get("current") and not p.get("offline") for p in peers
+            )
+        return False
 
     def start_node(self, i: int, timeout: float = CLUSTER_START_TIMEOUT_S) -> None:
         """Start node ``i`` again (same ports, same store) and wait until it is healthy: back

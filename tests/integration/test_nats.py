@@ -417,3 +417,112 @@ def test_a_record_whose_pointer_was_lost_is_sent_again_by_the_sweep(nats_server)
             )
     finally:
         app.close()
+
+
+_KILLED_BULK_PRODUCER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from taskmill import App
+    from taskmill.brokers.nats.connection import Requests
+
+    send_batch = Requests.send_batch
+
+    async def records_then_die(self, messages):
+        committed = await send_batch(self, messages)
+        await committed  # the records' batch is stored; the pointers' is never sent
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    Requests.send_batch = records_then_die
+    app = App(sys.argv[1])
+    app.task(name="note")(lambda n, pause_s=0.0: n)
+    app.get_task("note").send_many([(n,) for n in range(int(sys.argv[2]))])
+    """
+)
+
+
+def test_a_bulk_producer_killed_between_its_two_batches_loses_nothing(
+    nats_server, tmp_path: Path
+) -> None:
+    """``send_many`` writes its records as one atomic batch and their pointers as another.
+    A producer killed once the records' batch is stored leaves records that nothing points
+    at: the workers' sweep sends their pointers (run here as if 45 s had passed), and each
+    job runs once."""
+    from taskmill.brokers.nats import NatsBroker
+
+    url = _url(nats_server.url)
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_BULK_PRODUCER, url, "5"],
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    runs = tmp_path / "runs.txt"
+    os.environ["RUNS_FILE"] = str(runs)
+    app = App(url, **nats_runs_app.SETTINGS)
+    app.task(name="note", retries=5, backoff=0.05)(nats_runs_app.note)
+    broker = app.broker
+    assert isinstance(broker, NatsBroker)
+    try:
+        stored = all_jobs(app)
+        assert len(stored) == 5, "the records' batch was not stored whole"
+        assert broker.atomic_batches, "the server should take atomic batches (2.12)"
+        assert _pending_on_stream(app) == 0, "a pointer was stored before the kill"
+        now = app.run_sync(broker.now())
+        _on_io_loop(broker, broker._sweep(now + 45.0))
+        assert _pending_on_stream(app) == 5
+        with running_worker(app):
+            wait_until(
+                lambda: all(j.state is JobState.SUCCEEDED for j in all_jobs(app).values()),
+                what=lambda: f"the swept jobs to run: {all_jobs(app)}",
+            )
+        assert _runs(runs) == dict.fromkeys(stored, 1), "a job ran more or less than once"
+    finally:
+        os.environ.pop("RUNS_FILE", None)
+        app.close()
+
+
+def test_a_bulk_send_whose_batch_is_refused_is_sent_job_by_job(nats_server) -> None:
+    """One job id of a bulk send already stored: the server refuses the records' atomic
+    batch whole (a create that finds its key), and the send goes again message by message,
+    which stores the others and reports that one as existing."""
+    from taskmill.brokers.nats import NatsBroker
+    from taskmill.brokers.nats.config import token
+    from taskmill.brokers.nats.records import new_record, record_encoder
+    from taskmill.job import NewJob
+
+    app = App(_url(nats_server.url))
+    broker = app.broker
+    assert isinstance(broker, NatsBroker)
+    try:
+        app.open()
+        now = app.run_sync(broker.now())
+        ids = [f"bulk-{n}-{uuid.uuid4().hex[:8]}" for n in range(3)]
+        jobs = [NewJob(id=i, task="t", queue="default", payload=b"[[],{}]") for i in ids]
+        first = record_encoder.encode(new_record(jobs[1], now, 1))
+        _on_io_loop(broker, broker._put("jobs", token(jobs[1].id), first, 0))
+        assert broker.atomic_batches
+        result = app.run_sync(broker.enqueue(jobs))
+        assert result.ids == [j.id for j in jobs]
+        assert result.existing == {1}
+        stored = all_jobs(app)
+        assert {j.id for j in jobs} == set(stored)
+        assert stored[jobs[1].id].enqueued_at == pytest.approx(now), "the stored one was replaced"
+        again = app.run_sync(broker.enqueue(jobs))  # all stored: refused, then all existing
+        assert again.existing == {0, 1, 2}
+    finally:
+        app.close()
+
+
+def test_a_bulk_send_past_one_batch_stores_every_job(nats_server) -> None:
+    """An atomic batch holds at most 1,000 messages: 2,500 jobs go as three slices (two
+    batches each), every record and pointer stored once."""
+    app = App(_url(nats_server.url))
+    task = app.task(name="bulk")(lambda n: n)
+    try:
+        handles = task.send_many([(n,) for n in range(2_500)])
+        assert len({h.id for h in handles}) == 2_500
+        assert set(all_jobs(app)) == {h.id for h in handles}
+        assert _pending_on_stream(app) == 2_500
+    finally:
+        app.close()

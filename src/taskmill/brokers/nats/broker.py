@@ -47,7 +47,13 @@ from taskmill.brokers.nats.config import (
     priority_of_token,
     token,
 )
-from taskmill.brokers.nats.connection import BUCKETS, CasError, ack_seq
+from taskmill.brokers.nats.connection import (
+    ATOMIC_BATCH_MAX,
+    BUCKETS,
+    CasError,
+    ack_seq,
+    batch_ack,
+)
 from taskmill.brokers.nats.core import CAS_TRIES, GRACE_S
 from taskmill.brokers.nats.dispatch import Lane
 from taskmill.brokers.nats.features import Features
@@ -84,6 +90,15 @@ log = logging.getLogger("taskmill.brokers.nats")
 
 _PULL_TIMEOUT_S = 5.0
 """How often ``recover`` also reads every record for leases that ran out unseen."""
+
+_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+_ATOMIC_DISABLED = 10174
+"""nats-server's "atomic publish is disabled" (on this stream)."""
+_SLICES_IN_FLIGHT = 8
+"""Slices sent before their acknowledgements are awaited: nats-server takes at most 50
+batches under way on a stream (from every producer together)."""
+_BATCH_BYTES = 8 * 1024 * 1024
+"""An atomic batch is held by the server until its last message: at most this much in one."""
 
 _worker_encoder = msgspec.msgpack.Encoder()
 _worker_decoder = msgspec.msgpack.Decoder(WorkerInfo)
@@ -273,9 +288,18 @@ class NatsBroker(Features, Recovery, Broker):
         so that record is taken back before the error is raised; what a crash in between
         leaves (a record whose pointer was never stored) the workers' sweep sends again
         (``_sweep``). A pointer stored without its record is made whole by the worker that
-        takes it (``_claimable``)."""
+        takes it (``_claimable``). Many jobs go as atomic batches where the server takes them
+        (``_store_batched``)."""
         if not records:
             return []
+        if len(records) > 1 and self.atomic_batches:
+            return await self._store_batched(records, encoded)
+        return await self._store_each(records, encoded)
+
+    async def _store_each(
+        self, records: list[Record], encoded: dict[str, bytes]
+    ) -> list[int | CasError]:
+        """``_store_new`` message by message: every write its own reply."""
         session = await self._session()
         pointers = await self._send_pointers(records, first=True)
         puts = await self._send_puts("jobs", [(token(r.id), encoded[r.id], 0) for r in records])
@@ -291,6 +315,44 @@ class NatsBroker(Features, Recovery, Broker):
                     await self._erase("jobs", [rev])
         if refused is not None:
             raise refused
+        return created
+
+    async def _store_batched(
+        self, records: list[Record], encoded: dict[str, bytes]
+    ) -> list[int | CasError]:
+        """``_store_new`` as atomic batches (nats-server 2.12): per slice of jobs, the records
+        in one batch (each still a create: expected last subject sequence 0), then the
+        pointers in another; one reply per batch instead of one per message, awaited together
+        (``_SLICES_IN_FLIGHT`` slices at a time). A batch is stored whole or not at all, so a
+        producer that dies part-way leaves what a single send's death leaves (pointers
+        without records, taken by the workers; records without pointers, sent again by the
+        sweep). A batch the server refuses (a job id stored already, a pointer already sent,
+        too many batches under way) is sent again message by message (``_store_each``),
+        which sorts out each job."""
+        session = await self._session()
+        created: list[int | CasError] = []
+        slices = _slices(records, encoded)
+        for start in range(0, len(slices), _SLICES_IN_FLIGHT):
+            window = slices[start : start + _SLICES_IN_FLIGHT]
+            acks = []
+            for part in window:
+                puts = [
+                    (self._subject("jobs", token(r.id)), encoded[r.id], {_EXPECTED_LAST: "0"})
+                    for r in part
+                ]
+                acks.append(await session.requests.send_batch(puts))
+                acks.append(await session.requests.send_batch(self._pointer_messages(part, True)))
+            replies = await session.requests.replies(acks)
+            for n, part in enumerate(window):
+                stored, dispatched = batch_ack(replies[2 * n]), batch_ack(replies[2 * n + 1])
+                if isinstance(stored, tuple) and isinstance(dispatched, tuple):
+                    last, count = stored
+                    created += range(last - count + 1, last + 1)
+                    continue
+                for refusal in (stored, dispatched):
+                    if isinstance(refusal, dict) and refusal.get("err_code") == _ATOMIC_DISABLED:
+                        self.atomic_batches = False  # the stream was changed under us
+                created += await self._store_each(part, encoded)
         return created
 
     async def _encoded_within_limit(self, records: Sequence[Record]) -> dict[str, bytes]:
@@ -824,6 +886,21 @@ def _age(msg: Msg, now: float) -> float:
     except Exception:
         return 0.0
     return now - stamp.timestamp() if stamp else 0.0
+
+
+def _slices(records: list[Record], encoded: dict[str, bytes]) -> list[list[Record]]:
+    """``records`` in slices of at most ``ATOMIC_BATCH_MAX`` jobs and about ``_BATCH_BYTES``
+    (a pointer may carry its job: twice a record's size counted)."""
+    slices: list[list[Record]] = [[]]
+    size = 0
+    for record in records:
+        grows = 2 * len(encoded[record.id])
+        if slices[-1] and (len(slices[-1]) >= ATOMIC_BATCH_MAX or size + grows > _BATCH_BYTES):
+            slices.append([])
+            size = 0
+        slices[-1].append(record)
+        size += grows
+    return slices
 
 
 __all__ = ["NatsBroker"]

@@ -16,7 +16,8 @@ import itertools
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from nats.aio.client import Client
@@ -37,6 +38,11 @@ log = logging.getLogger("taskmill.brokers.nats")
 BUCKETS = ("jobs", "keys", "leases", "workers", "queues", "misc", "workflows")
 WRONG_LAST_SEQUENCE = (10071, 10164)
 REQUEST_TIMEOUT_S = 5.0
+ATOMIC_BATCH_MAX = 1000
+"""The most messages nats-server takes in one atomic batch."""
+ATOMIC_STREAMS = ("dispatch", "jobs")
+"""The streams a bulk send writes with atomic batches (the dispatch stream and the jobs
+bucket's): made with ``allow_atomic`` where the server has it."""
 
 
 class CasError(Exception):
@@ -73,6 +79,34 @@ class Requests:
         fut.add_done_callback(lambda _: self._pending.pop(reply, None))
         await self._nc.publish(subject, payload, reply=reply, headers=headers)
         return fut
+
+    async def send_batch(
+        self, messages: Sequence[tuple[str, bytes, dict[str, str]]]
+    ) -> asyncio.Future[Msg]:
+        """Publish ``messages`` as one atomic batch (nats-server 2.12, on a stream that allows
+        it): each without a reply but the last, whose reply (``batch_ack``) says the whole
+        batch was stored, or why none of it was. At most ``ATOMIC_BATCH_MAX`` messages; the
+        batch headers are added to the caller's.
+
+        All but the last go to nats-py's write buffer as one write of frames made here
+        (``hpub_frame``): its ``publish`` costs about 9 µs of Python a message with headers,
+        most of it checking and encoding them one by one, several times what the server
+        takes to store one. Connected, the buffer is what ``publish`` writes to as well, so
+        the frames and the commit go out in this order; not connected, ``publish`` each."""
+        batch = uuid.uuid4().hex
+        for n, (_, _, headers) in enumerate(messages, 1):
+            headers["Nats-Batch-Id"] = batch
+            headers["Nats-Batch-Sequence"] = str(n)
+        body, commit = messages[:-1], messages[-1]
+        write = getattr(self._nc, "_send_command", None)
+        if body and self._nc.is_connected and callable(write):
+            await write(b"".join([hpub_frame(s, h, p) for s, p, h in body]))
+        else:
+            for subject, payload, headers in body:
+                await self._nc.publish(subject, payload, headers=headers)
+        subject, payload, headers = commit
+        headers["Nats-Batch-Commit"] = "1"
+        return await self.send(subject, payload, headers)
 
     async def request(
         self, subject: str, payload: bytes, headers: dict[str, str] | None = None,
@@ -125,6 +159,43 @@ def ack_seq(msg: Msg) -> int:
     ):
         raise CasError(error.get("description", ""))
     raise BrokerError(f"NATS JetStream refused a write: {error.get('description', error)}")
+
+
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def hpub_frame(subject: str, headers: Mapping[str, str], payload: bytes) -> bytes:
+    """One message with headers and no reply, as the NATS protocol writes it (``HPUB``).
+    ``subject`` and the header names are the broker's own (checked tokens). A value must be
+    as nats-py would write it (``header_value``: a message id is then the same whichever way
+    it was sent); one with a line break is refused rather than allowed to end it early.
+
+    >>> hpub_frame("a.b", {"K": "v"}, b"xy")
+    b'HPUB a.b 18 20\\r\\nNATS/1.0\\r\\nK: v\\r\\n\\r\\nxy\\r\\n'
+    """
+    lines = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+    head = f"NATS/1.0\r\n{lines}\r\n".encode()
+    if head.count(b"\n") != len(headers) + 2 or head.count(b"\r") != len(headers) + 2:
+        raise ValueError(f"a NATS header value with a line break: {headers}")
+    size = len(head) + len(payload)
+    return b"HPUB %b %d %d\r\n%b%b\r\n" % (subject.encode(), len(head), size, head, payload)
+
+
+def header_value(value: str) -> str:
+    """``value`` as nats-py writes a header value (stripped, line breaks made spaces)."""
+    return value.strip().translate(_NEWLINES)
+
+
+def batch_ack(msg: Msg) -> tuple[int, int] | dict[str, Any]:
+    """An atomic batch's commit reply: (the last message's stream sequence, how many were
+    stored: the batch's sequences run up to it), or the server's error (nothing stored)."""
+    if not msg.data:
+        raise BrokerUnavailableError(f"no JetStream answer for {msg.subject}: {msg.headers}")
+    reply = json.loads(msg.data)
+    error = reply.get("error")
+    if error is not None:
+        return dict(error)
+    return int(reply["seq"]), int(reply["count"])
 
 
 def status(msg: Msg) -> str | None:
@@ -258,8 +329,11 @@ def bucket_stream(bucket: str) -> str:
     return f"KV_{bucket}"
 
 
-def stream_configs(config: NatsConfig, *, schedules: bool) -> list[StreamConfig]:
-    """Every stream the broker uses, with explicit settings (never the server's defaults)."""
+def stream_configs(
+    config: NatsConfig, *, schedules: bool, atomic: bool = False
+) -> list[StreamConfig]:
+    """Every stream the broker uses, with explicit settings (never the server's defaults).
+    ``atomic``: the dispatch stream and the jobs bucket take atomic batches (a bulk send)."""
     storage = StorageType.FILE if config.storage == "file" else StorageType.MEMORY
     dispatch = StreamConfig(
         name=config.dispatch_stream,
@@ -275,6 +349,7 @@ def stream_configs(config: NatsConfig, *, schedules: bool) -> list[StreamConfig]
         duplicate_window=120.0,
         allow_direct=True,
         allow_msg_schedules=True if schedules else None,
+        allow_atomic=True if atomic else None,
     )
     configs = [dispatch]
     for what in BUCKETS:
@@ -297,24 +372,43 @@ def stream_configs(config: NatsConfig, *, schedules: bool) -> list[StreamConfig]
                 allow_rollup_hdrs=True,
                 deny_delete=False,
                 deny_purge=False,
+                allow_atomic=True if atomic and what in ATOMIC_STREAMS else None,
             )
         )
     return configs
 
 
-async def ensure_streams(nc: Client, config: NatsConfig, *, schedules: bool) -> list[StreamConfig]:
-    """Create what is missing (an existing stream is left as it is) and warn about storage
-    that loses acknowledged jobs. Returns the configurations as the server has them."""
+async def ensure_streams(
+    nc: Client, config: NatsConfig, *, schedules: bool, atomic: bool = False
+) -> list[StreamConfig]:
+    """Create what is missing and warn about storage that loses acknowledged jobs. An
+    existing stream is left as it is, but for ``allow_atomic`` (``atomic``), turned on where a
+    stream made before it lacks it: a setting the server lets change, which only lets bulk
+    sends be atomic batches (a server that refuses: they are sent message by message).
+    Returns the configurations as the server has them."""
     js = nc.jetstream()
     found: list[StreamConfig] = []
-    for wanted in stream_configs(config, schedules=schedules):
+    for wanted in stream_configs(config, schedules=schedules, atomic=atomic):
         try:
             info = await js.stream_info(wanted.name or "")
         except NotFoundError:
             info = await js.add_stream(wanted)
+        if wanted.allow_atomic and not info.config.allow_atomic:
+            info.config.allow_atomic = True
+            try:
+                info = await js.update_stream(info.config)
+            except Exception as exc:  # an optimisation refused: go without it
+                log.info("NATS stream %s keeps atomic batches off: %s", wanted.name, exc)
+                info.config.allow_atomic = False
         found.append(info.config)
     _warn_about(found, config)
     return found
+
+
+def atomic_batches(found: Sequence[StreamConfig], config: NatsConfig) -> bool:
+    """Whether bulk sends may be atomic batches: both streams they write allow them."""
+    names = {config.dispatch_stream, bucket_stream(config.bucket("jobs"))}
+    return all(bool(c.allow_atomic) for c in found if c.name in names)
 
 
 def _warn_about(found: list[StreamConfig], config: NatsConfig) -> None:
@@ -335,7 +429,7 @@ def _warn_about(found: list[StreamConfig], config: NatsConfig) -> None:
 
 
 def server_has_schedules(nc: Client) -> bool:
-    """Scheduled messages came with nats-server 2.12."""
+    """Scheduled messages (and atomic batches) came with nats-server 2.12."""
     version = str(nc._server_info.get("version", "0.0.0"))
     try:
         major, minor = (int(p) for p in version.split("-")[0].split(".")[:2])

@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from taskmill.brokers.nats.config import consumer_name, priority_of_token, token
-from taskmill.brokers.nats.connection import CasError, ack_seq
+from taskmill.brokers.nats.connection import CasError, ack_seq, header_value
 from taskmill.brokers.nats.records import (
     POINTER_JOB_MAX_BYTES,
     Pointer,
@@ -202,25 +202,33 @@ class Core(Store):
         same ``gen`` within the stream's 2-minute duplicate window, a pointer is stored once
         (``Nats-Msg-Id``)."""
         session = await self._session()
-        futures = []
+        return [
+            await session.requests.send(subject, body, headers)
+            for subject, body, headers in self._pointer_messages(records, first)
+        ]
+
+    def _pointer_messages(
+        self, records: Sequence[Record], first: bool = False
+    ) -> list[tuple[str, bytes, dict[str, str]]]:
+        """Each record's pointer as (subject, body, headers): to its lane if queued, else to
+        fire at its run_at. ``first``: the pointers a send writes, carrying a small job."""
+        messages = []
         for r in records:
             carried = first and len(r.payload) <= POINTER_JOB_MAX_BYTES
             pointer = Pointer(r.id, r.gen, r.priority, r.run_at, r.seq, r if carried else None)
             body = record_encoder.encode(pointer)
-            headers = {"Nats-Msg-Id": f"{r.id}:{r.gen}"}
+            headers = {"Nats-Msg-Id": header_value(f"{r.id}:{r.gen}")}
             lane = self.config.lane_subject(r.queue, r.priority)
             if r.state is JobState.QUEUED:
-                futures.append(await session.requests.send(lane, body, headers))
+                messages.append((lane, body, headers))
             elif self.schedules_on_server:
                 headers["Nats-Schedule"] = "@at " + _rfc3339(r.run_at)
                 headers["Nats-Schedule-Target"] = lane
-                subject = self.config.schedule_subject(r.id)
-                futures.append(await session.requests.send(subject, body, headers))
+                messages.append((self.config.schedule_subject(r.id), body, headers))
             else:
-                subject = self.config.delayed_subject(int(r.run_at // 60))
                 headers[LANE_HEADER] = lane  # where the workers' promoter moves it
-                futures.append(await session.requests.send(subject, body, headers))
-        return futures
+                messages.append((self.config.delayed_subject(int(r.run_at // 60)), body, headers))
+        return messages
 
     async def _wake(self, queues: set[str]) -> None:
         if not queues:

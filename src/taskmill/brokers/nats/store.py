@@ -31,6 +31,7 @@ from taskmill.brokers.nats.connection import (
     CasError,
     Requests,
     ack_seq,
+    atomic_batches,
     bucket_stream,
     connect,
     ensure_streams,
@@ -96,6 +97,8 @@ class Store:
         self._detached: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._ready = False
         self.schedules_on_server = False
+        self.atomic_batches = False
+        """Whether a bulk send writes atomic batches (nats-server 2.12, ``_store_batched``)."""
 
     # --- loops and sessions ---------------------------------------------------------------
 
@@ -179,9 +182,7 @@ class Store:
                         f"{self.config.where} runs {nc._server_info.get('version')}",
                         permanent=True,
                     )
-                await self._retrying(
-                    lambda: ensure_streams(nc, self.config, schedules=self.schedules_on_server)
-                )
+                await self._ensure_streams(nc)
                 await self._retrying(lambda: self._mark_epoch(session))
                 self._ready = True
             await self._session_opened(session)
@@ -192,6 +193,15 @@ class Store:
                 await asyncio.wait_for(nc.close(), 2.0)
             raise
         return session
+
+    async def _ensure_streams(self, nc: Client) -> None:
+        atomic = server_has_schedules(nc)  # atomic batches came with scheduled messages (2.12)
+        found = await self._retrying(
+            lambda: ensure_streams(
+                nc, self.config, schedules=self.schedules_on_server, atomic=atomic
+            )
+        )
+        self.atomic_batches = atomic_batches(found, self.config)
 
     async def _mark_epoch(self, session: Session) -> None:
         """Write the store's epoch marker if there is none (``Broker.epoch``)."""
@@ -206,9 +216,7 @@ class Store:
         made again (empty) when ``mark`` is given, as at the first open."""
         session = await self._retrying(self._session)
         if mark:
-            await self._retrying(
-                lambda: ensure_streams(session.nc, self.config, schedules=self.schedules_on_server)
-            )
+            await self._ensure_streams(session.nc)
             await self._retrying(lambda: self._mark_epoch(session))
         try:
             entry = await self._retrying(lambda: self._get("misc", "epoch"))
