@@ -72,6 +72,8 @@ def encode(value: Any, *, what: str) -> bytes:
     """``value`` as JSON; ``SerializationError`` saying why and where if it cannot be stored,
     or JSON would change it (see the module's docstring). ``what`` starts the message
     (``"result of task 'x'"``)."""
+    if value is None:  # what most tasks return: the checks below would walk its ``null``
+        return b"null"
     try:
         data = _encoder.encode(value)
     except Exception as exc:
