@@ -26,6 +26,8 @@ class QuotaExceededError(Exception):
 # attempt's claim can report the job lost by its id, which stops the second attempt if the
 # same worker claimed it meanwhile (a worker race outside time limits).
 RETRY_AFTER_S = 0.5
+IMPORT_DELAY_ENV = "POOL_APP_IMPORT_DELAY_S"
+"""Seconds importing this module takes (default 0)."""
 
 
 def build_app(url: str = "memory://", **settings: Any) -> App:
@@ -143,3 +145,6 @@ def build_app(url: str = "memory://", **settings: Any) -> App:
 
 # a ``taskmill worker`` process of the tests gets its broker from TASKMILL_URL
 app = build_app(os.environ.get("TASKMILL_URL", "memory://"))
+
+# a child that is slow to start (a loaded machine, a heavy app), as the tests set it
+time.sleep(float(os.environ.get(IMPORT_DELAY_ENV, "0")))

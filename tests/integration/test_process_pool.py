@@ -23,9 +23,9 @@ import pytest
 from taskmill import App, Backoff, Job, JobFailedError, JobState
 from taskmill.retry import RetryPolicy
 from taskmill.testing import running_worker, wait_until
-from taskmill.worker import Worker
+from taskmill.worker import Worker, process_pool
 
-from .pool_app import build_app
+from .pool_app import IMPORT_DELAY_ENV, build_app
 from .support import Workers, wait_registered
 
 T = TypeVar("T")
@@ -175,6 +175,32 @@ def test_a_timeout_kills_the_child_and_the_next_job_runs_in_a_fresh_one(
         assert not pid_alive(hung)
         fresh = app.tasks["pool.pid"].send().result(timeout=30)
         assert fresh != hung
+
+
+def test_a_childs_start_up_does_not_count_against_the_jobs_hard_limit(
+    app: App, pool: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sent before the worker starts: its first child is still importing the app when the job
+    # reaches it, for longer than the job's 1 s hard limit
+    monkeypatch.setenv(IMPORT_DELAY_ENV, "1.5")
+    handle = app.tasks["pool.square"].options(timeout=1).send(7)
+    with pool():
+        assert handle.result(timeout=30) == 49
+
+
+def test_a_child_that_cannot_start_fails_the_attempt(
+    app: App, pool: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(IMPORT_DELAY_ENV, "60")
+    monkeypatch.setattr(process_pool, "_START_UP_S", 0.5)
+    handle = app.tasks["pool.square"].options(retries=0).send(7)
+    with pool(), pytest.raises(JobFailedError) as info:
+        handle.result(timeout=30)
+    assert info.value.type == "taskmill.errors.WorkerLostError"
+    assert info.value.message == (
+        "the child process for task pool.square had not imported the app after 0.5 s: "
+        "killed before the job started"
+    )
 
 
 def test_the_hard_limit_kills_the_processes_the_task_started(

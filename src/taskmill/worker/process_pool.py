@@ -47,6 +47,10 @@ from taskmill.worker.pools import hard_limit_message, soft_limit_message
 log = logging.getLogger("taskmill.worker")
 
 _POLL_S = 0.02
+_START_UP_S = 60.0
+"""How long a new child may take to import the app. Its job's time limits count from then, so
+a slow start (a loaded machine, a heavy app) is not taken for the task overrunning; a child that
+has not started by then is killed and the attempt fails with ``WorkerLostError``."""
 
 
 class _Child:
@@ -94,12 +98,12 @@ class _Child:
             elif not self.alive:
                 raise self._died(task)
             ran_s = time.monotonic() - started
-            soft_due = soft_timeout_s is not None and ran_s > soft_timeout_s
-            if soft_due and self.ready and not soft_sent:
-                assert soft_timeout_s is not None
+            if not self.ready:
+                self._check_start_up(task, ran_s)
+            elif soft_timeout_s is not None and ran_s > soft_timeout_s and not soft_sent:
                 self.conn.send(("soft", ctx.id, soft_limit_message(task, soft_timeout_s)))
                 soft_sent = True
-            if timeout_s is not None and ran_s > timeout_s:
+            if self.ready and timeout_s is not None and ran_s > timeout_s:
                 self.kill()
                 raise TaskTimeoutError(
                     hard_limit_message(
@@ -111,6 +115,14 @@ class _Child:
             if ctx.cancelled and not cancel_sent:
                 self.conn.send(("cancel",))
                 cancel_sent = True
+
+    def _check_start_up(self, task: str, waited_s: float) -> None:
+        if waited_s > _START_UP_S:
+            self.kill()
+            raise WorkerLostError(
+                f"the child process for task {task} had not imported the app after "
+                f"{_START_UP_S:g} s: killed before the job started"
+            )
 
     def _receive(self, task: str, ctx: JobContext) -> tuple[str, Any]:
         """The child's next message: ``("ok", result)``, ``("ready", None)`` (it imported the
