@@ -8,6 +8,10 @@ BIN := $(VENV)/bin
 # need none). Deleting .venv starts over.
 INSTALLED := $(VENV)/.installed
 BENCH_ARGS ?=
+# pytest-xdist processes for the fast and fault tiers: the tests mostly wait (on worker
+# processes, servers, leases), so two at a time on 2 cores about halve the wall time
+# (tests/README.md); TEST_WORKERS=0 runs them in this process, one at a time
+TEST_WORKERS ?= 2
 # the folders that exist (a fresh clone has no empty ones, and ruff fails on a missing path)
 PY_PATHS := $(wildcard src tests bench examples)
 
@@ -57,10 +61,10 @@ test-deps:
 test: test-fast test-faults
 
 test-fast: install lint typecheck test-deps
-	$(BIN)/pytest -q -m "not slow" --ignore=tests/faults
+	$(BIN)/pytest -q -n $(TEST_WORKERS) -m "not slow" --ignore=tests/faults
 
 test-faults: install test-deps
-	$(BIN)/pytest -q -m "not slow" tests/faults
+	$(BIN)/pytest -q -n $(TEST_WORKERS) -m "not slow" tests/faults
 
 # real-time runs of a minute or more; T16 (test-faults) covers their property at CI size
 test-slow: install test-deps
