@@ -131,6 +131,51 @@ def test_a_result_too_large_for_the_server_fails_the_job_clearly(nats_server) ->
         app.close()
 
 
+def test_a_lease_entry_older_than_its_jobs_leases_is_kept_until_they_run_out(
+    nats_server: NatsServer,
+) -> None:
+    """A claim's write of the worker's lease entry, its expiry taken before a heartbeat
+    extended the jobs, can land after the heartbeat's: the entry then runs out before the
+    jobs' own leases. ``recover`` used to delete such an entry, so a worker killed then left
+    its jobs to the 30 s sweep (found reading the code while looking into T18's slow NATS
+    restarts, which had another cause). Staged: the entry written back to an earlier
+    expiry."""
+    from taskmill.brokers.nats.config import token
+    from taskmill.job import Claim, JobState, WorkerInfo
+
+    app = App(_url(nats_server.url))
+    noop = app.task(name="noop")(lambda: None)
+    broker: Any = app.broker
+    try:
+        job_id = noop.send().id
+
+        async def scenario() -> list[tuple[str, JobState]]:
+            broker._sweep_at = time.monotonic() + 3600  # only the lease entry can recover it
+            (job,) = await broker.claim(["default"], 1, "w1", 30.0)
+            now = await broker._fresh_now()
+            info = WorkerInfo("w1", "host", 1, ["default"], 8, now, now)
+            await broker.heartbeat(info, [Claim(job_id, job.lease_token)], 1.5)
+            await broker._write_lease("w1", now + 0.3)  # the claim's write, landing late
+
+            async def entry_ran_out() -> bool:
+                return await broker._fresh_now() > now + 0.3
+
+            await await_until(entry_ran_out, what="the lease entry to run out")
+            assert await broker.recover(5) == []  # the job's own lease runs on
+            entry = await broker._get("leases", token("w1"))
+            assert entry is not None and not entry.deleted, "the entry was deleted"
+
+            async def recovered() -> list[tuple[str, JobState]]:
+                return await broker.recover(5)
+
+            return await await_until(recovered, what="the job to be recovered", timeout=10)
+
+        assert _on_io_loop(app, scenario()) == [(job_id, JobState.QUEUED)]
+        assert app.get_job(job_id).state is JobState.QUEUED
+    finally:
+        app.close()
+
+
 def _on_io_loop(app: App, coro: Any) -> Any:
     broker: Any = app.broker
     return asyncio.run_coroutine_threadsafe(coro, broker._io_loop()).result(timeout=30)

@@ -56,7 +56,13 @@ class Recovery(Admin):
 
     async def _recover_lease(self, name: str, now: float) -> list[tuple[str, JobState]]:
         """The jobs of one worker's lease entry, if it ran out: each still held by that
-        claim, with its own lease run out, is recovered; then the entry goes."""
+        claim, with its own lease run out, is recovered; the entry goes once none it names
+        is still held on a lease that runs on.
+
+        A job's own lease may outlast the entry's: a claim's write of the entry, its expiry
+        taken before a heartbeat extended the jobs, can land after the heartbeat's. Such an
+        entry is kept for the next ``recover``; deleted, it left those jobs of a killed
+        worker to the sweep, up to ``SWEEP_S`` later."""
         entry = await self._get("leases", name)
         if entry is None or entry.deleted:
             return []
@@ -64,6 +70,7 @@ class Recovery(Admin):
         if lease.expires_at >= now:
             return []
         recovered: list[tuple[str, JobState]] = []
+        running_on = False
         for job_id, lease_token in lease.claims.items():
             found = await self._get("jobs", token(job_id))
             if found is None or found.deleted:
@@ -72,11 +79,13 @@ class Recovery(Admin):
             if record.state is not JobState.RUNNING or record.lease_token != lease_token:
                 continue
             if (record.lease_expires_at or 0.0) >= now:
+                running_on = True
                 continue
             done = await self._recover_record(record, found.revision, now)
             if done is not None:
                 recovered.append(done)
-        await self._delete("leases", name, entry.revision)
+        if not running_on:
+            await self._delete("leases", name, entry.revision)
         return recovered
 
     async def _promote_due(self, now: float) -> int:
