@@ -64,6 +64,30 @@ def test_expired_lease_goes_back_to_queued_and_runs_again(app_factory: AppFactor
 
 
 @pytest.mark.timeout(30)
+def test_a_recovered_job_keeps_its_place_before_jobs_sent_after_it(
+    app_factory: AppFactory,
+) -> None:
+    """A job whose worker died is claimed again before the jobs sent after it: it keeps its
+    place in the queue (on NATS, through the lane's redo lane; found by T18 at full size,
+    where a recovered job waited ~20 s behind newer ones)."""
+    app = app_factory(**LEASE_SETTINGS)
+
+    @app.task(retries=0)
+    def step(n: int) -> int:
+        return n
+
+    first = step.send(0)
+    assert claim_one(app, lease_s=0.3).id == first.id
+    later = {step.send(n).id for n in range(1, 21)}  # more than a claim looks ahead at
+    assert recover_until(app, first.id) == "queued"
+    broker = opened(app)
+    claimed = app.run_sync(broker.claim(["default"], 1, "next", 30.0))
+    assert [j.id for j in claimed] == [first.id]
+    rest = app.run_sync(broker.claim(["default"], 30, "next", 30.0))
+    assert {j.id for j in rest} == later
+
+
+@pytest.mark.timeout(30)
 def test_a_recovered_job_says_which_attempt_and_worker_lost_the_lease(
     app_factory: AppFactory,
 ) -> None:

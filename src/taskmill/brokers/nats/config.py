@@ -84,8 +84,10 @@ class NatsConfig:
         ``queues``, ``misc``, ``workflows``."""
         return f"{self.prefix}_{what}"
 
-    def lane_subject(self, queue: str, priority: int) -> str:
-        return f"{self.prefix}.d.{token(queue)}.{priority_token(priority)}"
+    def lane_subject(self, queue: str, priority: int, *, redo: bool = False) -> str:
+        """A lane's subject; ``redo``: its redo lane, where recovered jobs go (see
+        ``consumer_name``)."""
+        return f"{self.prefix}.d.{token(queue)}.{priority_token(priority)}{_REDO if redo else ''}"
 
     def schedule_subject(self, job_id: str) -> str:
         return f"{self.prefix}.s.{token(job_id)}"
@@ -126,12 +128,25 @@ def priority_token(priority: int) -> str:
 
 
 def priority_of_token(tok: str) -> int:
+    """The priority of a lane's token, its redo lane's too (``p3r``: 3)."""
+    tok = tok.removesuffix(_REDO)
     return -int(tok[2:]) if tok.startswith("pn") else int(tok[1:])
 
 
-def consumer_name(queue: str, priority: int) -> str:
-    """The durable pull consumer of a lane (a queue at one priority)."""
-    return f"{token(queue)}_{priority_token(priority)}"
+def consumer_name(queue: str, priority: int, *, redo: bool = False) -> str:
+    """The durable pull consumer of a lane (a queue at one priority), or of its redo lane
+    (``redo``), where recovered jobs go. A lane is a stream, so a pointer sent again would
+    wait behind every job sent since; the redo lane is pulled with its lane, and a claim takes
+    the oldest ``run_at`` of both first, so a recovered job keeps its place, as on the other
+    brokers.
+
+    >>> consumer_name("emails", 0), consumer_name("emails", -3, redo=True)
+    ('emails_p0', 'emails_pn3r')
+    """
+    return f"{token(queue)}_{priority_token(priority)}{_REDO if redo else ''}"
+
+
+_REDO = "r"
 
 
 def parse_url(url: str) -> NatsConfig:

@@ -90,13 +90,13 @@ class Core(Store):
         self._known_lanes.clear()
         self._lanes_at = 0.0
 
-    async def _ensure_lane(self, queue: str, priority: int) -> None:
-        name = consumer_name(queue, priority)
+    async def _ensure_lane(self, queue: str, priority: int, *, redo: bool = False) -> None:
+        name = consumer_name(queue, priority, redo=redo)
         if name in self._known_lanes:
             return
         session = await self._session()
         js = session.nc.jetstream()
-        subject = self.config.lane_subject(queue, priority)
+        subject = self.config.lane_subject(queue, priority, redo=redo)
         config = ConsumerConfig(
             durable_name=name,
             filter_subject=subject,
@@ -186,17 +186,20 @@ class Core(Store):
         if entry is not None and not entry.deleted and entry.value.decode() == job_id:
             await self._delete("keys", token(key), entry.revision)
 
-    async def _dispatch(self, records: Sequence[Record], *, first: bool = False) -> None:
-        """Write the pointer of each record (queued: to its lane; scheduled: to fire at its
-        run_at), before the record itself is written."""
+    async def _dispatch(
+        self, records: Sequence[Record], *, first: bool = False, redo: bool = False
+    ) -> None:
+        """Write the pointer of each record (queued: to its lane, or its redo lane for
+        ``redo``; scheduled: to fire at its run_at), before the record itself is written."""
         if not records:
             return
         session = await self._session()
-        for msg in await session.requests.replies(await self._send_pointers(records, first)):
+        sent = await self._send_pointers(records, first, redo=redo)
+        for msg in await session.requests.replies(sent):
             ack_seq(msg)
 
     async def _send_pointers(
-        self, records: Sequence[Record], first: bool = False
+        self, records: Sequence[Record], first: bool = False, *, redo: bool = False
     ) -> list[asyncio.Future[Msg]]:
         """``_dispatch``'s pointers sent, their replies not awaited. Sent again with the
         same ``gen`` within the stream's 2-minute duplicate window, a pointer is stored once
@@ -204,11 +207,11 @@ class Core(Store):
         session = await self._session()
         return [
             await session.requests.send(subject, body, headers)
-            for subject, body, headers in self._pointer_messages(records, first)
+            for subject, body, headers in self._pointer_messages(records, first, redo=redo)
         ]
 
     def _pointer_messages(
-        self, records: Sequence[Record], first: bool = False
+        self, records: Sequence[Record], first: bool = False, *, redo: bool = False
     ) -> list[tuple[str, bytes, dict[str, str]]]:
         """Each record's pointer as (subject, body, headers): to its lane if queued, else to
         fire at its run_at. ``first``: the pointers a send writes, carrying a small job."""
@@ -220,6 +223,8 @@ class Core(Store):
             headers = {"Nats-Msg-Id": header_value(f"{r.id}:{r.gen}")}
             lane = self.config.lane_subject(r.queue, r.priority)
             if r.state is JobState.QUEUED:
+                if redo:
+                    lane = self.config.lane_subject(r.queue, r.priority, redo=True)
                 messages.append((lane, body, headers))
             elif self.schedules_on_server:
                 headers["Nats-Schedule"] = "@at " + _rfc3339(r.run_at)

@@ -191,7 +191,9 @@ class Recovery(Admin):
             new.state, new.finished_at = JobState.FAILED, now
         else:
             new.state, new.gen = JobState.QUEUED, record.gen + 1
-            await self._dispatch([new])
+            # to the redo lane: it keeps its place before the jobs sent since
+            await self._ensure_lane(new.queue, new.priority, redo=True)
+            await self._dispatch([new], redo=True)
         try:
             await self._put("jobs", token(record.id), record_encoder.encode(new), revision)
         except CasError:
