@@ -221,10 +221,9 @@ class Core(Store):
             pointer = Pointer(r.id, r.gen, r.priority, r.run_at, r.seq, r if carried else None)
             body = record_encoder.encode(pointer)
             headers = {"Nats-Msg-Id": header_value(f"{r.id}:{r.gen}")}
-            lane = self.config.lane_subject(r.queue, r.priority)
-            if r.state is JobState.QUEUED:
-                if redo:
-                    lane = self.config.lane_subject(r.queue, r.priority, redo=True)
+            queued = r.state is JobState.QUEUED
+            lane = self.config.lane_subject(r.queue, r.priority, redo=redo and queued)
+            if queued:
                 messages.append((lane, body, headers))
             elif self.schedules_on_server:
                 headers["Nats-Schedule"] = "@at " + _rfc3339(r.run_at)
