@@ -365,3 +365,18 @@ def test_periodic_arguments_are_checked_when_declared() -> None:
         app.periodic(every=60, args=(float("nan"),), name="sync-nan")(sync)
     assert app.schedules == {}
     app.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "deep"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, True),  # T9's poison: one run of opening brackets
+        (b"[" + b"[[]]," * 2_000 + b"[" * 99 + b"]" * 99 + b"]", False),  # many brackets, 100
+        (b"[" + b"[[]]," * 2_000 + b"[" * 100 + b"]" * 100 + b"]", True),  # and 101 deep
+        (b"[" + b"[]," * 5_000 + (b"[[]," * 101) + b"]" * 101 + b"]", True),  # no long run
+    ],
+)
+def test_nesting_past_many_brackets_is_measured_in_one_pass(data: bytes, deep: bool) -> None:
+    """Past a few thousand brackets the depth is a running sum, not a pass per level."""
+    assert len(data.translate(None, b",")) > 4096
+    assert nesting_exceeds(data, 100) is deep
