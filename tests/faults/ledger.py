@@ -12,7 +12,7 @@ import os
 import sqlite3
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS enqueues (
 CREATE TABLE IF NOT EXISTS executions (
     seq INTEGER PRIMARY KEY, job_id TEXT NOT NULL, attempt INTEGER NOT NULL,
     incarnation TEXT NOT NULL, pid INTEGER NOT NULL, t_start REAL NOT NULL, t_end REAL);
+CREATE TABLE IF NOT EXISTS retries (
+    seq INTEGER PRIMARY KEY, job_id TEXT NOT NULL, attempt INTEGER NOT NULL, t REAL NOT NULL,
+    delay_s REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS faults (
     seq INTEGER PRIMARY KEY, t REAL NOT NULL, kind TEXT NOT NULL, pid INTEGER NOT NULL,
     target TEXT NOT NULL, t_end REAL);
@@ -67,6 +70,21 @@ class Execution:
 
 
 @dataclass(frozen=True)
+class Retry:
+    """A worker decided to retry attempt ``attempt`` of ``job_id`` at ``t`` (its clock),
+    ``delay_s`` later (from its ``on_retry`` hook): the retry is due at ``t + delay_s``."""
+
+    job_id: str
+    attempt: int
+    t: float
+    delay_s: float
+
+    @property
+    def due(self) -> float:
+        return self.t + self.delay_s
+
+
+@dataclass(frozen=True)
 class Fault:
     t: float
     kind: str
@@ -87,6 +105,7 @@ class Records:
     enqueues: list[Enqueue]
     executions: list[Execution]
     faults: list[Fault]
+    retries: list[Retry] = field(default_factory=list)
 
 
 class Ledger:
@@ -145,6 +164,12 @@ class Ledger:
             (job_id, attempt, INCARNATION, os.getpid(), time.time()),
         )
 
+    def record_retry(self, job_id: str, attempt: int, delay_s: float) -> None:
+        self._write(
+            "INSERT INTO retries (job_id, attempt, t, delay_s) VALUES (?, ?, ?, ?)",
+            (job_id, attempt, time.time(), delay_s),
+        )
+
     def end_execution(self, seq: int) -> None:
         self._write("UPDATE executions SET t_end = ? WHERE seq = ?", (time.time(), seq))
 
@@ -179,6 +204,12 @@ class Ledger:
                 Fault(*r)
                 for r in conn.execute("SELECT t, kind, pid, target, t_end FROM faults ORDER BY seq")
             ]
+            retries = [
+                Retry(*r)
+                for r in conn.execute(
+                    "SELECT job_id, attempt, t, delay_s FROM retries ORDER BY seq"
+                )
+            ]
         finally:
             conn.close()
-        return Records(enqueues, executions, faults)
+        return Records(enqueues, executions, faults, retries)

@@ -64,6 +64,11 @@ def raises(n: int) -> None:
     raise ValueError(f"poison {n}: this job always raises")
 
 
+def note_retry(job: Any, error: Any, delay: float) -> None:
+    """``poison.raises``' ``on_retry`` hook: when its retry is due (T11 checks the schedule)."""
+    ledger().record_retry(job.id, job.attempt, delay)
+
+
 def hang(n: int) -> None:
     """Block for ever, deaf to cancellation (``current_job().cancelled`` is never read)."""
     job = current_job()
@@ -77,7 +82,12 @@ def register(app: App) -> dict[str, Task[..., Any]]:
         app.task(name="poison.good", retries=0)(good),
         app.task(name="poison.echo", retries=0)(echo),
         app.task(name="poison.crash", retries=10, backoff=0.05)(crash),
-        app.task(name="poison.raises", retries=RAISE_RETRIES, backoff=RAISE_BACKOFF)(raises),
+        app.task(
+            name="poison.raises",
+            retries=RAISE_RETRIES,
+            backoff=RAISE_BACKOFF,
+            on_retry=note_retry,
+        )(raises),
         app.task(name="poison.hang", retries=HANG_RETRIES, backoff=0.1, timeout=HANG_TIMEOUT_S)(
             hang
         ),
