@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Coroutine
 from pathlib import Path
@@ -524,5 +525,39 @@ def test_a_bulk_send_past_one_batch_stores_every_job(nats_server) -> None:
         assert len({h.id for h in handles}) == 2_500
         assert set(all_jobs(app)) == {h.id for h in handles}
         assert _pending_on_stream(app) == 2_500
+    finally:
+        app.close()
+
+
+def test_scans_of_the_jobs_bucket_hold_a_bounded_part_of_it(nats_server) -> None:
+    """``queue_depth`` and ``prune`` (the workers run it) judge records as the scan brings
+    them: with 100 records of 200 KB stored (20 MB), neither holds more than a few MB. Before,
+    each held the whole bucket, and T9 at full size saw a worker's memory at 689 MiB."""
+    app = App(_url(nats_server.url))
+
+    @app.task(name="big")
+    def big(text: str) -> int:
+        return len(text)
+
+    big.send_many([("x" * 200_000,) for _ in range(100)])
+
+    def peak_of(call: Coroutine[Any, Any, T]) -> tuple[T, int]:
+        tracemalloc.start()
+        try:
+            result = app.run_sync(call)
+            return result, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    try:
+        depth, depth_peak = peak_of(app.broker.queue_depth("default"))
+        assert depth == 100
+        assert app.run_until_idle() == 100
+        pruned, prune_peak = peak_of(app.broker.prune(time.time() + 60, limit=1_000))
+        assert pruned == 100
+        mib = 1024 * 1024
+        print(f"peak: queue_depth {depth_peak / mib:.1f} MiB, prune {prune_peak / mib:.1f} MiB")
+        assert depth_peak < 8 * mib, f"queue_depth held {depth_peak / mib:.1f} MiB"
+        assert prune_peak < 8 * mib, f"prune held {prune_peak / mib:.1f} MiB"
     finally:
         app.close()

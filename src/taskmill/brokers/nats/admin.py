@@ -10,6 +10,7 @@ paused queue costs the workers nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -107,19 +108,22 @@ class Admin(Core, Broker):
     @on_io_loop
     async def prune(self, finished_before: float, limit: int = 1000) -> int:
         """Finished jobs (and markers of deleted ones) older than given are erased, leaving
-        no marker; so are ended workflows."""
-        revisions: list[int] = []
-        async for _, entry in self._scan("jobs"):
-            if entry.deleted:
-                if entry.stored_at < finished_before:
-                    revisions.append(entry.revision)
-                continue
-            record = record_decoder.decode(entry.value)
-            if record.state in FINISHED_STATES and (record.finished_at or 0.0) < finished_before:
-                revisions.append(entry.revision)
-            if len(revisions) >= limit:
-                break
-        pruned = await self._erase("jobs", revisions[:limit])
+        no marker; so are ended workflows.
+
+        Each record is judged as the scan delivers it and only the revisions to erase are
+        kept: holding the whole bucket (as ``_records`` does) made a worker's memory follow
+        the records stored, payloads and all (689 MiB against 37 in T9 at full size, where
+        2,500 of the stored records are 200-260 KB)."""
+        revisions: dict[str, int] = {}  # key -> the revision to erase
+        async with contextlib.aclosing(self._scan_messages("jobs")) as scan:
+            async for key, entry in scan:
+                if _prunable(key, entry, finished_before):
+                    revisions[key] = entry.revision
+                    if len(revisions) >= limit:
+                        break
+                else:  # written again while the scan runs: the newer revision decides
+                    revisions.pop(key, None)
+        pruned = await self._erase("jobs", list(revisions.values()))
         await self._prune_workflows(finished_before)
         return pruned
 
@@ -277,3 +281,15 @@ def _matches(query: JobQuery, record: Record) -> bool:
         and (query.task is None or record.task.startswith(query.task))
         and (not query.meta or query.matches(record.job()))
     )
+
+
+def _prunable(key: str, entry: Entry, finished_before: float) -> bool:
+    """A deleted job's marker, or a finished job's record, older than ``finished_before``."""
+    if entry.deleted:
+        return entry.stored_at < finished_before
+    try:
+        record = record_decoder.decode(entry.value)
+    except msgspec.DecodeError as exc:  # set aside by the claim that meets it
+        log.warning("prune leaves out job record %r, unreadable: %r", key, exc)
+        return False
+    return record.state in FINISHED_STATES and (record.finished_at or 0.0) < finished_before

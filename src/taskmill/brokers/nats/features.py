@@ -215,12 +215,17 @@ class Features(Core, Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
     @on_io_loop
     async def queue_depth(self, queue: str) -> int:
         waiting = (JobState.SCHEDULED, JobState.QUEUED)
-        depth = 0
-        async for _, entry in self._scan("jobs"):
+        counted: set[str] = set()  # judged as they come: the bucket's records are not held
+        async for key, entry in self._scan_messages("jobs"):
+            record = None
             if not entry.deleted:
-                record = record_decoder.decode(entry.value)
-                depth += record.queue == queue and record.state in waiting
-        return depth
+                with contextlib.suppress(msgspec.DecodeError):  # unreadable: not waiting
+                    record = record_decoder.decode(entry.value)
+            if record is not None and record.queue == queue and record.state in waiting:
+                counted.add(key)
+            else:  # a key comes again when written during the scan: the newer one decides
+                counted.discard(key)
+        return len(counted)
 
     # --- live events ----------------------------------------------------------------------
 

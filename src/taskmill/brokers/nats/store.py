@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -44,7 +44,12 @@ from taskmill.urls import scrub
 
 T = TypeVar("T")
 SCAN_BATCH = 256
-"""Records a scan of a bucket holds at once (``_scan_messages``)."""
+"""Records a scan of a bucket holds at once (``_scan_messages``), at most."""
+SCAN_BYTES = 4 * 1024 * 1024
+"""About how many bytes of records a scan holds at once: its batches shrink to this for large
+records (256 records of 200 KB would be 51 MB), and its first batch is small to learn
+their size."""
+_SCAN_FIRST_BATCH = 16
 _SCAN_IDLE_S = 30.0
 _SCAN_TRIES = 3
 
@@ -417,7 +422,7 @@ class Store:
         for key, entry in latest.items():
             yield key, entry
 
-    async def _scan_messages(self, what: str) -> AsyncIterator[tuple[str, Entry]]:
+    async def _scan_messages(self, what: str) -> AsyncGenerator[tuple[str, Entry], None]:
         """The last message of each key of a bucket, then whatever is written meanwhile.
 
         Read in batches of ``SCAN_BATCH`` from a pull consumer of its own: a push consumer
@@ -464,9 +469,13 @@ class Store:
             ),
         )
         sub = await js.pull_subscribe_bind(consumer=consumer.name, stream=stream)
+        batch = _SCAN_FIRST_BATCH
         try:
             while True:
-                for msg in await sub.fetch(SCAN_BATCH, timeout=self.config.unavailable_after_s):
+                msgs = await sub.fetch(batch, timeout=self.config.unavailable_after_s)
+                size = sum(len(msg.data) for msg in msgs)
+                batch = max(1, min(SCAN_BATCH, SCAN_BYTES * len(msgs) // max(size, 1)))
+                for msg in msgs:
                     meta = msg.metadata
                     deleted = bool(msg.headers and msg.headers.get("KV-Operation"))
                     stored = meta.timestamp.timestamp() if meta.timestamp else 0.0
@@ -474,6 +483,7 @@ class Store:
                     yield msg.subject[len(prefix) :], entry
                     if not meta.num_pending:
                         return
+                msgs.clear()  # not held while the next batch arrives
         finally:
             await sub.unsubscribe()
             with contextlib.suppress(Exception):  # else it goes after _SCAN_IDLE_S
