@@ -84,10 +84,11 @@ def describe_exit(code: int) -> str:
 class Supervisor:
     """Runs the children of every pool and keeps them running until stopped.
 
-    ``restart_base_s`` doubles with each quick failure of the same slot up to
-    ``restart_cap_s`` (a child that cannot start: an import error, a broken environment); a
-    child that took a heartbeat, or ran at least ``stable_after_s``, resets its slot's
-    back-off, so one killed by a job is back after ``restart_base_s``.
+    A child that took a heartbeat and then died (its work killed it) is restarted at once.
+    One that died before its first heartbeat (it cannot start: an import error, a broken
+    environment) is restarted after ``restart_base_s``, doubled with each such quick failure
+    of the same slot up to ``restart_cap_s``; a child that ran at least ``stable_after_s``
+    resets its slot's back-off.
     ``heartbeat_max_age_s``: how old a child's last heartbeat may be for ``health()`` to call
     it healthy (three of its heartbeat intervals). ``on_exit`` is told the pid of each child
     that exited, once it is reaped (the metrics endpoint keeps its last counts).
@@ -284,13 +285,18 @@ class Supervisor:
                 self._stop_children(signal.SIGTERM)
                 self._stop_requests = 1
                 continue
-            if slot.last_beat is not None or now - slot.started_at >= self.stable_after_s:
+            if slot.last_beat is not None:
                 # it took a heartbeat: its start works (app imported, broker reached), and it
-                # died of its work; a job that kills its process is quarantined after
-                # max_lost_leases deaths, so these restarts end by themselves. Doubling here
-                # left a pool down 30 s at a time while 50 such jobs were worked through (T10)
+                # died of its work, so it is replaced at once, as the plan's crash storm (T1)
+                # asks. A job that kills its process is quarantined after max_lost_leases
+                # deaths, so such restarts end by themselves; backing off here left a pool
+                # down 30 s at a time while 50 such jobs were worked through (T10)
                 slot.failures = 0
-            delay = self._schedule_restart(slot, now)
+                slot.restart_at, delay = now, 0.0
+            else:
+                if now - slot.started_at >= self.stable_after_s:
+                    slot.failures = 0
+                delay = self._schedule_restart(slot, now)
             log.warning(
                 "supervisor: worker process %s (pid %d) died unexpectedly (%s); restarting in "
                 "%.1f s",
