@@ -8,7 +8,9 @@ the ledger (each execution's times corrected by its process's offset, so all are
 machine's clock) against the broker:
 
 - no duplicate that the kill does not explain (a lease recovered early because a worker's
-  clock runs ahead is such a duplicate);
+  clock runs ahead is such a duplicate), or the holder's own log: a worker that could not
+  take a heartbeat within the lease gives its jobs up and says so (docs/guarantees.md), which
+  a CPU-starved worker on a loaded machine does, skew or not;
 - the jobs the kill orphaned start again within lease + 2 s of it (a recovery judged by a
   clock that runs behind would come 30 s late);
 - no delayed job starts before its ``run_at`` (the broker's clock).
@@ -22,6 +24,7 @@ SQLite case is pinned as a strict xfail that says so.
 from __future__ import annotations
 
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -163,9 +166,18 @@ def test_t18_workers_with_skewed_clocks(
         actions[what]()
     ledger.record_enqueues(sent)
     states = drain(app, len(sent), timeout=60)
+    given_up = given_up_out_of_contact(tmp_path)
     jobs = {j.id: j for j in app.run_sync(app.broker.list_jobs(limit=1_000_000))}
     records = on_machine_clock(ledger.read(), offsets)
     result = check(records, states)
+    by_contact = [i for i in result.unexplained_duplicates if i in given_up]
+    result = replace(
+        result,
+        unexplained_duplicates=[i for i in result.unexplained_duplicates if i not in given_up],
+        unexplained_interruptions=[
+            i for i in result.unexplained_interruptions if i not in given_up
+        ],
+    )
     first_start: dict[str, float] = {}
     for e in records.executions:
         first_start[e.job_id] = min(e.t_start, first_start.get(e.job_id, e.t_start))
@@ -180,9 +192,24 @@ def test_t18_workers_with_skewed_clocks(
         f"T18 {broker.name}: workers at {OFFSET_S:+g} s and {-OFFSET_S:+g} s, lease "
         f"{LEASE_S:g} s; {result.summary()}; delayed jobs {len(delayed)}, started early "
         f"{len(early)} (by up to {max(early, default=0):.2f} s); recoveries later than "
-        f"{bound:g} s: {len(late_recovery)}"
+        f"{bound:g} s: {len(late_recovery)}; duplicates of jobs a worker out of contact gave "
+        f"up {len(by_contact)}"
     )
     assert result.kills == 1
     assert result.ok, result.summary()
     assert early == [], early[:5]
     assert late_recovery == [], sorted(result.recovery_times)
+
+
+_GIVEN_UP = re.compile(r"job (\S+) \([^)]*\): lease lost \(no heartbeat taken")
+
+
+def given_up_out_of_contact(directory: Path) -> set[str]:
+    """Jobs a worker gave up because no heartbeat of its was taken within the lease, by its
+    own log: run again by design. In one CI run a worker starved of CPU (a claim took 1.4 s)
+    gave up 4 jobs whose bodies then ended, and the checker counted them as unexplained. A
+    lease recovered early by a skewed clock has no such line: its holder's heartbeats ran."""
+    found: set[str] = set()
+    for log in directory.glob("*.log"):
+        found.update(m[1] for m in _GIVEN_UP.finditer(log.read_text(errors="replace")))
+    return found
