@@ -215,17 +215,17 @@ class Features(Core, Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
     @on_io_loop
     async def queue_depth(self, queue: str) -> int:
         waiting = (JobState.SCHEDULED, JobState.QUEUED)
-        counted: set[str] = set()  # judged as they come: the bucket's records are not held
-        async for key, entry in self._scan_messages("jobs"):
+
+        def counted(key: str, entry: Entry) -> bool | None:
             record = None
             if not entry.deleted:
                 with contextlib.suppress(msgspec.DecodeError):  # unreadable: not waiting
                     record = record_decoder.decode(entry.value)
             if record is not None and record.queue == queue and record.state in waiting:
-                counted.add(key)
-            else:  # a key comes again when written during the scan: the newer one decides
-                counted.discard(key)
-        return len(counted)
+                return True
+            return None
+
+        return len(await self._scan_kept("jobs", counted))
 
     # --- live events ----------------------------------------------------------------------
 

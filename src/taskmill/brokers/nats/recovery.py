@@ -160,25 +160,25 @@ class Recovery(Admin):
     async def _sweep_candidates(self, now: float) -> dict[str, tuple[Entry, Record]]:
         """The records a sweep acts on, by key. A scan delivers a key again when it is written
         while the scan runs (later in the stream, so newer): its latest revision decides."""
-        found: dict[str, tuple[Entry, Record]] = {}
-        async for key, entry in self._scan_messages("jobs"):
+
+        def candidate(key: str, entry: Entry) -> tuple[Entry, Record] | None:
             record = None
             if not entry.deleted:
                 try:
                     record = record_decoder.decode(entry.value)
                 except msgspec.DecodeError as exc:  # set aside by the claim that meets it
                     log.warning("a sweep leaves out job record %r, unreadable: %r", key, exc)
-            if record is not None and _to_sweep(record, entry.stored_at, now):
-                if record.state is not JobState.RUNNING:
-                    # only its pointer is sent again, which does not carry the payload: a
-                    # backlog of waiting jobs kept whole made the sweep hold them all (608
-                    # MiB in T9 at full size, 2,500 of the records 200-260 KB)
-                    record = msgspec.structs.replace(record, payload=b"")
-                    entry = Entry(entry.revision, b"", entry.deleted, entry.stored_at)
-                found[key] = (entry, record)
-            else:
-                found.pop(key, None)
-        return found
+            if record is None or not _to_sweep(record, entry.stored_at, now):
+                return None
+            if record.state is not JobState.RUNNING:
+                # only its pointer is sent again, which does not carry the payload: a
+                # backlog of waiting jobs kept whole made the sweep hold them all (608
+                # MiB in T9 at full size, 2,500 of the records 200-260 KB)
+                record = msgspec.structs.replace(record, payload=b"")
+                entry = Entry(entry.revision, b"", entry.deleted, entry.stored_at)
+            return entry, record
+
+        return await self._scan_kept("jobs", candidate)
 
     async def _recover_record(
         self, record: Record, revision: int, now: float

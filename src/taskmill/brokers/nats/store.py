@@ -422,6 +422,25 @@ class Store:
         for key, entry in latest.items():
             yield key, entry
 
+    async def _scan_kept(
+        self, what: str, keep: Callable[[str, Entry], T | None], *, limit: int | None = None
+    ) -> dict[str, T]:
+        """What ``keep`` makes of each key's latest message, by key; None keeps nothing.
+        Messages are judged as the scan brings them, so the bucket is never held whole; a key
+        written while the scan runs comes again, and its newer message decides. Stops once
+        ``limit`` keys are kept."""
+        kept: dict[str, T] = {}
+        async with contextlib.aclosing(self._scan_messages(what)) as scan:
+            async for key, entry in scan:
+                value = keep(key, entry)
+                if value is None:
+                    kept.pop(key, None)
+                    continue
+                kept[key] = value
+                if limit is not None and len(kept) >= limit:
+                    break
+        return kept
+
     async def _scan_messages(self, what: str) -> AsyncGenerator[tuple[str, Entry], None]:
         """The last message of each key of a bucket, then whatever is written meanwhile.
 
