@@ -17,6 +17,9 @@ How each figure counts (docs/reliability.md says the same):
   those can have cost it its lease or its acknowledgement.
 - ``unexplained_interruptions``: an execution cut short (no end recorded) with no recorded
   kill of its process after its start: a process died that the test did not kill.
+- ``given_up``: jobs the caller names as given up by their own worker (its lease lost with no
+  heartbeat taken within it, by the worker's log): run again by design, so their duplicates
+  and executions cut short are explained; those the give-up alone explains are listed.
 - ``recovery_times``: for every execution followed by another of the same job whose process
   was killed in between (cut short, or completed but not acknowledged), seconds from the kill
   to the start of the job's next execution.
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from faults.ledger import Execution, Fault, Outcome, Records
@@ -65,6 +68,7 @@ class CheckResult:
     unexplained_duplicates: list[str] = field(default_factory=list)
     interrupted: int = 0
     unexplained_interruptions: list[str] = field(default_factory=list)
+    given_up: list[str] = field(default_factory=list)
     recovery_times: list[float] = field(default_factory=list)
 
     @property
@@ -100,7 +104,8 @@ class CheckResult:
             f" {len(self.unexpected)}, stuck {len(self.stuck)}, unexplained duplicates"
             f" {len(self.unexplained_duplicates)}, cut short {self.interrupted} (unexplained"
             f" {len(self.unexplained_interruptions)}), recovered {len(self.recovered)},"
-            f" {recovery}"
+            + (f" explained by a give-up {len(self.given_up)}," if self.given_up else "")
+            + f" {recovery}"
         )
         details = [
             f"  {name}: {_sample(value)}"
@@ -122,9 +127,11 @@ def _sample(value: list[str] | dict[str, str]) -> str:
     return ", ".join(items[:10]) + more
 
 
-def check(records: Records, states: Mapping[str, str]) -> CheckResult:
+def check(
+    records: Records, states: Mapping[str, str], given_up: Collection[str] = ()
+) -> CheckResult:
     """Check ``records`` against ``states`` (job id -> the broker's final state name, for every
-    job the broker still has)."""
+    job the broker still has). ``given_up``: jobs their worker gave up itself (see above)."""
     outcomes: dict[str, set[Outcome]] = defaultdict(set)
     for enqueue in records.enqueues:
         outcomes[enqueue.job_id].add(enqueue.outcome)
@@ -156,14 +163,16 @@ def check(records: Records, states: Mapping[str, str]) -> CheckResult:
         and (Outcome.EXISTING in o or (o == {Outcome.UNKNOWN} and (j in states or j in runs)))
     )
     result.stuck = {j: s for j, s in sorted(states.items()) if s not in TERMINAL_STATES}
-    result.unexplained_duplicates = [
+    by_faults = [
         j for j in result.duplicated if not _explained(completed[j], runs[j], kills, broker_faults)
     ]
     cut_short = [e for e in records.executions if e.t_end is None]
     result.interrupted = len(cut_short)
-    result.unexplained_interruptions = sorted(
-        {e.job_id for e in cut_short if not _killed(e, kills, until=float("inf"))}
-    )
+    not_killed = {e.job_id for e in cut_short if not _killed(e, kills, until=float("inf"))}
+    gave_up = set(given_up)
+    result.unexplained_duplicates = [j for j in by_faults if j not in gave_up]
+    result.unexplained_interruptions = sorted(not_killed - gave_up)
+    result.given_up = sorted(gave_up & {*by_faults, *not_killed})
     result.recovery_times = _recovery_times(runs, kills)
     return result
 

@@ -70,6 +70,25 @@ def test_a_duplicate_without_a_kill_of_the_earlier_process_is_unexplained() -> N
         assert result.unexplained_duplicates == ["a"] and not result.ok, faults
 
 
+def test_a_job_its_worker_gave_up_explains_its_duplicate_and_its_cut_short_run() -> None:
+    runs = [
+        run("a", 1, 2, pid=100),  # given up, its body ended anyway
+        run("a", 5, 6, pid=200),
+        run("b", 1, None, pid=100),  # given up, then cut short (its thread stopped)
+        run("b", 4, 5, pid=200),
+        run("c", 1, 2, pid=100),  # a duplicate nothing explains
+        run("c", 5, 6, pid=200),
+    ]
+    records = Records(ok("a", "b", "c"), runs, [])
+    plain = check(records, {})
+    assert plain.unexplained_duplicates == ["a", "c"] and plain.unexplained_interruptions == ["b"]
+    result = check(records, {}, given_up={"a", "b", "elsewhere"})
+    assert result.unexplained_duplicates == ["c"] and result.unexplained_interruptions == []
+    assert result.given_up == ["a", "b"] and not result.ok  # "elsewhere" explained nothing
+    assert "explained by a give-up 2," in result.summary()
+    assert "give-up" not in plain.summary()
+
+
 def broker_fault(kind: str, t: float, t_end: float | None = None) -> Fault:
     return Fault(t, kind, 0, "broker", t_end)
 
