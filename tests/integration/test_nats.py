@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import pytest
 
 from taskmill import App, BrokerUnavailableError, JobNotFoundError, JobState, current_job
+from taskmill.brokers.base import JobQuery
 from taskmill.job import Job
 from taskmill.testing import running_worker, wait_until
 
@@ -530,35 +531,52 @@ def test_a_bulk_send_past_one_batch_stores_every_job(nats_server) -> None:
 
 
 def test_scans_of_the_jobs_bucket_hold_a_bounded_part_of_it(nats_server) -> None:
-    """``queue_depth`` and ``prune`` (the workers run it) judge records as the scan brings
-    them: with 100 records of 200 KB stored (20 MB), neither holds more than a few MB. Before,
-    each held the whole bucket, and T9 at full size saw a worker's memory at 689 MiB."""
+    """Every scan of the jobs bucket (``queue_depth``, ``prune``: the workers run them; the
+    listings, counts, ``retry`` of every failed job and ``purge``: the dashboard and the CLI)
+    judges records as the scan brings them: with 100 records of 200 KB stored (20 MB), none
+    holds more than a few MB. Before, each held the whole bucket, and T9 at full size saw a
+    worker's memory at 689 MiB."""
     app = App(_url(nats_server.url))
 
-    @app.task(name="big")
-    def big(text: str) -> int:
+    @app.task(name="big", retries=0)
+    def big(text: str, fail: bool = False) -> int:
+        if fail:
+            raise ValueError("asked to")
         return len(text)
 
-    big.send_many([("x" * 200_000,) for _ in range(100)])
+    sent = big.send_many([("x" * 200_000, n % 2 == 1) for n in range(100)])
+    first = [h.id for h in sent]
 
-    def peak_of(call: Coroutine[Any, Any, T]) -> tuple[T, int]:
+    peaks: dict[str, float] = {}
+
+    def measured(name: str, call: Coroutine[Any, Any, T]) -> T:
         tracemalloc.start()
         try:
             result = app.run_sync(call)
-            return result, tracemalloc.get_traced_memory()[1]
+            peaks[name] = tracemalloc.get_traced_memory()[1] / 2**20
+            return result
         finally:
             tracemalloc.stop()
 
     try:
-        depth, depth_peak = peak_of(app.broker.queue_depth("default"))
-        assert depth == 100
+        assert measured("queue_depth", app.broker.queue_depth("default")) == 100
+        page = measured("find_jobs", app.broker.find_jobs(JobQuery(), limit=5, count=True))
+        assert [j.id for j in page.jobs] == first[::-1][:5] and page.total == 100
+        assert all(j.payload for j in page.jobs)  # the page's jobs whole
+        after = app.run_sync(app.broker.find_jobs(JobQuery(), limit=5, cursor=page.next_cursor))
+        assert [j.id for j in after.jobs] == first[::-1][5:10]
+        (stats,) = measured("stats", app.broker.stats())
+        assert stats.counts["queued"] == 100
         assert app.run_until_idle() == 100
-        pruned, prune_peak = peak_of(app.broker.prune(time.time() + 60, limit=1_000))
-        assert pruned == 100
-        mib = 1024 * 1024
-        print(f"peak: queue_depth {depth_peak / mib:.1f} MiB, prune {prune_peak / mib:.1f} MiB")
-        assert depth_peak < 8 * mib, f"queue_depth held {depth_peak / mib:.1f} MiB"
-        assert prune_peak < 8 * mib, f"prune held {prune_peak / mib:.1f} MiB"
+        failed = measured("retry", app.broker.retry(None))
+        assert sorted(failed) == sorted(first[1::2])
+        assert measured("purge", app.broker.purge("default")) == 50
+        assert app.run_sync(app.broker.queue_depth("default")) == 0
+        finished = time.time() + 60
+        # the 50 succeeded and the 50 purged ones' markers
+        assert measured("prune", app.broker.prune(finished, limit=1_000)) == 100
+        print("peak MiB: " + ", ".join(f"{name} {mib:.1f}" for name, mib in peaks.items()))
+        assert max(peaks.values()) < 8, peaks
     finally:
         app.close()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import msgspec
 
@@ -28,26 +29,29 @@ log = logging.getLogger("taskmill.brokers.nats")
 _CURSOR_TYPES: dict[str, tuple[type, ...]] = {"enqueued": (int, str), "finished": (float, int)}
 _worker_decoder = msgspec.msgpack.Decoder(WorkerInfo)
 _Change = Callable[[Record], Awaitable[Record | None]]
+T = TypeVar("T")
 
 
 class Admin(Core, Broker):
-    async def _records(self) -> list[tuple[Entry, Record]]:
-        """Every stored job's record, once each: a scan also yields the writes made while it
-        runs, so a job that changed meanwhile comes twice (its latest revision is kept)."""
-        latest: dict[str, Entry] = {}
-        async for key, entry in self._scan("jobs"):
-            seen = latest.get(key)
-            if seen is None or entry.revision > seen.revision:
-                latest[key] = entry
-        records = []
-        for key, entry in latest.items():
+    async def _judged(self, judge: Callable[[Record], T | None]) -> dict[str, tuple[int, T]]:
+        """What ``judge`` makes of each stored job's record (None: nothing), by key, with the
+        record's revision. Records are judged as the scan brings them and only what ``judge``
+        returns is kept: holding the records made a listing's memory follow the bucket,
+        payloads and all (``prune`` below says how much). A job written while the scan runs
+        comes again, and its newer record decides."""
+
+        def keep(key: str, entry: Entry) -> tuple[int, T] | None:
             if entry.deleted:
-                continue
+                return None
             try:
-                records.append((entry, record_decoder.decode(entry.value)))
+                record = record_decoder.decode(entry.value)
             except msgspec.DecodeError as exc:  # set aside by the claim that meets it
                 log.warning("a scan leaves out job record %r, unreadable: %r", key, exc)
-        return records
+                return None
+            judged = judge(record)
+            return None if judged is None else (entry.revision, judged)
+
+        return await self._scan_kept("jobs", keep)
 
     @on_io_loop
     async def get(self, job_id: str) -> Job | None:
@@ -73,21 +77,25 @@ class Admin(Core, Broker):
     async def find_jobs(
         self, query: JobQuery, *, limit: int = 100, cursor: str | None = None, count: bool = False
     ) -> JobPage:
-        found = [r for _, r in await self._records() if _matches(query, r)]
-        keyed: list[tuple[tuple[float | int | str, ...], Record]]
-        if query.order == "finished":
-            keyed = sorted(((r.finished_at or 0.0, r.seq), r) for r in found)
-        else:
-            keyed = sorted(((r.seq, r.id), r) for r in found)
-        keyed.reverse()
+        by_finish = query.order == "finished"
+
+        def sort_key(r: Record) -> tuple[float | int | str, ...] | None:
+            if not _matches(query, r):
+                return None
+            return ((r.finished_at or 0.0), r.seq) if by_finish else (r.seq, r.id)
+
+        found = await self._judged(sort_key)
+        keyed = sorted(((key, job_key) for job_key, (_, key) in found.items()), reverse=True)
         if cursor is not None:
             after = tuple(decode_cursor(cursor, query.order, _CURSOR_TYPES[query.order]))
-            keyed = [(k, r) for k, r in keyed if k < after]
+            keyed = [(k, j) for k, j in keyed if k < after]
         page = keyed[:limit]
-        more = len(keyed) > limit
+        # the page's records read again, whole: one may have changed since the scan (its
+        # latest is shown, as the other brokers' listings do) or gone (left out)
+        entries = await self._get_many("jobs", [job_key for _, job_key in page])
         return JobPage(
-            jobs=[r.job() for _, r in page],
-            next_cursor=encode_cursor(query.order, *page[-1][0]) if more else None,
+            jobs=[record_decoder.decode(e.value).job() for e in entries if e and not e.deleted],
+            next_cursor=encode_cursor(query.order, *page[-1][0]) if len(keyed) > limit else None,
             total=len(found) if count else None,
         )
 
@@ -110,7 +118,7 @@ class Admin(Core, Broker):
         no marker; so are ended workflows.
 
         Each record is judged as the scan delivers it and only the revisions to erase are
-        kept: holding the whole bucket (as ``_records`` does) made a worker's memory follow
+        kept: holding the whole bucket made a worker's memory follow
         the records stored, payloads and all (689 MiB against 37 in T9 at full size, where
         2,500 of the stored records are 200-260 KB)."""
         revisions = await self._scan_kept(
@@ -131,11 +139,12 @@ class Admin(Core, Broker):
         out: dict[str, QueueStats] = {}
         for queue in await self._paused_queues():
             out[queue] = QueueStats(queue, {s.value: 0 for s in JobState}, None, True)
-        for _, r in await self._records():
-            qs = out.setdefault(r.queue, QueueStats(r.queue, {s.value: 0 for s in JobState}))
-            qs.counts[r.state.value] += 1
-            if r.state is JobState.QUEUED:
-                qs.oldest_waiting_s = max(qs.oldest_waiting_s or 0.0, max(0.0, now - r.run_at))
+        found = await self._judged(lambda r: (r.queue, r.state, r.run_at))
+        for _, (queue, state, run_at) in found.values():
+            qs = out.setdefault(queue, QueueStats(queue, {s.value: 0 for s in JobState}))
+            qs.counts[state.value] += 1
+            if state is JobState.QUEUED:
+                qs.oldest_waiting_s = max(qs.oldest_waiting_s or 0.0, max(0.0, now - run_at))
         paused = set(await self._paused_queues())
         for qs in out.values():
             qs.paused = qs.queue in paused
@@ -171,7 +180,8 @@ class Admin(Core, Broker):
     @on_io_loop
     async def retry(self, job_ids: Sequence[str] | None) -> list[str]:
         if job_ids is None:
-            job_ids = [r.id for _, r in await self._records() if r.state is JobState.FAILED]
+            failed = await self._judged(lambda r: r.id if r.state is JobState.FAILED else None)
+            job_ids = [job_id for _, job_id in failed.values()]
         now = await self._fresh_now()
         done: list[str] = []
 
@@ -235,14 +245,17 @@ class Admin(Core, Broker):
 
     @on_io_loop
     async def purge(self, queue: str) -> int:
+        def waiting(r: Record) -> tuple[str, str | None] | None:
+            if r.queue != queue or r.state not in (JobState.SCHEDULED, JobState.QUEUED):
+                return None
+            return r.id, r.key
+
         purged = 0
-        for entry, record in await self._records():
-            if record.queue != queue or record.state not in (JobState.SCHEDULED, JobState.QUEUED):
-                continue
-            if await self._delete("jobs", token(record.id), entry.revision):
+        for revision, (job_id, key) in (await self._judged(waiting)).values():
+            if await self._delete("jobs", token(job_id), revision):
                 purged += 1
-                if record.key is not None:
-                    await self._release_key(record.key, record.id)
+                if key is not None:
+                    await self._release_key(key, job_id)
         return purged
 
     # --- pausing --------------------------------------------------------------------------
