@@ -132,6 +132,43 @@ def test_an_error_with_attempts_left_retries_after_the_backoff() -> None:
     assert outcome.error.traceback.rstrip().endswith("ValueError: flaky upstream")
 
 
+def _lookup(table: dict[str, dict[str, int]]) -> int:
+    return table["rates"]["missing"] + 0
+
+
+def _convert(table: dict[str, dict[str, int]]) -> int:
+    try:
+        return _lookup(table) * 2
+    except KeyError as exc:
+        return int(str(exc)) + 1
+
+
+def test_a_stored_traceback_marks_the_line_that_raised_and_no_other() -> None:
+    # Python's ^^^^ marks cost a parse of each frame's source line; they are kept where each
+    # exception of the chain was raised, the part a reader looks at
+    exc = raised_by(lambda: _convert({"rates": {}}))
+    info = decide(attempt=1, max_attempts=1, policy=None, exc=exc).error  # type: ignore[union-attr]
+    lines = info.traceback.splitlines()
+    marked = [
+        lines[i - 1].strip()
+        for i, line in enumerate(lines)
+        if line.strip() and set(line.strip()) <= {"^", "~"}
+    ]
+    # before: also the two calls that led to them
+    assert marked == ['return table["rates"]["missing"] + 0', "return int(str(exc)) + 1"]
+    assert "return _lookup(table) * 2" in info.traceback  # the frames are there, unmarked
+    assert "During handling of the above exception" in info.traceback
+    assert lines[-1].startswith("ValueError: invalid literal for int()")
+
+
+def raised_by(call: Any) -> BaseException:
+    try:
+        call()
+    except BaseException as caught:
+        return caught
+    raise AssertionError("did not raise")
+
+
 def test_the_backoff_is_computed_from_the_attempt_number() -> None:
     p = policy(Backoff(base=1, factor=2, cap=1000, jitter=False))
     delays = [
