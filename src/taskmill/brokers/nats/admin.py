@@ -82,7 +82,7 @@ class Admin(Core, Broker):
         def sort_key(r: Record) -> tuple[float | int | str, ...] | None:
             if not _matches(query, r):
                 return None
-            return ((r.finished_at or 0.0), r.seq) if by_finish else (r.seq, r.id)
+            return (r.finished_at or 0.0, r.seq) if by_finish else (r.seq, r.id)
 
         found = await self._judged(sort_key)
         keyed = sorted(((key, job_key) for job_key, (_, key) in found.items()), reverse=True)
@@ -118,9 +118,9 @@ class Admin(Core, Broker):
         no marker; so are ended workflows.
 
         Each record is judged as the scan delivers it and only the revisions to erase are
-        kept: holding the whole bucket made a worker's memory follow
-        the records stored, payloads and all (689 MiB against 37 in T9 at full size, where
-        2,500 of the stored records are 200-260 KB)."""
+        kept: holding the whole bucket made a worker's memory follow the records stored,
+        payloads and all (689 MiB against 37 in T9 at full size, where 2,500 of the stored
+        records are 200-260 KB)."""
         revisions = await self._scan_kept(
             "jobs",
             lambda key, entry: entry.revision if _prunable(key, entry, finished_before) else None,
