@@ -141,7 +141,11 @@ def test_memory_soak(broker: tuple[str, str], tmp_path: Path) -> None:
         warm_jobs = int(steps * WARMUP)
         warm: Usage | None = None
         if name == "nats":
-            wait_until(lambda: progress(warm_jobs), what="the warm-up jobs done", timeout=120)
+            wait_until(
+                lambda: progress(warm_jobs),
+                what="the warm-up jobs done",
+                timeout=sized(ci=120, full=3600),  # full: 100,000 jobs, 200-400 s
+            )
             time.sleep(max(0.0, opened + SWEPT_S - time.monotonic()))  # the broker's timer
             warm = usage(worker.pid, jobs_done(app)[0] - CONCURRENCY)
             samples.append(warm)
