@@ -23,3 +23,18 @@ async def anoop() -> None:
 def add(a: int, b: int) -> int:
     """A sync task with annotated arguments and result: what converting them costs."""
     return a + b
+
+
+@app.task(name="fail", retries=0)
+def fail() -> None:
+    """A sync task that raises from a few frames down: what a failure costs (its stored error
+    and traceback), with no retry."""
+    _parse({"rate": "n/a"})
+
+
+def _parse(row: dict[str, str]) -> float:
+    return _to_number(row["rate"]) * 100
+
+
+def _to_number(text: str) -> float:
+    return float(text)

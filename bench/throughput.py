@@ -3,13 +3,15 @@
     python -m bench.throughput                 # every mode, 20,000 jobs, 2 worker processes
     python -m bench.throughput --mode drain --jobs 50000 --task anoop
     python -m bench.throughput --mode drain --task add   # annotated (a: int, b: int) -> int
+    python -m bench.throughput --mode drain --task fail  # raises: each job fails, no retry
 
 Modes:
 - enqueue: bulk ``send_many`` in batches of 1,000, and a plain ``send()`` loop (the no-op task
   unless ``--task add``);
-- drain: N no-op jobs (or ``add(1, 2)`` with ``--task add``) enqueued first, then 2 worker
-  processes (``taskmill worker -p 2``) run them; jobs/s from the first start to the last
-  finish, read back from the stored timestamps;
+- drain: N no-op jobs (or ``add(1, 2)`` with ``--task add``, or jobs that raise with
+  ``--task fail``) enqueued first, then 2 worker processes (``taskmill worker -p 2``) run
+  them; jobs/s from the first start to the last finish, read back from the stored
+  timestamps, and the workers' CPU µs per job;
 - metrics: the drain ``--rounds`` times each without and with ``--metrics-port`` (the
   worker-side Prometheus metrics), alternating, and the ratio of their medians;
 - latency: jobs sent at a steady rate (default 200/s) to idle workers; enqueue→start latency
@@ -54,7 +56,9 @@ def workers(
     log_level: str = "warning",
     extra: tuple[str, ...] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, "TASKMILL_URL": url, "PYTHONPATH": ROOT}
+    # this tree's taskmill, whichever the virtualenv installed: a run from a worktree of an
+    # older commit measures that commit
+    env = {**os.environ, "TASKMILL_URL": url, "PYTHONPATH": f"{ROOT}/src{os.pathsep}{ROOT}"}
     cmd = [
         sys.executable, "-m", "taskmill", "worker", "bench.noop_app:app",
         "-p", str(processes), "-c", str(concurrency), "--pool", pool, "--log-level", log_level,
@@ -246,7 +250,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--task", choices=["noop", "anoop", "add"], default=None)
+    parser.add_argument("--task", choices=["noop", "anoop", "add", "fail"], default=None)
     parser.add_argument("--pool", choices=["async", "thread", "process"], default="thread")
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -266,6 +270,7 @@ def main() -> None:
                 rows.append((label, f"{value:,.0f}"))
         if args.mode in ("all", "drain"):
             for task_name in [args.task] if args.task else ["noop", "anoop"]:
+                cpu_us: list[float] = []
                 rate = run_drain(
                     tmp,
                     args.jobs,
@@ -274,9 +279,11 @@ def main() -> None:
                     args.concurrency,
                     args.pool,
                     args.log_level,
+                    cpu_us=cpu_us,
                 )
-                label = f"drain jobs/s ({task_name}, -p {args.processes} -c {args.concurrency})"
-                rows.append((label, f"{rate:,.0f}"))
+                label = f"({task_name}, -p {args.processes} -c {args.concurrency})"
+                rows.append((f"drain jobs/s {label}", f"{rate:,.0f}"))
+                rows.append((f"worker CPU µs/job {label}", f"{cpu_us[0]:.1f}"))
         if args.mode == "metrics":
             rows += run_metrics_cost(tmp, args)
         if args.mode in ("all", "latency"):
