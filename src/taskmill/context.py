@@ -39,6 +39,9 @@ class JobContext:
     _arguments: tuple[list[Any], dict[str, Any]] | None = field(default=None, repr=False)
     """The decoded arguments the function is called with: the run decodes them once, keeps
     them here, and every later step of the run reads them (see ``worker.execution``)."""
+    _mark_idle: Callable[[bool], None] | None = field(default=None, repr=False)
+    """Under a supervisor: tells the worker's table of held jobs whether anything of this job
+    runs or ran unfinished (``False``) or it only waits (``True``; ``worker.holdings``)."""
 
     @property
     def args(self) -> tuple[Any, ...]:

@@ -53,6 +53,15 @@ def build_app(url: str | None = None, **settings: Any) -> App:
             time.sleep(0.01)
         return "stopped" if job.cancelled else "ran out"
 
+    @app.task(name="conformance.exit_process", retries=0)
+    async def exit_process() -> None:
+        """Ends the worker process that runs it at once, as a crashing library would."""
+        os._exit(1)
+
+    @app.task(name="conformance.async_double", retries=0)
+    async def async_double(x: int) -> int:
+        return 2 * x
+
     @app.task(name="conformance.async_forever", retries=0)
     async def async_forever(marker: str) -> str:
         _touch(marker)

@@ -18,6 +18,7 @@ from taskmill.workflows import chain, group, step_job_id
 from .apps import build_app, create_executions_table, executions
 from .conftest import LEASE_SETTINGS
 from .helpers import (
+    PACKAGE,
     Process,
     opened,
     processes,
@@ -119,6 +120,50 @@ def test_sigkill_mid_workflow_the_workflow_completes_as_it_would_have(
     # it ran once: any other attempt was a lease lost to the killed worker (on Redis a job can
     # be handed to it while its idle registration lasts) and came back unrun
     assert callback.attempt - callback.lost_leases == 1
+
+
+HAND_BACK_SETTINGS: dict[str, Any] = {"lease_s": 3.0, "heartbeat_s": 0.5, "recover_interval_s": 0.2}
+"""A lease long enough for the supervisor's next process to start and hand jobs back first,
+on a loaded machine (a start takes 0.3-1 s)."""
+
+
+@pytest.mark.timeout(120)
+def test_jobs_a_dead_process_held_and_had_not_begun_are_handed_back_unharmed(
+    broker_url: str, tmp_path: Path
+) -> None:
+    """A job that ends its worker process is claimed in one batch with three that had not
+    begun (async: they would run after it on the loop). The supervisor's next process hands
+    those three back before their leases run out: they run with no lost lease, while the job
+    that killed the process counts one per death and is quarantined at the third. Before,
+    the three were charged with it each time and quarantined beside it."""
+    app = build_app(broker_url, **HAND_BACK_SETTINGS)
+    try:
+        crash = app.tasks["conformance.exit_process"].options(priority=10).send()
+        goods = [app.tasks["conformance.async_double"].send(n) for n in range(3)]
+        env = subprocess_env(broker_url, HAND_BACK_SETTINGS)
+        args = ["-m", "taskmill", "worker", f"{PACKAGE}.apps:app", "--pool-spec", "default:1:4"]
+        with processes() as start:
+            supervisor = start(args, env, tmp_path / "supervisor.log")
+            try:
+                assert [h.result(timeout=60) for h in goods] == [0, 2, 4]
+                wait_until(
+                    lambda: crash.status() is JobState.FAILED,
+                    timeout=60,
+                    what="the job that kills its process to be quarantined",
+                )
+            finally:
+                print(supervisor.output())
+            supervisor.signal(signal.SIGTERM)
+            assert supervisor.wait(30) == 0
+        for handle in goods:
+            job = app.get_job(handle.id)
+            assert (job.state, job.attempt, job.lost_leases) == (JobState.SUCCEEDED, 1, 0)
+        dead = app.get_job(crash.id)
+        assert dead.lost_leases == app.settings.max_lost_leases
+        assert dead.error is not None and dead.error.type == "taskmill.errors.WorkerLostError"
+        assert "handed back 3 job(s)" in supervisor.output()
+    finally:
+        app.close()
 
 
 @pytest.mark.timeout(60)

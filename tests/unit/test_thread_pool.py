@@ -288,3 +288,47 @@ def test_a_thread_stuck_past_its_hard_limit_is_replaced_up_to_the_pool_size(
     with caplog.at_level("WARNING", logger="taskmill.worker"):
         asyncio.run(main())
     assert caplog.text.count("another thread takes its place") == 2
+
+
+def test_a_call_is_marked_idle_while_queued_and_busy_once_a_thread_takes_it(app: App) -> None:
+    # what the worker's table of held jobs is told (worker.holdings): a job that waits in the
+    # queue may be handed back if the process dies; one a thread has taken may not
+    release = threading.Event()
+
+    def blocks() -> None:
+        release.wait(10)
+
+    def quick() -> None:
+        return None
+
+    first, second = app.task(name="blocks")(blocks), app.task(name="quick")(quick)
+    marks: dict[str, list[bool]] = {"first": [], "second": []}
+
+    def marked(i: int, name: str) -> JobContext:
+        ctx = context(i)
+        ctx._mark_idle = marks[name].append
+        return ctx
+
+    async def main() -> None:
+        runner = ThreadRunner(1)  # one thread: the second call waits behind the first
+        try:
+            one = asyncio.ensure_future(runner.call(first, [], {}, marked(1, "first"), None))
+            await asyncio.to_thread(wait_until_true, lambda: marks["first"] == [True, False])
+            two = asyncio.ensure_future(runner.call(second, [], {}, marked(2, "second"), None))
+            await asyncio.sleep(0)  # its call() runs up to its wait: marked, queued
+            assert marks["second"] == [True]  # the one thread is in the first: idle
+            release.set()
+            await asyncio.gather(one, two)
+            assert marks["second"] == [True, False]
+        finally:
+            release.set()
+            runner.close()
+
+    asyncio.run(main())
+
+
+def wait_until_true(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)

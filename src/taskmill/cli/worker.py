@@ -132,6 +132,7 @@ if TYPE_CHECKING:
 )
 @click.option("--parent-pid", type=int, hidden=True)
 @click.option("--heartbeat-fd", type=int, hidden=True)
+@click.option("--holdings", hidden=True)
 @click.option("--metrics-dir", hidden=True)
 @app_option
 @click.pass_context
@@ -157,6 +158,7 @@ def worker(
     lease: float | None,
     parent_pid: int | None,
     heartbeat_fd: int | None,
+    holdings: str | None,
     metrics_dir: str | None,
 ) -> None:
     """Run jobs. SIGTERM or Ctrl-C drains (running jobs get --drain-timeout to finish); a
@@ -205,6 +207,7 @@ def worker(
             name=name,
             max_start_wait_s=max_start_wait,
             heartbeat_fd=heartbeat_fd,
+            holdings_path=holdings,
             health=None if health_port is None else (health_host, health_port),
             metrics=None if metrics_port is None else (metrics_host, metrics_port),
             metrics_dir=metrics_dir,

@@ -72,6 +72,8 @@ class JobRun:
     """The outcome is decided (the slot is released, the hooks run): a cancel is too late."""
     ended: bool = False
     """The outcome is with the outbox (or dropped): later progress reports are ignored."""
+    held: int = -1
+    """Its slot in the worker's table of held jobs (``worker.holdings``), if it keeps one."""
 
     @property
     def is_async(self) -> bool:
@@ -167,6 +169,8 @@ class Pipeline:
         """Every step after the claim, to ``finished``; the outcome. Interrupts end in an
         outcome too; only a cancel of the run's asyncio task by anyone else is raised."""
         began = 0.0 if r.plain else time.monotonic()  # the fast path sets it before any await
+        if r.ctx._mark_idle is not None:
+            r.ctx._mark_idle(False)  # its own steps begin: a death now may be its doing
         try:
             outcome = None if r.plain else await self._prepare(r)
             if outcome is None:
@@ -184,6 +188,12 @@ class Pipeline:
         r.finishing = True
         if not r.plain:
             await self._end(r, outcome)
+        self._tell(r, outcome, began)
+        self.finished(r, outcome)
+        return outcome
+
+    def _tell(self, r: JobRun, outcome: Outcome, began: float) -> None:
+        """The outcome to the job log and the metrics, with the time since ``began``."""
         log_it = not r.lost and job_log.isEnabledFor(logging.INFO)
         if log_it or self.metrics is not None:  # the clock is read only for them
             run_s = time.monotonic() - began
@@ -191,8 +201,6 @@ class Pipeline:
                 log_outcome(r.job, outcome, run_s, self.worker_id)
             if self.metrics is not None:
                 self.metrics.finished(r.job, outcome, run_s, lost=r.lost)
-        self.finished(r, outcome)
-        return outcome
 
     def _decide(
         self,

@@ -390,6 +390,8 @@ class TaskThreads:
             return True
 
     def _run(self, call: _Call) -> None:
+        if call.ctx._mark_idle is not None:
+            call.ctx._mark_idle(False)
         began = time.monotonic()
         value, error = None, None
         try:
@@ -499,6 +501,8 @@ class ThreadRunner:
         expected = pool.expected_s(task.fn)
         context = contextvars.copy_context()
         call = _Call(fut, context, ctx, task.fn, args, kwargs, started, expected)
+        if ctx._mark_idle is not None:
+            ctx._mark_idle(True)  # its steps so far completed; it waits for a thread
         pool.submit(call, now=started is not None)
         if started is not None:
             started.wait(_HANDOFF_WAIT_S)

@@ -187,6 +187,7 @@ def run_worker_process(
     name: str | None = None,
     max_start_wait_s: float | None = None,
     heartbeat_fd: int | None = None,
+    holdings_path: str | None = None,
     health: tuple[str, int] | None = None,
     metrics: tuple[str, int] | None = None,
     metrics_dir: str | None = None,
@@ -196,7 +197,9 @@ def run_worker_process(
     Returns the process's exit code: 0 after a stop, ``NO_RESTART_EXIT_CODE`` when it stopped
     on an error no restart fixes, 1 for any other error (logged). ``metrics``: serve its
     counts on (host, port); ``metrics_dir``: write them there for its supervisor.
-    ``lease_s``: the worker's lease instead of the app's (``--lease``)."""
+    ``lease_s``: the worker's lease instead of the app's (``--lease``). ``holdings_path``:
+    the file of the jobs it holds, for the supervisor's next process of its slot
+    (``taskmill.worker.holdings``)."""
     counts, metrics_server = worker_metrics(metrics, metrics_dir)
 
     w = Worker(
@@ -213,6 +216,7 @@ def run_worker_process(
         on_heartbeat=None if heartbeat_fd is None else beat_to(heartbeat_fd),
         metrics=counts,
         lease_s=lease_s,
+        holdings_path=holdings_path,
     )
     server = None if health is None else serve_health(*health, worker_health(w))
 

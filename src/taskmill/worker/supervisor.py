@@ -8,7 +8,11 @@ at once, a third kills them. It exits once every child has exited after a stop.
 
 Each child gets ``--heartbeat-fd N``, the write end of a pipe on which it writes a byte after
 every heartbeat the broker took; ``health()`` reports from those bytes (the supervisor's
-``--health-port`` endpoint answers for all children at once).
+``--health-port`` endpoint answers for all children at once). Each slot also has a file, given
+to its child as ``--holdings PATH``: the child keeps there the jobs it holds, and the next
+child of the slot hands back those a dead one held and had not begun
+(``taskmill.worker.holdings``). The files live in a directory of the supervisor's own,
+removed when it exits.
 
 Children stay in the supervisor's process group (so killing the group kills them all) and
 ignore SIGINT, because a Ctrl-C in a terminal reaches the whole group and the supervisor
@@ -25,8 +29,10 @@ import contextlib
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +50,7 @@ at start or while it ran (a permanent ``BrokerError``: a read-only SQLite file, 
 password), or stayed unreachable past ``--max-start-wait``."""
 _FINAL_EXIT_CODES = (USAGE_EXIT_CODE, NO_RESTART_EXIT_CODE)
 HEARTBEAT_FD_OPTION = "--heartbeat-fd"
+HOLDINGS_OPTION = "--holdings"
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -119,6 +126,7 @@ class Supervisor:
         self.on_exit = on_exit
         self._stop_requests = 0
         self._exit_code = 0
+        self._holdings_dir = ""  # made by run()
 
     # --- main loop ------------------------------------------------------------------------------
 
@@ -131,6 +139,7 @@ class Supervisor:
         old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         watched = (*_STOP_SIGNALS, signal.SIGCHLD)
         old_handlers = {sig: signal.signal(sig, _ignore) for sig in watched}
+        self._holdings_dir = tempfile.mkdtemp(prefix="taskmill-holdings-")
         try:
             log.info("supervisor %d: starting %d worker processes", os.getpid(), len(self.slots))
             for slot in self.slots:
@@ -150,6 +159,7 @@ class Supervisor:
                 signal.signal(sig, handler)
             os.close(read_fd)
             os.close(write_fd)
+            shutil.rmtree(self._holdings_dir, ignore_errors=True)
 
     def _wait_for_news(self, signals_fd: int) -> None:
         """Until a signal, a child's heartbeat or exit, or a restart comes due: take the
@@ -192,7 +202,8 @@ class Supervisor:
         slot.last_beat = None
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
-        argv = [*slot.pool.argv, HEARTBEAT_FD_OPTION, str(write_end)]
+        holdings = os.path.join(self._holdings_dir, f"slot-{slot.index}")
+        argv = [*slot.pool.argv, HOLDINGS_OPTION, holdings, HEARTBEAT_FD_OPTION, str(write_end)]
         try:
             slot.proc = subprocess.Popen(argv, pass_fds=(write_end,))
         except OSError as exc:

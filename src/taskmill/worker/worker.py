@@ -26,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from taskmill.errors import BrokerError
@@ -34,6 +35,7 @@ from taskmill.job import Failed, Job, Outcome, Released, RetryAt
 from taskmill.urls import redact_url
 from taskmill.worker.execution import JobRun, Pipeline
 from taskmill.worker.flushing import Flusher, advance_workflows
+from taskmill.worker.holdings import Holdings, take_over
 from taskmill.worker.idle import IdleWait, first_of
 from taskmill.worker.leases import LeaseKeeper
 from taskmill.worker.maintenance import BrokerWarnings, maintain, watch_epoch
@@ -76,6 +78,8 @@ class Worker:
     ``lease_s`` replaces the app's ``lease_s`` for this worker's claims (``taskmill worker
     --lease``); its heartbeat and recovery intervals follow it unless the app sets them
     (``Settings.with_lease``: ``ConfigurationError`` if the settings refuse it).
+    ``holdings_path``: the file where it keeps the jobs it holds, and where it first finds
+    those of the process it replaces (``taskmill.worker.holdings``; the supervisor's).
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class Worker:
         on_heartbeat: Callable[[], None] | None = None,
         metrics: WorkerMetrics | None = None,
         lease_s: float | None = None,
+        holdings_path: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -122,6 +127,8 @@ class Worker:
         self.max_start_wait_s = max_start_wait_s
         self.on_heartbeat = on_heartbeat
         self.metrics = metrics
+        self.holdings_path = holdings_path
+        self._holdings: Holdings | None = None  # made once the broker is open
         # set once the broker is open: before it, run() only retries reaching the broker
         self.connected = asyncio.Event()
         self.started_at = time.time()
@@ -200,6 +207,10 @@ class Worker:
             return 0  # stopped while the broker was unreachable
         self.connected.set()
         await broker.attach()
+        if self.holdings_path is not None:
+            self._holdings = await take_over(
+                broker, self.holdings_path, self.concurrency, worker_id=self.id
+            )
         parts = self._parts = Parts(
             self,
             broker,
@@ -270,6 +281,8 @@ class Worker:
     async def _close(self, background: list[asyncio.Task[Any]], parts: Parts) -> None:
         await cancel_and_wait(background)
         await parts.close(self._last_writes)
+        if self._holdings is not None:
+            self._holdings.close()  # a stop hands back or finishes all it held
         if self.metrics is not None:
             with contextlib.suppress(ValueError):
                 self.client.enqueue_observers.remove(self.metrics.counts.enqueued)
@@ -359,6 +372,9 @@ class Worker:
     def _start(self, job: Job) -> None:
         run = self._pipeline.begin(job, self._report_progress)
         self._running[job.id] = run
+        if self._holdings is not None:
+            run.held = self._holdings.hold(run.claim)
+            run.ctx._mark_idle = partial(self._holdings.mark, run.held)
         if self.metrics is not None:
             self.metrics.counts.started(job)
         if self._publisher is not None:
@@ -369,6 +385,8 @@ class Worker:
         """The pipeline's last step: the run's outcome to the outbox (or dropped)."""
         del self._running[run.job.id]
         self.jobs_done += 1
+        if self._holdings is not None:
+            self._holdings.release(run.held)
         if run.lost:
             self._outbox.drop(run)
             log.warning(
