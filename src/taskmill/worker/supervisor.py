@@ -139,8 +139,8 @@ class Supervisor:
         old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         watched = (*_STOP_SIGNALS, signal.SIGCHLD)
         old_handlers = {sig: signal.signal(sig, _ignore) for sig in watched}
-        self._holdings_dir = tempfile.mkdtemp(prefix="taskmill-holdings-")
         try:
+            self._holdings_dir = tempfile.mkdtemp(prefix="taskmill-holdings-")
             log.info("supervisor %d: starting %d worker processes", os.getpid(), len(self.slots))
             for slot in self.slots:
                 self._spawn(slot)
@@ -159,7 +159,8 @@ class Supervisor:
                 signal.signal(sig, handler)
             os.close(read_fd)
             os.close(write_fd)
-            shutil.rmtree(self._holdings_dir, ignore_errors=True)
+            if self._holdings_dir:
+                shutil.rmtree(self._holdings_dir, ignore_errors=True)
 
     def _wait_for_news(self, signals_fd: int) -> None:
         """Until a signal, a child's heartbeat or exit, or a restart comes due: take the
