@@ -1,6 +1,7 @@
 """The table of held jobs a worker process keeps for its supervisor's next process
 (``taskmill.worker.holdings``): what it shows idle after its writer is gone. The hand-back
-itself, with a process that really dies, is in tests/integration/test_hand_back.py."""
+itself, with a process that really dies, is in tests/conformance/test_processes.py; one the
+broker cannot take in tests/integration/test_hand_back.py."""
 
 from __future__ import annotations
 
