@@ -208,9 +208,14 @@ class Worker:
         self.connected.set()
         await broker.attach()
         if self.holdings_path is not None:
-            self._holdings = await take_over(
-                broker, self.holdings_path, self.concurrency, worker_id=self.id
-            )
+            try:
+                self._holdings = await take_over(
+                    broker, self.holdings_path, self.concurrency, worker_id=self.id
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await broker.detach()  # its connections on this loop: closed, not leaked
+                raise
         parts = self._parts = Parts(
             self,
             broker,
@@ -224,17 +229,17 @@ class Worker:
         self._pipeline, self._outbox, self._flusher = parts.pipeline, parts.outbox, parts.flusher
         self._publisher = parts.publisher
         background = self._start_loops(until_idle, parts)
-        if self.register:
-            await parts.leases.beat()
-            log.info(
-                "worker %s started: queues=%s concurrency=%d pool=%s broker=%s",
-                self.id,
-                ",".join(self.queues),
-                self.concurrency,
-                self.pool,
-                redact_url(self.client.url),
-            )
-        try:
+        try:  # from here every way out closes the parts (and detaches from the broker)
+            if self.register:
+                await parts.leases.beat()
+                log.info(
+                    "worker %s started: queues=%s concurrency=%d pool=%s broker=%s",
+                    self.id,
+                    ",".join(self.queues),
+                    self.concurrency,
+                    self.pool,
+                    redact_url(self.client.url),
+                )
             await self._claim_loop(until_idle, parts.leases, parts.idle)
             await drain(
                 self._running,
