@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoServersError, OutboundBufferLimitError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.errors import ServiceUnavailableError
@@ -51,6 +52,8 @@ records (256 records of 200 KB would be 51 MB), and its first batch is small to 
 their size."""
 _SCAN_FIRST_BATCH = 16
 _SCAN_IDLE_S = 30.0
+_SCAN_QUIET_S = 1.0
+"""A scan's fetch that finds nothing this long checks whether the scan is over."""
 _SCAN_TRIES = 3
 
 _UNAVAILABLE = (
@@ -471,6 +474,26 @@ class Store:
                     ) from exc
                 await asyncio.sleep(0.1 * attempt)
 
+    async def _scan_fetch(
+        self, js: JetStreamContext, sub: Any, stream: str, consumer: str, batch: int
+    ) -> list[Msg]:
+        """The scan's next batch. A message the consumer counted as pending can be replaced
+        by a newer revision of its key before it is delivered, and then never comes (a CI run
+        waited out the whole timeout while jobs were being cancelled): a fetch that finds
+        nothing for a second ends the scan (``_ScanOver``) once the consumer has been given
+        the stream's last message, and waits on, up to ``unavailable_after_s``, otherwise."""
+        deadline = time.monotonic() + self.config.unavailable_after_s
+        while True:
+            wait = max(0.01, min(_SCAN_QUIET_S, deadline - time.monotonic()))
+            try:
+                msgs: list[Msg] = await sub.fetch(batch, timeout=wait)
+                return msgs
+            except NatsTimeoutError:
+                if await _caught_up(js, stream, consumer):
+                    raise _ScanOver from None
+                if time.monotonic() >= deadline:
+                    raise
+
     async def _scan_pass(
         self, js: JetStreamContext, bucket: str
     ) -> AsyncIterator[tuple[str, Entry]]:
@@ -491,7 +514,10 @@ class Store:
         batch = _SCAN_FIRST_BATCH
         try:
             while True:
-                msgs = await sub.fetch(batch, timeout=self.config.unavailable_after_s)
+                try:
+                    msgs = await self._scan_fetch(js, sub, stream, consumer.name, batch)
+                except _ScanOver:
+                    return
                 size = sum(len(msg.data) for msg in msgs)
                 batch = max(1, min(SCAN_BATCH, SCAN_BYTES * len(msgs) // max(size, 1)))
                 for msg in msgs:
@@ -507,6 +533,17 @@ class Store:
             await sub.unsubscribe()
             with contextlib.suppress(Exception):  # else it goes after _SCAN_IDLE_S
                 await js.delete_consumer(stream, consumer.name)
+
+
+class _ScanOver(Exception):
+    """The scan's consumer has been given the stream's last message: nothing more will come."""
+
+
+async def _caught_up(js: JetStreamContext, stream: str, consumer: str) -> bool:
+    """Whether ``consumer`` was delivered the stream's last message."""
+    delivered: int = (await js.consumer_info(stream, consumer)).delivered.stream_seq or 0
+    last: int = (await js.stream_info(stream)).state.last_seq or 0
+    return delivered >= last
 
 
 def put_result(msg: Msg) -> int | CasError:
