@@ -31,6 +31,7 @@ from taskmill.limits import hold_slot, wait_for_rate_slots
 from taskmill.portal import DaemonThreads
 from taskmill.retry import Interrupt, RetryPolicy, decide
 from taskmill.serialization import encode, payload_options, try_decode
+from taskmill.worker.holdings import NOT_HELD
 from taskmill.worker.joblog import job_log, log_outcome, log_start
 from taskmill.worker.pools import call_async
 
@@ -72,7 +73,7 @@ class JobRun:
     """The outcome is decided (the slot is released, the hooks run): a cancel is too late."""
     ended: bool = False
     """The outcome is with the outbox (or dropped): later progress reports are ignored."""
-    held: int = -1
+    held: int = NOT_HELD
     """Its slot in the worker's table of held jobs (``worker.holdings``), if it keeps one."""
 
     @property

@@ -110,18 +110,19 @@ async def take_over(broker: Broker, path: str, slots: int, *, worker_id: str) ->
     """Hand back the jobs the table at ``path`` shows idle (its process died holding them),
     then make it this process's table."""
     left = left_idle(path)
-    if left:
-        try:
-            taken = await broker.finish([Finish(claim, Released()) for claim in left])
-        except Exception as exc:  # they are recovered when their leases run out, as before
-            log.warning(
-                "worker %s: could not hand back the %d job(s) the process before it held and "
-                "had not begun (they come back when their leases run out): %s",
-                worker_id,
-                len(left),
-                exc,
-            )
-            return Holdings(path, slots)
+    if not left:
+        return Holdings(path, slots)
+    try:
+        taken = await broker.finish([Finish(claim, Released()) for claim in left])
+    except Exception as exc:  # they are recovered when their leases run out, as before
+        log.warning(
+            "worker %s: could not hand back the %d job(s) the process before it held and "
+            "had not begun (they come back when their leases run out): %s",
+            worker_id,
+            len(left),
+            exc,
+        )
+    else:
         log.warning(
             "worker %s: handed back %d job(s) that the process before it held when it died "
             "and had not begun (no lost lease counted; %d had been recovered already): %s",

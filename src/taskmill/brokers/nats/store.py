@@ -476,12 +476,13 @@ class Store:
 
     async def _scan_fetch(
         self, js: JetStreamContext, sub: Any, stream: str, consumer: str, batch: int
-    ) -> list[Msg]:
-        """The scan's next batch. A message the consumer counted as pending can be replaced
-        by a newer revision of its key before it is delivered, and then never comes (a CI run
-        waited out the whole timeout while jobs were being cancelled): a fetch that finds
-        nothing for a second ends the scan (``_ScanOver``) once the consumer has been given
-        the stream's last message, and waits on, up to ``unavailable_after_s``, otherwise."""
+    ) -> list[Msg] | None:
+        """The scan's next batch, or None when it is over. A message the consumer counted as
+        pending can be replaced by a newer revision of its key before it is delivered, and
+        then never comes (a CI run waited out the whole timeout while jobs were being
+        cancelled): a fetch that finds nothing for a second ends the scan once the consumer
+        has been given the stream's last message, and waits on, up to
+        ``unavailable_after_s``, otherwise."""
         deadline = time.monotonic() + self.config.unavailable_after_s
         while True:
             wait = max(0.01, min(_SCAN_QUIET_S, deadline - time.monotonic()))
@@ -490,7 +491,7 @@ class Store:
                 return msgs
             except NatsTimeoutError:
                 if await _caught_up(js, stream, consumer):
-                    raise _ScanOver from None
+                    return None
                 if time.monotonic() >= deadline:
                     raise
 
@@ -514,9 +515,8 @@ class Store:
         batch = _SCAN_FIRST_BATCH
         try:
             while True:
-                try:
-                    msgs = await self._scan_fetch(js, sub, stream, consumer.name, batch)
-                except _ScanOver:
+                msgs = await self._scan_fetch(js, sub, stream, consumer.name, batch)
+                if msgs is None:
                     return
                 size = sum(len(msg.data) for msg in msgs)
                 batch = max(1, min(SCAN_BATCH, SCAN_BYTES * len(msgs) // max(size, 1)))
@@ -533,10 +533,6 @@ class Store:
             await sub.unsubscribe()
             with contextlib.suppress(Exception):  # else it goes after _SCAN_IDLE_S
                 await js.delete_consumer(stream, consumer.name)
-
-
-class _ScanOver(Exception):
-    """The scan's consumer has been given the stream's last message: nothing more will come."""
 
 
 async def _caught_up(js: JetStreamContext, stream: str, consumer: str) -> bool:
