@@ -164,6 +164,85 @@ def test_a_result_is_not_held_back_by_a_slow_call_after_it_on_the_same_thread(
     assert asyncio.run(main())  # the fast call's result came while the slow call ran
 
 
+def test_a_result_goes_back_before_its_thread_starts_a_long_call(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No stuck-thread round within the test (20 s, past the waits): only the hand-over can
+    # bring the first result. Before it, a thread that found a call queued took it and kept
+    # the result it had until the queue was empty: a 10 ms job's result waited for the next
+    # job's 10 ms (a worker ran 10 ms sync jobs at 0.63 of its slots' capacity, async ones
+    # at 0.93).
+    monkeypatch.setattr(pools, "_STALL_S", 20.0, raising=False)
+    monkeypatch.setattr(pools, "_SPREAD_S", 0.005, raising=False)
+    gates = {"first": threading.Event(), "second": threading.Event()}
+
+    def waits_for(gate: str) -> str:
+        if gate:
+            gates[gate].wait(20)
+        else:
+            time.sleep(0.05)  # known as long (50 ms) from this run on
+        return gate
+
+    task = app.task(name="waits_for")(waits_for)
+
+    async def main() -> bool:
+        runner = ThreadRunner(1)  # one thread: the second call waits behind the first
+        try:
+            await call(runner, task, "")
+            first = asyncio.create_task(call(runner, task, "first", i=1))
+            second = asyncio.create_task(call(runner, task, "second", i=2))
+            await asyncio.sleep(0)  # both queued
+            gates["first"].set()
+            assert await asyncio.wait_for(first, 10) == "first"
+            still_running = not second.done()
+            gates["second"].set()
+            assert await second == "second"
+            return still_running
+        finally:
+            for gate in gates.values():
+                gate.set()
+            runner.close()
+
+    assert asyncio.run(main())
+
+
+def test_a_thread_in_a_long_call_is_not_counted_on_for_the_next_one(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the first call runs until the second has started: on one thread that never happens
+    # (no stuck-thread round within the test: 20 s, past the barrier's 5 s)
+    monkeypatch.setattr(pools, "_STALL_S", 20.0, raising=False)
+    monkeypatch.setattr(pools, "_SPREAD_S", 0.005, raising=False)
+    meeting = threading.Barrier(2, timeout=5)
+    running = threading.Event()
+
+    def meets(first: bool | None) -> str:
+        if first is None:
+            time.sleep(0.3)  # known as long (300 ms): a running call is not about to end
+            return thread_name()
+        if first:
+            running.set()
+        meeting.wait()
+        return thread_name()
+
+    task = app.task(name="meets")(meets)
+
+    async def main() -> list[str]:
+        runner = ThreadRunner(4)
+        try:
+            await call(runner, task, None)
+            first = asyncio.create_task(call(runner, task, True, i=1))
+            await asyncio.to_thread(running.wait, 10)
+            second = asyncio.create_task(call(runner, task, False, i=2))
+            return await asyncio.gather(first, second)
+        finally:
+            meeting.abort()
+            runner.close()
+
+    names = asyncio.run(main())
+    assert len(set(names)) == 2, names
+
+
 def test_an_error_reaches_the_awaiting_coroutine(app: App) -> None:
     def fails() -> None:
         raise ValueError("bad input: 42")

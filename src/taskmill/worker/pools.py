@@ -174,6 +174,7 @@ class _Call:
     kwargs: dict[str, Any]
     started: threading.Event | None
     expected_s: float  # how long calls of ``fn`` took lately
+    ends_s: float = 0.0  # once a thread took it: time.monotonic() at which it should return
     # under TaskThreads._lock: a thread took it, it returned, its run was given up (abandon)
     running: bool = False
     done: bool = False
@@ -193,10 +194,12 @@ class TaskThreads:
     - a thread that finishes a call takes the next queued one itself. Threads are woken once
       the loop has queued what it had to, as many as the queued calls need by how long calls
       of the same functions took lately: one thread for each ``spread_s`` of expected work
-      (short calls run one after another on one thread; slow ones get a thread each at once);
+      (short calls run one after another on one thread; slow ones get a thread each at once),
+      counting as free only the threads whose call should end within ``spread_s``;
     - results go back in batches: a thread hands its results to the loop (one
       ``call_soon_threadsafe``) when it finds the queue empty, so the loop sleeps while the
-      calls it queued run (no turns at the GIL) and wakes once for all of them;
+      calls it queued run (no turns at the GIL) and wakes once for all of them, or when the
+      next call is expected to take longer than ``spread_s`` (its results would wait for it);
     - a watch timer on the loop, every ``stall_s`` while calls are queued or results wait,
       handles calls slower than usual: if no thread could take a queued call meanwhile,
       those awake are stuck, so as many more are woken as are awake (16 threads within
@@ -236,6 +239,7 @@ class TaskThreads:
         self._started = 0  # threads ever started (their names' numbers)
         self._stuck = 0  # threads running an abandoned call
         self._awake = 0  # threads running a call or about to look at the queue
+        self._taken: set[_Call] = set()  # the calls threads are running (abandoned ones too)
         self._last_start = 0.0  # time.monotonic() at which a thread last took a call
         self._durations: dict[Callable[..., Any], float] = {}  # see expected_s
         self._results: list[tuple[_Call, Any, BaseException | None]] = []
@@ -274,9 +278,19 @@ class TaskThreads:
         self._kick_due = False
         with self._lock:
             wanted = min(len(self._queue), max(1, math.ceil(self._queued_s / self._spread_s)))
-            for _ in range(wanted - (self._awake - self._stuck)):
+            for _ in range(wanted - self._free_soon()):
                 if not self._wake_one():
                     break
+
+    def _free_soon(self) -> int:
+        """The awake threads that will look at the queue within ``spread_s`` (under the
+        lock): those between calls, and those whose call should return by then. A thread
+        in a call of 10 ms would leave a call queued behind it for as long (it ran at 0.63
+        of the slots' capacity on 10 ms jobs, against 0.93 for the same job written async)."""
+        soon = time.monotonic() + self._spread_s
+        between = self._awake - len(self._taken)
+        ending = sum(1 for call in self._taken if not call.abandoned and call.ends_s <= soon)
+        return between + ending
 
     def _wake_one(self) -> bool:
         """Wake a sleeping thread or start a new one (under the lock); False if all are up."""
@@ -356,7 +370,9 @@ class TaskThreads:
                 if call is not None:
                     self._queued_s -= call.expected_s
                     self._last_start = time.monotonic()
+                    call.ends_s = self._last_start + call.expected_s
                     call.running = True
+                    self._taken.add(call)
                 else:
                     self._awake -= 1
                     if self._closed:
@@ -376,6 +392,7 @@ class TaskThreads:
     def _returned(self, call: _Call) -> None:
         """``call`` is over on its thread (under the lock)."""
         call.done = True
+        self._taken.discard(call)
         if call.abandoned:
             self._stuck -= 1
 
@@ -406,7 +423,10 @@ class TaskThreads:
             self._durations[call.fn] = took if known is None else min(took, known * _RISE)
             self._results.append((call, value, error))
             self._returned(call)
-            hand_over = not self._delivery_due and not self._queue
+            # results wait for the next short call, not a long one (that is a job's latency)
+            hand_over = not self._delivery_due and (
+                not self._queue or self._queue[0].expected_s > self._spread_s
+            )
             self._delivery_due |= hand_over
         if hand_over:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
