@@ -31,6 +31,9 @@ from taskmill.testing import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_DIR = os.path.join(ROOT, "bench", ".peers")
+TREE_PATH = os.pathsep.join([os.path.join(ROOT, "src"), ROOT])
+"""The workers' ``PYTHONPATH``: this tree's taskmill whichever the virtualenv installed, so a
+run from a worktree of an older commit measures that commit."""
 
 WARMUP = 20
 
@@ -301,7 +304,7 @@ def run_lib(
     slug = f"{workload}-{lib.name.replace(' ', '-')}"
     env = {
         **os.environ,
-        "PYTHONPATH": ROOT,
+        "PYTHONPATH": TREE_PATH,
         "CMP_REDIS_URL": f"redis://127.0.0.1:{port}/0",
         "PYTHONDONTWRITEBYTECODE": "1",
         "CMP_PROBE": args.probe,

@@ -27,7 +27,7 @@ import time
 import redis
 
 from bench._harness import (
-    ROOT,
+    TREE_PATH,
     WORKLOAD_TITLES,
     exit_on_sigterm,
     git_describe,
@@ -70,7 +70,7 @@ def drain(mode: str, port: int, redis_pid: int, tmp: str, args: argparse.Namespa
     variant, pool = MODES[mode]
     env = {
         **os.environ,
-        "PYTHONPATH": ROOT,
+        "PYTHONPATH": TREE_PATH,
         "CMP_REDIS_URL": f"redis://127.0.0.1:{port}/0",
         "TASKMILL_URL": f"redis://127.0.0.1:{port}/0?prefix=bench:",
         "CMP_WORKLOAD": args.workload,

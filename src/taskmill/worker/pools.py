@@ -287,10 +287,11 @@ class TaskThreads:
         lock): those between calls, and those whose call should return by then. A thread
         in a call of 10 ms would leave a call queued behind it for as long (it ran at 0.63
         of the slots' capacity on 10 ms jobs, against 0.93 for the same job written async)."""
-        soon = time.monotonic() + self._spread_s
         between = self._awake - len(self._taken)
-        ending = sum(1 for call in self._taken if not call.abandoned and call.ends_s <= soon)
-        return between + ending
+        if not self._taken:
+            return between
+        soon = time.monotonic() + self._spread_s
+        return between + sum(1 for c in self._taken if not c.abandoned and c.ends_s <= soon)
 
     def _wake_one(self) -> bool:
         """Wake a sleeping thread or start a new one (under the lock); False if all are up."""
