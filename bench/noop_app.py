@@ -25,6 +25,13 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+@app.task(name="text", retries=0)
+def text(text: str) -> int:
+    """A sync task given a long text (``bench.throughput --task text``): what a long payload
+    costs the broker between its send and its finish."""
+    return len(text)
+
+
 @app.task(name="fail", retries=0)
 def fail() -> None:
     """A sync task that raises from a few frames down: what a failure costs (its stored error

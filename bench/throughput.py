@@ -4,14 +4,16 @@
     python -m bench.throughput --mode drain --jobs 50000 --task anoop
     python -m bench.throughput --mode drain --task add   # annotated (a: int, b: int) -> int
     python -m bench.throughput --mode drain --task fail  # raises: each job fails, no retry
+    python -m bench.throughput --mode drain --task text --jobs 2000  # a 100 KB str argument
 
 Modes:
 - enqueue: bulk ``send_many`` in batches of 1,000, and a plain ``send()`` loop (the no-op task
   unless ``--task add``);
-- drain: N no-op jobs (or ``add(1, 2)`` with ``--task add``, or jobs that raise with
-  ``--task fail``) enqueued first, then 2 worker processes (``taskmill worker -p 2``) run
-  them; jobs/s from the first start to the last finish, read back from the stored
-  timestamps, and the workers' CPU µs per job;
+- drain: N no-op jobs (or ``add(1, 2)`` with ``--task add``, jobs that raise with
+  ``--task fail``, or ``text(s)`` with ``--task text``, ``s`` of ``--text-bytes``)
+  enqueued first, then 2 worker processes (``taskmill worker -p 2``) run them; jobs/s
+  from the first start to the last finish, read back from the stored timestamps, and the
+  workers' CPU µs per job;
 - metrics: the drain ``--rounds`` times each without and with ``--metrics-port`` (the
   worker-side Prometheus metrics), alternating, and the ratio of their medians;
 - latency: jobs sent at a steady rate (default 200/s) to idle workers; enqueue→start latency
@@ -101,9 +103,15 @@ def fresh_url(tmp: str, name: str) -> str:
     return f"sqlite:///{path}"
 
 
+TEXT_BYTES = 100_000
+"""``--task text``: the length of each job's argument (``--text-bytes``)."""
+
+
 def producer_task(app: Any, task_name: str) -> tuple[Any, tuple[Any, ...]]:
     """The task as the producer registers it, and the arguments each job gets: the producer
     of ``add`` has its annotations, so what checking them at send costs is measured."""
+    if task_name == "text":
+        return app.task(name="text", retries=0)(lambda text: None), ("x" * TEXT_BYTES,)
     if task_name == "add":
 
         def add(a: int, b: int) -> int:
@@ -242,6 +250,7 @@ def run_metrics_cost(tmp: str, args: argparse.Namespace) -> list[tuple[str, str]
 
 
 def main() -> None:
+    global TEXT_BYTES
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--mode", choices=["all", "enqueue", "drain", "latency", "metrics"], default="all"
@@ -250,7 +259,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--task", choices=["noop", "anoop", "add", "fail"], default=None)
+    parser.add_argument("--task", choices=["noop", "anoop", "add", "fail", "text"], default=None)
+    parser.add_argument("--text-bytes", type=int, default=TEXT_BYTES, help="--task text")
     parser.add_argument("--pool", choices=["async", "thread", "process"], default="thread")
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -261,6 +271,7 @@ def main() -> None:
         help="the workers' --log-level (info: one line per finished job, to a file)",
     )
     args = parser.parse_args()
+    TEXT_BYTES = args.text_bytes
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="taskmill-bench-") as tmp:
         if args.mode in ("all", "enqueue"):

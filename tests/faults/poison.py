@@ -25,6 +25,7 @@ import redis
 from faults.ledger import LEDGER_ENV, Ledger
 from servers import NatsServer, PostgresServer, RedisServer
 from taskmill import App
+from taskmill.brokers.sqlite.schema import PAYLOAD_APART_BYTES
 from taskmill.job import Job, JobState
 from taskmill.task import Task
 from taskmill.testing import wait_until
@@ -200,11 +201,17 @@ def write_sqlite(url: str, records: Sequence[Bad], queue: str = "default") -> No
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
         now = time.time()
+        long = {r.id for r in records if len(r.payload) > PAYLOAD_APART_BYTES}
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(
             "INSERT INTO taskmill_jobs (id, task, queue, state, payload, priority,"
             " max_attempts, run_at, enqueued_at) VALUES (?, ?, ?, 'queued', ?, 0, 1, ?, ?)",
-            [(r.id, r.task, queue, r.payload, now, now) for r in records],
+            [(r.id, r.task, queue, b"" if r.id in long else r.payload, now, now) for r in records],
+        )
+        conn.executemany(  # stored where the broker stores a long payload (schema 7)
+            "INSERT INTO taskmill_payloads (seq, payload)"
+            " SELECT seq, ? FROM taskmill_jobs WHERE id = ?",
+            [(r.payload, r.id) for r in records if r.id in long],
         )
         conn.execute("COMMIT")
     finally:

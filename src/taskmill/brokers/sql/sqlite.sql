@@ -130,6 +130,21 @@ BEGIN
     WHERE queue = new.queue AND state = new.state AND new.state NOT IN ('queued', 'running');
 END;
 
+-- name: schema_v7
+-- A long payload in a table of its own, written once: SQLite writes a row whole at every
+-- update (a claim, a progress report, a finish), so a job's 250 KB payload was written to
+-- the log three times or more, 2 ms a job (docs/reliability.md, T9). Its job's row keeps an
+-- empty payload (no send stores one: the shortest is "[[],{}]"); the row's delete takes it.
+CREATE TABLE IF NOT EXISTS taskmill_payloads (
+    seq     INTEGER PRIMARY KEY,
+    payload BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS taskmill_payloads_delete AFTER DELETE ON taskmill_jobs
+WHEN old.payload = x''
+BEGIN
+    DELETE FROM taskmill_payloads WHERE seq = old.seq;
+END;
+
 -- name: insert
 -- OR IGNORE: a job whose id is stored already is the same job (a retried send, a periodic
 -- tick two schedulers saw), and a keyed job whose key a pending job holds is not stored.
@@ -137,6 +152,12 @@ INSERT OR IGNORE INTO taskmill_jobs
     (id, task, queue, state, payload, priority, max_attempts, run_at, enqueued_at, timeout_s,
      meta, key)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: insert_payload
+-- After the job's row (its payload empty), in the same transaction; a job stored before
+-- keeps its own payload.
+INSERT OR IGNORE INTO taskmill_payloads (seq, payload)
+SELECT seq, ? FROM taskmill_jobs WHERE id = ? AND payload = x'';
 
 -- name: job_exists
 SELECT 1 FROM taskmill_jobs WHERE id = ?;

@@ -53,7 +53,7 @@ from taskmill.brokers.features import (
     WorkflowStore,
 )
 from taskmill.brokers.sqlite.connection import Database, on_database_thread, options_from_url
-from taskmill.brokers.sqlite.schema import COLUMNS, COUNTED_STATES, Q
+from taskmill.brokers.sqlite.schema import COLUMNS, COUNTED_STATES, PAYLOAD_APART_BYTES, Q
 from taskmill.brokers.sqlite.wakeup import Wakeups
 from taskmill.errors import BrokerError, DuplicateJobError
 from taskmill.job import (
@@ -256,17 +256,22 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         result = EnqueueResult(ids=[j.id for j in jobs])
         plain: list[tuple[Any, ...]] = []
         keyed: list[tuple[int, tuple[Any, ...]]] = []
+        apart: list[tuple[bytes, str]] = []
         due = False
         for i, j in enumerate(jobs):
             run_at = j.run_at if j.run_at is not None else now + j.delay_s
             queued = run_at <= now
             due = due or queued
+            payload = j.payload
+            if len(payload) > PAYLOAD_APART_BYTES:
+                apart.append((payload, j.id))
+                payload = b""
             row = (
                 j.id,
                 j.task,
                 j.queue,
                 "queued" if queued else "scheduled",
-                j.payload,
+                payload,
                 j.priority,
                 j.max_attempts,
                 run_at,
@@ -287,10 +292,10 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
                 )
             self._check_same_file(conn)
             with self._db.errors():
-                self._insert(conn, plain, keyed, result, on_conflict)
+                self._insert(conn, plain, keyed, apart, result, on_conflict)
         else:
             with self._db.write() as conn:
-                self._insert(conn, plain, keyed, result, on_conflict)
+                self._insert(conn, plain, keyed, apart, result, on_conflict)
         self._wake.wrote()
         if due:
             self._wake.notify()
@@ -311,6 +316,7 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         conn: sqlite3.Connection,
         plain: list[tuple[Any, ...]],
         keyed: list[tuple[int, tuple[Any, ...]]],
+        apart: list[tuple[bytes, str]],
         result: EnqueueResult,
         on_conflict: OnConflict,
     ) -> None:
@@ -332,6 +338,8 @@ class SQLiteBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
                     raise DuplicateJobError(key, existing[0])
                 result.ids[i] = existing[0]
                 result.existing.add(i)
+        if apart:  # the payloads of the rows just stored with an empty one
+            conn.executemany(Q["insert_payload"], apart)
 
     @staticmethod
     def _mark_stored_before(
