@@ -436,7 +436,7 @@ class PostgresBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
             async with pipelined_transaction(conn, durable=finish is not None):
                 finished = await conn.execute(q["finish"], finish) if finish else None
                 await conn.execute(q["promote_due"], {"channel": self.channel})
-                claimed = await conn.execute(q["claim"], claim)
+                claimed = await conn.execute(q["claim"], claim, binary=True)
                 walked = await conn.execute(q["claim_walk"]) if probe else None
             applied = {r[0] for r in await finished.fetchall()} if finished else set()
             walk = await walked.fetchone() if walked is not None else None
