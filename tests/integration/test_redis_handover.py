@@ -342,3 +342,54 @@ def test_a_wake_token_an_orphaned_wait_took_is_back_before_detach_returns(app: A
             await client.aclose()
 
     assert app.run_sync(scenario()) == (1, True)
+
+
+LONG = 100_000  # characters: a payload past the 64 KiB a claim returns in its own reply
+
+
+def send_long(app: App, fill: str) -> str:
+    return app.tasks["length"].send(fill * LONG).id
+
+
+@pytest.fixture
+def long_app(app: App) -> App:
+    @app.task(name="length", retries=0)
+    def length(text: str) -> int:
+        return len(text)
+
+    return app
+
+
+def test_a_long_payload_comes_with_its_job_from_a_claim(long_app: App) -> None:
+    """A claim leaves a payload over 64 KiB out of its reply (Lua would copy it twice on the
+    server's one thread) and reads it after: the job comes whole, and runs."""
+    job_id = send_long(long_app, "a")
+    stored = get(long_app, job_id).payload
+    assert len(stored) > 65_536
+    claimed = long_app.run_sync(long_app.broker.claim(QUEUES, 8, WORKER, 30.0))
+    assert [(j.id, j.payload) for j in claimed] == [(job_id, stored)]
+    with running_worker(long_app, concurrency=2):
+        assert long_app.tasks["length"].send("b" * LONG).result(timeout=10) == LONG
+
+
+def test_a_long_payload_comes_with_a_job_handed_over(long_app: App) -> None:
+    async def scenario() -> tuple[list[Job], str]:
+        await long_app.broker.attach()
+        waiter = asyncio.create_task(long_app.broker.wait(QUEUES, 10.0, HandOver(WORKER, 30.0)))
+        await registered(long_app, WORKER)
+        job_id = await asyncio.to_thread(send_long, long_app, "c")
+        return await asyncio.wait_for(waiter, 10), job_id
+
+    handed, job_id = long_app.run_sync(scenario())
+    assert [j.id for j in handed] == [job_id]
+    assert handed[0].payload == get(long_app, job_id).payload
+    assert len(handed[0].payload) > 65_536
+
+
+def test_a_long_payload_handed_over_to_a_worker_gone_comes_with_its_claim(
+    long_app: App,
+) -> None:
+    long_app.run_sync(register_then_stop_waiting(long_app))
+    job_id = send_long(long_app, "d")
+    claimed = long_app.run_sync(long_app.broker.claim(QUEUES, 8, WORKER, 30.0))
+    assert [(j.id, j.payload) for j in claimed] == [(job_id, get(long_app, job_id).payload)]

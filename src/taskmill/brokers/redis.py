@@ -199,7 +199,9 @@ def _num(value: bytes | None) -> float | None:
 
 
 def _job(fields: Sequence[bytes] | dict[bytes, bytes]) -> Job:
-    """A job from its hash: a dict (HGETALL) or the flat list a script returns."""
+    """A job from its hash: a dict (HGETALL) or the flat list a script returns. A claim's
+    list may leave a long payload out (``payload_apart``, see ``claimed_fields`` in
+    ``lua/_common.lua``): the job's payload is then empty until ``_with_payloads``."""
     if isinstance(fields, dict):
         d = fields
     else:
@@ -209,7 +211,7 @@ def _job(fields: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         task=d[b"task"].decode(),
         queue=d[b"queue"].decode(),
         state=JobState(d[b"state"].decode()),
-        payload=d[b"payload"],
+        payload=b"" if b"payload_apart" in d else d[b"payload"],
         priority=int(d[b"priority"]),
         attempt=int(d.get(b"attempt", 0)),
         max_attempts=int(d.get(b"max_attempts", 1)),
@@ -740,7 +742,25 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
             jobs = [_job(flat) for flat in reply[2:]]
         except Exception:  # one hash is unreadable: the others are claimed all the same
             jobs = await self._readable(reply[2:], token)
-        return applied, jobs
+        return applied, await self._with_payloads(jobs)
+
+    async def _with_payloads(self, jobs: list[Job]) -> list[Job]:
+        """``jobs``, each with its payload: those a claim or a hand-over left out (empty: see
+        ``_job``) are read in one round trip. A payload does not change once sent, and the
+        claim holds the job."""
+        apart = [j for j in jobs if not j.payload]
+        if not apart:
+            return jobs
+
+        async def call() -> list[Any]:
+            async with self._client().pipeline(transaction=False) as pipe:
+                for job in apart:
+                    pipe.hget(self._key("job", job.id), "payload")
+                return list(await pipe.execute())
+
+        for job, payload in zip(apart, await self._retrying(call, writes=False), strict=True):
+            job.payload = payload or b""  # gone: a deleted hash; it fails to decode
+        return jobs
 
     async def _readable(self, replies: Sequence[Any], token: str) -> list[Job]:
         """The jobs of claimed hashes that read as jobs; each other one is failed at once
@@ -825,10 +845,13 @@ class RedisBroker(Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus):
         if popped is None or handover is None or not popped[0].endswith(b":inbox"):
             return []
         job_id, token, fields = popped[1].split(b" ", 2)
+        # its payload first: a wait that ends here (an error, a cancel) leaves the job to the
+        # worker's next claim, which takes every handed job not acknowledged
+        jobs = await self._with_payloads([_job(_netstrings(fields))])
         # acknowledged by the worker's next claim: until then the job stays in its `handed` set
         delivered = self._delivered.setdefault(handover.worker_id, [])
         delivered.append(f"{job_id.decode()} {token.decode()}")
-        return [_job(_netstrings(fields))]
+        return jobs
 
     async def _register_and_block(
         self, queues: Sequence[str], timeout: float, handover: HandOver | None

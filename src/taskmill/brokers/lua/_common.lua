@@ -7,6 +7,22 @@ local function now_s()
 end
 local function job_key(id) return P .. 'job:' .. id end
 local function qkey(queue, what) return P .. 'q:' .. queue .. ':' .. what end
+-- A job's hash for the worker that claimed it, without its payload if that is longer than
+-- 64 KiB (a field `payload_apart` says so instead): Lua copies a value it returns twice (into
+-- Lua, then into the reply), 0.4 ms of the server's one thread for 256 KiB; the worker reads
+-- such a payload with HGET after.
+local function claimed_fields(jk)
+  if redis.call('HSTRLEN', jk, 'payload') <= 65536 then return redis.call('HGETALL', jk) end
+  local names = {}
+  for _, name in ipairs(redis.call('HKEYS', jk)) do
+    if name ~= 'payload' then names[#names + 1] = name end
+  end
+  local values, fields = redis.call('HMGET', jk, unpack(names)), {'payload_apart', '1'}
+  for i, name in ipairs(names) do
+    fields[2 * i + 1], fields[2 * i + 2] = name, values[i]
+  end
+  return fields
+end
 -- ready jobs: the score orders by priority (higher first), then run_at in ms since 2025 (the
 -- taskmill epoch): -priority * 2^40 + ms, exact in a double for |priority| <= 1000 and ~34 years
 -- of run_at. Equal scores order by member, the time-ordered job id: FIFO within a priority.

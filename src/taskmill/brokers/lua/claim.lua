@@ -12,7 +12,7 @@ local out = {tostring(now), applied}
 -- not deliver (they raced its wake-up, or the wait was cancelled) are its claims
 redis.call('DEL', worker_key(worker, 'idle'))
 for _, id in ipairs(unacknowledged(worker, 8 + nq, na)) do
-  out[#out + 1] = redis.call('HGETALL', job_key(id))
+  out[#out + 1] = claimed_fields(job_key(id))
   limit = limit - 1
 end
 local paused = {}
@@ -54,7 +54,7 @@ for i = 1, math.min(limit, #candidates) do
   local jk = job_key(id)
   if redis.call('HGET', jk, 'state') == 'queued' then
     start_job(id, c[3], worker, token, expires, now)
-    out[#out + 1] = redis.call('HGETALL', jk)
+    out[#out + 1] = claimed_fields(jk)
   end
 end
 -- took all it could and more is ready: pass a token on to another idle worker

@@ -76,7 +76,7 @@ local function hand_over(id, queue)
       local handed, inbox = worker_key(worker, 'handed'), worker_key(worker, 'inbox')
       local ttl = math.ceil(tonumber(lease)) + 60
       redis.call('SADD', handed, id .. ' ' .. token)
-      redis.call('RPUSH', inbox, id .. ' ' .. token .. ' ' .. pack_fields(redis.call('HGETALL', job_key(id))))
+      redis.call('RPUSH', inbox, id .. ' ' .. token .. ' ' .. pack_fields(claimed_fields(job_key(id))))
       redis.call('EXPIRE', handed, ttl)
       redis.call('EXPIRE', inbox, ttl)
       return true
