@@ -238,6 +238,10 @@ def redis_client(url: str) -> tuple[redis.Redis, str]:
     return redis.Redis.from_url(plain), prefix
 
 
+REDIS_LONG_PAYLOAD = 65536
+"""``LONG_PAYLOAD`` of ``lua/_common.lua``."""
+
+
 def write_redis(url: str, records: Sequence[Bad], queue: str = "default") -> None:
     """Each record as a job hash and a member of the queue's ready set (score: priority 0,
     run_at now: the layout ``lua/enqueue.lua`` writes) and of the ``jobs`` listing index."""
@@ -260,6 +264,8 @@ def write_redis(url: str, records: Sequence[Bad], queue: str = "default") -> Non
                     "max_attempts": 1,
                     "run_at": repr(now),
                     "enqueued_at": repr(now),
+                    # a long payload's mark, as the broker's send sets it (lua/_common.lua)
+                    **({"long_payload": 1} if len(r.payload) > REDIS_LONG_PAYLOAD else {}),
                 },
             )
             pipe.zadd(f"{p}q:{queue}:ready", {r.id: score})

@@ -52,9 +52,10 @@ for i = 1, math.min(limit, #candidates) do
   redis.call('ZREM', qkey(c[3], 'ready'), c[2])
   local id = c[2]
   local jk = job_key(id)
-  if redis.call('HGET', jk, 'state') == 'queued' then
+  local f = redis.call('HMGET', jk, 'state', 'long_payload')
+  if f[1] == 'queued' then
     start_job(id, c[3], worker, token, expires, now)
-    out[#out + 1] = claimed_fields(jk)
+    out[#out + 1] = claimed_fields(jk, f[2])
   end
 end
 -- took all it could and more is ready: pass a token on to another idle worker

@@ -106,6 +106,7 @@ for i = 0, n - 1 do
     redis.call('HSET', jk, 'id', id, 'task', ARGV[b + 2], 'queue', queue,
       'state', state, 'payload', ARGV[b + 4], 'priority', priority,
       'max_attempts', ARGV[b + 8], 'run_at', run_at, 'enqueued_at', now)
+    if #ARGV[b + 4] > LONG_PAYLOAD then redis.call('HSET', jk, 'long_payload', 1) end
     if ARGV[b + 9] ~= '' then redis.call('HSET', jk, 'timeout_s', ARGV[b + 9]) end
     if ARGV[b + 11] ~= '' then redis.call('HSET', jk, 'meta', ARGV[b + 11]) end
     indexed[#indexed + 1] = seq + i + 1
