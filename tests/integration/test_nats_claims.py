@@ -300,3 +300,56 @@ def test_a_heartbeat_keeps_in_the_lease_entry_a_claim_that_landed_during_it(
         assert set(held) == {first, second}
     finally:
         app.close()
+
+
+def test_a_claim_waits_a_little_for_a_record_whose_pointer_came_first(
+    nats_server: NatsServer,
+) -> None:
+    """A dispatch writes its pointer, then its record. A claim that meets the pointer first
+    reads the record again for about 20 ms before it hands the pointer back for 50 ms: a
+    flush releasing a workflow's next step, on the same loop as a claim, hid the step from
+    run_until_idle's last claim, which ended with the step queued (a conformance test failed
+    so in CI). Here the record lands 5 ms after its pointer; the claim takes the job."""
+    import msgspec
+
+    from taskmill.brokers.nats.config import token
+    from taskmill.brokers.nats.records import record_encoder
+    from taskmill.job import JobState
+
+    app = App(_url(nats_server.url))
+    broker: Any = app.broker
+
+    @app.task(name="step")
+    def step() -> None: ...
+
+    try:
+        app.open()
+        job_id = step.send().id
+        first = app.run_sync(broker.claim(["default"], 1, "w1", 30.0))
+        assert [j.id for j in first] == [job_id]
+
+        async def dispatch_then_claim() -> list[Any]:
+            entry = await broker._get("jobs", token(job_id))
+            held = msgspec.msgpack.decode(entry.value, type=broker._mine[job_id][1].__class__)
+            again = msgspec.structs.replace(
+                held, state=JobState.QUEUED, gen=held.gen + 1, lease_token=None,
+                lease_expires_at=None, worker_id=None,
+            )  # fmt: skip
+            await broker._dispatch([again])  # the pointer, gen + 1; the record follows
+
+            async def write_record() -> None:
+                await asyncio.sleep(0.005)
+                await broker._put(
+                    "jobs", token(job_id), record_encoder.encode(again), entry.revision
+                )
+
+            writer = asyncio.create_task(write_record())
+            try:
+                return list(await broker.claim(["default"], 1, "w2", 30.0))
+            finally:
+                await writer
+
+        second = _on_io_loop(app, dispatch_then_claim())
+        assert [(j.id, j.worker_id) for j in second] == [(job_id, "w2")]
+    finally:
+        app.close()
