@@ -107,11 +107,13 @@ TEXT_BYTES = 100_000
 """``--task text``: the length of each job's argument (``--text-bytes``)."""
 
 
-def producer_task(app: Any, task_name: str) -> tuple[Any, tuple[Any, ...]]:
+def producer_task(
+    app: Any, task_name: str, text_bytes: int = TEXT_BYTES
+) -> tuple[Any, tuple[Any, ...]]:
     """The task as the producer registers it, and the arguments each job gets: the producer
     of ``add`` has its annotations, so what checking them at send costs is measured."""
     if task_name == "text":
-        return app.task(name="text", retries=0)(lambda text: None), ("x" * TEXT_BYTES,)
+        return app.task(name="text", retries=0)(lambda text: None), ("x" * text_bytes,)
     if task_name == "add":
 
         def add(a: int, b: int) -> int:
@@ -151,6 +153,7 @@ def run_drain(
     log_level: str = "warning",
     extra: tuple[str, ...] = (),
     cpu_us: list[float] | None = None,
+    text_bytes: int = TEXT_BYTES,
 ) -> float:
     """jobs/s; with ``cpu_us``, the workers' CPU µs per job is appended to it, measured from
     the 1,000th finished job to the last (start-up and shutdown left out)."""
@@ -158,7 +161,7 @@ def run_drain(
 
     url = fresh_url(tmp, f"drain-{task_name}-{pool}")
     app = App(url)
-    task, call = producer_task(app, task_name)
+    task, call = producer_task(app, task_name, text_bytes)
     for start in range(0, jobs, 5000):
         task.send_many([call] * min(5000, jobs - start))
     app.close()
@@ -250,7 +253,6 @@ def run_metrics_cost(tmp: str, args: argparse.Namespace) -> list[tuple[str, str]
 
 
 def main() -> None:
-    global TEXT_BYTES
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--mode", choices=["all", "enqueue", "drain", "latency", "metrics"], default="all"
@@ -271,7 +273,6 @@ def main() -> None:
         help="the workers' --log-level (info: one line per finished job, to a file)",
     )
     args = parser.parse_args()
-    TEXT_BYTES = args.text_bytes
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="taskmill-bench-") as tmp:
         if args.mode in ("all", "enqueue"):
@@ -291,6 +292,7 @@ def main() -> None:
                     args.pool,
                     args.log_level,
                     cpu_us=cpu_us,
+                    text_bytes=args.text_bytes,
                 )
                 label = f"({task_name}, -p {args.processes} -c {args.concurrency})"
                 rows.append((f"drain jobs/s {label}", f"{rate:,.0f}"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,7 @@ def app(db: Path) -> Iterator[App]:
 
 def stored(db: Path, job_id: str) -> tuple[bytes, list[bytes]]:
     """The job row's own payload, and the payloads stored apart for it."""
-    conn = sqlite3.connect(db)
-    try:
+    with closing(sqlite3.connect(db)) as conn:
         seq, inline = conn.execute(
             "SELECT seq, payload FROM taskmill_jobs WHERE id = ?", (job_id,)
         ).fetchone()
@@ -46,17 +46,12 @@ def stored(db: Path, job_id: str) -> tuple[bytes, list[bytes]]:
             row[0]
             for row in conn.execute("SELECT payload FROM taskmill_payloads WHERE seq = ?", (seq,))
         ]
-    finally:
-        conn.close()
     return inline, apart
 
 
 def payload_rows(db: Path) -> int:
-    conn = sqlite3.connect(db)
-    try:
+    with closing(sqlite3.connect(db)) as conn:
         return int(conn.execute("SELECT count(*) FROM taskmill_payloads").fetchone()[0])
-    finally:
-        conn.close()
 
 
 def test_a_long_payload_is_stored_apart_once_and_the_job_runs_with_it(app: App, db: Path) -> None:
@@ -101,15 +96,12 @@ def test_a_long_payload_stored_in_its_row_by_an_older_version_still_runs(
     app.open()  # the schema, then a row as version 6 wrote it: the payload inline
     text = "z" * 50_000
     payload = f'[["{text}"],{{}}]'.encode()
-    conn = sqlite3.connect(db, isolation_level=None)
-    try:
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
         conn.execute(
             "INSERT INTO taskmill_jobs (id, task, queue, state, payload, run_at, enqueued_at) "
             "VALUES ('old-long', 'echo', 'default', 'queued', ?, 1.0, 1.0)",
             (payload,),
         )
-    finally:
-        conn.close()
     assert app.get_job("old-long").payload == payload
     assert app.run_until_idle() == 1
     job = app.get_job("old-long")
