@@ -26,7 +26,7 @@ from taskmill.brokers.features import limit_store
 from taskmill.context import JobContext
 from taskmill.errors import PayloadTooLargeError, SerializationError, UnknownTaskError
 from taskmill.hooks import HookName, JobView, arun_hooks, instrumented_run
-from taskmill.job import Claim, Failed, Job, Outcome, RetryAt, Succeeded
+from taskmill.job import Claim, Failed, Job, Outcome, Released, RetryAt, Succeeded
 from taskmill.limits import hold_slot, wait_for_rate_slots
 from taskmill.portal import DaemonThreads
 from taskmill.retry import Interrupt, RetryPolicy, decide
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from taskmill.registry import Registry, TaskDefinition
     from taskmill.worker.metrics import JobMetrics
     from taskmill.worker.pools import Runner
+    from taskmill.worker.reserve import BodySlots
 
 log = logging.getLogger("taskmill.worker")
 
@@ -75,6 +76,12 @@ class JobRun:
     """The outcome is with the outbox (or dropped): later progress reports are ignored."""
     held: int = NOT_HELD
     """Its slot in the worker's table of held jobs (``worker.holdings``), if it keeps one."""
+    waiting: bool = False
+    """It waits for one of the worker's slots (a reserve job: ``worker.reserve``)."""
+    in_slot: bool = False
+    """It holds one of the worker's slots, until its function returns."""
+    ran: bool = False
+    """Its function was called (a job that failed before is dead on arrival)."""
 
     @property
     def is_async(self) -> bool:
@@ -86,7 +93,7 @@ class JobRun:
         lost lease stop waiting for it (the worker hands the job back or drops it)."""
         self.interrupted.append(reason)
         self.ctx._cancelled.set()
-        stoppable = self.is_async and not self.finishing
+        stoppable = (self.is_async or self.waiting) and not self.finishing
         if self.handle is not None and (stoppable or reason is not Interrupt.CANCEL):
             self.handle.cancel()
 
@@ -111,6 +118,7 @@ class Pipeline:
         metrics: JobMetrics | None = None,
         hook_threads: int = 8,
         max_payload_bytes: int | None = None,
+        slots: BodySlots | None = None,
     ) -> None:
         self.registry = registry
         self.runner = runner
@@ -122,6 +130,8 @@ class Pipeline:
         self.metrics = metrics
         """Counts each outcome with its run time (``--metrics-port``)."""
         self.max_payload_bytes = max_payload_bytes
+        self.slots = slots
+        """The worker's slots, if it claims beyond them: a job takes one before its call."""
         """A stored payload longer than this fails its job unread (the app's limit at send;
         a longer one was written by something else: an older app, another tool)."""
         # sync hooks' threads: not the loop's executor, which refuses work at interpreter
@@ -186,6 +196,11 @@ class Pipeline:
         except Exception as exc:  # a bug of ours: fail the attempt loudly, keep the worker
             log.exception("job %s (%s): the worker failed running it", r.job.id, r.job.task)
             outcome = self._decide(r, exc=exc)
+        finally:
+            if r.in_slot:
+                r.in_slot = False
+                assert self.slots is not None
+                self.slots.give_back()
         r.finishing = True
         if not r.plain:
             await self._end(r, outcome)
@@ -242,6 +257,8 @@ class Pipeline:
             args, kwargs = self._arguments(task, r)
         except (SerializationError, PayloadTooLargeError, TypeError) as exc:
             return self._decide(r, exc=exc)
+        if not await self._slot(r):
+            return Released()
         buckets = self.registry.rate_buckets(task, r.job)
         if buckets:
             await wait_for_rate_slots(self.broker, buckets)
@@ -266,6 +283,9 @@ class Pipeline:
             args, kwargs = self._arguments(task, r)
         except (SerializationError, PayloadTooLargeError, TypeError) as exc:
             return self._decide(r, exc=exc)
+        if not await self._slot(r):
+            return Released()
+        r.ran = True
         try:
             soft_s = soft_limit_s(task, r.job)
             if self.registry.instrumentations:
@@ -283,6 +303,32 @@ class Pipeline:
         except BaseException as exc:
             return self._decide(r, exc=exc, policy=task.policy)
         return self._decide(r, result=result)
+
+    def close_slots(self) -> None:
+        """The worker stops: jobs waiting for a slot, and any that would, are handed back."""
+        if self.slots is not None:
+            self.slots.close()
+
+    async def _slot(self, r: JobRun) -> bool:
+        """Take one of the worker's slots for the job's run, waiting if the worker claimed
+        beyond them; False if none came in time or the worker stops (the job is handed back
+        unstarted). Meanwhile the job counts as idle in the worker's table of held jobs."""
+        slots = self.slots
+        if slots is None or r.in_slot:
+            return True
+        if not slots.try_take():
+            r.waiting = True
+            if r.ctx._mark_idle is not None:
+                r.ctx._mark_idle(True)
+            try:
+                if not await slots.take():
+                    return False
+            finally:
+                r.waiting = False
+            if r.ctx._mark_idle is not None:
+                r.ctx._mark_idle(False)
+        r.in_slot = True
+        return True
 
     def _arguments(self, task: TaskDefinition, r: JobRun) -> tuple[list[Any], dict[str, Any]]:
         """``arguments``, after checking the stored payload's size against the app's limit."""

@@ -92,7 +92,8 @@ def log_outcome(job: Job, outcome: Outcome, duration_s: float, worker_id: str) -
         )
     elif isinstance(outcome, Released):
         job_log.info(
-            "job %s (%s) handed back unfinished (the worker is stopping); it runs again",
+            "job %s (%s) handed back (the worker is stopping, or no slot came free for it in"
+            " reserve); it runs again, no attempt spent",
             job.id,
             job.task,
             extra=fields(job, worker_id),

@@ -27,6 +27,7 @@ from taskmill.worker.flushing import Flusher
 from taskmill.worker.idle import IdleWait
 from taskmill.worker.leases import LeaseKeeper
 from taskmill.worker.outbox import Outbox, Publisher
+from taskmill.worker.reserve import WAIT_S, BodySlots
 from taskmill.worker.runners import PoolKind, make_runner
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ class Parts:
             metrics=counts,
             hook_threads=min(worker.concurrency, 32),
             max_payload_bytes=worker.settings.max_payload_bytes,
+            slots=BodySlots(worker.concurrency, WAIT_S),
         )
         self.publisher = Publisher(broker, worker_id=worker.id) if worker.settings.events else None
         self.outbox = Outbox(

@@ -43,6 +43,7 @@ from taskmill.worker.names import worker_id
 from taskmill.worker.opening import open_broker
 from taskmill.worker.outbox import Outbox, Publisher
 from taskmill.worker.parts import Parts
+from taskmill.worker.reserve import Reserve
 from taskmill.worker.runners import PoolKind
 from taskmill.worker.stopping import (
     LastWrites,
@@ -139,6 +140,7 @@ class Worker:
         self.lease_s = settings.lease_s
         self.heartbeat_s = settings.effective_heartbeat_s
         self._running: dict[str, JobRun] = {}
+        self._reserve = Reserve(concurrency)  # claims beyond the slots for jobs that cannot run
         self._stop = Stop(wake=self._wake_for_stop)  # run() tells it the loop to wake
         self._progressed = asyncio.Event()  # a job ended, or outcomes were written
         self._flush_wake = asyncio.Event()  # the outbox has something to write
@@ -209,8 +211,8 @@ class Worker:
         await broker.attach()
         if self.holdings_path is not None:
             try:
-                self._holdings = await take_over(
-                    broker, self.holdings_path, self.concurrency, worker_id=self.id
+                self._holdings = await take_over(  # the reserve: up to twice the slots
+                    broker, self.holdings_path, 2 * self.concurrency, worker_id=self.id
                 )
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -241,6 +243,7 @@ class Worker:
                     redact_url(self.client.url),
                 )
             await self._claim_loop(until_idle, parts.leases, parts.idle)
+            parts.pipeline.close_slots()  # jobs in reserve go back, unstarted
             await drain(
                 self._running,
                 self._progressed,
@@ -315,8 +318,9 @@ class Worker:
             # progress made during the claim wakes the wait after it (the only one on it)
             quiet = not self._running and not self._outbox.writing
             self._progressed.clear()
+            want = free + self._reserve.extra(free)
             try:
-                jobs, advanced = await self._finish_and_claim(free)
+                jobs, advanced = await self._finish_and_claim(want)
             except Exception as exc:
                 if not await self._claim_failed(exc, backoff):
                     return
@@ -325,7 +329,7 @@ class Worker:
             backoff = _CLAIM_RETRY_FIRST_S
             for job in jobs:
                 self._start(job)
-            if len(jobs) >= free or advanced:  # advanced: steps may have been released
+            if len(jobs) >= want or advanced:  # advanced: steps may have been released
                 continue
             if not until_idle:
                 if not jobs:
@@ -392,6 +396,8 @@ class Worker:
         self.jobs_done += 1
         if self._holdings is not None:
             self._holdings.release(run.held)
+        if not run.interrupted and not isinstance(outcome, Released):
+            self._reserve.finished(ran=run.ran)
         if run.lost:
             self._outbox.drop(run)
             log.warning(
@@ -406,8 +412,9 @@ class Worker:
                 self.processed += 1
                 self.failed += isinstance(outcome, Failed | RetryAt)
             # a claim loop about to claim carries the outcome in its transaction; only an
-            # idle or stopping one leaves it to the flusher
-            if self.waiting_for_work or self._stop.requested:
+            # idle or stopping one leaves it to the flusher, and a job handed back from the
+            # reserve goes at once (the claim loop waits for a slot: it is for others to take)
+            if self.waiting_for_work or self._stop.requested or isinstance(outcome, Released):
                 self._flush_wake.set()
         self._progressed.set()
 

@@ -1,0 +1,122 @@
+"""Claiming in place of jobs that end before they run: the worker's reserve.
+
+A claimed job whose stored arguments do not decode, whose task this worker does not know or
+whose payload is over the limit fails at once, without running: it is *dead on arrival*.
+Its slot is then free, but nothing fills it before the next claim's round trip, which on a
+busy broker takes a few milliseconds (a transaction, another process's write first). A queue
+where such records are common (a producer's bug, damaged data: T9 of docs/reliability.md)
+leaves slots idle for that long each.
+
+``Reserve`` estimates, from the jobs the worker finished, the share that was dead on arrival,
+and the claim loop asks for that many more jobs than it has free slots. The jobs beyond the
+slots wait at ``BodySlots``, the gate every job passes just before its function is called,
+with their leases held; a job that waits longer than ``wait_s`` (the guess was wrong: the
+others ran long) is handed back unstarted (``Released``: no attempt spent) for any worker to
+take. A worker whose jobs all run claims exactly its free slots, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+__all__ = ["WAIT_S", "BodySlots", "Reserve"]
+
+WAIT_S = 1.0
+"""How long a reserve job may wait for a slot before it is handed back: far longer than the
+jobs whose place it takes (they end at once), far shorter than a lease."""
+
+_WEIGHT = 1 / 32  # of each finished job in the estimate
+_FLOOR = 0.1  # below this share of dead-on-arrival jobs, claim no more than the free slots
+_CEILING = 0.8  # at most 4 extra jobs a free slot, and at most the worker's concurrency
+
+
+class Reserve:
+    """The share of finished jobs that were dead on arrival, and the extra jobs it calls for."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.share = 0.0
+
+    def finished(self, *, ran: bool) -> None:
+        """A job ended: ``ran`` if its function was called (whatever the outcome)."""
+        self.share += ((0.0 if ran else 1.0) - self.share) * _WEIGHT
+
+    def extra(self, free: int) -> int:
+        """How many jobs to claim beyond ``free`` slots: as many as are expected to end
+        without running, so that the free slots still get jobs that run.
+
+        >>> r = Reserve(concurrency=4)
+        >>> r.extra(4)
+        0
+        >>> for _ in range(64):
+        ...     r.finished(ran=False); r.finished(ran=True)
+        >>> r.extra(4)  # half end without running: claim 8 for 4 slots
+        4
+        """
+        share = min(self.share, _CEILING)
+        if share < _FLOOR:
+            return 0
+        return min(self.concurrency, round(free * share / (1.0 - share)))
+
+
+class BodySlots:
+    """At most ``size`` job functions running at once; the jobs beyond wait, first come
+    first served, up to ``wait_s`` each. ``close`` (the worker stops) turns every waiting
+    and later job away."""
+
+    def __init__(self, size: int, wait_s: float) -> None:
+        self.size = size
+        self.wait_s = wait_s
+        self.taken = 0
+        self._waiting: deque[asyncio.Future[bool]] = deque()
+        self._closed = False
+
+    def try_take(self) -> bool:
+        """A slot at once, if one is free and no job waits for one."""
+        if self.taken < self.size and not self._waiting and not self._closed:
+            self.taken += 1
+            return True
+        return False
+
+    async def take(self) -> bool:
+        """A slot, after waiting up to ``wait_s`` for one; False if none came in time or the
+        worker is stopping. A cancel while waiting takes none."""
+        if self.try_take():
+            return True
+        if self._closed:
+            return False
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        got = False
+        try:
+            async with asyncio.timeout(self.wait_s):
+                got = await waiter
+        except TimeoutError:
+            got = False
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(waiter)
+            elif not got and not waiter.cancelled() and waiter.result():
+                self.give_back()  # the slot came as the wait ended: it passes on
+        return got
+
+    def give_back(self) -> None:
+        """A job's function returned: its slot goes to the first job waiting, if any."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(True)  # the slot passes to it: ``taken`` is unchanged
+                return
+        self.taken -= 1
+
+    def close(self) -> None:
+        """Turn away the jobs waiting and any that come later (they are handed back)."""
+        self._closed = True
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(False)
