@@ -257,7 +257,7 @@ class Pipeline:
             args, kwargs = self._arguments(task, r)
         except (SerializationError, PayloadTooLargeError, TypeError) as exc:
             return self._decide(r, exc=exc)
-        if not await self._slot(r):
+        if not self._slot(r) and not await self._wait_for_slot(r):
             return Released()
         buckets = self.registry.rate_buckets(task, r.job)
         if buckets:
@@ -283,7 +283,7 @@ class Pipeline:
             args, kwargs = self._arguments(task, r)
         except (SerializationError, PayloadTooLargeError, TypeError) as exc:
             return self._decide(r, exc=exc)
-        if not await self._slot(r):
+        if not self._slot(r) and not await self._wait_for_slot(r):
             return Released()
         r.ran = True
         try:
@@ -309,24 +309,30 @@ class Pipeline:
         if self.slots is not None:
             self.slots.close()
 
-    async def _slot(self, r: JobRun) -> bool:
-        """Take one of the worker's slots for the job's run, waiting if the worker claimed
-        beyond them; False if none came in time or the worker stops (the job is handed back
-        unstarted). Meanwhile the job counts as idle in the worker's table of held jobs."""
+    def _slot(self, r: JobRun) -> bool:
+        """Take one of the worker's slots for the job's run, if one is free at once (or the
+        job holds one already); False if it must wait (``_wait_for_slot``)."""
         slots = self.slots
         if slots is None or r.in_slot:
             return True
-        if not slots.try_take():
-            r.waiting = True
-            if r.ctx._mark_idle is not None:
-                r.ctx._mark_idle(True)
-            try:
-                if not await slots.take():
-                    return False
-            finally:
-                r.waiting = False
-            if r.ctx._mark_idle is not None:
-                r.ctx._mark_idle(False)
+        r.in_slot = slots.try_take()
+        return r.in_slot
+
+    async def _wait_for_slot(self, r: JobRun) -> bool:
+        """Wait for a slot: the worker claimed beyond them. False if none came in time or
+        the worker stops (the job is handed back unstarted). Meanwhile the job counts as
+        idle in the worker's table of held jobs."""
+        assert self.slots is not None
+        r.waiting = True
+        if r.ctx._mark_idle is not None:
+            r.ctx._mark_idle(True)
+        try:
+            if not await self.slots.take():
+                return False
+        finally:
+            r.waiting = False
+        if r.ctx._mark_idle is not None:
+            r.ctx._mark_idle(False)
         r.in_slot = True
         return True
 
