@@ -25,11 +25,15 @@ def test_the_reserve_follows_the_share_of_jobs_that_end_without_running() -> Non
     for _ in range(200):
         reserve.finished(ran=False)
         reserve.finished(ran=True)
-    assert reserve.extra(4) == 4  # half of them: as many extra as free slots
-    assert reserve.extra(1) == 1
+    assert 0.45 < reserve.share < 0.55
+    assert reserve.extra(4) == 4  # 6 extra for 4 free slots, capped at the concurrency
+    reserve.share = 0.5
+    assert (reserve.extra(1), reserve.extra(2)) == (2, 3)  # half as many again as expected
+    reserve.share = 0.05
+    assert reserve.extra(4) == 0  # a few such jobs: no reserve
     for _ in range(400):
         reserve.finished(ran=False)
-    assert reserve.extra(4) == 4  # all of them: at most the concurrency extra
+    assert reserve.extra(4) == 4
     for _ in range(200):
         reserve.finished(ran=True)
     assert reserve.extra(4) == 0  # the jobs run again: no reserve
