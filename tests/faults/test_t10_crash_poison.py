@@ -98,7 +98,8 @@ def test_crash_poison(
         f"{sorted(j.lost_leases for j in crashers)}; restarts {restarts}; good {len(good)}, "
         f"lost a lease with a crash {batch_mates}, quarantined {len(collateral)}; untouched "
         f"good throughput while crash jobs pending {rate:.0f}/s vs clean {clean_rate:.0f}/s "
-        f"(ratio {ratio:.2f}; all good {all_ratio:.2f})"
+        f"(ratio {ratio:.2f}; all good {all_ratio:.2f}); crash jobs pending for "
+        f"{pending_until - min(j.started_at or pending_until for j in good):.1f} s"
     )
     for job in crashers:
         assert job.state is JobState.FAILED, (job.id, job.state)
