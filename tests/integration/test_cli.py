@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -510,6 +511,48 @@ def test_supervisor_restarts_a_killed_child_and_drains_on_sigterm(cli: Cli) -> N
     remaining = {w["id"] for w in cli.json("workers")}
     assert remaining == {victim["id"]}, "the live workers signed off; only the killed one is left"
     assert {w["id"] for w in replaced} & remaining == set()
+
+
+FORKED = re.compile(r"worker process \d+ started \(pid (\d+), forked\)")
+FORK_SERVER = re.compile(r"fork server started \(pid (\d+)\)")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="restarts by fork: Linux only")
+def test_after_a_death_the_pool_restarts_its_children_by_fork(cli: Cli) -> None:
+    """The first death starts a fork server; the next child is forked from it, registers,
+    heartbeats and runs jobs; a stop ends every process, the fork server too."""
+    supervisor = cli.spawn("worker", "-p", "2", "-c", "2", name="supervisor")
+
+    def alive_pids() -> set[int]:
+        return {w["pid"] for w in alive_workers(cli)}
+
+    first = wait_until(lambda: p if len(p := alive_pids()) == 2 else None, timeout=20)
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)  # replaced by a fresh process; the fork server starts
+    server = int(wait_until(lambda: FORK_SERVER.search(cli.output()), timeout=20)[1])
+    second = wait_until(
+        lambda: p if len(p := alive_pids() - {victim}) == 2 else None,
+        what=lambda: f"two live workers after the first kill\n{cli.output()}",
+        timeout=20,
+    )
+    victim = min(second)
+    os.kill(victim, signal.SIGKILL)
+    forked = int(
+        wait_until(
+            lambda: FORKED.search(cli.output()),
+            what=lambda: f"a forked replacement\n{cli.output()}",
+            timeout=20,
+        )[1]
+    )
+    wait_until(lambda: forked in alive_pids(), what="the forked child to register", timeout=20)
+    for _ in range(4):  # each child claims some: the forked one runs jobs too
+        out = cli.ok("enqueue", "add", "[2, 3]", "--wait", "--timeout", "20").splitlines()
+        assert json.loads(out[1]) == 5
+    assert supervisor.poll() is None
+    assert stop(supervisor) == 0, cli.output()
+    for pid in (server, forked):  # the supervisor waited for both before it exited
+        assert not Path(f"/proc/{pid}").exists(), cli.output()
 
 
 @pytest.mark.timeout(60)

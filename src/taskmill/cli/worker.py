@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from typing import TYPE_CHECKING, cast
@@ -130,9 +131,19 @@ if TYPE_CHECKING:
     "a killed worker's jobs run again after it. The heartbeat follows (a third of it, at most "
     "2 s) unless the app sets heartbeat_s.",
 )
+@click.option(
+    "--fork-restarts/--no-fork-restarts",
+    default=True,
+    show_default=True,
+    help="With -p N or --pool-spec, on Linux: once a worker process died, fork the ones that "
+    "replace it from a process that imported the app once (milliseconds instead of a fresh "
+    "interpreter's 0.3 s or more of CPU), for 60 s after the last death. Off: every restart "
+    "starts afresh (for an app that opens connections at import).",
+)
 @click.option("--parent-pid", type=int, hidden=True)
 @click.option("--heartbeat-fd", type=int, hidden=True)
 @click.option("--holdings", hidden=True)
+@click.option("--fork-server-fd", type=int, hidden=True)
 @click.option("--metrics-dir", hidden=True)
 @app_option
 @click.pass_context
@@ -156,9 +167,11 @@ def worker(
     metrics_host: str,
     max_start_wait: float | None,
     lease: float | None,
+    fork_restarts: bool,
     parent_pid: int | None,
     heartbeat_fd: int | None,
     holdings: str | None,
+    fork_server_fd: int | None,
     metrics_dir: str | None,
 ) -> None:
     """Run jobs. SIGTERM or Ctrl-C drains (running jobs get --drain-timeout to finish); a
@@ -194,6 +207,8 @@ def worker(
             app.settings.default_queue,
         )
     if pools is None and processes == 1:
+        if fork_server_fd is not None:  # a supervisor's fork server: this returns in a child
+            holdings, heartbeat_fd = _serve_forks(app.client.url, fork_server_fd)
         code = run_worker_process(
             app,
             app_path=app_path,
@@ -231,8 +246,33 @@ def worker(
     specs = pools or [PoolSpec(queue_list, processes, concurrency)]
     metrics = None if metrics_port is None else (metrics_host, metrics_port)
     raise click.exceptions.Exit(
-        supervise(app, app_path, specs, common, health_host, health_port, metrics, lease_s=lease)
+        supervise(
+            app,
+            app_path,
+            specs,
+            common,
+            health_host,
+            health_port,
+            metrics,
+            lease_s=lease,
+            fork_restarts=fork_restarts,
+        )
     )
+
+
+def _serve_forks(url: str, fd: int) -> tuple[str, int]:
+    """Be the supervisor's fork server (``taskmill.worker.forkserver``): the broker's module
+    imported too, wait for requests; in each worker forked, its holdings file and heartbeat
+    pipe. The server itself exits here when the supervisor no longer needs it."""
+    from taskmill.brokers import broker_from_url
+    from taskmill.worker.forkserver import serve_forks
+
+    with contextlib.suppress(Exception):  # only to import it: the children make their own
+        broker_from_url(url)
+    place = serve_forks(fd)
+    if place is None:
+        raise click.exceptions.Exit(0)
+    return place
 
 
 def parse_queues(value: str) -> list[str]:

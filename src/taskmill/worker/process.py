@@ -91,11 +91,14 @@ def supervise(
     health_port: int | None,
     metrics: tuple[str, int] | None = None,
     lease_s: float | None = None,
+    fork_restarts: bool = True,
 ) -> int:
     """Run the pools of ``specs`` under a supervisor until stopped; its exit code. With
     ``metrics`` (host, port), one endpoint serves the counts of every worker process, which
     each writes to a directory made here (``taskmill.worker.metrics``). ``lease_s``: the
-    children's (``common`` passes it to them), which their heartbeat intervals follow."""
+    children's (``common`` passes it to them), which their heartbeat intervals follow.
+    ``fork_restarts``: after a child died of its work, fork its pool's next children from a
+    fork server (``taskmill.worker.forkserver``; Linux)."""
     metrics_dir = None if metrics is None else MetricsDir.create()
     if metrics_dir is not None:
         common = [*common, METRICS_DIR_OPTION, str(metrics_dir.path)]
@@ -121,6 +124,7 @@ def supervise(
         pools,
         heartbeat_max_age_s=settings.lost_after_s,
         on_exit=None if metrics_dir is None else metrics_dir.retire,
+        fork_keep_s=FORK_KEEP_S if fork_restarts else 0.0,
     )
     servers: list[HealthServer | MetricsServer] = []
     try:
@@ -135,6 +139,9 @@ def supervise(
         if metrics_dir is not None:
             metrics_dir.close()
 
+
+FORK_KEEP_S = 60.0
+"""How long after a death a pool keeps forking its restarts (then its fork server stops)."""
 
 METRICS_DIR_OPTION = "--metrics-dir"
 """The hidden option that tells a supervised worker process where to write its counts."""

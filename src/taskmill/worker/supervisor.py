@@ -14,6 +14,13 @@ child of the slot hands back those a dead one held and had not begun
 (``taskmill.worker.holdings``). The files live in a directory of the supervisor's own,
 removed when it exits.
 
+A pool whose child died of its work restarts children by fork for ``fork_keep_s`` after that
+death (Linux): from a *fork server*, a copy of the child command that imported the app once
+and waits on a socket (``taskmill.worker.forkserver``). A fresh interpreter costs 0.3-0.4 s
+of CPU before it claims; in a crash storm that was most of the machine (T10 in
+docs/reliability.md). The server stops once its pool has gone ``fork_keep_s`` without a
+death, so a healthy pool runs no extra process.
+
 Children stay in the supervisor's process group (so killing the group kills them all) and
 ignore SIGINT, because a Ctrl-C in a terminal reaches the whole group and the supervisor
 forwards it as SIGTERM already: each child must see each stop request once.
@@ -31,6 +38,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -38,6 +46,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
+from taskmill.worker.forkserver import (
+    FORK_SERVER_OPTION,
+    Forked,
+    become_subreaper,
+    request_fork,
+)
 from taskmill.worker.health import Status, heartbeat_status
 
 log = logging.getLogger("taskmill.supervisor")
@@ -65,17 +79,32 @@ class Pool:
     name: str = ""
 
 
+_Process = subprocess.Popen[bytes] | Forked
+
+
 @dataclass(eq=False)
 class _Slot:
     index: int
     pool: Pool
-    proc: subprocess.Popen[bytes] | None = None
+    proc: _Process | None = None
     started_at: float = 0.0
     failures: int = 0
     restart_at: float | None = None
     beats: int | None = None  # read end of the child's heartbeat pipe
     last_beat: float | None = None  # time.monotonic() of the child's last heartbeat
     label: str = ""  # for log lines: the index, and the pool if there are several
+
+
+@dataclass(eq=False)
+class _ForkServer:
+    """A pool's fork server: its app imported, it forks the pool's restarted children."""
+
+    pool: Pool
+    proc: subprocess.Popen[bytes] | None = None
+    sock: socket.socket | None = None  # the supervisor's end; closing it stops the server
+    wanted_until: float = 0.0  # time.monotonic() until which the pool keeps one
+    failures: int = 0  # servers that exited unasked, in a row
+    restart_at: float | None = None
 
 
 def describe_exit(code: int) -> str:
@@ -99,6 +128,8 @@ class Supervisor:
     ``heartbeat_max_age_s``: how old a child's last heartbeat may be for ``health()`` to call
     it healthy (three of its heartbeat intervals). ``on_exit`` is told the pid of each child
     that exited, once it is reaped (the metrics endpoint keeps its last counts).
+    ``fork_keep_s``: how long after a child died of its work its pool restarts children by
+    fork (0: never; only on Linux).
     """
 
     def __init__(
@@ -110,10 +141,14 @@ class Supervisor:
         stable_after_s: float = 30.0,
         heartbeat_max_age_s: float = 6.0,
         on_exit: Callable[[int], None] | None = None,
+        fork_keep_s: float = 60.0,
     ) -> None:
         if not pools or any(pool.processes < 1 for pool in pools):
             raise ValueError("every pool needs processes >= 1")
         self.slots: list[_Slot] = []
+        self.fork_servers = [_ForkServer(pool) for pool in pools]
+        self.fork_keep_s = fork_keep_s
+        self._forking = False  # run() made this process a subreaper: forked children are ours
         for pool in pools:
             for _ in range(pool.processes):
                 slot = _Slot(len(self.slots), pool)
@@ -141,17 +176,21 @@ class Supervisor:
         old_handlers = {sig: signal.signal(sig, _ignore) for sig in watched}
         try:
             self._holdings_dir = tempfile.mkdtemp(prefix="taskmill-holdings-")
+            self._forking = self.fork_keep_s > 0 and become_subreaper()
             log.info("supervisor %d: starting %d worker processes", os.getpid(), len(self.slots))
             for slot in self.slots:
                 self._spawn(slot)
             while True:
                 self._wait_for_news(read_fd)
                 self._reap()
+                if self._forking:
+                    self._reap_orphans()
                 if self._stop_requests and not self._alive():
                     log.info("supervisor %d: all worker processes exited", os.getpid())
                     return self._exit_code
                 if not self._stop_requests:
                     self._restart_due()
+                    self._fork_servers_due()
         finally:
             self._kill_all()  # only on an error of our own: never leave orphans
             signal.set_wakeup_fd(old_wakeup)
@@ -182,6 +221,11 @@ class Supervisor:
                 slot.proc.kill()
                 slot.proc.wait()
             self._close_beats(slot)
+        for server in self.fork_servers:
+            if server.proc is not None and server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait()
+            self._close_socket(server)
 
     def _next_timeout(self) -> float:
         # SIGCHLD wakes the loop when a child exits; the timeout only serves pending restarts
@@ -191,19 +235,26 @@ class Supervisor:
         for slot in self.slots:
             if slot.restart_at is not None:
                 timeout = min(timeout, max(0.0, slot.restart_at - now))
+        for server in self.fork_servers:
+            if server.restart_at is not None:
+                timeout = min(timeout, max(0.0, server.restart_at - now))
         return timeout
 
     def _alive(self) -> bool:
-        return any(slot.proc is not None for slot in self.slots)
+        return any(slot.proc is not None for slot in self.slots) or any(
+            server.proc is not None for server in self.fork_servers
+        )
 
     # --- children -------------------------------------------------------------------------------
 
     def _spawn(self, slot: _Slot) -> None:
         slot.restart_at = None
         slot.last_beat = None
+        holdings = os.path.join(self._holdings_dir, f"slot-{slot.index}")
+        if self._fork_into(slot, holdings):
+            return
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
-        holdings = os.path.join(self._holdings_dir, f"slot-{slot.index}")
         argv = [*slot.pool.argv, HOLDINGS_OPTION, holdings, HEARTBEAT_FD_OPTION, str(write_end)]
         try:
             slot.proc = subprocess.Popen(argv, pass_fds=(write_end,))
@@ -217,6 +268,128 @@ class Supervisor:
         slot.beats = read_end
         slot.started_at = time.monotonic()
         log.info("supervisor: worker process %s started (pid %d)", slot.label, slot.proc.pid)
+
+    # --- fork servers ----------------------------------------------------------------------------
+
+    def _server_of(self, pool: Pool) -> _ForkServer:
+        return next(server for server in self.fork_servers if server.pool is pool)
+
+    def _fork_into(self, slot: _Slot, holdings: str) -> bool:
+        """Start ``slot``'s child from its pool's fork server, if one runs: True if it did."""
+        server = self._server_of(slot.pool)
+        if server.proc is None or server.sock is None or server.proc.poll() is not None:
+            return False
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        try:
+            pid = request_fork(server.sock, holdings, write_end)
+        finally:
+            os.close(write_end)  # the child holds it now: its exit ends the pipe
+        if pid is None:
+            os.close(read_end)
+            log.warning(
+                "supervisor: the fork server (pid %d) did not answer; stopping it, starting "
+                "a fresh process",
+                server.proc.pid,
+            )
+            self._close_socket(server)
+            return False
+        slot.proc, slot.beats = Forked(pid), read_end
+        slot.started_at = time.monotonic()
+        log.info("supervisor: worker process %s started (pid %d, forked)", slot.label, pid)
+        return True
+
+    def _fork_servers_due(self) -> None:
+        """Start the fork servers wanted and not running; stop those no longer wanted."""
+        now = time.monotonic()
+        for server in self.fork_servers:
+            if server.proc is None:
+                due = server.restart_at is None or server.restart_at <= now
+                if now < server.wanted_until and due:
+                    self._spawn_fork_server(server)
+            elif now >= server.wanted_until and server.sock is not None:
+                log.info(
+                    "supervisor: no worker process died for %.0f s: stopping the fork server "
+                    "(pid %d)",
+                    self.fork_keep_s,
+                    server.proc.pid,
+                )
+                self._close_socket(server)  # it reads the end of the socket, and exits
+
+    def _spawn_fork_server(self, server: _ForkServer) -> None:
+        server.restart_at = None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [*server.pool.argv, FORK_SERVER_OPTION, str(theirs.fileno())]
+        try:
+            server.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
+        except OSError as exc:
+            ours.close()
+            log.error("supervisor: cannot start a fork server: %s", exc)
+            self._fork_server_failed(server, time.monotonic())
+            return
+        finally:
+            theirs.close()
+        server.sock = ours
+        log.info("supervisor: fork server started (pid %d)", server.proc.pid)
+
+    def _fork_server_failed(self, server: _ForkServer, now: float) -> float:
+        delay = min(self.restart_cap_s, self.restart_base_s * 2.0**server.failures)
+        server.failures += 1
+        server.restart_at = now + delay
+        return delay
+
+    @staticmethod
+    def _close_socket(server: _ForkServer) -> None:
+        if server.sock is not None:
+            server.sock.close()
+            server.sock = None
+
+    def _reap_fork_servers(self) -> None:
+        now = time.monotonic()
+        for server in self.fork_servers:
+            proc = server.proc
+            if proc is None or proc.poll() is None:
+                continue
+            retired = server.sock is None
+            server.proc = None
+            self._close_socket(server)
+            if self._stop_requests or (retired and proc.returncode == 0):
+                continue
+            if proc.returncode in _FINAL_EXIT_CODES or proc.returncode == 0:
+                # it cannot start (the pool's children will say why), or it would not fork
+                # (threads at import: it said so): restarts start fresh processes
+                server.wanted_until = 0.0
+                log.warning(
+                    "supervisor: the fork server (pid %d) exited (%s); restarts start fresh "
+                    "processes",
+                    proc.pid,
+                    describe_exit(proc.returncode),
+                )
+                continue
+            delay = self._fork_server_failed(server, now)
+            log.warning(
+                "supervisor: the fork server (pid %d) exited (%s); starting another in %.1f s",
+                proc.pid,
+                describe_exit(proc.returncode),
+                delay,
+            )
+
+    def _reap_orphans(self) -> None:
+        """As a subreaper, this process inherits its children's orphans (a forked child's
+        own children, left behind when it died): wait for those no slot knows."""
+        known = {slot.proc.pid for slot in self.slots if slot.proc is not None}
+        known |= {s.proc.pid for s in self.fork_servers if s.proc is not None}
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid in known:
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(info.si_pid, 0)
+
+    # --- heartbeats -----------------------------------------------------------------------------
 
     def _read_beats(self, slot: _Slot) -> None:
         assert slot.beats is not None
@@ -270,16 +443,17 @@ class Supervisor:
         }
 
     def _reap(self) -> None:
+        self._reap_fork_servers()
         now = time.monotonic()
         for slot in self.slots:
             proc = slot.proc
-            if proc is None or proc.poll() is None:
+            code = None if proc is None else proc.poll()
+            if proc is None or code is None:
                 continue
             slot.proc = None
             self._read_beats_left(slot)
             if self.on_exit is not None:
                 self.on_exit(proc.pid)
-            code = proc.returncode
             if self._stop_requests:
                 log.info("supervisor: worker process %s (pid %d) exited", slot.label, proc.pid)
                 continue
@@ -305,6 +479,10 @@ class Supervisor:
                 # down 30 s at a time while 50 such jobs were worked through (T10)
                 slot.failures = 0
                 slot.restart_at, delay = now, 0.0
+                if self._forking:
+                    server = self._server_of(slot.pool)
+                    server.wanted_until = now + self.fork_keep_s
+                    server.failures = 0
             else:
                 if now - slot.started_at >= self.stable_after_s:
                     slot.failures = 0
@@ -341,6 +519,9 @@ class Supervisor:
         self._stop_requests += 1
         for slot in self.slots:
             slot.restart_at = None
+        for server in self.fork_servers:
+            server.restart_at, server.wanted_until = None, 0.0
+            self._close_socket(server)  # it reads the end of the socket, and exits
         alive = sum(1 for slot in self.slots if slot.proc is not None)
         if self._stop_requests == 1:  # a normal shutdown: INFO, not a warning
             log.info(
@@ -357,10 +538,11 @@ class Supervisor:
             self._stop_children(signal.SIGKILL)
 
     def _stop_children(self, sig: signal.Signals) -> None:
-        for slot in self.slots:
-            if slot.proc is not None and slot.proc.poll() is None:
+        procs = [slot.proc for slot in self.slots] + [s.proc for s in self.fork_servers]
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    slot.proc.send_signal(sig)
+                    proc.send_signal(sig)
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:
