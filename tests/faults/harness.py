@@ -17,6 +17,7 @@ from typing import IO
 
 from faults.checker import TERMINAL_STATES
 from faults.ledger import LEDGER_ENV, Enqueue, Ledger, Outcome
+from faults.processes import worker_children
 from faults.schedule import Kill
 from taskmill import App
 from taskmill.testing import wait_until
@@ -47,11 +48,7 @@ class Supervisor:
 
     def children(self) -> list[int]:
         """The supervisor's live child processes (its worker processes), sorted by pid."""
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        try:
-            return sorted(int(p) for p in path.read_text().split())
-        except FileNotFoundError:
-            return []
+        return worker_children(self.proc.pid)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

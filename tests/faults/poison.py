@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from faults.ledger import LEDGER_ENV, Ledger
+from faults.processes import worker_children
 from servers import NatsServer, PostgresServer, RedisServer
 from taskmill import App
 from taskmill.brokers.sqlite.schema import PAYLOAD_APART_BYTES
@@ -59,11 +60,7 @@ class PoisonSupervisor:
         )
 
     def children(self) -> list[int]:
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        try:
-            return sorted(int(p) for p in path.read_text().split())
-        except FileNotFoundError:
-            return []
+        return worker_children(self.proc.pid)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

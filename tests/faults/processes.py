@@ -15,6 +15,7 @@ from typing import IO
 
 from faults.ledger import LEDGER_ENV, Ledger
 from taskmill.testing import wait_until
+from taskmill.worker.forkserver import FORK_SERVER_NAME
 
 TESTS = Path(__file__).resolve().parent.parent
 
@@ -104,3 +105,22 @@ class Proc:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
         self._log.close()
+
+
+def worker_children(pid: int) -> list[int]:
+    """The live worker processes of the supervisor ``pid``, sorted: its children but its fork
+    server (``taskmill.worker.forkserver``, named ``taskmill-fork``), which runs no job."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        children = [int(p) for p in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+    workers = []
+    for child in children:
+        try:
+            name = Path(f"/proc/{child}/comm").read_text().strip()
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        if name != FORK_SERVER_NAME:
+            workers.append(child)
+    return sorted(workers)

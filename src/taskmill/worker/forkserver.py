@@ -37,6 +37,7 @@ import threading
 log = logging.getLogger("taskmill.supervisor")
 
 __all__ = [
+    "FORK_SERVER_NAME",
     "FORK_SERVER_OPTION",
     "Forked",
     "become_subreaper",
@@ -45,22 +46,38 @@ __all__ = [
 ]
 
 FORK_SERVER_OPTION = "--fork-server-fd"
+FORK_SERVER_NAME = "taskmill-fork"
+"""The fork server's process name (``/proc/PID/comm``, what ``ps -o comm`` and ``top`` show;
+its command line is its pool's children's): the workers it forks take theirs back."""
+_PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 _MAX_REQUEST = 4096
 REPLY_TIMEOUT_S = 2.0
 """How long the supervisor waits for a fork server's answer before starting a fresh process."""
 
 
-def become_subreaper() -> bool:
-    """Make this process the reaper of its orphaned descendants (Linux); False elsewhere or
-    if the kernel refused."""
+def _prctl(option: int, arg: int | bytes) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+        return bool(libc.prctl(option, arg, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux); False elsewhere or
+    if the kernel refused."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _process_name() -> bytes:
+    try:
+        with open("/proc/self/comm", "rb") as f:
+            return f.read().strip()
+    except OSError:
+        return b""
 
 
 def serve_forks(fd: int) -> tuple[str, int] | None:
@@ -77,6 +94,8 @@ def serve_forks(fd: int) -> tuple[str, int] | None:
         sock.close()
         return None
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    own_name = _process_name()
+    _prctl(_PR_SET_NAME, FORK_SERVER_NAME.encode())
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(sock, _MAX_REQUEST, 1)
@@ -89,6 +108,8 @@ def serve_forks(fd: int) -> tuple[str, int] | None:
             return None
         place = os.fsdecode(data), fds[0]
         if _fork_worker(sock, place):
+            if own_name:
+                _prctl(_PR_SET_NAME, own_name)
             return place  # in the worker
         os.close(fds[0])
 
