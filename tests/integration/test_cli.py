@@ -520,32 +520,33 @@ FORK_SERVER = re.compile(r"fork server started \(pid (\d+)\)")
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="restarts by fork: Linux only")
 def test_after_a_death_the_pool_restarts_its_children_by_fork(cli: Cli) -> None:
-    """The first death starts a fork server; the next child is forked from it, registers,
-    heartbeats and runs jobs; a stop ends every process, the fork server too."""
+    """The first death starts a fork server; once it is ready, replacements are forked from
+    it, register, heartbeat and run jobs; a stop ends every process, the fork server too."""
     supervisor = cli.spawn("worker", "-p", "2", "-c", "2", name="supervisor")
 
     def alive_pids() -> set[int]:
         return {w["pid"] for w in alive_workers(cli)}
 
-    first = wait_until(lambda: p if len(p := alive_pids()) == 2 else None, timeout=20)
-    victim = min(first)
-    os.kill(victim, signal.SIGKILL)  # replaced by a fresh process; the fork server starts
-    server = int(wait_until(lambda: FORK_SERVER.search(cli.output()), timeout=20)[1])
-    second = wait_until(
-        lambda: p if len(p := alive_pids() - {victim}) == 2 else None,
-        what=lambda: f"two live workers after the first kill\n{cli.output()}",
-        timeout=20,
-    )
-    victim = min(second)
-    os.kill(victim, signal.SIGKILL)
-    forked = int(
-        wait_until(
-            lambda: FORKED.search(cli.output()),
-            what=lambda: f"a forked replacement\n{cli.output()}",
+    dead: set[int] = set()
+    forked = None
+    for _ in range(6):  # the first replacement is fresh; so is any before the server is ready
+        live = wait_until(
+            lambda: p if len(p := alive_pids() - dead) == 2 else None,
+            what=lambda: f"two live workers\n{cli.output()}",
             timeout=20,
-        )[1]
-    )
-    wait_until(lambda: forked in alive_pids(), what="the forked child to register", timeout=20)
+        )
+        victim = min(live)
+        os.kill(victim, signal.SIGKILL)
+        dead.add(victim)
+        wait_until(
+            lambda: len(alive_pids() - dead) == 2, what="the replacement to register", timeout=20
+        )
+        if found := FORKED.search(cli.output()):
+            forked = int(found[1])
+            break
+    assert forked is not None, cli.output()
+    server = int(FORK_SERVER.findall(cli.output())[-1])
+    assert forked in alive_pids()
     for _ in range(4):  # each child claims some: the forked one runs jobs too
         out = cli.ok("enqueue", "add", "[2, 3]", "--wait", "--timeout", "20").splitlines()
         assert json.loads(out[1]) == 5

@@ -33,6 +33,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 log = logging.getLogger("taskmill.supervisor")
 
@@ -41,6 +42,7 @@ __all__ = [
     "FORK_SERVER_OPTION",
     "Forked",
     "become_subreaper",
+    "is_ready",
     "request_fork",
     "serve_forks",
 ]
@@ -53,7 +55,11 @@ _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 _MAX_REQUEST = 4096
 REPLY_TIMEOUT_S = 2.0
-"""How long the supervisor waits for a fork server's answer before starting a fresh process."""
+"""How long the supervisor waits for a ready fork server's answer (a fork: milliseconds)
+before it stops that server and starts a fresh process."""
+READY = b"ready"
+"""What a fork server sends once it can fork: until then restarts start fresh processes,
+so a slow import never holds the supervisor up."""
 
 
 def _prctl(option: int, arg: int | bytes) -> bool:
@@ -96,6 +102,11 @@ def serve_forks(fd: int) -> tuple[str, int] | None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     own_name = _process_name()
     _prctl(_PR_SET_NAME, FORK_SERVER_NAME.encode())
+    try:
+        sock.sendall(READY)
+    except OSError:
+        sock.close()
+        return None
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(sock, _MAX_REQUEST, 1)
@@ -135,6 +146,16 @@ def _fork_worker(sock: socket.socket, place: tuple[str, int]) -> bool:
     return False
 
 
+def is_ready(sock: socket.socket) -> bool:
+    """In the supervisor: the fork server on ``sock`` said it is ready (without waiting)."""
+    try:
+        return sock.recv(len(READY), socket.MSG_DONTWAIT) == READY
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False
+
+
 def request_fork(sock: socket.socket, holdings: str, heartbeat_fd: int) -> int | None:
     """In the supervisor: ask the fork server on ``sock`` for a worker; its pid, or None if
     the server did not answer in time (it is then to be stopped)."""
@@ -163,23 +184,20 @@ class Forked:
         if self.returncode is None:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # not (yet) ours: still the helper's, or reaped
-                return None
+            except ChildProcessError:  # not ours (should not happen: the helper has exited)
+                try:
+                    os.kill(self.pid, 0)
+                except ProcessLookupError:
+                    self.returncode = 255  # gone, its status unknown
+                return self.returncode
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
     def wait(self) -> int:
-        while self.poll() is None:
-            try:
-                pid, status = os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                signal.sigtimedwait([signal.SIGCHLD], 0.05)
-                continue
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        assert self.returncode is not None
-        return self.returncode
+        while (code := self.poll()) is None:
+            time.sleep(0.01)
+        return code
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:

@@ -50,6 +50,7 @@ from taskmill.worker.forkserver import (
     FORK_SERVER_OPTION,
     Forked,
     become_subreaper,
+    is_ready,
     request_fork,
 )
 from taskmill.worker.health import Status, heartbeat_status
@@ -102,6 +103,8 @@ class _ForkServer:
     pool: Pool
     proc: subprocess.Popen[bytes] | None = None
     sock: socket.socket | None = None  # the supervisor's end; closing it stops the server
+    ready: bool = False  # it said so: it imported everything and can fork
+    refused: bool = False  # it would not fork (threads at import): no more for this pool
     wanted_until: float = 0.0  # time.monotonic() until which the pool keeps one
     failures: int = 0  # servers that exited unasked, in a row
     restart_at: float | None = None
@@ -279,6 +282,9 @@ class Supervisor:
         server = self._server_of(slot.pool)
         if server.proc is None or server.sock is None or server.proc.poll() is not None:
             return False
+        server.ready = server.ready or is_ready(server.sock)
+        if not server.ready:
+            return False  # still importing: a fresh process now, rather than a wait
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
         try:
@@ -305,7 +311,7 @@ class Supervisor:
         for server in self.fork_servers:
             if server.proc is None:
                 due = server.restart_at is None or server.restart_at <= now
-                if now < server.wanted_until and due:
+                if now < server.wanted_until and due and not server.refused:
                     self._spawn_fork_server(server)
             elif now >= server.wanted_until and server.sock is not None:
                 log.info(
@@ -317,7 +323,7 @@ class Supervisor:
                 self._close_socket(server)  # it reads the end of the socket, and exits
 
     def _spawn_fork_server(self, server: _ForkServer) -> None:
-        server.restart_at = None
+        server.restart_at, server.ready = None, False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [*server.pool.argv, FORK_SERVER_OPTION, str(theirs.fileno())]
         try:
@@ -358,7 +364,7 @@ class Supervisor:
             if proc.returncode in _FINAL_EXIT_CODES or proc.returncode == 0:
                 # it cannot start (the pool's children will say why), or it would not fork
                 # (threads at import: it said so): restarts start fresh processes
-                server.wanted_until = 0.0
+                server.refused = True
                 log.warning(
                     "supervisor: the fork server (pid %d) exited (%s); restarts start fresh "
                     "processes",
