@@ -130,10 +130,10 @@ class Pipeline:
         self.metrics = metrics
         """Counts each outcome with its run time (``--metrics-port``)."""
         self.max_payload_bytes = max_payload_bytes
-        self.slots = slots
-        """The worker's slots, if it claims beyond them: a job takes one before its call."""
         """A stored payload longer than this fails its job unread (the app's limit at send;
         a longer one was written by something else: an older app, another tool)."""
+        self.slots = slots
+        """The worker's slots, if it claims beyond them: a job takes one before its call."""
         # sync hooks' threads: not the loop's executor, which refuses work at interpreter
         # exit, when a worker thread stopped from an atexit hook drains its jobs
         self.hook_threads = DaemonThreads(hook_threads, "taskmill-hooks")

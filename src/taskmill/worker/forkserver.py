@@ -150,9 +150,7 @@ def is_ready(sock: socket.socket) -> bool:
     """In the supervisor: the fork server on ``sock`` said it is ready (without waiting)."""
     try:
         return sock.recv(len(READY), socket.MSG_DONTWAIT) == READY
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
+    except OSError:  # nothing yet (BlockingIOError), or the server is gone
         return False
 
 

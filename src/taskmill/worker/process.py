@@ -82,6 +82,10 @@ def _whole_number(value: str, what: str, text: str) -> int:
     return number
 
 
+FORK_KEEP_S = 60.0
+"""How long after a death a pool keeps forking its restarts (then its fork server stops)."""
+
+
 def supervise(
     app: AppParts,
     app_path: str,
@@ -139,9 +143,6 @@ def supervise(
         if metrics_dir is not None:
             metrics_dir.close()
 
-
-FORK_KEEP_S = 60.0
-"""How long after a death a pool keeps forking its restarts (then its fork server stops)."""
 
 METRICS_DIR_OPTION = "--metrics-dir"
 """The hidden option that tells a supervised worker process where to write its counts."""

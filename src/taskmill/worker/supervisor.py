@@ -218,16 +218,19 @@ class Supervisor:
             if sig in _STOP_SIGNALS:
                 self._on_stop_signal(signal.Signals(sig))
 
+    def _processes(self) -> list[_Process]:
+        """Every child process not yet reaped: the workers, and the fork servers."""
+        procs = [slot.proc for slot in self.slots] + [s.proc for s in self.fork_servers]
+        return [proc for proc in procs if proc is not None]
+
     def _kill_all(self) -> None:
+        for proc in self._processes():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         for slot in self.slots:
-            if slot.proc is not None and slot.proc.poll() is None:
-                slot.proc.kill()
-                slot.proc.wait()
             self._close_beats(slot)
         for server in self.fork_servers:
-            if server.proc is not None and server.proc.poll() is None:
-                server.proc.kill()
-                server.proc.wait()
             self._close_socket(server)
 
     def _next_timeout(self) -> float:
@@ -235,18 +238,14 @@ class Supervisor:
         # and is a safety net should a wake-up byte ever be lost.
         timeout = 1.0
         now = time.monotonic()
-        for slot in self.slots:
-            if slot.restart_at is not None:
-                timeout = min(timeout, max(0.0, slot.restart_at - now))
-        for server in self.fork_servers:
-            if server.restart_at is not None:
-                timeout = min(timeout, max(0.0, server.restart_at - now))
+        pending: list[_Slot | _ForkServer] = [*self.slots, *self.fork_servers]
+        for waiting in pending:
+            if waiting.restart_at is not None:
+                timeout = min(timeout, max(0.0, waiting.restart_at - now))
         return timeout
 
     def _alive(self) -> bool:
-        return any(slot.proc is not None for slot in self.slots) or any(
-            server.proc is not None for server in self.fork_servers
-        )
+        return bool(self._processes())
 
     # --- children -------------------------------------------------------------------------------
 
@@ -331,18 +330,12 @@ class Supervisor:
         except OSError as exc:
             ours.close()
             log.error("supervisor: cannot start a fork server: %s", exc)
-            self._fork_server_failed(server, time.monotonic())
+            self._schedule_restart(server, time.monotonic())
             return
         finally:
             theirs.close()
         server.sock = ours
         log.info("supervisor: fork server started (pid %d)", server.proc.pid)
-
-    def _fork_server_failed(self, server: _ForkServer, now: float) -> float:
-        delay = min(self.restart_cap_s, self.restart_base_s * 2.0**server.failures)
-        server.failures += 1
-        server.restart_at = now + delay
-        return delay
 
     @staticmethod
     def _close_socket(server: _ForkServer) -> None:
@@ -372,7 +365,7 @@ class Supervisor:
                     describe_exit(proc.returncode),
                 )
                 continue
-            delay = self._fork_server_failed(server, now)
+            delay = self._schedule_restart(server, now)
             log.warning(
                 "supervisor: the fork server (pid %d) exited (%s); starting another in %.1f s",
                 proc.pid,
@@ -383,8 +376,7 @@ class Supervisor:
     def _reap_orphans(self) -> None:
         """As a subreaper, this process inherits its children's orphans (a forked child's
         own children, left behind when it died): wait for those no slot knows."""
-        known = {slot.proc.pid for slot in self.slots if slot.proc is not None}
-        known |= {s.proc.pid for s in self.fork_servers if s.proc is not None}
+        known = {proc.pid for proc in self._processes()}
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -507,7 +499,9 @@ class Supervisor:
             self._read_beats(slot)
             self._close_beats(slot)
 
-    def _schedule_restart(self, slot: _Slot, now: float) -> float:
+    def _schedule_restart(self, slot: _Slot | _ForkServer, now: float) -> float:
+        """The back-off of a slot's child, or of a pool's fork server, that could not start:
+        ``restart_base_s`` doubled with each failure in a row, up to ``restart_cap_s``."""
         delay = min(self.restart_cap_s, self.restart_base_s * 2.0**slot.failures)
         slot.failures += 1
         slot.restart_at = now + delay
@@ -544,9 +538,8 @@ class Supervisor:
             self._stop_children(signal.SIGKILL)
 
     def _stop_children(self, sig: signal.Signals) -> None:
-        procs = [slot.proc for slot in self.slots] + [s.proc for s in self.fork_servers]
-        for proc in procs:
-            if proc is not None and proc.poll() is None:
+        for proc in self._processes():
+            if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
 
