@@ -76,6 +76,21 @@ def test_a_wait_past_its_time_or_cancelled_takes_no_slot() -> None:
     asyncio.run(main())
 
 
+def test_a_wait_that_timed_out_does_not_hold_up_free_slots() -> None:
+    """A job that gave up waiting leaves the line: once the slots are free, the next job
+    takes one at once instead of waiting for a function to return."""
+
+    async def main() -> None:
+        slots = BodySlots(1, wait_s=0.05)
+        assert slots.try_take()
+        assert not await slots.take()  # timed out while the slot was busy
+        slots.give_back()
+        assert slots.taken == 0
+        assert slots.try_take()
+
+    asyncio.run(main())
+
+
 def test_a_slot_handed_over_as_the_wait_ends_passes_on() -> None:
     async def main() -> None:
         slots = BodySlots(1, wait_s=5.0)

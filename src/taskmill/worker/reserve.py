@@ -101,10 +101,10 @@ class BodySlots:
         except TimeoutError:
             got = False
         finally:
+            with contextlib.suppress(ValueError):  # not there if give_back or close took it
+                self._waiting.remove(waiter)
             if not waiter.done():
                 waiter.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiting.remove(waiter)
             elif not got and not waiter.cancelled() and waiter.result():
                 self.give_back()  # the slot came as the wait ended: it passes on
         return got
