@@ -18,7 +18,7 @@ from taskmill import App
 
 pytestmark = pytest.mark.timeout(60)
 
-BUCKETS = ("jobs", "keys", "leases", "workers", "queues", "misc", "workflows")
+BUCKETS = ("jobs", "payloads", "keys", "leases", "workers", "queues", "misc", "workflows")
 
 
 def _migrate(*args: str) -> subprocess.CompletedProcess[str]:
@@ -51,7 +51,7 @@ def test_migrate_creates_and_prints_every_stream(nats_server: NatsServer) -> Non
         f"{'1 message' if what == 'misc' else '0 messages'}"
         for what in BUCKETS
     ]
-    assert lines[-1] == f"NATS at {where}: 8 streams ready (prefix {prefix})"
+    assert lines[-1] == f"NATS at {where}: {1 + len(BUCKETS)} streams ready (prefix {prefix})"
 
     # as the server has them: explicit settings, not its defaults
     async def described() -> list[StreamConfig]:

@@ -207,7 +207,7 @@ _KILLED_PRODUCER = textwrap.dedent(
     from taskmill import App
     from taskmill.brokers.nats.broker import NatsBroker
 
-    async def pointers_then_die(self, records, encoded):
+    async def pointers_then_die(self, records, encoded, payloads=None):
         await self._dispatch(records, first=True)  # the pointers are stored, the records not
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -611,5 +611,112 @@ def test_a_sweep_keeps_waiting_jobs_without_their_payloads(nats_server) -> None:
         assert {record.id for _, record in found.values()} == sent
         assert all(record.payload == b"" for _, record in found.values())
         assert peak < 8 * 1024 * 1024, f"the sweep held {peak / 2**20:.1f} MiB"
+    finally:
+        app.close()
+
+
+def _bucket_subjects(app: App, what: str) -> dict[str, int]:
+    """Key -> stored size of each message in one of the broker's buckets."""
+    from taskmill.brokers.nats import NatsBroker
+
+    broker = app.broker
+    assert isinstance(broker, NatsBroker)
+
+    async def read() -> dict[str, int]:
+        return {key: len(entry.value) async for key, entry in broker._scan(what)}
+
+    return _on_io_loop(broker, read())
+
+
+def test_a_large_payload_is_stored_once_apart_from_its_record(nats_server) -> None:
+    """A payload over 16 KiB goes to the payloads bucket, once: the record a claim, a
+    heartbeat and a finish rewrite stays small, the job runs with its arguments, reads give
+    them back, and deleting or pruning the job removes the payload too."""
+    app = App(_url(nats_server.url))
+    seen: list[int] = []
+
+    @app.task(name="big")
+    def big(text: str) -> int:
+        seen.append(len(text))
+        return len(text)
+
+    try:
+        small = big.send("x" * 100)
+        large = [big.send("y" * 200_000) for _ in range(2)]
+        records = _bucket_subjects(app, "jobs")
+        payloads = _bucket_subjects(app, "payloads")
+        assert set(payloads) == {h.id for h in large}
+        assert all(size > 200_000 for size in payloads.values())
+        assert all(records[h.id] < 1_000 for h in large), records
+        assert app.get_job(large[0].id).payload == payloads_of(app, large[0].id)
+        assert app.run_until_idle() == 3
+        assert sorted(seen) == [100, 200_000, 200_000]
+        assert [h.result(timeout=10) for h in large] == [200_000, 200_000]
+        assert small.result(timeout=10) == 100
+        assert all(size < 1_000 for size in _bucket_subjects(app, "jobs").values())
+        page = app.run_sync(app.broker.find_jobs(JobQuery(), limit=10))
+        assert sorted(len(j.payload) for j in page.jobs)[-1] > 200_000
+        assert app.run_sync(app.broker.delete([large[0].id])) == [large[0].id]
+        assert set(_bucket_subjects(app, "payloads")) == {large[1].id}
+        assert app.run_sync(app.broker.prune(time.time() + 60)) == 3  # 2 jobs, 1 marker
+        assert _bucket_subjects(app, "payloads") == {}
+    finally:
+        app.close()
+
+
+def payloads_of(app: App, job_id: str) -> bytes:
+    from taskmill.brokers.nats import NatsBroker
+    from taskmill.brokers.nats.config import token
+
+    broker = app.broker
+    assert isinstance(broker, NatsBroker)
+
+    async def read() -> bytes:
+        entry = await broker._get("payloads", token(job_id))
+        assert entry is not None
+        return entry.value
+
+    return _on_io_loop(broker, read())
+
+
+def test_a_job_sent_again_keeps_the_payload_stored_first(nats_server) -> None:
+    """The same job id sent twice with other arguments: the second send finds the job stored
+    and leaves its payload as it was."""
+    app = App(_url(nats_server.url))
+    big = app.task(name="big")(lambda text: text[:3])
+    try:
+        first = big.options(job_id="same").send("a" * 50_000)
+        again = big.options(job_id="same").send("b" * 50_000)
+        assert first.id == again.id == "same"
+        assert payloads_of(app, "same") == app.get_job("same").payload
+        assert app.run_until_idle() == 1
+        assert first.result(timeout=10) == "aaa"
+    finally:
+        app.close()
+
+
+def test_a_job_whose_payload_went_missing_fails_saying_so(nats_server) -> None:
+    """A record that names a payload stored apart which is gone (removed outside taskmill):
+    the claim fails the job with an error that says which, and nothing runs."""
+    app = App(_url(nats_server.url))
+    ran: list[str] = []
+
+    @app.task(name="big")
+    def big(text: str) -> None:
+        ran.append(text)
+
+    from taskmill.brokers.nats import NatsBroker
+
+    broker = app.broker
+    try:
+        handle = big.send("z" * 30_000)
+        assert isinstance(broker, NatsBroker)
+        _on_io_loop(broker, broker._drop_payloads([handle.id]))
+        assert app.run_until_idle() == 0  # the broker failed it: no job was run
+        job = app.get_job(handle.id)
+        assert ran == [] and job.state is JobState.FAILED and job.error is not None
+        assert job.error.type == "taskmill.errors.SerializationError"
+        assert "has its payload stored apart" in job.error.message
+        assert broker.config.bucket("payloads") in job.error.message
     finally:
         app.close()

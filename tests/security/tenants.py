@@ -207,7 +207,7 @@ def nats_permissions(prefix: str) -> dict[str, list[str]]:
     return {"publish": publish, "subscribe": ["_INBOX.>", f"{prefix}.>"]}
 
 
-NATS_BUCKETS = ("jobs", "keys", "leases", "workers", "queues", "misc", "workflows")
+NATS_BUCKETS = ("jobs", "payloads", "keys", "leases", "workers", "queues", "misc", "workflows")
 
 
 class PermissionsNatsServer(NatsServer):

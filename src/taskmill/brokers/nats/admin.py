@@ -60,10 +60,11 @@ class Admin(Core, Broker):
     @on_io_loop
     async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         entries = await self._retrying(lambda: self._get_many("jobs", [token(i) for i in job_ids]))
-        return [
-            None if e is None or e.deleted else record_decoder.decode(e.value).job()
-            for e in entries
+        records = [
+            None if e is None or e.deleted else record_decoder.decode(e.value) for e in entries
         ]
+        jobs = iter(await self._retrying(lambda: self._jobs([r for r in records if r])))
+        return [None if r is None else next(jobs) for r in records]
 
     @on_io_loop
     async def get_by_key(self, key: str) -> Job | None:
@@ -93,8 +94,9 @@ class Admin(Core, Broker):
         # the page's records read again, whole: one may have changed since the scan (its
         # latest is shown, as the other brokers' listings do) or gone (left out)
         entries = await self._get_many("jobs", [job_key for _, job_key in page])
+        records = [record_decoder.decode(e.value) for e in entries if e and not e.deleted]
         return JobPage(
-            jobs=[record_decoder.decode(e.value).job() for e in entries if e and not e.deleted],
+            jobs=await self._jobs(records),
             next_cursor=encode_cursor(query.order, *page[-1][0]) if len(keyed) > limit else None,
             total=len(found) if count else None,
         )
@@ -102,14 +104,19 @@ class Admin(Core, Broker):
     @on_io_loop
     async def delete(self, job_ids: Sequence[str]) -> list[str]:
         deleted: list[str] = []
+        apart: list[str] = []
         entries = await self._get_many("jobs", [token(i) for i in job_ids])
         for job_id, entry in zip(job_ids, entries, strict=True):
             if entry is None or entry.deleted:
                 continue
-            if record_decoder.decode(entry.value).state in FINISHED_STATES and await self._delete(
+            record = record_decoder.decode(entry.value)
+            if record.state in FINISHED_STATES and await self._delete(
                 "jobs", token(job_id), entry.revision
             ):
                 deleted.append(job_id)
+                if record.apart:
+                    apart.append(job_id)
+        await self._drop_payloads(apart)
         return deleted
 
     @on_io_loop
@@ -121,12 +128,11 @@ class Admin(Core, Broker):
         kept: holding the whole bucket made a worker's memory follow the records stored,
         payloads and all (689 MiB against 37 in T9 at full size, where 2,500 of the stored
         records are 200-260 KB)."""
-        revisions = await self._scan_kept(
-            "jobs",
-            lambda key, entry: entry.revision if _prunable(key, entry, finished_before) else None,
-            limit=limit,
+        found = await self._scan_kept(
+            "jobs", lambda key, entry: _prunable(key, entry, finished_before), limit=limit
         )
-        pruned = await self._erase("jobs", list(revisions.values()))
+        pruned = await self._erase("jobs", [revision for revision, _ in found.values()])
+        await self._drop_payloads([untoken(key) for key, (_, apart) in found.items() if apart])
         await self._prune_workflows(finished_before)
         return pruned
 
@@ -245,18 +251,22 @@ class Admin(Core, Broker):
 
     @on_io_loop
     async def purge(self, queue: str) -> int:
-        def waiting(r: Record) -> tuple[str, str | None] | None:
+        def waiting(r: Record) -> tuple[str, str | None, bool] | None:
             if r.queue != queue or r.state not in (JobState.SCHEDULED, JobState.QUEUED):
                 return None
-            return r.id, r.key
+            return r.id, r.key, r.apart
 
-        purged = 0
-        for revision, (job_id, key) in (await self._judged(waiting)).values():
+        purged: list[str] = []
+        apart: list[str] = []
+        for revision, (job_id, key, payload_apart) in (await self._judged(waiting)).values():
             if await self._delete("jobs", token(job_id), revision):
-                purged += 1
+                purged.append(job_id)
+                if payload_apart:
+                    apart.append(job_id)
                 if key is not None:
                     await self._release_key(key, job_id)
-        return purged
+        await self._drop_payloads(apart)
+        return len(purged)
 
     # --- pausing --------------------------------------------------------------------------
 
@@ -291,13 +301,16 @@ def _matches(query: JobQuery, record: Record) -> bool:
     )
 
 
-def _prunable(key: str, entry: Entry, finished_before: float) -> bool:
-    """A deleted job's marker, or a finished job's record, older than ``finished_before``."""
+def _prunable(key: str, entry: Entry, finished_before: float) -> tuple[int, bool] | None:
+    """(revision, whether its payload is stored apart) of a deleted job's marker, or of a
+    finished job's record, older than ``finished_before``; None for any other."""
     if entry.deleted:
-        return entry.stored_at < finished_before
+        return (entry.revision, False) if entry.stored_at < finished_before else None
     try:
         record = record_decoder.decode(entry.value)
     except msgspec.DecodeError as exc:  # set aside by the claim that meets it
         log.warning("prune leaves out job record %r, unreadable: %r", key, exc)
-        return False
-    return record.state in FINISHED_STATES and (record.finished_at or 0.0) < finished_before
+        return None
+    if record.state in FINISHED_STATES and (record.finished_at or 0.0) < finished_before:
+        return entry.revision, record.apart
+    return None

@@ -65,6 +65,7 @@ from taskmill.brokers.nats.records import (
     pointer_decoder,
     record_decoder,
     record_encoder,
+    set_apart,
 )
 from taskmill.brokers.nats.recovery import SWEEP_S, Recovery
 from taskmill.brokers.nats.store import Entry, Session, put_result
@@ -267,12 +268,12 @@ class NatsBroker(Features, Recovery, Broker):
                 continue
             seen.add(job.id)
             fresh.append((i, new_record(job, now, base + i)))
-        encoded = await self._encoded_within_limit([r for _, r in fresh])
+        encoded, payloads = await self._encoded_within_limit([r for _, r in fresh])
         await self._reserve_keys(fresh, result, on_conflict)
         fresh = [(i, r) for i, r in fresh if i not in result.existing]
         for queue, priority in {(r.queue, r.priority) for _, r in fresh}:
             await self._ensure_lane(queue, priority)
-        created = await self._store_new([r for _, r in fresh], encoded)
+        created = await self._store_new([r for _, r in fresh], encoded, payloads)
         lost = [
             (i, r) for (i, r), rev in zip(fresh, created, strict=True) if not isinstance(rev, int)
         ]
@@ -282,9 +283,13 @@ class NatsBroker(Features, Recovery, Broker):
         return result
 
     async def _store_new(
-        self, records: list[Record], encoded: dict[str, bytes]
+        self,
+        records: list[Record],
+        encoded: dict[str, bytes],
+        payloads: dict[str, bytes] | None = None,
     ) -> list[int | CasError]:
-        """Each new job's pointer and record, sent together: one round trip for a send.
+        """Each new job's pointer and record, sent together: one round trip for a send (two
+        when a payload is stored apart: it is written first, ``_store_payloads``).
 
         A pointer refused while its record was stored would leave a job nobody dispatches,
         so that record is taken back before the error is raised; what a crash in between
@@ -294,6 +299,8 @@ class NatsBroker(Features, Recovery, Broker):
         (``_store_batched``)."""
         if not records:
             return []
+        if payloads:
+            await self._store_payloads({r.id: payloads[r.id] for r in records if r.id in payloads})
         if len(records) > 1 and self.atomic_batches:
             return await self._store_batched(records, encoded)
         return await self._store_each(records, encoded)
@@ -357,16 +364,21 @@ class NatsBroker(Features, Recovery, Broker):
                 created += await self._store_each(part, encoded)
         return created
 
-    async def _encoded_within_limit(self, records: Sequence[Record]) -> dict[str, bytes]:
-        """Each record encoded (by job id), once: a record must fit in one NATS message (the
-        server's ``max_payload``, 1 MB by default), said before anything is written rather
-        than failing half-way."""
+    async def _encoded_within_limit(
+        self, records: Sequence[Record]
+    ) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        """Each record encoded (by job id), once, its payload set apart if large
+        (``records.set_apart``: those payloads are the second dict). A record and a payload
+        must each fit in one NATS message (the server's ``max_payload``, 1 MB by default),
+        said before anything is written rather than failing half-way."""
         session = await self._session()
         limit = session.nc.max_payload
+        payloads = set_apart(records)
         encoded: dict[str, bytes] = {}
         for record in records:
             encoded[record.id] = record_encoder.encode(record)
             size = len(encoded[record.id]) + 512  # the result and error come later
+            size = max(size, len(payloads.get(record.id, b"")))
             if size > limit:
                 raise PayloadTooLargeError(
                     f"job {record.id} ({record.task}) is {size} bytes stored, more than the "
@@ -374,7 +386,7 @@ class NatsBroker(Features, Recovery, Broker):
                     f"{self.config.where} allows: raise max_payload in the server's "
                     "configuration (docs/brokers.md, NATS), or send less"
                 )
-        return encoded
+        return encoded, payloads
 
     async def _settle_existing(self, lost: list[tuple[int, Record]], result: EnqueueResult) -> None:
         """Records that were there before ours: the same job stored already, a record a
@@ -483,15 +495,29 @@ class NatsBroker(Features, Recovery, Broker):
         results, _ = await asyncio.gather(
             self._put_many("jobs", writes), self._write_lease(worker_id, expires)
         )
-        jobs: list[Job] = []
+        won: list[Record] = []
         for (msg, record), rev in zip(claims, results, strict=True):
             if isinstance(rev, int):
                 await msg.ack()
                 self._mine[record.id] = (rev, record)
-                jobs.append(record.job())
+                won.append(record)
             else:
                 held.pop(record.id, None)
                 await msg.nak()  # changed meanwhile: look at it again from scratch
+        return await self._with_payloads(won, token_)
+
+    async def _with_payloads(self, claimed: list[Record], lease_token: str) -> list[Job]:
+        """The claimed records as jobs, with the payloads stored apart read (one round trip
+        for all). A job whose payload is missing (removed by hand, or a store damaged) is
+        failed at once, saying so, rather than run with no arguments."""
+        payloads = await self._payloads(claimed)
+        jobs = [r.job(payloads.get(r.id)) for r in claimed if payloads.get(r.id, b"") is not None]
+        missing = [r for r in claimed if r.apart and payloads[r.id] is None]
+        if missing:
+            bucket = self.config.bucket("payloads")
+            await self.finish(
+                [Finish(Claim(r.id, lease_token), Failed(_no_payload(r, bucket))) for r in missing]
+            )
         return jobs
 
     async def _claimable(
@@ -853,6 +879,15 @@ class NatsBroker(Features, Recovery, Broker):
         self._held.pop(worker_id, None)
         await self._delete("workers", token(worker_id))
         await self._delete("leases", token(worker_id))
+
+
+def _no_payload(record: Record, bucket: str) -> ErrorInfo:
+    return ErrorInfo(
+        "taskmill.errors.SerializationError",
+        f"job {record.id} ({record.task}) has its payload stored apart, and the {bucket} bucket "
+        "has none under its id (removed outside taskmill, or a damaged store); failed without "
+        "running",
+    )
 
 
 def _too_large(size: int, limit: int) -> ErrorInfo:

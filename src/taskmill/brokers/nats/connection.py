@@ -35,7 +35,7 @@ from taskmill.errors import BrokerError, BrokerUnavailableError, ConfigurationEr
 
 log = logging.getLogger("taskmill.brokers.nats")
 
-BUCKETS = ("jobs", "keys", "leases", "workers", "queues", "misc", "workflows")
+BUCKETS = ("jobs", "payloads", "keys", "leases", "workers", "queues", "misc", "workflows")
 WRONG_LAST_SEQUENCE = (10071, 10164)
 REQUEST_TIMEOUT_S = 5.0
 ATOMIC_BATCH_MAX = 1000

@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from taskmill.brokers.nats.config import consumer_name, priority_of_token, token
-from taskmill.brokers.nats.connection import CasError, ack_seq, header_value
+from taskmill.brokers.nats.connection import CasError, ack_seq, bucket_stream, header_value
 from taskmill.brokers.nats.records import (
     POINTER_JOB_MAX_BYTES,
     Pointer,
@@ -25,13 +25,16 @@ from taskmill.brokers.nats.records import (
 )
 from taskmill.brokers.nats.store import Entry, Session, Store
 from taskmill.errors import DuplicateJobError
-from taskmill.job import JobState
+from taskmill.job import Job, JobState
 
 GRACE_S = 30.0
 """A pointer whose record is still missing after this long belonged to a send that died
 between its two writes (and whose job was too large to ride in the pointer); a unique key whose
 job is still missing after this long was taken by such a send."""
 CAS_TRIES = 5
+PAYLOAD_READ_BYTES = 16 * 1024 * 1024
+"""Payloads stored apart are read so many at once that their replies are at most this large
+(as many as fit if each were of the server's ``max_payload``)."""
 LANE_HEADER = "Taskmill-Lane"
 CLOCK_SYNC_S = 60.0
 """How often a process measures the server's clock again."""
@@ -180,6 +183,69 @@ class Core(Store):
             # a send that took the key may still be writing its job: it holds it a while
             return await self._fresh_now() - entry.stored_at < GRACE_S
         return record_decoder.decode(found.value).pending
+
+    # --- payloads stored apart -------------------------------------------------------------
+
+    async def _store_payloads(self, payloads: dict[str, bytes]) -> None:
+        """Write the payloads of new jobs stored apart (``records.set_apart``), before their
+        records: a record never names a payload not yet written. Each is a create; a payload
+        already there is left as it is while its job's record stands (the same job sent
+        again must not change the arguments of the one stored), and overwritten when there is
+        no such record (a try of this send whose reply was lost, or one left behind by a
+        job deleted part-way)."""
+        if not payloads:
+            return
+        ids = list(payloads)
+        results = await self._put_many("payloads", [(token(i), payloads[i], 0) for i in ids])
+        taken = [i for i, rev in zip(ids, results, strict=True) if isinstance(rev, CasError)]
+        if not taken:
+            return
+        records = await self._get_many("jobs", [token(i) for i in taken])
+        orphans = [i for i, e in zip(taken, records, strict=True) if e is None or e.deleted]
+        for rev in await self._put_many(
+            "payloads", [(token(i), payloads[i], None) for i in orphans]
+        ):
+            if isinstance(rev, CasError):
+                raise rev
+
+    async def _payloads(self, records: Sequence[Record]) -> dict[str, bytes | None]:
+        """The payloads of the records that hold none (``Record.apart``), by job id (one round
+        trip); None for one that is missing."""
+        apart = [r.id for r in records if r.apart]
+        if not apart:
+            return {}
+        # read a bounded number at once: the server drops a connection that has more than
+        # 64 MB of replies waiting for it (a listing of 500 jobs of 260 KB was 131 MB)
+        session = await self._session()
+        step = max(1, PAYLOAD_READ_BYTES // max(session.nc.max_payload, 1))
+        found: dict[str, bytes | None] = {}
+        for start in range(0, len(apart), step):
+            part = apart[start : start + step]
+            entries = await self._get_many("payloads", [token(i) for i in part])
+            for job_id, e in zip(part, entries, strict=True):
+                found[job_id] = None if e is None or e.deleted else e.value
+        return found
+
+    async def _jobs(self, records: Sequence[Record]) -> list[Job]:
+        """The records as jobs, each with its payload (read for those stored apart; a missing
+        one shows as empty)."""
+        payloads = await self._payloads(records)
+        return [r.job((payloads.get(r.id) or b"") if r.apart else None) for r in records]
+
+    async def _drop_payloads(self, job_ids: Sequence[str]) -> None:
+        """Remove the payloads stored apart of jobs deleted or pruned (no marker is left)."""
+        if not job_ids:
+            return
+        session = await self._session()
+        stream = bucket_stream(self.config.bucket("payloads"))
+        futures = [
+            await session.requests.send(
+                f"$JS.API.STREAM.PURGE.{stream}",
+                json.dumps({"filter": self._subject("payloads", token(i))}).encode(),
+            )
+            for i in job_ids
+        ]
+        await session.requests.replies(futures)
 
     async def _release_key(self, key: str, job_id: str) -> None:
         entry = await self._get("keys", token(key))

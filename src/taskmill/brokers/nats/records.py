@@ -6,9 +6,15 @@ was dispatched (sent, retried, recovered, run now): a pointer names the ``gen`` 
 for, and one whose ``gen`` is no longer the record's is stale and dropped. A send writes the
 pointer with its record, and the pointer carries the job while its payload is small, so a
 worker that reads it before the record exists creates the record itself (see ``broker.py``).
+
+A payload larger than ``APART_BYTES`` is stored once, in the ``payloads`` bucket, before its
+record: the record (``apart``) holds none, so a claim, a heartbeat, a finish, a retry and every
+scan of the ``jobs`` bucket move a few hundred bytes instead of the payload each time.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import msgspec
 
@@ -16,6 +22,8 @@ from taskmill.job import Job, JobState, NewJob
 
 POINTER_JOB_MAX_BYTES = 16 * 1024
 """A pointer carries the whole job up to this size of payload (else only its id)."""
+APART_BYTES = POINTER_JOB_MAX_BYTES
+"""A payload larger than this is stored apart from its record (``Record.apart``)."""
 
 
 class Record(Job, array_like=True):
@@ -25,11 +33,16 @@ class Record(Job, array_like=True):
     gen: int = 0
     seq: int = 0
     """Enqueue order: the producer's clock in nanoseconds (ties broken by id)."""
+    apart: bool = False
+    """The payload is in the ``payloads`` bucket (key: the job's), not here."""
 
-    def job(self) -> Job:
-        """A plain ``Job`` (what the broker contract returns), its metadata a copy."""
+    def job(self, payload: bytes | None = None) -> Job:
+        """A plain ``Job`` (what the broker contract returns), its metadata a copy; ``payload``
+        is the one stored apart, for a record that holds none."""
         fields = {name: getattr(self, name) for name in Job.__struct_fields__}
         fields["meta"] = dict(self.meta)
+        if payload is not None:
+            fields["payload"] = payload
         return Job(**fields)
 
     @property
@@ -54,6 +67,18 @@ def new_record(job: NewJob, now: float, seq: int) -> Record:
         meta=dict(job.meta),
         seq=seq,
     )
+
+
+def set_apart(records: Sequence[Record]) -> dict[str, bytes]:
+    """Move each payload larger than ``APART_BYTES`` out of its record: the payloads to
+    store apart, by job id."""
+    apart: dict[str, bytes] = {}
+    for record in records:
+        if len(record.payload) > APART_BYTES:
+            apart[record.id] = record.payload
+            record.payload = b""
+            record.apart = True
+    return apart
 
 
 class Pointer(msgspec.Struct, array_like=True):
