@@ -645,8 +645,15 @@ class NatsBroker(Features, Recovery, Broker):
         worker_id: str,
         lease_s: float,
     ) -> tuple[list[bool], list[Job]]:
-        applied = await self.finish(finishes) if finishes else []
-        return applied, await self.claim(queues, limit, worker_id, lease_s)
+        if not finishes:
+            return [], await self.claim(queues, limit, worker_id, lease_s)
+        # together: a claim does not wait on the finishes' round trips (neither reads what
+        # the other writes; both add to the worker's lease entry, which writes again when it
+        # changed under a write, ``_write_lease``)
+        applied, claimed = await asyncio.gather(
+            self.finish(finishes), self.claim(queues, limit, worker_id, lease_s)
+        )
+        return applied, claimed
 
     @on_io_loop
     async def heartbeat(
