@@ -492,8 +492,12 @@ class NatsBroker(Features, Recovery, Broker):
             held[record.id] = token_
         if not claims:
             return []
-        results, _ = await asyncio.gather(
-            self._put_many("jobs", writes), self._write_lease(worker_id, expires)
+        # payloads stored apart are read alongside (they never change once written; those of
+        # claims that lose are dropped)
+        results, _, payloads = await asyncio.gather(
+            self._put_many("jobs", writes),
+            self._write_lease(worker_id, expires),
+            self._payloads([record for _, record in claims]),
         )
         won: list[Record] = []
         for (msg, record), rev in zip(claims, results, strict=True):
@@ -504,13 +508,14 @@ class NatsBroker(Features, Recovery, Broker):
             else:
                 held.pop(record.id, None)
                 await msg.nak()  # changed meanwhile: look at it again from scratch
-        return await self._with_payloads(won, token_)
+        return await self._with_payloads(won, payloads, token_)
 
-    async def _with_payloads(self, claimed: list[Record], lease_token: str) -> list[Job]:
-        """The claimed records as jobs, with the payloads stored apart read (one round trip
-        for all). A job whose payload is missing (removed by hand, or a store damaged) is
-        failed at once, saying so, rather than run with no arguments."""
-        payloads = await self._payloads(claimed)
+    async def _with_payloads(
+        self, claimed: list[Record], payloads: dict[str, bytes | None], lease_token: str
+    ) -> list[Job]:
+        """The claimed records as jobs, with their payloads stored apart. A job whose payload
+        is missing (removed by hand, or a store damaged) is failed at once, saying so, rather
+        than run with no arguments."""
         jobs = [r.job(payloads.get(r.id)) for r in claimed if payloads.get(r.id, b"") is not None]
         missing = [r for r in claimed if r.apart and payloads[r.id] is None]
         if missing:
