@@ -720,3 +720,32 @@ def test_a_job_whose_payload_went_missing_fails_saying_so(nats_server) -> None:
         assert broker.config.bucket("payloads") in job.error.message
     finally:
         app.close()
+
+
+def test_a_payload_no_record_names_is_removed_by_the_second_sweep(nats_server) -> None:
+    """A send that died between its payload and its record leaves the payload alone: the
+    workers' sweeps remove it once two in a row found no record naming it (one is not
+    enough: a payload is written a round trip before its record). A job's own payload
+    stays."""
+    app = App(_url(nats_server.url))
+    app.task(name="big")(lambda text: len(text))
+    from taskmill.brokers.nats import NatsBroker
+
+    broker = app.broker
+    try:
+        kept = app.get_task("big").send("k" * 40_000)
+        assert isinstance(broker, NatsBroker)
+        _on_io_loop(broker, broker._store_payloads({"orphan": b"o" * 40_000}))
+        assert set(_bucket_subjects(app, "payloads")) == {kept.id, "orphan"}
+
+        async def sweep() -> None:
+            await broker._sweep(await broker._fresh_now())
+
+        _on_io_loop(broker, sweep())
+        assert set(_bucket_subjects(app, "payloads")) == {kept.id, "orphan"}
+        _on_io_loop(broker, sweep())
+        assert set(_bucket_subjects(app, "payloads")) == {kept.id}
+        assert app.run_until_idle() == 1
+        assert kept.result(timeout=10) == 40_000
+    finally:
+        app.close()

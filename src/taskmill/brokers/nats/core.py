@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from taskmill.brokers.nats.config import consumer_name, priority_of_token, token
+from taskmill.brokers.nats.config import consumer_name, priority_of_token, token, untoken
 from taskmill.brokers.nats.connection import CasError, ack_seq, bucket_stream, header_value
 from taskmill.brokers.nats.records import (
     POINTER_JOB_MAX_BYTES,
@@ -26,6 +27,8 @@ from taskmill.brokers.nats.records import (
 from taskmill.brokers.nats.store import Entry, Session, Store
 from taskmill.errors import DuplicateJobError
 from taskmill.job import Job, JobState
+
+log = logging.getLogger("taskmill.brokers.nats")
 
 GRACE_S = 30.0
 """A pointer whose record is still missing after this long belonged to a send that died
@@ -51,6 +54,8 @@ class Core(Store):
         self._clock_offset = 0.0
         self._cas_locks: dict[tuple[asyncio.AbstractEventLoop, str, str], asyncio.Lock] = {}
         self._clock_synced_at = -CLOCK_SYNC_S
+        self._orphan_payloads: set[str] = set()
+        """Keys of payloads the last sweep found no record for (``_drop_orphan_payloads``)."""
 
     # --- clocks and lanes -----------------------------------------------------------------
 
@@ -246,6 +251,17 @@ class Core(Store):
             for i in job_ids
         ]
         await session.requests.replies(futures)
+
+    async def _drop_orphan_payloads(self, orphans: set[str]) -> None:
+        """Remove the payloads that two sweeps in a row (``SWEEP_S`` apart) found no record
+        for: a send that died between its payload and its record (it raised, or never
+        returned: its job does not exist), or a delete whose payload removal did not happen.
+        One sweep is not enough: a payload is written a round trip before its record."""
+        stale = orphans & self._orphan_payloads
+        self._orphan_payloads = orphans - stale
+        if stale:
+            log.warning("removing %d payloads that no job record names", len(stale))
+            await self._drop_payloads([untoken(key) for key in sorted(stale)])
 
     async def _release_key(self, key: str, job_id: str) -> None:
         entry = await self._get("keys", token(key))

@@ -142,8 +142,13 @@ class Recovery(Admin):
         The records are judged as they arrive and only those to act on are kept, so a
         sweep's memory follows the jobs it acts on, not the jobs stored (finished ones stay
         for ``result_ttl_s``: a million of them held at once was ~1 GiB, T20); of a waiting
-        job, without its payload (a backlog can be every job stored)."""
-        found = await self._sweep_candidates(now)
+        job, without its payload (a backlog can be every job stored).
+
+        It also finds payloads stored apart that no record names (``_drop_orphan_payloads``):
+        the payloads bucket's keys, listed before the scan (a payload is written before its
+        record), less those of the records the scan meets."""
+        orphans = set(await self._keys("payloads"))
+        found = await self._sweep_candidates(now, orphans)
         recovered: list[tuple[str, JobState]] = []
         again: list[Record] = []
         for entry, record in found.values():
@@ -155,13 +160,19 @@ class Recovery(Admin):
                 again.append(record)
         for start in range(0, len(again), SCAN_BATCH):  # a bounded burst of sends at a time
             await self._dispatch(again[start : start + SCAN_BATCH])
+        await self._drop_orphan_payloads(orphans)
         return recovered
 
-    async def _sweep_candidates(self, now: float) -> dict[str, tuple[Entry, Record]]:
+    async def _sweep_candidates(
+        self, now: float, orphans: set[str] | None = None
+    ) -> dict[str, tuple[Entry, Record]]:
         """The records a sweep acts on, by key. A scan delivers a key again when it is written
-        while the scan runs (later in the stream, so newer): its latest revision decides."""
+        while the scan runs (later in the stream, so newer): its latest revision decides.
+        The key of each record met is taken out of ``orphans``."""
 
         def candidate(key: str, entry: Entry) -> tuple[Entry, Record] | None:
+            if orphans is not None and not entry.deleted:
+                orphans.discard(key)
             record = None
             if not entry.deleted:
                 try:
