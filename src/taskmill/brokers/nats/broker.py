@@ -516,8 +516,16 @@ class NatsBroker(Features, Recovery, Broker):
         """The claimed records as jobs, with their payloads stored apart. A job whose payload
         is missing (removed by hand, or a store damaged) is failed at once, saying so, rather
         than run with no arguments."""
-        jobs = [r.job(payloads.get(r.id)) for r in claimed if payloads.get(r.id, b"") is not None]
-        missing = [r for r in claimed if r.apart and payloads[r.id] is None]
+        jobs: list[Job] = []
+        missing: list[Record] = []
+        for record in claimed:
+            payload = payloads.get(record.id)
+            if not record.apart:
+                jobs.append(record.job())
+            elif payload is not None:
+                jobs.append(record.job(payload))
+            else:
+                missing.append(record)
         if missing:
             bucket = self.config.bucket("payloads")
             await self.finish(

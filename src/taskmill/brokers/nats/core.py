@@ -205,7 +205,8 @@ class Core(Store):
         taken = [i for i, rev in zip(ids, results, strict=True) if isinstance(rev, CasError)]
         if not taken:
             return
-        records = await self._get_many("jobs", [token(i) for i in taken])
+        # from the leader: a replica behind it could call a stored record absent
+        records = await self._get_many("jobs", [token(i) for i in taken], leader=True)
         orphans = [i for i, e in zip(taken, records, strict=True) if e is None or e.deleted]
         for rev in await self._put_many(
             "payloads", [(token(i), payloads[i], None) for i in orphans]
@@ -215,7 +216,9 @@ class Core(Store):
 
     async def _payloads(self, records: Sequence[Record]) -> dict[str, bytes | None]:
         """The payloads of the records that hold none (``Record.apart``), by job id (one round
-        trip); None for one that is missing."""
+        trip); None for one that is missing. One a direct get did not find is asked of the
+        stream's leader: in a cluster, a replica may answer before it has the payload, which
+        was written before its record."""
         apart = [r.id for r in records if r.apart]
         if not apart:
             return {}
@@ -228,6 +231,11 @@ class Core(Store):
             part = apart[start : start + step]
             entries = await self._get_many("payloads", [token(i) for i in part])
             for job_id, e in zip(part, entries, strict=True):
+                found[job_id] = None if e is None or e.deleted else e.value
+        unseen = [job_id for job_id, payload in found.items() if payload is None]
+        if unseen:
+            entries = await self._get_many("payloads", [token(i) for i in unseen], leader=True)
+            for job_id, e in zip(unseen, entries, strict=True):
                 found[job_id] = None if e is None or e.deleted else e.value
         return found
 
