@@ -25,7 +25,7 @@ import pytest
 from taskmill import App, BrokerUnavailableError, JobNotFoundError, JobState, current_job
 from taskmill.brokers.base import JobQuery
 from taskmill.job import Job
-from taskmill.testing import running_worker, wait_until
+from taskmill.testing import await_until, running_worker, wait_until
 
 from . import nats_runs_app
 from .support import HERE, Workers, all_jobs, wait_registered
@@ -774,3 +774,62 @@ def test_large_payloads_on_a_cluster_run_with_their_arguments(nats_cluster) -> N
     finally:
         producer.close()
         worker.close()
+
+
+def test_a_claims_unneeded_pointers_wait_for_its_next_claim(
+    nats_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim of one job pulls a window of 8 pointers: the 7 it does not take wait for the
+    worker's next claim instead of being handed back and delivered again (each was, 7 times
+    a job, for a worker claiming one at a time), and go back to the others once no claim
+    came within ``KEEP_S`` (1 s here instead of 20 ms, so that a loaded machine's pause
+    between two claims does not hand them back early)."""
+    from taskmill.brokers.nats import NatsBroker, dispatch
+    from taskmill.brokers.nats.config import consumer_name
+
+    monkeypatch.setattr(dispatch, "KEEP_S", 1.0)
+
+    app = App(_url(nats_server.url))
+    other = App(app.broker.url)
+    for each in (app, other):
+        each.task(name="one")(lambda n: n)
+    broker = app.broker
+    try:
+        sent = app.get_task("one").send_many([(n,) for n in range(12)])
+        assert isinstance(broker, NatsBroker)
+
+        async def kept() -> int:
+            return sum(len(lane.kept) for lane in (await broker._session()).lanes.values())
+
+        async def claim_one_by_one() -> tuple[list[str], int, int]:
+            await broker.attach()
+            ids = []
+            for _ in range(4):  # back to back, as a worker finishing one job at a time
+                (job,) = await broker.claim(["default"], 1, "w1", 30.0)
+                ids.append(job.id)
+            held = await kept()
+            session = await broker._session()
+            info = await session.nc.jetstream().consumer_info(
+                broker.config.dispatch_stream, consumer_name("default", 0)
+            )
+            # no claim comes: the kept ones go back to the others
+            await await_until(_none_kept, timeout=20, interval=0.05)
+            return ids, int(info.num_redelivered or 0), held
+
+        async def _none_kept() -> bool:
+            return await kept() == 0
+
+        loop = asyncio.new_event_loop()
+        try:
+            ids, redelivered, held = loop.run_until_complete(claim_one_by_one())
+            # another worker gets them at once, though the first is still attached
+            others = other.run_sync(other.broker.claim(["default"], 8, "w2", 30.0))
+            loop.run_until_complete(broker.detach())
+        finally:
+            loop.close()
+        assert ids == [h.id for h in sent[:4]]  # in order, one at a time
+        assert (redelivered, held) == (0, 7)  # nothing delivered twice; 7 kept
+        assert sorted(j.id for j in others) == sorted(h.id for h in sent[4:])
+    finally:
+        app.close()
+        other.close()

@@ -168,9 +168,9 @@ class NatsBroker(Features, Recovery, Broker):
         session = self._sessions.get(loop)
         if session is not None:
             for lane in session.lanes.values():
-                while lane.spare:  # taken by a wait, never claimed: back to the others now
-                    with contextlib.suppress(Exception):
-                        await lane.spare.popleft().nak()
+                # taken by a wait or kept by a claim, never claimed: back to the others now
+                with contextlib.suppress(Exception):
+                    await lane.close()
             with contextlib.suppress(Exception):
                 await session.nc.flush(timeout=2)
         await self._close_session(loop)
@@ -460,17 +460,18 @@ class NatsBroker(Features, Recovery, Broker):
         order (oldest run_at, then enqueue order); the rest are handed back."""
         window = max(need, 8)
         pulls = await asyncio.gather(*(lane.pull(window, _PULL_TIMEOUT_S) for lane in lanes))
-        found: list[tuple[Msg, Pointer]] = []
-        for msg in (m for pulled in pulls for m in pulled):
-            try:
-                found.append((msg, pointer_decoder.decode(msg.data)))
-            except msgspec.DecodeError:
-                log.error("dropping an unreadable dispatch message on %s", msg.subject)
-                await msg.term()
-        found.sort(key=lambda mp: (mp[1].run_at, mp[1].seq))
-        for msg, _ in found[need:]:
-            await msg.nak()
-        return found[:need]
+        found: list[tuple[Msg, Pointer, Lane]] = []
+        for lane, pulled in zip(lanes, pulls, strict=True):
+            for msg in pulled:
+                try:
+                    found.append((msg, pointer_decoder.decode(msg.data), lane))
+                except msgspec.DecodeError:
+                    log.error("dropping an unreadable dispatch message on %s", msg.subject)
+                    await msg.term()
+        found.sort(key=lambda mpl: (mpl[1].run_at, mpl[1].seq))
+        for msg, _, lane in found[need:]:
+            lane.keep(msg)  # for the next claim; handed back if none comes soon
+        return [(msg, pointer) for msg, pointer, _ in found[:need]]
 
     async def _claim_messages(
         self, got: list[tuple[Msg, Pointer]], limit: int, worker_id: str, lease_s: float
@@ -859,6 +860,8 @@ class NatsBroker(Features, Recovery, Broker):
         if session.seen_version != session.wake_version:
             session.seen_version = session.wake_version
             return []
+        if any(lane.kept for lane in lanes):
+            return []  # pulled by a claim and not taken: the next claim takes them
         if any(lane.spare for lane in lanes):
             return await self._take_spare(lanes, handover)
         if handover is not None:

@@ -4,6 +4,12 @@ A claim pulls with ``no_wait`` into an inbox of its own and stops at the batch s
 server's "no messages" status, so it never waits for work. An idle worker's wait sends one
 long pull (``expires``) per lane to a second inbox; whatever arrives there later is kept as
 ``spare`` and taken first by the next claim.
+
+A claim pulls a window of pointers to take the oldest ``run_at`` first, and needs fewer than
+it pulled when few slots are free. The rest are ``kept`` for the next claim rather than
+handed back at once: handed back, each was delivered again, and a worker claiming one job at
+a time (``-c 4``) pulled 8 pointers and handed back 7 per job. A kept pointer is handed back
+if no claim took it within ``KEEP_S``, so a busy worker holds none from the others for long.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import time
 from typing import Any
 
 from nats.aio.client import Client
@@ -21,6 +28,8 @@ from taskmill.brokers.nats.connection import status
 
 _END = {"404", "408", "409"}
 """No messages, request expired, or a limit reached: the pull is over."""
+KEEP_S = 0.02
+"""How long a pointer a claim pulled but did not take waits for this worker's next claim."""
 
 
 class Lane:
@@ -33,6 +42,9 @@ class Lane:
         self._wait_inbox = nc.new_inbox()
         self._got: asyncio.Queue[Msg] = asyncio.Queue()
         self.spare: collections.deque[Msg] = collections.deque()
+        self.kept: collections.deque[tuple[float, Msg]] = collections.deque()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._handing_back: set[asyncio.Task[None]] = set()
         self.arrived = asyncio.Event()
         self._lock = asyncio.Lock()
         self._waiting_until = 0.0
@@ -45,10 +57,15 @@ class Lane:
         ]
 
     async def close(self) -> None:
-        # messages a long pull brought that no claim took: handed back at once, not left to
-        # come back only when the ack wait runs out
-        while self.spare:
-            msg = self.spare.popleft()
+        # messages a long pull brought, or a claim kept, that no claim took: handed back at
+        # once, not left to come back only when the ack wait runs out
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        unclaimed = [msg for _, msg in self.kept] + list(self.spare)
+        self.kept.clear()
+        self.spare.clear()
+        for msg in unclaimed:
             if msg.reply:
                 with contextlib.suppress(Exception):
                     await self.nc.publish(msg.reply, b"-NAK")
@@ -70,9 +87,34 @@ class Lane:
         elif code in _END:
             self._waiting_until = 0.0
 
+    def keep(self, msg: Msg) -> None:
+        """Hold a pulled message for this worker's next claim, for ``KEEP_S`` at most."""
+        self.kept.append((time.monotonic(), msg))
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_later(KEEP_S, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        task = asyncio.ensure_future(self._hand_back_kept())
+        self._handing_back.add(task)
+        task.add_done_callback(self._handing_back.discard)
+
+    async def _hand_back_kept(self) -> None:
+        """Hand back the kept messages that waited ``KEEP_S``; look again for the others."""
+        now = time.monotonic()
+        while self.kept and now - self.kept[0][0] >= KEEP_S * 0.9:
+            _, msg = self.kept.popleft()
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        if self.kept and self._expiry is None:
+            wait = max(0.001, KEEP_S - (now - self.kept[0][0]))
+            self._expiry = asyncio.get_running_loop().call_later(wait, self._expire)
+
     async def pull(self, batch: int, timeout: float) -> list[Msg]:
-        """Up to ``batch`` messages available now (the spare ones first)."""
+        """Up to ``batch`` messages available now (the kept ones first, then the spare)."""
         taken: list[Msg] = []
+        while self.kept and len(taken) < batch:
+            taken.append(self.kept.popleft()[1])
         while self.spare and len(taken) < batch:
             taken.append(self.spare.popleft())
         if len(taken) >= batch:
