@@ -648,7 +648,7 @@ def test_a_large_payload_is_stored_once_apart_from_its_record(nats_server) -> No
         assert set(payloads) == {h.id for h in large}
         assert all(size > 200_000 for size in payloads.values())
         assert all(records[h.id] < 1_000 for h in large), records
-        assert app.get_job(large[0].id).payload == payloads_of(app, large[0].id)
+        assert app.get_job(large[0].id).payload == _payload_of(app, large[0].id)
         assert app.run_until_idle() == 3
         assert sorted(seen) == [100, 200_000, 200_000]
         assert [h.result(timeout=10) for h in large] == [200_000, 200_000]
@@ -664,7 +664,7 @@ def test_a_large_payload_is_stored_once_apart_from_its_record(nats_server) -> No
         app.close()
 
 
-def payloads_of(app: App, job_id: str) -> bytes:
+def _payload_of(app: App, job_id: str) -> bytes:
     from taskmill.brokers.nats import NatsBroker
     from taskmill.brokers.nats.config import token
 
@@ -688,7 +688,7 @@ def test_a_job_sent_again_keeps_the_payload_stored_first(nats_server) -> None:
         first = big.options(job_id="same").send("a" * 50_000)
         again = big.options(job_id="same").send("b" * 50_000)
         assert first.id == again.id == "same"
-        assert payloads_of(app, "same") == app.get_job("same").payload
+        assert _payload_of(app, "same") == app.get_job("same").payload
         assert app.run_until_idle() == 1
         assert first.result(timeout=10) == "aaa"
     finally:

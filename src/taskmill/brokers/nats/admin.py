@@ -256,17 +256,17 @@ class Admin(Core, Broker):
                 return None
             return r.id, r.key, r.apart
 
-        purged: list[str] = []
+        purged = 0
         apart: list[str] = []
         for revision, (job_id, key, payload_apart) in (await self._judged(waiting)).values():
             if await self._delete("jobs", token(job_id), revision):
-                purged.append(job_id)
+                purged += 1
                 if payload_apart:
                     apart.append(job_id)
                 if key is not None:
                     await self._release_key(key, job_id)
         await self._drop_payloads(apart)
-        return len(purged)
+        return purged
 
     # --- pausing --------------------------------------------------------------------------
 

@@ -165,14 +165,6 @@ class NatsBroker(Features, Recovery, Broker):
             return
         self._attached.discard(loop)
         self._detached.add(loop)
-        session = self._sessions.get(loop)
-        if session is not None:
-            for lane in session.lanes.values():
-                # taken by a wait or kept by a claim, never claimed: back to the others now
-                with contextlib.suppress(Exception):
-                    await lane.close()
-            with contextlib.suppress(Exception):
-                await session.nc.flush(timeout=2)
         await self._close_session(loop)
 
     def storage_blocking(self) -> list[dict[str, Any]]:

@@ -246,10 +246,13 @@ class Store:
         if session is None:
             return
         session.requests.fail_all(BrokerUnavailableError("the NATS connection was closed"))
-        with contextlib.suppress(Exception):
-            for lane in session.lanes.values():
+        # pointers a wait took or a claim kept, never claimed: back to the others now, each
+        # lane's even if another's failed, and flushed before the connection closes
+        for lane in session.lanes.values():
+            with contextlib.suppress(Exception):
                 await lane.close()
-            await session.nc.flush(timeout=1)
+        with contextlib.suppress(Exception):
+            await session.nc.flush(timeout=2)
         with contextlib.suppress(Exception):
             await session.nc.close()
 
