@@ -229,3 +229,80 @@ def test_a_job_in_reserve_too_long_is_handed_back_unstarted(
     finally:
         release.set()
         app.close()
+
+
+def test_while_jobs_end_at_once_a_runnable_job_is_claimed_before_a_slot_is_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The standing reserve: with most jobs failing without running, a job sent while the
+    only slot is busy is claimed at once (it waits in reserve, its lease held) and runs the
+    moment the slot is free; without it, it stayed queued until the next claim."""
+    monkeypatch.setattr(parts, "WAIT_S", 20.0)
+    broker = Claims()
+    app = App("memory://")
+    app.client.use_broker(broker)
+    release = threading.Event()
+
+    @app.task
+    def work(hold: bool) -> bool:
+        if hold:
+            assert release.wait(20)
+        return hold
+
+    producer = producer_of_unknown_jobs(broker)
+    try:
+        doomed = [producer.send_task("gone.task", [n]) for n in range(200)]
+        with running_worker(app, concurrency=1):
+            wait_until(lambda: doomed[-1].status() is JobState.FAILED, timeout=20)
+            long_one = work.send(True)
+            wait_until(lambda: long_one.status() is JobState.RUNNING, timeout=20)
+            beside = work.send(False)  # sent after: the slot is busy
+            wait_until(lambda: beside.status() is JobState.RUNNING, timeout=20)
+            assert long_one.status() is JobState.RUNNING
+            release.set()
+            assert long_one.result(timeout=20) is True
+            assert beside.result(timeout=20) is False
+        assert beside.info().attempt == 1 and beside.id not in broker.released
+    finally:
+        release.set()
+        app.close()
+
+
+def test_a_hand_back_from_the_reserve_stops_the_standing_reserve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job handed back from the reserve (its wait ran out behind a long job) is not
+    claimed again and again while the long job runs: the standing reserve stops for
+    ``QUIET_S``. Without that, a reserve wait of 50 ms made it go back about 20 times in
+    the second watched here."""
+    monkeypatch.setattr(parts, "WAIT_S", 0.05)
+    broker = Claims()
+    app = App("memory://")
+    app.client.use_broker(broker)
+    release = threading.Event()
+
+    @app.task
+    def work(hold: bool) -> bool:
+        if hold:
+            assert release.wait(20)
+        return hold
+
+    producer = producer_of_unknown_jobs(broker)
+    try:
+        doomed = [producer.send_task("gone.task", [n]) for n in range(200)]
+        with running_worker(app, concurrency=1):
+            wait_until(lambda: doomed[-1].status() is JobState.FAILED, timeout=20)
+            long_one = work.send(True)
+            wait_until(lambda: long_one.status() is JobState.RUNNING, timeout=20)
+            beside = work.send(False)
+            wait_until(lambda: beside.id in broker.released, timeout=20)
+            # an absence, watched for 20 reserve waits
+            assert not release.wait(20 * 0.05)
+            assert broker.released.count(beside.id) == 1, broker.released
+            assert beside.status() is JobState.QUEUED
+            release.set()
+            assert long_one.result(timeout=20) is True
+            assert beside.result(timeout=20) is False
+    finally:
+        release.set()
+        app.close()

@@ -286,6 +286,7 @@ class Pipeline:
         if not self._slot(r) and not await self._wait_for_slot(r):
             return Released()
         r.ran = True
+        r.called_at = time.monotonic()  # again: a job in reserve waited for its slot since
         try:
             soft_s = soft_limit_s(task, r.job)
             if self.registry.instrumentations:

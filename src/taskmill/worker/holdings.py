@@ -42,9 +42,9 @@ NOT_HELD = -1
 
 
 class Holdings:
-    """The table of one worker process, ``slots`` jobs at most (twice its concurrency: its
-    slots and its reserve, ``worker.reserve``), in the file at ``path`` (created or
-    cleared)."""
+    """The table of one worker process, ``slots`` jobs at most (``HELD_PER_SLOT`` times
+    its concurrency: its slots and its reserve, ``worker.reserve``), in the file at
+    ``path`` (created or cleared)."""
 
     def __init__(self, path: str, slots: int) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

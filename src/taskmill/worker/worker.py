@@ -43,7 +43,7 @@ from taskmill.worker.names import worker_id
 from taskmill.worker.opening import open_broker
 from taskmill.worker.outbox import Outbox, Publisher
 from taskmill.worker.parts import Parts
-from taskmill.worker.reserve import Reserve
+from taskmill.worker.reserve import HELD_PER_SLOT, Reserve
 from taskmill.worker.runners import PoolKind
 from taskmill.worker.stopping import (
     LastWrites,
@@ -211,8 +211,8 @@ class Worker:
         await broker.attach()
         if self.holdings_path is not None:
             try:
-                self._holdings = await take_over(  # the reserve: up to twice the slots
-                    broker, self.holdings_path, 2 * self.concurrency, worker_id=self.id
+                self._holdings = await take_over(  # the reserve: up to 3 x the slots
+                    broker, self.holdings_path, HELD_PER_SLOT * self.concurrency, worker_id=self.id
                 )
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -318,7 +318,12 @@ class Worker:
             # progress made during the claim wakes the wait after it (the only one on it)
             quiet = not self._running and not self._outbox.writing
             self._progressed.clear()
-            want = free + self._reserve.extra(free)
+            # at most twice the slots held in all: the size of the table of held jobs
+            # no more held in all than the table of held jobs has room for
+            want = min(
+                free + self._reserve.extra(free),
+                HELD_PER_SLOT * self.concurrency - len(self._running),
+            )
             try:
                 jobs, advanced = await self._finish_and_claim(want)
             except Exception as exc:
@@ -340,9 +345,10 @@ class Worker:
                 await idle.wait(self._progressed)
 
     async def _free_slots(self, leases: LeaseKeeper) -> int:
-        """How many jobs to claim; 0 after waiting for a free slot, or for contact (out of
-        contact, the leases are in doubt: no claim, see ``leases.py``)."""
-        free = self.concurrency - len(self._running)
+        """How many jobs to claim: the free slots, and the standing reserve's free places
+        (``reserve.py``); 0 after waiting for one, or for contact (out of contact, the leases
+        are in doubt: no claim, see ``leases.py``)."""
+        free = self.concurrency + self._reserve.standing(time.monotonic()) - len(self._running)
         if free <= 0:
             await self._wait_for_a_slot()
             return 0
@@ -397,7 +403,10 @@ class Worker:
         if self._holdings is not None:
             self._holdings.release(run.held)
         if not run.interrupted and not isinstance(outcome, Released):
-            self._reserve.finished(ran=run.ran)
+            took = time.monotonic() - run.called_at if run.called_at is not None else None
+            self._reserve.finished(ran=run.ran, took_s=took)
+        elif isinstance(outcome, Released) and not self._stop.requested:
+            self._reserve.handed_back(time.monotonic())  # it waited in reserve too long
         if run.lost:
             self._outbox.drop(run)
             log.warning(
