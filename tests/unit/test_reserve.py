@@ -254,6 +254,7 @@ def test_while_jobs_end_at_once_a_runnable_job_is_claimed_before_a_slot_is_free(
         doomed = [producer.send_task("gone.task", [n]) for n in range(200)]
         with running_worker(app, concurrency=1):
             wait_until(lambda: doomed[-1].status() is JobState.FAILED, timeout=20)
+            assert work.send(False).result(timeout=20) is False  # a short job has run
             long_one = work.send(True)
             wait_until(lambda: long_one.status() is JobState.RUNNING, timeout=20)
             beside = work.send(False)  # sent after: the slot is busy
@@ -292,6 +293,7 @@ def test_a_hand_back_from_the_reserve_stops_the_standing_reserve(
         doomed = [producer.send_task("gone.task", [n]) for n in range(200)]
         with running_worker(app, concurrency=1):
             wait_until(lambda: doomed[-1].status() is JobState.FAILED, timeout=20)
+            assert work.send(False).result(timeout=20) is False  # a short job has run
             long_one = work.send(True)
             wait_until(lambda: long_one.status() is JobState.RUNNING, timeout=20)
             beside = work.send(False)

@@ -63,8 +63,9 @@ class Reserve:
     def __init__(self, concurrency: int) -> None:
         self.concurrency = concurrency
         self.share = 0.0
-        self.run_s = 0.0
-        """How long the jobs that ran took, on average (``_WEIGHT`` of each)."""
+        self.run_s: float | None = None
+        """How long the jobs that ran took, on average (the first, then ``_WEIGHT`` of
+        each); None until one has: no standing reserve before the worker knows."""
         self.quiet_until = 0.0
         """Monotonic: no standing reserve before then (``handed_back``)."""
 
@@ -73,7 +74,8 @@ class Reserve:
         taken ``took_s``."""
         self.share += ((0.0 if ran else 1.0) - self.share) * _WEIGHT
         if ran and took_s is not None:
-            self.run_s += (took_s - self.run_s) * _WEIGHT
+            last = took_s if self.run_s is None else self.run_s
+            self.run_s = last + (took_s - last) * _WEIGHT
 
     def handed_back(self, now: float) -> None:
         """A job in reserve waited ``WAIT_S`` for a slot and went back: the slots are busy
@@ -99,11 +101,14 @@ class Reserve:
 
     def standing(self, now: float) -> int:
         """How many claimed jobs to keep waiting beyond the slots: ``concurrency x share``
-        (rounded up) while the share calls for a reserve, the jobs that run are short, and
+        (rounded up) while the share calls for a reserve, the jobs that ran were short, and
         no job went back from the reserve in the last ``QUIET_S``.
 
         >>> r = Reserve(concurrency=4)
         >>> r.share = 0.5
+        >>> r.standing(now=0.0)  # no job has run yet: how long they take is unknown
+        0
+        >>> r.finished(ran=True, took_s=0.01)
         >>> r.standing(now=0.0)
         2
         >>> r.handed_back(now=0.0)
@@ -114,7 +119,9 @@ class Reserve:
         0
         """
         share = min(self.share, _CEILING)
-        if share < _FLOOR or self.run_s > SHORT_S or now < self.quiet_until:
+        if share < _FLOOR or self.run_s is None or self.run_s > SHORT_S:
+            return 0
+        if now < self.quiet_until:
             return 0
         return min(self.concurrency, math.ceil(self.concurrency * share))
 
