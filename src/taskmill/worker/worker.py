@@ -318,7 +318,6 @@ class Worker:
             # progress made during the claim wakes the wait after it (the only one on it)
             quiet = not self._running and not self._outbox.writing
             self._progressed.clear()
-            # at most twice the slots held in all: the size of the table of held jobs
             # no more held in all than the table of held jobs has room for
             want = min(
                 free + self._reserve.extra(free),
