@@ -833,3 +833,39 @@ def test_a_claims_unneeded_pointers_wait_for_its_next_claim(
     finally:
         app.close()
         other.close()
+
+
+def test_a_prune_reads_no_further_than_the_first_record_stored_after_its_cutoff(
+    nats_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bucket delivers its records in the order they were stored, and a record is stored
+    when its job finishes or later: a prune stops at the first record stored after its
+    cutoff. With results kept for days, every worker's prune read the whole bucket each
+    minute to find nothing."""
+    app = App(_url(nats_server.url))
+    task = app.task(name="quick")(lambda n: n)
+    try:
+        old = task.send_many([(n,) for n in range(5)])
+        assert app.run_until_idle() == 5
+        cutoff = app.run_sync(app.broker.now()) + 0.05
+        wait_until(lambda: app.run_sync(app.broker.now()) > cutoff + 0.05, timeout=10)
+        new = task.send_many([(n,) for n in range(200)])
+        assert app.run_until_idle() == 200
+
+        read: list[str] = []
+        scan = type(app.broker)._scan_messages
+
+        async def counted(self: Any, what: str) -> Any:
+            async for key, entry in scan(self, what):
+                read.append(key)
+                yield key, entry
+
+        monkeypatch.setattr(type(app.broker), "_scan_messages", counted)
+        assert app.run_sync(app.broker.prune(cutoff)) == 5
+        assert len(read) == 6, read  # the 5 pruned, and the first newer one
+        assert {h.id for h in new} <= set(all_jobs(app))
+        for h in old:
+            with pytest.raises(JobNotFoundError):
+                app.get_job(h.id)
+    finally:
+        app.close()

@@ -163,14 +163,16 @@ class Features(Core, Broker, ScheduleStore, WorkflowStore, LimitStore, EventBus)
         return [workflow_id for _, workflow_id in sorted(running)[:limit]]
 
     async def _prune_workflows(self, finished_before: float) -> None:
-        revisions = []
-        async for _, entry in self._scan("workflows"):
+        def ended(_: str, entry: Entry) -> int | None:
             if entry.deleted:
-                continue
+                return None
             w = _workflow_decoder.decode(entry.value)
             if w.finished_at is not None and w.finished_at < finished_before:
-                revisions.append(entry.revision)
-        await self._erase("workflows", revisions)
+                return entry.revision
+            return None
+
+        found = await self._scan_kept("workflows", ended, stored_before=finished_before)
+        await self._erase("workflows", list(found.values()))
 
     # --- flow control ---------------------------------------------------------------------
 

@@ -429,15 +429,24 @@ class Store:
             yield key, entry
 
     async def _scan_kept(
-        self, what: str, keep: Callable[[str, Entry], T | None], *, limit: int | None = None
+        self,
+        what: str,
+        keep: Callable[[str, Entry], T | None],
+        *,
+        limit: int | None = None,
+        stored_before: float | None = None,
     ) -> dict[str, T]:
         """What ``keep`` makes of each key's latest message, by key; None keeps nothing.
         Messages are judged as the scan brings them, so the bucket is never held whole; a key
         written while the scan runs comes again, and its newer message decides. Stops once
-        ``limit`` keys are kept."""
+        ``limit`` keys are kept, and at the first message stored at or after
+        ``stored_before`` (server time): the scan brings the keys' last messages in the order
+        they were stored, so every one after it is newer too."""
         kept: dict[str, T] = {}
         async with contextlib.aclosing(self._scan_messages(what)) as scan:
             async for key, entry in scan:
+                if stored_before is not None and entry.stored_at >= stored_before:
+                    break
                 value = keep(key, entry)
                 if value is None:
                     kept.pop(key, None)
