@@ -20,6 +20,11 @@ How each figure counts (docs/reliability.md says the same):
 - ``given_up``: jobs the caller names as given up by their own worker (its lease lost with no
   heartbeat taken within it, by the worker's log): run again by design, so their duplicates
   and executions cut short are explained; those the give-up alone explains are listed.
+- ``quarantined``: jobs the caller names as failed by the crash-poison rule (``max_lost_leases``
+  leases lost, the broker's ``WorkerLostError``) that have no completed execution and at least
+  one execution cut short by a recorded kill of its process: a job running at that many kills
+  of a crash storm is failed on purpose (T10's rule), visibly, not lost. Listed, not counted
+  as lost; one the ledger shows no kill of stays lost.
 - ``recovery_times``: for every execution followed by another of the same job whose process
   was killed in between (cut short, or completed but not acknowledged), seconds from the kill
   to the start of the job's next execution.
@@ -69,6 +74,7 @@ class CheckResult:
     interrupted: int = 0
     unexplained_interruptions: list[str] = field(default_factory=list)
     given_up: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
     recovery_times: list[float] = field(default_factory=list)
 
     @property
@@ -105,12 +111,14 @@ class CheckResult:
             f" {len(self.unexplained_duplicates)}, cut short {self.interrupted} (unexplained"
             f" {len(self.unexplained_interruptions)}), recovered {len(self.recovered)},"
             + (f" explained by a give-up {len(self.given_up)}," if self.given_up else "")
+            + (f" quarantined {len(self.quarantined)}," if self.quarantined else "")
             + f" {recovery}"
         )
         details = [
             f"  {name}: {_sample(value)}"
             for name, value in (
                 ("lost", self.lost),
+                ("quarantined", self.quarantined),
                 ("unexpected", self.unexpected),
                 ("stuck", self.stuck),
                 ("unexplained_duplicates", self.unexplained_duplicates),
@@ -128,10 +136,14 @@ def _sample(value: list[str] | dict[str, str]) -> str:
 
 
 def check(
-    records: Records, states: Mapping[str, str], given_up: Collection[str] = ()
+    records: Records,
+    states: Mapping[str, str],
+    given_up: Collection[str] = (),
+    quarantined: Collection[str] = (),
 ) -> CheckResult:
     """Check ``records`` against ``states`` (job id -> the broker's final state name, for every
-    job the broker still has). ``given_up``: jobs their worker gave up itself (see above)."""
+    job the broker still has). ``given_up``: jobs their worker gave up itself; ``quarantined``:
+    jobs failed by the crash-poison rule (see above)."""
     outcomes: dict[str, set[Outcome]] = defaultdict(set)
     for enqueue in records.enqueues:
         outcomes[enqueue.job_id].add(enqueue.outcome)
@@ -153,7 +165,15 @@ def check(
         kills=len(kills),
         broker_faults=len(broker_faults),
     )
-    result.lost = [j for j in acknowledged if not completed.get(j)]
+    poisoned = {
+        j
+        for j in quarantined
+        if states.get(j) == "failed"
+        and any(e.t_end is None and _killed(e, kills, until=float("inf")) for e in runs[j])
+    }
+    never = [j for j in acknowledged if not completed.get(j)]
+    result.lost = [j for j in never if j not in poisoned]
+    result.quarantined = [j for j in never if j in poisoned]
     result.unexpected = sorted(j for j in runs if not outcomes[j] & {*stored, Outcome.UNKNOWN})
     result.duplicated = {j: len(c) for j, c in sorted(completed.items()) if len(c) > 1}
     result.recovered = sorted(

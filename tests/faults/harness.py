@@ -20,6 +20,7 @@ from faults.ledger import LEDGER_ENV, Enqueue, Ledger, Outcome
 from faults.processes import worker_children
 from faults.schedule import Kill
 from taskmill import App
+from taskmill.brokers._rows import RECOVERED_ERROR_TYPE
 from taskmill.testing import wait_until
 
 TESTS = Path(__file__).resolve().parent.parent
@@ -128,6 +129,16 @@ def final_states(app: App) -> dict[str, str]:
     """Job id -> state name, for every job the broker has."""
     jobs = app.run_sync(app.broker.list_jobs(limit=1_000_000))
     return {j.id: str(j.state) for j in jobs}
+
+
+def quarantined(app: App, states: dict[str, str]) -> set[str]:
+    """The failed jobs of ``states`` that the broker failed by its lost-lease rule (crash
+    poison: ``max_lost_leases`` leases lost), by their stored error."""
+    failed = [job_id for job_id, state in states.items() if state == "failed"]
+    jobs = app.run_sync(app.broker.get_many(failed)) if failed else []
+    return {
+        j.id for j in jobs if j is not None and j.error and j.error.type == RECOVERED_ERROR_TYPE
+    }
 
 
 def drain(app: App, expected: int, timeout: float) -> dict[str, str]:

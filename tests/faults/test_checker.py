@@ -89,6 +89,25 @@ def test_a_job_its_worker_gave_up_explains_its_duplicate_and_its_cut_short_run()
     assert "give-up" not in plain.summary()
 
 
+def test_a_job_the_crash_poison_rule_failed_after_a_kill_is_quarantined_not_lost() -> None:
+    """A job running at three kills of a crash storm is failed by the broker's lost-lease
+    rule (T10's quarantine): named by the caller, it is listed as quarantined when the ledger
+    shows a kill of a process running it; without such a kill, or still running, it is lost."""
+    runs = [run("a", 1, None, pid=100), run("b", 1, None, pid=200), run("d", 1, 2, pid=100)]
+    records = Records(ok("a", "b", "c", "d"), runs, [kill(1.5, pid=100)])
+    states = {"a": "failed", "b": "failed", "c": "failed", "d": "succeeded"}
+    plain = check(records, states)
+    assert plain.lost == ["a", "b", "c"] and plain.quarantined == []
+    result = check(records, states, quarantined={"a", "b", "c", "d"})
+    assert result.quarantined == ["a"]  # b: its process was not killed; c: it never ran
+    assert result.lost == ["b", "c"] and not result.ok
+    assert "quarantined 1," in result.summary() and "quarantined" not in plain.summary()
+    alone = check(Records(ok("a"), runs[:1], [kill(1.5, pid=100)]), {"a": "failed"}, [], {"a"})
+    assert alone.ok and alone.lost == [] and alone.quarantined == ["a"]
+    running = check(Records(ok("a"), runs[:1], [kill(1.5)]), {"a": "queued"}, [], {"a"})
+    assert running.lost == ["a"]  # not failed: the rule did not fail it
+
+
 def broker_fault(kind: str, t: float, t_end: float | None = None) -> Fault:
     return Fault(t, kind, 0, "broker", t_end)
 

@@ -5,6 +5,12 @@ over the fault phase while a child process is killed (SIGKILL) about every 2 s, 
 schedule drawn from the seed (``FAULTS_SEED`` replays one); then the jobs drain. The checker
 must find nothing lost, unexpected or stuck, and only duplicates a kill explains, at most
 kills x concurrency of them. The figures are printed (``pytest -rA`` shows them).
+
+A job running at three of the kills loses its third lease and is failed by the crash-poison
+rule (``max_lost_leases``, T10): on purpose and visibly, so it counts as quarantined, not
+lost, if the ledger shows a kill of a process running it. It happened once in about 40 runs
+on NATS, where a job recovered 2 s after a kill is claimed again about when the next one
+lands.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import redis
 
 from faults import jobs
 from faults.checker import check
-from faults.harness import Producer, Supervisor, drain, kill_children
+from faults.harness import Producer, Supervisor, drain, kill_children, quarantined
 from faults.ledger import Ledger
 from faults.schedule import SEED_ENV, kill_schedule, seed_from_env
 from faults.sizes import sized
@@ -104,7 +110,9 @@ def test_worker_crash_storm(
     assert supervisor.proc.poll() is None, f"the supervisor exited:\n{supervisor.output()}"
     assert supervisor.stop() == 0, supervisor.output()
 
-    result = check(ledger.read(), states)
+    # a job running at three of the kills is failed by the crash-poison rule, on purpose
+    # (T10's quarantine): reported as quarantined, not lost (docs/reliability.md, T1)
+    result = check(ledger.read(), states, quarantined=quarantined(app, states))
     print(f"T1 {broker_url.split(':', 1)[0]}: {result.summary()}; {elapsed:.1f} s")
     assert len(killed) == KILLS and result.kills == KILLS
     assert result.enqueued_ok == JOBS
