@@ -4,14 +4,16 @@ never runs more functions at once than its concurrency (``taskmill.worker.reserv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 from taskmill import App
 from taskmill.brokers.memory import MemoryBroker
 from taskmill.job import Finish, Job, JobState, Released
+from taskmill.task import Task
 from taskmill.testing import running_worker, wait_until
 from taskmill.worker import parts
 from taskmill.worker.reserve import BodySlots, Reserve
@@ -196,12 +198,14 @@ def test_jobs_that_cannot_run_are_replaced_without_running_more_than_the_slots()
         app.close()
 
 
-def test_a_job_in_reserve_too_long_is_handed_back_unstarted(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """One slot, taken by a job that runs long: the job claimed in reserve beside it goes
-    back to the queue (no attempt spent) after the wait, and runs once the slot is free."""
-    monkeypatch.setattr(parts, "WAIT_S", 0.05)
+@contextlib.contextmanager
+def one_slot_among_doomed(
+    monkeypatch: pytest.MonkeyPatch, wait_s: float, *, one_ran: bool
+) -> Iterator[tuple[Claims, Task[[bool], bool], threading.Event]]:
+    """A worker with one slot and a reserve wait of ``wait_s`` that has seen 200 jobs it
+    cannot run fail (and, ``one_ran``, one short job run): its broker, the task ``work``
+    (``work(True)`` holds the slot until the event is set) and that event."""
+    monkeypatch.setattr(parts, "WAIT_S", wait_s)
     broker = Claims()
     app = App("memory://")
     app.client.use_broker(broker)
@@ -219,16 +223,27 @@ def test_a_job_in_reserve_too_long_is_handed_back_unstarted(
         with running_worker(app, concurrency=1):
             # the worker learns that most jobs cannot run, and goes idle
             wait_until(lambda: doomed[-1].status() is JobState.FAILED, timeout=20)
-            long_one, beside = work.send_many([(True,), (False,)])  # claimed together
-            wait_until(lambda: beside.id in broker.released, timeout=20)
-            assert long_one.status() is JobState.RUNNING, (broker.released, long_one.id)
-            release.set()
-            assert long_one.result(timeout=20) is True
-            assert beside.result(timeout=20) is False
-        assert beside.info().attempt == 1  # handed back: no attempt spent
+            if one_ran:
+                assert work.send(False).result(timeout=20) is False  # a short job has run
+            yield broker, work, release
     finally:
         release.set()
         app.close()
+
+
+def test_a_job_in_reserve_too_long_is_handed_back_unstarted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One slot, taken by a job that runs long: the job claimed in reserve beside it goes
+    back to the queue (no attempt spent) after the wait, and runs once the slot is free."""
+    with one_slot_among_doomed(monkeypatch, 0.05, one_ran=False) as (broker, work, release):
+        long_one, beside = work.send_many([(True,), (False,)])  # claimed together
+        wait_until(lambda: beside.id in broker.released, timeout=20)
+        assert long_one.status() is JobState.RUNNING, (broker.released, long_one.id)
+        release.set()
+        assert long_one.result(timeout=20) is True
+        assert beside.result(timeout=20) is False
+        assert beside.info().attempt == 1  # handed back: no attempt spent
 
 
 def test_while_jobs_end_at_once_a_runnable_job_is_claimed_before_a_slot_is_free(
@@ -237,36 +252,16 @@ def test_while_jobs_end_at_once_a_runnable_job_is_claimed_before_a_slot_is_free(
     """The standing reserve: with most jobs failing without running, a job sent while the
     only slot is busy is claimed at once (it waits in reserve, its lease held) and runs the
     moment the slot is free; without it, it stayed queued until the next claim."""
-    monkeypatch.setattr(parts, "WAIT_S", 20.0)
-    broker = Claims()
-    app = App("memory://")
-    app.client.use_broker(broker)
-    release = threading.Event()
-
-    @app.task
-    def work(hold: bool) -> bool:
-        if hold:
-            assert release.wait(20)
-        return hold
-
-    producer = producer_of_unknown_jobs(broker)
-    try:
-        doomed = [producer.send_task("gone.task", [n]) for n in range(200)]
-        with running_worker(app, concurrency=1):
-            wait_until(lambda: doomed[-1].status() is JobState.FAILED, timeout=20)
-            assert work.send(False).result(timeout=20) is False  # a short job has run
-            long_one = work.send(True)
-            wait_until(lambda: long_one.status() is JobState.RUNNING, timeout=20)
-            beside = work.send(False)  # sent after: the slot is busy
-            wait_until(lambda: beside.status() is JobState.RUNNING, timeout=20)
-            assert long_one.status() is JobState.RUNNING
-            release.set()
-            assert long_one.result(timeout=20) is True
-            assert beside.result(timeout=20) is False
-        assert beside.info().attempt == 1 and beside.id not in broker.released
-    finally:
+    with one_slot_among_doomed(monkeypatch, 20.0, one_ran=True) as (broker, work, release):
+        long_one = work.send(True)
+        wait_until(lambda: long_one.status() is JobState.RUNNING, timeout=20)
+        beside = work.send(False)  # sent after: the slot is busy
+        wait_until(lambda: beside.status() is JobState.RUNNING, timeout=20)
+        assert long_one.status() is JobState.RUNNING
         release.set()
-        app.close()
+        assert long_one.result(timeout=20) is True
+        assert beside.result(timeout=20) is False
+        assert beside.info().attempt == 1 and beside.id not in broker.released
 
 
 def test_a_hand_back_from_the_reserve_stops_the_standing_reserve(
@@ -276,35 +271,15 @@ def test_a_hand_back_from_the_reserve_stops_the_standing_reserve(
     claimed again and again while the long job runs: the standing reserve stops for
     ``QUIET_S``. Without that, a reserve wait of 50 ms made it go back about 20 times in
     the second watched here."""
-    monkeypatch.setattr(parts, "WAIT_S", 0.05)
-    broker = Claims()
-    app = App("memory://")
-    app.client.use_broker(broker)
-    release = threading.Event()
-
-    @app.task
-    def work(hold: bool) -> bool:
-        if hold:
-            assert release.wait(20)
-        return hold
-
-    producer = producer_of_unknown_jobs(broker)
-    try:
-        doomed = [producer.send_task("gone.task", [n]) for n in range(200)]
-        with running_worker(app, concurrency=1):
-            wait_until(lambda: doomed[-1].status() is JobState.FAILED, timeout=20)
-            assert work.send(False).result(timeout=20) is False  # a short job has run
-            long_one = work.send(True)
-            wait_until(lambda: long_one.status() is JobState.RUNNING, timeout=20)
-            beside = work.send(False)
-            wait_until(lambda: beside.id in broker.released, timeout=20)
-            # an absence, watched for 20 reserve waits
-            assert not release.wait(20 * 0.05)
-            assert broker.released.count(beside.id) == 1, broker.released
-            assert beside.status() is JobState.QUEUED
-            release.set()
-            assert long_one.result(timeout=20) is True
-            assert beside.result(timeout=20) is False
-    finally:
+    with one_slot_among_doomed(monkeypatch, 0.05, one_ran=True) as (broker, work, release):
+        long_one = work.send(True)
+        wait_until(lambda: long_one.status() is JobState.RUNNING, timeout=20)
+        beside = work.send(False)
+        wait_until(lambda: beside.id in broker.released, timeout=20)
+        # an absence, watched for 20 reserve waits
+        assert not release.wait(20 * 0.05)
+        assert broker.released.count(beside.id) == 1, broker.released
+        assert beside.status() is JobState.QUEUED
         release.set()
-        app.close()
+        assert long_one.result(timeout=20) is True
+        assert beside.result(timeout=20) is False

@@ -119,9 +119,8 @@ class Reserve:
         0
         """
         share = min(self.share, _CEILING)
-        if share < _FLOOR or self.run_s is None or self.run_s > SHORT_S:
-            return 0
-        if now < self.quiet_until:
+        short = self.run_s is not None and self.run_s <= SHORT_S
+        if share < _FLOOR or not short or now < self.quiet_until:
             return 0
         return min(self.concurrency, math.ceil(self.concurrency * share))
 

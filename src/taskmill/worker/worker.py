@@ -402,7 +402,9 @@ class Worker:
         if self._holdings is not None:
             self._holdings.release(run.held)
         if not run.interrupted and not isinstance(outcome, Released):
-            took = time.monotonic() - run.called_at if run.called_at is not None else None
+            took = None
+            if run.ran and run.called_at is not None:  # the clock is read for these alone
+                took = time.monotonic() - run.called_at
             self._reserve.finished(ran=run.ran, took_s=took)
         elif isinstance(outcome, Released) and not self._stop.requested:
             self._reserve.handed_back(time.monotonic())  # it waited in reserve too long
