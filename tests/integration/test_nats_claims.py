@@ -353,3 +353,102 @@ def test_a_claim_waits_a_little_for_a_record_whose_pointer_came_first(
         assert [(j.id, j.worker_id) for j in second] == [(job_id, "w2")]
     finally:
         app.close()
+
+
+def test_a_claim_that_hands_back_a_pointer_whose_record_is_late_takes_it_when_back(
+    nats_server: NatsServer,
+) -> None:
+    """The record lands 40 ms after its pointer, later than the claim reads again: the claim
+    hands the pointer back for 50 ms. Having found nothing else, it waits for the pointer to
+    be delivered again and takes the job (it returned nothing, and run_until_idle could end
+    with the job queued)."""
+    import msgspec
+
+    from taskmill.brokers.nats.config import token
+    from taskmill.brokers.nats.records import record_encoder
+    from taskmill.job import JobState
+
+    app = App(_url(nats_server.url))
+    broker: Any = app.broker
+
+    @app.task(name="step")
+    def step() -> None: ...
+
+    try:
+        app.open()
+        job_id = step.send().id
+        first = app.run_sync(broker.claim(["default"], 1, "w1", 30.0))
+        assert [j.id for j in first] == [job_id]
+
+        async def dispatch_then_claim() -> list[Any]:
+            entry = await broker._get("jobs", token(job_id))
+            held = msgspec.msgpack.decode(entry.value, type=broker._mine[job_id][1].__class__)
+            again = msgspec.structs.replace(
+                held, state=JobState.QUEUED, gen=held.gen + 1, lease_token=None,
+                lease_expires_at=None, worker_id=None,
+            )  # fmt: skip
+            await broker._dispatch([again])
+
+            async def write_record() -> None:
+                await asyncio.sleep(0.04)
+                await broker._put(
+                    "jobs", token(job_id), record_encoder.encode(again), entry.revision
+                )
+
+            writer = asyncio.create_task(write_record())
+            try:
+                return list(await broker.claim(["default"], 1, "w2", 30.0))
+            finally:
+                await writer
+
+        second = _on_io_loop(app, dispatch_then_claim())
+        assert [(j.id, j.worker_id) for j in second] == [(job_id, "w2")]
+    finally:
+        app.close()
+
+
+def test_a_claim_that_loses_its_cas_to_the_sends_own_record_claims_from_a_fresh_read(
+    nats_server: NatsServer,
+) -> None:
+    """A claim read no record for a new job's pointer (the send's record not stored yet), so
+    it creates the record from the pointer; the send's record lands first and the claim's
+    write loses. The claim reads the record again and claims it: handed back instead, the
+    pointer was not delivered to the pull that followed, and the claim found nothing."""
+    from taskmill.brokers.nats.config import consumer_name
+
+    app = App(_url(nats_server.url))
+    broker: Any = app.broker
+
+    @app.task(name="step")
+    def step() -> None: ...
+
+    try:
+        app.open()
+        job_id = step.send().id
+        real_get_many = broker._get_many
+        reads: list[list[str]] = []
+
+        async def not_written_at_first(what: str, keys: list[str]) -> list[Any]:
+            entries = await real_get_many(what, keys)
+            if what == "jobs":
+                reads.append(keys)
+                if len(reads) == 1:
+                    return [None] * len(keys)  # read before the send's record landed
+            return entries
+
+        broker._get_many = not_written_at_first
+        claimed = app.run_sync(broker.claim(["default"], 1, "w1", 30.0))
+        assert len(reads) == 2, "the record was not read again after the lost write"
+        assert [(j.id, j.worker_id) for j in claimed] == [(job_id, "w1")]
+
+        async def redelivered() -> int:
+            session = await broker._session()
+            js = session.nc.jetstream()
+            info = await js.consumer_info(
+                broker.config.dispatch_stream, consumer_name("default", 0)
+            )
+            return int(info.num_redelivered)
+
+        assert _on_io_loop(app, redelivered()) == 0, "the pointer was handed back"
+    finally:
+        app.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -91,8 +92,12 @@ log = logging.getLogger("taskmill.brokers.nats")
 
 _WRITTEN_MEANWHILE_S = (0.001, 0.004, 0.016)
 """The pauses before each new read of a record whose dispatch's pointer came first."""
+_WRITING_S = 0.05
+"""How long a pointer whose record is still being written is handed back for."""
+_BACK_IN_SIGHT_MARGIN_S = 0.01
+"""Allowed for nats-server to apply a hand-back and deliver the pointer again."""
 _PULL_TIMEOUT_S = 5.0
-"""How often ``recover`` also reads every record for leases that ran out unseen."""
+"""How long a claim's pull waits for the server's answer."""
 
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _ATOMIC_DISABLED = 10174
@@ -127,6 +132,8 @@ class NatsBroker(Features, Recovery, Broker):
         # job id -> (revision, record) this process last wrote for a claim it holds
         self._mine: dict[str, tuple[int, Record]] = {}
         self._sweep_at = time.monotonic() + SWEEP_S
+        self._back_in_sight = 0.0
+        """When the pointers this process handed back for a moment are delivered again."""
 
     def configure(self, settings: Settings) -> None:
         self.max_lost_leases = settings.max_lost_leases
@@ -434,6 +441,18 @@ class NatsBroker(Features, Recovery, Broker):
             return []
         session = await self._session()
         session.seen_version = session.wake_version
+        claimed = await self._claim_lanes(session, queues, limit, worker_id, lease_s)
+        wait = self._back_in_sight - time.monotonic()
+        if not claimed and wait > 0:
+            # a pointer handed back for a moment (its record still being written) is out of
+            # sight: found nothing, this claim would let run_until_idle end with it queued
+            await asyncio.sleep(wait)
+            claimed = await self._claim_lanes(session, queues, limit, worker_id, lease_s)
+        return claimed
+
+    async def _claim_lanes(
+        self, session: Session, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
+    ) -> list[Job]:
         claimed: list[Job] = []
         for _, names in await self._lanes_of(queues):
             lanes = [await self._lane(session, name) for name in names]
@@ -468,40 +487,65 @@ class NatsBroker(Features, Recovery, Broker):
     async def _claim_messages(
         self, got: list[tuple[Msg, Pointer]], limit: int, worker_id: str, lease_s: float
     ) -> list[Job]:
+        """Claim the records of ``got``'s pointers. A claim that lost its CAS to a write
+        landing after its read (most often the record of a send whose pointer it met first)
+        decides again from a fresh read, a few times, before it hands the pointer back:
+        nats-server applies a hand-back after a pull sent just after it, so that pull (this
+        claim's next, or the worker's) would not see the job."""
         now = await self._fresh_now()
-        token_ = os.urandom(8).hex()
-        expires = now + lease_s
+        round_ = _ClaimRound(worker_id, os.urandom(8).hex(), now, now + lease_s)
+        for _ in range(CAS_TRIES):
+            got = await self._claim_round(got, round_)
+            if not got:
+                break
+        for msg, _ in got:
+            await self._hand_back(msg)  # changed again and again: look at it from scratch
+        return await self._with_payloads(round_.won, round_.payloads, round_.token)
+
+    async def _claim_round(
+        self, got: list[tuple[Msg, Pointer]], round_: _ClaimRound
+    ) -> list[tuple[Msg, Pointer]]:
+        """One try of ``_claim_messages``: the pointers whose CAS lost."""
         entries = await self._get_many("jobs", [token(p.id) for _, p in got])
-        held = self._held.setdefault(worker_id, {})
+        held = self._held.setdefault(round_.worker_id, {})
         writes: list[tuple[str, bytes, int | None]] = []
-        claims: list[tuple[Msg, Record]] = []
+        claims: list[tuple[Msg, Pointer, Record]] = []
         for (msg, pointer), entry in zip(got, entries, strict=True):
-            record, last = await self._claimable(msg, pointer, entry, now)
+            record, last = await self._claimable(msg, pointer, entry, round_.now)
             if record is None:
                 continue
-            running = _running(record, worker_id, token_, now, expires)
+            running = _running(record, round_.worker_id, round_.token, round_.now, round_.expires)
             writes.append((token(record.id), record_encoder.encode(running), last))
-            claims.append((msg, running))
-            held[record.id] = token_
+            claims.append((msg, pointer, running))
+            held[record.id] = round_.token
         if not claims:
             return []
         # payloads stored apart are read alongside (they never change once written; those of
         # claims that lose are dropped)
         results, _, payloads = await asyncio.gather(
             self._put_many("jobs", writes),
-            self._write_lease(worker_id, expires),
-            self._payloads([record for _, record in claims]),
+            self._write_lease(round_.worker_id, round_.expires),
+            self._payloads([record for _, _, record in claims]),
         )
-        won: list[Record] = []
-        for (msg, record), rev in zip(claims, results, strict=True):
+        round_.payloads.update(payloads)
+        lost: list[tuple[Msg, Pointer]] = []
+        for (msg, pointer, record), rev in zip(claims, results, strict=True):
             if isinstance(rev, int):
                 await msg.ack()
                 self._mine[record.id] = (rev, record)
-                won.append(record)
+                round_.won.append(record)
             else:
                 held.pop(record.id, None)
-                await msg.nak()  # changed meanwhile: look at it again from scratch
-        return await self._with_payloads(won, payloads, token_)
+                lost.append((msg, pointer))
+        return lost
+
+    async def _hand_back(self, msg: Msg, delay_s: float = 0.0) -> None:
+        """Hand a pointer back to be delivered again in ``delay_s``: a claim that finds
+        nothing before then looks again once it is back (``claim``)."""
+        self._back_in_sight = max(
+            self._back_in_sight, time.monotonic() + delay_s + _BACK_IN_SIGHT_MARGIN_S
+        )
+        await msg.nak(delay_s or None)
 
     async def _with_payloads(
         self, claimed: list[Record], payloads: dict[str, bytes | None], lease_token: str
@@ -537,7 +581,7 @@ class NatsBroker(Features, Recovery, Broker):
             if _age(msg, now) > GRACE_S:
                 await msg.term()
             else:
-                await msg.nak(0.05)
+                await self._hand_back(msg, _WRITING_S)
             return None, None
         entry, record = await self._current(msg, pointer, entry, now)
         if record is None:  # deleted, or set aside: unreadable
@@ -545,7 +589,7 @@ class NatsBroker(Features, Recovery, Broker):
             return None, None
         if record.gen != pointer.gen:
             if record.gen < pointer.gen and _age(msg, now) < GRACE_S:
-                await msg.nak(0.05)  # the record of this dispatch is being written
+                await self._hand_back(msg, _WRITING_S)  # its dispatch is writing the record
             else:
                 await msg.term()
             return None, None
@@ -577,9 +621,9 @@ class NatsBroker(Features, Recovery, Broker):
         """The record of a dispatch whose pointer came first (a dispatch writes its pointer,
         then its record): read again a few times over about 20 ms before the pointer is
         handed back for 50 ms. Its writer is usually a round trip away, often on this very
-        loop (a flush releasing a workflow's next step while this claim runs): handed back,
-        the step was out of sight for 50 ms, and a ``run_until_idle`` whose last claim fell
-        in them ended with the step queued (a conformance test failed so in CI)."""
+        loop (a flush releasing a workflow's next step while this claim runs): handed back
+        at once, the step was out of sight for 50 ms (a claim that finds nothing in them
+        now waits for it, ``claim``)."""
         for pause in _WRITTEN_MEANWHILE_S:
             await asyncio.sleep(pause)
             fresh = await self._get("jobs", token(pointer.id))
@@ -914,6 +958,19 @@ def _too_large(size: int, limit: int) -> ErrorInfo:
         f"{limit} bytes the NATS server allows: return a reference to large data (a file, an "
         "object store key), or raise max_payload in the server's configuration",
     )
+
+
+@dataclasses.dataclass
+class _ClaimRound:
+    """What the tries of one ``_claim_messages`` share: who claims, the lease they write,
+    and what they won so far."""
+
+    worker_id: str
+    token: str
+    now: float
+    expires: float
+    won: list[Record] = dataclasses.field(default_factory=list)
+    payloads: dict[str, bytes | None] = dataclasses.field(default_factory=dict)
 
 
 def _running(
