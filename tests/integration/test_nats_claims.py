@@ -452,3 +452,41 @@ def test_a_claim_that_loses_its_cas_to_the_sends_own_record_claims_from_a_fresh_
         assert _on_io_loop(app, redelivered()) == 0, "the pointer was handed back"
     finally:
         app.close()
+
+
+def test_a_claim_just_after_kept_pointers_were_handed_back_still_finds_their_jobs(
+    nats_server: NatsServer,
+) -> None:
+    """A claim that needs one job pulls a window and keeps the rest for the next claim,
+    handing them back after ``KEEP_S``. nats-server applies a hand-back after a pull sent
+    just after it: a claim right then found nothing, though a job was queued (in about one
+    round in three here; five rounds)."""
+    from taskmill.brokers.nats.config import consumer_name
+    from taskmill.brokers.nats.dispatch import KEEP_S
+
+    app = App(_url(nats_server.url))
+    broker: Any = app.broker
+
+    @app.task(name="step")
+    def step(i: int) -> None: ...
+
+    async def claim_after_the_hand_back() -> list[str]:
+        first = await broker.claim(["default"], 1, "w1", 30.0)
+        session = await broker._session()
+        lane = session.lanes[consumer_name("default", 0)]
+        assert len(lane.kept) == 1, "the second pointer was not kept"
+        lane._expiry.cancel()  # handed back below, the claim's pull sent right after
+        lane._expiry = None
+        await asyncio.sleep(KEEP_S)
+        await lane._hand_back_kept()
+        assert not lane.kept
+        second = await broker.claim(["default"], 1, "w2", 30.0)
+        return [j.id for j in first + second]
+
+    try:
+        app.open()
+        for _ in range(5):
+            ids = [step.send(i).id for i in range(2)]
+            assert _on_io_loop(app, claim_after_the_hand_back()) == ids
+    finally:
+        app.close()

@@ -27,7 +27,7 @@ from taskmill.brokers.base import HandOver
 from taskmill.brokers.nats.config import priority_of_token, token
 from taskmill.brokers.nats.connection import CasError
 from taskmill.brokers.nats.core import CAS_TRIES, GRACE_S
-from taskmill.brokers.nats.dispatch import Lane
+from taskmill.brokers.nats.dispatch import BACK_IN_SIGHT_S, Lane
 from taskmill.brokers.nats.records import (
     LeaseEntry,
     Pointer,
@@ -44,8 +44,12 @@ _WRITTEN_MEANWHILE_S = (0.001, 0.004, 0.016)
 """The pauses before each new read of a record whose dispatch's pointer came first."""
 _WRITING_S = 0.05
 """How long a pointer whose record is still being written is handed back for."""
-_BACK_IN_SIGHT_MARGIN_S = 0.01
-"""Allowed for nats-server to apply a hand-back and deliver the pointer again."""
+_LOOKS_AGAIN = 4
+_LOOK_AGAIN_S = 0.005
+_LATE_S = 0.02
+"""A claim that found nothing while a pointer it handed back is due looks again (up to
+``_LOOKS_AGAIN`` times): once it is due back, then every ``_LOOK_AGAIN_S`` until it has
+been due for ``_LATE_S``."""
 _PULL_TIMEOUT_S = 5.0
 """How long a claim's pull waits for the server's answer."""
 
@@ -87,13 +91,27 @@ class Claiming(Recovery):
         session = await self._session()
         session.seen_version = session.wake_version
         claimed = await self._claim_lanes(session, queues, limit, worker_id, lease_s)
-        wait = self._back_in_sight - time.monotonic()
-        if not claimed and wait > 0:
-            # a pointer handed back for a moment (its record still being written) is out of
-            # sight: found nothing, this claim would let run_until_idle end with it queued
-            await asyncio.sleep(wait)
+        # Returning nothing while a pointer handed back a moment ago (its record still being
+        # written, or kept too long) is out of sight would let run_until_idle end with its
+        # job queued: look again once it is due back, and a few times more while the server
+        # may still be delivering it.
+        for _ in range(_LOOKS_AGAIN):
+            if claimed:
+                break
+            now = time.monotonic()
+            back = self._back_in_sight_of(session)
+            if now >= back + _LATE_S:
+                break  # due back a while ago: another worker has it, or it is gone
+            await asyncio.sleep(max(back - now, _LOOK_AGAIN_S))
             claimed = await self._claim_lanes(session, queues, limit, worker_id, lease_s)
         return claimed
+
+    def _back_in_sight_of(self, session: Session) -> float:
+        """When the last pointer this process handed back for a moment is delivered again."""
+        back = self._back_in_sight
+        for lane in session.lanes.values():
+            back = max(back, lane.back_in_sight)
+        return back
 
     async def _claim_lanes(
         self, session: Session, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
@@ -188,9 +206,7 @@ class Claiming(Recovery):
     async def _hand_back(self, msg: Msg, delay_s: float = 0.0) -> None:
         """Hand a pointer back to be delivered again in ``delay_s``: a claim that finds
         nothing before then looks again once it is back (``claim``)."""
-        self._back_in_sight = max(
-            self._back_in_sight, time.monotonic() + delay_s + _BACK_IN_SIGHT_MARGIN_S
-        )
+        self._back_in_sight = max(self._back_in_sight, time.monotonic() + delay_s + BACK_IN_SIGHT_S)
         await msg.nak(delay_s or None)
 
     async def _with_payloads(

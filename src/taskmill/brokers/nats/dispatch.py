@@ -30,6 +30,9 @@ _END = {"404", "408", "409"}
 """No messages, request expired, or a limit reached: the pull is over."""
 KEEP_S = 0.02
 """How long a pointer a claim pulled but did not take waits for this worker's next claim."""
+BACK_IN_SIGHT_S = 0.01
+"""Allowed for nats-server to apply a hand-back and deliver the pointer again: it applies
+one after a pull sent just after it, so that pull does not see the pointer."""
 
 
 class Lane:
@@ -49,6 +52,8 @@ class Lane:
         self._lock = asyncio.Lock()
         self._waiting_until = 0.0
         self._subs: list[Any] = []
+        self.back_in_sight = 0.0
+        """When the kept pointers this lane handed back last are delivered again."""
 
     async def start(self) -> None:
         self._subs = [
@@ -104,6 +109,7 @@ class Lane:
         now = time.monotonic()
         while self.kept and now - self.kept[0][0] >= KEEP_S * 0.9:
             _, msg = self.kept.popleft()
+            self.back_in_sight = now + BACK_IN_SIGHT_S
             with contextlib.suppress(Exception):
                 await msg.nak()
         if self.kept and self._expiry is None:
