@@ -44,10 +44,10 @@ LIMIT = poison_app.MAX_PAYLOAD_BYTES
 DEPTH = 100_000
 DEADLINE_S = 10.0
 """Each bad record must be failed within this many seconds of its claim."""
-MIN_RATIO = sized(ci=0.35, full=0.8)
+MIN_RATIO = sized(ci=0.5, full=0.8)
 """Good-job throughput against the clean run's: the plan's 80 % at full size; at CI size a
-few hundred jobs of 10 ms on a shared machine make the ratio noisy, so the gate is lenient
-(the figure is printed either way)."""
+few hundred jobs of 10 ms beside other fault tests make the ratio noisy (NATS 0.70 and 0.74
+in two runs of the faults tier), so the gate is lenient (the figure is printed either way)."""
 PAUSE_MS = 10
 ARGS = ("-p", "2", "-c", "4", "--lease", "5")
 

@@ -4,9 +4,11 @@ claimed by compare-and-set, and the wait for work (docs/brokers.md, "NATS").
 A claim pulls a window of pointers per lane (``dispatch.Lane``), highest priority first,
 reads their records, and writes each one it may run as running under a new lease token; the
 records it won are acknowledged, the others handed back. A pointer newer than its record is
-one still being written; one of a running job whose lease ran out recovers that job. A wait
-sends a long pull per lane only when it can take what arrives (``HandOver``), else it watches
-the wake-up subjects.
+one still being written; one of a running job whose lease ran out recovers that job. A claim
+never waits for work, except for a pointer this process handed back a moment ago: one that
+would return nothing looks again when it is due back (``claim``). A wait sends a long pull
+per lane only when it can take what arrives (``HandOver``), else it watches the wake-up
+subjects.
 """
 
 from __future__ import annotations
