@@ -126,7 +126,7 @@ class Claiming(Recovery):
                 got = await self._pull(lanes, need)
                 if not got:
                     break
-                claimed += await self._claim_messages(got, need, worker_id, lease_s)
+                claimed += await self._claim_messages(got, worker_id, lease_s)
                 if len(claimed) >= limit:
                     return claimed
         return claimed
@@ -151,7 +151,7 @@ class Claiming(Recovery):
         return [(msg, pointer) for msg, pointer, _ in found[:need]]
 
     async def _claim_messages(
-        self, got: list[tuple[Msg, Pointer]], limit: int, worker_id: str, lease_s: float
+        self, got: list[tuple[Msg, Pointer]], worker_id: str, lease_s: float
     ) -> list[Job]:
         """Claim the records of ``got``'s pointers. A claim that lost its CAS to a write
         landing after its read (most often the record of a send whose pointer it met first)
@@ -414,7 +414,7 @@ class Claiming(Recovery):
         except msgspec.DecodeError:
             await msg.term()
             return []
-        return await self._claim_messages([(msg, pointer)], 1, handover.worker_id, handover.lease_s)
+        return await self._claim_messages([(msg, pointer)], handover.worker_id, handover.lease_s)
 
 
 def _no_payload(record: Record, bucket: str) -> ErrorInfo:
