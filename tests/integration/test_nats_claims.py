@@ -302,14 +302,23 @@ def test_a_heartbeat_keeps_in_the_lease_entry_a_claim_that_landed_during_it(
         app.close()
 
 
+@pytest.mark.parametrize(
+    "late_s",
+    [
+        pytest.param(0.005, id="read-again"),
+        pytest.param(0.04, id="handed-back-then-looked-for"),
+    ],
+)
 def test_a_claim_waits_a_little_for_a_record_whose_pointer_came_first(
-    nats_server: NatsServer,
+    nats_server: NatsServer, late_s: float
 ) -> None:
     """A dispatch writes its pointer, then its record. A claim that meets the pointer first
     reads the record again for about 20 ms before it hands the pointer back for 50 ms: a
     flush releasing a workflow's next step, on the same loop as a claim, hid the step from
     run_until_idle's last claim, which ended with the step queued (a conformance test failed
-    so in CI). Here the record lands 5 ms after its pointer; the claim takes the job."""
+    so in CI). The record lands ``late_s`` after its pointer: 5 ms, and the claim's reads
+    find it; 40 ms, later than they look, and the claim, having found nothing else, waits
+    for the pointer to be delivered again. Either way the claim takes the job."""
     import msgspec
 
     from taskmill.brokers.nats.config import token
@@ -338,59 +347,7 @@ def test_a_claim_waits_a_little_for_a_record_whose_pointer_came_first(
             await broker._dispatch([again])  # the pointer, gen + 1; the record follows
 
             async def write_record() -> None:
-                await asyncio.sleep(0.005)
-                await broker._put(
-                    "jobs", token(job_id), record_encoder.encode(again), entry.revision
-                )
-
-            writer = asyncio.create_task(write_record())
-            try:
-                return list(await broker.claim(["default"], 1, "w2", 30.0))
-            finally:
-                await writer
-
-        second = _on_io_loop(app, dispatch_then_claim())
-        assert [(j.id, j.worker_id) for j in second] == [(job_id, "w2")]
-    finally:
-        app.close()
-
-
-def test_a_claim_that_hands_back_a_pointer_whose_record_is_late_takes_it_when_back(
-    nats_server: NatsServer,
-) -> None:
-    """The record lands 40 ms after its pointer, later than the claim reads again: the claim
-    hands the pointer back for 50 ms. Having found nothing else, it waits for the pointer to
-    be delivered again and takes the job (it returned nothing, and run_until_idle could end
-    with the job queued)."""
-    import msgspec
-
-    from taskmill.brokers.nats.config import token
-    from taskmill.brokers.nats.records import record_encoder
-    from taskmill.job import JobState
-
-    app = App(_url(nats_server.url))
-    broker: Any = app.broker
-
-    @app.task(name="step")
-    def step() -> None: ...
-
-    try:
-        app.open()
-        job_id = step.send().id
-        first = app.run_sync(broker.claim(["default"], 1, "w1", 30.0))
-        assert [j.id for j in first] == [job_id]
-
-        async def dispatch_then_claim() -> list[Any]:
-            entry = await broker._get("jobs", token(job_id))
-            held = msgspec.msgpack.decode(entry.value, type=broker._mine[job_id][1].__class__)
-            again = msgspec.structs.replace(
-                held, state=JobState.QUEUED, gen=held.gen + 1, lease_token=None,
-                lease_expires_at=None, worker_id=None,
-            )  # fmt: skip
-            await broker._dispatch([again])
-
-            async def write_record() -> None:
-                await asyncio.sleep(0.04)
+                await asyncio.sleep(late_s)
                 await broker._put(
                     "jobs", token(job_id), record_encoder.encode(again), entry.revision
                 )
@@ -455,14 +412,15 @@ def test_a_claim_that_loses_its_cas_to_the_sends_own_record_claims_from_a_fresh_
 
 
 def test_a_claim_just_after_kept_pointers_were_handed_back_still_finds_their_jobs(
-    nats_server: NatsServer,
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A claim that needs one job pulls a window and keeps the rest for the next claim,
     handing them back after ``KEEP_S``. nats-server applies a hand-back after a pull sent
     just after it: a claim right then found nothing, though a job was queued (in about one
-    round in three here; five rounds)."""
+    round in three here; five rounds). The pointer is kept for 30 s here, then handed back
+    by the test, so a slow machine cannot hand it back early."""
+    from taskmill.brokers.nats import dispatch
     from taskmill.brokers.nats.config import consumer_name
-    from taskmill.brokers.nats.dispatch import KEEP_S
 
     app = App(_url(nats_server.url))
     broker: Any = app.broker
@@ -471,13 +429,14 @@ def test_a_claim_just_after_kept_pointers_were_handed_back_still_finds_their_job
     def step(i: int) -> None: ...
 
     async def claim_after_the_hand_back() -> list[str]:
+        monkeypatch.setattr(dispatch, "KEEP_S", 30.0)
         first = await broker.claim(["default"], 1, "w1", 30.0)
         session = await broker._session()
         lane = session.lanes[consumer_name("default", 0)]
         assert len(lane.kept) == 1, "the second pointer was not kept"
         lane._expiry.cancel()  # handed back below, the claim's pull sent right after
         lane._expiry = None
-        await asyncio.sleep(KEEP_S)
+        monkeypatch.setattr(dispatch, "KEEP_S", 0.0)  # every kept pointer is due
         await lane._hand_back_kept()
         assert not lane.kept
         second = await broker.claim(["default"], 1, "w2", 30.0)
