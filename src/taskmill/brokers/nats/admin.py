@@ -217,7 +217,7 @@ class Admin(Core, Broker):
             _, after = await self._change(job_id, again)
             if after is not None:
                 done.append(job_id)
-                await self._wake({after.queue})
+                await self._announce_ready({after.queue})
         return done
 
     @on_io_loop
@@ -255,7 +255,7 @@ class Admin(Core, Broker):
 
         before, after = await self._change(job_id, due)
         if after is not None:
-            await self._wake({after.queue})
+            await self._announce_ready({after.queue})
         return None if before is None else before.state
 
     @on_io_loop
@@ -290,7 +290,7 @@ class Admin(Core, Broker):
         names = [n for _, group in await self._lanes_of([queue]) for n in group]
         await asyncio.gather(*(self._pause_consumer(n, paused) for n in names))
         if not paused:
-            await self._wake({queue})
+            await self._wake(queue)
 
     async def _paused_queues(self) -> list[str]:
         found: list[str] = []

@@ -237,7 +237,7 @@ class NatsBroker(Features, Claiming, Broker):
         ]
         if lost:
             await self._settle_existing(lost, result)
-        await self._wake({r.queue for _, r in fresh if r.state is JobState.QUEUED})
+        await self._announce_ready({r.queue for _, r in fresh if r.state is JobState.QUEUED})
         return result
 
     async def _store_new(
@@ -553,7 +553,9 @@ class NatsBroker(Features, Claiming, Broker):
             else:
                 stale.add(new.id)
                 later.append((i, f))
-        await self._wake({new.queue for _, _, new in done if new.state is JobState.QUEUED})
+        await self._announce_ready(
+            {new.queue for _, _, new in done if new.state is JobState.QUEUED}
+        )
         return later
 
     async def _landed(self, new: Record) -> None:

@@ -75,6 +75,43 @@ class Claiming(Recovery):
 
         session.wake_sub = await session.nc.subscribe(f"{self.config.prefix}.wake.*", cb=woken)
 
+    async def _listen_for_ready(self, session: Session) -> None:
+        """Subscribe ``session`` to the jobs made ready (``NatsConfig.ready_subject``). No
+        flush: the server takes the subscription before the claim that follows on the same
+        connection, so a job it was not told of is stored before that claim's pull. (A flush
+        here would also be cancelled with the wait, and nats-py's reader then fails on the
+        cancelled future when the answer comes, stalling the connection.)"""
+
+        async def ready(msg: Msg) -> None:
+            session.ready_version += 1
+            session.ready.set()
+
+        session.ready_sub = await session.nc.subscribe(f"{self.config.prefix}.ready.*", cb=ready)
+
+    async def _woken_since_claim(self, session: Session, *, listens_for_ready: bool) -> bool:
+        """Whether a wake-up (or, ``listens_for_ready``, a job made ready) came since the
+        last claim began: the wait returns at once, and the caller claims again."""
+        if session.seen_version != session.wake_version:
+            session.seen_version = session.wake_version
+            return True
+        if not listens_for_ready:
+            return False
+        if session.ready_sub is None:
+            await self._listen_for_ready(session)
+            return True  # a job made ready before the server had the subscription: claim
+        if session.seen_ready != session.ready_version:
+            session.seen_ready = session.ready_version
+            return True
+        return False
+
+    def _reconnected(self, session: Session) -> None:
+        """The connection is back: the long pulls sent before may be gone with the server's
+        state, so each lane sends a new one, and every wait returns to claim."""
+        for lane in session.lanes.values():
+            lane.pull_lost()
+        session.wake_version += 1
+        session.woken.set()
+
     async def _lane(self, session: Session, name: str) -> Lane:
         lane = session.lanes.get(name)
         if lane is None:
@@ -92,6 +129,7 @@ class Claiming(Recovery):
             return []
         session = await self._session()
         session.seen_version = session.wake_version
+        session.seen_ready = session.ready_version
         claimed = await self._claim_lanes(session, queues, limit, worker_id, lease_s)
         # Returning nothing while a pointer handed back a moment ago (its record still being
         # written, or kept too long) is out of sight would let run_until_idle end with its
@@ -374,10 +412,10 @@ class Claiming(Recovery):
         ]
         # events cleared before looking: what arrives after the look sets them again
         session.woken.clear()
+        session.ready.clear()
         for lane in lanes:
             lane.arrived.clear()
-        if session.seen_version != session.wake_version:
-            session.seen_version = session.wake_version
+        if await self._woken_since_claim(session, listens_for_ready=handover is None):
             return []
         if any(lane.kept for lane in lanes):
             return []  # pulled by a claim and not taken: the next claim takes them
@@ -394,6 +432,8 @@ class Claiming(Recovery):
             for lane in lanes:
                 await lane.long_pull(timeout, now)
         waits = [asyncio.ensure_future(session.woken.wait())]
+        if handover is None:
+            waits.append(asyncio.ensure_future(session.ready.wait()))
         waits += [asyncio.ensure_future(lane.arrived.wait()) for lane in lanes]
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

@@ -97,7 +97,14 @@ class NatsConfig:
         return f"{self.prefix}.t.{minute}"
 
     def wake_subject(self, queue: str) -> str:
+        """Where every idle worker hears "look at this queue's lanes again" (a lane made, a
+        queue resumed)."""
         return f"{self.prefix}.wake.{token(queue)}"
+
+    def ready_subject(self, queue: str) -> str:
+        """Where a job made ready in the queue is announced, to the waits that hold no long
+        pull (``run_until_idle``); the others' long pulls bring the job itself."""
+        return f"{self.prefix}.ready.{token(queue)}"
 
     @property
     def events_subject(self) -> str:

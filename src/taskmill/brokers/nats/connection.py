@@ -208,11 +208,13 @@ async def connect(
     *,
     name: str,
     disconnected: Callable[[], Awaitable[None]] | None = None,
+    reconnected: Callable[[], Awaitable[None]] | None = None,
     denied: Callable[[str], None] | None = None,
 ) -> Client:
     """A connection that reconnects for ever once it is up (calls time out meanwhile); the
     first connect gives up after ``unavailable_after_s``, closing what it opened.
-    ``disconnected`` is called each time the connection is lost; ``denied`` with the
+    ``disconnected`` is called each time the connection is lost, ``reconnected`` each time
+    it is back; ``denied`` with the
     server's message each time it refuses a subject to the URL's user (a permissions
     violation: the server answers nothing else, so the request would only time out)."""
     wait_s = 0.2
@@ -245,7 +247,7 @@ async def connect(
             pending_size=64 * 1024 * 1024,
             error_cb=on_error,
             disconnected_cb=disconnected or _quiet,
-            reconnected_cb=_quiet,
+            reconnected_cb=reconnected or _quiet,
             closed_cb=_quiet,
         )
         if config.tls and not (nc._server_info or {}).get("tls_required"):

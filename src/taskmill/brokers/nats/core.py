@@ -324,12 +324,21 @@ class Core(Store):
                 messages.append((self.config.delayed_subject(int(r.run_at // 60)), body, headers))
         return messages
 
-    async def _wake(self, queues: set[str]) -> None:
+    async def _announce_ready(self, queues: set[str]) -> None:
+        """Jobs were made ready in ``queues``: tell the waits that hold no long pull. An idle
+        worker's long pulls bring it the jobs themselves, and it does not listen here: a
+        wake-up per send cost each worker process a wake from sleep and a claim that found
+        nothing, in the middle of the new job's claim (0.2-0.3 ms of p50 at 200 jobs/s)."""
         if not queues:
             return
         session = await self._session()
         for queue in queues:
-            await session.nc.publish(self.config.wake_subject(queue), b"")
+            await session.nc.publish(self.config.ready_subject(queue), b"")
+
+    async def _wake(self, queue: str) -> None:
+        """Tell every idle worker to look at ``queue``'s lanes again (one resumed)."""
+        session = await self._session()
+        await session.nc.publish(self.config.wake_subject(queue), b"")
 
     # --- pausing --------------------------------------------------------------------------
 

@@ -143,6 +143,10 @@ class Lane:
             taken.append(self.spare.popleft())
         return taken
 
+    def pull_lost(self) -> None:
+        """The long pull out may be gone (the connection was lost): the next wait sends one."""
+        self._waiting_until = 0.0
+
     async def long_pull(self, expires_s: float, now: float) -> None:
         """Ask for one message within ``expires_s`` (unless such a request is out already)."""
         if self._waiting_until > now:

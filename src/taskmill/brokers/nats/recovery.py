@@ -119,7 +119,7 @@ class Recovery(Admin):
                     woken.add(lane.split(".")[2])
                 await self._erase_dispatch(seq - 1)
         for qtok in woken:
-            await session.nc.publish(f"{self.config.prefix}.wake.{qtok}", b"")
+            await session.nc.publish(f"{self.config.prefix}.ready.{qtok}", b"")
         return len(woken)
 
     async def _erase_dispatch(self, seq: int) -> None:
@@ -219,7 +219,7 @@ class Recovery(Admin):
         if new.state.finished and new.key is not None:
             await self._release_key(new.key, new.id)
         if new.state is JobState.QUEUED:
-            await self._wake({new.queue})
+            await self._announce_ready({new.queue})
         return new.id, new.state
 
 

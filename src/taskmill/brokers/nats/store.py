@@ -76,7 +76,14 @@ class Session:
     wake_version: int = 0
     seen_version: int = 0
     woken: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by a wake-up (``NatsConfig.wake_subject``), which every wait heeds."""
     wake_sub: Any = None
+    ready_version: int = 0
+    seen_ready: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by a job made ready (``NatsConfig.ready_subject``), which only waits that hold no
+    long pull heed; subscribed to at the first such wait (``ready_sub``)."""
+    ready_sub: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +157,7 @@ class Store:
 
     async def _new_session(self) -> Session:
         opened: list[Requests] = []
+        sessions: list[Session] = []
 
         async def disconnected() -> None:
             self._server_state_in_doubt()
@@ -164,6 +172,10 @@ class Store:
                     )
                 )
 
+        async def reconnected() -> None:
+            for session in sessions:
+                self._reconnected(session)
+
         def denied(message: str) -> None:
             # the server refused a subject to this user and will answer nothing: the call
             # waiting for that answer times out, and _retrying then says why
@@ -173,6 +185,7 @@ class Store:
             self.config,
             name=f"taskmill {self.config.prefix}",
             disconnected=disconnected,
+            reconnected=reconnected,
             denied=denied,
         )
         try:
@@ -180,6 +193,7 @@ class Store:
             opened.append(requests)
             await requests.start()
             session = Session(nc=nc, requests=requests)
+            sessions.append(session)
             if not self._ready:
                 self.schedules_on_server = self.config.schedules == "server" or (
                     self.config.schedules == "auto" and server_has_schedules(nc)
@@ -236,6 +250,9 @@ class Store:
 
     async def _session_opened(self, session: Session) -> None:
         """Subscriptions a session needs (the broker adds its wake-up subscription)."""
+
+    def _reconnected(self, session: Session) -> None:
+        """``session``'s connection is back after a loss (the broker renews its long pulls)."""
 
     def _server_state_in_doubt(self) -> None:
         """The connection was lost: the server may come back without what this process
