@@ -46,12 +46,13 @@ _WRITTEN_MEANWHILE_S = (0.001, 0.004, 0.016)
 """The pauses before each new read of a record whose dispatch's pointer came first."""
 _WRITING_S = 0.05
 """How long a pointer whose record is still being written is handed back for."""
-_LOOKS_AGAIN = 4
+_LOOKS_AGAIN = 5
 _LOOK_AGAIN_S = 0.005
-_LATE_S = 0.02
+_LATE_S = 0.1
 """A claim that found nothing while a pointer it handed back is due looks again (up to
-``_LOOKS_AGAIN`` times): once it is due back, then every ``_LOOK_AGAIN_S`` until it has
-been due for ``_LATE_S``."""
+``_LOOKS_AGAIN`` times): once it is due back, then after ``_LOOK_AGAIN_S``, twice that,
+and so on, while it has been due for less than ``_LATE_S``. A loaded machine delivered one
+more than 20 ms late (1 run in 80 of a test, beside three busy loops on 2 CPUs)."""
 _PULL_TIMEOUT_S = 5.0
 """How long a claim's pull waits for the server's answer."""
 
@@ -135,6 +136,7 @@ class Claiming(Recovery):
         # written, or kept too long) is out of sight would let run_until_idle end with its
         # job queued: look again once it is due back, and a few times more while the server
         # may still be delivering it.
+        pause = _LOOK_AGAIN_S
         for _ in range(_LOOKS_AGAIN):
             if claimed:
                 break
@@ -142,7 +144,8 @@ class Claiming(Recovery):
             back = self._back_in_sight_of(session)
             if now >= back + _LATE_S:
                 break  # due back a while ago: another worker has it, or it is gone
-            await asyncio.sleep(max(back - now, _LOOK_AGAIN_S))
+            await asyncio.sleep(max(back - now, pause))
+            pause *= 2
             claimed = await self._claim_lanes(session, queues, limit, worker_id, lease_s)
         return claimed
 
