@@ -1,9 +1,10 @@
 """What the integration tests share: ``taskmill worker`` processes, reading an app's jobs back,
-and calls run all at once to show a wait is bounded. (Waiting until a deadline is
-``taskmill.testing.wait_until``.)"""
+calls run all at once to show a wait is bounded, and reaching into a NATS broker on its own
+I/O loop. (Waiting until a deadline is ``taskmill.testing.wait_until``.)"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -11,15 +12,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 from taskmill import App, JobState
 from taskmill.job import Job
-from taskmill.testing import wait_until
+from taskmill.testing import await_until, wait_until
 
 HERE = Path(__file__).resolve().parent
+T = TypeVar("T")
 
 
 class Workers:
@@ -110,3 +113,27 @@ def run_at_once(
     blocked = [name for name in calls if name not in results]
     assert not blocked, f"{blocked} still blocked after {limit} s: the wait is not bounded"
     return results
+
+
+def nats_url(server_url: str, options: str = "") -> str:
+    """``server_url`` with a prefix of its own (and ``options``, each starting with ``&``)."""
+    return f"{server_url}?prefix=d{uuid.uuid4().hex[:10]}{options}"
+
+
+def on_io_loop(app: App, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the broker's I/O loop, where its connection lives (30 s at most)."""
+    broker: Any = app.broker
+    return asyncio.run_coroutine_threadsafe(coro, broker._io_loop()).result(timeout=30)
+
+
+async def nats_lanes_made(broker: Any, queues: list[str]) -> Any:
+    """Lanes (priority 0) for ``queues`` on the NATS broker's session, the wake-ups that tell
+    of new lanes taken in (else they would end the next wait at once); the session."""
+    session = await broker._session()
+    for queue in queues:
+        await broker._ensure_lane(queue, 0)
+    await await_until(
+        lambda: session.wake_version >= len(queues), timeout=10, what="the lanes' wake-ups"
+    )
+    session.seen_version = session.wake_version
+    return session

@@ -19,11 +19,9 @@ from servers import NatsServer
 from taskmill import App, JobFailedError, JobNotFoundError, PayloadTooLargeError
 from taskmill.testing import await_until, running_worker, wait_until
 
+from .support import nats_lanes_made, nats_url, on_io_loop
+
 pytestmark = pytest.mark.timeout(60)
-
-
-def _url(server_url: str, options: str = "") -> str:
-    return f"{server_url}?prefix=d{uuid.uuid4().hex[:10]}{options}"
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -37,7 +35,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_start_warns_of_memory_storage(
     nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = App(_url(nats_server.url, "&storage=memory"))
+    app = App(nats_url(nats_server.url, "&storage=memory"))
     try:
         with caplog.at_level(logging.WARNING, logger="taskmill.brokers.nats"):
             app.open()
@@ -51,7 +49,7 @@ def test_start_warns_of_one_replica_when_several_servers_are_named(
 ) -> None:
     hostport = nats_server.url.split("://", 1)[1]
     # the same server twice: what the broker can tell is that the URL names two
-    app = App(_url(f"nats://{hostport},{hostport}"))
+    app = App(nats_url(f"nats://{hostport},{hostport}"))
     try:
         with caplog.at_level(logging.WARNING, logger="taskmill.brokers.nats"):
             app.open()
@@ -63,7 +61,7 @@ def test_start_warns_of_one_replica_when_several_servers_are_named(
 def test_file_storage_with_one_server_warns_of_nothing(
     nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = App(_url(nats_server.url))
+    app = App(nats_url(nats_server.url))
     try:
         with caplog.at_level(logging.WARNING, logger="taskmill.brokers.nats"):
             app.open()
@@ -75,7 +73,7 @@ def test_file_storage_with_one_server_warns_of_nothing(
 def test_a_job_larger_than_the_servers_max_payload_fails_at_send(nats_server: NatsServer) -> None:
     """The session's server allows 8 MB messages; taskmill's own limit raised past that, a job
     of 9 MB is refused before anything is written, naming the server's setting."""
-    app = App(_url(nats_server.url), max_payload_bytes=16 << 20)
+    app = App(nats_url(nats_server.url), max_payload_bytes=16 << 20)
     blob = app.task(name="blob")(lambda data: len(data))
     try:
         handle = blob.options(job_id="too-large")
@@ -100,7 +98,7 @@ def test_the_clock_is_the_servers_not_the_local_one(
         time=lambda: time.time() + 3600.0, monotonic=time.monotonic, time_ns=time.time_ns
     )
     monkeypatch.setattr(core, "time", fast)
-    app = App(_url(nats_server.url))
+    app = App(nats_url(nats_server.url))
     try:
         server_now = app.run_sync(app.broker.now())
         assert abs(server_now - time.time()) < 0.5, "the local clock's hour leaked through"
@@ -143,7 +141,7 @@ def test_a_lease_entry_older_than_its_jobs_leases_is_kept_until_they_run_out(
     from taskmill.brokers.nats.config import token
     from taskmill.job import Claim, JobState, WorkerInfo
 
-    app = App(_url(nats_server.url))
+    app = App(nats_url(nats_server.url))
     noop = app.task(name="noop")(lambda: None)
     broker: Any = app.broker
     try:
@@ -170,15 +168,10 @@ def test_a_lease_entry_older_than_its_jobs_leases_is_kept_until_they_run_out(
 
             return await await_until(recovered, what="the job to be recovered", timeout=10)
 
-        assert _on_io_loop(app, scenario()) == [(job_id, JobState.QUEUED)]
+        assert on_io_loop(app, scenario()) == [(job_id, JobState.QUEUED)]
         assert app.get_job(job_id).state is JobState.QUEUED
     finally:
         app.close()
-
-
-def _on_io_loop(app: App, coro: Any) -> Any:
-    broker: Any = app.broker
-    return asyncio.run_coroutine_threadsafe(coro, broker._io_loop()).result(timeout=30)
 
 
 def _lane_under_a_long_pull(app: App) -> tuple[Any, Any]:
@@ -196,7 +189,7 @@ def _lane_under_a_long_pull(app: App) -> tuple[Any, Any]:
         await session.nc.flush()
         return session, lane
 
-    return _on_io_loop(app, start())
+    return on_io_loop(app, start())
 
 
 def test_only_a_wait_that_takes_hand_overs_leaves_a_long_pull(nats_server: NatsServer) -> None:
@@ -207,17 +200,10 @@ def test_only_a_wait_that_takes_hand_overs_leaves_a_long_pull(nats_server: NatsS
     from taskmill.brokers.base import HandOver
     from taskmill.brokers.nats.config import consumer_name
 
-    app = App(_url(nats_server.url))
+    app = App(nats_url(nats_server.url))
     broker: Any = app.broker
     try:
         app.open()
-
-        async def lane_made() -> None:
-            await broker._ensure_lane("default", 0)
-            session = await broker._session()
-            # its wake-up (a new lane) would end the first wait before it sent anything
-            await await_until(lambda: session.wake_version > 0, timeout=10, what="the wake-up")
-            session.seen_version = session.wake_version
 
         async def pulls_waiting_after(handover: Any) -> int:
             # cancelled as run_until_idle's worker cancels it: before its 10 s are up
@@ -229,9 +215,9 @@ def test_only_a_wait_that_takes_hand_overs_leaves_a_long_pull(nats_server: NatsS
             info = await js.consumer_info(broker.config.dispatch_stream, name)
             return int(info.num_waiting)
 
-        _on_io_loop(app, lane_made())
-        assert _on_io_loop(app, pulls_waiting_after(None)) == 0
-        assert _on_io_loop(app, pulls_waiting_after(HandOver("w1", 30.0))) == 1
+        on_io_loop(app, nats_lanes_made(broker, ["default"]))
+        assert on_io_loop(app, pulls_waiting_after(None)) == 0
+        assert on_io_loop(app, pulls_waiting_after(HandOver("w1", 30.0))) == 1
     finally:
         app.close()
 
@@ -239,12 +225,12 @@ def test_only_a_wait_that_takes_hand_overs_leaves_a_long_pull(nats_server: NatsS
 def test_a_closing_worker_hands_back_what_its_long_pull_received(nats_server: NatsServer) -> None:
     """A message a long pull brought that no claim took is handed back when the worker closes,
     so the next worker gets it now, not when the ack wait (here 60 s) runs out."""
-    url = _url(nats_server.url, "&ack_wait=60")
+    url = nats_url(nats_server.url, "&ack_wait=60")
     first = App(url)
     try:
         session, lane = _lane_under_a_long_pull(first)
         subject = first.broker.config.lane_subject("default", 0)  # type: ignore[attr-defined]
-        _on_io_loop(first, session.nc.publish(subject, b"received, never claimed"))
+        on_io_loop(first, session.nc.publish(subject, b"received, never claimed"))
         wait_until(lambda: len(lane.spare) == 1, timeout=10, what="the long pull's delivery")
     finally:
         first.close()
@@ -262,7 +248,7 @@ def test_a_closing_worker_hands_back_what_its_long_pull_received(nats_server: Na
             return [m.data for m in taken]
 
         started = time.monotonic()
-        assert _on_io_loop(second, claim()) == [b"received, never claimed"]
+        assert on_io_loop(second, claim()) == [b"received, never claimed"]
         assert time.monotonic() - started < 10
     finally:
         second.close()
@@ -280,7 +266,7 @@ def test_a_heartbeat_keeps_in_the_lease_entry_a_claim_that_landed_during_it(
     from taskmill.brokers.nats.records import lease_decoder
     from taskmill.job import Claim, WorkerInfo
 
-    app = App(_url(nats_server.url))
+    app = App(nats_url(nats_server.url))
     noop = app.task(name="noop")(lambda: None)
     broker: Any = app.broker
     try:
@@ -296,7 +282,7 @@ def test_a_heartbeat_keeps_in_the_lease_entry_a_claim_that_landed_during_it(
             entry = await broker._get("leases", token("w1"))
             return dict(lease_decoder.decode(entry.value).claims)
 
-        held = _on_io_loop(app, scenario())
+        held = on_io_loop(app, scenario())
         assert set(held) == {first, second}
     finally:
         app.close()
@@ -325,7 +311,7 @@ def test_a_claim_waits_a_little_for_a_record_whose_pointer_came_first(
     from taskmill.brokers.nats.records import record_encoder
     from taskmill.job import JobState
 
-    app = App(_url(nats_server.url))
+    app = App(nats_url(nats_server.url))
     broker: Any = app.broker
 
     @app.task(name="step")
@@ -358,7 +344,7 @@ def test_a_claim_waits_a_little_for_a_record_whose_pointer_came_first(
             finally:
                 await writer
 
-        second = _on_io_loop(app, dispatch_then_claim())
+        second = on_io_loop(app, dispatch_then_claim())
         assert [(j.id, j.worker_id) for j in second] == [(job_id, "w2")]
     finally:
         app.close()
@@ -373,7 +359,7 @@ def test_a_claim_that_loses_its_cas_to_the_sends_own_record_claims_from_a_fresh_
     pointer was not delivered to the pull that followed, and the claim found nothing."""
     from taskmill.brokers.nats.config import consumer_name
 
-    app = App(_url(nats_server.url))
+    app = App(nats_url(nats_server.url))
     broker: Any = app.broker
 
     @app.task(name="step")
@@ -406,7 +392,7 @@ def test_a_claim_that_loses_its_cas_to_the_sends_own_record_claims_from_a_fresh_
             )
             return int(info.num_redelivered)
 
-        assert _on_io_loop(app, redelivered()) == 0, "the pointer was handed back"
+        assert on_io_loop(app, redelivered()) == 0, "the pointer was handed back"
     finally:
         app.close()
 
@@ -422,7 +408,7 @@ def test_a_claim_just_after_kept_pointers_were_handed_back_still_finds_their_job
     from taskmill.brokers.nats import dispatch
     from taskmill.brokers.nats.config import consumer_name
 
-    app = App(_url(nats_server.url))
+    app = App(nats_url(nats_server.url))
     broker: Any = app.broker
 
     @app.task(name="step")
@@ -446,6 +432,6 @@ def test_a_claim_just_after_kept_pointers_were_handed_back_still_finds_their_job
         app.open()
         for _ in range(5):
             ids = [step.send(i).id for i in range(2)]
-            assert _on_io_loop(app, claim_after_the_hand_back()) == ids
+            assert on_io_loop(app, claim_after_the_hand_back()) == ids
     finally:
         app.close()

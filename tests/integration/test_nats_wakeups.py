@@ -10,7 +10,6 @@ the server (a restart) sends new ones as soon as it is reconnected.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 import pytest
@@ -19,28 +18,9 @@ from servers import NatsServer
 from taskmill import App
 from taskmill.testing import await_until, wait_until
 
+from .support import nats_lanes_made, nats_url, on_io_loop
+
 pytestmark = pytest.mark.timeout(60)
-
-
-def _app(server_url: str) -> App:
-    return App(f"{server_url}?prefix=w{uuid.uuid4().hex[:10]}")
-
-
-def _on_io_loop(app: App, coro: Any) -> Any:
-    broker: Any = app.broker
-    return asyncio.run_coroutine_threadsafe(coro, broker._io_loop()).result(30)
-
-
-async def _lanes_made(broker: Any, queues: list[str]) -> Any:
-    """Lanes for ``queues`` on the broker's session, their wake-ups (new lanes) taken in."""
-    session = await broker._session()
-    for queue in queues:
-        await broker._ensure_lane(queue, 0)
-    await await_until(
-        lambda: session.wake_version >= len(queues), timeout=10, what="the lanes' wake-ups"
-    )
-    session.seen_version = session.wake_version
-    return session
 
 
 def test_a_send_does_not_wake_a_wait_that_holds_long_pulls(nats_server: NatsServer) -> None:
@@ -50,14 +30,14 @@ def test_a_send_does_not_wake_a_wait_that_holds_long_pulls(nats_server: NatsServ
     would have come first), and the session never subscribed to the announcements."""
     from taskmill.brokers.base import HandOver
 
-    app = _app(nats_server.url)
+    app = App(nats_url(nats_server.url))
     other = app.task(name="other", queue="b")(lambda: None)
     broker: Any = app.broker
     try:
         app.open()
 
         async def scenario() -> tuple[list[Any], int, Any]:
-            session = await _lanes_made(broker, ["a", "b"])
+            session = await nats_lanes_made(broker, ["a", "b"])
             before = session.wake_version
             waiting = asyncio.ensure_future(broker.wait(["a"], 30.0, HandOver("w1", 30.0)))
             await other.asend()
@@ -65,7 +45,7 @@ def test_a_send_does_not_wake_a_wait_that_holds_long_pulls(nats_server: NatsServ
             handed = await asyncio.wait_for(waiting, 10)
             return handed, session.wake_version - before, session.ready_sub
 
-        handed, wake_ups, ready_sub = _on_io_loop(app, scenario())
+        handed, wake_ups, ready_sub = on_io_loop(app, scenario())
         assert handed == []  # ended by the marker, with nothing handed over
         assert wake_ups == 1, f"{wake_ups} wake-ups: the send's announcement woke the wait"
         assert ready_sub is None
@@ -79,14 +59,14 @@ def test_a_wait_without_long_pulls_returns_when_a_job_is_made_ready(
     """``run_until_idle``'s wait (no hand-over, no long pull): its first wait subscribes to the
     announcements and returns at once (a job made ready before the server had the subscription
     is then claimed), and a later one returns when a job is sent, long before its 30 s."""
-    app = _app(nats_server.url)
+    app = App(nats_url(nats_server.url))
     job = app.task(name="job", queue="a")(lambda: None)
     broker: Any = app.broker
     try:
         app.open()
 
         async def scenario() -> tuple[list[Any], list[Any], bool]:
-            await _lanes_made(broker, ["a"])
+            await nats_lanes_made(broker, ["a"])
             first = await asyncio.wait_for(broker.wait(["a"], 30.0), 10)
             waiting = asyncio.ensure_future(broker.wait(["a"], 30.0))
             await job.asend()
@@ -94,7 +74,7 @@ def test_a_wait_without_long_pulls_returns_when_a_job_is_made_ready(
             session = await broker._session()
             return first, second, session.ready_version >= 1
 
-        first, second, announced = _on_io_loop(app, scenario())
+        first, second, announced = on_io_loop(app, scenario())
         assert (first, second, announced) == ([], [], True)
     finally:
         app.close()
@@ -109,7 +89,7 @@ def test_a_wait_through_a_server_restart_returns_and_the_next_sends_a_new_long_p
     take nothing until its wait ran out, unless a producer happened to make a lane again."""
     from taskmill.brokers.base import HandOver
 
-    app = _app(nats_server_own.url)
+    app = App(nats_url(nats_server_own.url))
     broker: Any = app.broker
     handover = HandOver("w1", 30.0)
 
@@ -121,8 +101,8 @@ def test_a_wait_through_a_server_restart_returns_and_the_next_sends_a_new_long_p
 
     try:
         app.open()
-        waiting = _on_io_loop(app, _start_wait(broker, handover))
-        wait_until(lambda: _on_io_loop(app, pulls_waiting()) == 1, timeout=10, what="a long pull")
+        waiting = on_io_loop(app, _start_wait(broker, handover))
+        wait_until(lambda: on_io_loop(app, pulls_waiting()) == 1, timeout=10, what="a long pull")
         nats_server_own.restart(kill=True)  # a clean stop ends the pull, saying so
 
         async def after_the_restart() -> tuple[list[Any], int]:
@@ -133,12 +113,12 @@ def test_a_wait_through_a_server_restart_returns_and_the_next_sends_a_new_long_p
             again.cancel()
             return handed, await pulls_waiting()
 
-        handed, pulls = _on_io_loop(app, after_the_restart())
+        handed, pulls = on_io_loop(app, after_the_restart())
         assert (handed, pulls) == ([], 1)
     finally:
         app.close()
 
 
 async def _start_wait(broker: Any, handover: Any) -> asyncio.Future[list[Any]]:
-    await _lanes_made(broker, ["a"])
+    await nats_lanes_made(broker, ["a"])
     return asyncio.ensure_future(broker.wait(["a"], 60.0, handover))

@@ -7,8 +7,9 @@ records it won are acknowledged, the others handed back. A pointer newer than it
 one still being written; one of a running job whose lease ran out recovers that job. A claim
 never waits for work, except for a pointer this process handed back a moment ago: one that
 would return nothing looks again when it is due back (``claim``). A wait sends a long pull
-per lane only when it can take what arrives (``HandOver``), else it watches the wake-up
-subjects.
+per lane only when it can take what arrives (``HandOver``); only a wait that does not
+listens for the jobs made ready (``NatsConfig.ready_subject``). Every wait heeds the
+wake-ups (a lane made, a queue resumed, the connection back).
 """
 
 from __future__ import annotations

@@ -214,9 +214,9 @@ async def connect(
     """A connection that reconnects for ever once it is up (calls time out meanwhile); the
     first connect gives up after ``unavailable_after_s``, closing what it opened.
     ``disconnected`` is called each time the connection is lost, ``reconnected`` each time
-    it is back; ``denied`` with the
-    server's message each time it refuses a subject to the URL's user (a permissions
-    violation: the server answers nothing else, so the request would only time out)."""
+    it is back; ``denied`` with the server's message each time it refuses a subject to the
+    URL's user (a permissions violation: the server answers nothing else, so the request
+    would only time out)."""
     wait_s = 0.2
     nc = Client()
     tls = tls_options(config)

@@ -118,7 +118,7 @@ class Recovery(Admin):
                     ack_seq(await session.requests.request(lane, msg.data, headers))
                     woken.add(lane.split(".")[2])
                 await self._erase_dispatch(seq - 1)
-        for qtok in woken:
+        for qtok in woken:  # the lane's token as it is: a header need not decode
             await session.nc.publish(f"{self.config.prefix}.ready.{qtok}", b"")
         return len(woken)
 
