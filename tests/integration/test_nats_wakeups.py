@@ -122,3 +122,55 @@ def test_a_wait_through_a_server_restart_returns_and_the_next_sends_a_new_long_p
 async def _start_wait(broker: Any, handover: Any) -> asyncio.Future[list[Any]]:
     await nats_lanes_made(broker, ["a"])
     return asyncio.ensure_future(broker.wait(["a"], 60.0, handover))
+
+
+def test_the_claim_after_a_hand_over_of_a_lanes_last_message_sends_no_pull(
+    nats_server: NatsServer,
+) -> None:
+    """A job handed over to an idle worker's wait was its lane's only message: the worker's
+    claim right after it (the claim loop's next step) sends no pull request, a round trip
+    that could only find nothing. Another worker's claim, and the same worker's next one,
+    pull as before; a job sent after the hand-over is claimed by that next claim."""
+    from taskmill.brokers.base import HandOver
+
+    app = App(nats_url(nats_server.url))
+    job = app.task(name="job", queue="a")(lambda: None)
+    broker: Any = app.broker
+    try:
+        app.open()
+
+        async def scenario() -> tuple[int, list[int], list[str], str]:
+            session = await nats_lanes_made(broker, ["a"])
+            # pull requests are plain messages: one subscription sees those of this session
+            requests = await session.nc.subscribe(
+                f"$JS.API.CONSUMER.MSG.NEXT.{broker.config.dispatch_stream}.>"
+            )
+
+            async def pulls_sent() -> int:
+                # the server routes a connection's messages in order and answers its PING
+                # after them: what this session sent before is queued by the time it returns
+                await session.nc.flush()
+                return requests.pending_msgs
+
+            waiting = asyncio.ensure_future(broker.wait(["a"], 30.0, HandOver("w1", 30.0)))
+            await await_until(pulls_sent, timeout=10, what="the long pull")
+            await job.asend()
+            handed = await asyncio.wait_for(waiting, 10)
+            counts = [await pulls_sent()]
+            assert await broker.claim(["a"], 16, "w1", 30.0) == []
+            counts.append(await pulls_sent())
+            assert await broker.claim(["a"], 16, "w2", 30.0) == []
+            counts.append(await pulls_sent())
+            sent = await job.asend()
+            claimed = await broker.claim(["a"], 16, "w1", 30.0)
+            counts.append(await pulls_sent())
+            await requests.unsubscribe()
+            return len(handed), counts, [j.id for j in claimed], sent.id
+
+        handed, counts, claimed, sent = on_io_loop(app, scenario())
+        assert handed == 1
+        assert counts[1] == counts[0], f"the claim after the hand-over pulled: {counts}"
+        assert counts[2] > counts[1], f"another worker's claim must pull: {counts}"
+        assert claimed == [sent] and counts[3] > counts[2], counts
+    finally:
+        app.close()

@@ -6,10 +6,11 @@ reads their records, and writes each one it may run as running under a new lease
 records it won are acknowledged, the others handed back. A pointer newer than its record is
 one still being written; one of a running job whose lease ran out recovers that job. A claim
 never waits for work, except for a pointer this process handed back a moment ago: one that
-would return nothing looks again when it is due back (``claim``). A wait sends a long pull
-per lane only when it can take what arrives (``HandOver``); only a wait that does not
-listens for the jobs made ready (``NatsConfig.ready_subject``). Every wait heeds the
-wake-ups (a lane made, a queue resumed, the connection back).
+would return nothing looks again when it is due back (``claim``). The claim right after a
+hand-over that took a lane's last pending message does not pull that lane (``Lane.emptied``).
+A wait sends a long pull per lane only when it can take what arrives (``HandOver``); only a
+wait that does not listens for the jobs made ready (``NatsConfig.ready_subject``). Every wait
+heeds the wake-ups (a lane made, a queue resumed, the connection back).
 """
 
 from __future__ import annotations
@@ -163,6 +164,9 @@ class Claiming(Recovery):
         claimed: list[Job] = []
         for _, names in await self._lanes_of(queues):
             lanes = [await self._lane(session, name) for name in names]
+            lanes = [lane for lane in lanes if not lane.emptied(worker_id)]
+            if not lanes:
+                continue
             for _ in range(8):  # stale pointers take no slot: pull again, a few times
                 need = limit - len(claimed)
                 got = await self._pull(lanes, need)
@@ -453,6 +457,7 @@ class Claiming(Recovery):
             return []  # the next claim takes them
         best = max((lane for lane in lanes if lane.spare), key=lambda lane: lane.priority)
         msg = best.spare.popleft()
+        best.emptied_for = handover.worker_id if _none_pending(msg) else None
         try:
             pointer = pointer_decoder.decode(msg.data)
         except msgspec.DecodeError:
@@ -496,6 +501,15 @@ def _running(
         started_at=now,
         cancel_requested=False,
     )
+
+
+def _none_pending(msg: Msg) -> bool:
+    """Whether the server had no other message for the consumer when it delivered ``msg``
+    (the delivery's metadata counts those not yet delivered)."""
+    try:
+        return msg.metadata.num_pending == 0
+    except Exception:
+        return False  # not a JetStream delivery: unknown
 
 
 def _age(msg: Msg, now: float) -> float:

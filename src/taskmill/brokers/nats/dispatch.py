@@ -54,6 +54,8 @@ class Lane:
         self._subs: list[Any] = []
         self.back_in_sight = 0.0
         """When the kept pointers this lane handed back last are delivered again."""
+        self.emptied_for: str | None = None
+        """The worker to whom a hand-over gave this lane's last pending message (``emptied``)."""
 
     async def start(self) -> None:
         self._subs = [
@@ -91,6 +93,15 @@ class Lane:
             self.arrived.set()
         elif code in _END:
             self._waiting_until = 0.0
+
+    def emptied(self, worker_id: str) -> bool:
+        """Whether the message last handed over to ``worker_id`` was the lane's last pending
+        one and nothing came since: that worker's next claim, the one right after its
+        hand-over, need not pull here (it would find nothing; its next wait sends a long
+        pull, which brings whatever came meanwhile). Good for that one claim."""
+        emptied = self.emptied_for == worker_id and not self.kept and not self.spare
+        self.emptied_for = None
+        return emptied
 
     def keep(self, msg: Msg) -> None:
         """Hold a pulled message for this worker's next claim, for ``KEEP_S`` at most."""
