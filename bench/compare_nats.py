@@ -243,6 +243,13 @@ def nats_extras(url: str, redis_port: int, tmp: str, n: int, timeout: float) -> 
     return run_json(cmd, env, timeout, os.path.join(tmp, "nats-extras.log"))
 
 
+ALWAYS_BOUND = (
+    "- with every write fsynced, the disk's rate of stored messages bounds every library: see"
+    ' docs/benchmarks.md, "What `sync_interval: always` allows" (--nats-sync default: the'
+    " setting of the seed's stack)"
+)
+
+
 def targets(rows: list[Row]) -> list[str]:
     """Issue #13's targets against this table's figures (none while taskmill did not run)."""
     tm = next((r for r in rows if r.lib.name == "taskmill" and r.drain), None)
@@ -371,6 +378,8 @@ def main() -> None:
         )
         last = workload == list(rows)[-1]
         extra = extras_lines(extras if last else None, table)
+        if args.nats_sync == "always" and any("NOT met" in line for line in extra):
+            extra.append(ALWAYS_BOUND)
         print_report(title, table, extra, args.markdown, after)
 
 
