@@ -366,11 +366,17 @@ async def subscribe(
                     await pending
 
 
+_CLOSE_WAIT_S = 2.0
+"""How long the last result wait waits for the subscription to close (a broker gone away
+must not hold up a result already read); past that the close goes on in the background."""
+
+
 class FinishWatch:
     """Wakes waits for jobs to finish (``JobHandle.result()`` with events on) from one events
     subscription shared by every wait on one event loop: a wait costs no polling, and however
     many run at once there is one subscription (on PostgreSQL, one connection). It listens
-    while a wait is in progress, and closes the subscription when the last one ends.
+    while a wait is in progress; the last wait to end closes the subscription before it
+    returns (its loop may end right after).
 
     Events are delivered at most once, so a wait still reads the job again now and then
     (``Client.await_finished``): a lost event, or a worker with events off, delays the wait,
@@ -399,8 +405,12 @@ class FinishWatch:
                 if not waiters:
                     del self._waiters[job_id]
             if not self._waiters and self._task is not None:
-                self._task.cancel()
-                self._task = None
+                task, self._task = self._task, None
+                task.cancel()
+                # its subscription closed before the wait returns: the caller's loop may end
+                # right after (asyncio.run's), cancelling that close half-way and leaving a
+                # connection open on a closed loop
+                await asyncio.wait({task}, timeout=_CLOSE_WAIT_S)  # a cancel still goes through
 
     async def _listen(self) -> None:
         """Return once the subscription listens (or failed to start: then the waits poll)."""

@@ -3,6 +3,8 @@ one subscription for every wait on a loop, and still a result when no event come
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -113,3 +115,27 @@ def test_a_wait_that_times_out_says_what_the_job_is_doing(app_factory: AppFactor
 
     with pytest.raises(TimeoutError, match=r"is still queued after 0\.2 s; no worker is consuming"):
         idle.send().result(timeout=0.2)
+
+
+@pytest.mark.timeout(60)
+def test_a_wait_on_a_loop_that_ends_right_after_leaves_nothing_open(
+    app_factory: AppFactory,
+) -> None:
+    """``aresult()`` on a loop of the caller's own (``asyncio.run``), which ends as soon as
+    the wait returns: the wait's subscription is closed before it returns. Closed after, it
+    was cut short by ``asyncio.run`` cancelling what was left, and its connection was found
+    open on a closed loop (a ResourceWarning, an error here) whenever the collector ran
+    next, in whichever test ran then."""
+    app = app_factory(events=True)
+
+    @app.task()
+    def one() -> int:
+        return 1
+
+    async def wait_once() -> int:
+        return await (await one.asend()).aresult(timeout=10)
+
+    with running_worker(app, scheduler=False):
+        for _ in range(3):
+            assert asyncio.run(wait_once()) == 1
+            gc.collect()  # the warnings of anything left open come now, in this test
