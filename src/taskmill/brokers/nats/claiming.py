@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import msgspec
 from nats.aio.msg import Msg
@@ -133,7 +133,8 @@ class Claiming(Recovery):
         session = await self._session()
         session.seen_version = session.wake_version
         session.seen_ready = session.ready_version
-        claimed = await self._claim_lanes(session, queues, limit, worker_id, lease_s)
+        emptied = {lane for lane in session.lanes.values() if lane.emptied(worker_id)}
+        claimed = await self._claim_lanes(session, queues, limit, worker_id, lease_s, emptied)
         # Returning nothing while a pointer handed back a moment ago (its record still being
         # written, or kept too long) is out of sight would let run_until_idle end with its
         # job queued: look again once it is due back, and a few times more while the server
@@ -159,12 +160,19 @@ class Claiming(Recovery):
         return back
 
     async def _claim_lanes(
-        self, session: Session, queues: Sequence[str], limit: int, worker_id: str, lease_s: float
+        self,
+        session: Session,
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_s: float,
+        skip: Collection[Lane] = (),
     ) -> list[Job]:
+        """Claim from ``queues``' lanes, highest priority first, except those in ``skip``."""
         claimed: list[Job] = []
         for _, names in await self._lanes_of(queues):
             lanes = [await self._lane(session, name) for name in names]
-            lanes = [lane for lane in lanes if not lane.emptied(worker_id)]
+            lanes = [lane for lane in lanes if lane not in skip]
             if not lanes:
                 continue
             for _ in range(8):  # stale pointers take no slot: pull again, a few times
@@ -456,8 +464,7 @@ class Claiming(Recovery):
         if handover is None:
             return []  # the next claim takes them
         best = max((lane for lane in lanes if lane.spare), key=lambda lane: lane.priority)
-        msg = best.spare.popleft()
-        best.emptied_for = handover.worker_id if _none_pending(msg) else None
+        msg = best.hand_over(handover.worker_id)
         try:
             pointer = pointer_decoder.decode(msg.data)
         except msgspec.DecodeError:
@@ -501,15 +508,6 @@ def _running(
         started_at=now,
         cancel_requested=False,
     )
-
-
-def _none_pending(msg: Msg) -> bool:
-    """Whether the server had no other message for the consumer when it delivered ``msg``
-    (the delivery's metadata counts those not yet delivered)."""
-    try:
-        return msg.metadata.num_pending == 0
-    except Exception:
-        return False  # not a JetStream delivery: unknown
 
 
 def _age(msg: Msg, now: float) -> float:

@@ -94,11 +94,19 @@ class Lane:
         elif code in _END:
             self._waiting_until = 0.0
 
+    def hand_over(self, worker_id: str) -> Msg:
+        """The first message a long pull brought, taken for ``worker_id``'s hand-over; noted
+        if it was the lane's last pending one (``emptied``)."""
+        msg = self.spare.popleft()
+        self.emptied_for = worker_id if _none_pending(msg) else None
+        return msg
+
     def emptied(self, worker_id: str) -> bool:
         """Whether the message last handed over to ``worker_id`` was the lane's last pending
         one and nothing came since: that worker's next claim, the one right after its
         hand-over, need not pull here (it would find nothing; its next wait sends a long
-        pull, which brings whatever came meanwhile). Good for that one claim."""
+        pull, which brings whatever came meanwhile). Asked once per claim, for every lane:
+        the answer is good for that one claim."""
         emptied = self.emptied_for == worker_id and not self.kept and not self.spare
         self.emptied_for = None
         return emptied
@@ -165,3 +173,12 @@ class Lane:
         self._waiting_until = now + expires_s
         request = {"batch": 1, "expires": int(expires_s * 1e9)}
         await self.nc.publish(self._next, json.dumps(request).encode(), reply=self._wait_inbox)
+
+
+def _none_pending(msg: Msg) -> bool:
+    """Whether the server had no other message for the consumer when it delivered ``msg``
+    (the delivery's metadata counts those not yet delivered)."""
+    try:
+        return msg.metadata.num_pending == 0
+    except Exception:
+        return False  # not a JetStream delivery: unknown
